@@ -1,1 +1,112 @@
-#![no_std] #![no_main] #[panic_handler] fn p(_: &core::panic::PanicInfo) -> ! { loop {} }
+//! The null-Kernel hypervisor: a type-1 VT-x hypervisor that guards every operation of
+//! every abstract machine with extensible capabilities (DESIGN.md §1-§2).
+//!
+//! This crate is the trusted part of the project: the only place for `unsafe` code and
+//! hardware access. Blanket assumptions every `unsafe` block here may rely on:
+//! - the code runs at CPL0 in 64-bit mode, on the hypervisor's own GDT, IDT and page
+//!   tables (the low 4 GiB identity-mapped, the top GiB uncached);
+//! - each CPU's GS base points at its own `percpu::PerCpu` slot;
+//! - only the hypervisor runs on the machine's CPUs outside VMX non-root operation.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+mod acpi;
+mod arch;
+mod boot;
+mod console;
+mod memory;
+mod percpu;
+mod power;
+#[cfg(feature = "test-harness")]
+mod selftest;
+mod smp;
+mod vmx;
+
+use core::arch::global_asm;
+use core::panic::PanicInfo;
+
+use power::ExitStatus;
+
+global_asm!(include_str!("../../boot/src/entry.S"), options(att_syntax));
+
+/// The hypervisor's version, printed at boot.
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Entered from the 32-bit boot code (boot/src/entry.S) on the BSP, in long mode on the
+/// boot stack, with the boot loader's magic and the physical address of its information.
+#[unsafe(no_mangle)]
+extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
+    smp::init_bsp_early();
+    console::init();
+
+    let boot = match boot::load(magic, info_paddr) {
+        Ok(boot) => boot,
+        Err(why) => {
+            log::error!(target: "boot", "cannot read the boot information: {why}");
+            power::shutdown(ExitStatus::Failure, "bad boot information");
+        }
+    };
+    console::set_level(boot.options.log_level);
+    log::info!(target: "boot", "null-Kernel hypervisor {VERSION}, booted by {}, command line \"{}\"",
+        boot.loader, boot.cmdline);
+    for diagnostic in boot.diagnostics() {
+        log::warn!(target: "cmdline", "{diagnostic}");
+    }
+
+    boot.log_memory_map();
+    let stats = memory::init(boot.usable_ranges());
+    log::info!(target: "mem", "heap {} KiB, {} frames ({} KiB) free for guests and tables{}",
+        stats.heap_bytes / 1024, stats.frames_total, stats.frames_total * 4,
+        if stats.ignored_above_4g > 0 { ", memory above 4 GiB not used yet" } else { "" });
+
+    log::info!(target: "cpu", "{}", arch::cpu_summary());
+    if !vmx::cpu_has_vmx() {
+        log::error!(target: "vmx", "VT-x (VMX) is not available on this CPU: CPUID.1:ECX.VMX (bit 5) is clear \
+            (QEMU without KVM hides it; use Bochs or QEMU with -enable-kvm -cpu host on an Intel host); stopping");
+        power::shutdown(ExitStatus::Failure, "no VMX");
+    }
+    log::info!(target: "vmx", "{}", vmx::capabilities());
+
+    let platform = match acpi::discover(boot.rsdp_paddr) {
+        Ok(platform) => platform,
+        Err(why) => {
+            log::error!(target: "acpi", "ACPI discovery failed: {why}; stopping");
+            power::shutdown(ExitStatus::Failure, "no ACPI");
+        }
+    };
+    log::info!(target: "acpi", "MADT: {} CPUs{}, local APIC at {:#x}, {} I/O APIC(s){}",
+        platform.cpu_count,
+        if platform.cpus_ignored > 0 { " (more ignored)" } else { "" },
+        platform.local_apic_address, platform.io_apic_count,
+        platform.io_apic_address.map(|a| alloc::format!(" (first at {a:#x})")).unwrap_or_default());
+
+    if let Err(why) = smp::init_bsp_vmx() {
+        log::error!(target: "vmx", "cannot enter VMX root operation on the BSP: {why}; stopping");
+        power::shutdown(ExitStatus::Failure, "VMXON failed");
+    }
+    let limit = boot.options.cpus.map_or(usize::MAX, |n| n as usize);
+    let attempted = smp::start_aps(&platform, limit);
+    let in_root = percpu::all().filter(|cpu| cpu.in_vmx_root()).count();
+    log::info!(target: "nk", "boot complete, {in_root} of {attempted} CPUs online in VMX root");
+
+    #[cfg(feature = "test-harness")]
+    {
+        let context = selftest::Context {
+            boot: &boot,
+            platform: &platform,
+            cpus_attempted: attempted,
+        };
+        let status = selftest::run(&context);
+        power::shutdown(status, "tests finished");
+    }
+    #[cfg(not(feature = "test-harness"))]
+    power::shutdown(ExitStatus::Success, "no guests to run yet")
+}
+
+#[panic_handler]
+fn panic(info: &PanicInfo<'_>) -> ! {
+    console::emergency_line(log::Level::Error, "panic", format_args!("{info}"));
+    power::stop_machine("panic")
+}
