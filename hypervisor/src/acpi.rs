@@ -14,13 +14,8 @@ pub const MAX_MADT_CPUS: usize = 64;
 struct IdentityMapped;
 
 impl AcpiHandler for IdentityMapped {
-    unsafe fn map_physical_region<T>(
-        &self,
-        physical_address: usize,
-        size: usize,
-    ) -> PhysicalMapping<Self, T> {
-        let virtual_start =
-            NonNull::new(physical_address as *mut T).expect("the acpi crate never maps address 0");
+    unsafe fn map_physical_region<T>(&self, physical_address: usize, size: usize) -> PhysicalMapping<Self, T> {
+        let virtual_start = NonNull::new(physical_address as *mut T).expect("the acpi crate never maps address 0");
         // SAFETY: the low 4 GiB are identity-mapped for the hypervisor's whole life, and
         // the caller (the acpi crate) guarantees the range holds a `T`.
         unsafe { PhysicalMapping::new(physical_address, virtual_start, size, size, *self) }
@@ -86,9 +81,7 @@ pub fn discover(rsdp_paddr: Option<u64>) -> Result<Platform, AcpiDiscoveryError>
         None => unsafe { AcpiTables::search_for_rsdp_bios(IdentityMapped) },
     }
     .map_err(AcpiDiscoveryError::Tables)?;
-    let madt = tables
-        .find_table::<Madt>()
-        .map_err(AcpiDiscoveryError::NoMadt)?;
+    let madt = tables.find_table::<Madt>().map_err(AcpiDiscoveryError::NoMadt)?;
 
     let mut platform = Platform {
         cpus: [None; MAX_MADT_CPUS],

@@ -35,11 +35,7 @@ pub fn load(magic: u64, _info: u64) -> Result<Boot, &'static str> {
     Ok(Boot {
         loader: "shim",
         cmdline: "",
-        options: Options {
-            log_level: log::LevelFilter::Trace,
-            cpus: None,
-            test: Some("all"),
-        },
+        options: Options { log_level: log::LevelFilter::Trace, cpus: None, test: Some("all") },
         rsdp_paddr: None,
     })
 }

@@ -108,22 +108,10 @@ fn level_tag(level: Level) -> &'static str {
     }
 }
 
-fn write_record(
-    out: &mut impl Write,
-    level: Level,
-    target: &str,
-    args: fmt::Arguments<'_>,
-) -> fmt::Result {
+fn write_record(out: &mut impl Write, level: Level, target: &str, args: fmt::Arguments<'_>) -> fmt::Result {
     // Module paths become their last segment: `nk_hypervisor::smp` prints as `smp`.
     let short_target = target.rsplit("::").next().unwrap_or(target);
-    writeln!(
-        out,
-        "[cpu{} {}] {}: {}",
-        percpu::current_index(),
-        level_tag(level),
-        short_target,
-        args
-    )
+    writeln!(out, "[cpu{} {}] {}: {}", percpu::current_index(), level_tag(level), short_target, args)
 }
 
 struct ConsoleLogger;
@@ -140,12 +128,7 @@ impl Log for ConsoleLogger {
             return;
         }
         let _guard = LINE_LOCK.lock();
-        let _ = write_record(
-            &mut RawWriter,
-            record.level(),
-            record.target(),
-            *record.args(),
-        );
+        let _ = write_record(&mut RawWriter, record.level(), record.target(), *record.args());
     }
 
     fn flush(&self) {}

@@ -93,11 +93,7 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
 
     #[cfg(feature = "test-harness")]
     {
-        let context = selftest::Context {
-            boot: &boot,
-            platform: &platform,
-            cpus_attempted: attempted,
-        };
+        let context = selftest::Context { boot: &boot, platform: &platform, cpus_attempted: attempted };
         let status = selftest::run(&context);
         power::shutdown(status, "tests finished");
     }

@@ -61,11 +61,7 @@ pub struct MemoryStats {
     pub ignored_above_4g: u64,
 }
 
-static STATS: Mutex<MemoryStats> = Mutex::new(MemoryStats {
-    heap_bytes: 0,
-    frames_total: 0,
-    ignored_above_4g: 0,
-});
+static STATS: Mutex<MemoryStats> = Mutex::new(MemoryStats { heap_bytes: 0, frames_total: 0, ignored_above_4g: 0 });
 
 /// Gives the heap and the frame allocator the usable ranges `[start, end)` (page-aligned,
 /// disjoint, already stripped of everything reserved). The heap takes the first range that
@@ -87,19 +83,13 @@ pub fn init(usable: impl Iterator<Item = (u64, u64)> + Clone) -> MemoryStats {
             // SAFETY: [start, start + heap_target) is available RAM that nothing else
             // owns (the caller removed every reserved range), identity-mapped, and is
             // handed to the heap exactly once.
-            unsafe {
-                HEAP.lock()
-                    .add_to_heap(start as usize, (start + heap_target) as usize)
-            };
+            unsafe { HEAP.lock().add_to_heap(start as usize, (start + heap_target) as usize) };
             heap_taken = true;
             stats.heap_bytes = heap_target;
             frame_start = start + heap_target;
         }
         if frame_start < end {
-            frames.add_frame(
-                (frame_start / PAGE_SIZE) as usize,
-                (end / PAGE_SIZE) as usize,
-            );
+            frames.add_frame((frame_start / PAGE_SIZE) as usize, (end / PAGE_SIZE) as usize);
             stats.frames_total += (end - frame_start) / PAGE_SIZE;
         }
     }
@@ -133,9 +123,7 @@ pub fn alloc_zeroed_frame() -> Option<HostPhysAddr> {
 
 /// Returns `count` frames starting at `frame` (as allocated by `alloc_frames`).
 pub fn free_frames(frame: HostPhysAddr, count: usize) {
-    FRAMES
-        .lock()
-        .dealloc((frame.as_u64() / PAGE_SIZE) as usize, count);
+    FRAMES.lock().dealloc((frame.as_u64() / PAGE_SIZE) as usize, count);
 }
 
 /// Returns one frame.

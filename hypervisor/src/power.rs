@@ -29,10 +29,7 @@ pub fn shutdown(status: ExitStatus, reason: &str) -> ! {
     for byte in b"Shutdown" {
         outb(BOCHS_SHUTDOWN_PORT, *byte);
     }
-    outb(
-        QEMU_DEBUG_EXIT_PORT,
-        if status == ExitStatus::Success { 0 } else { 1 },
-    );
+    outb(QEMU_DEBUG_EXIT_PORT, if status == ExitStatus::Success { 0 } else { 1 });
     for port in ACPI_PM1A_CONTROL_PORTS {
         outw(port, ACPI_SLEEP_S5);
     }
@@ -41,11 +38,7 @@ pub fn shutdown(status: ExitStatus, reason: &str) -> ! {
 
 /// Stops the machine after a fatal error in the hypervisor.
 pub fn stop_machine(reason: &str) -> ! {
-    emergency_line(
-        log::Level::Error,
-        "exception",
-        format_args!("machine stopped"),
-    );
+    emergency_line(log::Level::Error, "exception", format_args!("machine stopped"));
     shutdown(ExitStatus::Failure, reason)
 }
 

@@ -35,42 +35,21 @@ struct Case {
     explicit: bool,
 }
 
+const fn case(name: &'static str, run: fn(&Context<'_>) -> CaseResult) -> Case {
+    Case { name, run, explicit: false }
+}
+
 const CASES: &[Case] = &[
-    Case {
-        name: "heap_roundtrip",
-        run: heap_roundtrip,
-        explicit: false,
-    },
-    Case {
-        name: "frames_exclude_reserved",
-        run: frames_exclude_reserved,
-        explicit: false,
-    },
-    Case {
-        name: "vmx_root_on_every_cpu",
-        run: vmx_root_on_every_cpu,
-        explicit: false,
-    },
-    Case {
-        name: "madt_cpus_online",
-        run: madt_cpus_online,
-        explicit: false,
-    },
-    Case {
-        name: "vmx_capabilities",
-        run: vmx_capabilities,
-        explicit: false,
-    },
-    Case {
-        name: "breakpoint_resumes",
-        run: breakpoint_resumes,
-        explicit: false,
-    },
-    Case {
-        name: "exception",
-        run: exception_stops_machine,
-        explicit: true,
-    },
+    case("heap_roundtrip", heap_roundtrip),
+    case("frames_exclude_reserved", frames_exclude_reserved),
+    case("vmx_root_on_every_cpu", vmx_root_on_every_cpu),
+    case("madt_cpus_online", madt_cpus_online),
+    case("vmx_capabilities", vmx_capabilities),
+    case("breakpoint_resumes", breakpoint_resumes),
+    case("guest_vmcall_roundtrip", guest_vmcall_roundtrip),
+    case("guest_ept_violation_stops_guest", guest_ept_violation_stops_guest),
+    case("guest_triple_fault_stops_guest", guest_triple_fault_stops_guest),
+    Case { name: "exception", run: exception_stops_machine, explicit: true },
 ];
 
 fn selected(filter: &str, case: &Case) -> bool {
@@ -137,18 +116,11 @@ fn heap_roundtrip(_: &Context<'_>) -> CaseResult {
         for i in 0..1_000u64 {
             map.insert(i, format!("value {i}"));
         }
-        check(numbers.iter().sum::<u64>() == 4_999_950_000, || {
-            "vector contents corrupted".into()
-        })?;
-        check(
-            map.get(&999).map(String::as_str) == Some("value 999"),
-            || "map contents corrupted".into(),
-        )?;
+        check(numbers.iter().sum::<u64>() == 4_999_950_000, || "vector contents corrupted".into())?;
+        check(map.get(&999).map(String::as_str) == Some("value 999"), || "map contents corrupted".into())?;
     }
     let (after, _) = memory::heap_usage();
-    check(after == before, || {
-        format!("heap usage {before} bytes before, {after} after")
-    })
+    check(after == before, || format!("heap usage {before} bytes before, {after} after"))
 }
 
 /// Takes every free frame: none lies in a reserved range or outside available RAM, none
@@ -162,31 +134,21 @@ fn frames_exclude_reserved(context: &Context<'_>) -> CaseResult {
         check(!frames.is_empty(), || "no free frames at all".into())?;
         for &frame in &frames {
             let end = frame + PAGE_SIZE;
-            if let Some(range) = context
-                .boot
-                .reserved()
-                .find(|r| frame < r.end && r.start < end)
-            {
+            if let Some(range) = context.boot.reserved().find(|r| frame < r.end && r.start < end) {
                 return Err(format!(
                     "frame {frame:#x} lies in reserved {} [{:#x}, {:#x})",
                     range.label, range.start, range.end
                 ));
             }
-            check(context.boot.is_available(frame, end), || {
-                format!("frame {frame:#x} is not available RAM")
-            })?;
+            check(context.boot.is_available(frame, end), || format!("frame {frame:#x} is not available RAM"))?;
         }
         let count = frames.len();
         frames.sort_unstable();
         frames.dedup();
-        check(frames.len() == count, || {
-            format!("{} frames handed out twice", count - frames.len())
-        })
+        check(frames.len() == count, || format!("{} frames handed out twice", count - frames.len()))
     })();
     for &frame in &frames {
-        memory::free_frame(
-            memory::HostPhysAddr::new(frame).expect("allocated frames are valid addresses"),
-        );
+        memory::free_frame(memory::HostPhysAddr::new(frame).expect("allocated frames are valid addresses"));
     }
     result
 }
@@ -195,66 +157,40 @@ fn frames_exclude_reserved(context: &Context<'_>) -> CaseResult {
 fn vmx_root_on_every_cpu(context: &Context<'_>) -> CaseResult {
     let online: Vec<_> = percpu::all().filter(|cpu| cpu.is_online()).collect();
     check(online.len() == context.cpus_attempted, || {
-        format!(
-            "{} CPUs online, {} started",
-            online.len(),
-            context.cpus_attempted
-        )
+        format!("{} CPUs online, {} started", online.len(), context.cpus_attempted)
     })?;
     let mut regions = Vec::new();
     for cpu in &online {
-        let region = cpu
-            .vmxon_region()
-            .ok_or_else(|| format!("cpu {} is not in VMX root", cpu.index()))?;
-        check(region % PAGE_SIZE == 0, || {
-            format!(
-                "cpu {} VMXON region {region:#x} not page aligned",
-                cpu.index()
-            )
-        })?;
+        let region = cpu.vmxon_region().ok_or_else(|| format!("cpu {} is not in VMX root", cpu.index()))?;
+        check(region % PAGE_SIZE == 0, || format!("cpu {} VMXON region {region:#x} not page aligned", cpu.index()))?;
         regions.push(region);
     }
     regions.sort_unstable();
     regions.dedup();
-    check(regions.len() == online.len(), || {
-        "two CPUs share a VMXON region".into()
-    })
+    check(regions.len() == online.len(), || "two CPUs share a VMXON region".into())
 }
 
 /// The online CPUs are exactly the first MADT processors, by APIC id.
 fn madt_cpus_online(context: &Context<'_>) -> CaseResult {
     let mut madt: Vec<u32> = context.platform.cpus().map(|c| c.apic_id).collect();
     check(madt.len() >= context.cpus_attempted, || {
-        format!(
-            "MADT lists {} CPUs but {} were started",
-            madt.len(),
-            context.cpus_attempted
-        )
+        format!("MADT lists {} CPUs but {} were started", madt.len(), context.cpus_attempted)
     })?;
-    let mut online: Vec<u32> = percpu::all()
-        .filter(|c| c.is_online())
-        .map(|c| c.apic_id())
-        .collect();
+    let mut online: Vec<u32> = percpu::all().filter(|c| c.is_online()).map(|c| c.apic_id()).collect();
     online.sort_unstable();
     for id in &online {
-        check(madt.contains(id), || {
-            format!("online APIC id {id} is not in the MADT")
-        })?;
+        check(madt.contains(id), || format!("online APIC id {id} is not in the MADT"))?;
     }
     madt.truncate(context.cpus_attempted);
     madt.sort_unstable();
-    check(madt == online, || {
-        format!("MADT APIC ids {madt:?}, online {online:?}")
-    })
+    check(madt == online, || format!("MADT APIC ids {madt:?}, online {online:?}"))
 }
 
 /// The VMX capabilities the hypervisor relies on are reported.
 fn vmx_capabilities(_: &Context<'_>) -> CaseResult {
     let caps = crate::vmx::capabilities();
     check(caps.vmcs_revision != 0, || "VMCS revision 0".into())?;
-    check((1..=4096).contains(&caps.vmcs_size), || {
-        format!("VMCS size {}", caps.vmcs_size)
-    })?;
+    check((1..=4096).contains(&caps.vmcs_size), || format!("VMCS size {}", caps.vmcs_size))?;
     check(caps.ept && caps.ept_4level, || "no 4-level EPT".into())?;
     check(caps.vpid, || "no VPID".into())
 }
@@ -265,9 +201,7 @@ fn breakpoint_resumes(_: &Context<'_>) -> CaseResult {
     // SAFETY: int3 traps into the #BP handler, which returns to the next instruction.
     unsafe { core::arch::asm!("int3") };
     let after = idt::BREAKPOINTS.load(Ordering::SeqCst);
-    check(after == before + 1, || {
-        format!("breakpoint count {before} -> {after}")
-    })
+    check(after == before + 1, || format!("breakpoint count {before} -> {after}"))
 }
 
 /// Executes an undefined instruction: the exception path prints the register dump and
@@ -277,4 +211,122 @@ fn exception_stops_machine(_: &Context<'_>) -> CaseResult {
     // SAFETY: ud2 raises #UD, whose handler never returns here.
     unsafe { core::arch::asm!("ud2") };
     Err("execution continued after ud2".into())
+}
+
+/// A throw-away 64-bit guest: 4 MiB of RAM in its own EPT, identity-mapped by its own page
+/// tables (1 GiB of 2 MiB pages, so guest-virtual addresses past its RAM reach the EPT),
+/// running `code` at GPA 0x10000.
+struct TestGuest {
+    ept: Option<nk_paging::EptBuilder>,
+    ram: memory::HostPhysAddr,
+    vcpu: Option<crate::vmx::vcpu::Vcpu>,
+}
+
+const TEST_GUEST_RAM: u64 = 4 << 20;
+const TEST_GUEST_CODE: u64 = 0x10000;
+
+impl TestGuest {
+    fn new(code: &[u8]) -> Result<Self, String> {
+        use crate::vmx::vcpu::{GuestStart, Vcpu};
+        let caps = crate::vmx::capabilities();
+        let mut tables = crate::vmx::ept::FrameTables;
+        let ram = memory::alloc_frames((TEST_GUEST_RAM / PAGE_SIZE) as usize).ok_or("no memory for guest RAM")?;
+        let mut guest = TestGuest { ept: None, ram, vcpu: None };
+        // SAFETY: the frames were just allocated for this guest and are identity-mapped.
+        unsafe { core::ptr::write_bytes(ram.as_u64() as *mut u8, 0, TEST_GUEST_RAM as usize) };
+        let mut ept =
+            nk_paging::EptBuilder::new(&mut tables, caps.ept_2m, caps.ept_1g).map_err(|e| format!("EPT: {e}"))?;
+        let mapped = ept.map_range(&mut tables, 0, ram.as_u64(), TEST_GUEST_RAM, nk_paging::EptPerms::RWX);
+        guest.ept = Some(ept);
+        mapped.map_err(|e| format!("EPT map: {e}"))?;
+        guest.write_u64(0x1000, 0x2000 | 3);
+        guest.write_u64(0x2000, 0x3000 | 3);
+        for i in 0..512 {
+            guest.write_u64(0x3000 + i * 8, (i << 21) | 0x83);
+        }
+        guest.write_bytes(TEST_GUEST_CODE, code);
+        let eptp = guest.ept.as_ref().map(|e| e.eptp(caps.ept_ad)).unwrap_or(0);
+        let start = GuestStart { eptp, vpid: 1, cr3: 0x1000, rip: TEST_GUEST_CODE, rsp: 0x20_0000 };
+        guest.vcpu = Some(Vcpu::new(&caps, &start).map_err(|e| format!("vCPU setup: {e}"))?);
+        Ok(guest)
+    }
+
+    fn host_ptr(&self, gpa: u64, len: usize) -> *mut u8 {
+        assert!(gpa + len as u64 <= TEST_GUEST_RAM, "test guest access out of its RAM");
+        (self.ram.as_u64() + gpa) as *mut u8
+    }
+
+    fn write_u64(&mut self, gpa: u64, value: u64) {
+        self.write_bytes(gpa, &value.to_le_bytes());
+    }
+
+    fn write_bytes(&mut self, gpa: u64, bytes: &[u8]) {
+        // SAFETY: `host_ptr` checked the range lies in this guest's RAM, which this
+        // struct owns.
+        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), self.host_ptr(gpa, bytes.len()), bytes.len()) };
+    }
+
+    fn read_u64(&self, gpa: u64) -> u64 {
+        // SAFETY: as for `write_bytes`; the guest is not running.
+        unsafe { (self.host_ptr(gpa, 8) as *const u64).read_unaligned() }
+    }
+
+    fn vcpu(&mut self) -> &mut crate::vmx::vcpu::Vcpu {
+        self.vcpu.as_mut().expect("TestGuest::new made the vCPU")
+    }
+
+    fn run(&mut self) -> Result<crate::vmx::vcpu::Exit, String> {
+        self.vcpu().run().map_err(|e| format!("VM entry failed: {e}"))
+    }
+}
+
+impl Drop for TestGuest {
+    fn drop(&mut self) {
+        self.vcpu = None;
+        if let Some(ept) = self.ept.take() {
+            ept.destroy(&mut crate::vmx::ept::FrameTables);
+        }
+        memory::free_frames(self.ram, (TEST_GUEST_RAM / PAGE_SIZE) as usize);
+    }
+}
+
+/// A guest runs in its own EPT, its VMCALL exits with its registers, the hypervisor's
+/// reply reaches it, and its store lands in its own memory.
+fn guest_vmcall_roundtrip(_: &Context<'_>) -> CaseResult {
+    use crate::vmx::vmcs::ExitReason;
+    let code = [
+        0x48, 0xC7, 0xC0, 0x34, 0x12, 0x00, 0x00, // mov rax, 0x1234
+        0x0F, 0x01, 0xC1, // vmcall
+        0x48, 0x89, 0x04, 0x25, 0x00, 0x50, 0x00, 0x00, // mov [0x5000], rax
+        0xF4, // hlt
+    ];
+    let mut guest = TestGuest::new(&code)?;
+    let exit = guest.run()?;
+    check(exit.reason == ExitReason::VMCALL, || format!("first exit {:?}, expected VMCALL", exit.reason))?;
+    check(guest.vcpu().regs.rax == 0x1234, || format!("guest rax {:#x} at VMCALL", guest.vcpu().regs.rax))?;
+    guest.vcpu().regs.rax = 0x5678;
+    guest.vcpu().skip_instruction(&exit).map_err(|e| format!("{e}"))?;
+    let exit = guest.run()?;
+    check(exit.reason == ExitReason::HLT, || format!("second exit {:?}, expected HLT", exit.reason))?;
+    let stored = guest.read_u64(0x5000);
+    check(stored == 0x5678, || format!("guest stored {stored:#x}, expected the reply 0x5678"))
+}
+
+/// A guest access outside its memory exits with an EPT violation at that address.
+fn guest_ept_violation_stops_guest(_: &Context<'_>) -> CaseResult {
+    use crate::vmx::vmcs::ExitReason;
+    let code = [0x48, 0x8B, 0x04, 0x25, 0x00, 0x00, 0x80, 0x00, 0xF4]; // mov rax, [0x800000]; hlt
+    let mut guest = TestGuest::new(&code)?;
+    let exit = guest.run()?;
+    check(exit.reason == ExitReason::EPT_VIOLATION, || format!("exit {:?}, expected EPT violation", exit.reason))?;
+    check(exit.guest_physical == 0x80_0000, || format!("violation at GPA {:#x}", exit.guest_physical))?;
+    check(exit.qualification & 1 == 1, || format!("qualification {:#x} is not a read", exit.qualification))
+}
+
+/// A guest that faults with no IDT triple-faults, which exits instead of resetting.
+fn guest_triple_fault_stops_guest(_: &Context<'_>) -> CaseResult {
+    use crate::vmx::vmcs::ExitReason;
+    let mut guest = TestGuest::new(&[0x0F, 0x0B])?; // ud2
+    let exit = guest.run()?;
+    check(exit.reason == ExitReason::TRIPLE_FAULT, || format!("exit {:?}, expected triple fault", exit.reason))
 }

@@ -42,8 +42,7 @@ unsafe impl Sync for BspIstStacks {}
 static BSP_IST_STACKS: BspIstStacks = BspIstStacks(UnsafeCell::new([[0; IST_STACK_BYTES]; 3]));
 
 /// IST stack tops of each AP, written by the BSP before it starts that AP.
-static AP_IST_TOPS: [[AtomicU64; 3]; MAX_CPUS] =
-    [const { [const { AtomicU64::new(0) }; 3] }; MAX_CPUS];
+static AP_IST_TOPS: [[AtomicU64; 3]; MAX_CPUS] = [const { [const { AtomicU64::new(0) }; 3] }; MAX_CPUS];
 
 /// Sets up the BSP's per-CPU slot, GDT, TSS and IDT. Runs first in `nk_main`.
 pub fn init_bsp_early() {
@@ -82,17 +81,9 @@ fn trampoline_field(field: &u8) -> *mut u64 {
 /// Copies the real-mode trampoline to `AP_TRAMPOLINE_BASE`.
 fn install_trampoline() {
     // SAFETY: the linker places start before end in one section.
-    let (start, end) = unsafe {
-        (
-            &nk_ap_trampoline_start as *const u8,
-            &nk_ap_trampoline_end as *const u8,
-        )
-    };
+    let (start, end) = unsafe { (&nk_ap_trampoline_start as *const u8, &nk_ap_trampoline_end as *const u8) };
     let len = end as usize - start as usize;
-    assert!(
-        len <= PAGE_SIZE as usize,
-        "AP trampoline larger than a page"
-    );
+    assert!(len <= PAGE_SIZE as usize, "AP trampoline larger than a page");
     // SAFETY: the page at AP_TRAMPOLINE_BASE is below 1 MiB, never handed out by the frame
     // allocator, not part of the image, and identity-mapped; `nk_main` checked that no boot
     // module or boot information lies there.

@@ -85,10 +85,7 @@ pub fn start_ap(apic_id: u32, trampoline_page: u8) -> bool {
     }
     wait_us(10_000);
     for _ in 0..2 {
-        if !send_ipi(
-            apic_id,
-            ICR_STARTUP | ICR_LEVEL_ASSERT | u32::from(trampoline_page),
-        ) {
+        if !send_ipi(apic_id, ICR_STARTUP | ICR_LEVEL_ASSERT | u32::from(trampoline_page)) {
             return false;
         }
         wait_us(200);

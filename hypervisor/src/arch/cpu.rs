@@ -10,11 +10,7 @@ pub fn cpu_summary() -> String {
     let cpuid = CpuId::new();
     let mut line = String::new();
     let vendor = cpuid.get_vendor_info();
-    let _ = write!(
-        line,
-        "{}",
-        vendor.as_ref().map_or("unknown vendor", |v| v.as_str())
-    );
+    let _ = write!(line, "{}", vendor.as_ref().map_or("unknown vendor", |v| v.as_str()));
     if let Some(brand) = cpuid.get_processor_brand_string() {
         let _ = write!(line, " \"{}\"", brand.as_str().trim());
     }
@@ -40,16 +36,10 @@ pub fn cpu_summary() -> String {
             }
         }
     }
-    if cpuid
-        .get_extended_feature_info()
-        .is_some_and(|f| f.has_rdseed())
-    {
+    if cpuid.get_extended_feature_info().is_some_and(|f| f.has_rdseed()) {
         line.push_str(" rdseed");
     }
-    if cpuid
-        .get_extended_processor_and_feature_identifiers()
-        .is_some_and(|f| f.has_1gib_pages())
-    {
+    if cpuid.get_extended_processor_and_feature_identifiers().is_some_and(|f| f.has_1gib_pages()) {
         line.push_str(" 1g-pages");
     }
     line

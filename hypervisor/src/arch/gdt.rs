@@ -84,10 +84,7 @@ pub unsafe fn load(gdt: *mut Gdt, tss: *mut Tss, ist_tops: [u64; 3]) {
         | (((base >> 24) & 0xFF) << 56);
     gdt.0[4] = base >> 32;
 
-    let pointer = DescriptorPointer {
-        limit: (size_of::<Gdt>() - 1) as u16,
-        base: gdt as *const Gdt as u64,
-    };
+    let pointer = DescriptorPointer { limit: (size_of::<Gdt>() - 1) as u16, base: gdt as *const Gdt as u64 };
     // SAFETY: the GDT is 'static and holds valid code/data/TSS descriptors at the
     // selectors used; the far return reloads CS with the same 64-bit code segment.
     unsafe {

@@ -23,9 +23,8 @@ pub mod vector {
 
 /// Mnemonics of the architectural exception vectors.
 const MNEMONICS: [&str; 32] = [
-    "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "#CSO", "#TS", "#NP", "#SS",
-    "#GP", "#PF", "#15", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP", "#22", "#23", "#24", "#25",
-    "#26", "#27", "#HV", "#VC", "#SX", "#31",
+    "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "#CSO", "#TS", "#NP", "#SS", "#GP", "#PF", "#15",
+    "#MF", "#AC", "#MC", "#XM", "#VE", "#CP", "#22", "#23", "#24", "#25", "#26", "#27", "#HV", "#VC", "#SX", "#31",
 ];
 
 // Vectors that push an error code: 8, 10-14, 17, 21, 29, 30.
@@ -170,15 +169,8 @@ struct Gate {
 }
 
 impl Gate {
-    const MISSING: Gate = Gate {
-        offset_low: 0,
-        selector: 0,
-        ist: 0,
-        type_attr: 0,
-        offset_mid: 0,
-        offset_high: 0,
-        reserved: 0,
-    };
+    const MISSING: Gate =
+        Gate { offset_low: 0, selector: 0, ist: 0, type_attr: 0, offset_mid: 0, offset_high: 0, reserved: 0 };
 
     fn interrupt(handler: u64, ist: u8) -> Gate {
         Gate {
@@ -225,10 +217,7 @@ pub fn load() {
         limit: u16,
         base: u64,
     }
-    let pointer = Pointer {
-        limit: (size_of::<Idt>() - 1) as u16,
-        base: idt as *const Idt as u64,
-    };
+    let pointer = Pointer { limit: (size_of::<Idt>() - 1) as u16, base: idt as *const Idt as u64 };
     // SAFETY: the IDT is 'static and every present gate points at a stub that saves all
     // registers before calling Rust.
     unsafe { asm!("lidt [{}]", in(reg) &pointer, options(nostack, preserves_flags)) }
@@ -267,57 +256,32 @@ fn dump(f: &ExceptionFrame) {
     line(
         Error,
         "exception",
-        format_args!(
-            "{} (vector {}) error={:#x} at rip={:#018x}",
-            name, f.vector, f.error_code, f.rip
-        ),
+        format_args!("{} (vector {}) error={:#x} at rip={:#018x}", name, f.vector, f.error_code, f.rip),
     );
     line(
         Error,
         "exception",
-        format_args!(
-            "  rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}",
-            f.rax, f.rbx, f.rcx, f.rdx
-        ),
+        format_args!("  rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}", f.rax, f.rbx, f.rcx, f.rdx),
     );
     line(
         Error,
         "exception",
-        format_args!(
-            "  rsi={:#018x} rdi={:#018x} rbp={:#018x} rsp={:#018x}",
-            f.rsi, f.rdi, f.rbp, f.rsp
-        ),
+        format_args!("  rsi={:#018x} rdi={:#018x} rbp={:#018x} rsp={:#018x}", f.rsi, f.rdi, f.rbp, f.rsp),
     );
     line(
         Error,
         "exception",
-        format_args!(
-            "  r8 ={:#018x} r9 ={:#018x} r10={:#018x} r11={:#018x}",
-            f.r8, f.r9, f.r10, f.r11
-        ),
+        format_args!("  r8 ={:#018x} r9 ={:#018x} r10={:#018x} r11={:#018x}", f.r8, f.r9, f.r10, f.r11),
     );
     line(
         Error,
         "exception",
-        format_args!(
-            "  r12={:#018x} r13={:#018x} r14={:#018x} r15={:#018x}",
-            f.r12, f.r13, f.r14, f.r15
-        ),
+        format_args!("  r12={:#018x} r13={:#018x} r14={:#018x} r15={:#018x}", f.r12, f.r13, f.r14, f.r15),
     );
     line(
         Error,
         "exception",
-        format_args!(
-            "  rip={:#018x} rflags={:#010x} cs={:#06x} ss={:#06x}",
-            f.rip, f.rflags, f.cs, f.ss
-        ),
+        format_args!("  rip={:#018x} rflags={:#010x} cs={:#06x} ss={:#06x}", f.rip, f.rflags, f.cs, f.ss),
     );
-    line(
-        Error,
-        "exception",
-        format_args!(
-            "  cr0={:#018x} cr2={:#018x} cr3={:#018x} cr4={:#018x}",
-            cr0, cr2, cr3, cr4
-        ),
-    );
+    line(Error, "exception", format_args!("  cr0={:#018x} cr2={:#018x} cr3={:#018x} cr4={:#018x}", cr0, cr2, cr3, cr4));
 }

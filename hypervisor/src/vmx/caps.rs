@@ -63,11 +63,7 @@ impl VmxCaps {
     /// "activate secondary controls" bit (31) may be set.
     pub fn decode(m: &VmxMsrs) -> Self {
         let secondary_allowed = bit(m.procbased, 32 + 31);
-        let allowed2 = if secondary_allowed {
-            m.procbased2 >> 32
-        } else {
-            0
-        };
+        let allowed2 = if secondary_allowed { m.procbased2 >> 32 } else { 0 };
         let ept = bit(allowed2, 1);
         let vpid = bit(allowed2, 5);
         let vmfunc = bit(allowed2, 13);
@@ -95,11 +91,7 @@ impl VmxCaps {
 impl fmt::Display for VmxCaps {
     /// Formats the one-line summary printed at boot.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "VMCS rev {:#x} ({} bytes)",
-            self.vmcs_revision, self.vmcs_size
-        )?;
+        write!(f, "VMCS rev {:#x} ({} bytes)", self.vmcs_revision, self.vmcs_size)?;
         if self.ept {
             write!(f, ", EPT[")?;
             let features = [

@@ -2,6 +2,9 @@
 //! bits, the VMXON region, and VMXON itself.
 
 pub mod caps;
+pub mod ept;
+pub mod vcpu;
+pub mod vmcs;
 
 use core::arch::asm;
 use core::fmt;
@@ -46,9 +49,7 @@ impl fmt::Display for VmxError {
 
 /// Tells whether this CPU reports VMX in CPUID.
 pub fn cpu_has_vmx() -> bool {
-    x86::cpuid::CpuId::new()
-        .get_feature_info()
-        .is_some_and(|info| info.has_vmx())
+    x86::cpuid::CpuId::new().get_feature_info().is_some_and(|info| info.has_vmx())
 }
 
 fn read(msr: u32) -> u64 {
@@ -61,21 +62,13 @@ fn read(msr: u32) -> u64 {
 pub fn capabilities() -> VmxCaps {
     let procbased = read(msr::IA32_VMX_PROCBASED_CTLS);
     let secondary = procbased & (1 << (32 + 31)) != 0;
-    let procbased2 = if secondary {
-        read(msr::IA32_VMX_PROCBASED_CTLS2)
-    } else {
-        0
-    };
+    let procbased2 = if secondary { read(msr::IA32_VMX_PROCBASED_CTLS2) } else { 0 };
     let ept_vpid = if procbased2 & (1 << (32 + 1)) != 0 || procbased2 & (1 << (32 + 5)) != 0 {
         read(msr::IA32_VMX_EPT_VPID_CAP)
     } else {
         0
     };
-    let vmfunc = if procbased2 & (1 << (32 + 13)) != 0 {
-        read(msr::IA32_VMX_VMFUNC)
-    } else {
-        0
-    };
+    let vmfunc = if procbased2 & (1 << (32 + 13)) != 0 { read(msr::IA32_VMX_VMFUNC) } else { 0 };
     VmxCaps::decode(&VmxMsrs {
         basic: read(msr::IA32_VMX_BASIC),
         procbased,
@@ -101,10 +94,7 @@ pub fn enable_on_this_cpu() -> Result<HostPhysAddr, VmxError> {
         // SAFETY: the MSR is unlocked, so it may be written; enabling VMX outside SMX and
         // locking is what the SDM prescribes (§23.7).
         unsafe {
-            wrmsr(
-                msr::IA32_FEATURE_CONTROL,
-                feature_control | FEATURE_CONTROL_LOCKED | FEATURE_CONTROL_VMX_OUTSIDE_SMX,
-            )
+            wrmsr(msr::IA32_FEATURE_CONTROL, feature_control | FEATURE_CONTROL_LOCKED | FEATURE_CONTROL_VMX_OUTSIDE_SMX)
         };
     } else if feature_control & FEATURE_CONTROL_VMX_OUTSIDE_SMX == 0 {
         return Err(VmxError::DisabledByFirmware);
@@ -151,9 +141,7 @@ pub fn enable_on_this_cpu() -> Result<HostPhysAddr, VmxError> {
     }
     if fail_invalid != 0 || fail_valid != 0 {
         memory::free_frame(region);
-        return Err(VmxError::VmxonFailed {
-            fail_valid: fail_valid != 0,
-        });
+        return Err(VmxError::VmxonFailed { fail_valid: fail_valid != 0 });
     }
     Ok(region)
 }

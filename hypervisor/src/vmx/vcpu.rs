@@ -1,0 +1,444 @@
+//! A virtual CPU: its VMCS, the entry/exit stub that switches all general-purpose
+//! registers, and the control setup that honours the allowed-0/allowed-1 settings of the
+//! (TRUE_) control MSRs (SDM Vol. 3 Appendix A.3-A.5, §26.2-§26.3).
+
+use core::arch::{asm, global_asm};
+use core::fmt;
+
+use x86::msr::rdmsr;
+
+use super::caps::{msr, VmxCaps};
+use super::vmcs::{self, ExitReason, VmFail, VmcsField as F};
+use crate::arch::gdt::{KERNEL_CODE, KERNEL_DATA, TSS_SELECTOR};
+use crate::memory::{self, HostPhysAddr};
+
+/// The guest's general-purpose registers, saved and restored by the entry/exit stub. The
+/// field order is the stub's layout: do not reorder.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct GuestRegs {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rbp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+}
+
+// nk_vm_run(regs: *mut GuestRegs, launched: u64) -> u64
+//   0: the guest ran and exited (exit information is in the VMCS);
+//   1: VMLAUNCH/VMRESUME failed with VMfailInvalid; 2: with VMfailValid.
+// The host stack pointer at exit is HOST_RSP, written here before each entry, and points
+// at the saved `regs` pointer; callee-saved host registers sit above it.
+global_asm!(
+    r#"
+.section .text.nk_vm, "ax"
+.global nk_vm_run
+nk_vm_run:
+    push rbp
+    push rbx
+    push r12
+    push r13
+    push r14
+    push r15
+    push rdi
+    mov rax, 0x6C14
+    vmwrite rax, rsp
+    test rsi, rsi
+    mov rax, [rdi + 0x00]
+    mov rbx, [rdi + 0x08]
+    mov rcx, [rdi + 0x10]
+    mov rdx, [rdi + 0x18]
+    mov rsi, [rdi + 0x20]
+    mov rbp, [rdi + 0x30]
+    mov r8,  [rdi + 0x38]
+    mov r9,  [rdi + 0x40]
+    mov r10, [rdi + 0x48]
+    mov r11, [rdi + 0x50]
+    mov r12, [rdi + 0x58]
+    mov r13, [rdi + 0x60]
+    mov r14, [rdi + 0x68]
+    mov r15, [rdi + 0x70]
+    mov rdi, [rdi + 0x28]
+    jnz 2f
+    vmlaunch
+    jmp 3f
+2:  vmresume
+3:  mov eax, 1
+    mov ecx, 2
+    cmovz eax, ecx
+    pop rdi
+    jmp 4f
+
+.global nk_vm_exit
+nk_vm_exit:
+    push rdi
+    mov rdi, [rsp + 8]
+    mov [rdi + 0x00], rax
+    mov [rdi + 0x08], rbx
+    mov [rdi + 0x10], rcx
+    mov [rdi + 0x18], rdx
+    mov [rdi + 0x20], rsi
+    mov [rdi + 0x30], rbp
+    mov [rdi + 0x38], r8
+    mov [rdi + 0x40], r9
+    mov [rdi + 0x48], r10
+    mov [rdi + 0x50], r11
+    mov [rdi + 0x58], r12
+    mov [rdi + 0x60], r13
+    mov [rdi + 0x68], r14
+    mov [rdi + 0x70], r15
+    pop rax
+    mov [rdi + 0x28], rax
+    pop rdi
+    xor eax, eax
+4:  pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop rbx
+    pop rbp
+    ret
+"#
+);
+
+unsafe extern "C" {
+    fn nk_vm_run(regs: *mut GuestRegs, launched: u64) -> u64;
+    fn nk_vm_exit();
+}
+
+/// Controls the hypervisor asks for (SDM Vol. 3 §25.6-§25.8).
+mod want {
+    pub const PIN_EXTERNAL_INTERRUPT: u32 = 1 << 0;
+    pub const PIN_NMI: u32 = 1 << 3;
+    pub const PROC_HLT: u32 = 1 << 7;
+    pub const PROC_UNCONDITIONAL_IO: u32 = 1 << 24;
+    pub const PROC_SECONDARY: u32 = 1 << 31;
+    pub const PROC2_EPT: u32 = 1 << 1;
+    pub const PROC2_VPID: u32 = 1 << 5;
+    pub const EXIT_HOST_64BIT: u32 = 1 << 9;
+    pub const EXIT_SAVE_PAT: u32 = 1 << 18;
+    pub const EXIT_LOAD_PAT: u32 = 1 << 19;
+    pub const EXIT_SAVE_EFER: u32 = 1 << 20;
+    pub const EXIT_LOAD_EFER: u32 = 1 << 21;
+    pub const ENTRY_IA32E_GUEST: u32 = 1 << 9;
+    pub const ENTRY_LOAD_PAT: u32 = 1 << 14;
+    pub const ENTRY_LOAD_EFER: u32 = 1 << 15;
+}
+
+/// Why a vCPU could not be set up or entered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuError {
+    /// A control the hypervisor needs is not allowed by this CPU.
+    ControlUnsupported {
+        field: u32,
+        missing: u32,
+    },
+    /// A VMX instruction failed.
+    Vmx(VmFail),
+    OutOfMemory,
+}
+
+impl From<VmFail> for VcpuError {
+    fn from(fail: VmFail) -> Self {
+        VcpuError::Vmx(fail)
+    }
+}
+
+impl fmt::Display for VcpuError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VcpuError::ControlUnsupported { field, missing } => {
+                write!(f, "VMCS control {field:#x}: bits {missing:#x} not allowed by this CPU")
+            }
+            VcpuError::Vmx(fail) => write!(f, "{fail}"),
+            VcpuError::OutOfMemory => write!(f, "no frame for the VMCS"),
+        }
+    }
+}
+
+/// Forces `wanted` into the allowed range of a capability MSR: allowed-0 bits (low half)
+/// are set, and any wanted bit outside allowed-1 (high half) is an error.
+fn adjust(capability_msr: u32, field: F, wanted: u32) -> Result<u32, VcpuError> {
+    // SAFETY: the VMX capability MSRs exist on every CPU in VMX root operation.
+    let allowed = unsafe { rdmsr(capability_msr) };
+    let (must_be_one, may_be_one) = (allowed as u32, (allowed >> 32) as u32);
+    let missing = wanted & !may_be_one;
+    if missing != 0 {
+        return Err(VcpuError::ControlUnsupported { field: field.0, missing });
+    }
+    Ok(wanted | must_be_one)
+}
+
+/// What a guest exit looked like, read from the VMCS.
+#[derive(Debug, Clone, Copy)]
+pub struct Exit {
+    pub reason: ExitReason,
+    pub qualification: u64,
+    pub instruction_length: u64,
+    pub guest_physical: u64,
+}
+
+/// A vCPU with its own VMCS, running a 64-bit guest in its own EPT.
+#[derive(Debug)]
+pub struct Vcpu {
+    vmcs: HostPhysAddr,
+    pub regs: GuestRegs,
+    launched: bool,
+}
+
+/// The initial state of a 64-bit guest.
+#[derive(Debug, Clone, Copy)]
+pub struct GuestStart {
+    pub eptp: u64,
+    pub vpid: u16,
+    pub cr3: u64,
+    pub rip: u64,
+    pub rsp: u64,
+}
+
+impl Vcpu {
+    /// Allocates a VMCS, makes it current on this CPU and fills its controls, host state
+    /// and a 64-bit guest state (long mode, paging on `start.cr3`, flat segments).
+    pub fn new(caps: &VmxCaps, start: &GuestStart) -> Result<Self, VcpuError> {
+        let vmcs = memory::alloc_zeroed_frame().ok_or(VcpuError::OutOfMemory)?;
+        // SAFETY: a fresh, zeroed, identity-mapped frame owned by this vCPU; the first
+        // dword is the revision identifier (SDM §25.2).
+        unsafe { (vmcs.as_u64() as *mut u32).write_volatile(caps.vmcs_revision) };
+        let vcpu = Self { vmcs, regs: GuestRegs::default(), launched: false };
+        // SAFETY: the frame is this vCPU's VMCS region and not current anywhere else.
+        unsafe {
+            vmcs::clear(vmcs.as_u64())?;
+            vmcs::load(vmcs.as_u64())?;
+        }
+        vcpu.setup_controls(caps, start)?;
+        vcpu.setup_host_state()?;
+        vcpu.setup_guest_state(start)?;
+        Ok(vcpu)
+    }
+
+    fn setup_controls(&self, caps: &VmxCaps, start: &GuestStart) -> Result<(), VcpuError> {
+        let (pin, proc, exit, entry) =
+            if caps.true_controls { (0x48D, 0x48E, 0x48F, 0x490) } else { (0x481, 0x482, 0x483, 0x484) };
+        let vpid = if caps.vpid { want::PROC2_VPID } else { 0 };
+        let fields = [
+            (F::PIN_BASED_CONTROLS, adjust(pin, F::PIN_BASED_CONTROLS, want::PIN_EXTERNAL_INTERRUPT | want::PIN_NMI)?),
+            (
+                F::PRIMARY_PROCESSOR_CONTROLS,
+                adjust(
+                    proc,
+                    F::PRIMARY_PROCESSOR_CONTROLS,
+                    want::PROC_HLT | want::PROC_UNCONDITIONAL_IO | want::PROC_SECONDARY,
+                )?,
+            ),
+            (
+                F::SECONDARY_PROCESSOR_CONTROLS,
+                adjust(msr::IA32_VMX_PROCBASED_CTLS2, F::SECONDARY_PROCESSOR_CONTROLS, want::PROC2_EPT | vpid)?,
+            ),
+            (
+                F::EXIT_CONTROLS,
+                adjust(
+                    exit,
+                    F::EXIT_CONTROLS,
+                    want::EXIT_HOST_64BIT
+                        | want::EXIT_SAVE_PAT
+                        | want::EXIT_LOAD_PAT
+                        | want::EXIT_SAVE_EFER
+                        | want::EXIT_LOAD_EFER,
+                )?,
+            ),
+            (
+                F::ENTRY_CONTROLS,
+                adjust(
+                    entry,
+                    F::ENTRY_CONTROLS,
+                    want::ENTRY_IA32E_GUEST | want::ENTRY_LOAD_PAT | want::ENTRY_LOAD_EFER,
+                )?,
+            ),
+        ];
+        // SAFETY: control values were forced into the CPU's allowed ranges above; the
+        // EPT pointer names an EPT the caller built.
+        unsafe {
+            for (field, value) in fields {
+                vmcs::write(field, u64::from(value))?;
+            }
+            vmcs::write(F::EXCEPTION_BITMAP, 0)?;
+            vmcs::write(F::EPT_POINTER, start.eptp)?;
+            if caps.vpid {
+                vmcs::write(F::VPID, u64::from(start.vpid))?;
+            }
+            vmcs::write(F::VMCS_LINK_POINTER, u64::MAX)?;
+            // The guest sees CR4.VMXE clear; it may not change the bit.
+            vmcs::write(F::CR4_GUEST_HOST_MASK, 1 << 13)?;
+            vmcs::write(F::CR4_READ_SHADOW, 0)?;
+        }
+        Ok(())
+    }
+
+    fn setup_host_state(&self) -> Result<(), VcpuError> {
+        let (cr0, cr3, cr4): (u64, u64, u64);
+        let mut gdtr = [0u8; 10];
+        let mut idtr = [0u8; 10];
+        // SAFETY: reading control registers and descriptor-table registers at CPL0 has no
+        // side effects; the buffers are 10 bytes as SGDT/SIDT store in 64-bit mode.
+        unsafe {
+            asm!("mov {}, cr0", out(reg) cr0, options(nomem, nostack));
+            asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack));
+            asm!("mov {}, cr4", out(reg) cr4, options(nomem, nostack));
+            asm!("sgdt [{}]", in(reg) gdtr.as_mut_ptr(), options(nostack));
+            asm!("sidt [{}]", in(reg) idtr.as_mut_ptr(), options(nostack));
+        }
+        let base = |bytes: [u8; 10]| u64::from_le_bytes(bytes[2..10].try_into().expect("8 bytes"));
+        let gdt_base = base(gdtr);
+        // The TSS base is spread over the TSS descriptor (two GDT slots at TSS_SELECTOR).
+        // SAFETY: the GDT loaded on this CPU is this CPU's 'static GDT with a TSS
+        // descriptor at TSS_SELECTOR.
+        let (low, high) = unsafe {
+            let slot = (gdt_base + u64::from(TSS_SELECTOR)) as *const u64;
+            (slot.read(), slot.add(1).read())
+        };
+        let tr_base = ((low >> 16) & 0xFF_FFFF) | (((low >> 56) & 0xFF) << 24) | (high << 32);
+        // SAFETY: these MSRs exist on every x86-64 CPU.
+        let (efer, pat, gs_base) = unsafe { (rdmsr(0xC000_0080), rdmsr(0x277), rdmsr(0xC000_0101)) };
+        let fields = [
+            (F::HOST_CR0, cr0),
+            (F::HOST_CR3, cr3),
+            (F::HOST_CR4, cr4),
+            (F::HOST_CS_SELECTOR, u64::from(KERNEL_CODE)),
+            (F::HOST_SS_SELECTOR, u64::from(KERNEL_DATA)),
+            (F::HOST_DS_SELECTOR, u64::from(KERNEL_DATA)),
+            (F::HOST_ES_SELECTOR, u64::from(KERNEL_DATA)),
+            (F::HOST_FS_SELECTOR, 0),
+            (F::HOST_GS_SELECTOR, 0),
+            (F::HOST_TR_SELECTOR, u64::from(TSS_SELECTOR)),
+            (F::HOST_FS_BASE, 0),
+            (F::HOST_GS_BASE, gs_base),
+            (F::HOST_TR_BASE, tr_base),
+            (F::HOST_GDTR_BASE, gdt_base),
+            (F::HOST_IDTR_BASE, base(idtr)),
+            (F::HOST_SYSENTER_CS, 0),
+            (F::HOST_SYSENTER_ESP, 0),
+            (F::HOST_SYSENTER_EIP, 0),
+            (F::HOST_IA32_EFER, efer),
+            (F::HOST_IA32_PAT, pat),
+            (F::HOST_RIP, nk_vm_exit as usize as u64),
+        ];
+        for (field, value) in fields {
+            // SAFETY: the host state is this CPU's own current state and exit stub.
+            unsafe { vmcs::write(field, value)? };
+        }
+        Ok(())
+    }
+
+    fn setup_guest_state(&self, start: &GuestStart) -> Result<(), VcpuError> {
+        let fixed = |value: u64, f0: u32, f1: u32| {
+            // SAFETY: the VMX fixed-bit MSRs exist in VMX root operation.
+            unsafe { (value | rdmsr(f0)) & rdmsr(f1) }
+        };
+        // PE, MP, ET, NE, WP, PG; PAE and VMXE (a fixed-1 bit in VMX operation).
+        let cr0 = fixed(0x8001_0033, msr::IA32_VMX_CR0_FIXED0, msr::IA32_VMX_CR0_FIXED1);
+        let cr4 = fixed((1 << 5) | (1 << 13), msr::IA32_VMX_CR4_FIXED0, msr::IA32_VMX_CR4_FIXED1);
+        const CODE64_AR: u64 = 0xA09B; // present, S, execute/read accessed, L, G
+        const DATA_AR: u64 = 0xC093; // present, S, read/write accessed, D/B, G
+        const TSS_AR: u64 = 0x8B; // present, busy 64-bit TSS
+        const UNUSABLE: u64 = 1 << 16;
+        let segments = [
+            (F::GUEST_CS_SELECTOR, F::GUEST_CS_BASE, F::GUEST_CS_LIMIT, F::GUEST_CS_ACCESS_RIGHTS, 0x08, CODE64_AR),
+            (F::GUEST_SS_SELECTOR, F::GUEST_SS_BASE, F::GUEST_SS_LIMIT, F::GUEST_SS_ACCESS_RIGHTS, 0x10, DATA_AR),
+            (F::GUEST_DS_SELECTOR, F::GUEST_DS_BASE, F::GUEST_DS_LIMIT, F::GUEST_DS_ACCESS_RIGHTS, 0x10, DATA_AR),
+            (F::GUEST_ES_SELECTOR, F::GUEST_ES_BASE, F::GUEST_ES_LIMIT, F::GUEST_ES_ACCESS_RIGHTS, 0x10, DATA_AR),
+            (F::GUEST_FS_SELECTOR, F::GUEST_FS_BASE, F::GUEST_FS_LIMIT, F::GUEST_FS_ACCESS_RIGHTS, 0x10, DATA_AR),
+            (F::GUEST_GS_SELECTOR, F::GUEST_GS_BASE, F::GUEST_GS_LIMIT, F::GUEST_GS_ACCESS_RIGHTS, 0x10, DATA_AR),
+            (F::GUEST_LDTR_SELECTOR, F::GUEST_LDTR_BASE, F::GUEST_LDTR_LIMIT, F::GUEST_LDTR_ACCESS_RIGHTS, 0, UNUSABLE),
+            (F::GUEST_TR_SELECTOR, F::GUEST_TR_BASE, F::GUEST_TR_LIMIT, F::GUEST_TR_ACCESS_RIGHTS, 0, TSS_AR),
+        ];
+        // SAFETY: guest-state fields only affect the guest; VM entry checks them all.
+        unsafe {
+            for (selector, base, limit, rights, value, ar) in segments {
+                vmcs::write(selector, value)?;
+                vmcs::write(base, 0)?;
+                vmcs::write(limit, if ar == TSS_AR { 0x67 } else { 0xFFFF_FFFF })?;
+                vmcs::write(rights, ar)?;
+            }
+            let fields = [
+                (F::GUEST_CR0, cr0),
+                (F::GUEST_CR3, start.cr3),
+                (F::GUEST_CR4, cr4),
+                (F::GUEST_GDTR_BASE, 0),
+                (F::GUEST_GDTR_LIMIT, 0),
+                (F::GUEST_IDTR_BASE, 0),
+                (F::GUEST_IDTR_LIMIT, 0),
+                (F::GUEST_DR7, 0x400),
+                (F::GUEST_RSP, start.rsp),
+                (F::GUEST_RIP, start.rip),
+                (F::GUEST_RFLAGS, 0x2),
+                (F::GUEST_PENDING_DEBUG, 0),
+                (F::GUEST_SYSENTER_CS, 0),
+                (F::GUEST_SYSENTER_ESP, 0),
+                (F::GUEST_SYSENTER_EIP, 0),
+                (F::GUEST_INTERRUPTIBILITY, 0),
+                (F::GUEST_ACTIVITY_STATE, 0),
+                (F::GUEST_IA32_EFER, (1 << 8) | (1 << 10)), // LME | LMA
+                (F::GUEST_IA32_PAT, 0x0007_0406_0007_0406),
+            ];
+            for (field, value) in fields {
+                vmcs::write(field, value)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Enters the guest and returns at its next exit.
+    pub fn run(&mut self) -> Result<Exit, VcpuError> {
+        // SAFETY: this vCPU's VMCS is current on this CPU (made so in `new`, and vCPUs do
+        // not migrate yet); the stub saves and restores every host register it changes.
+        let status = unsafe { nk_vm_run(&mut self.regs, u64::from(self.launched)) };
+        match status {
+            0 => {}
+            1 => return Err(VcpuError::Vmx(VmFail::Invalid)),
+            _ => {
+                let error = vmcs::read(F::VM_INSTRUCTION_ERROR)? as u32;
+                return Err(VcpuError::Vmx(VmFail::Valid(vmcs::VmInstructionError(error))));
+            }
+        }
+        self.launched = true;
+        Ok(Exit {
+            reason: ExitReason(vmcs::read(F::EXIT_REASON)? as u16),
+            qualification: vmcs::read(F::EXIT_QUALIFICATION)?,
+            instruction_length: vmcs::read(F::EXIT_INSTRUCTION_LENGTH)?,
+            guest_physical: vmcs::read(F::GUEST_PHYSICAL_ADDRESS)?,
+        })
+    }
+
+    /// Moves the guest past the instruction that exited.
+    pub fn skip_instruction(&mut self, exit: &Exit) -> Result<(), VcpuError> {
+        let rip = vmcs::read(F::GUEST_RIP)?;
+        // SAFETY: advancing RIP by the exiting instruction's length is what the SDM
+        // prescribes for emulated instructions (§28.2.5).
+        unsafe { vmcs::write(F::GUEST_RIP, rip + exit.instruction_length)? };
+        Ok(())
+    }
+
+    /// Returns the guest's RIP.
+    pub fn rip(&self) -> Result<u64, VcpuError> {
+        Ok(vmcs::read(F::GUEST_RIP)?)
+    }
+}
+
+impl Drop for Vcpu {
+    fn drop(&mut self) {
+        // SAFETY: the VMCS is ours; clearing makes it inactive before the frame is freed.
+        if unsafe { vmcs::clear(self.vmcs.as_u64()) }.is_ok() {
+            memory::free_frame(self.vmcs);
+        }
+    }
+}
