@@ -164,17 +164,9 @@ fn index(gpa: u64, level: usize) -> usize {
 
 impl EptBuilder {
     /// Creates an empty EPT with its root table taken from `memory`.
-    pub fn new(
-        memory: &mut impl TableMemory,
-        allow_2m: bool,
-        allow_1g: bool,
-    ) -> Result<Self, EptError> {
+    pub fn new(memory: &mut impl TableMemory, allow_2m: bool, allow_1g: bool) -> Result<Self, EptError> {
         let pml4 = memory.alloc_table().ok_or(EptError::OutOfTables)?;
-        Ok(Self {
-            pml4,
-            allow_2m,
-            allow_1g,
-        })
+        Ok(Self { pml4, allow_2m, allow_1g })
     }
 
     /// Returns the EPT pointer for the VMCS (SDM §25.6.11): write-back, 4-level walk,
@@ -275,10 +267,7 @@ impl EptBuilder {
         len: u64,
         perms: EptPerms,
     ) -> Result<(), EptError> {
-        if !gpa.is_multiple_of(PAGE_4K)
-            || !hpa.is_multiple_of(PAGE_4K)
-            || !len.is_multiple_of(PAGE_4K)
-        {
+        if !gpa.is_multiple_of(PAGE_4K) || !hpa.is_multiple_of(PAGE_4K) || !len.is_multiple_of(PAGE_4K) {
             return Err(EptError::Misaligned);
         }
         let end = gpa.checked_add(len).ok_or(EptError::OutOfRange)?;
@@ -299,10 +288,7 @@ impl EptBuilder {
             if let Err(e) = self.map(memory, g, h, size, perms) {
                 let mut undo = 0;
                 while undo < offset {
-                    let step = self
-                        .unmap(memory, gpa + undo)
-                        .map(|s| s.bytes())
-                        .unwrap_or(PAGE_4K);
+                    let step = self.unmap(memory, gpa + undo).map(|s| s.bytes()).unwrap_or(PAGE_4K);
                     undo += step;
                 }
                 return Err(e);
@@ -320,12 +306,7 @@ impl EptBuilder {
     }
 
     /// Changes the permissions of the page that contains `gpa`.
-    pub fn protect(
-        &mut self,
-        memory: &mut impl TableMemory,
-        gpa: u64,
-        perms: EptPerms,
-    ) -> Result<(), EptError> {
+    pub fn protect(&mut self, memory: &mut impl TableMemory, gpa: u64, perms: EptPerms) -> Result<(), EptError> {
         if perms.0 == 0 || perms.0 & 0b11 == 0b10 {
             return Err(EptError::BadPermissions);
         }
@@ -336,11 +317,7 @@ impl EptBuilder {
     }
 
     /// Translates `gpa` through the EPT.
-    pub fn translate(
-        &self,
-        memory: &mut impl TableMemory,
-        gpa: u64,
-    ) -> Result<Translation, EptError> {
+    pub fn translate(&self, memory: &mut impl TableMemory, gpa: u64) -> Result<Translation, EptError> {
         let (table, slot, size) = self.find_leaf(memory, gpa)?;
         let entry = memory.table(table)[slot];
         Ok(Translation {
@@ -353,11 +330,7 @@ impl EptBuilder {
     }
 
     /// Reads and clears the dirty flag of the page containing `gpa` (EPT A/D, SDM §29.3.5).
-    pub fn take_dirty(
-        &mut self,
-        memory: &mut impl TableMemory,
-        gpa: u64,
-    ) -> Result<bool, EptError> {
+    pub fn take_dirty(&mut self, memory: &mut impl TableMemory, gpa: u64) -> Result<bool, EptError> {
         let (table, slot, _) = self.find_leaf(memory, gpa)?;
         let entry = &mut memory.table(table)[slot];
         let dirty = *entry & DIRTY != 0;
@@ -365,11 +338,7 @@ impl EptBuilder {
         Ok(dirty)
     }
 
-    fn find_leaf(
-        &self,
-        memory: &mut impl TableMemory,
-        gpa: u64,
-    ) -> Result<(u64, usize, PageSize), EptError> {
+    fn find_leaf(&self, memory: &mut impl TableMemory, gpa: u64) -> Result<(u64, usize, PageSize), EptError> {
         if gpa >= GPA_LIMIT {
             return Err(EptError::OutOfRange);
         }

@@ -12,10 +12,7 @@ struct FakeMemory {
 
 impl FakeMemory {
     fn new() -> Self {
-        Self {
-            next: 0x1000_0000,
-            ..Default::default()
-        }
+        Self { next: 0x1000_0000, ..Default::default() }
     }
 }
 
@@ -30,16 +27,11 @@ impl TableMemory for FakeMemory {
         Some(paddr)
     }
     fn free_table(&mut self, paddr: u64) {
-        assert!(
-            self.tables.remove(&paddr).is_some(),
-            "double free of table {paddr:#x}"
-        );
+        assert!(self.tables.remove(&paddr).is_some(), "double free of table {paddr:#x}");
         self.freed += 1;
     }
     fn table(&mut self, paddr: u64) -> &mut [u64; 512] {
-        self.tables
-            .get_mut(&paddr)
-            .expect("walk reached a frame that is not a table")
+        self.tables.get_mut(&paddr).expect("walk reached a frame that is not a table")
     }
 }
 
@@ -51,36 +43,15 @@ fn ept(mem: &mut FakeMemory) -> EptBuilder {
 fn maps_and_translates_every_page_size() {
     let mut mem = FakeMemory::new();
     let mut e = ept(&mut mem);
-    e.map(&mut mem, 0x1000, 0x5000, PageSize::Size4K, EptPerms::RW)
-        .unwrap();
-    e.map(
-        &mut mem,
-        0x20_0000,
-        0x40_0000,
-        PageSize::Size2M,
-        EptPerms::RWX,
-    )
-    .unwrap();
-    e.map(
-        &mut mem,
-        0x4000_0000,
-        0x8000_0000,
-        PageSize::Size1G,
-        EptPerms::READ,
-    )
-    .unwrap();
+    e.map(&mut mem, 0x1000, 0x5000, PageSize::Size4K, EptPerms::RW).unwrap();
+    e.map(&mut mem, 0x20_0000, 0x40_0000, PageSize::Size2M, EptPerms::RWX).unwrap();
+    e.map(&mut mem, 0x4000_0000, 0x8000_0000, PageSize::Size1G, EptPerms::READ).unwrap();
     let t = e.translate(&mut mem, 0x1234).unwrap();
-    assert_eq!(
-        (t.host_phys, t.size, t.perms),
-        (0x5234, PageSize::Size4K, EptPerms::RW)
-    );
+    assert_eq!((t.host_phys, t.size, t.perms), (0x5234, PageSize::Size4K, EptPerms::RW));
     let t = e.translate(&mut mem, 0x21_2345).unwrap();
     assert_eq!((t.host_phys, t.size), (0x41_2345, PageSize::Size2M));
     let t = e.translate(&mut mem, 0x4123_4567).unwrap();
-    assert_eq!(
-        (t.host_phys, t.size, t.perms),
-        (0x8123_4567, PageSize::Size1G, EptPerms::READ)
-    );
+    assert_eq!((t.host_phys, t.size, t.perms), (0x8123_4567, PageSize::Size1G, EptPerms::READ));
     assert_eq!(e.translate(&mut mem, 0x3000), Err(EptError::NotMapped));
 }
 
@@ -88,35 +59,13 @@ fn maps_and_translates_every_page_size() {
 fn refuses_overlap_misalignment_and_bad_permissions_without_changes() {
     let mut mem = FakeMemory::new();
     let mut e = ept(&mut mem);
-    e.map(
-        &mut mem,
-        0x20_0000,
-        0x40_0000,
-        PageSize::Size2M,
-        EptPerms::RW,
-    )
-    .unwrap();
+    e.map(&mut mem, 0x20_0000, 0x40_0000, PageSize::Size2M, EptPerms::RW).unwrap();
     let tables = mem.tables.len();
-    assert_eq!(
-        e.map(&mut mem, 0x20_1000, 0x1000, PageSize::Size4K, EptPerms::RW),
-        Err(EptError::AlreadyMapped)
-    );
-    assert_eq!(
-        e.map(&mut mem, 0x20_0000, 0x1000, PageSize::Size2M, EptPerms::RW),
-        Err(EptError::Misaligned)
-    );
-    assert_eq!(
-        e.map(&mut mem, 0, 0, PageSize::Size1G, EptPerms::RW),
-        Err(EptError::AlreadyMapped)
-    );
-    assert_eq!(
-        e.map(&mut mem, 0x1000, 0x1000, PageSize::Size4K, EptPerms::WRITE),
-        Err(EptError::BadPermissions)
-    );
-    assert_eq!(
-        e.map(&mut mem, 1 << 48, 0x1000, PageSize::Size4K, EptPerms::RW),
-        Err(EptError::OutOfRange)
-    );
+    assert_eq!(e.map(&mut mem, 0x20_1000, 0x1000, PageSize::Size4K, EptPerms::RW), Err(EptError::AlreadyMapped));
+    assert_eq!(e.map(&mut mem, 0x20_0000, 0x1000, PageSize::Size2M, EptPerms::RW), Err(EptError::Misaligned));
+    assert_eq!(e.map(&mut mem, 0, 0, PageSize::Size1G, EptPerms::RW), Err(EptError::AlreadyMapped));
+    assert_eq!(e.map(&mut mem, 0x1000, 0x1000, PageSize::Size4K, EptPerms::WRITE), Err(EptError::BadPermissions));
+    assert_eq!(e.map(&mut mem, 1 << 48, 0x1000, PageSize::Size4K, EptPerms::RW), Err(EptError::OutOfRange));
     assert_eq!(mem.tables.len(), tables, "a refused map allocated tables");
 }
 
@@ -124,42 +73,19 @@ fn refuses_overlap_misalignment_and_bad_permissions_without_changes() {
 fn unsupported_sizes_are_refused() {
     let mut mem = FakeMemory::new();
     let mut e = EptBuilder::new(&mut mem, false, false).unwrap();
-    assert_eq!(
-        e.map(&mut mem, 0, 0, PageSize::Size2M, EptPerms::RW),
-        Err(EptError::UnsupportedPageSize)
-    );
-    e.map_range(&mut mem, 0, 0x20_0000, 4 * PAGE_2M, EptPerms::RW)
-        .unwrap();
-    assert_eq!(
-        e.translate(&mut mem, 0x30_0000).unwrap().size,
-        PageSize::Size4K
-    );
+    assert_eq!(e.map(&mut mem, 0, 0, PageSize::Size2M, EptPerms::RW), Err(EptError::UnsupportedPageSize));
+    e.map_range(&mut mem, 0, 0x20_0000, 4 * PAGE_2M, EptPerms::RW).unwrap();
+    assert_eq!(e.translate(&mut mem, 0x30_0000).unwrap().size, PageSize::Size4K);
 }
 
 #[test]
 fn map_range_uses_large_pages_where_aligned() {
     let mut mem = FakeMemory::new();
     let mut e = ept(&mut mem);
-    e.map_range(
-        &mut mem,
-        0x1F_F000,
-        0x1F_F000,
-        PAGE_4K + PAGE_2M + PAGE_4K,
-        EptPerms::RWX,
-    )
-    .unwrap();
-    assert_eq!(
-        e.translate(&mut mem, 0x1F_F000).unwrap().size,
-        PageSize::Size4K
-    );
-    assert_eq!(
-        e.translate(&mut mem, 0x20_0000).unwrap().size,
-        PageSize::Size2M
-    );
-    assert_eq!(
-        e.translate(&mut mem, 0x40_0000).unwrap().size,
-        PageSize::Size4K
-    );
+    e.map_range(&mut mem, 0x1F_F000, 0x1F_F000, PAGE_4K + PAGE_2M + PAGE_4K, EptPerms::RWX).unwrap();
+    assert_eq!(e.translate(&mut mem, 0x1F_F000).unwrap().size, PageSize::Size4K);
+    assert_eq!(e.translate(&mut mem, 0x20_0000).unwrap().size, PageSize::Size2M);
+    assert_eq!(e.translate(&mut mem, 0x40_0000).unwrap().size, PageSize::Size4K);
 }
 
 #[test]
@@ -167,10 +93,7 @@ fn out_of_tables_changes_nothing() {
     let mut mem = FakeMemory::new();
     let mut e = ept(&mut mem);
     mem.limit = Some(2);
-    assert_eq!(
-        e.map(&mut mem, 0x1000, 0x1000, PageSize::Size4K, EptPerms::RW),
-        Err(EptError::OutOfTables)
-    );
+    assert_eq!(e.map(&mut mem, 0x1000, 0x1000, PageSize::Size4K, EptPerms::RW), Err(EptError::OutOfTables));
     assert_eq!(mem.tables.len(), 1);
     assert_eq!(e.translate(&mut mem, 0x1000), Err(EptError::NotMapped));
 }
@@ -179,12 +102,8 @@ fn out_of_tables_changes_nothing() {
 fn failed_map_range_rolls_back() {
     let mut mem = FakeMemory::new();
     let mut e = ept(&mut mem);
-    e.map(&mut mem, 0x3000, 0x3000, PageSize::Size4K, EptPerms::RW)
-        .unwrap();
-    assert_eq!(
-        e.map_range(&mut mem, 0x1000, 0x1000, 3 * PAGE_4K, EptPerms::RW),
-        Err(EptError::AlreadyMapped)
-    );
+    e.map(&mut mem, 0x3000, 0x3000, PageSize::Size4K, EptPerms::RW).unwrap();
+    assert_eq!(e.map_range(&mut mem, 0x1000, 0x1000, 3 * PAGE_4K, EptPerms::RW), Err(EptError::AlreadyMapped));
     assert_eq!(e.translate(&mut mem, 0x1000), Err(EptError::NotMapped));
     assert_eq!(e.translate(&mut mem, 0x2000), Err(EptError::NotMapped));
     assert!(e.translate(&mut mem, 0x3000).is_ok());
@@ -194,8 +113,7 @@ fn failed_map_range_rolls_back() {
 fn unmap_protect_dirty_and_destroy() {
     let mut mem = FakeMemory::new();
     let mut e = ept(&mut mem);
-    e.map(&mut mem, 0x1000, 0x9000, PageSize::Size4K, EptPerms::RWX)
-        .unwrap();
+    e.map(&mut mem, 0x1000, 0x9000, PageSize::Size4K, EptPerms::RWX).unwrap();
     e.protect(&mut mem, 0x1000, EptPerms::READ).unwrap();
     assert_eq!(e.translate(&mut mem, 0x1000).unwrap().perms, EptPerms::READ);
     // The CPU would set the dirty bit; emulate it.

@@ -1,0 +1,245 @@
+//! The null-Kernel hypercall ABI (DESIGN.md §4), version [`ABI_VERSION`].
+//!
+//! A guest calls the null-Kernel with `VMCALL`, from ring 0 or ring 3 (ring 3 is how a
+//! process of an unmodified guest OS bypasses its OS). Registers in:
+//!
+//! | register | meaning |
+//! |---|---|
+//! | RAX | [`Selector`]: ABI version (bits 63:48), AM id (47:32), operation (31:0) |
+//! | RBX:RCX | capability argument 0 (low word, high word) |
+//! | RDX:RSI | capability argument 1 |
+//! | RDI:R8 | capability argument 2 |
+//! | R9:R10 | capability argument 3 |
+//! | R11..R15 | plain arguments 0..4 |
+//!
+//! Registers out: RAX holds a [`Status`] (0 on success); RBX:RCX a capability name the call
+//! returned (derive, delegate), RDX, RSI, RDI, R8 four plain results. Every other register
+//! is preserved. A malformed call returns a status and changes nothing.
+//!
+//! AM id 0 is the null-Kernel itself; its operations are in [`nk_op`].
+#![cfg_attr(not(test), no_std)]
+
+use core::fmt;
+
+/// The ABI version this crate speaks.
+pub const ABI_VERSION: u16 = 1;
+/// Capability arguments a call can carry.
+pub const MAX_CAP_ARGS: usize = 4;
+/// Plain arguments a call can carry.
+pub const MAX_PLAIN_ARGS: usize = 5;
+/// The AM id of the null-Kernel's own operations.
+pub const NULL_KERNEL_AM: u16 = 0;
+
+/// Operations of the null-Kernel itself (AM id 0).
+pub mod nk_op {
+    /// Does nothing and returns: the round trip of a hypercall.
+    pub const NULL: u32 = 0;
+    /// `derive(c, mask)` -> new name. Args: cap 0 = c; plain 0 = rights mask.
+    pub const DERIVE: u32 = 1;
+    /// `delegate(c, target vm, mask, binding)` -> new name. Args: cap 0; plain 0 = mask,
+    /// plain 1 = target VM id, plain 2 = 0 bound / 1 bearer.
+    pub const DELEGATE: u32 = 2;
+    /// `revoke(c)`: c and its whole subtree. Args: cap 0. Result 0 = capabilities revoked.
+    pub const REVOKE: u32 = 3;
+    /// `delete(c)`. Args: cap 0.
+    pub const DELETE: u32 = 4;
+    /// `inspect(c)`. Args: cap 0. Results: 0 = AM id << 32 | kind, 1 = object id,
+    /// 2 = rights, 3 = holder VM id << 1 | bearer.
+    pub const INSPECT: u32 = 5;
+}
+
+/// The (version, AM, operation) selector carried in RAX.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Selector {
+    pub version: u16,
+    pub am: u16,
+    pub op: u32,
+}
+
+impl Selector {
+    /// Makes a selector of the current ABI version.
+    pub const fn new(am: u16, op: u32) -> Self {
+        Self { version: ABI_VERSION, am, op }
+    }
+
+    /// Packs the selector into RAX.
+    pub const fn encode(self) -> u64 {
+        ((self.version as u64) << 48) | ((self.am as u64) << 32) | self.op as u64
+    }
+
+    /// Unpacks RAX. Any value decodes; the version is checked by the caller.
+    pub const fn decode(rax: u64) -> Self {
+        Self { version: (rax >> 48) as u16, am: (rax >> 32) as u16, op: rax as u32 }
+    }
+}
+
+/// A 128-bit capability name as it travels in two registers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NameWords {
+    pub low: u64,
+    pub high: u64,
+}
+
+/// The status codes of RAX on return (low 16 bits); bits 23:16 hold the index + 1 of the
+/// capability argument that failed, or 0.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Status(pub u64);
+
+#[allow(missing_docs)]
+impl Status {
+    pub const OK: u16 = 0;
+    pub const BAD_VERSION: u16 = 1;
+    pub const UNKNOWN_AM: u16 = 2;
+    pub const UNKNOWN_OPERATION: u16 = 3;
+    pub const UNKNOWN_NAME: u16 = 4;
+    pub const WRONG_HOLDER: u16 = 5;
+    pub const WRONG_KIND: u16 = 6;
+    pub const MISSING_RIGHTS: u16 = 7;
+    pub const REVOKED: u16 = 8;
+    pub const BAD_ARGUMENT: u16 = 9;
+    pub const QUOTA_EXCEEDED: u16 = 10;
+    pub const NOT_PERMITTED: u16 = 11;
+    pub const NO_MEMORY: u16 = 12;
+    pub const AM_FAILED: u16 = 13;
+
+    /// Makes a status about capability argument `arg` (0-based), or about the call.
+    pub const fn new(code: u16, arg: Option<u8>) -> Self {
+        let arg = match arg {
+            Some(i) => (i as u64 + 1) << 16,
+            None => 0,
+        };
+        Status(code as u64 | arg)
+    }
+
+    /// Returns the code.
+    pub const fn code(self) -> u16 {
+        self.0 as u16
+    }
+
+    /// Returns the capability argument that failed, if the status names one.
+    pub const fn arg(self) -> Option<u8> {
+        match (self.0 >> 16) as u8 {
+            0 => None,
+            n => Some(n - 1),
+        }
+    }
+
+    /// Tells whether the call succeeded.
+    pub const fn is_ok(self) -> bool {
+        self.code() == Self::OK
+    }
+
+    /// Names a code.
+    pub const fn code_name(code: u16) -> &'static str {
+        match code {
+            Self::OK => "ok",
+            Self::BAD_VERSION => "bad ABI version",
+            Self::UNKNOWN_AM => "unknown AM",
+            Self::UNKNOWN_OPERATION => "unknown operation",
+            Self::UNKNOWN_NAME => "unknown capability name",
+            Self::WRONG_HOLDER => "capability held by another principal",
+            Self::WRONG_KIND => "capability of the wrong kind",
+            Self::MISSING_RIGHTS => "capability lacks rights",
+            Self::REVOKED => "capability revoked",
+            Self::BAD_ARGUMENT => "bad argument",
+            Self::QUOTA_EXCEEDED => "quota exceeded",
+            Self::NOT_PERMITTED => "not permitted",
+            Self::NO_MEMORY => "out of memory",
+            Self::AM_FAILED => "AM operation failed",
+            _ => "unknown status",
+        }
+    }
+}
+
+impl fmt::Debug for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(Self::code_name(self.code()))?;
+        if let Some(arg) = self.arg() {
+            write!(f, " (capability argument {arg})")?;
+        }
+        Ok(())
+    }
+}
+
+/// A call as the guest lays it out in registers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Call {
+    pub selector: u64,
+    pub caps: [NameWords; MAX_CAP_ARGS],
+    pub args: [u64; MAX_PLAIN_ARGS],
+}
+
+/// What the null-Kernel returns.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u64,
+    pub name: NameWords,
+    pub results: [u64; 4],
+}
+
+impl Reply {
+    /// Returns the status.
+    pub const fn status(&self) -> Status {
+        Status(self.status)
+    }
+}
+
+/// Issues a hypercall (guest side).
+#[cfg(all(target_arch = "x86_64", target_os = "none"))]
+pub fn hypercall(call: &Call) -> Reply {
+    let (status, name_low, name_high, r0, r1, r2, r3): (u64, u64, u64, u64, u64, u64, u64);
+    // SAFETY: VMCALL traps to the null-Kernel, which reads the documented registers and
+    // writes only RAX, RBX, RCX, RDX, RSI, RDI and R8; every register the asm names is
+    // declared as input, output or clobbered. RBX cannot be named as an operand, so it
+    // is swapped through a scratch register.
+    unsafe {
+        core::arch::asm!(
+            "xchg rbx, {b}",
+            "vmcall",
+            "xchg rbx, {b}",
+            b = inout(reg) call.caps[0].low => name_low,
+            inout("rax") call.selector => status,
+            inout("rcx") call.caps[0].high => name_high,
+            inout("rdx") call.caps[1].low => r0,
+            inout("rsi") call.caps[1].high => r1,
+            inout("rdi") call.caps[2].low => r2,
+            inout("r8") call.caps[2].high => r3,
+            in("r9") call.caps[3].low,
+            in("r10") call.caps[3].high,
+            in("r11") call.args[0],
+            in("r12") call.args[1],
+            in("r13") call.args[2],
+            in("r14") call.args[3],
+            in("r15") call.args[4],
+            options(nostack),
+        );
+    }
+    Reply { status, name: NameWords { low: name_low, high: name_high }, results: [r0, r1, r2, r3] }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selector_round_trips() {
+        let s = Selector::new(7, 0xDEAD_BEEF);
+        assert_eq!(Selector::decode(s.encode()), s);
+        assert_eq!(s.encode() >> 48, u64::from(ABI_VERSION));
+    }
+
+    #[test]
+    fn status_carries_the_failing_argument() {
+        let s = Status::new(Status::MISSING_RIGHTS, Some(2));
+        assert_eq!((s.code(), s.arg()), (Status::MISSING_RIGHTS, Some(2)));
+        assert_eq!(s.to_string(), "capability lacks rights (capability argument 2)");
+        assert_eq!(Status::new(Status::OK, None).arg(), None);
+        assert!(Status::new(Status::OK, None).is_ok());
+    }
+}
