@@ -125,7 +125,7 @@ fn start_one(index: usize, apic_id: u32, cr3: u64) -> Result<(), &'static str> {
         trampoline_field(&nk_ap_trampoline_cr3).write_volatile(cr3);
         trampoline_field(&nk_ap_trampoline_stack).write_volatile(stack_top);
         trampoline_field(&nk_ap_trampoline_cpu).write_volatile(index as u64);
-        trampoline_field(&nk_ap_trampoline_entry).write_volatile(nk_ap_main as usize as u64);
+        trampoline_field(&nk_ap_trampoline_entry).write_volatile(nk_ap_main as *const () as usize as u64);
     }
     if !apic::start_ap(apic_id, (AP_TRAMPOLINE_BASE / PAGE_SIZE) as u8) {
         return Err("the local APIC did not deliver INIT/SIPI");

@@ -330,7 +330,7 @@ impl Vcpu {
             (F::HOST_SYSENTER_EIP, 0),
             (F::HOST_IA32_EFER, efer),
             (F::HOST_IA32_PAT, pat),
-            (F::HOST_RIP, nk_vm_exit as usize as u64),
+            (F::HOST_RIP, nk_vm_exit as *const () as usize as u64),
         ];
         for (field, value) in fields {
             // SAFETY: the host state is this CPU's own current state and exit stub.
