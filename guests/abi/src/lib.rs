@@ -46,6 +46,10 @@ pub mod nk_op {
     /// `inspect(c)`. Args: cap 0. Results: 0 = AM id << 32 | kind, 1 = object id,
     /// 2 = rights, 3 = holder VM id << 1 | bearer.
     pub const INSPECT: u32 = 5;
+    /// `initial(index)` -> name: the caller's index-th initial capability (the ones its
+    /// AMs granted when the VM was created). Args: plain 0 = index. Results: 0 = the AM
+    /// id of the capability's object. `BAD_ARGUMENT` past the last one.
+    pub const INITIAL: u32 = 6;
 }
 
 /// The (version, AM, operation) selector carried in RAX.

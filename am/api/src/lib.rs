@@ -1,0 +1,143 @@
+//! The interface between the null-Kernel and an abstract machine (AM), DESIGN.md §1-§2.
+//!
+//! An AM is safe code (`#![forbid(unsafe_code)]`) that:
+//! 1. registers its object kinds (with right names) and its operations (with the kind and
+//!    rights each capability argument needs) through a [`Registrar`]; the n-th operation it
+//!    registers is operation number n of the hypercall ABI;
+//! 2. handles invocations: the null-Kernel has already checked every capability argument,
+//!    and the handler sees only [`Checked`] references to its own objects;
+//! 3. undoes effects when capabilities to its objects die ([`AbstractMachine::revoked`]).
+//!
+//! An AM call runs to completion and restores its invariants before it returns (seed
+//! §5.3, "AM composition"): an invocation either succeeds or fails without changes.
+#![cfg_attr(not(test), no_std)]
+#![forbid(unsafe_code)]
+
+use core::fmt;
+
+pub use nk_caps::{
+    AmId, ArgSpec, Binding, CapError, CapName, Checked, CheckedCap, DeadCap, KindSpec, ObjId, ObjKind, Object, OpId,
+    OpSpec, Principal, RegisterError, Rights, VmId,
+};
+
+/// Plain (non-capability) arguments of an invocation.
+pub const PLAIN_ARGS: usize = 5;
+/// Plain results of an invocation.
+pub const RESULTS: usize = 4;
+
+/// Registers one AM's kinds and operations with the null-Kernel's capability table.
+pub struct Registrar<'a> {
+    am: AmId,
+    table: &'a mut nk_caps::CapTable,
+}
+
+impl fmt::Debug for Registrar<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registrar").field("am", &self.am).finish_non_exhaustive()
+    }
+}
+
+impl<'a> Registrar<'a> {
+    /// Makes a registrar for `am` (the null-Kernel does this when it adds an AM).
+    pub fn new(am: AmId, table: &'a mut nk_caps::CapTable) -> Self {
+        Self { am, table }
+    }
+
+    /// Returns the AM being registered.
+    pub fn am(&self) -> AmId {
+        self.am
+    }
+
+    /// Registers an object kind and the names of its rights (bit n is the n-th name).
+    pub fn kind(&mut self, spec: KindSpec<'_>) -> Result<ObjKind, RegisterError> {
+        self.table.register_kind(self.am, spec)
+    }
+
+    /// Registers an operation; its ABI number is its registration order, from 0.
+    pub fn operation(&mut self, spec: OpSpec<'_>) -> Result<OpId, RegisterError> {
+        self.table.register_op(self.am, spec)
+    }
+
+    /// Returns the rights bits named `names` of `kind`.
+    pub fn rights(&self, kind: ObjKind, names: &[&str]) -> Option<Rights> {
+        let mut rights = Rights::NONE;
+        for name in names {
+            rights = Rights::from_bits(rights.bits() | self.table.registry().find_right(self.am, kind, name)?.bits());
+        }
+        Some(rights)
+    }
+}
+
+/// Why an AM operation failed (the null-Kernel turns it into a hypercall status).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AmError {
+    /// A plain argument is out of range or malformed.
+    BadArgument,
+    /// The AM ran out of memory or objects.
+    NoMemory,
+    /// The operation is not allowed in the object's current state.
+    NotPermitted,
+    /// A capability operation the AM asked the null-Kernel for failed.
+    Capability(CapError),
+}
+
+impl From<CapError> for AmError {
+    fn from(error: CapError) -> Self {
+        AmError::Capability(error)
+    }
+}
+
+/// What an invocation returns to its caller.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// A capability name handed to the caller (e.g. for a newly created object).
+    pub name: Option<CapName>,
+    pub results: [u64; RESULTS],
+}
+
+impl Outcome {
+    /// Returns an outcome with the first result set.
+    pub fn value(value: u64) -> Self {
+        Self { name: None, results: [value, 0, 0, 0] }
+    }
+}
+
+/// The null-Kernel services an AM may use while it handles an invocation.
+pub trait Kernel {
+    /// Mints a root capability to `object` (which must be this AM's) with `rights`, held by
+    /// the AM, and delegates a child with the same rights to `to`. Returns the child's name.
+    fn grant_new(
+        &mut self,
+        object: Object,
+        rights: Rights,
+        to: Principal,
+        binding: Binding,
+    ) -> Result<CapName, CapError>;
+}
+
+/// An abstract machine.
+pub trait AbstractMachine {
+    /// Returns the AM's name (for logs and tools).
+    fn name(&self) -> &'static str;
+
+    /// Registers the AM's kinds and operations.
+    fn register(&mut self, registrar: &mut Registrar<'_>) -> Result<(), RegisterError>;
+
+    /// Handles operation `checked.op()`, whose capability arguments were all checked.
+    fn invoke(
+        &mut self,
+        checked: &Checked,
+        args: &[u64; PLAIN_ARGS],
+        kernel: &mut dyn Kernel,
+    ) -> Result<Outcome, AmError>;
+
+    /// Grants a new VM its initial capabilities to this AM's objects (e.g. a factory), by
+    /// `kernel.grant_new`. The default grants nothing.
+    fn grant_initial(&mut self, _vm: VmId, _kernel: &mut dyn Kernel) -> Result<Option<CapName>, AmError> {
+        Ok(None)
+    }
+
+    /// Undoes what `dead` enabled; called for every capability to this AM's objects that
+    /// dies (revoked, deleted, or its holder gone).
+    fn revoked(&mut self, dead: &DeadCap);
+}

@@ -1,0 +1,142 @@
+//! The counter AM: objects are 64-bit counters with the rights `read` and `increment`.
+//! It is the smallest AM that proves the hypercall path end to end: create hands the
+//! caller a capability, read and add need the right rights, sum4 takes four capability
+//! arguments, and revocation is visible (each counter counts the capabilities to it that
+//! died, as a real AM would undo a mapping).
+//!
+//! Every operation is guarded: creating a counter needs a capability to the AM's factory
+//! (each VM is granted one when it is created).
+//!
+//! Operations (ABI numbers): 0 `create(f: factory/create)` -> name; 1 `read(c: read)` ->
+//! value, deaths; 2 `add(c: increment, amount)` -> new value; 3 `sum4(a, b, c, d: read)`
+//! -> sum.
+#![cfg_attr(not(test), no_std)]
+#![forbid(unsafe_code)]
+
+extern crate alloc;
+
+use alloc::vec::Vec;
+
+use nk_am::{
+    AbstractMachine, AmError, AmId, ArgSpec, Binding, CapName, Checked, DeadCap, Kernel, KindSpec, ObjId, ObjKind,
+    Object, OpId, OpSpec, Outcome, Principal, RegisterError, Registrar, Rights, VmId, PLAIN_ARGS,
+};
+
+/// The most counters one counter AM holds.
+pub const MAX_COUNTERS: usize = 1024;
+
+/// ABI operation numbers.
+pub mod op {
+    pub const CREATE: u16 = 0;
+    pub const READ: u16 = 1;
+    pub const ADD: u16 = 2;
+    pub const SUM4: u16 = 3;
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Counter {
+    value: u64,
+    deaths: u64,
+}
+
+/// The counter AM.
+#[derive(Debug, Default)]
+pub struct CounterAm {
+    am: Option<AmId>,
+    kind: Option<ObjKind>,
+    factory: Option<(ObjKind, Rights)>,
+    all_rights: Rights,
+    ops: Vec<OpId>,
+    counters: Vec<Counter>,
+}
+
+impl CounterAm {
+    /// Creates the AM with no counters.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn counter(&mut self, object: Object) -> Result<&mut Counter, AmError> {
+        self.counters.get_mut(object.id.raw() as usize).ok_or(AmError::BadArgument)
+    }
+}
+
+impl AbstractMachine for CounterAm {
+    fn name(&self) -> &'static str {
+        "counter"
+    }
+
+    fn register(&mut self, r: &mut Registrar<'_>) -> Result<(), RegisterError> {
+        let factory = r.kind(KindSpec { name: "factory", rights: &["create"] })?;
+        let create = r.rights(factory, &["create"]).ok_or(RegisterError::UnknownKind)?;
+        self.factory = Some((factory, create));
+        let kind = r.kind(KindSpec { name: "counter", rights: &["read", "increment"] })?;
+        let read = r.rights(kind, &["read"]).ok_or(RegisterError::UnknownKind)?;
+        let increment = r.rights(kind, &["increment"]).ok_or(RegisterError::UnknownKind)?;
+        self.kind = Some(kind);
+        self.am = Some(r.am());
+        self.all_rights = Rights::from_bits(read.bits() | increment.bits());
+        let read_arg = ArgSpec::new(kind, read);
+        self.ops = alloc::vec![
+            r.operation(OpSpec { name: "create", args: &[ArgSpec::new(factory, create)] })?,
+            r.operation(OpSpec { name: "read", args: &[read_arg] })?,
+            r.operation(OpSpec { name: "add", args: &[ArgSpec::new(kind, increment)] })?,
+            r.operation(OpSpec { name: "sum4", args: &[read_arg; 4] })?,
+        ];
+        Ok(())
+    }
+
+    fn invoke(
+        &mut self,
+        checked: &Checked,
+        args: &[u64; PLAIN_ARGS],
+        kernel: &mut dyn Kernel,
+    ) -> Result<Outcome, AmError> {
+        match checked.op().index() {
+            op::CREATE => {
+                let kind = self.kind.ok_or(AmError::NotPermitted)?;
+                if self.counters.len() >= MAX_COUNTERS {
+                    return Err(AmError::NoMemory);
+                }
+                let object = Object::new(checked.am(), kind, ObjId::new(self.counters.len() as u64));
+                let name = kernel.grant_new(object, self.all_rights, checked.caller(), Binding::Bound)?;
+                self.counters.push(Counter::default());
+                Ok(Outcome { name: Some(name), results: [object.id.raw(), 0, 0, 0] })
+            }
+            op::READ => {
+                let counter = *self.counter(checked.args()[0].object())?;
+                Ok(Outcome { name: None, results: [counter.value, counter.deaths, 0, 0] })
+            }
+            op::ADD => {
+                let counter = self.counter(checked.args()[0].object())?;
+                let value = counter.value.checked_add(args[0]).ok_or(AmError::BadArgument)?;
+                counter.value = value;
+                Ok(Outcome::value(value))
+            }
+            op::SUM4 => {
+                let mut sum = 0u64;
+                for arg in checked.args() {
+                    sum = sum.wrapping_add(self.counter(arg.object())?.value);
+                }
+                Ok(Outcome::value(sum))
+            }
+            _ => Err(AmError::NotPermitted),
+        }
+    }
+
+    fn grant_initial(&mut self, vm: VmId, kernel: &mut dyn Kernel) -> Result<Option<CapName>, AmError> {
+        let (kind, create) = self.factory.ok_or(AmError::NotPermitted)?;
+        // One factory object per VM, numbered by the VM id.
+        let object = Object::new(self.am.ok_or(AmError::NotPermitted)?, kind, ObjId::new(u64::from(vm.raw())));
+        Ok(Some(kernel.grant_new(object, create, Principal::Vm(vm), Binding::Bound)?))
+    }
+
+    fn revoked(&mut self, dead: &DeadCap) {
+        if Some(dead.object.kind) != self.kind {
+            return;
+        }
+        if let Ok(counter) = self.counter(dead.object) {
+            counter.deaths += 1;
+        }
+    }
+}

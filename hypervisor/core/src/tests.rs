@@ -1,0 +1,176 @@
+use super::*;
+use nk_abi::{Call, NameWords};
+use nk_am_counter::{op, CounterAm};
+use nk_caps::FixedSeed;
+use proptest::prelude::*;
+
+const VM1: VmId = VmId::new(1);
+const VM2: VmId = VmId::new(2);
+const VM3: VmId = VmId::new(3);
+
+struct World {
+    nk: NullKernel,
+    counter_am: u16,
+}
+
+fn world() -> World {
+    let mut nk = NullKernel::new(KernelId::new(0), 4096, &mut FixedSeed::from_u64(42)).unwrap();
+    let counter_am = nk.add_am(Box::new(CounterAm::new()), 1024).unwrap().raw();
+    for vm in [VM1, VM2, VM3] {
+        assert!(nk.add_vm(vm, 256).unwrap().is_empty());
+    }
+    World { nk, counter_am }
+}
+
+impl World {
+    fn call(&mut self, vm: VmId, am: u16, op: u32, caps: &[NameWords], args: &[u64]) -> Reply {
+        let mut call = Call { selector: Selector::new(am, op).encode(), ..Call::default() };
+        call.caps[..caps.len()].copy_from_slice(caps);
+        call.args[..args.len()].copy_from_slice(args);
+        self.nk.dispatch(vm, &call)
+    }
+
+    fn nk_op(&mut self, vm: VmId, op: u32, cap: NameWords, args: &[u64]) -> Reply {
+        self.call(vm, NULL_KERNEL_AM, op, &[cap], args)
+    }
+
+    fn factory(&mut self, vm: VmId) -> NameWords {
+        let reply = self.nk_op(vm, nk_op::INITIAL, NameWords::default(), &[0]);
+        assert!(reply.status().is_ok(), "{}", reply.status());
+        assert_eq!(reply.results[0], u64::from(self.counter_am));
+        reply.name
+    }
+
+    fn create_counter(&mut self, vm: VmId) -> NameWords {
+        let factory = self.factory(vm);
+        let reply = self.call(vm, self.counter_am, op::CREATE.into(), &[factory], &[]);
+        assert!(reply.status().is_ok(), "create: {}", reply.status());
+        reply.name
+    }
+
+    fn read(&mut self, vm: VmId, cap: NameWords) -> Result<(u64, u64), Status> {
+        let reply = self.call(vm, self.counter_am, op::READ.into(), &[cap], &[]);
+        if reply.status().is_ok() {
+            Ok((reply.results[0], reply.results[1]))
+        } else {
+            Err(reply.status())
+        }
+    }
+
+    fn add(&mut self, vm: VmId, cap: NameWords, amount: u64) -> Status {
+        self.call(vm, self.counter_am, op::ADD.into(), &[cap], &[amount]).status()
+    }
+}
+
+fn status(code: u16, arg: Option<u8>) -> Status {
+    Status::new(code, arg)
+}
+
+#[test]
+fn null_call_and_malformed_selectors() {
+    let mut w = world();
+    assert!(w.nk_op(VM1, nk_op::NULL, NameWords::default(), &[]).status().is_ok());
+    let bad_version = Call { selector: Selector { version: 9, am: 0, op: 0 }.encode(), ..Call::default() };
+    assert_eq!(w.nk.dispatch(VM1, &bad_version).status(), status(Status::BAD_VERSION, None));
+    assert_eq!(w.call(VM1, 99, 0, &[], &[]).status(), status(Status::UNKNOWN_AM, None));
+    assert_eq!(w.call(VM1, w.counter_am, 77, &[], &[]).status(), status(Status::UNKNOWN_OPERATION, None));
+    assert_eq!(w.call(VM1, w.counter_am, 1 << 20, &[], &[]).status(), status(Status::UNKNOWN_OPERATION, None));
+    assert_eq!(w.nk_op(VM1, 1000, NameWords::default(), &[]).status(), status(Status::UNKNOWN_OPERATION, None));
+    assert_eq!(w.nk_op(VM1, nk_op::INITIAL, NameWords::default(), &[5]).status(), status(Status::BAD_ARGUMENT, None));
+}
+
+#[test]
+fn counter_operations_through_checked_capabilities() {
+    let mut w = world();
+    let c = w.create_counter(VM1);
+    assert!(w.add(VM1, c, 5).is_ok());
+    assert_eq!(w.read(VM1, c), Ok((5, 0)));
+    let sum = w.call(VM1, w.counter_am, op::SUM4.into(), &[c, c, c, c], &[]);
+    assert_eq!((sum.status(), sum.results[0]), (status(Status::OK, None), 20));
+    assert_eq!(w.add(VM1, c, u64::MAX).code(), Status::BAD_ARGUMENT);
+    assert_eq!(w.read(VM1, c), Ok((5, 0)), "a failed add changed the counter");
+}
+
+#[test]
+fn every_argument_fault_names_its_argument_and_changes_nothing() {
+    let mut w = world();
+    let c = w.create_counter(VM1);
+    let factory = w.factory(VM1);
+    let garbage = NameWords { low: 0x1234, high: 0x5678 };
+    let before = w.nk.table().len();
+    let sum = |w: &mut World, caps: &[NameWords]| w.call(VM1, w.counter_am, op::SUM4.into(), caps, &[]).status();
+    assert_eq!(sum(&mut w, &[c, c, garbage, c]), status(Status::UNKNOWN_NAME, Some(2)));
+    assert_eq!(sum(&mut w, &[c, factory, c, c]), status(Status::WRONG_KIND, Some(1)));
+    assert_eq!(w.read(VM2, c), Err(status(Status::WRONG_HOLDER, Some(0))));
+    let read_only = w.nk_op(VM1, nk_op::DERIVE, c, &[1]).name;
+    assert_eq!(w.add(VM1, read_only, 1), status(Status::MISSING_RIGHTS, Some(0)));
+    assert_eq!(w.nk.table().len(), before + 1, "only the derive added a capability");
+    assert_eq!(w.read(VM1, c), Ok((0, 0)));
+}
+
+#[test]
+fn derive_delegate_revoke_and_the_revocation_hook() {
+    let mut w = world();
+    let c = w.create_counter(VM1);
+    // Derivation only removes rights.
+    let derived = w.nk_op(VM1, nk_op::DERIVE, c, &[u64::MAX]).name;
+    let info = w.nk_op(VM1, nk_op::INSPECT, derived, &[]);
+    assert_eq!(info.results[2], 0b11);
+    // Bound delegation: VM2 may use it, VM3 may not.
+    let bound = w.nk_op(VM1, nk_op::DELEGATE, c, &[1, 2, 0]);
+    assert!(bound.status().is_ok());
+    assert_eq!(w.read(VM2, bound.name), Ok((0, 0)));
+    assert_eq!(w.read(VM3, bound.name), Err(status(Status::WRONG_HOLDER, Some(0))));
+    assert_eq!(w.add(VM2, bound.name, 1), status(Status::MISSING_RIGHTS, Some(0)));
+    // Bearer delegation: anyone presenting the name may use it.
+    let bearer = w.nk_op(VM1, nk_op::DELEGATE, c, &[3, 2, 1]).name;
+    assert!(w.add(VM3, bearer, 7).is_ok());
+    // Revoke the root's subtree: every copy dies, the AM hears of each.
+    let revoked = w.nk_op(VM1, nk_op::REVOKE, c, &[]);
+    assert_eq!((revoked.status(), revoked.results[0]), (status(Status::OK, None), 4));
+    for (vm, name) in [(VM1, c), (VM1, derived), (VM2, bound.name), (VM3, bearer)] {
+        assert_eq!(w.read(vm, name), Err(status(Status::REVOKED, Some(0))));
+    }
+    let fresh = w.create_counter(VM1);
+    assert_eq!(w.read(VM1, fresh), Ok((0, 0)));
+}
+
+#[test]
+fn delegate_refuses_bad_targets_and_bindings() {
+    let mut w = world();
+    let c = w.create_counter(VM1);
+    assert_eq!(w.nk_op(VM1, nk_op::DELEGATE, c, &[1, 2, 7]).status(), status(Status::BAD_ARGUMENT, None));
+    assert_eq!(w.nk_op(VM1, nk_op::DELEGATE, c, &[1, 1 << 40, 0]).status(), status(Status::BAD_ARGUMENT, None));
+    assert_eq!(w.nk_op(VM1, nk_op::DELEGATE, c, &[1, 99, 0]).status(), status(Status::BAD_ARGUMENT, None));
+}
+
+#[test]
+fn removing_a_vm_kills_what_it_held() {
+    let mut w = world();
+    let c = w.create_counter(VM1);
+    let shared = w.nk_op(VM1, nk_op::DELEGATE, c, &[1, 2, 1]).name;
+    assert!(w.nk.remove_vm(VM1).unwrap() >= 2);
+    assert_eq!(w.read(VM2, shared), Err(status(Status::REVOKED, Some(0))));
+}
+
+proptest! {
+    /// Random selectors, names and arguments never panic, and a failed call never changes
+    /// the table.
+    #[test]
+    fn garbage_calls_change_nothing(calls in proptest::collection::vec(
+        (any::<u64>(), any::<[u64; 8]>(), any::<[u64; 5]>(), 1u32..4), 1..40)) {
+        let mut w = world();
+        let _ = w.create_counter(VM1);
+        for (selector, caps, args, vm) in calls {
+            let before = w.nk.table().len();
+            let mut call = Call { selector, args, ..Call::default() };
+            for (i, pair) in caps.chunks(2).enumerate() {
+                call.caps[i] = NameWords { low: pair[0], high: pair[1] };
+            }
+            let reply = w.nk.dispatch(VmId::new(vm), &call);
+            if !reply.status().is_ok() {
+                prop_assert_eq!(w.nk.table().len(), before);
+            }
+        }
+    }
+}
