@@ -16,6 +16,9 @@ pub struct Boot {
     pub rsdp_paddr: Option<u64>,
 }
 impl Boot {
+    pub fn guests(&self) -> impl Iterator<Item = crate::guest::GuestSpec<'static>> {
+        core::iter::empty()
+    }
     pub fn diagnostics(&self) -> impl Iterator<Item = &'static str> {
         core::iter::empty()
     }

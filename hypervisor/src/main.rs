@@ -16,6 +16,7 @@ mod acpi;
 mod arch;
 mod boot;
 mod console;
+mod guest;
 mod memory;
 mod percpu;
 mod power;
@@ -91,14 +92,37 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
     let in_root = percpu::all().filter(|cpu| cpu.in_vmx_root()).count();
     log::info!(target: "nk", "boot complete, {in_root} of {attempted} CPUs online in VMX root");
 
+    let mut kernel = match null_kernel() {
+        Ok(kernel) => kernel,
+        Err(why) => {
+            log::error!(target: "nk", "cannot start the null-Kernel: {why}; stopping");
+            power::shutdown(ExitStatus::Failure, "no null-Kernel");
+        }
+    };
+
     #[cfg(feature = "test-harness")]
-    {
+    let status = {
         let context = selftest::Context { boot: &boot, platform: &platform, cpus_attempted: attempted };
-        let status = selftest::run(&context);
-        power::shutdown(status, "tests finished");
-    }
+        selftest::run(&context)
+    };
     #[cfg(not(feature = "test-harness"))]
-    power::shutdown(ExitStatus::Success, "no guests to run yet")
+    let status = ExitStatus::Success;
+
+    let (halted, stopped) = guest::run_all(boot.guests(), &mut kernel);
+    log::info!(target: "nk", "guests finished: {halted} halted, {stopped} stopped");
+    power::shutdown(status, "all guests finished")
+}
+
+/// Creates kernel instance 0 of the null-Kernel and registers the built-in AMs.
+fn null_kernel() -> Result<nk_core::NullKernel, alloc::string::String> {
+    const CAPACITY: u32 = 16_384;
+    let mut kernel = nk_core::NullKernel::new(nk_caps::KernelId::new(0), CAPACITY, &mut arch::HardwareEntropy)
+        .map_err(|e| alloc::format!("capability table: {e:?}"))?;
+    let counter = kernel
+        .add_am(alloc::boxed::Box::new(nk_am_counter::CounterAm::new()), 4096)
+        .map_err(|e| alloc::format!("counter AM: {e:?}"))?;
+    log::info!(target: "nk", "kernel 0: {} capability slots, AMs: counter (id {})", CAPACITY, counter.raw());
+    Ok(kernel)
 }
 
 #[panic_handler]

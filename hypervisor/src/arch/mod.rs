@@ -3,9 +3,11 @@
 
 pub mod apic;
 mod cpu;
+mod entropy;
 pub mod gdt;
 pub mod idt;
 pub mod pit;
 pub mod port;
 
 pub use cpu::cpu_summary;
+pub use entropy::HardwareEntropy;

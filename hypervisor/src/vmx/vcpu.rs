@@ -428,6 +428,24 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Makes the next VM entry deliver hardware exception `vector` with `error_code`
+    /// (SDM Vol. 3 §27.6 event injection), e.g. #GP(0) for a denied MSR access.
+    pub fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), VcpuError> {
+        const VALID: u64 = 1 << 31;
+        const HARDWARE_EXCEPTION: u64 = 3 << 8;
+        const DELIVER_ERROR_CODE: u64 = 1 << 11;
+        let mut info = VALID | HARDWARE_EXCEPTION | u64::from(vector);
+        // SAFETY: event injection only affects the guest; VM entry checks the fields.
+        unsafe {
+            if let Some(code) = error_code {
+                info |= DELIVER_ERROR_CODE;
+                vmcs::write(F::ENTRY_EXCEPTION_ERROR_CODE, u64::from(code))?;
+            }
+            vmcs::write(F::ENTRY_INTERRUPTION_INFO, info)?;
+        }
+        Ok(())
+    }
+
     /// Returns the guest's RIP.
     pub fn rip(&self) -> Result<u64, VcpuError> {
         Ok(vmcs::read(F::GUEST_RIP)?)

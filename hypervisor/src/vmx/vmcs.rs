@@ -45,6 +45,7 @@ impl VmcsField {
     pub const EXIT_CONTROLS: Self = Self(0x400C);
     pub const ENTRY_CONTROLS: Self = Self(0x4012);
     pub const ENTRY_INTERRUPTION_INFO: Self = Self(0x4016);
+    pub const ENTRY_EXCEPTION_ERROR_CODE: Self = Self(0x4018);
     pub const SECONDARY_PROCESSOR_CONTROLS: Self = Self(0x401E);
     pub const VM_INSTRUCTION_ERROR: Self = Self(0x4400);
     pub const EXIT_REASON: Self = Self(0x4402);

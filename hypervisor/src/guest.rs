@@ -1,0 +1,381 @@
+//! Guests: bare-metal 64-bit ELF images (Multiboot2 modules) run as VMs, each in its own
+//! EPT over memory from the hypervisor's frames, and the handling of every VM exit.
+//!
+//! Guest-physical layout: page tables at 0x1000-0x3FFF (an identity map of the first GiB
+//! with 2 MiB user-accessible pages, so addresses past the guest's memory reach the EPT and
+//! fault there), the image at 1 MiB or above, the stack at the top of guest memory.
+//!
+//! A guest that misbehaves (touches memory or ports it was not given, triple-faults, or
+//! causes an exit the hypervisor does not handle) is stopped and reported; the hypervisor
+//! and other guests go on.
+
+use alloc::string::String;
+use core::fmt;
+
+use nk_abi::{Call, NameWords, Reply};
+use nk_caps::VmId;
+use nk_paging::{EptBuilder, EptPerms};
+
+use crate::memory::{self, HostPhysAddr, PAGE_SIZE};
+use crate::vmx::ept::FrameTables;
+use crate::vmx::vcpu::{Exit, GuestRegs, GuestStart, Vcpu, VcpuError};
+use crate::vmx::vmcs::ExitReason;
+use crate::vmx::{self, VmxError};
+
+/// Guest memory when the module's command line names none.
+pub const DEFAULT_GUEST_MEMORY: u64 = 4 << 20;
+/// The most memory a guest gets.
+pub const MAX_GUEST_MEMORY: u64 = 1 << 30;
+const PAGE_TABLES_GPA: u64 = 0x1000;
+const IMAGE_MIN_GPA: u64 = 0x10_0000;
+const CONSOLE_PORT: u16 = 0xE9;
+const CONSOLE_LINE_MAX: usize = 160;
+
+/// Why a guest could not be created.
+#[derive(Debug)]
+pub enum GuestError {
+    Image(nk_loader::LoadError),
+    Memory(&'static str),
+    Ept(nk_paging::EptError),
+    Vcpu(VcpuError),
+    Vmx(VmxError),
+}
+
+impl fmt::Display for GuestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GuestError::Image(e) => write!(f, "bad image: {e}"),
+            GuestError::Memory(e) => write!(f, "{e}"),
+            GuestError::Ept(e) => write!(f, "EPT: {e}"),
+            GuestError::Vcpu(e) => write!(f, "vCPU: {e}"),
+            GuestError::Vmx(e) => write!(f, "VMX: {e}"),
+        }
+    }
+}
+
+/// How a guest's run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestEnd {
+    /// It halted: a bare-metal guest's way of finishing.
+    Halted,
+    /// It was stopped for misbehaving.
+    Stopped(String),
+}
+
+/// Where hypercalls go: the null-Kernel's dispatch for this guest's kernel instance.
+pub trait HypercallSink {
+    /// Handles one call from `vm`.
+    fn hypercall(&mut self, vm: VmId, call: &Call) -> Reply;
+}
+
+/// A VM running a bare-metal guest.
+pub struct Guest {
+    vm: VmId,
+    name: String,
+    memory: HostPhysAddr,
+    memory_size: u64,
+    ept: Option<EptBuilder>,
+    vcpu: Option<Vcpu>,
+    console: String,
+    exits: u64,
+}
+
+impl fmt::Debug for Guest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Guest").field("vm", &self.vm).field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl Guest {
+    /// Loads `image` into fresh guest memory of `memory_size` bytes and prepares its vCPU
+    /// on this CPU. Nothing is left allocated on failure.
+    pub fn create(vm: VmId, name: &str, image: &[u8], memory_size: u64) -> Result<Self, GuestError> {
+        let parsed = nk_loader::parse(image, IMAGE_MIN_GPA, memory_size).map_err(GuestError::Image)?;
+        let pages = (memory_size / PAGE_SIZE) as usize;
+        let memory = memory::alloc_frames(pages).ok_or(GuestError::Memory("not enough free memory for the guest"))?;
+        let mut guest = Guest {
+            vm,
+            name: String::from(name),
+            memory,
+            memory_size,
+            ept: None,
+            vcpu: None,
+            console: String::new(),
+            exits: 0,
+        };
+        // SAFETY: the frames were just allocated for this guest and are identity-mapped.
+        unsafe { core::ptr::write_bytes(memory.as_u64() as *mut u8, 0, memory_size as usize) };
+        for segment in parsed.segments() {
+            let bytes = &image[segment.file_offset..segment.file_offset + segment.file_size];
+            guest.write(segment.gpa, bytes);
+        }
+        guest.write_u64(PAGE_TABLES_GPA, (PAGE_TABLES_GPA + 0x1000) | 0x7);
+        guest.write_u64(PAGE_TABLES_GPA + 0x1000, (PAGE_TABLES_GPA + 0x2000) | 0x7);
+        for i in 0..512u64 {
+            guest.write_u64(PAGE_TABLES_GPA + 0x2000 + i * 8, (i << 21) | 0x87);
+        }
+
+        let caps = vmx::capabilities();
+        let tables = &mut FrameTables;
+        let mut ept = EptBuilder::new(tables, caps.ept_2m, caps.ept_1g).map_err(GuestError::Ept)?;
+        let mapped = ept.map_range(tables, 0, memory.as_u64(), memory_size, EptPerms::RWX);
+        let eptp = ept.eptp(caps.ept_ad);
+        guest.ept = Some(ept);
+        mapped.map_err(GuestError::Ept)?;
+        let start =
+            GuestStart { eptp, vpid: vm.raw() as u16, cr3: PAGE_TABLES_GPA, rip: parsed.entry, rsp: memory_size };
+        let mut vcpu = Vcpu::new(&caps, &start).map_err(GuestError::Vcpu)?;
+        vcpu.regs = GuestRegs { rdi: u64::from(vm.raw()), rsi: memory_size, ..GuestRegs::default() };
+        guest.vcpu = Some(vcpu);
+        Ok(guest)
+    }
+
+    /// Returns the guest's VM id.
+    pub fn vm(&self) -> VmId {
+        self.vm
+    }
+
+    /// Returns how many exits the guest took.
+    pub fn exits(&self) -> u64 {
+        self.exits
+    }
+
+    fn write(&mut self, gpa: u64, bytes: &[u8]) {
+        let end = gpa.checked_add(bytes.len() as u64).expect("guest writes are bounded by the loader");
+        assert!(end <= self.memory_size, "guest write past its memory");
+        // SAFETY: the range lies in this guest's memory (checked above), which it owns,
+        // and the guest is not running.
+        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), (self.memory.as_u64() + gpa) as *mut u8, bytes.len()) };
+    }
+
+    fn write_u64(&mut self, gpa: u64, value: u64) {
+        self.write(gpa, &value.to_le_bytes());
+    }
+
+    /// Runs the guest until it halts or is stopped, sending its hypercalls to `sink`.
+    pub fn run(&mut self, sink: &mut dyn HypercallSink) -> GuestEnd {
+        loop {
+            let Some(vcpu) = self.vcpu.as_mut() else {
+                return GuestEnd::Stopped(String::from("no vCPU"));
+            };
+            let exit = match vcpu.run() {
+                Ok(exit) => exit,
+                Err(e) => return GuestEnd::Stopped(alloc::format!("VM entry failed: {e}")),
+            };
+            self.exits += 1;
+            match self.handle_exit(&exit, sink) {
+                Ok(None) => {}
+                Ok(Some(end)) => return end,
+                Err(e) => return GuestEnd::Stopped(alloc::format!("exit handling failed: {e}")),
+            }
+        }
+    }
+
+    /// Handles one exit; returns how the guest ended if it did.
+    fn handle_exit(&mut self, exit: &Exit, sink: &mut dyn HypercallSink) -> Result<Option<GuestEnd>, VcpuError> {
+        let vm = self.vm;
+        let vcpu = self.vcpu.as_mut().expect("run checked the vCPU");
+        let stop = |why: String| Ok(Some(GuestEnd::Stopped(why)));
+        match exit.reason {
+            ExitReason::VMCALL => {
+                let r = &vcpu.regs;
+                let call = Call {
+                    selector: r.rax,
+                    caps: [
+                        NameWords { low: r.rbx, high: r.rcx },
+                        NameWords { low: r.rdx, high: r.rsi },
+                        NameWords { low: r.rdi, high: r.r8 },
+                        NameWords { low: r.r9, high: r.r10 },
+                    ],
+                    args: [r.r11, r.r12, r.r13, r.r14, r.r15],
+                };
+                let reply = sink.hypercall(vm, &call);
+                let r = &mut vcpu.regs;
+                (r.rax, r.rbx, r.rcx) = (reply.status, reply.name.low, reply.name.high);
+                (r.rdx, r.rsi, r.rdi, r.r8) = (reply.results[0], reply.results[1], reply.results[2], reply.results[3]);
+                vcpu.skip_instruction(exit)?;
+            }
+            ExitReason::IO_INSTRUCTION => {
+                let q = exit.qualification;
+                let (size, is_in, string, port) = ((q & 7) + 1, q & 8 != 0, q & 16 != 0, (q >> 16) as u16);
+                if port != CONSOLE_PORT || size != 1 || is_in || string {
+                    return stop(alloc::format!(
+                        "touched I/O port {port:#x} ({}, {size} byte(s)) it was not granted",
+                        if is_in { "in" } else { "out" }
+                    ));
+                }
+                let byte = vcpu.regs.rax as u8;
+                vcpu.skip_instruction(exit)?;
+                self.console_byte(byte);
+            }
+            ExitReason::CPUID => {
+                emulate_cpuid(&mut vcpu.regs);
+                vcpu.skip_instruction(exit)?;
+            }
+            ExitReason::RDMSR | ExitReason::WRMSR => {
+                // MSRs are denied by default: the guest sees #GP(0), as on a CPU without
+                // the MSR (grants will come from capabilities).
+                vcpu.inject_exception(13, Some(0))?;
+            }
+            ExitReason::HLT => {
+                self.flush_console();
+                return Ok(Some(GuestEnd::Halted));
+            }
+            ExitReason::EPT_VIOLATION => {
+                let q = exit.qualification;
+                let access = if q & 4 != 0 {
+                    "execute"
+                } else if q & 2 != 0 {
+                    "write"
+                } else {
+                    "read"
+                };
+                self.flush_console();
+                return stop(alloc::format!(
+                    "{access} of guest-physical {:#x} outside its memory (EPT violation)",
+                    exit.guest_physical
+                ));
+            }
+            ExitReason::TRIPLE_FAULT => {
+                let rip = vcpu.rip().unwrap_or(0);
+                self.flush_console();
+                return stop(alloc::format!("triple fault (rip {rip:#x})"));
+            }
+            ExitReason::EXTERNAL_INTERRUPT | ExitReason::PREEMPTION_TIMER => {}
+            other => {
+                self.flush_console();
+                return stop(alloc::format!("unhandled VM exit, reason {}", other.0));
+            }
+        }
+        Ok(None)
+    }
+
+    fn console_byte(&mut self, byte: u8) {
+        match byte {
+            b'\n' => self.flush_console(),
+            b'\r' => {}
+            _ => {
+                let printable = if byte.is_ascii_graphic() || byte == b' ' { byte as char } else { '?' };
+                self.console.push(printable);
+                if self.console.len() >= CONSOLE_LINE_MAX {
+                    self.flush_console();
+                }
+            }
+        }
+    }
+
+    fn flush_console(&mut self) {
+        if !self.console.is_empty() {
+            log::info!(target: "guest", "vm{}/{}: {}", self.vm.raw(), self.name, self.console);
+            self.console.clear();
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.vcpu = None;
+        if let Some(ept) = self.ept.take() {
+            ept.destroy(&mut FrameTables);
+        }
+        memory::free_frames(self.memory, (self.memory_size / PAGE_SIZE) as usize);
+    }
+}
+
+/// The hypervisor's CPUID leaf range signature (leaf 0x40000000, EBX:ECX:EDX).
+const HYPERVISOR_SIGNATURE: &[u8; 12] = b"NullKernelHV";
+
+/// Answers CPUID for a guest: the host's values with VMX hidden and the hypervisor bit set
+/// in leaf 1, and the hypervisor's own leaf 0x40000000.
+fn emulate_cpuid(regs: &mut GuestRegs) {
+    let (leaf, subleaf) = (regs.rax as u32, regs.rcx as u32);
+    let (eax, ebx, ecx, edx) = if leaf == 0x4000_0000 {
+        let word = |i: usize| u32::from_le_bytes(HYPERVISOR_SIGNATURE[i..i + 4].try_into().expect("4 bytes"));
+        (0x4000_0000, word(0), word(4), word(8))
+    } else if (0x4000_0001..0x5000_0000).contains(&leaf) {
+        (0, 0, 0, 0)
+    } else {
+        let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+        let ecx = if leaf == 1 { (r.ecx & !(1 << 5)) | (1 << 31) } else { r.ecx };
+        (r.eax, r.ebx, ecx, r.edx)
+    };
+    (regs.rax, regs.rbx, regs.rcx, regs.rdx) = (u64::from(eax), u64::from(ebx), u64::from(ecx), u64::from(edx));
+}
+
+impl HypercallSink for nk_core::NullKernel {
+    fn hypercall(&mut self, vm: VmId, call: &Call) -> Reply {
+        self.dispatch(vm, call)
+    }
+}
+
+/// A guest image and how to run it, from a boot module and its command line
+/// (`<name> [mem=<size>[K|M|G]]`).
+#[derive(Debug)]
+pub struct GuestSpec<'a> {
+    pub name: &'a str,
+    pub image: &'a [u8],
+    pub memory: u64,
+}
+
+/// Reads a module command line: the first word names the guest; `mem=` sizes its memory
+/// (a multiple of 2 MiB, at most 1 GiB).
+pub fn parse_module_cmdline(cmdline: &str) -> Result<(&str, u64), String> {
+    let mut words = cmdline.split_ascii_whitespace();
+    let name = words.next().map(|path| path.rsplit('/').next().unwrap_or(path)).unwrap_or("guest");
+    let mut memory = DEFAULT_GUEST_MEMORY;
+    for word in words {
+        let Some(value) = word.strip_prefix("mem=") else {
+            return Err(alloc::format!("unknown module option '{word}' (known: mem=<size>, e.g. mem=8M)"));
+        };
+        let (digits, unit) = value.split_at(value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len()));
+        let shift = match unit {
+            "K" | "k" => 10,
+            "M" | "m" | "" => 20,
+            "G" | "g" => 30,
+            _ => return Err(alloc::format!("bad size '{value}' for mem=: write e.g. mem=8M")),
+        };
+        let size = digits.parse::<u64>().ok().and_then(|n| n.checked_shl(shift)).filter(|&n| n >> shift != 0);
+        match size {
+            Some(n) if n % (2 << 20) == 0 && n <= MAX_GUEST_MEMORY => memory = n,
+            _ => return Err(alloc::format!("bad size '{value}' for mem=: a multiple of 2M up to 1G, e.g. mem=8M")),
+        }
+    }
+    Ok((name, memory))
+}
+
+/// Runs every guest, one after the other on this CPU, each registered with the
+/// null-Kernel for its run and removed (its capabilities revoked) afterwards.
+pub fn run_all<'a>(specs: impl Iterator<Item = GuestSpec<'a>>, kernel: &mut nk_core::NullKernel) -> (usize, usize) {
+    let (mut halted, mut stopped) = (0, 0);
+    for (index, spec) in specs.enumerate() {
+        let vm = VmId::new(index as u32 + 1);
+        if let Err(e) = kernel.add_vm(vm, 4096) {
+            log::error!(target: "guest", "vm{}/{}: cannot register with the null-Kernel: {e:?}", vm.raw(), spec.name);
+            stopped += 1;
+            continue;
+        }
+        log::info!(target: "guest", "vm{}/{}: starting ({} KiB image, {} MiB memory)",
+            vm.raw(), spec.name, spec.image.len() / 1024, spec.memory >> 20);
+        match Guest::create(vm, spec.name, spec.image, spec.memory) {
+            Ok(mut guest) => match guest.run(kernel) {
+                GuestEnd::Halted => {
+                    halted += 1;
+                    log::info!(target: "guest", "vm{}/{}: halted after {} exits", vm.raw(), spec.name, guest.exits());
+                }
+                GuestEnd::Stopped(why) => {
+                    stopped += 1;
+                    log::warn!(target: "guest", "vm{}/{}: stopped: {why}", vm.raw(), spec.name);
+                }
+            },
+            Err(e) => {
+                stopped += 1;
+                log::error!(target: "guest", "vm{}/{}: not started: {e}", vm.raw(), spec.name);
+            }
+        }
+        match kernel.remove_vm(vm) {
+            Ok(dead) => log::debug!(target: "guest", "vm{}: {dead} capabilities revoked", vm.raw()),
+            Err(e) => log::error!(target: "guest", "vm{}: cannot remove from the null-Kernel: {e:?}", vm.raw()),
+        }
+    }
+    (halted, stopped)
+}
