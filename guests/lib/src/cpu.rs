@@ -2,7 +2,9 @@
 //!
 //! GDT: 0x08 kernel code, 0x10 kernel data, 0x18 user data, 0x20 user code, 0x28 TSS.
 //! `run_in_ring3(f)` enters ring 3 with `iretq`, runs `f` there, and comes back to ring 0
-//! through `int 0x80` (a DPL-3 gate), whose handler resumes the ring-0 caller.
+//! through `int 0x80` (a DPL-3 gate), whose handler resumes the ring-0 caller. Ring 3
+//! runs with IOPL 3 so it can write the console port (every port access still exits to
+//! the hypervisor, which decides).
 
 use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
@@ -64,7 +66,7 @@ nk_enter_ring3:
     mov [rip + nk_ring0_saved_rsp], rsp
     push {user_data}
     push rsi
-    push 0x2
+    push 0x3002
     push {user_code}
     push rdi
     iretq

@@ -10,6 +10,7 @@
 
 pub mod console;
 mod cpu;
+pub mod nk;
 
 pub use cpu::{current_ring, run_in_ring3};
 pub use nk_abi as abi;

@@ -1,0 +1,81 @@
+//! Typed wrappers of the null-Kernel's own operations and of AM calls.
+
+use nk_abi::{nk_op, Call, NameWords, Reply, Selector, Status, NULL_KERNEL_AM};
+
+/// A capability name held by this guest.
+pub type Cap = NameWords;
+
+/// Calls operation `op` of AM `am` with capability and plain arguments.
+pub fn call(am: u16, op: u32, caps: &[Cap], args: &[u64]) -> Reply {
+    let mut call = Call { selector: Selector::new(am, op).encode(), ..Call::default() };
+    for (slot, cap) in call.caps.iter_mut().zip(caps) {
+        *slot = *cap;
+    }
+    for (slot, arg) in call.args.iter_mut().zip(args) {
+        *slot = *arg;
+    }
+    nk_abi::hypercall(&call)
+}
+
+fn named(reply: Reply) -> Result<Cap, Status> {
+    if reply.status().is_ok() {
+        Ok(reply.name)
+    } else {
+        Err(reply.status())
+    }
+}
+
+fn counted(reply: Reply) -> Result<u64, Status> {
+    if reply.status().is_ok() {
+        Ok(reply.results[0])
+    } else {
+        Err(reply.status())
+    }
+}
+
+/// The empty round trip.
+pub fn null() -> Status {
+    call(NULL_KERNEL_AM, nk_op::NULL, &[], &[]).status()
+}
+
+/// Returns this guest's `index`-th initial capability and the AM it belongs to.
+pub fn initial(index: u64) -> Result<(Cap, u16), Status> {
+    let reply = call(NULL_KERNEL_AM, nk_op::INITIAL, &[], &[index]);
+    named(reply).map(|cap| (cap, reply.results[0] as u16))
+}
+
+/// Derives a capability with `mask` applied to `cap`'s rights.
+pub fn derive(cap: Cap, mask: u64) -> Result<Cap, Status> {
+    named(call(NULL_KERNEL_AM, nk_op::DERIVE, &[cap], &[mask]))
+}
+
+/// Delegates `cap` (masked) to VM `target`, bound to it or as a bearer capability.
+pub fn delegate(cap: Cap, target: u32, mask: u64, bearer: bool) -> Result<Cap, Status> {
+    named(call(NULL_KERNEL_AM, nk_op::DELEGATE, &[cap], &[mask, u64::from(target), u64::from(bearer)]))
+}
+
+/// Revokes `cap` and everything derived from it; returns how many died.
+pub fn revoke(cap: Cap) -> Result<u64, Status> {
+    counted(call(NULL_KERNEL_AM, nk_op::REVOKE, &[cap], &[]))
+}
+
+/// Deletes `cap`.
+pub fn delete(cap: Cap) -> Result<u64, Status> {
+    counted(call(NULL_KERNEL_AM, nk_op::DELETE, &[cap], &[]))
+}
+
+/// Returns (AM << 32 | kind, object id, rights, holder << 1 | bearer) of `cap`.
+pub fn inspect(cap: Cap) -> Result<[u64; 4], Status> {
+    let reply = call(NULL_KERNEL_AM, nk_op::INSPECT, &[cap], &[]);
+    if reply.status().is_ok() {
+        Ok(reply.results)
+    } else {
+        Err(reply.status())
+    }
+}
+
+/// Reads the time-stamp counter (in Bochs: emulated instructions retired).
+pub fn rdtsc() -> u64 {
+    // SAFETY: RDTSC only reads the time-stamp counter.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
