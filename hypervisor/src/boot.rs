@@ -17,7 +17,7 @@ pub struct Boot {
     pub rsdp_paddr: Option<u64>,
 }
 impl Boot {
-    pub fn guests(&self) -> impl Iterator<Item = crate::guest::GuestSpec<'static>> {
+    pub fn guests(&self) -> alloc::vec::Vec<crate::guest::GuestSpec> {
         let info = self.info;
         // SAFETY: shim only: the MBI is identity-mapped and GRUB-made.
         let total = unsafe { *(info as *const u32) } as u64;
@@ -37,12 +37,14 @@ impl Boot {
                 let cmd = core::str::from_utf8(cmd).unwrap_or("guest");
                 // SAFETY: shim only.
                 let image = unsafe { core::slice::from_raw_parts(start as *const u8, (end - start) as usize) };
-                let (name, memory) = crate::guest::parse_module_cmdline(cmd).unwrap_or(("guest", 4 << 20));
-                out.push(crate::guest::GuestSpec { name, image, memory });
+                match crate::guest::GuestSpec::from_cmdline(cmd, image) {
+                    Ok(spec) => out.push(spec),
+                    Err(e) => log::error!("module: {e}"),
+                }
             }
             at += (size as u64 + 7) & !7;
         }
-        out.into_iter()
+        out
     }
     pub fn diagnostics(&self) -> impl Iterator<Item = &'static str> {
         core::iter::empty()

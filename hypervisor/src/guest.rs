@@ -16,6 +16,7 @@ use nk_abi::{Call, NameWords, Reply};
 use nk_caps::VmId;
 use nk_paging::{EptBuilder, EptPerms};
 
+use crate::arch::xsave::{self, ExtendedState};
 use crate::memory::{self, HostPhysAddr, PAGE_SIZE};
 use crate::vmx::ept::FrameTables;
 use crate::vmx::vcpu::{Exit, GuestRegs, GuestStart, Vcpu, VcpuError};
@@ -27,6 +28,9 @@ pub const DEFAULT_GUEST_MEMORY: u64 = 4 << 20;
 /// The most memory a guest gets.
 pub const MAX_GUEST_MEMORY: u64 = 1 << 30;
 const PAGE_TABLES_GPA: u64 = 0x1000;
+/// Where the guest finds the words after `--` on its module command line.
+const ARGS_GPA: u64 = 0x4000;
+const ARGS_MAX: usize = 256;
 const IMAGE_MIN_GPA: u64 = 0x10_0000;
 const CONSOLE_PORT: u16 = 0xE9;
 const CONSOLE_LINE_MAX: usize = 160;
@@ -78,6 +82,8 @@ pub struct Guest {
     vcpu: Option<Vcpu>,
     console: String,
     exits: u64,
+    /// None where the CPU has no XSAVE (then only x87/SSE-free guests are safe to share).
+    xstate: Option<ExtendedState>,
 }
 
 impl fmt::Debug for Guest {
@@ -89,8 +95,13 @@ impl fmt::Debug for Guest {
 impl Guest {
     /// Loads `image` into fresh guest memory of `memory_size` bytes and prepares its vCPU
     /// on this CPU. Nothing is left allocated on failure.
-    pub fn create(vm: VmId, name: &str, image: &[u8], memory_size: u64) -> Result<Self, GuestError> {
+    pub fn create(vm: VmId, spec: &GuestSpec) -> Result<Self, GuestError> {
+        let (name, image, memory_size) = (spec.name.as_str(), spec.image, spec.memory);
         let parsed = nk_loader::parse(image, IMAGE_MIN_GPA, memory_size).map_err(GuestError::Image)?;
+        let xstate = match xsave::supported() {
+            true => Some(ExtendedState::new().ok_or(GuestError::Memory("no memory for the XSAVE area"))?),
+            false => None,
+        };
         let pages = (memory_size / PAGE_SIZE) as usize;
         let memory = memory::alloc_frames(pages).ok_or(GuestError::Memory("not enough free memory for the guest"))?;
         let mut guest = Guest {
@@ -102,6 +113,7 @@ impl Guest {
             vcpu: None,
             console: String::new(),
             exits: 0,
+            xstate,
         };
         // SAFETY: the frames were just allocated for this guest and are identity-mapped.
         unsafe { core::ptr::write_bytes(memory.as_u64() as *mut u8, 0, memory_size as usize) };
@@ -109,6 +121,8 @@ impl Guest {
             let bytes = &image[segment.file_offset..segment.file_offset + segment.file_size];
             guest.write(segment.gpa, bytes);
         }
+        let args = &spec.args.as_bytes()[..spec.args.len().min(ARGS_MAX)];
+        guest.write(ARGS_GPA, args);
         guest.write_u64(PAGE_TABLES_GPA, (PAGE_TABLES_GPA + 0x1000) | 0x7);
         guest.write_u64(PAGE_TABLES_GPA + 0x1000, (PAGE_TABLES_GPA + 0x2000) | 0x7);
         for i in 0..512u64 {
@@ -125,7 +139,13 @@ impl Guest {
         let start =
             GuestStart { eptp, vpid: vm.raw() as u16, cr3: PAGE_TABLES_GPA, rip: parsed.entry, rsp: memory_size };
         let mut vcpu = Vcpu::new(&caps, &start).map_err(GuestError::Vcpu)?;
-        vcpu.regs = GuestRegs { rdi: u64::from(vm.raw()), rsi: memory_size, ..GuestRegs::default() };
+        vcpu.regs = GuestRegs {
+            rdi: u64::from(vm.raw()),
+            rsi: memory_size,
+            rdx: ARGS_GPA,
+            rcx: args.len() as u64,
+            ..GuestRegs::default()
+        };
         guest.vcpu = Some(vcpu);
         Ok(guest)
     }
@@ -152,23 +172,51 @@ impl Guest {
         self.write(gpa, &value.to_le_bytes());
     }
 
-    /// Runs the guest until it halts or is stopped, sending its hypercalls to `sink`.
-    pub fn run(&mut self, sink: &mut dyn HypercallSink) -> GuestEnd {
-        loop {
-            let Some(vcpu) = self.vcpu.as_mut() else {
-                return GuestEnd::Stopped(String::from("no vCPU"));
-            };
+    /// Returns the guest's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs the guest for one time slice of `ticks` TSC ticks, sending its hypercalls to
+    /// `sink`. Returns how it ended, or None if its slice ran out.
+    pub fn run_slice(&mut self, sink: &mut dyn HypercallSink, ticks: u64, timer_rate: u8) -> Option<GuestEnd> {
+        let Some(vcpu) = self.vcpu.as_mut() else {
+            return Some(GuestEnd::Stopped(String::from("no vCPU")));
+        };
+        if let Err(e) = vcpu.activate().and_then(|()| vcpu.set_time_slice(ticks, timer_rate)) {
+            return Some(GuestEnd::Stopped(alloc::format!("cannot schedule its vCPU: {e}")));
+        }
+        if let Some(xstate) = &self.xstate {
+            xstate.restore();
+        }
+        // The timer is re-armed with the whole slice at every entry; the TSC bounds the
+        // slice of a guest that exits often.
+        let slice_start = crate::arch::rdtsc();
+        let end = loop {
+            if crate::arch::rdtsc().wrapping_sub(slice_start) >= ticks {
+                break None;
+            }
+            let vcpu = self.vcpu.as_mut().expect("checked above");
             let exit = match vcpu.run() {
                 Ok(exit) => exit,
-                Err(e) => return GuestEnd::Stopped(alloc::format!("VM entry failed: {e}")),
+                Err(e) => break Some(GuestEnd::Stopped(alloc::format!("VM entry failed: {e}"))),
             };
             self.exits += 1;
+            if exit.reason == ExitReason::PREEMPTION_TIMER {
+                break None;
+            }
             match self.handle_exit(&exit, sink) {
                 Ok(None) => {}
-                Ok(Some(end)) => return end,
-                Err(e) => return GuestEnd::Stopped(alloc::format!("exit handling failed: {e}")),
+                Ok(Some(end)) => break Some(end),
+                Err(e) => break Some(GuestEnd::Stopped(alloc::format!("exit handling failed: {e}"))),
             }
+        };
+        if let Some(xstate) = &mut self.xstate {
+            xstate.save();
+            // SAFETY: XCR0_RESET (x87 only) is always valid, and OSXSAVE is on.
+            unsafe { xsave::set_xcr0(xsave::XCR0_RESET) };
         }
+        end
     }
 
     /// Handles one exit; returns how the guest ended if it did.
@@ -209,8 +257,18 @@ impl Guest {
                 self.console_byte(byte);
             }
             ExitReason::CPUID => {
-                emulate_cpuid(&mut vcpu.regs);
+                let osxsave = vcpu.guest_cr4()? & (1 << 18) != 0;
+                emulate_cpuid(&mut vcpu.regs, osxsave);
                 vcpu.skip_instruction(exit)?;
+            }
+            ExitReason::XSETBV => {
+                let value = (vcpu.regs.rdx << 32) | (vcpu.regs.rax & 0xFFFF_FFFF);
+                if let (0, true, Some(xstate)) = (vcpu.regs.rcx as u32, xsave::valid_xcr0(value), &mut self.xstate) {
+                    xstate.set_guest_xcr0(value);
+                    vcpu.skip_instruction(exit)?;
+                } else {
+                    vcpu.inject_exception(13, Some(0))?;
+                }
             }
             ExitReason::RDMSR | ExitReason::WRMSR => {
                 // MSRs are denied by default: the guest sees #GP(0), as on a CPU without
@@ -241,7 +299,12 @@ impl Guest {
                 self.flush_console();
                 return stop(alloc::format!("triple fault (rip {rip:#x})"));
             }
-            ExitReason::EXTERNAL_INTERRUPT | ExitReason::PREEMPTION_TIMER => {}
+            ExitReason::EXTERNAL_INTERRUPT => {
+                // The interrupt is still pending in the local APIC: let the host take it
+                // (its handler acknowledges it), then go back to the guest.
+                // SAFETY: the host IDT handles every vector the APIC can deliver here.
+                unsafe { core::arch::asm!("sti", "nop", "cli", options(nomem, nostack)) };
+            }
             other => {
                 self.flush_console();
                 return stop(alloc::format!("unhandled VM exit, reason {}", other.0));
@@ -287,7 +350,7 @@ const HYPERVISOR_SIGNATURE: &[u8; 12] = b"NullKernelHV";
 
 /// Answers CPUID for a guest: the host's values with VMX hidden and the hypervisor bit set
 /// in leaf 1, and the hypervisor's own leaf 0x40000000.
-fn emulate_cpuid(regs: &mut GuestRegs) {
+fn emulate_cpuid(regs: &mut GuestRegs, guest_osxsave: bool) {
     let (leaf, subleaf) = (regs.rax as u32, regs.rcx as u32);
     let (eax, ebx, ecx, edx) = if leaf == 0x4000_0000 {
         let word = |i: usize| u32::from_le_bytes(HYPERVISOR_SIGNATURE[i..i + 4].try_into().expect("4 bytes"));
@@ -296,86 +359,76 @@ fn emulate_cpuid(regs: &mut GuestRegs) {
         (0, 0, 0, 0)
     } else {
         let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
-        let ecx = if leaf == 1 { (r.ecx & !(1 << 5)) | (1 << 31) } else { r.ecx };
+        let ecx = if leaf == 1 {
+            let osxsave = if guest_osxsave { 1 << 27 } else { 0 };
+            (r.ecx & !(1 << 5) & !(1 << 27)) | (1 << 31) | osxsave
+        } else {
+            r.ecx
+        };
         (r.eax, r.ebx, ecx, r.edx)
     };
     (regs.rax, regs.rbx, regs.rcx, regs.rdx) = (u64::from(eax), u64::from(ebx), u64::from(ecx), u64::from(edx));
 }
 
-impl HypercallSink for nk_core::NullKernel {
-    fn hypercall(&mut self, vm: VmId, call: &Call) -> Reply {
-        self.dispatch(vm, call)
-    }
-}
-
 /// A guest image and how to run it, from a boot module and its command line
-/// (`<name> [mem=<size>[K|M|G]]`).
-#[derive(Debug)]
-pub struct GuestSpec<'a> {
-    pub name: &'a str,
-    pub image: &'a [u8],
+/// (`<name> [mem=<size>] [cpu=<index>] [-- <guest arguments>]`).
+#[derive(Debug, Clone)]
+pub struct GuestSpec {
+    pub name: String,
+    pub image: &'static [u8],
     pub memory: u64,
+    /// The CPU to run on (None: the hypervisor chooses).
+    pub cpu: Option<usize>,
+    /// The words after `--`, handed to the guest.
+    pub args: String,
 }
 
-/// Reads a module command line: the first word names the guest; `mem=` sizes its memory
-/// (a multiple of 2 MiB, at most 1 GiB).
-pub fn parse_module_cmdline(cmdline: &str) -> Result<(&str, u64), String> {
-    let mut words = cmdline.split_ascii_whitespace();
-    let name = words.next().map(|path| path.rsplit('/').next().unwrap_or(path)).unwrap_or("guest");
-    let mut memory = DEFAULT_GUEST_MEMORY;
-    for word in words {
-        let Some(value) = word.strip_prefix("mem=") else {
-            return Err(alloc::format!("unknown module option '{word}' (known: mem=<size>, e.g. mem=8M)"));
+impl GuestSpec {
+    /// Reads a module command line: the first word names the guest; `mem=` sizes its
+    /// memory (a multiple of 2 MiB, at most 1 GiB), `cpu=` places it, and everything after
+    /// `--` goes to the guest.
+    pub fn from_cmdline(cmdline: &str, image: &'static [u8]) -> Result<Self, String> {
+        let (options, args) = match cmdline.split_once(" -- ") {
+            Some((options, args)) => (options, args.trim()),
+            None => (cmdline.strip_suffix(" --").unwrap_or(cmdline), ""),
         };
-        let (digits, unit) = value.split_at(value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len()));
-        let shift = match unit {
-            "K" | "k" => 10,
-            "M" | "m" | "" => 20,
-            "G" | "g" => 30,
-            _ => return Err(alloc::format!("bad size '{value}' for mem=: write e.g. mem=8M")),
+        let mut words = options.split_ascii_whitespace();
+        let name = words.next().map(|path| path.rsplit('/').next().unwrap_or(path)).unwrap_or("guest");
+        let mut spec = GuestSpec {
+            name: String::from(name),
+            image,
+            memory: DEFAULT_GUEST_MEMORY,
+            cpu: None,
+            args: String::from(args),
         };
-        let size = digits.parse::<u64>().ok().and_then(|n| n.checked_shl(shift)).filter(|&n| n >> shift != 0);
-        match size {
-            Some(n) if n % (2 << 20) == 0 && n <= MAX_GUEST_MEMORY => memory = n,
-            _ => return Err(alloc::format!("bad size '{value}' for mem=: a multiple of 2M up to 1G, e.g. mem=8M")),
-        }
-    }
-    Ok((name, memory))
-}
-
-/// Runs every guest, one after the other on this CPU, each registered with the
-/// null-Kernel for its run and removed (its capabilities revoked) afterwards.
-pub fn run_all<'a>(specs: impl Iterator<Item = GuestSpec<'a>>, kernel: &mut nk_core::NullKernel) -> (usize, usize) {
-    let (mut halted, mut stopped) = (0, 0);
-    for (index, spec) in specs.enumerate() {
-        let vm = VmId::new(index as u32 + 1);
-        if let Err(e) = kernel.add_vm(vm, 4096) {
-            log::error!(target: "guest", "vm{}/{}: cannot register with the null-Kernel: {e:?}", vm.raw(), spec.name);
-            stopped += 1;
-            continue;
-        }
-        log::info!(target: "guest", "vm{}/{}: starting ({} KiB image, {} MiB memory)",
-            vm.raw(), spec.name, spec.image.len() / 1024, spec.memory >> 20);
-        match Guest::create(vm, spec.name, spec.image, spec.memory) {
-            Ok(mut guest) => match guest.run(kernel) {
-                GuestEnd::Halted => {
-                    halted += 1;
-                    log::info!(target: "guest", "vm{}/{}: halted after {} exits", vm.raw(), spec.name, guest.exits());
-                }
-                GuestEnd::Stopped(why) => {
-                    stopped += 1;
-                    log::warn!(target: "guest", "vm{}/{}: stopped: {why}", vm.raw(), spec.name);
-                }
-            },
-            Err(e) => {
-                stopped += 1;
-                log::error!(target: "guest", "vm{}/{}: not started: {e}", vm.raw(), spec.name);
+        for word in words {
+            if let Some(value) = word.strip_prefix("mem=") {
+                spec.memory = parse_size(value)?;
+            } else if let Some(value) = word.strip_prefix("cpu=") {
+                let cpu = value
+                    .parse::<usize>()
+                    .map_err(|_| alloc::format!("bad value '{value}' for cpu=: write a CPU index, e.g. cpu=1"))?;
+                spec.cpu = Some(cpu);
+            } else {
+                return Err(alloc::format!(
+                    "unknown module option '{word}' (known: mem=<size>, cpu=<index>, -- <guest args>)"
+                ));
             }
         }
-        match kernel.remove_vm(vm) {
-            Ok(dead) => log::debug!(target: "guest", "vm{}: {dead} capabilities revoked", vm.raw()),
-            Err(e) => log::error!(target: "guest", "vm{}: cannot remove from the null-Kernel: {e:?}", vm.raw()),
-        }
+        Ok(spec)
     }
-    (halted, stopped)
+}
+
+fn parse_size(value: &str) -> Result<u64, String> {
+    let (digits, unit) = value.split_at(value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len()));
+    let shift = match unit {
+        "K" | "k" => 10,
+        "M" | "m" | "" => 20,
+        "G" | "g" => 30,
+        _ => return Err(alloc::format!("bad size '{value}' for mem=: write e.g. mem=8M")),
+    };
+    match digits.parse::<u64>().ok().and_then(|n| n.checked_shl(shift)).filter(|&n| n >> shift != 0) {
+        Some(n) if n % (2 << 20) == 0 && n <= MAX_GUEST_MEMORY => Ok(n),
+        _ => Err(alloc::format!("bad size '{value}' for mem=: a multiple of 2M up to 1G, e.g. mem=8M")),
+    }
 }

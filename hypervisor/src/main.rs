@@ -20,6 +20,7 @@ mod guest;
 mod memory;
 mod percpu;
 mod power;
+mod sched;
 #[cfg(feature = "test-harness")]
 mod selftest;
 mod smp;
@@ -92,13 +93,15 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
     let in_root = percpu::all().filter(|cpu| cpu.in_vmx_root()).count();
     log::info!(target: "nk", "boot complete, {in_root} of {attempted} CPUs online in VMX root");
 
-    let mut kernel = match null_kernel() {
-        Ok(kernel) => kernel,
+    match null_kernel() {
+        Ok(kernel) => {
+            sched::KERNEL.call_once(|| spin::Mutex::new(kernel));
+        }
         Err(why) => {
             log::error!(target: "nk", "cannot start the null-Kernel: {why}; stopping");
             power::shutdown(ExitStatus::Failure, "no null-Kernel");
         }
-    };
+    }
 
     #[cfg(feature = "test-harness")]
     let status = {
@@ -108,7 +111,7 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
     #[cfg(not(feature = "test-harness"))]
     let status = ExitStatus::Success;
 
-    let (halted, stopped) = guest::run_all(boot.guests(), &mut kernel);
+    let (halted, stopped) = sched::run_guests(boot.guests());
     log::info!(target: "nk", "guests finished: {halted} halted, {stopped} stopped");
     power::shutdown(status, "all guests finished")
 }

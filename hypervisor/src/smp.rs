@@ -54,6 +54,7 @@ pub fn init_bsp_early() {
     // the BSP's own static stacks.
     unsafe { gdt::load(gdt_ptr, tss_ptr, tops) };
     idt::load();
+    crate::arch::pic::remap_and_mask();
 }
 
 /// Enables the BSP's local APIC and VMX. Returns the VMX error if VMX is unusable.
@@ -62,6 +63,7 @@ pub fn init_bsp_vmx() -> Result<(), vmx::VmxError> {
     slot.set_apic_id(apic::init_local());
     let region = vmx::enable_on_this_cpu()?;
     slot.mark_vmx_root(region.as_u64());
+    crate::arch::xsave::enable_on_this_cpu();
     report_online(slot);
     Ok(())
 }
@@ -156,7 +158,9 @@ extern "C" fn nk_ap_main(index: u64) -> ! {
     match vmx::enable_on_this_cpu() {
         Ok(region) => {
             slot.mark_vmx_root(region.as_u64());
+            crate::arch::xsave::enable_on_this_cpu();
             report_online(slot);
+            crate::sched::ap_idle(index)
         }
         Err(why) => {
             log::error!(target: "smp", "cpu {} (apic id {}): VMX unusable: {}", index, slot.apic_id(), why);

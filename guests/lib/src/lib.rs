@@ -4,8 +4,10 @@
 //!
 //! The hypervisor enters `_start` in 64-bit mode, paging on (guest memory identity-mapped
 //! and user-accessible), RSP at the top of guest memory, RDI = the guest's VM id, RSI =
-//! its memory size. The guest crate defines `nk_guest_main(vm: u64, memory: u64)`; when it
-//! returns the guest halts, which ends it.
+//! its memory size, RDX:RCX = address and length of its arguments (the words after `--`
+//! on its module command line). The guest crate defines
+//! `#[unsafe(no_mangle)] fn nk_guest_main(boot: &nk_guest::BootArgs)`; when it returns the
+//! guest halts, which ends it.
 #![no_std]
 
 pub mod console;
@@ -27,10 +29,14 @@ _start:
     and rsp, -16
     push rdi
     push rsi
+    push rdx
+    push rcx
     call nk_guest_init
+    pop rcx
+    pop rdx
     pop rsi
     pop rdi
-    call nk_guest_main
+    call nk_guest_start
 2:  hlt
     jmp 2b
 "#
@@ -39,6 +45,38 @@ _start:
 #[unsafe(no_mangle)]
 extern "C" fn nk_guest_init() {
     cpu::init();
+}
+
+/// What the hypervisor tells a guest at start.
+#[derive(Debug, Clone, Copy)]
+pub struct BootArgs {
+    /// The guest's VM id (a principal of the null-Kernel).
+    pub vm: u64,
+    /// Bytes of guest-physical memory, from 0.
+    pub memory: u64,
+    /// The words after `--` on the guest's module command line.
+    pub args: &'static str,
+}
+
+unsafe extern "Rust" {
+    /// The guest program's main function.
+    fn nk_guest_main(boot: &BootArgs);
+}
+
+#[unsafe(no_mangle)]
+extern "C" fn nk_guest_start(vm: u64, memory: u64, args_addr: u64, args_len: u64) {
+    let len = args_len.min(256) as usize;
+    let in_memory = args_addr.checked_add(len as u64).is_some_and(|end| end <= memory);
+    let args = if in_memory && len > 0 {
+        // SAFETY: the hypervisor wrote `len` bytes at `args_addr` inside guest memory,
+        // which is identity-mapped and never written again.
+        let bytes = unsafe { core::slice::from_raw_parts(args_addr as *const u8, len) };
+        core::str::from_utf8(bytes).unwrap_or("")
+    } else {
+        ""
+    };
+    // SAFETY: every guest binary defines nk_guest_main with this signature.
+    unsafe { nk_guest_main(&BootArgs { vm, memory, args }) }
 }
 
 #[panic_handler]

@@ -259,12 +259,165 @@ fn benchmarks() {
     report("revoke_10_instructions", revoke_10);
 }
 
+/// Misbehaves as `mode` says; the hypervisor must stop this guest and nothing else.
+fn misbehave(mode: &str) {
+    println!("misbehaving: {mode}");
+    match mode {
+        // Past the guest's memory: an EPT violation.
+        "badmem" => {
+            // SAFETY: deliberately touches guest-physical memory the VM was not given.
+            let value = unsafe { core::ptr::read_volatile(0x80_0000 as *const u64) };
+            println!("GTEST FAILED badmem: read {value:#x} outside guest memory");
+        }
+        // A port it was not granted.
+        "badport" => {
+            // SAFETY: deliberately touches a port the VM was not granted.
+            unsafe { core::arch::asm!("out 0x80, al", in("al") 0u8) };
+            println!("GTEST FAILED badport: port write was allowed");
+        }
+        // No IDT, then a fault: a triple fault.
+        "triple" => {
+            // SAFETY: deliberately destroys this guest's IDT and faults.
+            unsafe {
+                let empty = [0u8; 10];
+                core::arch::asm!("lidt [{}]", "ud2", in(reg) empty.as_ptr());
+            }
+        }
+        _ => println!("GTEST FAILED misbehave: unknown mode '{mode}'"),
+    }
+}
+
+/// Does `rounds` rounds of counter work (each with hypercalls), long enough to span many
+/// time slices, and checks the result.
+fn survive(rounds: u64) {
+    let Ok((am, c)) = create_counter() else {
+        println!("GTEST FAILED survivor: no counter");
+        return;
+    };
+    for round in 1..=rounds {
+        nk::call(am, counter::ADD, &[c], &[1]);
+        if round % (rounds / 4).max(1) == 0 {
+            println!("survivor: round {round} of {rounds}");
+        }
+    }
+    match read(am, c) {
+        Ok((value, _)) if value == rounds => println!("GTEST ok survivor"),
+        other => println!("GTEST FAILED survivor: counter {:?}, expected {rounds}", other.ok()),
+    }
+}
+
+/// Fills XMM0-15 (YMM0-15 with AVX) with a pattern, lets many time slices pass (other
+/// guests on this CPU do the same with their own patterns), and checks every register:
+/// the hypervisor must switch the XSAVE state of guests that share a CPU.
+fn check_extended_state(seed: u64, rounds: u64) {
+    let avx = core::arch::x86_64::__cpuid(1).ecx & (1 << 28) != 0;
+    let xcr0: u64 = if avx { 0b111 } else { 0b11 };
+    // SAFETY: enables SSE/XSAVE in this guest's own CR4 and XCR0 (XSETBV exits to the
+    // hypervisor, which checks the value); nothing else in this guest uses SIMD state.
+    unsafe {
+        core::arch::asm!(
+            "mov {t}, cr4", "or {t}, {bits}", "mov cr4, {t}",
+            "xsetbv",
+            t = out(reg) _, bits = in(reg) (1u64 << 9) | (1 << 18),
+            in("ecx") 0, in("eax") xcr0 as u32, in("edx") 0,
+        );
+    }
+    let mut pattern = [0u64; 64];
+    for (i, word) in pattern.iter_mut().enumerate() {
+        *word = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(i as u64);
+    }
+    let mut back = [0u64; 64];
+    macro_rules! sixteen {
+        ($insn:literal, $reg:literal, $stride:literal, $ptr:expr) => {
+            // SAFETY: reads or writes 16 SIMD registers from or to `$ptr`, a 512-byte
+            // buffer; the compiler never uses SIMD registers in this soft-float guest.
+            unsafe {
+                core::arch::asm!(
+                    concat!($insn, " ", $reg, "0, [{p}]"), concat!($insn, " ", $reg, "1, [{p} + ", $stride, "*1]"),
+                    concat!($insn, " ", $reg, "2, [{p} + ", $stride, "*2]"), concat!($insn, " ", $reg, "3, [{p} + ", $stride, "*3]"),
+                    concat!($insn, " ", $reg, "4, [{p} + ", $stride, "*4]"), concat!($insn, " ", $reg, "5, [{p} + ", $stride, "*5]"),
+                    concat!($insn, " ", $reg, "6, [{p} + ", $stride, "*6]"), concat!($insn, " ", $reg, "7, [{p} + ", $stride, "*7]"),
+                    concat!($insn, " ", $reg, "8, [{p} + ", $stride, "*8]"), concat!($insn, " ", $reg, "9, [{p} + ", $stride, "*9]"),
+                    concat!($insn, " ", $reg, "10, [{p} + ", $stride, "*10]"), concat!($insn, " ", $reg, "11, [{p} + ", $stride, "*11]"),
+                    concat!($insn, " ", $reg, "12, [{p} + ", $stride, "*12]"), concat!($insn, " ", $reg, "13, [{p} + ", $stride, "*13]"),
+                    concat!($insn, " ", $reg, "14, [{p} + ", $stride, "*14]"), concat!($insn, " ", $reg, "15, [{p} + ", $stride, "*15]"),
+                    p = in(reg) $ptr,
+                );
+            }
+        };
+    }
+    macro_rules! sixteen_store {
+        ($insn:literal, $reg:literal, $stride:literal, $ptr:expr) => {
+            // SAFETY: as for `sixteen`.
+            unsafe {
+                core::arch::asm!(
+                    concat!($insn, " [{p}], ", $reg, "0"), concat!($insn, " [{p} + ", $stride, "*1], ", $reg, "1"),
+                    concat!($insn, " [{p} + ", $stride, "*2], ", $reg, "2"), concat!($insn, " [{p} + ", $stride, "*3], ", $reg, "3"),
+                    concat!($insn, " [{p} + ", $stride, "*4], ", $reg, "4"), concat!($insn, " [{p} + ", $stride, "*5], ", $reg, "5"),
+                    concat!($insn, " [{p} + ", $stride, "*6], ", $reg, "6"), concat!($insn, " [{p} + ", $stride, "*7], ", $reg, "7"),
+                    concat!($insn, " [{p} + ", $stride, "*8], ", $reg, "8"), concat!($insn, " [{p} + ", $stride, "*9], ", $reg, "9"),
+                    concat!($insn, " [{p} + ", $stride, "*10], ", $reg, "10"), concat!($insn, " [{p} + ", $stride, "*11], ", $reg, "11"),
+                    concat!($insn, " [{p} + ", $stride, "*12], ", $reg, "12"), concat!($insn, " [{p} + ", $stride, "*13], ", $reg, "13"),
+                    concat!($insn, " [{p} + ", $stride, "*14], ", $reg, "14"), concat!($insn, " [{p} + ", $stride, "*15], ", $reg, "15"),
+                    p = in(reg) $ptr,
+                );
+            }
+        };
+    }
+    if avx {
+        sixteen!("vmovdqu", "ymm", "32", pattern.as_ptr());
+    } else {
+        sixteen!("movdqu", "xmm", "16", pattern.as_ptr());
+    }
+    let mut spins = 0u64;
+    for _ in 0..rounds {
+        nk::null();
+        for _ in 0..200 {
+            spins = core::hint::black_box(spins + 1);
+        }
+    }
+    let words = if avx {
+        sixteen_store!("vmovdqu", "ymm", "32", back.as_mut_ptr());
+        64
+    } else {
+        sixteen_store!("movdqu", "xmm", "16", back.as_mut_ptr());
+        32
+    };
+    let kind = if avx { "ymm" } else { "xmm" };
+    match (0..words).find(|&i| back[i] != pattern[i]) {
+        None => println!("GTEST ok extended_state ({kind}0-15 kept over {rounds} rounds)"),
+        Some(i) => {
+            println!("GTEST FAILED extended_state: {kind} word {i} is {:#x}, expected {:#x}", back[i], pattern[i])
+        }
+    }
+}
+
 #[unsafe(no_mangle)]
-extern "C" fn nk_guest_main(vm: u64, memory: u64) {
-    println!("test guest on vm{vm}: {} KiB of memory, ring {}", memory / 1024, current_ring());
-    run_checks();
-    check_cpuid();
-    run_in_ring3(run_checks);
-    benchmarks();
+fn nk_guest_main(boot: &nk_guest::BootArgs) {
+    println!(
+        "test guest on vm{}: {} KiB of memory, ring {}, args '{}'",
+        boot.vm,
+        boot.memory / 1024,
+        current_ring(),
+        boot.args
+    );
+    let mut words = boot.args.split_ascii_whitespace();
+    match words.next() {
+        None | Some("checks") => {
+            run_checks();
+            check_cpuid();
+            run_in_ring3(run_checks);
+        }
+        Some("bench") => benchmarks(),
+        Some("survivor") => survive(words.next().and_then(|n| n.parse().ok()).unwrap_or(2000)),
+        Some("misbehave") => misbehave(words.next().unwrap_or("")),
+        Some("xstate") => {
+            let seed = words.next().and_then(|n| n.parse().ok()).unwrap_or(boot.vm);
+            check_extended_state(seed, words.next().and_then(|n| n.parse().ok()).unwrap_or(3000));
+        }
+        Some(other) => println!(
+            "GTEST FAILED args: unknown mode '{other}' (checks, bench, survivor N, misbehave MODE, xstate SEED ROUNDS)"
+        ),
+    }
     println!("GTEST done");
 }

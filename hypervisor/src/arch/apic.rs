@@ -10,6 +10,7 @@ const APIC_BASE_ADDRESS_MASK: u64 = 0x000F_FFFF_FFFF_F000;
 const APIC_GLOBAL_ENABLE: u64 = 1 << 11;
 
 const REG_ID: usize = 0x20;
+const REG_EOI: usize = 0xB0;
 const REG_SPURIOUS: usize = 0xF0;
 const REG_ICR_LOW: usize = 0x300;
 const REG_ICR_HIGH: usize = 0x310;
@@ -75,6 +76,16 @@ fn send_ipi(apic_id: u32, command: u32) -> bool {
     write(REG_ICR_HIGH, apic_id << 24);
     write(REG_ICR_LOW, command);
     wait_icr_idle()
+}
+
+/// Signals the end of the interrupt being handled.
+pub fn end_of_interrupt() {
+    write(REG_EOI, 0);
+}
+
+/// Wakes CPU `apic_id` from `hlt` with the wake-up IPI (fixed delivery).
+pub fn send_wakeup(apic_id: u32) -> bool {
+    send_ipi(apic_id, ICR_LEVEL_ASSERT | super::idt::vector::WAKEUP as u32)
 }
 
 /// Sends INIT, then two STARTUP IPIs for the real-mode code at `trampoline_page * 4096`.

@@ -19,6 +19,10 @@ pub mod vector {
     pub const NMI: u64 = 2;
     pub const DOUBLE_FAULT: u64 = 8;
     pub const MACHINE_CHECK: u64 = 18;
+    /// The IPI that wakes an idle CPU (arch::apic::send_wakeup).
+    pub const WAKEUP: u64 = 0xF0;
+    /// The local APIC's spurious-interrupt vector.
+    pub const SPURIOUS: u64 = 0xFF;
 }
 
 /// Mnemonics of the architectural exception vectors.
@@ -75,6 +79,8 @@ NK_EXC_NOERR 28
 NK_EXC_ERR 29
 NK_EXC_ERR 30
 NK_EXC_NOERR 31
+NK_EXC_NOERR 240
+NK_EXC_NOERR 255
 
 nk_exc_common:
     push rax
@@ -120,12 +126,18 @@ nk_exception_stubs:
 .irp vec, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
     .quad nk_exc_\vec
 .endr
+.global nk_interrupt_stubs
+nk_interrupt_stubs:
+    .quad nk_exc_240
+    .quad nk_exc_255
 "#
 );
 
 unsafe extern "C" {
     /// The 32 stub addresses, in vector order.
     static nk_exception_stubs: [u64; 32];
+    /// The stubs of the wake-up IPI and the spurious-interrupt vector.
+    static nk_interrupt_stubs: [u64; 2];
 }
 
 /// The frame `nk_exc_common` builds on the stack, lowest address first.
@@ -206,6 +218,15 @@ fn build() -> Idt {
         };
         idt.0[vector] = Gate::interrupt(stub, ist);
     }
+    // SAFETY: as above.
+    let [wakeup, spurious] = unsafe { nk_interrupt_stubs };
+    idt.0[vector::WAKEUP as usize] = Gate::interrupt(wakeup, 0);
+    idt.0[vector::SPURIOUS as usize] = Gate::interrupt(spurious, 0);
+    // Spurious IRQ 7 and 15 of the (remapped, masked) legacy PICs: ignored like the
+    // APIC's spurious vector.
+    for irq_vector in [super::pic::MASTER_BASE + 7, super::pic::SLAVE_BASE + 7] {
+        idt.0[usize::from(irq_vector)] = Gate::interrupt(spurious, 0);
+    }
     idt
 }
 
@@ -238,6 +259,11 @@ fn read_control_registers() -> [u64; 4] {
 /// Handles every exception taken in hypervisor code (called by `nk_exc_common`).
 #[unsafe(no_mangle)]
 extern "C" fn nk_exception(frame: &mut ExceptionFrame) {
+    match frame.vector {
+        vector::WAKEUP => return super::apic::end_of_interrupt(),
+        vector::SPURIOUS => return,
+        _ => {}
+    }
     if frame.vector == vector::BREAKPOINT {
         BREAKPOINTS.fetch_add(1, Ordering::SeqCst);
         log::debug!(target: "exception", "#BP at rip={:#x}, resuming", frame.rip);

@@ -6,8 +6,16 @@ mod cpu;
 mod entropy;
 pub mod gdt;
 pub mod idt;
+pub mod pic;
 pub mod pit;
 pub mod port;
+pub mod xsave;
 
 pub use cpu::cpu_summary;
 pub use entropy::HardwareEntropy;
+
+/// Reads the time-stamp counter (in Bochs: emulated instructions).
+pub fn rdtsc() -> u64 {
+    // SAFETY: RDTSC only reads the time-stamp counter.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}

@@ -120,6 +120,7 @@ unsafe extern "C" {
 mod want {
     pub const PIN_EXTERNAL_INTERRUPT: u32 = 1 << 0;
     pub const PIN_NMI: u32 = 1 << 3;
+    pub const PIN_PREEMPTION_TIMER: u32 = 1 << 6;
     pub const PROC_HLT: u32 = 1 << 7;
     pub const PROC_UNCONDITIONAL_IO: u32 = 1 << 24;
     pub const PROC_SECONDARY: u32 = 1 << 31;
@@ -231,7 +232,14 @@ impl Vcpu {
             if caps.true_controls { (0x48D, 0x48E, 0x48F, 0x490) } else { (0x481, 0x482, 0x483, 0x484) };
         let vpid = if caps.vpid { want::PROC2_VPID } else { 0 };
         let fields = [
-            (F::PIN_BASED_CONTROLS, adjust(pin, F::PIN_BASED_CONTROLS, want::PIN_EXTERNAL_INTERRUPT | want::PIN_NMI)?),
+            (
+                F::PIN_BASED_CONTROLS,
+                adjust(
+                    pin,
+                    F::PIN_BASED_CONTROLS,
+                    want::PIN_EXTERNAL_INTERRUPT | want::PIN_NMI | want::PIN_PREEMPTION_TIMER,
+                )?,
+            ),
             (
                 F::PRIMARY_PROCESSOR_CONTROLS,
                 adjust(
@@ -277,6 +285,8 @@ impl Vcpu {
                 vmcs::write(F::VPID, u64::from(start.vpid))?;
             }
             vmcs::write(F::VMCS_LINK_POINTER, u64::MAX)?;
+            // The longest slice until a scheduler arms a shorter one.
+            vmcs::write(F::GUEST_PREEMPTION_TIMER, u64::from(u32::MAX))?;
             // The guest sees CR4.VMXE clear; it may not change the bit.
             vmcs::write(F::CR4_GUEST_HOST_MASK, 1 << 13)?;
             vmcs::write(F::CR4_READ_SHADOW, 0)?;
@@ -426,6 +436,28 @@ impl Vcpu {
         // prescribes for emulated instructions (§28.2.5).
         unsafe { vmcs::write(F::GUEST_RIP, rip + exit.instruction_length)? };
         Ok(())
+    }
+
+    /// Makes this vCPU's VMCS the current one on this CPU (before running it after another
+    /// vCPU ran here).
+    pub fn activate(&self) -> Result<(), VcpuError> {
+        // SAFETY: the VMCS is this vCPU's, created on this CPU and never migrated.
+        unsafe { vmcs::load(self.vmcs.as_u64())? };
+        Ok(())
+    }
+
+    /// Arms the VMX-preemption timer: the guest exits after `ticks` TSC ticks (rounded
+    /// to the timer's rate, SDM Vol. 3 §26.5.1).
+    pub fn set_time_slice(&mut self, ticks: u64, rate: u8) -> Result<(), VcpuError> {
+        let value = (ticks >> rate).clamp(1, u64::from(u32::MAX));
+        // SAFETY: the timer value only bounds how long the guest runs.
+        unsafe { vmcs::write(F::GUEST_PREEMPTION_TIMER, value)? };
+        Ok(())
+    }
+
+    /// Returns the guest's CR4 (as the CPU holds it, not the read shadow).
+    pub fn guest_cr4(&self) -> Result<u64, VcpuError> {
+        Ok(vmcs::read(F::GUEST_CR4)?)
     }
 
     /// Makes the next VM entry deliver hardware exception `vector` with `error_code`

@@ -72,6 +72,7 @@ impl VmcsField {
     pub const GUEST_INTERRUPTIBILITY: Self = Self(0x4824);
     pub const GUEST_ACTIVITY_STATE: Self = Self(0x4826);
     pub const GUEST_SYSENTER_CS: Self = Self(0x482A);
+    pub const GUEST_PREEMPTION_TIMER: Self = Self(0x482E);
     pub const HOST_SYSENTER_CS: Self = Self(0x4C00);
     // Natural-width fields.
     pub const CR0_GUEST_HOST_MASK: Self = Self(0x6000);
