@@ -1,2 +1,165 @@
-//! The null-Kernel capability core (placeholder, being written).
+//! The null-Kernel's extensible capability core.
+//!
+//! The null-Kernel guards every operation of every *abstract machine* (AM) with
+//! capabilities, and attaches no meaning to them itself: AMs define their objects, the
+//! rights on them and which capabilities each of their operations needs (Litton's
+//! dissertation §5.2.1, "Extensibility"; DESIGN.md §2). This crate is that core: one
+//! [`CapTable`] per kernel instance, with no hardware and no `unsafe`, so the same code runs
+//! inside the hypervisor (`x86_64-unknown-none`) and under host tests.
+//!
+//! # The model
+//!
+//! * An **object** is `(AmId, ObjKind, ObjId)` ([`Object`]): the AM that implements it, a
+//!   kind that AM registered, and an id the AM chose.
+//! * **Rights** ([`Rights`]) are a 64-bit set; each kind names its bits when it is
+//!   registered ([`KindSpec`]).
+//! * A **capability** is an object and rights, a **holder** ([`Principal`]: a VM or an AM),
+//!   a [`Binding`] (*bound*: usable only by its holder; *bearer*: usable by whoever
+//!   presents its name) and a place in a **derivation tree**.
+//! * A capability is named by a sparse, unguessable 128-bit [`CapName`] from a ChaCha20
+//!   CSPRNG seeded through an [`EntropySource`] (RDSEED in the hypervisor, [`FixedSeed`] in
+//!   tests), seed §5.5.
+//!
+//! # Name layout
+//!
+//! Bits 127..112 hold the id of the kernel that owns the capability ([`CapName::kernel`]);
+//! bits 111..0 are random. A hypercall carries a name as two 64-bit words
+//! ([`CapName::from_words`]). The all-zero random part is never issued.
+//!
+//! # Operations
+//!
+//! * [`CapTable::mint`]: the AM that implements an object creates a root capability to it
+//!   (nobody else can).
+//! * [`CapTable::derive`]`(c, mask)`: a child of `c` for the caller, with `c`'s rights
+//!   masked.
+//! * [`CapTable::delegate`]`(c, target, mask, bound|bearer)`: a child of `c` held by
+//!   `target`.
+//! * [`CapTable::revoke`]`(c)`: `c` and, transitively, everything derived from it die
+//!   before the call returns; a [`RevocationHook`] tells the owning AMs each `(object,
+//!   rights)` that died (with its name and holder) so they undo its effects. The caller
+//!   must be able to use `c` or hold `c`'s parent.
+//! * [`CapTable::delete`]`(c)`: the holder gives `c` up; a live `c` is revoked first with its
+//!   subtree. Revoked capabilities stay known (presenting them says
+//!   [`ArgFault::Revoked`]) and count against their holder's quota until deleted.
+//! * [`CapTable::inspect`]`(c)`: the object, rights, holder and binding of `c`.
+//! * [`CapTable::check`]: the decode step of an AM operation (below).
+//! * [`CapTable::remove_vm`]: a destroyed or crashed VM's capabilities are revoked, with
+//!   their subtrees, and freed.
+//!
+//! A new capability is charged to the quota of the principal that will hold it (the
+//! target of a delegation), and the table has a global capacity.
+//!
+//! # How an AM uses it
+//!
+//! ```
+//! use nk_caps::*;
+//!
+//! let mut table = CapTable::new(KernelId::new(0), 1024, &mut FixedSeed::from_u64(7)).unwrap();
+//!
+//! // At registration: the AM, its kinds with their rights, its operations.
+//! let exo = AmId::new(1);
+//! table.register_am(exo, "exo", 256).unwrap();
+//! let frame = table
+//!     .register_kind(exo, KindSpec { name: "frame", rights: &["read", "write"] })
+//!     .unwrap();
+//! let write = table.registry().find_right(exo, frame, "write").unwrap();
+//! let map_rw = table
+//!     .register_op(exo, OpSpec { name: "map-rw", args: &[ArgSpec::new(frame, write)] })
+//!     .unwrap();
+//!
+//! // The AM mints a root for a frame it owns and delegates it to a guest.
+//! let vm = VmId::new(3);
+//! table.add_vm(vm, 64).unwrap();
+//! let all = table.registry().kind_rights(exo, frame).unwrap();
+//! let root = table
+//!     .mint(Principal::Am(exo), Object::new(exo, frame, ObjId::new(0x42)), all)
+//!     .unwrap();
+//! let guest_cap = table
+//!     .delegate(Principal::Am(exo), root, Principal::Vm(vm), Rights::ALL, Binding::Bound)
+//!     .unwrap();
+//!
+//! // A hypercall arrives: the core checks every argument before the handler runs, and the
+//! // handler sees only checked references to its own objects.
+//! let checked = table.check(Principal::Vm(vm), map_rw, &[guest_cap]).unwrap();
+//! assert_eq!(checked.args()[0].id(), ObjId::new(0x42));
+//!
+//! // The AM takes the frame back; its hook undoes the mapping.
+//! let mut unmapped = Vec::new();
+//! let mut unmap = |dead: &DeadCap| unmapped.push(dead.object);
+//! table.revoke(Principal::Am(exo), guest_cap, &mut unmap).unwrap();
+//! assert_eq!(unmapped.len(), 1);
+//! assert_eq!(
+//!     table.check(Principal::Vm(vm), map_rw, &[guest_cap]).unwrap_err(),
+//!     CheckError::Arg { index: 0, fault: ArgFault::Revoked },
+//! );
+//! ```
+//!
+//! # Invariants (DESIGN.md §2)
+//!
+//! 1. *No amplification*: a child's rights are a subset of its parent's (derive and
+//!    delegate only mask), and it refers to the same object.
+//! 2. *Complete, transitive revocation*: revoking `c` kills its whole subtree before
+//!    returning and reports every death to the hook. (Across kernels: a later protocol.)
+//! 3. *Unforgeable names*: only names this table issued resolve; revoked names fail with
+//!    `Revoked`, deleted and unissued ones with `UnknownName`; a bound name presented by
+//!    another principal fails with `WrongHolder` (before its state is revealed).
+//! 4. *Collusion bound*: capabilities are only minted by an object's AM or derived from a
+//!    usable capability, so principals together never hold more than the union of what
+//!    they were granted (seed §5.2.1).
+//! 5. *Handlers see only their own objects*: an operation's arguments can only name kinds
+//!    of the AM that exports it, and [`Checked`]/[`CheckedCap`] can only be made by
+//!    [`CapTable::check`].
+//! 6. *No corruption under concurrency*: a table is one kernel's, used by one CPU at a
+//!    time (`&mut self`); the distributed protocol will keep tables consistent by
+//!    messages, never by sharing a table.
+//!
+//! # Data structures
+//!
+//! Capabilities live in a slab of fixed-size nodes (72 bytes) reserved in full when the
+//! table is built. The derivation tree is intrusive: each node links to its parent, its
+//! first child and its two siblings by 32-bit slab index, and to its neighbours in its
+//! holder's list. Names are found through a fixed open-addressing index of 8-byte entries
+//! (slot and hash tag), at most half full, hashed by a keyed fold of the (random) name: a
+//! lookup touches one index entry and one node, and deletion leaves no tombstones, so the
+//! index never grows or rehashes. Nothing allocates after [`CapTable::new`] except the
+//! registration of AMs and principals. Revocation walks a subtree iteratively in constant
+//! memory, so a 100,000-deep chain revokes like a 100,000-wide fan, in time linear in the
+//! subtree (which the quotas of the principals that built it bound). Each principal has a
+//! quota and the table a capacity; exhausting either is an error, not a panic.
+//!
+//! # Room for the distributed protocol
+//!
+//! Each kernel owns one table ([`CapTable::new`] takes its [`KernelId`]), and every name
+//! says which kernel owns it, so a request for a name owned elsewhere can be routed there
+//! (today such a name is simply unknown here). When a delegation crosses kernels, the
+//! child will live in the target kernel's table and the parent's table will hold a *proxy*
+//! node in the parent's child list: a node in a new state, `Remote`, whose name is the
+//! remote child's name (its kernel bits say where it lives), with no object of its own.
+//! The revocation walk treats a proxy as a leaf that cannot be killed locally: it sends a
+//! revoke for the proxy's name to that kernel and marks the subtree `Revoking` until the
+//! acknowledgement returns, and the operation completes only when all acknowledgements
+//! (and the AMs' undo work) are in. Symmetrically, a child whose parent is remote holds a
+//! proxy as its parent link, so a local revoke of the child can tell the parent's kernel
+//! to unlink it. Because links are slab indices and proxies are ordinary nodes, none of the
+//! traversal, quota or index code changes shape; this crate implements only the local case.
+
 #![cfg_attr(not(test), no_std)]
+#![forbid(unsafe_code)]
+
+extern crate alloc;
+
+mod ids;
+mod name;
+mod registry;
+mod table;
+
+#[cfg(test)]
+mod tests;
+
+pub use ids::{AmId, Binding, KernelId, ObjId, ObjKind, Object, OpId, Principal, Rights, VmId};
+pub use name::{CapName, EntropySource, EntropyUnavailable, FixedSeed};
+pub use registry::{ArgSpec, KindSpec, OpSpec, RegisterError, Registry, MAX_CAP_ARGS, MAX_NAME_LEN};
+pub use table::{
+    ArgFault, CapError, CapInfo, CapTable, CheckError, Checked, CheckedCap, DeadCap, Footprint, NewTableError,
+    PrincipalError, RevocationHook, Usage,
+};

@@ -1,0 +1,185 @@
+//! Decode-then-invoke: the check of every capability argument of an AM operation before its
+//! handler runs (DESIGN.md §2 "AM operations", seL4's decode/invoke split), and the checked
+//! references that are all a handler ever receives.
+
+use super::node::State;
+use super::{CapTable, UseFault};
+use crate::ids::{AmId, ObjId, ObjKind, Object, OpId, Principal, Rights};
+use crate::name::CapName;
+use crate::registry::MAX_CAP_ARGS;
+
+/// Refers to one capability argument that passed its check: it names an object of the
+/// operation's own AM, of the kind the operation declared, with at least the rights it
+/// declared.
+///
+/// Only [`CapTable::check`] creates one (the fields are private and there is no public
+/// constructor), so holding one proves the check ran. It is neither `Clone` nor `Copy`: it
+/// is meant to be used by the handler it was checked for, within that call (AM calls run to
+/// completion, seed §5.3), not kept.
+///
+/// ```compile_fail
+/// # use nk_caps::*;
+/// // Code outside the core cannot make one up:
+/// let forged = CheckedCap { name: CapName::from_u128(1), object: todo!(), rights: Rights::ALL };
+/// ```
+#[derive(Debug, PartialEq, Eq)]
+pub struct CheckedCap {
+    name: CapName,
+    object: Object,
+    rights: Rights,
+}
+
+impl CheckedCap {
+    const UNUSED: CheckedCap = CheckedCap {
+        name: CapName::from_words(0, 0),
+        object: Object::new(AmId::new(0), ObjKind::new(0), ObjId::new(0)),
+        rights: Rights::NONE,
+    };
+
+    /// Returns the name that was presented, so an AM can key an effect by it and undo the
+    /// effect when the capability dies.
+    pub fn name(&self) -> CapName {
+        self.name
+    }
+
+    /// Returns the object the capability refers to.
+    pub fn object(&self) -> Object {
+        self.object
+    }
+
+    /// Returns the object's id (its AM and kind are the operation's and the argument's).
+    pub fn id(&self) -> ObjId {
+        self.object.id
+    }
+
+    /// Returns all the rights the capability carries (at least those the argument
+    /// required).
+    pub fn rights(&self) -> Rights {
+        self.rights
+    }
+}
+
+/// Carries the checked arguments of one invocation of an AM operation; like
+/// [`CheckedCap`], only [`CapTable::check`] makes one.
+#[derive(Debug)]
+pub struct Checked {
+    op: OpId,
+    caller: Principal,
+    args: [CheckedCap; MAX_CAP_ARGS],
+    arity: u8,
+}
+
+impl Checked {
+    /// Returns the operation that was checked.
+    pub fn op(&self) -> OpId {
+        self.op
+    }
+
+    /// Returns the AM whose handler must run: every argument names one of its objects.
+    pub fn am(&self) -> AmId {
+        self.op.am()
+    }
+
+    /// Returns the principal that invoked the operation.
+    pub fn caller(&self) -> Principal {
+        self.caller
+    }
+
+    /// Returns the checked arguments, in the operation's order.
+    pub fn args(&self) -> &[CheckedCap] {
+        &self.args[..usize::from(self.arity)]
+    }
+}
+
+/// Says why the capability arguments of an invocation were refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckError {
+    /// The AM or the operation is not registered.
+    UnknownOperation,
+    /// The invocation presented a different number of names than the operation takes.
+    WrongArgCount {
+        /// The number of capability arguments the operation takes.
+        expected: u8,
+        /// The number of names presented (saturated at 255).
+        presented: u8,
+    },
+    /// Argument `index` (from 0) failed; arguments before it passed.
+    Arg {
+        /// The argument's position.
+        index: u8,
+        /// Why it failed.
+        fault: ArgFault,
+    },
+}
+
+/// Says why one capability argument failed its check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArgFault {
+    /// No capability has this name (never issued, deleted, or owned by another kernel).
+    UnknownName,
+    /// The capability is bound to another principal.
+    WrongHolder,
+    /// The capability was revoked.
+    Revoked,
+    /// The capability refers to an object of another kind, or of another AM.
+    WrongKind,
+    /// The capability lacks some of the rights the argument requires.
+    MissingRights,
+}
+
+impl From<UseFault> for ArgFault {
+    fn from(fault: UseFault) -> Self {
+        match fault {
+            UseFault::UnknownName => ArgFault::UnknownName,
+            UseFault::WrongHolder => ArgFault::WrongHolder,
+            UseFault::Revoked => ArgFault::Revoked,
+        }
+    }
+}
+
+impl CapTable {
+    /// Checks the capability arguments `names` that `caller` presented to operation `op`
+    /// and returns references to them that the operation's handler may use.
+    ///
+    /// Every argument is resolved and checked, in order, before anything else happens: the
+    /// name must exist, be usable by `caller` (its holder, or a bearer capability), be live,
+    /// refer to an object of the kind the operation declared for that argument (a kind of
+    /// the operation's own AM) and carry at least the declared rights. The first failure is
+    /// reported with its argument's index. The check changes nothing.
+    #[inline]
+    pub fn check(&self, caller: Principal, op: OpId, names: &[CapName]) -> Result<Checked, CheckError> {
+        let specs = self.registry.op(op).ok_or(CheckError::UnknownOperation)?.args();
+        if names.len() != specs.len() {
+            return Err(CheckError::WrongArgCount {
+                // At most MAX_CAP_ARGS.
+                expected: specs.len() as u8,
+                presented: u8::try_from(names.len()).unwrap_or(u8::MAX),
+            });
+        }
+        let mut checked = Checked {
+            op,
+            caller,
+            args: [CheckedCap::UNUSED; MAX_CAP_ARGS],
+            // At most MAX_CAP_ARGS.
+            arity: specs.len() as u8,
+        };
+        for (index, (&name, spec)) in names.iter().zip(specs).enumerate() {
+            let fail = |fault: ArgFault| CheckError::Arg {
+                // At most MAX_CAP_ARGS.
+                index: index as u8,
+                fault,
+            };
+            let slot = self.resolve(caller, name).map_err(|fault| fail(fault.into()))?;
+            let node = &self.nodes[slot];
+            debug_assert_eq!(node.state, State::Live);
+            if node.am != op.am() || node.kind != spec.kind {
+                return Err(fail(ArgFault::WrongKind));
+            }
+            if !node.rights.contains(spec.rights) {
+                return Err(fail(ArgFault::MissingRights));
+            }
+            checked.args[index] = CheckedCap { name, object: node.object(), rights: node.rights };
+        }
+        Ok(checked)
+    }
+}

@@ -1,0 +1,596 @@
+//! One kernel's capability table: the slab of capability nodes, the name index, the
+//! principals with their quotas, and the capability operations.
+
+mod check;
+mod index;
+mod node;
+mod revoke;
+
+#[cfg(test)]
+mod audit;
+
+use core::fmt;
+use core::mem::size_of;
+
+use alloc::vec::Vec;
+
+use self::index::NameIndex;
+use self::node::{Link, Node, State};
+use crate::ids::{AmId, Binding, KernelId, ObjKind, Object, OpId, Principal, Rights, VmId};
+use crate::name::{CapName, EntropySource, NameSource};
+use crate::registry::{KindSpec, OpSpec, RegisterError, Registry};
+
+pub use self::check::{ArgFault, CheckError, Checked, CheckedCap};
+pub use self::revoke::{DeadCap, RevocationHook};
+
+#[cfg(test)]
+pub(crate) use self::audit::Peek;
+
+/// Holds the capabilities one kernel owns and performs every operation on them.
+///
+/// A table is built once per kernel instance ([`CapTable::new`]) with that kernel's id and
+/// a fixed capacity; all its memory is reserved then, so no capability operation allocates
+/// or grows anything, and each fails with an error rather than a panic when a quota or the
+/// capacity is exhausted.
+pub struct CapTable {
+    names: NameSource,
+    registry: Registry,
+    /// The slab: every capability is one fixed-size node, linked to others by index. It
+    /// holds `capacity` nodes from the start; the unused ones form the free list.
+    nodes: Vec<Node>,
+    /// The first node of the free list, threaded through `Node::next_sibling`.
+    free_head: Link,
+    /// The number of nodes in use (live or revoked).
+    in_use: u32,
+    /// The most nodes the table may use.
+    capacity: u32,
+    /// Maps each name in use to its slab index.
+    index: NameIndex,
+    /// The registered principals, sorted by principal: they are few (VMs and AMs), and
+    /// binary search over a vector needs no hashing and no allocation per look-up.
+    principals: Vec<PrincipalEntry>,
+}
+
+/// Holds a principal's quota and the head of the list of capabilities it holds.
+#[derive(Clone, Copy, Debug)]
+struct PrincipalEntry {
+    principal: Principal,
+    quota: u32,
+    held: u32,
+    held_head: Link,
+}
+
+/// Says why a table could not be built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NewTableError {
+    /// The entropy source produced no seed.
+    EntropyUnavailable,
+    /// The slab or the index could not be allocated.
+    OutOfMemory,
+}
+
+/// Says why a capability operation was refused. A refused operation changes nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CapError {
+    /// No capability has this name (never issued, deleted, or owned by another kernel).
+    UnknownName,
+    /// The caller may not use the capability for this operation: it is bound to another
+    /// principal, or (for delete) the caller is not its holder.
+    WrongHolder,
+    /// The capability was revoked.
+    Revoked,
+    /// Only the AM that implements an object may mint capabilities to it.
+    NotImplementer,
+    /// The object's AM is not registered.
+    UnknownAm,
+    /// The object's kind is not registered by its AM.
+    UnknownKind,
+    /// The rights include bits the object's kind does not name.
+    UndefinedRights,
+    /// The principal that would hold the new capability is not registered.
+    UnknownPrincipal,
+    /// The principal that would hold the new capability has used up its quota.
+    QuotaExceeded,
+    /// The table holds as many capabilities as its capacity allows.
+    TableFull,
+}
+
+/// Says why a principal could not be added, changed or removed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrincipalError {
+    /// The principal is registered already.
+    AlreadyRegistered,
+    /// The principal is not registered.
+    UnknownPrincipal,
+    /// Memory for the principal could not be allocated.
+    OutOfMemory,
+}
+
+/// Describes a live capability (the answer of [`CapTable::inspect`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CapInfo {
+    /// The object it refers to.
+    pub object: Object,
+    /// The rights it carries.
+    pub rights: Rights,
+    /// The principal that holds it.
+    pub holder: Principal,
+    /// Whether only the holder, or any presenter, may use it.
+    pub binding: Binding,
+}
+
+/// Tells how much of its quota a principal uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Usage {
+    /// The capabilities it holds, live or revoked and not yet deleted.
+    pub held: u32,
+    /// The most it may hold.
+    pub quota: u32,
+}
+
+/// Tells how much memory a table reserved, for the benchmark's bytes-per-capability figure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Footprint {
+    /// The size of one slab node.
+    pub node_bytes: usize,
+    /// The bytes reserved for the slab.
+    pub slab_bytes: usize,
+    /// The bytes reserved for the name index: 8-byte entries, a power of two at least
+    /// twice the capacity.
+    pub index_bytes: usize,
+    /// The number of capabilities the reservation holds.
+    pub capacity: u32,
+}
+
+/// Says why a presented name cannot be used, before any operation-specific check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum UseFault {
+    UnknownName,
+    WrongHolder,
+    Revoked,
+}
+
+impl From<UseFault> for CapError {
+    fn from(fault: UseFault) -> Self {
+        match fault {
+            UseFault::UnknownName => CapError::UnknownName,
+            UseFault::WrongHolder => CapError::WrongHolder,
+            UseFault::Revoked => CapError::Revoked,
+        }
+    }
+}
+
+/// Describes a new capability: everything but its name and its place in the slab.
+struct NewCap {
+    object: Object,
+    rights: Rights,
+    holder: Principal,
+    binding: Binding,
+    parent: Link,
+}
+
+impl CapTable {
+    /// Builds the table of kernel `kernel`, able to hold `capacity` capabilities, with its
+    /// name generator seeded from `entropy`. Reserves the slab and the index in full.
+    pub fn new(
+        kernel: KernelId,
+        capacity: u32,
+        entropy: &mut (impl EntropySource + ?Sized),
+    ) -> Result<Self, NewTableError> {
+        // Slab indices are 32-bit with `u32::MAX` meaning "no link", so every slot of a
+        // `u32` capacity has an index.
+        const _: () = assert!(Link::MAX_SLOT == u32::MAX - 1);
+        let names = NameSource::new(kernel, entropy).map_err(|_| NewTableError::EntropyUnavailable)?;
+        let capacity_slots = capacity as usize;
+        let mut nodes = Vec::new();
+        nodes.try_reserve_exact(capacity_slots).map_err(|_| NewTableError::OutOfMemory)?;
+        // Initialise every node now, as one free list in ascending order: no capability
+        // operation then touches fresh memory, and slots are handed out in address order.
+        nodes.extend((0..capacity_slots).map(|slot| {
+            let next = if slot + 1 < capacity_slots { Link::to(slot + 1) } else { Link::NIL };
+            Node::free(next)
+        }));
+        let index = NameIndex::with_capacity(capacity).map_err(|_| NewTableError::OutOfMemory)?;
+        Ok(Self {
+            names,
+            registry: Registry::default(),
+            nodes,
+            free_head: if capacity > 0 { Link::to(0) } else { Link::NIL },
+            in_use: 0,
+            capacity,
+            index,
+            principals: Vec::new(),
+        })
+    }
+
+    /// Returns the id of the kernel whose table this is.
+    pub fn kernel(&self) -> KernelId {
+        self.names.kernel()
+    }
+
+    /// Returns the most capabilities the table may hold.
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// Returns the number of capabilities the table holds, live or revoked.
+    pub fn len(&self) -> u32 {
+        self.in_use
+    }
+
+    /// Tells whether the table holds no capability.
+    pub fn is_empty(&self) -> bool {
+        self.in_use == 0
+    }
+
+    /// Returns the memory the table reserved for capabilities.
+    pub fn footprint(&self) -> Footprint {
+        Footprint {
+            node_bytes: size_of::<Node>(),
+            slab_bytes: self.nodes.capacity() * size_of::<Node>(),
+            index_bytes: self.index.bytes(),
+            capacity: self.capacity,
+        }
+    }
+
+    /// Returns the registry of AMs, kinds, rights and operations, for name look-ups.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Registration (seed §5.2.1 "Extensibility").
+    // ---------------------------------------------------------------------------------
+
+    /// Registers AM `am` under `name` and makes it a principal that may hold up to `quota`
+    /// capabilities (the roots it mints and whatever it is delegated).
+    pub fn register_am(&mut self, am: AmId, name: &str, quota: u32) -> Result<(), RegisterError> {
+        let principal = Principal::Am(am);
+        self.insert_principal(principal, quota).map_err(|error| match error {
+            PrincipalError::AlreadyRegistered => RegisterError::AmIdTaken,
+            // Inserting fails otherwise only when the principal list cannot grow.
+            PrincipalError::UnknownPrincipal | PrincipalError::OutOfMemory => RegisterError::OutOfMemory,
+        })?;
+        if let Err(error) = self.registry.register_am(am, name) {
+            let position = self.principal_position(principal).expect("the principal was just inserted");
+            self.principals.remove(position);
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    /// Registers an object kind of AM `am`, with the names of its rights (bit `i` is
+    /// `spec.rights[i]`), and returns the kind's number.
+    pub fn register_kind(&mut self, am: AmId, spec: KindSpec<'_>) -> Result<ObjKind, RegisterError> {
+        self.registry.register_kind(am, spec)
+    }
+
+    /// Adds rights to kind `kind` of AM `am` and returns their bits.
+    pub fn add_rights(&mut self, am: AmId, kind: ObjKind, names: &[&str]) -> Result<Rights, RegisterError> {
+        self.registry.add_rights(am, kind, names)
+    }
+
+    /// Registers an operation of AM `am` with the capability arguments it takes, and returns
+    /// its id. Its arguments can only name kinds of `am` itself.
+    pub fn register_op(&mut self, am: AmId, spec: OpSpec<'_>) -> Result<OpId, RegisterError> {
+        self.registry.register_op(am, spec)
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Principals and quotas.
+    // ---------------------------------------------------------------------------------
+
+    /// Registers VM `vm` as a principal that may hold up to `quota` capabilities.
+    pub fn add_vm(&mut self, vm: VmId, quota: u32) -> Result<(), PrincipalError> {
+        self.insert_principal(Principal::Vm(vm), quota)
+    }
+
+    /// Sets the quota of `principal`. A quota below what it holds blocks new capabilities
+    /// for it until it deletes enough; nothing it holds is taken away.
+    pub fn set_quota(&mut self, principal: Principal, quota: u32) -> Result<(), PrincipalError> {
+        let entry = self.principal_mut(principal).ok_or(PrincipalError::UnknownPrincipal)?;
+        entry.quota = quota;
+        Ok(())
+    }
+
+    /// Returns how much of its quota `principal` uses, if it is registered.
+    pub fn usage(&self, principal: Principal) -> Option<Usage> {
+        self.principal(principal).map(|entry| Usage { held: entry.held, quota: entry.quota })
+    }
+
+    /// Removes VM `vm` (it was destroyed or crashed): revokes every live capability it
+    /// holds, with their subtrees, frees all its capabilities, and forgets the VM. Returns
+    /// the number of capabilities revoked.
+    pub fn remove_vm<H>(&mut self, vm: VmId, hook: &mut H) -> Result<usize, PrincipalError>
+    where
+        H: RevocationHook + ?Sized,
+    {
+        let principal = Principal::Vm(vm);
+        let head = self.principal(principal).ok_or(PrincipalError::UnknownPrincipal)?.held_head;
+        // Revocation leaves the held list alone (revoked nodes stay on it), so the list can
+        // be walked while subtrees, which may contain the VM's other capabilities, die.
+        let mut revoked = 0;
+        let mut cursor = head;
+        while let Some(slot) = cursor.get() {
+            if self.nodes[slot].state == State::Live {
+                revoked += self.revoke_subtree(slot, hook);
+            }
+            cursor = self.nodes[slot].held_next;
+        }
+        hook.finished();
+        let mut cursor = head;
+        while let Some(slot) = cursor.get() {
+            cursor = self.nodes[slot].held_next;
+            self.release(slot);
+        }
+        let position = self.principal_position(principal).expect("the principal was found above");
+        self.principals.remove(position);
+        Ok(revoked)
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Capability operations (DESIGN.md §2).
+    // ---------------------------------------------------------------------------------
+
+    /// Creates a root capability to `object` with `rights`, held by `caller` and bound to
+    /// it. Only the AM that implements the object may mint: `caller` must be
+    /// `Principal::Am(object.am)`.
+    pub fn mint(&mut self, caller: Principal, object: Object, rights: Rights) -> Result<CapName, CapError> {
+        if caller != Principal::Am(object.am) {
+            return Err(CapError::NotImplementer);
+        }
+        if !self.registry.has_am(object.am) {
+            return Err(CapError::UnknownAm);
+        }
+        let kind = self.registry.kind(object.am, object.kind).ok_or(CapError::UnknownKind)?;
+        if !kind.defined_rights().contains(rights) {
+            return Err(CapError::UndefinedRights);
+        }
+        self.create(NewCap { object, rights, holder: caller, binding: Binding::Bound, parent: Link::NIL })
+    }
+
+    /// Creates a child of capability `name` holding only the rights in `mask`, held by
+    /// `caller` with the same binding. Rights outside the parent's are dropped, never
+    /// added (invariant 1).
+    pub fn derive(&mut self, caller: Principal, name: CapName, mask: Rights) -> Result<CapName, CapError> {
+        let parent = self.resolve(caller, name)?;
+        let binding = self.nodes[parent].binding;
+        self.create_child(parent, caller, mask, binding)
+    }
+
+    /// Creates a child of capability `name` holding only the rights in `mask`, held by
+    /// `target`, bound to it or a bearer capability as `binding` says. The new capability
+    /// is charged to `target`'s quota.
+    pub fn delegate(
+        &mut self,
+        caller: Principal,
+        name: CapName,
+        target: Principal,
+        mask: Rights,
+        binding: Binding,
+    ) -> Result<CapName, CapError> {
+        let parent = self.resolve(caller, name)?;
+        self.create_child(parent, target, mask, binding)
+    }
+
+    /// Revokes capability `name` and, transitively, every capability derived from it: all
+    /// are unusable when this returns, and `hook` has been told of each so their AMs undo
+    /// what they enabled. Returns how many died.
+    ///
+    /// The caller must be able to use the capability, or hold its parent (so a principal
+    /// can take back what it delegated). Revoked capabilities stay known, and charged to
+    /// their holders, until their holders delete them.
+    pub fn revoke<H>(&mut self, caller: Principal, name: CapName, hook: &mut H) -> Result<usize, CapError>
+    where
+        H: RevocationHook + ?Sized,
+    {
+        let slot = self.lookup(name).ok_or(CapError::UnknownName)?;
+        let node = &self.nodes[slot];
+        let holds_parent = node.parent.get().is_some_and(|parent| self.nodes[parent].holder == caller);
+        if !node.usable_by(caller) && !holds_parent {
+            return Err(CapError::WrongHolder);
+        }
+        if node.state == State::Revoked {
+            return Err(CapError::Revoked);
+        }
+        let revoked = self.revoke_subtree(slot, hook);
+        hook.finished();
+        Ok(revoked)
+    }
+
+    /// Deletes capability `name` from its holder, who must be `caller`: a live capability is
+    /// revoked first with its subtree (nothing derived from a deleted capability outlives
+    /// it), then its slot and quota are given back. Returns how many capabilities died
+    /// (0 when deleting one that was revoked already).
+    pub fn delete<H>(&mut self, caller: Principal, name: CapName, hook: &mut H) -> Result<usize, CapError>
+    where
+        H: RevocationHook + ?Sized,
+    {
+        let slot = self.lookup(name).ok_or(CapError::UnknownName)?;
+        if self.nodes[slot].holder != caller {
+            return Err(CapError::WrongHolder);
+        }
+        let revoked = match self.nodes[slot].state {
+            State::Live => {
+                let revoked = self.revoke_subtree(slot, hook);
+                hook.finished();
+                revoked
+            }
+            State::Revoked => 0,
+            State::Free => unreachable!("the index holds no free node"),
+        };
+        self.free(slot);
+        Ok(revoked)
+    }
+
+    /// Describes capability `name` to a caller that may use it.
+    pub fn inspect(&self, caller: Principal, name: CapName) -> Result<CapInfo, CapError> {
+        let node = &self.nodes[self.resolve(caller, name)?];
+        Ok(CapInfo { object: node.object(), rights: node.rights, holder: node.holder, binding: node.binding })
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Internals.
+    // ---------------------------------------------------------------------------------
+
+    /// Finds the slab index of `name`, live or revoked.
+    #[inline]
+    fn lookup(&self, name: CapName) -> Option<usize> {
+        if name.kernel() != self.names.kernel() {
+            return None;
+        }
+        self.index.find(self.names.hash(name), |slot| self.nodes[slot].name == name)
+    }
+
+    /// Finds the live capability `name` on behalf of `caller`. The holder is checked before
+    /// the state, so a principal cannot learn that someone else's bound capability died.
+    #[inline]
+    fn resolve(&self, caller: Principal, name: CapName) -> Result<usize, UseFault> {
+        let slot = self.lookup(name).ok_or(UseFault::UnknownName)?;
+        let node = &self.nodes[slot];
+        if !node.usable_by(caller) {
+            return Err(UseFault::WrongHolder);
+        }
+        if node.state != State::Live {
+            return Err(UseFault::Revoked);
+        }
+        Ok(slot)
+    }
+
+    /// Creates a child of the live capability in `parent`.
+    fn create_child(
+        &mut self,
+        parent: usize,
+        holder: Principal,
+        mask: Rights,
+        binding: Binding,
+    ) -> Result<CapName, CapError> {
+        let parent_node = &self.nodes[parent];
+        self.create(NewCap {
+            object: parent_node.object(),
+            rights: parent_node.rights & mask,
+            holder,
+            binding,
+            parent: Link::to(parent),
+        })
+    }
+
+    /// Creates a capability: charges its holder's quota, takes a slab node, draws a fresh
+    /// name, and links the node into the tree, the holder's list and the index.
+    fn create(&mut self, new: NewCap) -> Result<CapName, CapError> {
+        let holder = self.principal(new.holder).ok_or(CapError::UnknownPrincipal)?;
+        if holder.held >= holder.quota {
+            return Err(CapError::QuotaExceeded);
+        }
+        if self.in_use >= self.capacity {
+            return Err(CapError::TableFull);
+        }
+        let held_next = holder.held_head;
+
+        // Nothing below can fail: the slab and the index were sized for `capacity` nodes.
+        let (index, nodes) = (&self.index, &self.nodes);
+        let (name, hash) =
+            self.names.fresh(|candidate, hash| index.find(hash, |slot| nodes[slot].name == candidate).is_some());
+        let slot = self.allocate_slot();
+        let first_sibling = new.parent.get().map_or(Link::NIL, |p| self.nodes[p].first_child);
+        self.nodes[slot] = Node {
+            name,
+            rights: new.rights,
+            object_id: new.object.id,
+            holder: new.holder,
+            am: new.object.am,
+            kind: new.object.kind,
+            state: State::Live,
+            binding: new.binding,
+            parent: new.parent,
+            first_child: Link::NIL,
+            next_sibling: first_sibling,
+            prev_sibling: Link::NIL,
+            held_prev: Link::NIL,
+            held_next,
+        };
+        if let Some(parent) = new.parent.get() {
+            self.nodes[parent].first_child = Link::to(slot);
+        }
+        if let Some(sibling) = first_sibling.get() {
+            self.nodes[sibling].prev_sibling = Link::to(slot);
+        }
+        if let Some(next) = held_next.get() {
+            self.nodes[next].held_prev = Link::to(slot);
+        }
+        let entry = self.principal_mut(new.holder).expect("the holder was found above");
+        entry.held_head = Link::to(slot);
+        entry.held += 1;
+
+        self.index.insert(hash, slot);
+        Ok(name)
+    }
+
+    /// Takes a node from the free list; the caller checked that the table is not full.
+    fn allocate_slot(&mut self) -> usize {
+        let slot = self.free_head.get().expect("a table below its capacity has a free node");
+        self.free_head = self.nodes[slot].next_sibling;
+        self.in_use += 1;
+        slot
+    }
+
+    /// Frees a node that left the tree: takes it off its holder's list, gives back the
+    /// quota and releases it.
+    fn free(&mut self, slot: usize) {
+        let Node { holder, held_prev, held_next, .. } = self.nodes[slot];
+        if let Some(next) = held_next.get() {
+            self.nodes[next].held_prev = held_prev;
+        }
+        let entry = self.principal_mut(holder).expect("every node's holder is registered");
+        entry.held -= 1;
+        match held_prev.get() {
+            Some(prev) => self.nodes[prev].held_next = held_next,
+            None => entry.held_head = held_next,
+        }
+        self.release(slot);
+    }
+
+    /// Removes a node that left the tree from the index and puts it on the free list,
+    /// leaving its holder's list and quota to the caller.
+    fn release(&mut self, slot: usize) {
+        debug_assert_ne!(self.nodes[slot].state, State::Live);
+        self.index.remove(self.names.hash(self.nodes[slot].name), slot);
+        self.nodes[slot] = Node::free(self.free_head);
+        self.free_head = Link::to(slot);
+        self.in_use -= 1;
+    }
+
+    /// Finds where `principal` is in the sorted list of principals.
+    fn principal_position(&self, principal: Principal) -> Result<usize, usize> {
+        self.principals.binary_search_by_key(&principal, |entry| entry.principal)
+    }
+
+    fn principal(&self, principal: Principal) -> Option<&PrincipalEntry> {
+        self.principal_position(principal).ok().map(|position| &self.principals[position])
+    }
+
+    fn principal_mut(&mut self, principal: Principal) -> Option<&mut PrincipalEntry> {
+        self.principal_position(principal).ok().map(|position| &mut self.principals[position])
+    }
+
+    /// Registers a principal that is not registered yet.
+    fn insert_principal(&mut self, principal: Principal, quota: u32) -> Result<(), PrincipalError> {
+        let Err(position) = self.principal_position(principal) else {
+            return Err(PrincipalError::AlreadyRegistered);
+        };
+        self.principals.try_reserve(1).map_err(|_| PrincipalError::OutOfMemory)?;
+        self.principals.insert(position, PrincipalEntry { principal, quota, held: 0, held_head: Link::NIL });
+        Ok(())
+    }
+}
+
+impl fmt::Debug for CapTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CapTable")
+            .field("kernel", &self.kernel())
+            .field("in_use", &self.in_use)
+            .field("capacity", &self.capacity)
+            .field("principals", &self.principals.len())
+            .finish_non_exhaustive()
+    }
+}
