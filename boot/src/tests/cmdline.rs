@@ -1,0 +1,162 @@
+//! Command-line options and every diagnostic.
+
+use crate::cmdline::{parse, Diagnostic, LogLevel, Options, MAX_DIAGNOSTICS};
+
+fn lines(cmdline: &str) -> Vec<String> {
+    parse(cmdline).diagnostics().map(|d| d.to_string()).collect()
+}
+
+#[test]
+fn empty_command_line_gives_defaults() {
+    for cmdline in ["", "   ", "\t\n"] {
+        let parsed = parse(cmdline);
+        assert_eq!(parsed.options, Options { log: LogLevel::Info, cpus: None, test: None });
+        assert!(parsed.is_clean());
+    }
+}
+
+#[test]
+fn known_options_are_applied() {
+    let parsed = parse("log=trace cpus=4 test=vmx_*,ept-1");
+    assert_eq!(parsed.options, Options { log: LogLevel::Trace, cpus: Some(4), test: Some("vmx_*,ept-1") });
+    assert!(parsed.is_clean());
+    for level in LogLevel::ALL {
+        assert_eq!(parse(&format!("log={level}")).options.log, level);
+    }
+    assert_eq!(parse("cpus=1").options.cpus, Some(1));
+    assert_eq!(parse("cpus=256").options.cpus, Some(256));
+    assert_eq!(parse("cpus=004").options.cpus, Some(4));
+}
+
+#[test]
+fn extra_whitespace_is_ignored() {
+    let parsed = parse("  \tlog=debug \n\n  cpus=2\t ");
+    assert_eq!(parsed.options, Options { log: LogLevel::Debug, cpus: Some(2), test: None });
+    assert!(parsed.is_clean());
+}
+
+#[test]
+fn leading_image_path_is_skipped() {
+    let parsed = parse("/boot/nk.elf cpus=3");
+    assert_eq!(parsed.options.cpus, Some(3));
+    assert!(parsed.is_clean());
+    // Only in first position.
+    assert_eq!(lines("cpus=3 /boot/nk.elf"), ["unknown option '/boot/nk.elf' (known: log, cpus, test)"]);
+}
+
+#[test]
+fn unknown_option_lists_the_known_ones() {
+    assert_eq!(lines("bogus"), ["unknown option 'bogus' (known: log, cpus, test)"]);
+    assert_eq!(
+        lines("bogus=1 LOG=info =x"),
+        [
+            "unknown option 'bogus' (known: log, cpus, test)",
+            "unknown option 'LOG' (known: log, cpus, test)",
+            "unknown option '' (known: log, cpus, test)",
+        ]
+    );
+}
+
+#[test]
+fn bad_cpus_values_keep_the_default() {
+    for value in ["abc", "0", "257", "-1", "+4", " ", "", "4k", "99999999999999999999", "0x10"] {
+        let cmdline = format!("cpus={value}");
+        let parsed = parse(&cmdline);
+        if value == " " {
+            // "cpus= " splits into "cpus=" with an empty value.
+            assert_eq!(parsed.diagnostics().count(), 1);
+            continue;
+        }
+        assert_eq!(parsed.options.cpus, None, "{value}");
+        assert_eq!(
+            parsed.diagnostics().map(|d| d.to_string()).collect::<Vec<_>>(),
+            [format!("bad value '{value}' for 'cpus': expected a number from 1 to 256, e.g. cpus=4")]
+        );
+    }
+}
+
+#[test]
+fn bad_log_value_keeps_the_default() {
+    let parsed = parse("log=loud");
+    assert_eq!(parsed.options.log, LogLevel::Info);
+    assert_eq!(
+        lines("log=loud"),
+        ["bad value 'loud' for 'log': expected one of error, warn, info, debug, trace, e.g. log=debug"]
+    );
+    assert_eq!(parse("log=DEBUG").options.log, LogLevel::Info);
+}
+
+#[test]
+fn bad_test_filter_is_refused() {
+    for value in ["", "Vmx", "a b", "vmx.ept", "é"] {
+        let cmdline = format!("test={value}");
+        let parsed = parse(&cmdline);
+        if value.contains(' ') {
+            continue;
+        }
+        assert_eq!(parsed.options.test, None, "{value}");
+        assert_eq!(
+            parsed.diagnostics().map(|d| d.to_string()).collect::<Vec<_>>(),
+            [format!(
+                "bad value '{value}' for 'test': expected a filter of a-z, 0-9, '_', '*', ',' and '-', e.g. test=vmx_*"
+            )]
+        );
+    }
+}
+
+#[test]
+fn bare_key_of_a_valued_option_is_missing_its_value() {
+    let parsed = parse("cpus log");
+    assert_eq!(parsed.options, Options::default());
+    assert_eq!(
+        lines("cpus log"),
+        [
+            "missing value for 'cpus': expected a number from 1 to 256, e.g. cpus=4",
+            "missing value for 'log': expected one of error, warn, info, debug, trace, e.g. log=debug",
+        ]
+    );
+}
+
+#[test]
+fn value_may_contain_equals_signs() {
+    assert_eq!(
+        lines("log=info=debug"),
+        ["bad value 'info=debug' for 'log': expected one of error, warn, info, debug, trace, e.g. log=debug",]
+    );
+}
+
+#[test]
+fn repeated_option_warns_and_the_last_valid_one_wins() {
+    let parsed = parse("log=info cpus=2 log=trace");
+    assert_eq!(parsed.options.log, LogLevel::Trace);
+    assert_eq!(parsed.options.cpus, Some(2));
+    let diagnostics: Vec<Diagnostic<'_>> = parsed.diagnostics().collect();
+    assert_eq!(diagnostics, [Diagnostic::Repeated { option: "log", previous: "log=info", current: "log=trace" }]);
+    assert_eq!(
+        diagnostics[0].to_string(),
+        "option 'log' given more than once ('log=info', then 'log=trace'): the last valid one wins"
+    );
+    // A bad repeat keeps the earlier valid value.
+    let parsed = parse("cpus=2 cpus=zero");
+    assert_eq!(parsed.options.cpus, Some(2));
+    assert_eq!(parsed.diagnostics().count(), 2);
+}
+
+#[test]
+fn diagnostics_beyond_the_capacity_are_counted() {
+    let cmdline = "a b c d e f g h i j k";
+    let parsed = parse(cmdline);
+    let diagnostics: Vec<Diagnostic<'_>> = parsed.diagnostics().collect();
+    assert_eq!(diagnostics.len(), MAX_DIAGNOSTICS + 1);
+    assert_eq!(diagnostics[MAX_DIAGNOSTICS], Diagnostic::Suppressed { count: 3 });
+    assert_eq!(diagnostics[MAX_DIAGNOSTICS].to_string(), "3 more diagnostics not shown");
+    assert!(!parsed.is_clean());
+}
+
+#[test]
+fn options_borrow_from_the_command_line() {
+    let cmdline = String::from("test=caps_*");
+    let parsed = parse(&cmdline);
+    let filter = parsed.options.test.unwrap();
+    assert!(std::ptr::eq(filter.as_ptr(), cmdline[5..].as_ptr()));
+}
