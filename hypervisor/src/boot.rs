@@ -1,72 +1,181 @@
-//! TEMPORARY shim until nk-boot lands: fixed layout for a first smoke boot.
-pub struct Options {
-    pub log_level: log::LevelFilter,
-    pub cpus: Option<u32>,
-    pub test: Option<&'static str>,
+//! What the boot loader handed over, read with `nk_boot` through the identity map: the
+//! memory map, the command line and its options, the guest modules and the ACPI RSDP.
+
+use alloc::vec::Vec;
+use core::fmt;
+
+use nk_boot::cmdline::{self, Diagnostic, LogLevel, Options};
+use nk_boot::memory::{PhysRange, UsableRanges};
+use nk_boot::{BootInfo, BootSource, MemoryKind, PhysMemory};
+
+use crate::guest::GuestSpec;
+use crate::memory::IDENTITY_MAPPED_LIMIT;
+use crate::smp::AP_TRAMPOLINE_BASE;
+
+unsafe extern "C" {
+    static __image_start: u8;
+    static __image_end: u8;
 }
+
+/// Physical memory below 4 GiB, identity-mapped for the hypervisor's whole life.
+struct IdentityMapped;
+
+impl PhysMemory for IdentityMapped {
+    fn bytes(&self, paddr: u64, len: usize) -> Option<&[u8]> {
+        let end = paddr.checked_add(len as u64)?;
+        if paddr == 0 || end > IDENTITY_MAPPED_LIMIT {
+            return None;
+        }
+        // SAFETY: the range is non-null and identity-mapped; boot information, modules
+        // and firmware tables are reserved from the allocators, so nothing writes them
+        // while the returned borrow lives.
+        Some(unsafe { core::slice::from_raw_parts(paddr as *const u8, len) })
+    }
+}
+
+static LOW_MEMORY: IdentityMapped = IdentityMapped;
+
+/// A range the allocators never hand out, with what it holds.
+#[derive(Debug, Clone, Copy)]
 pub struct Reserved {
     pub start: u64,
     pub end: u64,
     pub label: &'static str,
 }
+
+/// The boot information, parsed and checked.
 pub struct Boot {
-    pub info: u64,
-    pub loader: &'static str,
-    pub cmdline: &'static str,
-    pub options: Options,
+    info: BootInfo<'static>,
+    parsed: cmdline::Parsed<'static>,
+    image: PhysRange,
+    usable: UsableRanges,
+    /// The options of the hypervisor's command line.
+    pub options: Options<'static>,
+    /// Physical address of the ACPI RSDP, if the loader passed one.
     pub rsdp_paddr: Option<u64>,
 }
-impl Boot {
-    pub fn guests(&self) -> alloc::vec::Vec<crate::guest::GuestSpec> {
-        let info = self.info;
-        // SAFETY: shim only: the MBI is identity-mapped and GRUB-made.
-        let total = unsafe { *(info as *const u32) } as u64;
-        let mut out = alloc::vec::Vec::new();
-        let mut at = info + 8;
-        while at + 8 <= info + total {
-            // SAFETY: shim only.
-            let (ty, size) = unsafe { (*(at as *const u32), *((at + 4) as *const u32)) };
-            if ty == 0 {
-                break;
-            }
-            if ty == 3 {
-                // SAFETY: shim only.
-                let (start, end) = unsafe { (*((at + 8) as *const u32) as u64, *((at + 12) as *const u32) as u64) };
-                // SAFETY: shim only.
-                let cmd = unsafe { core::slice::from_raw_parts((at + 16) as *const u8, size as usize - 17) };
-                let cmd = core::str::from_utf8(cmd).unwrap_or("guest");
-                // SAFETY: shim only.
-                let image = unsafe { core::slice::from_raw_parts(start as *const u8, (end - start) as usize) };
-                match crate::guest::GuestSpec::from_cmdline(cmd, image) {
-                    Ok(spec) => out.push(spec),
-                    Err(e) => log::error!("module: {e}"),
-                }
-            }
-            at += (size as u64 + 7) & !7;
-        }
-        out
-    }
-    pub fn diagnostics(&self) -> impl Iterator<Item = &'static str> {
-        core::iter::empty()
-    }
-    pub fn log_memory_map(&self) {}
-    pub fn usable_ranges(&self) -> impl Iterator<Item = (u64, u64)> + Clone {
-        [(16u64 << 20, 56u64 << 20)].into_iter()
-    }
-    pub fn reserved(&self) -> impl Iterator<Item = Reserved> {
-        core::iter::empty()
-    }
-    pub fn is_available(&self, _s: u64, _e: u64) -> bool {
-        true
+
+impl fmt::Debug for Boot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Boot").field("cmdline", &self.info.command_line()).finish_non_exhaustive()
     }
 }
-pub fn load(magic: u64, info: u64) -> Result<Boot, &'static str> {
-    log::info!("magic {magic:#x}");
-    Ok(Boot {
-        info,
-        loader: "shim",
-        cmdline: "",
-        options: Options { log_level: log::LevelFilter::Trace, cpus: None, test: Some("all") },
-        rsdp_paddr: None,
-    })
+
+/// Why the boot information could not be used.
+#[derive(Debug)]
+pub enum BootError {
+    Info(nk_boot::BootInfoError),
+    Memory(nk_boot::memory::MemoryError),
+    Image,
+}
+
+impl fmt::Display for BootError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BootError::Info(e) => write!(f, "{e}"),
+            BootError::Memory(e) => write!(f, "memory map: {e}"),
+            BootError::Image => write!(f, "the hypervisor image has no valid address range"),
+        }
+    }
+}
+
+/// Reads the boot information the loader left at `info_paddr` (`magic` says which kind).
+pub fn load(magic: u64, info_paddr: u64) -> Result<Boot, BootError> {
+    let info = nk_boot::parse(magic, info_paddr, &LOW_MEMORY).map_err(BootError::Info)?;
+    // SAFETY: linker-script symbols; only their addresses are taken.
+    let (start, end) = unsafe { (&__image_start as *const u8 as u64, &__image_end as *const u8 as u64) };
+    let image = PhysRange::new(start, end).ok_or(BootError::Image)?;
+    let usable = info.usable_memory(image).map_err(BootError::Memory)?;
+    let parsed = cmdline::parse(info.command_line());
+    let options = parsed.options;
+    let rsdp_paddr = info.rsdp().and_then(|rsdp| rsdp.physical_address(info_paddr));
+    Ok(Boot { info, parsed, image, usable, options, rsdp_paddr })
+}
+
+impl Boot {
+    /// Names the loader (its own name, or the protocol).
+    pub fn loader(&self) -> &str {
+        match (self.info.bootloader_name(), self.info.source()) {
+            (Some(name), _) => name,
+            (None, BootSource::Pvh) => "a PVH loader",
+            (None, _) => "a Multiboot2 loader",
+        }
+    }
+
+    /// Returns the hypervisor's command line.
+    pub fn cmdline(&self) -> &str {
+        self.info.command_line()
+    }
+
+    /// Returns the `log=` level as a `log` filter.
+    pub fn log_level(&self) -> log::LevelFilter {
+        match self.options.log {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
+    }
+
+    /// Returns the command-line problems, one line each.
+    pub fn diagnostics(&self) -> impl Iterator<Item = Diagnostic<'static>> + '_ {
+        self.parsed.diagnostics()
+    }
+
+    /// Prints the memory map, one `mem: region` line per entry (docs/emulator-protocol.md).
+    pub fn log_memory_map(&self) {
+        for region in self.info.memory_map() {
+            log::info!(target: "mem", "region {region}");
+        }
+    }
+
+    /// Returns the usable ranges `[start, end)`: available RAM minus everything reserved.
+    pub fn usable_ranges(&self) -> impl Iterator<Item = (u64, u64)> + Clone + '_ {
+        self.usable.iter().map(|r| (r.start(), r.end()))
+    }
+
+    /// Returns every range the allocators must never hand out.
+    pub fn reserved(&self) -> impl Iterator<Item = Reserved> + '_ {
+        let fixed = [
+            Reserved { start: 0, end: nk_boot::memory::FIRST_MIB.end(), label: "first MiB (firmware, AP trampoline)" },
+            Reserved { start: self.image.start(), end: self.image.end(), label: "hypervisor image" },
+        ];
+        let boot_data = self.info.boot_data().iter().map(|r| Reserved {
+            start: r.start(),
+            end: r.end(),
+            label: "boot information",
+        });
+        let modules = self.info.modules().iter().map(|m| Reserved { start: m.start, end: m.end, label: "boot module" });
+        fixed.into_iter().chain(boot_data).chain(modules)
+    }
+
+    /// Tells whether `[start, end)` lies in memory the map calls available.
+    pub fn is_available(&self, start: u64, end: u64) -> bool {
+        self.info.memory_map().iter().any(|r| r.kind == MemoryKind::Available && r.start <= start && end <= r.end())
+    }
+
+    /// Tells what occupies the AP trampoline's page, if anything from the loader does.
+    pub fn trampoline_conflict(&self) -> Option<Reserved> {
+        let page = (AP_TRAMPOLINE_BASE, AP_TRAMPOLINE_BASE + 0x1000);
+        self.reserved().skip(2).find(|r| r.start < page.1 && page.0 < r.end)
+    }
+
+    /// Returns the guests the modules describe; a module with a bad command line is
+    /// reported and skipped.
+    pub fn guests(&self) -> Vec<GuestSpec> {
+        let mut specs = Vec::new();
+        for module in self.info.modules() {
+            let len = module.end.saturating_sub(module.start) as usize;
+            let Some(image) = LOW_MEMORY.bytes(module.start, len) else {
+                log::error!(target: "boot", "module '{}' at {:#x} is not in low memory; skipped", module.cmdline, module.start);
+                continue;
+            };
+            match GuestSpec::from_cmdline(module.cmdline, image) {
+                Ok(spec) => specs.push(spec),
+                Err(why) => log::error!(target: "boot", "module '{}': {why}; skipped", module.cmdline),
+            }
+        }
+        specs
+    }
 }

@@ -50,9 +50,9 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
             power::shutdown(ExitStatus::Failure, "bad boot information");
         }
     };
-    console::set_level(boot.options.log_level);
+    console::set_level(boot.log_level());
     log::info!(target: "boot", "null-Kernel hypervisor {VERSION}, booted by {}, command line \"{}\"",
-        boot.loader, boot.cmdline);
+        boot.loader(), boot.cmdline());
     for diagnostic in boot.diagnostics() {
         log::warn!(target: "cmdline", "{diagnostic}");
     }
@@ -89,7 +89,14 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
         power::shutdown(ExitStatus::Failure, "VMXON failed");
     }
     let limit = boot.options.cpus.map_or(usize::MAX, |n| n as usize);
-    let attempted = smp::start_aps(&platform, limit);
+    let attempted = match boot.trampoline_conflict() {
+        None => smp::start_aps(&platform, limit),
+        Some(conflict) => {
+            log::error!(target: "smp", "the AP trampoline page {:#x} holds {} [{:#x}, {:#x}): running on the BSP only",
+                smp::AP_TRAMPOLINE_BASE, conflict.label, conflict.start, conflict.end);
+            1
+        }
+    };
     let in_root = percpu::all().filter(|cpu| cpu.in_vmx_root()).count();
     log::info!(target: "nk", "boot complete, {in_root} of {attempted} CPUs online in VMX root");
 

@@ -75,19 +75,21 @@ pub fn init(usable: impl Iterator<Item = (u64, u64)> + Clone) -> MemoryStats {
     let total: u64 = clipped.clone().map(|(s, e)| e - s).sum();
     let heap_target = (total / 4).min(HEAP_MAX) & !(PAGE_SIZE - 1);
 
-    let mut heap_taken = false;
+    // The heap first: the frame allocator keeps its free lists on it.
+    let heap_range = clipped.clone().find(|&(start, end)| heap_target > 0 && end - start >= heap_target);
+    if let Some((start, _)) = heap_range {
+        // SAFETY: [start, start + heap_target) is available RAM that nothing else owns
+        // (the caller removed every reserved range), identity-mapped, and is handed to
+        // the heap exactly once.
+        unsafe { HEAP.lock().add_to_heap(start as usize, (start + heap_target) as usize) };
+        stats.heap_bytes = heap_target;
+    }
     let mut frames = FRAMES.lock();
     for (start, end) in clipped {
-        let mut frame_start = start;
-        if !heap_taken && end - start >= heap_target && heap_target > 0 {
-            // SAFETY: [start, start + heap_target) is available RAM that nothing else
-            // owns (the caller removed every reserved range), identity-mapped, and is
-            // handed to the heap exactly once.
-            unsafe { HEAP.lock().add_to_heap(start as usize, (start + heap_target) as usize) };
-            heap_taken = true;
-            stats.heap_bytes = heap_target;
-            frame_start = start + heap_target;
-        }
+        let frame_start = match heap_range {
+            Some((heap_start, _)) if heap_start == start => start + heap_target,
+            _ => start,
+        };
         if frame_start < end {
             frames.add_frame((frame_start / PAGE_SIZE) as usize, (end / PAGE_SIZE) as usize);
             stats.frames_total += (end - frame_start) / PAGE_SIZE;
