@@ -1,0 +1,353 @@
+//! Judging a run by its serial log (docs/emulator-protocol.md): the end of the run, the
+//! `expect` and `forbid` substrings, the NKTEST protocol, and the named host-side checks.
+
+use crate::emulator::{Ending, RunResult, SHUTDOWN_MARKER};
+use crate::scenario::Scenario;
+
+/// One in-emulator test case as the NKTEST lines reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaseResult {
+    pub name: String,
+    /// `None` when it passed; the reason it gave when it failed.
+    pub failure: Option<String>,
+}
+
+/// Everything wrong with a run, and its in-emulator cases.
+#[derive(Debug, Default)]
+pub struct Verdict {
+    /// The scenario-level problems; empty when the scenario's own checks passed.
+    pub problems: Vec<String>,
+    pub cases: Vec<CaseResult>,
+}
+
+/// What a named host check sees.
+#[derive(Debug)]
+pub struct CheckContext<'a> {
+    pub log: &'a str,
+    pub scenario: &'a Scenario,
+}
+
+/// A check implemented here, named in a scenario's `checks = [...]`.
+struct HostCheck {
+    name: &'static str,
+    run: fn(&CheckContext<'_>) -> Result<(), String>,
+}
+
+/// The named checks; a new one is one entry here and a function.
+const HOST_CHECKS: &[HostCheck] = &[HostCheck { name: "memmap", run: check_memmap }];
+
+pub fn is_host_check(name: &str) -> bool {
+    HOST_CHECKS.iter().any(|check| check.name == name)
+}
+
+pub fn host_check_names() -> Vec<&'static str> {
+    HOST_CHECKS.iter().map(|check| check.name).collect()
+}
+
+/// Applies every check of `scenario` to `result`.
+pub fn judge(scenario: &Scenario, result: &RunResult) -> Verdict {
+    let log = result.serial.as_str();
+    let mut verdict = Verdict::default();
+    match result.ending {
+        Ending::TimedOut => verdict
+            .problems
+            .push(format!("timed out after {} s (the hypervisor hung, or the timeout is too short)", scenario.timeout)),
+        Ending::Exited(status) if scenario.shutdown => verdict.problems.push(format!(
+            "the emulator exited ({status}) before the hypervisor printed `{SHUTDOWN_MARKER}` (triple fault or crash?)"
+        )),
+        Ending::Exited(_) | Ending::Shutdown => {}
+    }
+    if log.trim().is_empty() {
+        verdict.problems.push("the serial log is empty: the hypervisor printed nothing".into());
+    }
+    for text in &scenario.expect {
+        if !log.contains(text.as_str()) {
+            verdict.problems.push(format!("expected `{text}`, which never appeared"));
+        }
+    }
+    for text in &scenario.forbid {
+        if let Some(line) = log.lines().find(|line| line.contains(text.as_str())) {
+            verdict.problems.push(format!("forbidden `{text}` appeared: {line}"));
+        }
+    }
+    if scenario.nktest {
+        let nktest = parse_nktest(log);
+        verdict.problems.extend(nktest.problems);
+        verdict.cases = nktest.cases;
+    }
+    let context = CheckContext { log, scenario };
+    for name in &scenario.checks {
+        match HOST_CHECKS.iter().find(|check| check.name == name) {
+            Some(check) => {
+                if let Err(why) = (check.run)(&context) {
+                    verdict.problems.push(format!("check {name}: {why}"));
+                }
+            }
+            None => verdict.problems.push(format!("no check named '{name}'")),
+        }
+    }
+    verdict
+}
+
+/// The NKTEST lines of a log, read (docs/emulator-protocol.md "In-emulator test cases").
+#[derive(Debug, Default)]
+struct Nktest {
+    cases: Vec<CaseResult>,
+    problems: Vec<String>,
+}
+
+fn parse_nktest(log: &str) -> Nktest {
+    let mut report = Nktest::default();
+    let mut start: Option<usize> = None;
+    let mut end: Option<(usize, usize)> = None;
+    for line in log.lines() {
+        let Some(rest) = line.trim_end().strip_prefix("NKTEST ") else { continue };
+        if end.is_some() {
+            report.problems.push(format!("NKTEST line after `NKTEST end`: {line}"));
+            continue;
+        }
+        if let Some(count) = rest.strip_prefix("start ") {
+            match (count.trim().parse::<usize>(), start) {
+                (Ok(_), Some(_)) => {
+                    report.problems.push("`NKTEST start` appears twice (did the machine reset?)".into())
+                }
+                (Ok(count), None) => start = Some(count),
+                (Err(_), _) => report.problems.push(format!("bad NKTEST start line: {line}")),
+            }
+        } else if let Some(name) = rest.strip_prefix("ok ") {
+            report.cases.push(CaseResult { name: name.trim().to_string(), failure: None });
+        } else if let Some(failed) = rest.strip_prefix("FAILED ") {
+            let (name, reason) = failed.split_once(": ").unwrap_or((failed, "(no reason given)"));
+            report.cases.push(CaseResult { name: name.trim().to_string(), failure: Some(reason.trim().to_string()) });
+        } else if let Some(totals) = rest.strip_prefix("end ") {
+            match parse_totals(totals) {
+                Some(totals) => end = Some(totals),
+                None => report.problems.push(format!("bad NKTEST end line: {line}")),
+            }
+        } else {
+            report.problems.push(format!("unknown NKTEST line: {line}"));
+        }
+    }
+    let passed = report.cases.iter().filter(|case| case.failure.is_none()).count();
+    let failed = report.cases.len() - passed;
+    let last = report
+        .cases
+        .last()
+        .map_or_else(|| "before the first case".to_string(), |case| format!("after case {}", case.name));
+    match start {
+        None => report
+            .problems
+            .push("no `NKTEST start` line: the hypervisor did not reach its tests (is this the test image?)".into()),
+        Some(count) if count != report.cases.len() && end.is_some() => report
+            .problems
+            .push(format!("`NKTEST start {count}` announced {count} cases but {} reported", report.cases.len())),
+        Some(_) => {}
+    }
+    match end {
+        None if start.is_some() => report.problems.push(format!(
+            "no `NKTEST end` line: the tests stopped {last} ({} of {} cases reported)",
+            report.cases.len(),
+            start.unwrap_or(0)
+        )),
+        None => {}
+        Some((end_passed, end_failed)) if (end_passed, end_failed) != (passed, failed) => {
+            report.problems.push(format!(
+                "`NKTEST end {end_passed} passed, {end_failed} failed` disagrees with the {passed} ok and {failed} FAILED lines"
+            ))
+        }
+        Some(_) => {}
+    }
+    let mut names: Vec<&str> = report.cases.iter().map(|case| case.name.as_str()).collect();
+    names.sort_unstable();
+    if let Some(pair) = names.windows(2).find(|pair| pair[0] == pair[1]) {
+        report.problems.push(format!("case {} reported twice", pair[0]));
+    }
+    report
+}
+
+/// Parses `<passed> passed, <failed> failed`.
+fn parse_totals(text: &str) -> Option<(usize, usize)> {
+    let (passed, failed) = text.trim().split_once(',')?;
+    let passed = passed.trim().strip_suffix("passed")?.trim().parse().ok()?;
+    let failed = failed.trim().strip_suffix("failed")?.trim().parse().ok()?;
+    Some((passed, failed))
+}
+
+/// A `mem: region` line: an inclusive physical range and its kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Region {
+    start: u64,
+    end: u64,
+    kind: String,
+}
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+
+fn parse_regions(log: &str) -> Result<Vec<Region>, String> {
+    let mut regions = Vec::new();
+    for line in log.lines() {
+        let Some((_, rest)) = line.split_once("mem: region ") else { continue };
+        let bad = || format!("cannot read the region line: {line}");
+        let (range, kind) = rest.trim().split_once(' ').ok_or_else(bad)?;
+        let (start, end) = range.split_once('-').ok_or_else(bad)?;
+        let hex = |text: &str| text.strip_prefix("0x").and_then(|digits| u64::from_str_radix(digits, 16).ok());
+        let (start, end) = (hex(start).ok_or_else(bad)?, hex(end).ok_or_else(bad)?);
+        if end < start {
+            return Err(format!("region ends before it starts: {line}"));
+        }
+        regions.push(Region { start, end, kind: kind.trim().to_string() });
+    }
+    Ok(regions)
+}
+
+fn show(regions: &[Region]) -> String {
+    regions.iter().map(|r| format!("\n    {:#012x}-{:#012x} {}", r.start, r.end, r.kind)).collect()
+}
+
+/// The memory map the hypervisor printed matches the machine: conventional RAM from 0
+/// below 640 KiB, extended RAM from 1 MiB up to within 1 MiB of the configured size, a
+/// total between (megs - 2) and megs MiB, and no overlaps.
+fn check_memmap(context: &CheckContext<'_>) -> Result<(), String> {
+    let mut regions = parse_regions(context.log)?;
+    if regions.is_empty() {
+        return Err("no `mem: region` lines in the log".into());
+    }
+    regions.sort_by_key(|region| region.start);
+    let megs = u64::from(context.scenario.megs);
+    let mut problems = Vec::new();
+    for pair in regions.windows(2) {
+        if pair[1].start <= pair[0].end {
+            problems.push(format!(
+                "regions overlap: {:#x}-{:#x} and {:#x}-{:#x}",
+                pair[0].start, pair[0].end, pair[1].start, pair[1].end
+            ));
+        }
+    }
+    let available: Vec<&Region> = regions.iter().filter(|region| region.kind == "available").collect();
+    if !available.iter().any(|region| region.start == 0 && region.end < 640 * KIB) {
+        problems.push("no available region starting at 0 and ending below 640 KiB".into());
+    }
+    let top = megs * MIB;
+    if !available.iter().any(|region| region.start == MIB && (region.end + 1).abs_diff(top) <= MIB) {
+        problems.push(format!("no available region from 0x100000 up to within 1 MiB of {megs} MiB ({top:#x})"));
+    }
+    let total: u64 = available.iter().map(|region| region.end - region.start + 1).sum();
+    if !((megs.saturating_sub(2)) * MIB..=top).contains(&total) {
+        problems.push(format!(
+            "available RAM totals {} KiB; expected {} to {} KiB for megs = {megs}",
+            total / KIB,
+            megs.saturating_sub(2) * 1024,
+            megs * 1024
+        ));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{}; the regions:{}", problems.join("; "), show(&regions)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    fn scenario(extra: &str) -> Scenario {
+        let text = format!("[[scenario]]\nname = \"t\"\nimage = \"test\"\n{extra}");
+        let file: toml::Table = toml::from_str(&text).expect("toml");
+        let list = file["scenario"].as_array().expect("array")[0].clone();
+        list.try_into().expect("scenario")
+    }
+
+    fn result(serial: &str, ending: Ending) -> RunResult {
+        RunResult {
+            ending,
+            elapsed: Duration::from_secs(1),
+            serial: serial.to_string(),
+            serial_path: PathBuf::from("serial.txt"),
+            emulator_notes: Vec::new(),
+        }
+    }
+
+    const BOCHS_64: &str = "\
+[cpu0 INFO ] mem: region 0x0000000000000000-0x000000000009efff available
+[cpu0 INFO ] mem: region 0x000000000009f000-0x000000000009ffff reserved
+[cpu0 INFO ] mem: region 0x00000000000e8000-0x00000000000fffff reserved
+[cpu0 INFO ] mem: region 0x0000000000100000-0x0000000003feffff available
+[cpu0 INFO ] mem: region 0x0000000003ff0000-0x0000000003ffffff acpi-reclaimable
+[cpu0 INFO ] mem: region 0x00000000fffc0000-0x00000000ffffffff reserved
+";
+
+    #[test]
+    fn a_complete_nktest_run_passes_with_its_cases() {
+        let log = "NKTEST start 2\nNKTEST ok a\n[cpu0 INFO ] x: y\nNKTEST ok b\nNKTEST end 2 passed, 0 failed\n\
+                   [cpu0 INFO ] nk: shutdown (tests finished)\n";
+        let verdict = judge(&scenario("nktest = true"), &result(log, Ending::Shutdown));
+        assert!(verdict.problems.is_empty(), "{:?}", verdict.problems);
+        assert_eq!(verdict.cases.len(), 2);
+    }
+
+    #[test]
+    fn failed_and_missing_cases_are_reported() {
+        let log = "NKTEST start 3\nNKTEST ok a\nNKTEST FAILED b: wrong value 3\n";
+        let verdict = judge(&scenario("nktest = true"), &result(log, Ending::TimedOut));
+        assert_eq!(verdict.cases[1].failure.as_deref(), Some("wrong value 3"));
+        let problems = verdict.problems.join("\n");
+        assert!(problems.contains("timed out after 120 s"), "{problems}");
+        assert!(problems.contains("stopped after case b (2 of 3 cases reported)"), "{problems}");
+    }
+
+    #[test]
+    fn end_totals_must_agree() {
+        let log = "NKTEST start 1\nNKTEST ok a\nNKTEST end 2 passed, 0 failed\nnk: shutdown\n";
+        let verdict = judge(&scenario("nktest = true"), &result(log, Ending::Shutdown));
+        assert!(verdict.problems.iter().any(|p| p.contains("disagrees")), "{:?}", verdict.problems);
+    }
+
+    #[test]
+    fn expect_and_forbid_are_substrings() {
+        let log = "[cpu0 ERROR] exception: #UD (vector 6)\nnk: shutdown (x)\n";
+        let s = scenario("expect = [\"#UD (vector 6)\", \"never\"]\nforbid = [\"exception:\"]");
+        let problems = judge(&s, &result(log, Ending::Shutdown)).problems.join("\n");
+        assert!(!problems.contains("#UD (vector 6)`, which"), "{problems}");
+        assert!(problems.contains("expected `never`"), "{problems}");
+        assert!(problems.contains("forbidden `exception:` appeared: [cpu0 ERROR] exception: #UD"), "{problems}");
+    }
+
+    #[test]
+    fn exit_without_shutdown_fails_unless_allowed() {
+        use std::os::unix::process::ExitStatusExt;
+        let exited = Ending::Exited(std::process::ExitStatus::from_raw(1 << 8));
+        assert!(!judge(&scenario(""), &result("x\n", exited)).problems.is_empty());
+        assert!(judge(&scenario("shutdown = false"), &result("x\n", exited)).problems.is_empty());
+    }
+
+    #[test]
+    fn memmap_accepts_the_bochs_map() {
+        let s = scenario("megs = 64\nchecks = [\"memmap\"]");
+        let problems = judge(&s, &result(&format!("{BOCHS_64}nk: shutdown\n"), Ending::Shutdown)).problems;
+        assert!(problems.is_empty(), "{problems:?}");
+    }
+
+    #[test]
+    fn memmap_rejects_a_wrong_size_and_overlaps() {
+        let s = scenario("megs = 128\nchecks = [\"memmap\"]");
+        let problems = judge(&s, &result(&format!("{BOCHS_64}nk: shutdown\n"), Ending::Shutdown)).problems.join("\n");
+        assert!(problems.contains("within 1 MiB of 128 MiB"), "{problems}");
+        assert!(problems.contains("expected 129024 to 131072 KiB"), "{problems}");
+        let overlapping =
+            format!("{BOCHS_64}mem: region 0x0000000000090000-0x00000000000a0000 reserved\nnk: shutdown\n");
+        let s = scenario("megs = 64\nchecks = [\"memmap\"]");
+        let problems = judge(&s, &result(&overlapping, Ending::Shutdown)).problems.join("\n");
+        assert!(problems.contains("regions overlap"), "{problems}");
+    }
+
+    #[test]
+    fn memmap_needs_region_lines() {
+        let s = scenario("checks = [\"memmap\"]");
+        let problems = judge(&s, &result("nk: shutdown\n", Ending::Shutdown)).problems.join("\n");
+        assert!(problems.contains("no `mem: region` lines"), "{problems}");
+    }
+}

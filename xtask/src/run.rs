@@ -1,0 +1,60 @@
+//! `cargo xtask run`: build, boot in an emulator, show the serial console live.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::cli::{Emulator, RunArgs};
+use crate::emulator::{self, Ending, RunSpec};
+use crate::image::{self, BuildOutput, ImageKind};
+use crate::setup;
+use crate::tools;
+use crate::workspace::Workspace;
+
+pub fn run_command(workspace: &Workspace, args: &RunArgs) -> Result<ExitCode> {
+    if args.emu == Emulator::Bochs {
+        emulator::check_bochs_cpus(args.cpus).map_err(anyhow::Error::msg)?;
+        if let Some(model) = &args.cpu_model {
+            match emulator::check_cpu_model(model) {
+                Ok(None) => {}
+                Ok(Some(warning)) => println!("xtask: run: warning: {warning}"),
+                Err(why) => anyhow::bail!("{why}"),
+            }
+        }
+    }
+    setup::install_missing(workspace, setup::Mode::Quiet)?;
+    let kind = if args.test_harness { ImageKind::Test } else { ImageKind::Normal };
+    let elf = image::build_hypervisor(workspace, kind, args.profile.profile(), BuildOutput::Summary)?;
+    let iso = image::make_iso(workspace, &elf, &args.cmdline, &[])?;
+
+    let spec = RunSpec {
+        name: "run".into(),
+        emulator: args.emu,
+        iso,
+        cpus: args.cpus,
+        megs: args.megs,
+        cpu_model: args.cpu_model.clone(),
+        timeout: Duration::from_secs(args.timeout),
+        dir: workspace.runs().join(format!("run-{}", args.emu.name())),
+    };
+    println!(
+        "xtask: run: booting in {} (timeout {} s); serial log {}",
+        emulator::describe(&spec),
+        args.timeout,
+        workspace.display(&spec.dir.join("serial.txt"))
+    );
+    let result = emulator::run(&spec, |line| println!("{line}"))?;
+    let ended = result.ending_text(spec.timeout);
+    println!("xtask: run: {ended} after {}", tools::secs(result.elapsed));
+    for note in &result.emulator_notes {
+        println!("xtask: run:   {note}");
+    }
+    if result.serial.is_empty() {
+        println!(
+            "xtask: run: the hypervisor printed nothing; see {} for the emulator's view",
+            workspace.display(&spec.dir)
+        );
+    }
+    Ok(if result.ending == Ending::Shutdown { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

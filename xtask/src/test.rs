@@ -1,0 +1,245 @@
+//! `cargo xtask test`: the host unit tests, then every emulator scenario of
+//! tests/emulator.toml in parallel, then the report ending in `N passed, M failed`.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use crate::checks::{self, Verdict};
+use crate::cli::{Profile, TestArgs};
+use crate::emulator::{self, RunSpec};
+use crate::host;
+use crate::image::{self, BuildOutput, Module};
+use crate::report::{self, ScenarioOutcome};
+use crate::scenario::{self, ModuleSpec, Scenario};
+use crate::setup;
+use crate::workspace::Workspace;
+
+/// How often a line lists the runs still going.
+const HEARTBEAT: Duration = Duration::from_secs(20);
+
+pub fn test_command(workspace: &Workspace, args: &TestArgs) -> Result<ExitCode> {
+    let started = Instant::now();
+    // A broken scenario file fails before anything slow runs.
+    let scenario_file = args.scenarios.clone().unwrap_or_else(|| workspace.scenario_file());
+    let scenarios: Vec<Scenario> = scenario::load(&scenario_file)?
+        .into_iter()
+        .filter(|scenario| scenario.matches(args.filter.as_deref()))
+        .collect();
+    setup::install_missing(workspace, setup::Mode::Quiet)?;
+
+    let host = if args.skip_host {
+        println!("xtask: host: skipped (--skip-host)");
+        None
+    } else {
+        Some(host::run(workspace, args.filter.as_deref())?)
+    };
+
+    let jobs = args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let outcomes = if scenarios.is_empty() {
+        println!("xtask: test: no emulator scenario matches the filter");
+        Vec::new()
+    } else {
+        run_scenarios(workspace, scenarios, jobs)
+    };
+
+    let (_, failed) = report::print(workspace, host.as_ref(), &outcomes, started.elapsed());
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// One scenario ready to boot, or the reason it cannot.
+struct Job {
+    index: usize,
+    scenario: Scenario,
+    iso: Result<PathBuf, String>,
+}
+
+enum Event {
+    Started(usize),
+    Finished(Box<ScenarioOutcome>, usize),
+}
+
+/// Builds the images the scenarios need, then runs them `jobs` at a time.
+fn run_scenarios(workspace: &Workspace, scenarios: Vec<Scenario>, jobs: usize) -> Vec<ScenarioOutcome> {
+    let total = scenarios.len();
+    println!("xtask: test: {total} emulator scenario(s), up to {jobs} at a time");
+    let queue: VecDeque<Job> = prepare_images(workspace, scenarios);
+    let queue = Arc::new(Mutex::new(queue));
+    let (events, inbox) = mpsc::channel::<Event>();
+
+    let mut scenarios_by_index: BTreeMap<usize, Scenario> = BTreeMap::new();
+    if let Ok(queue) = queue.lock() {
+        for job in queue.iter() {
+            scenarios_by_index.insert(job.index, job.scenario.clone());
+        }
+    }
+    let workers: Vec<_> = (0..jobs.min(total))
+        .map(|_| {
+            let queue = Arc::clone(&queue);
+            let events = events.clone();
+            let runs = workspace.runs().join("test");
+            std::thread::spawn(move || worker(&queue, &events, &runs))
+        })
+        .collect();
+    drop(events);
+
+    let mut running: BTreeMap<usize, Instant> = BTreeMap::new();
+    let mut outcomes: Vec<(usize, ScenarioOutcome)> = Vec::new();
+    let mut last_heartbeat = Instant::now();
+    loop {
+        match inbox.recv_timeout(Duration::from_millis(500)) {
+            Ok(Event::Started(index)) => {
+                running.insert(index, Instant::now());
+            }
+            Ok(Event::Finished(outcome, index)) => {
+                running.remove(&index);
+                let mark = if outcome.passed() { "pass" } else { "FAIL" };
+                println!("xtask: test: [{}/{total}] {mark} {}", outcomes.len() + 1, outcome.summary());
+                outcomes.push((index, *outcome));
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if !running.is_empty() && last_heartbeat.elapsed() >= HEARTBEAT {
+            last_heartbeat = Instant::now();
+            let list: Vec<String> = running
+                .iter()
+                .map(|(index, since)| {
+                    let name = scenarios_by_index.get(index).map_or("?", |scenario| scenario.name.as_str());
+                    format!("{name} {} s", since.elapsed().as_secs())
+                })
+                .collect();
+            println!("xtask: test: still running: {}", list.join(", "));
+        }
+    }
+    for worker in workers {
+        let _ = worker.join();
+    }
+    // A scenario without an outcome lost its worker to a panic (a bug in xtask): it still
+    // counts, as a failure.
+    for (index, scenario) in scenarios_by_index {
+        if !outcomes.iter().any(|(done, _)| *done == index) {
+            let problems = vec!["xtask's worker thread panicked before this scenario finished".to_string()];
+            let verdict = Verdict { problems, cases: Vec::new() };
+            outcomes.push((index, ScenarioOutcome { scenario, run: None, verdict }));
+        }
+    }
+    outcomes.sort_by_key(|(index, _)| *index);
+    outcomes.into_iter().map(|(_, outcome)| outcome).collect()
+}
+
+/// Takes jobs off the queue until it is empty.
+fn worker(queue: &Mutex<VecDeque<Job>>, events: &mpsc::Sender<Event>, runs: &std::path::Path) {
+    loop {
+        let job = match queue.lock() {
+            Ok(mut queue) => queue.pop_front(),
+            Err(_) => None,
+        };
+        let Some(job) = job else { return };
+        let _ = events.send(Event::Started(job.index));
+        let outcome = run_one(job.scenario, job.iso, runs);
+        let _ = events.send(Event::Finished(Box::new(outcome), job.index));
+    }
+}
+
+fn run_one(scenario: Scenario, iso: Result<PathBuf, String>, runs: &std::path::Path) -> ScenarioOutcome {
+    let iso = match iso {
+        Ok(iso) => iso,
+        Err(why) => {
+            let verdict = Verdict { problems: vec![why], cases: Vec::new() };
+            return ScenarioOutcome { scenario, run: None, verdict };
+        }
+    };
+    let spec = RunSpec {
+        name: scenario.name.clone(),
+        emulator: scenario.emulator,
+        iso,
+        cpus: scenario.cpus,
+        megs: scenario.megs,
+        cpu_model: scenario.cpu_model.clone(),
+        timeout: Duration::from_secs(scenario.timeout),
+        dir: runs.join(&scenario.name),
+    };
+    println!(
+        "xtask: test: start {} ({}, cmdline \"{}\", timeout {} s)",
+        scenario.name,
+        emulator::describe(&spec),
+        scenario.cmdline,
+        scenario.timeout
+    );
+    match emulator::run(&spec, |_| {}) {
+        Ok(run) => {
+            let verdict = checks::judge(&scenario, &run);
+            ScenarioOutcome { scenario, run: Some(run), verdict }
+        }
+        Err(err) => {
+            let verdict = Verdict { problems: vec![format!("cannot run the emulator: {err:#}")], cases: Vec::new() };
+            ScenarioOutcome { scenario, run: None, verdict }
+        }
+    }
+}
+
+/// Builds each image kind the scenarios use once, then an ISO per scenario (cached, so
+/// scenarios with the same image and command line share one). A build failure fails the
+/// scenarios that need it, not the whole run.
+fn prepare_images(workspace: &Workspace, scenarios: Vec<Scenario>) -> VecDeque<Job> {
+    let mut elves: BTreeMap<&'static str, Result<PathBuf, String>> = BTreeMap::new();
+    let mut packages: BTreeMap<String, Result<PathBuf, String>> = BTreeMap::new();
+    let mut jobs = VecDeque::new();
+    for (index, scenario) in scenarios.into_iter().enumerate() {
+        let kind = scenario.image;
+        let elf = elves
+            .entry(kind.name())
+            .or_insert_with(|| {
+                image::build_hypervisor(workspace, kind, Profile::Release, BuildOutput::Summary)
+                    .map_err(|err| format!("the {} image did not build: {err:#}", kind.name()))
+            })
+            .clone();
+        let iso = elf.and_then(|elf| {
+            let modules = resolve_modules(workspace, &scenario.modules, &mut packages)?;
+            image::make_iso(workspace, &elf, &scenario.cmdline, &modules)
+                .map_err(|err| format!("the ISO was not made: {err:#}"))
+        });
+        if let Err(why) = &iso {
+            println!("xtask: test: {}: {why}", scenario.name);
+        }
+        jobs.push_back(Job { index, scenario, iso });
+    }
+    jobs
+}
+
+fn resolve_modules(
+    workspace: &Workspace,
+    specs: &[ModuleSpec],
+    packages: &mut BTreeMap<String, Result<PathBuf, String>>,
+) -> Result<Vec<Module>, String> {
+    let mut modules = Vec::new();
+    for spec in specs {
+        let (path, default_cmdline) = match (&spec.package, &spec.file) {
+            (Some(package), _) => {
+                let built = packages
+                    .entry(package.clone())
+                    .or_insert_with(|| {
+                        image::build_package(workspace, package, &[], Profile::Release, BuildOutput::Summary)
+                            .map_err(|err| format!("module package {package} did not build: {err:#}"))
+                    })
+                    .clone()?;
+                (built, package.clone())
+            }
+            (None, Some(file)) => {
+                let path = workspace.root().join(file);
+                let name =
+                    file.file_name().map_or_else(|| file.display().to_string(), |n| n.to_string_lossy().into_owned());
+                (path, name)
+            }
+            (None, None) => return Err("a module names neither a package nor a file".into()),
+        };
+        modules.push(Module { path, cmdline: spec.cmdline.clone().unwrap_or(default_cmdline) });
+    }
+    Ok(modules)
+}
