@@ -151,6 +151,7 @@ impl Boot {
     }
 
     /// Tells whether `[start, end)` lies in memory the map calls available.
+    #[cfg_attr(not(feature = "test-harness"), allow(dead_code))]
     pub fn is_available(&self, start: u64, end: u64) -> bool {
         self.info.memory_map().iter().any(|r| r.kind == MemoryKind::Available && r.start <= start && end <= r.end())
     }

@@ -84,6 +84,7 @@ impl Write for RawWriter {
     }
 }
 
+#[cfg_attr(not(feature = "test-harness"), allow(dead_code))]
 /// Prints one line without the log prefix (the NKTEST protocol lines), atomically.
 pub fn print_line(args: fmt::Arguments<'_>) {
     let _guard = LINE_LOCK.lock();

@@ -18,10 +18,10 @@ use nk_paging::{EptBuilder, EptPerms};
 
 use crate::arch::xsave::{self, ExtendedState};
 use crate::memory::{self, HostPhysAddr, PAGE_SIZE};
+use crate::vmx;
 use crate::vmx::ept::FrameTables;
 use crate::vmx::vcpu::{Exit, GuestRegs, GuestStart, Vcpu, VcpuError};
 use crate::vmx::vmcs::ExitReason;
-use crate::vmx::{self, VmxError};
 
 /// Guest memory when the module's command line names none.
 pub const DEFAULT_GUEST_MEMORY: u64 = 4 << 20;
@@ -42,7 +42,6 @@ pub enum GuestError {
     Memory(&'static str),
     Ept(nk_paging::EptError),
     Vcpu(VcpuError),
-    Vmx(VmxError),
 }
 
 impl fmt::Display for GuestError {
@@ -52,7 +51,6 @@ impl fmt::Display for GuestError {
             GuestError::Memory(e) => write!(f, "{e}"),
             GuestError::Ept(e) => write!(f, "EPT: {e}"),
             GuestError::Vcpu(e) => write!(f, "vCPU: {e}"),
-            GuestError::Vmx(e) => write!(f, "VMX: {e}"),
         }
     }
 }

@@ -35,11 +35,6 @@ impl HostPhysAddr {
     pub const fn as_u64(self) -> u64 {
         self.0
     }
-
-    /// Tells whether the address is 4 KiB aligned.
-    pub const fn is_page_aligned(self) -> bool {
-        self.0 % PAGE_SIZE == 0
-    }
 }
 
 impl fmt::Debug for HostPhysAddr {
@@ -61,13 +56,14 @@ pub struct MemoryStats {
     pub ignored_above_4g: u64,
 }
 
-static STATS: Mutex<MemoryStats> = Mutex::new(MemoryStats { heap_bytes: 0, frames_total: 0, ignored_above_4g: 0 });
-
 /// Gives the heap and the frame allocator the usable ranges `[start, end)` (page-aligned,
 /// disjoint, already stripped of everything reserved). The heap takes the first range that
 /// can hold a quarter of all usable memory (at most 16 MiB).
 pub fn init(usable: impl Iterator<Item = (u64, u64)> + Clone) -> MemoryStats {
-    let mut stats = MemoryStats::default();
+    let mut stats = MemoryStats {
+        ignored_above_4g: usable.clone().map(|(start, end)| end.saturating_sub(start.max(IDENTITY_MAPPED_LIMIT))).sum(),
+        ..MemoryStats::default()
+    };
     let clipped = usable.filter_map(|(start, end)| {
         let end = end.min(IDENTITY_MAPPED_LIMIT);
         (start < end).then_some((start, end))
@@ -95,13 +91,7 @@ pub fn init(usable: impl Iterator<Item = (u64, u64)> + Clone) -> MemoryStats {
             stats.frames_total += (end - frame_start) / PAGE_SIZE;
         }
     }
-    *STATS.lock() = stats;
     stats
-}
-
-/// Returns what `init` handed out.
-pub fn stats() -> MemoryStats {
-    *STATS.lock()
 }
 
 /// Allocates `count` contiguous frames (aligned to the next power of two).
@@ -134,6 +124,7 @@ pub fn free_frame(frame: HostPhysAddr) {
 }
 
 /// Returns the heap's (requested, total) bytes.
+#[cfg_attr(not(feature = "test-harness"), allow(dead_code))]
 pub fn heap_usage() -> (usize, usize) {
     let heap = HEAP.lock();
     (heap.stats_alloc_user(), heap.stats_total_bytes())

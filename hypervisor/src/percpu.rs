@@ -65,6 +65,7 @@ impl PerCpu {
         self.vmx_root.load(Ordering::Acquire)
     }
 
+    #[cfg_attr(not(feature = "test-harness"), allow(dead_code))]
     /// Returns the physical address of this CPU's VMXON region, if it is in VMX root.
     pub fn vmxon_region(&self) -> Option<u64> {
         match self.vmxon_region.load(Ordering::Acquire) {

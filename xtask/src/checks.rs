@@ -75,6 +75,13 @@ pub fn judge(scenario: &Scenario, result: &RunResult) -> Verdict {
         verdict.problems.extend(nktest.problems);
         verdict.cases = nktest.cases;
     }
+    if scenario.gtest > 0 {
+        let (cases, done) = parse_gtest(log);
+        if done != scenario.gtest as usize {
+            verdict.problems.push(format!("{done} guest(s) printed `GTEST done`, expected {}", scenario.gtest));
+        }
+        verdict.cases.extend(cases);
+    }
     let context = CheckContext { log, scenario };
     for name in &scenario.checks {
         match HOST_CHECKS.iter().find(|check| check.name == name) {
@@ -87,6 +94,29 @@ pub fn judge(scenario: &Scenario, result: &RunResult) -> Verdict {
         }
     }
     verdict
+}
+
+/// Reads the guests' check lines, which the hypervisor forwards as
+/// `[cpuN INFO ] guest: vm<id>/<name>: GTEST ok <check>` (or `GTEST FAILED <check>: why`).
+/// Returns the cases (named `vm<id>-<name>/<check>`) and how many guests printed `GTEST done`.
+fn parse_gtest(log: &str) -> (Vec<CaseResult>, usize) {
+    let mut cases = Vec::new();
+    let mut done = 0;
+    for line in log.lines() {
+        let Some((_, rest)) = line.split_once("] guest: ") else { continue };
+        let Some((guest, message)) = rest.split_once(": GTEST ") else { continue };
+        let guest = guest.replace('/', "-");
+        if message.trim() == "done" {
+            done += 1;
+        } else if let Some(check) = message.strip_prefix("ok ") {
+            let check = check.split_whitespace().next().unwrap_or(check);
+            cases.push(CaseResult { name: format!("{guest}/{check}"), failure: None });
+        } else if let Some(failed) = message.strip_prefix("FAILED ") {
+            let (check, why) = failed.split_once(": ").unwrap_or((failed, "no reason given"));
+            cases.push(CaseResult { name: format!("{guest}/{check}"), failure: Some(why.to_string()) });
+        }
+    }
+    (cases, done)
 }
 
 /// The NKTEST lines of a log, read (docs/emulator-protocol.md "In-emulator test cases").
@@ -279,6 +309,19 @@ mod tests {
 [cpu0 INFO ] mem: region 0x0000000003ff0000-0x0000000003ffffff acpi-reclaimable
 [cpu0 INFO ] mem: region 0x00000000fffc0000-0x00000000ffffffff reserved
 ";
+
+    #[test]
+    fn guest_check_lines_become_cases() {
+        let log = "[cpu1 INFO ] guest: vm1/checks: GTEST ok ring0/null_hypercall\n\
+                   [cpu1 INFO ] guest: vm1/checks: GTEST FAILED ring3/counter_ops: add: 3 -> 4\n\
+                   [cpu1 INFO ] guest: vm2/x: GTEST ok extended_state (ymm0-15 kept)\n\
+                   [cpu1 INFO ] guest: vm1/checks: GTEST done\nnk: shutdown (x)\n";
+        let verdict = judge(&scenario("gtest = 2"), &result(log, Ending::Shutdown));
+        assert_eq!(verdict.problems, vec!["1 guest(s) printed `GTEST done`, expected 2".to_string()]);
+        let names: Vec<_> = verdict.cases.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["vm1-checks/ring0/null_hypercall", "vm1-checks/ring3/counter_ops", "vm2-x/extended_state"]);
+        assert_eq!(verdict.cases[1].failure.as_deref(), Some("add: 3 -> 4"));
+    }
 
     #[test]
     fn a_complete_nktest_run_passes_with_its_cases() {

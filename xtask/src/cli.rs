@@ -112,12 +112,12 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "bochs")]
     pub emu: Emulator,
     /// Number of CPUs, 1 to 16 (Bochs: at most 15).
-    #[arg(long, default_value = "1", value_name = "N", value_parser = parse_cpus)]
+    #[arg(long, default_value = "2", value_name = "N", value_parser = parse_cpus)]
     pub cpus: u32,
     /// CPU model: a Bochs model (default corei7_skylake_x), or for QEMU a `-cpu` value.
     #[arg(long, value_name = "MODEL")]
     pub cpu_model: Option<String>,
-    /// Guest RAM in MiB, 16 to 2048.
+    /// Machine RAM in MiB, 16 to 2048.
     #[arg(long, default_value = "64", value_name = "N", value_parser = parse_megs)]
     pub megs: u32,
     /// The hypervisor command line, e.g. "log=debug cpus=2".
@@ -129,6 +129,9 @@ pub struct RunArgs {
     /// Boots the test image (in-emulator test cases, selected with --cmdline test=...).
     #[arg(long)]
     pub test_harness: bool,
+    /// Boots the hypervisor without its default guests.
+    #[arg(long)]
+    pub no_guests: bool,
 }
 
 #[derive(Debug, Args)]

@@ -7,10 +7,22 @@ use anyhow::Result;
 
 use crate::cli::{Emulator, RunArgs};
 use crate::emulator::{self, Ending, RunSpec};
-use crate::image::{self, BuildOutput, ImageKind};
+use crate::image::{self, BuildOutput, ImageKind, Module};
 use crate::setup;
 use crate::tools;
 use crate::workspace::Workspace;
+
+/// The guests `cargo xtask run` boots: the test guest's hypercall checks (ring 0 and
+/// ring 3), a guest doing counter work, and a guest that touches a port it was not
+/// granted and is stopped while the others go on. With 2 or more CPUs the last two share
+/// CPU 1 in time slices.
+const DEFAULT_GUESTS: &[&str] =
+    &["checks cpu=0 -- checks", "worker cpu=1 -- survivor 600", "intruder cpu=1 -- misbehave badport"];
+
+fn default_guests(workspace: &Workspace, args: &RunArgs) -> Result<Vec<Module>> {
+    let guest = image::build_package(workspace, "nk-testguest", &[], args.profile.profile(), BuildOutput::Summary)?;
+    Ok(DEFAULT_GUESTS.iter().map(|cmdline| Module { path: guest.clone(), cmdline: (*cmdline).to_string() }).collect())
+}
 
 pub fn run_command(workspace: &Workspace, args: &RunArgs) -> Result<ExitCode> {
     if args.emu == Emulator::Bochs {
@@ -26,7 +38,8 @@ pub fn run_command(workspace: &Workspace, args: &RunArgs) -> Result<ExitCode> {
     setup::install_missing(workspace, setup::Mode::Quiet)?;
     let kind = if args.test_harness { ImageKind::Test } else { ImageKind::Normal };
     let elf = image::build_hypervisor(workspace, kind, args.profile.profile(), BuildOutput::Summary)?;
-    let iso = image::make_iso(workspace, &elf, &args.cmdline, &[])?;
+    let modules = if args.no_guests { Vec::new() } else { default_guests(workspace, args)? };
+    let iso = image::make_iso(workspace, &elf, &args.cmdline, &modules)?;
 
     let spec = RunSpec {
         name: "run".into(),

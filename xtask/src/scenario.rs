@@ -47,6 +47,10 @@ pub struct Scenario {
     /// The NKTEST protocol must run to `NKTEST end` with every case `ok`.
     #[serde(default)]
     pub nktest: bool,
+    /// How many guests must finish their GTEST checks (`GTEST done`); every `GTEST ok` or
+    /// `GTEST FAILED` line of a guest counts as a case.
+    #[serde(default)]
+    pub gtest: u32,
     /// Substrings that must each appear in the serial log.
     #[serde(default)]
     pub expect: Vec<String>,

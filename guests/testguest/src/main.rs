@@ -167,7 +167,9 @@ fn check_derive_revoke_delete() -> CheckResult {
     Ok(())
 }
 
-const CHECKS: [(&str, fn() -> CheckResult); 6] = [
+type Check = (&'static str, fn() -> CheckResult);
+
+const CHECKS: [Check; 6] = [
     ("null_hypercall", check_null),
     ("bad_version", check_bad_version),
     ("unknown_selectors", check_unknown_selectors),

@@ -119,7 +119,6 @@ fn cap_status(error: CapError) -> Status {
         CapError::QuotaExceeded | CapError::TableFull => (Status::QUOTA_EXCEEDED, None),
         CapError::NotImplementer => (Status::NOT_PERMITTED, None),
         CapError::UndefinedRights | CapError::UnknownKind | CapError::UnknownAm => (Status::BAD_ARGUMENT, None),
-        _ => (Status::NO_MEMORY, None),
     };
     Status::new(code, arg)
 }

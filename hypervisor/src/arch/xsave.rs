@@ -77,11 +77,6 @@ impl ExtendedState {
         Some(Self { area, pages, xcr0: XCR0_RESET })
     }
 
-    /// Returns the guest's XCR0.
-    pub fn xcr0(&self) -> u64 {
-        self.xcr0
-    }
-
     /// Records and loads a new guest XCR0 (after `valid_xcr0`).
     pub fn set_guest_xcr0(&mut self, value: u64) {
         self.xcr0 = value;

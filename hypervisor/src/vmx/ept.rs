@@ -21,7 +21,10 @@ impl TableMemory for FrameTables {
     }
 
     fn table(&mut self, paddr: u64) -> &mut [u64; 512] {
-        assert!(paddr % memory::PAGE_SIZE == 0 && paddr < memory::IDENTITY_MAPPED_LIMIT, "bad table frame {paddr:#x}");
+        assert!(
+            paddr.is_multiple_of(memory::PAGE_SIZE) && paddr < memory::IDENTITY_MAPPED_LIMIT,
+            "bad table frame {paddr:#x}"
+        );
         // SAFETY: `paddr` is a table frame this allocator handed out (nk_paging only walks
         // frames it got from `alloc_table` or read from entries it wrote), identity-mapped,
         // 4 KiB aligned, and used only by the one EPT that owns it; the borrow ends before
