@@ -239,10 +239,10 @@ impl Guest {
                 let r = &mut vcpu.regs;
                 (r.rax, r.rbx, r.rcx) = (reply.status, reply.name.low, reply.name.high);
                 (r.rdx, r.rsi, r.rdi, r.r8) = (reply.results[0], reply.results[1], reply.results[2], reply.results[3]);
-                vcpu.skip_instruction(exit)?;
+                vcpu.skip_instruction()?;
             }
             ExitReason::IO_INSTRUCTION => {
-                let q = exit.qualification;
+                let q = vcpu.exit_qualification()?;
                 let (size, is_in, string, port) = ((q & 7) + 1, q & 8 != 0, q & 16 != 0, (q >> 16) as u16);
                 if port != CONSOLE_PORT || size != 1 || is_in || string {
                     return stop(alloc::format!(
@@ -251,22 +251,33 @@ impl Guest {
                     ));
                 }
                 let byte = vcpu.regs.rax as u8;
-                vcpu.skip_instruction(exit)?;
+                vcpu.skip_instruction()?;
                 self.console_byte(byte);
             }
             ExitReason::CPUID => {
                 let osxsave = vcpu.guest_cr4()? & (1 << 18) != 0;
                 emulate_cpuid(&mut vcpu.regs, osxsave);
-                vcpu.skip_instruction(exit)?;
+                vcpu.skip_instruction()?;
             }
             ExitReason::XSETBV => {
                 let value = (vcpu.regs.rdx << 32) | (vcpu.regs.rax & 0xFFFF_FFFF);
                 if let (0, true, Some(xstate)) = (vcpu.regs.rcx as u32, xsave::valid_xcr0(value), &mut self.xstate) {
                     xstate.set_guest_xcr0(value);
-                    vcpu.skip_instruction(exit)?;
+                    vcpu.skip_instruction()?;
                 } else {
                     vcpu.inject_exception(13, Some(0))?;
                 }
+            }
+            ExitReason::CR_ACCESS => {
+                // Only CR4.VMXE is owned by the hypervisor (CR4 guest/host mask), so the
+                // exit is a MOV to CR4 that sets it: VMX is hidden from guests, so the
+                // write faults as on a CPU without VMX (SDM Vol. 3 §2.5).
+                let q = vcpu.exit_qualification()?;
+                let (cr, access) = (q & 0xF, (q >> 4) & 3);
+                if cr != 4 || access != 0 {
+                    return stop(alloc::format!("unexpected control-register access (CR{cr}, type {access})"));
+                }
+                vcpu.inject_exception(13, Some(0))?;
             }
             ExitReason::RDMSR | ExitReason::WRMSR => {
                 // MSRs are denied by default: the guest sees #GP(0), as on a CPU without
@@ -278,7 +289,7 @@ impl Guest {
                 return Ok(Some(GuestEnd::Halted));
             }
             ExitReason::EPT_VIOLATION => {
-                let q = exit.qualification;
+                let q = vcpu.exit_qualification()?;
                 let access = if q & 4 != 0 {
                     "execute"
                 } else if q & 2 != 0 {
@@ -286,11 +297,9 @@ impl Guest {
                 } else {
                     "read"
                 };
+                let gpa = vcpu.guest_physical()?;
                 self.flush_console();
-                return stop(alloc::format!(
-                    "{access} of guest-physical {:#x} outside its memory (EPT violation)",
-                    exit.guest_physical
-                ));
+                return stop(alloc::format!("{access} of guest-physical {gpa:#x} outside its memory (EPT violation)"));
             }
             ExitReason::TRIPLE_FAULT => {
                 let rip = vcpu.rip().unwrap_or(0);

@@ -305,7 +305,7 @@ fn guest_vmcall_roundtrip(_: &Context<'_>) -> CaseResult {
     check(exit.reason == ExitReason::VMCALL, || format!("first exit {:?}, expected VMCALL", exit.reason))?;
     check(guest.vcpu().regs.rax == 0x1234, || format!("guest rax {:#x} at VMCALL", guest.vcpu().regs.rax))?;
     guest.vcpu().regs.rax = 0x5678;
-    guest.vcpu().skip_instruction(&exit).map_err(|e| format!("{e}"))?;
+    guest.vcpu().skip_instruction().map_err(|e| format!("{e}"))?;
     let exit = guest.run()?;
     check(exit.reason == ExitReason::HLT, || format!("second exit {:?}, expected HLT", exit.reason))?;
     let stored = guest.read_u64(0x5000);
@@ -319,8 +319,10 @@ fn guest_ept_violation_stops_guest(_: &Context<'_>) -> CaseResult {
     let mut guest = TestGuest::new(&code)?;
     let exit = guest.run()?;
     check(exit.reason == ExitReason::EPT_VIOLATION, || format!("exit {:?}, expected EPT violation", exit.reason))?;
-    check(exit.guest_physical == 0x80_0000, || format!("violation at GPA {:#x}", exit.guest_physical))?;
-    check(exit.qualification & 1 == 1, || format!("qualification {:#x} is not a read", exit.qualification))
+    let vcpu = guest.vcpu();
+    let (gpa, qualification) = (vcpu.guest_physical().unwrap_or(0), vcpu.exit_qualification().unwrap_or(0));
+    check(gpa == 0x80_0000, || format!("violation at GPA {gpa:#x}"))?;
+    check(qualification & 1 == 1, || format!("qualification {qualification:#x} is not a read"))
 }
 
 /// A guest that faults with no IDT triple-faults, which exits instead of resetting.

@@ -86,13 +86,27 @@ nk_ring3_return:
     pop rbx
     ret
 
-// Any exception in the guest: report it on the console and halt.
-.global nk_guest_fault
+// Any exception in the guest: report its vector on the console and halt. Each vector's
+// stub pushes its number; the word above it is the error code or the faulting RIP.
+.irp vec, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+nk_guest_fault_\vec:
+    push \vec
+    jmp nk_guest_fault
+.endr
 nk_guest_fault:
-    mov rdi, [rsp]
+    pop rdi
+    mov rsi, [rsp]
+    and rsp, -16
     call nk_guest_fault_report
 3:  hlt
     jmp 3b
+
+.section .rodata.nk_guest_ring3, "a"
+.balign 8
+nk_guest_fault_stubs:
+.irp vec, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+    .quad nk_guest_fault_\vec
+.endr
 
 .section .bss.nk_guest_ring3, "aw", @nobits
 .balign 8
@@ -106,12 +120,12 @@ nk_ring0_saved_rsp:
 unsafe extern "C" {
     fn nk_enter_ring3(entry: u64, user_stack: u64);
     fn nk_ring3_return();
-    fn nk_guest_fault();
+    static nk_guest_fault_stubs: [u64; 32];
 }
 
 #[unsafe(no_mangle)]
-extern "C" fn nk_guest_fault_report(word: u64) {
-    crate::println!("guest fault: exception taken (top of stack {word:#x}), halting");
+extern "C" fn nk_guest_fault_report(vector: u64, word: u64) {
+    crate::println!("guest fault: exception {vector} (error code or rip {word:#x}), halting");
 }
 
 fn gate(handler: u64, dpl: u64) -> [u64; 2] {
@@ -130,8 +144,8 @@ pub(crate) fn init() {
         t.gdt[5] = (limit & 0xFFFF) | ((tss & 0xFF_FFFF) << 16) | (0x89 << 40) | (((tss >> 24) & 0xFF) << 56);
         t.gdt[6] = tss >> 32;
         t.tss.rsp[0] = t.ring0_stack.as_ptr() as u64 + STACK_BYTES as u64;
-        for vector in 0..32 {
-            t.idt[vector] = gate(nk_guest_fault as *const () as usize as u64, 0);
+        for (vector, &stub) in nk_guest_fault_stubs.iter().enumerate() {
+            t.idt[vector] = gate(stub, 0);
         }
         t.idt[RETURN_VECTOR] = gate(nk_ring3_return as *const () as usize as u64, 3);
 

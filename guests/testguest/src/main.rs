@@ -277,6 +277,14 @@ fn misbehave(mode: &str) {
             unsafe { core::arch::asm!("out 0x80, al", in("al") 0u8) };
             println!("GTEST FAILED badport: port write was allowed");
         }
+        // Setting CR4.VMXE: VMX is hidden, so the guest takes #GP; its handler reports.
+        "vmxe" => {
+            // SAFETY: deliberately tries to enable VMX; the fault handler halts the guest.
+            unsafe {
+                core::arch::asm!("mov {t}, cr4", "or {t}, {bit}", "mov cr4, {t}", t = out(reg) _, bit = in(reg) 1u64 << 13);
+            }
+            println!("GTEST FAILED vmxe: setting CR4.VMXE did not fault");
+        }
         // No IDT, then a fault: a triple fault.
         "triple" => {
             // SAFETY: deliberately destroys this guest's IDT and faults.

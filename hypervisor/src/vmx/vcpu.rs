@@ -180,13 +180,12 @@ fn adjust(capability_msr: u32, field: F, wanted: u32) -> Result<u32, VcpuError> 
     Ok(wanted | must_be_one)
 }
 
-/// What a guest exit looked like, read from the VMCS.
+/// A guest exit. Only the reason is read eagerly; handlers read the other exit fields
+/// they need (`Vcpu::exit_qualification`, `Vcpu::guest_physical`), which keeps VMCS
+/// reads off the hypercall path.
 #[derive(Debug, Clone, Copy)]
 pub struct Exit {
     pub reason: ExitReason,
-    pub qualification: u64,
-    pub instruction_length: u64,
-    pub guest_physical: u64,
 }
 
 /// A vCPU with its own VMCS, running a 64-bit guest in its own EPT.
@@ -421,20 +420,25 @@ impl Vcpu {
             }
         }
         self.launched = true;
-        Ok(Exit {
-            reason: ExitReason(vmcs::read(F::EXIT_REASON)? as u16),
-            qualification: vmcs::read(F::EXIT_QUALIFICATION)?,
-            instruction_length: vmcs::read(F::EXIT_INSTRUCTION_LENGTH)?,
-            guest_physical: vmcs::read(F::GUEST_PHYSICAL_ADDRESS)?,
-        })
+        Ok(Exit { reason: ExitReason(vmcs::read(F::EXIT_REASON)? as u16) })
+    }
+
+    /// Returns the exit qualification of the last exit (SDM Vol. 3 §28.2.1).
+    pub fn exit_qualification(&self) -> Result<u64, VcpuError> {
+        Ok(vmcs::read(F::EXIT_QUALIFICATION)?)
+    }
+
+    /// Returns the guest-physical address of the last EPT exit.
+    pub fn guest_physical(&self) -> Result<u64, VcpuError> {
+        Ok(vmcs::read(F::GUEST_PHYSICAL_ADDRESS)?)
     }
 
     /// Moves the guest past the instruction that exited.
-    pub fn skip_instruction(&mut self, exit: &Exit) -> Result<(), VcpuError> {
-        let rip = vmcs::read(F::GUEST_RIP)?;
+    pub fn skip_instruction(&mut self) -> Result<(), VcpuError> {
+        let (rip, length) = (vmcs::read(F::GUEST_RIP)?, vmcs::read(F::EXIT_INSTRUCTION_LENGTH)?);
         // SAFETY: advancing RIP by the exiting instruction's length is what the SDM
         // prescribes for emulated instructions (§28.2.5).
-        unsafe { vmcs::write(F::GUEST_RIP, rip + exit.instruction_length)? };
+        unsafe { vmcs::write(F::GUEST_RIP, rip + length)? };
         Ok(())
     }
 
