@@ -17,7 +17,7 @@ use crate::workspace::Workspace;
 /// granted and is stopped while the others go on. With 2 or more CPUs the last two share
 /// CPU 1 in time slices.
 const DEFAULT_GUESTS: &[&str] =
-    &["checks cpu=0 -- checks", "worker cpu=1 -- survivor 600", "intruder cpu=1 -- misbehave badport"];
+    &["checks cpu=0 -- checks 2", "worker cpu=1 -- survivor 600", "intruder cpu=1 -- misbehave badport"];
 
 fn default_guests(workspace: &Workspace, args: &RunArgs) -> Result<Vec<Module>> {
     let guest = image::build_package(workspace, "nk-testguest", &[], args.profile.profile(), BuildOutput::Summary)?;

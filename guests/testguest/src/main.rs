@@ -178,8 +178,32 @@ const CHECKS: [Check; 6] = [
     ("derive_revoke_delete", check_derive_revoke_delete),
 ];
 
+/// The VM to delegate to in `check_other_vms_bound_capability` (0: none running).
+static PEER_VM: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+
+/// A capability bound to another VM is refused when this VM presents its name (the
+/// name is known here: delegate returned it); a bearer one is usable by anyone.
+fn check_other_vms_bound_capability() -> CheckResult {
+    let peer = PEER_VM.load(core::sync::atomic::Ordering::Relaxed);
+    ensure!(peer != 0, "no peer VM given (run with 'checks <peer vm id>')");
+    let (am, c) = create_counter()?;
+    let bound = nk::delegate(c, peer, u64::MAX, false).map_err(|s| why(format_args!("delegate bound: {s}")))?;
+    expect_status(read(am, bound).err().unwrap_or(Status(0)), Status::WRONG_HOLDER, Some(0), "peer's bound cap")?;
+    let bearer = nk::delegate(c, peer, 0b01, true).map_err(|s| why(format_args!("delegate bearer: {s}")))?;
+    ensure!(read(am, bearer).is_ok(), "a bearer capability was refused to its presenter");
+    let info = nk::inspect(bound);
+    expect_status(info.err().unwrap_or(Status(0)), Status::WRONG_HOLDER, Some(0), "inspect of peer's bound cap")?;
+    Ok(())
+}
+
 fn run_checks() {
     let ring = current_ring();
+    if PEER_VM.load(core::sync::atomic::Ordering::Relaxed) != 0 {
+        match check_other_vms_bound_capability() {
+            Ok(()) => println!("GTEST ok ring{ring}/other_vms_bound_capability"),
+            Err(Why(line)) => println!("GTEST FAILED ring{ring}/other_vms_bound_capability: {}", line.as_str()),
+        }
+    }
     for (name, check) in CHECKS {
         match check() {
             Ok(()) => println!("GTEST ok ring{ring}/{name}"),
@@ -414,6 +438,9 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
     let mut words = boot.args.split_ascii_whitespace();
     match words.next() {
         None | Some("checks") => {
+            if let Some(peer) = words.next().and_then(|n| n.parse().ok()) {
+                PEER_VM.store(peer, core::sync::atomic::Ordering::Relaxed);
+            }
             run_checks();
             check_cpuid();
             run_in_ring3(run_checks);
@@ -426,7 +453,7 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
             check_extended_state(seed, words.next().and_then(|n| n.parse().ok()).unwrap_or(3000));
         }
         Some(other) => println!(
-            "GTEST FAILED args: unknown mode '{other}' (checks, bench, survivor N, misbehave MODE, xstate SEED ROUNDS)"
+            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, survivor N, misbehave MODE, xstate SEED ROUNDS)"
         ),
     }
     println!("GTEST done");
