@@ -55,6 +55,14 @@ pub fn run_guests(specs: Vec<GuestSpec>) -> (usize, usize) {
             }
             None => fallback,
         };
+        // Every VM is a principal before any guest runs, so guests can delegate to each
+        // other whatever CPU they start on.
+        let registered = KERNEL.get().expect("the null-Kernel starts before any guest").lock().add_vm(vm, VM_QUOTA);
+        if let Err(e) = registered {
+            log::error!(target: "guest", "vm{}/{}: cannot register with the null-Kernel: {e:?}", vm.raw(), spec.name);
+            STOPPED.fetch_add(1, Ordering::AcqRel);
+            continue;
+        }
         log::info!(target: "sched", "vm{}/{} -> cpu {cpu}", vm.raw(), spec.name);
         QUEUES[cpu].lock().push((vm, spec));
     }
@@ -82,12 +90,6 @@ fn run_queue(cpu: usize) {
     let rate = crate::vmx::capabilities().preemption_timer_rate;
     let mut guests = Vec::new();
     for (vm, spec) in specs {
-        let registered = KERNEL.get().expect("started").lock().add_vm(vm, VM_QUOTA);
-        if let Err(e) = registered {
-            log::error!(target: "guest", "vm{}/{}: cannot register with the null-Kernel: {e:?}", vm.raw(), spec.name);
-            STOPPED.fetch_add(1, Ordering::AcqRel);
-            continue;
-        }
         log::info!(target: "guest", "vm{}/{}: starting on cpu {cpu} ({} KiB image, {} MiB memory)",
             vm.raw(), spec.name, spec.image.len() / 1024, spec.memory >> 20);
         match Guest::create(vm, &spec) {
