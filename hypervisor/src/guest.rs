@@ -17,6 +17,7 @@ use nk_caps::VmId;
 use nk_paging::{EptBuilder, EptPerms};
 
 use crate::arch::xsave::{self, ExtendedState};
+use crate::ioports::{self, IoBitmaps};
 use crate::memory::{self, HostPhysAddr, PAGE_SIZE};
 use crate::vmx;
 use crate::vmx::ept::FrameTables;
@@ -82,6 +83,7 @@ pub struct Guest {
     exits: u64,
     /// None where the CPU has no XSAVE (then only x87/SSE-free guests are safe to share).
     xstate: Option<ExtendedState>,
+    io: IoBitmaps,
 }
 
 impl fmt::Debug for Guest {
@@ -96,6 +98,7 @@ impl Guest {
     pub fn create(vm: VmId, spec: &GuestSpec) -> Result<Self, GuestError> {
         let (name, image, memory_size) = (spec.name.as_str(), spec.image, spec.memory);
         let parsed = nk_loader::parse(image, IMAGE_MIN_GPA, memory_size).map_err(GuestError::Image)?;
+        let io = IoBitmaps::new(vm).ok_or(GuestError::Memory("no memory for the I/O bitmaps"))?;
         let xstate = match xsave::supported() {
             true => Some(ExtendedState::new().ok_or(GuestError::Memory("no memory for the XSAVE area"))?),
             false => None,
@@ -112,6 +115,7 @@ impl Guest {
             console: String::new(),
             exits: 0,
             xstate,
+            io,
         };
         // SAFETY: the frames were just allocated for this guest and are identity-mapped.
         unsafe { core::ptr::write_bytes(memory.as_u64() as *mut u8, 0, memory_size as usize) };
@@ -134,8 +138,14 @@ impl Guest {
         let eptp = ept.eptp(caps.ept_ad);
         guest.ept = Some(ept);
         mapped.map_err(GuestError::Ept)?;
-        let start =
-            GuestStart { eptp, vpid: vm.raw() as u16, cr3: PAGE_TABLES_GPA, rip: parsed.entry, rsp: memory_size };
+        let start = GuestStart {
+            eptp,
+            vpid: vm.raw() as u16,
+            cr3: PAGE_TABLES_GPA,
+            rip: parsed.entry,
+            rsp: memory_size,
+            io_bitmaps: guest.io.address(),
+        };
         let mut vcpu = Vcpu::new(&caps, &start).map_err(GuestError::Vcpu)?;
         vcpu.regs = GuestRegs {
             rdi: u64::from(vm.raw()),
@@ -244,15 +254,26 @@ impl Guest {
             ExitReason::IO_INSTRUCTION => {
                 let q = vcpu.exit_qualification()?;
                 let (size, is_in, string, port) = ((q & 7) + 1, q & 8 != 0, q & 16 != 0, (q >> 16) as u16);
-                if port != CONSOLE_PORT || size != 1 || is_in || string {
+                if port == CONSOLE_PORT && size == 1 && !is_in && !string {
+                    let byte = vcpu.regs.rax as u8;
+                    vcpu.skip_instruction()?;
+                    self.console_byte(byte);
+                    return Ok(None);
+                }
+                // A port granted in one direction only exits; the hypervisor performs it.
+                let emulated = if string { None } else { ioports::emulate(vm, port, size as u8, is_in, vcpu.regs.rax) };
+                let Some(value) = emulated else {
                     return stop(alloc::format!(
                         "touched I/O port {port:#x} ({}, {size} byte(s)) it was not granted",
                         if is_in { "in" } else { "out" }
                     ));
+                };
+                if is_in {
+                    let mask = if size == 4 { 0xFFFF_FFFF } else { (1u64 << (size * 8)) - 1 };
+                    // A 32-bit `in` zero-extends into RAX; smaller ones keep the upper bits.
+                    vcpu.regs.rax = if size == 4 { value } else { (vcpu.regs.rax & !mask) | (value & mask) };
                 }
-                let byte = vcpu.regs.rax as u8;
                 vcpu.skip_instruction()?;
-                self.console_byte(byte);
             }
             ExitReason::CPUID => {
                 let osxsave = vcpu.guest_cr4()? & (1 << 18) != 0;
@@ -386,14 +407,17 @@ pub struct GuestSpec {
     pub memory: u64,
     /// The CPU to run on (None: the hypervisor chooses).
     pub cpu: Option<usize>,
+    /// The I/O ports the VM may open with the exo AM (`ports=<first>[-<last>]`).
+    pub ports: Option<(u16, u32)>,
     /// The words after `--`, handed to the guest.
     pub args: String,
 }
 
 impl GuestSpec {
     /// Reads a module command line: the first word names the guest; `mem=` sizes its
-    /// memory (a multiple of 2 MiB, at most 1 GiB), `cpu=` places it, and everything after
-    /// `--` goes to the guest.
+    /// memory (a multiple of 2 MiB, at most 1 GiB), `cpu=` places it, `ports=` names the
+    /// I/O ports it may open through the exo AM, and everything after `--` goes to the
+    /// guest.
     pub fn from_cmdline(cmdline: &str, image: &'static [u8]) -> Result<Self, String> {
         let (options, args) = match cmdline.split_once(" -- ") {
             Some((options, args)) => (options, args.trim()),
@@ -406,6 +430,7 @@ impl GuestSpec {
             image,
             memory: DEFAULT_GUEST_MEMORY,
             cpu: None,
+            ports: None,
             args: String::from(args),
         };
         for word in words {
@@ -416,13 +441,33 @@ impl GuestSpec {
                     .parse::<usize>()
                     .map_err(|_| alloc::format!("bad value '{value}' for cpu=: write a CPU index, e.g. cpu=1"))?;
                 spec.cpu = Some(cpu);
+            } else if let Some(value) = word.strip_prefix("ports=") {
+                spec.ports = Some(parse_ports(value)?);
             } else {
                 return Err(alloc::format!(
-                    "unknown module option '{word}' (known: mem=<size>, cpu=<index>, -- <guest args>)"
+                    "unknown module option '{word}' (known: mem=<size>, cpu=<index>, ports=<first>[-<last>], -- <guest args>)"
                 ));
             }
         }
         Ok(spec)
+    }
+}
+
+/// Reads `<first>[-<last>]` (hexadecimal with 0x, or decimal) as (first, count).
+fn parse_ports(value: &str) -> Result<(u16, u32), String> {
+    let number = |text: &str| match text.strip_prefix("0x") {
+        Some(hex) => u16::from_str_radix(hex, 16).ok(),
+        None => text.parse::<u16>().ok(),
+    };
+    let (first, last) = match value.split_once('-') {
+        Some((first, last)) => (number(first), number(last)),
+        None => (number(value), number(value)),
+    };
+    match (first, last) {
+        (Some(first), Some(last)) if first <= last => Ok((first, u32::from(last - first) + 1)),
+        _ => Err(alloc::format!(
+            "bad value '{value}' for ports=: write a port or a range, e.g. ports=0x80 or ports=0x3f8-0x3ff"
+        )),
     }
 }
 

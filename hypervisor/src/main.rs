@@ -17,6 +17,7 @@ mod arch;
 mod boot;
 mod console;
 mod guest;
+mod ioports;
 mod memory;
 mod percpu;
 mod power;
@@ -100,7 +101,8 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
     let in_root = percpu::all().filter(|cpu| cpu.in_vmx_root()).count();
     log::info!(target: "nk", "boot complete, {in_root} of {attempted} CPUs online in VMX root");
 
-    match null_kernel() {
+    let guests = boot.guests();
+    match null_kernel(&guests) {
         Ok(kernel) => {
             sched::KERNEL.call_once(|| spin::Mutex::new(kernel));
         }
@@ -118,20 +120,32 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
     #[cfg(not(feature = "test-harness"))]
     let status = ExitStatus::Success;
 
-    let (halted, stopped) = sched::run_guests(boot.guests());
+    let (halted, stopped) = sched::run_guests(guests);
     log::info!(target: "nk", "guests finished: {halted} halted, {stopped} stopped");
     power::shutdown(status, "all guests finished")
 }
 
-/// Creates kernel instance 0 of the null-Kernel and registers the built-in AMs.
-fn null_kernel() -> Result<nk_core::NullKernel, alloc::string::String> {
+/// Creates kernel instance 0 of the null-Kernel and registers the built-in AMs; the exo AM
+/// learns which port range each guest (VM i+1) may open.
+fn null_kernel(guests: &[guest::GuestSpec]) -> Result<nk_core::NullKernel, alloc::string::String> {
     const CAPACITY: u32 = 16_384;
     let mut kernel = nk_core::NullKernel::new(nk_caps::KernelId::new(0), CAPACITY, &mut arch::HardwareEntropy)
         .map_err(|e| alloc::format!("capability table: {e:?}"))?;
     let counter = kernel
         .add_am(alloc::boxed::Box::new(nk_am_counter::CounterAm::new()), 4096)
         .map_err(|e| alloc::format!("counter AM: {e:?}"))?;
-    log::info!(target: "nk", "kernel 0: {} capability slots, AMs: counter (id {})", CAPACITY, counter.raw());
+    let ports = guests
+        .iter()
+        .enumerate()
+        .filter_map(|(i, g)| {
+            Some((nk_caps::VmId::new(i as u32 + 1), g.ports.and_then(|(f, c)| nk_am_exo::PortRange::new(f, c))?))
+        })
+        .collect();
+    let exo = kernel
+        .add_am(alloc::boxed::Box::new(nk_am_exo::ExoAm::new(ports)), 4096)
+        .map_err(|e| alloc::format!("exo AM: {e:?}"))?;
+    log::info!(target: "nk", "kernel 0: {} capability slots, AMs: counter (id {}), exo (id {})",
+        CAPACITY, counter.raw(), exo.raw());
     Ok(kernel)
 }
 

@@ -37,7 +37,20 @@ struct SharedKernel;
 
 impl HypercallSink for SharedKernel {
     fn hypercall(&mut self, vm: VmId, call: &Call) -> Reply {
-        KERNEL.get().expect("the null-Kernel starts before any guest").lock().dispatch(vm, call)
+        let mut kernel = KERNEL.get().expect("the null-Kernel starts before any guest").lock();
+        let reply = kernel.dispatch(vm, call);
+        apply_effects(&mut kernel);
+        reply
+    }
+}
+
+/// Applies what the AMs asked for (and what revocations took back) before the call that
+/// caused it returns: nothing a dead capability enabled survives its revocation.
+fn apply_effects(kernel: &mut NullKernel) {
+    if kernel.has_effects() {
+        for effect in kernel.take_effects() {
+            crate::ioports::apply(effect);
+        }
     }
 }
 
@@ -124,7 +137,11 @@ fn run_queue(cpu: usize) {
 
 /// Removes an ended VM from the null-Kernel (its capabilities die, its AMs undo effects).
 fn finish(vm: VmId, halted: bool) {
-    match KERNEL.get().expect("started").lock().remove_vm(vm) {
+    let mut kernel = KERNEL.get().expect("started").lock();
+    let removed = kernel.remove_vm(vm);
+    apply_effects(&mut kernel);
+    drop(kernel);
+    match removed {
         Ok(dead) => log::debug!(target: "guest", "vm{}: {dead} capabilities revoked", vm.raw()),
         Err(e) => log::error!(target: "guest", "vm{}: cannot remove from the null-Kernel: {e:?}", vm.raw()),
     }

@@ -217,6 +217,7 @@ fn exception_stops_machine(_: &Context<'_>) -> CaseResult {
 /// tables (1 GiB of 2 MiB pages, so guest-virtual addresses past its RAM reach the EPT),
 /// running `code` at GPA 0x10000.
 struct TestGuest {
+    io: Option<crate::ioports::IoBitmaps>,
     ept: Option<nk_paging::EptBuilder>,
     ram: memory::HostPhysAddr,
     vcpu: Option<crate::vmx::vcpu::Vcpu>,
@@ -231,7 +232,7 @@ impl TestGuest {
         let caps = crate::vmx::capabilities();
         let mut tables = crate::vmx::ept::FrameTables;
         let ram = memory::alloc_frames((TEST_GUEST_RAM / PAGE_SIZE) as usize).ok_or("no memory for guest RAM")?;
-        let mut guest = TestGuest { ept: None, ram, vcpu: None };
+        let mut guest = TestGuest { io: None, ept: None, ram, vcpu: None };
         // SAFETY: the frames were just allocated for this guest and are identity-mapped.
         unsafe { core::ptr::write_bytes(ram.as_u64() as *mut u8, 0, TEST_GUEST_RAM as usize) };
         let mut ept =
@@ -246,7 +247,16 @@ impl TestGuest {
         }
         guest.write_bytes(TEST_GUEST_CODE, code);
         let eptp = guest.ept.as_ref().map(|e| e.eptp(caps.ept_ad)).unwrap_or(0);
-        let start = GuestStart { eptp, vpid: 1, cr3: 0x1000, rip: TEST_GUEST_CODE, rsp: 0x20_0000 };
+        let bitmaps = crate::ioports::IoBitmaps::new(nk_caps::VmId::new(0x7FFF)).ok_or("no memory for I/O bitmaps")?;
+        let start = GuestStart {
+            eptp,
+            vpid: 1,
+            cr3: 0x1000,
+            rip: TEST_GUEST_CODE,
+            rsp: 0x20_0000,
+            io_bitmaps: bitmaps.address(),
+        };
+        guest.io = Some(bitmaps);
         guest.vcpu = Some(Vcpu::new(&caps, &start).map_err(|e| format!("vCPU setup: {e}"))?);
         Ok(guest)
     }

@@ -102,8 +102,32 @@ impl Outcome {
     }
 }
 
+/// Access to I/O ports, as bits of an `Effect::IoPorts`.
+pub mod port_access {
+    /// `in` instructions.
+    pub const IN: u8 = 1;
+    /// `out` instructions.
+    pub const OUT: u8 = 2;
+}
+
+/// A change to the machine an AM asks the hypervisor to make for it: AMs are safe code and
+/// touch no hardware, so what a capability enables (and what its revocation undoes) is
+/// described here and applied by the hypervisor before the call returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Lets `vm` execute `access` (`port_access` bits) on ports `[first, first + count)`
+    /// without exiting, or (`allow == false`) takes that back.
+    IoPorts { vm: VmId, first: u16, count: u32, access: u8, allow: bool },
+}
+
+/// Where an AM emits effects.
+pub trait Effects {
+    /// Asks the hypervisor to apply `effect`.
+    fn emit(&mut self, effect: Effect);
+}
+
 /// The null-Kernel services an AM may use while it handles an invocation.
-pub trait Kernel {
+pub trait Kernel: Effects {
     /// Mints a root capability to `object` (which must be this AM's) with `rights`, held by
     /// the AM, and delegates a child with the same rights to `to`. Returns the child's name.
     fn grant_new(
@@ -137,7 +161,8 @@ pub trait AbstractMachine {
         Ok(None)
     }
 
-    /// Undoes what `dead` enabled; called for every capability to this AM's objects that
-    /// dies (revoked, deleted, or its holder gone).
-    fn revoked(&mut self, dead: &DeadCap);
+    /// Undoes what `dead` enabled (emitting effects that take back what it allowed);
+    /// called for every capability to this AM's objects that dies (revoked, deleted, or
+    /// its holder gone).
+    fn revoked(&mut self, dead: &DeadCap, effects: &mut dyn Effects);
 }

@@ -18,8 +18,8 @@ extern crate alloc;
 use alloc::vec::Vec;
 
 use nk_am::{
-    AbstractMachine, AmError, AmId, ArgSpec, Binding, CapName, Checked, DeadCap, Kernel, KindSpec, ObjId, ObjKind,
-    Object, OpId, OpSpec, Outcome, Principal, RegisterError, Registrar, Rights, VmId, PLAIN_ARGS,
+    AbstractMachine, AmError, AmId, ArgSpec, Binding, CapName, Checked, DeadCap, Effects, Kernel, KindSpec, ObjId,
+    ObjKind, Object, OpId, OpSpec, Outcome, Principal, RegisterError, Registrar, Rights, VmId, PLAIN_ARGS,
 };
 
 /// The most counters one counter AM holds.
@@ -131,7 +131,7 @@ impl AbstractMachine for CounterAm {
         Ok(Some(kernel.grant_new(object, create, Principal::Vm(vm), Binding::Bound)?))
     }
 
-    fn revoked(&mut self, dead: &DeadCap) {
+    fn revoked(&mut self, dead: &DeadCap, _effects: &mut dyn Effects) {
         if Some(dead.object.kind) != self.kind {
             return;
         }

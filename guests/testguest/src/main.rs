@@ -426,6 +426,47 @@ fn check_extended_state(seed: u64, rounds: u64) {
     }
 }
 
+/// Exo AM operation numbers (am/exo).
+mod exo {
+    pub const OPEN: u32 = 0;
+}
+
+/// Opens `port` with the exo AM capability this VM got at creation (its initial
+/// capability 1), writes it, then revokes the capability and writes it again: the
+/// hypervisor must stop the guest at that second write.
+fn check_port_grants(port: u16) {
+    let result = (|| -> CheckResult {
+        let (cap, am) = nk::initial(1).map_err(|s| why(format_args!("initial(1): {s} (run with ports=)")))?;
+        let in_only = nk::derive(cap, 0b01).map_err(|s| why(format_args!("derive: {s}")))?;
+        let denied = nk::call(am, exo::OPEN, &[in_only], &[u64::from(port), 1, 2]).status();
+        expect_status(denied, Status::NOT_PERMITTED, None, "out through an in-only capability")?;
+        let outside = nk::call(am, exo::OPEN, &[cap], &[u64::from(port), 2, 3]).status();
+        expect_status(outside, Status::BAD_ARGUMENT, None, "ports beyond the capability's range")?;
+        let opened = nk::call(am, exo::OPEN, &[cap], &[u64::from(port), 1, 3]).status();
+        ensure!(opened.is_ok(), "open: {opened}");
+        for value in 0..3u8 {
+            // SAFETY: the port was just opened for this VM through the exo AM.
+            unsafe { core::arch::asm!("out dx, al", in("dx") port, in("al") value) };
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => println!("GTEST ok ports_open"),
+        Err(Why(line)) => {
+            println!("GTEST FAILED ports_open: {}", line.as_str());
+            return;
+        }
+    }
+    let Ok((cap, _)) = nk::initial(1) else { return };
+    match nk::revoke(cap) {
+        Ok(died) => println!("revoked the port capability ({died} died); writing the port again"),
+        Err(s) => println!("GTEST FAILED ports_revoke: {s}"),
+    }
+    // SAFETY: deliberately writes a port whose capability was revoked.
+    unsafe { core::arch::asm!("out dx, al", in("dx") port, in("al") 0u8) };
+    println!("GTEST FAILED ports_revoke: the port stayed open after revocation");
+}
+
 #[unsafe(no_mangle)]
 fn nk_guest_main(boot: &nk_guest::BootArgs) {
     println!(
@@ -446,6 +487,10 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
             run_in_ring3(run_checks);
         }
         Some("bench") => benchmarks(),
+        Some("ports") => {
+            let port = words.next().and_then(|p| u16::from_str_radix(p.trim_start_matches("0x"), 16).ok());
+            check_port_grants(port.unwrap_or(0x80));
+        }
         Some("survivor") => survive(words.next().and_then(|n| n.parse().ok()).unwrap_or(2000)),
         Some("misbehave") => misbehave(words.next().unwrap_or("")),
         Some("xstate") => {
@@ -453,7 +498,7 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
             check_extended_state(seed, words.next().and_then(|n| n.parse().ok()).unwrap_or(3000));
         }
         Some(other) => println!(
-            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, survivor N, misbehave MODE, xstate SEED ROUNDS)"
+            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], survivor N, misbehave MODE, xstate SEED ROUNDS)"
         ),
     }
     println!("GTEST done");

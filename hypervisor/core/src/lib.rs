@@ -16,7 +16,7 @@ use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
 use nk_abi::{nk_op, Call, NameWords, Reply, Selector, Status, ABI_VERSION, MAX_CAP_ARGS, NULL_KERNEL_AM};
-use nk_am::{AbstractMachine, AmError, Kernel, Registrar};
+use nk_am::{AbstractMachine, AmError, Effect, Effects, Kernel, Registrar};
 use nk_caps::{
     AmId, ArgFault, Binding, CapError, CapName, CapTable, CheckError, DeadCap, EntropySource, KernelId, NewTableError,
     Object, OpId, Principal, PrincipalError, RegisterError, Rights, VmId,
@@ -39,6 +39,8 @@ pub struct NullKernel {
     ams: Vec<Box<dyn AbstractMachine + Send>>,
     /// Each VM's initial capabilities (AM id, name), in AM order.
     initial: BTreeMap<VmId, Vec<(AmId, CapName)>>,
+    /// Effects the AMs emitted that the hypervisor has not applied yet.
+    effects: Vec<Effect>,
 }
 
 impl core::fmt::Debug for NullKernel {
@@ -47,16 +49,26 @@ impl core::fmt::Debug for NullKernel {
     }
 }
 
+/// Collects effects into the kernel's pending list.
+struct EffectList<'a>(&'a mut Vec<Effect>);
+
+impl Effects for EffectList<'_> {
+    fn emit(&mut self, effect: Effect) {
+        self.0.push(effect);
+    }
+}
+
 /// Routes each dead capability to the AM that implements its object.
 struct AmHook<'a> {
     ams: &'a mut [Box<dyn AbstractMachine + Send>],
+    effects: &'a mut Vec<Effect>,
 }
 
 impl nk_caps::RevocationHook for AmHook<'_> {
     fn revoked(&mut self, dead: &DeadCap) {
         let index = usize::from(dead.object.am.raw()).wrapping_sub(usize::from(FIRST_AM_ID));
         if let Some(am) = self.ams.get_mut(index) {
-            am.revoked(dead);
+            am.revoked(dead, &mut EffectList(self.effects));
         }
     }
 }
@@ -65,6 +77,13 @@ impl nk_caps::RevocationHook for AmHook<'_> {
 struct AmServices<'a> {
     am: AmId,
     table: &'a mut CapTable,
+    effects: &'a mut Vec<Effect>,
+}
+
+impl Effects for AmServices<'_> {
+    fn emit(&mut self, effect: Effect) {
+        self.effects.push(effect);
+    }
 }
 
 impl Kernel for AmServices<'_> {
@@ -143,7 +162,12 @@ fn success(name: Option<CapName>, results: [u64; 4]) -> Reply {
 impl NullKernel {
     /// Creates kernel instance `kernel` with room for `capacity` capabilities.
     pub fn new(kernel: KernelId, capacity: u32, entropy: &mut dyn EntropySource) -> Result<Self, NewTableError> {
-        Ok(Self { table: CapTable::new(kernel, capacity, entropy)?, ams: Vec::new(), initial: BTreeMap::new() })
+        Ok(Self {
+            table: CapTable::new(kernel, capacity, entropy)?,
+            ams: Vec::new(),
+            initial: BTreeMap::new(),
+            effects: Vec::new(),
+        })
     }
 
     /// Returns the capability table (for inspection and tests).
@@ -174,7 +198,7 @@ impl NullKernel {
         let mut report = Vec::new();
         for (slot, am) in self.ams.iter_mut().enumerate() {
             let id = AmId::new(FIRST_AM_ID + slot as u16);
-            let mut services = AmServices { am: id, table: &mut self.table };
+            let mut services = AmServices { am: id, table: &mut self.table, effects: &mut self.effects };
             match am.grant_initial(vm, &mut services) {
                 Ok(Some(name)) => granted.push((id, name)),
                 Ok(None) => {}
@@ -183,6 +207,17 @@ impl NullKernel {
         }
         self.initial.insert(vm, granted);
         Ok(report)
+    }
+
+    /// Takes the effects the AMs emitted since the last call, for the hypervisor to apply
+    /// (in order) before the operation that caused them returns to its caller.
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        core::mem::take(&mut self.effects)
+    }
+
+    /// Tells whether effects are waiting to be applied.
+    pub fn has_effects(&self) -> bool {
+        !self.effects.is_empty()
     }
 
     /// Returns the initial capabilities of `vm` (AM id, name).
@@ -194,7 +229,7 @@ impl NullKernel {
     /// with them; the AMs undo their effects. Returns how many died.
     pub fn remove_vm(&mut self, vm: VmId) -> Result<usize, PrincipalError> {
         self.initial.remove(&vm);
-        self.table.remove_vm(vm, &mut AmHook { ams: &mut self.ams })
+        self.table.remove_vm(vm, &mut AmHook { ams: &mut self.ams, effects: &mut self.effects })
     }
 
     /// Handles one hypercall from `caller`.
@@ -232,7 +267,7 @@ impl NullKernel {
         let Some(handler) = self.ams.get_mut(slot) else {
             return failure(Status::new(Status::UNKNOWN_AM, None));
         };
-        let mut services = AmServices { am, table: &mut self.table };
+        let mut services = AmServices { am, table: &mut self.table, effects: &mut self.effects };
         match handler.invoke(&checked, &call.args, &mut services) {
             Ok(outcome) => success(outcome.name, outcome.results),
             Err(error) => failure(am_status(error)),
@@ -262,11 +297,11 @@ impl NullKernel {
                     .map(|n| success(Some(n), [0; 4]))
             }
             nk_op::REVOKE => {
-                let hook = &mut AmHook { ams: &mut self.ams };
+                let hook = &mut AmHook { ams: &mut self.ams, effects: &mut self.effects };
                 self.table.revoke(caller, c, hook).map(|count| success(None, [count as u64, 0, 0, 0]))
             }
             nk_op::DELETE => {
-                let hook = &mut AmHook { ams: &mut self.ams };
+                let hook = &mut AmHook { ams: &mut self.ams, effects: &mut self.effects };
                 self.table.delete(caller, c, hook).map(|count| success(None, [count as u64, 0, 0, 0]))
             }
             nk_op::INSPECT => self.table.inspect(caller, c).map(|info| {

@@ -122,7 +122,7 @@ mod want {
     pub const PIN_NMI: u32 = 1 << 3;
     pub const PIN_PREEMPTION_TIMER: u32 = 1 << 6;
     pub const PROC_HLT: u32 = 1 << 7;
-    pub const PROC_UNCONDITIONAL_IO: u32 = 1 << 24;
+    pub const PROC_USE_IO_BITMAPS: u32 = 1 << 25;
     pub const PROC_SECONDARY: u32 = 1 << 31;
     pub const PROC2_EPT: u32 = 1 << 1;
     pub const PROC2_VPID: u32 = 1 << 5;
@@ -204,6 +204,8 @@ pub struct GuestStart {
     pub cr3: u64,
     pub rip: u64,
     pub rsp: u64,
+    /// Address of the guest's I/O bitmap A; bitmap B is the next page.
+    pub io_bitmaps: u64,
 }
 
 impl Vcpu {
@@ -244,7 +246,7 @@ impl Vcpu {
                 adjust(
                     proc,
                     F::PRIMARY_PROCESSOR_CONTROLS,
-                    want::PROC_HLT | want::PROC_UNCONDITIONAL_IO | want::PROC_SECONDARY,
+                    want::PROC_HLT | want::PROC_USE_IO_BITMAPS | want::PROC_SECONDARY,
                 )?,
             ),
             (
@@ -280,6 +282,8 @@ impl Vcpu {
             }
             vmcs::write(F::EXCEPTION_BITMAP, 0)?;
             vmcs::write(F::EPT_POINTER, start.eptp)?;
+            vmcs::write(F::IO_BITMAP_A, start.io_bitmaps)?;
+            vmcs::write(F::IO_BITMAP_B, start.io_bitmaps + 4096)?;
             if caps.vpid {
                 vmcs::write(F::VPID, u64::from(start.vpid))?;
             }

@@ -1,0 +1,192 @@
+//! The exo AM: the machine's low-level resources as objects guarded by capabilities, in the
+//! manner of an exokernel (DESIGN.md §1; seed §5.3 "EXO AM"). So far its objects are I/O
+//! port ranges; frames, guest mappings and EPT dirty bits come next.
+//!
+//! A VM's I/O ports are all denied until it opens some with a capability: the hypervisor
+//! assigns a VM a port range at creation (its module's `ports=` option), this AM grants it
+//! a bound capability to that range with the rights `in` and `out`, and the VM `open`s
+//! ports within it. Opening emits an effect that lets the VM's `in`/`out` reach the ports;
+//! when the capability that opened them dies (revoked, deleted, its VM gone), the AM emits
+//! the effect that takes the access back, before the revoking call returns.
+//!
+//! Operations (ABI numbers): 0 `open(c: io-ports, first, count, access)` where `access` is
+//! `port_access` bits the capability's rights must cover; 1 `close(c: io-ports, first,
+//! count)`.
+#![cfg_attr(not(test), no_std)]
+#![forbid(unsafe_code)]
+
+extern crate alloc;
+
+use alloc::vec::Vec;
+
+use nk_am::{
+    port_access, AbstractMachine, AmError, AmId, ArgSpec, Binding, CapName, Checked, DeadCap, Effect, Effects, Kernel,
+    KindSpec, ObjId, ObjKind, Object, OpSpec, Outcome, Principal, RegisterError, Registrar, Rights, VmId, PLAIN_ARGS,
+};
+
+/// ABI operation numbers.
+pub mod op {
+    pub const OPEN: u16 = 0;
+    pub const CLOSE: u16 = 1;
+}
+
+/// A range of I/O ports `[first, first + count)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub count: u32,
+}
+
+impl PortRange {
+    /// Makes a range, or None if it is empty or runs past port 0xFFFF.
+    pub fn new(first: u16, count: u32) -> Option<Self> {
+        (count > 0 && u32::from(first) + count <= 0x1_0000).then_some(Self { first, count })
+    }
+
+    fn contains(&self, other: &PortRange) -> bool {
+        self.first <= other.first && u32::from(other.first) + other.count <= u32::from(self.first) + self.count
+    }
+
+    /// Encodes the range as an object id (first << 32 | count).
+    fn object_id(&self) -> ObjId {
+        ObjId::new((u64::from(self.first) << 32) | u64::from(self.count))
+    }
+
+    fn from_object_id(id: ObjId) -> Option<Self> {
+        let raw = id.raw();
+        PortRange::new(u16::try_from(raw >> 32).ok()?, raw as u32)
+    }
+}
+
+/// Ports a capability opened for a VM.
+#[derive(Clone, Copy, Debug)]
+struct Opened {
+    cap: CapName,
+    vm: VmId,
+    range: PortRange,
+    access: u8,
+}
+
+/// The exo AM.
+#[derive(Debug, Default)]
+pub struct ExoAm {
+    am: Option<AmId>,
+    ports_kind: Option<ObjKind>,
+    rights_in: Rights,
+    rights_out: Rights,
+    /// The port range each VM is given at creation.
+    assignments: Vec<(VmId, PortRange)>,
+    opened: Vec<Opened>,
+}
+
+impl ExoAm {
+    /// Creates the AM with the port ranges VMs get at creation.
+    pub fn new(assignments: Vec<(VmId, PortRange)>) -> Self {
+        Self { assignments, ..Self::default() }
+    }
+
+    fn rights_for(&self, access: u8) -> Rights {
+        let mut bits = 0;
+        if access & port_access::IN != 0 {
+            bits |= self.rights_in.bits();
+        }
+        if access & port_access::OUT != 0 {
+            bits |= self.rights_out.bits();
+        }
+        Rights::from_bits(bits)
+    }
+
+    fn close_where(&mut self, effects: &mut dyn Effects, mut matches: impl FnMut(&Opened) -> bool) -> u64 {
+        let mut closed = 0;
+        self.opened.retain(|o| {
+            if matches(o) {
+                effects.emit(Effect::IoPorts {
+                    vm: o.vm,
+                    first: o.range.first,
+                    count: o.range.count,
+                    access: o.access,
+                    allow: false,
+                });
+                closed += 1;
+                false
+            } else {
+                true
+            }
+        });
+        closed
+    }
+}
+
+impl AbstractMachine for ExoAm {
+    fn name(&self) -> &'static str {
+        "exo"
+    }
+
+    fn register(&mut self, r: &mut Registrar<'_>) -> Result<(), RegisterError> {
+        let kind = r.kind(KindSpec { name: "io-ports", rights: &["in", "out"] })?;
+        self.rights_in = r.rights(kind, &["in"]).ok_or(RegisterError::UnknownKind)?;
+        self.rights_out = r.rights(kind, &["out"]).ok_or(RegisterError::UnknownKind)?;
+        self.ports_kind = Some(kind);
+        self.am = Some(r.am());
+        let any = ArgSpec::new(kind, Rights::NONE);
+        r.operation(OpSpec { name: "open", args: &[any] })?;
+        r.operation(OpSpec { name: "close", args: &[any] })?;
+        Ok(())
+    }
+
+    fn invoke(
+        &mut self,
+        checked: &Checked,
+        args: &[u64; PLAIN_ARGS],
+        kernel: &mut dyn Kernel,
+    ) -> Result<Outcome, AmError> {
+        let Principal::Vm(vm) = checked.caller() else {
+            return Err(AmError::NotPermitted);
+        };
+        let cap = &checked.args()[0];
+        let granted = PortRange::from_object_id(cap.object().id).ok_or(AmError::BadArgument)?;
+        let first = u16::try_from(args[0]).map_err(|_| AmError::BadArgument)?;
+        let count = u32::try_from(args[1]).map_err(|_| AmError::BadArgument)?;
+        let range = PortRange::new(first, count).ok_or(AmError::BadArgument)?;
+        if !granted.contains(&range) {
+            return Err(AmError::BadArgument);
+        }
+        match checked.op().index() {
+            op::OPEN => {
+                let access = u8::try_from(args[2]).map_err(|_| AmError::BadArgument)?;
+                if access == 0 || access & !(port_access::IN | port_access::OUT) != 0 {
+                    return Err(AmError::BadArgument);
+                }
+                if !cap.rights().contains(self.rights_for(access)) {
+                    return Err(AmError::NotPermitted);
+                }
+                self.opened.push(Opened { cap: cap.name(), vm, range, access });
+                kernel.emit(Effect::IoPorts { vm, first, count, access, allow: true });
+                Ok(Outcome::default())
+            }
+            op::CLOSE => {
+                let name = cap.name();
+                let closed = self.close_where(kernel, |o| o.cap == name && o.vm == vm && o.range == range);
+                Ok(Outcome::value(closed))
+            }
+            _ => Err(AmError::NotPermitted),
+        }
+    }
+
+    fn grant_initial(&mut self, vm: VmId, kernel: &mut dyn Kernel) -> Result<Option<CapName>, AmError> {
+        let Some(&(_, range)) = self.assignments.iter().find(|(assigned, _)| *assigned == vm) else {
+            return Ok(None);
+        };
+        let (am, kind) = (self.am.ok_or(AmError::NotPermitted)?, self.ports_kind.ok_or(AmError::NotPermitted)?);
+        let all = Rights::from_bits(self.rights_in.bits() | self.rights_out.bits());
+        let object = Object::new(am, kind, range.object_id());
+        Ok(Some(kernel.grant_new(object, all, Principal::Vm(vm), Binding::Bound)?))
+    }
+
+    fn revoked(&mut self, dead: &DeadCap, effects: &mut dyn Effects) {
+        self.close_where(effects, |o| o.cap == dead.name);
+    }
+}
+
+#[cfg(test)]
+mod tests;

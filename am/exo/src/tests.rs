@@ -1,0 +1,89 @@
+use super::*;
+use nk_abi::{nk_op, Call, NameWords, Reply, Selector, Status};
+use nk_caps::{FixedSeed, KernelId};
+use nk_core::NullKernel;
+
+const VM1: VmId = VmId::new(1);
+const VM2: VmId = VmId::new(2);
+
+fn kernel() -> (NullKernel, u16) {
+    let mut nk = NullKernel::new(KernelId::new(0), 1024, &mut FixedSeed::from_u64(3)).unwrap();
+    let ports = PortRange::new(0x80, 4).unwrap();
+    let exo = nk.add_am(alloc::boxed::Box::new(ExoAm::new(alloc::vec![(VM1, ports)])), 64).unwrap().raw();
+    nk.add_vm(VM1, 64).unwrap();
+    nk.add_vm(VM2, 64).unwrap();
+    (nk, exo)
+}
+
+fn call(nk: &mut NullKernel, vm: VmId, am: u16, op: u16, cap: NameWords, args: &[u64]) -> Reply {
+    let mut call = Call { selector: Selector::new(am, op.into()).encode(), ..Call::default() };
+    call.caps[0] = cap;
+    call.args[..args.len()].copy_from_slice(args);
+    nk.dispatch(vm, &call)
+}
+
+fn initial(nk: &mut NullKernel, vm: VmId) -> Reply {
+    call(nk, vm, 0, nk_op::INITIAL as u16, NameWords::default(), &[0])
+}
+
+#[test]
+fn only_the_assigned_vm_gets_ports() {
+    let (mut nk, exo) = kernel();
+    let reply = initial(&mut nk, VM1);
+    assert!(reply.status().is_ok());
+    assert_eq!(reply.results[0], u64::from(exo));
+    assert_eq!(initial(&mut nk, VM2).status().code(), Status::BAD_ARGUMENT);
+}
+
+#[test]
+fn open_emits_the_grant_and_revoke_takes_it_back() {
+    let (mut nk, exo) = kernel();
+    let cap = initial(&mut nk, VM1).name;
+    let opened = call(&mut nk, VM1, exo, op::OPEN, cap, &[0x81, 2, 3]);
+    assert!(opened.status().is_ok(), "{}", opened.status());
+    let allow = Effect::IoPorts { vm: VM1, first: 0x81, count: 2, access: 3, allow: true };
+    assert_eq!(nk.take_effects(), [allow]);
+    let revoked = call(&mut nk, VM1, 0, nk_op::REVOKE as u16, cap, &[]);
+    assert!(revoked.status().is_ok());
+    assert_eq!(nk.take_effects(), [Effect::IoPorts { vm: VM1, first: 0x81, count: 2, access: 3, allow: false }]);
+}
+
+#[test]
+fn a_derived_capability_opens_only_what_its_rights_allow_and_dies_with_its_parent() {
+    let (mut nk, exo) = kernel();
+    let cap = initial(&mut nk, VM1).name;
+    let in_only = call(&mut nk, VM1, 0, nk_op::DERIVE as u16, cap, &[0b01]).name;
+    let out = call(&mut nk, VM1, exo, op::OPEN, in_only, &[0x80, 1, u64::from(port_access::OUT)]);
+    assert_eq!(out.status().code(), Status::NOT_PERMITTED);
+    assert!(call(&mut nk, VM1, exo, op::OPEN, in_only, &[0x80, 1, u64::from(port_access::IN)]).status().is_ok());
+    nk.take_effects();
+    assert!(call(&mut nk, VM1, 0, nk_op::REVOKE as u16, cap, &[]).status().is_ok());
+    assert_eq!(nk.take_effects().len(), 1, "the child's opening is closed when the parent is revoked");
+}
+
+#[test]
+fn bad_ranges_and_access_change_nothing() {
+    let (mut nk, exo) = kernel();
+    let cap = initial(&mut nk, VM1).name;
+    for args in [[0x7F, 1, 3], [0x80, 5, 3], [0x80, 0, 3], [0x80, 1, 0], [0x80, 1, 4], [0x1_0000, 1, 3]] {
+        assert_eq!(call(&mut nk, VM1, exo, op::OPEN, cap, &args).status().code(), Status::BAD_ARGUMENT, "{args:?}");
+    }
+    assert!(!nk.has_effects());
+    let stolen = call(&mut nk, VM2, exo, op::OPEN, cap, &[0x80, 1, 3]);
+    assert_eq!(stolen.status().code(), Status::WRONG_HOLDER);
+    assert!(!nk.has_effects());
+}
+
+#[test]
+fn close_and_vm_removal_take_access_back() {
+    let (mut nk, exo) = kernel();
+    let cap = initial(&mut nk, VM1).name;
+    call(&mut nk, VM1, exo, op::OPEN, cap, &[0x80, 2, 3]);
+    call(&mut nk, VM1, exo, op::OPEN, cap, &[0x82, 2, 1]);
+    nk.take_effects();
+    let closed = call(&mut nk, VM1, exo, op::CLOSE, cap, &[0x80, 2]);
+    assert_eq!(closed.results[0], 1);
+    assert_eq!(nk.take_effects().len(), 1);
+    nk.remove_vm(VM1).unwrap();
+    assert_eq!(nk.take_effects(), [Effect::IoPorts { vm: VM1, first: 0x82, count: 2, access: 1, allow: false }]);
+}
