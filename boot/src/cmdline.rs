@@ -66,6 +66,20 @@ pub struct Options<'a> {
     pub cpus: Option<u32>,
     /// `test=<filter>`: which in-emulator test cases to run (test build); `None` by default.
     pub test: Option<&'a str>,
+    /// `place=<guest>@<cpu>[,...]`: which CPU each named guest runs on; see
+    /// [`Options::placements`].
+    pub place: Option<&'a str>,
+}
+
+impl<'a> Options<'a> {
+    /// Returns the `place=` pairs (guest name, CPU index), in order. The value was checked
+    /// when parsed, so every pair is well formed.
+    pub fn placements(&self) -> impl Iterator<Item = (&'a str, u32)> {
+        self.place.unwrap_or("").split(',').filter_map(|pair| {
+            let (name, cpu) = pair.split_once('@')?;
+            Some((name, cpu.parse().ok()?))
+        })
+    }
 }
 
 /// Describes one option: its name, what its value must be, and how it sets [`Options`].
@@ -89,7 +103,7 @@ impl fmt::Debug for OptionSpec {
 }
 
 /// The options the command line knows, in the order diagnostics list them.
-pub static OPTIONS: [OptionSpec; 3] = [
+pub static OPTIONS: [OptionSpec; 4] = [
     OptionSpec {
         name: "log",
         expected: "one of error, warn, info, debug, trace",
@@ -103,7 +117,33 @@ pub static OPTIONS: [OptionSpec; 3] = [
         example: "test=vmx_*",
         apply: apply_test,
     },
+    OptionSpec {
+        name: "place",
+        expected: "<guest>@<cpu> pairs separated by commas (names of a-z, 0-9, '_' and '-')",
+        example: "place=checks@0,worker@1",
+        apply: apply_place,
+    },
 ];
+
+/// Sets `place=` from `<name>@<cpu>` pairs: names of `[a-z0-9_-]`, CPUs in 0..256.
+fn apply_place<'a>(options: &mut Options<'a>, value: Option<&'a str>) -> bool {
+    let valid_pair = |pair: &str| {
+        let Some((name, cpu)) = pair.split_once('@') else { return false };
+        let name_ok = !name.is_empty()
+            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'));
+        let cpu_ok = !cpu.is_empty()
+            && cpu.bytes().all(|b| b.is_ascii_digit())
+            && cpu.parse::<u32>().is_ok_and(|n| n < MAX_CPUS);
+        name_ok && cpu_ok
+    };
+    match value.filter(|v| !v.is_empty() && v.split(',').all(valid_pair)) {
+        Some(place) => {
+            options.place = Some(place);
+            true
+        }
+        None => false,
+    }
+}
 
 /// Sets `log=` from a level name.
 fn apply_log<'a>(options: &mut Options<'a>, value: Option<&'a str>) -> bool {

@@ -120,7 +120,8 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
     #[cfg(not(feature = "test-harness"))]
     let status = ExitStatus::Success;
 
-    let (halted, stopped) = sched::run_guests(guests);
+    let placements: alloc::vec::Vec<_> = boot.options.placements().collect();
+    let (halted, stopped) = sched::run_guests(guests, &placements);
     log::info!(target: "nk", "guests finished: {halted} halted, {stopped} stopped");
     power::shutdown(status, "all guests finished")
 }

@@ -54,13 +54,16 @@ fn apply_effects(kernel: &mut NullKernel) {
     }
 }
 
-/// Runs every guest to its end on the CPUs in VMX root; returns (halted, stopped).
-pub fn run_guests(specs: Vec<GuestSpec>) -> (usize, usize) {
+/// Runs every guest to its end on the CPUs in VMX root; returns (halted, stopped). A
+/// guest runs where the hypervisor command line's `place=` puts it, else where its
+/// module's `cpu=` does, else round-robin.
+pub fn run_guests(specs: Vec<GuestSpec>, placements: &[(&str, u32)]) -> (usize, usize) {
     let online: Vec<usize> = percpu::all().filter(|c| c.in_vmx_root()).map(|c| c.index() as usize).collect();
     for (i, spec) in specs.into_iter().enumerate() {
         let vm = VmId::new(i as u32 + 1);
         let fallback = online[i % online.len()];
-        let cpu = match spec.cpu {
+        let placed = placements.iter().find(|(name, _)| *name == spec.name).map(|&(_, cpu)| cpu as usize);
+        let cpu = match placed.or(spec.cpu) {
             Some(cpu) if online.contains(&cpu) => cpu,
             Some(cpu) => {
                 log::warn!(target: "sched", "vm{}/{}: cpu={cpu} is not online; running it on cpu {fallback}", vm.raw(), spec.name);

@@ -10,7 +10,7 @@ fn lines(cmdline: &str) -> Vec<String> {
 fn empty_command_line_gives_defaults() {
     for cmdline in ["", "   ", "\t\n"] {
         let parsed = parse(cmdline);
-        assert_eq!(parsed.options, Options { log: LogLevel::Info, cpus: None, test: None });
+        assert_eq!(parsed.options, Options { log: LogLevel::Info, cpus: None, test: None, place: None });
         assert!(parsed.is_clean());
     }
 }
@@ -18,7 +18,7 @@ fn empty_command_line_gives_defaults() {
 #[test]
 fn known_options_are_applied() {
     let parsed = parse("log=trace cpus=4 test=vmx_*,ept-1");
-    assert_eq!(parsed.options, Options { log: LogLevel::Trace, cpus: Some(4), test: Some("vmx_*,ept-1") });
+    assert_eq!(parsed.options, Options { log: LogLevel::Trace, cpus: Some(4), test: Some("vmx_*,ept-1"), place: None });
     assert!(parsed.is_clean());
     for level in LogLevel::ALL {
         assert_eq!(parse(&format!("log={level}")).options.log, level);
@@ -31,7 +31,7 @@ fn known_options_are_applied() {
 #[test]
 fn extra_whitespace_is_ignored() {
     let parsed = parse("  \tlog=debug \n\n  cpus=2\t ");
-    assert_eq!(parsed.options, Options { log: LogLevel::Debug, cpus: Some(2), test: None });
+    assert_eq!(parsed.options, Options { log: LogLevel::Debug, cpus: Some(2), test: None, place: None });
     assert!(parsed.is_clean());
 }
 
@@ -41,18 +41,18 @@ fn leading_image_path_is_skipped() {
     assert_eq!(parsed.options.cpus, Some(3));
     assert!(parsed.is_clean());
     // Only in first position.
-    assert_eq!(lines("cpus=3 /boot/nk.elf"), ["unknown option '/boot/nk.elf' (known: log, cpus, test)"]);
+    assert_eq!(lines("cpus=3 /boot/nk.elf"), ["unknown option '/boot/nk.elf' (known: log, cpus, test, place)"]);
 }
 
 #[test]
 fn unknown_option_lists_the_known_ones() {
-    assert_eq!(lines("bogus"), ["unknown option 'bogus' (known: log, cpus, test)"]);
+    assert_eq!(lines("bogus"), ["unknown option 'bogus' (known: log, cpus, test, place)"]);
     assert_eq!(
         lines("bogus=1 LOG=info =x"),
         [
-            "unknown option 'bogus' (known: log, cpus, test)",
-            "unknown option 'LOG' (known: log, cpus, test)",
-            "unknown option '' (known: log, cpus, test)",
+            "unknown option 'bogus' (known: log, cpus, test, place)",
+            "unknown option 'LOG' (known: log, cpus, test, place)",
+            "unknown option '' (known: log, cpus, test, place)",
         ]
     );
 }
@@ -159,4 +159,17 @@ fn options_borrow_from_the_command_line() {
     let parsed = parse(&cmdline);
     let filter = parsed.options.test.unwrap();
     assert!(std::ptr::eq(filter.as_ptr(), cmdline[5..].as_ptr()));
+}
+
+#[test]
+fn place_pairs_are_read_and_malformed_ones_refused() {
+    let parsed = parse("place=checks@0,worker-2@3");
+    assert!(parsed.is_clean());
+    let pairs: Vec<_> = parsed.options.placements().collect();
+    assert_eq!(pairs, [("checks", 0), ("worker-2", 3)]);
+    for bad in ["place=", "place=a", "place=a@", "place=@1", "place=A@1", "place=a@x", "place=a@1,", "place=a@999"] {
+        let parsed = parse(bad);
+        assert_eq!(parsed.options.place, None, "{bad}");
+        assert_eq!(parsed.diagnostics().count(), 1, "{bad}");
+    }
 }
