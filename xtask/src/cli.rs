@@ -34,6 +34,26 @@ pub enum Command {
     Test(TestArgs),
     /// Runs a benchmark by name (without a name: lists them).
     Bench(BenchArgs),
+    /// Creates a new abstract machine crate under am/ that builds and has a passing test.
+    NewAm(NewAmArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct NewAmArgs {
+    /// The AM's name: lowercase letters, digits and '-', starting with a letter (e.g. `disk`).
+    #[arg(value_parser = parse_am_name)]
+    pub name: String,
+}
+
+fn parse_am_name(text: &str) -> Result<String, String> {
+    let ok = text.len() <= 24
+        && text.starts_with(|c: char| c.is_ascii_lowercase())
+        && text.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if ok {
+        Ok(text.to_string())
+    } else {
+        Err(format!("'{text}' is not an AM name: write lowercase letters, digits and '-', starting with a letter, at most 24 characters (e.g. disk or nvram-log)"))
+    }
 }
 
 /// Which cargo profile the hypervisor is built with.

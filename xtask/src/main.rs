@@ -16,6 +16,7 @@ mod cli;
 mod emulator;
 mod host;
 mod image;
+mod new_am;
 mod report;
 mod run;
 mod scenario;
@@ -61,5 +62,6 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => run::run_command(&workspace, &args),
         Command::Test(args) => test::test_command(&workspace, &args),
         Command::Bench(args) => bench::bench_command(&workspace, &args),
+        Command::NewAm(args) => new_am::new_am_command(&workspace, &args),
     }
 }
