@@ -205,16 +205,12 @@ ap_long:
     hlt
     jmp 5b
 
-.balign 16
-ap_gdt:
-    .quad 0
-    .quad 0x00AF9A000000FFFF                  /* 0x08: 64-bit code */
-    .quad 0x00CF92000000FFFF                  /* 0x10: data */
-    .quad 0x00CF9A000000FFFF                  /* 0x18: 32-bit code */
-ap_gdt_end:
+/* The boot GDT itself (below 4 GiB, so a 32-bit lgdt operand reaches it from real mode);
+ * only this pointer must live in the trampoline page. */
+.balign 8
 ap_gdt_ptr:
-    .short ap_gdt_end - ap_gdt - 1
-    .long AP_TRAMPOLINE_BASE + (ap_gdt - nk_ap_trampoline_start)
+    .short boot_gdt_end - boot_gdt - 1
+    .long boot_gdt
 .balign 8
 nk_ap_trampoline_cr3:
     .quad 0
