@@ -25,6 +25,22 @@
 .set MSR_EFER, 0xC0000080
 .set EFER_LME, 0x100
 
+/* Enters IA-32e mode from 32-bit protected mode with paging off, on the page tables
+ * whose address is in EAX: CR4.PAE, CR3, EFER.LME, then CR0.PG (with NE, which VMX needs). */
+.macro ENTER_LONG_MODE
+    mov %eax, %cr3
+    mov %cr4, %eax
+    or $CR4_PAE, %eax
+    mov %eax, %cr4
+    mov $MSR_EFER, %ecx
+    rdmsr
+    or $EFER_LME, %eax
+    wrmsr
+    mov %cr0, %eax
+    or $CR0_PE_NE_WP_PG, %eax
+    mov %eax, %cr0
+.endm
+
 /* ---------------------------------------------------------------- Multiboot2 header */
 .section .multiboot, "a"
 .balign 8
@@ -112,17 +128,7 @@ boot32_common:
     jne 2b
 
     mov $boot_pml4, %eax
-    mov %eax, %cr3
-    mov %cr4, %eax
-    or $CR4_PAE, %eax
-    mov %eax, %cr4
-    mov $MSR_EFER, %ecx
-    rdmsr
-    or $EFER_LME, %eax
-    wrmsr
-    mov %cr0, %eax
-    or $CR0_PE_NE_WP_PG, %eax
-    mov %eax, %cr0
+    ENTER_LONG_MODE
 
     lgdt boot_gdt_ptr
     ljmp $SEL_CODE64, $boot64
@@ -173,18 +179,8 @@ ap_protected:
     mov %ax, %ds
     mov %ax, %es
     mov %ax, %ss
-    mov %cr4, %eax
-    or $CR4_PAE, %eax
-    mov %eax, %cr4
     mov (AP_TRAMPOLINE_BASE + (nk_ap_trampoline_cr3 - nk_ap_trampoline_start)), %eax
-    mov %eax, %cr3
-    mov $MSR_EFER, %ecx
-    rdmsr
-    or $EFER_LME, %eax
-    wrmsr
-    mov %cr0, %eax
-    or $CR0_PE_NE_WP_PG, %eax
-    mov %eax, %cr0
+    ENTER_LONG_MODE
     ljmp $SEL_CODE64, $(AP_TRAMPOLINE_BASE + (ap_long - nk_ap_trampoline_start))
 
 .code64
