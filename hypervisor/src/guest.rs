@@ -10,6 +10,7 @@
 //! and other guests go on.
 
 use alloc::string::String;
+use alloc::vec::Vec;
 use core::fmt;
 
 use nk_abi::{Call, NameWords, Reply};
@@ -145,6 +146,7 @@ impl Guest {
             rip: parsed.entry,
             rsp: memory_size,
             io_bitmaps: guest.io.address(),
+            msr_bitmap: guest.io.msr_bitmap(),
         };
         let mut vcpu = Vcpu::new(&caps, &start).map_err(GuestError::Vcpu)?;
         vcpu.regs = GuestRegs {
@@ -409,6 +411,8 @@ pub struct GuestSpec {
     pub cpu: Option<usize>,
     /// The I/O ports the VM may open with the exo AM (`ports=<first>[-<last>]`).
     pub ports: Option<(u16, u32)>,
+    /// The MSRs the VM may open with the exo AM (`msrs=<msr>[,<msr>...]`).
+    pub msrs: Vec<u32>,
     /// The words after `--`, handed to the guest.
     pub args: String,
 }
@@ -431,6 +435,7 @@ impl GuestSpec {
             memory: DEFAULT_GUEST_MEMORY,
             cpu: None,
             ports: None,
+            msrs: Vec::new(),
             args: String::from(args),
         };
         for word in words {
@@ -443,14 +448,36 @@ impl GuestSpec {
                 spec.cpu = Some(cpu);
             } else if let Some(value) = word.strip_prefix("ports=") {
                 spec.ports = Some(parse_ports(value)?);
+            } else if let Some(value) = word.strip_prefix("msrs=") {
+                spec.msrs = parse_msrs(value)?;
             } else {
                 return Err(alloc::format!(
-                    "unknown module option '{word}' (known: mem=<size>, cpu=<index>, ports=<first>[-<last>], -- <guest args>)"
+                    "unknown module option '{word}' (known: mem=<size>, cpu=<index>, ports=<first>[-<last>], msrs=<msr>[,<msr>], -- <guest args>)"
                 ));
             }
         }
         Ok(spec)
     }
+}
+
+/// Reads `<msr>[,<msr>...]` (hexadecimal with 0x), each one the VMCS switches per guest.
+fn parse_msrs(value: &str) -> Result<Vec<u32>, String> {
+    value
+        .split(',')
+        .map(|text| {
+            let msr = text.strip_prefix("0x").and_then(|hex| u32::from_str_radix(hex, 16).ok());
+            match msr {
+                Some(msr) if ioports::MSR_ASSIGNABLE.contains(&msr) => Ok(msr),
+                Some(msr) => Err(alloc::format!(
+                    "MSR {msr:#x} in msrs= cannot be given to a guest: only those the VMCS switches per guest may \
+                     (0x174, 0x175, 0x176, 0xc0000100, 0xc0000101)"
+                )),
+                None => Err(alloc::format!(
+                    "bad value '{text}' in msrs=: write hexadecimal MSR numbers, e.g. msrs=0xc0000100"
+                )),
+            }
+        })
+        .collect()
 }
 
 /// Reads `<first>[-<last>]` (hexadecimal with 0x, or decimal) as (first, count).

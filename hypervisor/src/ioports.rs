@@ -1,20 +1,29 @@
-//! Guests' access to I/O ports: denied by default (every bit of a VM's I/O bitmaps set, so
-//! every `in`/`out` exits), granted only through the exo AM's capabilities. The AM emits
-//! effects; this module applies them to the VM's bitmaps (SDM Vol. 3 §25.6.4) and keeps
-//! the grants that allow only one direction, which the exit handler performs for the
-//! guest, since the hardware bitmap cannot tell `in` from `out`.
+//! Guests' access to I/O ports and MSRs: denied by default (every bit of a VM's I/O and
+//! MSR bitmaps set, so every `in`/`out`/`rdmsr`/`wrmsr` exits), granted only through the
+//! exo AM's capabilities. The AM emits effects; this module applies them to the VM's
+//! bitmaps (SDM Vol. 3 §25.6.4, §25.6.9) and keeps the port grants that allow only one
+//! direction, which the exit handler performs for the guest, since the hardware I/O
+//! bitmap cannot tell `in` from `out`.
+//!
+//! Only MSRs the VMCS switches per guest may be assigned ([`MSR_ASSIGNABLE`]): passing one
+//! of them through cannot touch host state or leak between guests sharing a CPU.
 
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
-use nk_am::{port_access, Effect};
+use nk_am::{msr_access, port_access, Effect};
 use nk_caps::VmId;
 use spin::Mutex;
 
 use crate::arch::port;
 use crate::memory::{self, HostPhysAddr, PAGE_SIZE};
 
-/// One VM's bitmaps (A: ports 0-0x7FFF, B: 0x8000-0xFFFF, contiguous) and grants.
+/// MSRs a VM may be given: IA32_SYSENTER_CS/ESP/EIP and IA32_FS_BASE/GS_BASE, whose guest
+/// values live in the VMCS guest-state area (SDM Vol. 3 §25.4).
+pub const MSR_ASSIGNABLE: [u32; 5] = [0x174, 0x175, 0x176, 0xC000_0100, 0xC000_0101];
+
+/// One VM's bitmaps (I/O A: ports 0-0x7FFF, I/O B: 0x8000-0xFFFF, then the MSR bitmap,
+/// contiguous) and port grants.
 #[derive(Debug)]
 struct VmPorts {
     bitmaps: HostPhysAddr,
@@ -23,8 +32,10 @@ struct VmPorts {
 
 static PORTS: Mutex<BTreeMap<u32, VmPorts>> = Mutex::new(BTreeMap::new());
 
-/// A VM's I/O bitmaps, allocated with every port denied. Freed (and the VM's grants
-/// forgotten) on drop.
+const BITMAP_PAGES: usize = 3;
+
+/// A VM's I/O and MSR bitmaps, allocated with every port and MSR denied. Freed (and the
+/// VM's grants forgotten) on drop.
 #[derive(Debug)]
 pub struct IoBitmaps {
     vm: VmId,
@@ -32,42 +43,84 @@ pub struct IoBitmaps {
 }
 
 impl IoBitmaps {
-    /// Allocates the two bitmaps of `vm`, every port denied.
+    /// Allocates the bitmaps of `vm`, every port and MSR denied.
     pub fn new(vm: VmId) -> Option<Self> {
-        let frames = memory::alloc_frames(2)?;
-        // SAFETY: two freshly allocated, identity-mapped frames owned by this VM.
-        unsafe { core::ptr::write_bytes(frames.as_u64() as *mut u8, 0xFF, 2 * PAGE_SIZE as usize) };
+        let frames = memory::alloc_frames(BITMAP_PAGES)?;
+        // SAFETY: freshly allocated, identity-mapped frames owned by this VM.
+        unsafe { core::ptr::write_bytes(frames.as_u64() as *mut u8, 0xFF, BITMAP_PAGES * PAGE_SIZE as usize) };
         PORTS.lock().insert(vm.raw(), VmPorts { bitmaps: frames, grants: Vec::new() });
         Some(Self { vm, frames })
     }
 
-    /// Returns the address of bitmap A (B follows it) for the VMCS.
+    /// Returns the address of I/O bitmap A (B follows it) for the VMCS.
     pub fn address(&self) -> u64 {
         self.frames.as_u64()
+    }
+
+    /// Returns the address of the MSR bitmap for the VMCS.
+    pub fn msr_bitmap(&self) -> u64 {
+        self.frames.as_u64() + 2 * PAGE_SIZE
     }
 }
 
 impl Drop for IoBitmaps {
     fn drop(&mut self) {
         PORTS.lock().remove(&self.vm.raw());
-        memory::free_frames(self.frames, 2);
+        memory::free_frames(self.frames, BITMAP_PAGES);
     }
 }
 
-fn set_exiting(bitmaps: HostPhysAddr, port: u32, exiting: bool) {
-    let byte = (bitmaps.as_u64() + u64::from(port / 8)) as *mut u8;
-    let mask = 1u8 << (port % 8);
-    // SAFETY: `port` < 0x10000, so the byte lies in the VM's two bitmap frames, which live
-    // as long as its PORTS entry (removed before they are freed, under the same lock).
+/// Sets or clears bit `bit` of the VM's bitmap pages (`bit` < 3 * 4096 * 8).
+fn set_exiting(bitmaps: HostPhysAddr, bit: u32, exiting: bool) {
+    debug_assert!((bit as u64) < BITMAP_PAGES as u64 * PAGE_SIZE * 8);
+    let byte = (bitmaps.as_u64() + u64::from(bit / 8)) as *mut u8;
+    let mask = 1u8 << (bit % 8);
+    // SAFETY: callers pass a port (< 0x10000) or an MSR-bitmap bit (< 4096 * 8, offset by
+    // two pages), so the byte lies in the VM's bitmap frames, which live as long as its
+    // PORTS entry (removed before they are freed, under the same lock).
     unsafe {
         let value = byte.read_volatile();
         byte.write_volatile(if exiting { value | mask } else { value & !mask });
     }
 }
 
+/// Returns the MSR bitmap's bit offsets (read, write) of `msr`, within the bitmap page
+/// (SDM Vol. 3 §25.6.9: read-low, read-high, write-low, write-high quarters).
+fn msr_bits(msr: u32) -> Option<(u32, u32)> {
+    let (quarter, index) = match msr {
+        0..=0x1FFF => (0, msr),
+        0xC000_0000..=0xC000_1FFF => (1, msr - 0xC000_0000),
+        _ => return None,
+    };
+    let read = quarter * 1024 * 8 + index;
+    Some((read, read + 2048 * 8))
+}
+
 /// Applies an effect an AM emitted. An effect for a VM that is gone is dropped.
 pub fn apply(effect: Effect) {
-    let Effect::IoPorts { vm, first, count, access, allow } = effect;
+    match effect {
+        Effect::IoPorts { vm, first, count, access, allow } => apply_ports(vm, first, count, access, allow),
+        Effect::Msr { vm, msr, access, allow } => apply_msr(vm, msr, access, allow),
+    }
+}
+
+fn apply_msr(vm: VmId, msr: u32, access: u8, allow: bool) {
+    if !MSR_ASSIGNABLE.contains(&msr) {
+        log::error!(target: "guest", "vm{}: MSR {msr:#x} is not assignable; grant ignored", vm.raw());
+        return;
+    }
+    let ports = PORTS.lock();
+    let (Some(vm_ports), Some((read, write))) = (ports.get(&vm.raw()), msr_bits(msr)) else { return };
+    let msr_page = (2 * PAGE_SIZE * 8) as u32;
+    if access & msr_access::READ != 0 {
+        set_exiting(vm_ports.bitmaps, msr_page + read, !allow);
+    }
+    if access & msr_access::WRITE != 0 {
+        set_exiting(vm_ports.bitmaps, msr_page + write, !allow);
+    }
+}
+
+fn apply_ports(vm: VmId, first: u16, count: u32, access: u8, allow: bool) {
     let mut ports = PORTS.lock();
     let Some(vm_ports) = ports.get_mut(&vm.raw()) else { return };
     let end = u32::from(first) + count;

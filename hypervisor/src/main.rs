@@ -127,7 +127,7 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
 }
 
 /// Creates kernel instance 0 of the null-Kernel and registers the built-in AMs; the exo AM
-/// learns which port range each guest (VM i+1) may open.
+/// learns which port range and MSRs each guest (VM i+1) may open.
 fn null_kernel(guests: &[guest::GuestSpec]) -> Result<nk_core::NullKernel, alloc::string::String> {
     const CAPACITY: u32 = 16_384;
     let mut kernel = nk_core::NullKernel::new(nk_caps::KernelId::new(0), CAPACITY, &mut arch::HardwareEntropy)
@@ -135,15 +135,17 @@ fn null_kernel(guests: &[guest::GuestSpec]) -> Result<nk_core::NullKernel, alloc
     let counter = kernel
         .add_am(alloc::boxed::Box::new(nk_am_counter::CounterAm::new()), 4096)
         .map_err(|e| alloc::format!("counter AM: {e:?}"))?;
-    let ports = guests
+    let assignments = guests
         .iter()
         .enumerate()
-        .filter_map(|(i, g)| {
-            Some((nk_caps::VmId::new(i as u32 + 1), g.ports.and_then(|(f, c)| nk_am_exo::PortRange::new(f, c))?))
+        .map(|(i, g)| nk_am_exo::VmAssignment {
+            vm: Some(nk_caps::VmId::new(i as u32 + 1)),
+            ports: g.ports.and_then(|(first, count)| nk_am_exo::PortRange::new(first, count)),
+            msrs: g.msrs.clone(),
         })
         .collect();
     let exo = kernel
-        .add_am(alloc::boxed::Box::new(nk_am_exo::ExoAm::new(ports)), 4096)
+        .add_am(alloc::boxed::Box::new(nk_am_exo::ExoAm::new(assignments)), 4096)
         .map_err(|e| alloc::format!("exo AM: {e:?}"))?;
     log::info!(target: "nk", "kernel 0: {} capability slots, AMs: counter (id {}), exo (id {})",
         CAPACITY, counter.raw(), exo.raw());

@@ -255,6 +255,7 @@ impl TestGuest {
             rip: TEST_GUEST_CODE,
             rsp: 0x20_0000,
             io_bitmaps: bitmaps.address(),
+            msr_bitmap: bitmaps.msr_bitmap(),
         };
         guest.io = Some(bitmaps);
         guest.vcpu = Some(Vcpu::new(&caps, &start).map_err(|e| format!("vCPU setup: {e}"))?);

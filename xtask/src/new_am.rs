@@ -169,10 +169,10 @@ impl AbstractMachine for {type_name} {{
         }}
     }}
 
-    fn grant_initial(&mut self, vm: VmId, kernel: &mut dyn Kernel) -> Result<Option<CapName>, AmError> {{
+    fn grant_initial(&mut self, vm: VmId, kernel: &mut dyn Kernel) -> Result<Vec<CapName>, AmError> {{
         let (kind, create) = self.factory.ok_or(AmError::NotPermitted)?;
         let object = Object::new(self.am.ok_or(AmError::NotPermitted)?, kind, ObjId::new(u64::from(vm.raw())));
-        Ok(Some(kernel.grant_new(object, create, Principal::Vm(vm), Binding::Bound)?))
+        Ok(alloc::vec![kernel.grant_new(object, create, Principal::Vm(vm), Binding::Bound)?])
     }}
 
     fn revoked(&mut self, _dead: &DeadCap, _effects: &mut dyn Effects) {{

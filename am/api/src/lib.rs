@@ -13,6 +13,10 @@
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
+extern crate alloc;
+
+use alloc::vec::Vec;
+
 use core::fmt;
 
 pub use nk_caps::{
@@ -118,6 +122,17 @@ pub enum Effect {
     /// Lets `vm` execute `access` (`port_access` bits) on ports `[first, first + count)`
     /// without exiting, or (`allow == false`) takes that back.
     IoPorts { vm: VmId, first: u16, count: u32, access: u8, allow: bool },
+    /// Lets `vm` read (`msr_access::READ`) or write (`msr_access::WRITE`) model-specific
+    /// register `msr` without exiting, or (`allow == false`) takes that back.
+    Msr { vm: VmId, msr: u32, access: u8, allow: bool },
+}
+
+/// Access to an MSR, as bits of an `Effect::Msr`.
+pub mod msr_access {
+    /// `rdmsr`.
+    pub const READ: u8 = 1;
+    /// `wrmsr`.
+    pub const WRITE: u8 = 2;
 }
 
 /// Where an AM emits effects.
@@ -156,9 +171,9 @@ pub trait AbstractMachine {
     ) -> Result<Outcome, AmError>;
 
     /// Grants a new VM its initial capabilities to this AM's objects (e.g. a factory), by
-    /// `kernel.grant_new`. The default grants nothing.
-    fn grant_initial(&mut self, _vm: VmId, _kernel: &mut dyn Kernel) -> Result<Option<CapName>, AmError> {
-        Ok(None)
+    /// `kernel.grant_new`, in an order the AM documents. The default grants nothing.
+    fn grant_initial(&mut self, _vm: VmId, _kernel: &mut dyn Kernel) -> Result<Vec<CapName>, AmError> {
+        Ok(Vec::new())
     }
 
     /// Undoes what `dead` enabled (emitting effects that take back what it allowed);

@@ -124,11 +124,11 @@ impl AbstractMachine for CounterAm {
         }
     }
 
-    fn grant_initial(&mut self, vm: VmId, kernel: &mut dyn Kernel) -> Result<Option<CapName>, AmError> {
+    fn grant_initial(&mut self, vm: VmId, kernel: &mut dyn Kernel) -> Result<Vec<CapName>, AmError> {
         let (kind, create) = self.factory.ok_or(AmError::NotPermitted)?;
         // One factory object per VM, numbered by the VM id.
         let object = Object::new(self.am.ok_or(AmError::NotPermitted)?, kind, ObjId::new(u64::from(vm.raw())));
-        Ok(Some(kernel.grant_new(object, create, Principal::Vm(vm), Binding::Bound)?))
+        Ok(alloc::vec![kernel.grant_new(object, create, Principal::Vm(vm), Binding::Bound)?])
     }
 
     fn revoked(&mut self, dead: &DeadCap, _effects: &mut dyn Effects) {

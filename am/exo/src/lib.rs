@@ -9,9 +9,18 @@
 //! when the capability that opened them dies (revoked, deleted, its VM gone), the AM emits
 //! the effect that takes the access back, before the revoking call returns.
 //!
+//! Model-specific registers work the same way: a VM assigned an MSR (its module's `msrs=`
+//! option) gets a capability with the rights `read` and `write`, and `open-msr` lets its
+//! `rdmsr`/`wrmsr` of that MSR reach the hardware until the capability dies. (Which MSRs
+//! may be assigned at all is the hypervisor's decision: only those the VMCS switches per
+//! guest.)
+//!
+//! Initial capabilities of a VM, in order: its port range (if assigned), then one per
+//! assigned MSR.
+//!
 //! Operations (ABI numbers): 0 `open(c: io-ports, first, count, access)` where `access` is
 //! `port_access` bits the capability's rights must cover; 1 `close(c: io-ports, first,
-//! count)`.
+//! count)`; 2 `open-msr(c: msr, access)` where `access` is `msr_access` bits.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
@@ -20,14 +29,24 @@ extern crate alloc;
 use alloc::vec::Vec;
 
 use nk_am::{
-    port_access, AbstractMachine, AmError, AmId, ArgSpec, Binding, CapName, Checked, DeadCap, Effect, Effects, Kernel,
-    KindSpec, ObjId, ObjKind, Object, OpSpec, Outcome, Principal, RegisterError, Registrar, Rights, VmId, PLAIN_ARGS,
+    msr_access, port_access, AbstractMachine, AmError, AmId, ArgSpec, Binding, CapName, Checked, DeadCap, Effect,
+    Effects, Kernel, KindSpec, ObjId, ObjKind, Object, OpSpec, Outcome, Principal, RegisterError, Registrar, Rights,
+    VmId, PLAIN_ARGS,
 };
 
 /// ABI operation numbers.
 pub mod op {
     pub const OPEN: u16 = 0;
     pub const CLOSE: u16 = 1;
+    pub const OPEN_MSR: u16 = 2;
+}
+
+/// What the hypervisor gives one VM at creation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VmAssignment {
+    pub vm: Option<VmId>,
+    pub ports: Option<PortRange>,
+    pub msrs: Vec<u32>,
 }
 
 /// A range of I/O ports `[first, first + count)`.
@@ -58,13 +77,31 @@ impl PortRange {
     }
 }
 
-/// Ports a capability opened for a VM.
+/// A resource a capability opened for a VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Resource {
+    Ports(PortRange),
+    Msr(u32),
+}
+
+/// What a capability opened for a VM, and how.
 #[derive(Clone, Copy, Debug)]
 struct Opened {
     cap: CapName,
     vm: VmId,
-    range: PortRange,
+    resource: Resource,
     access: u8,
+}
+
+impl Opened {
+    fn effect(&self, allow: bool) -> Effect {
+        match self.resource {
+            Resource::Ports(range) => {
+                Effect::IoPorts { vm: self.vm, first: range.first, count: range.count, access: self.access, allow }
+            }
+            Resource::Msr(msr) => Effect::Msr { vm: self.vm, msr, access: self.access, allow },
+        }
+    }
 }
 
 /// The exo AM.
@@ -74,14 +111,17 @@ pub struct ExoAm {
     ports_kind: Option<ObjKind>,
     rights_in: Rights,
     rights_out: Rights,
-    /// The port range each VM is given at creation.
-    assignments: Vec<(VmId, PortRange)>,
+    msr_kind: Option<ObjKind>,
+    rights_read: Rights,
+    rights_write: Rights,
+    /// What each VM is given at creation.
+    assignments: Vec<VmAssignment>,
     opened: Vec<Opened>,
 }
 
 impl ExoAm {
-    /// Creates the AM with the port ranges VMs get at creation.
-    pub fn new(assignments: Vec<(VmId, PortRange)>) -> Self {
+    /// Creates the AM with what VMs get at creation.
+    pub fn new(assignments: Vec<VmAssignment>) -> Self {
         Self { assignments, ..Self::default() }
     }
 
@@ -100,13 +140,7 @@ impl ExoAm {
         let mut closed = 0;
         self.opened.retain(|o| {
             if matches(o) {
-                effects.emit(Effect::IoPorts {
-                    vm: o.vm,
-                    first: o.range.first,
-                    count: o.range.count,
-                    access: o.access,
-                    allow: false,
-                });
+                effects.emit(o.effect(false));
                 closed += 1;
                 false
             } else {
@@ -127,10 +161,15 @@ impl AbstractMachine for ExoAm {
         self.rights_in = r.rights(kind, &["in"]).ok_or(RegisterError::UnknownKind)?;
         self.rights_out = r.rights(kind, &["out"]).ok_or(RegisterError::UnknownKind)?;
         self.ports_kind = Some(kind);
+        let msr = r.kind(KindSpec { name: "msr", rights: &["read", "write"] })?;
+        self.rights_read = r.rights(msr, &["read"]).ok_or(RegisterError::UnknownKind)?;
+        self.rights_write = r.rights(msr, &["write"]).ok_or(RegisterError::UnknownKind)?;
+        self.msr_kind = Some(msr);
         self.am = Some(r.am());
         let any = ArgSpec::new(kind, Rights::NONE);
         r.operation(OpSpec { name: "open", args: &[any] })?;
         r.operation(OpSpec { name: "close", args: &[any] })?;
+        r.operation(OpSpec { name: "open-msr", args: &[ArgSpec::new(msr, Rights::NONE)] })?;
         Ok(())
     }
 
@@ -144,6 +183,27 @@ impl AbstractMachine for ExoAm {
             return Err(AmError::NotPermitted);
         };
         let cap = &checked.args()[0];
+        if checked.op().index() == op::OPEN_MSR {
+            let access = u8::try_from(args[0]).map_err(|_| AmError::BadArgument)?;
+            if access == 0 || access & !(msr_access::READ | msr_access::WRITE) != 0 {
+                return Err(AmError::BadArgument);
+            }
+            let mut needed = 0;
+            if access & msr_access::READ != 0 {
+                needed |= self.rights_read.bits();
+            }
+            if access & msr_access::WRITE != 0 {
+                needed |= self.rights_write.bits();
+            }
+            if !cap.rights().contains(Rights::from_bits(needed)) {
+                return Err(AmError::NotPermitted);
+            }
+            let msr = u32::try_from(cap.object().id.raw()).map_err(|_| AmError::BadArgument)?;
+            let opened = Opened { cap: cap.name(), vm, resource: Resource::Msr(msr), access };
+            self.opened.push(opened);
+            kernel.emit(opened.effect(true));
+            return Ok(Outcome::default());
+        }
         let granted = PortRange::from_object_id(cap.object().id).ok_or(AmError::BadArgument)?;
         let first = u16::try_from(args[0]).map_err(|_| AmError::BadArgument)?;
         let count = u32::try_from(args[1]).map_err(|_| AmError::BadArgument)?;
@@ -160,27 +220,39 @@ impl AbstractMachine for ExoAm {
                 if !cap.rights().contains(self.rights_for(access)) {
                     return Err(AmError::NotPermitted);
                 }
-                self.opened.push(Opened { cap: cap.name(), vm, range, access });
+                self.opened.push(Opened { cap: cap.name(), vm, resource: Resource::Ports(range), access });
                 kernel.emit(Effect::IoPorts { vm, first, count, access, allow: true });
                 Ok(Outcome::default())
             }
             op::CLOSE => {
                 let name = cap.name();
-                let closed = self.close_where(kernel, |o| o.cap == name && o.vm == vm && o.range == range);
+                let closed =
+                    self.close_where(kernel, |o| o.cap == name && o.vm == vm && o.resource == Resource::Ports(range));
                 Ok(Outcome::value(closed))
             }
             _ => Err(AmError::NotPermitted),
         }
     }
 
-    fn grant_initial(&mut self, vm: VmId, kernel: &mut dyn Kernel) -> Result<Option<CapName>, AmError> {
-        let Some(&(_, range)) = self.assignments.iter().find(|(assigned, _)| *assigned == vm) else {
-            return Ok(None);
+    fn grant_initial(&mut self, vm: VmId, kernel: &mut dyn Kernel) -> Result<Vec<CapName>, AmError> {
+        let Some(assignment) = self.assignments.iter().find(|a| a.vm == Some(vm)).cloned() else {
+            return Ok(Vec::new());
         };
-        let (am, kind) = (self.am.ok_or(AmError::NotPermitted)?, self.ports_kind.ok_or(AmError::NotPermitted)?);
-        let all = Rights::from_bits(self.rights_in.bits() | self.rights_out.bits());
-        let object = Object::new(am, kind, range.object_id());
-        Ok(Some(kernel.grant_new(object, all, Principal::Vm(vm), Binding::Bound)?))
+        let am = self.am.ok_or(AmError::NotPermitted)?;
+        let mut names = Vec::new();
+        if let (Some(range), Some(kind)) = (assignment.ports, self.ports_kind) {
+            let all = Rights::from_bits(self.rights_in.bits() | self.rights_out.bits());
+            let object = Object::new(am, kind, range.object_id());
+            names.push(kernel.grant_new(object, all, Principal::Vm(vm), Binding::Bound)?);
+        }
+        if let Some(kind) = self.msr_kind {
+            let all = Rights::from_bits(self.rights_read.bits() | self.rights_write.bits());
+            for &msr in &assignment.msrs {
+                let object = Object::new(am, kind, ObjId::new(u64::from(msr)));
+                names.push(kernel.grant_new(object, all, Principal::Vm(vm), Binding::Bound)?);
+            }
+        }
+        Ok(names)
     }
 
     fn revoked(&mut self, dead: &DeadCap, effects: &mut dyn Effects) {

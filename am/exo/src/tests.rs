@@ -9,7 +9,8 @@ const VM2: VmId = VmId::new(2);
 fn kernel() -> (NullKernel, u16) {
     let mut nk = NullKernel::new(KernelId::new(0), 1024, &mut FixedSeed::from_u64(3)).unwrap();
     let ports = PortRange::new(0x80, 4).unwrap();
-    let exo = nk.add_am(alloc::boxed::Box::new(ExoAm::new(alloc::vec![(VM1, ports)])), 64).unwrap().raw();
+    let assignment = VmAssignment { vm: Some(VM1), ports: Some(ports), msrs: alloc::vec![0xC000_0100] };
+    let exo = nk.add_am(alloc::boxed::Box::new(ExoAm::new(alloc::vec![assignment])), 64).unwrap().raw();
     nk.add_vm(VM1, 64).unwrap();
     nk.add_vm(VM2, 64).unwrap();
     (nk, exo)
@@ -86,4 +87,20 @@ fn close_and_vm_removal_take_access_back() {
     assert_eq!(nk.take_effects().len(), 1);
     nk.remove_vm(VM1).unwrap();
     assert_eq!(nk.take_effects(), [Effect::IoPorts { vm: VM1, first: 0x82, count: 2, access: 1, allow: false }]);
+}
+
+#[test]
+fn msr_grants_follow_rights_and_die_with_the_capability() {
+    let (mut nk, exo) = kernel();
+    let msr = call(&mut nk, VM1, 0, nk_op::INITIAL as u16, NameWords::default(), &[1]);
+    assert!(msr.status().is_ok(), "{}", msr.status());
+    let read_only = call(&mut nk, VM1, 0, nk_op::DERIVE as u16, msr.name, &[0b01]).name;
+    let write = call(&mut nk, VM1, exo, op::OPEN_MSR, read_only, &[u64::from(msr_access::WRITE)]);
+    assert_eq!(write.status().code(), Status::NOT_PERMITTED);
+    assert_eq!(call(&mut nk, VM1, exo, op::OPEN_MSR, msr.name, &[4]).status().code(), Status::BAD_ARGUMENT);
+    assert!(!nk.has_effects());
+    assert!(call(&mut nk, VM1, exo, op::OPEN_MSR, msr.name, &[3]).status().is_ok());
+    assert_eq!(nk.take_effects(), [Effect::Msr { vm: VM1, msr: 0xC000_0100, access: 3, allow: true }]);
+    assert!(call(&mut nk, VM1, 0, nk_op::REVOKE as u16, msr.name, &[]).status().is_ok());
+    assert_eq!(nk.take_effects(), [Effect::Msr { vm: VM1, msr: 0xC000_0100, access: 3, allow: false }]);
 }

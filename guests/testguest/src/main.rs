@@ -429,6 +429,53 @@ fn check_extended_state(seed: u64, rounds: u64) {
 /// Exo AM operation numbers (am/exo).
 mod exo {
     pub const OPEN: u32 = 0;
+    pub const OPEN_MSR: u32 = 2;
+}
+
+const IA32_FS_BASE: u32 = 0xC000_0100;
+
+fn rdmsr(msr: u32) -> u64 {
+    let (low, high): (u32, u32);
+    // SAFETY: reads an MSR; an MSR this VM was not granted faults (#GP) into its handler.
+    unsafe { core::arch::asm!("rdmsr", in("ecx") msr, out("eax") low, out("edx") high) };
+    (u64::from(high) << 32) | u64::from(low)
+}
+
+fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: writes IA32_FS_BASE only (this guest does not use FS); see rdmsr.
+    unsafe { core::arch::asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32) };
+}
+
+/// Opens IA32_FS_BASE with the exo AM capability this VM got at creation (its initial
+/// capability 1, from `msrs=0xc0000100`), writes and reads it back without the hypervisor
+/// refusing, then revokes the capability and reads it again: the guest must take #GP.
+fn check_msr_grants() {
+    let result = (|| -> CheckResult {
+        let (cap, am) = nk::initial(1).map_err(|s| why(format_args!("initial(1): {s} (run with msrs=)")))?;
+        let read_only = nk::derive(cap, 0b01).map_err(|s| why(format_args!("derive: {s}")))?;
+        let denied = nk::call(am, exo::OPEN_MSR, &[read_only], &[2]).status();
+        expect_status(denied, Status::NOT_PERMITTED, None, "write through a read-only capability")?;
+        let opened = nk::call(am, exo::OPEN_MSR, &[cap], &[3]).status();
+        ensure!(opened.is_ok(), "open-msr: {opened}");
+        wrmsr(IA32_FS_BASE, 0x1234_5000);
+        let value = rdmsr(IA32_FS_BASE);
+        ensure!(value == 0x1234_5000, "IA32_FS_BASE reads {value:#x} after writing 0x12345000");
+        Ok(())
+    })();
+    match result {
+        Ok(()) => println!("GTEST ok msr_open"),
+        Err(Why(line)) => {
+            println!("GTEST FAILED msr_open: {}", line.as_str());
+            return;
+        }
+    }
+    let Ok((cap, _)) = nk::initial(1) else { return };
+    match nk::revoke(cap) {
+        Ok(died) => println!("revoked the MSR capability ({died} died); reading the MSR again"),
+        Err(s) => println!("GTEST FAILED msr_revoke: {s}"),
+    }
+    let value = rdmsr(IA32_FS_BASE);
+    println!("GTEST FAILED msr_revoke: the MSR stayed readable after revocation ({value:#x})");
 }
 
 /// Opens `port` with the exo AM capability this VM got at creation (its initial
@@ -487,6 +534,7 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
             run_in_ring3(run_checks);
         }
         Some("bench") => benchmarks(),
+        Some("msr") => check_msr_grants(),
         Some("ports") => {
             let port = words.next().and_then(|p| u16::from_str_radix(p.trim_start_matches("0x"), 16).ok());
             check_port_grants(port.unwrap_or(0x80));
@@ -498,7 +546,7 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
             check_extended_state(seed, words.next().and_then(|n| n.parse().ok()).unwrap_or(3000));
         }
         Some(other) => println!(
-            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], survivor N, misbehave MODE, xstate SEED ROUNDS)"
+            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS)"
         ),
     }
     println!("GTEST done");

@@ -200,8 +200,7 @@ impl NullKernel {
             let id = AmId::new(FIRST_AM_ID + slot as u16);
             let mut services = AmServices { am: id, table: &mut self.table, effects: &mut self.effects };
             match am.grant_initial(vm, &mut services) {
-                Ok(Some(name)) => granted.push((id, name)),
-                Ok(None) => {}
+                Ok(names) => granted.extend(names.into_iter().map(|name| (id, name))),
                 Err(error) => report.push(GrantFailure { am: id, error }),
             }
         }

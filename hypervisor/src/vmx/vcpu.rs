@@ -123,6 +123,7 @@ mod want {
     pub const PIN_PREEMPTION_TIMER: u32 = 1 << 6;
     pub const PROC_HLT: u32 = 1 << 7;
     pub const PROC_USE_IO_BITMAPS: u32 = 1 << 25;
+    pub const PROC_USE_MSR_BITMAPS: u32 = 1 << 28;
     pub const PROC_SECONDARY: u32 = 1 << 31;
     pub const PROC2_EPT: u32 = 1 << 1;
     pub const PROC2_VPID: u32 = 1 << 5;
@@ -206,6 +207,8 @@ pub struct GuestStart {
     pub rsp: u64,
     /// Address of the guest's I/O bitmap A; bitmap B is the next page.
     pub io_bitmaps: u64,
+    /// Address of the guest's MSR bitmap.
+    pub msr_bitmap: u64,
 }
 
 impl Vcpu {
@@ -246,7 +249,7 @@ impl Vcpu {
                 adjust(
                     proc,
                     F::PRIMARY_PROCESSOR_CONTROLS,
-                    want::PROC_HLT | want::PROC_USE_IO_BITMAPS | want::PROC_SECONDARY,
+                    want::PROC_HLT | want::PROC_USE_IO_BITMAPS | want::PROC_USE_MSR_BITMAPS | want::PROC_SECONDARY,
                 )?,
             ),
             (
@@ -284,6 +287,7 @@ impl Vcpu {
             vmcs::write(F::EPT_POINTER, start.eptp)?;
             vmcs::write(F::IO_BITMAP_A, start.io_bitmaps)?;
             vmcs::write(F::IO_BITMAP_B, start.io_bitmaps + 4096)?;
+            vmcs::write(F::MSR_BITMAP, start.msr_bitmap)?;
             if caps.vpid {
                 vmcs::write(F::VPID, u64::from(start.vpid))?;
             }
