@@ -167,6 +167,7 @@ impl Boot {
     pub fn guests(&self) -> Vec<GuestSpec> {
         let mut specs = Vec::new();
         for module in self.info.modules() {
+            log::info!(target: "boot", "module {:#x}-{:#x} '{}'", module.start, module.end, module.cmdline);
             let len = module.end.saturating_sub(module.start) as usize;
             let Some(image) = LOW_MEMORY.bytes(module.start, len) else {
                 log::error!(target: "boot", "module '{}' at {:#x} is not in low memory; skipped", module.cmdline, module.start);
