@@ -35,6 +35,8 @@ const ARGS_GPA: u64 = 0x4000;
 const ARGS_MAX: usize = 256;
 const IMAGE_MIN_GPA: u64 = 0x10_0000;
 const CONSOLE_PORT: u16 = 0xE9;
+/// VMCALL is `0F 01 C1` in every mode.
+const VMCALL_LENGTH: u64 = 3;
 const CONSOLE_LINE_MAX: usize = 160;
 
 /// Why a guest could not be created.
@@ -251,7 +253,7 @@ impl Guest {
                 let r = &mut vcpu.regs;
                 (r.rax, r.rbx, r.rcx) = (reply.status, reply.name.low, reply.name.high);
                 (r.rdx, r.rsi, r.rdi, r.r8) = (reply.results[0], reply.results[1], reply.results[2], reply.results[3]);
-                vcpu.skip_instruction()?;
+                vcpu.skip_bytes(VMCALL_LENGTH)?;
             }
             ExitReason::IO_INSTRUCTION => {
                 let q = vcpu.exit_qualification()?;

@@ -253,8 +253,8 @@ impl NullKernel {
             return failure(Status::new(Status::UNKNOWN_OPERATION, None));
         };
         let mut names = [CapName::from_words(0, 0); MAX_CAP_ARGS];
-        for (name, words) in names.iter_mut().zip(call.caps).take(arg_count) {
-            *name = name_of(words);
+        for i in 0..arg_count.min(MAX_CAP_ARGS) {
+            names[i] = name_of(call.caps[i]);
         }
         let checked = match self.table.check(caller, op, &names[..arg_count]) {
             Ok(checked) => checked,
