@@ -28,6 +28,11 @@ const BENCHES: &[Bench] = &[
         run: bench_caps,
     },
     Bench {
+        name: "protocol",
+        about: "distributed capability protocol (nk-protocol), simulated: SemperOS's application mix on 1 to 640 kernels",
+        run: bench_protocol,
+    },
+    Bench {
         name: "hypercall",
         about: "hypercall path in Bochs, in emulated instructions (guest-side RDTSC): null VMCALL, AM calls, derive, revoke",
         run: bench_hypercall,
@@ -139,4 +144,14 @@ fn bench_caps(workspace: &Workspace) -> Result<()> {
         .env("NK_BENCH_DIR", bench_dir(workspace));
     println!("xtask: bench: {}", tools::describe(&command));
     tools::status_checked(&mut command, "the caps benchmark")
+}
+
+fn bench_protocol(workspace: &Workspace) -> Result<()> {
+    let mut command = Command::new(workspace.cargo());
+    command
+        .current_dir(workspace.root())
+        .args(["bench", "-p", "nk-protocol", "--bench", "protocol"])
+        .env("NK_BENCH_DIR", bench_dir(workspace));
+    println!("xtask: bench: {}", tools::describe(&command));
+    tools::status_checked(&mut command, "the protocol benchmark")
 }

@@ -99,7 +99,8 @@
 //! 1. *No amplification*: a child's rights are a subset of its parent's (derive and
 //!    delegate only mask), and it refers to the same object.
 //! 2. *Complete, transitive revocation*: revoking `c` kills its whole subtree before
-//!    returning and reports every death to the hook. (Across kernels: a later protocol.)
+//!    returning and reports every death to the hook. (Across kernels: nk-protocol, with
+//!    the walk below.)
 //! 3. *Unforgeable names*: only names this table issued resolve; revoked names fail with
 //!    `Revoked`, deleted and unissued ones with `UnknownName`; a bound name presented by
 //!    another principal fails with `WrongHolder` (before its state is revealed).
@@ -127,21 +128,31 @@
 //! subtree (which the quotas of the principals that built it bound). Each principal has a
 //! quota and the table a capacity; exhausting either is an error, not a panic.
 //!
-//! # Room for the distributed protocol
+//! # The distributed protocol's interface
 //!
 //! Each kernel owns one table ([`CapTable::new`] takes its [`KernelId`]), and every name
-//! says which kernel owns it, so a request for a name owned elsewhere can be routed there
-//! (today such a name is simply unknown here). When a delegation crosses kernels, the
-//! child will live in the target kernel's table and the parent's table will hold a *proxy*
-//! node in the parent's child list: a node in a new state, `Remote`, whose name is the
-//! remote child's name (its kernel bits say where it lives), with no object of its own.
-//! The revocation walk treats a proxy as a leaf that cannot be killed locally: it sends a
-//! revoke for the proxy's name to that kernel and marks the subtree `Revoking` until the
-//! acknowledgement returns, and the operation completes only when all acknowledgements
-//! (and the AMs' undo work) are in. Symmetrically, a child whose parent is remote holds a
-//! proxy as its parent link, so a local revoke of the child can tell the parent's kernel
-//! to unlink it. Because links are slab indices and proxies are ordinary nodes, none of the
-//! traversal, quota or index code changes shape; this crate implements only the local case.
+//! says which kernel owns it, so a request for a name owned elsewhere is routed there by
+//! nk-protocol (a name owned elsewhere is simply unknown to this table's single-kernel
+//! methods). When a capability tree crosses kernels, each side records the link with a
+//! *proxy* node named after the capability on the other side ([`NodeState::Remote`]): the
+//! parent's table holds a proxy of the remote child in the parent's child list, and the
+//! child's table hangs the child below a proxy of the remote parent. Links are slab indices
+//! and proxies are ordinary nodes, so the traversal, quota and index code keeps its shape.
+//!
+//! The protocol's steps are methods of the table that report what must be sent through a
+//! [`LinkSink`] and never send anything themselves: [`CapTable::revoke_walk`] marks a
+//! subtree (a capability whose subtree still reaches another kernel stays
+//! [`NodeState::Revoking`], unusable, until [`CapTable::remote_gone`] reports the last remote
+//! part dead), [`CapTable::delegate_remote`] / [`CapTable::accept_remote`] are the two ends
+//! of a cross-kernel delegation, [`CapTable::reserve_remote`] / [`CapTable::grant_remote`] /
+//! [`CapTable::activate_pending`] those of an obtain, and [`CapTable::close_principal`] /
+//! [`CapTable::revoke_held`] start a crashed principal's removal. The table module
+//! `remote.rs` explains the walk; nk-protocol is the state machine around it.
+//!
+//! The single-kernel methods ([`CapTable::revoke`], [`CapTable::delete`],
+//! [`CapTable::remove_vm`]) stay purely local: on a table with remote relations they tear
+//! the local part down and drop the proxies without telling anyone, so a kernel that takes
+//! part in the protocol revokes through nk-protocol.
 
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
@@ -160,6 +171,7 @@ pub use ids::{AmId, Binding, KernelId, ObjId, ObjKind, Object, OpId, Principal, 
 pub use name::{CapName, EntropySource, EntropyUnavailable, FixedSeed};
 pub use registry::{ArgSpec, KindSpec, OpSpec, RegisterError, Registry, MAX_CAP_ARGS, MAX_NAME_LEN};
 pub use table::{
-    ArgFault, CapError, CapInfo, CapTable, CheckError, Checked, CheckedCap, DeadCap, Footprint, NewTableError,
-    PrincipalError, RevocationHook, Usage,
+    ArgFault, AuditFailure, CapError, CapInfo, CapTable, CheckError, Checked, CheckedCap, DeadCap, Footprint,
+    IncomingRevoke, LinkEvent, LinkSink, NewTableError, NodeState, NodeView, PrincipalError, RemoteGrant,
+    RevocationHook, RevokeStart, Usage, Walk,
 };

@@ -170,6 +170,26 @@ impl NameSource {
         }
     }
 
+    /// Draws a fresh name carrying `kernel`'s id instead of this kernel's, for a child that
+    /// this kernel delegates to `kernel` (nk-protocol's delegation handshake names the child
+    /// before it exists, so both sides can refer to it from the first message). The 112
+    /// random bits come from this kernel's CSPRNG, so the name is as unguessable as one
+    /// `kernel` would draw; `is_taken` filters names already in this kernel's index (as
+    /// proxies), and the receiving kernel refuses one it already uses.
+    pub(crate) fn fresh_for(
+        &mut self,
+        kernel: KernelId,
+        mut is_taken: impl FnMut(CapName, u64) -> bool,
+    ) -> (CapName, u64) {
+        loop {
+            let name = CapName::compose(kernel, self.rng.next_u64(), self.rng.next_u64());
+            let hash = self.hash(name);
+            if !name.is_null() && !is_taken(name, hash) {
+                return (name, hash);
+            }
+        }
+    }
+
     /// Hashes `name` for the index: one keyed folded multiply (the name is random already;
     /// the key only stops a guest from choosing where its lookups probe).
     #[inline]

@@ -54,8 +54,7 @@ impl NameIndex {
         Ok(Self { entries, mask: size - 1, len: 0 })
     }
 
-    /// Returns the number of names indexed (tests only).
-    #[cfg(test)]
+    /// Returns the number of names indexed.
     pub(super) fn len(&self) -> usize {
         self.len
     }
@@ -129,15 +128,13 @@ impl NameIndex {
         self.len -= 1;
     }
 
-    /// Lists the indexed slots (tests only).
-    #[cfg(test)]
+    /// Lists the indexed slots.
     pub(super) fn slots(&self) -> impl Iterator<Item = usize> + '_ {
         self.entries.iter().filter_map(|entry| entry.slot.get())
     }
 
-    /// Panics unless every entry can be found from its home (tests only).
-    #[cfg(test)]
-    pub(super) fn audit(&self) {
+    /// Checks that every entry can be found from its home and that `len` counts them.
+    pub(super) fn check(&self) -> Result<(), &'static str> {
         let mut count = 0;
         for (position, entry) in self.entries.iter().enumerate() {
             if entry.slot == Link::NIL {
@@ -146,11 +143,24 @@ impl NameIndex {
             count += 1;
             let mut probe = entry.tag as usize & self.mask;
             while probe != position {
-                assert_ne!(self.entries[probe].slot, Link::NIL, "an entry is cut off from its home");
+                if self.entries[probe].slot == Link::NIL {
+                    return Err("an index entry is cut off from its home");
+                }
                 probe = (probe + 1) & self.mask;
             }
         }
-        assert_eq!(count, self.len);
+        if count != self.len {
+            return Err("the index's length counts its entries");
+        }
+        Ok(())
+    }
+
+    /// Panics unless every entry can be found from its home (tests only).
+    #[cfg(test)]
+    pub(super) fn audit(&self) {
+        if let Err(what) = self.check() {
+            panic!("{what}");
+        }
     }
 }
 

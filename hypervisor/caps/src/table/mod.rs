@@ -1,13 +1,12 @@
 //! One kernel's capability table: the slab of capability nodes, the name index, the
 //! principals with their quotas, and the capability operations.
 
+mod audit;
 mod check;
 mod index;
 mod node;
+mod remote;
 mod revoke;
-
-#[cfg(test)]
-mod audit;
 
 use core::fmt;
 use core::mem::size_of;
@@ -20,7 +19,9 @@ use crate::ids::{AmId, Binding, KernelId, ObjKind, Object, OpId, Principal, Righ
 use crate::name::{CapName, EntropySource, NameSource};
 use crate::registry::{KindSpec, OpSpec, RegisterError, Registry};
 
+pub use self::audit::AuditFailure;
 pub use self::check::{ArgFault, CheckError, Checked, CheckedCap};
+pub use self::remote::{IncomingRevoke, LinkEvent, LinkSink, NodeState, NodeView, RemoteGrant, RevokeStart, Walk};
 pub use self::revoke::{DeadCap, RevocationHook};
 
 #[cfg(test)]
@@ -58,6 +59,9 @@ struct PrincipalEntry {
     quota: u32,
     held: u32,
     held_head: Link,
+    /// Set when the principal is being removed (a crash under way): it may receive no new
+    /// capability, so the revocation of what it holds can finish.
+    closing: bool,
 }
 
 /// Says why a table could not be built.
@@ -312,7 +316,7 @@ impl CapTable {
         let mut revoked = 0;
         let mut cursor = head;
         while let Some(slot) = cursor.get() {
-            if self.nodes[slot].state == State::Live {
+            if matches!(self.nodes[slot].state, State::Live | State::Revoking) {
                 revoked += self.revoke_subtree(slot, hook);
             }
             cursor = self.nodes[slot].held_next;
@@ -321,6 +325,12 @@ impl CapTable {
         let mut cursor = head;
         while let Some(slot) = cursor.get() {
             cursor = self.nodes[slot].held_next;
+            if self.nodes[slot].state == State::Pending {
+                // A reservation for a cross-kernel obtain still hangs below its proxy.
+                let parent = self.nodes[slot].parent;
+                self.unlink_from_parent(slot);
+                self.prune(parent, &mut remote::Discard);
+            }
             self.release(slot);
         }
         let position = self.principal_position(principal).expect("the principal was found above");
@@ -385,12 +395,7 @@ impl CapTable {
         H: RevocationHook + ?Sized,
     {
         let slot = self.lookup(name).ok_or(CapError::UnknownName)?;
-        let node = &self.nodes[slot];
-        let holds_parent = node.parent.get().is_some_and(|parent| self.nodes[parent].holder == caller);
-        if !node.usable_by(caller) && !holds_parent {
-            return Err(CapError::WrongHolder);
-        }
-        if node.state == State::Revoked {
+        if self.may_revoke_slot(caller, slot)? != State::Live {
             return Err(CapError::Revoked);
         }
         let revoked = self.revoke_subtree(slot, hook);
@@ -407,17 +412,18 @@ impl CapTable {
         H: RevocationHook + ?Sized,
     {
         let slot = self.lookup(name).ok_or(CapError::UnknownName)?;
-        if self.nodes[slot].holder != caller {
-            return Err(CapError::WrongHolder);
-        }
-        let revoked = match self.nodes[slot].state {
-            State::Live => {
+        let revoked = match self.may_delete_slot(caller, slot)? {
+            // A revocation under way elsewhere is finished here, locally: this method
+            // does not talk to other kernels (nk-protocol's delete does).
+            State::Live | State::Revoking => {
                 let revoked = self.revoke_subtree(slot, hook);
                 hook.finished();
                 revoked
             }
             State::Revoked => 0,
-            State::Free => unreachable!("the index holds no free node"),
+            State::Free | State::Pending | State::Remote | State::RemoteRevoking => {
+                unreachable!("may_delete_slot admits only local capabilities")
+            }
         };
         self.free(slot);
         Ok(revoked)
@@ -448,13 +454,17 @@ impl CapTable {
     fn resolve(&self, caller: Principal, name: CapName) -> Result<usize, UseFault> {
         let slot = self.lookup(name).ok_or(UseFault::UnknownName)?;
         let node = &self.nodes[slot];
-        if !node.usable_by(caller) {
-            return Err(UseFault::WrongHolder);
+        if node.state == State::Live && node.usable_by(caller) {
+            return Ok(slot);
         }
-        if node.state != State::Live {
-            return Err(UseFault::Revoked);
-        }
-        Ok(slot)
+        Err(if node.state == State::Pending {
+            // Reserved for a cross-kernel obtain: not issued yet.
+            UseFault::UnknownName
+        } else if !node.usable_by(caller) {
+            UseFault::WrongHolder
+        } else {
+            UseFault::Revoked
+        })
     }
 
     /// Creates a child of the live capability in `parent`.
@@ -478,19 +488,35 @@ impl CapTable {
     /// Creates a capability: charges its holder's quota, takes a slab node, draws a fresh
     /// name, and links the node into the tree, the holder's list and the index.
     fn create(&mut self, new: NewCap) -> Result<CapName, CapError> {
-        let holder = self.principal(new.holder).ok_or(CapError::UnknownPrincipal)?;
-        if holder.held >= holder.quota {
-            return Err(CapError::QuotaExceeded);
-        }
-        if self.in_use >= self.capacity {
-            return Err(CapError::TableFull);
-        }
-        let held_next = holder.held_head;
-
-        // Nothing below can fail: the slab and the index were sized for `capacity` nodes.
+        self.admit(new.holder, 1)?;
         let (index, nodes) = (&self.index, &self.nodes);
         let (name, hash) =
             self.names.fresh(|candidate, hash| index.find(hash, |slot| nodes[slot].name == candidate).is_some());
+        Ok(self.insert(new, State::Live, name, hash))
+    }
+
+    /// Checks that `holder` may receive one more capability and that the table has room for
+    /// `nodes` more nodes (the capability and any proxy it needs).
+    fn admit(&self, holder: Principal, nodes: u32) -> Result<(), CapError> {
+        let entry = self.principal(holder).ok_or(CapError::UnknownPrincipal)?;
+        if entry.closing {
+            return Err(CapError::UnknownPrincipal);
+        }
+        if entry.held >= entry.quota {
+            return Err(CapError::QuotaExceeded);
+        }
+        if self.capacity - self.in_use < nodes {
+            return Err(CapError::TableFull);
+        }
+        Ok(())
+    }
+
+    /// Inserts a capability named `name` (with index hash `hash`) in state `state`: takes a
+    /// slab node and links it into the tree, its holder's list and the index. The caller
+    /// checked with [`admit`](Self::admit) that the holder and the table have room, so
+    /// nothing here can fail. Returns the name.
+    fn insert(&mut self, new: NewCap, state: State, name: CapName, hash: u64) -> CapName {
+        let held_next = self.principal(new.holder).expect("admit found the holder").held_head;
         let slot = self.allocate_slot();
         let first_sibling = new.parent.get().map_or(Link::NIL, |p| self.nodes[p].first_child);
         self.nodes[slot] = Node {
@@ -500,7 +526,7 @@ impl CapTable {
             holder: new.holder,
             am: new.object.am,
             kind: new.object.kind,
-            state: State::Live,
+            state,
             binding: new.binding,
             parent: new.parent,
             first_child: Link::NIL,
@@ -523,7 +549,7 @@ impl CapTable {
         entry.held += 1;
 
         self.index.insert(hash, slot);
-        Ok(name)
+        name
     }
 
     /// Takes a node from the free list; the caller checked that the table is not full.
@@ -579,7 +605,8 @@ impl CapTable {
             return Err(PrincipalError::AlreadyRegistered);
         };
         self.principals.try_reserve(1).map_err(|_| PrincipalError::OutOfMemory)?;
-        self.principals.insert(position, PrincipalEntry { principal, quota, held: 0, held_head: Link::NIL });
+        self.principals
+            .insert(position, PrincipalEntry { principal, quota, held: 0, held_head: Link::NIL, closing: false });
         Ok(())
     }
 }

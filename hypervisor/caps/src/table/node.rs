@@ -48,6 +48,30 @@ pub(super) enum State {
     /// (charged to its quota) until its holder deletes it, so that presenting its name says
     /// "revoked" rather than "unknown".
     Revoked,
+    /// A capability whose revocation has begun but whose subtree still reaches other
+    /// kernels: unusable (presenting it says "revoked"), its AM already told, and kept in
+    /// the tree with its remaining children until the last remote part is gone (the mark
+    /// phase of SemperOS's revocation; Barrelfish thesis §4.3, "marked" slots).
+    Revoking,
+    /// A capability reserved for a cross-kernel obtain: named and charged to its future
+    /// holder, hung below the proxy of its remote parent, but without object or rights until
+    /// the parent's kernel grants it. Nobody knows its name yet, so it resolves as unknown.
+    Pending,
+    /// A proxy for a capability that lives on another kernel (its name's kernel bits say
+    /// which): a remote child of the local parent it hangs from, and/or the parent of the
+    /// local children that hang from it. It has no object, rights or holder of its own.
+    Remote,
+    /// A [`State::Remote`] proxy whose remote capability has been sent a revoke: it stays in
+    /// the tree until that kernel reports the subtree gone.
+    RemoteRevoking,
+}
+
+impl State {
+    /// Tells whether the node stands for a capability of another kernel.
+    #[inline]
+    pub(super) fn is_proxy(self) -> bool {
+        matches!(self, State::Remote | State::RemoteRevoking)
+    }
 }
 
 /// Holds one capability. 72 bytes: the object is stored flattened so that no padding sits

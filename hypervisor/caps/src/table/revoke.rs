@@ -48,12 +48,18 @@ impl CapTable {
     /// moves to its next sibling or back up to the parent. Each node is entered once from
     /// above and left once upward, so the walk takes time linear in the subtree's size and
     /// constant memory.
+    ///
+    /// This is the purely local revocation of the single-kernel methods: it tears down the
+    /// whole local subtree at once, and drops any proxy of a remote capability it meets
+    /// without telling that kernel (the distributed walk, `remote.rs`, is the one that does).
     pub(super) fn revoke_subtree<H>(&mut self, root: usize, hook: &mut H) -> usize
     where
         H: RevocationHook + ?Sized,
     {
-        debug_assert_eq!(self.nodes[root].state, State::Live);
+        debug_assert!(matches!(self.nodes[root].state, State::Live | State::Revoking));
+        let parent = self.nodes[root].parent;
         self.unlink_from_parent(root);
+        self.prune(parent, &mut super::remote::Discard);
         let mut revoked = 0;
         let mut current = root;
         loop {
@@ -65,8 +71,9 @@ impl CapTable {
             // of its parent: the walk only enters a node as a first child, or as the next
             // sibling of a first child that it just unlinked.
             let Node { parent, next_sibling, .. } = self.nodes[current];
-            self.kill(current, hook);
-            revoked += 1;
+            if self.kill(current, hook) {
+                revoked += 1;
+            }
             if current == root {
                 return revoked;
             }
@@ -82,18 +89,42 @@ impl CapTable {
         }
     }
 
-    /// Marks a childless node revoked, takes it out of the tree and tells the hook.
-    fn kill<H>(&mut self, slot: usize, hook: &mut H)
+    /// Marks a childless node revoked, takes it out of the tree and tells the hook; returns
+    /// whether a live capability died. A node the distributed protocol left behind is
+    /// cleared without a second report: a capability already revoking (its AM was told),
+    /// a reservation for an obtain (freed), or a proxy (released).
+    fn kill<H>(&mut self, slot: usize, hook: &mut H) -> bool
     where
         H: RevocationHook + ?Sized,
     {
         let node = &mut self.nodes[slot];
-        node.state = State::Revoked;
+        let state = node.state;
         node.parent = Link::NIL;
         node.next_sibling = Link::NIL;
         node.prev_sibling = Link::NIL;
-        let dead = DeadCap { name: node.name, object: node.object(), rights: node.rights, holder: node.holder };
-        hook.revoked(&dead);
+        match state {
+            State::Live => {
+                node.state = State::Revoked;
+                let dead = DeadCap { name: node.name, object: node.object(), rights: node.rights, holder: node.holder };
+                hook.revoked(&dead);
+                true
+            }
+            State::Revoking => {
+                node.state = State::Revoked;
+                false
+            }
+            State::Pending => {
+                node.state = State::Revoked;
+                self.free(slot);
+                false
+            }
+            State::Remote | State::RemoteRevoking => {
+                node.state = State::Revoked;
+                self.release(slot);
+                false
+            }
+            State::Free | State::Revoked => unreachable!("a node in the tree is in use and not revoked"),
+        }
     }
 
     /// Takes a node out of its parent's list of children; its own subtree stays attached.

@@ -4,6 +4,7 @@
 mod deep;
 mod model;
 mod props;
+mod remote;
 mod unit;
 
 use crate::*;
