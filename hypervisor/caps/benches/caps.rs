@@ -8,8 +8,11 @@
 
 use std::fmt::Write as _;
 use std::hint::black_box;
-use std::path::PathBuf;
 use std::time::Instant;
+
+#[path = "../../bench/report.rs"]
+mod report;
+use report::{cpu_model, json_string, output_dir};
 
 use nk_caps::{
     AmId, ArgSpec, Binding, CapName, CapTable, DeadCap, FixedSeed, KernelId, KindSpec, ObjId, ObjKind, Object, OpId,
@@ -230,39 +233,6 @@ struct Metric {
     what: String,
 }
 
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|line| line.starts_with("model name"))
-                .and_then(|line| line.split(':').nth(1))
-                .map(|model| model.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".to_string())
-}
-
-fn json_string(text: &str) -> String {
-    let mut out = String::from("\"");
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => write!(out, "\\u{:04x}", c as u32).unwrap(),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-fn output_dir() -> PathBuf {
-    match std::env::var_os("NK_BENCH_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/bench"),
-    }
-}
-
 fn main() {
     let started = Instant::now();
     let footprint = Bench::new(0).table.footprint();
@@ -386,7 +356,7 @@ fn main() {
     }
     json.push_str("  }\n}\n");
 
-    let dir = output_dir();
+    let dir = output_dir(env!("CARGO_MANIFEST_DIR"));
     std::fs::create_dir_all(&dir).expect("create the bench output directory");
     let path = dir.join("caps.json");
     std::fs::write(&path, json).expect("write caps.json");

@@ -29,8 +29,11 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::fmt::Write as _;
-use std::path::PathBuf;
 use std::time::Instant;
+
+#[path = "../../bench/report.rs"]
+mod report;
+use report::{json_string, output_dir};
 
 use nk_caps::{
     AmId, Binding, CapName, CapTable, DeadCap, FixedSeed, KernelId, KindSpec, ObjId, ObjKind, Object, Principal,
@@ -422,27 +425,6 @@ struct Totals {
     host_calls: u64,
 }
 
-fn json_string(text: &str) -> String {
-    let mut out = String::from("\"");
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => write!(out, "\\u{:04x}", c as u32).unwrap(),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-fn output_dir() -> PathBuf {
-    match std::env::var_os("NK_BENCH_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/bench"),
-    }
-}
-
 fn main() {
     let started = Instant::now();
     let mut totals = Totals::default();
@@ -570,7 +552,7 @@ fn main() {
         writeln!(json, "    {}: {value}{comma}", json_string(key)).unwrap();
     }
     json.push_str("  }\n}\n");
-    let dir = output_dir();
+    let dir = output_dir(env!("CARGO_MANIFEST_DIR"));
     std::fs::create_dir_all(&dir).expect("create the bench output directory");
     let path = dir.join("protocol.json");
     std::fs::write(&path, json).expect("write protocol.json");
