@@ -41,6 +41,18 @@
     mov %eax, %cr0
 .endm
 
+/* Loads the flat data segment into DS, ES and SS and clears FS and GS, first thing in
+ * 64-bit mode. */
+.macro LOAD_DATA_SEGMENTS_64
+    mov $SEL_DATA, %ax
+    mov %ax, %ds
+    mov %ax, %es
+    mov %ax, %ss
+    xor %ax, %ax
+    mov %ax, %fs
+    mov %ax, %gs
+.endm
+
 /* ---------------------------------------------------------------- Multiboot2 header */
 .section .multiboot, "a"
 .balign 8
@@ -135,13 +147,7 @@ boot32_common:
 
 .code64
 boot64:
-    mov $SEL_DATA, %ax
-    mov %ax, %ds
-    mov %ax, %es
-    mov %ax, %ss
-    xor %ax, %ax
-    mov %ax, %fs
-    mov %ax, %gs
+    LOAD_DATA_SEGMENTS_64
     mov $boot_stack_top, %rsp
     xor %ebp, %ebp
     mov %edi, %edi                            /* zero-extend magic */
@@ -185,13 +191,7 @@ ap_protected:
 
 .code64
 ap_long:
-    mov $SEL_DATA, %ax
-    mov %ax, %ds
-    mov %ax, %es
-    mov %ax, %ss
-    xor %ax, %ax
-    mov %ax, %fs
-    mov %ax, %gs
+    LOAD_DATA_SEGMENTS_64
     mov (AP_TRAMPOLINE_BASE + (nk_ap_trampoline_stack - nk_ap_trampoline_start)), %rsp
     mov (AP_TRAMPOLINE_BASE + (nk_ap_trampoline_cpu - nk_ap_trampoline_start)), %rdi
     mov (AP_TRAMPOLINE_BASE + (nk_ap_trampoline_entry - nk_ap_trampoline_start)), %rax
