@@ -15,6 +15,7 @@ use core::fmt;
 
 use nk_abi::{Call, NameWords, Reply};
 use nk_caps::VmId;
+use nk_core::{Dispatched, PendingOp};
 use nk_paging::{EptBuilder, EptPerms};
 
 use crate::arch::xsave::{self, ExtendedState};
@@ -70,8 +71,31 @@ pub enum GuestEnd {
 
 /// Where hypercalls go: the null-Kernel's dispatch for this guest's kernel instance.
 pub trait HypercallSink {
-    /// Handles one call from `vm`.
-    fn hypercall(&mut self, vm: VmId, call: &Call) -> Reply;
+    /// Handles one call from `vm`: its reply, or the operation the vCPU waits for.
+    fn hypercall(&mut self, vm: VmId, call: &Call) -> Dispatched;
+
+    /// Runs after the host took an interrupt that ended a guest's run (a doorbell, most
+    /// likely): the place to receive the protocol's messages.
+    fn interrupted(&mut self);
+}
+
+/// How a guest's time slice ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Slice {
+    /// The slice ran out; the guest runs again at its next turn.
+    Expired,
+    /// The guest waits for a capability operation that involves other kernels; it runs
+    /// again once [`Guest::resume`] hands it the reply.
+    Parked(PendingOp),
+    /// The guest ended.
+    Ended(GuestEnd),
+}
+
+/// What handling one exit leads to.
+enum Flow {
+    Continue,
+    Park(PendingOp),
+    End(GuestEnd),
 }
 
 /// A VM running a bare-metal guest.
@@ -87,6 +111,8 @@ pub struct Guest {
     /// None where the CPU has no XSAVE (then only x87/SSE-free guests are safe to share).
     xstate: Option<ExtendedState>,
     io: IoBitmaps,
+    /// The reply of a parked hypercall, written to the registers at the next entry.
+    reply: Option<Reply>,
 }
 
 impl fmt::Debug for Guest {
@@ -119,6 +145,7 @@ impl Guest {
             exits: 0,
             xstate,
             io,
+            reply: None,
         };
         // SAFETY: the frames were just allocated for this guest and are identity-mapped.
         unsafe { core::ptr::write_bytes(memory.as_u64() as *mut u8, 0, memory_size as usize) };
@@ -189,14 +216,27 @@ impl Guest {
         &self.name
     }
 
+    /// Hands a parked guest the reply of the hypercall it waits for; it goes on past its
+    /// VMCALL at its next slice.
+    pub fn resume(&mut self, reply: Reply) {
+        self.reply = Some(reply);
+    }
+
     /// Runs the guest for one time slice of `ticks` TSC ticks, sending its hypercalls to
-    /// `sink`. Returns how it ended, or None if its slice ran out.
-    pub fn run_slice(&mut self, sink: &mut dyn HypercallSink, ticks: u64, timer_rate: u8) -> Option<GuestEnd> {
+    /// `sink`. Returns how the slice ended.
+    pub fn run_slice(&mut self, sink: &mut dyn HypercallSink, ticks: u64, timer_rate: u8) -> Slice {
+        let stopped = |why: String| Slice::Ended(GuestEnd::Stopped(why));
         let Some(vcpu) = self.vcpu.as_mut() else {
-            return Some(GuestEnd::Stopped(String::from("no vCPU")));
+            return stopped(String::from("no vCPU"));
         };
         if let Err(e) = vcpu.activate().and_then(|()| vcpu.set_time_slice(ticks, timer_rate)) {
-            return Some(GuestEnd::Stopped(alloc::format!("cannot schedule its vCPU: {e}")));
+            return stopped(alloc::format!("cannot schedule its vCPU: {e}"));
+        }
+        if let Some(reply) = self.reply.take() {
+            write_reply(&mut vcpu.regs, &reply);
+            if let Err(e) = vcpu.skip_bytes(VMCALL_LENGTH) {
+                return stopped(alloc::format!("cannot resume after its hypercall: {e}"));
+            }
         }
         if let Some(xstate) = &self.xstate {
             xstate.restore();
@@ -206,21 +246,22 @@ impl Guest {
         let slice_start = crate::arch::rdtsc();
         let end = loop {
             if crate::arch::rdtsc().wrapping_sub(slice_start) >= ticks {
-                break None;
+                break Slice::Expired;
             }
             let vcpu = self.vcpu.as_mut().expect("checked above");
             let exit = match vcpu.run() {
                 Ok(exit) => exit,
-                Err(e) => break Some(GuestEnd::Stopped(alloc::format!("VM entry failed: {e}"))),
+                Err(e) => break stopped(alloc::format!("VM entry failed: {e}")),
             };
             self.exits += 1;
             if exit.reason == ExitReason::PREEMPTION_TIMER {
-                break None;
+                break Slice::Expired;
             }
             match self.handle_exit(&exit, sink) {
-                Ok(None) => {}
-                Ok(Some(end)) => break Some(end),
-                Err(e) => break Some(GuestEnd::Stopped(alloc::format!("exit handling failed: {e}"))),
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Park(op)) => break Slice::Parked(op),
+                Ok(Flow::End(end)) => break Slice::Ended(end),
+                Err(e) => break stopped(alloc::format!("exit handling failed: {e}")),
             }
         };
         if let Some(xstate) = &mut self.xstate {
@@ -231,11 +272,11 @@ impl Guest {
         end
     }
 
-    /// Handles one exit; returns how the guest ended if it did.
-    fn handle_exit(&mut self, exit: &Exit, sink: &mut dyn HypercallSink) -> Result<Option<GuestEnd>, VcpuError> {
+    /// Handles one exit; says whether the guest goes on, waits, or ended.
+    fn handle_exit(&mut self, exit: &Exit, sink: &mut dyn HypercallSink) -> Result<Flow, VcpuError> {
         let vm = self.vm;
         let vcpu = self.vcpu.as_mut().expect("run checked the vCPU");
-        let stop = |why: String| Ok(Some(GuestEnd::Stopped(why)));
+        let stop = |why: String| Ok(Flow::End(GuestEnd::Stopped(why)));
         match exit.reason {
             ExitReason::VMCALL => {
                 let r = &vcpu.regs;
@@ -249,11 +290,14 @@ impl Guest {
                     ],
                     args: [r.r11, r.r12, r.r13, r.r14, r.r15],
                 };
-                let reply = sink.hypercall(vm, &call);
-                let r = &mut vcpu.regs;
-                (r.rax, r.rbx, r.rcx) = (reply.status, reply.name.low, reply.name.high);
-                (r.rdx, r.rsi, r.rdi, r.r8) = (reply.results[0], reply.results[1], reply.results[2], reply.results[3]);
-                vcpu.skip_bytes(VMCALL_LENGTH)?;
+                match sink.hypercall(vm, &call) {
+                    Dispatched::Reply(reply) => {
+                        write_reply(&mut vcpu.regs, &reply);
+                        vcpu.skip_bytes(VMCALL_LENGTH)?;
+                    }
+                    // The guest stays at its VMCALL until the reply comes.
+                    Dispatched::Pending(op) => return Ok(Flow::Park(op)),
+                }
             }
             ExitReason::IO_INSTRUCTION => {
                 let q = vcpu.exit_qualification()?;
@@ -262,7 +306,7 @@ impl Guest {
                     let byte = vcpu.regs.rax as u8;
                     vcpu.skip_instruction()?;
                     self.console_byte(byte);
-                    return Ok(None);
+                    return Ok(Flow::Continue);
                 }
                 // A port granted in one direction only exits; the hypervisor performs it.
                 let emulated = if string { None } else { ioports::emulate(vm, port, size as u8, is_in, vcpu.regs.rax) };
@@ -311,7 +355,7 @@ impl Guest {
             }
             ExitReason::HLT => {
                 self.flush_console();
-                return Ok(Some(GuestEnd::Halted));
+                return Ok(Flow::End(GuestEnd::Halted));
             }
             ExitReason::EPT_VIOLATION => {
                 let q = vcpu.exit_qualification()?;
@@ -336,13 +380,14 @@ impl Guest {
                 // (its handler acknowledges it), then go back to the guest.
                 // SAFETY: the host IDT handles every vector the APIC can deliver here.
                 unsafe { core::arch::asm!("sti", "nop", "cli", options(nomem, nostack)) };
+                sink.interrupted();
             }
             other => {
                 self.flush_console();
                 return stop(alloc::format!("unhandled VM exit, reason {}", other.0));
             }
         }
-        Ok(None)
+        Ok(Flow::Continue)
     }
 
     fn console_byte(&mut self, byte: u8) {
@@ -375,6 +420,12 @@ impl Drop for Guest {
         }
         memory::free_frames(self.memory, (self.memory_size / PAGE_SIZE) as usize);
     }
+}
+
+/// Puts a hypercall's reply in the guest's registers (the ABI in `nk-abi`).
+fn write_reply(r: &mut GuestRegs, reply: &Reply) {
+    (r.rax, r.rbx, r.rcx) = (reply.status, reply.name.low, reply.name.high);
+    (r.rdx, r.rsi, r.rdi, r.r8) = (reply.results[0], reply.results[1], reply.results[2], reply.results[3]);
 }
 
 /// The hypervisor's CPUID leaf range signature (leaf 0x40000000, EBX:ECX:EDX).

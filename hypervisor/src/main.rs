@@ -19,6 +19,7 @@ mod console;
 mod guest;
 mod ioports;
 mod memory;
+mod mesh;
 mod percpu;
 mod power;
 mod sched;
@@ -103,9 +104,7 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
 
     let guests = boot.guests();
     match null_kernel(&guests) {
-        Ok(kernel) => {
-            sched::KERNEL.call_once(|| spin::Mutex::new(kernel));
-        }
+        Ok(kernels) => mesh::install(kernels),
         Err(why) => {
             log::error!(target: "nk", "cannot start the null-Kernel: {why}; stopping");
             power::shutdown(ExitStatus::Failure, "no null-Kernel");
@@ -126,15 +125,20 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
     power::shutdown(status, "all guests finished")
 }
 
-/// Creates kernel instance 0 of the null-Kernel and registers the built-in AMs; the exo AM
-/// learns which port range and MSRs each guest (VM i+1) may open.
-fn null_kernel(guests: &[guest::GuestSpec]) -> Result<nk_core::NullKernel, alloc::string::String> {
-    const CAPACITY: u32 = 16_384;
-    let mut kernel = nk_core::NullKernel::new(nk_caps::KernelId::new(0), CAPACITY, &mut arch::HardwareEntropy)
-        .map_err(|e| alloc::format!("capability table: {e:?}"))?;
-    let counter = kernel
-        .add_am(alloc::boxed::Box::new(nk_am_counter::CounterAm::new()), 4096)
-        .map_err(|e| alloc::format!("counter AM: {e:?}"))?;
+/// Creates one kernel instance of the null-Kernel per CPU in VMX root (kernel id = CPU
+/// index) and registers the built-in AMs with each, shared; the exo AM learns which port
+/// range and MSRs each guest (VM i+1) may open. Returns each instance with its CPU's APIC
+/// id.
+fn null_kernel(
+    guests: &[guest::GuestSpec],
+) -> Result<alloc::vec::Vec<(nk_core::NullKernel, u32)>, alloc::string::String> {
+    use alloc::boxed::Box;
+    /// Capability slots of all instances together (each gets a share, at least 4096).
+    const TOTAL_CAPACITY: u32 = 32_768;
+    const AM_QUOTA: u32 = 4096;
+    let kernels = percpu::all().filter(|c| c.in_vmx_root()).map(|c| c.index() + 1).max().unwrap_or(1);
+    let capacity = (TOTAL_CAPACITY / kernels).clamp(4096, 16_384);
+    let counter = nk_core::shared_am(Box::new(nk_am_counter::CounterAm::new()));
     let assignments = guests
         .iter()
         .enumerate()
@@ -144,12 +148,22 @@ fn null_kernel(guests: &[guest::GuestSpec]) -> Result<nk_core::NullKernel, alloc
             msrs: g.msrs.clone(),
         })
         .collect();
-    let exo = kernel
-        .add_am(alloc::boxed::Box::new(nk_am_exo::ExoAm::new(assignments)), 4096)
-        .map_err(|e| alloc::format!("exo AM: {e:?}"))?;
-    log::info!(target: "nk", "kernel 0: {} capability slots, AMs: counter (id {}), exo (id {})",
-        CAPACITY, counter.raw(), exo.raw());
-    Ok(kernel)
+    let exo = nk_core::shared_am(Box::new(nk_am_exo::ExoAm::new(assignments)));
+    let mut instances = alloc::vec::Vec::new();
+    for cpu in 0..kernels {
+        let id = nk_caps::KernelId::new(cpu as u16);
+        let mut kernel = nk_core::NullKernel::new(id, kernels as u16, capacity, &mut arch::HardwareEntropy)
+            .map_err(|e| alloc::format!("kernel {cpu}: capability table: {e:?}"))?;
+        let counter =
+            kernel.add_shared_am(counter.clone(), AM_QUOTA).map_err(|e| alloc::format!("counter AM: {e:?}"))?;
+        let exo = kernel.add_shared_am(exo.clone(), AM_QUOTA).map_err(|e| alloc::format!("exo AM: {e:?}"))?;
+        if cpu == 0 {
+            log::info!(target: "nk", "{kernels} kernel instances (one per CPU), {capacity} capability slots each; AMs: counter (id {}), exo (id {})",
+                counter.raw(), exo.raw());
+        }
+        instances.push((kernel, percpu::get(cpu as usize).map_or(0, |c| c.apic_id())));
+    }
+    Ok(instances)
 }
 
 #[panic_handler]

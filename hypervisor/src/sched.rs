@@ -1,31 +1,33 @@
-//! Placing guests on CPUs, and sharing a CPU among its guests in time slices (the VMX
+//! Placing guests on CPUs, sharing a CPU among its guests in time slices (the VMX
 //! preemption timer ends each slice; every guest's registers, VMCS and XSAVE state are
-//! switched).
+//! switched), and parking a guest whose capability operation waits for other CPUs' kernel
+//! instances.
 //!
-//! The BSP assigns each guest to a CPU (its module's `cpu=`, else round-robin over the
-//! CPUs in VMX root), wakes the APs that got work with an IPI, runs its own share, and
-//! waits for the others. The null-Kernel instance is shared behind a lock until the
-//! distributed protocol gives each CPU its own.
+//! The BSP assigns each guest to a CPU (the command line's `place=`, else its module's
+//! `cpu=`, else round-robin over the CPUs in VMX root), registers it with that CPU's kernel
+//! instance (and tells every other instance where it runs), wakes the APs that got work
+//! with an IPI, runs its own share, and waits for the others and for the protocol's
+//! messages to settle.
 
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use nk_abi::{Call, Reply};
-use nk_caps::VmId;
-use nk_core::NullKernel;
-use spin::{Mutex, Once};
+use nk_abi::Call;
+use nk_caps::{KernelId, VmId};
+use nk_core::{Dispatched, PendingOp};
+use spin::Mutex;
 
 use crate::arch::{apic, pit};
-use crate::guest::{Guest, GuestEnd, GuestSpec, HypercallSink};
+use crate::guest::{Guest, GuestEnd, GuestSpec, HypercallSink, Slice};
+use crate::mesh::{self, Mesh};
 use crate::percpu::{self, MAX_CPUS};
 
 /// TSC ticks of one time slice.
 const TIME_SLICE_TICKS: u64 = 1 << 18;
 /// Capabilities one VM may hold.
 const VM_QUOTA: u32 = 4096;
-
-/// The null-Kernel instance every CPU dispatches to.
-pub static KERNEL: Once<Mutex<NullKernel>> = Once::new();
+/// How long the BSP waits for the protocol to settle once every guest ended.
+const SETTLE_TIMEOUT_US: u64 = 5_000_000;
 
 static QUEUES: [Mutex<Vec<(VmId, GuestSpec)>>; MAX_CPUS] = [const { Mutex::new(Vec::new()) }; MAX_CPUS];
 static ASSIGNED: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
@@ -33,24 +35,19 @@ static CPUS_FINISHED: AtomicUsize = AtomicUsize::new(0);
 static HALTED: AtomicUsize = AtomicUsize::new(0);
 static STOPPED: AtomicUsize = AtomicUsize::new(0);
 
-struct SharedKernel;
-
-impl HypercallSink for SharedKernel {
-    fn hypercall(&mut self, vm: VmId, call: &Call) -> Reply {
-        let mut kernel = KERNEL.get().expect("the null-Kernel starts before any guest").lock();
-        let reply = kernel.dispatch(vm, call);
-        apply_effects(&mut kernel);
-        reply
-    }
+/// The kernel instance of the CPU a guest runs on.
+struct LocalKernel {
+    cpu: usize,
+    mesh: &'static Mesh,
 }
 
-/// Applies what the AMs asked for (and what revocations took back) before the call that
-/// caused it returns: nothing a dead capability enabled survives its revocation.
-fn apply_effects(kernel: &mut NullKernel) {
-    if kernel.has_effects() {
-        for effect in kernel.take_effects() {
-            crate::ioports::apply(effect);
-        }
+impl HypercallSink for LocalKernel {
+    fn hypercall(&mut self, vm: VmId, call: &Call) -> Dispatched {
+        self.mesh.hypercall(self.cpu, vm, call)
+    }
+
+    fn interrupted(&mut self) {
+        self.mesh.service(self.cpu);
     }
 }
 
@@ -58,6 +55,7 @@ fn apply_effects(kernel: &mut NullKernel) {
 /// guest runs where the hypervisor command line's `place=` puts it, else where its
 /// module's `cpu=` does, else round-robin.
 pub fn run_guests(specs: Vec<GuestSpec>, placements: &[(&str, u32)]) -> (usize, usize) {
+    let mesh = mesh::mesh();
     let online: Vec<usize> = percpu::all().filter(|c| c.in_vmx_root()).map(|c| c.index() as usize).collect();
     for (i, spec) in specs.into_iter().enumerate() {
         let vm = VmId::new(i as u32 + 1);
@@ -73,11 +71,14 @@ pub fn run_guests(specs: Vec<GuestSpec>, placements: &[(&str, u32)]) -> (usize, 
         };
         // Every VM is a principal before any guest runs, so guests can delegate to each
         // other whatever CPU they start on.
-        let registered = KERNEL.get().expect("the null-Kernel starts before any guest").lock().add_vm(vm, VM_QUOTA);
+        let registered = mesh.instance(cpu).kernel.lock().add_vm(vm, VM_QUOTA);
         if let Err(e) = registered {
             log::error!(target: "guest", "vm{}/{}: cannot register with the null-Kernel: {e:?}", vm.raw(), spec.name);
             STOPPED.fetch_add(1, Ordering::AcqRel);
             continue;
+        }
+        for (_, instance) in mesh.instances().enumerate().filter(|&(other, _)| other != cpu) {
+            instance.kernel.lock().place(vm, KernelId::new(cpu as u16));
         }
         log::info!(target: "sched", "vm{}/{} -> cpu {cpu}", vm.raw(), spec.name);
         QUEUES[cpu].lock().push((vm, spec));
@@ -95,34 +96,100 @@ pub fn run_guests(specs: Vec<GuestSpec>, placements: &[(&str, u32)]) -> (usize, 
     }
     run_queue(0);
     while CPUS_FINISHED.load(Ordering::Acquire) < woken {
-        pit::wait_us(1_000);
+        mesh.service(0);
+        pit::wait_us(200);
     }
+    settle(mesh);
     (HALTED.load(Ordering::Acquire), STOPPED.load(Ordering::Acquire))
 }
 
-/// Runs this CPU's guests in round-robin time slices until each has ended.
+/// Waits for the protocol's last messages (every guest has ended, so no operation starts
+/// any more), then checks that every kernel instance is idle and its table consistent.
+fn settle(mesh: &Mesh) {
+    let mut waited = 0;
+    while !mesh::quiet() && waited < SETTLE_TIMEOUT_US {
+        mesh.service(0);
+        pit::wait_us(100);
+        waited += 100;
+    }
+    let traffic = mesh::traffic();
+    if !mesh::quiet() {
+        log::error!(target: "mesh", "the protocol did not settle within {} s", SETTLE_TIMEOUT_US / 1_000_000);
+    }
+    let mut healthy = true;
+    for (cpu, instance) in mesh.instances().enumerate() {
+        let kernel = instance.kernel.lock();
+        let pending = kernel.protocol().pending_ops();
+        if !kernel.protocol().is_idle() {
+            log::error!(target: "mesh", "kernel {cpu}: not idle after every guest ended ({pending} operations pending)");
+            healthy = false;
+        }
+        if let Err(e) = kernel.table().check_consistency() {
+            log::error!(target: "mesh", "kernel {cpu}: capability table inconsistent: {e:?}");
+            healthy = false;
+        }
+    }
+    if healthy {
+        log::info!(target: "mesh", "{} kernel instances idle and consistent; {} messages sent ({} through overflow queues), {} doorbells",
+            mesh.len(), traffic.sent, traffic.overflowed, traffic.doorbells);
+    }
+}
+
+/// A guest of this CPU and the operation it waits for, if any.
+struct Running {
+    guest: Guest,
+    parked: Option<PendingOp>,
+}
+
+/// Runs this CPU's guests in round-robin time slices until each has ended and its removal
+/// from the null-Kernel is complete on every kernel instance.
 fn run_queue(cpu: usize) {
+    let mesh = mesh::mesh();
     let specs = core::mem::take(&mut *QUEUES[cpu].lock());
     let rate = crate::vmx::capabilities().preemption_timer_rate;
+    let mut sink = LocalKernel { cpu, mesh };
     let mut guests = Vec::new();
+    let mut removals = Vec::new();
     for (vm, spec) in specs {
         log::info!(target: "guest", "vm{}/{}: starting on cpu {cpu} ({} KiB image, {} MiB memory)",
             vm.raw(), spec.name, spec.image.len() / 1024, spec.memory >> 20);
         match Guest::create(vm, &spec) {
-            Ok(guest) => guests.push(guest),
+            Ok(guest) => guests.push(Running { guest, parked: None }),
             Err(e) => {
                 log::error!(target: "guest", "vm{}/{}: not started: {e}", vm.raw(), spec.name);
-                finish(vm, false);
+                finish(cpu, vm, false, &mut removals);
             }
         }
     }
-    while !guests.is_empty() {
+    while !guests.is_empty() || !removals.is_empty() {
+        mesh.service(cpu);
+        for done in mesh.take_finished(cpu) {
+            if let Some(running) = guests.iter_mut().find(|r| r.parked == Some(done.op)) {
+                running.guest.resume(done.reply);
+                running.parked = None;
+            } else if let Some(i) = removals.iter().position(|&(op, _)| op == done.op) {
+                let (_, vm): (PendingOp, VmId) = removals.swap_remove(i);
+                log::debug!(target: "guest", "vm{}: {} capabilities revoked on every kernel", vm.raw(), done.reply.results[0]);
+            } else {
+                log::error!(target: "sched", "cpu {cpu}: a finished operation ({:?}) that no one waits for", done.op);
+            }
+        }
+        let mut ran = false;
         let mut index = 0;
         while index < guests.len() {
-            match guests[index].run_slice(&mut SharedKernel, TIME_SLICE_TICKS, rate) {
-                None => index += 1,
-                Some(end) => {
-                    let guest = guests.swap_remove(index);
+            if guests[index].parked.is_some() {
+                index += 1;
+                continue;
+            }
+            ran = true;
+            match guests[index].guest.run_slice(&mut sink, TIME_SLICE_TICKS, rate) {
+                Slice::Expired => index += 1,
+                Slice::Parked(op) => {
+                    guests[index].parked = Some(op);
+                    index += 1;
+                }
+                Slice::Ended(end) => {
+                    let guest = guests.swap_remove(index).guest;
                     let (vm, name, exits) = (guest.vm(), guest.name(), guest.exits());
                     match &end {
                         GuestEnd::Halted => {
@@ -131,21 +198,36 @@ fn run_queue(cpu: usize) {
                         GuestEnd::Stopped(why) => log::warn!(target: "guest", "vm{}/{name}: stopped: {why}", vm.raw()),
                     }
                     drop(guest);
-                    finish(vm, end == GuestEnd::Halted);
+                    finish(cpu, vm, end == GuestEnd::Halted, &mut removals);
                 }
             }
+        }
+        if !ran {
+            wait_for_doorbell(mesh, cpu);
         }
     }
 }
 
-/// Removes an ended VM from the null-Kernel (its capabilities die, its AMs undo effects).
-fn finish(vm: VmId, halted: bool) {
-    let mut kernel = KERNEL.get().expect("started").lock();
-    let removed = kernel.remove_vm(vm);
-    apply_effects(&mut kernel);
-    drop(kernel);
-    match removed {
-        Ok(dead) => log::debug!(target: "guest", "vm{}: {dead} capabilities revoked", vm.raw()),
+/// Sleeps until a doorbell (or any interrupt) comes, unless messages or finished
+/// operations already wait.
+fn wait_for_doorbell(mesh: &Mesh, cpu: usize) {
+    // SAFETY: interrupts stay off while checking for work; `sti; hlt` enables them only
+    // for the halt, so a doorbell that comes after the check still ends it.
+    unsafe { core::arch::asm!("cli", options(nomem, nostack)) };
+    if mesh.service(cpu) == 0 && !mesh.has_finished(cpu) {
+        // SAFETY: see above; the IDT handles the doorbell (wake-up) and spurious vectors.
+        unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+    }
+}
+
+/// Removes an ended VM from its kernel instance (its capabilities die on every kernel, its
+/// AMs undo their effects); a removal that waits for other kernels is added to `removals`.
+fn finish(cpu: usize, vm: VmId, halted: bool, removals: &mut Vec<(PendingOp, VmId)>) {
+    match mesh::mesh().remove_vm(cpu, vm) {
+        Ok(Dispatched::Reply(reply)) => {
+            log::debug!(target: "guest", "vm{}: {} capabilities revoked", vm.raw(), reply.results[0])
+        }
+        Ok(Dispatched::Pending(op)) => removals.push((op, vm)),
         Err(e) => log::error!(target: "guest", "vm{}: cannot remove from the null-Kernel: {e:?}", vm.raw()),
     }
     let counter = if halted { &HALTED } else { &STOPPED };
@@ -158,10 +240,11 @@ pub fn ap_idle(cpu: usize) -> ! {
         // SAFETY: interrupts are off while checking for work; `sti; hlt` re-enables them
         // only for the halt (the wake-up IPI ends it), so no wake-up is lost.
         unsafe { core::arch::asm!("cli", options(nomem, nostack)) };
+        let handled = mesh::get().map_or(0, |mesh| mesh.service(cpu));
         if ASSIGNED[cpu].swap(false, Ordering::AcqRel) {
             run_queue(cpu);
             CPUS_FINISHED.fetch_add(1, Ordering::AcqRel);
-        } else {
+        } else if handled == 0 {
             // SAFETY: see above; the IDT handles the wake-up and spurious vectors.
             unsafe { core::arch::asm!("sti", "hlt", options(nomem, nostack)) };
         }

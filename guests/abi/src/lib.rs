@@ -50,6 +50,11 @@ pub mod nk_op {
     /// AMs granted when the VM was created). Args: plain 0 = index. Results: 0 = the AM
     /// id of the capability's object. `BAD_ARGUMENT` past the last one.
     pub const INITIAL: u32 = 6;
+    /// `received(index)` -> name: the index-th capability another principal delegated to
+    /// the caller (its inbox, in arrival order; how a VM learns what its peers gave it).
+    /// Args: plain 0 = index. Results: 0 = the AM id of the capability's object (0 if it
+    /// has died since), 1 = how many the inbox holds. `BAD_ARGUMENT` past the last one.
+    pub const RECEIVED: u32 = 7;
 }
 
 /// The (version, AM, operation) selector carried in RAX.

@@ -44,6 +44,25 @@ pub fn initial(index: u64) -> Result<(Cap, u16), Status> {
     named(reply).map(|cap| (cap, reply.results[0] as u16))
 }
 
+/// Returns the `index`-th capability another principal delegated to this guest (its
+/// inbox, in arrival order) and the AM of its object (0 if it died since).
+pub fn received(index: u64) -> Result<(Cap, u16), Status> {
+    let reply = call(NULL_KERNEL_AM, nk_op::RECEIVED, &[], &[index]);
+    named(reply).map(|cap| (cap, reply.results[0] as u16))
+}
+
+/// Waits (polling) until the inbox holds an `index`-th capability, and returns it.
+pub fn wait_received(index: u64) -> Cap {
+    loop {
+        if let Ok((cap, _)) = received(index) {
+            return cap;
+        }
+        for _ in 0..200 {
+            core::hint::spin_loop();
+        }
+    }
+}
+
 /// Derives a capability with `mask` applied to `cap`'s rights.
 pub fn derive(cap: Cap, mask: u64) -> Result<Cap, Status> {
     named(call(NULL_KERNEL_AM, nk_op::DERIVE, &[cap], &[mask]))

@@ -182,18 +182,33 @@ const CHECKS: [Check; 6] = [
 static PEER_VM: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
 
 /// A capability bound to another VM is refused when this VM presents its name (the
-/// name is known here: delegate returned it); a bearer one is usable by anyone.
+/// name is known here: delegate returned it); a bearer one is usable by anyone. When the
+/// peer runs on another CPU, its capabilities live in that CPU's kernel instance (the
+/// name's bits 127..112 say which): this kernel does not know the bound name at all, and
+/// the bearer one is obtained (derived across kernels) before it is used.
 fn check_other_vms_bound_capability() -> CheckResult {
     let peer = PEER_VM.load(core::sync::atomic::Ordering::Relaxed);
     ensure!(peer != 0, "no peer VM given (run with 'checks <peer vm id>')");
     let (am, c) = create_counter()?;
     let bound = nk::delegate(c, peer, u64::MAX, false).map_err(|s| why(format_args!("delegate bound: {s}")))?;
-    expect_status(read(am, bound).err().unwrap_or(Status(0)), Status::WRONG_HOLDER, Some(0), "peer's bound cap")?;
+    let remote = kernel_of(bound) != kernel_of(c);
+    let refusal = if remote { Status::UNKNOWN_NAME } else { Status::WRONG_HOLDER };
+    expect_status(read(am, bound).err().unwrap_or(Status(0)), refusal, Some(0), "peer's bound cap")?;
     let bearer = nk::delegate(c, peer, 0b01, true).map_err(|s| why(format_args!("delegate bearer: {s}")))?;
-    ensure!(read(am, bearer).is_ok(), "a bearer capability was refused to its presenter");
+    let usable = match remote {
+        true => nk::derive(bearer, u64::MAX).map_err(|s| why(format_args!("obtain of the peer's bearer cap: {s}")))?,
+        false => bearer,
+    };
+    ensure!(kernel_of(usable) == kernel_of(c), "the obtained capability lives on another kernel");
+    ensure!(read(am, usable).is_ok(), "a bearer capability was refused to its presenter");
     let info = nk::inspect(bound);
-    expect_status(info.err().unwrap_or(Status(0)), Status::WRONG_HOLDER, Some(0), "inspect of peer's bound cap")?;
+    expect_status(info.err().unwrap_or(Status(0)), refusal, Some(0), "inspect of peer's bound cap")?;
     Ok(())
+}
+
+/// The kernel instance (CPU) a capability lives on: bits 127..112 of its name.
+fn kernel_of(cap: Cap) -> u64 {
+    cap.high >> 48
 }
 
 fn run_checks() {
@@ -514,6 +529,19 @@ fn check_port_grants(port: u16) {
     println!("GTEST FAILED ports_revoke: the port stayed open after revocation");
 }
 
+mod protocol;
+
+/// Reads the VM ids that follow in a mode's arguments.
+fn vm_list<'a>(words: impl Iterator<Item = &'a str>) -> ([u32; 8], usize) {
+    let mut vms = [0u32; 8];
+    let mut count = 0;
+    for vm in words.filter_map(|w| w.parse().ok()).take(vms.len()) {
+        vms[count] = vm;
+        count += 1;
+    }
+    (vms, count)
+}
+
 #[unsafe(no_mangle)]
 fn nk_guest_main(boot: &nk_guest::BootArgs) {
     println!(
@@ -545,8 +573,26 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
             let seed = words.next().and_then(|n| n.parse().ok()).unwrap_or(boot.vm);
             check_extended_state(seed, words.next().and_then(|n| n.parse().ok()).unwrap_or(3000));
         }
+        Some("tree") => {
+            let next = words.next().and_then(|n| n.parse().ok()).unwrap_or(2);
+            let (relays, count) = vm_list(words);
+            protocol::tree(next, &relays[..count]);
+        }
+        Some("relay") => protocol::relay(words.next().and_then(|n| n.parse().ok()).unwrap_or(1)),
+        Some("storm") => {
+            let next = words.next().and_then(|n| n.parse().ok()).unwrap_or(1);
+            let rounds = words.next().and_then(|n| n.parse().ok()).unwrap_or(10);
+            let guests = words.next().and_then(|n| n.parse().ok()).unwrap_or(1);
+            let (peers, count) = vm_list(words);
+            protocol::storm(next, rounds, guests, &peers[..count]);
+        }
+        Some("hold") => protocol::hold(),
+        Some("pbench") => {
+            let (peers, count) = vm_list(words);
+            protocol::bench(&peers[..count], boot.vm as u32);
+        }
         Some(other) => println!(
-            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS)"
+            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS..)"
         ),
     }
     println!("GTEST done");

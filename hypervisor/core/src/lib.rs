@@ -1,6 +1,14 @@
 //! The null-Kernel's hypercall path, without hardware: one [`NullKernel`] per kernel
-//! instance holds the capability table and the registered AMs, and [`NullKernel::dispatch`]
-//! turns a hypercall's registers ([`nk_abi::Call`]) into a reply.
+//! instance (one per CPU) holds that instance's share of the distributed capability system
+//! (an [`nk_protocol::Kernel`] over its capability table) and the registered AMs, and
+//! [`NullKernel::dispatch`] turns a hypercall's registers ([`nk_abi::Call`]) into a reply.
+//!
+//! AMs are shared by every kernel instance ([`SharedAm`]: one object, behind a lock, whose
+//! operations run on the calling CPU); capabilities are per instance. Derive, delegate,
+//! revoke and delete go through the protocol: when one needs other kernels, `dispatch`
+//! returns [`Dispatched::Pending`], the hypervisor parks the calling vCPU, carries the
+//! messages ([`NullKernel::handle`]) and resumes the vCPU with the reply that
+//! [`NullKernel::poll`] hands back.
 //!
 //! Dispatch follows seL4's decode-then-invoke: the selector, the operation and *every*
 //! capability argument are decoded and checked before anything changes; only then does
@@ -13,6 +21,7 @@ extern crate alloc;
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use nk_abi::{nk_op, Call, NameWords, Reply, Selector, Status, ABI_VERSION, MAX_CAP_ARGS, NULL_KERNEL_AM};
@@ -21,6 +30,9 @@ use nk_caps::{
     AmId, ArgFault, Binding, CapError, CapName, CapTable, CheckError, DeadCap, EntropySource, KernelId, NewTableError,
     Object, OpId, Principal, PrincipalError, RegisterError, Rights, VmId,
 };
+pub use nk_protocol::{Message, OpId as PendingOp, Outbox};
+use nk_protocol::{Outcome, ProtoError, Started};
+use spin::Mutex;
 
 /// The first id given to a registered AM (0 is the null-Kernel itself).
 pub const FIRST_AM_ID: u16 = 1;
@@ -32,20 +44,76 @@ pub struct GrantFailure {
     pub error: AmError,
 }
 
+/// An AM as every kernel instance holds it: one object behind a lock, whose operations
+/// run on the CPU of the caller.
+pub type SharedAm = Arc<Mutex<Box<dyn AbstractMachine + Send>>>;
+
+/// Wraps an AM for [`NullKernel::add_shared_am`] on every kernel instance.
+pub fn shared_am(am: Box<dyn AbstractMachine + Send>) -> SharedAm {
+    Arc::new(Mutex::new(am))
+}
+
+/// The most capabilities a VM's inbox lists (the VM's capability quota is of this order).
+pub const INBOX_MAX: usize = 4096;
+
+/// What a hypercall produced: its reply, or an operation that waits for other kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dispatched {
+    /// The call finished: hand this reply to the caller.
+    Reply(Reply),
+    /// The call waits for other kernels: park the caller until [`NullKernel::poll`] returns
+    /// a [`Finished`] with this id.
+    Pending(PendingOp),
+}
+
+impl Dispatched {
+    /// Returns the reply of a call that finished.
+    pub fn reply(self) -> Option<Reply> {
+        match self {
+            Dispatched::Reply(reply) => Some(reply),
+            Dispatched::Pending(_) => None,
+        }
+    }
+}
+
+/// A call (or a VM's removal) that waited for other kernels and is now finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Finished {
+    /// The id [`Dispatched::Pending`] returned.
+    pub op: PendingOp,
+    /// The reply for the parked caller.
+    pub reply: Reply,
+}
+
+/// Why a kernel instance could not be created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NewKernelError {
+    /// The capability table could not be created.
+    Table(NewTableError),
+    /// The instance's id is not below the number of instances.
+    KernelOutOfRange,
+}
+
 /// One kernel instance's capabilities and AMs.
 pub struct NullKernel {
-    table: CapTable,
+    proto: nk_protocol::Kernel,
     /// Indexed by `AmId::raw() - FIRST_AM_ID`.
-    ams: Vec<Box<dyn AbstractMachine + Send>>,
+    ams: Vec<SharedAm>,
     /// Each VM's initial capabilities (AM id, name), in AM order.
     initial: BTreeMap<VmId, Vec<(AmId, CapName)>>,
+    /// Capabilities other principals delegated to each VM of this instance, in order.
+    inbox: BTreeMap<VmId, Vec<CapName>>,
+    /// The kernel instance each VM runs on (every instance knows every VM).
+    placement: BTreeMap<VmId, KernelId>,
+    /// Pending delegations whose child, once granted, goes to a VM's inbox.
+    inbox_on_completion: BTreeMap<PendingOp, VmId>,
     /// Effects the AMs emitted that the hypervisor has not applied yet.
     effects: Vec<Effect>,
 }
 
 impl core::fmt::Debug for NullKernel {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("NullKernel").field("kernel", &self.table.kernel()).field("ams", &self.ams.len()).finish()
+        f.debug_struct("NullKernel").field("kernel", &self.proto.id()).field("ams", &self.ams.len()).finish()
     }
 }
 
@@ -60,15 +128,15 @@ impl Effects for EffectList<'_> {
 
 /// Routes each dead capability to the AM that implements its object.
 struct AmHook<'a> {
-    ams: &'a mut [Box<dyn AbstractMachine + Send>],
+    ams: &'a [SharedAm],
     effects: &'a mut Vec<Effect>,
 }
 
 impl nk_caps::RevocationHook for AmHook<'_> {
     fn revoked(&mut self, dead: &DeadCap) {
         let index = usize::from(dead.object.am.raw()).wrapping_sub(usize::from(FIRST_AM_ID));
-        if let Some(am) = self.ams.get_mut(index) {
-            am.revoked(dead, &mut EffectList(self.effects));
+        if let Some(am) = self.ams.get(index) {
+            am.lock().revoked(dead, &mut EffectList(self.effects));
         }
     }
 }
@@ -151,6 +219,30 @@ fn am_status(error: AmError) -> Status {
     }
 }
 
+fn proto_status(error: ProtoError) -> Status {
+    match error {
+        ProtoError::Cap(error) => cap_status(error),
+        ProtoError::UnknownKernel => Status::new(Status::BAD_ARGUMENT, None),
+    }
+}
+
+/// The reply for a finished capability operation: a name, or a count in result 0.
+fn outcome_reply(result: Result<Outcome, ProtoError>) -> Reply {
+    match result {
+        Ok(Outcome::Name(name)) => success(Some(name), [0; 4]),
+        Ok(Outcome::Count(count)) => success(None, [count, 0, 0, 0]),
+        Err(error) => failure(proto_status(error)),
+    }
+}
+
+/// Turns a started protocol operation into what dispatch returns.
+fn started(started: Started) -> Dispatched {
+    match started {
+        Started::Done(result) => Dispatched::Reply(outcome_reply(result)),
+        Started::Pending(op) => Dispatched::Pending(op),
+    }
+}
+
 fn failure(status: Status) -> Reply {
     Reply { status: status.0, ..Reply::default() }
 }
@@ -160,56 +252,96 @@ fn success(name: Option<CapName>, results: [u64; 4]) -> Reply {
 }
 
 impl NullKernel {
-    /// Creates kernel instance `kernel` with room for `capacity` capabilities.
-    pub fn new(kernel: KernelId, capacity: u32, entropy: &mut dyn EntropySource) -> Result<Self, NewTableError> {
+    /// Creates kernel instance `kernel` of `kernels` (ids `0..kernels`) with room for
+    /// `capacity` capabilities.
+    pub fn new(
+        kernel: KernelId,
+        kernels: u16,
+        capacity: u32,
+        entropy: &mut dyn EntropySource,
+    ) -> Result<Self, NewKernelError> {
+        let table = CapTable::new(kernel, capacity, entropy).map_err(NewKernelError::Table)?;
+        let proto = nk_protocol::Kernel::new(table, kernels).map_err(|_| NewKernelError::KernelOutOfRange)?;
         Ok(Self {
-            table: CapTable::new(kernel, capacity, entropy)?,
+            proto,
             ams: Vec::new(),
             initial: BTreeMap::new(),
+            inbox: BTreeMap::new(),
+            placement: BTreeMap::new(),
+            inbox_on_completion: BTreeMap::new(),
             effects: Vec::new(),
         })
     }
 
+    /// Returns this instance's id.
+    pub fn id(&self) -> KernelId {
+        self.proto.id()
+    }
+
     /// Returns the capability table (for inspection and tests).
     pub fn table(&self) -> &CapTable {
-        &self.table
+        self.proto.table()
     }
 
     /// Returns the capability table for setup by the hypervisor (minting boot-time roots).
     pub fn table_mut(&mut self) -> &mut CapTable {
-        &mut self.table
+        self.proto.table_mut()
     }
 
-    /// Registers an AM with a quota of capabilities it may hold; returns its id.
-    pub fn add_am(&mut self, mut am: Box<dyn AbstractMachine + Send>, quota: u32) -> Result<AmId, RegisterError> {
+    /// Returns this instance's protocol state (for checks: idle, pending operations).
+    pub fn protocol(&self) -> &nk_protocol::Kernel {
+        &self.proto
+    }
+
+    /// Registers an AM that only this instance uses; returns its id.
+    pub fn add_am(&mut self, am: Box<dyn AbstractMachine + Send>, quota: u32) -> Result<AmId, RegisterError> {
+        self.add_shared_am(shared_am(am), quota)
+    }
+
+    /// Registers an AM shared with the other kernel instances (each registers the same AMs
+    /// in the same order, so AM ids, kinds and operations agree everywhere); returns its id.
+    pub fn add_shared_am(&mut self, am: SharedAm, quota: u32) -> Result<AmId, RegisterError> {
         let raw = u16::try_from(self.ams.len()).ok().and_then(|n| n.checked_add(FIRST_AM_ID));
         let id = AmId::new(raw.ok_or(RegisterError::AmIdTaken)?);
-        self.table.register_am(id, am.name(), quota)?;
-        am.register(&mut Registrar::new(id, &mut self.table))?;
+        let table = self.proto.table_mut();
+        {
+            let mut locked = am.lock();
+            table.register_am(id, locked.name(), quota)?;
+            locked.register(&mut Registrar::new(id, table))?;
+        }
         self.ams.push(am);
         Ok(id)
     }
 
-    /// Registers a VM with a capability quota, and lets every AM grant it its initial
-    /// capabilities. An AM that fails to grant is skipped and listed in the result.
+    /// Records that `vm` runs on kernel instance `kernel` (delegations to it go there).
+    pub fn place(&mut self, vm: VmId, kernel: KernelId) {
+        self.placement.insert(vm, kernel);
+    }
+
+    /// Registers a VM of this instance with a capability quota, and lets every AM grant it
+    /// its initial capabilities. An AM that fails to grant is skipped and listed in the
+    /// result.
     pub fn add_vm(&mut self, vm: VmId, quota: u32) -> Result<Vec<GrantFailure>, PrincipalError> {
-        self.table.add_vm(vm, quota)?;
+        self.proto.table_mut().add_vm(vm, quota)?;
+        self.placement.insert(vm, self.id());
         let mut granted = Vec::new();
         let mut report = Vec::new();
-        for (slot, am) in self.ams.iter_mut().enumerate() {
+        for (slot, am) in self.ams.iter().enumerate() {
             let id = AmId::new(FIRST_AM_ID + slot as u16);
-            let mut services = AmServices { am: id, table: &mut self.table, effects: &mut self.effects };
-            match am.grant_initial(vm, &mut services) {
+            let mut services = AmServices { am: id, table: self.proto.table_mut(), effects: &mut self.effects };
+            match am.lock().grant_initial(vm, &mut services) {
                 Ok(names) => granted.extend(names.into_iter().map(|name| (id, name))),
                 Err(error) => report.push(GrantFailure { am: id, error }),
             }
         }
         self.initial.insert(vm, granted);
+        self.inbox.insert(vm, Vec::new());
         Ok(report)
     }
 
     /// Takes the effects the AMs emitted since the last call, for the hypervisor to apply
-    /// (in order) before the operation that caused them returns to its caller.
+    /// (in order) before the operation that caused them returns to its caller, and before
+    /// the messages it produced are sent.
     pub fn take_effects(&mut self) -> Vec<Effect> {
         core::mem::take(&mut self.effects)
     }
@@ -224,86 +356,157 @@ impl NullKernel {
         self.initial.get(&vm).map_or(&[], Vec::as_slice)
     }
 
-    /// Removes a VM (it ended or crashed): every capability it held dies, and derived ones
-    /// with them; the AMs undo their effects. Returns how many died.
-    pub fn remove_vm(&mut self, vm: VmId) -> Result<usize, PrincipalError> {
-        self.initial.remove(&vm);
-        self.table.remove_vm(vm, &mut AmHook { ams: &mut self.ams, effects: &mut self.effects })
+    /// Returns the capabilities other principals delegated to `vm`, in arrival order.
+    pub fn inbox(&self, vm: VmId) -> &[CapName] {
+        self.inbox.get(&vm).map_or(&[], Vec::as_slice)
     }
 
-    /// Handles one hypercall from `caller`.
-    pub fn dispatch(&mut self, caller: VmId, call: &Call) -> Reply {
+    fn deliver_to_inbox(&mut self, vm: VmId, name: CapName) {
+        if let Some(inbox) = self.inbox.get_mut(&vm) {
+            if inbox.len() < INBOX_MAX {
+                inbox.push(name);
+            }
+        }
+    }
+
+    /// Removes a VM of this instance (it ended or crashed): every capability it held dies
+    /// on every kernel, and derived ones with them; the AMs undo their effects. The reply
+    /// (now, or from [`NullKernel::poll`]) counts the capabilities that died in result 0.
+    pub fn remove_vm<O>(&mut self, vm: VmId, out: &mut O) -> Result<Dispatched, PrincipalError>
+    where
+        O: Outbox + ?Sized,
+    {
+        if self.table().usage(Principal::Vm(vm)).is_none() {
+            return Err(PrincipalError::UnknownPrincipal);
+        }
+        self.initial.remove(&vm);
+        self.inbox.remove(&vm);
+        let hook = &mut AmHook { ams: &self.ams, effects: &mut self.effects };
+        Ok(started(self.proto.crash(vm, &[], hook, out)))
+    }
+
+    /// Handles a message another kernel instance sent; the messages it causes go to `out`.
+    /// Completions of parked calls become available through [`NullKernel::poll`].
+    pub fn handle<O>(&mut self, from: KernelId, message: Message, out: &mut O)
+    where
+        O: Outbox + ?Sized,
+    {
+        let hook = &mut AmHook { ams: &self.ams, effects: &mut self.effects };
+        self.proto.handle(from, message, hook, out);
+        if let Message::Delegate { grant, holder: holder @ Principal::Vm(vm), .. } = message {
+            if self.proto.table().inspect(holder, grant.child).is_ok() {
+                self.deliver_to_inbox(vm, grant.child);
+            }
+        }
+    }
+
+    /// Returns the next call (or VM removal) that waited for other kernels and finished.
+    pub fn poll(&mut self) -> Option<Finished> {
+        let done = self.proto.poll()?;
+        if let (Some(vm), Ok(Outcome::Name(name))) = (self.inbox_on_completion.remove(&done.op), done.result) {
+            self.deliver_to_inbox(vm, name);
+        }
+        Some(Finished { op: done.op, reply: outcome_reply(done.result) })
+    }
+
+    /// Handles one hypercall from `caller`; the messages it needs go to `out`.
+    pub fn dispatch<O>(&mut self, caller: VmId, call: &Call, out: &mut O) -> Dispatched
+    where
+        O: Outbox + ?Sized,
+    {
         let selector = Selector::decode(call.selector);
         if selector.version != ABI_VERSION {
-            return failure(Status::new(Status::BAD_VERSION, None));
+            return Dispatched::Reply(failure(Status::new(Status::BAD_VERSION, None)));
         }
-        let caller = Principal::Vm(caller);
         if selector.am == NULL_KERNEL_AM {
-            return self.null_kernel_op(caller, selector.op, call);
+            return self.null_kernel_op(caller, selector.op, call, out);
         }
+        Dispatched::Reply(self.am_op(Principal::Vm(caller), selector, call))
+    }
+
+    /// An operation of a registered AM: decode, check every capability, invoke.
+    fn am_op(&mut self, caller: Principal, selector: Selector, call: &Call) -> Reply {
         let am = AmId::new(selector.am);
-        if !self.table.registry().has_am(am) {
+        let table = self.proto.table_mut();
+        if !table.registry().has_am(am) {
             return failure(Status::new(Status::UNKNOWN_AM, None));
         }
         let Ok(index) = u16::try_from(selector.op) else {
             return failure(Status::new(Status::UNKNOWN_OPERATION, None));
         };
         let op = OpId::new(am, index);
-        let Some(arg_count) = self.table.registry().op_args(op).map(<[_]>::len) else {
+        let Some(arg_count) = table.registry().op_args(op).map(<[_]>::len) else {
             return failure(Status::new(Status::UNKNOWN_OPERATION, None));
         };
         let mut names = [CapName::from_words(0, 0); MAX_CAP_ARGS];
         for i in 0..arg_count.min(MAX_CAP_ARGS) {
             names[i] = name_of(call.caps[i]);
         }
-        let checked = match self.table.check(caller, op, &names[..arg_count]) {
+        let checked = match table.check(caller, op, &names[..arg_count]) {
             Ok(checked) => checked,
             Err(CheckError::Arg { index, fault }) => return failure(arg_status(index, fault)),
             Err(CheckError::UnknownOperation) => return failure(Status::new(Status::UNKNOWN_OPERATION, None)),
             Err(CheckError::WrongArgCount { .. }) => return failure(Status::new(Status::BAD_ARGUMENT, None)),
         };
         let slot = usize::from(am.raw() - FIRST_AM_ID);
-        let Some(handler) = self.ams.get_mut(slot) else {
+        let Some(handler) = self.ams.get(slot) else {
             return failure(Status::new(Status::UNKNOWN_AM, None));
         };
-        let mut services = AmServices { am, table: &mut self.table, effects: &mut self.effects };
-        match handler.invoke(&checked, &call.args, &mut services) {
+        let mut services = AmServices { am, table, effects: &mut self.effects };
+        match handler.lock().invoke(&checked, &call.args, &mut services) {
             Ok(outcome) => success(outcome.name, outcome.results),
             Err(error) => failure(am_status(error)),
         }
     }
 
     /// The null-Kernel's own operations on capabilities.
-    fn null_kernel_op(&mut self, caller: Principal, op: u32, call: &Call) -> Reply {
+    fn null_kernel_op<O>(&mut self, vm: VmId, op: u32, call: &Call, out: &mut O) -> Dispatched
+    where
+        O: Outbox + ?Sized,
+    {
+        let caller = Principal::Vm(vm);
         let c = name_of(call.caps[0]);
-        let result = match op {
-            nk_op::NULL => Ok(success(None, [0; 4])),
-            nk_op::DERIVE => {
-                self.table.derive(caller, c, Rights::from_bits(call.args[0])).map(|n| success(Some(n), [0; 4]))
-            }
+        let reply =
+            |result: Result<Reply, CapError>| Dispatched::Reply(result.unwrap_or_else(|e| failure(cap_status(e))));
+        let bad_argument = Dispatched::Reply(failure(Status::new(Status::BAD_ARGUMENT, None)));
+        match op {
+            nk_op::NULL => Dispatched::Reply(success(None, [0; 4])),
+            nk_op::DERIVE => started(self.proto.derive(caller, c, Rights::from_bits(call.args[0]), out)),
             nk_op::DELEGATE => {
                 let Ok(target) = u32::try_from(call.args[1]) else {
-                    return failure(Status::new(Status::BAD_ARGUMENT, None));
+                    return bad_argument;
                 };
                 let binding = match call.args[2] {
                     0 => Binding::Bound,
                     1 => Binding::Bearer,
-                    _ => return failure(Status::new(Status::BAD_ARGUMENT, None)),
+                    _ => return bad_argument,
                 };
-                let to = Principal::Vm(VmId::new(target));
-                self.table
-                    .delegate(caller, c, to, Rights::from_bits(call.args[0]), binding)
-                    .map(|n| success(Some(n), [0; 4]))
+                let target = VmId::new(target);
+                let Some(&kernel) = self.placement.get(&target) else {
+                    return bad_argument;
+                };
+                let to = Principal::Vm(target);
+                let mask = Rights::from_bits(call.args[0]);
+                let result = self.proto.delegate(caller, c, to, kernel, mask, binding, out);
+                match result {
+                    Started::Done(Ok(Outcome::Name(name))) if kernel == self.id() && target != vm => {
+                        self.deliver_to_inbox(target, name)
+                    }
+                    Started::Pending(op) if kernel == self.id() && target != vm => {
+                        self.inbox_on_completion.insert(op, target);
+                    }
+                    _ => {}
+                }
+                started(result)
             }
-            nk_op::REVOKE => {
-                let hook = &mut AmHook { ams: &mut self.ams, effects: &mut self.effects };
-                self.table.revoke(caller, c, hook).map(|count| success(None, [count as u64, 0, 0, 0]))
+            nk_op::REVOKE | nk_op::DELETE => {
+                let hook = &mut AmHook { ams: &self.ams, effects: &mut self.effects };
+                started(match op {
+                    nk_op::REVOKE => self.proto.revoke(caller, c, hook, out),
+                    _ => self.proto.delete(caller, c, hook, out),
+                })
             }
-            nk_op::DELETE => {
-                let hook = &mut AmHook { ams: &mut self.ams, effects: &mut self.effects };
-                self.table.delete(caller, c, hook).map(|count| success(None, [count as u64, 0, 0, 0]))
-            }
-            nk_op::INSPECT => self.table.inspect(caller, c).map(|info| {
+            nk_op::INSPECT => reply(self.table().inspect(caller, c).map(|info| {
                 let holder = match info.holder {
                     Principal::Vm(vm) => u64::from(vm.raw()) << 1,
                     Principal::Am(am) => (u64::from(am.raw()) << 1) | (1 << 63),
@@ -311,20 +514,25 @@ impl NullKernel {
                 let bearer = u64::from(info.binding == Binding::Bearer);
                 let object = (u64::from(info.object.am.raw()) << 32) | u64::from(info.object.kind.raw());
                 success(None, [object, info.object.id.raw(), info.rights.bits(), holder | bearer])
-            }),
+            })),
             nk_op::INITIAL => {
-                let Principal::Vm(vm) = caller else {
-                    return failure(Status::new(Status::NOT_PERMITTED, None));
-                };
                 let index = usize::try_from(call.args[0]).unwrap_or(usize::MAX);
-                return match self.initial_caps(vm).get(index) {
-                    Some(&(am, name)) => success(Some(name), [u64::from(am.raw()), 0, 0, 0]),
-                    None => failure(Status::new(Status::BAD_ARGUMENT, None)),
-                };
+                match self.initial_caps(vm).get(index) {
+                    Some(&(am, name)) => Dispatched::Reply(success(Some(name), [u64::from(am.raw()), 0, 0, 0])),
+                    None => bad_argument,
+                }
             }
-            _ => return failure(Status::new(Status::UNKNOWN_OPERATION, None)),
-        };
-        result.unwrap_or_else(|error| failure(cap_status(error)))
+            nk_op::RECEIVED => {
+                let index = usize::try_from(call.args[0]).unwrap_or(usize::MAX);
+                let Some(&name) = self.inbox(vm).get(index) else {
+                    return bad_argument;
+                };
+                let am = self.table().inspect(caller, name).map_or(0, |info| u64::from(info.object.am.raw()));
+                let count = self.inbox(vm).len() as u64;
+                Dispatched::Reply(success(Some(name), [am, count, 0, 0]))
+            }
+            _ => Dispatched::Reply(failure(Status::new(Status::UNKNOWN_OPERATION, None))),
+        }
     }
 }
 

@@ -14,7 +14,7 @@ struct World {
 }
 
 fn world() -> World {
-    let mut nk = NullKernel::new(KernelId::new(0), 4096, &mut FixedSeed::from_u64(42)).unwrap();
+    let mut nk = NullKernel::new(KernelId::new(0), 1, 4096, &mut FixedSeed::from_u64(42)).unwrap();
     let counter_am = nk.add_am(Box::new(CounterAm::new()), 1024).unwrap().raw();
     for vm in [VM1, VM2, VM3] {
         assert!(nk.add_vm(vm, 256).unwrap().is_empty());
@@ -27,7 +27,7 @@ impl World {
         let mut call = Call { selector: Selector::new(am, op).encode(), ..Call::default() };
         call.caps[..caps.len()].copy_from_slice(caps);
         call.args[..args.len()].copy_from_slice(args);
-        self.nk.dispatch(vm, &call)
+        local(self.nk.dispatch(vm, &call, &mut Vec::new()))
     }
 
     fn nk_op(&mut self, vm: VmId, op: u32, cap: NameWords, args: &[u64]) -> Reply {
@@ -62,6 +62,11 @@ impl World {
     }
 }
 
+/// The reply of a call on a single kernel instance, which never waits.
+fn local(dispatched: Dispatched) -> Reply {
+    dispatched.reply().expect("a single kernel instance finishes every call at once")
+}
+
 fn status(code: u16, arg: Option<u8>) -> Status {
     Status::new(code, arg)
 }
@@ -71,7 +76,7 @@ fn null_call_and_malformed_selectors() {
     let mut w = world();
     assert!(w.nk_op(VM1, nk_op::NULL, NameWords::default(), &[]).status().is_ok());
     let bad_version = Call { selector: Selector { version: 9, am: 0, op: 0 }.encode(), ..Call::default() };
-    assert_eq!(w.nk.dispatch(VM1, &bad_version).status(), status(Status::BAD_VERSION, None));
+    assert_eq!(local(w.nk.dispatch(VM1, &bad_version, &mut Vec::new())).status(), status(Status::BAD_VERSION, None));
     assert_eq!(w.call(VM1, 99, 0, &[], &[]).status(), status(Status::UNKNOWN_AM, None));
     assert_eq!(w.call(VM1, w.counter_am, 77, &[], &[]).status(), status(Status::UNKNOWN_OPERATION, None));
     assert_eq!(w.call(VM1, w.counter_am, 1 << 20, &[], &[]).status(), status(Status::UNKNOWN_OPERATION, None));
@@ -149,8 +154,24 @@ fn removing_a_vm_kills_what_it_held() {
     let mut w = world();
     let c = w.create_counter(VM1);
     let shared = w.nk_op(VM1, nk_op::DELEGATE, c, &[1, 2, 1]).name;
-    assert!(w.nk.remove_vm(VM1).unwrap() >= 2);
+    let removed = local(w.nk.remove_vm(VM1, &mut Vec::new()).unwrap());
+    assert!(removed.results[0] >= 2);
+    assert_eq!(w.nk.remove_vm(VM1, &mut Vec::new()), Err(PrincipalError::UnknownPrincipal));
     assert_eq!(w.read(VM2, shared), Err(status(Status::REVOKED, Some(0))));
+}
+
+#[test]
+fn delegated_capabilities_reach_the_inbox() {
+    let mut w = world();
+    let c = w.create_counter(VM1);
+    let received = |w: &mut World, vm, index| w.nk_op(vm, nk_op::RECEIVED, NameWords::default(), &[index]);
+    assert_eq!(received(&mut w, VM2, 0).status(), status(Status::BAD_ARGUMENT, None));
+    let given = w.nk_op(VM1, nk_op::DELEGATE, c, &[1, 2, 0]).name;
+    let own = w.nk_op(VM1, nk_op::DELEGATE, c, &[1, 1, 0]).name;
+    let got = received(&mut w, VM2, 0);
+    assert_eq!((got.name, got.results[0], got.results[1]), (given, u64::from(w.counter_am), 1));
+    assert_eq!(received(&mut w, VM1, 0).status(), status(Status::BAD_ARGUMENT, None), "{own:?} is not news");
+    assert_eq!(received(&mut w, VM2, u64::MAX).status(), status(Status::BAD_ARGUMENT, None));
 }
 
 proptest! {
@@ -167,10 +188,12 @@ proptest! {
             for (i, pair) in caps.chunks(2).enumerate() {
                 call.caps[i] = NameWords { low: pair[0], high: pair[1] };
             }
-            let reply = w.nk.dispatch(VmId::new(vm), &call);
+            let reply = local(w.nk.dispatch(VmId::new(vm), &call, &mut Vec::new()));
             if !reply.status().is_ok() {
                 prop_assert_eq!(w.nk.table().len(), before);
             }
         }
     }
 }
+
+mod distributed;

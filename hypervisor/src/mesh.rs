@@ -1,0 +1,264 @@
+//! The null-Kernel's instances, one per CPU, and the transport of the distributed
+//! capability protocol between them (DESIGN.md §3): a single-producer single-consumer ring
+//! of encoded messages for every ordered pair of CPUs, a doorbell IPI, and a receive path
+//! each CPU runs between guest slices, on doorbell exits and while idle.
+//!
+//! A CPU's instance is only ever used by that CPU once guests run (the BSP registers every
+//! VM on every instance before), so its lock is uncontended. A message is sent after the
+//! effects of the step that produced it are applied: when a `Gone` leaves, what the dead
+//! capabilities enabled is already undone.
+
+use alloc::collections::VecDeque;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use nk_abi::Call;
+use nk_caps::{KernelId, VmId};
+use nk_core::{Dispatched, Finished, Message, NullKernel};
+use nk_protocol::MESSAGE_WORDS;
+use nk_ring::Ring;
+use spin::{Mutex, Once};
+
+use crate::arch::apic;
+
+/// Slots of each per-pair ring; a sender whose ring is full queues the rest in order.
+pub const RING_SLOTS: usize = 32;
+
+type Channel = Ring<RING_SLOTS, MESSAGE_WORDS>;
+type Words = [u64; MESSAGE_WORDS];
+
+/// One CPU's kernel instance and its side of the transport.
+pub struct Instance {
+    pub kernel: Mutex<NullKernel>,
+    /// Messages that found their ring full, per destination, in sending order.
+    overflow: Mutex<Vec<VecDeque<Words>>>,
+    /// Some destination's overflow queue is not empty (a receiver that drains a ring rings
+    /// the sender's doorbell then, so the rest moves on).
+    overflowing: AtomicBool,
+    /// Calls and VM removals of this CPU that waited for other kernels and finished.
+    finished: Mutex<Vec<Finished>>,
+    apic_id: u32,
+}
+
+/// Every instance and the rings between them.
+pub struct Mesh {
+    instances: Vec<Instance>,
+    /// `rings[from * n + to]`.
+    rings: Vec<Channel>,
+}
+
+static MESH: Once<Mesh> = Once::new();
+/// Messages sent and not yet fully handled (their handler's own messages counted first).
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+static SENT: AtomicU64 = AtomicU64::new(0);
+static OVERFLOWED: AtomicU64 = AtomicU64::new(0);
+static DOORBELLS: AtomicU64 = AtomicU64::new(0);
+
+/// Traffic since boot.
+#[derive(Clone, Copy, Debug)]
+pub struct Traffic {
+    pub sent: u64,
+    pub overflowed: u64,
+    pub doorbells: u64,
+}
+
+/// Installs the instances (index = CPU index = kernel id) with their CPUs' APIC ids.
+pub fn install(kernels: Vec<(NullKernel, u32)>) {
+    let n = kernels.len();
+    MESH.call_once(|| Mesh {
+        instances: kernels
+            .into_iter()
+            .map(|(kernel, apic_id)| Instance {
+                kernel: Mutex::new(kernel),
+                overflow: Mutex::new((0..n).map(|_| VecDeque::new()).collect()),
+                overflowing: AtomicBool::new(false),
+                finished: Mutex::new(Vec::new()),
+                apic_id,
+            })
+            .collect(),
+        rings: (0..n * n).map(|_| Channel::new()).collect(),
+    });
+}
+
+/// Returns the mesh once installed.
+pub fn get() -> Option<&'static Mesh> {
+    MESH.get()
+}
+
+/// Returns the installed mesh; guests only run after it is.
+pub fn mesh() -> &'static Mesh {
+    MESH.get().expect("the null-Kernel instances start before any guest")
+}
+
+/// Returns the traffic counters.
+pub fn traffic() -> Traffic {
+    Traffic {
+        sent: SENT.load(Ordering::Relaxed),
+        overflowed: OVERFLOWED.load(Ordering::Relaxed),
+        doorbells: DOORBELLS.load(Ordering::Relaxed),
+    }
+}
+
+/// Tells whether no message is on the way or being handled anywhere.
+pub fn quiet() -> bool {
+    IN_FLIGHT.load(Ordering::Acquire) == 0
+}
+
+impl Mesh {
+    /// Returns the number of instances.
+    pub fn len(&self) -> usize {
+        self.instances.len()
+    }
+
+    /// Returns instance `cpu`.
+    pub fn instance(&self, cpu: usize) -> &Instance {
+        &self.instances[cpu]
+    }
+
+    /// Iterates over the instances.
+    pub fn instances(&self) -> impl Iterator<Item = &Instance> {
+        self.instances.iter()
+    }
+
+    fn ring(&self, from: usize, to: usize) -> &Channel {
+        &self.rings[from * self.instances.len() + to]
+    }
+
+    /// Handles a hypercall of `vm`, which runs on `cpu`.
+    pub fn hypercall(&self, cpu: usize, vm: VmId, call: &Call) -> Dispatched {
+        let instance = &self.instances[cpu];
+        let mut out = Vec::new();
+        let mut kernel = instance.kernel.lock();
+        let dispatched = kernel.dispatch(vm, call, &mut out);
+        settle_locally(instance, &mut kernel);
+        drop(kernel);
+        self.send(cpu, out);
+        dispatched
+    }
+
+    /// Removes an ended VM of `cpu` from its instance: its capabilities die everywhere.
+    pub fn remove_vm(&self, cpu: usize, vm: VmId) -> Result<Dispatched, nk_caps::PrincipalError> {
+        let instance = &self.instances[cpu];
+        let mut out = Vec::new();
+        let mut kernel = instance.kernel.lock();
+        let removed = kernel.remove_vm(vm, &mut out);
+        settle_locally(instance, &mut kernel);
+        drop(kernel);
+        self.send(cpu, out);
+        removed
+    }
+
+    /// Takes the finished calls and removals of `cpu`.
+    pub fn take_finished(&self, cpu: usize) -> Vec<Finished> {
+        core::mem::take(&mut *self.instances[cpu].finished.lock())
+    }
+
+    /// Tells whether `cpu` has finished calls waiting to be taken.
+    pub fn has_finished(&self, cpu: usize) -> bool {
+        !self.instances[cpu].finished.lock().is_empty()
+    }
+
+    /// Sends `messages` from `cpu`, in order, and rings each receiver's doorbell.
+    fn send(&self, cpu: usize, messages: Vec<(KernelId, Message)>) {
+        if messages.is_empty() {
+            return;
+        }
+        IN_FLIGHT.fetch_add(messages.len(), Ordering::AcqRel);
+        SENT.fetch_add(messages.len() as u64, Ordering::Relaxed);
+        let instance = &self.instances[cpu];
+        let mut bells = 0u64;
+        let mut overflow = instance.overflow.lock();
+        for (to, message) in messages {
+            let to = usize::from(to.raw());
+            let words = message.encode();
+            let queue = &mut overflow[to];
+            if !queue.is_empty() || self.ring(cpu, to).push(&words).is_err() {
+                queue.push_back(words);
+                instance.overflowing.store(true, Ordering::Release);
+                OVERFLOWED.fetch_add(1, Ordering::Relaxed);
+            }
+            bells |= 1 << to;
+        }
+        drop(overflow);
+        self.ring_doorbells(cpu, bells);
+    }
+
+    fn ring_doorbells(&self, cpu: usize, mut bells: u64) {
+        bells &= !(1 << cpu);
+        while bells != 0 {
+            let to = bells.trailing_zeros() as usize;
+            bells &= bells - 1;
+            DOORBELLS.fetch_add(1, Ordering::Relaxed);
+            if !apic::send_wakeup(self.instances[to].apic_id) {
+                log::error!(target: "mesh", "cpu {to} did not accept the doorbell from cpu {cpu}");
+            }
+        }
+    }
+
+    /// Moves what fits of `cpu`'s overflow queues into its rings.
+    fn retry_overflow(&self, cpu: usize) {
+        let instance = &self.instances[cpu];
+        if !instance.overflowing.load(Ordering::Acquire) {
+            return;
+        }
+        let mut overflow = instance.overflow.lock();
+        let mut bells = 0u64;
+        for (to, queue) in overflow.iter_mut().enumerate() {
+            while let Some(words) = queue.front() {
+                if self.ring(cpu, to).push(words).is_err() {
+                    break;
+                }
+                queue.pop_front();
+                bells |= 1 << to;
+            }
+        }
+        instance.overflowing.store(overflow.iter().any(|q| !q.is_empty()), Ordering::Release);
+        drop(overflow);
+        self.ring_doorbells(cpu, bells);
+    }
+
+    /// Handles every message waiting for `cpu`; returns how many it handled.
+    pub fn service(&self, cpu: usize) -> usize {
+        self.retry_overflow(cpu);
+        let instance = &self.instances[cpu];
+        let mut handled = 0;
+        for from in 0..self.instances.len() {
+            let ring = self.ring(from, cpu);
+            let mut drained = false;
+            while let Some(words) = ring.pop() {
+                drained = true;
+                handled += 1;
+                let Ok(message) = Message::decode(&words) else {
+                    log::error!(target: "mesh", "cpu {cpu}: malformed message from cpu {from} dropped: {words:x?}");
+                    IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+                    continue;
+                };
+                let mut out = Vec::new();
+                let mut kernel = instance.kernel.lock();
+                kernel.handle(KernelId::new(from as u16), message, &mut out);
+                settle_locally(instance, &mut kernel);
+                drop(kernel);
+                self.send(cpu, out);
+                IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+            }
+            if drained && from != cpu && self.instances[from].overflowing.load(Ordering::Acquire) {
+                // Room was made in a ring its sender is waiting to fill.
+                self.ring_doorbells(cpu, 1 << from);
+            }
+        }
+        handled
+    }
+}
+
+/// Applies the effects of the step just taken and collects the calls it finished, before
+/// the step's messages leave.
+fn settle_locally(instance: &Instance, kernel: &mut NullKernel) {
+    if kernel.has_effects() {
+        for effect in kernel.take_effects() {
+            crate::ioports::apply(effect);
+        }
+    }
+    while let Some(finished) = kernel.poll() {
+        instance.finished.lock().push(finished);
+    }
+}
