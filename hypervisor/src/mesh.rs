@@ -22,7 +22,7 @@ use spin::{Mutex, Once};
 use crate::arch::apic;
 
 /// Slots of each per-pair ring; a sender whose ring is full queues the rest in order.
-pub const RING_SLOTS: usize = 32;
+pub const RING_SLOTS: usize = 64;
 
 type Channel = Ring<RING_SLOTS, MESSAGE_WORDS>;
 type Words = [u64; MESSAGE_WORDS];
@@ -53,6 +53,7 @@ static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 static SENT: AtomicU64 = AtomicU64::new(0);
 static OVERFLOWED: AtomicU64 = AtomicU64::new(0);
 static DOORBELLS: AtomicU64 = AtomicU64::new(0);
+static INTERRUPT_EXITS: AtomicU64 = AtomicU64::new(0);
 
 /// Traffic since boot.
 #[derive(Clone, Copy, Debug)]
@@ -60,6 +61,8 @@ pub struct Traffic {
     pub sent: u64,
     pub overflowed: u64,
     pub doorbells: u64,
+    /// Guest runs an interrupt (a doorbell, most likely) ended.
+    pub interrupt_exits: u64,
 }
 
 /// Installs the instances (index = CPU index = kernel id) with their CPUs' APIC ids.
@@ -96,7 +99,13 @@ pub fn traffic() -> Traffic {
         sent: SENT.load(Ordering::Relaxed),
         overflowed: OVERFLOWED.load(Ordering::Relaxed),
         doorbells: DOORBELLS.load(Ordering::Relaxed),
+        interrupt_exits: INTERRUPT_EXITS.load(Ordering::Relaxed),
     }
+}
+
+/// Counts a guest run that an interrupt ended.
+pub fn count_interrupt_exit() {
+    INTERRUPT_EXITS.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Tells whether no message is on the way or being handled anywhere.
@@ -224,24 +233,25 @@ impl Mesh {
         let mut handled = 0;
         for from in 0..self.instances.len() {
             let ring = self.ring(from, cpu);
-            let mut drained = false;
+            // The answers to everything drained from one ring leave together (one doorbell
+            // per receiver), each after the effects of its own step.
+            let mut out = Vec::new();
+            let mut drained = 0;
             while let Some(words) = ring.pop() {
-                drained = true;
-                handled += 1;
+                drained += 1;
                 let Ok(message) = Message::decode(&words) else {
                     log::error!(target: "mesh", "cpu {cpu}: malformed message from cpu {from} dropped: {words:x?}");
-                    IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
                     continue;
                 };
-                let mut out = Vec::new();
                 let mut kernel = instance.kernel.lock();
                 kernel.handle(KernelId::new(from as u16), message, &mut out);
                 settle_locally(instance, &mut kernel);
-                drop(kernel);
-                self.send(cpu, out);
-                IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
             }
-            if drained && from != cpu && self.instances[from].overflowing.load(Ordering::Acquire) {
+            self.send(cpu, out);
+            // Only now, with their answers counted, are the drained messages done.
+            IN_FLIGHT.fetch_sub(drained, Ordering::AcqRel);
+            handled += drained;
+            if drained > 0 && from != cpu && self.instances[from].overflowing.load(Ordering::Acquire) {
                 // Room was made in a ring its sender is waiting to fill.
                 self.ring_doorbells(cpu, 1 << from);
             }

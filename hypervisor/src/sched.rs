@@ -47,6 +47,7 @@ impl HypercallSink for LocalKernel {
     }
 
     fn interrupted(&mut self) {
+        mesh::count_interrupt_exit();
         self.mesh.service(self.cpu);
     }
 }
@@ -130,8 +131,8 @@ fn settle(mesh: &Mesh) {
         }
     }
     if healthy {
-        log::info!(target: "mesh", "{} kernel instances idle and consistent; {} messages sent ({} through overflow queues), {} doorbells",
-            mesh.len(), traffic.sent, traffic.overflowed, traffic.doorbells);
+        log::info!(target: "mesh", "{} kernel instances idle and consistent; {} messages sent ({} through overflow queues), {} doorbells, {} guest runs ended by an interrupt",
+            mesh.len(), traffic.sent, traffic.overflowed, traffic.doorbells, traffic.interrupt_exits);
     }
 }
 

@@ -197,12 +197,12 @@ fn call(nk: &mut NullKernel, am: u16, op: u32, cap: NameWords, args: &[u64]) -> 
     let mut call = Call {{ selector: Selector::new(am, op).encode(), ..Call::default() }};
     call.caps[0] = cap;
     call.args[..args.len()].copy_from_slice(args);
-    nk.dispatch(VmId::new(1), &call)
+    nk.dispatch(VmId::new(1), &call, &mut Vec::new()).reply().expect("one kernel instance finishes every call at once")
 }}
 
 #[test]
 fn create_set_get_through_checked_capabilities() {{
-    let mut nk = NullKernel::new(KernelId::new(0), 256, &mut FixedSeed::from_u64(1)).unwrap();
+    let mut nk = NullKernel::new(KernelId::new(0), 1, 256, &mut FixedSeed::from_u64(1)).unwrap();
     let am = nk.add_am(alloc::boxed::Box::new({type_name}::new()), 64).unwrap().raw();
     nk.add_vm(VmId::new(1), 64).unwrap();
     let factory = call(&mut nk, 0, nk_op::INITIAL, NameWords::default(), &[0]).name;

@@ -7,7 +7,7 @@ const VM1: VmId = VmId::new(1);
 const VM2: VmId = VmId::new(2);
 
 fn kernel() -> (NullKernel, u16) {
-    let mut nk = NullKernel::new(KernelId::new(0), 1024, &mut FixedSeed::from_u64(3)).unwrap();
+    let mut nk = NullKernel::new(KernelId::new(0), 1, 1024, &mut FixedSeed::from_u64(3)).unwrap();
     let ports = PortRange::new(0x80, 4).unwrap();
     let assignment = VmAssignment { vm: Some(VM1), ports: Some(ports), msrs: alloc::vec![0xC000_0100] };
     let exo = nk.add_am(alloc::boxed::Box::new(ExoAm::new(alloc::vec![assignment])), 64).unwrap().raw();
@@ -20,7 +20,7 @@ fn call(nk: &mut NullKernel, vm: VmId, am: u16, op: u16, cap: NameWords, args: &
     let mut call = Call { selector: Selector::new(am, op.into()).encode(), ..Call::default() };
     call.caps[0] = cap;
     call.args[..args.len()].copy_from_slice(args);
-    nk.dispatch(vm, &call)
+    nk.dispatch(vm, &call, &mut Vec::new()).reply().expect("one kernel instance finishes every call at once")
 }
 
 fn initial(nk: &mut NullKernel, vm: VmId) -> Reply {
@@ -85,7 +85,7 @@ fn close_and_vm_removal_take_access_back() {
     let closed = call(&mut nk, VM1, exo, op::CLOSE, cap, &[0x80, 2]);
     assert_eq!(closed.results[0], 1);
     assert_eq!(nk.take_effects().len(), 1);
-    nk.remove_vm(VM1).unwrap();
+    nk.remove_vm(VM1, &mut Vec::new()).unwrap();
     assert_eq!(nk.take_effects(), [Effect::IoPorts { vm: VM1, first: 0x82, count: 2, access: 1, allow: false }]);
 }
 

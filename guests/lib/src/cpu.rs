@@ -5,6 +5,11 @@
 //! through `int 0x80` (a DPL-3 gate), whose handler resumes the ring-0 caller. Ring 3
 //! runs with IOPL 3 so it can write the console port (every port access still exits to
 //! the hypervisor, which decides).
+//!
+//! Both rings run with interrupts enabled (RFLAGS.IF = 1). The hypervisor takes every
+//! external interrupt with a VM exit, so none reaches the guest's IDT; but Bochs 2.7 only
+//! makes that exit while the guest's IF is 1, and the hypervisor's doorbell IPIs (the
+//! distributed capability protocol's) would otherwise wait for the end of a time slice.
 
 use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
@@ -66,7 +71,7 @@ nk_enter_ring3:
     mov [rip + nk_ring0_saved_rsp], rsp
     push {user_data}
     push rsi
-    push 0x3002
+    push 0x3202
     push {user_code}
     push rdi
     iretq
@@ -169,6 +174,7 @@ pub(crate) fn init() {
             "mov es, {tmp:e}",
             "mov ss, {tmp:e}",
             "ltr {tss:x}",
+            "sti",
             gdt = in(reg) &gdt,
             idt = in(reg) &idt,
             tss = in(reg) TSS_SELECTOR,
@@ -207,6 +213,8 @@ pub fn run_in_ring3(task: fn()) {
         RING3_TASK = Some(task);
         let stack_top = (*tables).ring3_stack.as_ptr() as u64 + STACK_BYTES as u64;
         nk_enter_ring3(ring3_entry as *const () as usize as u64, stack_top);
+        // The int 0x80 gate cleared IF on the way back; see the module docs.
+        asm!("sti", options(nomem, nostack));
     }
 }
 
