@@ -149,7 +149,7 @@ fn storm_rounds(am: u16, root: Cap, next: u32, rounds: u64, mut seen: u64) -> Ch
             seen += 1;
             tally("add", add(am, got, 1))?;
             tally("derive", status_of(nk::derive(got, u64::MAX)))?;
-            if seen % 2 == 0 {
+            if seen & 1 == 0 {
                 tally("delegate onward", status_of(nk::delegate(got, next, u64::MAX, false)))?;
             }
         }

@@ -439,8 +439,8 @@ impl NullKernel {
             return failure(Status::new(Status::UNKNOWN_OPERATION, None));
         };
         let mut names = [CapName::from_words(0, 0); MAX_CAP_ARGS];
-        for i in 0..arg_count.min(MAX_CAP_ARGS) {
-            names[i] = name_of(call.caps[i]);
+        for (slot, words) in names.iter_mut().zip(&call.caps).take(arg_count) {
+            *slot = name_of(*words);
         }
         let checked = match table.check(caller, op, &names[..arg_count]) {
             Ok(checked) => checked,
