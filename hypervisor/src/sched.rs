@@ -203,7 +203,10 @@ fn run_queue(cpu: usize) {
                 }
             }
         }
-        if !ran {
+        // Sleep only while something still waits for other kernels: the completion just
+        // handled may have been the last thing this CPU waited for.
+        let waiting = !guests.is_empty() || !removals.is_empty();
+        if !ran && waiting {
             wait_for_doorbell(mesh, cpu);
         }
     }
