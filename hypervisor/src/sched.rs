@@ -17,7 +17,7 @@ use nk_caps::{KernelId, VmId};
 use nk_core::{Dispatched, PendingOp};
 use spin::Mutex;
 
-use crate::arch::{apic, pit};
+use crate::arch::{self, apic, pit};
 use crate::guest::{Guest, GuestEnd, GuestSpec, HypercallSink, Slice};
 use crate::mesh::{self, Mesh};
 use crate::percpu::{self, MAX_CPUS};
@@ -78,8 +78,10 @@ pub fn run_guests(specs: Vec<GuestSpec>, placements: &[(&str, u32)]) -> (usize, 
             STOPPED.fetch_add(1, Ordering::AcqRel);
             continue;
         }
-        for (_, instance) in mesh.instances().enumerate().filter(|&(other, _)| other != cpu) {
-            instance.kernel.lock().place(vm, KernelId::new(cpu as u16));
+        for (other, instance) in mesh.instances().enumerate() {
+            if other != cpu {
+                instance.kernel.lock().place(vm, KernelId::new(cpu as u16));
+            }
         }
         log::info!(target: "sched", "vm{}/{} -> cpu {cpu}", vm.raw(), spec.name);
         QUEUES[cpu].lock().push((vm, spec));
@@ -207,20 +209,8 @@ fn run_queue(cpu: usize) {
         // handled may have been the last thing this CPU waited for.
         let waiting = !guests.is_empty() || !removals.is_empty();
         if !ran && waiting {
-            wait_for_doorbell(mesh, cpu);
+            arch::sleep_unless(|| mesh.service(cpu) > 0 || mesh.has_finished(cpu));
         }
-    }
-}
-
-/// Sleeps until a doorbell (or any interrupt) comes, unless messages or finished
-/// operations already wait.
-fn wait_for_doorbell(mesh: &Mesh, cpu: usize) {
-    // SAFETY: interrupts stay off while checking for work; `sti; hlt` enables them only
-    // for the halt, so a doorbell that comes after the check still ends it.
-    unsafe { core::arch::asm!("cli", options(nomem, nostack)) };
-    if mesh.service(cpu) == 0 && !mesh.has_finished(cpu) {
-        // SAFETY: see above; the IDT handles the doorbell (wake-up) and spurious vectors.
-        unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
     }
 }
 
@@ -241,16 +231,14 @@ fn finish(cpu: usize, vm: VmId, halted: bool, removals: &mut Vec<(PendingOp, VmI
 /// The idle loop of an application processor: sleeps until the BSP assigns it guests.
 pub fn ap_idle(cpu: usize) -> ! {
     loop {
-        // SAFETY: interrupts are off while checking for work; `sti; hlt` re-enables them
-        // only for the halt (the wake-up IPI ends it), so no wake-up is lost.
-        unsafe { core::arch::asm!("cli", options(nomem, nostack)) };
-        let handled = mesh::get().map_or(0, |mesh| mesh.service(cpu));
         if ASSIGNED[cpu].swap(false, Ordering::AcqRel) {
             run_queue(cpu);
             CPUS_FINISHED.fetch_add(1, Ordering::AcqRel);
-        } else if handled == 0 {
-            // SAFETY: see above; the IDT handles the wake-up and spurious vectors.
-            unsafe { core::arch::asm!("sti", "hlt", options(nomem, nostack)) };
         }
+        // Until the BSP assigns guests, and after they ended, the CPU's kernel instance
+        // still answers the other kernels.
+        arch::sleep_unless(|| {
+            mesh::get().is_some_and(|mesh| mesh.service(cpu) > 0) || ASSIGNED[cpu].load(Ordering::Acquire)
+        });
     }
 }

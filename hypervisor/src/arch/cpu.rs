@@ -1,4 +1,5 @@
-//! CPU identification through CPUID, summarised in one boot line.
+//! CPU identification through CPUID, summarised in one boot line, and sleeping until an
+//! interrupt without losing a wake-up.
 
 use alloc::string::String;
 use core::fmt::Write;
@@ -43,4 +44,17 @@ pub fn cpu_summary() -> String {
         line.push_str(" 1g-pages");
     }
     line
+}
+
+/// Halts until the next interrupt (a wake-up or doorbell IPI) unless `busy` finds work.
+/// `busy` runs with interrupts off, and `sti; hlt` enables them only for the halt (the
+/// instruction after `sti` still runs with them off), so an interrupt that comes after the
+/// check ends the halt instead of being missed. Returns with interrupts off.
+pub fn sleep_unless(busy: impl FnOnce() -> bool) {
+    // SAFETY: only IF changes; host code runs with interrupts off anyway.
+    unsafe { core::arch::asm!("cli", options(nomem, nostack)) };
+    if !busy() {
+        // SAFETY: see above; the IDT handles the wake-up and spurious vectors.
+        unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+    }
 }

@@ -11,7 +11,7 @@ pub mod pit;
 pub mod port;
 pub mod xsave;
 
-pub use cpu::cpu_summary;
+pub use cpu::{cpu_summary, sleep_unless};
 pub use entropy::HardwareEntropy;
 
 /// Reads the time-stamp counter (in Bochs: emulated instructions).
