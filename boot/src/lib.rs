@@ -1,7 +1,8 @@
 //! Boot information for the null-Kernel hypervisor: parses what the boot loader passed —
 //! a Multiboot2 information structure (GRUB) or a PVH `hvm_start_info` (QEMU `-kernel`) —
 //! into one typed, versioned [`BootInfo`]; computes the RAM the frame allocator may use
-//! ([`memory`]); and parses the hypervisor command line ([`cmdline`]).
+//! ([`memory`]); and parses the hypervisor command line ([`cmdline`]) and the command lines
+//! of guest modules ([`module`]).
 //!
 //! Everything here runs before the heap exists and reads untrusted loader data: no
 //! allocation, no `unsafe`, and no panic on any input (checked arithmetic and `get()`
@@ -16,6 +17,7 @@ mod error;
 mod fixed;
 mod info;
 pub mod memory;
+pub mod module;
 pub mod multiboot2;
 pub mod pvh;
 mod rsdp;

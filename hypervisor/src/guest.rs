@@ -26,10 +26,6 @@ use crate::vmx::ept::FrameTables;
 use crate::vmx::vcpu::{Exit, GuestRegs, GuestStart, Vcpu, VcpuError};
 use crate::vmx::vmcs::ExitReason;
 
-/// Guest memory when the module's command line names none.
-pub const DEFAULT_GUEST_MEMORY: u64 = 4 << 20;
-/// The most memory a guest gets.
-pub const MAX_GUEST_MEMORY: u64 = 1 << 30;
 const PAGE_TABLES_GPA: u64 = 0x1000;
 /// Where the guest finds the words after `--` on its module command line.
 const ARGS_GPA: u64 = 0x4000;
@@ -428,33 +424,27 @@ fn write_reply(r: &mut GuestRegs, reply: &Reply) {
     (r.rdx, r.rsi, r.rdi, r.r8) = (reply.results[0], reply.results[1], reply.results[2], reply.results[3]);
 }
 
-/// The hypervisor's CPUID leaf range signature (leaf 0x40000000, EBX:ECX:EDX).
-const HYPERVISOR_SIGNATURE: &[u8; 12] = b"NullKernelHV";
-
-/// Answers CPUID for a guest: the host's values with VMX hidden and the hypervisor bit set
-/// in leaf 1, and the hypervisor's own leaf 0x40000000.
+/// Answers CPUID for a guest with [`nk_loader::cpuid::guest_cpuid`]: the host's values with
+/// VMX hidden, the hypervisor leaves, and nothing the current VMCS's secondary controls
+/// leave disabled (those instructions would #UD, SDM Vol. 3 §26.3).
 fn emulate_cpuid(regs: &mut GuestRegs, guest_osxsave: bool) {
+    use crate::vmx::vmcs::{self, VmcsField};
+    const ACTIVATE_SECONDARY: u64 = 1 << 31;
     let (leaf, subleaf) = (regs.rax as u32, regs.rcx as u32);
-    let (eax, ebx, ecx, edx) = if leaf == 0x4000_0000 {
-        let word = |i: usize| u32::from_le_bytes(HYPERVISOR_SIGNATURE[i..i + 4].try_into().expect("4 bytes"));
-        (0x4000_0000, word(0), word(4), word(8))
-    } else if (0x4000_0001..0x5000_0000).contains(&leaf) {
-        (0, 0, 0, 0)
-    } else {
-        let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
-        let ecx = if leaf == 1 {
-            let osxsave = if guest_osxsave { 1 << 27 } else { 0 };
-            (r.ecx & !(1 << 5) & !(1 << 27)) | (1 << 31) | osxsave
-        } else {
-            r.ecx
-        };
-        (r.eax, r.ebx, ecx, r.edx)
+    let primary = vmcs::read(VmcsField::PRIMARY_PROCESSOR_CONTROLS).unwrap_or(0);
+    let secondary = match primary & ACTIVATE_SECONDARY {
+        0 => 0,
+        _ => vmcs::read(VmcsField::SECONDARY_PROCESSOR_CONTROLS).unwrap_or(0) as u32,
     };
-    (regs.rax, regs.rbx, regs.rcx, regs.rdx) = (u64::from(eax), u64::from(ebx), u64::from(ecx), u64::from(edx));
+    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+    let host = nk_loader::cpuid::CpuidRegs { eax: r.eax, ebx: r.ebx, ecx: r.ecx, edx: r.edx };
+    let answer = nk_loader::cpuid::guest_cpuid(leaf, subleaf, host, guest_osxsave, secondary);
+    (regs.rax, regs.rbx, regs.rcx, regs.rdx) =
+        (u64::from(answer.eax), u64::from(answer.ebx), u64::from(answer.ecx), u64::from(answer.edx));
 }
 
-/// A guest image and how to run it, from a boot module and its command line
-/// (`<name> [mem=<size>] [cpu=<index>] [-- <guest arguments>]`).
+/// A guest image and how to run it, from a boot module and its command line (parsed by
+/// [`nk_boot::module`]: `<name> [mem=<size>] [cpu=<index>] [ports=..] [msrs=..] [-- <args>]`).
 #[derive(Debug, Clone)]
 pub struct GuestSpec {
     pub name: String,
@@ -470,97 +460,35 @@ pub struct GuestSpec {
     pub args: String,
 }
 
+// The parser's list of assignable MSRs is the one the exo effects are checked against.
+const _: () = {
+    let (a, b) = (nk_boot::module::ASSIGNABLE_MSRS, ioports::MSR_ASSIGNABLE);
+    assert!(a.len() == b.len());
+    let mut i = 0;
+    while i < a.len() {
+        assert!(a[i] == b[i]);
+        i += 1;
+    }
+};
+
 impl GuestSpec {
-    /// Reads a module command line: the first word names the guest; `mem=` sizes its
-    /// memory (a multiple of 2 MiB, at most 1 GiB), `cpu=` places it, `ports=` names the
-    /// I/O ports it may open through the exo AM, and everything after `--` goes to the
-    /// guest.
+    /// Reads a module command line with [`nk_boot::module::parse`]; a refusal is one line
+    /// naming the option and what to write instead. A reserved port given with
+    /// `unsafe-ports` is accepted with a warning that names it.
     pub fn from_cmdline(cmdline: &str, image: &'static [u8]) -> Result<Self, String> {
-        let (options, args) = match cmdline.split_once(" -- ") {
-            Some((options, args)) => (options, args.trim()),
-            None => (cmdline.strip_suffix(" --").unwrap_or(cmdline), ""),
-        };
-        let mut words = options.split_ascii_whitespace();
-        let name = words.next().map(|path| path.rsplit('/').next().unwrap_or(path)).unwrap_or("guest");
-        let mut spec = GuestSpec {
-            name: String::from(name),
-            image,
-            memory: DEFAULT_GUEST_MEMORY,
-            cpu: None,
-            ports: None,
-            msrs: Vec::new(),
-            args: String::from(args),
-        };
-        for word in words {
-            if let Some(value) = word.strip_prefix("mem=") {
-                spec.memory = parse_size(value)?;
-            } else if let Some(value) = word.strip_prefix("cpu=") {
-                let cpu = value
-                    .parse::<usize>()
-                    .map_err(|_| alloc::format!("bad value '{value}' for cpu=: write a CPU index, e.g. cpu=1"))?;
-                spec.cpu = Some(cpu);
-            } else if let Some(value) = word.strip_prefix("ports=") {
-                spec.ports = Some(parse_ports(value)?);
-            } else if let Some(value) = word.strip_prefix("msrs=") {
-                spec.msrs = parse_msrs(value)?;
-            } else {
-                return Err(alloc::format!(
-                    "unknown module option '{word}' (known: mem=<size>, cpu=<index>, ports=<first>[-<last>], msrs=<msr>[,<msr>], -- <guest args>)"
-                ));
-            }
+        let spec = nk_boot::module::parse(cmdline).map_err(|e| alloc::format!("{e}"))?;
+        if let Some((port, reserved)) = spec.reserved_port() {
+            log::warn!(target: "boot", "module '{cmdline}': unsafe-ports gives the guest reserved port {port:#x} ({})",
+                reserved.why);
         }
-        Ok(spec)
-    }
-}
-
-/// Reads `<msr>[,<msr>...]` (hexadecimal with 0x), each one the VMCS switches per guest.
-fn parse_msrs(value: &str) -> Result<Vec<u32>, String> {
-    value
-        .split(',')
-        .map(|text| {
-            let msr = text.strip_prefix("0x").and_then(|hex| u32::from_str_radix(hex, 16).ok());
-            match msr {
-                Some(msr) if ioports::MSR_ASSIGNABLE.contains(&msr) => Ok(msr),
-                Some(msr) => Err(alloc::format!(
-                    "MSR {msr:#x} in msrs= cannot be given to a guest: only those the VMCS switches per guest may \
-                     (0x174, 0x175, 0x176, 0xc0000100, 0xc0000101)"
-                )),
-                None => Err(alloc::format!(
-                    "bad value '{text}' in msrs=: write hexadecimal MSR numbers, e.g. msrs=0xc0000100"
-                )),
-            }
+        Ok(GuestSpec {
+            name: String::from(spec.name),
+            image,
+            memory: spec.memory,
+            cpu: spec.cpu,
+            ports: spec.ports,
+            msrs: spec.msrs.to_vec(),
+            args: String::from(spec.args),
         })
-        .collect()
-}
-
-/// Reads `<first>[-<last>]` (hexadecimal with 0x, or decimal) as (first, count).
-fn parse_ports(value: &str) -> Result<(u16, u32), String> {
-    let number = |text: &str| match text.strip_prefix("0x") {
-        Some(hex) => u16::from_str_radix(hex, 16).ok(),
-        None => text.parse::<u16>().ok(),
-    };
-    let (first, last) = match value.split_once('-') {
-        Some((first, last)) => (number(first), number(last)),
-        None => (number(value), number(value)),
-    };
-    match (first, last) {
-        (Some(first), Some(last)) if first <= last => Ok((first, u32::from(last - first) + 1)),
-        _ => Err(alloc::format!(
-            "bad value '{value}' for ports=: write a port or a range, e.g. ports=0x80 or ports=0x3f8-0x3ff"
-        )),
-    }
-}
-
-fn parse_size(value: &str) -> Result<u64, String> {
-    let (digits, unit) = value.split_at(value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len()));
-    let shift = match unit {
-        "K" | "k" => 10,
-        "M" | "m" | "" => 20,
-        "G" | "g" => 30,
-        _ => return Err(alloc::format!("bad size '{value}' for mem=: write e.g. mem=8M")),
-    };
-    match digits.parse::<u64>().ok().and_then(|n| n.checked_shl(shift)).filter(|&n| n >> shift != 0) {
-        Some(n) if n % (2 << 20) == 0 && n <= MAX_GUEST_MEMORY => Ok(n),
-        _ => Err(alloc::format!("bad size '{value}' for mem=: a multiple of 2M up to 1G, e.g. mem=8M")),
     }
 }

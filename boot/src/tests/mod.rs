@@ -5,6 +5,7 @@
 mod cmdline;
 mod mb2;
 mod memory;
+mod module;
 mod props;
 mod pvh;
 

@@ -168,3 +168,138 @@ proptest! {
         }
     }
 }
+
+/// A word of a module line: a known option with a value that is often valid, often near a
+/// boundary, sometimes garbage; or a stray word.
+fn module_word() -> impl Strategy<Value = String> {
+    let size = (0u64..40_000_000_000_000_000, prop_oneof![Just(""), Just("K"), Just("M"), Just("G"), Just("k"), Just("T")])
+        .prop_map(|(n, unit)| format!("mem={}{unit}", n >> (n % 64)));
+    let port = || prop_oneof![any::<u16>().prop_map(|p| format!("{p:#x}")), any::<u16>().prop_map(|p| p.to_string()), "[0-9a-fx]{0,6}"];
+    let ports = prop_oneof![port().prop_map(|p| format!("ports={p}")), (port(), port()).prop_map(|(a, b)| format!("ports={a}-{b}"))];
+    let msr = prop_oneof![
+        proptest::sample::select(&crate::module::ASSIGNABLE_MSRS[..]).prop_map(|m| format!("{m:#x}")),
+        any::<u32>().prop_map(|m| format!("{m:#x}")),
+        "[0-9a-fx]{0,10}",
+    ];
+    let msrs = proptest::collection::vec(msr, 0..10).prop_map(|list| format!("msrs={}", list.join(",")));
+    prop_oneof![
+        size,
+        "cpu=[0-9+-]{0,4}",
+        ports,
+        msrs,
+        Just(String::from("unsafe-ports")),
+        "unsafe-ports=[a-z0-9]{0,3}",
+        "(mem|cpu|ports|msrs)",
+        "[ -~]{0,12}",
+    ]
+}
+
+/// Returns the bytes a `mem=` word asks for, computed without overflow, if it is one.
+fn exact_size(word: &str) -> Option<u128> {
+    let value = word.strip_prefix("mem=")?;
+    let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
+    let (digits, unit) = value.split_at(split);
+    let shift = match unit {
+        "K" | "k" => 10,
+        "M" | "m" | "" => 20,
+        "G" | "g" => 30,
+        _ => return None,
+    };
+    Some(digits.parse::<u128>().ok()? << shift)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
+
+    /// The bad-boot-input sweep for modules: every generated line is either accepted with
+    /// settings inside their limits, or refused with one line that names an option (or the
+    /// unknown word) and says what to write.
+    #[test]
+    fn module_lines_are_accepted_within_limits_or_refused_with_one_clear_line(
+        name in "[a-z][a-z/]{0,7}",
+        words in proptest::collection::vec(module_word(), 0..5),
+        args in proptest::option::of("[ -~]{0,20}"),
+    ) {
+        use crate::module::{self, ModuleError, MAX_GUEST_MEMORY, ASSIGNABLE_MSRS};
+        let mut line = name.clone();
+        for word in &words {
+            line.push(' ');
+            line.push_str(word);
+        }
+        if let Some(args) = &args {
+            line.push_str(" -- ");
+            line.push_str(args);
+        }
+        match module::parse(&line) {
+            Ok(spec) => {
+                prop_assert!(spec.memory > 0 && spec.memory % (2 << 20) == 0 && spec.memory <= MAX_GUEST_MEMORY);
+                prop_assert!(spec.cpu.is_none_or(|cpu| cpu < 256));
+                prop_assert!(spec.msrs.iter().all(|m| ASSIGNABLE_MSRS.contains(m)));
+                if let Some((first, count)) = spec.ports {
+                    prop_assert!(count >= 1 && u32::from(first) + count <= 0x1_0000);
+                }
+                prop_assert!(spec.unsafe_ports || spec.reserved_port().is_none(), "reserved port without unsafe-ports: {line}");
+                // The last mem= word decides, and its exact value is what was asked for.
+                if let Some(size) = words.iter().rev().find_map(|w| exact_size(w)) {
+                    prop_assert_eq!(u128::from(spec.memory), size, "{}", line);
+                }
+            }
+            Err(error) => {
+                let text = error.to_string();
+                prop_assert!(!text.contains('\n') && !text.contains('\t') && !text.is_empty(), "{text:?}");
+                let named = match error {
+                    ModuleError::UnknownOption { word } => text.contains(&format!("'{word}'")) && text.contains("known:"),
+                    ModuleError::ReservedPort { .. } => text.contains("ports=") && text.contains("unsafe-ports"),
+                    ModuleError::UnexpectedValue { .. } => text.contains("unsafe-ports") || text.contains("write just"),
+                    _ => text.contains("=") && (text.contains("e.g.") || text.contains("only those")),
+                };
+                prop_assert!(named, "refusal does not name the option and a fix: {text}");
+                // A refused mem= is one whose exact value is out of range.
+                if let ModuleError::MemoryTooLarge { value } = error {
+                    prop_assert!(exact_size(&format!("mem={value}")).is_none_or(|n| n > u128::from(u64::MAX)), "{value}");
+                }
+            }
+        }
+    }
+
+    /// The bad-boot-input sweep for the hypervisor command line: tokens built from the known
+    /// option names with random values; every token is applied or gets exactly one
+    /// diagnostic line naming its option.
+    #[test]
+    fn hypervisor_tokens_are_applied_or_get_one_line_each(
+        tokens in proptest::collection::vec(
+            (proptest::sample::select(vec!["log", "cpus", "test", "place", "bogus"]), proptest::option::of("[!-~]{0,10}")),
+            0..4,
+        ),
+    ) {
+        let mut seen = Vec::new();
+        let mut line = String::new();
+        for (name, value) in &tokens {
+            if seen.contains(name) || value.as_deref().is_some_and(|v| v.contains('=') || v.starts_with('/')) {
+                continue;
+            }
+            seen.push(*name);
+            line.push_str(name);
+            if let Some(value) = value {
+                line.push('=');
+                line.push_str(value);
+            }
+            line.push(' ');
+        }
+        let parsed = crate::cmdline::parse(&line);
+        let lines: Vec<String> = parsed.diagnostics().map(|d| d.to_string()).collect();
+        prop_assert!(lines.len() <= seen.len());
+        for text in &lines {
+            prop_assert!(!text.contains('\n'));
+            prop_assert!(text.contains("e.g.") || text.contains("known:"), "{text}");
+        }
+        for diagnostic in parsed.diagnostics() {
+            let option = match diagnostic {
+                crate::cmdline::Diagnostic::BadValue { option, .. } | crate::cmdline::Diagnostic::MissingValue { option, .. } => option,
+                crate::cmdline::Diagnostic::UnknownOption { name } => name,
+                other => return Err(TestCaseError::fail(format!("unexpected diagnostic {other:?}"))),
+            };
+            prop_assert!(seen.contains(&option), "{option} {line}");
+        }
+    }
+}

@@ -239,6 +239,7 @@ fn check_cpuid() {
     } else {
         println!("GTEST FAILED ring0/cpuid_hides_vmx: ecx {:#x}", leaf1.ecx);
     }
+    cpuid_controls::check();
 }
 
 /// Returns the fewest TSC ticks `f` took over a few runs (Bochs is deterministic; on
@@ -529,6 +530,7 @@ fn check_port_grants(port: u16) {
     println!("GTEST FAILED ports_revoke: the port stayed open after revocation");
 }
 
+mod cpuid_controls;
 mod protocol;
 
 /// Reads the VM ids that follow in a mode's arguments.

@@ -2,8 +2,11 @@
 //! v1.5 and the System V x86-64 psABI) and returns the segments to copy into guest memory.
 //! Every header field is checked against the file and the guest's memory size before
 //! anything is copied: a malformed image is refused with a reason and never panics.
+//! [`cpuid`] computes the CPUID answers a guest sees.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
+
+pub mod cpuid;
 
 use core::fmt;
 
