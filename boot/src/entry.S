@@ -24,17 +24,31 @@
 .set CR4_PAE, 0x20
 .set MSR_EFER, 0xC0000080
 .set EFER_LME, 0x100
+.set EFER_NXE, 0x800
 
 /* Enters IA-32e mode from 32-bit protected mode with paging off, on the page tables
- * whose address is in EAX: CR4.PAE, CR3, EFER.LME, then CR0.PG (with NE, which VMX needs). */
+ * whose address is in EAX: CR4.PAE, CR3, EFER.LME (and EFER.NXE where CPUID.80000001H:EDX
+ * bit 20 says execute-disable exists, so the hypervisor's tables may use XD: SDM Vol. 3
+ * §4.1.4, §4.6), then CR0.PG (with NE, which VMX needs). Clobbers EAX, EBX, ECX, EDX. */
 .macro ENTER_LONG_MODE
     mov %eax, %cr3
     mov %cr4, %eax
     or $CR4_PAE, %eax
     mov %eax, %cr4
-    mov $MSR_EFER, %ecx
+    mov $0x80000000, %eax
+    cpuid
+    xor %ebx, %ebx
+    cmp $0x80000001, %eax
+    jb 91f
+    mov $0x80000001, %eax
+    cpuid
+    and $0x100000, %edx                       /* XD/NX */
+    jz 91f
+    mov $EFER_NXE, %ebx
+91: mov $MSR_EFER, %ecx
     rdmsr
     or $EFER_LME, %eax
+    or %ebx, %eax
     wrmsr
     mov %cr0, %eax
     or $CR0_PE_NE_WP_PG, %eax
@@ -223,9 +237,10 @@ nk_ap_trampoline_end:
 .balign 16
 boot_gdt:
     .quad 0
-    .quad 0x00AF9A000000FFFF                  /* 0x08: 64-bit code */
-    .quad 0x00CF92000000FFFF                  /* 0x10: data */
-    .quad 0x00CF9A000000FFFF                  /* 0x18: 32-bit code */
+    /* Accessed bits preset: the CPU never writes this read-only GDT (SDM Vol. 3 §3.4.5.1). */
+    .quad 0x00AF9B000000FFFF                  /* 0x08: 64-bit code */
+    .quad 0x00CF93000000FFFF                  /* 0x10: data */
+    .quad 0x00CF9B000000FFFF                  /* 0x18: 32-bit code */
 boot_gdt_end:
 boot_gdt_ptr:
     .short boot_gdt_end - boot_gdt - 1
@@ -241,6 +256,10 @@ boot_pdpt:
     .skip 4096
 boot_pd:
     .skip 4096 * 4
+/* Left unmapped by the hypervisor's page tables: an overflow of the boot stack faults. */
+.global nk_boot_stack_guard
+nk_boot_stack_guard:
+    .skip 4096
 .global nk_boot_stack_bottom
 nk_boot_stack_bottom:
     .skip 65536

@@ -1,6 +1,8 @@
 //! ACPI discovery through the `acpi` crate: the MADT's processors and interrupt controllers
 //! (ACPI 6.5 §5.2.12). Physical memory below 4 GiB is identity-mapped, so mapping a table
-//! is taking its address.
+//! is taking its address. A table the firmware put elsewhere (above 4 GiB, or at address
+//! 0) is not read: the crate is shown a page of zeroes there, whose signature matches no
+//! table, and a WARN line names the address.
 
 use core::ptr::NonNull;
 
@@ -13,11 +15,36 @@ pub const MAX_MADT_CPUS: usize = 64;
 #[derive(Clone, Copy, Debug)]
 struct IdentityMapped;
 
+/// What the crate reads in place of a table outside the identity map: zeroes.
+#[repr(C, align(4096))]
+struct ZeroPage([u8; 4096]);
+
+static ZERO_PAGE: ZeroPage = ZeroPage([0; 4096]);
+
+/// Tells whether `[address, address + size)` is readable through the identity map.
+pub fn identity_mapped(address: usize, size: usize) -> bool {
+    let end = (address as u64).checked_add(size as u64);
+    address != 0 && end.is_some_and(|end| end <= crate::memory::IDENTITY_MAPPED_LIMIT)
+}
+
 impl AcpiHandler for IdentityMapped {
     unsafe fn map_physical_region<T>(&self, physical_address: usize, size: usize) -> PhysicalMapping<Self, T> {
-        let virtual_start = NonNull::new(physical_address as *mut T).expect("the acpi crate never maps address 0");
-        // SAFETY: the low 4 GiB are identity-mapped for the hypervisor's whole life, and
-        // the caller (the acpi crate) guarantees the range holds a `T`.
+        let start = if identity_mapped(physical_address, size) {
+            physical_address as *mut T
+        } else if size <= ZERO_PAGE.0.len() {
+            log::warn!(target: "acpi", "table at {physical_address:#x} ({size} bytes) lies outside the identity-mapped \
+                low 4 GiB: skipped");
+            ZERO_PAGE.0.as_ptr() as *mut T
+        } else {
+            log::error!(target: "acpi", "table at {physical_address:#x} ({size} bytes) lies outside the identity-mapped \
+                low 4 GiB; stopping");
+            crate::power::shutdown(crate::power::ExitStatus::Failure, "ACPI table above 4 GiB")
+        };
+        let virtual_start = NonNull::new(start).unwrap_or(NonNull::dangling());
+        // SAFETY: the range is identity-mapped low memory (checked above; the crate
+        // guarantees it holds a `T`), or the zero page, at least `size` bytes long, which
+        // is never written (every ACPI structure is plain bytes, so zeroes are a valid
+        // value, one whose signature matches nothing).
         unsafe { PhysicalMapping::new(physical_address, virtual_start, size, size, *self) }
     }
 

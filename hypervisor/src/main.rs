@@ -4,7 +4,8 @@
 //! This crate is the trusted part of the project: the only place for `unsafe` code and
 //! hardware access. Blanket assumptions every `unsafe` block here may rely on:
 //! - the code runs at CPL0 in 64-bit mode, on the hypervisor's own GDT, IDT and page
-//!   tables (the low 4 GiB identity-mapped, the top GiB uncached);
+//!   tables (the low 4 GiB identity-mapped, the top GiB uncached; W^X: `.text` is the only
+//!   executable memory, stack guard pages unmapped, see `hostmap`);
 //! - each CPU's GS base points at its own `percpu::PerCpu` slot;
 //! - only the hypervisor runs on the machine's CPUs outside VMX non-root operation.
 #![no_std]
@@ -17,6 +18,7 @@ mod arch;
 mod boot;
 mod console;
 mod guest;
+mod hostmap;
 mod ioports;
 mod memory;
 mod mesh;
@@ -64,6 +66,11 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
     log::info!(target: "mem", "heap {} KiB, {} frames ({} KiB) free for guests and tables{}",
         stats.heap_bytes / 1024, stats.frames_total, stats.frames_total * 4,
         if stats.ignored_above_4g > 0 { ", memory above 4 GiB not used yet" } else { "" });
+    match hostmap::install(&smp::bsp_stack_guards()) {
+        Ok(()) => log::info!(target: "mem", "hypervisor mapped W^X (code read-only, data and stacks {}), guard pages under the boot and IST stacks",
+            if hostmap::nx_enabled() { "non-executable" } else { "executable: this CPU has no execute-disable" }),
+        Err(why) => log::error!(target: "mem", "cannot build the hypervisor's page tables ({why}): running on the boot tables (RWX, no guard pages)"),
+    }
 
     log::info!(target: "cpu", "{}", arch::cpu_summary());
     if !vmx::cpu_has_vmx() {

@@ -50,6 +50,12 @@ const CASES: &[Case] = &[
     case("guest_ept_violation_stops_guest", guest_ept_violation_stops_guest),
     case("guest_triple_fault_stops_guest", guest_triple_fault_stops_guest),
     Case { name: "exception", run: exception_stops_machine, explicit: true },
+    case("host_code_not_writable", host_code_not_writable),
+    case("host_data_not_executable", host_data_not_executable),
+    case("host_stack_guards_unmapped", host_stack_guards_unmapped),
+    case("acpi_above_4g_skipped", acpi_above_4g_skipped),
+    Case { name: "stack_overflow", run: stack_overflow_faults, explicit: true },
+    Case { name: "write_code", run: write_to_code_faults, explicit: true },
 ];
 
 fn selected(filter: &str, case: &Case) -> bool {
@@ -342,4 +348,88 @@ fn guest_triple_fault_stops_guest(_: &Context<'_>) -> CaseResult {
     let mut guest = TestGuest::new(&[0x0F, 0x0B])?; // ud2
     let exit = guest.run()?;
     check(exit.reason == ExitReason::TRIPLE_FAULT, || format!("exit {:?}, expected triple fault", exit.reason))
+}
+
+/// The hypervisor's code is mapped read-only and executable (W^X, `hostmap`).
+fn host_code_not_writable(_: &Context<'_>) -> CaseResult {
+    let code = host_code_not_writable as *const () as u64;
+    let page = crate::hostmap::page_info(code);
+    check(page.present && !page.writable && page.executable, || format!("code page {code:#x}: {page:?}"))
+}
+
+/// Data, `.bss`, read-only data, heap, frames and the stack are never executable; EFER.NXE
+/// is on.
+fn host_data_not_executable(_: &Context<'_>) -> CaseResult {
+    static DATA: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(1);
+    static BSS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+    static RODATA: [u8; 8] = *b"readonly";
+    check(crate::hostmap::nx_enabled(), || "EFER.NXE is off".into())?;
+    let heap = alloc::boxed::Box::new(0u64);
+    let frame = memory::alloc_frame().ok_or("no frame")?;
+    let local = 0u64;
+    let places = [
+        ("data", &DATA as *const _ as u64, true),
+        ("bss", &BSS as *const _ as u64, true),
+        ("rodata", RODATA.as_ptr() as u64, false),
+        ("heap", &*heap as *const u64 as u64, true),
+        ("frame", frame.as_u64(), true),
+        ("stack", &local as *const u64 as u64, true),
+    ];
+    let mut result = Ok(());
+    for (what, address, writable) in places {
+        let page = crate::hostmap::page_info(address);
+        if !page.present || page.executable || page.writable != writable {
+            result = Err(format!("{what} page {address:#x}: {page:?}"));
+            break;
+        }
+    }
+    memory::free_frame(frame);
+    result
+}
+
+/// Every stack has an unmapped guard page: the boot stack, the BSP's IST stacks, and each
+/// AP's stack and IST stacks (4 per CPU).
+fn host_stack_guards_unmapped(_: &Context<'_>) -> CaseResult {
+    let guards = crate::hostmap::guards();
+    let cpus = percpu::all().filter(|cpu| cpu.is_online()).count();
+    check(guards.len() == 4 * cpus, || format!("{} guard pages for {cpus} CPUs, expected {}", guards.len(), 4 * cpus))?;
+    match guards.iter().find(|&&guard| crate::hostmap::page_info(guard).present) {
+        Some(guard) => Err(format!("guard page {guard:#x} is mapped")),
+        None => Ok(()),
+    }
+}
+
+/// ACPI tables outside the identity map are not touched.
+fn acpi_above_4g_skipped(_: &Context<'_>) -> CaseResult {
+    check(!crate::acpi::identity_mapped(0x1_0000_0000, 36), || "a table at 4 GiB counts as mapped".into())?;
+    check(!crate::acpi::identity_mapped(0xFFFF_FFF0, 36), || "a table across 4 GiB counts as mapped".into())?;
+    check(!crate::acpi::identity_mapped(0, 36), || "address 0 counts as mapped".into())?;
+    check(crate::acpi::identity_mapped(0xE_0000, 36), || "a BIOS-area table counts as unmapped".into())
+}
+
+/// Recurses until the stack runs into its guard page: the page fault cannot be pushed, the
+/// double fault runs on its IST stack and prints the dump, and the machine stops.
+fn stack_overflow_faults(_: &Context<'_>) -> CaseResult {
+    #[inline(never)]
+    fn deeper(depth: u64) -> u64 {
+        let frame = core::hint::black_box([depth; 64]);
+        if core::hint::black_box(depth) == u64::MAX {
+            return 0;
+        }
+        frame[(depth % 64) as usize] + deeper(depth + 1)
+    }
+    log::info!(target: "selftest", "overflowing the boot stack: expect a double fault dump and the machine to stop");
+    let depth = deeper(core::hint::black_box(0));
+    Err(format!("recursion returned {depth}"))
+}
+
+/// Writes to the hypervisor's own code: the page fault prints the dump (CR2 = the code
+/// address) and the machine stops.
+fn write_to_code_faults(_: &Context<'_>) -> CaseResult {
+    let code = write_to_code_faults as *const () as u64;
+    log::info!(target: "selftest", "writing to code at {code:#x}: expect a page fault dump and the machine to stop");
+    // SAFETY: deliberately invalid: the page is read-only, so the write faults and never
+    // completes (on a W^X map).
+    unsafe { core::ptr::write_volatile(code as *mut u8, 0xCC) };
+    Err("the write to code succeeded".into())
 }

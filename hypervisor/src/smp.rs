@@ -1,7 +1,7 @@
 //! Bringing up every CPU: the BSP's own descriptor tables and VMX, then each application
 //! processor of the MADT through the real-mode trampoline and INIT-SIPI-SIPI
-//! (SDM Vol. 3 §8.4.4). Each CPU gets its own stack, GDT, TSS with IST stacks, and
-//! per-CPU slot, executes VMXON and reports online.
+//! (SDM Vol. 3 §8.4.4). Each CPU gets its own stack, GDT, TSS with IST stacks (every stack
+//! above an unmapped guard page), and per-CPU slot, executes VMXON and reports online.
 
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +18,8 @@ pub const AP_TRAMPOLINE_BASE: u64 = 0x8000;
 const AP_STACK_PAGES: usize = 16;
 const IST_STACK_PAGES: usize = 2;
 const IST_STACK_BYTES: usize = IST_STACK_PAGES * PAGE_SIZE as usize;
+/// An IST stack with its guard page below it.
+const IST_SLOT_BYTES: usize = IST_STACK_BYTES + PAGE_SIZE as usize;
 /// How long the BSP waits for one AP to report online.
 const AP_START_TIMEOUT_US: u64 = 2_000_000;
 
@@ -28,18 +30,24 @@ unsafe extern "C" {
     static nk_ap_trampoline_stack: u8;
     static nk_ap_trampoline_cpu: u8;
     static nk_ap_trampoline_entry: u8;
-    static nk_boot_pml4: u8;
 }
 
-/// The BSP's IST stacks, in .bss (the BSP needs them before the frame allocator exists).
+/// The BSP's IST stacks, in .bss (the BSP needs them before the frame allocator exists),
+/// each above its guard page (the first page of its slot, unmapped by `hostmap`).
 #[repr(C, align(4096))]
-struct BspIstStacks(UnsafeCell<[[u8; IST_STACK_BYTES]; 3]>);
+struct BspIstStacks(UnsafeCell<[[u8; IST_SLOT_BYTES]; 3]>);
 
 // SAFETY: only the BSP's CPU uses these stacks, and only through the TSS (no Rust
 // references are ever made to their contents).
 unsafe impl Sync for BspIstStacks {}
 
-static BSP_IST_STACKS: BspIstStacks = BspIstStacks(UnsafeCell::new([[0; IST_STACK_BYTES]; 3]));
+static BSP_IST_STACKS: BspIstStacks = BspIstStacks(UnsafeCell::new([[0; IST_SLOT_BYTES]; 3]));
+
+/// Returns the guard pages under the BSP's IST stacks.
+pub fn bsp_stack_guards() -> [u64; 3] {
+    let base = BSP_IST_STACKS.0.get() as u64;
+    [0, 1, 2].map(|i| base + i * IST_SLOT_BYTES as u64)
+}
 
 /// IST stack tops of each AP, written by the BSP before it starts that AP.
 static AP_IST_TOPS: [[AtomicU64; 3]; MAX_CPUS] = [const { [const { AtomicU64::new(0) }; 3] }; MAX_CPUS];
@@ -48,7 +56,7 @@ static AP_IST_TOPS: [[AtomicU64; 3]; MAX_CPUS] = [const { [const { AtomicU64::ne
 pub fn init_bsp_early() {
     let slot = percpu::install(0);
     let base = BSP_IST_STACKS.0.get() as u64;
-    let tops = [1, 2, 3].map(|i| base + i * IST_STACK_BYTES as u64);
+    let tops = [1, 2, 3].map(|i| base + i * IST_SLOT_BYTES as u64);
     let (gdt_ptr, tss_ptr) = slot.descriptor_tables();
     // SAFETY: slot 0 belongs to the BSP, which is the only CPU running; the IST stacks are
     // the BSP's own static stacks.
@@ -97,8 +105,8 @@ fn install_trampoline() {
 pub fn start_aps(platform: &Platform, limit: usize) -> usize {
     install_trampoline();
     let bsp_apic = percpu::current().apic_id();
-    // SAFETY: nk_boot_pml4 is the boot PML4 in .bss, below 4 GiB.
-    let cr3 = unsafe { &nk_boot_pml4 as *const u8 as u64 };
+    // The hypervisor's tables (below 4 GiB: the trampoline loads CR3 in 32-bit mode).
+    let cr3 = crate::hostmap::root();
     let mut attempted = 1;
     for cpu in platform.cpus().filter(|cpu| cpu.apic_id != bsp_apic) {
         if attempted >= limit.min(MAX_CPUS) {
@@ -111,14 +119,18 @@ pub fn start_aps(platform: &Platform, limit: usize) -> usize {
             log::error!(target: "smp", "cpu {} (apic id {}) did not come up: {}", index, cpu.apic_id, why);
         }
     }
+    crate::hostmap::seal_trampoline();
     attempted
 }
 
 fn start_one(index: usize, apic_id: u32, cr3: u64) -> Result<(), &'static str> {
+    // Each stack's lowest page is its guard, unmapped before the AP ever runs.
     let stack = memory::alloc_frames(AP_STACK_PAGES).ok_or("no memory for its stack")?;
+    crate::hostmap::unmap_guard(stack.as_u64())?;
     for top in &AP_IST_TOPS[index] {
-        let ist = memory::alloc_frames(IST_STACK_PAGES).ok_or("no memory for its IST stacks")?;
-        top.store(ist.as_u64() + IST_STACK_BYTES as u64, Ordering::Release);
+        let ist = memory::alloc_frames(IST_STACK_PAGES + 1).ok_or("no memory for its IST stacks")?;
+        crate::hostmap::unmap_guard(ist.as_u64())?;
+        top.store(ist.as_u64() + IST_SLOT_BYTES as u64, Ordering::Release);
     }
     let stack_top = stack.as_u64() + AP_STACK_PAGES as u64 * PAGE_SIZE;
     // SAFETY: the trampoline copy is identity-mapped low memory only this BSP writes, and

@@ -1,0 +1,236 @@
+//! The hypervisor's own page tables, built once the frame allocator exists: the same
+//! identity map of the low 4 GiB as the boot tables (the top GiB, MMIO, uncached), but W^X
+//! with execute-disable (SDM Vol. 3 §4.5, §4.6): the image's `.text` is read-only and
+//! executable, the boot header and `.rodata` read-only, and everything else (data, `.bss`,
+//! heap, frames, stacks, firmware areas, MMIO) writable and never executable. The only
+//! executable page outside `.text` is the AP trampoline, and only until the APs started.
+//!
+//! Every stack has an unmapped guard page below it (the boot stack, the BSP's IST stacks,
+//! and each AP's stack and IST stacks): an overflow takes a page fault and, with no stack
+//! left to push on, a double fault on its own IST stack, whose handler prints the register
+//! dump. Guard pages inside 2 MiB mappings split them into 4 KiB pages.
+
+use alloc::vec::Vec;
+use core::arch::asm;
+
+use spin::Mutex;
+
+use crate::memory::{self, IDENTITY_MAPPED_LIMIT, PAGE_SIZE};
+use crate::smp::AP_TRAMPOLINE_BASE;
+
+const PRESENT: u64 = 1 << 0;
+const WRITABLE: u64 = 1 << 1;
+const WRITE_THROUGH: u64 = 1 << 3;
+const CACHE_DISABLE: u64 = 1 << 4;
+const HUGE: u64 = 1 << 7;
+const EXECUTE_DISABLE: u64 = 1 << 63;
+const ADDRESS: u64 = 0x000F_FFFF_FFFF_F000;
+const LARGE_PAGE: u64 = 2 << 20;
+/// The fourth GiB holds the local APIC, I/O APIC and other MMIO: mapped uncached.
+const MMIO_START: u64 = 3 << 30;
+const MSR_EFER: u32 = 0xC000_0080;
+const EFER_NXE: u64 = 1 << 11;
+
+unsafe extern "C" {
+    static __image_start: u8;
+    static __text_start: u8;
+    static __rodata_start: u8;
+    static __data_start: u8;
+    static __image_end: u8;
+    static nk_boot_stack_guard: u8;
+}
+
+/// Every guard page unmapped so far (for the self-test).
+static GUARDS: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+/// Serialises changes to the live tables.
+static CHANGES: Mutex<()> = Mutex::new(());
+
+fn symbol(s: &u8) -> u64 {
+    s as *const u8 as u64
+}
+
+/// Returns whether this CPU runs with EFER.NXE (set by the long-mode entry where the CPU
+/// has execute-disable).
+pub fn nx_enabled() -> bool {
+    // SAFETY: IA32_EFER exists on every CPU in long mode.
+    unsafe { x86::msr::rdmsr(MSR_EFER) & EFER_NXE != 0 }
+}
+
+/// Builds the hypervisor's page tables and loads them into CR3 of this CPU (the BSP; APs
+/// get them through the trampoline). `bsp_guards` are the guard pages of the BSP's stacks
+/// in the image. Returns why it could not (the boot tables stay loaded then).
+pub fn install(bsp_guards: &[u64]) -> Result<(), &'static str> {
+    let nx = if nx_enabled() { EXECUTE_DISABLE } else { 0 };
+    // SAFETY: linker-script and entry.S symbols; only their addresses are taken.
+    let (image_start, text, rodata, data, image_end, boot_guard) = unsafe {
+        (
+            symbol(&__image_start),
+            symbol(&__text_start),
+            symbol(&__rodata_start),
+            symbol(&__data_start),
+            symbol(&__image_end),
+            symbol(&nk_boot_stack_guard),
+        )
+    };
+    let mut guards: Vec<u64> = Vec::from(bsp_guards);
+    guards.push(boot_guard);
+    let small_pages_end = image_end.next_multiple_of(LARGE_PAGE);
+    let page_flags = |pa: u64| -> u64 {
+        if guards.contains(&pa) {
+            0
+        } else if pa == AP_TRAMPOLINE_BASE {
+            PRESENT | WRITABLE
+        } else if (text..rodata).contains(&pa) {
+            PRESENT
+        } else if (image_start..text).contains(&pa) || (rodata..data).contains(&pa) {
+            PRESENT | nx
+        } else {
+            PRESENT | WRITABLE | nx
+        }
+    };
+    let frame = || memory::alloc_zeroed_frame().map(|f| f.as_u64()).ok_or("no memory for the page tables");
+    let (pml4, pdpt) = (frame()?, frame()?);
+    write_entry(pml4, 0, pdpt | PRESENT | WRITABLE);
+    for gib in 0..IDENTITY_MAPPED_LIMIT >> 30 {
+        let pd = frame()?;
+        write_entry(pdpt, gib as usize, pd | PRESENT | WRITABLE);
+        for index in 0..512 {
+            let base = (gib << 30) + index * LARGE_PAGE;
+            let entry = if base < small_pages_end {
+                let pt = frame()?;
+                for page in 0..512 {
+                    let pa = base + page * PAGE_SIZE;
+                    let flags = page_flags(pa);
+                    write_entry(pt, page as usize, if flags == 0 { 0 } else { pa | flags });
+                }
+                pt | PRESENT | WRITABLE
+            } else {
+                let cache = if base >= MMIO_START { CACHE_DISABLE | WRITE_THROUGH } else { 0 };
+                base | PRESENT | WRITABLE | HUGE | cache | nx
+            };
+            write_entry(pd, index as usize, entry);
+        }
+    }
+    GUARDS.lock().extend_from_slice(&guards);
+    // SAFETY: the new tables map everything the old ones did (the low 4 GiB, identity,
+    // same cache attributes) except the guard pages, which nothing uses yet; the code
+    // running now is in .text (present, executable) and its stack is the boot stack
+    // (writable). The write to CR3 flushes this CPU's non-global TLB entries.
+    unsafe { asm!("mov cr3, {}", in(reg) pml4, options(nostack, preserves_flags)) };
+    Ok(())
+}
+
+fn write_entry(table: u64, index: usize, value: u64) {
+    debug_assert!(index < 512);
+    // SAFETY: `table` is a page-table frame of the hypervisor (identity-mapped, writable),
+    // and `index` is below 512.
+    unsafe { ((table + index as u64 * 8) as *mut u64).write_volatile(value) };
+}
+
+fn read_entry(table: u64, index: usize) -> u64 {
+    // SAFETY: as in `write_entry`.
+    unsafe { ((table + index as u64 * 8) as *const u64).read_volatile() }
+}
+
+fn current_pml4() -> u64 {
+    let cr3: u64;
+    // SAFETY: reading CR3 has no side effects.
+    unsafe { asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack, preserves_flags)) };
+    cr3 & ADDRESS
+}
+
+fn indices(va: u64) -> [usize; 4] {
+    [(va >> 39) as usize & 511, (va >> 30) as usize & 511, (va >> 21) as usize & 511, (va >> 12) as usize & 511]
+}
+
+/// What the live tables say about one address.
+#[cfg_attr(not(feature = "test-harness"), allow(dead_code))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageInfo {
+    pub present: bool,
+    pub writable: bool,
+    pub executable: bool,
+}
+
+/// Walks this CPU's page tables for `va` (permissions combined over every level, SDM
+/// Vol. 3 §4.6.1).
+#[cfg_attr(not(feature = "test-harness"), allow(dead_code))]
+pub fn page_info(va: u64) -> PageInfo {
+    let mut table = current_pml4();
+    let (mut writable, mut executable) = (true, true);
+    for (level, index) in indices(va).into_iter().enumerate() {
+        let entry = read_entry(table, index);
+        if entry & PRESENT == 0 {
+            return PageInfo { present: false, writable: false, executable: false };
+        }
+        writable &= entry & WRITABLE != 0;
+        executable &= entry & EXECUTE_DISABLE == 0 || !nx_enabled();
+        if level == 3 || (level > 0 && entry & HUGE != 0) {
+            break;
+        }
+        table = entry & ADDRESS;
+    }
+    PageInfo { present: true, writable, executable }
+}
+
+/// Finds (splitting a 2 MiB page if needed) the 4 KiB entry of `va`; returns the table
+/// that holds it and the index. Only for identity-mapped low memory.
+fn leaf_entry(va: u64) -> Result<(u64, usize), &'static str> {
+    if va >= IDENTITY_MAPPED_LIMIT {
+        return Err("address above the identity map");
+    }
+    let [i4, i3, i2, i1] = indices(va);
+    let pdpt = read_entry(current_pml4(), i4) & ADDRESS;
+    let pd = read_entry(pdpt, i3) & ADDRESS;
+    let pde = read_entry(pd, i2);
+    if pde & HUGE == 0 {
+        return Ok((pde & ADDRESS, i1));
+    }
+    let pt = memory::alloc_zeroed_frame().ok_or("no memory for a page table")?.as_u64();
+    let base = pde & ADDRESS & !(LARGE_PAGE - 1);
+    let flags = pde & (PRESENT | WRITABLE | WRITE_THROUGH | CACHE_DISABLE | EXECUTE_DISABLE);
+    for page in 0..512 {
+        write_entry(pt, page, (base + page as u64 * PAGE_SIZE) | flags);
+    }
+    write_entry(pd, i2, pt | PRESENT | WRITABLE);
+    invalidate(va);
+    Ok((pt, i1))
+}
+
+fn invalidate(va: u64) {
+    // SAFETY: INVLPG only drops translations.
+    unsafe { asm!("invlpg [{}]", in(reg) va, options(nostack, preserves_flags)) };
+}
+
+/// Unmaps the page at `va` so that a stack growing into it faults. Other CPUs may keep a
+/// stale translation of it until their next CR3 load: callers pass pages no CPU has used
+/// (a new AP's stacks, before it starts).
+pub fn unmap_guard(va: u64) -> Result<(), &'static str> {
+    let _changes = CHANGES.lock();
+    let (table, index) = leaf_entry(va & !(PAGE_SIZE - 1))?;
+    write_entry(table, index, 0);
+    invalidate(va);
+    GUARDS.lock().push(va & !(PAGE_SIZE - 1));
+    Ok(())
+}
+
+/// Makes the AP trampoline page non-executable once every AP has left it.
+pub fn seal_trampoline() {
+    let _changes = CHANGES.lock();
+    if let Ok((table, index)) = leaf_entry(AP_TRAMPOLINE_BASE) {
+        let nx = if nx_enabled() { EXECUTE_DISABLE } else { 0 };
+        write_entry(table, index, AP_TRAMPOLINE_BASE | PRESENT | WRITABLE | nx);
+        invalidate(AP_TRAMPOLINE_BASE);
+    }
+}
+
+/// Returns every guard page (for the self-test).
+#[cfg_attr(not(feature = "test-harness"), allow(dead_code))]
+pub fn guards() -> Vec<u64> {
+    GUARDS.lock().clone()
+}
+
+/// Returns the address of the page table of this CPU, for the AP trampoline.
+pub fn root() -> u64 {
+    current_pml4()
+}
