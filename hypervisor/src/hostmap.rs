@@ -1,6 +1,5 @@
-//! The hypervisor's own page tables, built once the frame allocator exists: the same
-//! identity map of the low 4 GiB as the boot tables (the top GiB, MMIO, uncached), but W^X
-//! with execute-disable (SDM Vol. 3 §4.5, §4.6): the image's `.text` is read-only and
+//! The hypervisor's own page tables: the boot tables' identity map of the low 4 GiB (the
+//! top GiB, MMIO, uncached), made W^X with execute-disable in place (SDM Vol. 3 §4.5, §4.6): the image's `.text` is read-only and
 //! executable, the boot header and `.rodata` read-only, and everything else (data, `.bss`,
 //! heap, frames, stacks, firmware areas, MMIO) writable and never executable. The only
 //! executable page outside `.text` is the AP trampoline, and only until the APs started.
@@ -12,10 +11,12 @@
 
 use alloc::vec::Vec;
 use core::arch::asm;
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use spin::Mutex;
 
 use crate::memory::{self, IDENTITY_MAPPED_LIMIT, PAGE_SIZE};
+use crate::percpu::MAX_CPUS;
 use crate::smp::AP_TRAMPOLINE_BASE;
 
 const PRESENT: u64 = 1 << 0;
@@ -26,8 +27,6 @@ const HUGE: u64 = 1 << 7;
 const EXECUTE_DISABLE: u64 = 1 << 63;
 const ADDRESS: u64 = 0x000F_FFFF_FFFF_F000;
 const LARGE_PAGE: u64 = 2 << 20;
-/// The fourth GiB holds the local APIC, I/O APIC and other MMIO: mapped uncached.
-const MMIO_START: u64 = 3 << 30;
 const MSR_EFER: u32 = 0xC000_0080;
 const EFER_NXE: u64 = 1 << 11;
 
@@ -38,15 +37,39 @@ unsafe extern "C" {
     static __data_start: u8;
     static __image_end: u8;
     static nk_boot_stack_guard: u8;
+    static nk_boot_pml4: u8;
 }
 
-/// Every guard page unmapped so far (for the self-test).
-static GUARDS: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+/// How many 2 MiB regions at the bottom of memory get 4 KiB pages (the image must end
+/// within them).
+const SMALL_PAGE_REGIONS: usize = 2;
+
+/// The page tables of the small-page regions, in .bss: the map is built in the boot tables
+/// without taking frames, so it does not change what the allocators hand out.
+#[repr(C, align(4096))]
+struct SmallPageTables(core::cell::UnsafeCell<[[u64; 512]; SMALL_PAGE_REGIONS]>);
+
+// SAFETY: written only by `install` on the BSP before any other CPU runs; afterwards only
+// the page walker and `CHANGES`-serialised updates touch them, through raw pointers.
+unsafe impl Sync for SmallPageTables {}
+
+static SMALL_PAGE_TABLES: SmallPageTables = SmallPageTables(core::cell::UnsafeCell::new([[0; 512]; SMALL_PAGE_REGIONS]));
+
+/// Every guard page unmapped so far (4 per CPU), for the self-test.
+static GUARDS: [AtomicU64; 4 * MAX_CPUS] = [const { AtomicU64::new(0) }; 4 * MAX_CPUS];
+static GUARD_COUNT: AtomicUsize = AtomicUsize::new(0);
 /// Serialises changes to the live tables.
 static CHANGES: Mutex<()> = Mutex::new(());
 
 fn symbol(s: &u8) -> u64 {
     s as *const u8 as u64
+}
+
+fn record_guard(page: u64) {
+    let index = GUARD_COUNT.fetch_add(1, Ordering::AcqRel);
+    if let Some(slot) = GUARDS.get(index) {
+        slot.store(page, Ordering::Release);
+    }
 }
 
 /// Returns whether this CPU runs with EFER.NXE (set by the long-mode entry where the CPU
@@ -56,13 +79,15 @@ pub fn nx_enabled() -> bool {
     unsafe { x86::msr::rdmsr(MSR_EFER) & EFER_NXE != 0 }
 }
 
-/// Builds the hypervisor's page tables and loads them into CR3 of this CPU (the BSP; APs
-/// get them through the trampoline). `bsp_guards` are the guard pages of the BSP's stacks
-/// in the image. Returns why it could not (the boot tables stay loaded then).
+/// Turns the boot page tables (entry.S: the low 4 GiB in 2 MiB pages, all RWX) into the
+/// hypervisor's W^X map, in place, on the BSP before any AP runs: the 2 MiB regions that
+/// hold the image get 4 KiB pages with the image's permissions, every other region
+/// execute-disable. `bsp_guards` are the guard pages of the BSP's IST stacks. Returns why
+/// it could not (the boot tables stay as they were then).
 pub fn install(bsp_guards: &[u64]) -> Result<(), &'static str> {
     let nx = if nx_enabled() { EXECUTE_DISABLE } else { 0 };
     // SAFETY: linker-script and entry.S symbols; only their addresses are taken.
-    let (image_start, text, rodata, data, image_end, boot_guard) = unsafe {
+    let (image_start, text, rodata, data, image_end, boot_guard, pml4) = unsafe {
         (
             symbol(&__image_start),
             symbol(&__text_start),
@@ -70,13 +95,19 @@ pub fn install(bsp_guards: &[u64]) -> Result<(), &'static str> {
             symbol(&__data_start),
             symbol(&__image_end),
             symbol(&nk_boot_stack_guard),
+            symbol(&nk_boot_pml4),
         )
     };
-    let mut guards: Vec<u64> = Vec::from(bsp_guards);
-    guards.push(boot_guard);
     let small_pages_end = image_end.next_multiple_of(LARGE_PAGE);
+    if small_pages_end > SMALL_PAGE_REGIONS as u64 * LARGE_PAGE {
+        return Err("the image ends past the regions with small-page tables");
+    }
+    if current_pml4() != pml4 {
+        return Err("not running on the boot page tables");
+    }
+    let guards = || bsp_guards.iter().copied().chain([boot_guard]);
     let page_flags = |pa: u64| -> u64 {
-        if guards.contains(&pa) {
+        if guards().any(|guard| guard == pa) {
             0
         } else if pa == AP_TRAMPOLINE_BASE {
             PRESENT | WRITABLE
@@ -88,34 +119,33 @@ pub fn install(bsp_guards: &[u64]) -> Result<(), &'static str> {
             PRESENT | WRITABLE | nx
         }
     };
-    let frame = || memory::alloc_zeroed_frame().map(|f| f.as_u64()).ok_or("no memory for the page tables");
-    let (pml4, pdpt) = (frame()?, frame()?);
-    write_entry(pml4, 0, pdpt | PRESENT | WRITABLE);
-    for gib in 0..IDENTITY_MAPPED_LIMIT >> 30 {
-        let pd = frame()?;
-        write_entry(pdpt, gib as usize, pd | PRESENT | WRITABLE);
+    let pdpt = read_entry(pml4, 0) & ADDRESS;
+    let tables = SMALL_PAGE_TABLES.0.get() as u64;
+    for gib in 0..(IDENTITY_MAPPED_LIMIT >> 30) as usize {
+        let pd = read_entry(pdpt, gib) & ADDRESS;
         for index in 0..512 {
-            let base = (gib << 30) + index * LARGE_PAGE;
-            let entry = if base < small_pages_end {
-                let pt = frame()?;
+            let base = ((gib as u64) << 30) + index as u64 * LARGE_PAGE;
+            let entry = read_entry(pd, index);
+            let new = if base < small_pages_end {
+                let pt = tables + (base / LARGE_PAGE) * PAGE_SIZE;
                 for page in 0..512 {
-                    let pa = base + page * PAGE_SIZE;
+                    let pa = base + page as u64 * PAGE_SIZE;
                     let flags = page_flags(pa);
-                    write_entry(pt, page as usize, if flags == 0 { 0 } else { pa | flags });
+                    write_entry(pt, page, if flags == 0 { 0 } else { pa | flags });
                 }
                 pt | PRESENT | WRITABLE
             } else {
-                let cache = if base >= MMIO_START { CACHE_DISABLE | WRITE_THROUGH } else { 0 };
-                base | PRESENT | WRITABLE | HUGE | cache | nx
+                entry | nx
             };
-            write_entry(pd, index as usize, entry);
+            write_entry(pd, index, new);
         }
     }
-    GUARDS.lock().extend_from_slice(&guards);
-    // SAFETY: the new tables map everything the old ones did (the low 4 GiB, identity,
-    // same cache attributes) except the guard pages, which nothing uses yet; the code
-    // running now is in .text (present, executable) and its stack is the boot stack
-    // (writable). The write to CR3 flushes this CPU's non-global TLB entries.
+    guards().for_each(record_guard);
+    // SAFETY: the tables still map the low 4 GiB to the same frames with the same cache
+    // attributes; only permissions changed and the guard pages, which nothing uses yet, went
+    // away. The code running now is in .text (present, executable) and its stack is the
+    // boot stack (writable). Reloading CR3 drops the old translations of this CPU, the
+    // only one running.
     unsafe { asm!("mov cr3, {}", in(reg) pml4, options(nostack, preserves_flags)) };
     Ok(())
 }
@@ -210,7 +240,7 @@ pub fn unmap_guard(va: u64) -> Result<(), &'static str> {
     let (table, index) = leaf_entry(va & !(PAGE_SIZE - 1))?;
     write_entry(table, index, 0);
     invalidate(va);
-    GUARDS.lock().push(va & !(PAGE_SIZE - 1));
+    record_guard(va & !(PAGE_SIZE - 1));
     Ok(())
 }
 
@@ -227,7 +257,8 @@ pub fn seal_trampoline() {
 /// Returns every guard page (for the self-test).
 #[cfg_attr(not(feature = "test-harness"), allow(dead_code))]
 pub fn guards() -> Vec<u64> {
-    GUARDS.lock().clone()
+    let count = GUARD_COUNT.load(Ordering::Acquire).min(GUARDS.len());
+    GUARDS[..count].iter().map(|g| g.load(Ordering::Acquire)).collect()
 }
 
 /// Returns the address of the page table of this CPU, for the AP trampoline.
