@@ -43,23 +43,43 @@ pub struct ReservedPorts {
 
 /// Ports the hypervisor uses or that reach the whole machine. Sorted by `first`.
 pub static RESERVED_PORTS: [ReservedPorts; 13] = [
-    ReservedPorts { first: 0x20, last: 0x21, why: "master PIC: the hypervisor masks it; a guest could unmask or remap IRQs" },
+    ReservedPorts {
+        first: 0x20,
+        last: 0x21,
+        why: "master PIC: the hypervisor masks it; a guest could unmask or remap IRQs",
+    },
     ReservedPorts { first: 0x40, last: 0x43, why: "PIT: the hypervisor's timer for AP start-up waits" },
     ReservedPorts { first: 0x61, last: 0x61, why: "PIT gate (system control port B): the hypervisor's waits" },
     ReservedPorts { first: 0x64, last: 0x64, why: "keyboard controller: a write of 0xFE resets the machine" },
     ReservedPorts { first: 0x92, last: 0x92, why: "system control port A: its bit 0 resets the machine" },
-    ReservedPorts { first: 0xA0, last: 0xA1, why: "slave PIC: the hypervisor masks it; a guest could unmask or remap IRQs" },
-    ReservedPorts { first: 0xE9, last: 0xE9, why: "debug console: the hypervisor's log (guests print through an exit)" },
+    ReservedPorts {
+        first: 0xA0,
+        last: 0xA1,
+        why: "slave PIC: the hypervisor masks it; a guest could unmask or remap IRQs",
+    },
+    ReservedPorts {
+        first: 0xE9,
+        last: 0xE9,
+        why: "debug console: the hypervisor's log (guests print through an exit)",
+    },
     ReservedPorts { first: 0xF4, last: 0xF4, why: "QEMU debug-exit port: ends the whole run" },
     ReservedPorts { first: 0x3F8, last: 0x3FF, why: "COM1: the hypervisor's console" },
-    ReservedPorts { first: 0x600, last: 0x67F, why: "ACPI power management (QEMU q35, port 0x604): powers the machine off" },
+    ReservedPorts {
+        first: 0x600,
+        last: 0x67F,
+        why: "ACPI power management (QEMU q35, port 0x604): powers the machine off",
+    },
     ReservedPorts {
         first: 0xCF8,
         last: 0xCFF,
         why: "PCI configuration space (0xCF9 also resets): device set-up gives DMA to all memory, there is no IOMMU",
     },
     ReservedPorts { first: 0x8900, last: 0x8900, why: "Bochs shutdown port: ends the whole run" },
-    ReservedPorts { first: 0xB000, last: 0xB03F, why: "ACPI power management (PIIX4, port 0xB004): powers the machine off" },
+    ReservedPorts {
+        first: 0xB000,
+        last: 0xB03F,
+        why: "ACPI power management (PIIX4, port 0xB004): powers the machine off",
+    },
 ];
 
 /// Returns the first reserved range that `first..first + count` overlaps.

@@ -53,7 +53,8 @@ struct SmallPageTables(core::cell::UnsafeCell<[[u64; 512]; SMALL_PAGE_REGIONS]>)
 // the page walker and `CHANGES`-serialised updates touch them, through raw pointers.
 unsafe impl Sync for SmallPageTables {}
 
-static SMALL_PAGE_TABLES: SmallPageTables = SmallPageTables(core::cell::UnsafeCell::new([[0; 512]; SMALL_PAGE_REGIONS]));
+static SMALL_PAGE_TABLES: SmallPageTables =
+    SmallPageTables(core::cell::UnsafeCell::new([[0; 512]; SMALL_PAGE_REGIONS]));
 
 /// Every guard page unmapped so far (4 per CPU), for the self-test.
 static GUARDS: [AtomicU64; 4 * MAX_CPUS] = [const { AtomicU64::new(0) }; 4 * MAX_CPUS];

@@ -67,9 +67,13 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
         stats.heap_bytes / 1024, stats.frames_total, stats.frames_total * 4,
         if stats.ignored_above_4g > 0 { ", memory above 4 GiB not used yet" } else { "" });
     match hostmap::install(&smp::bsp_stack_guards()) {
-        Ok(()) => log::info!(target: "mem", "hypervisor mapped W^X (code read-only, data and stacks {}), guard pages under the boot and IST stacks",
-            if hostmap::nx_enabled() { "non-executable" } else { "executable: this CPU has no execute-disable" }),
-        Err(why) => log::error!(target: "mem", "cannot build the hypervisor's page tables ({why}): running on the boot tables (RWX, no guard pages)"),
+        Ok(()) => {
+            log::info!(target: "mem", "hypervisor mapped W^X (code read-only, data and stacks {}), guard pages under the boot and IST stacks",
+            if hostmap::nx_enabled() { "non-executable" } else { "executable: this CPU has no execute-disable" })
+        }
+        Err(why) => {
+            log::error!(target: "mem", "cannot build the hypervisor's page tables ({why}): running on the boot tables (RWX, no guard pages)")
+        }
     }
 
     log::info!(target: "cpu", "{}", arch::cpu_summary());

@@ -172,10 +172,20 @@ proptest! {
 /// A word of a module line: a known option with a value that is often valid, often near a
 /// boundary, sometimes garbage; or a stray word.
 fn module_word() -> impl Strategy<Value = String> {
-    let size = (0u64..40_000_000_000_000_000, prop_oneof![Just(""), Just("K"), Just("M"), Just("G"), Just("k"), Just("T")])
-        .prop_map(|(n, unit)| format!("mem={}{unit}", n >> (n % 64)));
-    let port = || prop_oneof![any::<u16>().prop_map(|p| format!("{p:#x}")), any::<u16>().prop_map(|p| p.to_string()), "[0-9a-fx]{0,6}"];
-    let ports = prop_oneof![port().prop_map(|p| format!("ports={p}")), (port(), port()).prop_map(|(a, b)| format!("ports={a}-{b}"))];
+    let size =
+        (0u64..40_000_000_000_000_000, prop_oneof![Just(""), Just("K"), Just("M"), Just("G"), Just("k"), Just("T")])
+            .prop_map(|(n, unit)| format!("mem={}{unit}", n >> (n % 64)));
+    let port = || {
+        prop_oneof![
+            any::<u16>().prop_map(|p| format!("{p:#x}")),
+            any::<u16>().prop_map(|p| p.to_string()),
+            "[0-9a-fx]{0,6}"
+        ]
+    };
+    let ports = prop_oneof![
+        port().prop_map(|p| format!("ports={p}")),
+        (port(), port()).prop_map(|(a, b)| format!("ports={a}-{b}"))
+    ];
     let msr = prop_oneof![
         proptest::sample::select(&crate::module::ASSIGNABLE_MSRS[..]).prop_map(|m| format!("{m:#x}")),
         any::<u32>().prop_map(|m| format!("{m:#x}")),
