@@ -169,6 +169,12 @@ impl Boot {
         for module in self.info.modules() {
             log::info!(target: "boot", "module {:#x}-{:#x} '{}'", module.start, module.end, module.cmdline);
             let len = module.end.saturating_sub(module.start) as usize;
+            if module.start < self.image.end() && self.image.start() < module.end {
+                // The image holds unmapped stack guard pages: reading it would fault.
+                log::error!(target: "boot", "module '{}' at {:#x}-{:#x} overlaps the hypervisor image; skipped",
+                    module.cmdline, module.start, module.end);
+                continue;
+            }
             let Some(image) = LOW_MEMORY.bytes(module.start, len) else {
                 log::error!(target: "boot", "module '{}' at {:#x} is not in low memory; skipped", module.cmdline, module.start);
                 continue;
