@@ -3,11 +3,14 @@
 //! hypervisor implements it over its identity-mapped frames; the tests over an emulated
 //! memory (a `Vec` of tables), so every mapping rule is checked on the host.
 //!
-//! Walks are iterative and bounded by the four levels; nothing recurses.
+//! Walks are iterative and bounded by the four levels; nothing recurses. The [`vpid`]
+//! module holds the other TLB tag's bookkeeping: the pool of VPIDs.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
 use core::fmt;
+
+pub mod vpid;
 
 /// Size of a 4 KiB page.
 pub const PAGE_4K: u64 = 1 << 12;

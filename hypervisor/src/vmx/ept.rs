@@ -32,3 +32,54 @@ impl TableMemory for FrameTables {
         unsafe { &mut *(paddr as *mut [u64; 512]) }
     }
 }
+
+/// A guest's EPT in frames of this CPU's allocator. Dropping it invalidates the EPT's
+/// cached translations on this CPU (INVEPT, SDM Vol. 3 §29.4.3.3) before its tables go
+/// back to the allocator; if the CPU cannot invalidate, the tables are kept (leaked)
+/// rather than handed to another owner with stale translations pointing through them.
+///
+/// Drop it on the CPU that ran the guest: a vCPU never migrates, so that is the only CPU
+/// that can hold its translations (docs/tlb.md).
+#[derive(Debug)]
+pub struct GuestEpt {
+    builder: Option<nk_paging::EptBuilder>,
+    eptp: u64,
+}
+
+impl GuestEpt {
+    /// Creates an empty EPT with the page sizes and A/D setting of `caps`.
+    pub fn new(caps: &super::caps::VmxCaps) -> Result<Self, nk_paging::EptError> {
+        let builder = nk_paging::EptBuilder::new(&mut FrameTables, caps.ept_2m, caps.ept_1g)?;
+        let eptp = builder.eptp(caps.ept_ad);
+        Ok(Self { builder: Some(builder), eptp })
+    }
+
+    /// Returns the EPT pointer for the VMCS.
+    pub fn eptp(&self) -> u64 {
+        self.eptp
+    }
+
+    /// Maps `[gpa, gpa + len)` to `[hpa, hpa + len)` (see `EptBuilder::map_range`).
+    pub fn map_range(
+        &mut self,
+        gpa: u64,
+        hpa: u64,
+        len: u64,
+        perms: nk_paging::EptPerms,
+    ) -> Result<(), nk_paging::EptError> {
+        match self.builder.as_mut() {
+            Some(builder) => builder.map_range(&mut FrameTables, gpa, hpa, len, perms),
+            None => Err(nk_paging::EptError::OutOfTables),
+        }
+    }
+}
+
+impl Drop for GuestEpt {
+    fn drop(&mut self) {
+        let Some(builder) = self.builder.take() else { return };
+        match super::tlb::flush_ept(&super::capabilities(), self.eptp) {
+            Ok(()) => builder.destroy(&mut FrameTables),
+            Err(e) => log::error!(target: "vmx", "INVEPT of EPTP {:#x} failed: {e}; its tables are not reused", self.eptp),
+        }
+    }
+}
