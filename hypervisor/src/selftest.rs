@@ -381,7 +381,11 @@ fn tlb_vpid_recycled_and_invalidated(_: &Context<'_>) -> CaseResult {
     drop(first);
     let dropped = tlb::stats();
     check(dropped.invvpids == running.invvpids + 1 && dropped.invepts == running.invepts + 1, || {
-        format!("teardown ran {} INVVPID and {} INVEPT", dropped.invvpids - running.invvpids, dropped.invepts - running.invepts)
+        format!(
+            "teardown ran {} INVVPID and {} INVEPT",
+            dropped.invvpids - running.invvpids,
+            dropped.invepts - running.invepts
+        )
     })?;
     let mut third = TestGuest::new(&READ_MARKER_CODE)?;
     let c = third.vcpu().vpid();
@@ -395,7 +399,9 @@ fn tlb_vpid_recycled_and_invalidated(_: &Context<'_>) -> CaseResult {
     drop(second);
     drop(third);
     let after = tlb::stats();
-    check(after.vpids_live == before.vpids_live, || format!("{} VPIDs live, {} before", after.vpids_live, before.vpids_live))
+    check(after.vpids_live == before.vpids_live, || {
+        format!("{} VPIDs live, {} before", after.vpids_live, before.vpids_live)
+    })
 }
 
 /// Guests created, run and destroyed one after another on this CPU reuse the same VPID and
@@ -430,6 +436,10 @@ fn tlb_guests_in_a_row(_: &Context<'_>) -> CaseResult {
     let after = crate::vmx::tlb::stats();
     check(vpids.iter().all(|&v| v != 0 && v == vpids[0]), || format!("VPIDs {vpids:?}: expected one recycled VPID"))?;
     check(after.invepts - before.invepts >= GUESTS && after.invvpids - before.invvpids >= 2 * GUESTS - 1, || {
-        format!("{GUESTS} guests: {} INVEPT, {} INVVPID", after.invepts - before.invepts, after.invvpids - before.invvpids)
+        format!(
+            "{GUESTS} guests: {} INVEPT, {} INVVPID",
+            after.invepts - before.invepts,
+            after.invvpids - before.invvpids
+        )
     })
 }

@@ -79,7 +79,9 @@ impl Drop for GuestEpt {
         let Some(builder) = self.builder.take() else { return };
         match super::tlb::flush_ept(&super::capabilities(), self.eptp) {
             Ok(()) => builder.destroy(&mut FrameTables),
-            Err(e) => log::error!(target: "vmx", "INVEPT of EPTP {:#x} failed: {e}; its tables are not reused", self.eptp),
+            Err(e) => {
+                log::error!(target: "vmx", "INVEPT of EPTP {:#x} failed: {e}; its tables are not reused", self.eptp)
+            }
         }
     }
 }
