@@ -189,10 +189,13 @@ struct Fuzzer {
     tracked_value: u64,
     /// The factory copy of this epoch (None once the create budget is spent).
     factory_copy: Option<Cap>,
-    /// Copies derived at each epoch from the factory and counter roots; revoking them at
-    /// the next epoch kills everything derived or delegated from them.
-    epoch_copies: Names<8>,
-    roots: Names<4>,
+    /// Copies derived at each epoch from the factory, the counter roots and the exo AM
+    /// capabilities; deleting them at the next epoch kills everything derived or
+    /// delegated from them.
+    epoch_copies: Names<12>,
+    /// Counter roots it made, and its initial capabilities of other AMs (the exo AM's
+    /// ports and MSRs, if its module line gives any).
+    roots: Names<8>,
     mine: Names<48>,
     revoked: Names<32>,
     deleted: Names<32>,
@@ -313,6 +316,13 @@ impl Fuzzer {
         for _ in 0..3 {
             fuzzer.roots.push(create()?);
         }
+        for index in 1..4 {
+            if let Ok((cap, am)) = nk::initial(index) {
+                if am != counter_am {
+                    fuzzer.roots.push(cap);
+                }
+            }
+        }
         fuzzer.probe();
         fuzzer.new_epoch();
         Ok(fuzzer)
@@ -338,12 +348,13 @@ impl Fuzzer {
 
     fn report_probe(&self) {
         println!(
-            "fuzz: vm{} on kernel {}; AMs {:#b} (counter {}), their operations {:x?}",
+            "fuzz: vm{} on kernel {}; AMs {:#b} (counter {}), their operations {:x?}; {} roots",
             self.vm,
             kernel_of(self.factory),
             self.ams,
             self.counter_am,
-            &self.ops[1..4]
+            &self.ops[1..4],
+            self.roots.len
         );
     }
 
@@ -371,7 +382,7 @@ impl Fuzzer {
         self.revoked.clear();
         self.epoch_copies.clear();
         self.mine.clear();
-        let mut copies = Names::<8>::new();
+        let mut copies = Names::<12>::new();
         self.factory_copy = None;
         if self.creates_left > 0 {
             if let Ok(copy) = nk::derive(self.factory, u64::MAX) {
@@ -506,7 +517,18 @@ impl Fuzzer {
                 }
                 Selector::new(NULL_KERNEL_AM, op).encode()
             }
-            2 => Selector::new(exo, self.rng.below(5) as u32).encode(),
+            2 => {
+                // Mostly port ranges and accesses near what a module line would give.
+                if self.rng.chance(70) {
+                    call.args[0] = 0x80 + self.rng.below(10);
+                    call.args[1] = self.rng.below(10);
+                    call.args[2] = self.rng.below(5);
+                }
+                if self.rng.chance(30) {
+                    call.args[0] = self.rng.below(5);
+                }
+                Selector::new(exo, self.rng.below(5) as u32).encode()
+            }
             3 => {
                 let am = if self.rng.chance(50) { 1 + self.rng.below(12) as u16 } else { self.rng.next() as u16 };
                 Selector::new(am, self.rng.below(6) as u32).encode()

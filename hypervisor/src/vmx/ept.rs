@@ -1,6 +1,8 @@
 //! The hypervisor's side of `nk_paging`: EPT tables live in frames from the frame
 //! allocator, touched through the identity map.
 
+use core::sync::atomic::AtomicU64;
+
 use nk_paging::TableMemory;
 
 use crate::memory::{self, HostPhysAddr};
@@ -20,16 +22,17 @@ impl TableMemory for FrameTables {
         }
     }
 
-    fn table(&mut self, paddr: u64) -> &mut [u64; 512] {
+    fn table(&mut self, paddr: u64) -> &[AtomicU64; 512] {
         assert!(
             paddr.is_multiple_of(memory::PAGE_SIZE) && paddr < memory::IDENTITY_MAPPED_LIMIT,
             "bad table frame {paddr:#x}"
         );
         // SAFETY: `paddr` is a table frame this allocator handed out (nk_paging only walks
         // frames it got from `alloc_table` or read from entries it wrote), identity-mapped,
-        // 4 KiB aligned, and used only by the one EPT that owns it; the borrow ends before
-        // any other table is touched.
-        unsafe { &mut *(paddr as *mut [u64; 512]) }
+        // 4 KiB aligned (AtomicU64 needs 8), and used only by the one EPT that owns it. The
+        // CPU may write its entries while a guest runs, which is why they are atomics;
+        // AtomicU64 has the layout of u64.
+        unsafe { &*(paddr as *const [AtomicU64; 512]) }
     }
 }
 
