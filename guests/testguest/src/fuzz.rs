@@ -4,8 +4,10 @@
 //! null-Kernel's answers as it goes:
 //!
 //! - every status is one the ABI documents (`nk_abi::Status`: a known code, a failing
-//!   capability argument index the operation has, no other bits), and a failed call
-//!   returns no capability name;
+//!   capability argument index the operation has, no other bits), a failed call returns
+//!   no capability name and a successful derive, delegate or create a non-zero one;
+//!   inspect answers only for the caller's own bound or bearer capabilities, and
+//!   received(i) only below the inbox's length;
 //! - answers that the selector alone decides are exact: a wrong ABI version is
 //!   `BAD_VERSION`, an AM id no AM has is `UNKNOWN_AM`, an operation number the AM lacks is
 //!   `UNKNOWN_OPERATION`, the null call succeeds;
@@ -658,6 +660,20 @@ impl Fuzzer {
             return;
         }
         let nk_op = (selector.am == NULL_KERNEL_AM).then_some(selector.op);
+        let makes_name = matches!(nk_op, Some(nk_op::DERIVE | nk_op::DELEGATE))
+            || (selector.am == self.counter_am && selector.op == counter::CREATE);
+        if makes_name && reply.name == NameWords::default() {
+            return self.violation(planned, reply, "a call that makes a capability returned the zero name");
+        }
+        // Inspect shows only what the caller may use: its own bound capabilities or
+        // bearer ones (results[3] = holder << 1 | bearer).
+        let holder = reply.results[3];
+        if nk_op == Some(nk_op::INSPECT) && holder & 1 == 0 && holder >> 1 != u64::from(self.vm) {
+            return self.violation(planned, reply, "inspect answered for another principal's bound capability");
+        }
+        if nk_op == Some(nk_op::RECEIVED) && reply.results[1] <= planned.call.args[0] {
+            return self.violation(planned, reply, "received(i) answered past the inbox's length");
+        }
         let deaths = reply.results[0];
         for origin in planned.origins.iter().take(cap_args) {
             let what = match (origin, nk_op) {
