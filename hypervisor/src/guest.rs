@@ -16,13 +16,13 @@ use core::fmt;
 use nk_abi::{Call, NameWords, Reply};
 use nk_caps::VmId;
 use nk_core::{Dispatched, PendingOp};
-use nk_paging::{EptBuilder, EptPerms};
+use nk_paging::EptPerms;
 
 use crate::arch::xsave::{self, ExtendedState};
 use crate::ioports::{self, IoBitmaps};
 use crate::memory::{self, HostPhysAddr, PAGE_SIZE};
 use crate::vmx;
-use crate::vmx::ept::FrameTables;
+use crate::vmx::ept::GuestEpt;
 use crate::vmx::vcpu::{Exit, GuestRegs, GuestStart, Vcpu, VcpuError};
 use crate::vmx::vmcs::ExitReason;
 
@@ -100,7 +100,7 @@ pub struct Guest {
     name: String,
     memory: HostPhysAddr,
     memory_size: u64,
-    ept: Option<EptBuilder>,
+    ept: Option<GuestEpt>,
     vcpu: Option<Vcpu>,
     console: String,
     exits: u64,
@@ -158,15 +158,13 @@ impl Guest {
         }
 
         let caps = vmx::capabilities();
-        let tables = &mut FrameTables;
-        let mut ept = EptBuilder::new(tables, caps.ept_2m, caps.ept_1g).map_err(GuestError::Ept)?;
-        let mapped = ept.map_range(tables, 0, memory.as_u64(), memory_size, EptPerms::RWX);
-        let eptp = ept.eptp(caps.ept_ad);
+        let mut ept = GuestEpt::new(&caps).map_err(GuestError::Ept)?;
+        let mapped = ept.map_range(0, memory.as_u64(), memory_size, EptPerms::RWX);
+        let eptp = ept.eptp();
         guest.ept = Some(ept);
         mapped.map_err(GuestError::Ept)?;
         let start = GuestStart {
             eptp,
-            vpid: vm.raw() as u16,
             cr3: PAGE_TABLES_GPA,
             rip: parsed.entry,
             rsp: memory_size,
@@ -409,11 +407,11 @@ impl Guest {
 }
 
 impl Drop for Guest {
+    /// Tears the VM down on its CPU: the VMCS is cleared and its VPID invalidated, the EPT
+    /// invalidated (INVEPT) and freed, and only then its memory freed.
     fn drop(&mut self) {
         self.vcpu = None;
-        if let Some(ept) = self.ept.take() {
-            ept.destroy(&mut FrameTables);
-        }
+        self.ept = None;
         memory::free_frames(self.memory, (self.memory_size / PAGE_SIZE) as usize);
     }
 }

@@ -133,6 +133,9 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
     let placements: alloc::vec::Vec<_> = boot.options.placements().collect();
     let (halted, stopped) = sched::run_guests(guests, &placements);
     log::info!(target: "nk", "guests finished: {halted} halted, {stopped} stopped");
+    let tlb = vmx::tlb::stats();
+    log::info!(target: "vmx", "TLB invalidations: {} INVEPT, {} INVVPID; {} VPIDs recycled, {} held",
+        tlb.invepts, tlb.invvpids, tlb.vpids_recycled, tlb.vpids_live);
     power::shutdown(status, "all guests finished")
 }
 

@@ -49,6 +49,8 @@ const CASES: &[Case] = &[
     case("guest_vmcall_roundtrip", guest_vmcall_roundtrip),
     case("guest_ept_violation_stops_guest", guest_ept_violation_stops_guest),
     case("guest_triple_fault_stops_guest", guest_triple_fault_stops_guest),
+    case("tlb_vpid_recycled_and_invalidated", tlb_vpid_recycled_and_invalidated),
+    case("tlb_guests_in_a_row", tlb_guests_in_a_row),
     Case { name: "exception", run: exception_stops_machine, explicit: true },
     case("host_code_not_writable", host_code_not_writable),
     case("host_data_not_executable", host_data_not_executable),
@@ -224,7 +226,7 @@ fn exception_stops_machine(_: &Context<'_>) -> CaseResult {
 /// running `code` at GPA 0x10000.
 struct TestGuest {
     io: Option<crate::ioports::IoBitmaps>,
-    ept: Option<nk_paging::EptBuilder>,
+    ept: Option<crate::vmx::ept::GuestEpt>,
     ram: memory::HostPhysAddr,
     vcpu: Option<crate::vmx::vcpu::Vcpu>,
 }
@@ -236,14 +238,12 @@ impl TestGuest {
     fn new(code: &[u8]) -> Result<Self, String> {
         use crate::vmx::vcpu::{GuestStart, Vcpu};
         let caps = crate::vmx::capabilities();
-        let mut tables = crate::vmx::ept::FrameTables;
         let ram = memory::alloc_frames((TEST_GUEST_RAM / PAGE_SIZE) as usize).ok_or("no memory for guest RAM")?;
         let mut guest = TestGuest { io: None, ept: None, ram, vcpu: None };
         // SAFETY: the frames were just allocated for this guest and are identity-mapped.
         unsafe { core::ptr::write_bytes(ram.as_u64() as *mut u8, 0, TEST_GUEST_RAM as usize) };
-        let mut ept =
-            nk_paging::EptBuilder::new(&mut tables, caps.ept_2m, caps.ept_1g).map_err(|e| format!("EPT: {e}"))?;
-        let mapped = ept.map_range(&mut tables, 0, ram.as_u64(), TEST_GUEST_RAM, nk_paging::EptPerms::RWX);
+        let mut ept = crate::vmx::ept::GuestEpt::new(&caps).map_err(|e| format!("EPT: {e}"))?;
+        let mapped = ept.map_range(0, ram.as_u64(), TEST_GUEST_RAM, nk_paging::EptPerms::RWX);
         guest.ept = Some(ept);
         mapped.map_err(|e| format!("EPT map: {e}"))?;
         guest.write_u64(0x1000, 0x2000 | 3);
@@ -252,11 +252,10 @@ impl TestGuest {
             guest.write_u64(0x3000 + i * 8, (i << 21) | 0x83);
         }
         guest.write_bytes(TEST_GUEST_CODE, code);
-        let eptp = guest.ept.as_ref().map(|e| e.eptp(caps.ept_ad)).unwrap_or(0);
+        let eptp = guest.ept.as_ref().map(|e| e.eptp()).unwrap_or(0);
         let bitmaps = crate::ioports::IoBitmaps::new(nk_caps::VmId::new(0x7FFF)).ok_or("no memory for I/O bitmaps")?;
         let start = GuestStart {
             eptp,
-            vpid: 1,
             cr3: 0x1000,
             rip: TEST_GUEST_CODE,
             rsp: 0x20_0000,
@@ -300,9 +299,7 @@ impl TestGuest {
 impl Drop for TestGuest {
     fn drop(&mut self) {
         self.vcpu = None;
-        if let Some(ept) = self.ept.take() {
-            ept.destroy(&mut crate::vmx::ept::FrameTables);
-        }
+        self.ept = None;
         memory::free_frames(self.ram, (TEST_GUEST_RAM / PAGE_SIZE) as usize);
     }
 }
@@ -432,4 +429,107 @@ fn write_to_code_faults(_: &Context<'_>) -> CaseResult {
     // completes (on a W^X map).
     unsafe { core::ptr::write_volatile(code as *mut u8, 0xCC) };
     Err("the write to code succeeded".into())
+}
+
+/// Guest code that loads the word at GPA 0x5000 into RAX, exits with VMCALL, then halts.
+const READ_MARKER_CODE: [u8; 12] = [
+    0x48, 0x8B, 0x04, 0x25, 0x00, 0x50, 0x00, 0x00, // mov rax, [0x5000]
+    0x0F, 0x01, 0xC1, // vmcall
+    0xF4, // hlt
+];
+
+/// Runs `guest` (making its VMCS current first) and returns RAX at its VMCALL.
+fn marker_seen(guest: &mut TestGuest) -> Result<u64, String> {
+    use crate::vmx::vmcs::ExitReason;
+    guest.vcpu().activate().map_err(|e| format!("activate: {e}"))?;
+    let exit = guest.run()?;
+    check(exit.reason == ExitReason::VMCALL, || format!("exit {:?}, expected VMCALL", exit.reason))?;
+    Ok(guest.vcpu().regs.rax)
+}
+
+/// Teardown invalidates a guest's VPID and EPT on its CPU (one INVVPID, one INVEPT), the
+/// VPID goes back to the pool, and the next guest gets it again, invalidated once more
+/// on reuse; two live guests never share a VPID and none runs with VPID 0 (SDM Vol. 3
+/// §29.4.3).
+fn tlb_vpid_recycled_and_invalidated(_: &Context<'_>) -> CaseResult {
+    use crate::vmx::tlb;
+    let caps = crate::vmx::capabilities();
+    check(caps.invept_single || caps.invept_all, || "no INVEPT type".into())?;
+    check(caps.invvpid_single || caps.invvpid_all, || "no INVVPID type".into())?;
+    let before = tlb::stats();
+    let mut first = TestGuest::new(&READ_MARKER_CODE)?;
+    let mut second = TestGuest::new(&READ_MARKER_CODE)?;
+    let (a, b) = (first.vcpu().vpid(), second.vcpu().vpid());
+    let (Some(a), Some(b)) = (a, b) else { return Err(format!("a guest runs without a VPID ({a:?}, {b:?})")) };
+    check(a != 0 && b != 0 && a != b, || format!("live guests got VPIDs {a} and {b}"))?;
+    first.write_u64(0x5000, 0xAAAA);
+    second.write_u64(0x5000, 0xBBBB);
+    check(marker_seen(&mut first)? == 0xAAAA, || "the first guest read another's memory".into())?;
+    check(marker_seen(&mut second)? == 0xBBBB, || "the second guest read another's memory".into())?;
+    let running = tlb::stats();
+    check(running.vpids_live == before.vpids_live + 2, || format!("{running:?} after two guests, {before:?} before"))?;
+    drop(first);
+    let dropped = tlb::stats();
+    check(dropped.invvpids == running.invvpids + 1 && dropped.invepts == running.invepts + 1, || {
+        format!(
+            "teardown ran {} INVVPID and {} INVEPT",
+            dropped.invvpids - running.invvpids,
+            dropped.invepts - running.invepts
+        )
+    })?;
+    let mut third = TestGuest::new(&READ_MARKER_CODE)?;
+    let c = third.vcpu().vpid();
+    check(c == Some(a), || format!("the next guest got VPID {c:?}, not the freed {a}"))?;
+    let reused = tlb::stats();
+    check(reused.vpids_recycled == dropped.vpids_recycled + 1 && reused.invvpids == dropped.invvpids + 1, || {
+        format!("reuse of VPID {a}: {reused:?}, after teardown {dropped:?}")
+    })?;
+    third.write_u64(0x5000, 0xCCCC);
+    check(marker_seen(&mut third)? == 0xCCCC, || "the guest with a recycled VPID read stale memory".into())?;
+    drop(second);
+    drop(third);
+    let after = tlb::stats();
+    check(after.vpids_live == before.vpids_live, || {
+        format!("{} VPIDs live, {} before", after.vpids_live, before.vpids_live)
+    })
+}
+
+/// Guests created, run and destroyed one after another on this CPU reuse the same VPID and
+/// (most likely) the same EPT root frame while their memory moves: each must read its own
+/// marker, never one a stale translation of an earlier guest would give.
+fn tlb_guests_in_a_row(_: &Context<'_>) -> CaseResult {
+    const GUESTS: u64 = 40;
+    let before = crate::vmx::tlb::stats();
+    let frames = (TEST_GUEST_RAM / PAGE_SIZE) as usize;
+    let mut spacer = None;
+    let mut vpids = Vec::new();
+    let result = (|| {
+        for i in 0..GUESTS {
+            // Every other guest's memory moves by the frames a spacer holds back.
+            match spacer.take() {
+                Some(frame) => memory::free_frames(frame, frames),
+                None => spacer = Some(memory::alloc_frames(frames).ok_or("no spacer memory")?),
+            }
+            let mut guest = TestGuest::new(&READ_MARKER_CODE)?;
+            let marker = 0x5EED_0000 + i;
+            guest.write_u64(0x5000, marker);
+            let seen = marker_seen(&mut guest)?;
+            check(seen == marker, || format!("guest {i} read {seen:#x}, its marker is {marker:#x}"))?;
+            vpids.push(guest.vcpu().vpid().unwrap_or(0));
+        }
+        Ok::<(), String>(())
+    })();
+    if let Some(frame) = spacer {
+        memory::free_frames(frame, frames);
+    }
+    result?;
+    let after = crate::vmx::tlb::stats();
+    check(vpids.iter().all(|&v| v != 0 && v == vpids[0]), || format!("VPIDs {vpids:?}: expected one recycled VPID"))?;
+    check(after.invepts - before.invepts >= GUESTS && after.invvpids - before.invvpids >= 2 * GUESTS - 1, || {
+        format!(
+            "{GUESTS} guests: {} INVEPT, {} INVVPID",
+            after.invepts - before.invepts,
+            after.invvpids - before.invvpids
+        )
+    })
 }

@@ -168,6 +168,10 @@ pub struct TestArgs {
     /// Skips the host unit tests (only the emulator scenarios run).
     #[arg(long)]
     pub skip_host: bool,
+    /// The number `{seed}` stands for in module command lines (a fuzzer's seed; default
+    /// 1), or `random` (printed, so the run can be replayed).
+    #[arg(long, value_name = "N|random")]
+    pub seed: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -12,6 +12,11 @@ use crate::cli::{Emulator, MAX_CPUS, MAX_MEGS, MIN_MEGS};
 use crate::emulator;
 use crate::image::{self, ImageKind};
 
+/// The word a module command line may hold for the seed (`--seed`, else [`DEFAULT_SEED`]).
+pub const SEED_PLACEHOLDER: &str = "{seed}";
+/// The seed `{seed}` stands for without `--seed`: runs stay reproducible.
+pub const DEFAULT_SEED: u64 = 1;
+
 /// The whole file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -162,6 +167,16 @@ impl Scenario {
         problems
     }
 
+    /// Writes `seed` for every `{seed}` in the module command lines (how a fuzzing guest's
+    /// seed is chosen from the command line: `cargo xtask test --seed N`).
+    pub fn set_seed(&mut self, seed: u64) {
+        for module in &mut self.modules {
+            if let Some(cmdline) = &mut module.cmdline {
+                *cmdline = cmdline.replace(SEED_PLACEHOLDER, &seed.to_string());
+            }
+        }
+    }
+
     /// True when `filter` selects this scenario (a substring of its name).
     pub fn matches(&self, filter: Option<&str>) -> bool {
         filter.is_none_or(|text| self.name.contains(text))
@@ -192,6 +207,14 @@ mod tests {
         assert!(message.contains("no check 'nope'; known: memmap"), "{message}");
         assert!(message.contains("image = \\\"test\\\"") || message.contains("image = \"test\""), "{message}");
         assert!(message.contains("used twice"), "{message}");
+    }
+
+    #[test]
+    fn the_seed_reaches_module_command_lines() {
+        let text = "[[scenario]]\nname = \"f\"\nmodules = [{ package = \"p\", cmdline = \"f -- fuzz {seed} 10\" }]\n";
+        let mut scenario = parse(text).expect("valid").remove(0);
+        scenario.set_seed(77);
+        assert_eq!(scenario.modules[0].cmdline.as_deref(), Some("f -- fuzz 77 10"));
     }
 
     #[test]

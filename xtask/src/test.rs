@@ -27,10 +27,25 @@ pub fn test_command(workspace: &Workspace, args: &TestArgs) -> Result<ExitCode> 
     let started = Instant::now();
     // A broken scenario file fails before anything slow runs.
     let scenario_file = args.scenarios.clone().unwrap_or_else(|| workspace.scenario_file());
-    let scenarios: Vec<Scenario> = scenario::load(&scenario_file)?
+    let mut scenarios: Vec<Scenario> = scenario::load(&scenario_file)?
         .into_iter()
         .filter(|scenario| scenario.matches(args.filter.as_deref()))
         .collect();
+    let seed = match args.seed.as_deref() {
+        None => scenario::DEFAULT_SEED,
+        Some("random") => {
+            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos());
+            let seed = (nanos as u64) % 1_000_000_000;
+            println!("xtask: test: seed {seed} for {{seed}} in module command lines (replay with --seed {seed})");
+            seed
+        }
+        Some(text) => {
+            text.parse().map_err(|_| anyhow::anyhow!("--seed {text}: write a number or 'random', e.g. --seed 42"))?
+        }
+    };
+    for scenario in &mut scenarios {
+        scenario.set_seed(seed);
+    }
     setup::install_missing(workspace, setup::Mode::Quiet)?;
 
     let host = if args.skip_host {

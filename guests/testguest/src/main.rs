@@ -531,6 +531,7 @@ fn check_port_grants(port: u16) {
 }
 
 mod cpuid_controls;
+mod fuzz;
 mod protocol;
 
 /// Reads the VM ids that follow in a mode's arguments.
@@ -589,12 +590,18 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
             protocol::storm(next, rounds, guests, &peers[..count]);
         }
         Some("hold") => protocol::hold(),
+        Some("fuzz") => {
+            let seed = words.next().and_then(|n| n.parse().ok()).unwrap_or(1);
+            let calls = words.next().and_then(|n| n.parse().ok()).unwrap_or(100_000);
+            let (peers, count) = vm_list(words);
+            fuzz::fuzz(boot.vm, seed, calls, &peers[..count]);
+        }
         Some("pbench") => {
             let (peers, count) = vm_list(words);
             protocol::bench(&peers[..count], boot.vm as u32);
         }
         Some(other) => println!(
-            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS..)"
+            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..])"
         ),
     }
     println!("GTEST done");

@@ -3,11 +3,19 @@
 //! hypervisor implements it over its identity-mapped frames; the tests over an emulated
 //! memory (a `Vec` of tables), so every mapping rule is checked on the host.
 //!
-//! Walks are iterative and bounded by the four levels; nothing recurses.
+//! Entries are atomics: while a guest runs, the CPU sets the accessed and dirty flags of
+//! the entries it walks (SDM Vol. 3 §29.3.5) with locked writes, so every change to an
+//! entry that may be live is an atomic swap, AND or compare-exchange that cannot lose a
+//! flag the CPU set meanwhile (docs/tlb.md). Walks are iterative and bounded by the four
+//! levels; nothing recurses. The [`vpid`]
+//! module holds the other TLB tag's bookkeeping: the pool of VPIDs.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
 use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+pub mod vpid;
 
 /// Size of a 4 KiB page.
 pub const PAGE_4K: u64 = 1 << 12;
@@ -129,8 +137,8 @@ pub trait TableMemory {
     fn alloc_table(&mut self) -> Option<u64>;
     /// Gives a table frame back.
     fn free_table(&mut self, paddr: u64);
-    /// Returns the 512 entries of the table at `paddr`.
-    fn table(&mut self, paddr: u64) -> &mut [u64; 512];
+    /// Returns the 512 entries of the table at `paddr` (the CPU may write them too).
+    fn table(&mut self, paddr: u64) -> &[AtomicU64; 512];
 }
 
 const PERM_BITS: u64 = 0b111;
@@ -209,7 +217,7 @@ impl EptBuilder {
         let mut missing = 0;
         for level in (leaf_level + 1..=4).rev() {
             let entry = match table {
-                Some(t) => memory.table(t)[index(gpa, level)],
+                Some(t) => memory.table(t)[index(gpa, level)].load(Ordering::Acquire),
                 None => 0,
             };
             if entry & PERM_BITS == 0 {
@@ -222,7 +230,7 @@ impl EptBuilder {
             }
         }
         if let Some(t) = table {
-            if memory.table(t)[index(gpa, leaf_level)] & PERM_BITS != 0 {
+            if memory.table(t)[index(gpa, leaf_level)].load(Ordering::Acquire) & PERM_BITS != 0 {
                 return Err(EptError::AlreadyMapped);
             }
         }
@@ -243,17 +251,19 @@ impl EptBuilder {
         let mut table = self.pml4;
         for level in (leaf_level + 1..=4).rev() {
             let slot = index(gpa, level);
-            let entry = memory.table(table)[slot];
+            let entry = memory.table(table)[slot].load(Ordering::Acquire);
             table = if entry & PERM_BITS == 0 {
                 let next = fresh.next().expect("counted in the first pass");
-                memory.table(table)[slot] = next | PERM_BITS;
+                // Release: the zeroed table is visible before the entry that links it.
+                memory.table(table)[slot].store(next | PERM_BITS, Ordering::Release);
                 next
             } else {
                 entry & ADDR_MASK
             };
         }
         let large = if leaf_level > 1 { LARGE_PAGE } else { 0 };
-        memory.table(table)[index(gpa, leaf_level)] = hpa | MEMTYPE_WB | large | u64::from(perms.0);
+        memory.table(table)[index(gpa, leaf_level)]
+            .store(hpa | MEMTYPE_WB | large | u64::from(perms.0), Ordering::Release);
         Ok(())
     }
 
@@ -298,28 +308,33 @@ impl EptBuilder {
         Ok(())
     }
 
-    /// Unmaps the page that contains `gpa` and returns its size. The caller must INVEPT.
+    /// Unmaps the page that contains `gpa` and returns its size (one atomic swap, so a
+    /// flag the CPU sets concurrently lands in the old value, not in the cleared entry).
+    /// The caller must INVEPT on every CPU that ran the EPT before reusing the page.
     pub fn unmap(&mut self, memory: &mut impl TableMemory, gpa: u64) -> Result<PageSize, EptError> {
         let (table, slot, size) = self.find_leaf(memory, gpa)?;
-        memory.table(table)[slot] = 0;
+        memory.table(table)[slot].swap(0, Ordering::AcqRel);
         Ok(size)
     }
 
-    /// Changes the permissions of the page that contains `gpa`.
+    /// Changes the permissions of the page that contains `gpa`, keeping the accessed and
+    /// dirty flags the CPU may set meanwhile (a compare-exchange loop). Taking rights away
+    /// needs an INVEPT before it is relied on.
     pub fn protect(&mut self, memory: &mut impl TableMemory, gpa: u64, perms: EptPerms) -> Result<(), EptError> {
         if perms.0 == 0 || perms.0 & 0b11 == 0b10 {
             return Err(EptError::BadPermissions);
         }
         let (table, slot, _) = self.find_leaf(memory, gpa)?;
-        let entry = &mut memory.table(table)[slot];
-        *entry = (*entry & !PERM_BITS) | u64::from(perms.0);
+        let entry = &memory.table(table)[slot];
+        let _ = entry
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| Some((old & !PERM_BITS) | u64::from(perms.0)));
         Ok(())
     }
 
     /// Translates `gpa` through the EPT.
     pub fn translate(&self, memory: &mut impl TableMemory, gpa: u64) -> Result<Translation, EptError> {
         let (table, slot, size) = self.find_leaf(memory, gpa)?;
-        let entry = memory.table(table)[slot];
+        let entry = memory.table(table)[slot].load(Ordering::Acquire);
         Ok(Translation {
             host_phys: (entry & ADDR_MASK & !(size.bytes() - 1)) | (gpa & (size.bytes() - 1)),
             perms: EptPerms((entry & PERM_BITS) as u8),
@@ -329,13 +344,13 @@ impl EptBuilder {
         })
     }
 
-    /// Reads and clears the dirty flag of the page containing `gpa` (EPT A/D, SDM §29.3.5).
+    /// Reads and clears the dirty flag of the page containing `gpa` (EPT A/D, SDM §29.3.5)
+    /// in one atomic AND, so a write the guest makes meanwhile is never lost: it is either
+    /// in the value returned now or sets the flag again.
     pub fn take_dirty(&mut self, memory: &mut impl TableMemory, gpa: u64) -> Result<bool, EptError> {
         let (table, slot, _) = self.find_leaf(memory, gpa)?;
-        let entry = &mut memory.table(table)[slot];
-        let dirty = *entry & DIRTY != 0;
-        *entry &= !DIRTY;
-        Ok(dirty)
+        let old = memory.table(table)[slot].fetch_and(!DIRTY, Ordering::AcqRel);
+        Ok(old & DIRTY != 0)
     }
 
     fn find_leaf(&self, memory: &mut impl TableMemory, gpa: u64) -> Result<(u64, usize, PageSize), EptError> {
@@ -345,7 +360,7 @@ impl EptBuilder {
         let mut table = self.pml4;
         for level in (1..=4).rev() {
             let slot = index(gpa, level);
-            let entry = memory.table(table)[slot];
+            let entry = memory.table(table)[slot].load(Ordering::Acquire);
             if entry & PERM_BITS == 0 {
                 return Err(EptError::NotMapped);
             }
@@ -377,7 +392,7 @@ impl EptBuilder {
                 continue;
             }
             stack[depth - 1].2 += 1;
-            let entry = memory.table(table)[next];
+            let entry = memory.table(table)[next].load(Ordering::Acquire);
             if entry & PERM_BITS != 0 && entry & LARGE_PAGE == 0 {
                 stack[depth] = (entry & ADDR_MASK, level - 1, 0);
                 depth += 1;

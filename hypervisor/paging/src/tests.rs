@@ -1,10 +1,14 @@
 use super::*;
 use std::collections::HashMap;
+use std::sync::Arc;
+
+type Table = Arc<[AtomicU64; 512]>;
 
 /// An emulated memory of table frames at made-up host addresses.
 #[derive(Default)]
 struct FakeMemory {
-    tables: HashMap<u64, Box<[u64; 512]>>,
+    /// Shared, so a test thread can play the CPU that sets A/D flags.
+    tables: HashMap<u64, Table>,
     next: u64,
     limit: Option<usize>,
     freed: usize,
@@ -23,15 +27,15 @@ impl TableMemory for FakeMemory {
         }
         let paddr = self.next;
         self.next += PAGE_4K;
-        self.tables.insert(paddr, Box::new([0; 512]));
+        self.tables.insert(paddr, Arc::new(std::array::from_fn(|_| AtomicU64::new(0))));
         Some(paddr)
     }
     fn free_table(&mut self, paddr: u64) {
         assert!(self.tables.remove(&paddr).is_some(), "double free of table {paddr:#x}");
         self.freed += 1;
     }
-    fn table(&mut self, paddr: u64) -> &mut [u64; 512] {
-        self.tables.get_mut(&paddr).expect("walk reached a frame that is not a table")
+    fn table(&mut self, paddr: u64) -> &[AtomicU64; 512] {
+        self.tables.get(&paddr).expect("walk reached a frame that is not a table")
     }
 }
 
@@ -117,12 +121,8 @@ fn unmap_protect_dirty_and_destroy() {
     e.protect(&mut mem, 0x1000, EptPerms::READ).unwrap();
     assert_eq!(e.translate(&mut mem, 0x1000).unwrap().perms, EptPerms::READ);
     // The CPU would set the dirty bit; emulate it.
-    let pt = {
-        let pml4 = mem.table(e.root())[0] & ADDR_MASK;
-        let pdpt = mem.table(pml4)[0] & ADDR_MASK;
-        mem.table(pdpt)[0] & ADDR_MASK
-    };
-    mem.table(pt)[1] |= DIRTY;
+    let pt = leaf_table(&mut mem, &e);
+    pt[1].fetch_or(DIRTY, Ordering::SeqCst);
     assert!(e.take_dirty(&mut mem, 0x1000).unwrap());
     assert!(!e.take_dirty(&mut mem, 0x1000).unwrap());
     assert_eq!(e.unmap(&mut mem, 0x1000), Ok(PageSize::Size4K));
@@ -137,4 +137,55 @@ fn eptp_encodes_memory_type_walk_length_and_ad() {
     let e = ept(&mut mem);
     assert_eq!(e.eptp(false), e.root() | 0x1E);
     assert_eq!(e.eptp(true), e.root() | 0x5E);
+}
+
+/// The page table (level 1) that maps GPAs 0..2 MiB.
+fn leaf_table(mem: &mut FakeMemory, e: &EptBuilder) -> Table {
+    let pml4 = mem.table(e.root())[0].load(Ordering::SeqCst) & ADDR_MASK;
+    let pdpt = mem.table(pml4)[0].load(Ordering::SeqCst) & ADDR_MASK;
+    let pt = mem.table(pdpt)[0].load(Ordering::SeqCst) & ADDR_MASK;
+    mem.tables[&pt].clone()
+}
+
+/// A "CPU" thread sets the accessed and dirty flags of a live entry while the hypervisor
+/// changes its permissions and harvests its dirty flag over and over: no flag it set may
+/// be lost (each `take_dirty` that returns true accounts for one set; the rest must still
+/// be in the entry) and the permissions are the last ones written.
+#[test]
+fn live_entry_updates_never_lose_flags_the_cpu_sets() {
+    const ROUNDS: u32 = 200_000;
+    let mut mem = FakeMemory::new();
+    let mut e = ept(&mut mem);
+    e.map(&mut mem, 0x1000, 0x9000, PageSize::Size4K, EptPerms::RWX).unwrap();
+    let pt = leaf_table(&mut mem, &e);
+    let start = Arc::new(std::sync::Barrier::new(2));
+    let go = start.clone();
+    let cpu = std::thread::spawn(move || {
+        go.wait();
+        let mut sets = 0u64;
+        for _ in 0..ROUNDS {
+            // The CPU sets DIRTY only on a clean entry, as a guest write would.
+            if pt[1].fetch_or(ACCESSED | DIRTY, Ordering::SeqCst) & DIRTY == 0 {
+                sets += 1;
+            }
+            std::hint::spin_loop();
+        }
+        sets
+    });
+    let mut harvested = 0u64;
+    let mut last = EptPerms::RWX;
+    start.wait();
+    for round in 0..ROUNDS {
+        last = if round % 2 == 0 { EptPerms::READ } else { EptPerms::RW };
+        e.protect(&mut mem, 0x1000, last).unwrap();
+        if e.take_dirty(&mut mem, 0x1000).unwrap() {
+            harvested += 1;
+        }
+    }
+    let sets = cpu.join().unwrap();
+    let t = e.translate(&mut mem, 0x1000).unwrap();
+    harvested += u64::from(t.dirty);
+    assert_eq!(harvested, sets, "dirty flags set {sets}, harvested {harvested}");
+    assert!(t.accessed, "the accessed flag was lost");
+    assert_eq!(t.perms, last);
 }

@@ -45,6 +45,16 @@ pub struct VmxCaps {
     pub ept_ad: bool,
     pub ept_execute_only: bool,
     pub vpid: bool,
+    /// INVEPT exists (IA32_VMX_EPT_VPID_CAP bit 20) with the single-context (bit 25) and
+    /// all-context (bit 26) types (SDM Vol. 3 Appendix A.10).
+    pub invept: bool,
+    pub invept_single: bool,
+    pub invept_all: bool,
+    /// INVVPID exists (bit 32) with the single-context (bit 41) and all-context (bit 42)
+    /// types.
+    pub invvpid: bool,
+    pub invvpid_single: bool,
+    pub invvpid_all: bool,
     pub unrestricted_guest: bool,
     pub vmfunc_eptp_switching: bool,
     pub pml: bool,
@@ -78,6 +88,12 @@ impl VmxCaps {
             ept_ad: ept && bit(m.ept_vpid, 21),
             ept_execute_only: ept && bit(m.ept_vpid, 0),
             vpid,
+            invept: ept && bit(m.ept_vpid, 20),
+            invept_single: ept && bit(m.ept_vpid, 20) && bit(m.ept_vpid, 25),
+            invept_all: ept && bit(m.ept_vpid, 20) && bit(m.ept_vpid, 26),
+            invvpid: vpid && bit(m.ept_vpid, 32),
+            invvpid_single: vpid && bit(m.ept_vpid, 32) && bit(m.ept_vpid, 41),
+            invvpid_all: vpid && bit(m.ept_vpid, 32) && bit(m.ept_vpid, 42),
             unrestricted_guest: bit(allowed2, 7),
             vmfunc_eptp_switching: vmfunc && bit(m.vmfunc, 0),
             pml: bit(allowed2, 17),
@@ -114,6 +130,10 @@ impl fmt::Display for VmxCaps {
         }
         let flags = [
             (self.vpid, "VPID"),
+            (self.invept_single, "INVEPT(single)"),
+            (self.invept_all, "INVEPT(all)"),
+            (self.invvpid_single, "INVVPID(single)"),
+            (self.invvpid_all, "INVVPID(all)"),
             (self.unrestricted_guest, "unrestricted-guest"),
             (self.vmfunc_eptp_switching, "VMFUNC(EPTP)"),
             (self.pml, "PML"),

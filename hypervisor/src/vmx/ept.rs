@@ -1,6 +1,8 @@
 //! The hypervisor's side of `nk_paging`: EPT tables live in frames from the frame
 //! allocator, touched through the identity map.
 
+use core::sync::atomic::AtomicU64;
+
 use nk_paging::TableMemory;
 
 use crate::memory::{self, HostPhysAddr};
@@ -20,15 +22,69 @@ impl TableMemory for FrameTables {
         }
     }
 
-    fn table(&mut self, paddr: u64) -> &mut [u64; 512] {
+    fn table(&mut self, paddr: u64) -> &[AtomicU64; 512] {
         assert!(
             paddr.is_multiple_of(memory::PAGE_SIZE) && paddr < memory::IDENTITY_MAPPED_LIMIT,
             "bad table frame {paddr:#x}"
         );
         // SAFETY: `paddr` is a table frame this allocator handed out (nk_paging only walks
         // frames it got from `alloc_table` or read from entries it wrote), identity-mapped,
-        // 4 KiB aligned, and used only by the one EPT that owns it; the borrow ends before
-        // any other table is touched.
-        unsafe { &mut *(paddr as *mut [u64; 512]) }
+        // 4 KiB aligned (AtomicU64 needs 8), and used only by the one EPT that owns it. The
+        // CPU may write its entries while a guest runs, which is why they are atomics;
+        // AtomicU64 has the layout of u64.
+        unsafe { &*(paddr as *const [AtomicU64; 512]) }
+    }
+}
+
+/// A guest's EPT in frames of this CPU's allocator. Dropping it invalidates the EPT's
+/// cached translations on this CPU (INVEPT, SDM Vol. 3 §29.4.3.3) before its tables go
+/// back to the allocator; if the CPU cannot invalidate, the tables are kept (leaked)
+/// rather than handed to another owner with stale translations pointing through them.
+///
+/// Drop it on the CPU that ran the guest: a vCPU never migrates, so that is the only CPU
+/// that can hold its translations (docs/tlb.md).
+#[derive(Debug)]
+pub struct GuestEpt {
+    builder: Option<nk_paging::EptBuilder>,
+    eptp: u64,
+}
+
+impl GuestEpt {
+    /// Creates an empty EPT with the page sizes and A/D setting of `caps`.
+    pub fn new(caps: &super::caps::VmxCaps) -> Result<Self, nk_paging::EptError> {
+        let builder = nk_paging::EptBuilder::new(&mut FrameTables, caps.ept_2m, caps.ept_1g)?;
+        let eptp = builder.eptp(caps.ept_ad);
+        Ok(Self { builder: Some(builder), eptp })
+    }
+
+    /// Returns the EPT pointer for the VMCS.
+    pub fn eptp(&self) -> u64 {
+        self.eptp
+    }
+
+    /// Maps `[gpa, gpa + len)` to `[hpa, hpa + len)` (see `EptBuilder::map_range`).
+    pub fn map_range(
+        &mut self,
+        gpa: u64,
+        hpa: u64,
+        len: u64,
+        perms: nk_paging::EptPerms,
+    ) -> Result<(), nk_paging::EptError> {
+        match self.builder.as_mut() {
+            Some(builder) => builder.map_range(&mut FrameTables, gpa, hpa, len, perms),
+            None => Err(nk_paging::EptError::OutOfTables),
+        }
+    }
+}
+
+impl Drop for GuestEpt {
+    fn drop(&mut self) {
+        let Some(builder) = self.builder.take() else { return };
+        match super::tlb::flush_ept(&super::capabilities(), self.eptp) {
+            Ok(()) => builder.destroy(&mut FrameTables),
+            Err(e) => {
+                log::error!(target: "vmx", "INVEPT of EPTP {:#x} failed: {e}; its tables are not reused", self.eptp)
+            }
+        }
     }
 }

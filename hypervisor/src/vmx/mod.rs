@@ -3,6 +3,7 @@
 
 pub mod caps;
 pub mod ept;
+pub mod tlb;
 pub mod vcpu;
 pub mod vmcs;
 
@@ -143,5 +144,6 @@ pub fn enable_on_this_cpu() -> Result<HostPhysAddr, VmxError> {
         memory::free_frame(region);
         return Err(VmxError::VmxonFailed { fail_valid: fail_valid != 0 });
     }
+    tlb::flush_everything(&caps);
     Ok(region)
 }

@@ -8,6 +8,7 @@ use core::fmt;
 use x86::msr::rdmsr;
 
 use super::caps::{msr, VmxCaps};
+use super::tlb::Vpid;
 use super::vmcs::{self, ExitReason, VmFail, VmcsField as F};
 use crate::arch::gdt::{KERNEL_CODE, KERNEL_DATA, TSS_SELECTOR};
 use crate::memory::{self, HostPhysAddr};
@@ -195,13 +196,15 @@ pub struct Vcpu {
     vmcs: HostPhysAddr,
     pub regs: GuestRegs,
     launched: bool,
+    /// Its VPID from the pool (None: it runs without one). Dropped after the VMCS is
+    /// cleared, which invalidates the VPID's translations (`tlb::Vpid`).
+    vpid: Option<Vpid>,
 }
 
 /// The initial state of a 64-bit guest.
 #[derive(Debug, Clone, Copy)]
 pub struct GuestStart {
     pub eptp: u64,
-    pub vpid: u16,
     pub cr3: u64,
     pub rip: u64,
     pub rsp: u64,
@@ -219,7 +222,7 @@ impl Vcpu {
         // SAFETY: a fresh, zeroed, identity-mapped frame owned by this vCPU; the first
         // dword is the revision identifier (SDM §25.2).
         unsafe { (vmcs.as_u64() as *mut u32).write_volatile(caps.vmcs_revision) };
-        let vcpu = Self { vmcs, regs: GuestRegs::default(), launched: false };
+        let vcpu = Self { vmcs, regs: GuestRegs::default(), launched: false, vpid: Vpid::allocate(caps) };
         // SAFETY: the frame is this vCPU's VMCS region and not current anywhere else.
         unsafe {
             vmcs::clear(vmcs.as_u64())?;
@@ -234,7 +237,7 @@ impl Vcpu {
     fn setup_controls(&self, caps: &VmxCaps, start: &GuestStart) -> Result<(), VcpuError> {
         let (pin, proc, exit, entry) =
             if caps.true_controls { (0x48D, 0x48E, 0x48F, 0x490) } else { (0x481, 0x482, 0x483, 0x484) };
-        let vpid = if caps.vpid { want::PROC2_VPID } else { 0 };
+        let vpid = if self.vpid.is_some() { want::PROC2_VPID } else { 0 };
         let fields = [
             (
                 F::PIN_BASED_CONTROLS,
@@ -288,8 +291,8 @@ impl Vcpu {
             vmcs::write(F::IO_BITMAP_A, start.io_bitmaps)?;
             vmcs::write(F::IO_BITMAP_B, start.io_bitmaps + 4096)?;
             vmcs::write(F::MSR_BITMAP, start.msr_bitmap)?;
-            if caps.vpid {
-                vmcs::write(F::VPID, u64::from(start.vpid))?;
+            if let Some(vpid) = &self.vpid {
+                vmcs::write(F::VPID, u64::from(vpid.raw()))?;
             }
             vmcs::write(F::VMCS_LINK_POINTER, u64::MAX)?;
             // The longest slice until a scheduler arms a shorter one.
@@ -495,6 +498,12 @@ impl Vcpu {
             vmcs::write(F::ENTRY_INTERRUPTION_INFO, info)?;
         }
         Ok(())
+    }
+
+    /// Returns the VPID this vCPU runs with, if any.
+    #[cfg_attr(not(feature = "test-harness"), allow(dead_code))]
+    pub fn vpid(&self) -> Option<u16> {
+        self.vpid.as_ref().map(Vpid::raw)
     }
 
     /// Returns the guest's RIP.

@@ -196,7 +196,8 @@ impl fmt::Display for VmFail {
     }
 }
 
-fn status(cf: u8, zf: u8) -> Result<(), VmFail> {
+/// Turns the flags a VMX instruction left (read in its asm block) into its status.
+pub(super) fn status(cf: u8, zf: u8) -> Result<(), VmFail> {
     if cf != 0 {
         Err(VmFail::Invalid)
     } else if zf != 0 {
