@@ -271,7 +271,11 @@ impl Guest {
                 }
                 break Slice::Expired;
             }
-            match self.handle_exit(&exit, sink) {
+            let flow = match exit.reason {
+                ExitReason::VMCALL => handle_hypercall(self.vm, vcpu, sink),
+                _ => self.handle_exit(&exit, sink),
+            };
+            match flow {
                 Ok(Flow::Continue) => {}
                 Ok(Flow::Yield) => break Slice::Expired,
                 Ok(Flow::Park(op)) => break Slice::Parked(op),
@@ -286,33 +290,14 @@ impl Guest {
         end
     }
 
-    /// Handles one exit; says whether the guest goes on, waits, or ended.
+    /// Handles every exit but VMCALL's; says whether the guest goes on, waits, or ended.
+    /// Kept out of line so the hypercall loop stays small.
+    #[inline(never)]
     fn handle_exit(&mut self, exit: &Exit, sink: &mut dyn HypercallSink) -> Result<Flow, VcpuError> {
         let vm = self.vm;
         let vcpu = self.vcpu.as_mut().expect("run checked the vCPU");
         let stop = |why: String| Ok(Flow::End(GuestEnd::Stopped(why)));
         match exit.reason {
-            ExitReason::VMCALL => {
-                let r = &vcpu.regs;
-                let call = Call {
-                    selector: r.rax,
-                    caps: [
-                        NameWords { low: r.rbx, high: r.rcx },
-                        NameWords { low: r.rdx, high: r.rsi },
-                        NameWords { low: r.rdi, high: r.r8 },
-                        NameWords { low: r.r9, high: r.r10 },
-                    ],
-                    args: [r.r11, r.r12, r.r13, r.r14, r.r15],
-                };
-                match sink.hypercall(vm, &call) {
-                    Dispatched::Reply(reply) => {
-                        write_reply(&mut vcpu.regs, &reply);
-                        vcpu.skip_bytes(VMCALL_LENGTH)?;
-                    }
-                    // The guest stays at its VMCALL until the reply comes.
-                    Dispatched::Pending(op) => return Ok(Flow::Park(op)),
-                }
-            }
             ExitReason::IO_INSTRUCTION => {
                 let q = vcpu.exit_qualification()?;
                 let (size, is_in, string, port) = ((q & 7) + 1, q & 8 != 0, q & 16 != 0, (q >> 16) as u16);
@@ -487,6 +472,32 @@ impl Drop for Guest {
             ept.destroy(&mut FrameTables);
         }
         memory::free_frames(self.memory, (self.memory_size / PAGE_SIZE) as usize);
+    }
+}
+
+/// Handles a VMCALL exit, the hot path: the call goes to `sink`, and its reply to the
+/// guest's registers; or the guest waits for it.
+#[inline(always)]
+fn handle_hypercall(vm: VmId, vcpu: &mut Vcpu, sink: &mut dyn HypercallSink) -> Result<Flow, VcpuError> {
+    let r = &vcpu.regs;
+    let call = Call {
+        selector: r.rax,
+        caps: [
+            NameWords { low: r.rbx, high: r.rcx },
+            NameWords { low: r.rdx, high: r.rsi },
+            NameWords { low: r.rdi, high: r.r8 },
+            NameWords { low: r.r9, high: r.r10 },
+        ],
+        args: [r.r11, r.r12, r.r13, r.r14, r.r15],
+    };
+    match sink.hypercall(vm, &call) {
+        Dispatched::Reply(reply) => {
+            write_reply(&mut vcpu.regs, &reply);
+            vcpu.skip_bytes(VMCALL_LENGTH)?;
+            Ok(Flow::Continue)
+        }
+        // The guest stays at its VMCALL until the reply comes.
+        Dispatched::Pending(op) => Ok(Flow::Park(op)),
     }
 }
 

@@ -30,6 +30,9 @@ fn report(name: &str, result: CheckResult) {
     }
 }
 
+/// Hypercalls per round of the leak checks: enough that their rounds span many slices.
+const ROUND: u64 = 4;
+
 /// Lets time pass: `rounds` hypercalls with a short spin after each.
 fn pass_time(rounds: u64) {
     let mut spins = 0u64;
@@ -102,6 +105,7 @@ fn counting_gp(f: impl FnOnce()) -> u64 {
     // SAFETY: the IDT is this guest's own (the guest library's tables, identity-mapped);
     // the original gate is put back before returning. One vCPU, so nothing else runs.
     let saved = unsafe { slot.read_volatile() };
+    // SAFETY: as above.
     unsafe { slot.write_volatile(gate) };
     let before = GP_COUNT.load(Ordering::SeqCst);
     f();
@@ -186,7 +190,7 @@ fn xmm_leak_check(seed: u64, rounds: u64) -> CheckResult {
     let mut wrong = 0u64;
     let mut first = None;
     for _ in 0..rounds {
-        pass_time(1);
+        pass_time(ROUND);
         let back = store_xmm0();
         let mut now: u32 = 0;
         // SAFETY: stores MXCSR into a 4-byte variable.
@@ -321,7 +325,7 @@ fn leak_probe_check(seed: u64, rounds: u64) -> CheckResult {
     let first = read_probe(with_gs);
     ensure!(first == mine, "read back {:#x?} right after writing", first.cr2);
     for round in 0..rounds {
-        pass_time(1);
+        pass_time(ROUND);
         let now = read_probe(with_gs);
         ensure!(
             now == mine,
