@@ -49,6 +49,7 @@ const CASES: &[Case] = &[
     case("guest_vmcall_roundtrip", guest_vmcall_roundtrip),
     case("guest_ept_violation_stops_guest", guest_ept_violation_stops_guest),
     case("guest_triple_fault_stops_guest", guest_triple_fault_stops_guest),
+    case("guest_skip_ends_interrupt_shadow", guest_skip_ends_interrupt_shadow),
     Case { name: "exception", run: exception_stops_machine, explicit: true },
 ];
 
@@ -342,4 +343,33 @@ fn guest_triple_fault_stops_guest(_: &Context<'_>) -> CaseResult {
     let mut guest = TestGuest::new(&[0x0F, 0x0B])?; // ud2
     let exit = guest.run()?;
     check(exit.reason == ExitReason::TRIPLE_FAULT, || format!("exit {:?}, expected triple fault", exit.reason))
+}
+
+/// An emulated instruction that ran in the shadow of MOV SS or STI ends the shadow when the
+/// hypervisor skips it (SDM Vol. 3 §25.4.2): the blocking is not carried over to the
+/// guest's next instruction.
+fn guest_skip_ends_interrupt_shadow(_: &Context<'_>) -> CaseResult {
+    use crate::vmx::vmcs::{self, ExitReason, VmcsField};
+    let code = [
+        0x31, 0xC0, // xor eax, eax
+        0x8E, 0xD0, // mov ss, eax (a null SS is allowed at CPL0 in 64-bit mode; the
+        // guest has no GDT)
+        0x0F, 0xA2, // cpuid: exits in the MOV-SS shadow
+        0xFB, // sti
+        0x0F, 0xA2, // cpuid: exits in the STI shadow
+        0xFA, // cli
+        0xF4, // hlt
+    ];
+    let mut guest = TestGuest::new(&code)?;
+    for (shadow, bit) in [("MOV SS", 2u64), ("STI", 1)] {
+        let exit = guest.run()?;
+        check(exit.reason == ExitReason::CPUID, || format!("exit {:?}, expected CPUID after {shadow}", exit.reason))?;
+        let before = vmcs::read(VmcsField::GUEST_INTERRUPTIBILITY).map_err(|e| format!("{e}"))?;
+        check(before & bit != 0, || format!("no blocking by {shadow} reported at the CPUID exit ({before:#x})"))?;
+        guest.vcpu().skip_instruction().map_err(|e| format!("{e}"))?;
+        let after = vmcs::read(VmcsField::GUEST_INTERRUPTIBILITY).map_err(|e| format!("{e}"))?;
+        check(after & 3 == 0, || format!("blocking by {shadow} kept after the skip ({after:#x})"))?;
+    }
+    let exit = guest.run()?;
+    check(exit.reason == ExitReason::HLT, || format!("last exit {:?}, expected HLT", exit.reason))
 }
