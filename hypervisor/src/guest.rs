@@ -18,7 +18,7 @@ use nk_caps::VmId;
 use nk_core::{Dispatched, PendingOp};
 use nk_paging::{EptBuilder, EptPerms};
 
-use crate::arch::switched::{self, UnswitchedRegs};
+use crate::arch::switched::UnswitchedRegs;
 use crate::arch::xsave::{self, ExtendedState};
 use crate::ioports::{self, IoBitmaps};
 use crate::memory::{self, HostPhysAddr, PAGE_SIZE};
@@ -387,23 +387,15 @@ impl Guest {
                 // so this exit only follows a threshold some future code sets.
             }
             ExitReason::EXCEPTION_OR_NMI => {
-                let info = vcpu.exit_interruption_info()?;
-                if !nk_cpustate::events::is_nmi(info) {
+                // An NMI that arrived while the guest ran is the platform's: the
+                // hypervisor takes it and the guest goes on, with any event it cut short.
+                if !vcpu.absorb_nmi_exit()? {
+                    let info = vcpu.exit_interruption_info()?;
                     self.flush_console();
                     return stop(alloc::format!("unexpected exception exit (interruption information {info:#x})"));
                 }
-                // An NMI arrived while the guest ran (NMI exiting): it is the platform's,
-                // not the guest's. The hypervisor takes it, ends the NMI blocking the exit
-                // left, and the guest goes on, with any event the NMI interrupted.
-                switched::unblock_nmis();
                 log::warn!(target: "guest", "vm{}/{}: an NMI arrived while it ran; taken by the hypervisor, the guest goes on",
                     vm.raw(), self.name);
-                vcpu.reinject_interrupted_event()?;
-            }
-            ExitReason::RDMSR | ExitReason::WRMSR => {
-                // MSRs are denied by default: the guest sees #GP(0), as on a CPU without
-                // the MSR (grants will come from capabilities).
-                vcpu.inject_exception(13, Some(0))?;
             }
             ExitReason::HLT => {
                 self.flush_console();

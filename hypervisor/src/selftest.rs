@@ -50,6 +50,7 @@ const CASES: &[Case] = &[
     case("guest_ept_violation_stops_guest", guest_ept_violation_stops_guest),
     case("guest_triple_fault_stops_guest", guest_triple_fault_stops_guest),
     case("guest_skip_ends_interrupt_shadow", guest_skip_ends_interrupt_shadow),
+    case("guest_nmi_exit_resumes", guest_nmi_exit_resumes),
     Case { name: "exception", run: exception_stops_machine, explicit: true },
 ];
 
@@ -372,4 +373,39 @@ fn guest_skip_ends_interrupt_shadow(_: &Context<'_>) -> CaseResult {
     }
     let exit = guest.run()?;
     check(exit.reason == ExitReason::HLT, || format!("last exit {:?}, expected HLT", exit.reason))
+}
+
+/// An NMI that arrives while a guest runs exits (NMI exiting) and is absorbed by the
+/// hypervisor: the guest goes on where it was. The guest here is given this CPU's local
+/// APIC page (only in this test) and sends itself the NMI through the ICR, as another CPU
+/// or the platform would; the old exit handler stopped guests at this exit.
+fn guest_nmi_exit_resumes(_: &Context<'_>) -> CaseResult {
+    use crate::vmx::vmcs::ExitReason;
+    const APIC: u64 = 0xFEE0_0000;
+    // SAFETY: IA32_APIC_BASE exists on every x86-64 CPU.
+    let apic_base = unsafe { x86::msr::rdmsr(0x1B) } & 0x000F_FFFF_FFFF_F000;
+    check(apic_base == APIC, || format!("local APIC at {apic_base:#x}, this case expects {APIC:#x}"))?;
+    let destination = crate::arch::apic::id() << 24;
+    let mut code = alloc::vec![0x48, 0xB8]; // mov rax, APIC
+    code.extend_from_slice(&APIC.to_le_bytes());
+    code.extend_from_slice(&[0xC7, 0x80, 0x10, 0x03, 0x00, 0x00]); // mov dword [rax + 0x310], destination
+    code.extend_from_slice(&destination.to_le_bytes());
+    code.extend_from_slice(&[0xC7, 0x80, 0x00, 0x03, 0x00, 0x00]); // mov dword [rax + 0x300], NMI | assert
+    code.extend_from_slice(&0x4400u32.to_le_bytes());
+    code.extend_from_slice(&[0x48, 0xC7, 0xC3, 0x2A, 0x00, 0x00, 0x00, 0xF4]); // mov rbx, 42; hlt
+    let mut guest = TestGuest::new(&code)?;
+    // Guest-virtual 3-4 GiB through a second page directory, and the APIC page in the EPT.
+    guest.write_u64(0x2000 + 3 * 8, 0x4000 | 3);
+    guest.write_u64(0x4000 + ((APIC >> 21) & 511) * 8, APIC | 0x83 | 1 << 4);
+    let ept = guest.ept.as_mut().ok_or("no EPT")?;
+    ept.map_range(&mut crate::vmx::ept::FrameTables, APIC, APIC, PAGE_SIZE, nk_paging::EptPerms::RW)
+        .map_err(|e| format!("EPT map of the APIC page: {e}"))?;
+    let exit = guest.run()?;
+    check(exit.reason == ExitReason::EXCEPTION_OR_NMI, || format!("exit {:?}, expected the NMI's", exit.reason))?;
+    let absorbed = guest.vcpu().absorb_nmi_exit().map_err(|e| format!("{e}"))?;
+    check(absorbed, || "the exit was not an NMI's".into())?;
+    let exit = guest.run()?;
+    check(exit.reason == ExitReason::HLT, || format!("exit {:?} after the NMI, expected HLT", exit.reason))?;
+    let rbx = guest.vcpu().regs.rbx;
+    check(rbx == 42, || format!("guest rbx {rbx}, expected 42: it did not go on where it was"))
 }

@@ -606,6 +606,19 @@ impl Vcpu {
         Ok(vmcs::read(F::EXIT_INTERRUPTION_INFO)? as u32)
     }
 
+    /// Handles an exit with basic reason 0 if an NMI caused it (NMI exiting: the NMI is
+    /// the platform's, not the guest's): ends the NMI blocking the exit left in the host
+    /// and keeps any event the NMI cut short for the next entry. Returns false, doing
+    /// nothing, for an exception exit.
+    pub fn absorb_nmi_exit(&mut self) -> Result<bool, VcpuError> {
+        if !nk_cpustate::events::is_nmi(self.exit_interruption_info()?) {
+            return Ok(false);
+        }
+        crate::arch::switched::unblock_nmis();
+        self.reinject_interrupted_event()?;
+        Ok(true)
+    }
+
     /// Makes the next VM entry inject again an event whose delivery the last exit cut
     /// short (the IDT-vectoring information, SDM Vol. 3 §28.2.4), so the guest does not
     /// lose it. Only exits that are not caused by an instruction can interrupt a delivery;
