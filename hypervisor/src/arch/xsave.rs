@@ -52,6 +52,12 @@ fn switch_mask() -> u64 {
     }
 }
 
+/// Returns the XCR0 guests' state is switched under and the bytes of its save area, for
+/// the boot log.
+pub fn switching() -> (u64, u32) {
+    (switch_mask(), core::arch::x86_64::__cpuid_count(0xD, 0).ecx)
+}
+
 /// Sets CR4.OSXSAVE on this CPU so XSAVE, XRSTOR and XSETBV work, and loads the switch
 /// mask into XCR0 (the host's XCR0 between guest slices). Returns false without XSAVE.
 pub fn enable_on_this_cpu() -> bool {

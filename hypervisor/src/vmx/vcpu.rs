@@ -4,6 +4,7 @@
 
 use core::arch::{asm, global_asm};
 use core::fmt;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use x86::msr::rdmsr;
 
@@ -275,6 +276,14 @@ impl Vcpu {
         // end the guest's slice where it offers PAUSE-loop exiting.
         let idle = allowed_one(proc) & (want::PROC_MWAIT | want::PROC_MONITOR);
         let pause_loop = allowed_one(msr::IA32_VMX_PROCBASED_CTLS2) & want::PROC2_PAUSE_LOOP;
+        static DESCRIBED: AtomicBool = AtomicBool::new(false);
+        if !DESCRIBED.swap(true, Ordering::Relaxed) {
+            let (mask, bytes) = crate::arch::xsave::switching();
+            log::info!(target: "vmx", "guest vCPUs: CR8 {}, MONITOR/MWAIT {}, PAUSE loops {}; XSAVE state switched under XCR0 {mask:#x} ({bytes}-byte areas)",
+                if self.virtual_apic.is_some() { "in a TPR shadow" } else { "emulated at CR8 exits" },
+                if idle == want::PROC_MWAIT | want::PROC_MONITOR { "exit (no-ops)" } else { "run natively (no exiting offered)" },
+                if pause_loop != 0 { "end the slice (PAUSE-loop exiting)" } else { "run natively (no PAUSE-loop exiting)" });
+        }
         let fields = [
             (
                 F::PIN_BASED_CONTROLS,
