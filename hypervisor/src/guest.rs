@@ -397,6 +397,11 @@ impl Guest {
                 log::warn!(target: "guest", "vm{}/{}: an NMI arrived while it ran; taken by the hypervisor, the guest goes on",
                     vm.raw(), self.name);
             }
+            ExitReason::RDMSR | ExitReason::WRMSR => {
+                // MSRs are denied by default: the guest sees #GP(0), as on a CPU without
+                // the MSR (grants will come from capabilities).
+                vcpu.inject_exception(13, Some(0))?;
+            }
             ExitReason::HLT => {
                 self.flush_console();
                 return Ok(Flow::End(GuestEnd::Halted));
