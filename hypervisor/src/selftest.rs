@@ -51,6 +51,7 @@ const CASES: &[Case] = &[
     case("guest_triple_fault_stops_guest", guest_triple_fault_stops_guest),
     case("guest_skip_ends_interrupt_shadow", guest_skip_ends_interrupt_shadow),
     case("guest_nmi_exit_resumes", guest_nmi_exit_resumes),
+    case("guest_interrupted_event_is_reinjected", guest_interrupted_event_is_reinjected),
     Case { name: "exception", run: exception_stops_machine, explicit: true },
 ];
 
@@ -408,4 +409,65 @@ fn guest_nmi_exit_resumes(_: &Context<'_>) -> CaseResult {
     check(exit.reason == ExitReason::HLT, || format!("exit {:?} after the NMI, expected HLT", exit.reason))?;
     let rbx = guest.vcpu().regs.rbx;
     check(rbx == 42, || format!("guest rbx {rbx}, expected 42: it did not go on where it was"))
+}
+
+/// An event whose delivery a VM exit cuts short is injected again at the next entry (SDM
+/// Vol. 3 §28.2.4): the hypervisor injects #GP(0) (as for a refused XSETBV), the guest's
+/// IDT is not mapped yet, so delivering the #GP exits with an EPT violation; once the IDT
+/// page is mapped, the guest's handler must receive that #GP with its error code and
+/// return address. Without re-injection the event is lost and the guest re-executes
+/// its CPUID instead.
+fn guest_interrupted_event_is_reinjected(_: &Context<'_>) -> CaseResult {
+    use crate::vmx::vmcs::{self, ExitReason, VmcsField};
+    const IDT: u64 = TEST_GUEST_RAM; // the first page past the guest's RAM
+    const HANDLER: u64 = TEST_GUEST_CODE + 0x10;
+    let mut code = [0u8; 0x11];
+    code[..3].copy_from_slice(&[0x0F, 0xA2, 0xF4]); // cpuid; hlt
+    code[0x10] = 0xF4; // the #GP handler: hlt
+    let mut guest = TestGuest::new(&code)?;
+    guest.write_u64(0x6008, 0x00AF_9A00_0000_FFFF); // GDT: 64-bit code at 0x08
+    // SAFETY: guest-state fields of this test guest's current VMCS.
+    unsafe {
+        for (field, value) in [
+            (VmcsField::GUEST_GDTR_BASE, 0x6000),
+            (VmcsField::GUEST_GDTR_LIMIT, 15),
+            (VmcsField::GUEST_IDTR_BASE, IDT),
+            (VmcsField::GUEST_IDTR_LIMIT, 0xFFF),
+        ] {
+            vmcs::write(field, value).map_err(|e| format!("{e}"))?;
+        }
+    }
+    let exit = guest.run()?;
+    check(exit.reason == ExitReason::CPUID, || format!("first exit {:?}, expected CPUID", exit.reason))?;
+    guest.vcpu().inject_exception(13, Some(0)).map_err(|e| format!("{e}"))?;
+    let exit = guest.run()?;
+    check(exit.reason == ExitReason::EPT_VIOLATION, || format!("exit {:?}, expected EPT violation at the IDT", exit.reason))?;
+    let vectoring = vmcs::read(VmcsField::IDT_VECTORING_INFO).map_err(|e| format!("{e}"))?;
+    check(vectoring & 0x8000_07FF == 0x8000_030D, || format!("IDT-vectoring information {vectoring:#x}, expected #GP"))?;
+    guest.vcpu().reinject_interrupted_event().map_err(|e| format!("{e}"))?;
+    let entry = vmcs::read(VmcsField::ENTRY_INTERRUPTION_INFO).map_err(|e| format!("{e}"))?;
+    check(entry == 0x8000_0B0D, || format!("entry interruption information {entry:#x}, expected #GP with error code"))?;
+    let page = memory::alloc_zeroed_frame().ok_or("no frame for the IDT")?;
+    let gate = [
+        (HANDLER & 0xFFFF) | (0x08 << 16) | (0x8E << 40) | ((HANDLER >> 16 & 0xFFFF) << 48),
+        HANDLER >> 32,
+    ];
+    // SAFETY: a fresh identity-mapped frame; gate 13 lies within it.
+    unsafe { ((page.as_u64() + 13 * 16) as *mut [u64; 2]).write(gate) };
+    let result = (|| {
+        let ept = guest.ept.as_mut().ok_or("no EPT")?;
+        ept.map_range(&mut crate::vmx::ept::FrameTables, IDT, page.as_u64(), PAGE_SIZE, nk_paging::EptPerms::RW)
+            .map_err(|e| format!("EPT map of the IDT: {e}"))?;
+        let exit = guest.run()?;
+        check(exit.reason == ExitReason::HLT, || format!("exit {:?} after re-injection, expected the handler's HLT", exit.reason))?;
+        let rip = guest.vcpu().rip().unwrap_or(0);
+        check(rip == HANDLER, || format!("guest halted at {rip:#x}, not in its #GP handler"))?;
+        let (error_code, return_rip) = (guest.read_u64(0x20_0000 - 48), guest.read_u64(0x20_0000 - 40));
+        check(error_code == 0 && return_rip == TEST_GUEST_CODE, || {
+            format!("the handler got error code {error_code:#x} and return address {return_rip:#x}")
+        })
+    })();
+    drop(guest);
+    memory::free_frame(page);
+    result
 }
