@@ -18,6 +18,7 @@ use nk_caps::VmId;
 use nk_core::{Dispatched, PendingOp};
 use nk_paging::EptPerms;
 
+use crate::arch::switched::UnswitchedRegs;
 use crate::arch::xsave::{self, ExtendedState};
 use crate::ioports::{self, IoBitmaps};
 use crate::memory::{self, HostPhysAddr, PAGE_SIZE};
@@ -90,6 +91,8 @@ pub enum Slice {
 /// What handling one exit leads to.
 enum Flow {
     Continue,
+    /// The guest gives up the rest of its slice (a PAUSE loop).
+    Yield,
     Park(PendingOp),
     End(GuestEnd),
 }
@@ -106,6 +109,10 @@ pub struct Guest {
     exits: u64,
     /// None where the CPU has no XSAVE (then only x87/SSE-free guests are safe to share).
     xstate: Option<ExtendedState>,
+    /// CR2, DR0-DR3, DR6 and IA32_KERNEL_GS_BASE, switched at slice boundaries.
+    unswitched: UnswitchedRegs,
+    /// Whether a refused XSETBV was already logged (one line per guest, not a flood).
+    xsetbv_refusal_logged: bool,
     io: IoBitmaps,
     /// The reply of a parked hypercall, written to the registers at the next entry.
     reply: Option<Reply>,
@@ -140,6 +147,8 @@ impl Guest {
             console: String::new(),
             exits: 0,
             xstate,
+            unswitched: UnswitchedRegs::default(),
+            xsetbv_refusal_logged: false,
             io,
             reply: None,
         };
@@ -235,6 +244,7 @@ impl Guest {
         if let Some(xstate) = &self.xstate {
             xstate.restore();
         }
+        self.unswitched.load();
         // The timer is re-armed with the whole slice at every entry; the TSC bounds the
         // slice of a guest that exits often.
         let slice_start = crate::arch::rdtsc();
@@ -249,50 +259,39 @@ impl Guest {
             };
             self.exits += 1;
             if exit.reason == ExitReason::PREEMPTION_TIMER {
+                // The timer may have cut short an event's delivery: it goes on next slice.
+                if let Err(e) = vcpu.reinject_interrupted_event() {
+                    break stopped(alloc::format!("cannot keep its interrupted event: {e}"));
+                }
                 break Slice::Expired;
             }
-            match self.handle_exit(&exit, sink) {
+            let flow = match exit.reason {
+                ExitReason::VMCALL => handle_hypercall(self.vm, vcpu, sink),
+                _ => self.handle_exit(&exit, sink),
+            };
+            match flow {
                 Ok(Flow::Continue) => {}
+                Ok(Flow::Yield) => break Slice::Expired,
                 Ok(Flow::Park(op)) => break Slice::Parked(op),
                 Ok(Flow::End(end)) => break Slice::Ended(end),
                 Err(e) => break stopped(alloc::format!("exit handling failed: {e}")),
             }
         };
+        self.unswitched.save();
         if let Some(xstate) = &mut self.xstate {
             xstate.save();
-            // SAFETY: XCR0_RESET (x87 only) is always valid, and OSXSAVE is on.
-            unsafe { xsave::set_xcr0(xsave::XCR0_RESET) };
         }
         end
     }
 
-    /// Handles one exit; says whether the guest goes on, waits, or ended.
+    /// Handles every exit but VMCALL's; says whether the guest goes on, waits, or ended.
+    /// Kept out of line so the hypercall loop stays small.
+    #[inline(never)]
     fn handle_exit(&mut self, exit: &Exit, sink: &mut dyn HypercallSink) -> Result<Flow, VcpuError> {
         let vm = self.vm;
         let vcpu = self.vcpu.as_mut().expect("run checked the vCPU");
         let stop = |why: String| Ok(Flow::End(GuestEnd::Stopped(why)));
         match exit.reason {
-            ExitReason::VMCALL => {
-                let r = &vcpu.regs;
-                let call = Call {
-                    selector: r.rax,
-                    caps: [
-                        NameWords { low: r.rbx, high: r.rcx },
-                        NameWords { low: r.rdx, high: r.rsi },
-                        NameWords { low: r.rdi, high: r.r8 },
-                        NameWords { low: r.r9, high: r.r10 },
-                    ],
-                    args: [r.r11, r.r12, r.r13, r.r14, r.r15],
-                };
-                match sink.hypercall(vm, &call) {
-                    Dispatched::Reply(reply) => {
-                        write_reply(&mut vcpu.regs, &reply);
-                        vcpu.skip_bytes(VMCALL_LENGTH)?;
-                    }
-                    // The guest stays at its VMCALL until the reply comes.
-                    Dispatched::Pending(op) => return Ok(Flow::Park(op)),
-                }
-            }
             ExitReason::IO_INSTRUCTION => {
                 let q = vcpu.exit_qualification()?;
                 let (size, is_in, string, port) = ((q & 7) + 1, q & 8 != 0, q & 16 != 0, (q >> 16) as u16);
@@ -324,23 +323,73 @@ impl Guest {
             }
             ExitReason::XSETBV => {
                 let value = (vcpu.regs.rdx << 32) | (vcpu.regs.rax & 0xFFFF_FFFF);
-                if let (0, true, Some(xstate)) = (vcpu.regs.rcx as u32, xsave::valid_xcr0(value), &mut self.xstate) {
-                    xstate.set_guest_xcr0(value);
-                    vcpu.skip_instruction()?;
+                // Every check XSETBV itself makes (SDM Vol. 2 XSETBV, Vol. 1 §13.3): a
+                // value the CPU would refuse is the guest's #GP, never the host's.
+                let refusal = if vcpu.guest_cpl()? != 0 {
+                    Some(String::from("CPL is not 0"))
+                } else if vcpu.regs.rcx as u32 != 0 {
+                    Some(alloc::format!("XCR{} does not exist", vcpu.regs.rcx as u32))
                 } else {
-                    vcpu.inject_exception(13, Some(0))?;
+                    match (&mut self.xstate, xsave::check_guest_xcr0(value)) {
+                        (Some(xstate), Ok(())) => {
+                            xstate.set_guest_xcr0(value);
+                            None
+                        }
+                        (None, _) => Some(String::from("no XSAVE on this CPU")),
+                        (Some(_), Err(e)) => Some(alloc::format!("{e:?}")),
+                    }
+                };
+                match refusal {
+                    None => vcpu.skip_instruction()?,
+                    Some(why) => {
+                        if !self.xsetbv_refusal_logged {
+                            self.xsetbv_refusal_logged = true;
+                            log::info!(target: "guest", "vm{}/{}: XSETBV of {value:#x} refused with #GP: {why} (further refusals are not logged)",
+                                vm.raw(), self.name);
+                        }
+                        vcpu.inject_exception(13, Some(0))?;
+                    }
                 }
             }
             ExitReason::CR_ACCESS => {
-                // Only CR4.VMXE is owned by the hypervisor (CR4 guest/host mask), so the
-                // exit is a MOV to CR4 that sets it: VMX is hidden from guests, so the
-                // write faults as on a CPU without VMX (SDM Vol. 3 §2.5).
+                // The hypervisor owns CR4.VMXE (CR4 guest/host mask): VMX is hidden from
+                // guests, so a MOV to CR4 that sets it faults as on a CPU without VMX
+                // (SDM Vol. 3 §2.5). Without a TPR shadow, CR8 accesses exit too and are
+                // emulated against the guest's own CR8.
                 let q = vcpu.exit_qualification()?;
-                let (cr, access) = (q & 0xF, (q >> 4) & 3);
-                if cr != 4 || access != 0 {
-                    return stop(alloc::format!("unexpected control-register access (CR{cr}, type {access})"));
+                let (cr, access, gpr) = (q & 0xF, (q >> 4) & 3, ((q >> 8) & 0xF) as u8);
+                match (cr, access) {
+                    (4, 0) => vcpu.inject_exception(13, Some(0))?,
+                    (8, 0 | 1) if !vcpu.has_tpr_shadow() => vcpu.emulate_cr8(access == 0, gpr)?,
+                    _ => return stop(alloc::format!("unexpected control-register access (CR{cr}, type {access})")),
                 }
-                vcpu.inject_exception(13, Some(0))?;
+            }
+            ExitReason::MWAIT | ExitReason::MONITOR => {
+                // Emulated as no-ops: MWAIT may return for any reason (SDM Vol. 2 MWAIT),
+                // so going on at once is a correct MWAIT, and the guest never puts the
+                // physical CPU into a sleep state that could outlast its slice.
+                vcpu.skip_instruction()?;
+            }
+            ExitReason::PAUSE => {
+                // A PAUSE loop longer than the PLE window: the guest spins waiting for
+                // something, so the rest of its slice goes to the CPU's other guests.
+                vcpu.skip_instruction()?;
+                return Ok(Flow::Yield);
+            }
+            ExitReason::TPR_BELOW_THRESHOLD => {
+                // Trap-like (the guest is already past its CR8 write); the threshold is 0,
+                // so this exit only follows a threshold some future code sets.
+            }
+            ExitReason::EXCEPTION_OR_NMI => {
+                // An NMI that arrived while the guest ran is the platform's: the
+                // hypervisor takes it and the guest goes on, with any event it cut short.
+                if !vcpu.absorb_nmi_exit()? {
+                    let info = vcpu.exit_interruption_info()?;
+                    self.flush_console();
+                    return stop(alloc::format!("unexpected exception exit (interruption information {info:#x})"));
+                }
+                log::warn!(target: "guest", "vm{}/{}: an NMI arrived while it ran; taken by the hypervisor, the guest goes on",
+                    vm.raw(), self.name);
             }
             ExitReason::RDMSR | ExitReason::WRMSR => {
                 // MSRs are denied by default: the guest sees #GP(0), as on a CPU without
@@ -374,6 +423,7 @@ impl Guest {
                 // (its handler acknowledges it), then go back to the guest.
                 // SAFETY: the host IDT handles every vector the APIC can deliver here.
                 unsafe { core::arch::asm!("sti", "nop", "cli", options(nomem, nostack)) };
+                vcpu.reinject_interrupted_event()?;
                 sink.interrupted();
             }
             other => {
@@ -413,6 +463,32 @@ impl Drop for Guest {
         self.vcpu = None;
         self.ept = None;
         memory::free_frames(self.memory, (self.memory_size / PAGE_SIZE) as usize);
+    }
+}
+
+/// Handles a VMCALL exit, the hot path: the call goes to `sink`, and its reply to the
+/// guest's registers; or the guest waits for it.
+#[inline(always)]
+fn handle_hypercall(vm: VmId, vcpu: &mut Vcpu, sink: &mut dyn HypercallSink) -> Result<Flow, VcpuError> {
+    let r = &vcpu.regs;
+    let call = Call {
+        selector: r.rax,
+        caps: [
+            NameWords { low: r.rbx, high: r.rcx },
+            NameWords { low: r.rdx, high: r.rsi },
+            NameWords { low: r.rdi, high: r.r8 },
+            NameWords { low: r.r9, high: r.r10 },
+        ],
+        args: [r.r11, r.r12, r.r13, r.r14, r.r15],
+    };
+    match sink.hypercall(vm, &call) {
+        Dispatched::Reply(reply) => {
+            write_reply(&mut vcpu.regs, &reply);
+            vcpu.skip_bytes(VMCALL_LENGTH)?;
+            Ok(Flow::Continue)
+        }
+        // The guest stays at its VMCALL until the reply comes.
+        Dispatched::Pending(op) => Ok(Flow::Park(op)),
     }
 }
 

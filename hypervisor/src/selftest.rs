@@ -51,6 +51,9 @@ const CASES: &[Case] = &[
     case("guest_triple_fault_stops_guest", guest_triple_fault_stops_guest),
     case("tlb_vpid_recycled_and_invalidated", tlb_vpid_recycled_and_invalidated),
     case("tlb_guests_in_a_row", tlb_guests_in_a_row),
+    case("guest_skip_ends_interrupt_shadow", guest_skip_ends_interrupt_shadow),
+    case("guest_nmi_exit_resumes", guest_nmi_exit_resumes),
+    case("guest_interrupted_event_is_reinjected", guest_interrupted_event_is_reinjected),
     Case { name: "exception", run: exception_stops_machine, explicit: true },
     case("host_code_not_writable", host_code_not_writable),
     case("host_data_not_executable", host_data_not_executable),
@@ -532,4 +535,131 @@ fn tlb_guests_in_a_row(_: &Context<'_>) -> CaseResult {
             after.invvpids - before.invvpids
         )
     })
+}
+/// An emulated instruction that ran in the shadow of MOV SS or STI ends the shadow when the
+/// hypervisor skips it (SDM Vol. 3 §25.4.2): the blocking is not carried over to the
+/// guest's next instruction.
+fn guest_skip_ends_interrupt_shadow(_: &Context<'_>) -> CaseResult {
+    use crate::vmx::vmcs::{self, ExitReason, VmcsField};
+    let code = [
+        0x31, 0xC0, // xor eax, eax
+        0x8E, 0xD0, // mov ss, eax (a null SS is allowed at CPL0 in 64-bit mode; the
+        // guest has no GDT)
+        0x0F, 0xA2, // cpuid: exits in the MOV-SS shadow
+        0xFB, // sti
+        0x0F, 0xA2, // cpuid: exits in the STI shadow
+        0xFA, // cli
+        0xF4, // hlt
+    ];
+    let mut guest = TestGuest::new(&code)?;
+    for (shadow, bit) in [("MOV SS", 2u64), ("STI", 1)] {
+        let exit = guest.run()?;
+        check(exit.reason == ExitReason::CPUID, || format!("exit {:?}, expected CPUID after {shadow}", exit.reason))?;
+        let before = vmcs::read(VmcsField::GUEST_INTERRUPTIBILITY).map_err(|e| format!("{e}"))?;
+        check(before & bit != 0, || format!("no blocking by {shadow} reported at the CPUID exit ({before:#x})"))?;
+        guest.vcpu().skip_instruction().map_err(|e| format!("{e}"))?;
+        let after = vmcs::read(VmcsField::GUEST_INTERRUPTIBILITY).map_err(|e| format!("{e}"))?;
+        check(after & 3 == 0, || format!("blocking by {shadow} kept after the skip ({after:#x})"))?;
+    }
+    let exit = guest.run()?;
+    check(exit.reason == ExitReason::HLT, || format!("last exit {:?}, expected HLT", exit.reason))
+}
+
+/// An NMI that arrives while a guest runs exits (NMI exiting) and is absorbed by the
+/// hypervisor: the guest goes on where it was. The guest here is given this CPU's local
+/// APIC page (only in this test) and sends itself the NMI through the ICR, as another CPU
+/// or the platform would; the old exit handler stopped guests at this exit.
+fn guest_nmi_exit_resumes(_: &Context<'_>) -> CaseResult {
+    use crate::vmx::vmcs::ExitReason;
+    const APIC: u64 = 0xFEE0_0000;
+    // SAFETY: IA32_APIC_BASE exists on every x86-64 CPU.
+    let apic_base = unsafe { x86::msr::rdmsr(0x1B) } & 0x000F_FFFF_FFFF_F000;
+    check(apic_base == APIC, || format!("local APIC at {apic_base:#x}, this case expects {APIC:#x}"))?;
+    let destination = crate::arch::apic::id() << 24;
+    let mut code = alloc::vec![0x48, 0xB8]; // mov rax, APIC
+    code.extend_from_slice(&APIC.to_le_bytes());
+    code.extend_from_slice(&[0xC7, 0x80, 0x10, 0x03, 0x00, 0x00]); // mov dword [rax + 0x310], destination
+    code.extend_from_slice(&destination.to_le_bytes());
+    code.extend_from_slice(&[0xC7, 0x80, 0x00, 0x03, 0x00, 0x00]); // mov dword [rax + 0x300], NMI | assert
+    code.extend_from_slice(&0x4400u32.to_le_bytes());
+    code.extend_from_slice(&[0x48, 0xC7, 0xC3, 0x2A, 0x00, 0x00, 0x00, 0xF4]); // mov rbx, 42; hlt
+    let mut guest = TestGuest::new(&code)?;
+    // Guest-virtual 3-4 GiB through a second page directory, and the APIC page in the EPT.
+    guest.write_u64(0x2000 + 3 * 8, 0x4000 | 3);
+    guest.write_u64(0x4000 + ((APIC >> 21) & 511) * 8, APIC | 0x83 | 1 << 4);
+    let ept = guest.ept.as_mut().ok_or("no EPT")?;
+    ept.map_range(APIC, APIC, PAGE_SIZE, nk_paging::EptPerms::RW)
+        .map_err(|e| format!("EPT map of the APIC page: {e}"))?;
+    let exit = guest.run()?;
+    check(exit.reason == ExitReason::EXCEPTION_OR_NMI, || format!("exit {:?}, expected the NMI's", exit.reason))?;
+    let absorbed = guest.vcpu().absorb_nmi_exit().map_err(|e| format!("{e}"))?;
+    check(absorbed, || "the exit was not an NMI's".into())?;
+    let exit = guest.run()?;
+    check(exit.reason == ExitReason::HLT, || format!("exit {:?} after the NMI, expected HLT", exit.reason))?;
+    let rbx = guest.vcpu().regs.rbx;
+    check(rbx == 42, || format!("guest rbx {rbx}, expected 42: it did not go on where it was"))
+}
+
+/// An event whose delivery a VM exit cuts short is injected again at the next entry (SDM
+/// Vol. 3 §28.2.4): the hypervisor injects #GP(0) (as for a refused XSETBV), the guest's
+/// IDT is not mapped yet, so delivering the #GP exits with an EPT violation; once the IDT
+/// page is mapped, the guest's handler must receive that #GP with its error code and
+/// return address. Without re-injection the event is lost and the guest re-executes
+/// its CPUID instead.
+fn guest_interrupted_event_is_reinjected(_: &Context<'_>) -> CaseResult {
+    use crate::vmx::vmcs::{self, ExitReason, VmcsField};
+    const IDT: u64 = TEST_GUEST_RAM; // the first page past the guest's RAM
+    const HANDLER: u64 = TEST_GUEST_CODE + 0x10;
+    let mut code = [0u8; 0x11];
+    code[..3].copy_from_slice(&[0x0F, 0xA2, 0xF4]); // cpuid; hlt
+    code[0x10] = 0xF4; // the #GP handler: hlt
+    let mut guest = TestGuest::new(&code)?;
+    guest.write_u64(0x6008, 0x00AF_9A00_0000_FFFF); // GDT: 64-bit code at 0x08
+                                                    // SAFETY: guest-state fields of this test guest's current VMCS.
+    unsafe {
+        for (field, value) in [
+            (VmcsField::GUEST_GDTR_BASE, 0x6000),
+            (VmcsField::GUEST_GDTR_LIMIT, 15),
+            (VmcsField::GUEST_IDTR_BASE, IDT),
+            (VmcsField::GUEST_IDTR_LIMIT, 0xFFF),
+        ] {
+            vmcs::write(field, value).map_err(|e| format!("{e}"))?;
+        }
+    }
+    let exit = guest.run()?;
+    check(exit.reason == ExitReason::CPUID, || format!("first exit {:?}, expected CPUID", exit.reason))?;
+    guest.vcpu().inject_exception(13, Some(0)).map_err(|e| format!("{e}"))?;
+    let exit = guest.run()?;
+    check(exit.reason == ExitReason::EPT_VIOLATION, || {
+        format!("exit {:?}, expected EPT violation at the IDT", exit.reason)
+    })?;
+    let vectoring = vmcs::read(VmcsField::IDT_VECTORING_INFO).map_err(|e| format!("{e}"))?;
+    check(vectoring & 0x8000_07FF == 0x8000_030D, || {
+        format!("IDT-vectoring information {vectoring:#x}, expected #GP")
+    })?;
+    guest.vcpu().reinject_interrupted_event().map_err(|e| format!("{e}"))?;
+    let entry = vmcs::read(VmcsField::ENTRY_INTERRUPTION_INFO).map_err(|e| format!("{e}"))?;
+    check(entry == 0x8000_0B0D, || format!("entry interruption information {entry:#x}, expected #GP with error code"))?;
+    let page = memory::alloc_zeroed_frame().ok_or("no frame for the IDT")?;
+    let gate = [(HANDLER & 0xFFFF) | (0x08 << 16) | (0x8E << 40) | ((HANDLER >> 16 & 0xFFFF) << 48), HANDLER >> 32];
+    // SAFETY: a fresh identity-mapped frame; gate 13 lies within it.
+    unsafe { ((page.as_u64() + 13 * 16) as *mut [u64; 2]).write(gate) };
+    let result = (|| {
+        let ept = guest.ept.as_mut().ok_or("no EPT")?;
+        ept.map_range(IDT, page.as_u64(), PAGE_SIZE, nk_paging::EptPerms::RW)
+            .map_err(|e| format!("EPT map of the IDT: {e}"))?;
+        let exit = guest.run()?;
+        check(exit.reason == ExitReason::HLT, || {
+            format!("exit {:?} after re-injection, expected the handler's HLT", exit.reason)
+        })?;
+        let rip = guest.vcpu().rip().unwrap_or(0);
+        check(rip == HANDLER, || format!("guest halted at {rip:#x}, not in its #GP handler"))?;
+        let (error_code, return_rip) = (guest.read_u64(0x20_0000 - 48), guest.read_u64(0x20_0000 - 40));
+        check(error_code == 0 && return_rip == TEST_GUEST_CODE, || {
+            format!("the handler got error code {error_code:#x} and return address {return_rip:#x}")
+        })
+    })();
+    drop(guest);
+    memory::free_frame(page);
+    result
 }

@@ -530,6 +530,7 @@ fn check_port_grants(port: u16) {
     println!("GTEST FAILED ports_revoke: the port stayed open after revocation");
 }
 
+mod attacks_vcpu;
 mod cpuid_controls;
 mod fuzz;
 mod protocol;
@@ -600,8 +601,17 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
             let (peers, count) = vm_list(words);
             protocol::bench(&peers[..count], boot.vm as u32);
         }
+        Some(mode @ ("xcr0" | "xmmleak" | "tpr" | "leakprobe")) => {
+            let mut number = |default: u64| words.next().and_then(|n| n.parse().ok()).unwrap_or(default);
+            match mode {
+                "xcr0" => attacks_vcpu::xcr0_games(number(300)),
+                "xmmleak" => attacks_vcpu::xmm_leak(number(boot.vm), number(300)),
+                "tpr" => attacks_vcpu::tpr_park(number(2) as u32, number(20)),
+                _ => attacks_vcpu::leak_probe(number(boot.vm), number(300)),
+            }
+        }
         Some(other) => println!(
-            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..])"
+            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..], xcr0 ROUNDS, xmmleak SEED ROUNDS, tpr PEER ROUNDS, leakprobe SEED ROUNDS)"
         ),
     }
     println!("GTEST done");

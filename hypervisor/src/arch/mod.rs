@@ -9,6 +9,7 @@ pub mod idt;
 pub mod pic;
 pub mod pit;
 pub mod port;
+pub mod switched;
 pub mod xsave;
 
 pub use cpu::{cpu_summary, sleep_unless};

@@ -4,6 +4,7 @@
 
 use core::arch::{asm, global_asm};
 use core::fmt;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use x86::msr::rdmsr;
 
@@ -123,20 +124,34 @@ mod want {
     pub const PIN_NMI: u32 = 1 << 3;
     pub const PIN_PREEMPTION_TIMER: u32 = 1 << 6;
     pub const PROC_HLT: u32 = 1 << 7;
+    pub const PROC_MWAIT: u32 = 1 << 10;
+    pub const PROC_CR8_LOAD: u32 = 1 << 19;
+    pub const PROC_CR8_STORE: u32 = 1 << 20;
+    pub const PROC_TPR_SHADOW: u32 = 1 << 21;
     pub const PROC_USE_IO_BITMAPS: u32 = 1 << 25;
     pub const PROC_USE_MSR_BITMAPS: u32 = 1 << 28;
+    pub const PROC_MONITOR: u32 = 1 << 29;
     pub const PROC_SECONDARY: u32 = 1 << 31;
     pub const PROC2_EPT: u32 = 1 << 1;
     pub const PROC2_VPID: u32 = 1 << 5;
+    pub const PROC2_PAUSE_LOOP: u32 = 1 << 10;
+    pub const EXIT_SAVE_DEBUG: u32 = 1 << 2;
     pub const EXIT_HOST_64BIT: u32 = 1 << 9;
     pub const EXIT_SAVE_PAT: u32 = 1 << 18;
     pub const EXIT_LOAD_PAT: u32 = 1 << 19;
     pub const EXIT_SAVE_EFER: u32 = 1 << 20;
     pub const EXIT_LOAD_EFER: u32 = 1 << 21;
+    pub const ENTRY_LOAD_DEBUG: u32 = 1 << 2;
     pub const ENTRY_IA32E_GUEST: u32 = 1 << 9;
     pub const ENTRY_LOAD_PAT: u32 = 1 << 14;
     pub const ENTRY_LOAD_EFER: u32 = 1 << 15;
 }
+
+/// PAUSE-loop exiting: PAUSEs at most this many TSC ticks apart form one spin loop
+/// (SDM Vol. 3 §25.6.13), and a loop longer than the window exits; the values are the
+/// ones KVM starts from.
+const PLE_GAP: u64 = 128;
+const PLE_WINDOW: u64 = 4096;
 
 /// Why a vCPU could not be set up or entered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,9 +179,15 @@ impl fmt::Display for VcpuError {
                 write!(f, "VMCS control {field:#x}: bits {missing:#x} not allowed by this CPU")
             }
             VcpuError::Vmx(fail) => write!(f, "{fail}"),
-            VcpuError::OutOfMemory => write!(f, "no frame for the VMCS"),
+            VcpuError::OutOfMemory => write!(f, "no frame for the VMCS or the virtual-APIC page"),
         }
     }
+}
+
+/// Returns the controls a capability MSR allows to be 1 (its high half).
+fn allowed_one(capability_msr: u32) -> u32 {
+    // SAFETY: the VMX capability MSRs exist on every CPU in VMX root operation.
+    (unsafe { rdmsr(capability_msr) } >> 32) as u32
 }
 
 /// Forces `wanted` into the allowed range of a capability MSR: allowed-0 bits (low half)
@@ -194,6 +215,12 @@ pub struct Exit {
 #[derive(Debug)]
 pub struct Vcpu {
     vmcs: HostPhysAddr,
+    /// The virtual-APIC page: its VTPR byte (offset 0x80) is the guest's CR8 under the
+    /// TPR shadow (SDM Vol. 3 §30.1.1). None where the CPU lacks the TPR shadow; then
+    /// CR8 accesses exit and `cr8` holds the guest's value.
+    virtual_apic: Option<HostPhysAddr>,
+    /// The guest's CR8 without a TPR shadow (bits 3:0).
+    cr8: u8,
     pub regs: GuestRegs,
     launched: bool,
     /// Its VPID from the pool (None: it runs without one). Dropped after the VMCS is
@@ -222,7 +249,18 @@ impl Vcpu {
         // SAFETY: a fresh, zeroed, identity-mapped frame owned by this vCPU; the first
         // dword is the revision identifier (SDM §25.2).
         unsafe { (vmcs.as_u64() as *mut u32).write_volatile(caps.vmcs_revision) };
-        let vcpu = Self { vmcs, regs: GuestRegs::default(), launched: false, vpid: Vpid::allocate(caps) };
+        let mut vcpu = Self {
+            vmcs,
+            virtual_apic: None,
+            cr8: 0,
+            regs: GuestRegs::default(),
+            launched: false,
+            vpid: Vpid::allocate(caps),
+        };
+        let (_, proc, _, _) = control_msrs(caps);
+        if allowed_one(proc) & want::PROC_TPR_SHADOW != 0 {
+            vcpu.virtual_apic = Some(memory::alloc_zeroed_frame().ok_or(VcpuError::OutOfMemory)?);
+        }
         // SAFETY: the frame is this vCPU's VMCS region and not current anywhere else.
         unsafe {
             vmcs::clear(vmcs.as_u64())?;
@@ -235,9 +273,27 @@ impl Vcpu {
     }
 
     fn setup_controls(&self, caps: &VmxCaps, start: &GuestStart) -> Result<(), VcpuError> {
-        let (pin, proc, exit, entry) =
-            if caps.true_controls { (0x48D, 0x48E, 0x48F, 0x490) } else { (0x481, 0x482, 0x483, 0x484) };
+        let (pin, proc, exit, entry) = control_msrs(caps);
         let vpid = if self.vpid.is_some() { want::PROC2_VPID } else { 0 };
+        // The guest's CR8 is its own: the TPR shadow keeps it in the virtual-APIC page,
+        // else every CR8 access exits and is emulated; the physical TPR stays the host's,
+        // so a guest cannot mask the hypervisor's doorbells (SDM Vol. 3 §30.1).
+        let tpr = match self.virtual_apic {
+            Some(_) => want::PROC_TPR_SHADOW,
+            None => want::PROC_CR8_LOAD | want::PROC_CR8_STORE,
+        };
+        // MONITOR/MWAIT exit (emulated as no-ops) where the CPU lets them; PAUSE loops
+        // end the guest's slice where it offers PAUSE-loop exiting.
+        let idle = allowed_one(proc) & (want::PROC_MWAIT | want::PROC_MONITOR);
+        let pause_loop = allowed_one(msr::IA32_VMX_PROCBASED_CTLS2) & want::PROC2_PAUSE_LOOP;
+        static DESCRIBED: AtomicBool = AtomicBool::new(false);
+        if !DESCRIBED.swap(true, Ordering::Relaxed) {
+            let (mask, bytes) = crate::arch::xsave::switching();
+            log::info!(target: "vmx", "guest vCPUs: CR8 {}, MONITOR/MWAIT {}, PAUSE loops {}; XSAVE state switched under XCR0 {mask:#x} ({bytes}-byte areas)",
+                if self.virtual_apic.is_some() { "in a TPR shadow" } else { "emulated at CR8 exits" },
+                if idle == want::PROC_MWAIT | want::PROC_MONITOR { "exit (no-ops)" } else { "run natively (no exiting offered)" },
+                if pause_loop != 0 { "end the slice (PAUSE-loop exiting)" } else { "run natively (no PAUSE-loop exiting)" });
+        }
         let fields = [
             (
                 F::PIN_BASED_CONTROLS,
@@ -252,12 +308,21 @@ impl Vcpu {
                 adjust(
                     proc,
                     F::PRIMARY_PROCESSOR_CONTROLS,
-                    want::PROC_HLT | want::PROC_USE_IO_BITMAPS | want::PROC_USE_MSR_BITMAPS | want::PROC_SECONDARY,
+                    want::PROC_HLT
+                        | want::PROC_USE_IO_BITMAPS
+                        | want::PROC_USE_MSR_BITMAPS
+                        | want::PROC_SECONDARY
+                        | tpr
+                        | idle,
                 )?,
             ),
             (
                 F::SECONDARY_PROCESSOR_CONTROLS,
-                adjust(msr::IA32_VMX_PROCBASED_CTLS2, F::SECONDARY_PROCESSOR_CONTROLS, want::PROC2_EPT | vpid)?,
+                adjust(
+                    msr::IA32_VMX_PROCBASED_CTLS2,
+                    F::SECONDARY_PROCESSOR_CONTROLS,
+                    want::PROC2_EPT | vpid | pause_loop,
+                )?,
             ),
             (
                 F::EXIT_CONTROLS,
@@ -265,6 +330,7 @@ impl Vcpu {
                     exit,
                     F::EXIT_CONTROLS,
                     want::EXIT_HOST_64BIT
+                        | want::EXIT_SAVE_DEBUG
                         | want::EXIT_SAVE_PAT
                         | want::EXIT_LOAD_PAT
                         | want::EXIT_SAVE_EFER
@@ -276,7 +342,7 @@ impl Vcpu {
                 adjust(
                     entry,
                     F::ENTRY_CONTROLS,
-                    want::ENTRY_IA32E_GUEST | want::ENTRY_LOAD_PAT | want::ENTRY_LOAD_EFER,
+                    want::ENTRY_IA32E_GUEST | want::ENTRY_LOAD_DEBUG | want::ENTRY_LOAD_PAT | want::ENTRY_LOAD_EFER,
                 )?,
             ),
         ];
@@ -297,9 +363,33 @@ impl Vcpu {
             vmcs::write(F::VMCS_LINK_POINTER, u64::MAX)?;
             // The longest slice until a scheduler arms a shorter one.
             vmcs::write(F::GUEST_PREEMPTION_TIMER, u64::from(u32::MAX))?;
-            // The guest sees CR4.VMXE clear; it may not change the bit.
+            // The guest sees CR4.VMXE clear; it may not change the bit. CR0 is the
+            // guest's own (the VMX fixed bits still hold in VMX non-root operation).
             vmcs::write(F::CR4_GUEST_HOST_MASK, 1 << 13)?;
             vmcs::write(F::CR4_READ_SHADOW, 0)?;
+            vmcs::write(F::CR0_GUEST_HOST_MASK, 0)?;
+            vmcs::write(F::CR0_READ_SHADOW, 0)?;
+            // Every field a control above relies on is written, none trusted to the
+            // zeroed region: no CR3 targets, no MSR lists, no event to inject, #PF
+            // exits only through the exception bitmap (mask = match = 0).
+            vmcs::write(F::CR3_TARGET_COUNT, 0)?;
+            vmcs::write(F::EXIT_MSR_STORE_COUNT, 0)?;
+            vmcs::write(F::EXIT_MSR_LOAD_COUNT, 0)?;
+            vmcs::write(F::ENTRY_MSR_LOAD_COUNT, 0)?;
+            vmcs::write(F::PAGE_FAULT_ERROR_CODE_MASK, 0)?;
+            vmcs::write(F::PAGE_FAULT_ERROR_CODE_MATCH, 0)?;
+            vmcs::write(F::ENTRY_INTERRUPTION_INFO, 0)?;
+            vmcs::write(F::ENTRY_EXCEPTION_ERROR_CODE, 0)?;
+            vmcs::write(F::ENTRY_INSTRUCTION_LENGTH, 0)?;
+            if let Some(page) = self.virtual_apic {
+                // Threshold 0: lowering the virtual TPR never exits.
+                vmcs::write(F::VIRTUAL_APIC_PAGE_ADDR, page.as_u64())?;
+                vmcs::write(F::TPR_THRESHOLD, 0)?;
+            }
+            if pause_loop != 0 {
+                vmcs::write(F::PLE_GAP, PLE_GAP)?;
+                vmcs::write(F::PLE_WINDOW, PLE_WINDOW)?;
+            }
         }
         Ok(())
     }
@@ -398,6 +488,7 @@ impl Vcpu {
                 (F::GUEST_IDTR_BASE, 0),
                 (F::GUEST_IDTR_LIMIT, 0),
                 (F::GUEST_DR7, 0x400),
+                (F::GUEST_IA32_DEBUGCTL, 0),
                 (F::GUEST_RSP, start.rsp),
                 (F::GUEST_RIP, start.rip),
                 (F::GUEST_RFLAGS, 0x2),
@@ -413,6 +504,7 @@ impl Vcpu {
             for (field, value) in fields {
                 vmcs::write(field, value)?;
             }
+            vmcs::write(F::CR0_READ_SHADOW, cr0)?;
         }
         Ok(())
     }
@@ -444,14 +536,30 @@ impl Vcpu {
         Ok(vmcs::read(F::GUEST_PHYSICAL_ADDRESS)?)
     }
 
-    /// Moves the guest past the instruction that exited.
+    /// Moves the guest past the instruction that exited, as if it had executed: the
+    /// blocking by STI or MOV SS that covered it ends with it (SDM Vol. 3 §25.4.2,
+    /// Table 25-3), so a shadow is not carried over to the next instruction.
     pub fn skip_instruction(&mut self) -> Result<(), VcpuError> {
         let length = vmcs::read(F::EXIT_INSTRUCTION_LENGTH)?;
-        self.skip_bytes(length)
+        self.skip_bytes(length)?;
+        const STI_OR_MOV_SS: u64 = 0b11;
+        let interruptibility = vmcs::read(F::GUEST_INTERRUPTIBILITY)?;
+        if interruptibility & STI_OR_MOV_SS != 0 {
+            // SAFETY: clearing the shadow bits leaves a consistent guest state (no event
+            // is being injected that the bits would have to accompany).
+            unsafe { vmcs::write(F::GUEST_INTERRUPTIBILITY, interruptibility & !STI_OR_MOV_SS)? };
+        }
+        Ok(())
     }
 
     /// Moves the guest past an exiting instruction whose length is fixed (VMCALL: 3 bytes,
     /// SDM Vol. 2), saving the read of the instruction-length field on the hot path.
+    ///
+    /// Unlike `skip_instruction` it leaves the interruptibility state alone: a VMCALL
+    /// after STI or MOV SS keeps the shadow one instruction longer. That delays nothing the
+    /// guest could miss: the hypervisor injects no interrupts or NMIs into guests, and the
+    /// host's own interrupts still end the guest's run at the next instruction. So the
+    /// hypercall path saves the VMREAD of the interruptibility state.
     pub fn skip_bytes(&mut self, length: u64) -> Result<(), VcpuError> {
         let rip = vmcs::read(F::GUEST_RIP)?;
         // SAFETY: advancing RIP by the exiting instruction's length is what the SDM
@@ -510,6 +618,125 @@ impl Vcpu {
     pub fn rip(&self) -> Result<u64, VcpuError> {
         Ok(vmcs::read(F::GUEST_RIP)?)
     }
+
+    /// Returns the guest's current privilege level: the DPL of its SS, which equals CPL
+    /// (SDM Vol. 3 §25.4.1).
+    pub fn guest_cpl(&self) -> Result<u8, VcpuError> {
+        Ok(((vmcs::read(F::GUEST_SS_ACCESS_RIGHTS)? >> 5) & 3) as u8)
+    }
+
+    /// Returns the VM-exit interruption information of the last exit (what exception or
+    /// NMI caused it, SDM Vol. 3 §28.2.2).
+    pub fn exit_interruption_info(&self) -> Result<u32, VcpuError> {
+        Ok(vmcs::read(F::EXIT_INTERRUPTION_INFO)? as u32)
+    }
+
+    /// Handles an exit with basic reason 0 if an NMI caused it (NMI exiting: the NMI is
+    /// the platform's, not the guest's): ends the NMI blocking the exit left in the host
+    /// and keeps any event the NMI cut short for the next entry. Returns false, doing
+    /// nothing, for an exception exit.
+    pub fn absorb_nmi_exit(&mut self) -> Result<bool, VcpuError> {
+        if !nk_cpustate::events::is_nmi(self.exit_interruption_info()?) {
+            return Ok(false);
+        }
+        crate::arch::switched::unblock_nmis();
+        self.reinject_interrupted_event()?;
+        Ok(true)
+    }
+
+    /// Makes the next VM entry inject again an event whose delivery the last exit cut
+    /// short (the IDT-vectoring information, SDM Vol. 3 §28.2.4), so the guest does not
+    /// lose it. Only exits that are not caused by an instruction can interrupt a delivery;
+    /// instruction exits (VMCALL, CPUID, ...) never call this.
+    pub fn reinject_interrupted_event(&mut self) -> Result<(), VcpuError> {
+        let vectoring = vmcs::read(F::IDT_VECTORING_INFO)? as u32;
+        if vectoring & nk_cpustate::events::VALID == 0 {
+            return Ok(());
+        }
+        let error_code = vmcs::read(F::IDT_VECTORING_ERROR_CODE)? as u32;
+        let length = vmcs::read(F::EXIT_INSTRUCTION_LENGTH)? as u32;
+        let Some(event) = nk_cpustate::events::reinjection(vectoring, error_code, length) else {
+            return Ok(());
+        };
+        // SAFETY: the event is the guest's own, as the CPU reported it; VM entry checks
+        // the fields.
+        unsafe {
+            if let Some(code) = event.error_code {
+                vmcs::write(F::ENTRY_EXCEPTION_ERROR_CODE, u64::from(code))?;
+            }
+            if let Some(length) = event.instruction_length {
+                vmcs::write(F::ENTRY_INSTRUCTION_LENGTH, u64::from(length))?;
+            }
+            vmcs::write(F::ENTRY_INTERRUPTION_INFO, u64::from(event.info))?;
+        }
+        Ok(())
+    }
+
+    /// Tells whether the guest's CR8 lives in the virtual-APIC page (TPR shadow) rather
+    /// than being emulated at CR8 exits.
+    pub fn has_tpr_shadow(&self) -> bool {
+        self.virtual_apic.is_some()
+    }
+
+    /// Emulates `mov cr8, reg` (`to_cr8`) or `mov reg, cr8` for general-purpose register
+    /// `gpr` (its encoding, SDM Vol. 3 Table 28-3) where CR8 accesses exit; CR8 holds the
+    /// task priority in bits 3:0 and the physical TPR is never touched.
+    pub fn emulate_cr8(&mut self, to_cr8: bool, gpr: u8) -> Result<(), VcpuError> {
+        if to_cr8 {
+            let value = match gpr {
+                4 => vmcs::read(F::GUEST_RSP)?,
+                n => *self.regs.by_encoding(n),
+            };
+            // Bits 63:4 are reserved: a write that sets one faults (SDM Vol. 3 §2.5).
+            if value >> 4 != 0 {
+                return self.inject_exception(13, Some(0));
+            }
+            self.cr8 = value as u8;
+        } else {
+            let value = u64::from(self.cr8);
+            match gpr {
+                // SAFETY: only the guest's RSP changes.
+                4 => unsafe { vmcs::write(F::GUEST_RSP, value)? },
+                n => *self.regs.by_encoding(n) = value,
+            }
+        }
+        self.skip_instruction()
+    }
+}
+
+/// The control capability MSRs for (pin, primary, exit, entry): the TRUE ones where the
+/// CPU has them (SDM Vol. 3 Appendix A.3).
+fn control_msrs(caps: &VmxCaps) -> (u32, u32, u32, u32) {
+    if caps.true_controls {
+        (0x48D, 0x48E, 0x48F, 0x490)
+    } else {
+        (0x481, 0x482, 0x483, 0x484)
+    }
+}
+
+impl GuestRegs {
+    /// Returns the register with instruction encoding `n` (0 RAX, 1 RCX, 2 RDX, 3 RBX,
+    /// 5 RBP, 6 RSI, 7 RDI, 8-15 R8-R15; RSP, 4, lives in the VMCS and maps to RAX here,
+    /// callers handle it first).
+    fn by_encoding(&mut self, n: u8) -> &mut u64 {
+        match n & 0xF {
+            1 => &mut self.rcx,
+            2 => &mut self.rdx,
+            3 => &mut self.rbx,
+            5 => &mut self.rbp,
+            6 => &mut self.rsi,
+            7 => &mut self.rdi,
+            8 => &mut self.r8,
+            9 => &mut self.r9,
+            10 => &mut self.r10,
+            11 => &mut self.r11,
+            12 => &mut self.r12,
+            13 => &mut self.r13,
+            14 => &mut self.r14,
+            15 => &mut self.r15,
+            _ => &mut self.rax,
+        }
+    }
 }
 
 impl Drop for Vcpu {
@@ -517,6 +744,10 @@ impl Drop for Vcpu {
         // SAFETY: the VMCS is ours; clearing makes it inactive before the frame is freed.
         if unsafe { vmcs::clear(self.vmcs.as_u64()) }.is_ok() {
             memory::free_frame(self.vmcs);
+            // The virtual-APIC page is referenced only by this (now inactive) VMCS.
+            if let Some(page) = self.virtual_apic.take() {
+                memory::free_frame(page);
+            }
         }
     }
 }
