@@ -244,6 +244,14 @@ impl CapTable {
             }
             ensure!(count == entry.held as usize, "held counts the holder's list");
             listed += count;
+            let charged = self.nodes.iter().filter(|node| node.payer == Some(entry.principal)).count();
+            ensure!(charged == entry.charged as usize, "charged counts the nodes the principal pays for");
+        }
+        for node in self.nodes.iter() {
+            if let Some(payer) = node.payer {
+                ensure!(!matches!(node.state, State::Free) && !node.state.is_proxy(), "only capabilities have payers");
+                ensure!(self.principal(payer).is_some(), "a node's payer is registered");
+            }
         }
         let proxies = self.nodes.iter().filter(|n| n.state.is_proxy()).count();
         ensure!(listed + proxies == in_use, "every capability is on one holder's list");

@@ -58,6 +58,8 @@ struct PrincipalEntry {
     principal: Principal,
     quota: u32,
     held: u32,
+    /// Nodes whose `payer` is this principal.
+    charged: u32,
     held_head: Link,
     /// Set when the principal is being removed (a crash under way): it may receive no new
     /// capability, so the revocation of what it holds can finish.
@@ -128,7 +130,10 @@ pub struct CapInfo {
 pub struct Usage {
     /// The capabilities it holds, live or revoked and not yet deleted.
     pub held: u32,
-    /// The most it may hold.
+    /// The capabilities charged to it: those it holds and did not receive by delegation,
+    /// and those it delegated to others that are not freed yet.
+    pub charged: u32,
+    /// The most that may be charged to it.
     pub quota: u32,
 }
 
@@ -169,6 +174,8 @@ struct NewCap {
     object: Object,
     rights: Rights,
     holder: Principal,
+    /// The principal charged for it (see [`CapTable::delegate`]).
+    payer: Principal,
     binding: Binding,
     parent: Link,
 }
@@ -299,7 +306,7 @@ impl CapTable {
 
     /// Returns how much of its quota `principal` uses, if it is registered.
     pub fn usage(&self, principal: Principal) -> Option<Usage> {
-        self.principal(principal).map(|entry| Usage { held: entry.held, quota: entry.quota })
+        self.principal(principal).map(|entry| Usage { held: entry.held, charged: entry.charged, quota: entry.quota })
     }
 
     /// Removes VM `vm` (it was destroyed or crashed): revokes every live capability it
@@ -331,7 +338,12 @@ impl CapTable {
                 self.unlink_from_parent(slot);
                 self.prune(parent, &mut remote::Discard);
             }
+            self.uncharge(slot);
             self.release(slot);
+        }
+        // What the VM paid for and others still hold is charged to no one from now on.
+        for node in self.nodes.iter_mut().filter(|node| node.payer == Some(principal)) {
+            node.payer = None;
         }
         let position = self.principal_position(principal).expect("the principal was found above");
         self.principals.remove(position);
@@ -356,7 +368,7 @@ impl CapTable {
         if !kind.defined_rights().contains(rights) {
             return Err(CapError::UndefinedRights);
         }
-        self.create(NewCap { object, rights, holder: caller, binding: Binding::Bound, parent: Link::NIL })
+        self.create(NewCap { object, rights, holder: caller, payer: caller, binding: Binding::Bound, parent: Link::NIL })
     }
 
     /// Creates a child of capability `name` holding only the rights in `mask`, held by
@@ -365,12 +377,14 @@ impl CapTable {
     pub fn derive(&mut self, caller: Principal, name: CapName, mask: Rights) -> Result<CapName, CapError> {
         let parent = self.resolve(caller, name)?;
         let binding = self.nodes[parent].binding;
-        self.create_child(parent, caller, mask, binding)
+        self.create_child(parent, caller, caller, mask, binding)
     }
 
     /// Creates a child of capability `name` holding only the rights in `mask`, held by
     /// `target`, bound to it or a bearer capability as `binding` says. The new capability
-    /// is charged to `target`'s quota.
+    /// is charged to the quota of `caller`, the delegator, until it is freed (deleted by its
+    /// holder, or its holder removed): a principal cannot fill another's quota by giving it
+    /// capabilities (`target` must be registered and open, but need have no room).
     pub fn delegate(
         &mut self,
         caller: Principal,
@@ -380,7 +394,23 @@ impl CapTable {
         binding: Binding,
     ) -> Result<CapName, CapError> {
         let parent = self.resolve(caller, name)?;
-        self.create_child(parent, target, mask, binding)
+        self.create_child(parent, target, caller, mask, binding)
+    }
+
+    /// Delegates as [`delegate`](Self::delegate) does, but charges the new capability to
+    /// `target`: for an AM that hands a principal a capability that principal asked for
+    /// (the counter AM's `create`, a VM's initial capabilities), so what a VM makes an AM
+    /// allocate counts against the VM's own quota.
+    pub fn grant(
+        &mut self,
+        caller: Principal,
+        name: CapName,
+        target: Principal,
+        mask: Rights,
+        binding: Binding,
+    ) -> Result<CapName, CapError> {
+        let parent = self.resolve(caller, name)?;
+        self.create_child(parent, target, target, mask, binding)
     }
 
     /// Revokes capability `name` and, transitively, every capability derived from it: all
@@ -472,6 +502,7 @@ impl CapTable {
         &mut self,
         parent: usize,
         holder: Principal,
+        payer: Principal,
         mask: Rights,
         binding: Binding,
     ) -> Result<CapName, CapError> {
@@ -480,29 +511,32 @@ impl CapTable {
             object: parent_node.object(),
             rights: parent_node.rights & mask,
             holder,
+            payer,
             binding,
             parent: Link::to(parent),
         })
     }
 
-    /// Creates a capability: charges its holder's quota, takes a slab node, draws a fresh
+    /// Creates a capability: charges its payer's quota, takes a slab node, draws a fresh
     /// name, and links the node into the tree, the holder's list and the index.
     fn create(&mut self, new: NewCap) -> Result<CapName, CapError> {
-        self.admit(new.holder, 1)?;
+        self.admit(new.holder, new.payer, 1)?;
         let (index, nodes) = (&self.index, &self.nodes);
         let (name, hash) =
             self.names.fresh(|candidate, hash| index.find(hash, |slot| nodes[slot].name == candidate).is_some());
         Ok(self.insert(new, State::Live, name, hash))
     }
 
-    /// Checks that `holder` may receive one more capability and that the table has room for
-    /// `nodes` more nodes (the capability and any proxy it needs).
-    fn admit(&self, holder: Principal, nodes: u32) -> Result<(), CapError> {
+    /// Checks that `holder` may receive one more capability, that `payer` has quota left
+    /// for it, and that the table has room for `nodes` more nodes (the capability and any
+    /// proxy it needs).
+    pub(super) fn admit(&self, holder: Principal, payer: Principal, nodes: u32) -> Result<(), CapError> {
         let entry = self.principal(holder).ok_or(CapError::UnknownPrincipal)?;
         if entry.closing {
             return Err(CapError::UnknownPrincipal);
         }
-        if entry.held >= entry.quota {
+        let payer = self.principal(payer).ok_or(CapError::UnknownPrincipal)?;
+        if payer.charged >= payer.quota {
             return Err(CapError::QuotaExceeded);
         }
         if self.capacity - self.in_use < nodes {
@@ -524,6 +558,7 @@ impl CapTable {
             rights: new.rights,
             object_id: new.object.id,
             holder: new.holder,
+            payer: Some(new.payer),
             am: new.object.am,
             kind: new.object.kind,
             state,
@@ -547,6 +582,7 @@ impl CapTable {
         let entry = self.principal_mut(new.holder).expect("the holder was found above");
         entry.held_head = Link::to(slot);
         entry.held += 1;
+        self.principal_mut(new.payer).expect("admit found the payer").charged += 1;
 
         self.index.insert(hash, slot);
         name
@@ -573,7 +609,16 @@ impl CapTable {
             Some(prev) => self.nodes[prev].held_next = held_next,
             None => entry.held_head = held_next,
         }
+        self.uncharge(slot);
         self.release(slot);
+    }
+
+    /// Gives the quota a capability was charged to back to its payer.
+    fn uncharge(&mut self, slot: usize) {
+        if let Some(payer) = self.nodes[slot].payer.take() {
+            let entry = self.principal_mut(payer).expect("a node's payer is registered while it pays");
+            entry.charged -= 1;
+        }
     }
 
     /// Removes a node that left the tree from the index and puts it on the free list,
@@ -606,7 +651,7 @@ impl CapTable {
         };
         self.principals.try_reserve(1).map_err(|_| PrincipalError::OutOfMemory)?;
         self.principals
-            .insert(position, PrincipalEntry { principal, quota, held: 0, held_head: Link::NIL, closing: false });
+            .insert(position, PrincipalEntry { principal, quota, held: 0, charged: 0, held_head: Link::NIL, closing: false });
         Ok(())
     }
 }

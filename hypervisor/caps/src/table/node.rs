@@ -74,14 +74,19 @@ impl State {
     }
 }
 
-/// Holds one capability. 72 bytes: the object is stored flattened so that no padding sits
-/// between its fields, and the hot fields of a check come first.
+/// Holds one capability. 80 bytes: the object is stored flattened so that no padding sits
+/// between its fields, and the hot fields of a check come first; the payer (8 bytes) came
+/// with charging delegations to the delegator.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Node {
     pub(super) name: CapName,
     pub(super) rights: Rights,
     pub(super) object_id: ObjId,
     pub(super) holder: Principal,
+    /// The principal whose quota the capability is charged to: its holder, except for a
+    /// delegated one, which is charged to the delegator (DESIGN.md §2, quotas). None for a
+    /// proxy, a free node, and a capability whose payer was removed.
+    pub(super) payer: Option<Principal>,
     pub(super) am: AmId,
     pub(super) kind: ObjKind,
     pub(super) state: State,
@@ -107,6 +112,7 @@ impl Node {
             rights: Rights::NONE,
             object_id: ObjId::new(0),
             holder: Principal::Am(AmId::new(0)),
+            payer: None,
             am: AmId::new(0),
             kind: ObjKind::new(0),
             state: State::Free,
@@ -141,7 +147,7 @@ mod tests {
     #[test]
     fn node_fits_its_budget() {
         // The benchmark reports bytes per capability from this size; keep it in sight.
-        assert_eq!(core::mem::size_of::<Node>(), 72);
+        assert_eq!(core::mem::size_of::<Node>(), 80);
         assert_eq!(core::mem::size_of::<Link>(), 4);
     }
 

@@ -17,7 +17,7 @@ impl Side {
     }
 
     fn give(&mut self, cap: CapName, to: VmId, mask: Rights) -> CapName {
-        self.table.delegate(am(EXO), cap, vm(to), mask, Binding::Bound).unwrap()
+        self.table.grant(am(EXO), cap, vm(to), mask, Binding::Bound).unwrap()
     }
 }
 
@@ -37,7 +37,7 @@ fn pair() -> (Side, Side) {
 /// Delegates `parent` (on `a`) to VM2 on `b`, as the protocol's handshake does.
 fn link(a: &mut Side, b: &mut Side, caller: Principal, parent: CapName) -> CapName {
     let grant = a.table.delegate_remote(caller, parent, b.table.kernel(), RWX, Binding::Bound).unwrap();
-    b.table.accept_remote(grant, parent, vm(VM2)).unwrap();
+    b.table.accept_remote(grant, parent, vm(VM2), caller).unwrap();
     grant.child
 }
 
@@ -110,7 +110,7 @@ fn a_zigzag_walk_reaches_local_grandchildren_through_a_proxy() {
     let root = a.frame_root(1);
     let c = link(&mut a, &mut b, am(EXO), root);
     let grant = b.table.delegate_remote(vm(VM2), c, KernelId::new(1), RWX, Binding::Bound).unwrap();
-    a.table.accept_remote(grant, c, vm(VM1)).unwrap();
+    a.table.accept_remote(grant, c, vm(VM1), vm(VM2)).unwrap();
     let d = grant.child;
     assert_eq!(a.table.node(d).unwrap().parent, Some(c), "d hangs below the proxy of c");
     assert_eq!(state(&a, c), Some(NodeState::Remote), "one proxy: child of root, parent of d");
@@ -134,7 +134,7 @@ fn reservations_resolve_as_unknown_until_granted() {
     let (mut a, mut b) = pair();
     let root = a.frame_root(1);
     let bearer = a.table.delegate(am(EXO), root, vm(VM1), RWX, Binding::Bearer).unwrap();
-    let reserved = b.table.reserve_remote(vm(VM2), bearer).unwrap();
+    let reserved = b.table.reserve_remote(vm(VM2), vm(VM2), bearer).unwrap();
     assert_eq!(state(&b, reserved), Some(NodeState::Pending));
     assert_eq!(b.table.inspect(vm(VM2), reserved), Err(CapError::UnknownName));
     assert_eq!(b.table.usage(vm(VM2)).unwrap().held, 1, "the reservation is charged");
@@ -144,7 +144,7 @@ fn reservations_resolve_as_unknown_until_granted() {
     b.table.activate_pending(reserved, grant.object, grant.rights, grant.binding).unwrap();
     assert_eq!(b.table.inspect(vm(VM2), reserved).unwrap().rights, READ);
     // A second reservation is cancelled; the parent's proxy stays for the first child.
-    let second = b.table.reserve_remote(vm(VM2), bearer).unwrap();
+    let second = b.table.reserve_remote(vm(VM2), vm(VM2), bearer).unwrap();
     assert!(b.table.cancel_pending(second));
     assert!(!b.table.cancel_pending(second));
     assert_eq!(state(&b, bearer), Some(NodeState::Remote));

@@ -269,7 +269,10 @@ fn messages_survive_the_wire_format() {
         binding: Binding::Bearer,
     };
     let messages = [
-        Message::Delegate { grant, parent: CapName::from_words(1, 2), holder: vm(7) },
+        Message::Delegate { grant, parent: CapName::from_words(1, 2), holder: vm(7), delegator: vm(3) },
+        Message::Delegate { grant, parent: name, holder: exo(), delegator: vm(u32::MAX) },
+        Message::Delegate { grant, parent: name, holder: vm(u32::MAX), delegator: exo() },
+        Message::Delegate { grant, parent: name, holder: vm(0x1234_5678), delegator: vm(0x9abc_def0) },
         Message::DelegateAck { child: name, result: Ok(()) },
         Message::DelegateAck { child: name, result: Err(CapError::QuotaExceeded.into()) },
         Message::Obtain { child: name, parent: name, presenter: exo(), mask: RW, binding: None },
