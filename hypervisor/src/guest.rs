@@ -71,8 +71,9 @@ pub enum GuestEnd {
 
 /// Where hypercalls go: the null-Kernel's dispatch for this guest's kernel instance.
 pub trait HypercallSink {
-    /// Handles one call from `vm`: its reply, or the operation the vCPU waits for.
-    fn hypercall(&mut self, vm: VmId, call: &Call) -> Dispatched;
+    /// Handles one call from `vm`: its reply, or the operation the vCPU waits for. `ring`
+    /// reads the guest's CPL; it is called only for the operations that need it.
+    fn hypercall(&mut self, vm: VmId, call: &Call, ring: &dyn Fn() -> u8) -> Dispatched;
 
     /// Runs after the host took an interrupt that ended a guest's run (a doorbell, most
     /// likely): the place to receive the protocol's messages.
@@ -290,7 +291,11 @@ impl Guest {
                     ],
                     args: [r.r11, r.r12, r.r13, r.r14, r.r15],
                 };
-                match sink.hypercall(vm, &call) {
+                // Only INITIAL and RECEIVED ask for the caller's ring: the DPL of SS is the
+                // CPL (SDM Vol. 3 §5.5; access rights bits 6:5, §25.4.1). Read as ring 3 if
+                // the VMREAD fails, so a failure never grants more.
+                let ring = || vmx::vmcs::read(vmx::vmcs::VmcsField::GUEST_SS_ACCESS_RIGHTS).map_or(3, |ar| ((ar >> 5) & 3) as u8);
+                match sink.hypercall(vm, &call, &ring) {
                     Dispatched::Reply(reply) => {
                         write_reply(&mut vcpu.regs, &reply);
                         vcpu.skip_bytes(VMCALL_LENGTH)?;
@@ -466,6 +471,9 @@ pub struct GuestSpec {
     pub ports: Option<(u16, u32)>,
     /// The MSRs the VM may open with the exo AM (`msrs=<msr>[,<msr>...]`).
     pub msrs: Vec<u32>,
+    /// Every ring of the guest, not only ring 0, may enumerate its capabilities with
+    /// `INITIAL` and `RECEIVED` (`ring3-caps`; nk-core, "Who may enumerate").
+    pub ring3_caps: bool,
     /// The words after `--`, handed to the guest.
     pub args: String,
 }
@@ -489,6 +497,7 @@ impl GuestSpec {
             cpu: None,
             ports: None,
             msrs: Vec::new(),
+            ring3_caps: false,
             args: String::from(args),
         };
         for word in words {
@@ -503,9 +512,12 @@ impl GuestSpec {
                 spec.ports = Some(parse_ports(value)?);
             } else if let Some(value) = word.strip_prefix("msrs=") {
                 spec.msrs = parse_msrs(value)?;
+            } else if word == "ring3-caps" {
+                // Issue 9 (capability level): lets ring 3 call INITIAL and RECEIVED.
+                spec.ring3_caps = true;
             } else {
                 return Err(alloc::format!(
-                    "unknown module option '{word}' (known: mem=<size>, cpu=<index>, ports=<first>[-<last>], msrs=<msr>[,<msr>], -- <guest args>)"
+                    "unknown module option '{word}' (known: mem=<size>, cpu=<index>, ports=<first>[-<last>], msrs=<msr>[,<msr>], ring3-caps, -- <guest args>)"
                 ));
             }
         }

@@ -42,8 +42,8 @@ struct LocalKernel {
 }
 
 impl HypercallSink for LocalKernel {
-    fn hypercall(&mut self, vm: VmId, call: &Call) -> Dispatched {
-        self.mesh.hypercall(self.cpu, vm, call)
+    fn hypercall(&mut self, vm: VmId, call: &Call, ring: &dyn Fn() -> u8) -> Dispatched {
+        self.mesh.hypercall(self.cpu, vm, call, ring)
     }
 
     fn interrupted(&mut self) {
@@ -73,6 +73,9 @@ pub fn run_guests(specs: Vec<GuestSpec>, placements: &[(&str, u32)]) -> (usize, 
         // Every VM is a principal before any guest runs, so guests can delegate to each
         // other whatever CPU they start on.
         let registered = mesh.instance(cpu).kernel.lock().add_vm(vm, VM_QUOTA);
+        if spec.ring3_caps {
+            mesh.instance(cpu).kernel.lock().allow_all_rings(vm);
+        }
         if let Err(e) = registered {
             log::error!(target: "guest", "vm{}/{}: cannot register with the null-Kernel: {e:?}", vm.raw(), spec.name);
             STOPPED.fetch_add(1, Ordering::AcqRel);
@@ -80,7 +83,11 @@ pub fn run_guests(specs: Vec<GuestSpec>, placements: &[(&str, u32)]) -> (usize, 
         }
         for (other, instance) in mesh.instances().enumerate() {
             if other != cpu {
-                instance.kernel.lock().place(vm, KernelId::new(cpu as u16));
+                // The VM is a payer there too: what it delegates to that CPU's VMs is
+                // charged to it (nk-caps, "Quotas").
+                if let Err(e) = instance.kernel.lock().place(vm, KernelId::new(cpu as u16), VM_QUOTA) {
+                    log::error!(target: "guest", "vm{}/{}: cannot register with kernel {other}: {e:?}", vm.raw(), spec.name);
+                }
             }
         }
         log::info!(target: "sched", "vm{}/{} -> cpu {cpu}", vm.raw(), spec.name);

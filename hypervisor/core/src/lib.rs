@@ -14,13 +14,33 @@
 //! capability argument are decoded and checked before anything changes; only then does
 //! the AM's handler run, and it sees only checked references to its own objects. A call
 //! that fails a check returns a status and leaves every capability and AM as it was.
+//!
+//! # Bounds
+//!
+//! Nothing a guest does makes an instance allocate without a bound or a charge:
+//! capabilities are charged to the quota of the principal that causes them (the delegator
+//! of a delegation, the VM that asks an AM for an object: nk-caps, "Quotas"); each VM's
+//! inbox lists at most [`INBOX_MAX`] capabilities and loses an entry as soon as its
+//! capability dies; a delegation to a VM whose inbox is full is refused with
+//! `QUOTA_EXCEEDED`; a vCPU has at most one pending operation; and what the AMs keep per
+//! VM is bounded by the AMs themselves (the exo AM's and the counter AM's per-VM limits).
+//!
+//! # Who may enumerate
+//!
+//! `INITIAL` and `RECEIVED` list a VM's capabilities: by default only the guest's ring 0
+//! (its kernel) may call them, and a call from another ring gets `NOT_PERMITTED`, so a
+//! process of the guest cannot learn, and then revoke or give away, its kernel's
+//! capabilities. The hypervisor allows every ring for a VM whose module line says
+//! `ring3-caps` ([`NullKernel::allow_all_rings`]). Only these two operations ask the
+//! caller's privilege level (the `ring` argument of [`NullKernel::dispatch`]); every other
+//! operation is guarded by the capabilities it names.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
 extern crate alloc;
 
 use alloc::boxed::Box;
-use alloc::collections::BTreeMap;
+use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
@@ -55,6 +75,15 @@ pub fn shared_am(am: Box<dyn AbstractMachine + Send>) -> SharedAm {
 
 /// The most capabilities a VM's inbox lists (the VM's capability quota is of this order).
 pub const INBOX_MAX: usize = 4096;
+
+/// One capability another principal delegated to a VM, as `RECEIVED` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InboxEntry {
+    /// The capability.
+    pub name: CapName,
+    /// The principal that delegated it.
+    pub sender: Principal,
+}
 
 /// What a hypercall produced: its reply, or an operation that waits for other kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,11 +131,17 @@ pub struct NullKernel {
     /// Each VM's initial capabilities (AM id, name), in AM order.
     initial: BTreeMap<VmId, Vec<(AmId, CapName)>>,
     /// Capabilities other principals delegated to each VM of this instance, in order.
-    inbox: BTreeMap<VmId, Vec<CapName>>,
+    inbox: BTreeMap<VmId, Vec<InboxEntry>>,
+    /// Every name listed in some inbox, so a dying capability's entry is found without a
+    /// walk of every inbox.
+    inboxed: BTreeSet<CapName>,
+    /// VMs whose every ring may call `INITIAL` and `RECEIVED`.
+    all_rings: BTreeSet<VmId>,
     /// The kernel instance each VM runs on (every instance knows every VM).
     placement: BTreeMap<VmId, KernelId>,
-    /// Pending delegations whose child, once granted, goes to a VM's inbox.
-    inbox_on_completion: BTreeMap<PendingOp, VmId>,
+    /// Pending delegations whose child, once granted, goes to a VM's inbox (with its
+    /// sender).
+    inbox_on_completion: BTreeMap<PendingOp, (VmId, Principal)>,
     /// Effects the AMs emitted that the hypervisor has not applied yet.
     effects: Vec<Effect>,
 }
@@ -126,10 +161,14 @@ impl Effects for EffectList<'_> {
     }
 }
 
-/// Routes each dead capability to the AM that implements its object.
+/// Routes each dead capability to the AM that implements its object, and notes the dead
+/// ones an inbox lists.
 struct AmHook<'a> {
     ams: &'a [SharedAm],
     effects: &'a mut Vec<Effect>,
+    inboxed: &'a mut BTreeSet<CapName>,
+    /// Set when a listed capability died: the inboxes drop its entry after the operation.
+    inbox_stale: bool,
 }
 
 impl nk_caps::RevocationHook for AmHook<'_> {
@@ -138,6 +177,16 @@ impl nk_caps::RevocationHook for AmHook<'_> {
         if let Some(am) = self.ams.get(index) {
             am.lock().revoked(dead, &mut EffectList(self.effects));
         }
+        if !self.inboxed.is_empty() && self.inboxed.remove(&dead.name) {
+            self.inbox_stale = true;
+        }
+    }
+}
+
+/// Drops the inbox entries whose capabilities died (they left `inboxed`).
+fn prune_inboxes(inbox: &mut BTreeMap<VmId, Vec<InboxEntry>>, inboxed: &BTreeSet<CapName>) {
+    for entries in inbox.values_mut() {
+        entries.retain(|entry| inboxed.contains(&entry.name));
     }
 }
 
@@ -164,7 +213,9 @@ impl Kernel for AmServices<'_> {
     ) -> Result<CapName, CapError> {
         let me = Principal::Am(self.am);
         let root = self.table.mint(me, object, rights)?;
-        match self.table.delegate(me, root, to, Rights::ALL, binding) {
+        // The receiver asked for the object (or is being set up): it pays for its
+        // capability, so what a VM makes an AM hand out counts against its own quota.
+        match self.table.grant(me, root, to, Rights::ALL, binding) {
             Ok(child) => Ok(child),
             Err(error) => {
                 // Undo the mint so a failed grant leaves nothing behind; nothing was
@@ -214,6 +265,7 @@ fn am_status(error: AmError) -> Status {
     match error {
         AmError::BadArgument => Status::new(Status::BAD_ARGUMENT, None),
         AmError::NoMemory => Status::new(Status::NO_MEMORY, None),
+        AmError::QuotaExceeded => Status::new(Status::QUOTA_EXCEEDED, None),
         AmError::NotPermitted => Status::new(Status::NOT_PERMITTED, None),
         AmError::Capability(e) => cap_status(e),
     }
@@ -243,6 +295,15 @@ fn started(started: Started) -> Dispatched {
     }
 }
 
+/// Encodes a principal as `INSPECT` and `RECEIVED` report it: a VM's id << 1, or an AM's
+/// id << 1 with bit 63 set.
+fn principal_word(principal: Principal) -> u64 {
+    match principal {
+        Principal::Vm(vm) => u64::from(vm.raw()) << 1,
+        Principal::Am(am) => (u64::from(am.raw()) << 1) | (1 << 63),
+    }
+}
+
 fn failure(status: Status) -> Reply {
     Reply { status: status.0, ..Reply::default() }
 }
@@ -267,6 +328,8 @@ impl NullKernel {
             ams: Vec::new(),
             initial: BTreeMap::new(),
             inbox: BTreeMap::new(),
+            inboxed: BTreeSet::new(),
+            all_rings: BTreeSet::new(),
             placement: BTreeMap::new(),
             inbox_on_completion: BTreeMap::new(),
             effects: Vec::new(),
@@ -313,9 +376,21 @@ impl NullKernel {
         Ok(id)
     }
 
-    /// Records that `vm` runs on kernel instance `kernel` (delegations to it go there).
-    pub fn place(&mut self, vm: VmId, kernel: KernelId) {
+    /// Records that `vm` runs on kernel instance `kernel` (delegations to it go there), and
+    /// registers it here as a principal with `quota`, which it holds nothing with: what
+    /// it delegates to VMs of this instance is charged to it here (nk-caps, "Quotas").
+    pub fn place(&mut self, vm: VmId, kernel: KernelId, quota: u32) -> Result<(), PrincipalError> {
         self.placement.insert(vm, kernel);
+        if kernel != self.id() {
+            self.proto.table_mut().add_vm(vm, quota)?;
+        }
+        Ok(())
+    }
+
+    /// Lets every ring of `vm`, not only ring 0, call `INITIAL` and `RECEIVED` (the
+    /// module option `ring3-caps`).
+    pub fn allow_all_rings(&mut self, vm: VmId) {
+        self.all_rings.insert(vm);
     }
 
     /// Registers a VM of this instance with a capability quota, and lets every AM grant it
@@ -356,16 +431,28 @@ impl NullKernel {
         self.initial.get(&vm).map_or(&[], Vec::as_slice)
     }
 
-    /// Returns the capabilities other principals delegated to `vm`, in arrival order.
-    pub fn inbox(&self, vm: VmId) -> &[CapName] {
+    /// Returns the live capabilities other principals delegated to `vm`, in arrival order.
+    pub fn inbox(&self, vm: VmId) -> &[InboxEntry] {
         self.inbox.get(&vm).map_or(&[], Vec::as_slice)
     }
 
-    fn deliver_to_inbox(&mut self, vm: VmId, name: CapName) {
+    /// Tells whether `vm`'s inbox has room for one more entry.
+    fn inbox_has_room(&self, vm: VmId) -> bool {
+        self.inbox.get(&vm).is_some_and(|inbox| inbox.len() < INBOX_MAX)
+    }
+
+    fn deliver_to_inbox(&mut self, vm: VmId, name: CapName, sender: Principal) {
         if let Some(inbox) = self.inbox.get_mut(&vm) {
-            if inbox.len() < INBOX_MAX {
-                inbox.push(name);
+            if inbox.len() < INBOX_MAX && self.inboxed.insert(name) {
+                inbox.push(InboxEntry { name, sender });
             }
+        }
+    }
+
+    /// Drops the inbox entries of capabilities that died during an operation.
+    fn after_deaths(&mut self, inbox_stale: bool) {
+        if inbox_stale {
+            prune_inboxes(&mut self.inbox, &self.inboxed);
         }
     }
 
@@ -380,9 +467,15 @@ impl NullKernel {
             return Err(PrincipalError::UnknownPrincipal);
         }
         self.initial.remove(&vm);
-        self.inbox.remove(&vm);
-        let hook = &mut AmHook { ams: &self.ams, effects: &mut self.effects };
-        Ok(started(self.proto.crash(vm, &[], hook, out)))
+        self.all_rings.remove(&vm);
+        for entry in self.inbox.remove(&vm).unwrap_or_default() {
+            self.inboxed.remove(&entry.name);
+        }
+        let hook = &mut AmHook { ams: &self.ams, effects: &mut self.effects, inboxed: &mut self.inboxed, inbox_stale: false };
+        let result = started(self.proto.crash(vm, &[], hook, out));
+        let stale = hook.inbox_stale;
+        self.after_deaths(stale);
+        Ok(result)
     }
 
     /// Handles a message another kernel instance sent; the messages it causes go to `out`.
@@ -391,11 +484,13 @@ impl NullKernel {
     where
         O: Outbox + ?Sized,
     {
-        let hook = &mut AmHook { ams: &self.ams, effects: &mut self.effects };
+        let hook = &mut AmHook { ams: &self.ams, effects: &mut self.effects, inboxed: &mut self.inboxed, inbox_stale: false };
         self.proto.handle(from, message, hook, out);
-        if let Message::Delegate { grant, holder: holder @ Principal::Vm(vm), .. } = message {
+        let stale = hook.inbox_stale;
+        self.after_deaths(stale);
+        if let Message::Delegate { grant, holder: holder @ Principal::Vm(vm), delegator, .. } = message {
             if self.proto.table().inspect(holder, grant.child).is_ok() {
-                self.deliver_to_inbox(vm, grant.child);
+                self.deliver_to_inbox(vm, grant.child, delegator);
             }
         }
     }
@@ -403,22 +498,32 @@ impl NullKernel {
     /// Returns the next call (or VM removal) that waited for other kernels and finished.
     pub fn poll(&mut self) -> Option<Finished> {
         let done = self.proto.poll()?;
-        if let (Some(vm), Ok(Outcome::Name(name))) = (self.inbox_on_completion.remove(&done.op), done.result) {
-            self.deliver_to_inbox(vm, name);
+        if let (Some((vm, sender)), Ok(Outcome::Name(name))) =
+            (self.inbox_on_completion.remove(&done.op), done.result)
+        {
+            self.deliver_to_inbox(vm, name, sender);
         }
         Some(Finished { op: done.op, reply: outcome_reply(done.result) })
     }
 
-    /// Handles one hypercall from `caller`; the messages it needs go to `out`.
-    pub fn dispatch<O>(&mut self, caller: VmId, call: &Call, out: &mut O) -> Dispatched
+    /// Handles one hypercall from `caller`; the messages it needs go to `out`. `ring`
+    /// tells the privilege level (CPL) the guest called from; it is asked only by the
+    /// operations that depend on it (`INITIAL`, `RECEIVED`), so a caller may make it read
+    /// the hardware lazily.
+    pub fn dispatch<O, R>(&mut self, caller: VmId, call: &Call, ring: R, out: &mut O) -> Dispatched
     where
         O: Outbox + ?Sized,
+        R: FnOnce() -> u8,
     {
         let selector = Selector::decode(call.selector);
         if selector.version != ABI_VERSION {
             return Dispatched::Reply(failure(Status::new(Status::BAD_VERSION, None)));
         }
         if selector.am == NULL_KERNEL_AM {
+            if matches!(selector.op, nk_op::INITIAL | nk_op::RECEIVED) && ring() != 0 && !self.all_rings.contains(&caller)
+            {
+                return Dispatched::Reply(failure(Status::new(Status::NOT_PERMITTED, None)));
+            }
             return self.null_kernel_op(caller, selector.op, call, out);
         }
         Dispatched::Reply(self.am_op(Principal::Vm(caller), selector, call))
@@ -487,30 +592,33 @@ impl NullKernel {
                 };
                 let to = Principal::Vm(target);
                 let mask = Rights::from_bits(call.args[0]);
+                let inboxed = kernel == self.id() && target != vm;
+                if inboxed && !self.inbox_has_room(target) {
+                    return Dispatched::Reply(failure(Status::new(Status::QUOTA_EXCEEDED, None)));
+                }
                 let result = self.proto.delegate(caller, c, to, kernel, mask, binding, out);
                 match result {
-                    Started::Done(Ok(Outcome::Name(name))) if kernel == self.id() && target != vm => {
-                        self.deliver_to_inbox(target, name)
-                    }
-                    Started::Pending(op) if kernel == self.id() && target != vm => {
-                        self.inbox_on_completion.insert(op, target);
+                    Started::Done(Ok(Outcome::Name(name))) if inboxed => self.deliver_to_inbox(target, name, caller),
+                    Started::Pending(op) if inboxed => {
+                        self.inbox_on_completion.insert(op, (target, caller));
                     }
                     _ => {}
                 }
                 started(result)
             }
             nk_op::REVOKE | nk_op::DELETE => {
-                let hook = &mut AmHook { ams: &self.ams, effects: &mut self.effects };
-                started(match op {
+                let hook =
+                    &mut AmHook { ams: &self.ams, effects: &mut self.effects, inboxed: &mut self.inboxed, inbox_stale: false };
+                let result = started(match op {
                     nk_op::REVOKE => self.proto.revoke(caller, c, hook, out),
                     _ => self.proto.delete(caller, c, hook, out),
-                })
+                });
+                let stale = hook.inbox_stale;
+                self.after_deaths(stale);
+                result
             }
             nk_op::INSPECT => reply(self.table().inspect(caller, c).map(|info| {
-                let holder = match info.holder {
-                    Principal::Vm(vm) => u64::from(vm.raw()) << 1,
-                    Principal::Am(am) => (u64::from(am.raw()) << 1) | (1 << 63),
-                };
+                let holder = principal_word(info.holder);
                 let bearer = u64::from(info.binding == Binding::Bearer);
                 let object = (u64::from(info.object.am.raw()) << 32) | u64::from(info.object.kind.raw());
                 success(None, [object, info.object.id.raw(), info.rights.bits(), holder | bearer])
@@ -524,12 +632,12 @@ impl NullKernel {
             }
             nk_op::RECEIVED => {
                 let index = usize::try_from(call.args[0]).unwrap_or(usize::MAX);
-                let Some(&name) = self.inbox(vm).get(index) else {
+                let Some(&InboxEntry { name, sender }) = self.inbox(vm).get(index) else {
                     return bad_argument;
                 };
                 let am = self.table().inspect(caller, name).map_or(0, |info| u64::from(info.object.am.raw()));
                 let count = self.inbox(vm).len() as u64;
-                Dispatched::Reply(success(Some(name), [am, count, 0, 0]))
+                Dispatched::Reply(success(Some(name), [am, count, principal_word(sender), 0]))
             }
             _ => Dispatched::Reply(failure(Status::new(Status::UNKNOWN_OPERATION, None))),
         }
