@@ -513,18 +513,14 @@ impl NullKernel {
     pub fn dispatch<O, R>(&mut self, caller: VmId, call: &Call, ring: R, out: &mut O) -> Dispatched
     where
         O: Outbox + ?Sized,
-        R: FnOnce() -> u8,
+        R: Fn() -> u8,
     {
         let selector = Selector::decode(call.selector);
         if selector.version != ABI_VERSION {
             return Dispatched::Reply(failure(Status::new(Status::BAD_VERSION, None)));
         }
         if selector.am == NULL_KERNEL_AM {
-            if matches!(selector.op, nk_op::INITIAL | nk_op::RECEIVED) && ring() != 0 && !self.all_rings.contains(&caller)
-            {
-                return Dispatched::Reply(failure(Status::new(Status::NOT_PERMITTED, None)));
-            }
-            return self.null_kernel_op(caller, selector.op, call, out);
+            return self.null_kernel_op(caller, selector.op, call, ring, out);
         }
         Dispatched::Reply(self.am_op(Principal::Vm(caller), selector, call))
     }
@@ -565,9 +561,10 @@ impl NullKernel {
     }
 
     /// The null-Kernel's own operations on capabilities.
-    fn null_kernel_op<O>(&mut self, vm: VmId, op: u32, call: &Call, out: &mut O) -> Dispatched
+    fn null_kernel_op<O, R>(&mut self, vm: VmId, op: u32, call: &Call, ring: R, out: &mut O) -> Dispatched
     where
         O: Outbox + ?Sized,
+        R: Fn() -> u8,
     {
         let caller = Principal::Vm(vm);
         let c = name_of(call.caps[0]);
@@ -623,6 +620,9 @@ impl NullKernel {
                 let object = (u64::from(info.object.am.raw()) << 32) | u64::from(info.object.kind.raw());
                 success(None, [object, info.object.id.raw(), info.rights.bits(), holder | bearer])
             })),
+            nk_op::INITIAL | nk_op::RECEIVED if ring() != 0 && !self.all_rings.contains(&vm) => {
+                Dispatched::Reply(failure(Status::new(Status::NOT_PERMITTED, None)))
+            }
             nk_op::INITIAL => {
                 let index = usize::try_from(call.args[0]).unwrap_or(usize::MAX);
                 match self.initial_caps(vm).get(index) {

@@ -520,29 +520,35 @@ impl CapTable {
     /// Creates a capability: charges its payer's quota, takes a slab node, draws a fresh
     /// name, and links the node into the tree, the holder's list and the index.
     fn create(&mut self, new: NewCap) -> Result<CapName, CapError> {
-        self.admit(new.holder, new.payer, 1)?;
+        let (holder, payer) = self.admit(new.holder, new.payer, 1)?;
         let (index, nodes) = (&self.index, &self.nodes);
         let (name, hash) =
             self.names.fresh(|candidate, hash| index.find(hash, |slot| nodes[slot].name == candidate).is_some());
-        Ok(self.insert(new, State::Live, name, hash))
+        Ok(self.insert_at(new, State::Live, name, hash, holder, payer))
     }
 
     /// Checks that `holder` may receive one more capability, that `payer` has quota left
     /// for it, and that the table has room for `nodes` more nodes (the capability and any
     /// proxy it needs).
-    pub(super) fn admit(&self, holder: Principal, payer: Principal, nodes: u32) -> Result<(), CapError> {
-        let entry = self.principal(holder).ok_or(CapError::UnknownPrincipal)?;
-        if entry.closing {
+    /// Returns the positions of the holder's and the payer's entries.
+    pub(super) fn admit(&self, holder: Principal, payer: Principal, nodes: u32) -> Result<(usize, usize), CapError> {
+        let holder_at = self.principal_position(holder).map_err(|_| CapError::UnknownPrincipal)?;
+        if self.principals[holder_at].closing {
             return Err(CapError::UnknownPrincipal);
         }
-        let payer = self.principal(payer).ok_or(CapError::UnknownPrincipal)?;
-        if payer.charged >= payer.quota {
+        let payer_at = if payer == holder {
+            holder_at
+        } else {
+            self.principal_position(payer).map_err(|_| CapError::UnknownPrincipal)?
+        };
+        let entry = &self.principals[payer_at];
+        if entry.charged >= entry.quota {
             return Err(CapError::QuotaExceeded);
         }
         if self.capacity - self.in_use < nodes {
             return Err(CapError::TableFull);
         }
-        Ok(())
+        Ok((holder_at, payer_at))
     }
 
     /// Inserts a capability named `name` (with index hash `hash`) in state `state`: takes a
@@ -550,7 +556,16 @@ impl CapTable {
     /// checked with [`admit`](Self::admit) that the holder and the table have room, so
     /// nothing here can fail. Returns the name.
     fn insert(&mut self, new: NewCap, state: State, name: CapName, hash: u64) -> CapName {
-        let held_next = self.principal(new.holder).expect("admit found the holder").held_head;
+        let holder = self.principal_position(new.holder).expect("admit found the holder");
+        let payer = self.principal_position(new.payer).expect("admit found the payer");
+        self.insert_at(new, state, name, hash, holder, payer)
+    }
+
+    /// Inserts as [`insert`](Self::insert) does, with the positions of the holder's and
+    /// the payer's entries that [`admit`](Self::admit) returned (no principal was added
+    /// or removed in between).
+    fn insert_at(&mut self, new: NewCap, state: State, name: CapName, hash: u64, holder: usize, payer: usize) -> CapName {
+        let held_next = self.principals[holder].held_head;
         let slot = self.allocate_slot();
         let first_sibling = new.parent.get().map_or(Link::NIL, |p| self.nodes[p].first_child);
         self.nodes[slot] = Node {
@@ -579,10 +594,10 @@ impl CapTable {
         if let Some(next) = held_next.get() {
             self.nodes[next].held_prev = Link::to(slot);
         }
-        let entry = self.principal_mut(new.holder).expect("the holder was found above");
+        let entry = &mut self.principals[holder];
         entry.held_head = Link::to(slot);
         entry.held += 1;
-        self.principal_mut(new.payer).expect("admit found the payer").charged += 1;
+        self.principals[payer].charged += 1;
 
         self.index.insert(hash, slot);
         name

@@ -213,13 +213,18 @@ fn only_ring_0_enumerates_unless_the_vm_allows_every_ring() {
         }
     }
     // Other operations do not ask (they are guarded by the capabilities they name).
-    let mut asked = false;
+    let asked = core::cell::Cell::new(false);
     let null = Call { selector: Selector::new(NULL_KERNEL_AM, nk_op::NULL).encode(), ..Call::default() };
-    let reply = local(w.nk.dispatch(VM2, &null, || {
-        asked = true;
-        3
-    }, &mut Vec::new()));
-    assert!(reply.status().is_ok() && !asked);
+    let reply = local(w.nk.dispatch(
+        VM2,
+        &null,
+        || {
+            asked.set(true);
+            3
+        },
+        &mut Vec::new(),
+    ));
+    assert!(reply.status().is_ok() && !asked.get());
     w.nk.allow_all_rings(VM2);
     for op in [nk_op::INITIAL, nk_op::RECEIVED] {
         assert!(enumerate(&mut w, VM2, op, 3).is_ok());
