@@ -69,11 +69,19 @@ pub enum GuestEnd {
     Stopped(String),
 }
 
+/// Returns the CPL of the guest whose VMCS is current (the one whose VMCALL is being
+/// dispatched): the DPL of SS (SDM Vol. 3 §5.5; access-rights bits 6:5, §25.4.1). Says
+/// ring 3 if the VMREAD fails, so a failure never grants more. The null-Kernel calls it
+/// only for INITIAL and RECEIVED (nk-core, "Who may enumerate").
+pub fn guest_ring() -> u8 {
+    vmx::vmcs::read(vmx::vmcs::VmcsField::GUEST_SS_ACCESS_RIGHTS).map_or(3, |ar| ((ar >> 5) & 3) as u8)
+}
+
 /// Where hypercalls go: the null-Kernel's dispatch for this guest's kernel instance.
 pub trait HypercallSink {
     /// Handles one call from `vm`: its reply, or the operation the vCPU waits for. `ring`
     /// reads the guest's CPL; it is called only for the operations that need it.
-    fn hypercall(&mut self, vm: VmId, call: &Call, ring: &dyn Fn() -> u8) -> Dispatched;
+    fn hypercall(&mut self, vm: VmId, call: &Call) -> Dispatched;
 
     /// Runs after the host took an interrupt that ended a guest's run (a doorbell, most
     /// likely): the place to receive the protocol's messages.
@@ -291,11 +299,7 @@ impl Guest {
                     ],
                     args: [r.r11, r.r12, r.r13, r.r14, r.r15],
                 };
-                // Only INITIAL and RECEIVED ask for the caller's ring: the DPL of SS is the
-                // CPL (SDM Vol. 3 §5.5; access rights bits 6:5, §25.4.1). Read as ring 3 if
-                // the VMREAD fails, so a failure never grants more.
-                let ring = || vmx::vmcs::read(vmx::vmcs::VmcsField::GUEST_SS_ACCESS_RIGHTS).map_or(3, |ar| ((ar >> 5) & 3) as u8);
-                match sink.hypercall(vm, &call, &ring) {
+                match sink.hypercall(vm, &call) {
                     Dispatched::Reply(reply) => {
                         write_reply(&mut vcpu.regs, &reply);
                         vcpu.skip_bytes(VMCALL_LENGTH)?;

@@ -134,11 +134,11 @@ impl Mesh {
     }
 
     /// Handles a hypercall of `vm`, which runs on `cpu`.
-    pub fn hypercall(&self, cpu: usize, vm: VmId, call: &Call, ring: &dyn Fn() -> u8) -> Dispatched {
+    pub fn hypercall(&self, cpu: usize, vm: VmId, call: &Call) -> Dispatched {
         let instance = &self.instances[cpu];
         let mut out = Vec::new();
         let mut kernel = instance.kernel.lock();
-        let dispatched = kernel.dispatch(vm, call, ring, &mut out);
+        let dispatched = kernel.dispatch(vm, call, &mut out);
         settle_locally(instance, &mut kernel);
         drop(kernel);
         self.send(cpu, out);

@@ -42,8 +42,8 @@ struct LocalKernel {
 }
 
 impl HypercallSink for LocalKernel {
-    fn hypercall(&mut self, vm: VmId, call: &Call, ring: &dyn Fn() -> u8) -> Dispatched {
-        self.mesh.hypercall(self.cpu, vm, call, ring)
+    fn hypercall(&mut self, vm: VmId, call: &Call) -> Dispatched {
+        self.mesh.hypercall(self.cpu, vm, call)
     }
 
     fn interrupted(&mut self) {

@@ -197,7 +197,7 @@ fn call(nk: &mut NullKernel, am: u16, op: u32, cap: NameWords, args: &[u64]) -> 
     let mut call = Call {{ selector: Selector::new(am, op).encode(), ..Call::default() }};
     call.caps[0] = cap;
     call.args[..args.len()].copy_from_slice(args);
-    nk.dispatch(VmId::new(1), &call, || 0, &mut Vec::new()).reply().expect("one kernel instance finishes every call at once")
+    nk.dispatch(VmId::new(1), &call, &mut Vec::new()).reply().expect("one kernel instance finishes every call at once")
 }}
 
 #[test]

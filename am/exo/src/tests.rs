@@ -11,6 +11,7 @@ fn kernel() -> (NullKernel, u16) {
     let ports = PortRange::new(0x80, 4).unwrap();
     let assignment = VmAssignment { vm: Some(VM1), ports: Some(ports), msrs: alloc::vec![0xC000_0100] };
     let exo = nk.add_am(alloc::boxed::Box::new(ExoAm::new(alloc::vec![assignment])), 64).unwrap().raw();
+    nk.set_caller_ring(|| 0);
     nk.add_vm(VM1, 64).unwrap();
     nk.add_vm(VM2, 64).unwrap();
     (nk, exo)
@@ -20,7 +21,7 @@ fn call(nk: &mut NullKernel, vm: VmId, am: u16, op: u16, cap: NameWords, args: &
     let mut call = Call { selector: Selector::new(am, op.into()).encode(), ..Call::default() };
     call.caps[0] = cap;
     call.args[..args.len()].copy_from_slice(args);
-    nk.dispatch(vm, &call, || 0, &mut Vec::new()).reply().expect("one kernel instance finishes every call at once")
+    nk.dispatch(vm, &call, &mut Vec::new()).reply().expect("one kernel instance finishes every call at once")
 }
 
 fn initial(nk: &mut NullKernel, vm: VmId) -> Reply {

@@ -32,8 +32,9 @@
 //! process of the guest cannot learn, and then revoke or give away, its kernel's
 //! capabilities. The hypervisor allows every ring for a VM whose module line says
 //! `ring3-caps` ([`NullKernel::allow_all_rings`]). Only these two operations ask the
-//! caller's privilege level (the `ring` argument of [`NullKernel::dispatch`]); every other
-//! operation is guarded by the capabilities it names.
+//! caller's privilege level (through the reader [`NullKernel::set_caller_ring`] installs;
+//! the hypervisor's reads the VMCS), so no other call pays for it; every other operation
+//! is guarded by the capabilities it names.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
@@ -137,6 +138,9 @@ pub struct NullKernel {
     inboxed: BTreeSet<CapName>,
     /// VMs whose every ring may call `INITIAL` and `RECEIVED`.
     all_rings: BTreeSet<VmId>,
+    /// Reads the privilege level (CPL) of the guest whose call is being dispatched; asked
+    /// only by `INITIAL` and `RECEIVED`.
+    caller_ring: fn() -> u8,
     /// The kernel instance each VM runs on (every instance knows every VM).
     placement: BTreeMap<VmId, KernelId>,
     /// Pending delegations whose child, once granted, goes to a VM's inbox (with its
@@ -172,6 +176,7 @@ struct AmHook<'a> {
 }
 
 impl nk_caps::RevocationHook for AmHook<'_> {
+    #[inline]
     fn revoked(&mut self, dead: &DeadCap) {
         let index = usize::from(dead.object.am.raw()).wrapping_sub(usize::from(FIRST_AM_ID));
         if let Some(am) = self.ams.get(index) {
@@ -330,6 +335,7 @@ impl NullKernel {
             inbox: BTreeMap::new(),
             inboxed: BTreeSet::new(),
             all_rings: BTreeSet::new(),
+            caller_ring: || 3,
             placement: BTreeMap::new(),
             inbox_on_completion: BTreeMap::new(),
             effects: Vec::new(),
@@ -385,6 +391,13 @@ impl NullKernel {
             self.proto.table_mut().add_vm(vm, quota)?;
         }
         Ok(())
+    }
+
+    /// Sets how the instance learns the caller's privilege level (CPL): the hypervisor
+    /// reads the current VMCS. Until it is set every caller counts as ring 3, so
+    /// `INITIAL` and `RECEIVED` answer only VMs that allow every ring.
+    pub fn set_caller_ring(&mut self, reader: fn() -> u8) {
+        self.caller_ring = reader;
     }
 
     /// Lets every ring of `vm`, not only ring 0, call `INITIAL` and `RECEIVED` (the
@@ -506,21 +519,17 @@ impl NullKernel {
         Some(Finished { op: done.op, reply: outcome_reply(done.result) })
     }
 
-    /// Handles one hypercall from `caller`; the messages it needs go to `out`. `ring`
-    /// tells the privilege level (CPL) the guest called from; it is asked only by the
-    /// operations that depend on it (`INITIAL`, `RECEIVED`), so a caller may make it read
-    /// the hardware lazily.
-    pub fn dispatch<O, R>(&mut self, caller: VmId, call: &Call, ring: R, out: &mut O) -> Dispatched
+    /// Handles one hypercall from `caller`; the messages it needs go to `out`.
+    pub fn dispatch<O>(&mut self, caller: VmId, call: &Call, out: &mut O) -> Dispatched
     where
         O: Outbox + ?Sized,
-        R: Fn() -> u8,
     {
         let selector = Selector::decode(call.selector);
         if selector.version != ABI_VERSION {
             return Dispatched::Reply(failure(Status::new(Status::BAD_VERSION, None)));
         }
         if selector.am == NULL_KERNEL_AM {
-            return self.null_kernel_op(caller, selector.op, call, ring, out);
+            return self.null_kernel_op(caller, selector.op, call, out);
         }
         Dispatched::Reply(self.am_op(Principal::Vm(caller), selector, call))
     }
@@ -561,10 +570,9 @@ impl NullKernel {
     }
 
     /// The null-Kernel's own operations on capabilities.
-    fn null_kernel_op<O, R>(&mut self, vm: VmId, op: u32, call: &Call, ring: R, out: &mut O) -> Dispatched
+    fn null_kernel_op<O>(&mut self, vm: VmId, op: u32, call: &Call, out: &mut O) -> Dispatched
     where
         O: Outbox + ?Sized,
-        R: Fn() -> u8,
     {
         let caller = Principal::Vm(vm);
         let c = name_of(call.caps[0]);
@@ -620,7 +628,7 @@ impl NullKernel {
                 let object = (u64::from(info.object.am.raw()) << 32) | u64::from(info.object.kind.raw());
                 success(None, [object, info.object.id.raw(), info.rights.bits(), holder | bearer])
             })),
-            nk_op::INITIAL | nk_op::RECEIVED if ring() != 0 && !self.all_rings.contains(&vm) => {
+            nk_op::INITIAL | nk_op::RECEIVED if (self.caller_ring)() != 0 && !self.all_rings.contains(&vm) => {
                 Dispatched::Reply(failure(Status::new(Status::NOT_PERMITTED, None)))
             }
             nk_op::INITIAL => {

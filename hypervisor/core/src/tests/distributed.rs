@@ -30,6 +30,7 @@ fn machine(count: u16) -> Machine {
         .map(|k| {
             let mut nk = NullKernel::new(KernelId::new(k), count, 4096, &mut FixedSeed::from_u64(k.into())).unwrap();
             nk.add_shared_am(counter.clone(), 1024).unwrap();
+            nk.set_caller_ring(|| 0);
             nk
         })
         .collect();
@@ -58,7 +59,7 @@ impl Machine {
         call.args[..args.len()].copy_from_slice(args);
         let k = kernel_of(vm);
         let id = self.kernels[k].id();
-        self.kernels[k].dispatch(vm, &call, || 0, &mut Wire(id, &mut self.wire))
+        self.kernels[k].dispatch(vm, &call, &mut Wire(id, &mut self.wire))
     }
 
     /// Delivers messages until none is left.

@@ -20,6 +20,7 @@ fn world() -> World {
 fn world_of(capacity: u32) -> World {
     let mut nk = NullKernel::new(KernelId::new(0), 1, capacity, &mut FixedSeed::from_u64(42)).unwrap();
     let counter_am = nk.add_am(Box::new(CounterAm::new()), 1024).unwrap().raw();
+    nk.set_caller_ring(|| 0);
     for vm in [VM1, VM2, VM3] {
         assert!(nk.add_vm(vm, 256).unwrap().is_empty());
     }
@@ -31,7 +32,7 @@ impl World {
         let mut call = Call { selector: Selector::new(am, op).encode(), ..Call::default() };
         call.caps[..caps.len()].copy_from_slice(caps);
         call.args[..args.len()].copy_from_slice(args);
-        local(self.nk.dispatch(vm, &call, || 0, &mut Vec::new()))
+        local(self.nk.dispatch(vm, &call, &mut Vec::new()))
     }
 
     fn nk_op(&mut self, vm: VmId, op: u32, cap: NameWords, args: &[u64]) -> Reply {
@@ -80,7 +81,7 @@ fn null_call_and_malformed_selectors() {
     let mut w = world();
     assert!(w.nk_op(VM1, nk_op::NULL, NameWords::default(), &[]).status().is_ok());
     let bad_version = Call { selector: Selector { version: 9, am: 0, op: 0 }.encode(), ..Call::default() };
-    assert_eq!(local(w.nk.dispatch(VM1, &bad_version, || 0, &mut Vec::new())).status(), status(Status::BAD_VERSION, None));
+    assert_eq!(local(w.nk.dispatch(VM1, &bad_version, &mut Vec::new())).status(), status(Status::BAD_VERSION, None));
     assert_eq!(w.call(VM1, 99, 0, &[], &[]).status(), status(Status::UNKNOWN_AM, None));
     assert_eq!(w.call(VM1, w.counter_am, 77, &[], &[]).status(), status(Status::UNKNOWN_OPERATION, None));
     assert_eq!(w.call(VM1, w.counter_am, 1 << 20, &[], &[]).status(), status(Status::UNKNOWN_OPERATION, None));
@@ -202,9 +203,16 @@ fn only_ring_0_enumerates_unless_the_vm_allows_every_ring() {
     let mut w = world();
     let c = w.create_counter(VM1);
     w.nk_op(VM1, nk_op::DELEGATE, c, &[u64::MAX, 2, 0]);
+    static RING: core::sync::atomic::AtomicU8 = core::sync::atomic::AtomicU8::new(0);
+    static ASKED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+    w.nk.set_caller_ring(|| {
+        ASKED.store(true, core::sync::atomic::Ordering::Relaxed);
+        RING.load(core::sync::atomic::Ordering::Relaxed)
+    });
     let enumerate = |w: &mut World, vm: VmId, op: u32, ring: u8| {
+        RING.store(ring, core::sync::atomic::Ordering::Relaxed);
         let call = Call { selector: Selector::new(NULL_KERNEL_AM, op).encode(), ..Call::default() };
-        local(w.nk.dispatch(vm, &call, || ring, &mut Vec::new())).status()
+        local(w.nk.dispatch(vm, &call, &mut Vec::new())).status()
     };
     for op in [nk_op::INITIAL, nk_op::RECEIVED] {
         assert!(enumerate(&mut w, VM2, op, 0).is_ok());
@@ -213,18 +221,15 @@ fn only_ring_0_enumerates_unless_the_vm_allows_every_ring() {
         }
     }
     // Other operations do not ask (they are guarded by the capabilities they name).
-    let asked = core::cell::Cell::new(false);
+    ASKED.store(false, core::sync::atomic::Ordering::Relaxed);
     let null = Call { selector: Selector::new(NULL_KERNEL_AM, nk_op::NULL).encode(), ..Call::default() };
-    let reply = local(w.nk.dispatch(
-        VM2,
-        &null,
-        || {
-            asked.set(true);
-            3
-        },
-        &mut Vec::new(),
-    ));
-    assert!(reply.status().is_ok() && !asked.get());
+    let reply = local(w.nk.dispatch(VM2, &null, &mut Vec::new()));
+    assert!(reply.status().is_ok() && !ASKED.load(core::sync::atomic::Ordering::Relaxed));
+    // Until a reader is set, every caller counts as ring 3.
+    let mut fresh = NullKernel::new(KernelId::new(0), 1, 64, &mut FixedSeed::from_u64(1)).unwrap();
+    fresh.add_vm(VM1, 8).unwrap();
+    let initial = Call { selector: Selector::new(NULL_KERNEL_AM, nk_op::INITIAL).encode(), ..Call::default() };
+    assert_eq!(local(fresh.dispatch(VM1, &initial, &mut Vec::new())).status(), status(Status::NOT_PERMITTED, None));
     w.nk.allow_all_rings(VM2);
     for op in [nk_op::INITIAL, nk_op::RECEIVED] {
         assert!(enumerate(&mut w, VM2, op, 3).is_ok());
@@ -311,7 +316,7 @@ proptest! {
             for (i, pair) in caps.chunks(2).enumerate() {
                 call.caps[i] = NameWords { low: pair[0], high: pair[1] };
             }
-            let reply = local(w.nk.dispatch(VmId::new(vm), &call, || 3, &mut Vec::new()));
+            let reply = local(w.nk.dispatch(VmId::new(vm), &call, &mut Vec::new()));
             if !reply.status().is_ok() {
                 prop_assert_eq!(w.nk.table().len(), before);
             }
