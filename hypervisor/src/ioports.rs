@@ -190,7 +190,8 @@ pub fn emulate(vm: VmId, port: u16, size: u8, is_in: bool, value: u64) -> Option
     let ports = PORTS.lock();
     let grants = &ports.get(&vm.raw())?.grants;
     let last = u32::from(port) + u32::from(size) - 1;
-    let granted = grants.iter().any(|g| g.access & needed != 0 && u32::from(g.first) <= u32::from(port) && last < g.end());
+    let granted =
+        grants.iter().any(|g| g.access & needed != 0 && u32::from(g.first) <= u32::from(port) && last < g.end());
     if !granted {
         return None;
     }

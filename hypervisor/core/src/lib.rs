@@ -171,8 +171,18 @@ struct AmHook<'a> {
     ams: &'a [SharedAm],
     effects: &'a mut Vec<Effect>,
     inboxed: &'a mut BTreeSet<CapName>,
+    /// Whether any inbox lists anything (decided once per operation, so a revocation
+    /// while every inbox is empty pays nothing per dead capability).
+    watch_inboxes: bool,
     /// Set when a listed capability died: the inboxes drop its entry after the operation.
     inbox_stale: bool,
+}
+
+impl<'a> AmHook<'a> {
+    fn new(ams: &'a [SharedAm], effects: &'a mut Vec<Effect>, inboxed: &'a mut BTreeSet<CapName>) -> Self {
+        let watch_inboxes = !inboxed.is_empty();
+        Self { ams, effects, inboxed, watch_inboxes, inbox_stale: false }
+    }
 }
 
 impl nk_caps::RevocationHook for AmHook<'_> {
@@ -182,7 +192,7 @@ impl nk_caps::RevocationHook for AmHook<'_> {
         if let Some(am) = self.ams.get(index) {
             am.lock().revoked(dead, &mut EffectList(self.effects));
         }
-        if !self.inboxed.is_empty() && self.inboxed.remove(&dead.name) {
+        if self.watch_inboxes && self.inboxed.remove(&dead.name) {
             self.inbox_stale = true;
         }
     }
@@ -484,7 +494,7 @@ impl NullKernel {
         for entry in self.inbox.remove(&vm).unwrap_or_default() {
             self.inboxed.remove(&entry.name);
         }
-        let hook = &mut AmHook { ams: &self.ams, effects: &mut self.effects, inboxed: &mut self.inboxed, inbox_stale: false };
+        let hook = &mut AmHook::new(&self.ams, &mut self.effects, &mut self.inboxed);
         let result = started(self.proto.crash(vm, &[], hook, out));
         let stale = hook.inbox_stale;
         self.after_deaths(stale);
@@ -497,7 +507,7 @@ impl NullKernel {
     where
         O: Outbox + ?Sized,
     {
-        let hook = &mut AmHook { ams: &self.ams, effects: &mut self.effects, inboxed: &mut self.inboxed, inbox_stale: false };
+        let hook = &mut AmHook::new(&self.ams, &mut self.effects, &mut self.inboxed);
         self.proto.handle(from, message, hook, out);
         let stale = hook.inbox_stale;
         self.after_deaths(stale);
@@ -511,8 +521,7 @@ impl NullKernel {
     /// Returns the next call (or VM removal) that waited for other kernels and finished.
     pub fn poll(&mut self) -> Option<Finished> {
         let done = self.proto.poll()?;
-        if let (Some((vm, sender)), Ok(Outcome::Name(name))) =
-            (self.inbox_on_completion.remove(&done.op), done.result)
+        if let (Some((vm, sender)), Ok(Outcome::Name(name))) = (self.inbox_on_completion.remove(&done.op), done.result)
         {
             self.deliver_to_inbox(vm, name, sender);
         }
@@ -612,8 +621,7 @@ impl NullKernel {
                 started(result)
             }
             nk_op::REVOKE | nk_op::DELETE => {
-                let hook =
-                    &mut AmHook { ams: &self.ams, effects: &mut self.effects, inboxed: &mut self.inboxed, inbox_stale: false };
+                let hook = &mut AmHook::new(&self.ams, &mut self.effects, &mut self.inboxed);
                 let result = started(match op {
                     nk_op::REVOKE => self.proto.revoke(caller, c, hook, out),
                     _ => self.proto.delete(caller, c, hook, out),

@@ -14,7 +14,7 @@ use core::mem::size_of;
 use alloc::vec::Vec;
 
 use self::index::NameIndex;
-use self::node::{Link, Node, State};
+use self::node::{Account, Link, Node, State};
 use crate::ids::{AmId, Binding, KernelId, ObjKind, Object, OpId, Principal, Rights, VmId};
 use crate::name::{CapName, EntropySource, NameSource};
 use crate::registry::{KindSpec, OpSpec, RegisterError, Registry};
@@ -50,6 +50,8 @@ pub struct CapTable {
     /// The registered principals, sorted by principal: they are few (VMs and AMs), and
     /// binary search over a vector needs no hashing and no allocation per look-up.
     principals: Vec<PrincipalEntry>,
+    /// The principal of each account number (`Node::payer`); None for a free number.
+    accounts: Vec<Option<Principal>>,
 }
 
 /// Holds a principal's quota and the head of the list of capabilities it holds.
@@ -58,8 +60,10 @@ struct PrincipalEntry {
     principal: Principal,
     quota: u32,
     held: u32,
-    /// Nodes whose `payer` is this principal.
+    /// Nodes whose `payer` is this principal's account.
     charged: u32,
+    /// Its number in `CapTable::accounts`.
+    account: Account,
     held_head: Link,
     /// Set when the principal is being removed (a crash under way): it may receive no new
     /// capability, so the revocation of what it holds can finish.
@@ -211,6 +215,7 @@ impl CapTable {
             capacity,
             index,
             principals: Vec::new(),
+            accounts: Vec::new(),
         })
     }
 
@@ -342,10 +347,12 @@ impl CapTable {
             self.release(slot);
         }
         // What the VM paid for and others still hold is charged to no one from now on.
-        for node in self.nodes.iter_mut().filter(|node| node.payer == Some(principal)) {
-            node.payer = None;
-        }
         let position = self.principal_position(principal).expect("the principal was found above");
+        let account = self.principals[position].account;
+        for node in self.nodes.iter_mut().filter(|node| node.payer == account) {
+            node.payer = Account::NONE;
+        }
+        self.accounts[usize::from(account.0)] = None;
         self.principals.remove(position);
         Ok(revoked)
     }
@@ -368,7 +375,14 @@ impl CapTable {
         if !kind.defined_rights().contains(rights) {
             return Err(CapError::UndefinedRights);
         }
-        self.create(NewCap { object, rights, holder: caller, payer: caller, binding: Binding::Bound, parent: Link::NIL })
+        self.create(NewCap {
+            object,
+            rights,
+            holder: caller,
+            payer: caller,
+            binding: Binding::Bound,
+            parent: Link::NIL,
+        })
     }
 
     /// Creates a child of capability `name` holding only the rights in `mask`, held by
@@ -564,7 +578,15 @@ impl CapTable {
     /// Inserts as [`insert`](Self::insert) does, with the positions of the holder's and
     /// the payer's entries that [`admit`](Self::admit) returned (no principal was added
     /// or removed in between).
-    fn insert_at(&mut self, new: NewCap, state: State, name: CapName, hash: u64, holder: usize, payer: usize) -> CapName {
+    fn insert_at(
+        &mut self,
+        new: NewCap,
+        state: State,
+        name: CapName,
+        hash: u64,
+        holder: usize,
+        payer: usize,
+    ) -> CapName {
         let held_next = self.principals[holder].held_head;
         let slot = self.allocate_slot();
         let first_sibling = new.parent.get().map_or(Link::NIL, |p| self.nodes[p].first_child);
@@ -573,7 +595,7 @@ impl CapTable {
             rights: new.rights,
             object_id: new.object.id,
             holder: new.holder,
-            payer: Some(new.payer),
+            payer: self.principals[payer].account,
             am: new.object.am,
             kind: new.object.kind,
             state,
@@ -630,9 +652,10 @@ impl CapTable {
 
     /// Gives the quota a capability was charged to back to its payer.
     fn uncharge(&mut self, slot: usize) {
-        if let Some(payer) = self.nodes[slot].payer.take() {
-            let entry = self.principal_mut(payer).expect("a node's payer is registered while it pays");
-            entry.charged -= 1;
+        let account = core::mem::replace(&mut self.nodes[slot].payer, Account::NONE);
+        if account != Account::NONE {
+            let payer = self.accounts[usize::from(account.0)].expect("a node's payer is registered while it pays");
+            self.principal_mut(payer).expect("an account's principal is registered").charged -= 1;
         }
     }
 
@@ -664,9 +687,22 @@ impl CapTable {
         let Err(position) = self.principal_position(principal) else {
             return Err(PrincipalError::AlreadyRegistered);
         };
+        let number = match self.accounts.iter().position(Option::is_none) {
+            Some(free) => free,
+            None if self.accounts.len() < Account::MAX => {
+                self.accounts.try_reserve(1).map_err(|_| PrincipalError::OutOfMemory)?;
+                self.accounts.push(None);
+                self.accounts.len() - 1
+            }
+            None => return Err(PrincipalError::OutOfMemory),
+        };
         self.principals.try_reserve(1).map_err(|_| PrincipalError::OutOfMemory)?;
-        self.principals
-            .insert(position, PrincipalEntry { principal, quota, held: 0, charged: 0, held_head: Link::NIL, closing: false });
+        self.accounts[number] = Some(principal);
+        let account = Account(number as u16);
+        self.principals.insert(
+            position,
+            PrincipalEntry { principal, quota, held: 0, charged: 0, account, held_head: Link::NIL, closing: false },
+        );
         Ok(())
     }
 }

@@ -40,7 +40,7 @@
 
 use alloc::vec::Vec;
 
-use super::node::{Link, Node, State};
+use super::node::{Account, Link, Node, State};
 use super::{CapError, CapInfo, CapTable, NewCap, PrincipalError};
 use crate::ids::{AmId, Binding, KernelId, ObjId, ObjKind, Object, Principal, Rights};
 use crate::name::CapName;
@@ -595,7 +595,12 @@ impl CapTable {
     /// the delegator for a delegation to a principal of this kernel), hangs below
     /// `parent`'s proxy and is unusable until [`activate_pending`](Self::activate_pending).
     /// Returns its name.
-    pub fn reserve_remote(&mut self, holder: Principal, payer: Principal, parent: CapName) -> Result<CapName, CapError> {
+    pub fn reserve_remote(
+        &mut self,
+        holder: Principal,
+        payer: Principal,
+        parent: CapName,
+    ) -> Result<CapName, CapError> {
         if parent.kernel() == self.kernel() {
             return Err(CapError::UnknownName);
         }
@@ -756,7 +761,7 @@ impl CapTable {
             rights: Rights::NONE,
             object_id: NO_OBJECT.id,
             holder: Principal::Am(NO_OBJECT.am),
-            payer: None,
+            payer: Account::NONE,
             am: NO_OBJECT.am,
             kind: NO_OBJECT.kind,
             state: State::Remote,

@@ -563,7 +563,11 @@ impl Run {
             assert_eq!(self.real.peek(cap.name), self.model.peek(i), "{cap:?}");
         }
         for p in PRINCIPALS {
-            let model = self.model.quotas.get(&p).map(|&quota| Usage { held: self.model.held(p), charged: self.model.charged(p), quota });
+            let model = self.model.quotas.get(&p).map(|&quota| Usage {
+                held: self.model.held(p),
+                charged: self.model.charged(p),
+                quota,
+            });
             assert_eq!(self.real.usage(p), model, "{p:?}");
         }
         assert_eq!(self.real.len(), self.model.in_use());

@@ -27,8 +27,8 @@ fn new_table_is_empty_and_reserved() {
     assert_eq!(table.capacity(), 1000);
     assert_eq!(table.kernel(), KernelId::new(3));
     let footprint = table.footprint();
-    assert_eq!(footprint.node_bytes, 80);
-    assert!(footprint.slab_bytes >= 80 * 1000);
+    assert_eq!(footprint.node_bytes, 72);
+    assert!(footprint.slab_bytes >= 72 * 1000);
     assert!(footprint.index_bytes >= 5 * 1000);
 }
 
