@@ -20,8 +20,8 @@
 //! Nothing a guest does makes an instance allocate without a bound or a charge:
 //! capabilities are charged to the quota of the principal that causes them (the delegator
 //! of a delegation, the VM that asks an AM for an object: nk-caps, "Quotas"); each VM's
-//! inbox lists at most [`INBOX_MAX`] capabilities and loses an entry as soon as its
-//! capability dies; a delegation to a VM whose inbox is full is refused with
+//! inbox lists at most [`INBOX_MAX`] capabilities and never one that died (a death marks
+//! its holder's inbox, which is pruned before it is next read or filled); a delegation to a VM whose inbox is full is refused with
 //! `QUOTA_EXCEEDED`; a vCPU has at most one pending operation; and what the AMs keep per
 //! VM is bounded by the AMs themselves (the exo AM's and the counter AM's per-VM limits).
 //!
@@ -76,6 +76,24 @@ pub fn shared_am(am: Box<dyn AbstractMachine + Send>) -> SharedAm {
 
 /// The most capabilities a VM's inbox lists (the VM's capability quota is of this order).
 pub const INBOX_MAX: usize = 4096;
+
+/// A VM's inbox: what others delegated to it, in arrival order.
+#[derive(Debug, Default)]
+struct Inbox {
+    entries: Vec<InboxEntry>,
+    /// A capability the VM held died since the entries were last pruned: some may be dead.
+    stale: bool,
+}
+
+impl Inbox {
+    /// Drops the entries whose capabilities died (linear, and only after a death).
+    fn prune(&mut self, vm: VmId, table: &CapTable) {
+        if self.stale {
+            self.entries.retain(|entry| table.inspect(Principal::Vm(vm), entry.name).is_ok());
+            self.stale = false;
+        }
+    }
+}
 
 /// One capability another principal delegated to a VM, as `RECEIVED` reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,10 +150,7 @@ pub struct NullKernel {
     /// Each VM's initial capabilities (AM id, name), in AM order.
     initial: BTreeMap<VmId, Vec<(AmId, CapName)>>,
     /// Capabilities other principals delegated to each VM of this instance, in order.
-    inbox: BTreeMap<VmId, Vec<InboxEntry>>,
-    /// Every name listed in some inbox, so a dying capability's entry is found without a
-    /// walk of every inbox.
-    inboxed: BTreeSet<CapName>,
+    inbox: BTreeMap<VmId, Inbox>,
     /// VMs whose every ring may call `INITIAL` and `RECEIVED`.
     all_rings: BTreeSet<VmId>,
     /// Reads the privilege level (CPL) of the guest whose call is being dispatched; asked
@@ -165,23 +180,23 @@ impl Effects for EffectList<'_> {
     }
 }
 
-/// Routes each dead capability to the AM that implements its object, and notes the dead
-/// ones an inbox lists.
+/// Routes each dead capability to the AM that implements its object, and marks the inbox
+/// of its holder stale.
 struct AmHook<'a> {
     ams: &'a [SharedAm],
     effects: &'a mut Vec<Effect>,
-    inboxed: &'a mut BTreeSet<CapName>,
+    inboxes: &'a mut BTreeMap<VmId, Inbox>,
     /// Whether any inbox lists anything (decided once per operation, so a revocation
     /// while every inbox is empty pays nothing per dead capability).
     watch_inboxes: bool,
-    /// Set when a listed capability died: the inboxes drop its entry after the operation.
-    inbox_stale: bool,
+    /// The holder whose inbox was marked last (a subtree's capabilities often share one).
+    marked: Option<VmId>,
 }
 
 impl<'a> AmHook<'a> {
-    fn new(ams: &'a [SharedAm], effects: &'a mut Vec<Effect>, inboxed: &'a mut BTreeSet<CapName>) -> Self {
-        let watch_inboxes = !inboxed.is_empty();
-        Self { ams, effects, inboxed, watch_inboxes, inbox_stale: false }
+    fn new(ams: &'a [SharedAm], effects: &'a mut Vec<Effect>, inboxes: &'a mut BTreeMap<VmId, Inbox>) -> Self {
+        let watch_inboxes = inboxes.values().any(|inbox| !inbox.entries.is_empty());
+        Self { ams, effects, inboxes, watch_inboxes, marked: None }
     }
 }
 
@@ -192,16 +207,14 @@ impl nk_caps::RevocationHook for AmHook<'_> {
         if let Some(am) = self.ams.get(index) {
             am.lock().revoked(dead, &mut EffectList(self.effects));
         }
-        if self.watch_inboxes && self.inboxed.remove(&dead.name) {
-            self.inbox_stale = true;
+        if let (true, Principal::Vm(vm)) = (self.watch_inboxes, dead.holder) {
+            if self.marked != Some(vm) {
+                self.marked = Some(vm);
+                if let Some(inbox) = self.inboxes.get_mut(&vm) {
+                    inbox.stale |= !inbox.entries.is_empty();
+                }
+            }
         }
-    }
-}
-
-/// Drops the inbox entries whose capabilities died (they left `inboxed`).
-fn prune_inboxes(inbox: &mut BTreeMap<VmId, Vec<InboxEntry>>, inboxed: &BTreeSet<CapName>) {
-    for entries in inbox.values_mut() {
-        entries.retain(|entry| inboxed.contains(&entry.name));
     }
 }
 
@@ -343,7 +356,6 @@ impl NullKernel {
             ams: Vec::new(),
             initial: BTreeMap::new(),
             inbox: BTreeMap::new(),
-            inboxed: BTreeSet::new(),
             all_rings: BTreeSet::new(),
             caller_ring: || 3,
             placement: BTreeMap::new(),
@@ -433,7 +445,7 @@ impl NullKernel {
             }
         }
         self.initial.insert(vm, granted);
-        self.inbox.insert(vm, Vec::new());
+        self.inbox.insert(vm, Inbox::default());
         Ok(report)
     }
 
@@ -455,27 +467,32 @@ impl NullKernel {
     }
 
     /// Returns the live capabilities other principals delegated to `vm`, in arrival order.
-    pub fn inbox(&self, vm: VmId) -> &[InboxEntry] {
-        self.inbox.get(&vm).map_or(&[], Vec::as_slice)
+    pub fn inbox(&self, vm: VmId) -> Vec<InboxEntry> {
+        let live = |entry: &&InboxEntry| self.table().inspect(Principal::Vm(vm), entry.name).is_ok();
+        self.inbox.get(&vm).map_or(Vec::new(), |inbox| inbox.entries.iter().filter(live).copied().collect())
+    }
+
+    /// Returns `vm`'s inbox, pruned of dead capabilities.
+    fn pruned_inbox(&mut self, vm: VmId) -> Option<&mut Inbox> {
+        let inbox = self.inbox.get_mut(&vm)?;
+        inbox.prune(vm, self.proto.table());
+        Some(inbox)
     }
 
     /// Tells whether `vm`'s inbox has room for one more entry.
-    fn inbox_has_room(&self, vm: VmId) -> bool {
-        self.inbox.get(&vm).is_some_and(|inbox| inbox.len() < INBOX_MAX)
-    }
-
-    fn deliver_to_inbox(&mut self, vm: VmId, name: CapName, sender: Principal) {
-        if let Some(inbox) = self.inbox.get_mut(&vm) {
-            if inbox.len() < INBOX_MAX && self.inboxed.insert(name) {
-                inbox.push(InboxEntry { name, sender });
-            }
+    fn inbox_has_room(&mut self, vm: VmId) -> bool {
+        match self.inbox.get(&vm) {
+            Some(inbox) if inbox.entries.len() < INBOX_MAX => true,
+            Some(_) => self.pruned_inbox(vm).is_some_and(|inbox| inbox.entries.len() < INBOX_MAX),
+            None => false,
         }
     }
 
-    /// Drops the inbox entries of capabilities that died during an operation.
-    fn after_deaths(&mut self, inbox_stale: bool) {
-        if inbox_stale {
-            prune_inboxes(&mut self.inbox, &self.inboxed);
+    fn deliver_to_inbox(&mut self, vm: VmId, name: CapName, sender: Principal) {
+        if self.inbox_has_room(vm) {
+            if let Some(inbox) = self.inbox.get_mut(&vm) {
+                inbox.entries.push(InboxEntry { name, sender });
+            }
         }
     }
 
@@ -491,14 +508,9 @@ impl NullKernel {
         }
         self.initial.remove(&vm);
         self.all_rings.remove(&vm);
-        for entry in self.inbox.remove(&vm).unwrap_or_default() {
-            self.inboxed.remove(&entry.name);
-        }
-        let hook = &mut AmHook::new(&self.ams, &mut self.effects, &mut self.inboxed);
-        let result = started(self.proto.crash(vm, &[], hook, out));
-        let stale = hook.inbox_stale;
-        self.after_deaths(stale);
-        Ok(result)
+        self.inbox.remove(&vm);
+        let hook = &mut AmHook::new(&self.ams, &mut self.effects, &mut self.inbox);
+        Ok(started(self.proto.crash(vm, &[], hook, out)))
     }
 
     /// Handles a message another kernel instance sent; the messages it causes go to `out`.
@@ -507,10 +519,8 @@ impl NullKernel {
     where
         O: Outbox + ?Sized,
     {
-        let hook = &mut AmHook::new(&self.ams, &mut self.effects, &mut self.inboxed);
+        let hook = &mut AmHook::new(&self.ams, &mut self.effects, &mut self.inbox);
         self.proto.handle(from, message, hook, out);
-        let stale = hook.inbox_stale;
-        self.after_deaths(stale);
         if let Message::Delegate { grant, holder: holder @ Principal::Vm(vm), delegator, .. } = message {
             if self.proto.table().inspect(holder, grant.child).is_ok() {
                 self.deliver_to_inbox(vm, grant.child, delegator);
@@ -626,14 +636,11 @@ impl NullKernel {
                 started(result)
             }
             nk_op::REVOKE | nk_op::DELETE => {
-                let hook = &mut AmHook::new(&self.ams, &mut self.effects, &mut self.inboxed);
-                let result = started(match op {
+                let hook = &mut AmHook::new(&self.ams, &mut self.effects, &mut self.inbox);
+                started(match op {
                     nk_op::REVOKE => self.proto.revoke(caller, c, hook, out),
                     _ => self.proto.delete(caller, c, hook, out),
-                });
-                let stale = hook.inbox_stale;
-                self.after_deaths(stale);
-                result
+                })
             }
             nk_op::INSPECT => reply(self.table().inspect(caller, c).map(|info| {
                 let holder = principal_word(info.holder);
@@ -653,11 +660,14 @@ impl NullKernel {
             }
             nk_op::RECEIVED => {
                 let index = usize::try_from(call.args[0]).unwrap_or(usize::MAX);
-                let Some(&InboxEntry { name, sender }) = self.inbox(vm).get(index) else {
+                let Some(inbox) = self.pruned_inbox(vm) else {
+                    return bad_argument;
+                };
+                let count = inbox.entries.len() as u64;
+                let Some(&InboxEntry { name, sender }) = inbox.entries.get(index) else {
                     return bad_argument;
                 };
                 let am = self.table().inspect(caller, name).map_or(0, |info| u64::from(info.object.am.raw()));
-                let count = self.inbox(vm).len() as u64;
                 Dispatched::Reply(success(Some(name), [am, count, principal_word(sender), 0]))
             }
             _ => Dispatched::Reply(failure(Status::new(Status::UNKNOWN_OPERATION, None))),

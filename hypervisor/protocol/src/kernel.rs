@@ -328,10 +328,11 @@ impl Kernel {
             if kernel == here {
                 // The delegator pays (nk-caps, "Quotas"); a routed request's presenter that is
                 // not registered here cannot, and then the target does, as across kernels.
-                let result = if self.table.usage(caller).is_some() {
-                    self.table.delegate(caller, cap, target, mask, binding)
-                } else {
-                    self.table.grant(caller, cap, target, mask, binding)
+                let result = match self.table.delegate(caller, cap, target, mask, binding) {
+                    Err(CapError::UnknownPrincipal) if self.table.usage(caller).is_none() => {
+                        self.table.grant(caller, cap, target, mask, binding)
+                    }
+                    result => result,
                 };
                 return Started::Done(result.map(Outcome::Name).map_err(ProtoError::from));
             }

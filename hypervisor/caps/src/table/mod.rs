@@ -567,17 +567,9 @@ impl CapTable {
 
     /// Inserts a capability named `name` (with index hash `hash`) in state `state`: takes a
     /// slab node and links it into the tree, its holder's list and the index. The caller
-    /// checked with [`admit`](Self::admit) that the holder and the table have room, so
-    /// nothing here can fail. Returns the name.
-    fn insert(&mut self, new: NewCap, state: State, name: CapName, hash: u64) -> CapName {
-        let holder = self.principal_position(new.holder).expect("admit found the holder");
-        let payer = self.principal_position(new.payer).expect("admit found the payer");
-        self.insert_at(new, state, name, hash, holder, payer)
-    }
-
-    /// Inserts as [`insert`](Self::insert) does, with the positions of the holder's and
-    /// the payer's entries that [`admit`](Self::admit) returned (no principal was added
-    /// or removed in between).
+    /// checked with [`admit`](Self::admit) that the holder, the payer and the table have
+    /// room, and passes the holder's and the payer's positions it returned (no principal
+    /// was added or removed in between), so nothing here can fail. Returns the name.
     fn insert_at(
         &mut self,
         new: NewCap,

@@ -576,7 +576,7 @@ impl CapTable {
         self.check_object(grant.object, grant.rights)?;
         let proxy = self.usable_proxy(parent)?;
         let payer = if self.principal(delegator).is_some() { delegator } else { holder };
-        self.admit(holder, payer, if proxy.is_some() { 1 } else { 2 })?;
+        let (holder_at, payer_at) = self.admit(holder, payer, if proxy.is_some() { 1 } else { 2 })?;
         let proxy = proxy.unwrap_or_else(|| self.create_proxy(parent, self.names.hash(parent), Link::NIL));
         let new = NewCap {
             object: grant.object,
@@ -586,7 +586,7 @@ impl CapTable {
             binding: grant.binding,
             parent: Link::to(proxy),
         };
-        self.insert(new, State::Live, child, self.names.hash(child));
+        self.insert_at(new, State::Live, child, self.names.hash(child), holder_at, payer_at);
         Ok(())
     }
 
@@ -605,7 +605,7 @@ impl CapTable {
             return Err(CapError::UnknownName);
         }
         let proxy = self.usable_proxy(parent)?;
-        self.admit(holder, payer, if proxy.is_some() { 1 } else { 2 })?;
+        let (holder_at, payer_at) = self.admit(holder, payer, if proxy.is_some() { 1 } else { 2 })?;
         let proxy = proxy.unwrap_or_else(|| self.create_proxy(parent, self.names.hash(parent), Link::NIL));
         let (index, nodes) = (&self.index, &self.nodes);
         let (name, hash) =
@@ -618,7 +618,7 @@ impl CapTable {
             binding: Binding::Bound,
             parent: Link::to(proxy),
         };
-        Ok(self.insert(new, State::Pending, name, hash))
+        Ok(self.insert_at(new, State::Pending, name, hash, holder_at, payer_at))
     }
 
     /// Completes an obtain: the reservation `child` becomes a live capability to `object`

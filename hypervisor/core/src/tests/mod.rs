@@ -196,6 +196,7 @@ fn the_inbox_names_the_sender_and_forgets_dead_capabilities() {
     assert!(w.nk_op(VM2, nk_op::DELETE, second, &[]).status().is_ok());
     assert_eq!(received(&mut w, VM2, 0).status(), status(Status::BAD_ARGUMENT, None));
     assert_eq!(w.nk.inbox(VM2), &[]);
+    w.nk.table().check_consistency().unwrap();
 }
 
 #[test]
