@@ -86,12 +86,16 @@ struct Inbox {
 }
 
 impl Inbox {
-    /// Drops the entries whose capabilities died (linear, and only after a death).
-    fn prune(&mut self, vm: VmId, table: &CapTable) {
-        if self.stale {
-            self.entries.retain(|entry| table.inspect(Principal::Vm(vm), entry.name).is_ok());
-            self.stale = false;
+    /// Drops the entries whose capabilities died (linear, and only after a death); returns
+    /// how many it dropped.
+    fn prune(&mut self, vm: VmId, table: &CapTable) -> usize {
+        if !self.stale {
+            return 0;
         }
+        let before = self.entries.len();
+        self.entries.retain(|entry| table.inspect(Principal::Vm(vm), entry.name).is_ok());
+        self.stale = false;
+        before - self.entries.len()
     }
 }
 
@@ -151,6 +155,9 @@ pub struct NullKernel {
     initial: BTreeMap<VmId, Vec<(AmId, CapName)>>,
     /// Capabilities other principals delegated to each VM of this instance, in order.
     inbox: BTreeMap<VmId, Inbox>,
+    /// Entries in all inboxes (dead ones included until pruned): while 0, a revocation
+    /// pays nothing per dead capability for the inboxes.
+    listed: usize,
     /// VMs whose every ring may call `INITIAL` and `RECEIVED`.
     all_rings: BTreeSet<VmId>,
     /// Reads the privilege level (CPL) of the guest whose call is being dispatched; asked
@@ -194,9 +201,13 @@ struct AmHook<'a> {
 }
 
 impl<'a> AmHook<'a> {
-    fn new(ams: &'a [SharedAm], effects: &'a mut Vec<Effect>, inboxes: &'a mut BTreeMap<VmId, Inbox>) -> Self {
-        let watch_inboxes = inboxes.values().any(|inbox| !inbox.entries.is_empty());
-        Self { ams, effects, inboxes, watch_inboxes, marked: None }
+    fn new(
+        ams: &'a [SharedAm],
+        effects: &'a mut Vec<Effect>,
+        inboxes: &'a mut BTreeMap<VmId, Inbox>,
+        listed: usize,
+    ) -> Self {
+        Self { ams, effects, inboxes, watch_inboxes: listed > 0, marked: None }
     }
 }
 
@@ -356,6 +367,7 @@ impl NullKernel {
             ams: Vec::new(),
             initial: BTreeMap::new(),
             inbox: BTreeMap::new(),
+            listed: 0,
             all_rings: BTreeSet::new(),
             caller_ring: || 3,
             placement: BTreeMap::new(),
@@ -475,7 +487,7 @@ impl NullKernel {
     /// Returns `vm`'s inbox, pruned of dead capabilities.
     fn pruned_inbox(&mut self, vm: VmId) -> Option<&mut Inbox> {
         let inbox = self.inbox.get_mut(&vm)?;
-        inbox.prune(vm, self.proto.table());
+        self.listed -= inbox.prune(vm, self.proto.table());
         Some(inbox)
     }
 
@@ -489,11 +501,15 @@ impl NullKernel {
     }
 
     fn deliver_to_inbox(&mut self, vm: VmId, name: CapName, sender: Principal) {
-        if self.inbox_has_room(vm) {
-            if let Some(inbox) = self.inbox.get_mut(&vm) {
-                inbox.entries.push(InboxEntry { name, sender });
+        let Some(mut inbox) = self.inbox.get_mut(&vm) else { return };
+        if inbox.entries.len() >= INBOX_MAX {
+            match self.pruned_inbox(vm) {
+                Some(pruned) if pruned.entries.len() < INBOX_MAX => inbox = pruned,
+                _ => return,
             }
         }
+        inbox.entries.push(InboxEntry { name, sender });
+        self.listed += 1;
     }
 
     /// Removes a VM of this instance (it ended or crashed): every capability it held dies
@@ -508,8 +524,10 @@ impl NullKernel {
         }
         self.initial.remove(&vm);
         self.all_rings.remove(&vm);
-        self.inbox.remove(&vm);
-        let hook = &mut AmHook::new(&self.ams, &mut self.effects, &mut self.inbox);
+        if let Some(inbox) = self.inbox.remove(&vm) {
+            self.listed -= inbox.entries.len();
+        }
+        let hook = &mut AmHook::new(&self.ams, &mut self.effects, &mut self.inbox, self.listed);
         Ok(started(self.proto.crash(vm, &[], hook, out)))
     }
 
@@ -519,7 +537,7 @@ impl NullKernel {
     where
         O: Outbox + ?Sized,
     {
-        let hook = &mut AmHook::new(&self.ams, &mut self.effects, &mut self.inbox);
+        let hook = &mut AmHook::new(&self.ams, &mut self.effects, &mut self.inbox, self.listed);
         self.proto.handle(from, message, hook, out);
         if let Message::Delegate { grant, holder: holder @ Principal::Vm(vm), delegator, .. } = message {
             if self.proto.table().inspect(holder, grant.child).is_ok() {
@@ -636,7 +654,7 @@ impl NullKernel {
                 started(result)
             }
             nk_op::REVOKE | nk_op::DELETE => {
-                let hook = &mut AmHook::new(&self.ams, &mut self.effects, &mut self.inbox);
+                let hook = &mut AmHook::new(&self.ams, &mut self.effects, &mut self.inbox, self.listed);
                 started(match op {
                     nk_op::REVOKE => self.proto.revoke(caller, c, hook, out),
                     _ => self.proto.delete(caller, c, hook, out),

@@ -534,7 +534,7 @@ impl CapTable {
     /// Creates a capability: charges its payer's quota, takes a slab node, draws a fresh
     /// name, and links the node into the tree, the holder's list and the index.
     fn create(&mut self, new: NewCap) -> Result<CapName, CapError> {
-        let (holder, payer) = self.admit(new.holder, new.payer, 1)?;
+        let (holder, payer) = self.admit(new.holder, new.payer, false, 1)?;
         let (index, nodes) = (&self.index, &self.nodes);
         let (name, hash) =
             self.names.fresh(|candidate, hash| index.find(hash, |slot| nodes[slot].name == candidate).is_some());
@@ -544,8 +544,15 @@ impl CapTable {
     /// Checks that `holder` may receive one more capability, that `payer` has quota left
     /// for it, and that the table has room for `nodes` more nodes (the capability and any
     /// proxy it needs).
-    /// Returns the positions of the holder's and the payer's entries.
-    pub(super) fn admit(&self, holder: Principal, payer: Principal, nodes: u32) -> Result<(usize, usize), CapError> {
+    /// Returns the positions of the holder's and the payer's entries. With
+    /// `holder_if_unknown`, a payer that is not registered here leaves the holder to pay.
+    pub(super) fn admit(
+        &self,
+        holder: Principal,
+        payer: Principal,
+        holder_if_unknown: bool,
+        nodes: u32,
+    ) -> Result<(usize, usize), CapError> {
         let holder_at = self.principal_position(holder).map_err(|_| CapError::UnknownPrincipal)?;
         if self.principals[holder_at].closing {
             return Err(CapError::UnknownPrincipal);
@@ -553,7 +560,11 @@ impl CapTable {
         let payer_at = if payer == holder {
             holder_at
         } else {
-            self.principal_position(payer).map_err(|_| CapError::UnknownPrincipal)?
+            match self.principal_position(payer) {
+                Ok(position) => position,
+                Err(_) if holder_if_unknown => holder_at,
+                Err(_) => return Err(CapError::UnknownPrincipal),
+            }
         };
         let entry = &self.principals[payer_at];
         if entry.charged >= entry.quota {

@@ -575,14 +575,13 @@ impl CapTable {
         }
         self.check_object(grant.object, grant.rights)?;
         let proxy = self.usable_proxy(parent)?;
-        let payer = if self.principal(delegator).is_some() { delegator } else { holder };
-        let (holder_at, payer_at) = self.admit(holder, payer, if proxy.is_some() { 1 } else { 2 })?;
+        let (holder_at, payer_at) = self.admit(holder, delegator, true, if proxy.is_some() { 1 } else { 2 })?;
         let proxy = proxy.unwrap_or_else(|| self.create_proxy(parent, self.names.hash(parent), Link::NIL));
         let new = NewCap {
             object: grant.object,
             rights: grant.rights,
             holder,
-            payer,
+            payer: self.principals[payer_at].principal,
             binding: grant.binding,
             parent: Link::to(proxy),
         };
@@ -605,7 +604,7 @@ impl CapTable {
             return Err(CapError::UnknownName);
         }
         let proxy = self.usable_proxy(parent)?;
-        let (holder_at, payer_at) = self.admit(holder, payer, if proxy.is_some() { 1 } else { 2 })?;
+        let (holder_at, payer_at) = self.admit(holder, payer, false, if proxy.is_some() { 1 } else { 2 })?;
         let proxy = proxy.unwrap_or_else(|| self.create_proxy(parent, self.names.hash(parent), Link::NIL));
         let (index, nodes) = (&self.index, &self.nodes);
         let (name, hash) =
