@@ -7,11 +7,13 @@
 //!   openings through derived capabilities until the exo AM says `QUOTA_EXCEEDED`.
 //! * `ring3caps`: from ring 3, `INITIAL` and `RECEIVED` must answer (the VM's module line
 //!   says `ring3-caps`). The `checks` mode probes the default: both refused.
-//! * `flood VICTIM`: delegates its counter factory to VICTIM until refused; the refusal
-//!   must be `QUOTA_EXCEEDED` (its own quota), and it must come before the victim's quota
-//!   or the kernel's table runs out.
-//! * `victim ATTACKER`: waits for the flood, then checks that the inbox names the attacker
-//!   and that it can still create and use capabilities of its own.
+//! * `flood VICTIM`: delegates a signal counter to VICTIM, then its counter factory until
+//!   refused; the refusal must be `QUOTA_EXCEEDED` (its own quota), and it must come before
+//!   the victim's quota or the kernel's table runs out. Then it adds 1 to the signal and
+//!   waits for the victim to add 1 too (its own end would revoke what it delegated).
+//! * `victim ATTACKER`: waits for the signal, then checks that the inbox names the
+//!   attacker and that it can still create and use capabilities of its own, and adds 1 to
+//!   the signal.
 
 use nk_guest::abi::Status;
 use nk_guest::nk::{self, Cap};
@@ -104,6 +106,8 @@ pub fn ring3_enumeration(allowed: bool) {
 
 fn flood(victim: u32) -> CheckResult {
     ensure!(victim != 0, "name the victim VM");
+    let (am, signal) = create_counter()?;
+    nk::delegate(signal, victim, u64::MAX, false).map_err(|s| why(format_args!("signal to vm{victim}: {s}")))?;
     let (_, factory) = factory()?;
     let mut given = 0u64;
     let refusal = loop {
@@ -114,33 +118,41 @@ fn flood(victim: u32) -> CheckResult {
         ensure!(given <= 1_000_000, "a million delegations and no refusal");
     };
     println!("delegated the factory {given} times to vm{victim}, then '{refusal}'");
+    let added = nk::call(am, 2, &[signal], &[1]).status();
     ensure!(refusal == Status::new(Status::QUOTA_EXCEEDED, None), "refused with '{refusal}'");
     ensure!(given >= FLOOD_SEEN, "refused after only {given}");
-    // The attacker's own quota is spent: it cannot create either, but the victim can.
+    ensure!(added.is_ok(), "signal: {added}");
+    while read(am, signal).is_ok_and(|(value, _)| value < 2) {
+        for _ in 0..2000 {
+            core::hint::spin_loop();
+        }
+    }
     Ok(())
 }
 
 fn victim(attacker: u32) -> CheckResult {
+    let signal = nk::wait_received(0);
+    let am = nk::received(0).map_err(|s| why(format_args!("received(0): {s}")))?.am;
     let mut polls = 0u64;
-    let first = loop {
-        if let Ok(first) = nk::received(0) {
-            if first.count >= FLOOD_SEEN {
-                break first;
-            }
-        }
+    while read(am, signal).is_ok_and(|(value, _)| value == 0) {
         polls += 1;
         for _ in 0..2000 {
             core::hint::spin_loop();
         }
-        ensure!(polls < 5_000_000, "the flood never came");
-    };
+        ensure!(polls < 5_000_000, "the flood never ended");
+    }
+    let first = nk::received(0).map_err(|s| why(format_args!("received(0): {s}")))?;
     println!("inbox holds {} capabilities", first.count);
+    ensure!(first.count > FLOOD_SEEN, "only {} capabilities arrived", first.count);
     for i in 0..8 {
-        let (am, mine) = create_counter().map_err(|Why(line)| why(format_args!("counter {i}: {}", line.as_str())))?;
-        ensure!(nk::call(am, 2, &[mine], &[5]).status().is_ok(), "add to my counter {i}");
-        ensure!(read(am, mine).is_ok_and(|(value, _)| value == 5), "read of my counter {i}");
+        let (am, counter) =
+            create_counter().map_err(|Why(line)| why(format_args!("counter {i}: {}", line.as_str())))?;
+        ensure!(nk::call(am, 2, &[counter], &[5]).status().is_ok(), "add to my counter {i}");
+        ensure!(read(am, counter).is_ok_and(|(value, _)| value == 5), "read of my counter {i}");
     }
     println!("created 8 counters of its own after the flood");
     ensure!(first.sender == Some(attacker), "the inbox says {:?} sent them, not vm{attacker}", first.sender);
+    let answered = nk::call(am, 2, &[signal], &[1]).status();
+    ensure!(answered.is_ok(), "answer through the signal: {answered}");
     Ok(())
 }

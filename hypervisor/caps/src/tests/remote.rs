@@ -187,3 +187,29 @@ fn the_single_kernel_methods_tear_down_proxies_locally() {
     assert!(b.table.is_empty());
     b.table.audit();
 }
+
+#[test]
+fn a_cross_kernel_delegation_is_charged_to_a_delegator_registered_there() {
+    let (mut a, mut b) = pair();
+    let root = a.frame_root(1);
+    let mine = a.give(root, VM1, RWX);
+    // VM1 is not registered on kernel 2: the holder pays there.
+    let first = link(&mut a, &mut b, vm(VM1), mine);
+    assert_eq!(b.table.usage(vm(VM2)).unwrap().charged, 1);
+    // Registered there (as the hypervisor registers every VM on every kernel), VM1 pays,
+    // up to its quota, and VM2's quota stays free.
+    b.table.add_vm(VM1, 2).unwrap();
+    for _ in 0..2 {
+        link(&mut a, &mut b, vm(VM1), mine);
+    }
+    assert_eq!(b.table.usage(vm(VM1)).unwrap().charged, 2);
+    assert_eq!(b.table.usage(vm(VM2)).unwrap().charged, 1);
+    let grant = a.table.delegate_remote(vm(VM1), mine, b.table.kernel(), RWX, Binding::Bound).unwrap();
+    assert_eq!(b.table.accept_remote(grant, mine, vm(VM2), vm(VM1)), Err(CapError::QuotaExceeded));
+    // VM2 deleting what it got gives VM1 its quota back.
+    let given = b.table.nodes().filter(|n| n.state == NodeState::Live && n.name != first).map(|n| n.name).last();
+    let given = given.expect("a live child on kernel 2");
+    b.table.delete(vm(VM2), given, &mut ignore).unwrap();
+    assert_eq!(b.table.usage(vm(VM1)).unwrap().charged, 1);
+    b.table.audit();
+}
