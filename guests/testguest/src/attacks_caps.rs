@@ -23,8 +23,8 @@ use super::{create_counter, factory, read, why, CheckResult, Why};
 
 /// The exo AM's `open` (am/exo).
 const EXO_OPEN: u32 = 0;
-/// Same-port openings the loop tries (the old code ran out of host memory near 65,536).
-const SAME_OPENS: u64 = 20_000;
+/// Same-port openings the loop tries (the old code ran out of host memory at 65,536).
+const SAME_OPENS: u64 = 70_000;
 /// Delegations after which the victim stops waiting for more (the attacker's quota, 4096,
 /// less what it holds).
 const FLOOD_SEEN: u64 = 4000;
