@@ -24,7 +24,8 @@ use crate::percpu::{self, MAX_CPUS};
 
 /// TSC ticks of one time slice.
 const TIME_SLICE_TICKS: u64 = 1 << 18;
-/// Capabilities one VM may hold.
+/// Capabilities one VM may be charged for on each kernel instance: those it holds and
+/// did not receive, and those it delegated (nk-caps, "Quotas").
 const VM_QUOTA: u32 = 4096;
 /// How long the BSP waits for the protocol to settle once every guest ended.
 const SETTLE_TIMEOUT_US: u64 = 5_000_000;

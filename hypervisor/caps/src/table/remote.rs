@@ -22,7 +22,7 @@
 //! a proxy's name carries another kernel's id, so the index holds both and a lookup of a
 //! name presented by a guest (which must carry this kernel's id) never finds a proxy.
 //! Proxies count against the table's capacity but against no principal's quota: each one
-//! stands for a capability that is charged to its holder on its own kernel.
+//! stands for a capability that is charged (to its payer) on its own kernel.
 //!
 //! # Revocation: mark, forward, wait, finalize
 //!
