@@ -9,6 +9,7 @@
 //! with an IPI, runs its own share, and waits for the others and for the protocol's
 //! messages to settle.
 
+use alloc::collections::BTreeSet;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -176,6 +177,9 @@ fn run_queue(cpu: usize) {
         mesh.service(cpu);
         for done in mesh.take_finished(cpu) {
             if let Some(running) = guests.iter_mut().find(|r| r.parked == Some(done.op)) {
+                if done.reply.status().code() == nk_abi::Status::QUOTA_EXCEEDED {
+                    note_remote_quota_refusal(running.guest.vm());
+                }
                 running.guest.resume(done.reply);
                 running.parked = None;
             } else if let Some(i) = removals.iter().position(|&(op, _)| op == done.op) {
@@ -219,6 +223,18 @@ fn run_queue(cpu: usize) {
         if !ran && waiting {
             arch::sleep_unless(|| mesh.service(cpu) > 0 || mesh.has_finished(cpu));
         }
+    }
+}
+
+/// VMs whose first refusal by another kernel instance for a spent quota was logged.
+static REMOTE_QUOTA_LOGGED: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+
+/// Logs, once per VM, that another kernel instance refused a parked call for a spent
+/// quota (issue 9; nk-core logs the refusals its own instance makes).
+#[cold]
+fn note_remote_quota_refusal(vm: VmId) {
+    if REMOTE_QUOTA_LOGGED.lock().insert(vm.raw()) {
+        log::warn!(target: "nk", "vm{}: refused: quota exceeded on another kernel instance (later refusals are not logged)", vm.raw());
     }
 }
 

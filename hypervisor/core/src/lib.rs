@@ -163,6 +163,9 @@ pub struct NullKernel {
     /// Reads the privilege level (CPL) of the guest whose call is being dispatched; asked
     /// only by `INITIAL` and `RECEIVED`.
     caller_ring: fn() -> u8,
+    /// VMs whose first refusal of each kind (status code) was logged: one line per VM and
+    /// kind, not one per call.
+    refusals_logged: BTreeSet<(VmId, u16)>,
     /// The kernel instance each VM runs on (every instance knows every VM).
     placement: BTreeMap<VmId, KernelId>,
     /// Pending delegations whose child, once granted, goes to a VM's inbox (with its
@@ -370,6 +373,7 @@ impl NullKernel {
             listed: 0,
             all_rings: BTreeSet::new(),
             caller_ring: || 3,
+            refusals_logged: BTreeSet::new(),
             placement: BTreeMap::new(),
             inbox_on_completion: BTreeMap::new(),
             effects: Vec::new(),
@@ -603,9 +607,32 @@ impl NullKernel {
             return failure(Status::new(Status::UNKNOWN_AM, None));
         };
         let mut services = AmServices { am, table, effects: &mut self.effects };
-        match handler.lock().invoke(&checked, &call.args, &mut services) {
+        let result = handler.lock().invoke(&checked, &call.args, &mut services);
+        match result {
             Ok(outcome) => success(outcome.name, outcome.results),
-            Err(error) => failure(am_status(error)),
+            Err(error) => self.refusal(caller, failure(am_status(error))),
+        }
+    }
+
+    /// Logs the first refusal of `caller` for a spent quota or a ring-3 enumeration
+    /// (issue 9: a guest that tries to make the hypervisor allocate without bound, or a
+    /// process that lists its kernel's capabilities, is refused, and the log says so once
+    /// per VM); returns `reply`. Runs only on failures.
+    #[cold]
+    #[inline(never)]
+    fn refusal(&mut self, caller: Principal, reply: Reply) -> Reply {
+        if let (Principal::Vm(vm), Status::QUOTA_EXCEEDED) = (caller, reply.status().code()) {
+            self.log_refusal(vm, Status::QUOTA_EXCEEDED, "quota exceeded (its share of capabilities, inbox or AM objects is spent; later refusals are not logged)");
+        }
+        reply
+    }
+
+    /// Logs `why` the first time `vm` is refused with `code`.
+    #[cold]
+    #[inline(never)]
+    fn log_refusal(&mut self, vm: VmId, code: u16, why: &str) {
+        if self.refusals_logged.insert((vm, code)) {
+            log::warn!(target: "nk", "vm{}: refused: {why}", vm.raw());
         }
     }
 
@@ -641,13 +668,16 @@ impl NullKernel {
                 let mask = Rights::from_bits(call.args[0]);
                 let inboxed = kernel == self.id() && target != vm;
                 if inboxed && !self.inbox_has_room(target) {
-                    return Dispatched::Reply(failure(Status::new(Status::QUOTA_EXCEEDED, None)));
+                    return Dispatched::Reply(self.refusal(caller, failure(Status::new(Status::QUOTA_EXCEEDED, None))));
                 }
                 let result = self.proto.delegate(caller, c, to, kernel, mask, binding, out);
                 match result {
                     Started::Done(Ok(Outcome::Name(name))) if inboxed => self.deliver_to_inbox(target, name, caller),
                     Started::Pending(op) if inboxed => {
                         self.inbox_on_completion.insert(op, (target, caller));
+                    }
+                    Started::Done(Err(error)) => {
+                        return Dispatched::Reply(self.refusal(caller, failure(proto_status(error))))
                     }
                     _ => {}
                 }
@@ -667,6 +697,8 @@ impl NullKernel {
                 success(None, [object, info.object.id.raw(), info.rights.bits(), holder | bearer])
             })),
             nk_op::INITIAL | nk_op::RECEIVED if (self.caller_ring)() != 0 && !self.all_rings.contains(&vm) => {
+                let why = "INITIAL/RECEIVED from a ring other than 0 (the module line does not say ring3-caps)";
+                self.log_refusal(vm, Status::NOT_PERMITTED, why);
                 Dispatched::Reply(failure(Status::new(Status::NOT_PERMITTED, None)))
             }
             nk_op::INITIAL => {
