@@ -79,8 +79,7 @@ pub fn guest_ring() -> u8 {
 
 /// Where hypercalls go: the null-Kernel's dispatch for this guest's kernel instance.
 pub trait HypercallSink {
-    /// Handles one call from `vm`: its reply, or the operation the vCPU waits for. `ring`
-    /// reads the guest's CPL; it is called only for the operations that need it.
+    /// Handles one call from `vm`: its reply, or the operation the vCPU waits for.
     fn hypercall(&mut self, vm: VmId, call: &Call) -> Dispatched;
 
     /// Runs after the host took an interrupt that ended a guest's run (a doorbell, most
