@@ -1,5 +1,5 @@
 //! Parses a guest module's command line:
-//! `<name> [mem=<size>] [cpu=<index>] [ports=<first>[-<last>]] [msrs=<msr>,...] [unsafe-ports] [-- <args>]`.
+//! `<name> [mem=<size>] [cpu=<index>] [ports=<first>[-<last>]] [msrs=<msr>,...] [unsafe-ports] [ring3-caps] [-- <args>]`.
 //!
 //! Options are described by one table ([`MODULE_OPTIONS`]): adding an option is one entry
 //! there, one field in [`ModuleSpec`] and the function that sets it. Unlike the hypervisor
@@ -107,6 +107,9 @@ pub struct ModuleSpec<'a> {
     pub msrs: FixedList<u32, MAX_MSRS>,
     /// `unsafe-ports`: `ports=` may name a port of [`RESERVED_PORTS`].
     pub unsafe_ports: bool,
+    /// `ring3-caps`: every ring of the guest, not only ring 0, may enumerate its
+    /// capabilities (`INITIAL`, `RECEIVED`).
+    pub ring3_caps: bool,
     /// The words after `--`, handed to the guest.
     pub args: &'a str,
 }
@@ -216,7 +219,7 @@ impl PartialEq for ModuleOption {
 impl Eq for ModuleOption {}
 
 /// The options a module line knows, in the order the known-options list shows them.
-pub static MODULE_OPTIONS: [ModuleOption; 5] = [
+pub static MODULE_OPTIONS: [ModuleOption; 6] = [
     ModuleOption {
         name: "mem",
         syntax: "mem=<size>",
@@ -262,6 +265,18 @@ pub static MODULE_OPTIONS: [ModuleOption; 5] = [
         takes_value: false,
         apply: |spec, _| {
             spec.unsafe_ports = true;
+            Ok(())
+        },
+    },
+    ModuleOption {
+        name: "ring3-caps",
+        syntax: "ring3-caps",
+        noun: "value",
+        expected: "a flag",
+        example: "ring3-caps",
+        takes_value: false,
+        apply: |spec, _| {
+            spec.ring3_caps = true;
             Ok(())
         },
     },
@@ -369,6 +384,7 @@ pub fn parse(cmdline: &str) -> Result<ModuleSpec<'_>, ModuleError<'_>> {
         ports: None,
         msrs: FixedList::new(),
         unsafe_ports: false,
+        ring3_caps: false,
         args,
     };
     let mut ports_value = "";

@@ -66,6 +66,14 @@ pub enum GuestEnd {
     Stopped(String),
 }
 
+/// Returns the CPL of the guest whose VMCS is current (the one whose VMCALL is being
+/// dispatched): the DPL of SS (SDM Vol. 3 §5.5; access-rights bits 6:5, §25.4.1). Says
+/// ring 3 if the VMREAD fails, so a failure never grants more. The null-Kernel calls it
+/// only for INITIAL and RECEIVED (nk-core, "Who may enumerate").
+pub fn guest_ring() -> u8 {
+    vmx::vmcs::read(vmx::vmcs::VmcsField::GUEST_SS_ACCESS_RIGHTS).map_or(3, |ar| ((ar >> 5) & 3) as u8)
+}
+
 /// Where hypercalls go: the null-Kernel's dispatch for this guest's kernel instance.
 pub trait HypercallSink {
     /// Handles one call from `vm`: its reply, or the operation the vCPU waits for.
@@ -518,7 +526,7 @@ fn emulate_cpuid(regs: &mut GuestRegs, guest_osxsave: bool) {
 }
 
 /// A guest image and how to run it, from a boot module and its command line (parsed by
-/// [`nk_boot::module`]: `<name> [mem=<size>] [cpu=<index>] [ports=..] [msrs=..] [-- <args>]`).
+/// [`nk_boot::module`]: `<name> [mem=<size>] [cpu=<index>] [ports=..] [msrs=..] [unsafe-ports] [ring3-caps] [-- <args>]`).
 #[derive(Debug, Clone)]
 pub struct GuestSpec {
     pub name: String,
@@ -530,6 +538,9 @@ pub struct GuestSpec {
     pub ports: Option<(u16, u32)>,
     /// The MSRs the VM may open with the exo AM (`msrs=<msr>[,<msr>...]`).
     pub msrs: Vec<u32>,
+    /// Every ring of the guest, not only ring 0, may enumerate its capabilities with
+    /// `INITIAL` and `RECEIVED` (`ring3-caps`; nk-core, "Who may enumerate").
+    pub ring3_caps: bool,
     /// The words after `--`, handed to the guest.
     pub args: String,
 }
@@ -562,6 +573,7 @@ impl GuestSpec {
             cpu: spec.cpu,
             ports: spec.ports,
             msrs: spec.msrs.to_vec(),
+            ring3_caps: spec.ring3_caps,
             args: String::from(spec.args),
         })
     }

@@ -24,10 +24,30 @@ pub const MSR_ASSIGNABLE: [u32; 5] = [0x174, 0x175, 0x176, 0xC000_0100, 0xC000_0
 
 /// One VM's bitmaps (I/O A: ports 0-0x7FFF, I/O B: 0x8000-0xFFFF, then the MSR bitmap,
 /// contiguous) and port grants.
+///
+/// Grants are counted: the same (first, count, access) allowed twice is one entry with two
+/// references, so the list is as long as the distinct openings the exo AM allows a VM
+/// (`nk_am_exo::OPENED_PER_VM`), and the bitmap is touched only when a grant first appears
+/// or its last reference goes.
 #[derive(Debug)]
 struct VmPorts {
     bitmaps: HostPhysAddr,
-    grants: Vec<(u16, u32, u8)>,
+    grants: Vec<PortGrant>,
+}
+
+/// Ports `[first, first + count)` allowed for `access`, by `refs` openings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PortGrant {
+    first: u16,
+    count: u32,
+    access: u8,
+    refs: u32,
+}
+
+impl PortGrant {
+    fn end(&self) -> u32 {
+        u32::from(self.first) + self.count
+    }
 }
 
 static PORTS: Mutex<BTreeMap<u32, VmPorts>> = Mutex::new(BTreeMap::new());
@@ -123,21 +143,43 @@ fn apply_msr(vm: VmId, msr: u32, access: u8, allow: bool) {
 fn apply_ports(vm: VmId, first: u16, count: u32, access: u8, allow: bool) {
     let mut ports = PORTS.lock();
     let Some(vm_ports) = ports.get_mut(&vm.raw()) else { return };
-    let end = u32::from(first) + count;
-    if allow {
-        vm_ports.grants.push((first, count, access));
-    } else if let Some(i) = vm_ports.grants.iter().position(|&g| g == (first, count, access)) {
-        vm_ports.grants.swap_remove(i);
-    }
-    // Recompute the range: a port is passed through only while a grant gives both
-    // directions.
+    let end = (u32::from(first) + count).min(0x1_0000);
     let both = port_access::IN | port_access::OUT;
-    for port in u32::from(first)..end.min(0x1_0000) {
-        let open = vm_ports
-            .grants
-            .iter()
-            .any(|&(f, c, a)| a & both == both && u32::from(f) <= port && port < u32::from(f) + c);
-        set_exiting(vm_ports.bitmaps, port, !open);
+    let found = vm_ports.grants.iter().position(|g| (g.first, g.count, g.access) == (first, count, access));
+    if allow {
+        if let Some(i) = found {
+            vm_ports.grants[i].refs += 1;
+            return;
+        }
+        if vm_ports.grants.try_reserve(1).is_err() {
+            log::error!(target: "guest", "vm{}: no memory for a port grant; the ports stay closed", vm.raw());
+            return;
+        }
+        vm_ports.grants.push(PortGrant { first, count, access, refs: 1 });
+        // A port is passed through while a grant gives both directions: a new grant can
+        // only open more.
+        if access & both == both {
+            for port in u32::from(first)..end {
+                set_exiting(vm_ports.bitmaps, port, false);
+            }
+        }
+        return;
+    }
+    let Some(i) = found else { return };
+    vm_ports.grants[i].refs -= 1;
+    if vm_ports.grants[i].refs > 0 || access & both != both {
+        return;
+    }
+    vm_ports.grants.swap_remove(i);
+    // Close the range, then reopen what the other two-way grants still cover: linear in
+    // the range and the (bounded) grants, not their product.
+    for port in u32::from(first)..end {
+        set_exiting(vm_ports.bitmaps, port, true);
+    }
+    for grant in vm_ports.grants.iter().filter(|g| g.access & both == both) {
+        for port in u32::from(first).max(u32::from(grant.first))..end.min(grant.end()) {
+            set_exiting(vm_ports.bitmaps, port, false);
+        }
     }
 }
 
@@ -149,7 +191,7 @@ pub fn emulate(vm: VmId, port: u16, size: u8, is_in: bool, value: u64) -> Option
     let grants = &ports.get(&vm.raw())?.grants;
     let last = u32::from(port) + u32::from(size) - 1;
     let granted =
-        grants.iter().any(|&(f, c, a)| a & needed != 0 && u32::from(f) <= u32::from(port) && last < u32::from(f) + c);
+        grants.iter().any(|g| g.access & needed != 0 && u32::from(g.first) <= u32::from(port) && last < g.end());
     if !granted {
         return None;
     }

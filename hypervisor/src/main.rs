@@ -168,6 +168,7 @@ fn null_kernel(
         let id = nk_caps::KernelId::new(cpu as u16);
         let mut kernel = nk_core::NullKernel::new(id, kernels as u16, capacity, &mut arch::HardwareEntropy)
             .map_err(|e| alloc::format!("kernel {cpu}: capability table: {e:?}"))?;
+        kernel.set_caller_ring(guest::guest_ring);
         let counter =
             kernel.add_shared_am(counter.clone(), AM_QUOTA).map_err(|e| alloc::format!("counter AM: {e:?}"))?;
         let exo = kernel.add_shared_am(exo.clone(), AM_QUOTA).map_err(|e| alloc::format!("exo AM: {e:?}"))?;

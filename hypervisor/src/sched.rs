@@ -9,6 +9,7 @@
 //! with an IPI, runs its own share, and waits for the others and for the protocol's
 //! messages to settle.
 
+use alloc::collections::BTreeSet;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -24,7 +25,8 @@ use crate::percpu::{self, MAX_CPUS};
 
 /// TSC ticks of one time slice.
 const TIME_SLICE_TICKS: u64 = 1 << 18;
-/// Capabilities one VM may hold.
+/// Capabilities one VM may be charged for on each kernel instance: those it holds and
+/// did not receive, and those it delegated (nk-caps, "Quotas").
 const VM_QUOTA: u32 = 4096;
 /// How long the BSP waits for the protocol to settle once every guest ended.
 const SETTLE_TIMEOUT_US: u64 = 5_000_000;
@@ -73,6 +75,9 @@ pub fn run_guests(specs: Vec<GuestSpec>, placements: &[(&str, u32)]) -> (usize, 
         // Every VM is a principal before any guest runs, so guests can delegate to each
         // other whatever CPU they start on.
         let registered = mesh.instance(cpu).kernel.lock().add_vm(vm, VM_QUOTA);
+        if spec.ring3_caps {
+            mesh.instance(cpu).kernel.lock().allow_all_rings(vm);
+        }
         if let Err(e) = registered {
             log::error!(target: "guest", "vm{}/{}: cannot register with the null-Kernel: {e:?}", vm.raw(), spec.name);
             STOPPED.fetch_add(1, Ordering::AcqRel);
@@ -80,7 +85,11 @@ pub fn run_guests(specs: Vec<GuestSpec>, placements: &[(&str, u32)]) -> (usize, 
         }
         for (other, instance) in mesh.instances().enumerate() {
             if other != cpu {
-                instance.kernel.lock().place(vm, KernelId::new(cpu as u16));
+                // The VM is a payer there too: what it delegates to that CPU's VMs is
+                // charged to it (nk-caps, "Quotas").
+                if let Err(e) = instance.kernel.lock().place(vm, KernelId::new(cpu as u16), VM_QUOTA) {
+                    log::error!(target: "guest", "vm{}/{}: cannot register with kernel {other}: {e:?}", vm.raw(), spec.name);
+                }
             }
         }
         log::info!(target: "sched", "vm{}/{} -> cpu {cpu}", vm.raw(), spec.name);
@@ -168,6 +177,9 @@ fn run_queue(cpu: usize) {
         mesh.service(cpu);
         for done in mesh.take_finished(cpu) {
             if let Some(running) = guests.iter_mut().find(|r| r.parked == Some(done.op)) {
+                if done.reply.status().code() == nk_abi::Status::QUOTA_EXCEEDED {
+                    note_remote_quota_refusal(running.guest.vm());
+                }
                 running.guest.resume(done.reply);
                 running.parked = None;
             } else if let Some(i) = removals.iter().position(|&(op, _)| op == done.op) {
@@ -211,6 +223,18 @@ fn run_queue(cpu: usize) {
         if !ran && waiting {
             arch::sleep_unless(|| mesh.service(cpu) > 0 || mesh.has_finished(cpu));
         }
+    }
+}
+
+/// VMs whose first refusal by another kernel instance for a spent quota was logged.
+static REMOTE_QUOTA_LOGGED: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+
+/// Logs, once per VM, that another kernel instance refused a parked call for a spent
+/// quota (issue 9; nk-core logs the refusals its own instance makes).
+#[cold]
+fn note_remote_quota_refusal(vm: VmId) {
+    if REMOTE_QUOTA_LOGGED.lock().insert(vm.raw()) {
+        log::warn!(target: "nk", "vm{}: refused: quota exceeded on another kernel instance (later refusals are not logged)", vm.raw());
     }
 }
 

@@ -79,6 +79,9 @@ pub enum AmError {
     BadArgument,
     /// The AM ran out of memory or objects.
     NoMemory,
+    /// The caller used up its share of the AM's objects (a per-VM bound the AM documents);
+    /// it gets more by giving some back.
+    QuotaExceeded,
     /// The operation is not allowed in the object's current state.
     NotPermitted,
     /// A capability operation the AM asked the null-Kernel for failed.

@@ -5,7 +5,10 @@
 //! died, as a real AM would undo a mapping).
 //!
 //! Every operation is guarded: creating a counter needs a capability to the AM's factory
-//! (each VM is granted one when it is created).
+//! (each VM is granted one when it is created). The AM holds at most [`MAX_COUNTERS`]
+//! counters and gives one principal at most [`MAX_COUNTERS_PER_VM`] of them (`create`
+//! then fails with `NO_MEMORY`), so one VM cannot take them all; the capability `create`
+//! hands out is charged to the caller's quota.
 //!
 //! Operations (ABI numbers): 0 `create(f: factory/create)` -> name; 1 `read(c: read)` ->
 //! value, deaths; 2 `add(c: increment, amount)` -> new value; 3 `sum4(a, b, c, d: read)`
@@ -15,6 +18,7 @@
 
 extern crate alloc;
 
+use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
 use nk_am::{
@@ -24,6 +28,8 @@ use nk_am::{
 
 /// The most counters one counter AM holds.
 pub const MAX_COUNTERS: usize = 1024;
+/// The most counters one principal may create (a quarter of the AM's).
+pub const MAX_COUNTERS_PER_VM: usize = MAX_COUNTERS / 4;
 
 /// ABI operation numbers.
 pub mod op {
@@ -48,6 +54,8 @@ pub struct CounterAm {
     all_rights: Rights,
     ops: Vec<OpId>,
     counters: Vec<Counter>,
+    /// How many counters each principal created.
+    created: BTreeMap<Principal, usize>,
 }
 
 impl CounterAm {
@@ -95,12 +103,15 @@ impl AbstractMachine for CounterAm {
         match checked.op().index() {
             op::CREATE => {
                 let kind = self.kind.ok_or(AmError::NotPermitted)?;
-                if self.counters.len() >= MAX_COUNTERS {
+                let creator = checked.caller();
+                let created = self.created.get(&creator).copied().unwrap_or(0);
+                if self.counters.len() >= MAX_COUNTERS || created >= MAX_COUNTERS_PER_VM {
                     return Err(AmError::NoMemory);
                 }
                 let object = Object::new(checked.am(), kind, ObjId::new(self.counters.len() as u64));
-                let name = kernel.grant_new(object, self.all_rights, checked.caller(), Binding::Bound)?;
+                let name = kernel.grant_new(object, self.all_rights, creator, Binding::Bound)?;
                 self.counters.push(Counter::default());
+                self.created.insert(creator, created + 1);
                 Ok(Outcome { name: Some(name), results: [object.id.raw(), 0, 0, 0] })
             }
             op::READ => {

@@ -21,6 +21,15 @@
 //! Operations (ABI numbers): 0 `open(c: io-ports, first, count, access)` where `access` is
 //! `port_access` bits the capability's rights must cover; 1 `close(c: io-ports, first,
 //! count)`; 2 `open-msr(c: msr, access)` where `access` is `msr_access` bits.
+//!
+//! # Bounds
+//!
+//! What the AM keeps for a VM is bounded: opening what the same capability opened already
+//! (same range or MSR, same access) adds nothing and succeeds, and a VM has at most
+//! [`OPENED_PER_VM`] openings at a time; past that `open` and `open-msr` fail with
+//! `QUOTA_EXCEEDED` ([`AmError::QuotaExceeded`]) until it closes some or their
+//! capabilities die. So the effects the hypervisor applies, and the grants it keeps per VM,
+//! are bounded too.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
@@ -33,6 +42,9 @@ use nk_am::{
     Effects, Kernel, KindSpec, ObjId, ObjKind, Object, OpSpec, Outcome, Principal, RegisterError, Registrar, Rights,
     VmId, PLAIN_ARGS,
 };
+
+/// The most openings (port ranges and MSRs) one VM may have at a time.
+pub const OPENED_PER_VM: usize = 64;
 
 /// ABI operation numbers.
 pub mod op {
@@ -136,6 +148,23 @@ impl ExoAm {
         Rights::from_bits(bits)
     }
 
+    /// Tells whether `opened` is new (Ok(false) when the same capability opened the same
+    /// thing with the same access already), or refuses it when its VM has
+    /// [`OPENED_PER_VM`] openings.
+    fn admit(&self, opened: &Opened) -> Result<bool, AmError> {
+        let mut of_vm = 0;
+        for o in self.opened.iter().filter(|o| o.vm == opened.vm) {
+            if o.cap == opened.cap && o.resource == opened.resource && o.access == opened.access {
+                return Ok(false);
+            }
+            of_vm += 1;
+        }
+        if of_vm >= OPENED_PER_VM {
+            return Err(AmError::QuotaExceeded);
+        }
+        Ok(true)
+    }
+
     fn close_where(&mut self, effects: &mut dyn Effects, mut matches: impl FnMut(&Opened) -> bool) -> u64 {
         let mut closed = 0;
         self.opened.retain(|o| {
@@ -200,8 +229,10 @@ impl AbstractMachine for ExoAm {
             }
             let msr = u32::try_from(cap.object().id.raw()).map_err(|_| AmError::BadArgument)?;
             let opened = Opened { cap: cap.name(), vm, resource: Resource::Msr(msr), access };
-            self.opened.push(opened);
-            kernel.emit(opened.effect(true));
+            if self.admit(&opened)? {
+                self.opened.push(opened);
+                kernel.emit(opened.effect(true));
+            }
             return Ok(Outcome::default());
         }
         let granted = PortRange::from_object_id(cap.object().id).ok_or(AmError::BadArgument)?;
@@ -220,8 +251,11 @@ impl AbstractMachine for ExoAm {
                 if !cap.rights().contains(self.rights_for(access)) {
                     return Err(AmError::NotPermitted);
                 }
-                self.opened.push(Opened { cap: cap.name(), vm, resource: Resource::Ports(range), access });
-                kernel.emit(Effect::IoPorts { vm, first, count, access, allow: true });
+                let opened = Opened { cap: cap.name(), vm, resource: Resource::Ports(range), access };
+                if self.admit(&opened)? {
+                    self.opened.push(opened);
+                    kernel.emit(opened.effect(true));
+                }
                 Ok(Outcome::default())
             }
             op::CLOSE => {

@@ -11,6 +11,7 @@ fn kernel() -> (NullKernel, u16) {
     let ports = PortRange::new(0x80, 4).unwrap();
     let assignment = VmAssignment { vm: Some(VM1), ports: Some(ports), msrs: alloc::vec![0xC000_0100] };
     let exo = nk.add_am(alloc::boxed::Box::new(ExoAm::new(alloc::vec![assignment])), 64).unwrap().raw();
+    nk.set_caller_ring(|| 0);
     nk.add_vm(VM1, 64).unwrap();
     nk.add_vm(VM2, 64).unwrap();
     (nk, exo)
@@ -103,4 +104,61 @@ fn msr_grants_follow_rights_and_die_with_the_capability() {
     assert_eq!(nk.take_effects(), [Effect::Msr { vm: VM1, msr: 0xC000_0100, access: 3, allow: true }]);
     assert!(call(&mut nk, VM1, 0, nk_op::REVOKE as u16, msr.name, &[]).status().is_ok());
     assert_eq!(nk.take_effects(), [Effect::Msr { vm: VM1, msr: 0xC000_0100, access: 3, allow: false }]);
+}
+
+#[test]
+fn opening_the_same_thing_again_adds_nothing() {
+    let (mut nk, exo) = kernel();
+    let cap = initial(&mut nk, VM1).name;
+    for _ in 0..1000 {
+        assert!(call(&mut nk, VM1, exo, op::OPEN, cap, &[0x80, 1, 3]).status().is_ok());
+    }
+    assert_eq!(nk.take_effects().len(), 1, "one opening, one effect");
+    let msr = call(&mut nk, VM1, 0, nk_op::INITIAL as u16, NameWords::default(), &[1]).name;
+    for _ in 0..1000 {
+        assert!(call(&mut nk, VM1, exo, op::OPEN_MSR, msr, &[3]).status().is_ok());
+    }
+    assert_eq!(nk.take_effects().len(), 1);
+    let closed = call(&mut nk, VM1, exo, op::CLOSE, cap, &[0x80, 1]);
+    assert_eq!(closed.results[0], 1);
+}
+
+#[test]
+fn a_vm_runs_out_of_openings_with_a_quota_status() {
+    let (mut nk, exo) = kernel();
+    let cap = initial(&mut nk, VM1).name;
+    // Distinct openings: every (first, count, access) within the four ports.
+    let mut opened = 0;
+    let mut refused = None;
+    'all: for first in 0x80..0x84u64 {
+        for count in 1..=(0x84 - first) {
+            for access in 1..=3 {
+                let status = call(&mut nk, VM1, exo, op::OPEN, cap, &[first, count, access]).status();
+                if !status.is_ok() {
+                    refused = Some(status);
+                    break 'all;
+                }
+                opened += 1;
+            }
+        }
+    }
+    // Four ports give only 30 distinct openings; derived capabilities make more.
+    assert_eq!((opened, refused), (30, None));
+    let mut children = Vec::new();
+    let status = loop {
+        let child = call(&mut nk, VM1, 0, nk_op::DERIVE as u16, cap, &[u64::MAX]).name;
+        children.push(child);
+        let status = call(&mut nk, VM1, exo, op::OPEN, child, &[0x80, 4, 3]).status();
+        if !status.is_ok() {
+            break status;
+        }
+        opened += 1;
+    };
+    assert_eq!(status.code(), Status::QUOTA_EXCEEDED);
+    assert_eq!(opened, OPENED_PER_VM);
+    // Giving one back makes room again.
+    let closed = call(&mut nk, VM1, exo, op::CLOSE, cap, &[0x80, 1]);
+    assert!(closed.results[0] >= 1);
+    let last = *children.last().unwrap();
+    assert!(call(&mut nk, VM1, exo, op::OPEN, last, &[0x80, 4, 3]).status().is_ok());
 }

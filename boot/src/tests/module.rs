@@ -72,7 +72,7 @@ fn bad_values_name_the_option_and_an_example() {
     assert_eq!(
         refusal("typo memory=8M"),
         "unknown module option 'memory=8M' (known: mem=<size>, cpu=<index>, ports=<first>[-<last>], \
-         msrs=<msr>[,<msr>], unsafe-ports, -- <guest args>)"
+         msrs=<msr>[,<msr>], unsafe-ports, ring3-caps, -- <guest args>)"
     );
 }
 
@@ -139,4 +139,12 @@ fn reserved_table_is_sorted_and_overlap_is_exact() {
         let inside = RESERVED_PORTS.iter().any(|r| u32::from(r.first) <= port && port <= u32::from(r.last));
         assert_eq!(reserved_overlap(port as u16, 1).is_some(), inside, "{port:#x}");
     }
+}
+
+#[test]
+fn ring3_caps_is_a_flag() {
+    let spec = parse("g ring3-caps -- checks").expect("accepted");
+    assert!(spec.ring3_caps);
+    assert!(!parse("g").expect("accepted").ring3_caps);
+    assert!(parse("g ring3-caps=1").is_err());
 }

@@ -17,12 +17,25 @@
 //! is preserved. A malformed call returns a status and changes nothing.
 //!
 //! AM id 0 is the null-Kernel itself; its operations are in [`nk_op`].
+//!
+//! # Revisions
+//!
+//! The selector's version changes only when a call stops meaning what it meant; additions
+//! that old guests can ignore raise [`ABI_REVISION`] and are listed here.
+//!
+//! * Revision 2: `RECEIVED` returns the sender in result 2; its inbox drops an entry when
+//!   the capability dies (later entries move up); `INITIAL` and `RECEIVED` answer
+//!   `NOT_PERMITTED` outside ring 0 unless the VM's module line says `ring3-caps`; a
+//!   delegation is charged to the delegator's quota, and one to a VM whose inbox is full
+//!   fails with `QUOTA_EXCEEDED`.
 #![cfg_attr(not(test), no_std)]
 
 use core::fmt;
 
 /// The ABI version this crate speaks.
 pub const ABI_VERSION: u16 = 1;
+/// The revision of [`ABI_VERSION`] this crate documents (see "Revisions" above).
+pub const ABI_REVISION: u16 = 2;
 /// Capability arguments a call can carry.
 pub const MAX_CAP_ARGS: usize = 4;
 /// Plain arguments a call can carry.
@@ -37,7 +50,9 @@ pub mod nk_op {
     /// `derive(c, mask)` -> new name. Args: cap 0 = c; plain 0 = rights mask.
     pub const DERIVE: u32 = 1;
     /// `delegate(c, target vm, mask, binding)` -> new name. Args: cap 0; plain 0 = mask,
-    /// plain 1 = target VM id, plain 2 = 0 bound / 1 bearer.
+    /// plain 1 = target VM id, plain 2 = 0 bound / 1 bearer. The new capability is
+    /// charged to the caller's quota until the target deletes it (`QUOTA_EXCEEDED` when
+    /// the caller's is spent, or the target's inbox is full).
     pub const DELEGATE: u32 = 2;
     /// `revoke(c)`: c and its whole subtree. Args: cap 0. Result 0 = capabilities revoked.
     pub const REVOKE: u32 = 3;
@@ -48,12 +63,17 @@ pub mod nk_op {
     pub const INSPECT: u32 = 5;
     /// `initial(index)` -> name: the caller's index-th initial capability (the ones its
     /// AMs granted when the VM was created). Args: plain 0 = index. Results: 0 = the AM
-    /// id of the capability's object. `BAD_ARGUMENT` past the last one.
+    /// id of the capability's object. `BAD_ARGUMENT` past the last one; `NOT_PERMITTED`
+    /// from a ring other than 0 unless the VM's module line says `ring3-caps`.
     pub const INITIAL: u32 = 6;
     /// `received(index)` -> name: the index-th capability another principal delegated to
     /// the caller (its inbox, in arrival order; how a VM learns what its peers gave it).
-    /// Args: plain 0 = index. Results: 0 = the AM id of the capability's object (0 if it
-    /// has died since), 1 = how many the inbox holds. `BAD_ARGUMENT` past the last one.
+    /// An entry leaves the inbox when its capability dies (revoked or deleted), so later
+    /// ones move up. Args: plain 0 = index. Results: 0 = the AM id of the capability's
+    /// object, 1 = how many the inbox holds, 2 = the sender as `inspect` encodes a holder
+    /// (VM id << 1; an AM's id << 1 with bit 63 set; revision 2). `BAD_ARGUMENT` past the
+    /// last one; `NOT_PERMITTED` from a ring other than 0 unless the VM's module line says
+    /// `ring3-caps`.
     pub const RECEIVED: u32 = 7;
 }
 

@@ -44,18 +44,38 @@ pub fn initial(index: u64) -> Result<(Cap, u16), Status> {
     named(reply).map(|cap| (cap, reply.results[0] as u16))
 }
 
+/// One entry of this guest's inbox (`RECEIVED`, ABI revision 2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Received {
+    /// The capability.
+    pub cap: Cap,
+    /// The AM of its object.
+    pub am: u16,
+    /// How many entries the inbox holds now.
+    pub count: u64,
+    /// The VM that delegated it, or None if an AM did.
+    pub sender: Option<u32>,
+}
+
 /// Returns the `index`-th capability another principal delegated to this guest (its
-/// inbox, in arrival order) and the AM of its object (0 if it died since).
-pub fn received(index: u64) -> Result<(Cap, u16), Status> {
+/// inbox, in arrival order; an entry leaves it when its capability dies, so later ones
+/// move up). Only ring 0 may ask unless the VM's module line says `ring3-caps`.
+pub fn received(index: u64) -> Result<Received, Status> {
     let reply = call(NULL_KERNEL_AM, nk_op::RECEIVED, &[], &[index]);
-    named(reply).map(|cap| (cap, reply.results[0] as u16))
+    let sender = reply.results[2];
+    named(reply).map(|cap| Received {
+        cap,
+        am: reply.results[0] as u16,
+        count: reply.results[1],
+        sender: (sender >> 63 == 0).then_some((sender >> 1) as u32),
+    })
 }
 
 /// Waits (polling) until the inbox holds an `index`-th capability, and returns it.
 pub fn wait_received(index: u64) -> Cap {
     loop {
-        if let Ok((cap, _)) = received(index) {
-            return cap;
+        if let Ok(got) = received(index) {
+            return got.cap;
         }
         for _ in 0..200 {
             core::hint::spin_loop();

@@ -40,14 +40,25 @@
 //!   must be able to use `c` or hold `c`'s parent.
 //! * [`CapTable::delete`]`(c)`: the holder gives `c` up; a live `c` is revoked first with its
 //!   subtree. Revoked capabilities stay known (presenting them says
-//!   [`ArgFault::Revoked`]) and count against their holder's quota until deleted.
+//!   [`ArgFault::Revoked`]) and count against their payer's quota until deleted.
 //! * [`CapTable::inspect`]`(c)`: the object, rights, holder and binding of `c`.
 //! * [`CapTable::check`]: the decode step of an AM operation (below).
 //! * [`CapTable::remove_vm`]: a destroyed or crashed VM's capabilities are revoked, with
 //!   their subtrees, and freed.
 //!
-//! A new capability is charged to the quota of the principal that will hold it (the
-//! target of a delegation), and the table has a global capacity.
+//! # Quotas
+//!
+//! Every capability is charged to one principal's quota, its *payer*, from its creation
+//! until it is freed (deleted, or its holder removed); the table also has a global
+//! capacity. The payer is the principal that caused the capability: the caller of
+//! [`CapTable::mint`] and [`CapTable::derive`], and the **delegator** of
+//! [`CapTable::delegate`] (not its target), so no principal can fill another's quota, or
+//! through it the table, by giving it capabilities: what it delegates stays charged to it,
+//! revoked or not, until the receiver deletes it. An AM that hands a principal a
+//! capability that principal asked for (a counter it created, its initial capabilities)
+//! uses [`CapTable::grant`], which charges the receiver. Across kernels the same holds when
+//! the delegator is registered on the receiver's kernel too (the hypervisor registers every
+//! VM on every kernel instance); [`CapTable::accept_remote`] charges the holder otherwise.
 //!
 //! # How an AM uses it
 //!

@@ -14,13 +14,34 @@
 //! capability argument are decoded and checked before anything changes; only then does
 //! the AM's handler run, and it sees only checked references to its own objects. A call
 //! that fails a check returns a status and leaves every capability and AM as it was.
+//!
+//! # Bounds
+//!
+//! Nothing a guest does makes an instance allocate without a bound or a charge:
+//! capabilities are charged to the quota of the principal that causes them (the delegator
+//! of a delegation, the VM that asks an AM for an object: nk-caps, "Quotas"); each VM's
+//! inbox lists at most [`INBOX_MAX`] capabilities and never one that died (a death marks
+//! its holder's inbox, which is pruned before it is next read or filled); a delegation to a VM whose inbox is full is refused with
+//! `QUOTA_EXCEEDED`; a vCPU has at most one pending operation; and what the AMs keep per
+//! VM is bounded by the AMs themselves (the exo AM's and the counter AM's per-VM limits).
+//!
+//! # Who may enumerate
+//!
+//! `INITIAL` and `RECEIVED` list a VM's capabilities: by default only the guest's ring 0
+//! (its kernel) may call them, and a call from another ring gets `NOT_PERMITTED`, so a
+//! process of the guest cannot learn, and then revoke or give away, its kernel's
+//! capabilities. The hypervisor allows every ring for a VM whose module line says
+//! `ring3-caps` ([`NullKernel::allow_all_rings`]). Only these two operations ask the
+//! caller's privilege level (through the reader [`NullKernel::set_caller_ring`] installs;
+//! the hypervisor's reads the VMCS), so no other call pays for it; every other operation
+//! is guarded by the capabilities it names.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
 extern crate alloc;
 
 use alloc::boxed::Box;
-use alloc::collections::BTreeMap;
+use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
@@ -55,6 +76,37 @@ pub fn shared_am(am: Box<dyn AbstractMachine + Send>) -> SharedAm {
 
 /// The most capabilities a VM's inbox lists (the VM's capability quota is of this order).
 pub const INBOX_MAX: usize = 4096;
+
+/// A VM's inbox: what others delegated to it, in arrival order.
+#[derive(Debug, Default)]
+struct Inbox {
+    entries: Vec<InboxEntry>,
+    /// A capability the VM held died since the entries were last pruned: some may be dead.
+    stale: bool,
+}
+
+impl Inbox {
+    /// Drops the entries whose capabilities died (linear, and only after a death); returns
+    /// how many it dropped.
+    fn prune(&mut self, vm: VmId, table: &CapTable) -> usize {
+        if !self.stale {
+            return 0;
+        }
+        let before = self.entries.len();
+        self.entries.retain(|entry| table.inspect(Principal::Vm(vm), entry.name).is_ok());
+        self.stale = false;
+        before - self.entries.len()
+    }
+}
+
+/// One capability another principal delegated to a VM, as `RECEIVED` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InboxEntry {
+    /// The capability.
+    pub name: CapName,
+    /// The principal that delegated it.
+    pub sender: Principal,
+}
 
 /// What a hypercall produced: its reply, or an operation that waits for other kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,11 +154,23 @@ pub struct NullKernel {
     /// Each VM's initial capabilities (AM id, name), in AM order.
     initial: BTreeMap<VmId, Vec<(AmId, CapName)>>,
     /// Capabilities other principals delegated to each VM of this instance, in order.
-    inbox: BTreeMap<VmId, Vec<CapName>>,
+    inbox: BTreeMap<VmId, Inbox>,
+    /// Entries in all inboxes (dead ones included until pruned): while 0, a revocation
+    /// pays nothing per dead capability for the inboxes.
+    listed: usize,
+    /// VMs whose every ring may call `INITIAL` and `RECEIVED`.
+    all_rings: BTreeSet<VmId>,
+    /// Reads the privilege level (CPL) of the guest whose call is being dispatched; asked
+    /// only by `INITIAL` and `RECEIVED`.
+    caller_ring: fn() -> u8,
+    /// VMs whose first refusal of each kind (status code) was logged: one line per VM and
+    /// kind, not one per call.
+    refusals_logged: BTreeSet<(VmId, u16)>,
     /// The kernel instance each VM runs on (every instance knows every VM).
     placement: BTreeMap<VmId, KernelId>,
-    /// Pending delegations whose child, once granted, goes to a VM's inbox.
-    inbox_on_completion: BTreeMap<PendingOp, VmId>,
+    /// Pending delegations whose child, once granted, goes to a VM's inbox (with its
+    /// sender).
+    inbox_on_completion: BTreeMap<PendingOp, (VmId, Principal)>,
     /// Effects the AMs emitted that the hypervisor has not applied yet.
     effects: Vec<Effect>,
 }
@@ -126,17 +190,44 @@ impl Effects for EffectList<'_> {
     }
 }
 
-/// Routes each dead capability to the AM that implements its object.
+/// Routes each dead capability to the AM that implements its object, and marks the inbox
+/// of its holder stale.
 struct AmHook<'a> {
     ams: &'a [SharedAm],
     effects: &'a mut Vec<Effect>,
+    inboxes: &'a mut BTreeMap<VmId, Inbox>,
+    /// Whether any inbox lists anything (decided once per operation, so a revocation
+    /// while every inbox is empty pays nothing per dead capability).
+    watch_inboxes: bool,
+    /// The holder whose inbox was marked last (a subtree's capabilities often share one).
+    marked: Option<VmId>,
+}
+
+impl<'a> AmHook<'a> {
+    fn new(
+        ams: &'a [SharedAm],
+        effects: &'a mut Vec<Effect>,
+        inboxes: &'a mut BTreeMap<VmId, Inbox>,
+        listed: usize,
+    ) -> Self {
+        Self { ams, effects, inboxes, watch_inboxes: listed > 0, marked: None }
+    }
 }
 
 impl nk_caps::RevocationHook for AmHook<'_> {
+    #[inline]
     fn revoked(&mut self, dead: &DeadCap) {
         let index = usize::from(dead.object.am.raw()).wrapping_sub(usize::from(FIRST_AM_ID));
         if let Some(am) = self.ams.get(index) {
             am.lock().revoked(dead, &mut EffectList(self.effects));
+        }
+        if let (true, Principal::Vm(vm)) = (self.watch_inboxes, dead.holder) {
+            if self.marked != Some(vm) {
+                self.marked = Some(vm);
+                if let Some(inbox) = self.inboxes.get_mut(&vm) {
+                    inbox.stale |= !inbox.entries.is_empty();
+                }
+            }
         }
     }
 }
@@ -164,7 +255,9 @@ impl Kernel for AmServices<'_> {
     ) -> Result<CapName, CapError> {
         let me = Principal::Am(self.am);
         let root = self.table.mint(me, object, rights)?;
-        match self.table.delegate(me, root, to, Rights::ALL, binding) {
+        // The receiver asked for the object (or is being set up): it pays for its
+        // capability, so what a VM makes an AM hand out counts against its own quota.
+        match self.table.grant(me, root, to, Rights::ALL, binding) {
             Ok(child) => Ok(child),
             Err(error) => {
                 // Undo the mint so a failed grant leaves nothing behind; nothing was
@@ -214,6 +307,7 @@ fn am_status(error: AmError) -> Status {
     match error {
         AmError::BadArgument => Status::new(Status::BAD_ARGUMENT, None),
         AmError::NoMemory => Status::new(Status::NO_MEMORY, None),
+        AmError::QuotaExceeded => Status::new(Status::QUOTA_EXCEEDED, None),
         AmError::NotPermitted => Status::new(Status::NOT_PERMITTED, None),
         AmError::Capability(e) => cap_status(e),
     }
@@ -243,6 +337,15 @@ fn started(started: Started) -> Dispatched {
     }
 }
 
+/// Encodes a principal as `INSPECT` and `RECEIVED` report it: a VM's id << 1, or an AM's
+/// id << 1 with bit 63 set.
+fn principal_word(principal: Principal) -> u64 {
+    match principal {
+        Principal::Vm(vm) => u64::from(vm.raw()) << 1,
+        Principal::Am(am) => (u64::from(am.raw()) << 1) | (1 << 63),
+    }
+}
+
 fn failure(status: Status) -> Reply {
     Reply { status: status.0, ..Reply::default() }
 }
@@ -267,6 +370,10 @@ impl NullKernel {
             ams: Vec::new(),
             initial: BTreeMap::new(),
             inbox: BTreeMap::new(),
+            listed: 0,
+            all_rings: BTreeSet::new(),
+            caller_ring: || 3,
+            refusals_logged: BTreeSet::new(),
             placement: BTreeMap::new(),
             inbox_on_completion: BTreeMap::new(),
             effects: Vec::new(),
@@ -313,9 +420,28 @@ impl NullKernel {
         Ok(id)
     }
 
-    /// Records that `vm` runs on kernel instance `kernel` (delegations to it go there).
-    pub fn place(&mut self, vm: VmId, kernel: KernelId) {
+    /// Records that `vm` runs on kernel instance `kernel` (delegations to it go there), and
+    /// registers it here as a principal with `quota`, which it holds nothing with: what
+    /// it delegates to VMs of this instance is charged to it here (nk-caps, "Quotas").
+    pub fn place(&mut self, vm: VmId, kernel: KernelId, quota: u32) -> Result<(), PrincipalError> {
         self.placement.insert(vm, kernel);
+        if kernel != self.id() {
+            self.proto.table_mut().add_vm(vm, quota)?;
+        }
+        Ok(())
+    }
+
+    /// Sets how the instance learns the caller's privilege level (CPL): the hypervisor
+    /// reads the current VMCS. Until it is set every caller counts as ring 3, so
+    /// `INITIAL` and `RECEIVED` answer only VMs that allow every ring.
+    pub fn set_caller_ring(&mut self, reader: fn() -> u8) {
+        self.caller_ring = reader;
+    }
+
+    /// Lets every ring of `vm`, not only ring 0, call `INITIAL` and `RECEIVED` (the
+    /// module option `ring3-caps`).
+    pub fn allow_all_rings(&mut self, vm: VmId) {
+        self.all_rings.insert(vm);
     }
 
     /// Registers a VM of this instance with a capability quota, and lets every AM grant it
@@ -335,7 +461,7 @@ impl NullKernel {
             }
         }
         self.initial.insert(vm, granted);
-        self.inbox.insert(vm, Vec::new());
+        self.inbox.insert(vm, Inbox::default());
         Ok(report)
     }
 
@@ -356,17 +482,38 @@ impl NullKernel {
         self.initial.get(&vm).map_or(&[], Vec::as_slice)
     }
 
-    /// Returns the capabilities other principals delegated to `vm`, in arrival order.
-    pub fn inbox(&self, vm: VmId) -> &[CapName] {
-        self.inbox.get(&vm).map_or(&[], Vec::as_slice)
+    /// Returns the live capabilities other principals delegated to `vm`, in arrival order.
+    pub fn inbox(&self, vm: VmId) -> Vec<InboxEntry> {
+        let live = |entry: &&InboxEntry| self.table().inspect(Principal::Vm(vm), entry.name).is_ok();
+        self.inbox.get(&vm).map_or(Vec::new(), |inbox| inbox.entries.iter().filter(live).copied().collect())
     }
 
-    fn deliver_to_inbox(&mut self, vm: VmId, name: CapName) {
-        if let Some(inbox) = self.inbox.get_mut(&vm) {
-            if inbox.len() < INBOX_MAX {
-                inbox.push(name);
+    /// Returns `vm`'s inbox, pruned of dead capabilities.
+    fn pruned_inbox(&mut self, vm: VmId) -> Option<&mut Inbox> {
+        let inbox = self.inbox.get_mut(&vm)?;
+        self.listed -= inbox.prune(vm, self.proto.table());
+        Some(inbox)
+    }
+
+    /// Tells whether `vm`'s inbox has room for one more entry.
+    fn inbox_has_room(&mut self, vm: VmId) -> bool {
+        match self.inbox.get(&vm) {
+            Some(inbox) if inbox.entries.len() < INBOX_MAX => true,
+            Some(_) => self.pruned_inbox(vm).is_some_and(|inbox| inbox.entries.len() < INBOX_MAX),
+            None => false,
+        }
+    }
+
+    fn deliver_to_inbox(&mut self, vm: VmId, name: CapName, sender: Principal) {
+        let Some(mut inbox) = self.inbox.get_mut(&vm) else { return };
+        if inbox.entries.len() >= INBOX_MAX {
+            match self.pruned_inbox(vm) {
+                Some(pruned) if pruned.entries.len() < INBOX_MAX => inbox = pruned,
+                _ => return,
             }
         }
+        inbox.entries.push(InboxEntry { name, sender });
+        self.listed += 1;
     }
 
     /// Removes a VM of this instance (it ended or crashed): every capability it held dies
@@ -380,8 +527,11 @@ impl NullKernel {
             return Err(PrincipalError::UnknownPrincipal);
         }
         self.initial.remove(&vm);
-        self.inbox.remove(&vm);
-        let hook = &mut AmHook { ams: &self.ams, effects: &mut self.effects };
+        self.all_rings.remove(&vm);
+        if let Some(inbox) = self.inbox.remove(&vm) {
+            self.listed -= inbox.entries.len();
+        }
+        let hook = &mut AmHook::new(&self.ams, &mut self.effects, &mut self.inbox, self.listed);
         Ok(started(self.proto.crash(vm, &[], hook, out)))
     }
 
@@ -391,11 +541,11 @@ impl NullKernel {
     where
         O: Outbox + ?Sized,
     {
-        let hook = &mut AmHook { ams: &self.ams, effects: &mut self.effects };
+        let hook = &mut AmHook::new(&self.ams, &mut self.effects, &mut self.inbox, self.listed);
         self.proto.handle(from, message, hook, out);
-        if let Message::Delegate { grant, holder: holder @ Principal::Vm(vm), .. } = message {
+        if let Message::Delegate { grant, holder: holder @ Principal::Vm(vm), delegator, .. } = message {
             if self.proto.table().inspect(holder, grant.child).is_ok() {
-                self.deliver_to_inbox(vm, grant.child);
+                self.deliver_to_inbox(vm, grant.child, delegator);
             }
         }
     }
@@ -403,8 +553,9 @@ impl NullKernel {
     /// Returns the next call (or VM removal) that waited for other kernels and finished.
     pub fn poll(&mut self) -> Option<Finished> {
         let done = self.proto.poll()?;
-        if let (Some(vm), Ok(Outcome::Name(name))) = (self.inbox_on_completion.remove(&done.op), done.result) {
-            self.deliver_to_inbox(vm, name);
+        if let (Some((vm, sender)), Ok(Outcome::Name(name))) = (self.inbox_on_completion.remove(&done.op), done.result)
+        {
+            self.deliver_to_inbox(vm, name, sender);
         }
         Some(Finished { op: done.op, reply: outcome_reply(done.result) })
     }
@@ -419,6 +570,9 @@ impl NullKernel {
             return Dispatched::Reply(failure(Status::new(Status::BAD_VERSION, None)));
         }
         if selector.am == NULL_KERNEL_AM {
+            if selector.op == nk_op::NULL {
+                return Dispatched::Reply(success(None, [0; 4]));
+            }
             return self.null_kernel_op(caller, selector.op, call, out);
         }
         Dispatched::Reply(self.am_op(Principal::Vm(caller), selector, call))
@@ -453,13 +607,38 @@ impl NullKernel {
             return failure(Status::new(Status::UNKNOWN_AM, None));
         };
         let mut services = AmServices { am, table, effects: &mut self.effects };
-        match handler.lock().invoke(&checked, &call.args, &mut services) {
+        let result = handler.lock().invoke(&checked, &call.args, &mut services);
+        match result {
             Ok(outcome) => success(outcome.name, outcome.results),
-            Err(error) => failure(am_status(error)),
+            Err(error) => self.refusal(caller, failure(am_status(error))),
         }
     }
 
-    /// The null-Kernel's own operations on capabilities.
+    /// Logs the first refusal of `caller` for a spent quota or a ring-3 enumeration
+    /// (issue 9: a guest that tries to make the hypervisor allocate without bound, or a
+    /// process that lists its kernel's capabilities, is refused, and the log says so once
+    /// per VM); returns `reply`. Runs only on failures.
+    #[cold]
+    #[inline(never)]
+    fn refusal(&mut self, caller: Principal, reply: Reply) -> Reply {
+        if let (Principal::Vm(vm), Status::QUOTA_EXCEEDED) = (caller, reply.status().code()) {
+            self.log_refusal(vm, Status::QUOTA_EXCEEDED, "quota exceeded (its share of capabilities, inbox or AM objects is spent; later refusals are not logged)");
+        }
+        reply
+    }
+
+    /// Logs `why` the first time `vm` is refused with `code`.
+    #[cold]
+    #[inline(never)]
+    fn log_refusal(&mut self, vm: VmId, code: u16, why: &str) {
+        if self.refusals_logged.insert((vm, code)) {
+            log::warn!(target: "nk", "vm{}: refused: {why}", vm.raw());
+        }
+    }
+
+    /// The null-Kernel's own operations on capabilities (but NULL, which `dispatch`
+    /// answers itself). Kept out of line so the AM-call path in `dispatch` stays small.
+    #[inline(never)]
     fn null_kernel_op<O>(&mut self, vm: VmId, op: u32, call: &Call, out: &mut O) -> Dispatched
     where
         O: Outbox + ?Sized,
@@ -487,34 +666,41 @@ impl NullKernel {
                 };
                 let to = Principal::Vm(target);
                 let mask = Rights::from_bits(call.args[0]);
+                let inboxed = kernel == self.id() && target != vm;
+                if inboxed && !self.inbox_has_room(target) {
+                    return Dispatched::Reply(self.refusal(caller, failure(Status::new(Status::QUOTA_EXCEEDED, None))));
+                }
                 let result = self.proto.delegate(caller, c, to, kernel, mask, binding, out);
                 match result {
-                    Started::Done(Ok(Outcome::Name(name))) if kernel == self.id() && target != vm => {
-                        self.deliver_to_inbox(target, name)
+                    Started::Done(Ok(Outcome::Name(name))) if inboxed => self.deliver_to_inbox(target, name, caller),
+                    Started::Pending(op) if inboxed => {
+                        self.inbox_on_completion.insert(op, (target, caller));
                     }
-                    Started::Pending(op) if kernel == self.id() && target != vm => {
-                        self.inbox_on_completion.insert(op, target);
+                    Started::Done(Err(error)) => {
+                        return Dispatched::Reply(self.refusal(caller, failure(proto_status(error))))
                     }
                     _ => {}
                 }
                 started(result)
             }
             nk_op::REVOKE | nk_op::DELETE => {
-                let hook = &mut AmHook { ams: &self.ams, effects: &mut self.effects };
+                let hook = &mut AmHook::new(&self.ams, &mut self.effects, &mut self.inbox, self.listed);
                 started(match op {
                     nk_op::REVOKE => self.proto.revoke(caller, c, hook, out),
                     _ => self.proto.delete(caller, c, hook, out),
                 })
             }
             nk_op::INSPECT => reply(self.table().inspect(caller, c).map(|info| {
-                let holder = match info.holder {
-                    Principal::Vm(vm) => u64::from(vm.raw()) << 1,
-                    Principal::Am(am) => (u64::from(am.raw()) << 1) | (1 << 63),
-                };
+                let holder = principal_word(info.holder);
                 let bearer = u64::from(info.binding == Binding::Bearer);
                 let object = (u64::from(info.object.am.raw()) << 32) | u64::from(info.object.kind.raw());
                 success(None, [object, info.object.id.raw(), info.rights.bits(), holder | bearer])
             })),
+            nk_op::INITIAL | nk_op::RECEIVED if (self.caller_ring)() != 0 && !self.all_rings.contains(&vm) => {
+                let why = "INITIAL/RECEIVED from a ring other than 0 (the module line does not say ring3-caps)";
+                self.log_refusal(vm, Status::NOT_PERMITTED, why);
+                Dispatched::Reply(failure(Status::new(Status::NOT_PERMITTED, None)))
+            }
             nk_op::INITIAL => {
                 let index = usize::try_from(call.args[0]).unwrap_or(usize::MAX);
                 match self.initial_caps(vm).get(index) {
@@ -524,12 +710,15 @@ impl NullKernel {
             }
             nk_op::RECEIVED => {
                 let index = usize::try_from(call.args[0]).unwrap_or(usize::MAX);
-                let Some(&name) = self.inbox(vm).get(index) else {
+                let Some(inbox) = self.pruned_inbox(vm) else {
+                    return bad_argument;
+                };
+                let count = inbox.entries.len() as u64;
+                let Some(&InboxEntry { name, sender }) = inbox.entries.get(index) else {
                     return bad_argument;
                 };
                 let am = self.table().inspect(caller, name).map_or(0, |info| u64::from(info.object.am.raw()));
-                let count = self.inbox(vm).len() as u64;
-                Dispatched::Reply(success(Some(name), [am, count, 0, 0]))
+                Dispatched::Reply(success(Some(name), [am, count, principal_word(sender), 0]))
             }
             _ => Dispatched::Reply(failure(Status::new(Status::UNKNOWN_OPERATION, None))),
         }

@@ -161,6 +161,36 @@ fn principal_from(word: u64) -> Result<Principal, DecodeError> {
     }
 }
 
+/// Packs the two principals of a delegation, whose message has no word to spare: a word
+/// with the holder's id (bits 31:0), its AM flag (bit 32), the delegator's AM flag (bit 33)
+/// and the delegator id's high half (bits 63:48); the delegator id's low half goes to the
+/// header's high field.
+fn principal_pair(holder: Principal, delegator: Principal) -> (u64, u16) {
+    let split = |principal| match principal {
+        Principal::Vm(vm) => (u64::from(vm.raw()), 0),
+        Principal::Am(am) => (u64::from(am.raw()), 1),
+    };
+    let ((holder_id, holder_am), (delegator_id, delegator_am)) = (split(holder), split(delegator));
+    let word = holder_id | (holder_am << 32) | (delegator_am << 33) | ((delegator_id >> 16) << 48);
+    (word, delegator_id as u16)
+}
+
+fn principal_pair_from(word: u64, low: u16) -> Result<(Principal, Principal), DecodeError> {
+    if word & 0x0000_FFFC_0000_0000 != 0 {
+        return Err(DecodeError::BadField);
+    }
+    let make = |id: u64, am: bool| -> Result<Principal, DecodeError> {
+        if am {
+            u16::try_from(id).map(|am| Principal::Am(AmId::new(am))).map_err(|_| DecodeError::BadField)
+        } else {
+            Ok(Principal::Vm(VmId::new(id as u32)))
+        }
+    };
+    let holder = make(word & 0xFFFF_FFFF, word & (1 << 32) != 0)?;
+    let delegator = make(((word >> 48) << 16) | u64::from(low), word & (1 << 33) != 0)?;
+    Ok((holder, delegator))
+}
+
 /// Numbers errors for the header's high field (0 means none).
 fn error_code(error: ProtoError) -> u16 {
     match error {
@@ -205,11 +235,13 @@ impl Message {
     /// Encodes the message as [`MESSAGE_WORDS`] words for a ring slot.
     pub fn encode(&self) -> [u64; MESSAGE_WORDS] {
         match *self {
-            Message::Delegate { grant, parent, holder } => {
+            Message::Delegate { grant, parent, holder, delegator } => {
                 let mut w = Writer::new(tag::DELEGATE);
                 w.grant(grant);
                 w.name(parent);
-                w.word(principal_code(holder));
+                let (word, low) = principal_pair(holder, delegator);
+                w.high(low);
+                w.word(word);
                 w.words
             }
             Message::DelegateAck { child, result } => {
@@ -322,7 +354,8 @@ impl Message {
             tag::DELEGATE => {
                 let grant = r.grant()?;
                 let parent = r.name();
-                Message::Delegate { grant, parent, holder: r.principal()? }
+                let (holder, delegator) = principal_pair_from(r.word(), r.high())?;
+                Message::Delegate { grant, parent, holder, delegator }
             }
             tag::DELEGATE_ACK => Message::DelegateAck { child: r.name(), result: result_ok_or_err(&r)? },
             tag::OBTAIN => {

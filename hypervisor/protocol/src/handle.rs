@@ -22,8 +22,8 @@ impl Kernel {
         O: Outbox + ?Sized,
     {
         match message {
-            Message::Delegate { grant, parent, holder } => {
-                let result = self.table.accept_remote(grant, parent, holder).map_err(ProtoError::from);
+            Message::Delegate { grant, parent, holder, delegator } => {
+                let result = self.table.accept_remote(grant, parent, holder, delegator).map_err(ProtoError::from);
                 out.send(from, Message::DelegateAck { child: grant.child, result });
             }
             Message::DelegateAck { child, result } => {

@@ -291,7 +291,8 @@ impl Kernel {
     where
         O: Outbox + ?Sized,
     {
-        let child = match self.table.reserve_remote(holder, parent) {
+        // The presenter asked for the child: a derive's holder, or a delegation's delegator.
+        let child = match self.table.reserve_remote(holder, presenter, parent) {
             Ok(child) => child,
             Err(error) => return Started::Done(Err(error.into())),
         };
@@ -325,14 +326,21 @@ impl Kernel {
         let here = self.id();
         if owner == here {
             if kernel == here {
-                let result = self.table.delegate(caller, cap, target, mask, binding);
+                // The delegator pays (nk-caps, "Quotas"); a routed request's presenter that is
+                // not registered here cannot, and then the target does, as across kernels.
+                let result = match self.table.delegate(caller, cap, target, mask, binding) {
+                    Err(CapError::UnknownPrincipal) if self.table.usage(caller).is_none() => {
+                        self.table.grant(caller, cap, target, mask, binding)
+                    }
+                    result => result,
+                };
                 return Started::Done(result.map(Outcome::Name).map_err(ProtoError::from));
             }
             return match self.table.delegate_remote(caller, cap, kernel, mask, binding) {
                 Ok(grant) => {
                     let id = self.park(origin, OpState::Delegate);
                     self.delegations.insert(grant.child, id);
-                    out.send(kernel, Message::Delegate { grant, parent: cap, holder: target });
+                    out.send(kernel, Message::Delegate { grant, parent: cap, holder: target, delegator: caller });
                     Started::Pending(id)
                 }
                 Err(error) => Started::Done(Err(error.into())),

@@ -24,6 +24,9 @@ pub enum Message {
         parent: CapName,
         /// The principal that will hold the child (on the receiver).
         holder: Principal,
+        /// The principal that delegated it (on the sender): the child is charged to its
+        /// quota on the receiver where it is registered there (nk-caps, "Quotas").
+        delegator: Principal,
     },
     /// Delegation, second half: the child was created, or why not.
     DelegateAck {

@@ -5,7 +5,7 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
-use super::node::{Link, State};
+use super::node::{Account, Link, State};
 use super::CapTable;
 #[cfg(test)]
 use crate::ids::{Binding, Object, Principal, Rights};
@@ -244,6 +244,15 @@ impl CapTable {
             }
             ensure!(count == entry.held as usize, "held counts the holder's list");
             listed += count;
+            let charged = self.nodes.iter().filter(|node| node.payer == entry.account).count();
+            ensure!(charged == entry.charged as usize, "charged counts the nodes the principal pays for");
+            ensure!(self.accounts.get(usize::from(entry.account.0)) == Some(&Some(entry.principal)), "accounts agree");
+        }
+        let numbered = self.accounts.iter().filter(|a| a.is_some()).count();
+        ensure!(numbered == self.principals.len(), "every account belongs to a registered principal");
+        for node in self.nodes.iter().filter(|node| node.payer != Account::NONE) {
+            ensure!(!matches!(node.state, State::Free) && !node.state.is_proxy(), "only capabilities have payers");
+            ensure!(self.accounts.get(usize::from(node.payer.0)).is_some_and(Option::is_some), "a payer is registered");
         }
         let proxies = self.nodes.iter().filter(|n| n.state.is_proxy()).count();
         ensure!(listed + proxies == in_use, "every capability is on one holder's list");

@@ -14,7 +14,7 @@ use core::mem::size_of;
 use alloc::vec::Vec;
 
 use self::index::NameIndex;
-use self::node::{Link, Node, State};
+use self::node::{Account, Link, Node, State};
 use crate::ids::{AmId, Binding, KernelId, ObjKind, Object, OpId, Principal, Rights, VmId};
 use crate::name::{CapName, EntropySource, NameSource};
 use crate::registry::{KindSpec, OpSpec, RegisterError, Registry};
@@ -50,6 +50,8 @@ pub struct CapTable {
     /// The registered principals, sorted by principal: they are few (VMs and AMs), and
     /// binary search over a vector needs no hashing and no allocation per look-up.
     principals: Vec<PrincipalEntry>,
+    /// The principal of each account number (`Node::payer`); None for a free number.
+    accounts: Vec<Option<Principal>>,
 }
 
 /// Holds a principal's quota and the head of the list of capabilities it holds.
@@ -58,6 +60,10 @@ struct PrincipalEntry {
     principal: Principal,
     quota: u32,
     held: u32,
+    /// Nodes whose `payer` is this principal's account.
+    charged: u32,
+    /// Its number in `CapTable::accounts`.
+    account: Account,
     held_head: Link,
     /// Set when the principal is being removed (a crash under way): it may receive no new
     /// capability, so the revocation of what it holds can finish.
@@ -128,7 +134,10 @@ pub struct CapInfo {
 pub struct Usage {
     /// The capabilities it holds, live or revoked and not yet deleted.
     pub held: u32,
-    /// The most it may hold.
+    /// The capabilities charged to it: those it holds and did not receive by delegation,
+    /// and those it delegated to others that are not freed yet.
+    pub charged: u32,
+    /// The most that may be charged to it.
     pub quota: u32,
 }
 
@@ -169,6 +178,8 @@ struct NewCap {
     object: Object,
     rights: Rights,
     holder: Principal,
+    /// The principal charged for it (see [`CapTable::delegate`]).
+    payer: Principal,
     binding: Binding,
     parent: Link,
 }
@@ -204,6 +215,7 @@ impl CapTable {
             capacity,
             index,
             principals: Vec::new(),
+            accounts: Vec::new(),
         })
     }
 
@@ -299,7 +311,7 @@ impl CapTable {
 
     /// Returns how much of its quota `principal` uses, if it is registered.
     pub fn usage(&self, principal: Principal) -> Option<Usage> {
-        self.principal(principal).map(|entry| Usage { held: entry.held, quota: entry.quota })
+        self.principal(principal).map(|entry| Usage { held: entry.held, charged: entry.charged, quota: entry.quota })
     }
 
     /// Removes VM `vm` (it was destroyed or crashed): revokes every live capability it
@@ -331,9 +343,16 @@ impl CapTable {
                 self.unlink_from_parent(slot);
                 self.prune(parent, &mut remote::Discard);
             }
+            self.uncharge(slot);
             self.release(slot);
         }
+        // What the VM paid for and others still hold is charged to no one from now on.
         let position = self.principal_position(principal).expect("the principal was found above");
+        let account = self.principals[position].account;
+        for node in self.nodes.iter_mut().filter(|node| node.payer == account) {
+            node.payer = Account::NONE;
+        }
+        self.accounts[usize::from(account.0)] = None;
         self.principals.remove(position);
         Ok(revoked)
     }
@@ -356,7 +375,14 @@ impl CapTable {
         if !kind.defined_rights().contains(rights) {
             return Err(CapError::UndefinedRights);
         }
-        self.create(NewCap { object, rights, holder: caller, binding: Binding::Bound, parent: Link::NIL })
+        self.create(NewCap {
+            object,
+            rights,
+            holder: caller,
+            payer: caller,
+            binding: Binding::Bound,
+            parent: Link::NIL,
+        })
     }
 
     /// Creates a child of capability `name` holding only the rights in `mask`, held by
@@ -365,12 +391,14 @@ impl CapTable {
     pub fn derive(&mut self, caller: Principal, name: CapName, mask: Rights) -> Result<CapName, CapError> {
         let parent = self.resolve(caller, name)?;
         let binding = self.nodes[parent].binding;
-        self.create_child(parent, caller, mask, binding)
+        self.create_child(parent, caller, caller, mask, binding)
     }
 
     /// Creates a child of capability `name` holding only the rights in `mask`, held by
     /// `target`, bound to it or a bearer capability as `binding` says. The new capability
-    /// is charged to `target`'s quota.
+    /// is charged to the quota of `caller`, the delegator, until it is freed (deleted by its
+    /// holder, or its holder removed): a principal cannot fill another's quota by giving it
+    /// capabilities (`target` must be registered and open, but need have no room).
     pub fn delegate(
         &mut self,
         caller: Principal,
@@ -380,7 +408,23 @@ impl CapTable {
         binding: Binding,
     ) -> Result<CapName, CapError> {
         let parent = self.resolve(caller, name)?;
-        self.create_child(parent, target, mask, binding)
+        self.create_child(parent, target, caller, mask, binding)
+    }
+
+    /// Delegates as [`delegate`](Self::delegate) does, but charges the new capability to
+    /// `target`: for an AM that hands a principal a capability that principal asked for
+    /// (the counter AM's `create`, a VM's initial capabilities), so what a VM makes an AM
+    /// allocate counts against the VM's own quota.
+    pub fn grant(
+        &mut self,
+        caller: Principal,
+        name: CapName,
+        target: Principal,
+        mask: Rights,
+        binding: Binding,
+    ) -> Result<CapName, CapError> {
+        let parent = self.resolve(caller, name)?;
+        self.create_child(parent, target, target, mask, binding)
     }
 
     /// Revokes capability `name` and, transitively, every capability derived from it: all
@@ -472,6 +516,7 @@ impl CapTable {
         &mut self,
         parent: usize,
         holder: Principal,
+        payer: Principal,
         mask: Rights,
         binding: Binding,
     ) -> Result<CapName, CapError> {
@@ -480,43 +525,72 @@ impl CapTable {
             object: parent_node.object(),
             rights: parent_node.rights & mask,
             holder,
+            payer,
             binding,
             parent: Link::to(parent),
         })
     }
 
-    /// Creates a capability: charges its holder's quota, takes a slab node, draws a fresh
+    /// Creates a capability: charges its payer's quota, takes a slab node, draws a fresh
     /// name, and links the node into the tree, the holder's list and the index.
     fn create(&mut self, new: NewCap) -> Result<CapName, CapError> {
-        self.admit(new.holder, 1)?;
+        let (holder, payer) = self.admit(new.holder, new.payer, false, 1)?;
         let (index, nodes) = (&self.index, &self.nodes);
         let (name, hash) =
             self.names.fresh(|candidate, hash| index.find(hash, |slot| nodes[slot].name == candidate).is_some());
-        Ok(self.insert(new, State::Live, name, hash))
+        Ok(self.insert_at(new, State::Live, name, hash, holder, payer))
     }
 
-    /// Checks that `holder` may receive one more capability and that the table has room for
-    /// `nodes` more nodes (the capability and any proxy it needs).
-    fn admit(&self, holder: Principal, nodes: u32) -> Result<(), CapError> {
-        let entry = self.principal(holder).ok_or(CapError::UnknownPrincipal)?;
-        if entry.closing {
+    /// Checks that `holder` may receive one more capability, that `payer` has quota left
+    /// for it, and that the table has room for `nodes` more nodes (the capability and any
+    /// proxy it needs).
+    /// Returns the positions of the holder's and the payer's entries. With
+    /// `holder_if_unknown`, a payer that is not registered here leaves the holder to pay.
+    pub(super) fn admit(
+        &self,
+        holder: Principal,
+        payer: Principal,
+        holder_if_unknown: bool,
+        nodes: u32,
+    ) -> Result<(usize, usize), CapError> {
+        let holder_at = self.principal_position(holder).map_err(|_| CapError::UnknownPrincipal)?;
+        if self.principals[holder_at].closing {
             return Err(CapError::UnknownPrincipal);
         }
-        if entry.held >= entry.quota {
+        let payer_at = if payer == holder {
+            holder_at
+        } else {
+            match self.principal_position(payer) {
+                Ok(position) => position,
+                Err(_) if holder_if_unknown => holder_at,
+                Err(_) => return Err(CapError::UnknownPrincipal),
+            }
+        };
+        let entry = &self.principals[payer_at];
+        if entry.charged >= entry.quota {
             return Err(CapError::QuotaExceeded);
         }
         if self.capacity - self.in_use < nodes {
             return Err(CapError::TableFull);
         }
-        Ok(())
+        Ok((holder_at, payer_at))
     }
 
     /// Inserts a capability named `name` (with index hash `hash`) in state `state`: takes a
     /// slab node and links it into the tree, its holder's list and the index. The caller
-    /// checked with [`admit`](Self::admit) that the holder and the table have room, so
-    /// nothing here can fail. Returns the name.
-    fn insert(&mut self, new: NewCap, state: State, name: CapName, hash: u64) -> CapName {
-        let held_next = self.principal(new.holder).expect("admit found the holder").held_head;
+    /// checked with [`admit`](Self::admit) that the holder, the payer and the table have
+    /// room, and passes the holder's and the payer's positions it returned (no principal
+    /// was added or removed in between), so nothing here can fail. Returns the name.
+    fn insert_at(
+        &mut self,
+        new: NewCap,
+        state: State,
+        name: CapName,
+        hash: u64,
+        holder: usize,
+        payer: usize,
+    ) -> CapName {
+        let held_next = self.principals[holder].held_head;
         let slot = self.allocate_slot();
         let first_sibling = new.parent.get().map_or(Link::NIL, |p| self.nodes[p].first_child);
         self.nodes[slot] = Node {
@@ -524,6 +598,7 @@ impl CapTable {
             rights: new.rights,
             object_id: new.object.id,
             holder: new.holder,
+            payer: self.principals[payer].account,
             am: new.object.am,
             kind: new.object.kind,
             state,
@@ -544,9 +619,10 @@ impl CapTable {
         if let Some(next) = held_next.get() {
             self.nodes[next].held_prev = Link::to(slot);
         }
-        let entry = self.principal_mut(new.holder).expect("the holder was found above");
+        let entry = &mut self.principals[holder];
         entry.held_head = Link::to(slot);
         entry.held += 1;
+        self.principals[payer].charged += 1;
 
         self.index.insert(hash, slot);
         name
@@ -573,7 +649,17 @@ impl CapTable {
             Some(prev) => self.nodes[prev].held_next = held_next,
             None => entry.held_head = held_next,
         }
+        self.uncharge(slot);
         self.release(slot);
+    }
+
+    /// Gives the quota a capability was charged to back to its payer.
+    fn uncharge(&mut self, slot: usize) {
+        let account = core::mem::replace(&mut self.nodes[slot].payer, Account::NONE);
+        if account != Account::NONE {
+            let payer = self.accounts[usize::from(account.0)].expect("a node's payer is registered while it pays");
+            self.principal_mut(payer).expect("an account's principal is registered").charged -= 1;
+        }
     }
 
     /// Removes a node that left the tree from the index and puts it on the free list,
@@ -604,9 +690,22 @@ impl CapTable {
         let Err(position) = self.principal_position(principal) else {
             return Err(PrincipalError::AlreadyRegistered);
         };
+        let number = match self.accounts.iter().position(Option::is_none) {
+            Some(free) => free,
+            None if self.accounts.len() < Account::MAX => {
+                self.accounts.try_reserve(1).map_err(|_| PrincipalError::OutOfMemory)?;
+                self.accounts.push(None);
+                self.accounts.len() - 1
+            }
+            None => return Err(PrincipalError::OutOfMemory),
+        };
         self.principals.try_reserve(1).map_err(|_| PrincipalError::OutOfMemory)?;
-        self.principals
-            .insert(position, PrincipalEntry { principal, quota, held: 0, held_head: Link::NIL, closing: false });
+        self.accounts[number] = Some(principal);
+        let account = Account(number as u16);
+        self.principals.insert(
+            position,
+            PrincipalEntry { principal, quota, held: 0, charged: 0, account, held_head: Link::NIL, closing: false },
+        );
         Ok(())
     }
 }

@@ -75,7 +75,8 @@ impl State {
 }
 
 /// Holds one capability. 72 bytes: the object is stored flattened so that no padding sits
-/// between its fields, and the hot fields of a check come first.
+/// between its fields, and the hot fields of a check come first; the payer's account
+/// number fills what was padding.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Node {
     pub(super) name: CapName,
@@ -97,6 +98,24 @@ pub(super) struct Node {
     /// The neighbours in the list of capabilities the holder holds (live or revoked).
     pub(super) held_prev: Link,
     pub(super) held_next: Link,
+    /// The account of the principal whose quota the capability is charged to: its
+    /// holder's, except for a delegated one, which is charged to the delegator (nk-caps,
+    /// "Quotas"). [`Account::NONE`] for a proxy, a free node, and a capability whose payer
+    /// was removed.
+    pub(super) payer: Account,
+}
+
+/// Numbers a registered principal within its table (`CapTable::accounts`), so a node names
+/// its payer in two bytes. Numbers are reused once a principal is removed, after every
+/// node it paid for was cleared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Account(pub(super) u16);
+
+impl Account {
+    /// No payer.
+    pub(super) const NONE: Account = Account(u16::MAX);
+    /// The most accounts a table numbers.
+    pub(super) const MAX: usize = u16::MAX as usize;
 }
 
 impl Node {
@@ -107,6 +126,7 @@ impl Node {
             rights: Rights::NONE,
             object_id: ObjId::new(0),
             holder: Principal::Am(AmId::new(0)),
+            payer: Account::NONE,
             am: AmId::new(0),
             kind: ObjKind::new(0),
             state: State::Free,

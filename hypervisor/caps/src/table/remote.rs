@@ -22,7 +22,7 @@
 //! a proxy's name carries another kernel's id, so the index holds both and a lookup of a
 //! name presented by a guest (which must carry this kernel's id) never finds a proxy.
 //! Proxies count against the table's capacity but against no principal's quota: each one
-//! stands for a capability that is charged to its holder on its own kernel.
+//! stands for a capability that is charged (to its payer) on its own kernel.
 //!
 //! # Revocation: mark, forward, wait, finalize
 //!
@@ -40,7 +40,7 @@
 
 use alloc::vec::Vec;
 
-use super::node::{Link, Node, State};
+use super::node::{Account, Link, Node, State};
 use super::{CapError, CapInfo, CapTable, NewCap, PrincipalError};
 use crate::ids::{AmId, Binding, KernelId, ObjId, ObjKind, Object, Principal, Rights};
 use crate::name::CapName;
@@ -557,37 +557,54 @@ impl CapTable {
     }
 
     /// Accepts a delegated child: creates the live capability `grant.child`, held by
-    /// `holder` and charged to its quota, below the proxy of its remote parent `parent`
-    /// (made if this is the parent's first child here).
-    pub fn accept_remote(&mut self, grant: RemoteGrant, parent: CapName, holder: Principal) -> Result<(), CapError> {
+    /// `holder`, below the proxy of its remote parent `parent` (made if this is the
+    /// parent's first child here). It is charged to `delegator` (the principal of the other
+    /// kernel that delegated it) if that principal is registered here as well, so a
+    /// delegation across kernels costs the delegator as a local one does; otherwise to
+    /// `holder`.
+    pub fn accept_remote(
+        &mut self,
+        grant: RemoteGrant,
+        parent: CapName,
+        holder: Principal,
+        delegator: Principal,
+    ) -> Result<(), CapError> {
         let child = grant.child;
         if child.kernel() != self.kernel() || self.lookup(child).is_some() || parent.kernel() == self.kernel() {
             return Err(CapError::UnknownName);
         }
         self.check_object(grant.object, grant.rights)?;
         let proxy = self.usable_proxy(parent)?;
-        self.admit(holder, if proxy.is_some() { 1 } else { 2 })?;
+        let (holder_at, payer_at) = self.admit(holder, delegator, true, if proxy.is_some() { 1 } else { 2 })?;
         let proxy = proxy.unwrap_or_else(|| self.create_proxy(parent, self.names.hash(parent), Link::NIL));
         let new = NewCap {
             object: grant.object,
             rights: grant.rights,
             holder,
+            payer: self.principals[payer_at].principal,
             binding: grant.binding,
             parent: Link::to(proxy),
         };
-        self.insert(new, State::Live, child, self.names.hash(child));
+        self.insert_at(new, State::Live, child, self.names.hash(child), holder_at, payer_at);
         Ok(())
     }
 
     /// Reserves a child of the remote capability `parent` for `holder`, for an obtain: the
-    /// reservation is charged to `holder`, hangs below `parent`'s proxy and is unusable until
-    /// [`activate_pending`](Self::activate_pending). Returns its name.
-    pub fn reserve_remote(&mut self, holder: Principal, parent: CapName) -> Result<CapName, CapError> {
+    /// reservation is charged to `payer` (the principal that asked: `holder` for a derive,
+    /// the delegator for a delegation to a principal of this kernel), hangs below
+    /// `parent`'s proxy and is unusable until [`activate_pending`](Self::activate_pending).
+    /// Returns its name.
+    pub fn reserve_remote(
+        &mut self,
+        holder: Principal,
+        payer: Principal,
+        parent: CapName,
+    ) -> Result<CapName, CapError> {
         if parent.kernel() == self.kernel() {
             return Err(CapError::UnknownName);
         }
         let proxy = self.usable_proxy(parent)?;
-        self.admit(holder, if proxy.is_some() { 1 } else { 2 })?;
+        let (holder_at, payer_at) = self.admit(holder, payer, false, if proxy.is_some() { 1 } else { 2 })?;
         let proxy = proxy.unwrap_or_else(|| self.create_proxy(parent, self.names.hash(parent), Link::NIL));
         let (index, nodes) = (&self.index, &self.nodes);
         let (name, hash) =
@@ -596,10 +613,11 @@ impl CapTable {
             object: NO_OBJECT,
             rights: Rights::NONE,
             holder,
+            payer,
             binding: Binding::Bound,
             parent: Link::to(proxy),
         };
-        Ok(self.insert(new, State::Pending, name, hash))
+        Ok(self.insert_at(new, State::Pending, name, hash, holder_at, payer_at))
     }
 
     /// Completes an obtain: the reservation `child` becomes a live capability to `object`
@@ -742,6 +760,7 @@ impl CapTable {
             rights: Rights::NONE,
             object_id: NO_OBJECT.id,
             holder: Principal::Am(NO_OBJECT.am),
+            payer: Account::NONE,
             am: NO_OBJECT.am,
             kind: NO_OBJECT.kind,
             state: State::Remote,

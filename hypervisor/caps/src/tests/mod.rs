@@ -98,7 +98,7 @@ impl Fixture {
 
     /// Delegates `cap` from the exo AM to `vm`, bound, with `mask`.
     pub(crate) fn give(&mut self, cap: CapName, vm: VmId, mask: Rights) -> CapName {
-        self.table.delegate(Principal::Am(EXO), cap, Principal::Vm(vm), mask, Binding::Bound).expect("delegate")
+        self.table.grant(Principal::Am(EXO), cap, Principal::Vm(vm), mask, Binding::Bound).expect("grant")
     }
 }
 

@@ -58,6 +58,9 @@ struct MCap {
     object: Object,
     rights: Rights,
     holder: Principal,
+    /// Whose quota it is charged to (the delegator for a delegation); None once that
+    /// principal is removed.
+    payer: Option<Principal>,
     binding: Binding,
     state: MState,
 }
@@ -107,6 +110,10 @@ impl Model {
         self.caps.iter().filter(|c| c.holder == p && c.state != MState::Deleted).count() as u32
     }
 
+    fn charged(&self, p: Principal) -> u32 {
+        self.caps.iter().filter(|c| c.payer == Some(p) && c.state != MState::Deleted).count() as u32
+    }
+
     fn in_use(&self) -> u32 {
         self.caps.iter().filter(|c| c.state != MState::Deleted).count() as u32
     }
@@ -123,10 +130,11 @@ impl Model {
         Ok(i)
     }
 
-    /// Says whether a capability may be created for `holder`.
-    fn may_create(&self, holder: Principal) -> Result<(), CapError> {
-        let quota = *self.quotas.get(&holder).ok_or(CapError::UnknownPrincipal)?;
-        if self.held(holder) >= quota {
+    /// Says whether a capability may be created for `holder`, paid by `payer`.
+    fn may_create(&self, holder: Principal, payer: Principal) -> Result<(), CapError> {
+        self.quotas.get(&holder).ok_or(CapError::UnknownPrincipal)?;
+        let quota = *self.quotas.get(&payer).ok_or(CapError::UnknownPrincipal)?;
+        if self.charged(payer) >= quota {
             return Err(CapError::QuotaExceeded);
         }
         if self.in_use() >= self.capacity {
@@ -146,13 +154,14 @@ impl Model {
         if !defined.contains(rights) {
             return Err(CapError::UndefinedRights);
         }
-        self.may_create(caller)?;
+        self.may_create(caller, caller)?;
         Ok(MCap {
             name: CapName::from_u128(0),
             parent: None,
             object,
             rights,
             holder: caller,
+            payer: Some(caller),
             binding: Binding::Bound,
             state: MState::Live,
         })
@@ -168,7 +177,8 @@ impl Model {
     ) -> Result<MCap, CapError> {
         let parent = self.resolve(caller, name)?;
         let holder = holder.unwrap_or(caller);
-        self.may_create(holder)?;
+        // The caller pays, for a derive and a delegation alike.
+        self.may_create(holder, caller)?;
         let p = &self.caps[parent];
         Ok(MCap {
             name: CapName::from_u128(0),
@@ -176,6 +186,7 @@ impl Model {
             object: p.object,
             rights: p.rights & mask,
             holder,
+            payer: Some(caller),
             binding: binding.unwrap_or(p.binding),
             state: MState::Live,
         })
@@ -261,6 +272,9 @@ impl Model {
         }
         for cap in self.caps.iter_mut().filter(|c| c.holder == p) {
             cap.state = MState::Deleted;
+        }
+        for cap in self.caps.iter_mut().filter(|c| c.payer == Some(p)) {
+            cap.payer = None;
         }
         Ok(dead)
     }
@@ -549,7 +563,11 @@ impl Run {
             assert_eq!(self.real.peek(cap.name), self.model.peek(i), "{cap:?}");
         }
         for p in PRINCIPALS {
-            let model = self.model.quotas.get(&p).map(|&quota| Usage { held: self.model.held(p), quota });
+            let model = self.model.quotas.get(&p).map(|&quota| Usage {
+                held: self.model.held(p),
+                charged: self.model.charged(p),
+                quota,
+            });
             assert_eq!(self.real.usage(p), model, "{p:?}");
         }
         assert_eq!(self.real.len(), self.model.in_use());

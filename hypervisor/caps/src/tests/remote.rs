@@ -17,7 +17,7 @@ impl Side {
     }
 
     fn give(&mut self, cap: CapName, to: VmId, mask: Rights) -> CapName {
-        self.table.delegate(am(EXO), cap, vm(to), mask, Binding::Bound).unwrap()
+        self.table.grant(am(EXO), cap, vm(to), mask, Binding::Bound).unwrap()
     }
 }
 
@@ -37,7 +37,7 @@ fn pair() -> (Side, Side) {
 /// Delegates `parent` (on `a`) to VM2 on `b`, as the protocol's handshake does.
 fn link(a: &mut Side, b: &mut Side, caller: Principal, parent: CapName) -> CapName {
     let grant = a.table.delegate_remote(caller, parent, b.table.kernel(), RWX, Binding::Bound).unwrap();
-    b.table.accept_remote(grant, parent, vm(VM2)).unwrap();
+    b.table.accept_remote(grant, parent, vm(VM2), caller).unwrap();
     grant.child
 }
 
@@ -110,7 +110,7 @@ fn a_zigzag_walk_reaches_local_grandchildren_through_a_proxy() {
     let root = a.frame_root(1);
     let c = link(&mut a, &mut b, am(EXO), root);
     let grant = b.table.delegate_remote(vm(VM2), c, KernelId::new(1), RWX, Binding::Bound).unwrap();
-    a.table.accept_remote(grant, c, vm(VM1)).unwrap();
+    a.table.accept_remote(grant, c, vm(VM1), vm(VM2)).unwrap();
     let d = grant.child;
     assert_eq!(a.table.node(d).unwrap().parent, Some(c), "d hangs below the proxy of c");
     assert_eq!(state(&a, c), Some(NodeState::Remote), "one proxy: child of root, parent of d");
@@ -134,7 +134,7 @@ fn reservations_resolve_as_unknown_until_granted() {
     let (mut a, mut b) = pair();
     let root = a.frame_root(1);
     let bearer = a.table.delegate(am(EXO), root, vm(VM1), RWX, Binding::Bearer).unwrap();
-    let reserved = b.table.reserve_remote(vm(VM2), bearer).unwrap();
+    let reserved = b.table.reserve_remote(vm(VM2), vm(VM2), bearer).unwrap();
     assert_eq!(state(&b, reserved), Some(NodeState::Pending));
     assert_eq!(b.table.inspect(vm(VM2), reserved), Err(CapError::UnknownName));
     assert_eq!(b.table.usage(vm(VM2)).unwrap().held, 1, "the reservation is charged");
@@ -144,7 +144,7 @@ fn reservations_resolve_as_unknown_until_granted() {
     b.table.activate_pending(reserved, grant.object, grant.rights, grant.binding).unwrap();
     assert_eq!(b.table.inspect(vm(VM2), reserved).unwrap().rights, READ);
     // A second reservation is cancelled; the parent's proxy stays for the first child.
-    let second = b.table.reserve_remote(vm(VM2), bearer).unwrap();
+    let second = b.table.reserve_remote(vm(VM2), vm(VM2), bearer).unwrap();
     assert!(b.table.cancel_pending(second));
     assert!(!b.table.cancel_pending(second));
     assert_eq!(state(&b, bearer), Some(NodeState::Remote));
@@ -185,5 +185,31 @@ fn the_single_kernel_methods_tear_down_proxies_locally() {
     // On the other side, removing the holder frees the child and the parent's proxy.
     assert_eq!(b.table.remove_vm(VM2, &mut ignore), Ok(1));
     assert!(b.table.is_empty());
+    b.table.audit();
+}
+
+#[test]
+fn a_cross_kernel_delegation_is_charged_to_a_delegator_registered_there() {
+    let (mut a, mut b) = pair();
+    let root = a.frame_root(1);
+    let mine = a.give(root, VM1, RWX);
+    // VM1 is not registered on kernel 2: the holder pays there.
+    let first = link(&mut a, &mut b, vm(VM1), mine);
+    assert_eq!(b.table.usage(vm(VM2)).unwrap().charged, 1);
+    // Registered there (as the hypervisor registers every VM on every kernel), VM1 pays,
+    // up to its quota, and VM2's quota stays free.
+    b.table.add_vm(VM1, 2).unwrap();
+    for _ in 0..2 {
+        link(&mut a, &mut b, vm(VM1), mine);
+    }
+    assert_eq!(b.table.usage(vm(VM1)).unwrap().charged, 2);
+    assert_eq!(b.table.usage(vm(VM2)).unwrap().charged, 1);
+    let grant = a.table.delegate_remote(vm(VM1), mine, b.table.kernel(), RWX, Binding::Bound).unwrap();
+    assert_eq!(b.table.accept_remote(grant, mine, vm(VM2), vm(VM1)), Err(CapError::QuotaExceeded));
+    // VM2 deleting what it got gives VM1 its quota back.
+    let given = b.table.nodes().filter(|n| n.state == NodeState::Live && n.name != first).map(|n| n.name).last();
+    let given = given.expect("a live child on kernel 2");
+    b.table.delete(vm(VM2), given, &mut ignore).unwrap();
+    assert_eq!(b.table.usage(vm(VM1)).unwrap().charged, 1);
     b.table.audit();
 }

@@ -332,17 +332,71 @@ fn quotas_bound_each_principal() {
     let a = f.give(root, VM1, READ);
     let _b = f.give(root, VM1, READ);
     let _c = f.table.derive(vm(VM1), a, READ).unwrap();
-    assert_eq!(f.table.usage(vm(VM1)), Some(Usage { held: 3, quota: 3 }));
-    assert_eq!(f.table.delegate(am(EXO), root, vm(VM1), READ, Binding::Bound), Err(CapError::QuotaExceeded));
+    assert_eq!(f.table.usage(vm(VM1)), Some(Usage { held: 3, charged: 3, quota: 3 }));
+    assert_eq!(f.table.grant(am(EXO), root, vm(VM1), READ, Binding::Bound), Err(CapError::QuotaExceeded));
     assert_eq!(f.table.derive(vm(VM1), a, READ), Err(CapError::QuotaExceeded));
     // Other principals are not affected.
-    assert!(f.table.delegate(am(EXO), root, vm(VM2), READ, Binding::Bound).is_ok());
+    assert!(f.table.grant(am(EXO), root, vm(VM2), READ, Binding::Bound).is_ok());
     // Revoked capabilities still count; deleting them gives the quota back.
     f.table.revoke(vm(VM1), a, &mut ignore).unwrap();
     assert_eq!(f.table.usage(vm(VM1)).unwrap().held, 3);
     assert_eq!(f.table.delete(vm(VM1), a, &mut ignore), Ok(0));
     assert_eq!(f.table.usage(vm(VM1)).unwrap().held, 2);
-    assert!(f.table.delegate(am(EXO), root, vm(VM1), READ, Binding::Bound).is_ok());
+    assert!(f.table.grant(am(EXO), root, vm(VM1), READ, Binding::Bound).is_ok());
+    f.table.audit();
+}
+
+#[test]
+fn a_delegation_is_charged_to_the_delegator() {
+    let mut f = Fixture::new(64, 4);
+    let root = f.frame_root(1);
+    let own = f.give(root, VM1, READ);
+    // VM1 floods VM2: each delegation costs VM1, never VM2.
+    let mut given = Vec::new();
+    loop {
+        match f.table.delegate(vm(VM1), own, vm(VM2), READ, Binding::Bound) {
+            Ok(name) => given.push(name),
+            Err(error) => {
+                assert_eq!(error, CapError::QuotaExceeded);
+                break;
+            }
+        }
+    }
+    assert_eq!(given.len(), 3, "VM1's quota of 4 holds its own capability and three it gave");
+    assert_eq!(f.table.usage(vm(VM1)), Some(Usage { held: 1, charged: 4, quota: 4 }));
+    assert_eq!(f.table.usage(vm(VM2)), Some(Usage { held: 3, charged: 0, quota: 4 }));
+    // VM2 can still get capabilities of its own, up to its whole quota.
+    let mine = f.give(root, VM2, READ);
+    for _ in 0..3 {
+        f.table.derive(vm(VM2), mine, READ).unwrap();
+    }
+    assert_eq!(f.table.derive(vm(VM2), mine, READ), Err(CapError::QuotaExceeded));
+    // Revoking what it gave does not give VM1 its quota back; VM2 deleting does.
+    f.table.revoke(vm(VM1), given[0], &mut ignore).unwrap();
+    assert_eq!(f.table.usage(vm(VM1)).unwrap().charged, 4);
+    f.table.delete(vm(VM2), given[0], &mut ignore).unwrap();
+    assert_eq!(f.table.usage(vm(VM1)).unwrap().charged, 3);
+    f.table.audit();
+    // When the receiver goes, what it held is freed and the delegator paid back.
+    f.table.remove_vm(VM2, &mut ignore).unwrap();
+    assert_eq!(f.table.usage(vm(VM1)).unwrap().charged, 1);
+    f.table.audit();
+}
+
+#[test]
+fn a_removed_delegator_leaves_its_gifts_charged_to_no_one() {
+    let mut f = Fixture::new(64, 4);
+    let root = f.frame_root(1);
+    let own = f.give(root, VM1, READ);
+    let gift = f.table.delegate(vm(VM1), own, vm(VM2), READ, Binding::Bound).unwrap();
+    f.table.remove_vm(VM1, &mut ignore).unwrap();
+    assert_eq!(f.table.inspect(vm(VM2), gift), Err(CapError::Revoked));
+    assert_eq!(f.table.usage(vm(VM2)), Some(Usage { held: 1, charged: 0, quota: 4 }));
+    f.table.audit();
+    // A VM that comes back under the same id is not charged for its predecessor's gifts.
+    f.table.add_vm(VM1, 4).unwrap();
+    f.table.delete(vm(VM2), gift, &mut ignore).unwrap();
+    assert_eq!(f.table.usage(vm(VM1)), Some(Usage { held: 0, charged: 0, quota: 4 }));
     f.table.audit();
 }
 
@@ -361,8 +415,8 @@ fn set_quota_changes_the_limit_only() {
     f.give(root, VM1, READ);
     f.give(root, VM1, READ);
     assert_eq!(f.table.set_quota(vm(VM1), 1), Ok(()));
-    assert_eq!(f.table.usage(vm(VM1)), Some(Usage { held: 2, quota: 1 }));
-    assert_eq!(f.table.delegate(am(EXO), root, vm(VM1), READ, Binding::Bound), Err(CapError::QuotaExceeded));
+    assert_eq!(f.table.usage(vm(VM1)), Some(Usage { held: 2, charged: 2, quota: 1 }));
+    assert_eq!(f.table.grant(am(EXO), root, vm(VM1), READ, Binding::Bound), Err(CapError::QuotaExceeded));
     assert_eq!(f.table.set_quota(vm(VmId::new(77)), 1), Err(PrincipalError::UnknownPrincipal));
     assert_eq!(f.table.usage(vm(VmId::new(77))), None);
 }
@@ -557,7 +611,7 @@ fn add_vm_refuses_duplicates() {
     let mut f = Fixture::new(8, 8);
     assert_eq!(f.table.add_vm(VM1, 3), Err(PrincipalError::AlreadyRegistered));
     assert_eq!(f.table.add_vm(VmId::new(10), 3), Ok(()));
-    assert_eq!(f.table.usage(vm(VmId::new(10))), Some(Usage { held: 0, quota: 3 }));
+    assert_eq!(f.table.usage(vm(VmId::new(10))), Some(Usage { held: 0, charged: 0, quota: 3 }));
 }
 
 #[test]
@@ -586,6 +640,6 @@ fn remove_vm_revokes_and_frees_everything_it_held() {
     f.table.audit();
     // The VM may come back, with nothing.
     f.table.add_vm(VM1, 4).unwrap();
-    assert_eq!(f.table.usage(vm(VM1)), Some(Usage { held: 0, quota: 4 }));
+    assert_eq!(f.table.usage(vm(VM1)), Some(Usage { held: 0, charged: 0, quota: 4 }));
     f.table.audit();
 }

@@ -30,6 +30,7 @@ fn machine(count: u16) -> Machine {
         .map(|k| {
             let mut nk = NullKernel::new(KernelId::new(k), count, 4096, &mut FixedSeed::from_u64(k.into())).unwrap();
             nk.add_shared_am(counter.clone(), 1024).unwrap();
+            nk.set_caller_ring(|| 0);
             nk
         })
         .collect();
@@ -39,7 +40,7 @@ fn machine(count: u16) -> Machine {
             if other == usize::from(k) {
                 assert!(nk.add_vm(vm, 512).unwrap().is_empty());
             } else {
-                nk.place(vm, KernelId::new(k));
+                nk.place(vm, KernelId::new(k), 512).unwrap();
             }
         }
     }
@@ -203,5 +204,34 @@ fn a_delegation_to_a_vm_no_kernel_knows_changes_nothing() {
     assert_eq!(reply.status(), status(Status::BAD_ARGUMENT, None));
     let after: Vec<u32> = m.kernels.iter().map(|k| k.table().len()).collect();
     assert_eq!(before, after);
+    m.assert_quiet();
+}
+
+#[test]
+fn a_delegation_flood_across_kernels_is_paid_by_the_delegator_there() {
+    let mut m = machine(2);
+    let factory = {
+        let call = m.nk_op(VM1, nk_op::INITIAL, NameWords::default(), &[0]);
+        call.name
+    };
+    let mut given = 0u32;
+    let refusal = loop {
+        let reply = m.nk_op(VM1, nk_op::DELEGATE, factory, &[u64::MAX, 2, 0]);
+        if !reply.status().is_ok() {
+            break reply.status();
+        }
+        given += 1;
+        assert!(given <= 512, "the flood must end at VM1's quota on kernel 1");
+    };
+    assert_eq!(refusal, status(Status::QUOTA_EXCEEDED, None));
+    assert_eq!(given, 512);
+    let on_k1 = m.kernels[1].table();
+    assert_eq!(on_k1.usage(Principal::Vm(VM1)).unwrap().charged, 512);
+    assert_eq!(on_k1.usage(Principal::Vm(VM2)).unwrap().charged, 1, "VM2 pays only for its factory");
+    let got = m.nk_op(VM2, nk_op::RECEIVED, NameWords::default(), &[0]);
+    assert_eq!(got.results[2], u64::from(VM1.raw()) << 1, "the inbox names the sender across kernels");
+    // VM2 still makes capabilities of its own.
+    let mine = m.counter(VM2);
+    assert!(m.read(VM2, mine).is_ok());
     m.assert_quiet();
 }

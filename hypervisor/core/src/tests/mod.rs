@@ -14,8 +14,13 @@ struct World {
 }
 
 fn world() -> World {
-    let mut nk = NullKernel::new(KernelId::new(0), 1, 4096, &mut FixedSeed::from_u64(42)).unwrap();
+    world_of(4096)
+}
+
+fn world_of(capacity: u32) -> World {
+    let mut nk = NullKernel::new(KernelId::new(0), 1, capacity, &mut FixedSeed::from_u64(42)).unwrap();
     let counter_am = nk.add_am(Box::new(CounterAm::new()), 1024).unwrap().raw();
+    nk.set_caller_ring(|| 0);
     for vm in [VM1, VM2, VM3] {
         assert!(nk.add_vm(vm, 256).unwrap().is_empty());
     }
@@ -172,6 +177,130 @@ fn delegated_capabilities_reach_the_inbox() {
     assert_eq!((got.name, got.results[0], got.results[1]), (given, u64::from(w.counter_am), 1));
     assert_eq!(received(&mut w, VM1, 0).status(), status(Status::BAD_ARGUMENT, None), "{own:?} is not news");
     assert_eq!(received(&mut w, VM2, u64::MAX).status(), status(Status::BAD_ARGUMENT, None));
+}
+
+#[test]
+fn the_inbox_names_the_sender_and_forgets_dead_capabilities() {
+    let mut w = world();
+    let c = w.create_counter(VM1);
+    let received = |w: &mut World, vm, index| w.nk_op(vm, nk_op::RECEIVED, NameWords::default(), &[index]);
+    let first = w.nk_op(VM1, nk_op::DELEGATE, c, &[u64::MAX, 2, 0]).name;
+    let second = w.nk_op(VM1, nk_op::DELEGATE, c, &[u64::MAX, 2, 0]).name;
+    let got = received(&mut w, VM2, 1);
+    assert_eq!((got.name, got.results[1], got.results[2]), (second, 2, u64::from(VM1.raw()) << 1));
+    // VM1 takes the first back: it leaves VM2's inbox at once.
+    assert!(w.nk_op(VM1, nk_op::REVOKE, first, &[]).status().is_ok());
+    let got = received(&mut w, VM2, 0);
+    assert_eq!((got.name, got.results[1]), (second, 1));
+    // VM2 deletes the second: the inbox is empty again.
+    assert!(w.nk_op(VM2, nk_op::DELETE, second, &[]).status().is_ok());
+    assert_eq!(received(&mut w, VM2, 0).status(), status(Status::BAD_ARGUMENT, None));
+    assert_eq!(w.nk.inbox(VM2), &[]);
+    w.nk.table().check_consistency().unwrap();
+}
+
+#[test]
+fn only_ring_0_enumerates_unless_the_vm_allows_every_ring() {
+    let mut w = world();
+    let c = w.create_counter(VM1);
+    w.nk_op(VM1, nk_op::DELEGATE, c, &[u64::MAX, 2, 0]);
+    static RING: core::sync::atomic::AtomicU8 = core::sync::atomic::AtomicU8::new(0);
+    static ASKED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+    w.nk.set_caller_ring(|| {
+        ASKED.store(true, core::sync::atomic::Ordering::Relaxed);
+        RING.load(core::sync::atomic::Ordering::Relaxed)
+    });
+    let enumerate = |w: &mut World, vm: VmId, op: u32, ring: u8| {
+        RING.store(ring, core::sync::atomic::Ordering::Relaxed);
+        let call = Call { selector: Selector::new(NULL_KERNEL_AM, op).encode(), ..Call::default() };
+        local(w.nk.dispatch(vm, &call, &mut Vec::new())).status()
+    };
+    for op in [nk_op::INITIAL, nk_op::RECEIVED] {
+        assert!(enumerate(&mut w, VM2, op, 0).is_ok());
+        for ring in 1..=3 {
+            assert_eq!(enumerate(&mut w, VM2, op, ring), status(Status::NOT_PERMITTED, None));
+        }
+    }
+    // Other operations do not ask (they are guarded by the capabilities they name).
+    ASKED.store(false, core::sync::atomic::Ordering::Relaxed);
+    let null = Call { selector: Selector::new(NULL_KERNEL_AM, nk_op::NULL).encode(), ..Call::default() };
+    let reply = local(w.nk.dispatch(VM2, &null, &mut Vec::new()));
+    assert!(reply.status().is_ok() && !ASKED.load(core::sync::atomic::Ordering::Relaxed));
+    // Until a reader is set, every caller counts as ring 3.
+    let mut fresh = NullKernel::new(KernelId::new(0), 1, 64, &mut FixedSeed::from_u64(1)).unwrap();
+    fresh.add_vm(VM1, 8).unwrap();
+    let initial = Call { selector: Selector::new(NULL_KERNEL_AM, nk_op::INITIAL).encode(), ..Call::default() };
+    assert_eq!(local(fresh.dispatch(VM1, &initial, &mut Vec::new())).status(), status(Status::NOT_PERMITTED, None));
+    w.nk.allow_all_rings(VM2);
+    for op in [nk_op::INITIAL, nk_op::RECEIVED] {
+        assert!(enumerate(&mut w, VM2, op, 3).is_ok());
+    }
+    assert_eq!(enumerate(&mut w, VM1, nk_op::INITIAL, 3), status(Status::NOT_PERMITTED, None));
+}
+
+#[test]
+fn a_delegation_flood_is_paid_by_the_delegator() {
+    let mut w = world();
+    let factory = w.factory(VM1);
+    let table_before = w.nk.table().len();
+    let mut given = 0u32;
+    let refusal = loop {
+        let reply = w.nk_op(VM1, nk_op::DELEGATE, factory, &[u64::MAX, 2, 0]);
+        if !reply.status().is_ok() {
+            break reply.status();
+        }
+        given += 1;
+        assert!(given <= 256, "the flood must end at VM1's quota");
+    };
+    assert_eq!(refusal, status(Status::QUOTA_EXCEEDED, None));
+    assert_eq!(given, 256 - 1, "VM1's quota of 256 holds its factory and what it gave");
+    let victim = w.nk.table().usage(Principal::Vm(VM2)).unwrap();
+    assert_eq!(victim.charged, 1, "VM2 pays only for its own factory");
+    assert_eq!(w.nk.table().len() - table_before, given, "the table grew by VM1's quota, no more");
+    // The victim still creates capabilities of its own, and VM3 is untouched.
+    let mine = w.create_counter(VM2);
+    assert!(w.read(VM2, mine).is_ok());
+    w.create_counter(VM3);
+    w.nk.table().check_consistency().unwrap();
+}
+
+#[test]
+fn a_delegation_to_a_full_inbox_is_refused() {
+    let mut w = world_of(3 * INBOX_MAX as u32);
+    for vm in [VM1, VM3] {
+        w.nk.table_mut().set_quota(Principal::Vm(vm), INBOX_MAX as u32).unwrap();
+    }
+    let f1 = w.factory(VM1);
+    let f3 = w.factory(VM3);
+    let half = INBOX_MAX / 2;
+    for (from, factory) in [(VM1, f1), (VM3, f3)] {
+        for _ in 0..half {
+            assert!(w.nk_op(from, nk_op::DELEGATE, factory, &[u64::MAX, 2, 0]).status().is_ok());
+        }
+    }
+    assert_eq!(w.nk.inbox(VM2).len(), INBOX_MAX);
+    let refused = w.nk_op(VM1, nk_op::DELEGATE, f1, &[u64::MAX, 2, 0]).status();
+    assert_eq!(refused, status(Status::QUOTA_EXCEEDED, None));
+}
+
+#[test]
+fn counters_are_bounded_per_vm() {
+    let mut w = world();
+    w.nk.table_mut().set_quota(Principal::Vm(VM1), 1024).unwrap();
+    let factory = w.factory(VM1);
+    let mut made = 0;
+    let refusal = loop {
+        let reply = w.call(VM1, w.counter_am, op::CREATE.into(), &[factory], &[]);
+        if !reply.status().is_ok() {
+            break reply.status();
+        }
+        made += 1;
+        assert!(made <= nk_am_counter::MAX_COUNTERS_PER_VM, "VM1 made more counters than its share");
+    };
+    assert_eq!(refusal, status(Status::NO_MEMORY, None));
+    assert_eq!(made, nk_am_counter::MAX_COUNTERS_PER_VM);
+    // Another VM still gets counters.
+    w.create_counter(VM2);
 }
 
 proptest! {

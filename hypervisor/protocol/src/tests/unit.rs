@@ -269,7 +269,10 @@ fn messages_survive_the_wire_format() {
         binding: Binding::Bearer,
     };
     let messages = [
-        Message::Delegate { grant, parent: CapName::from_words(1, 2), holder: vm(7) },
+        Message::Delegate { grant, parent: CapName::from_words(1, 2), holder: vm(7), delegator: vm(3) },
+        Message::Delegate { grant, parent: name, holder: exo(), delegator: vm(u32::MAX) },
+        Message::Delegate { grant, parent: name, holder: vm(u32::MAX), delegator: exo() },
+        Message::Delegate { grant, parent: name, holder: vm(0x1234_5678), delegator: vm(0x9abc_def0) },
         Message::DelegateAck { child: name, result: Ok(()) },
         Message::DelegateAck { child: name, result: Err(CapError::QuotaExceeded.into()) },
         Message::Obtain { child: name, parent: name, presenter: exo(), mask: RW, binding: None },
@@ -310,4 +313,29 @@ fn messages_survive_the_wire_format() {
         words[0] = (words[0] & !0xff) | (rng.next() % 14);
         let _ = Message::decode(&words);
     }
+}
+
+#[test]
+fn a_delegation_across_kernels_is_charged_to_the_delegator_where_it_is_registered() {
+    let mut sim = Sim::new(2, 1, 64);
+    let root = sim.mint(0, 1);
+    let (v0, v1) = (Sim::vm_on(0, 0), Sim::vm_on(1, 0));
+    let mine = sim.setup_name(delegate(0, exo(), root, v0, 0));
+    // v0 is not known on kernel 1: the holder pays there.
+    sim.setup_name(delegate(0, v0, mine, v1, 1));
+    let usage = |sim: &Sim, p| sim.kernels[1].table().usage(p);
+    assert_eq!(usage(&sim, v1).unwrap().charged, 1);
+    // Registered on kernel 1 with a quota of 2, v0 pays for the next two, then is refused
+    // with its own quota status; v1's quota is untouched.
+    let nk_caps::Principal::Vm(id) = v0 else { unreachable!() };
+    sim.kernels[1].table_mut().add_vm(id, 2).unwrap();
+    for _ in 0..2 {
+        sim.setup_name(delegate(0, v0, mine, v1, 1));
+    }
+    assert_eq!(usage(&sim, v0).unwrap().charged, 2);
+    assert_eq!(usage(&sim, v1).unwrap().charged, 1);
+    let refused = sim.setup(delegate(0, v0, mine, v1, 1));
+    assert_eq!(refused, Err(ProtoError::Cap(CapError::QuotaExceeded)));
+    // The refused child's proxy is gone again on kernel 0.
+    sim.check_final().unwrap();
 }
