@@ -1,5 +1,10 @@
 //! Parses a guest module's command line:
-//! `<name> [mem=<size>] [cpu=<index>] [ports=<first>[-<last>]] [msrs=<msr>,...] [unsafe-ports] [-- <args>]`.
+//! `<name> [mem=<size>] [cpu=<index>] [ports=<first>[-<last>]] [msrs=<msr>,...] [unsafe-ports]
+//! [modules=<name>,...] [data] [-- <args>]`.
+//!
+//! `data` marks a module that is not a guest but data another guest's `modules=` names (a
+//! Linux initramfs, a Multiboot kernel's modules); for a Linux guest the words after `--`
+//! are the kernel command line.
 //!
 //! Options are described by one table ([`MODULE_OPTIONS`]): adding an option is one entry
 //! there, one field in [`ModuleSpec`] and the function that sets it. Unlike the hypervisor
@@ -29,6 +34,8 @@ pub const MAX_CPU_INDEX: usize = crate::cmdline::MAX_CPUS as usize - 1;
 pub const ASSIGNABLE_MSRS: [u32; 5] = [0x174, 0x175, 0x176, 0xC000_0100, 0xC000_0101];
 /// The most MSRs one `msrs=` names.
 pub const MAX_MSRS: usize = 8;
+/// The most modules one `modules=` names.
+pub const MAX_MODULES: usize = 4;
 
 /// An I/O port range a guest may not be given without `unsafe-ports`, and why.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,6 +114,10 @@ pub struct ModuleSpec<'a> {
     pub msrs: FixedList<u32, MAX_MSRS>,
     /// `unsafe-ports`: `ports=` may name a port of [`RESERVED_PORTS`].
     pub unsafe_ports: bool,
+    /// The data modules handed to this guest (`modules=`), by name.
+    pub modules: FixedList<&'a str, MAX_MODULES>,
+    /// `data`: this module is not a guest, only data for others.
+    pub data: bool,
     /// The words after `--`, handed to the guest.
     pub args: &'a str,
 }
@@ -139,6 +150,8 @@ pub enum ModuleError<'a> {
     MsrNotAssignable { msr: u32 },
     /// `msrs=` names more than [`MAX_MSRS`] MSRs.
     TooManyMsrs,
+    /// `modules=` names more than [`MAX_MODULES`] modules.
+    TooManyModules,
 }
 
 impl fmt::Display for ModuleError<'_> {
@@ -177,6 +190,9 @@ impl fmt::Display for ModuleError<'_> {
                  (0x174, 0x175, 0x176, 0xc0000100, 0xc0000101)"
             ),
             ModuleError::TooManyMsrs => write!(f, "too many MSRs in msrs=: at most {MAX_MSRS}, e.g. msrs=0x174,0x175"),
+            ModuleError::TooManyModules => {
+                write!(f, "too many modules in modules=: at most {MAX_MODULES}, e.g. modules=initramfs")
+            }
         }
     }
 }
@@ -216,7 +232,7 @@ impl PartialEq for ModuleOption {
 impl Eq for ModuleOption {}
 
 /// The options a module line knows, in the order the known-options list shows them.
-pub static MODULE_OPTIONS: [ModuleOption; 5] = [
+pub static MODULE_OPTIONS: [ModuleOption; 7] = [
     ModuleOption {
         name: "mem",
         syntax: "mem=<size>",
@@ -265,7 +281,40 @@ pub static MODULE_OPTIONS: [ModuleOption; 5] = [
             Ok(())
         },
     },
+    ModuleOption {
+        name: "modules",
+        syntax: "modules=<name>[,<name>]",
+        noun: "value",
+        expected: "write the names of data modules, separated by commas",
+        example: "modules=initramfs",
+        takes_value: true,
+        apply: apply_modules,
+    },
+    ModuleOption {
+        name: "data",
+        syntax: "data",
+        noun: "value",
+        expected: "a flag",
+        example: "data",
+        takes_value: false,
+        apply: |spec, _| {
+            spec.data = true;
+            Ok(())
+        },
+    },
 ];
+
+fn apply_modules<'a>(spec: &mut ModuleSpec<'a>, value: &'a str) -> Result<(), ModuleError<'a>> {
+    let mut modules = FixedList::new();
+    for name in value.split(',') {
+        if name.is_empty() {
+            return Err(ModuleError::BadValue { option: option("modules"), value });
+        }
+        modules.push(name).map_err(|_| ModuleError::TooManyModules)?;
+    }
+    spec.modules = modules;
+    Ok(())
+}
 
 fn option(name: &str) -> &'static ModuleOption {
     MODULE_OPTIONS.iter().find(|o| o.name == name).unwrap_or(&MODULE_OPTIONS[0])
@@ -369,6 +418,8 @@ pub fn parse(cmdline: &str) -> Result<ModuleSpec<'_>, ModuleError<'_>> {
         ports: None,
         msrs: FixedList::new(),
         unsafe_ports: false,
+        modules: FixedList::new(),
+        data: false,
         args,
     };
     let mut ports_value = "";

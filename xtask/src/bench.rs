@@ -81,6 +81,7 @@ fn guest_bench(
         cpu_model: Some(BENCH_CPU_MODEL.into()),
         timeout: Duration::from_secs(240),
         dir: workspace.runs().join(name),
+        ips: emulator::DEFAULT_IPS,
     };
     println!("xtask: bench: booting {}", emulator::describe(&spec));
     let result = emulator::run(&spec, |_| {})?;
