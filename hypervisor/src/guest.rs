@@ -145,7 +145,9 @@ impl Guest {
         let (name, image, memory_size) = (spec.name.as_str(), spec.image, spec.memory);
         let kind = nk_loader::image::ImageKind::detect(image);
         let parsed = match kind {
-            nk_loader::image::ImageKind::Elf64 => Some(nk_loader::parse(image, IMAGE_MIN_GPA, memory_size).map_err(GuestError::Image)?),
+            nk_loader::image::ImageKind::Elf64 => {
+                Some(nk_loader::parse(image, IMAGE_MIN_GPA, memory_size).map_err(GuestError::Image)?)
+            }
             nk_loader::image::ImageKind::Unknown => {
                 return Err(GuestError::Os(String::from("not a 64-bit ELF, a Linux bzImage or a Multiboot kernel")))
             }
@@ -200,7 +202,7 @@ impl Guest {
             }
             None => {
                 let mut ram = crate::osvm::GuestRam { base: memory.as_u64(), size: memory_size };
-                let start = crate::osvm::load(kind, spec, &mut ram).map_err(GuestError::Os)?;
+                let start = crate::osvm::load(vm, kind, spec, &mut ram).map_err(GuestError::Os)?;
                 guest.os = Some(alloc::boxed::Box::new(crate::osvm::OsVm::new(kind)));
                 (start.mode, start.rip, start.rsp, start.cr3, start.regs)
             }
@@ -212,15 +214,8 @@ impl Guest {
         let eptp = ept.eptp();
         guest.ept = Some(ept);
         mapped.map_err(GuestError::Ept)?;
-        let start = GuestStart {
-            mode,
-            eptp,
-            cr3,
-            rip,
-            rsp,
-            io_bitmaps: guest.io.address(),
-            msr_bitmap: guest.io.msr_bitmap(),
-        };
+        let start =
+            GuestStart { mode, eptp, cr3, rip, rsp, io_bitmaps: guest.io.address(), msr_bitmap: guest.io.msr_bitmap() };
         let mut vcpu = Vcpu::new(&caps, &start).map_err(GuestError::Vcpu)?;
         vcpu.regs = regs;
         guest.vcpu = Some(vcpu);

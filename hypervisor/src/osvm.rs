@@ -59,7 +59,7 @@ pub struct OsStart {
 
 /// Loads a guest OS of `kind` into `ram` (zeroed): the kernel, its modules, the ACPI
 /// tables, and the boot data its protocol prescribes. A refusal is one line.
-pub fn load(kind: ImageKind, spec: &GuestSpec, ram: &mut GuestRam) -> Result<OsStart, String> {
+pub fn load(vm: nk_caps::VmId, kind: ImageKind, spec: &GuestSpec, ram: &mut GuestRam) -> Result<OsStart, String> {
     let acpi = AcpiTables::build(ACPI_GPA, 1);
     ram.write(ACPI_GPA, &acpi.blob).map_err(|e| format!("ACPI tables: {e}"))?;
     let image = spec.image;
@@ -70,9 +70,10 @@ pub fn load(kind: ImageKind, spec: &GuestSpec, ram: &mut GuestRam) -> Result<OsS
                 return Err(String::from("a Linux guest takes one module (its initramfs) in modules="));
             }
             let initrd = spec.modules.first().map(|(_, bytes)| *bytes);
-            let e = bzimage::load(ram, image, &bz, &spec.args, initrd, Some(acpi.rsdp_addr())).map_err(|e| format!("{e}"))?;
-            log::info!(target: "guest", "{}: Linux boot protocol {}.{:02}, kernel at {:#x} (entry {:#x}), {} KiB initramfs{}, command line '{}'",
-                spec.name, bz.protocol >> 8, bz.protocol & 0xFF, bz.pref_address, e.rip,
+            let e = bzimage::load(ram, image, &bz, &spec.args, initrd, Some(acpi.rsdp_addr()))
+                .map_err(|e| format!("{e}"))?;
+            log::info!(target: "guest", "vm{}/{}: Linux boot protocol {}.{:02}, kernel at {:#x} (entry {:#x}), {} KiB initramfs{}, command line '{}'",
+                vm.raw(), spec.name, bz.protocol >> 8, bz.protocol & 0xFF, bz.pref_address, e.rip,
                 e.initrd.map_or(0, |(_, len)| len / 1024),
                 e.initrd.map(|(at, _)| format!(" at {at:#x}")).unwrap_or_default(), spec.args);
             Ok(OsStart {
@@ -95,8 +96,8 @@ pub fn load(kind: ImageKind, spec: &GuestSpec, ram: &mut GuestRam) -> Result<OsS
                 _ => multiboot::load_v2(ram, image, header, &spec.args, modules, Some(rsdp)),
             }
             .map_err(|e| format!("{e}"))?;
-            log::info!(target: "guest", "{}: {} entered at {:#x} in 32-bit protected mode, {} module(s), information at {:#x}",
-                spec.name, kind.name(), e.eip, modules.len(), e.ebx);
+            log::info!(target: "guest", "vm{}/{}: {} entered at {:#x} in 32-bit protected mode, {} module(s), information at {:#x}",
+                vm.raw(), spec.name, kind.name(), e.eip, modules.len(), e.ebx);
             Ok(OsStart {
                 mode: StartMode::Os32 { gdt_base: e.gdt_base, gdt_limit: e.gdt_limit },
                 rip: u64::from(e.eip),
@@ -224,7 +225,7 @@ impl OsVm {
     pub fn summary(&self) -> String {
         let mut reasons: alloc::vec::Vec<(usize, u64)> =
             self.exits_by_reason.iter().copied().enumerate().filter(|&(_, n)| n > 0).collect();
-        reasons.sort_by(|a, b| b.1.cmp(&a.1));
+        reasons.sort_by_key(|&(_, n)| core::cmp::Reverse(n));
         let mut text = alloc::format!("{}: exits by reason:", self.kind.name());
         for (reason, n) in reasons {
             text.push_str(&format!(" {}={n}", exit_name(reason)));
@@ -246,9 +247,12 @@ impl OsVm {
         match reason {
             ExitReason::IO_INSTRUCTION => {
                 let q = vcpu.exit_qualification()?;
-                let (size, is_in, string, rep, port) = ((q & 7) as u8 + 1, q & 8 != 0, q & 16 != 0, q & 32 != 0, (q >> 16) as u16);
+                let (size, is_in, string, rep, port) =
+                    ((q & 7) as u8 + 1, q & 8 != 0, q & 16 != 0, q & 32 != 0, (q >> 16) as u16);
                 if string || rep {
-                    return Ok(OsFlow::Stopped(format!("string I/O (INS/OUTS) on port {port:#x}, which the virtual PC does not emulate")));
+                    return Ok(OsFlow::Stopped(format!(
+                        "string I/O (INS/OUTS) on port {port:#x}, which the virtual PC does not emulate"
+                    )));
                 }
                 let mask = match size {
                     1 => 0xFF,
@@ -274,10 +278,7 @@ impl OsVm {
                 let osxsave = vcpu.guest_cr4()? & (1 << 18) != 0;
                 let (leaf, subleaf) = (vcpu.regs.rax as u32, vcpu.regs.rcx as u32);
                 let answer = crate::guest::cpuid_answer(leaf, subleaf, osxsave);
-                let mut r = nk_loader::cpuid::os_guest_cpuid(leaf, subleaf, answer, self.tsc_hz as u32, 0);
-                if leaf == 0xD && subleaf == 0 && crate::arch::xsave::supported() {
-                    r.ebx = xsave_size_for_current_xcr0();
-                }
+                let r = nk_loader::cpuid::os_guest_cpuid(leaf, subleaf, answer, self.tsc_hz as u32, 0);
                 (vcpu.regs.rax, vcpu.regs.rbx, vcpu.regs.rcx, vcpu.regs.rdx) =
                     (u64::from(r.eax), u64::from(r.ebx), u64::from(r.ecx), u64::from(r.edx));
                 vcpu.skip_instruction()?;
@@ -326,7 +327,9 @@ impl OsVm {
                 } else {
                     ""
                 };
-                return Ok(OsFlow::Stopped(format!("access to guest-physical {gpa:#x} outside its memory (EPT violation){what}")));
+                return Ok(OsFlow::Stopped(format!(
+                    "access to guest-physical {gpa:#x} outside its memory (EPT violation){what}"
+                )));
             }
             other => return Ok(OsFlow::Stopped(format!("unhandled VM exit, reason {}", other.0))),
         }
@@ -395,10 +398,7 @@ impl OsVm {
                 self.pc.lapic.set_tsc_deadline(value);
                 true
             }
-            Route::X2apic => match self.pc.lapic.write_msr(index, value, now) {
-                Ok(_) => true,
-                Err(_) => false,
-            },
+            Route::X2apic => self.pc.lapic.write_msr(index, value, now).is_ok(),
             Route::Emulated => self.msrs.write(index, value),
             Route::Denied => false,
         })
@@ -432,26 +432,4 @@ fn exit_name(reason: usize) -> String {
         _ => return format!("reason{reason}"),
     };
     String::from(name)
-}
-
-/// Returns the XSAVE area size for the XCR0 in force (the guest's, during its slice):
-/// the end of the furthest enabled component (SDM Vol. 1 §13.4.3), which is what an OS
-/// checks CPUID.(EAX=0DH,ECX=0):EBX against (Bochs reports another value).
-fn xsave_size_for_current_xcr0() -> u32 {
-    let xcr0: u64;
-    // SAFETY: XGETBV with ECX = 0 reads XCR0; the host runs with CR4.OSXSAVE set where
-    // XSAVE is supported (checked by the caller).
-    unsafe {
-        let (lo, hi): (u32, u32);
-        core::arch::asm!("xgetbv", in("ecx") 0u32, out("eax") lo, out("edx") hi, options(nomem, nostack));
-        xcr0 = (u64::from(hi) << 32) | u64::from(lo);
-    }
-    let mut size = 576;
-    for bit in 2..63 {
-        if xcr0 & (1 << bit) != 0 {
-            let c = core::arch::x86_64::__cpuid_count(0xD, bit);
-            size = size.max(c.ebx + c.eax);
-        }
-    }
-    size
 }

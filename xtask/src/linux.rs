@@ -3,7 +3,7 @@
 //! `dpkg-deb -x` into target/linux/, and the initramfs, a newc cpio written here: busybox,
 //! the device nodes the kernel needs before devtmpfs, and an /init shell script that
 //! mounts proc/sys/dev, prints `LINUX-OK <uname -r> cpus=<N>`, runs the command list the
-//! kernel command line gives it (the words after a second `--`), and powers off.
+//! kernel command line gives it (the words after `-- nk-run`), and powers off.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -26,6 +26,10 @@ pub const INIT_SCRIPT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
 echo "LINUX-OK $(uname -r) cpus=$(grep -c ^processor /proc/cpuinfo)"
+# The kernel passes /init the words after its `--` (and any parameter it does not know,
+# e.g. nokaslr): the commands are the words after the marker `nk-run`.
+while [ $# -gt 0 ] && [ "$1" != nk-run ]; do shift; done
+[ $# -gt 0 ] && shift
 if [ $# -gt 0 ]; then
     echo "nk-init: running: $*"
     eval "$*"
@@ -47,7 +51,8 @@ pub struct LinuxFiles {
 pub const KERNEL_CMDLINE: &str = "console=ttyS0 earlyprintk=serial nokaslr noapic tsc=reliable panic=-1 \
     mitigations=off init_on_alloc=0 maxcpus=1";
 /// The commands `cargo xtask run --linux` gives /init.
-pub const DEMO_COMMANDS: &str = "echo hello-from-linux > /tmp/f ; cat /tmp/f ; grep -m1 model.name /proc/cpuinfo ; cat /proc/interrupts";
+pub const DEMO_COMMANDS: &str =
+    "echo hello-from-linux > /tmp/f ; cat /tmp/f ; grep -m1 model.name /proc/cpuinfo ; cat /proc/interrupts";
 /// Bochs's instructions per second for runs with a Linux VM: Linux's timer tick (HZ=250)
 /// and RCU's stall detector assume a CPU that does far more than 4,000 instructions a tick,
 /// as the 1 MHz default would give; the hypervisor measures the rate and reports it in
@@ -62,7 +67,7 @@ pub fn modules(files: &LinuxFiles, commands: &str) -> Vec<crate::image::Module> 
     vec![
         crate::image::Module {
             path: files.kernel.clone(),
-            cmdline: format!("linux mem=128M cpu=0 modules=initramfs -- {KERNEL_CMDLINE} -- {commands}"),
+            cmdline: format!("linux mem=128M cpu=0 modules=initramfs -- {KERNEL_CMDLINE} -- nk-run {commands}"),
         },
         crate::image::Module { path: files.initramfs.clone(), cmdline: "initramfs data".into() },
     ]
@@ -72,7 +77,6 @@ pub fn modules(files: &LinuxFiles, commands: &str) -> Vec<crate::image::Module> 
 pub fn dir(workspace: &Workspace) -> PathBuf {
     workspace.target().join("linux")
 }
-
 
 /// Fetches and unpacks the packages if target/linux/ lacks them, and (re)writes the
 /// initramfs if its contents changed.
@@ -86,6 +90,7 @@ pub fn ensure(workspace: &Workspace) -> Result<LinuxFiles> {
         fetch(&debs)?;
         unpack(&debs, &dir, &kernel, &busybox)?;
     }
+    write_broken_kernels(&dir, &kernel)?;
     let initramfs = dir.join("initramfs.cpio");
     let busybox_bytes = std::fs::read(&busybox).with_context(|| format!("cannot read {}", busybox.display()))?;
     let cpio = initramfs_cpio(&busybox_bytes);
@@ -106,13 +111,19 @@ fn kernel_package() -> Result<String> {
         if update {
             println!("xtask: linux: apt-get update (the package lists do not know {KERNEL_META})");
             tools::status_checked(
-                Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive").stdin(std::process::Stdio::null()),
+                Command::new("apt-get")
+                    .arg("update")
+                    .env("DEBIAN_FRONTEND", "noninteractive")
+                    .stdin(std::process::Stdio::null()),
                 "apt-get update",
             )?;
         }
         let out = Command::new("apt-cache").args(["depends", KERNEL_META]).output().context("cannot run apt-cache")?;
         let text = String::from_utf8_lossy(&out.stdout);
-        Ok(text.lines().find_map(|l| l.trim().strip_prefix("Depends: ").map(|p| p.trim().to_string())).filter(|p| p.starts_with("linux-image-")))
+        Ok(text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Depends: ").map(|p| p.trim().to_string()))
+            .filter(|p| p.starts_with("linux-image-")))
     };
     if let Some(p) = depends(false)? {
         return Ok(p);
@@ -127,12 +138,17 @@ fn kernel_package() -> Result<String> {
 
 fn fetch(debs: &Path) -> Result<()> {
     if tools::find_program("apt-get").is_none() || tools::find_program("dpkg-deb").is_none() {
-        anyhow::bail!("the Linux guest needs apt-get and dpkg-deb (a Debian machine) to fetch {KERNEL_META} and {BUSYBOX}");
+        anyhow::bail!(
+            "the Linux guest needs apt-get and dpkg-deb (a Debian machine) to fetch {KERNEL_META} and {BUSYBOX}"
+        );
     }
     let kernel = kernel_package()?;
     println!("xtask: linux: apt-get download {kernel} {BUSYBOX} into {}", debs.display());
     tools::status_checked(
-        Command::new("apt-get").args(["download", &kernel, BUSYBOX]).current_dir(debs).stdin(std::process::Stdio::null()),
+        Command::new("apt-get")
+            .args(["download", &kernel, BUSYBOX])
+            .current_dir(debs)
+            .stdin(std::process::Stdio::null()),
         "apt-get download",
     )
 }
@@ -161,6 +177,31 @@ fn unpack(debs: &Path, dir: &Path, kernel: &Path, busybox: &Path) -> Result<()> 
     Ok(())
 }
 
+/// Writes the two broken kernels the tests boot: `vmlinuz-truncated` (its first 60%, so the
+/// setup header promises more than the file holds) and `vmlinuz-corrupt` (whole, but the
+/// first 512 bytes of its compressed payload, at the header's payload_offset, zeroed: the
+/// decompressor refuses it).
+fn write_broken_kernels(dir: &Path, kernel: &Path) -> Result<()> {
+    let truncated = dir.join("vmlinuz-truncated");
+    let corrupt = dir.join("vmlinuz-corrupt");
+    if truncated.is_file() && corrupt.is_file() {
+        return Ok(());
+    }
+    let bytes = std::fs::read(kernel).with_context(|| format!("cannot read {}", kernel.display()))?;
+    std::fs::write(&truncated, &bytes[..bytes.len() * 3 / 5])?;
+    let setup_sects = match bytes.get(0x1F1) {
+        Some(0) | None => 4,
+        Some(&n) => usize::from(n),
+    };
+    let word = |at: usize| bytes.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize);
+    let payload = (setup_sects + 1) * 512 + word(0x248).context("no payload_offset in the kernel's setup header")?;
+    let mut broken = bytes.clone();
+    let end = (payload + 512).min(broken.len());
+    broken[payload.min(end)..end].fill(0);
+    std::fs::write(&corrupt, &broken)?;
+    Ok(())
+}
+
 /// One file of a newc ("070701") cpio archive (the format the kernel's initramfs
 /// unpacker reads, Documentation/driver-api/early-userspace/buffer-format.rst).
 struct CpioWriter {
@@ -179,7 +220,7 @@ impl CpioWriter {
     }
 
     fn pad4(&mut self) {
-        while self.out.len() % 4 != 0 {
+        while !self.out.len().is_multiple_of(4) {
             self.out.push(0);
         }
     }
@@ -229,7 +270,7 @@ impl CpioWriter {
         self.ino = 0;
         self.entry("TRAILER!!!", 0, (0, 0), &[]);
         // The kernel reads the archive in 512-byte blocks' worth; pad like cpio does.
-        while self.out.len() % 512 != 0 {
+        while !self.out.len().is_multiple_of(512) {
             self.out.push(0);
         }
         self.out
@@ -255,14 +296,21 @@ pub fn initramfs_cpio(busybox: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    /// Walks a newc archive as the kernel's unpacker does; returns (name, mode, rdev, data).
-    fn walk(archive: &[u8]) -> Vec<(String, u32, (u32, u32), Vec<u8>)> {
+    /// One archive member: (name, mode, (rdev major, minor), data).
+    type Member = (String, u32, (u32, u32), Vec<u8>);
+
+    /// Walks a newc archive as the kernel's unpacker does.
+    fn walk(archive: &[u8]) -> Vec<Member> {
         let mut at = 0;
         let mut out = Vec::new();
         loop {
             assert_eq!(&archive[at..at + 6], b"070701", "magic at {at}");
-            let field = |i: usize| u32::from_str_radix(std::str::from_utf8(&archive[at + 6 + 8 * i..at + 14 + 8 * i]).unwrap(), 16).unwrap();
-            let (mode, size, rmaj, rmin, namesize) = (field(1), field(6) as usize, field(9), field(10), field(11) as usize);
+            let field = |i: usize| {
+                u32::from_str_radix(std::str::from_utf8(&archive[at + 6 + 8 * i..at + 14 + 8 * i]).unwrap(), 16)
+                    .unwrap()
+            };
+            let (mode, size, rmaj, rmin, namesize) =
+                (field(1), field(6) as usize, field(9), field(10), field(11) as usize);
             let name_at = at + 110;
             let name = String::from_utf8(archive[name_at..name_at + namesize - 1].to_vec()).unwrap();
             assert_eq!(archive[name_at + namesize - 1], 0);
@@ -295,7 +343,8 @@ mod tests {
 
     #[test]
     fn init_script_mounts_prints_runs_and_powers_off() {
-        for needle in ["mount -t proc", "mount -t sysfs", "mount -t devtmpfs", "uname -r", "eval \"$*\"", "poweroff -f"] {
+        for needle in ["mount -t proc", "mount -t sysfs", "mount -t devtmpfs", "uname -r", "eval \"$*\"", "poweroff -f"]
+        {
             assert!(INIT_SCRIPT.contains(needle), "{needle}");
         }
     }

@@ -84,7 +84,10 @@ fn data_modules_and_their_users() {
     assert_eq!(spec.args, "console=ttyS0 nokaslr -- echo hi");
     let data = parse("initramfs data").unwrap();
     assert!(data.data);
-    assert_eq!(refusal("g modules=a,,b"), "bad value 'a,,b' for modules=: write the names of data modules, separated by commas, e.g. modules=initramfs");
+    assert_eq!(
+        refusal("g modules=a,,b"),
+        "bad value 'a,,b' for modules=: write the names of data modules, separated by commas, e.g. modules=initramfs"
+    );
     assert_eq!(refusal("g modules=a,b,c,d,e"), "too many modules in modules=: at most 4, e.g. modules=initramfs");
     assert_eq!(refusal("g data=1"), "data takes no value (got '1'): write just data");
 }

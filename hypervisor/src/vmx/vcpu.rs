@@ -502,7 +502,9 @@ impl Vcpu {
         const UNUSABLE: u64 = 1 << 16;
         let (cs, ds, cs_ar, gdt, efer) = match start.mode {
             StartMode::Bare64 => (0x08, 0x10, CODE64_AR, (0, 0), (1 << 8) | (1 << 10)),
-            StartMode::Os64 { gdt_base, gdt_limit } => (0x10, 0x18, CODE64_AR, (gdt_base, gdt_limit), (1 << 8) | (1 << 10)),
+            StartMode::Os64 { gdt_base, gdt_limit } => {
+                (0x10, 0x18, CODE64_AR, (gdt_base, gdt_limit), (1 << 8) | (1 << 10))
+            }
             StartMode::Os32 { gdt_base, gdt_limit } => (0x20, 0x18, CODE32_AR, (gdt_base, gdt_limit), 0),
         };
         let segments = [
