@@ -136,6 +136,10 @@ pub struct OsVm {
     pub timer_fires: u64,
     /// Exits by basic reason (the last slot counts reasons above 63).
     pub exits_by_reason: [u64; 65],
+    /// The TSC when the VM was created (its power-on).
+    power_on: u64,
+    /// Whether the guest printed its `LINUX-OK` line yet.
+    reached_linux_ok: bool,
 }
 
 impl OsVm {
@@ -156,6 +160,8 @@ impl OsVm {
             injected: 0,
             timer_fires: 0,
             exits_by_reason: [0; 65],
+            power_on: crate::arch::rdtsc(),
+            reached_linux_ok: false,
         }
     }
 
@@ -265,7 +271,17 @@ impl OsVm {
                     vcpu.skip_instruction()?;
                 } else {
                     let value = (vcpu.regs.rax & mask) as u32;
-                    let event = self.pc.io_out(port, size, value, &mut |line| log_line(prefix, line));
+                    let mut linux_ok = false;
+                    let event = self.pc.io_out(port, size, value, &mut |line| {
+                        log_line(prefix, line);
+                        linux_ok |= line.starts_with(b"LINUX-OK");
+                    });
+                    if linux_ok && !self.reached_linux_ok {
+                        // The benchmark's end point (`cargo xtask bench linux`).
+                        self.reached_linux_ok = true;
+                        log::info!(target: "guest", "{prefix}: LINUX-OK after {} instructions (TSC ticks) from the VM's power-on",
+                            self.now().wrapping_sub(self.power_on));
+                    }
                     vcpu.skip_instruction()?;
                     match event {
                         PcEvent::None => {}

@@ -26,6 +26,8 @@ pub const INIT_SCRIPT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
 echo "LINUX-OK $(uname -r) cpus=$(grep -c ^processor /proc/cpuinfo)"
+# The same moment on the kernel's clock, for `cargo xtask bench linux`.
+echo "nk-init: LINUX-OK reached" > /dev/kmsg
 # The kernel passes /init the words after its `--` (and any parameter it does not know,
 # e.g. nokaslr): the commands are the words after the marker `nk-run`.
 while [ $# -gt 0 ] && [ "$1" != nk-run ]; do shift; done
