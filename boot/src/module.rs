@@ -1,10 +1,11 @@
 //! Parses a guest module's command line:
 //! `<name> [mem=<size>] [cpu=<index>] [ports=<first>[-<last>]] [msrs=<msr>,...] [unsafe-ports]
-//! [modules=<name>,...] [data] [-- <args>]`.
+//! [modules=<name>,...] [input=<name>] [data] [-- <args>]`.
 //!
 //! `data` marks a module that is not a guest but data another guest's `modules=` names (a
 //! Linux initramfs, a Multiboot kernel's modules); for a Linux guest the words after `--`
-//! are the kernel command line.
+//! are the kernel command line. `input=` names a data module whose bytes a guest OS reads
+//! from its serial port, as if typed.
 //!
 //! Options are described by one table ([`MODULE_OPTIONS`]): adding an option is one entry
 //! there, one field in [`ModuleSpec`] and the function that sets it. Unlike the hypervisor
@@ -118,6 +119,8 @@ pub struct ModuleSpec<'a> {
     pub modules: FixedList<&'a str, MAX_MODULES>,
     /// `data`: this module is not a guest, only data for others.
     pub data: bool,
+    /// The data module typed into a guest OS's serial port (`input=`), by name.
+    pub input: Option<&'a str>,
     /// The words after `--`, handed to the guest.
     pub args: &'a str,
 }
@@ -232,7 +235,7 @@ impl PartialEq for ModuleOption {
 impl Eq for ModuleOption {}
 
 /// The options a module line knows, in the order the known-options list shows them.
-pub static MODULE_OPTIONS: [ModuleOption; 7] = [
+pub static MODULE_OPTIONS: [ModuleOption; 8] = [
     ModuleOption {
         name: "mem",
         syntax: "mem=<size>",
@@ -289,6 +292,21 @@ pub static MODULE_OPTIONS: [ModuleOption; 7] = [
         example: "modules=initramfs",
         takes_value: true,
         apply: apply_modules,
+    },
+    ModuleOption {
+        name: "input",
+        syntax: "input=<name>",
+        noun: "value",
+        expected: "write the name of a data module",
+        example: "input=keys",
+        takes_value: true,
+        apply: |spec, value| {
+            if value.is_empty() {
+                return Err(ModuleError::BadValue { option: option("input"), value });
+            }
+            spec.input = Some(value);
+            Ok(())
+        },
     },
     ModuleOption {
         name: "data",
@@ -420,6 +438,7 @@ pub fn parse(cmdline: &str) -> Result<ModuleSpec<'_>, ModuleError<'_>> {
         unsafe_ports: false,
         modules: FixedList::new(),
         data: false,
+        input: None,
         args,
     };
     let mut ports_value = "";

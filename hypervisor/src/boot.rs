@@ -197,6 +197,16 @@ impl Boot {
                     }
                 }
             }
+            if let Some(name) = guest.input_name.clone() {
+                match data.iter().find(|d| d.name == name) {
+                    Some(d) => guest.input = Some(d.image),
+                    None => {
+                        log::error!(target: "boot", "module '{}': input= names '{name}', but no boot module is 'data' with that name; skipped",
+                            guest.name);
+                        return false;
+                    }
+                }
+            }
             true
         });
         guests

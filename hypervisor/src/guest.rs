@@ -203,7 +203,11 @@ impl Guest {
             None => {
                 let mut ram = crate::osvm::GuestRam { base: memory.as_u64(), size: memory_size };
                 let start = crate::osvm::load(vm, kind, spec, &mut ram).map_err(GuestError::Os)?;
-                guest.os = Some(alloc::boxed::Box::new(crate::osvm::OsVm::new(kind)));
+                let mut os = crate::osvm::OsVm::new(kind);
+                if let Some(input) = spec.input {
+                    os.set_console_input(input);
+                }
+                guest.os = Some(alloc::boxed::Box::new(os));
                 (start.mode, start.rip, start.rsp, start.cr3, start.regs)
             }
         };
@@ -665,6 +669,9 @@ pub struct GuestSpec {
     pub module_names: Vec<String>,
     /// `data`: a module that is not a guest.
     pub data: bool,
+    /// The data module `input=` names (typed into a guest OS's serial port), and its bytes.
+    pub input_name: Option<String>,
+    pub input: Option<&'static [u8]>,
 }
 
 // The parser's list of assignable MSRs is the one the exo effects are checked against.
@@ -699,6 +706,8 @@ impl GuestSpec {
             modules: Vec::new(),
             module_names: spec.modules.as_slice().iter().map(|n| String::from(*n)).collect(),
             data: spec.data,
+            input_name: spec.input.map(String::from),
+            input: None,
         })
     }
 }

@@ -140,6 +140,8 @@ pub struct OsVm {
     power_on: u64,
     /// Whether the guest printed its `LINUX-OK` line yet.
     reached_linux_ok: bool,
+    /// Bytes still to type into the UART (`input=`), fed as its receive FIFO drains.
+    console_input: &'static [u8],
 }
 
 impl OsVm {
@@ -162,7 +164,13 @@ impl OsVm {
             exits_by_reason: [0; 65],
             power_on: crate::arch::rdtsc(),
             reached_linux_ok: false,
+            console_input: &[],
         }
+    }
+
+    /// Queues `bytes` to be typed into the VM's serial port.
+    pub fn set_console_input(&mut self, bytes: &'static [u8]) {
+        self.console_input = bytes;
     }
 
     /// Loads the VM's switched MSRs into the processor (at the start of its slice).
@@ -188,6 +196,10 @@ impl OsVm {
     /// Advances the APIC timer to now; returns whether the vCPU has something to do
     /// (it is not halted, or an interrupt woke it).
     pub fn poll(&mut self) -> bool {
+        if !self.console_input.is_empty() && self.pc.uart.listening() {
+            let taken = self.pc.uart.feed(self.console_input);
+            self.console_input = &self.console_input[taken..];
+        }
         let now = self.now();
         if self.pc.lapic.next_timer_deadline().is_some_and(|d| d <= now) {
             self.timer_fires += 1;

@@ -72,7 +72,7 @@ fn bad_values_name_the_option_and_an_example() {
     assert_eq!(
         refusal("typo memory=8M"),
         "unknown module option 'memory=8M' (known: mem=<size>, cpu=<index>, ports=<first>[-<last>], \
-         msrs=<msr>[,<msr>], unsafe-ports, modules=<name>[,<name>], data, -- <guest args>)"
+         msrs=<msr>[,<msr>], unsafe-ports, modules=<name>[,<name>], input=<name>, data, -- <guest args>)"
     );
 }
 
@@ -90,6 +90,8 @@ fn data_modules_and_their_users() {
     );
     assert_eq!(refusal("g modules=a,b,c,d,e"), "too many modules in modules=: at most 4, e.g. modules=initramfs");
     assert_eq!(refusal("g data=1"), "data takes no value (got '1'): write just data");
+    assert_eq!(parse("linux input=keys").unwrap().input, Some("keys"));
+    assert_eq!(refusal("g input="), "bad value '' for input=: write the name of a data module, e.g. input=keys");
 }
 
 #[test]

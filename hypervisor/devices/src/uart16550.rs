@@ -310,6 +310,25 @@ impl Uart16550 {
         self.rx_len += 1;
     }
 
+    /// Returns whether the guest's driver listens for input: receive interrupts enabled
+    /// (IER.RDI) with the interrupt line connected (MCR.OUT2) outside loopback, which a
+    /// driver sets up only once its port is open (Linux's probe sets IER alone, and its
+    /// start-up clears the FIFO before enabling both). Input typed earlier would be lost.
+    pub fn listening(&self) -> bool {
+        self.ier & IER_RDI != 0 && self.mcr & (MCR_OUT2 | MCR_LOOP) == MCR_OUT2
+    }
+
+    /// Queues as many of `bytes` as the receive FIFO has room for (never overrunning it);
+    /// returns how many it took, so the caller feeds the rest as the guest drains it.
+    pub fn feed(&mut self, bytes: &[u8]) -> usize {
+        let room = RX_FIFO - self.rx_len;
+        let taken = bytes.len().min(room);
+        for &b in &bytes[..taken] {
+            self.receive(b);
+        }
+        taken
+    }
+
     /// Queues bytes as if typed on the line; returns how many fit (the rest set LSR.OE).
     pub fn push_input(&mut self, bytes: &[u8]) -> usize {
         let before = self.rx_len;
@@ -443,6 +462,32 @@ mod tests {
         // FCR clear-RX empties the FIFO.
         u.write(reg::IIR_FCR, FCR_ENABLE | FCR_CLEAR_RX, &mut s);
         assert_eq!(u.read(reg::LSR) & LSR_DR, 0);
+    }
+
+    #[test]
+    fn listening_only_once_the_port_is_open() {
+        let mut u = Uart16550::new();
+        let mut s = no_sink();
+        // Linux's autoconfig writes IER = 0x0F with MCR = 0: not listening.
+        u.write(reg::IER, 0x0F, &mut s);
+        assert!(!u.listening());
+        u.write(reg::MCR, MCR_LOOP | MCR_OUT2, &mut s);
+        assert!(!u.listening(), "loopback");
+        // serial8250_do_startup: MCR with OUT2 (set_mctrl), then IER = RLSI|RDI.
+        u.write(reg::MCR, MCR_OUT2 | MCR_DTR | MCR_RTS, &mut s);
+        u.write(reg::IER, IER_RLSI | IER_RDI, &mut s);
+        assert!(u.listening());
+    }
+
+    #[test]
+    fn feeding_never_overruns() {
+        let mut u = Uart16550::new();
+        let big = [b'k'; RX_FIFO + 7];
+        assert_eq!(u.feed(&big), RX_FIFO);
+        assert_eq!(u.feed(&big), 0);
+        assert_eq!(u.read(reg::LSR) & LSR_OE, 0);
+        let _ = u.read(reg::RBR_THR);
+        assert_eq!(u.feed(&big[..3]), 1);
     }
 
     #[test]
