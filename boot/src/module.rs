@@ -1,5 +1,11 @@
 //! Parses a guest module's command line:
-//! `<name> [mem=<size>] [cpu=<index>] [ports=<first>[-<last>]] [msrs=<msr>,...] [unsafe-ports] [ring3-caps] [-- <args>]`.
+//! `<name> [mem=<size>] [cpu=<index>] [ports=<first>[-<last>]] [msrs=<msr>,...] [unsafe-ports]
+//! [ring3-caps] [modules=<name>,...] [input=<name>] [data] [-- <args>]`.
+//!
+//! `data` marks a module that is not a guest but data another guest's `modules=` names (a
+//! Linux initramfs, a Multiboot kernel's modules); for a Linux guest the words after `--`
+//! are the kernel command line. `input=` names a data module whose bytes a guest OS reads
+//! from its serial port, as if typed.
 //!
 //! Options are described by one table ([`MODULE_OPTIONS`]): adding an option is one entry
 //! there, one field in [`ModuleSpec`] and the function that sets it. Unlike the hypervisor
@@ -29,6 +35,8 @@ pub const MAX_CPU_INDEX: usize = crate::cmdline::MAX_CPUS as usize - 1;
 pub const ASSIGNABLE_MSRS: [u32; 5] = [0x174, 0x175, 0x176, 0xC000_0100, 0xC000_0101];
 /// The most MSRs one `msrs=` names.
 pub const MAX_MSRS: usize = 8;
+/// The most modules one `modules=` names.
+pub const MAX_MODULES: usize = 4;
 
 /// An I/O port range a guest may not be given without `unsafe-ports`, and why.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,6 +118,12 @@ pub struct ModuleSpec<'a> {
     /// `ring3-caps`: every ring of the guest, not only ring 0, may enumerate its
     /// capabilities (`INITIAL`, `RECEIVED`).
     pub ring3_caps: bool,
+    /// The data modules handed to this guest (`modules=`), by name.
+    pub modules: FixedList<&'a str, MAX_MODULES>,
+    /// `data`: this module is not a guest, only data for others.
+    pub data: bool,
+    /// The data module typed into a guest OS's serial port (`input=`), by name.
+    pub input: Option<&'a str>,
     /// The words after `--`, handed to the guest.
     pub args: &'a str,
 }
@@ -142,6 +156,8 @@ pub enum ModuleError<'a> {
     MsrNotAssignable { msr: u32 },
     /// `msrs=` names more than [`MAX_MSRS`] MSRs.
     TooManyMsrs,
+    /// `modules=` names more than [`MAX_MODULES`] modules.
+    TooManyModules,
 }
 
 impl fmt::Display for ModuleError<'_> {
@@ -180,6 +196,9 @@ impl fmt::Display for ModuleError<'_> {
                  (0x174, 0x175, 0x176, 0xc0000100, 0xc0000101)"
             ),
             ModuleError::TooManyMsrs => write!(f, "too many MSRs in msrs=: at most {MAX_MSRS}, e.g. msrs=0x174,0x175"),
+            ModuleError::TooManyModules => {
+                write!(f, "too many modules in modules=: at most {MAX_MODULES}, e.g. modules=initramfs")
+            }
         }
     }
 }
@@ -219,7 +238,7 @@ impl PartialEq for ModuleOption {
 impl Eq for ModuleOption {}
 
 /// The options a module line knows, in the order the known-options list shows them.
-pub static MODULE_OPTIONS: [ModuleOption; 6] = [
+pub static MODULE_OPTIONS: [ModuleOption; 9] = [
     ModuleOption {
         name: "mem",
         syntax: "mem=<size>",
@@ -280,7 +299,55 @@ pub static MODULE_OPTIONS: [ModuleOption; 6] = [
             Ok(())
         },
     },
+    ModuleOption {
+        name: "modules",
+        syntax: "modules=<name>[,<name>]",
+        noun: "value",
+        expected: "write the names of data modules, separated by commas",
+        example: "modules=initramfs",
+        takes_value: true,
+        apply: apply_modules,
+    },
+    ModuleOption {
+        name: "input",
+        syntax: "input=<name>",
+        noun: "value",
+        expected: "write the name of a data module",
+        example: "input=keys",
+        takes_value: true,
+        apply: |spec, value| {
+            if value.is_empty() {
+                return Err(ModuleError::BadValue { option: option("input"), value });
+            }
+            spec.input = Some(value);
+            Ok(())
+        },
+    },
+    ModuleOption {
+        name: "data",
+        syntax: "data",
+        noun: "value",
+        expected: "a flag",
+        example: "data",
+        takes_value: false,
+        apply: |spec, _| {
+            spec.data = true;
+            Ok(())
+        },
+    },
 ];
+
+fn apply_modules<'a>(spec: &mut ModuleSpec<'a>, value: &'a str) -> Result<(), ModuleError<'a>> {
+    let mut modules = FixedList::new();
+    for name in value.split(',') {
+        if name.is_empty() {
+            return Err(ModuleError::BadValue { option: option("modules"), value });
+        }
+        modules.push(name).map_err(|_| ModuleError::TooManyModules)?;
+    }
+    spec.modules = modules;
+    Ok(())
+}
 
 fn option(name: &str) -> &'static ModuleOption {
     MODULE_OPTIONS.iter().find(|o| o.name == name).unwrap_or(&MODULE_OPTIONS[0])
@@ -385,6 +452,9 @@ pub fn parse(cmdline: &str) -> Result<ModuleSpec<'_>, ModuleError<'_>> {
         msrs: FixedList::new(),
         unsafe_ports: false,
         ring3_caps: false,
+        modules: FixedList::new(),
+        data: false,
+        input: None,
         args,
     };
     let mut ports_value = "";

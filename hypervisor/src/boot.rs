@@ -184,6 +184,31 @@ impl Boot {
                 Err(why) => log::error!(target: "boot", "module '{}': {why}; skipped", module.cmdline),
             }
         }
-        specs
+        // Data modules are not guests: they go to the guests whose `modules=` names them.
+        let (data, mut guests): (Vec<GuestSpec>, Vec<GuestSpec>) = specs.into_iter().partition(|s| s.data);
+        guests.retain_mut(|guest| {
+            for name in &guest.module_names {
+                match data.iter().find(|d| &d.name == name) {
+                    Some(d) => guest.modules.push((d.name.clone(), d.image)),
+                    None => {
+                        log::error!(target: "boot", "module '{}': modules= names '{name}', but no boot module is 'data' with that name; skipped",
+                            guest.name);
+                        return false;
+                    }
+                }
+            }
+            if let Some(name) = guest.input_name.clone() {
+                match data.iter().find(|d| d.name == name) {
+                    Some(d) => guest.input = Some(d.image),
+                    None => {
+                        log::error!(target: "boot", "module '{}': input= names '{name}', but no boot module is 'data' with that name; skipped",
+                            guest.name);
+                        return false;
+                    }
+                }
+            }
+            true
+        });
+        guests
     }
 }

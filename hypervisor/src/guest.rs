@@ -24,7 +24,7 @@ use crate::ioports::{self, IoBitmaps};
 use crate::memory::{self, HostPhysAddr, PAGE_SIZE};
 use crate::vmx;
 use crate::vmx::ept::GuestEpt;
-use crate::vmx::vcpu::{Exit, GuestRegs, GuestStart, Vcpu, VcpuError};
+use crate::vmx::vcpu::{Exit, GuestRegs, GuestStart, StartMode, Vcpu, VcpuError};
 use crate::vmx::vmcs::ExitReason;
 
 const PAGE_TABLES_GPA: u64 = 0x1000;
@@ -44,6 +44,8 @@ pub enum GuestError {
     Memory(&'static str),
     Ept(nk_paging::EptError),
     Vcpu(VcpuError),
+    /// A guest OS image refused by its loader.
+    Os(String),
 }
 
 impl fmt::Display for GuestError {
@@ -53,6 +55,7 @@ impl fmt::Display for GuestError {
             GuestError::Memory(e) => write!(f, "{e}"),
             GuestError::Ept(e) => write!(f, "EPT: {e}"),
             GuestError::Vcpu(e) => write!(f, "vCPU: {e}"),
+            GuestError::Os(e) => write!(f, "bad image: {e}"),
         }
     }
 }
@@ -64,6 +67,15 @@ pub enum GuestEnd {
     Halted,
     /// It was stopped for misbehaving.
     Stopped(String),
+    /// A guest OS ended itself (power-off, reset, halt with interrupts off).
+    Finished(String),
+}
+
+impl GuestEnd {
+    /// Returns whether the guest ended on its own terms (not stopped by the hypervisor).
+    pub fn is_clean(&self) -> bool {
+        !matches!(self, GuestEnd::Stopped(_))
+    }
 }
 
 /// Returns the CPL of the guest whose VMCS is current (the one whose VMCALL is being
@@ -124,6 +136,8 @@ pub struct Guest {
     io: IoBitmaps,
     /// The reply of a parked hypercall, written to the registers at the next entry.
     reply: Option<Reply>,
+    /// The virtual PC of a guest OS (None: a bare-metal guest).
+    os: Option<alloc::boxed::Box<crate::osvm::OsVm>>,
 }
 
 impl fmt::Debug for Guest {
@@ -137,7 +151,16 @@ impl Guest {
     /// on this CPU. Nothing is left allocated on failure.
     pub fn create(vm: VmId, spec: &GuestSpec) -> Result<Self, GuestError> {
         let (name, image, memory_size) = (spec.name.as_str(), spec.image, spec.memory);
-        let parsed = nk_loader::parse(image, IMAGE_MIN_GPA, memory_size).map_err(GuestError::Image)?;
+        let kind = nk_loader::image::ImageKind::detect(image);
+        let parsed = match kind {
+            nk_loader::image::ImageKind::Elf64 => {
+                Some(nk_loader::parse(image, IMAGE_MIN_GPA, memory_size).map_err(GuestError::Image)?)
+            }
+            nk_loader::image::ImageKind::Unknown => {
+                return Err(GuestError::Os(String::from("not a 64-bit ELF, a Linux bzImage or a Multiboot kernel")))
+            }
+            _ => None,
+        };
         let io = IoBitmaps::new(vm).ok_or(GuestError::Memory("no memory for the I/O bitmaps"))?;
         let xstate = match xsave::supported() {
             true => Some(ExtendedState::new().ok_or(GuestError::Memory("no memory for the XSAVE area"))?),
@@ -159,20 +182,43 @@ impl Guest {
             xsetbv_refusal_logged: false,
             io,
             reply: None,
+            os: None,
         };
         // SAFETY: the frames were just allocated for this guest and are identity-mapped.
         unsafe { core::ptr::write_bytes(memory.as_u64() as *mut u8, 0, memory_size as usize) };
-        for segment in parsed.segments() {
-            let bytes = &image[segment.file_offset..segment.file_offset + segment.file_size];
-            guest.write(segment.gpa, bytes);
-        }
-        let args = &spec.args.as_bytes()[..spec.args.len().min(ARGS_MAX)];
-        guest.write(ARGS_GPA, args);
-        guest.write_u64(PAGE_TABLES_GPA, (PAGE_TABLES_GPA + 0x1000) | 0x7);
-        guest.write_u64(PAGE_TABLES_GPA + 0x1000, (PAGE_TABLES_GPA + 0x2000) | 0x7);
-        for i in 0..512u64 {
-            guest.write_u64(PAGE_TABLES_GPA + 0x2000 + i * 8, (i << 21) | 0x87);
-        }
+        let (mode, rip, rsp, cr3, regs) = match parsed {
+            Some(parsed) => {
+                for segment in parsed.segments() {
+                    let bytes = &image[segment.file_offset..segment.file_offset + segment.file_size];
+                    guest.write(segment.gpa, bytes);
+                }
+                let args = &spec.args.as_bytes()[..spec.args.len().min(ARGS_MAX)];
+                guest.write(ARGS_GPA, args);
+                guest.write_u64(PAGE_TABLES_GPA, (PAGE_TABLES_GPA + 0x1000) | 0x7);
+                guest.write_u64(PAGE_TABLES_GPA + 0x1000, (PAGE_TABLES_GPA + 0x2000) | 0x7);
+                for i in 0..512u64 {
+                    guest.write_u64(PAGE_TABLES_GPA + 0x2000 + i * 8, (i << 21) | 0x87);
+                }
+                let regs = GuestRegs {
+                    rdi: u64::from(vm.raw()),
+                    rsi: memory_size,
+                    rdx: ARGS_GPA,
+                    rcx: args.len() as u64,
+                    ..GuestRegs::default()
+                };
+                (StartMode::Bare64, parsed.entry, memory_size, PAGE_TABLES_GPA, regs)
+            }
+            None => {
+                let mut ram = crate::osvm::GuestRam { base: memory.as_u64(), size: memory_size };
+                let start = crate::osvm::load(vm, kind, spec, &mut ram).map_err(GuestError::Os)?;
+                let mut os = crate::osvm::OsVm::new(kind);
+                if let Some(input) = spec.input {
+                    os.set_console_input(input);
+                }
+                guest.os = Some(alloc::boxed::Box::new(os));
+                (start.mode, start.rip, start.rsp, start.cr3, start.regs)
+            }
+        };
 
         let caps = vmx::capabilities();
         let mut ept = GuestEpt::new(&caps).map_err(GuestError::Ept)?;
@@ -180,22 +226,10 @@ impl Guest {
         let eptp = ept.eptp();
         guest.ept = Some(ept);
         mapped.map_err(GuestError::Ept)?;
-        let start = GuestStart {
-            eptp,
-            cr3: PAGE_TABLES_GPA,
-            rip: parsed.entry,
-            rsp: memory_size,
-            io_bitmaps: guest.io.address(),
-            msr_bitmap: guest.io.msr_bitmap(),
-        };
+        let start =
+            GuestStart { mode, eptp, cr3, rip, rsp, io_bitmaps: guest.io.address(), msr_bitmap: guest.io.msr_bitmap() };
         let mut vcpu = Vcpu::new(&caps, &start).map_err(GuestError::Vcpu)?;
-        vcpu.regs = GuestRegs {
-            rdi: u64::from(vm.raw()),
-            rsi: memory_size,
-            rdx: ARGS_GPA,
-            rcx: args.len() as u64,
-            ..GuestRegs::default()
-        };
+        vcpu.regs = regs;
         guest.vcpu = Some(vcpu);
         Ok(guest)
     }
@@ -236,6 +270,9 @@ impl Guest {
     /// Runs the guest for one time slice of `ticks` TSC ticks, sending its hypercalls to
     /// `sink`. Returns how the slice ended.
     pub fn run_slice(&mut self, sink: &mut dyn HypercallSink, ticks: u64, timer_rate: u8) -> Slice {
+        if self.os.is_some() {
+            return self.run_os_slice(sink, ticks, timer_rate);
+        }
         let stopped = |why: String| Slice::Ended(GuestEnd::Stopped(why));
         let Some(vcpu) = self.vcpu.as_mut() else {
             return stopped(String::from("no vCPU"));
@@ -285,6 +322,94 @@ impl Guest {
                 Err(e) => break stopped(alloc::format!("exit handling failed: {e}")),
             }
         };
+        self.unswitched.save();
+        if let Some(xstate) = &mut self.xstate {
+            xstate.save();
+        }
+        end
+    }
+
+    /// Runs a guest OS for one time slice: before each entry its virtual PC injects the
+    /// pending interrupt (or asks for an interrupt window) and the preemption timer is
+    /// armed for the earlier of the slice's end and the virtual APIC timer; a halted vCPU
+    /// gives its slice back until an interrupt is pending.
+    fn run_os_slice(&mut self, sink: &mut dyn HypercallSink, ticks: u64, timer_rate: u8) -> Slice {
+        let stopped = |why: String| Slice::Ended(GuestEnd::Stopped(why));
+        if !self.os.as_mut().expect("checked by run_slice").poll() {
+            return Slice::Expired;
+        }
+        let Some(vcpu) = self.vcpu.as_mut() else {
+            return stopped(String::from("no vCPU"));
+        };
+        if let Err(e) = vcpu.activate() {
+            return stopped(alloc::format!("cannot schedule its vCPU: {e}"));
+        }
+        if let Some(reply) = self.reply.take() {
+            write_reply(&mut vcpu.regs, &reply);
+            if let Err(e) = vcpu.skip_bytes(VMCALL_LENGTH) {
+                return stopped(alloc::format!("cannot resume after its hypercall: {e}"));
+            }
+        }
+        if let Some(xstate) = &self.xstate {
+            xstate.restore();
+        }
+        self.unswitched.load();
+        self.os.as_ref().expect("checked").load_switched();
+        let prefix = alloc::format!("vm{}/{}", self.vm.raw(), self.name);
+        let slice_end = crate::arch::rdtsc().saturating_add(ticks);
+        let end = loop {
+            if crate::arch::rdtsc() >= slice_end {
+                break Slice::Expired;
+            }
+            let (Some(vcpu), Some(os)) = (self.vcpu.as_mut(), self.os.as_mut()) else {
+                break stopped(String::from("no vCPU"));
+            };
+            if let Err(e) = os.before_entry(vcpu, slice_end, timer_rate) {
+                break stopped(alloc::format!("cannot prepare its VM entry: {e}"));
+            }
+            let exit = match vcpu.run() {
+                Ok(exit) => exit,
+                Err(e) => break stopped(alloc::format!("VM entry failed: {e}")),
+            };
+            self.exits += 1;
+            os.count_exit(exit.reason);
+            let flow = match exit.reason {
+                ExitReason::PREEMPTION_TIMER => match vcpu.reinject_interrupted_event() {
+                    Ok(()) => Ok(Flow::Continue),
+                    Err(e) => Err(e),
+                },
+                ExitReason::VMCALL => handle_hypercall(self.vm, vcpu, sink),
+                ExitReason::IO_INSTRUCTION
+                | ExitReason::CPUID
+                | ExitReason::RDMSR
+                | ExitReason::WRMSR
+                | ExitReason::HLT
+                | ExitReason::INTERRUPT_WINDOW
+                | ExitReason::TRIPLE_FAULT
+                | ExitReason::INIT_SIGNAL
+                | ExitReason::EPT_VIOLATION => match os.handle_exit(exit.reason, vcpu, &prefix) {
+                    Ok(crate::osvm::OsFlow::Continue) => Ok(Flow::Continue),
+                    Ok(crate::osvm::OsFlow::Idle) => Ok(Flow::Yield),
+                    Ok(crate::osvm::OsFlow::Ended(how)) => Ok(Flow::End(GuestEnd::Finished(how))),
+                    Ok(crate::osvm::OsFlow::Stopped(why)) => Ok(Flow::End(GuestEnd::Stopped(why))),
+                    Err(e) => Err(e),
+                },
+                _ => self.handle_exit(&exit, sink),
+            };
+            match flow {
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Yield) => break Slice::Expired,
+                Ok(Flow::Park(op)) => break Slice::Parked(op),
+                Ok(Flow::End(end)) => break Slice::Ended(end),
+                Err(e) => break stopped(alloc::format!("exit handling failed: {e}")),
+            }
+        };
+        if let Slice::Ended(_) = &end {
+            if let Some(os) = self.os.as_mut() {
+                os.flush_console(&prefix);
+                log::info!(target: "guest", "{prefix}: {}", os.summary());
+            }
+        }
         self.unswitched.save();
         if let Some(xstate) = &mut self.xstate {
             xstate.save();
@@ -510,9 +635,17 @@ fn write_reply(r: &mut GuestRegs, reply: &Reply) {
 /// VMX hidden, the hypervisor leaves, and nothing the current VMCS's secondary controls
 /// leave disabled (those instructions would #UD, SDM Vol. 3 §26.3).
 fn emulate_cpuid(regs: &mut GuestRegs, guest_osxsave: bool) {
+    let (leaf, subleaf) = (regs.rax as u32, regs.rcx as u32);
+    let answer = cpuid_answer(leaf, subleaf, guest_osxsave);
+    (regs.rax, regs.rbx, regs.rcx, regs.rdx) =
+        (u64::from(answer.eax), u64::from(answer.ebx), u64::from(answer.ecx), u64::from(answer.edx));
+}
+
+/// Returns the CPUID answer a guest sees before any guest-OS adjustment: the host's with
+/// [`nk_loader::cpuid::guest_cpuid`] applied under the current VMCS's secondary controls.
+pub fn cpuid_answer(leaf: u32, subleaf: u32, guest_osxsave: bool) -> nk_loader::cpuid::CpuidRegs {
     use crate::vmx::vmcs::{self, VmcsField};
     const ACTIVATE_SECONDARY: u64 = 1 << 31;
-    let (leaf, subleaf) = (regs.rax as u32, regs.rcx as u32);
     let primary = vmcs::read(VmcsField::PRIMARY_PROCESSOR_CONTROLS).unwrap_or(0);
     let secondary = match primary & ACTIVATE_SECONDARY {
         0 => 0,
@@ -520,9 +653,7 @@ fn emulate_cpuid(regs: &mut GuestRegs, guest_osxsave: bool) {
     };
     let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
     let host = nk_loader::cpuid::CpuidRegs { eax: r.eax, ebx: r.ebx, ecx: r.ecx, edx: r.edx };
-    let answer = nk_loader::cpuid::guest_cpuid(leaf, subleaf, host, guest_osxsave, secondary);
-    (regs.rax, regs.rbx, regs.rcx, regs.rdx) =
-        (u64::from(answer.eax), u64::from(answer.ebx), u64::from(answer.ecx), u64::from(answer.edx));
+    nk_loader::cpuid::guest_cpuid(leaf, subleaf, host, guest_osxsave, secondary)
 }
 
 /// A guest image and how to run it, from a boot module and its command line (parsed by
@@ -541,8 +672,17 @@ pub struct GuestSpec {
     /// Every ring of the guest, not only ring 0, may enumerate its capabilities with
     /// `INITIAL` and `RECEIVED` (`ring3-caps`; nk-core, "Who may enumerate").
     pub ring3_caps: bool,
-    /// The words after `--`, handed to the guest.
+    /// The words after `--`, handed to the guest (for a Linux guest, its command line).
     pub args: String,
+    /// The data modules named by `modules=`, resolved by name at boot.
+    pub modules: Vec<(String, &'static [u8])>,
+    /// The names `modules=` gave, before resolution.
+    pub module_names: Vec<String>,
+    /// `data`: a module that is not a guest.
+    pub data: bool,
+    /// The data module `input=` names (typed into a guest OS's serial port), and its bytes.
+    pub input_name: Option<String>,
+    pub input: Option<&'static [u8]>,
 }
 
 // The parser's list of assignable MSRs is the one the exo effects are checked against.
@@ -575,6 +715,11 @@ impl GuestSpec {
             msrs: spec.msrs.to_vec(),
             ring3_caps: spec.ring3_caps,
             args: String::from(spec.args),
+            modules: Vec::new(),
+            module_names: spec.modules.as_slice().iter().map(|n| String::from(*n)).collect(),
+            data: spec.data,
+            input_name: spec.input.map(String::from),
+            input: None,
         })
     }
 }

@@ -22,6 +22,7 @@ mod hostmap;
 mod ioports;
 mod memory;
 mod mesh;
+mod osvm;
 mod percpu;
 mod power;
 mod sched;
@@ -113,6 +114,8 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
     let in_root = percpu::all().filter(|cpu| cpu.in_vmx_root()).count();
     log::info!(target: "nk", "boot complete, {in_root} of {attempted} CPUs online in VMX root");
 
+    let tsc_hz = arch::calibrate_tsc();
+    log::info!(target: "cpu", "TSC runs at {tsc_hz} Hz (measured against the PIT); guest OSes see it in CPUID 0x15/0x16");
     let guests = boot.guests();
     match null_kernel(&guests) {
         Ok(kernels) => mesh::install(kernels),

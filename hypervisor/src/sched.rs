@@ -211,9 +211,12 @@ fn run_queue(cpu: usize) {
                             log::info!(target: "guest", "vm{}/{name}: halted after {exits} exits", vm.raw())
                         }
                         GuestEnd::Stopped(why) => log::warn!(target: "guest", "vm{}/{name}: stopped: {why}", vm.raw()),
+                        GuestEnd::Finished(how) => {
+                            log::info!(target: "guest", "vm{}/{name}: ended: {how}, after {exits} exits", vm.raw())
+                        }
                     }
                     drop(guest);
-                    finish(cpu, vm, end == GuestEnd::Halted, &mut removals);
+                    finish(cpu, vm, end.is_clean(), &mut removals);
                 }
             }
         }

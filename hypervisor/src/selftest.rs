@@ -258,6 +258,7 @@ impl TestGuest {
         let eptp = guest.ept.as_ref().map(|e| e.eptp()).unwrap_or(0);
         let bitmaps = crate::ioports::IoBitmaps::new(nk_caps::VmId::new(0x7FFF)).ok_or("no memory for I/O bitmaps")?;
         let start = GuestStart {
+            mode: crate::vmx::vcpu::StartMode::Bare64,
             eptp,
             cr3: 0x1000,
             rip: TEST_GUEST_CODE,

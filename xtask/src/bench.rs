@@ -37,6 +37,11 @@ const BENCHES: &[Bench] = &[
         about: "hypercall path in Bochs, in emulated instructions (guest-side RDTSC): null VMCALL, AM calls, derive, revoke",
         run: bench_hypercall,
     },
+    Bench {
+        name: "linux",
+        about: "Debian Linux booted to LINUX-OK under the hypervisor vs on bare Bochs (GRUB), ratio, VM exits by reason",
+        run: crate::bench_linux::bench_linux,
+    },
 ];
 
 /// The metrics the test guest's `bench` mode reports (`GBENCH <metric> <value>`).
@@ -81,6 +86,7 @@ fn guest_bench(
         cpu_model: Some(BENCH_CPU_MODEL.into()),
         timeout: Duration::from_secs(240),
         dir: workspace.runs().join(name),
+        ips: emulator::DEFAULT_IPS,
     };
     println!("xtask: bench: booting {}", emulator::describe(&spec));
     let result = emulator::run(&spec, |_| {})?;

@@ -34,7 +34,39 @@ struct HostCheck {
 }
 
 /// The named checks; a new one is one entry here and a function.
-const HOST_CHECKS: &[HostCheck] = &[HostCheck { name: "memmap", run: check_memmap }];
+const HOST_CHECKS: &[HostCheck] =
+    &[HostCheck { name: "memmap", run: check_memmap }, HostCheck { name: "linux-irqs", run: check_linux_irqs }];
+
+/// `linux-irqs`: a guest Linux's /proc/interrupts (printed by its /init) counts local APIC
+/// timer interrupts (`LOC:`) and serial interrupts (the `ttyS0` line), both above zero:
+/// the virtual APIC timer and the UART's IRQ 4 through the 8259 reached it.
+fn check_linux_irqs(context: &CheckContext<'_>) -> Result<(), String> {
+    let count = |needle: &str| -> Option<u64> {
+        context.log.lines().filter_map(|line| line.split_once(": ").map(|(_, rest)| rest)).find_map(|rest| {
+            let text = rest.split_once(": ").map_or(rest, |(_, t)| t);
+            let words: Vec<&str> = text.split_whitespace().collect();
+            let is_it = match needle {
+                "LOC:" => words.first() == Some(&"LOC:"),
+                _ => words.last() == Some(&needle),
+            };
+            is_it.then(|| words.get(1).and_then(|n| n.parse().ok())).flatten()
+        })
+    };
+    let mut problems = Vec::new();
+    match count("LOC:") {
+        Some(n) if n > 0 => {}
+        other => problems.push(format!("local timer interrupts (LOC:) {other:?}, expected > 0")),
+    }
+    match count("ttyS0") {
+        Some(n) if n > 0 => {}
+        other => problems.push(format!("serial interrupts (ttyS0) {other:?}, expected > 0")),
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
 
 pub fn is_host_check(name: &str) -> bool {
     HOST_CHECKS.iter().any(|check| check.name == name)
@@ -309,6 +341,18 @@ mod tests {
 [cpu0 INFO ] mem: region 0x0000000003ff0000-0x0000000003ffffff acpi-reclaimable
 [cpu0 INFO ] mem: region 0x00000000fffc0000-0x00000000ffffffff reserved
 ";
+
+    #[test]
+    fn linux_irqs_reads_proc_interrupts() {
+        let s = scenario("checks = [\"linux-irqs\"]");
+        let good = "[cpu0 INFO ] guest: vm1/linux:   4:         12    XT-PIC      ttyS0\n\
+                    [cpu0 INFO ] guest: vm1/linux: LOC:       6094   Local timer interrupts\n";
+        assert!(check_linux_irqs(&CheckContext { log: good, scenario: &s }).is_ok());
+        let no_serial = "[cpu0 INFO ] guest: vm1/linux:   4:          0    XT-PIC      ttyS0\n\
+                         [cpu0 INFO ] guest: vm1/linux: LOC:       6094   Local timer interrupts\n";
+        assert!(check_linux_irqs(&CheckContext { log: no_serial, scenario: &s }).unwrap_err().contains("ttyS0"));
+        assert!(check_linux_irqs(&CheckContext { log: "", scenario: &s }).is_err());
+    }
 
     #[test]
     fn guest_check_lines_become_cases() {

@@ -152,6 +152,9 @@ pub struct RunArgs {
     /// Boots the hypervisor without its default guests.
     #[arg(long)]
     pub no_guests: bool,
+    /// Also boots Debian's Linux (fetched by `cargo xtask setup`) in a VM on CPU 0.
+    #[arg(long)]
+    pub linux: bool,
 }
 
 #[derive(Debug, Args)]

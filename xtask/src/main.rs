@@ -11,11 +11,13 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_linux;
 mod checks;
 mod cli;
 mod emulator;
 mod host;
 mod image;
+mod linux;
 mod new_am;
 mod report;
 mod run;
@@ -53,6 +55,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Setup => {
             setup::install_missing(&workspace, setup::Mode::Verbose)?;
+            let files = linux::ensure(&workspace)?;
+            println!(
+                "xtask: setup: Linux guest: {} and {}",
+                workspace.display(&files.kernel),
+                workspace.display(&files.initramfs)
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Build(args) => {

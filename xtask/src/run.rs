@@ -38,7 +38,15 @@ pub fn run_command(workspace: &Workspace, args: &RunArgs) -> Result<ExitCode> {
     setup::install_missing(workspace, setup::Mode::Quiet)?;
     let kind = if args.test_harness { ImageKind::Test } else { ImageKind::Normal };
     let elf = image::build_hypervisor(workspace, kind, args.profile.profile(), BuildOutput::Summary)?;
-    let modules = if args.no_guests { Vec::new() } else { default_guests(workspace, args)? };
+    let mut modules = if args.no_guests { Vec::new() } else { default_guests(workspace, args)? };
+    let mut megs = args.megs;
+    let mut ips = crate::emulator::DEFAULT_IPS;
+    if args.linux {
+        let files = crate::linux::ensure(workspace)?;
+        modules.extend(crate::linux::modules(&files, crate::linux::DEMO_COMMANDS));
+        megs = megs.max(crate::linux::MIN_MEGS);
+        ips = crate::linux::IPS;
+    }
     let iso = image::make_iso(workspace, &elf, &args.cmdline, &modules)?;
 
     let spec = RunSpec {
@@ -46,10 +54,11 @@ pub fn run_command(workspace: &Workspace, args: &RunArgs) -> Result<ExitCode> {
         emulator: args.emu,
         iso,
         cpus: args.cpus,
-        megs: args.megs,
+        megs,
         cpu_model: args.cpu_model.clone(),
         timeout: Duration::from_secs(args.timeout),
         dir: workspace.runs().join(format!("run-{}", args.emu.name())),
+        ips,
     };
     println!(
         "xtask: run: booting in {} (timeout {} s); serial log {}",

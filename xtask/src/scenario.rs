@@ -65,6 +65,9 @@ pub struct Scenario {
     /// Named checks implemented in xtask (checks.rs), e.g. `memmap`.
     #[serde(default)]
     pub checks: Vec<String>,
+    /// Bochs's emulated instructions per second (default 1,000,000).
+    #[serde(default)]
+    pub ips: Option<u32>,
     /// The log must end with `nk: shutdown` (set false for runs meant to die otherwise).
     #[serde(default = "default_true")]
     pub shutdown: bool,

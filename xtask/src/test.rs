@@ -179,6 +179,7 @@ fn run_one(scenario: Scenario, iso: Result<PathBuf, String>, runs: &std::path::P
         cpu_model: scenario.cpu_model.clone(),
         timeout: Duration::from_secs(scenario.timeout),
         dir: runs.join(&scenario.name),
+        ips: scenario.ips.unwrap_or(crate::emulator::DEFAULT_IPS),
     };
     println!(
         "xtask: test: start {} ({}, cmdline \"{}\", timeout {} s)",
@@ -247,6 +248,10 @@ fn resolve_modules(
                 (built, package.clone())
             }
             (None, Some(file)) => {
+                if file.starts_with("target/linux") {
+                    // The Linux guest's files are fetched and built on first use.
+                    crate::linux::ensure(workspace).map_err(|err| format!("the Linux guest files: {err:#}"))?;
+                }
                 let path = workspace.root().join(file);
                 let name =
                     file.file_name().map_or_else(|| file.display().to_string(), |n| n.to_string_lossy().into_owned());

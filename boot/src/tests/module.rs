@@ -72,8 +72,26 @@ fn bad_values_name_the_option_and_an_example() {
     assert_eq!(
         refusal("typo memory=8M"),
         "unknown module option 'memory=8M' (known: mem=<size>, cpu=<index>, ports=<first>[-<last>], \
-         msrs=<msr>[,<msr>], unsafe-ports, ring3-caps, -- <guest args>)"
+         msrs=<msr>[,<msr>], unsafe-ports, ring3-caps, modules=<name>[,<name>], input=<name>, data, -- <guest args>)"
     );
+}
+
+#[test]
+fn data_modules_and_their_users() {
+    let spec = parse("linux mem=128M modules=initramfs -- console=ttyS0 nokaslr -- echo hi").unwrap();
+    assert_eq!(spec.modules.as_slice(), ["initramfs"]);
+    assert!(!spec.data);
+    assert_eq!(spec.args, "console=ttyS0 nokaslr -- echo hi");
+    let data = parse("initramfs data").unwrap();
+    assert!(data.data);
+    assert_eq!(
+        refusal("g modules=a,,b"),
+        "bad value 'a,,b' for modules=: write the names of data modules, separated by commas, e.g. modules=initramfs"
+    );
+    assert_eq!(refusal("g modules=a,b,c,d,e"), "too many modules in modules=: at most 4, e.g. modules=initramfs");
+    assert_eq!(refusal("g data=1"), "data takes no value (got '1'): write just data");
+    assert_eq!(parse("linux input=keys").unwrap().input, Some("keys"));
+    assert_eq!(refusal("g input="), "bad value '' for input=: write the name of a data module, e.g. input=keys");
 }
 
 #[test]

@@ -106,6 +106,46 @@ pub fn guest_cpuid(leaf: u32, subleaf: u32, host: CpuidRegs, guest_osxsave: bool
     regs
 }
 
+/// Adjusts a [`guest_cpuid`] answer for a guest OS on the virtual PC (LINUX-GUEST.md §3):
+/// - leaf 0: at least leaf 0x16, so the OS reads the frequency leaves;
+/// - leaf 1: the vCPU's APIC id and one logical CPU in EBX; MONITOR, DTES64, DS-CPL, EST,
+///   TM2 and PDCM hidden in ECX, TSC-deadline set (the virtual APIC has it); MCE, MCA, DS,
+///   ACPI and TM hidden in EDX (none of their MSRs exist);
+/// - leaf 6: ARAT only (the APIC timer does not stop in C-states; no EPB, no HWP);
+/// - leaf 7: TSC_ADJUST, and the speculation-control MSRs (IBRS/STIBP, L1D_FLUSH,
+///   ARCH_CAPABILITIES, SSBD) hidden: the VM does not get them;
+/// - leaf 0xA: no performance monitoring (Bochs reports v4 without the MSRs);
+/// - leaves 0xB/0x1F: the vCPU's x2APIC id in EDX;
+/// - leaf 0x15: crystal = TSC = `tsc_hz` (ratio 1/1), and leaf 0x16: `tsc_hz` in MHz, so the
+///   OS's idea of the TSC and APIC-timer rate matches the tick source (under Bochs, the
+///   emulator's instructions per second).
+pub fn os_guest_cpuid(leaf: u32, subleaf: u32, answer: CpuidRegs, tsc_hz: u32, apic_id: u32) -> CpuidRegs {
+    let mut r = answer;
+    match leaf {
+        0 => r.eax = r.eax.max(0x16),
+        1 => {
+            r.ebx = (r.ebx & 0xFFFF) | (1 << 16) | (apic_id << 24);
+            r.ecx &= !((1 << 3) | (1 << 2) | (1 << 4) | (1 << 7) | (1 << 8) | (1 << 15));
+            r.ecx |= 1 << 24;
+            r.edx &= !((1 << 7) | (1 << 14) | (1 << 21) | (1 << 22) | (1 << 29));
+        }
+        6 => r = CpuidRegs { eax: 1 << 2, ..CpuidRegs::default() },
+        7 if subleaf == 0 => {
+            r.ebx &= !(1 << 1);
+            r.edx &= !((1 << 26) | (1 << 27) | (1 << 28) | (1 << 29) | (1 << 31));
+        }
+        0xA => r = CpuidRegs::default(),
+        0xB | 0x1F => r.edx = apic_id,
+        0x15 => r = CpuidRegs { eax: 1, ebx: 1, ecx: tsc_hz, edx: 0 },
+        0x16 => {
+            let mhz = (tsc_hz / 1_000_000).max(1);
+            r = CpuidRegs { eax: mhz, ebx: mhz, ecx: mhz, edx: 0 };
+        }
+        _ => {}
+    }
+    r
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,5 +197,26 @@ mod tests {
         assert_eq!(guest_cpuid(0x4000_0001, 0, ALL, false, 0), CpuidRegs::default());
         assert_eq!(guest_cpuid(0x4FFF_FFFF, 0, ALL, false, 0), CpuidRegs::default());
         assert_eq!(guest_cpuid(0x5000_0000, 0, ALL, false, 0), ALL);
+    }
+
+    #[test]
+    fn os_guests_see_a_consistent_clock_and_their_apic() {
+        let ips = 1_000_000;
+        assert_eq!(os_guest_cpuid(0x15, 0, ALL, ips, 0), CpuidRegs { eax: 1, ebx: 1, ecx: ips, edx: 0 });
+        assert_eq!(os_guest_cpuid(0x16, 0, ALL, ips, 0).eax, 1);
+        assert_eq!(os_guest_cpuid(0x16, 0, ALL, 4_000_000, 0).ebx, 4);
+        assert_eq!(os_guest_cpuid(0, 0, CpuidRegs { eax: 0xD, ..CpuidRegs::default() }, ips, 0).eax, 0x16);
+        assert_eq!(os_guest_cpuid(0, 0, CpuidRegs { eax: 0x20, ..CpuidRegs::default() }, ips, 0).eax, 0x20);
+        let l1 = os_guest_cpuid(1, 0, ALL, ips, 0);
+        assert_eq!(l1.ebx >> 16, 1, "APIC id 0, one logical CPU");
+        assert_eq!(l1.ecx & (1 << 3), 0, "no MONITOR");
+        assert_ne!(l1.ecx & (1 << 24), 0, "TSC deadline");
+        assert_ne!(l1.ecx & (1 << 21), 0, "x2APIC");
+        assert_eq!(l1.edx & (1 << 14 | 1 << 7), 0, "no MCA/MCE");
+        assert_eq!(os_guest_cpuid(6, 0, ALL, ips, 0), CpuidRegs { eax: 4, ..CpuidRegs::default() });
+        assert_eq!(os_guest_cpuid(0xA, 0, ALL, ips, 0), CpuidRegs::default());
+        assert_eq!(os_guest_cpuid(0xB, 1, ALL, ips, 0).edx, 0);
+        assert_eq!(os_guest_cpuid(7, 0, ALL, ips, 0).edx & (1 << 29), 0, "no ARCH_CAPABILITIES");
+        assert_eq!(os_guest_cpuid(7, 1, ALL, ips, 0), ALL);
     }
 }

@@ -6,7 +6,10 @@
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
+pub mod bzimage;
 pub mod cpuid;
+pub mod image;
+pub mod multiboot;
 
 use core::fmt;
 

@@ -135,6 +135,8 @@ mod want {
     pub const PROC2_EPT: u32 = 1 << 1;
     pub const PROC2_VPID: u32 = 1 << 5;
     pub const PROC2_PAUSE_LOOP: u32 = 1 << 10;
+    pub const PROC2_UNRESTRICTED: u32 = 1 << 7;
+    pub const PROC_INTERRUPT_WINDOW: u32 = 1 << 2;
     pub const EXIT_SAVE_DEBUG: u32 = 1 << 2;
     pub const EXIT_HOST_64BIT: u32 = 1 << 9;
     pub const EXIT_SAVE_PAT: u32 = 1 << 18;
@@ -228,9 +230,33 @@ pub struct Vcpu {
     vpid: Option<Vpid>,
 }
 
-/// The initial state of a 64-bit guest.
+/// The processor mode a vCPU starts in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartMode {
+    /// One of our bare-metal guests: long mode, no GDT (selectors 0x08/0x10).
+    Bare64,
+    /// A guest OS entered in long mode on a boot GDT (Linux's 64-bit boot protocol:
+    /// CS 0x10, DS 0x18, boot.rst "64-bit boot protocol").
+    Os64 { gdt_base: u64, gdt_limit: u16 },
+    /// A guest OS entered in 32-bit protected mode without paging (Multiboot §3.2: flat
+    /// CS 0x20, DS 0x18), which needs "unrestricted guest" (SDM Vol. 3 §26.6).
+    Os32 { gdt_base: u64, gdt_limit: u16 },
+}
+
+impl StartMode {
+    fn is_os(self) -> bool {
+        self != StartMode::Bare64
+    }
+}
+
+/// The MSRs that live in the VMCS guest-state area (SDM Vol. 3 §25.4.1), as the virtual
+/// PC's MSR policy names them.
+pub use nk_devices::msr::VmcsMsr;
+
+/// The initial state of a vCPU.
 #[derive(Debug, Clone, Copy)]
 pub struct GuestStart {
+    pub mode: StartMode,
     pub eptp: u64,
     pub cr3: u64,
     pub rip: u64,
@@ -286,6 +312,9 @@ impl Vcpu {
         // end the guest's slice where it offers PAUSE-loop exiting.
         let idle = allowed_one(proc) & (want::PROC_MWAIT | want::PROC_MONITOR);
         let pause_loop = allowed_one(msr::IA32_VMX_PROCBASED_CTLS2) & want::PROC2_PAUSE_LOOP;
+        // A guest OS may run with paging off (Multiboot's entry state) or in real mode.
+        let unrestricted = if start.mode.is_os() { want::PROC2_UNRESTRICTED } else { 0 };
+        let ia32e = if matches!(start.mode, StartMode::Os32 { .. }) { 0 } else { want::ENTRY_IA32E_GUEST };
         static DESCRIBED: AtomicBool = AtomicBool::new(false);
         if !DESCRIBED.swap(true, Ordering::Relaxed) {
             let (mask, bytes) = crate::arch::xsave::switching();
@@ -321,7 +350,7 @@ impl Vcpu {
                 adjust(
                     msr::IA32_VMX_PROCBASED_CTLS2,
                     F::SECONDARY_PROCESSOR_CONTROLS,
-                    want::PROC2_EPT | vpid | pause_loop,
+                    want::PROC2_EPT | vpid | pause_loop | unrestricted,
                 )?,
             ),
             (
@@ -342,7 +371,7 @@ impl Vcpu {
                 adjust(
                     entry,
                     F::ENTRY_CONTROLS,
-                    want::ENTRY_IA32E_GUEST | want::ENTRY_LOAD_DEBUG | want::ENTRY_LOAD_PAT | want::ENTRY_LOAD_EFER,
+                    ia32e | want::ENTRY_LOAD_DEBUG | want::ENTRY_LOAD_PAT | want::ENTRY_LOAD_EFER,
                 )?,
             ),
         ];
@@ -454,20 +483,37 @@ impl Vcpu {
             // SAFETY: the VMX fixed-bit MSRs exist in VMX root operation.
             unsafe { (value | rdmsr(f0)) & rdmsr(f1) }
         };
-        // PE, MP, ET, NE, WP, PG; PAE and VMXE (a fixed-1 bit in VMX operation).
-        let cr0 = fixed(0x8001_0033, msr::IA32_VMX_CR0_FIXED0, msr::IA32_VMX_CR0_FIXED1);
-        let cr4 = fixed((1 << 5) | (1 << 13), msr::IA32_VMX_CR4_FIXED0, msr::IA32_VMX_CR4_FIXED1);
+        // PE, MP, ET, NE, WP, PG; PAE and VMXE (a fixed-1 bit in VMX operation). A 32-bit
+        // OS entry has PE, ET and NE only: unrestricted guest lifts the PG fixed-1 bit.
+        let (cr0_bits, cr4_bits) = match start.mode {
+            StartMode::Os32 { .. } => (0x0000_0031, 1 << 13),
+            _ => (0x8001_0033, (1 << 5) | (1 << 13)),
+        };
+        let mut cr0 = fixed(cr0_bits, msr::IA32_VMX_CR0_FIXED0, msr::IA32_VMX_CR0_FIXED1);
+        if start.mode.is_os() {
+            // Unrestricted guest: PE and PG need not be 1 (SDM Vol. 3 §26.3.1.1).
+            cr0 = (cr0 & !0x8000_0001) | (cr0_bits & 0x8000_0001);
+        }
+        let cr4 = fixed(cr4_bits, msr::IA32_VMX_CR4_FIXED0, msr::IA32_VMX_CR4_FIXED1);
         const CODE64_AR: u64 = 0xA09B; // present, S, execute/read accessed, L, G
+        const CODE32_AR: u64 = 0xC09B; // present, S, execute/read accessed, D, G
         const DATA_AR: u64 = 0xC093; // present, S, read/write accessed, D/B, G
-        const TSS_AR: u64 = 0x8B; // present, busy 64-bit TSS
+        const TSS_AR: u64 = 0x8B; // present, busy 64-bit (or 32-bit) TSS
         const UNUSABLE: u64 = 1 << 16;
+        let (cs, ds, cs_ar, gdt, efer) = match start.mode {
+            StartMode::Bare64 => (0x08, 0x10, CODE64_AR, (0, 0), (1 << 8) | (1 << 10)),
+            StartMode::Os64 { gdt_base, gdt_limit } => {
+                (0x10, 0x18, CODE64_AR, (gdt_base, gdt_limit), (1 << 8) | (1 << 10))
+            }
+            StartMode::Os32 { gdt_base, gdt_limit } => (0x20, 0x18, CODE32_AR, (gdt_base, gdt_limit), 0),
+        };
         let segments = [
-            (F::GUEST_CS_SELECTOR, F::GUEST_CS_BASE, F::GUEST_CS_LIMIT, F::GUEST_CS_ACCESS_RIGHTS, 0x08, CODE64_AR),
-            (F::GUEST_SS_SELECTOR, F::GUEST_SS_BASE, F::GUEST_SS_LIMIT, F::GUEST_SS_ACCESS_RIGHTS, 0x10, DATA_AR),
-            (F::GUEST_DS_SELECTOR, F::GUEST_DS_BASE, F::GUEST_DS_LIMIT, F::GUEST_DS_ACCESS_RIGHTS, 0x10, DATA_AR),
-            (F::GUEST_ES_SELECTOR, F::GUEST_ES_BASE, F::GUEST_ES_LIMIT, F::GUEST_ES_ACCESS_RIGHTS, 0x10, DATA_AR),
-            (F::GUEST_FS_SELECTOR, F::GUEST_FS_BASE, F::GUEST_FS_LIMIT, F::GUEST_FS_ACCESS_RIGHTS, 0x10, DATA_AR),
-            (F::GUEST_GS_SELECTOR, F::GUEST_GS_BASE, F::GUEST_GS_LIMIT, F::GUEST_GS_ACCESS_RIGHTS, 0x10, DATA_AR),
+            (F::GUEST_CS_SELECTOR, F::GUEST_CS_BASE, F::GUEST_CS_LIMIT, F::GUEST_CS_ACCESS_RIGHTS, cs, cs_ar),
+            (F::GUEST_SS_SELECTOR, F::GUEST_SS_BASE, F::GUEST_SS_LIMIT, F::GUEST_SS_ACCESS_RIGHTS, ds, DATA_AR),
+            (F::GUEST_DS_SELECTOR, F::GUEST_DS_BASE, F::GUEST_DS_LIMIT, F::GUEST_DS_ACCESS_RIGHTS, ds, DATA_AR),
+            (F::GUEST_ES_SELECTOR, F::GUEST_ES_BASE, F::GUEST_ES_LIMIT, F::GUEST_ES_ACCESS_RIGHTS, ds, DATA_AR),
+            (F::GUEST_FS_SELECTOR, F::GUEST_FS_BASE, F::GUEST_FS_LIMIT, F::GUEST_FS_ACCESS_RIGHTS, ds, DATA_AR),
+            (F::GUEST_GS_SELECTOR, F::GUEST_GS_BASE, F::GUEST_GS_LIMIT, F::GUEST_GS_ACCESS_RIGHTS, ds, DATA_AR),
             (F::GUEST_LDTR_SELECTOR, F::GUEST_LDTR_BASE, F::GUEST_LDTR_LIMIT, F::GUEST_LDTR_ACCESS_RIGHTS, 0, UNUSABLE),
             (F::GUEST_TR_SELECTOR, F::GUEST_TR_BASE, F::GUEST_TR_LIMIT, F::GUEST_TR_ACCESS_RIGHTS, 0, TSS_AR),
         ];
@@ -483,8 +529,8 @@ impl Vcpu {
                 (F::GUEST_CR0, cr0),
                 (F::GUEST_CR3, start.cr3),
                 (F::GUEST_CR4, cr4),
-                (F::GUEST_GDTR_BASE, 0),
-                (F::GUEST_GDTR_LIMIT, 0),
+                (F::GUEST_GDTR_BASE, gdt.0),
+                (F::GUEST_GDTR_LIMIT, u64::from(gdt.1)),
                 (F::GUEST_IDTR_BASE, 0),
                 (F::GUEST_IDTR_LIMIT, 0),
                 (F::GUEST_DR7, 0x400),
@@ -498,7 +544,7 @@ impl Vcpu {
                 (F::GUEST_SYSENTER_EIP, 0),
                 (F::GUEST_INTERRUPTIBILITY, 0),
                 (F::GUEST_ACTIVITY_STATE, 0),
-                (F::GUEST_IA32_EFER, (1 << 8) | (1 << 10)), // LME | LMA
+                (F::GUEST_IA32_EFER, efer), // LME | LMA in long mode
                 (F::GUEST_IA32_PAT, 0x0007_0406_0007_0406),
             ];
             for (field, value) in fields {
@@ -672,6 +718,60 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Turns interrupt-window exiting on or off: with it on, the guest exits as soon as it
+    /// can take an external interrupt (RFLAGS.IF = 1, no STI/MOV-SS blocking; SDM Vol. 3
+    /// §26.7.5), which is when the virtual PC's pending interrupt is injected.
+    pub fn set_interrupt_window(&mut self, on: bool) -> Result<(), VcpuError> {
+        let controls = vmcs::read(F::PRIMARY_PROCESSOR_CONTROLS)?;
+        let wanted = if on {
+            controls | u64::from(want::PROC_INTERRUPT_WINDOW)
+        } else {
+            controls & !u64::from(want::PROC_INTERRUPT_WINDOW)
+        };
+        if wanted != controls {
+            // SAFETY: interrupt-window exiting is allowed on every VMX CPU (SDM Vol. 3
+            // Appendix A.3.2: its allowed-1 bit is always set); it only adds exits.
+            unsafe { vmcs::write(F::PRIMARY_PROCESSOR_CONTROLS, wanted)? };
+        }
+        Ok(())
+    }
+
+    /// Returns whether the guest can take an external interrupt now: RFLAGS.IF set, no
+    /// blocking by STI or MOV SS, and no event already queued for the next entry.
+    pub fn interrupt_window_open(&self) -> Result<bool, VcpuError> {
+        let rflags = vmcs::read(F::GUEST_RFLAGS)?;
+        let blocking = vmcs::read(F::GUEST_INTERRUPTIBILITY)? & 0b11;
+        let queued = vmcs::read(F::ENTRY_INTERRUPTION_INFO)? & (1 << 31);
+        Ok(rflags & (1 << 9) != 0 && blocking == 0 && queued == 0)
+    }
+
+    /// Returns whether the guest's RFLAGS.IF is set.
+    pub fn interrupts_enabled(&self) -> Result<bool, VcpuError> {
+        Ok(vmcs::read(F::GUEST_RFLAGS)? & (1 << 9) != 0)
+    }
+
+    /// Makes the next VM entry deliver external interrupt `vector` (SDM Vol. 3 §27.6).
+    pub fn inject_external_interrupt(&mut self, vector: u8) -> Result<(), VcpuError> {
+        const VALID: u64 = 1 << 31;
+        // SAFETY: event injection only affects the guest; the caller checked that the
+        // guest can take it (interrupt_window_open).
+        unsafe { vmcs::write(F::ENTRY_INTERRUPTION_INFO, VALID | u64::from(vector))? };
+        Ok(())
+    }
+
+    /// Reads a guest MSR that lives in the VMCS guest-state area.
+    pub fn guest_msr(&self, which: VmcsMsr) -> Result<u64, VcpuError> {
+        Ok(vmcs::read(vmcs_msr_field(which))?)
+    }
+
+    /// Writes a guest MSR that lives in the VMCS guest-state area; the caller has checked
+    /// the value (VM entry checks EFER, PAT and the bases again, SDM Vol. 3 §27.3.1).
+    pub fn set_guest_msr(&mut self, which: VmcsMsr, value: u64) -> Result<(), VcpuError> {
+        // SAFETY: guest-state fields only affect the guest.
+        unsafe { vmcs::write(vmcs_msr_field(which), value)? };
+        Ok(())
+    }
+
     /// Tells whether the guest's CR8 lives in the virtual-APIC page (TPR shadow) rather
     /// than being emulated at CR8 exits.
     pub fn has_tpr_shadow(&self) -> bool {
@@ -701,6 +801,19 @@ impl Vcpu {
             }
         }
         self.skip_instruction()
+    }
+}
+
+fn vmcs_msr_field(which: VmcsMsr) -> F {
+    match which {
+        VmcsMsr::Efer => F::GUEST_IA32_EFER,
+        VmcsMsr::FsBase => F::GUEST_FS_BASE,
+        VmcsMsr::GsBase => F::GUEST_GS_BASE,
+        VmcsMsr::SysenterCs => F::GUEST_SYSENTER_CS,
+        VmcsMsr::SysenterEsp => F::GUEST_SYSENTER_ESP,
+        VmcsMsr::SysenterEip => F::GUEST_SYSENTER_EIP,
+        VmcsMsr::Pat => F::GUEST_IA32_PAT,
+        VmcsMsr::DebugCtl => F::GUEST_IA32_DEBUGCTL,
     }
 }
 

@@ -140,6 +140,8 @@ impl ExitReason {
     pub const EXCEPTION_OR_NMI: Self = Self(0);
     pub const EXTERNAL_INTERRUPT: Self = Self(1);
     pub const TRIPLE_FAULT: Self = Self(2);
+    pub const INIT_SIGNAL: Self = Self(3);
+    pub const INTERRUPT_WINDOW: Self = Self(7);
     pub const CPUID: Self = Self(10);
     pub const HLT: Self = Self(12);
     pub const VMCALL: Self = Self(18);

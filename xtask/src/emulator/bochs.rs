@@ -160,7 +160,7 @@ fn bochsrc(spec: &RunSpec, model: &str, serial: &Path, log: &Path) -> String {
     let _ = writeln!(rc, "port_e9_hack: enabled=1");
     let _ = writeln!(rc, "speaker: enabled=0");
     let _ = writeln!(rc, "sound: waveoutdrv=dummy, waveindrv=dummy, midioutdrv=dummy");
-    let _ = writeln!(rc, "cpu: model={model}, count={}, ips=1000000, reset_on_triple_fault=0", spec.cpus);
+    let _ = writeln!(rc, "cpu: model={model}, count={}, ips={}, reset_on_triple_fault=0", spec.cpus, spec.ips);
     rc
 }
 

@@ -39,7 +39,13 @@ pub struct RunSpec {
     pub timeout: Duration,
     /// The run directory: emulator configuration and logs; emptied before the run.
     pub dir: PathBuf,
+    /// Bochs's emulated instructions per second (the rate of its TSC, PIT and APIC timer).
+    pub ips: u32,
 }
+
+/// Bochs's instructions per second unless a run says otherwise: the minimum, so that
+/// timer waits in the BIOS and GRUB cost the fewest instructions (PLATFORM.md).
+pub const DEFAULT_IPS: u32 = 1_000_000;
 
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

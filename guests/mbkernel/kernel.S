@@ -1,0 +1,130 @@
+/* A tiny Multiboot test kernel, 32-bit protected mode, no paging. It checks the magic in
+ * EAX, prints through the 16550 UART on 0x3F8 (polling LSR.THRE) its command line from the
+ * information structure, installs an IDT with a timer handler on vector 0x40, runs the
+ * x2APIC timer periodically until it has taken 5 interrupts (sleeping in HLT between
+ * them), prints the count and halts with interrupts off.
+ * Expects MB_MAGIC (the boot magic) to be defined before it. */
+.code32
+.section .text, "ax"
+.global _start
+_start:
+    mov esp, offset mb_stack_top
+    mov [mb_info], ebx
+    cmp eax, MB_MAGIC
+    jne .Lbad_magic
+    lea esi, [msg_hello]
+    call puts
+    mov ebx, [mb_info]
+    call print_cmdline
+    lea esi, [msg_newline]
+    call puts
+
+    /* IDT entry 0x40: 32-bit interrupt gate to timer_isr in the loader's code segment. */
+    mov eax, offset timer_isr
+    mov word ptr [mb_idt + 0x40 * 8], ax
+    mov word ptr [mb_idt + 0x40 * 8 + 2], 0x20
+    mov word ptr [mb_idt + 0x40 * 8 + 4], 0x8E00
+    shr eax, 16
+    mov word ptr [mb_idt + 0x40 * 8 + 6], ax
+    lidt [mb_idtr]
+
+    /* x2APIC timer: divide by 1, periodic on vector 0x40, 200000 ticks a period. */
+    xor edx, edx
+    mov ecx, 0x83E
+    mov eax, 0xB
+    wrmsr
+    mov ecx, 0x832
+    mov eax, 0x20040
+    wrmsr
+    mov ecx, 0x838
+    mov eax, 200000
+    wrmsr
+    sti
+.Lwait:
+    hlt
+    cmp dword ptr [mb_ticks], 5
+    jb .Lwait
+    cli
+    mov ecx, 0x838
+    xor eax, eax
+    xor edx, edx
+    wrmsr
+    lea esi, [msg_ticks]
+    call puts
+    lea esi, [msg_done]
+    call puts
+    hlt
+.Lbad_magic:
+    lea esi, [msg_bad_magic]
+    call puts
+    cli
+    hlt
+
+timer_isr:
+    push eax
+    push ecx
+    push edx
+    inc dword ptr [mb_ticks]
+    mov ecx, 0x80B
+    xor eax, eax
+    xor edx, edx
+    wrmsr
+    pop edx
+    pop ecx
+    pop eax
+    iretd
+
+/* puts: prints the NUL-terminated string at ESI. */
+puts:
+    push eax
+    push edx
+.Lputs_next:
+    mov al, [esi]
+    test al, al
+    jz .Lputs_end
+    mov ah, al
+.Lputs_wait:
+    mov dx, 0x3FD
+    in al, dx
+    test al, 0x20
+    jz .Lputs_wait
+    mov al, ah
+    mov dx, 0x3F8
+    out dx, al
+    inc esi
+    jmp .Lputs_next
+.Lputs_end:
+    pop edx
+    pop eax
+    ret
+
+.section .rodata, "a"
+msg_hello:
+    .asciz "MBTEST magic ok, command line: "
+msg_newline:
+    .asciz "\n"
+msg_ticks:
+    .asciz "MBTEST timer: 5 interrupts taken\n"
+msg_done:
+    .asciz "MBTEST done, halting\n"
+msg_bad_magic:
+    .asciz "MBTEST FAILED: wrong boot magic in EAX\n"
+
+.section .data, "aw"
+.align 8
+mb_idtr:
+    .word 256 * 8 - 1
+    .long mb_idt
+mb_info:
+    .long 0
+mb_ticks:
+    .long 0
+
+.section .bss, "aw", @nobits
+.align 16
+mb_idt:
+    .skip 256 * 8
+mb_stack:
+    .skip 4096
+mb_stack_top:
+.code64

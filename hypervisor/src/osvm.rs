@@ -1,0 +1,463 @@
+//! Guest OSes on the small virtual PC: a Linux bzImage entered through the 64-bit boot
+//! protocol, or a Multiboot (v1/v2) kernel entered in 32-bit protected mode. The loaders,
+//! the devices, the MSR policy and the CPUID answers are the host-tested crates
+//! (`nk_loader::{bzimage, multiboot}`, `nk_devices`); this file only writes guest memory,
+//! routes the exits of such a VM to them, and owns what needs the VMCS: interrupt
+//! injection with interrupt-window exiting, the virtual APIC timer on the VMX preemption
+//! timer, and the MSRs switched at slice boundaries.
+
+use alloc::format;
+use alloc::string::String;
+
+use nk_devices::acpi::AcpiTables;
+use nk_devices::msr::{self, MsrFile, Route, VmcsMsr};
+use nk_devices::pc::{PcEvent, VirtualPc};
+use nk_loader::image::{GuestMemory, ImageKind, OutOfGuest};
+use nk_loader::{bzimage, multiboot};
+
+use crate::guest::GuestSpec;
+use crate::vmx::vcpu::{GuestRegs, StartMode, Vcpu, VcpuError};
+use crate::vmx::vmcs::ExitReason;
+
+/// Where the VM's ACPI tables go (in the BIOS area the E820 map reserves).
+const ACPI_GPA: u64 = 0xE_0000;
+/// The wall clock the virtual RTC starts from (2026-01-01 00:00:00 UTC).
+const RTC_EPOCH: u64 = 1_767_225_600;
+
+/// Guest memory as the loaders write it: the VM's frames, identity-mapped in the host.
+pub struct GuestRam {
+    pub base: u64,
+    pub size: u64,
+}
+
+impl GuestMemory for GuestRam {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn write(&mut self, gpa: u64, bytes: &[u8]) -> Result<(), OutOfGuest> {
+        let err = OutOfGuest { gpa, len: bytes.len() as u64 };
+        let end = gpa.checked_add(bytes.len() as u64).ok_or(err)?;
+        if end > self.size {
+            return Err(err);
+        }
+        // SAFETY: [gpa, end) lies inside the VM's memory (checked above), which the VM
+        // owns and which is identity-mapped; the VM is not running while it is loaded.
+        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), (self.base + gpa) as *mut u8, bytes.len()) };
+        Ok(())
+    }
+}
+
+/// How a loaded guest OS starts.
+pub struct OsStart {
+    pub mode: StartMode,
+    pub rip: u64,
+    pub rsp: u64,
+    pub cr3: u64,
+    pub regs: GuestRegs,
+}
+
+/// Loads a guest OS of `kind` into `ram` (zeroed): the kernel, its modules, the ACPI
+/// tables, and the boot data its protocol prescribes. A refusal is one line.
+pub fn load(vm: nk_caps::VmId, kind: ImageKind, spec: &GuestSpec, ram: &mut GuestRam) -> Result<OsStart, String> {
+    let acpi = AcpiTables::build(ACPI_GPA, 1);
+    ram.write(ACPI_GPA, &acpi.blob).map_err(|e| format!("ACPI tables: {e}"))?;
+    let image = spec.image;
+    match kind {
+        ImageKind::BzImage => {
+            let bz = bzimage::parse(image).map_err(|e| format!("{e}"))?;
+            if spec.modules.len() > 1 {
+                return Err(String::from("a Linux guest takes one module (its initramfs) in modules="));
+            }
+            let initrd = spec.modules.first().map(|(_, bytes)| *bytes);
+            let e = bzimage::load(ram, image, &bz, &spec.args, initrd, Some(acpi.rsdp_addr()))
+                .map_err(|e| format!("{e}"))?;
+            log::info!(target: "guest", "vm{}/{}: Linux boot protocol {}.{:02}, kernel at {:#x} (entry {:#x}), {} KiB initramfs{}, command line '{}'",
+                vm.raw(), spec.name, bz.protocol >> 8, bz.protocol & 0xFF, bz.pref_address, e.rip,
+                e.initrd.map_or(0, |(_, len)| len / 1024),
+                e.initrd.map(|(at, _)| format!(" at {at:#x}")).unwrap_or_default(), spec.args);
+            Ok(OsStart {
+                mode: StartMode::Os64 { gdt_base: e.gdt_base, gdt_limit: e.gdt_limit },
+                rip: e.rip,
+                rsp: 0,
+                cr3: e.cr3,
+                regs: GuestRegs { rsi: e.rsi, ..GuestRegs::default() },
+            })
+        }
+        ImageKind::Multiboot1 { header } | ImageKind::Multiboot2 { header } => {
+            let mut modules = [multiboot::Module { bytes: &[], cmdline: "" }; nk_boot::module::MAX_MODULES];
+            for (slot, (name, bytes)) in modules.iter_mut().zip(&spec.modules) {
+                *slot = multiboot::Module { bytes, cmdline: name };
+            }
+            let modules = &modules[..spec.modules.len()];
+            let rsdp = &acpi.blob[..36];
+            let e = match kind {
+                ImageKind::Multiboot1 { .. } => multiboot::load_v1(ram, image, header, &spec.args, modules),
+                _ => multiboot::load_v2(ram, image, header, &spec.args, modules, Some(rsdp)),
+            }
+            .map_err(|e| format!("{e}"))?;
+            log::info!(target: "guest", "vm{}/{}: {} entered at {:#x} in 32-bit protected mode, {} module(s), information at {:#x}",
+                vm.raw(), spec.name, kind.name(), e.eip, modules.len(), e.ebx);
+            Ok(OsStart {
+                mode: StartMode::Os32 { gdt_base: e.gdt_base, gdt_limit: e.gdt_limit },
+                rip: u64::from(e.eip),
+                rsp: u64::from(e.esp),
+                cr3: 0,
+                regs: GuestRegs { rax: u64::from(e.eax), rbx: u64::from(e.ebx), ..GuestRegs::default() },
+            })
+        }
+        ImageKind::Elf64 | ImageKind::Unknown => Err(String::from("not a guest OS image")),
+    }
+}
+
+/// What an exit of a guest OS leads to.
+pub enum OsFlow {
+    Continue,
+    /// The vCPU waits for an interrupt (HLT with interrupts on): the rest of the slice goes
+    /// to the CPU's other guests.
+    Idle,
+    /// The guest ended itself (power-off, reset, halt with interrupts off).
+    Ended(String),
+    /// The guest did something the VM does not allow.
+    Stopped(String),
+}
+
+/// The per-VM state of a guest OS.
+pub struct OsVm {
+    pub kind: ImageKind,
+    pc: VirtualPc,
+    msrs: MsrFile,
+    /// The VM's values of [`msr::SWITCHED`] but KERNEL_GS_BASE (switched for every guest).
+    switched: [u64; msr::SWITCHED.len()],
+    halted: bool,
+    tsc_hz: u64,
+    /// Interrupts injected and timer expiries, for the VM's end line.
+    pub injected: u64,
+    pub timer_fires: u64,
+    /// Exits by basic reason (the last slot counts reasons above 63).
+    pub exits_by_reason: [u64; 65],
+    /// The TSC when the VM was created (its power-on).
+    power_on: u64,
+    /// Whether the guest printed its `LINUX-OK` line yet.
+    reached_linux_ok: bool,
+    /// Bytes still to type into the UART (`input=`), fed as its receive FIFO drains.
+    console_input: &'static [u8],
+}
+
+impl OsVm {
+    /// Returns the VM's machine in its firmware state.
+    pub fn new(kind: ImageKind) -> Self {
+        let mut pc = VirtualPc::new();
+        // The firmware hands over the APIC in x2APIC mode: with no IO-APIC in the MADT,
+        // Linux keeps it ("x2apic enabled by BIOS") and only MSRs reach it.
+        let base = pc.lapic.apic_base() | nk_devices::lapic::BASE_EXTD;
+        let _ = pc.lapic.write_apic_base(base);
+        Self {
+            kind,
+            pc,
+            msrs: MsrFile::new(),
+            switched: [0; msr::SWITCHED.len()],
+            halted: false,
+            tsc_hz: crate::arch::tsc_hz(),
+            injected: 0,
+            timer_fires: 0,
+            exits_by_reason: [0; 65],
+            power_on: crate::arch::rdtsc(),
+            reached_linux_ok: false,
+            console_input: &[],
+        }
+    }
+
+    /// Queues `bytes` to be typed into the VM's serial port.
+    pub fn set_console_input(&mut self, bytes: &'static [u8]) {
+        self.console_input = bytes;
+    }
+
+    /// Loads the VM's switched MSRs into the processor (at the start of its slice).
+    pub fn load_switched(&self) {
+        for (i, &m) in msr::SWITCHED.iter().enumerate() {
+            if m != msr::index::KERNEL_GS_BASE && m != msr::index::TSC_AUX {
+                // SAFETY: STAR/LSTAR/CSTAR/SFMASK/TSC_AUX exist on every x86-64 CPU with
+                // RDTSCP; the host does not use them (no SYSCALL, no RDTSCP in the
+                // hypervisor), and other guests cannot reach them.
+                unsafe { x86::msr::wrmsr(m, self.switched[i]) };
+            }
+        }
+    }
+
+    fn now(&self) -> u64 {
+        crate::arch::rdtsc()
+    }
+
+    fn unix_seconds(&self) -> u64 {
+        RTC_EPOCH + self.now() / self.tsc_hz.max(1)
+    }
+
+    /// Advances the APIC timer to now; returns whether the vCPU has something to do
+    /// (it is not halted, or an interrupt woke it).
+    pub fn poll(&mut self) -> bool {
+        if !self.console_input.is_empty() && self.pc.uart.listening() {
+            let taken = self.pc.uart.feed(self.console_input);
+            self.console_input = &self.console_input[taken..];
+        }
+        let now = self.now();
+        if self.pc.lapic.next_timer_deadline().is_some_and(|d| d <= now) {
+            self.timer_fires += 1;
+            self.pc.lapic.tick(now);
+        }
+        self.pc.sync_irqs();
+        if self.halted && self.pc.pending().is_some() {
+            self.halted = false;
+        }
+        !self.halted
+    }
+
+    /// Prepares the next VM entry: injects the highest pending interrupt if the guest can
+    /// take it, else asks for an interrupt-window exit; arms the preemption timer for the
+    /// earlier of the slice's end and the APIC timer's deadline.
+    pub fn before_entry(&mut self, vcpu: &mut Vcpu, slice_end: u64, rate: u8) -> Result<(), VcpuError> {
+        self.poll();
+        let pending = self.pc.pending().is_some();
+        if pending && vcpu.interrupt_window_open()? {
+            if let Some(vector) = self.pc.take_interrupt() {
+                vcpu.inject_external_interrupt(vector)?;
+                self.injected += 1;
+            }
+        }
+        vcpu.set_interrupt_window(self.pc.pending().is_some())?;
+        let now = self.now();
+        let until = match self.pc.lapic.next_timer_deadline() {
+            Some(deadline) => deadline.min(slice_end),
+            None => slice_end,
+        };
+        vcpu.set_time_slice(until.saturating_sub(now).max(1), rate)
+    }
+
+    /// Counts an exit by its reason.
+    pub fn count_exit(&mut self, reason: ExitReason) {
+        self.exits_by_reason[usize::from(reason.0).min(64)] += 1;
+    }
+
+    /// Returns the VM's statistics as one line: exits by reason (most frequent first),
+    /// interrupts injected, APIC timer expiries.
+    pub fn summary(&self) -> String {
+        let mut reasons: alloc::vec::Vec<(usize, u64)> =
+            self.exits_by_reason.iter().copied().enumerate().filter(|&(_, n)| n > 0).collect();
+        reasons.sort_by_key(|&(_, n)| core::cmp::Reverse(n));
+        let mut text = alloc::format!("{}: exits by reason:", self.kind.name());
+        for (reason, n) in reasons {
+            text.push_str(&format!(" {}={n}", exit_name(reason)));
+        }
+        text.push_str(&format!("; {} interrupts injected, {} APIC timer expiries", self.injected, self.timer_fires));
+        text
+    }
+
+    /// Hands the UART's unfinished output line to the log (at the VM's end).
+    pub fn flush_console(&mut self, prefix: &str) {
+        if self.pc.uart.has_partial_line() {
+            self.pc.uart.flush(&mut |line| log_line(prefix, line));
+        }
+    }
+
+    /// Handles one exit of the guest OS (all but the preemption timer's and external
+    /// interrupts', which the slice loop handles).
+    pub fn handle_exit(&mut self, reason: ExitReason, vcpu: &mut Vcpu, prefix: &str) -> Result<OsFlow, VcpuError> {
+        match reason {
+            ExitReason::IO_INSTRUCTION => {
+                let q = vcpu.exit_qualification()?;
+                let (size, is_in, string, rep, port) =
+                    ((q & 7) as u8 + 1, q & 8 != 0, q & 16 != 0, q & 32 != 0, (q >> 16) as u16);
+                if string || rep {
+                    return Ok(OsFlow::Stopped(format!(
+                        "string I/O (INS/OUTS) on port {port:#x}, which the virtual PC does not emulate"
+                    )));
+                }
+                let mask = match size {
+                    1 => 0xFF,
+                    2 => 0xFFFF,
+                    _ => 0xFFFF_FFFF,
+                };
+                if is_in {
+                    let value = u64::from(self.pc.io_in(port, size, self.unix_seconds())) & mask;
+                    vcpu.regs.rax = if size == 4 { value } else { (vcpu.regs.rax & !mask) | value };
+                    vcpu.skip_instruction()?;
+                } else {
+                    let value = (vcpu.regs.rax & mask) as u32;
+                    let mut linux_ok = false;
+                    let event = self.pc.io_out(port, size, value, &mut |line| {
+                        log_line(prefix, line);
+                        linux_ok |= line.starts_with(b"LINUX-OK");
+                    });
+                    if linux_ok && !self.reached_linux_ok {
+                        // The benchmark's end point (`cargo xtask bench linux`).
+                        self.reached_linux_ok = true;
+                        log::info!(target: "guest", "{prefix}: LINUX-OK after {} instructions (TSC ticks) from the VM's power-on",
+                            self.now().wrapping_sub(self.power_on));
+                    }
+                    vcpu.skip_instruction()?;
+                    match event {
+                        PcEvent::None => {}
+                        PcEvent::PowerOff => return Ok(OsFlow::Ended(String::from("powered off (ACPI S5)"))),
+                        PcEvent::Reset(how) => return Ok(OsFlow::Ended(format!("reset by the guest: {how}"))),
+                    }
+                }
+            }
+            ExitReason::CPUID => {
+                let osxsave = vcpu.guest_cr4()? & (1 << 18) != 0;
+                let (leaf, subleaf) = (vcpu.regs.rax as u32, vcpu.regs.rcx as u32);
+                let answer = crate::guest::cpuid_answer(leaf, subleaf, osxsave);
+                let r = nk_loader::cpuid::os_guest_cpuid(leaf, subleaf, answer, self.tsc_hz as u32, 0);
+                (vcpu.regs.rax, vcpu.regs.rbx, vcpu.regs.rcx, vcpu.regs.rdx) =
+                    (u64::from(r.eax), u64::from(r.ebx), u64::from(r.ecx), u64::from(r.edx));
+                vcpu.skip_instruction()?;
+            }
+            ExitReason::RDMSR => {
+                let index = vcpu.regs.rcx as u32;
+                match self.read_msr(index, vcpu)? {
+                    Some(value) => {
+                        vcpu.regs.rax = value & 0xFFFF_FFFF;
+                        vcpu.regs.rdx = value >> 32;
+                        vcpu.skip_instruction()?;
+                    }
+                    None => vcpu.inject_exception(13, Some(0))?,
+                }
+            }
+            ExitReason::WRMSR => {
+                let index = vcpu.regs.rcx as u32;
+                let value = (vcpu.regs.rdx << 32) | (vcpu.regs.rax & 0xFFFF_FFFF);
+                if self.write_msr(index, value, vcpu)? {
+                    vcpu.skip_instruction()?;
+                } else {
+                    vcpu.inject_exception(13, Some(0))?;
+                }
+            }
+            ExitReason::HLT => {
+                vcpu.skip_instruction()?;
+                if !vcpu.interrupts_enabled()? {
+                    return Ok(OsFlow::Ended(String::from("halted with interrupts off")));
+                }
+                self.pc.sync_irqs();
+                if self.pc.pending().is_none() {
+                    self.halted = true;
+                    return Ok(OsFlow::Idle);
+                }
+            }
+            ExitReason::INTERRUPT_WINDOW => {}
+            ExitReason::TRIPLE_FAULT => {
+                let rip = vcpu.rip().unwrap_or(0);
+                return Ok(OsFlow::Ended(format!("reset by a triple fault (rip {rip:#x})")));
+            }
+            ExitReason::INIT_SIGNAL => return Ok(OsFlow::Ended(String::from("reset by an INIT signal"))),
+            ExitReason::EPT_VIOLATION => {
+                let gpa = vcpu.guest_physical()?;
+                let what = if (0xFEE0_0000..0xFEE0_1000).contains(&gpa) {
+                    " (the xAPIC page: this VM's APIC is in x2APIC mode, use its MSRs)"
+                } else {
+                    ""
+                };
+                return Ok(OsFlow::Stopped(format!(
+                    "access to guest-physical {gpa:#x} outside its memory (EPT violation){what}"
+                )));
+            }
+            other => return Ok(OsFlow::Stopped(format!("unhandled VM exit, reason {}", other.0))),
+        }
+        Ok(OsFlow::Continue)
+    }
+
+    fn read_msr(&mut self, index: u32, vcpu: &mut Vcpu) -> Result<Option<u64>, VcpuError> {
+        let now = self.now();
+        Ok(match msr::route(index) {
+            Route::Vmcs(which) => Some(vcpu.guest_msr(which)?),
+            Route::Switched if index == msr::index::KERNEL_GS_BASE => {
+                // SAFETY: IA32_KERNEL_GS_BASE holds this guest's value during its slice.
+                Some(unsafe { x86::msr::rdmsr(index) })
+            }
+            Route::Switched => msr::SWITCHED.iter().position(|&m| m == index).map(|i| self.switched[i]),
+            Route::ApicBase => Some(self.pc.lapic.apic_base()),
+            Route::TscDeadline => Some(self.pc.lapic.tsc_deadline()),
+            Route::X2apic => self.pc.lapic.read_msr(index, now).ok(),
+            Route::Emulated => self.msrs.read(index, now),
+            Route::Denied => None,
+        })
+    }
+
+    fn write_msr(&mut self, index: u32, value: u64, vcpu: &mut Vcpu) -> Result<bool, VcpuError> {
+        let now = self.now();
+        let canonical = |v: u64| ((v << 16) as i64 >> 16) as u64 == v;
+        Ok(match msr::route(index) {
+            Route::Vmcs(VmcsMsr::Efer) => {
+                if !msr::efer_valid(value) {
+                    return Ok(false);
+                }
+                // LMA is the processor's: keep it.
+                let lma = vcpu.guest_msr(VmcsMsr::Efer)? & (1 << 10);
+                vcpu.set_guest_msr(VmcsMsr::Efer, (value & !(1 << 10)) | lma)?;
+                true
+            }
+            Route::Vmcs(VmcsMsr::Pat) => msr::pat_valid(value) && vcpu.set_guest_msr(VmcsMsr::Pat, value).is_ok(),
+            Route::Vmcs(VmcsMsr::DebugCtl) => value == 0 && vcpu.set_guest_msr(VmcsMsr::DebugCtl, 0).is_ok(),
+            Route::Vmcs(which @ (VmcsMsr::FsBase | VmcsMsr::GsBase | VmcsMsr::SysenterEsp | VmcsMsr::SysenterEip)) => {
+                canonical(value) && vcpu.set_guest_msr(which, value).is_ok()
+            }
+            Route::Vmcs(VmcsMsr::SysenterCs) => vcpu.set_guest_msr(VmcsMsr::SysenterCs, value & 0xFFFF_FFFF).is_ok(),
+            Route::Switched => {
+                let ok = match index {
+                    msr::index::STAR => true,
+                    msr::index::SFMASK => value >> 32 == 0,
+                    msr::index::TSC_AUX => value >> 32 == 0,
+                    _ => canonical(value),
+                };
+                if ok {
+                    if let Some(i) = msr::SWITCHED.iter().position(|&m| m == index) {
+                        self.switched[i] = value;
+                    }
+                    // TSC_AUX is only kept: RDTSCP/RDPID are hidden from guests.
+                    if index != msr::index::TSC_AUX {
+                        // SAFETY: the value passed the architectural checks that would make
+                        // WRMSR fault (canonical address, reserved bits); the MSR holds this
+                        // guest's value during its slice and is switched at slice boundaries.
+                        unsafe { x86::msr::wrmsr(index, value) };
+                    }
+                }
+                ok
+            }
+            Route::ApicBase => self.pc.lapic.write_apic_base(value).is_ok(),
+            Route::TscDeadline => {
+                self.pc.lapic.set_tsc_deadline(value);
+                true
+            }
+            Route::X2apic => self.pc.lapic.write_msr(index, value, now).is_ok(),
+            Route::Emulated => self.msrs.write(index, value),
+            Route::Denied => false,
+        })
+    }
+}
+
+/// Writes one line of a guest OS's serial output to the hypervisor's console.
+fn log_line(prefix: &str, line: &[u8]) {
+    let text: String = line.iter().map(|&b| if b.is_ascii_graphic() || b == b' ' { b as char } else { '?' }).collect();
+    log::info!(target: "guest", "{prefix}: {text}");
+}
+
+/// Names a basic exit reason (SDM Vol. 3 Appendix C) for the statistics line.
+fn exit_name(reason: usize) -> String {
+    let name = match reason {
+        0 => "exception/NMI",
+        1 => "external-interrupt",
+        2 => "triple-fault",
+        7 => "interrupt-window",
+        10 => "CPUID",
+        12 => "HLT",
+        18 => "VMCALL",
+        28 => "CR-access",
+        30 => "I/O",
+        31 => "RDMSR",
+        32 => "WRMSR",
+        40 => "PAUSE",
+        48 => "EPT-violation",
+        52 => "preemption-timer",
+        55 => "XSETBV",
+        _ => return format!("reason{reason}"),
+    };
+    String::from(name)
+}

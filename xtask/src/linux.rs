@@ -1,0 +1,353 @@
+//! The Linux guest's files: Debian's `linux-image-cloud-amd64` kernel and `busybox-static`,
+//! fetched with `apt-get download` (the only network access) and unpacked with
+//! `dpkg-deb -x` into target/linux/, and the initramfs, a newc cpio written here: busybox,
+//! the device nodes the kernel needs before devtmpfs, and an /init shell script that
+//! mounts proc/sys/dev, prints `LINUX-OK <uname -r> cpus=<N>`, runs the command list the
+//! kernel command line gives it (the words after `-- nk-run`), and powers off.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result};
+
+use crate::tools;
+use crate::workspace::Workspace;
+
+/// The kernel metapackage; its dependency names the versioned image package.
+const KERNEL_META: &str = "linux-image-cloud-amd64";
+const BUSYBOX: &str = "busybox-static";
+
+/// What the VM's /init runs (a busybox sh script).
+pub const INIT_SCRIPT: &str = r#"#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /tmp
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sysfs /sys
+/bin/busybox mount -t devtmpfs devtmpfs /dev
+/bin/busybox --install -s /bin
+export PATH=/bin
+echo "LINUX-OK $(uname -r) cpus=$(grep -c ^processor /proc/cpuinfo)"
+# The same moment on the kernel's clock, for `cargo xtask bench linux`.
+echo "nk-init: LINUX-OK reached" > /dev/kmsg
+# The kernel passes /init the words after its `--` (and any parameter it does not know,
+# e.g. nokaslr): the commands are the words after the marker `nk-run`.
+while [ $# -gt 0 ] && [ "$1" != nk-run ]; do shift; done
+[ $# -gt 0 ] && shift
+if [ $# -gt 0 ]; then
+    echo "nk-init: running: $*"
+    eval "$*"
+    echo "nk-init: commands done (status $?)"
+fi
+poweroff -f
+"#;
+
+/// The unpacked Linux guest files.
+#[derive(Debug, Clone)]
+pub struct LinuxFiles {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+}
+
+/// The kernel command line of the Linux VM: serial console, no KASLR (the decompressor
+/// must stay below the VM's memory), the TSC trusted (its rate comes from CPUID 0x15),
+/// no IO-APIC (the MADT has none), reboot on panic, one CPU, fewer boot-time costs.
+pub const KERNEL_CMDLINE: &str = "console=ttyS0 earlyprintk=serial nokaslr noapic tsc=reliable panic=-1 \
+    mitigations=off init_on_alloc=0 maxcpus=1";
+/// The commands `cargo xtask run --linux` gives /init.
+pub const DEMO_COMMANDS: &str =
+    "echo hello-from-linux > /tmp/f ; cat /tmp/f ; grep -m1 model.name /proc/cpuinfo ; cat /proc/interrupts";
+/// Bochs's instructions per second for runs with a Linux VM: Linux's timer tick (HZ=250)
+/// and RCU's stall detector assume a CPU that does far more than 4,000 instructions a tick,
+/// as the 1 MHz default would give; the hypervisor measures the rate and reports it in
+/// CPUID 0x15/0x16, so Linux's view of time stays consistent.
+pub const IPS: u32 = 50_000_000;
+/// The machine RAM a run with the Linux VM needs: the VM takes 128 MiB in one naturally
+/// aligned block of the buddy allocator.
+pub const MIN_MEGS: u32 = 512;
+
+/// The two boot modules of a Linux VM running `commands` on CPU 0.
+pub fn modules(files: &LinuxFiles, commands: &str) -> Vec<crate::image::Module> {
+    vec![
+        crate::image::Module {
+            path: files.kernel.clone(),
+            cmdline: format!("linux mem=128M cpu=0 modules=initramfs -- {KERNEL_CMDLINE} -- nk-run {commands}"),
+        },
+        crate::image::Module { path: files.initramfs.clone(), cmdline: "initramfs data".into() },
+    ]
+}
+
+/// Where everything lives.
+pub fn dir(workspace: &Workspace) -> PathBuf {
+    workspace.target().join("linux")
+}
+
+/// Fetches and unpacks the packages if target/linux/ lacks them, and (re)writes the
+/// initramfs if its contents changed.
+pub fn ensure(workspace: &Workspace) -> Result<LinuxFiles> {
+    let dir = dir(workspace);
+    let debs = dir.join("debs");
+    std::fs::create_dir_all(&debs).with_context(|| format!("cannot create {}", debs.display()))?;
+    let kernel = dir.join("vmlinuz");
+    let busybox = dir.join("busybox");
+    if !kernel.is_file() || !busybox.is_file() {
+        fetch(&debs)?;
+        unpack(&debs, &dir, &kernel, &busybox)?;
+    }
+    write_broken_kernels(&dir, &kernel)?;
+    let initramfs = dir.join("initramfs.cpio");
+    let busybox_bytes = std::fs::read(&busybox).with_context(|| format!("cannot read {}", busybox.display()))?;
+    let cpio = initramfs_cpio(&busybox_bytes);
+    if std::fs::read(&initramfs).ok().as_deref() != Some(&cpio[..]) {
+        std::fs::write(&initramfs, &cpio).with_context(|| format!("cannot write {}", initramfs.display()))?;
+        println!("xtask: linux: wrote {} ({} bytes)", workspace.display(&initramfs), cpio.len());
+    }
+    Ok(LinuxFiles { kernel, initramfs })
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+}
+
+/// The versioned kernel package the metapackage depends on.
+fn kernel_package() -> Result<String> {
+    let depends = |update: bool| -> Result<Option<String>> {
+        if update {
+            println!("xtask: linux: apt-get update (the package lists do not know {KERNEL_META})");
+            tools::status_checked(
+                Command::new("apt-get")
+                    .arg("update")
+                    .env("DEBIAN_FRONTEND", "noninteractive")
+                    .stdin(std::process::Stdio::null()),
+                "apt-get update",
+            )?;
+        }
+        let out = Command::new("apt-cache").args(["depends", KERNEL_META]).output().context("cannot run apt-cache")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        Ok(text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Depends: ").map(|p| p.trim().to_string()))
+            .filter(|p| p.starts_with("linux-image-")))
+    };
+    if let Some(p) = depends(false)? {
+        return Ok(p);
+    }
+    if is_root() {
+        if let Some(p) = depends(true)? {
+            return Ok(p);
+        }
+    }
+    anyhow::bail!("apt-cache does not know {KERNEL_META}: run `sudo apt-get update` (Debian bookworm) and try again")
+}
+
+fn fetch(debs: &Path) -> Result<()> {
+    if tools::find_program("apt-get").is_none() || tools::find_program("dpkg-deb").is_none() {
+        anyhow::bail!(
+            "the Linux guest needs apt-get and dpkg-deb (a Debian machine) to fetch {KERNEL_META} and {BUSYBOX}"
+        );
+    }
+    let kernel = kernel_package()?;
+    println!("xtask: linux: apt-get download {kernel} {BUSYBOX} into {}", debs.display());
+    tools::status_checked(
+        Command::new("apt-get")
+            .args(["download", &kernel, BUSYBOX])
+            .current_dir(debs)
+            .stdin(std::process::Stdio::null()),
+        "apt-get download",
+    )
+}
+
+fn unpack(debs: &Path, dir: &Path, kernel: &Path, busybox: &Path) -> Result<()> {
+    let root = dir.join("root");
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root)?;
+    for entry in std::fs::read_dir(debs)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "deb") {
+            tools::status_checked(Command::new("dpkg-deb").arg("-x").arg(&path).arg(&root), "dpkg-deb -x")?;
+        }
+    }
+    let boot = root.join("boot");
+    let vmlinuz = std::fs::read_dir(&boot)
+        .with_context(|| format!("the kernel package left no {}", boot.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+        .context("no vmlinuz-* in the kernel package")?;
+    std::fs::copy(&vmlinuz, kernel).with_context(|| format!("cannot copy {}", vmlinuz.display()))?;
+    std::fs::copy(root.join("bin/busybox"), busybox).context("no bin/busybox in busybox-static")?;
+    println!("xtask: linux: {} -> {}", vmlinuz.display(), kernel.display());
+    // The modules tree is large and unused (the guest needs none): drop it.
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}
+
+/// Writes the two broken kernels the tests boot: `vmlinuz-truncated` (its first 60%, so the
+/// setup header promises more than the file holds) and `vmlinuz-corrupt` (whole, but the
+/// first 512 bytes of its compressed payload, at the header's payload_offset, zeroed: the
+/// decompressor refuses it).
+fn write_broken_kernels(dir: &Path, kernel: &Path) -> Result<()> {
+    let truncated = dir.join("vmlinuz-truncated");
+    let corrupt = dir.join("vmlinuz-corrupt");
+    if truncated.is_file() && corrupt.is_file() {
+        return Ok(());
+    }
+    let bytes = std::fs::read(kernel).with_context(|| format!("cannot read {}", kernel.display()))?;
+    std::fs::write(&truncated, &bytes[..bytes.len() * 3 / 5])?;
+    let setup_sects = match bytes.get(0x1F1) {
+        Some(0) | None => 4,
+        Some(&n) => usize::from(n),
+    };
+    let word = |at: usize| bytes.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize);
+    let payload = (setup_sects + 1) * 512 + word(0x248).context("no payload_offset in the kernel's setup header")?;
+    let mut broken = bytes.clone();
+    let end = (payload + 512).min(broken.len());
+    broken[payload.min(end)..end].fill(0);
+    std::fs::write(&corrupt, &broken)?;
+    Ok(())
+}
+
+/// One file of a newc ("070701") cpio archive (the format the kernel's initramfs
+/// unpacker reads, Documentation/driver-api/early-userspace/buffer-format.rst).
+struct CpioWriter {
+    out: Vec<u8>,
+    ino: u32,
+}
+
+const S_IFDIR: u32 = 0o040000;
+const S_IFREG: u32 = 0o100000;
+const S_IFLNK: u32 = 0o120000;
+const S_IFCHR: u32 = 0o020000;
+
+impl CpioWriter {
+    fn new() -> Self {
+        Self { out: Vec::new(), ino: 1 }
+    }
+
+    fn pad4(&mut self) {
+        while !self.out.len().is_multiple_of(4) {
+            self.out.push(0);
+        }
+    }
+
+    fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
+        let fields = [
+            self.ino,
+            mode,
+            0,
+            0,
+            if mode & S_IFDIR == S_IFDIR && mode & S_IFREG == 0 { 2 } else { 1 },
+            0,
+            data.len() as u32,
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            name.len() as u32 + 1,
+            0,
+        ];
+        self.ino += 1;
+        self.out.extend_from_slice(b"070701");
+        for f in fields {
+            self.out.extend_from_slice(format!("{f:08X}").as_bytes());
+        }
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.push(0);
+        self.pad4();
+        self.out.extend_from_slice(data);
+        self.pad4();
+    }
+
+    fn dir(&mut self, name: &str) {
+        self.entry(name, S_IFDIR | 0o755, (0, 0), &[]);
+    }
+    fn file(&mut self, name: &str, perm: u32, data: &[u8]) {
+        self.entry(name, S_IFREG | perm, (0, 0), data);
+    }
+    fn symlink(&mut self, name: &str, target: &str) {
+        self.entry(name, S_IFLNK | 0o777, (0, 0), target.as_bytes());
+    }
+    fn chardev(&mut self, name: &str, major: u32, minor: u32) {
+        self.entry(name, S_IFCHR | 0o600, (major, minor), &[]);
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.ino = 0;
+        self.entry("TRAILER!!!", 0, (0, 0), &[]);
+        // The kernel reads the archive in 512-byte blocks' worth; pad like cpio does.
+        while !self.out.len().is_multiple_of(512) {
+            self.out.push(0);
+        }
+        self.out
+    }
+}
+
+/// Builds the initramfs around `busybox`.
+pub fn initramfs_cpio(busybox: &[u8]) -> Vec<u8> {
+    let mut c = CpioWriter::new();
+    for d in ["bin", "dev", "proc", "sys", "tmp", "sbin"] {
+        c.dir(d);
+    }
+    c.chardev("dev/console", 5, 1);
+    c.chardev("dev/ttyS0", 4, 64);
+    c.chardev("dev/null", 1, 3);
+    c.file("bin/busybox", 0o755, busybox);
+    c.symlink("bin/sh", "busybox");
+    c.file("init", 0o755, INIT_SCRIPT.as_bytes());
+    c.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One archive member: (name, mode, (rdev major, minor), data).
+    type Member = (String, u32, (u32, u32), Vec<u8>);
+
+    /// Walks a newc archive as the kernel's unpacker does.
+    fn walk(archive: &[u8]) -> Vec<Member> {
+        let mut at = 0;
+        let mut out = Vec::new();
+        loop {
+            assert_eq!(&archive[at..at + 6], b"070701", "magic at {at}");
+            let field = |i: usize| {
+                u32::from_str_radix(std::str::from_utf8(&archive[at + 6 + 8 * i..at + 14 + 8 * i]).unwrap(), 16)
+                    .unwrap()
+            };
+            let (mode, size, rmaj, rmin, namesize) =
+                (field(1), field(6) as usize, field(9), field(10), field(11) as usize);
+            let name_at = at + 110;
+            let name = String::from_utf8(archive[name_at..name_at + namesize - 1].to_vec()).unwrap();
+            assert_eq!(archive[name_at + namesize - 1], 0);
+            let data_at = (name_at + namesize).next_multiple_of(4);
+            let data = archive[data_at..data_at + size].to_vec();
+            at = (data_at + size).next_multiple_of(4);
+            if name == "TRAILER!!!" {
+                break;
+            }
+            out.push((name, mode, (rmaj, rmin), data));
+        }
+        assert_eq!(archive.len() % 512, 0);
+        out
+    }
+
+    #[test]
+    fn initramfs_has_init_busybox_and_console() {
+        let archive = initramfs_cpio(b"\x7fELF fake busybox");
+        let entries = walk(&archive);
+        let find = |n: &str| entries.iter().find(|e| e.0 == n).unwrap_or_else(|| panic!("{n} missing")).clone();
+        let init = find("init");
+        assert_eq!(init.1, S_IFREG | 0o755);
+        assert!(String::from_utf8(init.3).unwrap().contains("LINUX-OK"));
+        assert_eq!(find("dev/console").2, (5, 1));
+        assert_eq!(find("dev/console").1 & 0o170000, S_IFCHR);
+        assert_eq!(find("bin/sh").3, b"busybox");
+        assert_eq!(find("bin/busybox").3, b"\x7fELF fake busybox");
+        assert_eq!(find("proc").1, S_IFDIR | 0o755);
+    }
+
+    #[test]
+    fn init_script_mounts_prints_runs_and_powers_off() {
+        for needle in ["mount -t proc", "mount -t sysfs", "mount -t devtmpfs", "uname -r", "eval \"$*\"", "poweroff -f"]
+        {
+            assert!(INIT_SCRIPT.contains(needle), "{needle}");
+        }
+    }
+}
