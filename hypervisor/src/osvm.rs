@@ -433,9 +433,15 @@ impl OsVm {
     }
 }
 
-/// Writes one line of a guest OS's serial output to the hypervisor's console.
+/// Writes one line of a guest OS's serial output to the hypervisor's console (a tab as a
+/// space, any other unprintable byte as `?`).
 fn log_line(prefix: &str, line: &[u8]) {
-    let text: String = line.iter().map(|&b| if b.is_ascii_graphic() || b == b' ' { b as char } else { '?' }).collect();
+    let printable = |b: u8| match b {
+        b'\t' => ' ',
+        b if b.is_ascii_graphic() || b == b' ' => b as char,
+        _ => '?',
+    };
+    let text: String = line.iter().map(|&b| printable(b)).collect();
     log::info!(target: "guest", "{prefix}: {text}");
 }
 
