@@ -111,7 +111,6 @@ pub struct Guest {
     name: String,
     memory: HostPhysAddr,
     memory_size: u64,
-    ept: Option<GuestEpt>,
     vcpu: Option<Vcpu>,
     console: String,
     exits: u64,
@@ -150,7 +149,6 @@ impl Guest {
             name: String::from(name),
             memory,
             memory_size,
-            ept: None,
             vcpu: None,
             console: String::new(),
             exits: 0,
@@ -178,7 +176,7 @@ impl Guest {
         let mut ept = GuestEpt::new(&caps).map_err(GuestError::Ept)?;
         let mapped = ept.map_range(0, memory.as_u64(), memory_size, EptPerms::RWX);
         let eptp = ept.eptp();
-        guest.ept = Some(ept);
+        crate::exomem::register(vm, ept, crate::percpu::current_index() as usize);
         mapped.map_err(GuestError::Ept)?;
         let start = GuestStart {
             eptp,
@@ -469,7 +467,7 @@ impl Drop for Guest {
     /// invalidated (INVEPT) and freed, and only then its memory freed.
     fn drop(&mut self) {
         self.vcpu = None;
-        self.ept = None;
+        drop(crate::exomem::unregister(self.vm));
         memory::free_frames(self.memory, (self.memory_size / PAGE_SIZE) as usize);
     }
 }

@@ -228,6 +228,8 @@ impl Mesh {
 
     /// Handles every message waiting for `cpu`; returns how many it handled.
     pub fn service(&self, cpu: usize) -> usize {
+        // First the exo AM's EPT shootdowns another CPU waits for (hypervisor/src/exomem.rs).
+        crate::exomem::service(cpu);
         self.retry_overflow(cpu);
         let instance = &self.instances[cpu];
         let mut handled = 0;

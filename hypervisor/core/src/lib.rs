@@ -46,7 +46,7 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use nk_abi::{nk_op, Call, NameWords, Reply, Selector, Status, ABI_VERSION, MAX_CAP_ARGS, NULL_KERNEL_AM};
-use nk_am::{AbstractMachine, AmError, Effect, Effects, Kernel, Registrar};
+use nk_am::{AbstractMachine, AmError, Effect, Effects, FrameSource, Kernel, Registrar};
 use nk_caps::{
     AmId, ArgFault, Binding, CapError, CapName, CapTable, CheckError, DeadCap, EntropySource, KernelId, NewTableError,
     Object, OpId, Principal, PrincipalError, RegisterError, Rights, VmId,
@@ -173,6 +173,8 @@ pub struct NullKernel {
     inbox_on_completion: BTreeMap<PendingOp, (VmId, Principal)>,
     /// Effects the AMs emitted that the hypervisor has not applied yet.
     effects: Vec<Effect>,
+    /// The host frames AMs may allocate from (none until the hypervisor lends them).
+    frames: Option<&'static dyn FrameSource>,
 }
 
 impl core::fmt::Debug for NullKernel {
@@ -237,6 +239,7 @@ struct AmServices<'a> {
     am: AmId,
     table: &'a mut CapTable,
     effects: &'a mut Vec<Effect>,
+    frames: Option<&'static dyn FrameSource>,
 }
 
 impl Effects for AmServices<'_> {
@@ -266,6 +269,10 @@ impl Kernel for AmServices<'_> {
                 Err(error)
             }
         }
+    }
+
+    fn allocate_frames(&mut self, bytes: u64, align: u64) -> Option<u64> {
+        self.frames?.allocate(bytes, align)
     }
 }
 
@@ -377,6 +384,7 @@ impl NullKernel {
             placement: BTreeMap::new(),
             inbox_on_completion: BTreeMap::new(),
             effects: Vec::new(),
+            frames: None,
         })
     }
 
@@ -438,6 +446,12 @@ impl NullKernel {
         self.caller_ring = reader;
     }
 
+    /// Lends the AMs the hypervisor's frame allocator (the exo AM's `alloc`); until it is
+    /// set, allocations fail with `NO_MEMORY`.
+    pub fn set_frame_source(&mut self, frames: &'static dyn FrameSource) {
+        self.frames = Some(frames);
+    }
+
     /// Lets every ring of `vm`, not only ring 0, call `INITIAL` and `RECEIVED` (the
     /// module option `ring3-caps`).
     pub fn allow_all_rings(&mut self, vm: VmId) {
@@ -454,7 +468,7 @@ impl NullKernel {
         let mut report = Vec::new();
         for (slot, am) in self.ams.iter().enumerate() {
             let id = AmId::new(FIRST_AM_ID + slot as u16);
-            let mut services = AmServices { am: id, table: self.proto.table_mut(), effects: &mut self.effects };
+            let mut services = AmServices { am: id, table: self.proto.table_mut(), effects: &mut self.effects, frames: self.frames };
             match am.lock().grant_initial(vm, &mut services) {
                 Ok(names) => granted.extend(names.into_iter().map(|name| (id, name))),
                 Err(error) => report.push(GrantFailure { am: id, error }),
@@ -606,7 +620,7 @@ impl NullKernel {
         let Some(handler) = self.ams.get(slot) else {
             return failure(Status::new(Status::UNKNOWN_AM, None));
         };
-        let mut services = AmServices { am, table, effects: &mut self.effects };
+        let mut services = AmServices { am, table, effects: &mut self.effects, frames: self.frames };
         let result = handler.lock().invoke(&checked, &call.args, &mut services);
         match result {
             Ok(outcome) => success(outcome.name, outcome.results),

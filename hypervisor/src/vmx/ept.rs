@@ -77,6 +77,46 @@ impl GuestEpt {
     }
 }
 
+impl GuestEpt {
+    /// Unmaps every page in `[gpa, gpa + len)` (pages not mapped are skipped). The caller
+    /// invalidates (INVEPT) before the frames are reused.
+    pub fn unmap_range(&mut self, gpa: u64, len: u64) {
+        let Some(builder) = self.builder.as_mut() else { return };
+        let mut at = gpa;
+        while at < gpa.saturating_add(len) {
+            let step = builder.unmap(&mut FrameTables, at).map_or(nk_paging::PAGE_4K, nk_paging::PageSize::bytes);
+            at += step;
+        }
+    }
+
+    /// Reads and clears the dirty flag of the page containing `gpa` (false if unmapped).
+    pub fn take_dirty(&mut self, gpa: u64) -> bool {
+        let Some(builder) = self.builder.as_mut() else { return false };
+        builder.take_dirty(&mut FrameTables, gpa).unwrap_or(false)
+    }
+
+    /// Tells whether the EPT pointer enables the accessed and dirty flags (bit 6).
+    pub fn has_dirty_flags(&self) -> bool {
+        self.eptp & (1 << 6) != 0
+    }
+
+    /// Sets the permissions of every page in `[gpa, gpa + len)` to `perms`.
+    pub fn protect_range(&mut self, gpa: u64, len: u64, perms: nk_paging::EptPerms) {
+        let Some(builder) = self.builder.as_mut() else { return };
+        let mut at = gpa;
+        while at < gpa.saturating_add(len) {
+            let step = match builder.translate(&mut FrameTables, at) {
+                Ok(t) => {
+                    let _ = builder.protect(&mut FrameTables, at, perms);
+                    t.size.bytes()
+                }
+                Err(_) => nk_paging::PAGE_4K,
+            };
+            at += step;
+        }
+    }
+}
+
 impl Drop for GuestEpt {
     fn drop(&mut self) {
         let Some(builder) = self.builder.take() else { return };
