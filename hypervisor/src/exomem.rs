@@ -93,10 +93,16 @@ pub fn unregister(vm: VmId) -> Option<GuestEpt> {
 pub fn apply(effect: Effect) {
     let mut epts = EPTS.lock();
     match effect {
-        Effect::MapFrames { vm, gpa, hpa, bytes, large: _, access } => {
+        Effect::MapFrames { vm, gpa, hpa, bytes, large, access } => {
             let Some(r) = epts.get_mut(&vm.raw()) else { return };
             // Widening needs no invalidation (the CPU re-walks on a violation, §29.4.3.1).
-            if let Err(e) = r.ept.map_range(gpa, hpa, bytes, nk_paging::EptPerms::from_bits(access)) {
+            // Small-page sets stay small pages, so their dirty flags are per 4 KiB.
+            let perms = nk_paging::EptPerms::from_bits(access);
+            let mapped = match large {
+                true => r.ept.map_range(gpa, hpa, bytes, perms),
+                false => r.ept.map_range_4k(gpa, hpa, bytes, perms),
+            };
+            if let Err(e) = mapped {
                 log::error!(target: "exo", "vm{}: mapping {bytes:#x} bytes at {gpa:#x} failed: {e}", vm.raw());
             }
         }
@@ -134,11 +140,18 @@ pub fn apply(effect: Effect) {
             }
             bitmap.fill(0);
             let mut found = false;
-            for page in 0..pages {
-                if r.ept.take_dirty(gpa + page * PAGE_SIZE) {
-                    bitmap[(page / 8) as usize] |= 1 << (page % 8);
+            let mut page = 0;
+            while page < pages {
+                let (dirty, size) = r.ept.take_dirty(gpa + page * PAGE_SIZE);
+                // A large page's flag stands for each of its 4 KiB pages in the range.
+                let step = (size / PAGE_SIZE).min(pages - page).max(1);
+                if dirty {
                     found = true;
+                    for p in page..page + step {
+                        bitmap[(p / 8) as usize] |= 1 << (p % 8);
+                    }
                 }
+                page += step;
             }
             let (cpu, eptp) = (r.cpu, r.ept.eptp());
             drop(epts);

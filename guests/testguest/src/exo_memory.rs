@@ -43,6 +43,8 @@ const GPA_LIMIT: u64 = 1 << 30;
 /// What the lender writes and the borrower answers.
 const LENT: u64 = 0x1e17_0000_0000_0001;
 const ANSWER: u64 = 0xb0_0000_0000_0002;
+/// How long the lender's last revoke took (TSC ticks: emulated instructions in Bochs).
+static REVOKE_TICKS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 /// What the lender writes into the signal page once its revoke (or free) returned.
 const REVOKED: u64 = 0xdead;
 
@@ -66,13 +68,26 @@ pub fn run<'a>(mode: &str, words: impl Iterator<Item = &'a str>, memory: u64, vm
             let mut count = 0;
             let mut words = words.peekable();
             let free = words.next_if_eq(&"free").is_some();
+            let timed = words.next_if_eq(&"bench").is_some();
             for vm in words.filter_map(|w| w.parse().ok()).take(borrowers.len()) {
                 borrowers[count] = vm;
                 count += 1;
             }
-            report("exomem_lend_revoke", lend(&borrowers[..count], free));
+            let started = nk::rdtsc();
+            let result = lend(&borrowers[..count], free);
+            if timed {
+                // `lend` stores the revoke's own duration.
+                let _ = started;
+                println!("GBENCH revoke_shared_2cpu_instructions {}", REVOKE_TICKS.load(core::sync::atomic::Ordering::Relaxed));
+            }
+            report("exomem_lend_revoke", result);
         }
         "exoborrow" => report("exomem_borrow", borrow(vm)),
+        "exobench" => {
+            if let Err(Why(line)) = bench() {
+                println!("GBENCH error: {}", line.as_str());
+            }
+        }
         _ => println!("GTEST FAILED exomem: unknown mode '{mode}'"),
     }
 }
@@ -253,7 +268,10 @@ fn lend(borrowers: &[u32], free: bool) -> CheckResult {
         println!("exolend: freed the frames the borrowers map");
         return Ok(());
     }
-    let revoked = nk::revoke(shared).map_err(|s| why(format_args!("revoke: {s}")))?;
+    let start = nk::rdtsc();
+    let revoked = nk::revoke(shared);
+    REVOKE_TICKS.store(nk::rdtsc() - start, core::sync::atomic::Ordering::Relaxed);
+    let revoked = revoked.map_err(|s| why(format_args!("revoke: {s}")))?;
     ensure!(revoked >= 1, "revoke killed nothing");
     // The revoke has returned: from now on no borrower may reach the page.
     poke(WINDOW + PAGE, REVOKED);
@@ -286,4 +304,70 @@ fn borrow(vm: u64) -> CheckResult {
         }
         core::hint::spin_loop();
     }
+}
+
+/// The smallest of five TSC deltas of `f`.
+fn min_of_5(mut f: impl FnMut() -> Result<u64, Why>) -> Result<u64, Why> {
+    let mut best = u64::MAX;
+    for _ in 0..5 {
+        best = best.min(f()?);
+    }
+    Ok(best)
+}
+
+/// `cargo xtask bench exo`: map and unmap of one 4 KiB frame set, and the dirty bitmap of
+/// N = 65,536 pages (one 2 MiB set of 4 KiB pages mapped 128 times) with K of them written.
+fn bench() -> CheckResult {
+    const N: u64 = 65_536;
+    let (aspace, am) = aspace()?;
+    let overhead = min_of_5(|| {
+        let start = nk::rdtsc();
+        Ok(nk::rdtsc() - start)
+    })?;
+    let page = alloc(am, aspace, 1)?;
+    let gpa = WINDOW - 0x10 * PAGE;
+    let mut unmap_best = u64::MAX;
+    let map_best = min_of_5(|| {
+        let start = nk::rdtsc();
+        let status = map(am, page, aspace, gpa, RW);
+        let mapped = nk::rdtsc() - start;
+        ensure!(status.is_ok(), "map: {status}");
+        poke(gpa, 1);
+        let start = nk::rdtsc();
+        let status = nk::call(am, UNMAP, &[aspace], &[gpa]).status();
+        unmap_best = unmap_best.min(nk::rdtsc() - start);
+        ensure!(status.is_ok(), "unmap: {status}");
+        Ok(mapped)
+    })?;
+    println!("GBENCH map_4k_instructions {}", map_best.saturating_sub(overhead));
+    println!("GBENCH unmap_4k_instructions {}", unmap_best.saturating_sub(overhead));
+    ensure!(nk::delete(page).is_ok(), "delete");
+
+    let block = alloc(am, aspace, 512)?;
+    let bitmap = alloc(am, aspace, 2)?;
+    let bitmap_gpa = WINDOW - 4 * PAGE;
+    ensure!(map(am, bitmap, aspace, bitmap_gpa, RW).is_ok(), "map the bitmap");
+    for copy in 0..N / 512 {
+        let status = map(am, block, aspace, WINDOW + copy * 512 * PAGE, RW);
+        ensure!(status.is_ok(), "map copy {copy}: {status}");
+    }
+    let harvest = || nk::call(am, DIRTY, &[aspace, bitmap], &[WINDOW, N, 0]).status();
+    ensure!(harvest().is_ok(), "dirty");
+    for k in [1u64, 64, 4096] {
+        let ticks = min_of_5(|| {
+            for i in 0..k {
+                poke(WINDOW + i * (N / k) * PAGE, i);
+            }
+            let start = nk::rdtsc();
+            let status = harvest();
+            let ticks = nk::rdtsc() - start;
+            ensure!(status.is_ok(), "dirty: {status}");
+            let found: u32 = (0..N / 64).map(|w| peek(bitmap_gpa + 8 * w).count_ones()).sum();
+            ensure!(u64::from(found) == k, "found {found} dirty pages, wrote {k}");
+            Ok(ticks)
+        })?;
+        println!("GBENCH dirty_ad_{k}_instructions {}", ticks.saturating_sub(overhead));
+    }
+    println!("GBENCH done");
+    Ok(())
 }
