@@ -43,6 +43,8 @@ use crate::vmx::ept::GuestEpt;
 struct Registered {
     ept: GuestEpt,
     cpu: usize,
+    /// The VM's initial memory: (host-physical address, bytes).
+    memory: (u64, u64),
     /// An unmap could not be invalidated on the VM's CPU: frames it unmapped stay out of
     /// the allocator.
     remote_stale: bool,
@@ -79,9 +81,14 @@ impl FrameSource for HypervisorFrames {
     }
 }
 
-/// Registers `vm`'s EPT, which runs on `cpu`.
-pub fn register(vm: VmId, ept: GuestEpt, cpu: usize) {
-    EPTS.lock().insert(vm.raw(), Registered { ept, cpu, remote_stale: false });
+/// Registers `vm`'s EPT, which runs on `cpu`, and its initial memory `(hpa, bytes)`.
+pub fn register(vm: VmId, ept: GuestEpt, cpu: usize, memory: (u64, u64)) {
+    EPTS.lock().insert(vm.raw(), Registered { ept, cpu, memory, remote_stale: false });
+}
+
+/// Returns where `vm`'s initial memory lies (the exo AM's `Kernel::guest_memory`).
+pub fn guest_memory(vm: VmId) -> Option<(u64, u64)> {
+    EPTS.lock().get(&vm.raw()).map(|r| r.memory)
 }
 
 /// Takes `vm`'s EPT back (to drop it on its CPU at teardown).

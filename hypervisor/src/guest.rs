@@ -176,7 +176,7 @@ impl Guest {
         let mut ept = GuestEpt::new(&caps).map_err(GuestError::Ept)?;
         let mapped = ept.map_range(0, memory.as_u64(), memory_size, EptPerms::RWX);
         let eptp = ept.eptp();
-        crate::exomem::register(vm, ept, crate::percpu::current_index() as usize);
+        crate::exomem::register(vm, ept, crate::percpu::current_index() as usize, (memory.as_u64(), memory_size));
         mapped.map_err(GuestError::Ept)?;
         let start = GuestStart {
             eptp,

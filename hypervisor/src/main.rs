@@ -167,10 +167,11 @@ fn null_kernel(
             ports: g.ports.and_then(|(first, count)| nk_am_exo::PortRange::new(first, count)),
             msrs: g.msrs.clone(),
             memory: Some(nk_am_exo::VmMemory {
-                gpa_base: g.memory,
+                gpa_base: 0,
                 gpa_limit: EXO_GPA_LIMIT,
                 frame_quota: EXO_FRAME_QUOTA,
-                initial: None,
+                initial_bytes: g.memory,
+                initial_hpa: None,
             }),
         })
         .collect();
@@ -182,6 +183,7 @@ fn null_kernel(
             .map_err(|e| alloc::format!("kernel {cpu}: capability table: {e:?}"))?;
         kernel.set_caller_ring(guest::guest_ring);
         kernel.set_frame_source(&exomem::FRAMES);
+        kernel.set_guest_memory(exomem::guest_memory);
         let counter =
             kernel.add_shared_am(counter.clone(), AM_QUOTA).map_err(|e| alloc::format!("counter AM: {e:?}"))?;
         let exo = kernel.add_shared_am(exo.clone(), AM_QUOTA).map_err(|e| alloc::format!("exo AM: {e:?}"))?;

@@ -220,8 +220,10 @@ fn run_queue(cpu: usize) {
                         }
                         GuestEnd::Stopped(why) => log::warn!(target: "guest", "vm{}/{name}: stopped: {why}", vm.raw()),
                     }
-                    drop(guest);
+                    // Its capabilities die first: the exo AM undoes every mapping of its
+                    // memory in other VMs (on every CPU) before the memory is freed.
                     finish(cpu, vm, end == GuestEnd::Halted, &mut removals);
+                    drop(guest);
                 }
             }
         }

@@ -204,6 +204,13 @@ pub trait Kernel: Effects {
         let _ = (bytes, align);
         None
     }
+
+    /// Returns where `vm`'s initial memory (its module's `mem=`) lies in host memory:
+    /// (first host-physical address, bytes), once the hypervisor has created the VM.
+    fn guest_memory(&self, vm: VmId) -> Option<(u64, u64)> {
+        let _ = vm;
+        None
+    }
 }
 
 /// An abstract machine.

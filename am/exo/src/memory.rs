@@ -19,8 +19,10 @@
 //!   mapping of it and of the sets split from it goes, then its frames go back, zeroed.
 //!
 //! A VM's initial memory (its module's `mem=`) is a frame set too, already mapped at
-//! guest-physical 0 when the VM starts, so the guest may unmap, share or protect it like
-//! any other; it is not the allocator's and is never freed to it.
+//! guest-physical 0 when the VM starts, so the guest may share parts of it (split and
+//! delegate), protect or unmap it like any other; it is not the allocator's and is never
+//! freed to it (the hypervisor frees it after the VM's capabilities died, so after every
+//! mapping of it was undone).
 //!
 //! # Bounds
 //!
@@ -58,15 +60,20 @@ pub struct VmMemory {
     pub gpa_limit: u64,
     /// How many bytes of frames the VM may allocate at a time.
     pub frame_quota: u64,
-    /// Its initial memory: host frames `[hpa, hpa + bytes)`, mapped at guest-physical 0.
-    pub initial: Option<(u64, u64)>,
+    /// The bytes of its initial memory, mapped at guest-physical 0 (0: none). Where it
+    /// lies in host memory is `initial_hpa`, or asked of the hypervisor when first needed
+    /// (`Kernel::guest_memory`: the VM's memory is allocated when it starts, after its
+    /// initial capabilities are granted).
+    pub initial_bytes: u64,
+    pub initial_hpa: Option<u64>,
 }
 
 /// A run of host frames.
 #[derive(Clone, Copy, Debug)]
 struct FrameSet {
     id: u64,
-    hpa: u64,
+    /// None for a VM's initial memory until the hypervisor said where it lies.
+    hpa: Option<u64>,
     bytes: u64,
     /// Made of 2 MiB pages (mapped with large EPT entries where the address allows).
     large: bool,
@@ -194,7 +201,8 @@ impl Memory {
         aspace.id = ObjId::new(u64::from(vm.raw()));
         let aspace_cap = kernel.grant_new(aspace, rights.aspace_all, Principal::Vm(vm), Binding::Bound)?;
         let mut names = alloc::vec![aspace_cap];
-        if let Some((hpa, bytes)) = memory.initial {
+        if memory.initial_bytes > 0 {
+            let (hpa, bytes) = (memory.initial_hpa, memory.initial_bytes);
             let id = self.new_id();
             let mut object = frames_template;
             object.id = ObjId::new(id);
@@ -261,7 +269,7 @@ impl Memory {
         };
         let set = FrameSet {
             id,
-            hpa,
+            hpa: Some(hpa),
             bytes,
             large: large == 1,
             owner: caller,
@@ -287,6 +295,7 @@ impl Memory {
     ) -> Result<Outcome, AmError> {
         let (name, id, held) = cap;
         let parent = *self.sets.get(&id.raw()).ok_or(AmError::NotPermitted)?;
+        let parent_hpa = self.resolve(parent.id, kernel)?;
         let (offset, bytes) = (args[0], args[1]);
         let end = offset.checked_add(bytes).ok_or(AmError::BadArgument)?;
         if bytes == 0 || !aligned(offset, PAGE_4K) || !aligned(bytes, PAGE_4K) || end > parent.bytes {
@@ -302,7 +311,7 @@ impl Memory {
         let granted = kernel.grant_new(object, held, Principal::Vm(caller), Binding::Bound)?;
         let set = FrameSet {
             id: new,
-            hpa: parent.hpa + offset,
+            hpa: Some(parent_hpa + offset),
             bytes,
             large,
             owner: caller,
@@ -326,10 +335,11 @@ impl Memory {
         aspace: (CapName, ObjId),
         args: &[u64],
         rights: &MemoryRights,
-        effects: &mut dyn Effects,
+        kernel: &mut dyn Kernel,
     ) -> Result<Outcome, AmError> {
         let (frames_cap, set_id, held) = frames;
         let set = *self.sets.get(&set_id.raw()).ok_or(AmError::NotPermitted)?;
+        let hpa = self.resolve(set.id, kernel)?;
         let vm = aspace_vm(aspace.1)?;
         let (gpa, access) = (args[0], args[1]);
         let access = u8::try_from(access).ok().filter(|&a| valid_access(a));
@@ -359,8 +369,23 @@ impl Memory {
             access,
             by: caller,
         });
-        effects.emit(Effect::MapFrames { vm, gpa, hpa: set.hpa, bytes: set.bytes, large, access });
+        kernel.emit(Effect::MapFrames { vm, gpa, hpa, bytes: set.bytes, large, access });
         Ok(Outcome::value(set.bytes))
+    }
+
+    /// Returns where set `id` lies in host memory, asking the hypervisor for a VM's
+    /// initial memory the first time (`NOT_PERMITTED` before the VM has started).
+    fn resolve(&mut self, id: u64, kernel: &dyn Kernel) -> Result<u64, AmError> {
+        let set = self.sets.get_mut(&id).ok_or(AmError::NotPermitted)?;
+        if let Some(hpa) = set.hpa {
+            return Ok(hpa);
+        }
+        let (hpa, bytes) = kernel.guest_memory(set.owner).ok_or(AmError::NotPermitted)?;
+        if bytes < set.bytes {
+            return Err(AmError::NotPermitted);
+        }
+        set.hpa = Some(hpa);
+        Ok(hpa)
     }
 
     fn mapping_at(&self, vm: VmId, gpa: u64) -> Result<usize, AmError> {
@@ -403,10 +428,11 @@ impl Memory {
         bitmap: (ObjId, Rights),
         args: &[u64],
         rights: &MemoryRights,
-        effects: &mut dyn Effects,
+        kernel: &mut dyn Kernel,
     ) -> Result<Outcome, AmError> {
         let vm = aspace_vm(aspace)?;
         let set = *self.sets.get(&bitmap.0.raw()).ok_or(AmError::NotPermitted)?;
+        let set_hpa = self.resolve(set.id, kernel)?;
         if !bitmap.1.contains(rights.write) {
             return Err(AmError::NotPermitted);
         }
@@ -423,7 +449,7 @@ impl Memory {
         if bitmap_end > set.bytes {
             return Err(AmError::BadArgument);
         }
-        effects.emit(Effect::TakeDirty { vm, gpa, pages, bitmap_hpa: set.hpa + offset });
+        kernel.emit(Effect::TakeDirty { vm, gpa, pages, bitmap_hpa: set_hpa + offset });
         Ok(Outcome::value(pages))
     }
 
@@ -473,8 +499,8 @@ impl Memory {
         });
         for id in family {
             let Some(set) = self.sets.remove(&id) else { continue };
-            if set.allocated {
-                effects.emit(Effect::FreeFrames { hpa: set.hpa, bytes: set.bytes });
+            if let (true, Some(hpa)) = (set.allocated, set.hpa) {
+                effects.emit(Effect::FreeFrames { hpa, bytes: set.bytes });
                 if let Some(charged) = self.charged.get_mut(&set.owner) {
                     *charged -= set.bytes;
                 }

@@ -40,7 +40,8 @@ struct Setup {
 }
 
 fn memory(initial: Option<(u64, u64)>) -> Option<VmMemory> {
-    Some(VmMemory { gpa_base: 0, gpa_limit: LIMIT, frame_quota: 8 * MIB, initial })
+    let (initial_hpa, initial_bytes) = initial.map_or((None, 0), |(hpa, bytes)| (Some(hpa), bytes));
+    Some(VmMemory { gpa_base: 0, gpa_limit: LIMIT, frame_quota: 8 * MIB, initial_bytes, initial_hpa })
 }
 
 fn setup() -> Setup {
@@ -424,4 +425,42 @@ fn dirty_reads_into_a_bitmap_the_caller_holds() {
     let map_only = s.null(VM2, nk_op::DERIVE, a2, &[0b001]).name;
     assert_eq!(s.call(VM2, op::DIRTY, &[map_only, bitmap], &[0, 16, 0]).status().code(), Status::MISSING_RIGHTS);
     assert!(s.effects().is_empty());
+}
+
+#[test]
+fn initial_memory_is_a_frame_set_found_when_first_needed() {
+    let mut nk = NullKernel::new(KernelId::new(0), 1, 1024, &mut FixedSeed::from_u64(9)).unwrap();
+    let unresolved = VmMemory { gpa_base: 0, gpa_limit: LIMIT, frame_quota: 0, initial_bytes: 4 * MIB, initial_hpa: None };
+    let assignments = alloc::vec![
+        VmAssignment { vm: Some(VM1), memory: Some(unresolved), ..VmAssignment::default() },
+        VmAssignment { vm: Some(VM2), memory: memory(None), ..VmAssignment::default() },
+    ];
+    let exo = nk.add_am(alloc::boxed::Box::new(ExoAm::new(assignments)), 256).unwrap().raw();
+    nk.set_caller_ring(|| 0);
+    nk.add_vm(VM1, 64).unwrap();
+    nk.add_vm(VM2, 64).unwrap();
+    let aspace1 = initial(&mut nk, VM1, 0).name;
+    let memory1 = initial(&mut nk, VM1, 1).name;
+    // Its memory occupies [0, 4 MiB): nothing maps over it.
+    let own = call2(&mut nk, VM1, exo, op::MAP, &[memory1, aspace1], &[8 * MIB, RW]);
+    assert_eq!(own.status().code(), Status::NOT_PERMITTED, "the hypervisor has not said where it lies yet");
+    let split = call2(&mut nk, VM1, exo, op::SPLIT, &[memory1], &[3 * MIB, PAGE_4K]);
+    assert_eq!(split.status().code(), Status::NOT_PERMITTED);
+    nk.set_guest_memory(|vm| (vm == VM1).then_some((RAM1, 4 * MIB)));
+    let split = call2(&mut nk, VM1, exo, op::SPLIT, &[memory1], &[3 * MIB, PAGE_4K]);
+    assert!(split.status().is_ok(), "{}", split.status());
+    let lent = call2(&mut nk, VM1, 0, nk_op::DELEGATE as u16, &[split.name], &[u64::MAX, 2, 0]);
+    assert!(lent.status().is_ok());
+    let borrowed = call2(&mut nk, VM2, 0, nk_op::RECEIVED as u16, &[], &[0]).name;
+    let aspace2 = initial(&mut nk, VM2, 0).name;
+    assert!(call2(&mut nk, VM2, exo, op::MAP, &[borrowed, aspace2], &[0, RW]).status().is_ok());
+    assert_eq!(
+        nk.take_effects(),
+        [Effect::MapFrames { vm: VM2, gpa: 0, hpa: RAM1 + 3 * MIB, bytes: PAGE_4K, large: false, access: 3 }]
+    );
+    // VM1 ends: its memory's every mapping elsewhere goes; none of it is freed to the allocator.
+    nk.remove_vm(VM1, &mut Vec::new()).unwrap();
+    let effects = nk.take_effects();
+    assert!(effects.contains(&Effect::UnmapFrames { vm: VM2, gpa: 0, bytes: PAGE_4K }), "{effects:?}");
+    assert!(effects.iter().all(|e| !matches!(e, Effect::FreeFrames { .. })), "{effects:?}");
 }

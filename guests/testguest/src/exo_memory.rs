@@ -13,7 +13,8 @@
 //!   share and delegates it to each BORROWER (VM ids), waits until each borrower has
 //!   written its answer into the page (at 8 * its VM id), then revokes the shared
 //!   capability: one revoke that must reach every borrower, on any CPU, before it returns.
-//!   `exolend free BORROWER..` frees the set instead, which unmaps it from every borrower
+//!   `exolend initial BORROWER..` shares a page of its own initial memory instead (split
+//!   off the initial frame set it holds). `exolend free BORROWER..` frees the set instead, which unmaps it from every borrower
 //!   from the lender's CPU (a cross-CPU shootdown).
 //! * `exoborrow`: maps what it received, checks the lender's pattern, writes its answer,
 //!   then reads the page in a loop: once the lender revokes, its next read must stop it.
@@ -30,6 +31,7 @@ const MAP: u32 = 5;
 const UNMAP: u32 = 6;
 const PROTECT: u32 = 7;
 const FREE: u32 = 8;
+const SPLIT: u32 = 4;
 const DIRTY: u32 = 9;
 /// `frame_access` bits.
 const READ: u64 = 1;
@@ -69,12 +71,13 @@ pub fn run<'a>(mode: &str, words: impl Iterator<Item = &'a str>, memory: u64, vm
             let mut words = words.peekable();
             let free = words.next_if_eq(&"free").is_some();
             let timed = words.next_if_eq(&"bench").is_some();
+            let initial = words.next_if_eq(&"initial").is_some();
             for vm in words.filter_map(|w| w.parse().ok()).take(borrowers.len()) {
                 borrowers[count] = vm;
                 count += 1;
             }
             let started = nk::rdtsc();
-            let result = lend(&borrowers[..count], free);
+            let result = lend(&borrowers[..count], free, initial);
             if timed {
                 // `lend` stores the revoke's own duration.
                 let _ = started;
@@ -95,14 +98,28 @@ pub fn run<'a>(mode: &str, words: impl Iterator<Item = &'a str>, memory: u64, vm
 /// Finds this guest's address-space capability among its initial ones: the one of the exo
 /// AM whose `unmap` of an unmapped address is a bad argument, not a wrong kind.
 fn aspace() -> Result<(Cap, u16), Why> {
+    aspace_and_memory().map(|(aspace, _, am)| (aspace, am))
+}
+
+/// Returns the address-space capability, the initial-memory frame capability (granted
+/// right after it) and the exo AM's id. The address space is the exo capability whose
+/// `unmap` of a page inside the guest's memory is a bad argument (no mapping starts there),
+/// not a wrong kind.
+fn aspace_and_memory() -> Result<(Cap, Cap, u16), Why> {
     for index in 0..16 {
         let Ok((cap, am)) = nk::initial(index) else { break };
-        if nk::call(am, UNMAP, &[cap], &[0]).status().code() == Status::BAD_ARGUMENT {
-            return Ok((cap, am));
+        if nk::call(am, UNMAP, &[cap], &[PAGE]).status().code() == Status::BAD_ARGUMENT {
+            let (memory, _) = nk::initial(index + 1).map_err(|s| why(format_args!("no initial memory capability: {s}")))?;
+            return Ok((cap, memory, am));
         }
     }
     Err(why(format_args!("no address-space capability among the initial ones")))
 }
+
+/// A page of this guest's own (initial) memory that `exolend initial` shares.
+#[repr(C, align(4096))]
+struct SharedPage([u64; 512]);
+static mut SHARED_PAGE: SharedPage = SharedPage([0; 512]);
 
 fn alloc(am: u16, aspace: Cap, pages: u64) -> Result<Cap, Why> {
     let reply = nk::call(am, ALLOC, &[aspace], &[pages, 0]);
@@ -141,7 +158,7 @@ fn exomem(memory: u64) -> CheckResult {
     };
     let other = alloc(am, aspace, 1)?;
     refused(&[other, aspace], WINDOW + PAGE, RW, Status::NOT_PERMITTED, "over a mapping")?;
-    refused(&[other, aspace], memory - PAGE, RW, Status::BAD_ARGUMENT, "over the guest's own memory")?;
+    refused(&[other, aspace], memory - PAGE, RW, Status::NOT_PERMITTED, "over the guest's own memory")?;
     refused(&[other, aspace], GPA_LIMIT, RW, Status::BAD_ARGUMENT, "past the limit")?;
     let read_map = nk::derive(other, 0b1001).map_err(|s| why(format_args!("derive: {s}")))?;
     refused(&[read_map, aspace], WINDOW + 8 * PAGE, RW, Status::NOT_PERMITTED, "more rights than held")?;
@@ -241,20 +258,30 @@ fn unmapped_access() -> CheckResult {
     Err(why(format_args!("read {value:#x} from a page it unmapped")))
 }
 
-fn lend(borrowers: &[u32], free: bool) -> CheckResult {
-    let (aspace, am) = aspace()?;
-    let set = alloc(am, aspace, 1)?;
+fn lend(borrowers: &[u32], free: bool, initial: bool) -> CheckResult {
+    let (aspace, memory, am) = aspace_and_memory()?;
+    let (set, shared_gpa) = if initial {
+        // A page of its own memory (a static buffer: its address is its guest-physical
+        // address), split off the initial frame set.
+        let gpa = core::ptr::addr_of!(SHARED_PAGE) as u64;
+        let reply = nk::call(am, SPLIT, &[memory], &[gpa, PAGE]);
+        ensure!(reply.status().is_ok(), "split its initial memory at {gpa:#x}: {}", reply.status());
+        (reply.name, gpa)
+    } else {
+        let set = alloc(am, aspace, 1)?;
+        ensure!(map(am, set, aspace, WINDOW, RW).is_ok(), "map");
+        (set, WINDOW)
+    };
     let signal = alloc(am, aspace, 1)?;
-    ensure!(map(am, set, aspace, WINDOW, RW).is_ok(), "map");
     ensure!(map(am, signal, aspace, WINDOW + PAGE, RW).is_ok(), "map the signal page");
-    poke(WINDOW, LENT);
+    poke(shared_gpa, LENT);
     let shared = nk::derive(set, u64::MAX).map_err(|s| why(format_args!("derive: {s}")))?;
     for &vm in borrowers {
         nk::delegate(shared, vm, u64::MAX, false).map_err(|s| why(format_args!("delegate to vm{vm}: {s}")))?;
         nk::delegate(signal, vm, u64::MAX, false).map_err(|s| why(format_args!("delegate to vm{vm}: {s}")))?;
     }
     let mut waited = 0u64;
-    while borrowers.iter().any(|&vm| peek(WINDOW + 8 * u64::from(vm)) != ANSWER) {
+    while borrowers.iter().any(|&vm| peek(shared_gpa + 8 * u64::from(vm)) != ANSWER) {
         waited += 1;
         ensure!(waited < 50_000_000, "no answer from every borrower");
         core::hint::spin_loop();
@@ -276,7 +303,7 @@ fn lend(borrowers: &[u32], free: bool) -> CheckResult {
     // The revoke has returned: from now on no borrower may reach the page.
     poke(WINDOW + PAGE, REVOKED);
     // The lender's own mapping stays.
-    ensure!(peek(WINDOW) == LENT, "the lender's view after the revoke");
+    ensure!(peek(shared_gpa) == LENT, "the lender's view after the revoke");
     println!("exolend: revoked the borrowers' frame capabilities");
     Ok(())
 }

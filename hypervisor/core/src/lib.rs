@@ -175,6 +175,8 @@ pub struct NullKernel {
     effects: Vec<Effect>,
     /// The host frames AMs may allocate from (none until the hypervisor lends them).
     frames: Option<&'static dyn FrameSource>,
+    /// Where each VM's initial memory lies in host memory (none until the hypervisor says).
+    guest_memory: fn(VmId) -> Option<(u64, u64)>,
 }
 
 impl core::fmt::Debug for NullKernel {
@@ -240,6 +242,7 @@ struct AmServices<'a> {
     table: &'a mut CapTable,
     effects: &'a mut Vec<Effect>,
     frames: Option<&'static dyn FrameSource>,
+    guest_memory: fn(VmId) -> Option<(u64, u64)>,
 }
 
 impl Effects for AmServices<'_> {
@@ -273,6 +276,10 @@ impl Kernel for AmServices<'_> {
 
     fn allocate_frames(&mut self, bytes: u64, align: u64) -> Option<u64> {
         self.frames?.allocate(bytes, align)
+    }
+
+    fn guest_memory(&self, vm: VmId) -> Option<(u64, u64)> {
+        (self.guest_memory)(vm)
     }
 }
 
@@ -385,6 +392,7 @@ impl NullKernel {
             inbox_on_completion: BTreeMap::new(),
             effects: Vec::new(),
             frames: None,
+            guest_memory: |_| None,
         })
     }
 
@@ -452,6 +460,12 @@ impl NullKernel {
         self.frames = Some(frames);
     }
 
+    /// Sets how AMs learn where a VM's initial memory lies in host memory (the exo AM's
+    /// initial frame sets): the hypervisor reads its EPT registry.
+    pub fn set_guest_memory(&mut self, reader: fn(VmId) -> Option<(u64, u64)>) {
+        self.guest_memory = reader;
+    }
+
     /// Lets every ring of `vm`, not only ring 0, call `INITIAL` and `RECEIVED` (the
     /// module option `ring3-caps`).
     pub fn allow_all_rings(&mut self, vm: VmId) {
@@ -468,7 +482,7 @@ impl NullKernel {
         let mut report = Vec::new();
         for (slot, am) in self.ams.iter().enumerate() {
             let id = AmId::new(FIRST_AM_ID + slot as u16);
-            let mut services = AmServices { am: id, table: self.proto.table_mut(), effects: &mut self.effects, frames: self.frames };
+            let mut services = AmServices { am: id, table: self.proto.table_mut(), effects: &mut self.effects, frames: self.frames, guest_memory: self.guest_memory };
             match am.lock().grant_initial(vm, &mut services) {
                 Ok(names) => granted.extend(names.into_iter().map(|name| (id, name))),
                 Err(error) => report.push(GrantFailure { am: id, error }),
@@ -620,7 +634,7 @@ impl NullKernel {
         let Some(handler) = self.ams.get(slot) else {
             return failure(Status::new(Status::UNKNOWN_AM, None));
         };
-        let mut services = AmServices { am, table, effects: &mut self.effects, frames: self.frames };
+        let mut services = AmServices { am, table, effects: &mut self.effects, frames: self.frames, guest_memory: self.guest_memory };
         let result = handler.lock().invoke(&checked, &call.args, &mut services);
         match result {
             Ok(outcome) => success(outcome.name, outcome.results),
