@@ -48,6 +48,60 @@ struct Registered {
     /// An unmap could not be invalidated on the VM's CPU: frames it unmapped stay out of
     /// the allocator.
     remote_stale: bool,
+    /// Its Page-Modification Log, once the VM turned it on.
+    pml: Option<Pml>,
+}
+
+/// A VM's Page-Modification Log (SDM Vol. 3 §29.3.6): the CPU writes the guest-physical
+/// address of each page whose EPT dirty flag it sets into `log` (512 entries, from index
+/// 511 down); a PML-full exit and a drain move them into `seen`, a bitmap of the range.
+struct Pml {
+    gpa: u64,
+    pages: u64,
+    log: HostPhysAddr,
+    seen: Vec<u64>,
+}
+
+/// Secondary processor-based control "enable PML" (SDM Vol. 3 §25.6.2, bit 17).
+const ENABLE_PML: u64 = 1 << 17;
+const PML_ENTRIES: u64 = 512;
+
+impl Pml {
+    /// Moves the logged addresses into `seen` and resets the index (the VM's VMCS must be
+    /// the current one).
+    fn collect(&mut self) {
+        use crate::vmx::vmcs::{self, VmcsField};
+        let index = vmcs::read(VmcsField::GUEST_PML_INDEX).unwrap_or(PML_ENTRIES - 1) & 0xFFFF;
+        // The CPU logs at the index, then decrements it; past 0 it wraps and the log is full.
+        let first = if index >= PML_ENTRIES { 0 } else { index + 1 };
+        for entry in first..PML_ENTRIES {
+            // SAFETY: the log frame is this VM's, identity-mapped; the CPU wrote the
+            // entries below the index before this exit (no guest runs meanwhile).
+            let gpa = unsafe { core::ptr::read_volatile((self.log.as_u64() + 8 * entry) as *const u64) } & !0xFFF;
+            if gpa >= self.gpa && gpa < self.gpa + self.pages * PAGE_SIZE {
+                let page = (gpa - self.gpa) / PAGE_SIZE;
+                self.seen[(page / 64) as usize] |= 1 << (page % 64);
+            }
+        }
+        // SAFETY: resets the index of the current VMCS, which is this VM's.
+        let _ = unsafe { vmcs::write(VmcsField::GUEST_PML_INDEX, PML_ENTRIES - 1) };
+    }
+}
+
+/// Counts PML-full exits (for the log).
+static PML_FULL_EXITS: AtomicU64 = AtomicU64::new(0);
+
+/// Handles a PML-full exit of `vm` (its VMCS is current): collects the log.
+pub fn pml_full(vm: VmId) {
+    PML_FULL_EXITS.fetch_add(1, Ordering::Relaxed);
+    if let Some(pml) = EPTS.lock().get_mut(&vm.raw()).and_then(|r| r.pml.as_mut()) {
+        pml.collect();
+    }
+}
+
+/// Returns how many PML-full exits were handled.
+pub fn pml_full_exits() -> u64 {
+    PML_FULL_EXITS.load(Ordering::Relaxed)
 }
 
 static EPTS: Mutex<BTreeMap<u32, Registered>> = Mutex::new(BTreeMap::new());
@@ -83,7 +137,7 @@ impl FrameSource for HypervisorFrames {
 
 /// Registers `vm`'s EPT, which runs on `cpu`, and its initial memory `(hpa, bytes)`.
 pub fn register(vm: VmId, ept: GuestEpt, cpu: usize, memory: (u64, u64)) {
-    EPTS.lock().insert(vm.raw(), Registered { ept, cpu, memory, remote_stale: false });
+    EPTS.lock().insert(vm.raw(), Registered { ept, cpu, memory, remote_stale: false, pml: None });
 }
 
 /// Returns where `vm`'s initial memory lies (the exo AM's `Kernel::guest_memory`).
@@ -91,9 +145,14 @@ pub fn guest_memory(vm: VmId) -> Option<(u64, u64)> {
     EPTS.lock().get(&vm.raw()).map(|r| r.memory)
 }
 
-/// Takes `vm`'s EPT back (to drop it on its CPU at teardown).
+/// Takes `vm`'s EPT back (to drop it on its CPU at teardown, after its VMCS was cleared),
+/// and frees its PML log.
 pub fn unregister(vm: VmId) -> Option<GuestEpt> {
-    EPTS.lock().remove(&vm.raw()).map(|r| r.ept)
+    let r = EPTS.lock().remove(&vm.raw())?;
+    if let Some(pml) = r.pml {
+        memory::free_frame(pml.log);
+    }
+    Some(r.ept)
 }
 
 /// Applies an exo memory effect.
@@ -166,6 +225,81 @@ pub fn apply(effect: Effect) {
             // write would not set the flag again (SDM Vol. 3 §29.4.3.1).
             if found {
                 invalidate(vm, cpu, eptp);
+            }
+        }
+        Effect::PmlEnable { vm, gpa, pages } => {
+            let Some(r) = epts.get_mut(&vm.raw()) else { return };
+            let caps = crate::vmx::capabilities();
+            if !caps.pml || !r.ept.has_dirty_flags() {
+                log::warn!(target: "guest", "vm{}: PML requested, but this CPU has no PML or EPT A/D flags; drains report every page", vm.raw());
+                return;
+            }
+            let log = match r.pml.take() {
+                Some(old) => old.log,
+                None => match memory::alloc_zeroed_frame() {
+                    Some(frame) => frame,
+                    None => {
+                        log::warn!(target: "guest", "vm{}: no frame for a PML log", vm.raw());
+                        return;
+                    }
+                },
+            };
+            // Every first write after this is logged: clear the range's dirty flags.
+            let mut page = 0;
+            while page < pages {
+                let (_, size) = r.ept.take_dirty(gpa + page * PAGE_SIZE);
+                page += (size / PAGE_SIZE).max(1);
+            }
+            r.pml = Some(Pml { gpa, pages, log, seen: alloc::vec![0; pages.div_ceil(64) as usize] });
+            let eptp = r.ept.eptp();
+            drop(epts);
+            let _ = crate::vmx::tlb::flush_ept(&caps, eptp);
+            use crate::vmx::vmcs::{self, VmcsField};
+            let secondary = vmcs::read(VmcsField::SECONDARY_PROCESSOR_CONTROLS).unwrap_or(0);
+            // SAFETY: the caller's own VMCS is current (the exo AM takes PML calls only
+            // for the caller's address space, applied during its hypercall); the log is a
+            // frame it owns, and the CPU offers PML (checked above), so the control is
+            // allowed-1.
+            let written = unsafe {
+                vmcs::write(VmcsField::PML_ADDRESS, log.as_u64())
+                    .and_then(|()| vmcs::write(VmcsField::GUEST_PML_INDEX, PML_ENTRIES - 1))
+                    .and_then(|()| vmcs::write(VmcsField::SECONDARY_PROCESSOR_CONTROLS, secondary | ENABLE_PML))
+            };
+            if let Err(e) = written {
+                log::warn!(target: "guest", "vm{}: enabling PML failed: {e:?}", vm.raw());
+            }
+        }
+        Effect::PmlDrain { vm, pages, bitmap_hpa } => {
+            let Some(r) = epts.get_mut(&vm.raw()) else { return };
+            // SAFETY: the exo AM checked that the bitmap of `pages` bits lies in a frame
+            // set the caller holds with the write right (identity-mapped host frames).
+            let bitmap = unsafe { core::slice::from_raw_parts_mut(bitmap_hpa as *mut u8, pages.div_ceil(8) as usize) };
+            let ept = &mut r.ept;
+            let Some(pml) = r.pml.as_mut() else {
+                // No PML (the CPU lacks it): every page counts as written.
+                bitmap.fill(0xFF);
+                return;
+            };
+            pml.collect();
+            bitmap.fill(0);
+            let (gpa, mut found) = (pml.gpa, false);
+            for (w, word) in pml.seen.iter_mut().enumerate() {
+                let mut bits = core::mem::take(word);
+                while bits != 0 {
+                    let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    if let Some(byte) = bitmap.get_mut((page / 8) as usize) {
+                        *byte |= 1 << (page % 8);
+                    }
+                    // Its next write must set the flag, and so log, again.
+                    ept.take_dirty(gpa + page * PAGE_SIZE);
+                    found = true;
+                }
+            }
+            let eptp = ept.eptp();
+            drop(epts);
+            if found {
+                let _ = crate::vmx::tlb::flush_ept(&crate::vmx::capabilities(), eptp);
             }
         }
         Effect::IoPorts { .. } | Effect::Msr { .. } => {}

@@ -419,6 +419,7 @@ impl Guest {
                 self.flush_console();
                 return stop(alloc::format!("{access} of guest-physical {gpa:#x} outside its memory (EPT violation)"));
             }
+            ExitReason::PML_FULL => crate::exomem::pml_full(self.vm),
             ExitReason::TRIPLE_FAULT => {
                 let rip = vcpu.rip().unwrap_or(0);
                 self.flush_console();

@@ -125,7 +125,9 @@ pub fn apply(effect: Effect) {
         | Effect::UnmapFrames { .. }
         | Effect::ProtectFrames { .. }
         | Effect::FreeFrames { .. }
-        | Effect::TakeDirty { .. } => {
+        | Effect::TakeDirty { .. }
+        | Effect::PmlEnable { .. }
+        | Effect::PmlDrain { .. } => {
             crate::exomem::apply(effect)
         }
     }

@@ -116,7 +116,7 @@ pub fn run_guests(specs: Vec<GuestSpec>, placements: &[(&str, u32)]) -> (usize, 
     settle(mesh);
     let frames_at_end = crate::memory::free_frame_count();
     match frames_at_start.checked_sub(frames_at_end) {
-        Some(0) => log::info!(target: "mem", "{frames_at_end} frames free after every guest ended, as at the start: none leaked ({} EPT shootdowns sent)", crate::exomem::shootdowns()),
+        Some(0) => log::info!(target: "mem", "{frames_at_end} frames free after every guest ended, as at the start: none leaked ({} EPT shootdowns sent, {} PML-full exits)", crate::exomem::shootdowns(), crate::exomem::pml_full_exits()),
         Some(lost) => log::error!(target: "mem", "{frames_at_end} frames free after every guest ended, {lost} fewer than at the start"),
         None => log::info!(target: "mem", "{frames_at_end} frames free after every guest ended ({} more than at the start)", frames_at_end - frames_at_start),
     }

@@ -147,6 +147,14 @@ pub enum Effect {
     /// belong to the caller. Then invalidates as for an unmap, so the next write to a page
     /// sets its flag again. Where the CPU has no EPT A/D flags every page reads as dirty.
     TakeDirty { vm: VmId, gpa: u64, pages: u64, bitmap_hpa: u64 },
+    /// Turns on Page-Modification Logging (SDM Vol. 3 §29.3.6) for `vm`, tracking the
+    /// `pages` 4 KiB pages from `gpa`: their dirty flags are cleared, so each first write
+    /// is logged. `vm` is the caller (its VMCS is the current one).
+    PmlEnable { vm: VmId, gpa: u64, pages: u64 },
+    /// Writes the pages of `vm`'s PML range logged since the last drain (including what
+    /// PML-full exits collected) as a bitmap at `bitmap_hpa` (as for `TakeDirty`), and
+    /// clears their dirty flags so their next write is logged again.
+    PmlDrain { vm: VmId, pages: u64, bitmap_hpa: u64 },
 }
 
 /// Access through a guest-physical mapping, as bits of `Effect::MapFrames` and

@@ -27,7 +27,9 @@
 //! `alloc(c: aspace[alloc], pages, large)`; 4 `split(c: frames[split], offset, bytes)`; 5
 //! `map(c0: frames[map], c1: aspace[map], gpa, access)` where `access` is `frame_access`
 //! bits; 6 `unmap(c: aspace[map], gpa)`; 7 `protect(c: aspace[map], gpa, access)`; 8
-//! `free(c: frames)`; 9 `dirty(c0: aspace[dirty], c1: frames[write], gpa, pages, offset)`.
+//! `free(c: frames)`; 9 `dirty(c0: aspace[dirty], c1: frames[write], gpa, pages, offset)`;
+//! 10 `pml-enable(c: aspace[dirty], gpa, pages)`; 11 `pml-drain(c0: aspace[dirty], c1:
+//! frames[write], offset)`.
 //!
 //! # Bounds
 //!
@@ -69,6 +71,8 @@ pub mod op {
     pub const PROTECT: u16 = 7;
     pub const FREE: u16 = 8;
     pub const DIRTY: u16 = 9;
+    pub const PML_ENABLE: u16 = 10;
+    pub const PML_DRAIN: u16 = 11;
 }
 
 /// What the hypervisor gives one VM at creation.
@@ -206,6 +210,12 @@ impl ExoAm {
                 let bitmap = (bitmap.object().id, bitmap.rights());
                 self.memory.dirty(first.object().id, bitmap, args, &rights, kernel)
             }
+            op::PML_ENABLE => self.memory.pml_enable(vm, first.object().id, args, kernel),
+            op::PML_DRAIN => {
+                let bitmap = caps.get(1).ok_or(AmError::BadArgument)?;
+                let bitmap = (bitmap.object().id, bitmap.rights());
+                self.memory.pml_drain(vm, first.object().id, bitmap, args, &rights, kernel)
+            }
             _ => Err(AmError::NotPermitted),
         }
     }
@@ -300,6 +310,11 @@ impl AbstractMachine for ExoAm {
         r.operation(OpSpec { name: "free", args: &[ArgSpec::new(frames, Rights::NONE)] })?;
         r.operation(OpSpec {
             name: "dirty",
+            args: &[ArgSpec::new(aspace, self.memory_rights.dirty), ArgSpec::new(frames, self.memory_rights.write)],
+        })?;
+        r.operation(OpSpec { name: "pml-enable", args: &[ArgSpec::new(aspace, self.memory_rights.dirty)] })?;
+        r.operation(OpSpec {
+            name: "pml-drain",
             args: &[ArgSpec::new(aspace, self.memory_rights.dirty), ArgSpec::new(frames, self.memory_rights.write)],
         })?;
         Ok(())

@@ -18,6 +18,15 @@
 //!   returns. When a set dies (its allocation capability dies or it is freed), every
 //!   mapping of it and of the sets split from it goes, then its frames go back, zeroed.
 //!
+//! - *Dirty tracking* of a guest-physical range of the caller's address space (right
+//!   `dirty`): `dirty` reads and clears the EPT accessed/dirty flags of up to
+//!   [`DIRTY_PAGES_MAX`] pages into a bitmap in a frame set the caller names with the
+//!   `write` right (the hypervisor writes guest memory only there); `pml-enable` turns on
+//!   Page-Modification Logging for a range of the caller's own address space and
+//!   `pml-drain` writes the pages logged since the last drain (PML-full exits included)
+//!   into such a bitmap. A/D reads are exact for pages the VM does not write during the
+//!   call (its own call, on one vCPU, always).
+//!
 //! A VM's initial memory (its module's `mem=`) is a frame set too, already mapped at
 //! guest-physical 0 when the VM starts, so the guest may share parts of it (split and
 //! delegate), protect or unmap it like any other; it is not the allocator's and is never
@@ -152,6 +161,8 @@ pub(crate) struct Memory {
     mappings: Vec<Mapping>,
     /// Bytes allocated by each VM.
     charged: BTreeMap<VmId, u64>,
+    /// Each VM's PML range: (first guest-physical address, pages).
+    pml: BTreeMap<VmId, (u64, u64)>,
     next_set: u64,
 }
 
@@ -451,6 +462,76 @@ impl Memory {
         }
         kernel.emit(Effect::TakeDirty { vm, gpa, pages, bitmap_hpa: set_hpa + offset });
         Ok(Outcome::value(pages))
+    }
+
+    /// `pml-enable(c: aspace[dirty], gpa, pages)`: turns on Page-Modification Logging for
+    /// `pages` pages from `gpa` of the caller's own address space (PML is a VMCS setting:
+    /// only the VM itself, on its CPU, switches it); a new range replaces the old one.
+    pub fn pml_enable(&mut self, caller: VmId, aspace: ObjId, args: &[u64], effects: &mut dyn Effects) -> Result<Outcome, AmError> {
+        let vm = aspace_vm(aspace)?;
+        if vm != caller {
+            return Err(AmError::NotPermitted);
+        }
+        let (gpa, pages) = (args[0], args[1]);
+        self.check_range(vm, gpa, pages)?;
+        self.pml.insert(vm, (gpa, pages));
+        effects.emit(Effect::PmlEnable { vm, gpa, pages });
+        Ok(Outcome::value(pages))
+    }
+
+    /// `pml-drain(c0: aspace[dirty], c1: frames[write], offset)`: writes the pages of the
+    /// caller's PML range logged since the last drain into a bitmap at byte `offset` of
+    /// the frame set `c1` names.
+    pub fn pml_drain(
+        &mut self,
+        caller: VmId,
+        aspace: ObjId,
+        bitmap: (ObjId, Rights),
+        args: &[u64],
+        rights: &MemoryRights,
+        kernel: &mut dyn Kernel,
+    ) -> Result<Outcome, AmError> {
+        let vm = aspace_vm(aspace)?;
+        if vm != caller {
+            return Err(AmError::NotPermitted);
+        }
+        let &(_, pages) = self.pml.get(&vm).ok_or(AmError::NotPermitted)?;
+        let bitmap_hpa = self.bitmap_at(bitmap, args[0], pages, rights, kernel)?;
+        kernel.emit(Effect::PmlDrain { vm, pages, bitmap_hpa });
+        Ok(Outcome::value(pages))
+    }
+
+    fn check_range(&self, vm: VmId, gpa: u64, pages: u64) -> Result<(), AmError> {
+        if pages == 0 || pages > DIRTY_PAGES_MAX || !aligned(gpa, PAGE_4K) {
+            return Err(AmError::BadArgument);
+        }
+        let (base, limit) = self.vms.get(&vm).map_or((0, 0), |m| (m.gpa_base, m.gpa_limit));
+        let end = gpa.checked_add(pages * PAGE_4K).ok_or(AmError::BadArgument)?;
+        if gpa < base || end > limit {
+            return Err(AmError::BadArgument);
+        }
+        Ok(())
+    }
+
+    /// Returns where a bitmap of `pages` bits at byte `offset` of the set `bitmap` names
+    /// lies, if it fits and the capability may write.
+    fn bitmap_at(
+        &mut self,
+        bitmap: (ObjId, Rights),
+        offset: u64,
+        pages: u64,
+        rights: &MemoryRights,
+        kernel: &mut dyn Kernel,
+    ) -> Result<u64, AmError> {
+        let set = *self.sets.get(&bitmap.0.raw()).ok_or(AmError::NotPermitted)?;
+        if !bitmap.1.contains(rights.write) {
+            return Err(AmError::NotPermitted);
+        }
+        let end = offset.checked_add(pages.div_ceil(8)).ok_or(AmError::BadArgument)?;
+        if end > set.bytes {
+            return Err(AmError::BadArgument);
+        }
+        Ok(self.resolve(set.id, kernel)? + offset)
     }
 
     /// `free(c: frames)`: gives back an allocation the caller made (every mapping of it

@@ -464,3 +464,22 @@ fn initial_memory_is_a_frame_set_found_when_first_needed() {
     assert!(effects.contains(&Effect::UnmapFrames { vm: VM2, gpa: 0, bytes: PAGE_4K }), "{effects:?}");
     assert!(effects.iter().all(|e| !matches!(e, Effect::FreeFrames { .. })), "{effects:?}");
 }
+
+#[test]
+fn pml_is_for_the_callers_own_address_space() {
+    let mut s = setup();
+    let (a2, a3) = (s.aspace(VM2), s.aspace(VM3));
+    let bitmap = s.alloc(VM2, 1, 0);
+    assert_eq!(s.call(VM2, op::PML_DRAIN, &[a2, bitmap], &[0]).status().code(), Status::NOT_PERMITTED, "not enabled");
+    s.ok(VM2, op::PML_ENABLE, &[a2], &[MIB, 512]);
+    assert_eq!(s.effects(), [Effect::PmlEnable { vm: VM2, gpa: MIB, pages: 512 }]);
+    s.ok(VM2, op::PML_DRAIN, &[a2, bitmap], &[8]);
+    assert!(matches!(s.effects()[..], [Effect::PmlDrain { vm: VM2, .. }]));
+    assert_eq!(s.call(VM2, op::PML_DRAIN, &[a2, bitmap], &[PAGE_4K - 63]).status().code(), Status::BAD_ARGUMENT);
+    assert_eq!(s.call(VM2, op::PML_ENABLE, &[a2], &[LIMIT, 1]).status().code(), Status::BAD_ARGUMENT);
+    // Another VM's address space, even with a capability to it: refused.
+    assert!(s.null(VM3, nk_op::DELEGATE, a3, &[u64::MAX, 2, 0]).status().is_ok());
+    let given = call2(&mut s.nk, VM2, 0, nk_op::RECEIVED as u16, &[], &[0]).name;
+    assert_eq!(s.call(VM2, op::PML_ENABLE, &[given], &[0, 1]).status().code(), Status::NOT_PERMITTED);
+    assert!(s.effects().is_empty());
+}

@@ -13,6 +13,8 @@ const ALLOC: u32 = 3;
 const MAP: u32 = 5;
 const UNMAP: u32 = 6;
 const DIRTY: u32 = 9;
+const PML_ENABLE: u32 = 10;
+const PML_DRAIN: u32 = 11;
 /// `frame_access` bits: read and write.
 pub const RW: u64 = 3;
 pub const PAGE: u64 = 0x1000;
@@ -64,6 +66,26 @@ impl Exo {
     /// set `bitmap`.
     pub fn dirty(&self, bitmap: Cap, gpa: u64, pages: u64) -> Result<(), Status> {
         let status = nk::call(self.am, DIRTY, &[self.aspace, bitmap], &[gpa, pages, 0]).status();
+        if status.is_ok() {
+            Ok(())
+        } else {
+            Err(status)
+        }
+    }
+
+    /// Turns on Page-Modification Logging for `pages` pages from `gpa`.
+    pub fn pml_enable(&self, gpa: u64, pages: u64) -> Result<(), Status> {
+        let status = nk::call(self.am, PML_ENABLE, &[self.aspace], &[gpa, pages]).status();
+        if status.is_ok() {
+            Ok(())
+        } else {
+            Err(status)
+        }
+    }
+
+    /// Writes the pages logged since the last drain into the bitmap frame set `bitmap`.
+    pub fn pml_drain(&self, bitmap: Cap) -> Result<(), Status> {
+        let status = nk::call(self.am, PML_DRAIN, &[self.aspace, bitmap], &[0]).status();
         if status.is_ok() {
             Ok(())
         } else {

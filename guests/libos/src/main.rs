@@ -5,8 +5,9 @@
 //!   allocating exo frames and mapping them at its end.
 //! * It keeps a key-value map (a `BTreeMap` on that heap) and snapshots it incrementally:
 //!   the snapshot is a copy of the heap at [`SNAPSHOT_BASE`], and each snapshot copies only
-//!   the pages the EPT dirty bits (A/D, read and cleared through the exo AM's `dirty`) say
-//!   were written since the last one; after each it checks that the copy equals the live
+//!   the pages the EPT dirty bits say were written since the last one: the first three by
+//!   an A/D scan (the exo AM's `dirty`), the last three from the Page-Modification Log
+//!   (`pml-enable`, `pml-drain`); after each it checks that the copy equals the live
 //!   heap (so the map in it) byte for byte.
 //! * `share PEER` lends a page to guest PEER through a delegated frame capability, waits
 //!   for PEER's answer written into it, then revokes; `peer` maps what it received, checks
@@ -75,10 +76,15 @@ fn key_value_snapshots() -> Result<(), exo::Why> {
             return Err(exo::why(format_args!("round {round}: the snapshot differs from the live heap")));
         }
         println!(
-            "libos: snapshot {round} (A/D scan): copied {copied} of {total} heap pages; {} keys; heap {} KiB",
+            "libos: snapshot {round} ({}): copied {copied} of {total} heap pages; {} keys; heap {} KiB",
+            snap.method(),
             map.len(),
             heap::mapped() / 1024
         );
+        if round == 2 {
+            // The last three snapshots find their pages through Page-Modification Logging.
+            snap.switch_to_pml()?;
+        }
         if round > 0 && copied >= total && total > 8 {
             return Err(exo::why(format_args!("round {round}: every page was copied: not incremental")));
         }

@@ -16,12 +16,32 @@ pub struct Snapshot {
     /// The end of the snapshot region mapped so far (mirrors the heap's end).
     end: u64,
     taken: u64,
+    /// Whether the dirty pages come from the PML log (else from an A/D scan).
+    pml: bool,
 }
 
 impl Snapshot {
     pub fn new(exo: Exo) -> Result<Self, Why> {
         let bitmap = exo.alloc_map(1, BITMAP).map_err(|s| why(format_args!("bitmap: {s}")))?;
-        Ok(Self { exo, bitmap, end: SNAPSHOT_BASE, taken: 0 })
+        Ok(Self { exo, bitmap, end: SNAPSHOT_BASE, taken: 0, pml: false })
+    }
+
+    /// From now on finds the dirty pages in the PML log (SDM Vol. 3 §29.3.6): turns PML on
+    /// for the largest heap, right after a snapshot (so no write falls between the two
+    /// ways of tracking).
+    pub fn switch_to_pml(&mut self) -> Result<(), Why> {
+        self.exo.pml_enable(HEAP_BASE, MAX_PAGES).map_err(|s| why(format_args!("pml-enable: {s}")))?;
+        self.pml = true;
+        Ok(())
+    }
+
+    /// Names how the dirty pages are found.
+    pub fn method(&self) -> &'static str {
+        if self.pml {
+            "PML"
+        } else {
+            "A/D scan"
+        }
     }
 
     /// Takes a snapshot: grows the copy to the heap's size, reads and clears the heap's
@@ -39,7 +59,11 @@ impl Snapshot {
         if pages == 0 || pages > MAX_PAGES {
             return Err(why(format_args!("{pages} heap pages")));
         }
-        self.exo.dirty(self.bitmap, HEAP_BASE, pages).map_err(|s| why(format_args!("dirty: {s}")))?;
+        if self.pml {
+            self.exo.pml_drain(self.bitmap).map_err(|s| why(format_args!("pml-drain: {s}")))?;
+        } else {
+            self.exo.dirty(self.bitmap, HEAP_BASE, pages).map_err(|s| why(format_args!("dirty: {s}")))?;
+        }
         let first = self.taken == 0;
         self.taken += 1;
         let mut copied = 0;
