@@ -173,6 +173,14 @@ pub struct NullKernel {
     inbox_on_completion: BTreeMap<PendingOp, (VmId, Principal)>,
     /// Effects the AMs emitted that the hypervisor has not applied yet.
     effects: Vec<Effect>,
+    /// What the hypervisor lends AMs about memory.
+    memory: MemoryServices,
+}
+
+/// What the hypervisor lends AMs about memory (one reference in [`AmServices`], so an AM
+/// call that uses none of it pays for a pointer, not for each service).
+#[derive(Clone, Copy)]
+struct MemoryServices {
     /// The host frames AMs may allocate from (none until the hypervisor lends them).
     frames: Option<&'static dyn FrameSource>,
     /// Where each VM's initial memory lies in host memory (none until the hypervisor says).
@@ -241,8 +249,7 @@ struct AmServices<'a> {
     am: AmId,
     table: &'a mut CapTable,
     effects: &'a mut Vec<Effect>,
-    frames: Option<&'static dyn FrameSource>,
-    guest_memory: fn(VmId) -> Option<(u64, u64)>,
+    memory: &'a MemoryServices,
 }
 
 impl Effects for AmServices<'_> {
@@ -275,11 +282,11 @@ impl Kernel for AmServices<'_> {
     }
 
     fn allocate_frames(&mut self, bytes: u64, align: u64) -> Option<u64> {
-        self.frames?.allocate(bytes, align)
+        self.memory.frames?.allocate(bytes, align)
     }
 
     fn guest_memory(&self, vm: VmId) -> Option<(u64, u64)> {
-        (self.guest_memory)(vm)
+        (self.memory.guest_memory)(vm)
     }
 }
 
@@ -391,8 +398,7 @@ impl NullKernel {
             placement: BTreeMap::new(),
             inbox_on_completion: BTreeMap::new(),
             effects: Vec::new(),
-            frames: None,
-            guest_memory: |_| None,
+            memory: MemoryServices { frames: None, guest_memory: |_| None },
         })
     }
 
@@ -457,13 +463,13 @@ impl NullKernel {
     /// Lends the AMs the hypervisor's frame allocator (the exo AM's `alloc`); until it is
     /// set, allocations fail with `NO_MEMORY`.
     pub fn set_frame_source(&mut self, frames: &'static dyn FrameSource) {
-        self.frames = Some(frames);
+        self.memory.frames = Some(frames);
     }
 
     /// Sets how AMs learn where a VM's initial memory lies in host memory (the exo AM's
     /// initial frame sets): the hypervisor reads its EPT registry.
     pub fn set_guest_memory(&mut self, reader: fn(VmId) -> Option<(u64, u64)>) {
-        self.guest_memory = reader;
+        self.memory.guest_memory = reader;
     }
 
     /// Lets every ring of `vm`, not only ring 0, call `INITIAL` and `RECEIVED` (the
@@ -482,7 +488,7 @@ impl NullKernel {
         let mut report = Vec::new();
         for (slot, am) in self.ams.iter().enumerate() {
             let id = AmId::new(FIRST_AM_ID + slot as u16);
-            let mut services = AmServices { am: id, table: self.proto.table_mut(), effects: &mut self.effects, frames: self.frames, guest_memory: self.guest_memory };
+            let mut services = AmServices { am: id, table: self.proto.table_mut(), effects: &mut self.effects, memory: &self.memory };
             match am.lock().grant_initial(vm, &mut services) {
                 Ok(names) => granted.extend(names.into_iter().map(|name| (id, name))),
                 Err(error) => report.push(GrantFailure { am: id, error }),
@@ -634,7 +640,7 @@ impl NullKernel {
         let Some(handler) = self.ams.get(slot) else {
             return failure(Status::new(Status::UNKNOWN_AM, None));
         };
-        let mut services = AmServices { am, table, effects: &mut self.effects, frames: self.frames, guest_memory: self.guest_memory };
+        let mut services = AmServices { am, table, effects: &mut self.effects, memory: &self.memory };
         let result = handler.lock().invoke(&checked, &call.args, &mut services);
         match result {
             Ok(outcome) => success(outcome.name, outcome.results),
