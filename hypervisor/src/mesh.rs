@@ -266,9 +266,7 @@ impl Mesh {
 /// the step's messages leave.
 fn settle_locally(instance: &Instance, kernel: &mut NullKernel) {
     if kernel.has_effects() {
-        for effect in kernel.take_effects() {
-            crate::ioports::apply(effect);
-        }
+        kernel.apply_effects(crate::ioports::apply);
     }
     while let Some(finished) = kernel.poll() {
         instance.finished.lock().push(finished);

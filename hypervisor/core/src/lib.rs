@@ -506,6 +506,15 @@ impl NullKernel {
         core::mem::take(&mut self.effects)
     }
 
+    /// Hands the effects the AMs emitted since the last call to `apply`, in order (as
+    /// [`take_effects`](Self::take_effects), but the list keeps its memory, so the next
+    /// effect needs no allocation).
+    pub fn apply_effects(&mut self, mut apply: impl FnMut(Effect)) {
+        for effect in self.effects.drain(..) {
+            apply(effect);
+        }
+    }
+
     /// Tells whether effects are waiting to be applied.
     pub fn has_effects(&self) -> bool {
         !self.effects.is_empty()
