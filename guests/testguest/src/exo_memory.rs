@@ -354,6 +354,7 @@ fn lend(borrowers: &[u32], free: bool, initial: bool) -> CheckResult {
         let status = nk::call(am, FREE, &[set], &[]).status();
         ensure!(status.is_ok(), "free: {status}");
         poke(WINDOW + PAGE, REVOKED);
+        let_borrowers_run();
         println!("exolend: freed the frames the borrowers map");
         return Ok(());
     }
@@ -364,10 +365,20 @@ fn lend(borrowers: &[u32], free: bool, initial: bool) -> CheckResult {
     ensure!(revoked >= 1, "revoke killed nothing");
     // The revoke has returned: from now on no borrower may reach the page.
     poke(WINDOW + PAGE, REVOKED);
+    let_borrowers_run();
     // The lender's own mapping stays.
     ensure!(peek(shared_gpa) == LENT, "the lender's view after the revoke");
     println!("exolend: revoked the borrowers' frame capabilities");
     Ok(())
+}
+
+/// Keeps this guest (and its signal page) alive for a while after the signal, so that each
+/// borrower reads the signal and then the revoked page (on a shared CPU too: this spins
+/// across several time slices).
+fn let_borrowers_run() {
+    for _ in 0..5_000_000u64 {
+        core::hint::spin_loop();
+    }
 }
 
 fn borrow(vm: u64) -> CheckResult {
