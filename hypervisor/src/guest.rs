@@ -123,7 +123,6 @@ pub struct Guest {
     name: String,
     memory: HostPhysAddr,
     memory_size: u64,
-    ept: Option<GuestEpt>,
     vcpu: Option<Vcpu>,
     console: String,
     exits: u64,
@@ -173,7 +172,6 @@ impl Guest {
             name: String::from(name),
             memory,
             memory_size,
-            ept: None,
             vcpu: None,
             console: String::new(),
             exits: 0,
@@ -224,7 +222,7 @@ impl Guest {
         let mut ept = GuestEpt::new(&caps).map_err(GuestError::Ept)?;
         let mapped = ept.map_range(0, memory.as_u64(), memory_size, EptPerms::RWX);
         let eptp = ept.eptp();
-        guest.ept = Some(ept);
+        crate::exomem::register(vm, ept, crate::percpu::current_index() as usize, (memory.as_u64(), memory_size));
         mapped.map_err(GuestError::Ept)?;
         let start =
             GuestStart { mode, eptp, cr3, rip, rsp, io_bitmaps: guest.io.address(), msr_bitmap: guest.io.msr_bitmap() };
@@ -546,6 +544,7 @@ impl Guest {
                 self.flush_console();
                 return stop(alloc::format!("{access} of guest-physical {gpa:#x} outside its memory (EPT violation)"));
             }
+            ExitReason::PML_FULL => crate::exomem::pml_full(self.vm),
             ExitReason::TRIPLE_FAULT => {
                 let rip = vcpu.rip().unwrap_or(0);
                 self.flush_console();
@@ -594,7 +593,7 @@ impl Drop for Guest {
     /// invalidated (INVEPT) and freed, and only then its memory freed.
     fn drop(&mut self) {
         self.vcpu = None;
-        self.ept = None;
+        drop(crate::exomem::unregister(self.vm));
         memory::free_frames(self.memory, (self.memory_size / PAGE_SIZE) as usize);
     }
 }

@@ -121,6 +121,13 @@ pub fn apply(effect: Effect) {
     match effect {
         Effect::IoPorts { vm, first, count, access, allow } => apply_ports(vm, first, count, access, allow),
         Effect::Msr { vm, msr, access, allow } => apply_msr(vm, msr, access, allow),
+        Effect::MapFrames { .. }
+        | Effect::UnmapFrames { .. }
+        | Effect::ProtectFrames { .. }
+        | Effect::FreeFrames { .. }
+        | Effect::TakeDirty { .. }
+        | Effect::PmlEnable { .. }
+        | Effect::PmlDrain { .. } => crate::exomem::apply(effect),
     }
 }
 

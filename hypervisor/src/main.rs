@@ -17,6 +17,7 @@ mod acpi;
 mod arch;
 mod boot;
 mod console;
+mod exomem;
 mod guest;
 mod hostmap;
 mod ioports;
@@ -153,6 +154,11 @@ fn null_kernel(
     /// Capability slots of all instances together (each gets a share, at least 4096).
     const TOTAL_CAPACITY: u32 = 32_768;
     const AM_QUOTA: u32 = 4096;
+    /// Guest-physical addresses below this may hold exo mappings (the bare-metal guests'
+    /// page tables identity-map the first GiB).
+    const EXO_GPA_LIMIT: u64 = 1 << 30;
+    /// Bytes of frames each VM may allocate through the exo AM at a time.
+    const EXO_FRAME_QUOTA: u64 = 4 << 20;
     let kernels = percpu::all().filter(|c| c.in_vmx_root()).map(|c| c.index() + 1).max().unwrap_or(1);
     let capacity = (TOTAL_CAPACITY / kernels).clamp(4096, 16_384);
     let counter = nk_core::shared_am(Box::new(nk_am_counter::CounterAm::new()));
@@ -163,6 +169,13 @@ fn null_kernel(
             vm: Some(nk_caps::VmId::new(i as u32 + 1)),
             ports: g.ports.and_then(|(first, count)| nk_am_exo::PortRange::new(first, count)),
             msrs: g.msrs.clone(),
+            memory: Some(nk_am_exo::VmMemory {
+                gpa_base: 0,
+                gpa_limit: EXO_GPA_LIMIT,
+                frame_quota: EXO_FRAME_QUOTA,
+                initial_bytes: g.memory,
+                initial_hpa: None,
+            }),
         })
         .collect();
     let exo = nk_core::shared_am(Box::new(nk_am_exo::ExoAm::new(assignments)));
@@ -172,6 +185,8 @@ fn null_kernel(
         let mut kernel = nk_core::NullKernel::new(id, kernels as u16, capacity, &mut arch::HardwareEntropy)
             .map_err(|e| alloc::format!("kernel {cpu}: capability table: {e:?}"))?;
         kernel.set_caller_ring(guest::guest_ring);
+        kernel.set_frame_source(&exomem::FRAMES);
+        kernel.set_guest_memory(exomem::guest_memory);
         let counter =
             kernel.add_shared_am(counter.clone(), AM_QUOTA).map_err(|e| alloc::format!("counter AM: {e:?}"))?;
         let exo = kernel.add_shared_am(exo.clone(), AM_QUOTA).map_err(|e| alloc::format!("exo AM: {e:?}"))?;

@@ -6,6 +6,7 @@
 //! address is also the address the hypervisor uses to touch it.
 
 use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use buddy_system_allocator::{FrameAllocator, LockedHeap};
 use spin::Mutex;
@@ -48,6 +49,15 @@ static HEAP: LockedHeap<32> = LockedHeap::empty();
 
 static FRAMES: Mutex<FrameAllocator<32>> = Mutex::new(FrameAllocator::new());
 
+/// Frames the allocator holds (runs counted as the allocator rounds them: a power of two).
+static FREE_FRAMES: AtomicU64 = AtomicU64::new(0);
+
+/// Returns how many frames the allocator holds now (logged at the start and the end of a
+/// run: equal counts mean nothing leaked).
+pub fn free_frame_count() -> u64 {
+    FREE_FRAMES.load(Ordering::Relaxed)
+}
+
 /// Counts of what the allocators were given.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MemoryStats {
@@ -89,6 +99,7 @@ pub fn init(usable: impl Iterator<Item = (u64, u64)> + Clone) -> MemoryStats {
         if frame_start < end {
             frames.add_frame((frame_start / PAGE_SIZE) as usize, (end / PAGE_SIZE) as usize);
             stats.frames_total += (end - frame_start) / PAGE_SIZE;
+            FREE_FRAMES.fetch_add((end - frame_start) / PAGE_SIZE, Ordering::Relaxed);
         }
     }
     stats
@@ -97,6 +108,7 @@ pub fn init(usable: impl Iterator<Item = (u64, u64)> + Clone) -> MemoryStats {
 /// Allocates `count` contiguous frames (aligned to the next power of two).
 pub fn alloc_frames(count: usize) -> Option<HostPhysAddr> {
     let frame = FRAMES.lock().alloc(count)?;
+    FREE_FRAMES.fetch_sub(count.next_power_of_two() as u64, Ordering::Relaxed);
     HostPhysAddr::new(frame as u64 * PAGE_SIZE)
 }
 
@@ -116,6 +128,7 @@ pub fn alloc_zeroed_frame() -> Option<HostPhysAddr> {
 /// Returns `count` frames starting at `frame` (as allocated by `alloc_frames`).
 pub fn free_frames(frame: HostPhysAddr, count: usize) {
     FRAMES.lock().dealloc((frame.as_u64() / PAGE_SIZE) as usize, count);
+    FREE_FRAMES.fetch_add(count.next_power_of_two() as u64, Ordering::Relaxed);
 }
 
 /// Returns one frame.

@@ -228,6 +228,8 @@ impl Mesh {
 
     /// Handles every message waiting for `cpu`; returns how many it handled.
     pub fn service(&self, cpu: usize) -> usize {
+        // First the exo AM's EPT shootdowns another CPU waits for (hypervisor/src/exomem.rs).
+        crate::exomem::service(cpu);
         self.retry_overflow(cpu);
         let instance = &self.instances[cpu];
         let mut handled = 0;
@@ -264,9 +266,7 @@ impl Mesh {
 /// the step's messages leave.
 fn settle_locally(instance: &Instance, kernel: &mut NullKernel) {
     if kernel.has_effects() {
-        for effect in kernel.take_effects() {
-            crate::ioports::apply(effect);
-        }
+        kernel.apply_effects(crate::ioports::apply);
     }
     while let Some(finished) = kernel.poll() {
         instance.finished.lock().push(finished);

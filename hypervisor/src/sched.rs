@@ -58,6 +58,8 @@ impl HypercallSink for LocalKernel {
 /// guest runs where the hypervisor command line's `place=` puts it, else where its
 /// module's `cpu=` does, else round-robin.
 pub fn run_guests(specs: Vec<GuestSpec>, placements: &[(&str, u32)]) -> (usize, usize) {
+    let frames_at_start = crate::memory::free_frame_count();
+    log::info!(target: "mem", "{frames_at_start} frames free before the guests start");
     let mesh = mesh::mesh();
     let online: Vec<usize> = percpu::all().filter(|c| c.in_vmx_root()).map(|c| c.index() as usize).collect();
     for (i, spec) in specs.into_iter().enumerate() {
@@ -112,6 +114,18 @@ pub fn run_guests(specs: Vec<GuestSpec>, placements: &[(&str, u32)]) -> (usize, 
         pit::wait_us(200);
     }
     settle(mesh);
+    let frames_at_end = crate::memory::free_frame_count();
+    match frames_at_start.checked_sub(frames_at_end) {
+        Some(0) => {
+            log::info!(target: "mem", "{frames_at_end} frames free after every guest ended, as at the start: none leaked ({} EPT shootdowns sent, {} PML-full exits)", crate::exomem::shootdowns(), crate::exomem::pml_full_exits())
+        }
+        Some(lost) => {
+            log::error!(target: "mem", "{frames_at_end} frames free after every guest ended, {lost} fewer than at the start")
+        }
+        None => {
+            log::info!(target: "mem", "{frames_at_end} frames free after every guest ended ({} more than at the start)", frames_at_end - frames_at_start)
+        }
+    }
     (HALTED.load(Ordering::Acquire), STOPPED.load(Ordering::Acquire))
 }
 
@@ -215,8 +229,10 @@ fn run_queue(cpu: usize) {
                             log::info!(target: "guest", "vm{}/{name}: ended: {how}, after {exits} exits", vm.raw())
                         }
                     }
-                    drop(guest);
+                    // Its capabilities die first: the exo AM undoes every mapping of its
+                    // memory in other VMs (on every CPU) before the memory is freed.
                     finish(cpu, vm, end.is_clean(), &mut removals);
+                    drop(guest);
                 }
             }
         }

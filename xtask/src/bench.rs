@@ -42,7 +42,50 @@ const BENCHES: &[Bench] = &[
         about: "Debian Linux booted to LINUX-OK under the hypervisor vs on bare Bochs (GRUB), ratio, VM exits by reason",
         run: crate::bench_linux::bench_linux,
     },
+    Bench {
+        name: "exo",
+        about: "exo AM memory in Bochs, in emulated instructions: map/unmap a 4 KiB frame, revoke a frame shared on 2 CPUs, dirty bitmap of K in 65,536 pages by A/D scan and by PML",
+        run: bench_exo,
+    },
 ];
+
+/// The metrics the test guest's `exobench` mode reports.
+const EXO_METRICS: &[&str] = &[
+    "map_4k_instructions",
+    "unmap_4k_instructions",
+    "dirty_ad_1_instructions",
+    "dirty_ad_64_instructions",
+    "dirty_ad_4096_instructions",
+    "dirty_pml_1_instructions",
+    "dirty_pml_64_instructions",
+    "dirty_pml_4096_instructions",
+];
+
+/// Boots the test guest in its `exobench` mode (1 CPU), then a lender and a borrower on 2
+/// CPUs for the shared revoke, and writes target/bench/exo.json.
+fn bench_exo(workspace: &Workspace) -> Result<()> {
+    let mut values = guest_bench(workspace, "bench-exo", 1, &["exo -- exobench"], EXO_METRICS)?;
+    let revoke = ["revoke_shared_2cpu_instructions"];
+    let shared = guest_bench(
+        workspace,
+        "bench-exo-revoke",
+        2,
+        &["lender cpu=0 -- exolend bench 2", "borrower cpu=1 -- exoborrow"],
+        &revoke,
+    )?;
+    values.extend(shared);
+    let metrics: Vec<&str> = EXO_METRICS.iter().chain(&revoke).copied().collect();
+    println!("xtask: bench: exo AM memory, emulated instructions per operation (guest-side RDTSC):");
+    let mut json = String::from("{\n");
+    json.push_str(&instruction_members(&metrics, &values));
+    json.push_str(&format!(
+        "  \"context\": {{\"emulator\": \"bochs\", \"cpu_model\": \"{BENCH_CPU_MODEL}\", \"method\": \"minimum of 5 guest-side RDTSC deltas, timer overhead subtracted (the 2-CPU revoke: one sample)\", \"dirty_N\": 65536}}\n}}\n"
+    ));
+    let dir = bench_dir(workspace);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("exo.json"), json)?;
+    Ok(())
+}
 
 /// The metrics the test guest's `bench` mode reports (`GBENCH <metric> <value>`).
 const HYPERCALL_METRICS: &[&str] = &[

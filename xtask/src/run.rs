@@ -14,14 +14,24 @@ use crate::workspace::Workspace;
 
 /// The guests `cargo xtask run` boots: the test guest's hypercall checks (ring 0 and
 /// ring 3), a guest doing counter work, and a guest that touches a port it was not
-/// granted and is stopped while the others go on. With 2 or more CPUs the last two share
+/// granted and is stopped while the others go on. (The worker runs long enough to
+/// outlive the checks guest, which delegates to it near its end, while the library OS
+/// guests share CPU 0 with it.) With 2 or more CPUs the last two share
 /// CPU 1 in time slices.
 const DEFAULT_GUESTS: &[&str] =
-    &["checks cpu=0 -- checks 2", "worker cpu=1 -- survivor 600", "intruder cpu=1 -- misbehave badport"];
+    &["checks cpu=0 -- checks 2", "worker cpu=1 -- survivor 3000", "intruder cpu=1 -- misbehave badport"];
+
+/// Then the library OS on the exo AM (guests/libos, VMs 4-6): one grows its heap from exo
+/// frames and snapshots a key-value map through the dirty bits; one lends a page to the
+/// last, which reads it until the lender revokes the loan and is then stopped.
+const LIBOS_GUESTS: &[&str] = &["libos cpu=0 -- kv", "lender cpu=0 -- share 6", "borrower cpu=1 -- peer"];
 
 fn default_guests(workspace: &Workspace, args: &RunArgs) -> Result<Vec<Module>> {
     let guest = image::build_package(workspace, "nk-testguest", &[], args.profile.profile(), BuildOutput::Summary)?;
-    Ok(DEFAULT_GUESTS.iter().map(|cmdline| Module { path: guest.clone(), cmdline: (*cmdline).to_string() }).collect())
+    let libos = image::build_package(workspace, "nk-libos", &[], args.profile.profile(), BuildOutput::Summary)?;
+    let tests = DEFAULT_GUESTS.iter().map(|cmdline| Module { path: guest.clone(), cmdline: (*cmdline).to_string() });
+    let libos = LIBOS_GUESTS.iter().map(|cmdline| Module { path: libos.clone(), cmdline: (*cmdline).to_string() });
+    Ok(tests.chain(libos).collect())
 }
 
 pub fn run_command(workspace: &Workspace, args: &RunArgs) -> Result<ExitCode> {

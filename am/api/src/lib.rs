@@ -128,6 +128,54 @@ pub enum Effect {
     /// Lets `vm` read (`msr_access::READ`) or write (`msr_access::WRITE`) model-specific
     /// register `msr` without exiting, or (`allow == false`) takes that back.
     Msr { vm: VmId, msr: u32, access: u8, allow: bool },
+    /// Maps host frames `[hpa, hpa + bytes)` into `vm`'s EPT at guest-physical `gpa` with
+    /// `access` (`frame_access` bits), with 2 MiB pages when `large` (SDM Vol. 3 §29.3.2).
+    /// The range was free in that EPT.
+    MapFrames { vm: VmId, gpa: u64, hpa: u64, bytes: u64, large: bool, access: u8 },
+    /// Removes `vm`'s translations of `[gpa, gpa + bytes)`, and makes every CPU that may
+    /// cache them invalidate them before the operation returns (docs/tlb.md).
+    UnmapFrames { vm: VmId, gpa: u64, bytes: u64 },
+    /// Cuts `vm`'s access to `[gpa, gpa + bytes)` down to `access` (`frame_access` bits),
+    /// invalidating as for an unmap.
+    ProtectFrames { vm: VmId, gpa: u64, bytes: u64, access: u8 },
+    /// Gives frames `[hpa, hpa + bytes)` back to the hypervisor's allocator, zeroed. Emitted
+    /// after the effects that unmapped them from every EPT.
+    FreeFrames { hpa: u64, bytes: u64 },
+    /// Reads and clears the EPT dirty flags (SDM Vol. 3 §29.3.5) of the `pages` 4 KiB pages
+    /// from `gpa` in `vm`, and writes them as a bitmap (bit i of byte i / 8 for page i; 1 =
+    /// written since the last read) into host frames at `bitmap_hpa`, which the AM checked
+    /// belong to the caller. Then invalidates as for an unmap, so the next write to a page
+    /// sets its flag again. Where the CPU has no EPT A/D flags every page reads as dirty.
+    TakeDirty { vm: VmId, gpa: u64, pages: u64, bitmap_hpa: u64 },
+    /// Turns on Page-Modification Logging (SDM Vol. 3 §29.3.6) for `vm`, tracking the
+    /// `pages` 4 KiB pages from `gpa`: their dirty flags are cleared, so each first write
+    /// is logged. `vm` is the caller (its VMCS is the current one).
+    PmlEnable { vm: VmId, gpa: u64, pages: u64 },
+    /// Writes the pages of `vm`'s PML range logged since the last drain (including what
+    /// PML-full exits collected) as a bitmap at `bitmap_hpa` (as for `TakeDirty`), and
+    /// clears their dirty flags so their next write is logged again.
+    PmlDrain { vm: VmId, pages: u64, bitmap_hpa: u64 },
+}
+
+/// Access through a guest-physical mapping, as bits of `Effect::MapFrames` and
+/// `Effect::ProtectFrames` (the EPT entry's bits 0-2, SDM Vol. 3 §29.3.2).
+pub mod frame_access {
+    /// Reads.
+    pub const READ: u8 = 1;
+    /// Writes.
+    pub const WRITE: u8 = 2;
+    /// Instruction fetches.
+    pub const EXECUTE: u8 = 4;
+    /// Every access.
+    pub const ALL: u8 = READ | WRITE | EXECUTE;
+}
+
+/// Where host frames come from: the hypervisor owns the allocator, and lends an AM this
+/// view of it (host tests use a fake). Frames go back through `Effect::FreeFrames`.
+pub trait FrameSource: Sync {
+    /// Allocates `bytes` of contiguous host-physical memory aligned to `align` (both
+    /// multiples of 4 KiB, `align` a power of two), zeroed; None when there is none.
+    fn allocate(&self, bytes: u64, align: u64) -> Option<u64>;
 }
 
 /// Access to an MSR, as bits of an `Effect::Msr`.
@@ -155,6 +203,22 @@ pub trait Kernel: Effects {
         to: Principal,
         binding: Binding,
     ) -> Result<CapName, CapError>;
+
+    /// Allocates `bytes` of zeroed, contiguous host frames aligned to `align` from the
+    /// hypervisor's allocator (`FrameSource`); None when there are none or no allocator is
+    /// lent to AMs. The AM charges the caller before it asks, and gives the frames back
+    /// with `Effect::FreeFrames`.
+    fn allocate_frames(&mut self, bytes: u64, align: u64) -> Option<u64> {
+        let _ = (bytes, align);
+        None
+    }
+
+    /// Returns where `vm`'s initial memory (its module's `mem=`) lies in host memory:
+    /// (first host-physical address, bytes), once the hypervisor has created the VM.
+    fn guest_memory(&self, vm: VmId) -> Option<(u64, u64)> {
+        let _ = vm;
+        None
+    }
 }
 
 /// An abstract machine.

@@ -15,12 +15,21 @@
 //! may be assigned at all is the hypervisor's decision: only those the VMCS switches per
 //! guest.)
 //!
+//! Memory (frame sets, address spaces, mappings) is described in [`memory`].
+//!
 //! Initial capabilities of a VM, in order: its port range (if assigned), then one per
-//! assigned MSR.
+//! assigned MSR, then (if it is assigned memory) its address space and its initial frame
+//! set.
 //!
 //! Operations (ABI numbers): 0 `open(c: io-ports, first, count, access)` where `access` is
 //! `port_access` bits the capability's rights must cover; 1 `close(c: io-ports, first,
-//! count)`; 2 `open-msr(c: msr, access)` where `access` is `msr_access` bits.
+//! count)`; 2 `open-msr(c: msr, access)` where `access` is `msr_access` bits; 3
+//! `alloc(c: aspace[alloc], pages, large)`; 4 `split(c: frames[split], offset, bytes)`; 5
+//! `map(c0: frames[map], c1: aspace[map], gpa, access)` where `access` is `frame_access`
+//! bits; 6 `unmap(c: aspace[map], gpa)`; 7 `protect(c: aspace[map], gpa, access)`; 8
+//! `free(c: frames)`; 9 `dirty(c0: aspace[dirty], c1: frames[write], gpa, pages, offset)`;
+//! 10 `pml-enable(c: aspace[dirty], gpa, pages)`; 11 `pml-drain(c0: aspace[dirty], c1:
+//! frames[write], offset)`.
 //!
 //! # Bounds
 //!
@@ -37,6 +46,10 @@ extern crate alloc;
 
 use alloc::vec::Vec;
 
+pub mod memory;
+
+pub use memory::{VmMemory, DIRTY_PAGES_MAX, FRAME_SETS_PER_VM, MAPPINGS_PER_VM, PAGE_2M, PAGE_4K};
+
 use nk_am::{
     msr_access, port_access, AbstractMachine, AmError, AmId, ArgSpec, Binding, CapName, Checked, DeadCap, Effect,
     Effects, Kernel, KindSpec, ObjId, ObjKind, Object, OpSpec, Outcome, Principal, RegisterError, Registrar, Rights,
@@ -51,6 +64,15 @@ pub mod op {
     pub const OPEN: u16 = 0;
     pub const CLOSE: u16 = 1;
     pub const OPEN_MSR: u16 = 2;
+    pub const ALLOC: u16 = 3;
+    pub const SPLIT: u16 = 4;
+    pub const MAP: u16 = 5;
+    pub const UNMAP: u16 = 6;
+    pub const PROTECT: u16 = 7;
+    pub const FREE: u16 = 8;
+    pub const DIRTY: u16 = 9;
+    pub const PML_ENABLE: u16 = 10;
+    pub const PML_DRAIN: u16 = 11;
 }
 
 /// What the hypervisor gives one VM at creation.
@@ -59,6 +81,7 @@ pub struct VmAssignment {
     pub vm: Option<VmId>,
     pub ports: Option<PortRange>,
     pub msrs: Vec<u32>,
+    pub memory: Option<VmMemory>,
 }
 
 /// A range of I/O ports `[first, first + count)`.
@@ -129,12 +152,72 @@ pub struct ExoAm {
     /// What each VM is given at creation.
     assignments: Vec<VmAssignment>,
     opened: Vec<Opened>,
+    frames_kind: Option<ObjKind>,
+    aspace_kind: Option<ObjKind>,
+    memory_rights: memory::MemoryRights,
+    memory: memory::Memory,
 }
 
 impl ExoAm {
     /// Creates the AM with what VMs get at creation.
     pub fn new(assignments: Vec<VmAssignment>) -> Self {
-        Self { assignments, ..Self::default() }
+        let mut memory = memory::Memory::new();
+        for a in &assignments {
+            if let (Some(vm), Some(m)) = (a.vm, a.memory) {
+                memory.assign(vm, m);
+            }
+        }
+        Self { assignments, memory, ..Self::default() }
+    }
+
+    /// Returns the bytes of frames `vm` has allocated and not given back.
+    pub fn frames_charged(&self, vm: VmId) -> u64 {
+        self.memory.charged(vm)
+    }
+
+    fn object_templates(&self) -> Result<(Object, Object), AmError> {
+        let am = self.am.ok_or(AmError::NotPermitted)?;
+        let aspace = self.aspace_kind.ok_or(AmError::NotPermitted)?;
+        let frames = self.frames_kind.ok_or(AmError::NotPermitted)?;
+        Ok((Object::new(am, aspace, ObjId::new(0)), Object::new(am, frames, ObjId::new(0))))
+    }
+
+    fn invoke_memory(
+        &mut self,
+        vm: VmId,
+        checked: &Checked,
+        args: &[u64; PLAIN_ARGS],
+        kernel: &mut dyn Kernel,
+    ) -> Result<Outcome, AmError> {
+        let caps = checked.args();
+        let first = &caps[0];
+        let frames = (first.name(), first.object().id, first.rights());
+        let (_, frames_template) = self.object_templates()?;
+        let rights = self.memory_rights;
+        match checked.op().index() {
+            op::ALLOC => self.memory.alloc(vm, args, frames_template, &rights, kernel),
+            op::SPLIT => self.memory.split(vm, frames, args, frames_template, kernel),
+            op::MAP => {
+                let aspace = caps.get(1).ok_or(AmError::BadArgument)?;
+                let aspace = (aspace.name(), aspace.object().id);
+                self.memory.map(vm, frames, aspace, args, &rights, kernel)
+            }
+            op::UNMAP => self.memory.unmap(first.object().id, args, kernel),
+            op::PROTECT => self.memory.protect(first.object().id, args, kernel),
+            op::FREE => self.memory.free(vm, first.object().id, kernel),
+            op::DIRTY => {
+                let bitmap = caps.get(1).ok_or(AmError::BadArgument)?;
+                let bitmap = (bitmap.object().id, bitmap.rights());
+                self.memory.dirty(first.object().id, bitmap, args, &rights, kernel)
+            }
+            op::PML_ENABLE => self.memory.pml_enable(vm, first.object().id, args, kernel),
+            op::PML_DRAIN => {
+                let bitmap = caps.get(1).ok_or(AmError::BadArgument)?;
+                let bitmap = (bitmap.object().id, bitmap.rights());
+                self.memory.pml_drain(vm, first.object().id, bitmap, args, &rights, kernel)
+            }
+            _ => Err(AmError::NotPermitted),
+        }
     }
 
     fn rights_for(&self, access: u8) -> Rights {
@@ -199,6 +282,43 @@ impl AbstractMachine for ExoAm {
         r.operation(OpSpec { name: "open", args: &[any] })?;
         r.operation(OpSpec { name: "close", args: &[any] })?;
         r.operation(OpSpec { name: "open-msr", args: &[ArgSpec::new(msr, Rights::NONE)] })?;
+        let frames = r.kind(KindSpec { name: "frames", rights: &["read", "write", "execute", "map", "split"] })?;
+        let aspace = r.kind(KindSpec { name: "aspace", rights: &["map", "alloc", "dirty"] })?;
+        let right = |r: &Registrar<'_>, kind, name| r.rights(kind, &[name]).ok_or(RegisterError::UnknownKind);
+        self.memory_rights = memory::MemoryRights {
+            read: right(r, frames, "read")?,
+            write: right(r, frames, "write")?,
+            execute: right(r, frames, "execute")?,
+            map: right(r, frames, "map")?,
+            split: right(r, frames, "split")?,
+            dirty: right(r, aspace, "dirty")?,
+            frames_all: r
+                .rights(frames, &["read", "write", "execute", "map", "split"])
+                .ok_or(RegisterError::UnknownKind)?,
+            aspace_all: r.rights(aspace, &["map", "alloc", "dirty"]).ok_or(RegisterError::UnknownKind)?,
+        };
+        let aspace_map = right(r, aspace, "map")?;
+        let aspace_alloc = right(r, aspace, "alloc")?;
+        self.frames_kind = Some(frames);
+        self.aspace_kind = Some(aspace);
+        r.operation(OpSpec { name: "alloc", args: &[ArgSpec::new(aspace, aspace_alloc)] })?;
+        r.operation(OpSpec { name: "split", args: &[ArgSpec::new(frames, self.memory_rights.split)] })?;
+        r.operation(OpSpec {
+            name: "map",
+            args: &[ArgSpec::new(frames, self.memory_rights.map), ArgSpec::new(aspace, aspace_map)],
+        })?;
+        r.operation(OpSpec { name: "unmap", args: &[ArgSpec::new(aspace, aspace_map)] })?;
+        r.operation(OpSpec { name: "protect", args: &[ArgSpec::new(aspace, aspace_map)] })?;
+        r.operation(OpSpec { name: "free", args: &[ArgSpec::new(frames, Rights::NONE)] })?;
+        r.operation(OpSpec {
+            name: "dirty",
+            args: &[ArgSpec::new(aspace, self.memory_rights.dirty), ArgSpec::new(frames, self.memory_rights.write)],
+        })?;
+        r.operation(OpSpec { name: "pml-enable", args: &[ArgSpec::new(aspace, self.memory_rights.dirty)] })?;
+        r.operation(OpSpec {
+            name: "pml-drain",
+            args: &[ArgSpec::new(aspace, self.memory_rights.dirty), ArgSpec::new(frames, self.memory_rights.write)],
+        })?;
         Ok(())
     }
 
@@ -211,6 +331,9 @@ impl AbstractMachine for ExoAm {
         let Principal::Vm(vm) = checked.caller() else {
             return Err(AmError::NotPermitted);
         };
+        if checked.op().index() >= op::ALLOC {
+            return self.invoke_memory(vm, checked, args, kernel);
+        }
         let cap = &checked.args()[0];
         if checked.op().index() == op::OPEN_MSR {
             let access = u8::try_from(args[0]).map_err(|_| AmError::BadArgument)?;
@@ -286,13 +409,24 @@ impl AbstractMachine for ExoAm {
                 names.push(kernel.grant_new(object, all, Principal::Vm(vm), Binding::Bound)?);
             }
         }
+        if assignment.memory.is_some() {
+            let templates = self.object_templates()?;
+            names.extend(self.memory.grant_initial(vm, templates, &self.memory_rights, kernel)?);
+        }
         Ok(names)
     }
 
     fn revoked(&mut self, dead: &DeadCap, effects: &mut dyn Effects) {
-        self.close_where(effects, |o| o.cap == dead.name);
+        let kind = Some(dead.object.kind);
+        if kind == self.frames_kind || kind == self.aspace_kind {
+            self.memory.revoked(dead.name, effects);
+        } else {
+            self.close_where(effects, |o| o.cap == dead.name);
+        }
     }
 }
 
+#[cfg(test)]
+mod memory_tests;
 #[cfg(test)]
 mod tests;

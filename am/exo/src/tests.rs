@@ -9,7 +9,7 @@ const VM2: VmId = VmId::new(2);
 fn kernel() -> (NullKernel, u16) {
     let mut nk = NullKernel::new(KernelId::new(0), 1, 1024, &mut FixedSeed::from_u64(3)).unwrap();
     let ports = PortRange::new(0x80, 4).unwrap();
-    let assignment = VmAssignment { vm: Some(VM1), ports: Some(ports), msrs: alloc::vec![0xC000_0100] };
+    let assignment = VmAssignment { vm: Some(VM1), ports: Some(ports), msrs: alloc::vec![0xC000_0100], memory: None };
     let exo = nk.add_am(alloc::boxed::Box::new(ExoAm::new(alloc::vec![assignment])), 64).unwrap().raw();
     nk.set_caller_ring(|| 0);
     nk.add_vm(VM1, 64).unwrap();

@@ -46,7 +46,7 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use nk_abi::{nk_op, Call, NameWords, Reply, Selector, Status, ABI_VERSION, MAX_CAP_ARGS, NULL_KERNEL_AM};
-use nk_am::{AbstractMachine, AmError, Effect, Effects, Kernel, Registrar};
+use nk_am::{AbstractMachine, AmError, Effect, Effects, FrameSource, Kernel, Registrar};
 use nk_caps::{
     AmId, ArgFault, Binding, CapError, CapName, CapTable, CheckError, DeadCap, EntropySource, KernelId, NewTableError,
     Object, OpId, Principal, PrincipalError, RegisterError, Rights, VmId,
@@ -173,6 +173,18 @@ pub struct NullKernel {
     inbox_on_completion: BTreeMap<PendingOp, (VmId, Principal)>,
     /// Effects the AMs emitted that the hypervisor has not applied yet.
     effects: Vec<Effect>,
+    /// What the hypervisor lends AMs about memory.
+    memory: MemoryServices,
+}
+
+/// What the hypervisor lends AMs about memory (one reference in [`AmServices`], so an AM
+/// call that uses none of it pays for a pointer, not for each service).
+#[derive(Clone, Copy)]
+struct MemoryServices {
+    /// The host frames AMs may allocate from (none until the hypervisor lends them).
+    frames: Option<&'static dyn FrameSource>,
+    /// Where each VM's initial memory lies in host memory (none until the hypervisor says).
+    guest_memory: fn(VmId) -> Option<(u64, u64)>,
 }
 
 impl core::fmt::Debug for NullKernel {
@@ -237,6 +249,7 @@ struct AmServices<'a> {
     am: AmId,
     table: &'a mut CapTable,
     effects: &'a mut Vec<Effect>,
+    memory: &'a MemoryServices,
 }
 
 impl Effects for AmServices<'_> {
@@ -266,6 +279,14 @@ impl Kernel for AmServices<'_> {
                 Err(error)
             }
         }
+    }
+
+    fn allocate_frames(&mut self, bytes: u64, align: u64) -> Option<u64> {
+        self.memory.frames?.allocate(bytes, align)
+    }
+
+    fn guest_memory(&self, vm: VmId) -> Option<(u64, u64)> {
+        (self.memory.guest_memory)(vm)
     }
 }
 
@@ -377,6 +398,7 @@ impl NullKernel {
             placement: BTreeMap::new(),
             inbox_on_completion: BTreeMap::new(),
             effects: Vec::new(),
+            memory: MemoryServices { frames: None, guest_memory: |_| None },
         })
     }
 
@@ -438,6 +460,18 @@ impl NullKernel {
         self.caller_ring = reader;
     }
 
+    /// Lends the AMs the hypervisor's frame allocator (the exo AM's `alloc`); until it is
+    /// set, allocations fail with `NO_MEMORY`.
+    pub fn set_frame_source(&mut self, frames: &'static dyn FrameSource) {
+        self.memory.frames = Some(frames);
+    }
+
+    /// Sets how AMs learn where a VM's initial memory lies in host memory (the exo AM's
+    /// initial frame sets): the hypervisor reads its EPT registry.
+    pub fn set_guest_memory(&mut self, reader: fn(VmId) -> Option<(u64, u64)>) {
+        self.memory.guest_memory = reader;
+    }
+
     /// Lets every ring of `vm`, not only ring 0, call `INITIAL` and `RECEIVED` (the
     /// module option `ring3-caps`).
     pub fn allow_all_rings(&mut self, vm: VmId) {
@@ -454,7 +488,8 @@ impl NullKernel {
         let mut report = Vec::new();
         for (slot, am) in self.ams.iter().enumerate() {
             let id = AmId::new(FIRST_AM_ID + slot as u16);
-            let mut services = AmServices { am: id, table: self.proto.table_mut(), effects: &mut self.effects };
+            let mut services =
+                AmServices { am: id, table: self.proto.table_mut(), effects: &mut self.effects, memory: &self.memory };
             match am.lock().grant_initial(vm, &mut services) {
                 Ok(names) => granted.extend(names.into_iter().map(|name| (id, name))),
                 Err(error) => report.push(GrantFailure { am: id, error }),
@@ -470,6 +505,15 @@ impl NullKernel {
     /// the messages it produced are sent.
     pub fn take_effects(&mut self) -> Vec<Effect> {
         core::mem::take(&mut self.effects)
+    }
+
+    /// Hands the effects the AMs emitted since the last call to `apply`, in order (as
+    /// [`take_effects`](Self::take_effects), but the list keeps its memory, so the next
+    /// effect needs no allocation).
+    pub fn apply_effects(&mut self, mut apply: impl FnMut(Effect)) {
+        for effect in self.effects.drain(..) {
+            apply(effect);
+        }
     }
 
     /// Tells whether effects are waiting to be applied.
@@ -606,7 +650,7 @@ impl NullKernel {
         let Some(handler) = self.ams.get(slot) else {
             return failure(Status::new(Status::UNKNOWN_AM, None));
         };
-        let mut services = AmServices { am, table, effects: &mut self.effects };
+        let mut services = AmServices { am, table, effects: &mut self.effects, memory: &self.memory };
         let result = handler.lock().invoke(&checked, &call.args, &mut services);
         match result {
             Ok(outcome) => success(outcome.name, outcome.results),

@@ -57,6 +57,12 @@ impl EptPerms {
     pub const RW: EptPerms = EptPerms(3);
     pub const RWX: EptPerms = EptPerms(7);
 
+    /// Makes a permission set from entry bits 0-2 (read, write, execute); other bits are
+    /// dropped. Whether a set may be mapped is checked where it is used.
+    pub const fn from_bits(bits: u8) -> EptPerms {
+        EptPerms(bits & 7)
+    }
+
     /// Returns the union of two permission sets.
     pub const fn union(self, other: EptPerms) -> EptPerms {
         EptPerms(self.0 | other.0)

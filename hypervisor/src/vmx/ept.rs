@@ -77,6 +77,74 @@ impl GuestEpt {
     }
 }
 
+impl GuestEpt {
+    /// Unmaps every page in `[gpa, gpa + len)` (pages not mapped are skipped). The caller
+    /// invalidates (INVEPT) before the frames are reused.
+    pub fn unmap_range(&mut self, gpa: u64, len: u64) {
+        let Some(builder) = self.builder.as_mut() else { return };
+        let mut at = gpa;
+        while at < gpa.saturating_add(len) {
+            let step = builder.unmap(&mut FrameTables, at).map_or(nk_paging::PAGE_4K, nk_paging::PageSize::bytes);
+            at += step;
+        }
+    }
+
+    /// Reads and clears the dirty flag of the page containing `gpa`; returns it and the
+    /// page's size (a 4 KiB step where nothing is mapped).
+    pub fn take_dirty(&mut self, gpa: u64) -> (bool, u64) {
+        let Some(builder) = self.builder.as_mut() else { return (false, nk_paging::PAGE_4K) };
+        let size = builder.translate(&mut FrameTables, gpa).map_or(nk_paging::PAGE_4K, |t| t.size.bytes());
+        (builder.take_dirty(&mut FrameTables, gpa).unwrap_or(false), size)
+    }
+
+    /// Maps `[gpa, gpa + len)` to `[hpa, hpa + len)` with 4 KiB pages only (so dirty flags
+    /// are per 4 KiB page); on error the pages mapped so far are unmapped again.
+    pub fn map_range_4k(
+        &mut self,
+        gpa: u64,
+        hpa: u64,
+        len: u64,
+        perms: nk_paging::EptPerms,
+    ) -> Result<(), nk_paging::EptError> {
+        let builder = self.builder.as_mut().ok_or(nk_paging::EptError::OutOfTables)?;
+        let mut offset = 0;
+        while offset < len {
+            let mapped = builder.map(&mut FrameTables, gpa + offset, hpa + offset, nk_paging::PageSize::Size4K, perms);
+            if let Err(e) = mapped {
+                let mut undo = 0;
+                while undo < offset {
+                    let _ = builder.unmap(&mut FrameTables, gpa + undo);
+                    undo += nk_paging::PAGE_4K;
+                }
+                return Err(e);
+            }
+            offset += nk_paging::PAGE_4K;
+        }
+        Ok(())
+    }
+
+    /// Tells whether the EPT pointer enables the accessed and dirty flags (bit 6).
+    pub fn has_dirty_flags(&self) -> bool {
+        self.eptp & (1 << 6) != 0
+    }
+
+    /// Sets the permissions of every page in `[gpa, gpa + len)` to `perms`.
+    pub fn protect_range(&mut self, gpa: u64, len: u64, perms: nk_paging::EptPerms) {
+        let Some(builder) = self.builder.as_mut() else { return };
+        let mut at = gpa;
+        while at < gpa.saturating_add(len) {
+            let step = match builder.translate(&mut FrameTables, at) {
+                Ok(t) => {
+                    let _ = builder.protect(&mut FrameTables, at, perms);
+                    t.size.bytes()
+                }
+                Err(_) => nk_paging::PAGE_4K,
+            };
+            at += step;
+        }
+    }
+}
+
 impl Drop for GuestEpt {
     fn drop(&mut self) {
         let Some(builder) = self.builder.take() else { return };

@@ -34,6 +34,9 @@ impl VmcsField {
     pub const MSR_BITMAP: Self = Self(0x2004);
     pub const VIRTUAL_APIC_PAGE_ADDR: Self = Self(0x2012);
     pub const EPT_POINTER: Self = Self(0x201A);
+    /// The PML log's address and the guest PML index (SDM Vol. 3 §25.6.18, App. B).
+    pub const PML_ADDRESS: Self = Self(0x200E);
+    pub const GUEST_PML_INDEX: Self = Self(0x0812);
     pub const GUEST_PHYSICAL_ADDRESS: Self = Self(0x2400);
     pub const VMCS_LINK_POINTER: Self = Self(0x2800);
     pub const GUEST_IA32_DEBUGCTL: Self = Self(0x2802);
@@ -157,6 +160,7 @@ impl ExitReason {
     pub const PAUSE: Self = Self(40);
     pub const TPR_BELOW_THRESHOLD: Self = Self(43);
     pub const EPT_VIOLATION: Self = Self(48);
+    pub const PML_FULL: Self = Self(62);
     pub const EPT_MISCONFIGURATION: Self = Self(49);
     pub const PREEMPTION_TIMER: Self = Self(52);
     pub const XSETBV: Self = Self(55);
