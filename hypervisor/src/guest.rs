@@ -230,6 +230,12 @@ impl Guest {
             GuestStart { mode, eptp, cr3, rip, rsp, io_bitmaps: guest.io.address(), msr_bitmap: guest.io.msr_bitmap() };
         let mut vcpu = Vcpu::new(&caps, &start).map_err(GuestError::Vcpu)?;
         vcpu.regs = regs;
+        if let (Some(os), Some((page, _)), Some(ept)) = (guest.os.as_mut(), vcpu.apic_access_page(), guest.ept.as_mut())
+        {
+            // The xAPIC page of a guest OS is the APIC-access page (osvm.rs).
+            ept.map_range(nk_devices::lapic::DEFAULT_BASE, page, 4096, EptPerms::RW).map_err(GuestError::Ept)?;
+            os.set_ram(memory.as_u64(), memory_size);
+        }
         guest.vcpu = Some(vcpu);
         Ok(guest)
     }
@@ -387,6 +393,8 @@ impl Guest {
                 | ExitReason::INTERRUPT_WINDOW
                 | ExitReason::TRIPLE_FAULT
                 | ExitReason::INIT_SIGNAL
+                | ExitReason::APIC_ACCESS
+                | ExitReason::APIC_WRITE
                 | ExitReason::EPT_VIOLATION => match os.handle_exit(exit.reason, vcpu, &prefix) {
                     Ok(crate::osvm::OsFlow::Continue) => Ok(Flow::Continue),
                     Ok(crate::osvm::OsFlow::Idle) => Ok(Flow::Yield),
