@@ -6,7 +6,8 @@
  * "xapic" (v1: print_cmdline sets mb_cmdline) switches the APIC to xAPIC mode through
  * IA32_APIC_BASE (x2APIC -> disabled -> xAPIC) and does the same through the xAPIC page
  * at 0xFEE00000, reading registers back (version, LVT timer, current count) and
- * signalling EOI by MMIO.
+ * signalling EOI by MMIO, and checks that the TPR written through the page masks the
+ * timer and lowering it delivers the pending interrupt at once.
  * Expects MB_MAGIC (the boot magic) to be defined before it. */
 .code32
 .section .text, "ax"
@@ -107,6 +108,24 @@ xapic_start:
     ja .Lxapic_bad
     lea esi, [msg_xapic]
     call puts
+    /* TPR 0xF0 (an xAPIC write virtualized without an exit) holds the timer back while
+     * interrupts are on; TPR 0 lets it in before the next instruction (the TPR-threshold
+     * exit). */
+    mov dword ptr [0xFEE00080], 0xF0
+    sti
+    mov ecx, 1000000
+.Ltpr_spin:
+    dec ecx
+    jnz .Ltpr_spin
+    cmp dword ptr [mb_ticks], 0
+    jne .Lxapic_bad
+    mov dword ptr [0xFEE00080], 0
+    mov eax, [mb_ticks]
+    cli
+    test eax, eax
+    jz .Lxapic_bad
+    lea esi, [msg_tpr]
+    call puts
     ret
 .Lxapic_bad:
     lea esi, [msg_xapic_bad]
@@ -169,6 +188,8 @@ msg_done:
     .asciz "MBTEST done, halting\n"
 msg_xapic:
     .asciz "MBTEST xapic: version, LVT timer and current count read back through the xAPIC page\n"
+msg_tpr:
+    .asciz "MBTEST xapic: TPR 0xF0 held the timer back, TPR 0 let it in at once\n"
 msg_xapic_bad:
     .asciz "MBTEST FAILED: an xAPIC register read back wrong\n"
 msg_bad_magic:

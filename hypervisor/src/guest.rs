@@ -394,6 +394,7 @@ impl Guest {
                 | ExitReason::TRIPLE_FAULT
                 | ExitReason::INIT_SIGNAL
                 | ExitReason::APIC_ACCESS
+                | ExitReason::TPR_BELOW_THRESHOLD
                 | ExitReason::APIC_WRITE
                 | ExitReason::EPT_VIOLATION => match os.handle_exit(exit.reason, vcpu, &prefix) {
                     Ok(crate::osvm::OsFlow::Continue) => Ok(Flow::Continue),

@@ -383,6 +383,11 @@ impl OsVm {
         }
         vcpu.set_interrupt_window(self.pc.pending().is_some())?;
         self.push_page(vcpu);
+        // A request the TPR holds back: exit when the guest lowers its TPR (CR8 or an
+        // xAPIC write that register virtualization completes) below its class, at most
+        // the TPR's own class (the VM-entry check, SDM Vol. 3 §26.2.1.1).
+        let tpr_class = (self.pc.lapic.read(lapic::reg::TPR, 0) >> 4) as u8;
+        vcpu.set_tpr_threshold(self.pc.lapic.blocked_class().map_or(0, |c| c.min(tpr_class)))?;
         let now = self.now();
         let until = match self.pc.lapic.next_timer_deadline() {
             Some(deadline) => deadline.min(slice_end),
@@ -510,7 +515,8 @@ impl OsVm {
                     return Ok(OsFlow::Idle);
                 }
             }
-            ExitReason::INTERRUPT_WINDOW => {}
+            // The new TPR is in the model (pull_tpr); before_entry injects what it allows.
+            ExitReason::INTERRUPT_WINDOW | ExitReason::TPR_BELOW_THRESHOLD => {}
             ExitReason::TRIPLE_FAULT => {
                 let rip = vcpu.rip().unwrap_or(0);
                 return Ok(OsFlow::Ended(format!("reset by a triple fault (rip {rip:#x})")));
@@ -628,6 +634,7 @@ fn exit_name(reason: usize) -> String {
         31 => "RDMSR",
         32 => "WRMSR",
         40 => "PAUSE",
+        43 => "TPR-below-threshold",
         48 => "EPT-violation",
         52 => "preemption-timer",
         44 => "APIC-access",

@@ -232,6 +232,16 @@ impl LocalApic {
         ((u32::from(v) >> 4) > (self.ppr() >> 4)).then_some(v)
     }
 
+    /// Returns the priority class of the highest requested vector when the PPR holds it
+    /// back (SDM §11.8.3.1): the caller can ask to hear when the TPR drops below it (the
+    /// TPR threshold, SDM Vol. 3 §30.1.2).
+    pub fn blocked_class(&self) -> Option<u8> {
+        if !self.sw_enabled() || self.deliverable().is_some() {
+            return None;
+        }
+        highest(&self.irr).map(|v| v >> 4)
+    }
+
     /// Moves `vector` from IRR to ISR: the CPU has taken it (an injected interrupt).
     pub fn accept(&mut self, vector: u8) {
         let (w, b) = bit(vector);
@@ -627,6 +637,19 @@ mod tests {
         a.write_apic_base(DEFAULT_BASE | BASE_BSP | BASE_ENABLE | BASE_EXTD).unwrap();
         assert!(a.x2apic());
         assert_eq!(a.mmio_read(reg::VERSION, 0), Err(ApicFault));
+    }
+
+    #[test]
+    fn blocked_class_names_what_the_tpr_holds_back() {
+        let mut a = x2apic();
+        assert_eq!(a.blocked_class(), None);
+        a.write(reg::TPR, 0x50, 0);
+        a.raise(0x41);
+        assert_eq!(a.deliverable(), None);
+        assert_eq!(a.blocked_class(), Some(4));
+        a.write(reg::TPR, 0x30, 0);
+        assert_eq!(a.blocked_class(), None);
+        assert_eq!(a.deliverable(), Some(0x41));
     }
 
     #[test]

@@ -232,6 +232,8 @@ pub struct Vcpu {
     apic_register_virt: bool,
     /// The guest's CR8 without a TPR shadow (bits 3:0).
     cr8: u8,
+    /// The TPR threshold in the VMCS.
+    tpr_threshold: u8,
     pub regs: GuestRegs,
     launched: bool,
     /// Its VPID from the pool (None: it runs without one). Dropped after the VMCS is
@@ -290,6 +292,7 @@ impl Vcpu {
             apic_access: None,
             apic_register_virt: false,
             cr8: 0,
+            tpr_threshold: 0,
             regs: GuestRegs::default(),
             launched: false,
             vpid: Vpid::allocate(caps),
@@ -834,6 +837,20 @@ impl Vcpu {
             // SAFETY: as in `virtual_apic_read`; the page belongs to this vCPU only.
             unsafe { ((page.as_u64() + u64::from(offset & 0xFF0)) as *mut u32).write_volatile(value) };
         }
+    }
+
+    /// Sets the TPR threshold (bits 3:0, SDM Vol. 3 §25.6.8): lowering the virtual TPR's
+    /// class below it exits (TPR below threshold, trap-like). A VMWRITE only when it
+    /// changes; ignored without a TPR shadow.
+    pub fn set_tpr_threshold(&mut self, threshold: u8) -> Result<(), VcpuError> {
+        let threshold = threshold & 0xF;
+        if self.virtual_apic.is_some() && threshold != self.tpr_threshold {
+            // SAFETY: the caller keeps the threshold at or below VTPR[7:4], the VM-entry
+            // check of SDM Vol. 3 §26.2.1.1 without virtual-interrupt delivery.
+            unsafe { vmcs::write(F::TPR_THRESHOLD, u64::from(threshold))? };
+            self.tpr_threshold = threshold;
+        }
+        Ok(())
     }
 
     /// Returns guest CR0, CR3 and the CS base, which a fetch of the instruction at RIP needs.
