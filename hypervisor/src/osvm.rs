@@ -298,6 +298,11 @@ impl OsVm {
         }
         let long = vcpu.guest_msr(VmcsMsr::Efer)? & (1 << 10) != 0;
         let (code, n) = self.fetch_instruction(vcpu, long)?;
+        if n == 0 {
+            return Ok(OsFlow::Stopped(format!(
+                "xAPIC access at offset {offset:#x}: its instruction could not be fetched (emulated for paging off and 4-level paging)"
+            )));
+        }
         let Some(insn) = mmio::decode(&code[..n], long) else {
             return Ok(OsFlow::Stopped(format!(
                 "xAPIC access at offset {offset:#x} by an instruction the VM does not emulate (bytes {:02x?}; a 32-bit MOV is)",
