@@ -140,6 +140,18 @@ pub fn register(vm: VmId, ept: GuestEpt, cpu: usize, memory: (u64, u64)) {
     EPTS.lock().insert(vm.raw(), Registered { ept, cpu, memory, remote_stale: false, pml: None });
 }
 
+/// Maps a hypervisor-owned page (a guest OS's APIC-access page) into `vm`'s EPT before the
+/// VM first runs, so no CPU holds a translation to invalidate. The exo AM never maps at
+/// such an address: it lies above the range its mappings may use. A VM with no EPT
+/// registered gets `NotMapped`.
+pub fn map_device_page(vm: VmId, gpa: u64, hpa: u64, perms: nk_paging::EptPerms) -> Result<(), nk_paging::EptError> {
+    let mut epts = EPTS.lock();
+    match epts.get_mut(&vm.raw()) {
+        Some(r) => r.ept.map_range(gpa, hpa, PAGE_SIZE, perms),
+        None => Err(nk_paging::EptError::NotMapped),
+    }
+}
+
 /// Returns where `vm`'s initial memory lies (the exo AM's `Kernel::guest_memory`).
 pub fn guest_memory(vm: VmId) -> Option<(u64, u64)> {
     EPTS.lock().get(&vm.raw()).map(|r| r.memory)

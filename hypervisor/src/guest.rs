@@ -228,6 +228,12 @@ impl Guest {
             GuestStart { mode, eptp, cr3, rip, rsp, io_bitmaps: guest.io.address(), msr_bitmap: guest.io.msr_bitmap() };
         let mut vcpu = Vcpu::new(&caps, &start).map_err(GuestError::Vcpu)?;
         vcpu.regs = regs;
+        if let (Some(os), Some((page, _))) = (guest.os.as_mut(), vcpu.apic_access_page()) {
+            // The xAPIC page of a guest OS is the APIC-access page (osvm.rs).
+            crate::exomem::map_device_page(vm, nk_devices::lapic::DEFAULT_BASE, page, EptPerms::RW)
+                .map_err(GuestError::Ept)?;
+            os.set_ram(memory.as_u64(), memory_size);
+        }
         guest.vcpu = Some(vcpu);
         Ok(guest)
     }
@@ -385,6 +391,9 @@ impl Guest {
                 | ExitReason::INTERRUPT_WINDOW
                 | ExitReason::TRIPLE_FAULT
                 | ExitReason::INIT_SIGNAL
+                | ExitReason::APIC_ACCESS
+                | ExitReason::TPR_BELOW_THRESHOLD
+                | ExitReason::APIC_WRITE
                 | ExitReason::EPT_VIOLATION => match os.handle_exit(exit.reason, vcpu, &prefix) {
                     Ok(crate::osvm::OsFlow::Continue) => Ok(Flow::Continue),
                     Ok(crate::osvm::OsFlow::Idle) => Ok(Flow::Yield),

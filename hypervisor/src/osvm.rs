@@ -10,6 +10,8 @@ use alloc::format;
 use alloc::string::String;
 
 use nk_devices::acpi::AcpiTables;
+use nk_devices::lapic;
+use nk_devices::mmio::{self, MmioOp};
 use nk_devices::msr::{self, MsrFile, Route, VmcsMsr};
 use nk_devices::pc::{PcEvent, VirtualPc};
 use nk_loader::image::{GuestMemory, ImageKind, OutOfGuest};
@@ -142,6 +144,9 @@ pub struct OsVm {
     reached_linux_ok: bool,
     /// Bytes still to type into the UART (`input=`), fed as its receive FIFO drains.
     console_input: &'static [u8],
+    /// The VM's RAM (host address, size) once its xAPIC page is the APIC-access page
+    /// (`set_ram`); None keeps the xAPIC page an EPT violation.
+    ram: Option<(u64, u64)>,
 }
 
 impl OsVm {
@@ -165,7 +170,163 @@ impl OsVm {
             power_on: crate::arch::rdtsc(),
             reached_linux_ok: false,
             console_input: &[],
+            ram: None,
         }
+    }
+
+    /// Tells the VM that its xAPIC page is the vCPU's APIC-access page (SDM Vol. 3 §30.4)
+    /// and where its RAM is (host address, size), for fetching the instructions of
+    /// APIC-access exits.
+    pub fn set_ram(&mut self, base: u64, size: u64) {
+        self.ram = Some((base, size));
+    }
+
+    /// Takes the guest's virtual TPR (CR8 under the TPR shadow, or an xAPIC TPR write
+    /// that APIC-register virtualization completed without an exit) into the model.
+    fn pull_tpr(&mut self, vcpu: &Vcpu) {
+        if vcpu.has_tpr_shadow() {
+            let tpr = vcpu.virtual_apic_read(lapic::reg::TPR) & 0xFF;
+            self.pc.lapic.write(lapic::reg::TPR, tpr, 0);
+        }
+    }
+
+    /// Makes the virtual-APIC page show the model: every register APIC-register
+    /// virtualization reads from it in xAPIC mode (SDM Vol. 3 §30.4.2.1), else the TPR.
+    fn push_page(&self, vcpu: &mut Vcpu) {
+        let now = self.now();
+        if self.ram.is_some() && !self.pc.lapic.x2apic() {
+            for offset in lapic::LocalApic::page_offsets() {
+                vcpu.virtual_apic_write(offset, self.pc.lapic.read(offset, now));
+            }
+        } else {
+            vcpu.virtual_apic_write(lapic::reg::TPR, self.pc.lapic.read(lapic::reg::TPR, now));
+        }
+    }
+
+    /// Returns the guest-physical address of linear address `linear` for an instruction
+    /// fetch: paging off, or 4-level long-mode paging walked in the VM's RAM (SDM Vol. 3
+    /// §4.5); None where the walk fails or the paging mode is another.
+    fn translate(&self, linear: u64, cr0: u64, cr3: u64, long: bool) -> Option<u64> {
+        if cr0 & (1 << 31) == 0 {
+            return Some(linear & 0xFFFF_FFFF);
+        }
+        if !long {
+            return None;
+        }
+        let mut table = cr3 & 0x000F_FFFF_FFFF_F000;
+        for level in (0..4).rev() {
+            let index = (linear >> (12 + 9 * level)) & 0x1FF;
+            let entry = self.read_ram_u64(table + index * 8)?;
+            if entry & 1 == 0 {
+                return None;
+            }
+            let frame = entry & 0x000F_FFFF_FFFF_F000;
+            if level == 0 {
+                return Some(frame | (linear & 0xFFF));
+            }
+            if entry & 0x80 != 0 && level <= 2 {
+                let size = 1u64 << (12 + 9 * level);
+                return Some((frame & !(size - 1)) | (linear & (size - 1)));
+            }
+            table = frame;
+        }
+        None
+    }
+
+    fn read_ram_u64(&self, gpa: u64) -> Option<u64> {
+        let (base, size) = self.ram?;
+        if !gpa.is_multiple_of(8) || gpa.checked_add(8)? > size {
+            return None;
+        }
+        // SAFETY: [gpa, gpa + 8) lies inside the VM's RAM (checked), identity-mapped in
+        // the host and aligned; the guest is not running on this CPU while its exit is
+        // handled (a racing write by another vCPU could only give a stale value).
+        Some(unsafe { ((base + gpa) as *const u64).read_volatile() })
+    }
+
+    fn read_ram_u8(&self, gpa: u64) -> Option<u8> {
+        let (base, size) = self.ram?;
+        if gpa >= size {
+            return None;
+        }
+        // SAFETY: as in `read_ram_u64`, one byte inside the VM's RAM.
+        Some(unsafe { ((base + gpa) as *const u8).read_volatile() })
+    }
+
+    /// Fetches up to 15 bytes of the instruction at the guest's RIP (fewer where a page
+    /// cannot be translated: the decoder then refuses the truncated form).
+    fn fetch_instruction(&self, vcpu: &Vcpu, long: bool) -> Result<([u8; 15], usize), VcpuError> {
+        let (cr0, cr3, cs_base) = vcpu.code_context()?;
+        let rip = vcpu.rip()?;
+        let start = if long { rip } else { cs_base.wrapping_add(rip) & 0xFFFF_FFFF };
+        let mut bytes = [0u8; 15];
+        let mut n = 0;
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            let Some(b) =
+                self.translate(start.wrapping_add(i as u64), cr0, cr3, long).and_then(|gpa| self.read_ram_u8(gpa))
+            else {
+                break;
+            };
+            *byte = b;
+            n += 1;
+        }
+        Ok((bytes, n))
+    }
+
+    /// Handles an APIC-write exit (trap-like, the write already in the virtual-APIC
+    /// page, SDM Vol. 3 §30.4.3.3) or an APIC-access exit (fault-like, SDM §30.4: the
+    /// instruction is decoded and emulated).
+    fn apic_exit(&mut self, reason: ExitReason, vcpu: &mut Vcpu) -> Result<OsFlow, VcpuError> {
+        let q = vcpu.exit_qualification()?;
+        let offset = (q & 0xFFF) as u32;
+        let now = self.now();
+        if reason == ExitReason::APIC_WRITE {
+            let value = vcpu.virtual_apic_read(offset);
+            return Ok(match self.pc.lapic.mmio_write(offset, value, now) {
+                Ok(_) => OsFlow::Continue,
+                Err(_) => OsFlow::Stopped(format!(
+                    "wrote the xAPIC page at offset {offset:#x} while its APIC is {}",
+                    if self.pc.lapic.x2apic() { "in x2APIC mode (use its MSRs)" } else { "disabled" }
+                )),
+            });
+        }
+        let kind = (q >> 12) & 0xF;
+        if kind > 1 {
+            return Ok(OsFlow::Stopped(format!(
+                "APIC access of type {kind} at offset {offset:#x} (only data reads and writes of the xAPIC page are emulated)"
+            )));
+        }
+        let long = vcpu.guest_msr(VmcsMsr::Efer)? & (1 << 10) != 0;
+        let (code, n) = self.fetch_instruction(vcpu, long)?;
+        if n == 0 {
+            return Ok(OsFlow::Stopped(format!(
+                "xAPIC access at offset {offset:#x}: its instruction could not be fetched (emulated for paging off and 4-level paging)"
+            )));
+        }
+        let Some(insn) = mmio::decode(&code[..n], long) else {
+            return Ok(OsFlow::Stopped(format!(
+                "xAPIC access at offset {offset:#x} by an instruction the VM does not emulate (bytes {:02x?}; a 32-bit MOV is)",
+                &code[..n.min(8)]
+            )));
+        };
+        let result = match insn.op {
+            MmioOp::Load { gpr } => match self.pc.lapic.mmio_read(offset, now) {
+                Ok(value) => vcpu.set_gpr(gpr, u64::from(value)).map(|()| true)?,
+                Err(_) => false,
+            },
+            MmioOp::Store { gpr } => {
+                let value = vcpu.gpr(gpr)? as u32;
+                self.pc.lapic.mmio_write(offset, value, now).is_ok()
+            }
+            MmioOp::StoreImm(value) => self.pc.lapic.mmio_write(offset, value, now).is_ok(),
+        };
+        if !result {
+            return Ok(OsFlow::Stopped(format!(
+                "xAPIC access at offset {offset:#x} refused (APIC in x2APIC mode or disabled, or not a whole register)"
+            )));
+        }
+        vcpu.skip_bytes(u64::from(insn.len))?;
+        Ok(OsFlow::Continue)
     }
 
     /// Queues `bytes` to be typed into the VM's serial port.
@@ -216,6 +377,7 @@ impl OsVm {
     /// take it, else asks for an interrupt-window exit; arms the preemption timer for the
     /// earlier of the slice's end and the APIC timer's deadline.
     pub fn before_entry(&mut self, vcpu: &mut Vcpu, slice_end: u64, rate: u8) -> Result<(), VcpuError> {
+        self.pull_tpr(vcpu);
         self.poll();
         let pending = self.pc.pending().is_some();
         if pending && vcpu.interrupt_window_open()? {
@@ -225,6 +387,12 @@ impl OsVm {
             }
         }
         vcpu.set_interrupt_window(self.pc.pending().is_some())?;
+        self.push_page(vcpu);
+        // A request the TPR holds back: exit when the guest lowers its TPR (CR8 or an
+        // xAPIC write that register virtualization completes) below its class, at most
+        // the TPR's own class (the VM-entry check, SDM Vol. 3 §26.2.1.1).
+        let tpr_class = (self.pc.lapic.read(lapic::reg::TPR, 0) >> 4) as u8;
+        vcpu.set_tpr_threshold(self.pc.lapic.blocked_class().map_or(0, |c| c.min(tpr_class)))?;
         let now = self.now();
         let until = match self.pc.lapic.next_timer_deadline() {
             Some(deadline) => deadline.min(slice_end),
@@ -262,7 +430,17 @@ impl OsVm {
     /// Handles one exit of the guest OS (all but the preemption timer's and external
     /// interrupts', which the slice loop handles).
     pub fn handle_exit(&mut self, reason: ExitReason, vcpu: &mut Vcpu, prefix: &str) -> Result<OsFlow, VcpuError> {
+        self.pull_tpr(vcpu);
+        let flow = self.handle_exit_inner(reason, vcpu, prefix);
+        self.push_page(vcpu);
+        flow
+    }
+
+    fn handle_exit_inner(&mut self, reason: ExitReason, vcpu: &mut Vcpu, prefix: &str) -> Result<OsFlow, VcpuError> {
         match reason {
+            ExitReason::APIC_WRITE | ExitReason::APIC_ACCESS if self.ram.is_some() => {
+                return self.apic_exit(reason, vcpu);
+            }
             ExitReason::IO_INSTRUCTION => {
                 let q = vcpu.exit_qualification()?;
                 let (size, is_in, string, rep, port) =
@@ -342,7 +520,8 @@ impl OsVm {
                     return Ok(OsFlow::Idle);
                 }
             }
-            ExitReason::INTERRUPT_WINDOW => {}
+            // The new TPR is in the model (pull_tpr); before_entry injects what it allows.
+            ExitReason::INTERRUPT_WINDOW | ExitReason::TPR_BELOW_THRESHOLD => {}
             ExitReason::TRIPLE_FAULT => {
                 let rip = vcpu.rip().unwrap_or(0);
                 return Ok(OsFlow::Ended(format!("reset by a triple fault (rip {rip:#x})")));
@@ -351,7 +530,7 @@ impl OsVm {
             ExitReason::EPT_VIOLATION => {
                 let gpa = vcpu.guest_physical()?;
                 let what = if (0xFEE0_0000..0xFEE0_1000).contains(&gpa) {
-                    " (the xAPIC page: this VM's APIC is in x2APIC mode, use its MSRs)"
+                    " (the xAPIC page: this CPU cannot virtualize APIC accesses, use the x2APIC MSRs)"
                 } else {
                     ""
                 };
@@ -460,9 +639,12 @@ fn exit_name(reason: usize) -> String {
         31 => "RDMSR",
         32 => "WRMSR",
         40 => "PAUSE",
+        43 => "TPR-below-threshold",
         48 => "EPT-violation",
         52 => "preemption-timer",
+        44 => "APIC-access",
         55 => "XSETBV",
+        56 => "APIC-write",
         _ => return format!("reason{reason}"),
     };
     String::from(name)

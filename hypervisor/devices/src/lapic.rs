@@ -232,6 +232,16 @@ impl LocalApic {
         ((u32::from(v) >> 4) > (self.ppr() >> 4)).then_some(v)
     }
 
+    /// Returns the priority class of the highest requested vector when the PPR holds it
+    /// back (SDM §11.8.3.1): the caller can ask to hear when the TPR drops below it (the
+    /// TPR threshold, SDM Vol. 3 §30.1.2).
+    pub fn blocked_class(&self) -> Option<u8> {
+        if !self.sw_enabled() || self.deliverable().is_some() {
+            return None;
+        }
+        highest(&self.irr).map(|v| v >> 4)
+    }
+
     /// Moves `vector` from IRR to ISR: the CPU has taken it (an injected interrupt).
     pub fn accept(&mut self, vector: u8) {
         let (w, b) = bit(vector);
@@ -477,6 +487,38 @@ impl LocalApic {
         }
     }
 
+    /// Returns the xAPIC register offsets whose reads APIC-register virtualization serves
+    /// from the virtual-APIC page (SDM Vol. 3 §30.4.2.1): the caller keeps those words of
+    /// the page equal to [`LocalApic::read`] (the current count, 0x390, is not among
+    /// them: its reads exit).
+    pub fn page_offsets() -> impl Iterator<Item = u32> {
+        [reg::ID, reg::VERSION, reg::TPR, reg::APR, reg::PPR, reg::EOI, reg::LDR, reg::DFR, reg::SVR]
+            .into_iter()
+            .chain((reg::ISR0..reg::IRR0 + 0x80).step_by(16))
+            .chain([reg::ESR, reg::ICR_LOW, reg::ICR_HIGH])
+            .chain((reg::LVT_TIMER..=reg::LVT_ERROR).step_by(16))
+            .chain([reg::TIMER_INITIAL, reg::TIMER_DIVIDE])
+    }
+
+    /// Reads the register at `offset` of the xAPIC page (SDM §11.4.1): only in xAPIC
+    /// mode (in x2APIC mode or disabled the page is not the APIC's, §11.12.2), only whole
+    /// registers (16-byte aligned).
+    pub fn mmio_read(&self, offset: u32, now: u64) -> Result<u32, ApicFault> {
+        if self.x2apic() || !self.hw_enabled() || !offset.is_multiple_of(16) || offset >= 0x400 {
+            return Err(ApicFault);
+        }
+        Ok(self.read(offset, now))
+    }
+
+    /// Writes the register at `offset` of the xAPIC page (the checks of
+    /// [`LocalApic::mmio_read`]; read-only registers ignore the write).
+    pub fn mmio_write(&mut self, offset: u32, value: u32, now: u64) -> Result<ApicAction, ApicFault> {
+        if self.x2apic() || !self.hw_enabled() || !offset.is_multiple_of(16) || offset >= 0x400 {
+            return Err(ApicFault);
+        }
+        Ok(self.write(offset, value, now))
+    }
+
     /// Reads x2APIC MSR `msr` (SDM §11.12.1.2): #GP outside x2APIC mode, for write-only
     /// and absent registers.
     pub fn read_msr(&self, msr: u32, now: u64) -> Result<u64, ApicFault> {
@@ -561,6 +603,62 @@ mod tests {
         let mut a = LocalApic::new(0, true);
         a.write_apic_base(DEFAULT_BASE | BASE_BSP | BASE_ENABLE | BASE_EXTD).unwrap();
         a
+    }
+
+    #[test]
+    fn xapic_page_after_switching_from_x2apic() {
+        let mut a = x2apic();
+        // x2APIC mode: the page is not the APIC's.
+        assert_eq!(a.mmio_read(reg::VERSION, 0), Err(ApicFault));
+        assert_eq!(a.mmio_write(reg::EOI, 0, 0), Err(ApicFault));
+        // x2APIC -> xAPIC directly is refused; through disabled it is allowed (SDM fig. 11-27).
+        assert_eq!(a.write_apic_base(DEFAULT_BASE | BASE_BSP | BASE_ENABLE), Err(ApicFault));
+        a.write_apic_base(DEFAULT_BASE | BASE_BSP).unwrap();
+        assert_eq!(a.mmio_read(reg::VERSION, 0), Err(ApicFault), "disabled");
+        a.write_apic_base(DEFAULT_BASE | BASE_BSP | BASE_ENABLE).unwrap();
+        assert_eq!(a.mmio_read(reg::VERSION, 0), Ok(VERSION_VALUE));
+        assert_eq!(a.mmio_read(reg::ID, 0), Ok(0));
+        assert_eq!(a.mmio_read(reg::SVR, 0), Ok(0xFF), "software-disabled after the reset");
+        assert_eq!(a.mmio_read(reg::VERSION + 4, 0), Err(ApicFault), "misaligned");
+        // What a simple kernel does: enable, periodic timer on 0x40, take it, EOI by MMIO.
+        a.mmio_write(reg::SVR, 0x1FF, 0).unwrap();
+        a.mmio_write(reg::TIMER_DIVIDE, 0xB, 0).unwrap();
+        a.mmio_write(reg::LVT_TIMER, 0x2_0040, 0).unwrap();
+        a.mmio_write(reg::TIMER_INITIAL, 1000, 0).unwrap();
+        assert_eq!(a.next_timer_deadline(), Some(1000));
+        assert_eq!(a.mmio_read(reg::TIMER_CURRENT, 400), Ok(600));
+        a.tick(1000);
+        assert_eq!(a.deliverable(), Some(0x40));
+        a.accept(0x40);
+        assert_eq!(a.mmio_read(reg::ISR0 + 0x20, 1000), Ok(1));
+        a.mmio_write(reg::EOI, 0, 1001).unwrap();
+        assert_eq!(a.mmio_read(reg::ISR0 + 0x20, 1001), Ok(0));
+        // xAPIC -> x2APIC by setting EXTD.
+        a.write_apic_base(DEFAULT_BASE | BASE_BSP | BASE_ENABLE | BASE_EXTD).unwrap();
+        assert!(a.x2apic());
+        assert_eq!(a.mmio_read(reg::VERSION, 0), Err(ApicFault));
+    }
+
+    #[test]
+    fn blocked_class_names_what_the_tpr_holds_back() {
+        let mut a = x2apic();
+        assert_eq!(a.blocked_class(), None);
+        a.write(reg::TPR, 0x50, 0);
+        a.raise(0x41);
+        assert_eq!(a.deliverable(), None);
+        assert_eq!(a.blocked_class(), Some(4));
+        a.write(reg::TPR, 0x30, 0);
+        assert_eq!(a.blocked_class(), None);
+        assert_eq!(a.deliverable(), Some(0x41));
+    }
+
+    #[test]
+    fn page_offsets_are_the_virtualized_reads() {
+        let offsets: Vec<u32> = LocalApic::page_offsets().collect();
+        assert_eq!(offsets.len(), 9 + 24 + 3 + 6 + 2);
+        assert!(offsets.contains(&reg::IRR0) && offsets.contains(&(reg::IRR0 + 0x70)));
+        assert!(!offsets.contains(&reg::TIMER_CURRENT));
+        assert!(offsets.iter().all(|o| o % 16 == 0 && *o < 0x400));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! - [`pic8259`]: the 8259 pair for legacy IRQs (COM1 on IRQ 4);
 //! - [`rtc`]: CMOS/RTC on 0x70/0x71;
 //! - [`acpi_pm`] and [`i8042`]: the ports through which a guest powers off or resets;
+//! - [`mmio`]: the MOV forms decoded for xAPIC accesses that exit fault-like;
 //! - [`msr`]: which MSRs a guest OS gets, and the informational ones' values;
 //! - [`acpi`]: the VM's ACPI tables (RSDP, XSDT, MADT, FADT, FACS, DSDT);
 //! - [`pc`]: the board that routes ports to devices and picks the next interrupt.
@@ -21,6 +22,7 @@ pub mod acpi;
 pub mod acpi_pm;
 pub mod i8042;
 pub mod lapic;
+pub mod mmio;
 pub mod msr;
 pub mod pc;
 pub mod pic8259;

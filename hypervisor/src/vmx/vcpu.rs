@@ -132,7 +132,9 @@ mod want {
     pub const PROC_USE_MSR_BITMAPS: u32 = 1 << 28;
     pub const PROC_MONITOR: u32 = 1 << 29;
     pub const PROC_SECONDARY: u32 = 1 << 31;
+    pub const PROC2_VIRTUALIZE_APIC_ACCESSES: u32 = 1 << 0;
     pub const PROC2_EPT: u32 = 1 << 1;
+    pub const PROC2_APIC_REGISTER_VIRT: u32 = 1 << 8;
     pub const PROC2_VPID: u32 = 1 << 5;
     pub const PROC2_PAUSE_LOOP: u32 = 1 << 10;
     pub const PROC2_UNRESTRICTED: u32 = 1 << 7;
@@ -221,8 +223,17 @@ pub struct Vcpu {
     /// TPR shadow (SDM Vol. 3 §30.1.1). None where the CPU lacks the TPR shadow; then
     /// CR8 accesses exit and `cr8` holds the guest's value.
     virtual_apic: Option<HostPhysAddr>,
+    /// The APIC-access page of a guest OS (SDM Vol. 3 §30.4): the caller maps it in the
+    /// EPT at the guest's APIC base, so xAPIC accesses are virtualized or exit. None for
+    /// bare-metal guests and where the CPU lacks "virtualize APIC accesses".
+    apic_access: Option<HostPhysAddr>,
+    /// Whether APIC-register virtualization is on (reads served from the virtual-APIC
+    /// page, writes trap-like APIC-write exits, SDM Vol. 3 §30.4.2-§30.4.3).
+    apic_register_virt: bool,
     /// The guest's CR8 without a TPR shadow (bits 3:0).
     cr8: u8,
+    /// The TPR threshold in the VMCS.
+    tpr_threshold: u8,
     pub regs: GuestRegs,
     launched: bool,
     /// Its VPID from the pool (None: it runs without one). Dropped after the VMCS is
@@ -278,7 +289,10 @@ impl Vcpu {
         let mut vcpu = Self {
             vmcs,
             virtual_apic: None,
+            apic_access: None,
+            apic_register_virt: false,
             cr8: 0,
+            tpr_threshold: 0,
             regs: GuestRegs::default(),
             launched: false,
             vpid: Vpid::allocate(caps),
@@ -286,6 +300,22 @@ impl Vcpu {
         let (_, proc, _, _) = control_msrs(caps);
         if allowed_one(proc) & want::PROC_TPR_SHADOW != 0 {
             vcpu.virtual_apic = Some(memory::alloc_zeroed_frame().ok_or(VcpuError::OutOfMemory)?);
+            // A guest OS's xAPIC page goes through the APIC-access page where the CPU
+            // offers it (it needs the TPR shadow's virtual-APIC page, SDM §26.2.1.1).
+            let proc2 = allowed_one(msr::IA32_VMX_PROCBASED_CTLS2);
+            if start.mode.is_os() && proc2 & want::PROC2_VIRTUALIZE_APIC_ACCESSES != 0 {
+                vcpu.apic_access = Some(memory::alloc_zeroed_frame().ok_or(VcpuError::OutOfMemory)?);
+                vcpu.apic_register_virt = proc2 & want::PROC2_APIC_REGISTER_VIRT != 0;
+            }
+        }
+        static DESCRIBED_OS: AtomicBool = AtomicBool::new(false);
+        if start.mode.is_os() && !DESCRIBED_OS.swap(true, Ordering::Relaxed) {
+            log::info!(target: "vmx", "guest-OS vCPUs: xAPIC page {}",
+            match (vcpu.apic_access, vcpu.apic_register_virt) {
+                (None, _) => "not virtualized (no APIC-access page on this CPU): x2APIC only",
+                (Some(_), false) => "through the APIC-access page, every access an APIC-access exit (no APIC-register virtualization)",
+                (Some(_), true) => "through the APIC-access page with APIC-register virtualization",
+            });
         }
         // SAFETY: the frame is this vCPU's VMCS region and not current anywhere else.
         unsafe {
@@ -315,6 +345,11 @@ impl Vcpu {
         // A guest OS may run with paging off (Multiboot's entry state) or in real mode.
         let unrestricted = if start.mode.is_os() { want::PROC2_UNRESTRICTED } else { 0 };
         let ia32e = if matches!(start.mode, StartMode::Os32 { .. }) { 0 } else { want::ENTRY_IA32E_GUEST };
+        let apic = match (self.apic_access, self.apic_register_virt) {
+            (None, _) => 0,
+            (Some(_), false) => want::PROC2_VIRTUALIZE_APIC_ACCESSES,
+            (Some(_), true) => want::PROC2_VIRTUALIZE_APIC_ACCESSES | want::PROC2_APIC_REGISTER_VIRT,
+        };
         static DESCRIBED: AtomicBool = AtomicBool::new(false);
         if !DESCRIBED.swap(true, Ordering::Relaxed) {
             let (mask, bytes) = crate::arch::xsave::switching();
@@ -350,7 +385,7 @@ impl Vcpu {
                 adjust(
                     msr::IA32_VMX_PROCBASED_CTLS2,
                     F::SECONDARY_PROCESSOR_CONTROLS,
-                    want::PROC2_EPT | vpid | pause_loop | unrestricted,
+                    want::PROC2_EPT | vpid | pause_loop | unrestricted | apic,
                 )?,
             ),
             (
@@ -414,6 +449,9 @@ impl Vcpu {
                 // Threshold 0: lowering the virtual TPR never exits.
                 vmcs::write(F::VIRTUAL_APIC_PAGE_ADDR, page.as_u64())?;
                 vmcs::write(F::TPR_THRESHOLD, 0)?;
+            }
+            if let Some(page) = self.apic_access {
+                vmcs::write(F::APIC_ACCESS_ADDR, page.as_u64())?;
             }
             if pause_loop != 0 {
                 vmcs::write(F::PLE_GAP, PLE_GAP)?;
@@ -772,6 +810,75 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Returns the APIC-access page to map at the guest's xAPIC base (SDM Vol. 3
+    /// §30.4), if xAPIC accesses are virtualized, and whether APIC-register
+    /// virtualization is on (reads served from the virtual-APIC page, aligned writes
+    /// trap-like APIC-write exits).
+    pub fn apic_access_page(&self) -> Option<(u64, bool)> {
+        self.apic_access.map(|page| (page.as_u64(), self.apic_register_virt))
+    }
+
+    /// Reads the 32-bit register at `offset` (16-byte aligned, below 0x1000) of the
+    /// virtual-APIC page (SDM Vol. 3 §30.1); 0 without a TPR shadow.
+    pub fn virtual_apic_read(&self, offset: u32) -> u32 {
+        match self.virtual_apic {
+            // SAFETY: the page is this vCPU's identity-mapped frame; the offset is masked
+            // into it and 4-byte aligned; the guest is not running (volatile: the CPU
+            // writes it while the guest runs).
+            Some(page) => unsafe { ((page.as_u64() + u64::from(offset & 0xFF0)) as *const u32).read_volatile() },
+            None => 0,
+        }
+    }
+
+    /// Writes the 32-bit register at `offset` of the virtual-APIC page (ignored without a
+    /// TPR shadow).
+    pub fn virtual_apic_write(&mut self, offset: u32, value: u32) {
+        if let Some(page) = self.virtual_apic {
+            // SAFETY: as in `virtual_apic_read`; the page belongs to this vCPU only.
+            unsafe { ((page.as_u64() + u64::from(offset & 0xFF0)) as *mut u32).write_volatile(value) };
+        }
+    }
+
+    /// Sets the TPR threshold (bits 3:0, SDM Vol. 3 §25.6.8): lowering the virtual TPR's
+    /// class below it exits (TPR below threshold, trap-like). A VMWRITE only when it
+    /// changes; ignored without a TPR shadow.
+    pub fn set_tpr_threshold(&mut self, threshold: u8) -> Result<(), VcpuError> {
+        let threshold = threshold & 0xF;
+        if self.virtual_apic.is_some() && threshold != self.tpr_threshold {
+            // SAFETY: the caller keeps the threshold at or below VTPR[7:4], the VM-entry
+            // check of SDM Vol. 3 §26.2.1.1 without virtual-interrupt delivery.
+            unsafe { vmcs::write(F::TPR_THRESHOLD, u64::from(threshold))? };
+            self.tpr_threshold = threshold;
+        }
+        Ok(())
+    }
+
+    /// Returns guest CR0, CR3 and the CS base, which a fetch of the instruction at RIP needs.
+    pub fn code_context(&self) -> Result<(u64, u64, u64), VcpuError> {
+        Ok((vmcs::read(F::GUEST_CR0)?, vmcs::read(F::GUEST_CR3)?, vmcs::read(F::GUEST_CS_BASE)?))
+    }
+
+    /// Returns the guest register with instruction encoding `n` (RSP from the VMCS).
+    pub fn gpr(&self, n: u8) -> Result<u64, VcpuError> {
+        Ok(match n & 0xF {
+            4 => vmcs::read(F::GUEST_RSP)?,
+            n => {
+                let mut regs = self.regs;
+                *regs.by_encoding(n)
+            }
+        })
+    }
+
+    /// Writes the guest register with instruction encoding `n` (RSP in the VMCS).
+    pub fn set_gpr(&mut self, n: u8, value: u64) -> Result<(), VcpuError> {
+        match n & 0xF {
+            // SAFETY: only the guest's RSP changes.
+            4 => unsafe { vmcs::write(F::GUEST_RSP, value)? },
+            n => *self.regs.by_encoding(n) = value,
+        }
+        Ok(())
+    }
+
     /// Tells whether the guest's CR8 lives in the virtual-APIC page (TPR shadow) rather
     /// than being emulated at CR8 exits.
     pub fn has_tpr_shadow(&self) -> bool {
@@ -859,6 +966,9 @@ impl Drop for Vcpu {
             memory::free_frame(self.vmcs);
             // The virtual-APIC page is referenced only by this (now inactive) VMCS.
             if let Some(page) = self.virtual_apic.take() {
+                memory::free_frame(page);
+            }
+            if let Some(page) = self.apic_access.take() {
                 memory::free_frame(page);
             }
         }

@@ -33,6 +33,7 @@ impl VmcsField {
     pub const IO_BITMAP_B: Self = Self(0x2002);
     pub const MSR_BITMAP: Self = Self(0x2004);
     pub const VIRTUAL_APIC_PAGE_ADDR: Self = Self(0x2012);
+    pub const APIC_ACCESS_ADDR: Self = Self(0x2014);
     pub const EPT_POINTER: Self = Self(0x201A);
     /// The PML log's address and the guest PML index (SDM Vol. 3 §25.6.18, App. B).
     pub const PML_ADDRESS: Self = Self(0x200E);
@@ -159,11 +160,13 @@ impl ExitReason {
     pub const MONITOR: Self = Self(39);
     pub const PAUSE: Self = Self(40);
     pub const TPR_BELOW_THRESHOLD: Self = Self(43);
+    pub const APIC_ACCESS: Self = Self(44);
     pub const EPT_VIOLATION: Self = Self(48);
     pub const PML_FULL: Self = Self(62);
     pub const EPT_MISCONFIGURATION: Self = Self(49);
     pub const PREEMPTION_TIMER: Self = Self(52);
     pub const XSETBV: Self = Self(55);
+    pub const APIC_WRITE: Self = Self(56);
 }
 
 /// A VM-instruction error number (SDM Vol. 3 Table 31-1).
