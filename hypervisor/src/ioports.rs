@@ -121,6 +121,7 @@ pub fn apply(effect: Effect) {
     match effect {
         Effect::IoPorts { vm, first, count, access, allow } => apply_ports(vm, first, count, access, allow),
         Effect::Msr { vm, msr, access, allow } => apply_msr(vm, msr, access, allow),
+        Effect::VmControl { vm, action, by } => crate::vmctl::apply(vm, action, by),
     }
 }
 

@@ -128,6 +128,20 @@ pub enum Effect {
     /// Lets `vm` read (`msr_access::READ`) or write (`msr_access::WRITE`) model-specific
     /// register `msr` without exiting, or (`allow == false`) takes that back.
     Msr { vm: VmId, msr: u32, access: u8, allow: bool },
+    /// Stops, starts or destroys VM `vm` (the guest-OS AM's operations), at the VM's next
+    /// time-slice boundary on its own CPU; `by` is the VM that asked, for the log.
+    VmControl { vm: VmId, action: VmAction, by: VmId },
+}
+
+/// What an `Effect::VmControl` does to a VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmAction {
+    /// Pauses the VM: it gets no more time slices until started.
+    Stop,
+    /// Resumes a stopped VM.
+    Start,
+    /// Ends the VM: its capabilities die on every kernel, as when a guest ends.
+    Destroy,
 }
 
 /// Access to an MSR, as bits of an `Effect::Msr`.
