@@ -80,6 +80,7 @@ pub fn run_guests(specs: Vec<GuestSpec>, placements: &[(&str, u32)]) -> (usize, 
         }
         if let Err(e) = registered {
             log::error!(target: "guest", "vm{}/{}: cannot register with the null-Kernel: {e:?}", vm.raw(), spec.name);
+            crate::vmctl::ended(vm);
             STOPPED.fetch_add(1, Ordering::AcqRel);
             continue;
         }
@@ -155,8 +156,8 @@ struct Running {
     parked: Option<PendingOp>,
     /// Stopped by a `stop`: no slices until a `start`.
     stopped: bool,
-    /// Destroyed by this VM: ends once no operation is parked.
-    destroyed_by: Option<VmId>,
+    /// Destroyed (the log line's words): ends once no operation is parked.
+    destroyed: Option<alloc::string::String>,
 }
 
 /// Runs this CPU's guests in round-robin time slices until each has ended and its removal
@@ -174,7 +175,7 @@ fn run_queue(cpu: usize) {
         match Guest::create(vm, &spec) {
             Ok(guest) => {
                 crate::vmctl::set_state(vm, nk_am_guest_os::state::RUNNING);
-                guests.push(Running { guest, parked: None, stopped: false, destroyed_by: None })
+                guests.push(Running { guest, parked: None, stopped: false, destroyed: None })
             }
             Err(e) => {
                 log::error!(target: "guest", "vm{}/{}: not started: {e}", vm.raw(), spec.name);
@@ -208,11 +209,11 @@ fn run_queue(cpu: usize) {
                 index += 1;
                 continue;
             }
-            if let Some(by) = guests[index].destroyed_by {
-                let guest = guests.swap_remove(index).guest;
+            if guests[index].destroyed.is_some() {
+                let Running { guest, destroyed, .. } = guests.swap_remove(index);
                 let vm = guest.vm();
-                log::warn!(target: "guest", "vm{}/{}: destroyed by vm{}/{}, after {} exits",
-                    vm.raw(), guest.name(), by.raw(), crate::vmctl::name(by), guest.exits());
+                log::warn!(target: "guest", "vm{}/{}: {}, after {} exits",
+                    vm.raw(), guest.name(), destroyed.unwrap_or_default(), guest.exits());
                 drop(guest);
                 finish(cpu, vm, false, &mut removals);
                 continue;
@@ -259,12 +260,14 @@ fn run_queue(cpu: usize) {
 /// Applies the guest-OS AM's requests for this CPU's VMs (`vmctl`) at a slice boundary:
 /// stop and start flip whether a VM gets slices (a parked VM stays parked either way);
 /// destroy marks it to end before its next slice, or once its parked operation finished.
+/// When no VM is active any more, the stopped ones left are ended (`vmctl::orphaned`).
 fn control(guests: &mut [Running]) {
     use nk_am::VmAction;
     use nk_am_guest_os::state;
+    let orphaned = crate::vmctl::orphaned();
     for (vm, action, by) in crate::vmctl::take(percpu::current_index() as usize) {
         let Some(running) = guests.iter_mut().find(|r| r.guest.vm() == vm) else { continue };
-        if running.destroyed_by.is_some() {
+        if running.destroyed.is_some() {
             continue;
         }
         let name = running.guest.name();
@@ -280,8 +283,15 @@ fn control(guests: &mut [Running]) {
                 crate::vmctl::set_state(vm, state::RUNNING);
                 log::info!(target: "guest", "vm{}/{name}: started by vm{}/{}", vm.raw(), by.raw(), crate::vmctl::name(by));
             }
-            VmAction::Destroy => running.destroyed_by = Some(by),
+            VmAction::Destroy => {
+                running.destroyed = Some(alloc::format!("destroyed by vm{}/{}", by.raw(), crate::vmctl::name(by)))
+            }
             VmAction::Stop | VmAction::Start => {}
+        }
+    }
+    if orphaned {
+        for running in guests.iter_mut().filter(|r| r.stopped && r.destroyed.is_none()) {
+            running.destroyed = Some(alloc::string::String::from("ended: stopped, and no running VM is left to start it"));
         }
     }
 }

@@ -9,10 +9,14 @@
 //! The scheduler of the VM's CPU then applies it (`sched`): a stopped VM gets no slices
 //! until started; a destroyed VM ends as a guest ends, its capabilities dying on every
 //! kernel, once any cross-kernel operation it is parked on has finished.
+//!
+//! Only a running VM can start a stopped one: when every VM is stopped or ended, the
+//! stopped ones can never run again and are ended (each with a line saying so), so a run
+//! always finishes.
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use nk_am::VmAction;
 use nk_am_guest_os::{state, VmBoard, VmRecord};
@@ -29,10 +33,19 @@ static REQUESTS: Mutex<Vec<(VmId, VmAction, VmId)>> = Mutex::new(Vec::new());
 /// A CPU has requests for its VMs.
 static PENDING: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
 
+/// VMs that are neither stopped nor ended (created ones count: they will run). When none
+/// is left, no VM can ever start a stopped one again.
+static ACTIVE: AtomicUsize = AtomicUsize::new(0);
+
 /// Makes the board of the VMs the boot modules describe (VM i+1 is module i), with
 /// their CPU unknown until placed; the AM gets a reference to it.
 pub fn install(records: Vec<VmRecord>) -> Arc<VmBoard> {
-    BOARD.call_once(|| Arc::new(VmBoard::new(records))).clone()
+    BOARD
+        .call_once(|| {
+            ACTIVE.store(records.len(), Ordering::Release);
+            Arc::new(VmBoard::new(records))
+        })
+        .clone()
 }
 
 fn record(vm: VmId) -> Option<&'static VmRecord> {
@@ -46,11 +59,43 @@ pub fn placed(vm: VmId, cpu: usize) {
     }
 }
 
-/// Publishes a VM's state (`nk_am_guest_os::state`).
+/// Publishes a VM's state (`nk_am_guest_os::state`) and counts the active VMs; when the
+/// last active VM stops or ends while some are stopped, every CPU is told (`orphaned`).
 pub fn set_state(vm: VmId, new: u8) {
-    if let Some(r) = record(vm) {
-        r.set_state(new);
+    let Some(r) = record(vm) else { return };
+    let old = r.set_state(new);
+    let active = |s: u8| s == state::CREATED || s == state::RUNNING;
+    if active(old) == active(new) || old == state::ENDED {
+        return;
     }
+    if active(new) {
+        ACTIVE.fetch_add(1, Ordering::AcqRel);
+    } else if ACTIVE.fetch_sub(1, Ordering::AcqRel) == 1 {
+        let board = BOARD.get().expect("records exist only on the board");
+        let mut cpus = 0u64;
+        for stopped in board.records().iter().filter(|r| r.state() == state::STOPPED) {
+            cpus |= 1 << stopped.cpu().min(63);
+        }
+        let me = percpu::current_index() as usize;
+        while cpus != 0 {
+            let cpu = cpus.trailing_zeros() as usize;
+            cpus &= cpus - 1;
+            if cpu >= MAX_CPUS {
+                continue;
+            }
+            PENDING[cpu].store(true, Ordering::Release);
+            if cpu != me {
+                let _ = apic::send_wakeup(percpu::get(cpu).map_or(0, |c| c.apic_id()));
+            }
+        }
+    }
+}
+
+/// Tells whether no VM is active any more (all stopped or ended): then nothing can start
+/// a stopped VM again. Read before [`take`], so every request an active VM made before it
+/// stopped or ended is among those taken.
+pub fn orphaned() -> bool {
+    ACTIVE.load(Ordering::Acquire) == 0
 }
 
 /// Publishes a VM's exit count (at the end of each of its slices).

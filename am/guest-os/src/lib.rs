@@ -151,9 +151,12 @@ impl VmRecord {
         self.exits.load(Ordering::Acquire)
     }
 
-    /// Publishes the VM's [`state`]; an ended VM stays ended.
-    pub fn set_state(&self, new: u8) {
-        let _ = self.state.fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| (old != state::ENDED).then_some(new));
+    /// Publishes the VM's [`state`] and returns the one it replaced; an ended VM stays
+    /// ended (then the result is `ENDED`).
+    pub fn set_state(&self, new: u8) -> u8 {
+        match self.state.fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| (old != state::ENDED).then_some(new)) {
+            Ok(old) | Err(old) => old,
+        }
     }
 
     /// Publishes the CPU the VM runs on.
@@ -183,6 +186,11 @@ impl VmBoard {
     /// Returns the record of `vm`.
     pub fn get(&self, vm: VmId) -> Option<&VmRecord> {
         self.records.iter().find(|r| r.vm == vm)
+    }
+
+    /// Returns every record.
+    pub fn records(&self) -> &[VmRecord] {
+        &self.records
     }
 
     /// Returns the id of the VM named `name` (the first, if several share it).
