@@ -24,6 +24,7 @@ mod vm {
     pub const STOPPED: u64 = 2;
     pub const ENDED: u64 = 3;
     pub const BARE_METAL: u64 = 0;
+    pub const LINUX: u64 = 1;
 }
 
 /// TSC ticks to wait while checking that a VM makes (or does not make) progress: a few of
@@ -99,9 +100,11 @@ fn managed() -> Result<(u16, Cap, Cap), Why> {
     Ok((am, worker, victim.map_or(Cap::default(), |(cap, _)| cap)))
 }
 
-/// `control [orphan]`: the checks above; with `orphan`, only stops the worker and ends,
-/// leaving it stopped with no running VM to start it (the hypervisor then ends it).
-pub fn run(orphan: bool) {
+/// `control [orphan|linux]`: the checks above; with `orphan`, only stops the worker and
+/// ends, leaving it stopped with no running VM to start it (the hypervisor then ends it);
+/// with `linux`, stops a booting Linux VM (its first `vm` capability) and starts it again.
+pub fn run(mode: Option<&str>) {
+    let orphan = mode == Some("orphan");
     let (am, worker, victim) = match managed() {
         Ok(found) => found,
         Err(Why(line)) => {
@@ -112,6 +115,10 @@ pub fn run(orphan: bool) {
     println!("GTEST ok control_caps");
     if orphan {
         report("control_stop", stop_worker(am, worker));
+        return;
+    }
+    if mode == Some("linux") {
+        report("control_linux", stop_and_start_linux(am, worker));
         return;
     }
     report("control_inspect", inspect_worker(am, worker));
@@ -126,7 +133,7 @@ fn inspect_worker(am: u16, worker: Cap) -> CheckResult {
     let exits = wait_for_state(am, worker, vm::RUNNING)?;
     let (_, image, cpu, memory, _, id) = inspect(am, worker).map_err(|s| why(format_args!("inspect: {s}")))?;
     println!("control: worker is vm{id} on cpu {cpu}, image kind {image}, {} KiB, {exits} exits", memory / 1024);
-    ensure!(image == vm::BARE_METAL && memory > 0, "image kind {image}, memory {memory}");
+    ensure!(image == vm::BARE_METAL && memory == 4 << 20, "image kind {image}, memory {memory}");
     spin(WATCH_TICKS);
     let later = exits_of(am, worker)?;
     ensure!(later > exits, "the running worker's exits did not advance ({exits} -> {later})");
@@ -171,6 +178,25 @@ fn start_worker(am: u16, worker: Cap) -> CheckResult {
     let (state, .., later, _) = inspect(am, worker).map_err(|s| why(format_args!("inspect: {s}")))?;
     ensure!(later > exits || state == vm::ENDED, "the restarted worker's exits did not advance ({exits} -> {later})");
     Ok(())
+}
+
+/// Waits until the Linux VM is well into its boot, stops it (its exits stand still), and
+/// starts it again (its exits advance); Linux then finishes its boot and powers off.
+fn stop_and_start_linux(am: u16, linux: Cap) -> CheckResult {
+    const BOOTING_EXITS: u64 = 2000;
+    let start = nk::rdtsc();
+    loop {
+        let (state, image, .., exits, _) = inspect(am, linux).map_err(|s| why(format_args!("inspect: {s}")))?;
+        ensure!(image == vm::LINUX, "image kind {image}, not Linux");
+        ensure!(state != vm::ENDED, "Linux ended before it was stopped");
+        if exits >= BOOTING_EXITS {
+            break;
+        }
+        ensure!(nk::rdtsc().wrapping_sub(start) < 4000 * TIMEOUT_TICKS, "Linux never reached {BOOTING_EXITS} exits");
+        spin(WATCH_TICKS);
+    }
+    stop_worker(am, linux)?;
+    start_worker(am, linux)
 }
 
 fn destroy_victim(am: u16, victim: Cap) -> CheckResult {
