@@ -145,7 +145,8 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
 
 /// Creates one kernel instance of the null-Kernel per CPU in VMX root (kernel id = CPU
 /// index) and registers the built-in AMs with each, shared; the exo AM learns which port
-/// range and MSRs each guest (VM i+1) may open. Returns each instance with its CPU's APIC
+/// range and MSRs each guest (VM i+1) may open, the guest-OS AM every guest as a `vm`
+/// object and whom each `manages=`. Returns each instance with its CPU's APIC
 /// id.
 fn null_kernel(
     guests: &[guest::GuestSpec],
@@ -216,8 +217,12 @@ fn vm_objects(guests: &[guest::GuestSpec]) -> nk_am_guest_os::GuestOsAm {
         for name in &g.manages {
             match board.find(name) {
                 Some(target) if target != holder => grants.push(VmGrant { holder, target }),
-                Some(_) => log::error!(target: "boot", "vm{}/{}: manages={name}: a guest cannot manage itself; skipped", holder.raw(), g.name),
-                None => log::error!(target: "boot", "vm{}/{}: manages={name}: no guest has that name; skipped", holder.raw(), g.name),
+                Some(_) => {
+                    log::error!(target: "boot", "vm{}/{}: manages={name}: a guest cannot manage itself; skipped", holder.raw(), g.name)
+                }
+                None => {
+                    log::error!(target: "boot", "vm{}/{}: manages={name}: no guest has that name; skipped", holder.raw(), g.name)
+                }
             }
         }
     }

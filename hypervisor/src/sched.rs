@@ -291,7 +291,8 @@ fn control(guests: &mut [Running]) {
     }
     if orphaned {
         for running in guests.iter_mut().filter(|r| r.stopped && r.destroyed.is_none()) {
-            running.destroyed = Some(alloc::string::String::from("ended: stopped, and no running VM is left to start it"));
+            running.destroyed =
+                Some(alloc::string::String::from("ended: stopped, and no running VM is left to start it"));
         }
     }
 }

@@ -254,7 +254,10 @@ impl AbstractMachine for GuestOsAm {
         let action = match checked.op().index() {
             op::INSPECT => {
                 let word0 = u64::from(current) | u64::from(record.image) << 8 | u64::from(record.cpu()) << 16;
-                return Ok(Outcome { name: None, results: [word0, record.memory, record.exits(), u64::from(vm.raw())] });
+                return Ok(Outcome {
+                    name: None,
+                    results: [word0, record.memory, record.exits(), u64::from(vm.raw())],
+                });
             }
             _ if current == state::ENDED => return Err(AmError::NotPermitted),
             op::STOP => VmAction::Stop,

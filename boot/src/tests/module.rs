@@ -107,7 +107,10 @@ fn manages_names_other_guests() {
         refusal("g manages=a,b,c,d,e,f,g,h,i"),
         "too many guests in manages=: at most 8, e.g. manages=worker,linux"
     );
-    assert_eq!(refusal("g manages"), "missing value for manages=: write the names of other guests, separated by commas, e.g. manages=worker");
+    assert_eq!(
+        refusal("g manages"),
+        "missing value for manages=: write the names of other guests, separated by commas, e.g. manages=worker"
+    );
 }
 
 #[test]
