@@ -284,7 +284,13 @@ fn control(guests: &mut [Running]) {
                 log::info!(target: "guest", "vm{}/{name}: started by vm{}/{}", vm.raw(), by.raw(), crate::vmctl::name(by));
             }
             VmAction::Destroy => {
-                running.destroyed = Some(alloc::format!("destroyed by vm{}/{}", by.raw(), crate::vmctl::name(by)))
+                let parked = if running.parked.is_some() {
+                    " (once the cross-kernel operation it waited for finished)"
+                } else {
+                    ""
+                };
+                running.destroyed =
+                    Some(alloc::format!("destroyed by vm{}/{}{parked}", by.raw(), crate::vmctl::name(by)))
             }
             VmAction::Stop | VmAction::Start => {}
         }

@@ -100,8 +100,9 @@ fn managed() -> Result<(u16, Cap, Cap), Why> {
     Ok((am, worker, victim.map_or(Cap::default(), |(cap, _)| cap)))
 }
 
-/// `control [orphan|linux]`: the checks above; with `orphan`, only stops the worker and
-/// ends, leaving it stopped with no running VM to start it (the hypervisor then ends it);
+/// `control [orphan|busy|linux]`: the checks above; with `orphan`, only stops the worker
+/// and ends, leaving it stopped with no running VM to start it (the hypervisor then ends
+/// it); with `busy`, destroys a worker that is busy with cross-kernel operations;
 /// with `linux`, stops a booting Linux VM (its first `vm` capability) and starts it again.
 pub fn run(mode: Option<&str>) {
     let orphan = mode == Some("orphan");
@@ -115,6 +116,10 @@ pub fn run(mode: Option<&str>) {
     println!("GTEST ok control_caps");
     if orphan {
         report("control_stop", stop_worker(am, worker));
+        return;
+    }
+    if mode == Some("busy") {
+        report("control_destroy_busy", destroy_busy(am, worker));
         return;
     }
     if mode == Some("linux") {
@@ -197,6 +202,18 @@ fn stop_and_start_linux(am: u16, linux: Cap) -> CheckResult {
     }
     stop_worker(am, linux)?;
     start_worker(am, linux)
+}
+
+/// Destroys a worker that is busy with cross-kernel delegations (so often parked),
+/// once it is well under way.
+fn destroy_busy(am: u16, worker: Cap) -> CheckResult {
+    const BUSY_EXITS: u64 = 500;
+    let start = nk::rdtsc();
+    while exits_of(am, worker)? < BUSY_EXITS {
+        ensure!(nk::rdtsc().wrapping_sub(start) < TIMEOUT_TICKS, "the worker never reached {BUSY_EXITS} exits");
+        spin(1 << 14);
+    }
+    destroy_victim(am, worker)
 }
 
 fn destroy_victim(am: u16, victim: Cap) -> CheckResult {
