@@ -1,11 +1,12 @@
 //! Parses a guest module's command line:
 //! `<name> [mem=<size>] [cpu=<index>] [ports=<first>[-<last>]] [msrs=<msr>,...] [unsafe-ports]
-//! [ring3-caps] [modules=<name>,...] [input=<name>] [data] [-- <args>]`.
+//! [ring3-caps] [modules=<name>,...] [input=<name>] [manages=<name>,...] [data] [-- <args>]`.
 //!
 //! `data` marks a module that is not a guest but data another guest's `modules=` names (a
 //! Linux initramfs, a Multiboot kernel's modules); for a Linux guest the words after `--`
 //! are the kernel command line. `input=` names a data module whose bytes a guest OS reads
-//! from its serial port, as if typed.
+//! from its serial port, as if typed. `manages=` names other guests this one starts with a
+//! capability to (the guest-OS AM's `vm` objects: inspect, stop, start, destroy).
 //!
 //! Options are described by one table ([`MODULE_OPTIONS`]): adding an option is one entry
 //! there, one field in [`ModuleSpec`] and the function that sets it. Unlike the hypervisor
@@ -37,6 +38,8 @@ pub const ASSIGNABLE_MSRS: [u32; 5] = [0x174, 0x175, 0x176, 0xC000_0100, 0xC000_
 pub const MAX_MSRS: usize = 8;
 /// The most modules one `modules=` names.
 pub const MAX_MODULES: usize = 4;
+/// The most guests one `manages=` names.
+pub const MAX_MANAGED: usize = 8;
 
 /// An I/O port range a guest may not be given without `unsafe-ports`, and why.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,6 +127,9 @@ pub struct ModuleSpec<'a> {
     pub data: bool,
     /// The data module typed into a guest OS's serial port (`input=`), by name.
     pub input: Option<&'a str>,
+    /// The guests this one manages (`manages=`), by name: it starts with a capability
+    /// to each (the guest-OS AM).
+    pub manages: FixedList<&'a str, MAX_MANAGED>,
     /// The words after `--`, handed to the guest.
     pub args: &'a str,
 }
@@ -158,6 +164,8 @@ pub enum ModuleError<'a> {
     TooManyMsrs,
     /// `modules=` names more than [`MAX_MODULES`] modules.
     TooManyModules,
+    /// `manages=` names more than [`MAX_MANAGED`] guests.
+    TooManyManaged,
 }
 
 impl fmt::Display for ModuleError<'_> {
@@ -199,6 +207,9 @@ impl fmt::Display for ModuleError<'_> {
             ModuleError::TooManyModules => {
                 write!(f, "too many modules in modules=: at most {MAX_MODULES}, e.g. modules=initramfs")
             }
+            ModuleError::TooManyManaged => {
+                write!(f, "too many guests in manages=: at most {MAX_MANAGED}, e.g. manages=worker,linux")
+            }
         }
     }
 }
@@ -238,7 +249,7 @@ impl PartialEq for ModuleOption {
 impl Eq for ModuleOption {}
 
 /// The options a module line knows, in the order the known-options list shows them.
-pub static MODULE_OPTIONS: [ModuleOption; 9] = [
+pub static MODULE_OPTIONS: [ModuleOption; 10] = [
     ModuleOption {
         name: "mem",
         syntax: "mem=<size>",
@@ -324,6 +335,15 @@ pub static MODULE_OPTIONS: [ModuleOption; 9] = [
         },
     },
     ModuleOption {
+        name: "manages",
+        syntax: "manages=<name>[,<name>]",
+        noun: "value",
+        expected: "write the names of other guests, separated by commas",
+        example: "manages=worker",
+        takes_value: true,
+        apply: apply_manages,
+    },
+    ModuleOption {
         name: "data",
         syntax: "data",
         noun: "value",
@@ -346,6 +366,18 @@ fn apply_modules<'a>(spec: &mut ModuleSpec<'a>, value: &'a str) -> Result<(), Mo
         modules.push(name).map_err(|_| ModuleError::TooManyModules)?;
     }
     spec.modules = modules;
+    Ok(())
+}
+
+fn apply_manages<'a>(spec: &mut ModuleSpec<'a>, value: &'a str) -> Result<(), ModuleError<'a>> {
+    let mut managed = FixedList::new();
+    for name in value.split(',') {
+        if name.is_empty() {
+            return Err(ModuleError::BadValue { option: option("manages"), value });
+        }
+        managed.push(name).map_err(|_| ModuleError::TooManyManaged)?;
+    }
+    spec.manages = managed;
     Ok(())
 }
 
@@ -455,6 +487,7 @@ pub fn parse(cmdline: &str) -> Result<ModuleSpec<'_>, ModuleError<'_>> {
         modules: FixedList::new(),
         data: false,
         input: None,
+        manages: FixedList::new(),
         args,
     };
     let mut ports_value = "";

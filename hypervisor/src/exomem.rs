@@ -314,7 +314,7 @@ pub fn apply(effect: Effect) {
                 let _ = crate::vmx::tlb::flush_ept(&crate::vmx::capabilities(), eptp);
             }
         }
-        Effect::IoPorts { .. } | Effect::Msr { .. } => {}
+        Effect::IoPorts { .. } | Effect::Msr { .. } | Effect::VmControl { .. } => {}
     }
 }
 

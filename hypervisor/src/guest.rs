@@ -665,7 +665,7 @@ pub fn cpuid_answer(leaf: u32, subleaf: u32, guest_osxsave: bool) -> nk_loader::
 }
 
 /// A guest image and how to run it, from a boot module and its command line (parsed by
-/// [`nk_boot::module`]: `<name> [mem=<size>] [cpu=<index>] [ports=..] [msrs=..] [unsafe-ports] [ring3-caps] [-- <args>]`).
+/// [`nk_boot::module`]: `<name> [mem=<size>] [cpu=<index>] [ports=..] [msrs=..] [unsafe-ports] [ring3-caps] [manages=..] [-- <args>]`).
 #[derive(Debug, Clone)]
 pub struct GuestSpec {
     pub name: String,
@@ -691,6 +691,8 @@ pub struct GuestSpec {
     /// The data module `input=` names (typed into a guest OS's serial port), and its bytes.
     pub input_name: Option<String>,
     pub input: Option<&'static [u8]>,
+    /// The guests this VM starts with a `vm` capability to (`manages=`; the guest-OS AM).
+    pub manages: Vec<String>,
 }
 
 // The parser's list of assignable MSRs is the one the exo effects are checked against.
@@ -728,6 +730,7 @@ impl GuestSpec {
             data: spec.data,
             input_name: spec.input.map(String::from),
             input: None,
+            manages: spec.manages.as_slice().iter().map(|n| String::from(*n)).collect(),
         })
     }
 }

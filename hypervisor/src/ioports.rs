@@ -128,6 +128,7 @@ pub fn apply(effect: Effect) {
         | Effect::TakeDirty { .. }
         | Effect::PmlEnable { .. }
         | Effect::PmlDrain { .. } => crate::exomem::apply(effect),
+        Effect::VmControl { vm, action, by } => crate::vmctl::apply(vm, action, by),
     }
 }
 

@@ -30,6 +30,7 @@ mod sched;
 #[cfg(feature = "test-harness")]
 mod selftest;
 mod smp;
+mod vmctl;
 mod vmx;
 
 use core::arch::global_asm;
@@ -145,7 +146,8 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
 
 /// Creates one kernel instance of the null-Kernel per CPU in VMX root (kernel id = CPU
 /// index) and registers the built-in AMs with each, shared; the exo AM learns which port
-/// range and MSRs each guest (VM i+1) may open. Returns each instance with its CPU's APIC
+/// range and MSRs each guest (VM i+1) may open, the guest-OS AM every guest as a `vm`
+/// object and whom each `manages=`. Returns each instance with its CPU's APIC
 /// id.
 fn null_kernel(
     guests: &[guest::GuestSpec],
@@ -179,6 +181,7 @@ fn null_kernel(
         })
         .collect();
     let exo = nk_core::shared_am(Box::new(nk_am_exo::ExoAm::new(assignments)));
+    let guest_os = nk_core::shared_am(Box::new(vm_objects(guests)));
     let mut instances = alloc::vec::Vec::new();
     for cpu in 0..kernels {
         let id = nk_caps::KernelId::new(cpu as u16);
@@ -190,13 +193,55 @@ fn null_kernel(
         let counter =
             kernel.add_shared_am(counter.clone(), AM_QUOTA).map_err(|e| alloc::format!("counter AM: {e:?}"))?;
         let exo = kernel.add_shared_am(exo.clone(), AM_QUOTA).map_err(|e| alloc::format!("exo AM: {e:?}"))?;
+        let guest_os =
+            kernel.add_shared_am(guest_os.clone(), AM_QUOTA).map_err(|e| alloc::format!("guest-os AM: {e:?}"))?;
         if cpu == 0 {
-            log::info!(target: "nk", "{kernels} kernel instances (one per CPU), {capacity} capability slots each; AMs: counter (id {}), exo (id {})",
-                counter.raw(), exo.raw());
+            log::info!(target: "nk", "{kernels} kernel instances (one per CPU), {capacity} capability slots each; AMs: counter (id {}), exo (id {}), guest-os (id {})",
+                counter.raw(), exo.raw(), guest_os.raw());
         }
         instances.push((kernel, percpu::get(cpu as usize).map_or(0, |c| c.apic_id())));
     }
     Ok(instances)
+}
+
+/// Makes every guest (VM i+1) an object of the guest-OS AM: its record on the board the
+/// AM's `inspect` reads, and for each `manages=` name a capability its holder starts with.
+/// A name that is no guest's is reported and skipped.
+fn vm_objects(guests: &[guest::GuestSpec]) -> nk_am_guest_os::GuestOsAm {
+    use nk_am_guest_os::{image, VmGrant, VmRecord};
+    use nk_caps::VmId;
+    use nk_loader::image::ImageKind;
+    let records = guests
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let kind = match ImageKind::detect(g.image) {
+                ImageKind::Elf64 => image::BARE_METAL,
+                ImageKind::BzImage => image::LINUX,
+                ImageKind::Multiboot1 { .. } => image::MULTIBOOT,
+                ImageKind::Multiboot2 { .. } => image::MULTIBOOT2,
+                ImageKind::Unknown => image::UNKNOWN,
+            };
+            VmRecord::new(VmId::new(i as u32 + 1), &g.name, kind, g.memory, u32::MAX)
+        })
+        .collect();
+    let board = vmctl::install(records);
+    let mut grants = alloc::vec::Vec::new();
+    for (i, g) in guests.iter().enumerate() {
+        let holder = VmId::new(i as u32 + 1);
+        for name in &g.manages {
+            match board.find(name) {
+                Some(target) if target != holder => grants.push(VmGrant { holder, target }),
+                Some(_) => {
+                    log::error!(target: "boot", "vm{}/{}: manages={name}: a guest cannot manage itself; skipped", holder.raw(), g.name)
+                }
+                None => {
+                    log::error!(target: "boot", "vm{}/{}: manages={name}: no guest has that name; skipped", holder.raw(), g.name)
+                }
+            }
+        }
+    }
+    nk_am_guest_os::GuestOsAm::new(board, grants)
 }
 
 #[panic_handler]

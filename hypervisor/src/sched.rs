@@ -82,6 +82,7 @@ pub fn run_guests(specs: Vec<GuestSpec>, placements: &[(&str, u32)]) -> (usize, 
         }
         if let Err(e) = registered {
             log::error!(target: "guest", "vm{}/{}: cannot register with the null-Kernel: {e:?}", vm.raw(), spec.name);
+            crate::vmctl::ended(vm);
             STOPPED.fetch_add(1, Ordering::AcqRel);
             continue;
         }
@@ -95,6 +96,7 @@ pub fn run_guests(specs: Vec<GuestSpec>, placements: &[(&str, u32)]) -> (usize, 
             }
         }
         log::info!(target: "sched", "vm{}/{} -> cpu {cpu}", vm.raw(), spec.name);
+        crate::vmctl::placed(vm, cpu);
         QUEUES[cpu].lock().push((vm, spec));
     }
     let mut woken = 0;
@@ -161,10 +163,15 @@ fn settle(mesh: &Mesh) {
     }
 }
 
-/// A guest of this CPU and the operation it waits for, if any.
+/// A guest of this CPU, the operation it waits for, if any, and what the guest-OS AM
+/// asked of it (`vmctl`).
 struct Running {
     guest: Guest,
     parked: Option<PendingOp>,
+    /// Stopped by a `stop`: no slices until a `start`.
+    stopped: bool,
+    /// Destroyed (the log line's words): ends once no operation is parked.
+    destroyed: Option<alloc::string::String>,
 }
 
 /// Runs this CPU's guests in round-robin time slices until each has ended and its removal
@@ -180,7 +187,10 @@ fn run_queue(cpu: usize) {
         log::info!(target: "guest", "vm{}/{}: starting on cpu {cpu} ({} KiB image, {} MiB memory)",
             vm.raw(), spec.name, spec.image.len() / 1024, spec.memory >> 20);
         match Guest::create(vm, &spec) {
-            Ok(guest) => guests.push(Running { guest, parked: None }),
+            Ok(guest) => {
+                crate::vmctl::set_state(vm, nk_am_guest_os::state::RUNNING);
+                guests.push(Running { guest, parked: None, stopped: false, destroyed: None })
+            }
             Err(e) => {
                 log::error!(target: "guest", "vm{}/{}: not started: {e}", vm.raw(), spec.name);
                 finish(cpu, vm, false, &mut removals);
@@ -203,6 +213,9 @@ fn run_queue(cpu: usize) {
                 log::error!(target: "sched", "cpu {cpu}: a finished operation ({:?}) that no one waits for", done.op);
             }
         }
+        if crate::vmctl::pending(cpu) {
+            control(&mut guests);
+        }
         let mut ran = false;
         let mut index = 0;
         while index < guests.len() {
@@ -210,8 +223,23 @@ fn run_queue(cpu: usize) {
                 index += 1;
                 continue;
             }
+            if guests[index].destroyed.is_some() {
+                let Running { guest, destroyed, .. } = guests.swap_remove(index);
+                let vm = guest.vm();
+                log::warn!(target: "guest", "vm{}/{}: {}, after {} exits",
+                    vm.raw(), guest.name(), destroyed.unwrap_or_default(), guest.exits());
+                drop(guest);
+                finish(cpu, vm, false, &mut removals);
+                continue;
+            }
+            if guests[index].stopped {
+                index += 1;
+                continue;
+            }
             ran = true;
-            match guests[index].guest.run_slice(&mut sink, TIME_SLICE_TICKS, rate) {
+            let slice = guests[index].guest.run_slice(&mut sink, TIME_SLICE_TICKS, rate);
+            crate::vmctl::set_exits(guests[index].guest.vm(), guests[index].guest.exits());
+            match slice {
                 Slice::Expired => index += 1,
                 Slice::Parked(op) => {
                     guests[index].parked = Some(op);
@@ -240,7 +268,53 @@ fn run_queue(cpu: usize) {
         // handled may have been the last thing this CPU waited for.
         let waiting = !guests.is_empty() || !removals.is_empty();
         if !ran && waiting {
-            arch::sleep_unless(|| mesh.service(cpu) > 0 || mesh.has_finished(cpu));
+            arch::sleep_unless(|| mesh.service(cpu) > 0 || mesh.has_finished(cpu) || crate::vmctl::pending(cpu));
+        }
+    }
+}
+
+/// Applies the guest-OS AM's requests for this CPU's VMs (`vmctl`) at a slice boundary:
+/// stop and start flip whether a VM gets slices (a parked VM stays parked either way);
+/// destroy marks it to end before its next slice, or once its parked operation finished.
+/// When no VM is active any more, the stopped ones left are ended (`vmctl::orphaned`).
+fn control(guests: &mut [Running]) {
+    use nk_am::VmAction;
+    use nk_am_guest_os::state;
+    let orphaned = crate::vmctl::orphaned();
+    for (vm, action, by) in crate::vmctl::take(percpu::current_index() as usize) {
+        let Some(running) = guests.iter_mut().find(|r| r.guest.vm() == vm) else { continue };
+        if running.destroyed.is_some() {
+            continue;
+        }
+        let name = running.guest.name();
+        match action {
+            VmAction::Stop if !running.stopped => {
+                running.stopped = true;
+                crate::vmctl::set_state(vm, state::STOPPED);
+                log::info!(target: "guest", "vm{}/{name}: stopped by vm{}/{} after {} exits",
+                    vm.raw(), by.raw(), crate::vmctl::name(by), running.guest.exits());
+            }
+            VmAction::Start if running.stopped => {
+                running.stopped = false;
+                crate::vmctl::set_state(vm, state::RUNNING);
+                log::info!(target: "guest", "vm{}/{name}: started by vm{}/{}", vm.raw(), by.raw(), crate::vmctl::name(by));
+            }
+            VmAction::Destroy => {
+                let parked = if running.parked.is_some() {
+                    " (once the cross-kernel operation it waited for finished)"
+                } else {
+                    ""
+                };
+                running.destroyed =
+                    Some(alloc::format!("destroyed by vm{}/{}{parked}", by.raw(), crate::vmctl::name(by)))
+            }
+            VmAction::Stop | VmAction::Start => {}
+        }
+    }
+    if orphaned {
+        for running in guests.iter_mut().filter(|r| r.stopped && r.destroyed.is_none()) {
+            running.destroyed =
+                Some(alloc::string::String::from("ended: stopped, and no running VM is left to start it"));
         }
     }
 }
@@ -260,6 +334,7 @@ fn note_remote_quota_refusal(vm: VmId) {
 /// Removes an ended VM from its kernel instance (its capabilities die on every kernel, its
 /// AMs undo their effects); a removal that waits for other kernels is added to `removals`.
 fn finish(cpu: usize, vm: VmId, halted: bool, removals: &mut Vec<(PendingOp, VmId)>) {
+    crate::vmctl::ended(vm);
     match mesh::mesh().remove_vm(cpu, vm) {
         Ok(Dispatched::Reply(reply)) => {
             log::debug!(target: "guest", "vm{}: {} capabilities revoked", vm.raw(), reply.results[0])

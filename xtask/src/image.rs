@@ -234,6 +234,7 @@ pub fn make_iso(workspace: &Workspace, elf: &Path, cmdline: &str, modules: &[Mod
     if !modules.is_empty() {
         shown_cmdline.push_str(&format!(", {} module(s)", modules.len()));
     }
+    in_use().insert(iso.clone());
     if iso.is_file() {
         println!("xtask: image: {} ({shown_cmdline}, cached)", workspace.display(&iso));
         return Ok(iso);
@@ -277,13 +278,24 @@ fn hash_bytes(hasher: &mut DefaultHasher, bytes: &[u8]) {
     hasher.write(bytes);
 }
 
-/// Keeps the newest [`ISO_CACHE_KEEP`] ISOs; failures only leave more files behind.
+/// The ISOs this xtask process has handed out (made or found cached): pruning never
+/// removes them, since a scenario that has not started yet may still boot one (a test run
+/// makes every scenario's ISO before the emulators start).
+fn in_use() -> std::sync::MutexGuard<'static, std::collections::BTreeSet<PathBuf>> {
+    static IN_USE: std::sync::Mutex<std::collections::BTreeSet<PathBuf>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    IN_USE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Keeps the newest [`ISO_CACHE_KEEP`] ISOs besides those this process uses; failures only
+/// leave more files behind.
 fn prune_cache(cache: &Path) {
     let Ok(entries) = std::fs::read_dir(cache) else { return };
     let mut isos: Vec<(SystemTime, PathBuf)> = entries
         .filter_map(|entry| entry.ok())
         .map(|entry| entry.path())
         .filter(|path| path.extension().is_some_and(|ext| ext == "iso"))
+        .filter(|path| !in_use().contains(path))
         .filter_map(|path| Some((path.metadata().ok()?.modified().ok()?, path)))
         .collect();
     if isos.len() <= ISO_CACHE_KEEP {

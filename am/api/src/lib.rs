@@ -155,6 +155,9 @@ pub enum Effect {
     /// PML-full exits collected) as a bitmap at `bitmap_hpa` (as for `TakeDirty`), and
     /// clears their dirty flags so their next write is logged again.
     PmlDrain { vm: VmId, pages: u64, bitmap_hpa: u64 },
+    /// Stops, starts or destroys VM `vm` (the guest-OS AM's operations), at the VM's next
+    /// time-slice boundary on its own CPU; `by` is the VM that asked, for the log.
+    VmControl { vm: VmId, action: VmAction, by: VmId },
 }
 
 /// Access through a guest-physical mapping, as bits of `Effect::MapFrames` and
@@ -176,6 +179,17 @@ pub trait FrameSource: Sync {
     /// Allocates `bytes` of contiguous host-physical memory aligned to `align` (both
     /// multiples of 4 KiB, `align` a power of two), zeroed; None when there is none.
     fn allocate(&self, bytes: u64, align: u64) -> Option<u64>;
+}
+
+/// What an `Effect::VmControl` does to a VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmAction {
+    /// Pauses the VM: it gets no more time slices until started.
+    Stop,
+    /// Resumes a stopped VM.
+    Start,
+    /// Ends the VM: its capabilities die on every kernel, as when a guest ends.
+    Destroy,
 }
 
 /// Access to an MSR, as bits of an `Effect::Msr`.

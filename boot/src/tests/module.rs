@@ -72,7 +72,7 @@ fn bad_values_name_the_option_and_an_example() {
     assert_eq!(
         refusal("typo memory=8M"),
         "unknown module option 'memory=8M' (known: mem=<size>, cpu=<index>, ports=<first>[-<last>], \
-         msrs=<msr>[,<msr>], unsafe-ports, ring3-caps, modules=<name>[,<name>], input=<name>, data, -- <guest args>)"
+         msrs=<msr>[,<msr>], unsafe-ports, ring3-caps, modules=<name>[,<name>], input=<name>, manages=<name>[,<name>], data, -- <guest args>)"
     );
 }
 
@@ -92,6 +92,25 @@ fn data_modules_and_their_users() {
     assert_eq!(refusal("g data=1"), "data takes no value (got '1'): write just data");
     assert_eq!(parse("linux input=keys").unwrap().input, Some("keys"));
     assert_eq!(refusal("g input="), "bad value '' for input=: write the name of a data module, e.g. input=keys");
+}
+
+#[test]
+fn manages_names_other_guests() {
+    let spec = parse("control manages=worker,linux -- control").unwrap();
+    assert_eq!(spec.manages.as_slice(), ["worker", "linux"]);
+    assert!(parse("worker").unwrap().manages.as_slice().is_empty());
+    assert_eq!(
+        refusal("g manages=a,,b"),
+        "bad value 'a,,b' for manages=: write the names of other guests, separated by commas, e.g. manages=worker"
+    );
+    assert_eq!(
+        refusal("g manages=a,b,c,d,e,f,g,h,i"),
+        "too many guests in manages=: at most 8, e.g. manages=worker,linux"
+    );
+    assert_eq!(
+        refusal("g manages"),
+        "missing value for manages=: write the names of other guests, separated by commas, e.g. manages=worker"
+    );
 }
 
 #[test]

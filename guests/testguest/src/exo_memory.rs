@@ -36,6 +36,8 @@ const SPLIT: u32 = 4;
 const DIRTY: u32 = 9;
 const PML_ENABLE: u32 = 10;
 const PML_DRAIN: u32 = 11;
+/// The exo AM operations that take two capabilities (the hypercall fuzzer's model).
+pub(crate) const TWO_CAPABILITY_OPS: [u32; 3] = [MAP, DIRTY, PML_DRAIN];
 /// `frame_access` bits.
 const READ: u64 = 1;
 const RW: u64 = 3;

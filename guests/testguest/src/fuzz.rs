@@ -563,10 +563,15 @@ impl Fuzzer {
         let exists = selector.am < PROBE_AMS
             && selector.op < PROBE_OPS
             && self.ops[usize::from(selector.am)] & (1 << selector.op) != 0;
-        match (exists, selector.am == self.counter_am && selector.op == counter::SUM4) {
-            (false, _) => (0, false),
-            (true, true) => (4, true),
-            (true, false) => (1, true),
+        // Every operation takes one capability but the counter AM's SUM4 (four) and the
+        // exo AM's map, dirty and pml-drain (a frame set or address space, then the other).
+        let exo = (2..PROBE_AMS).find(|&am| self.ams & (1 << am) != 0 && am != self.counter_am);
+        let two = exo == Some(selector.am) && crate::exo_memory::TWO_CAPABILITY_OPS.contains(&selector.op);
+        match (exists, selector.am == self.counter_am && selector.op == counter::SUM4, two) {
+            (false, _, _) => (0, false),
+            (true, true, _) => (4, true),
+            (true, false, true) => (2, true),
+            (true, false, false) => (1, true),
         }
     }
 

@@ -547,6 +547,7 @@ fn check_port_grants(port: u16) {
 
 mod attacks_caps;
 mod attacks_vcpu;
+mod control;
 mod cpuid_controls;
 mod exo_memory;
 mod fuzz;
@@ -611,6 +612,7 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
             protocol::storm(next, rounds, guests, &peers[..count]);
         }
         Some("hold") => protocol::hold(),
+        Some("control") => control::run(words.next()),
         Some("fuzz") => {
             let seed = words.next().and_then(|n| n.parse().ok()).unwrap_or(1);
             let calls = words.next().and_then(|n| n.parse().ok()).unwrap_or(100_000);
@@ -633,7 +635,7 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
             }
         }
         Some(other) => println!(
-            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..], xcr0 ROUNDS, xmmleak SEED ROUNDS, tpr PEER ROUNDS, leakprobe SEED ROUNDS, openloop, ring3caps, flood VICTIM, victim ATTACKER, exomem, exolend [free] [bench] BORROWERS.., exoborrow, exobench)"
+            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..], xcr0 ROUNDS, xmmleak SEED ROUNDS, tpr PEER ROUNDS, leakprobe SEED ROUNDS, openloop, ring3caps, flood VICTIM, victim ATTACKER, exomem, exolend [free] [bench] BORROWERS.., exoborrow, exobench, control [orphan|busy|linux])"
         ),
     }
     println!("GTEST done");
