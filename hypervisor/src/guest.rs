@@ -278,22 +278,9 @@ impl Guest {
             return self.run_os_slice(sink, ticks, timer_rate);
         }
         let stopped = |why: String| Slice::Ended(GuestEnd::Stopped(why));
-        let Some(vcpu) = self.vcpu.as_mut() else {
-            return stopped(String::from("no vCPU"));
-        };
-        if let Err(e) = vcpu.activate().and_then(|()| vcpu.set_time_slice(ticks, timer_rate)) {
-            return stopped(alloc::format!("cannot schedule its vCPU: {e}"));
+        if let Err(why) = self.enter_slice(Some((ticks, timer_rate))) {
+            return stopped(why);
         }
-        if let Some(reply) = self.reply.take() {
-            write_reply(&mut vcpu.regs, &reply);
-            if let Err(e) = vcpu.skip_bytes(VMCALL_LENGTH) {
-                return stopped(alloc::format!("cannot resume after its hypercall: {e}"));
-            }
-        }
-        if let Some(xstate) = &self.xstate {
-            xstate.restore();
-        }
-        self.unswitched.load();
         // The timer is re-armed with the whole slice at every entry; the TSC bounds the
         // slice of a guest that exits often.
         let slice_start = crate::arch::rdtsc();
@@ -333,6 +320,28 @@ impl Guest {
         end
     }
 
+    /// Makes the guest's vCPU current for a slice: arms the preemption timer with the
+    /// slice (`time_slice`: ticks and timer rate; a guest OS arms it itself), hands a parked
+    /// guest its hypercall's reply and moves it past its VMCALL, and loads its extended
+    /// state and the registers VMX does not switch. Says why the vCPU cannot run.
+    fn enter_slice(&mut self, time_slice: Option<(u64, u8)>) -> Result<(), String> {
+        let vcpu = self.vcpu.as_mut().ok_or_else(|| String::from("no vCPU"))?;
+        let scheduled = match time_slice {
+            Some((ticks, rate)) => vcpu.activate().and_then(|()| vcpu.set_time_slice(ticks, rate)),
+            None => vcpu.activate(),
+        };
+        scheduled.map_err(|e| alloc::format!("cannot schedule its vCPU: {e}"))?;
+        if let Some(reply) = self.reply.take() {
+            write_reply(&mut vcpu.regs, &reply);
+            vcpu.skip_bytes(VMCALL_LENGTH).map_err(|e| alloc::format!("cannot resume after its hypercall: {e}"))?;
+        }
+        if let Some(xstate) = &self.xstate {
+            xstate.restore();
+        }
+        self.unswitched.load();
+        Ok(())
+    }
+
     /// Runs a guest OS for one time slice: before each entry its virtual PC injects the
     /// pending interrupt (or asks for an interrupt window) and the preemption timer is
     /// armed for the earlier of the slice's end and the virtual APIC timer; a halted vCPU
@@ -342,22 +351,9 @@ impl Guest {
         if !self.os.as_mut().expect("checked by run_slice").poll() {
             return Slice::Expired;
         }
-        let Some(vcpu) = self.vcpu.as_mut() else {
-            return stopped(String::from("no vCPU"));
-        };
-        if let Err(e) = vcpu.activate() {
-            return stopped(alloc::format!("cannot schedule its vCPU: {e}"));
+        if let Err(why) = self.enter_slice(None) {
+            return stopped(why);
         }
-        if let Some(reply) = self.reply.take() {
-            write_reply(&mut vcpu.regs, &reply);
-            if let Err(e) = vcpu.skip_bytes(VMCALL_LENGTH) {
-                return stopped(alloc::format!("cannot resume after its hypercall: {e}"));
-            }
-        }
-        if let Some(xstate) = &self.xstate {
-            xstate.restore();
-        }
-        self.unswitched.load();
         self.os.as_ref().expect("checked").load_switched();
         let prefix = alloc::format!("vm{}/{}", self.vm.raw(), self.name);
         let slice_end = crate::arch::rdtsc().saturating_add(ticks);
