@@ -1,4 +1,5 @@
-//! Links the guest with guests/guest.ld when building for the bare-metal target.
+//! Links a bare-metal guest (nk-testguest, nk-libos) with guests/guest.ld when building for the
+//! bare-metal target.
 
 fn main() {
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");

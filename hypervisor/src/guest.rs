@@ -117,10 +117,23 @@ enum Flow {
     End(GuestEnd),
 }
 
+/// Says how handling an exit ends the slice, if it does.
+fn slice_ending(flow: Result<Flow, VcpuError>) -> Option<Slice> {
+    match flow {
+        Ok(Flow::Continue) => None,
+        Ok(Flow::Yield) => Some(Slice::Expired),
+        Ok(Flow::Park(op)) => Some(Slice::Parked(op)),
+        Ok(Flow::End(end)) => Some(Slice::Ended(end)),
+        Err(e) => Some(Slice::Ended(GuestEnd::Stopped(alloc::format!("exit handling failed: {e}")))),
+    }
+}
+
 /// A VM running a bare-metal guest.
 pub struct Guest {
     vm: VmId,
     name: String,
+    /// `vm<id>/<name>`, the prefix of a guest OS's console and exit lines (made once).
+    label: String,
     memory: HostPhysAddr,
     memory_size: u64,
     vcpu: Option<Vcpu>,
@@ -170,6 +183,7 @@ impl Guest {
         let mut guest = Guest {
             vm,
             name: String::from(name),
+            label: alloc::format!("vm{}/{name}", vm.raw()),
             memory,
             memory_size,
             vcpu: None,
@@ -305,18 +319,11 @@ impl Guest {
                 ExitReason::VMCALL => handle_hypercall(self.vm, vcpu, sink),
                 _ => self.handle_exit(&exit, sink),
             };
-            match flow {
-                Ok(Flow::Continue) => {}
-                Ok(Flow::Yield) => break Slice::Expired,
-                Ok(Flow::Park(op)) => break Slice::Parked(op),
-                Ok(Flow::End(end)) => break Slice::Ended(end),
-                Err(e) => break stopped(alloc::format!("exit handling failed: {e}")),
+            if let Some(end) = slice_ending(flow) {
+                break end;
             }
         };
-        self.unswitched.save();
-        if let Some(xstate) = &mut self.xstate {
-            xstate.save();
-        }
+        self.leave_slice();
         end
     }
 
@@ -342,6 +349,15 @@ impl Guest {
         Ok(())
     }
 
+    /// Saves what `enter_slice` loaded: the registers VMX does not switch and the extended
+    /// state.
+    fn leave_slice(&mut self) {
+        self.unswitched.save();
+        if let Some(xstate) = &mut self.xstate {
+            xstate.save();
+        }
+    }
+
     /// Runs a guest OS for one time slice: before each entry its virtual PC injects the
     /// pending interrupt (or asks for an interrupt window) and the preemption timer is
     /// armed for the earlier of the slice's end and the virtual APIC timer; a halted vCPU
@@ -355,7 +371,6 @@ impl Guest {
             return stopped(why);
         }
         self.os.as_ref().expect("checked").load_switched();
-        let prefix = alloc::format!("vm{}/{}", self.vm.raw(), self.name);
         let slice_end = crate::arch::rdtsc().saturating_add(ticks);
         let end = loop {
             if crate::arch::rdtsc() >= slice_end {
@@ -390,7 +405,7 @@ impl Guest {
                 | ExitReason::APIC_ACCESS
                 | ExitReason::TPR_BELOW_THRESHOLD
                 | ExitReason::APIC_WRITE
-                | ExitReason::EPT_VIOLATION => match os.handle_exit(exit.reason, vcpu, &prefix) {
+                | ExitReason::EPT_VIOLATION => match os.handle_exit(exit.reason, vcpu, &self.label) {
                     Ok(crate::osvm::OsFlow::Continue) => Ok(Flow::Continue),
                     Ok(crate::osvm::OsFlow::Idle) => Ok(Flow::Yield),
                     Ok(crate::osvm::OsFlow::Ended(how)) => Ok(Flow::End(GuestEnd::Finished(how))),
@@ -399,24 +414,17 @@ impl Guest {
                 },
                 _ => self.handle_exit(&exit, sink),
             };
-            match flow {
-                Ok(Flow::Continue) => {}
-                Ok(Flow::Yield) => break Slice::Expired,
-                Ok(Flow::Park(op)) => break Slice::Parked(op),
-                Ok(Flow::End(end)) => break Slice::Ended(end),
-                Err(e) => break stopped(alloc::format!("exit handling failed: {e}")),
+            if let Some(end) = slice_ending(flow) {
+                break end;
             }
         };
         if let Slice::Ended(_) = &end {
             if let Some(os) = self.os.as_mut() {
-                os.flush_console(&prefix);
-                log::info!(target: "guest", "{prefix}: {}", os.summary());
+                os.flush_console(&self.label);
+                log::info!(target: "guest", "{}: {}", self.label, os.summary());
             }
         }
-        self.unswitched.save();
-        if let Some(xstate) = &mut self.xstate {
-            xstate.save();
-        }
+        self.leave_slice();
         end
     }
 

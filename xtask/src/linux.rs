@@ -103,22 +103,12 @@ pub fn ensure(workspace: &Workspace) -> Result<LinuxFiles> {
     Ok(LinuxFiles { kernel, initramfs })
 }
 
-fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
-}
-
 /// The versioned kernel package the metapackage depends on.
 fn kernel_package() -> Result<String> {
     let depends = |update: bool| -> Result<Option<String>> {
         if update {
             println!("xtask: linux: apt-get update (the package lists do not know {KERNEL_META})");
-            tools::status_checked(
-                Command::new("apt-get")
-                    .arg("update")
-                    .env("DEBIAN_FRONTEND", "noninteractive")
-                    .stdin(std::process::Stdio::null()),
-                "apt-get update",
-            )?;
+            crate::setup::apt_get_update()?;
         }
         let out = Command::new("apt-cache").args(["depends", KERNEL_META]).output().context("cannot run apt-cache")?;
         let text = String::from_utf8_lossy(&out.stdout);
@@ -130,7 +120,7 @@ fn kernel_package() -> Result<String> {
     if let Some(p) = depends(false)? {
         return Ok(p);
     }
-    if is_root() {
+    if crate::setup::running_as_root() {
         if let Some(p) = depends(true)? {
             return Ok(p);
         }

@@ -121,13 +121,7 @@ fn install_debian_packages(missing: &[String]) -> Result<()> {
         anyhow::bail!("missing Debian packages: {list}. xtask is not root, so run:\n{commands}\nthen try again.");
     }
     println!("xtask: setup: installing {list}");
-    tools::status_checked(
-        Command::new("apt-get")
-            .arg("update")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdin(std::process::Stdio::null()),
-        "apt-get update",
-    )?;
+    apt_get_update()?;
     tools::status_checked(
         Command::new("apt-get")
             .args(["install", "-y", "--no-install-recommends"])
@@ -143,7 +137,18 @@ fn install_debian_packages(missing: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn running_as_root() -> bool {
+/// Runs `apt-get update` without questions (stdin closed).
+pub(crate) fn apt_get_update() -> Result<()> {
+    tools::status_checked(
+        Command::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(std::process::Stdio::null()),
+        "apt-get update",
+    )
+}
+
+pub(crate) fn running_as_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()

@@ -444,25 +444,10 @@ impl Memory {
         kernel: &mut dyn Kernel,
     ) -> Result<Outcome, AmError> {
         let vm = aspace_vm(aspace)?;
-        let set = *self.sets.get(&bitmap.0.raw()).ok_or(AmError::NotPermitted)?;
-        let set_hpa = self.resolve(set.id, kernel)?;
-        if !bitmap.1.contains(rights.write) {
-            return Err(AmError::NotPermitted);
-        }
         let (gpa, pages, offset) = (args[0], args[1], args[2]);
-        if pages == 0 || pages > DIRTY_PAGES_MAX || !aligned(gpa, PAGE_4K) {
-            return Err(AmError::BadArgument);
-        }
-        let (base, limit) = self.vms.get(&vm).map_or((0, 0), |m| (m.gpa_base, m.gpa_limit));
-        let end = gpa.checked_add(pages * PAGE_4K).ok_or(AmError::BadArgument)?;
-        if gpa < base || end > limit {
-            return Err(AmError::BadArgument);
-        }
-        let bitmap_end = offset.checked_add(pages.div_ceil(8)).ok_or(AmError::BadArgument)?;
-        if bitmap_end > set.bytes {
-            return Err(AmError::BadArgument);
-        }
-        kernel.emit(Effect::TakeDirty { vm, gpa, pages, bitmap_hpa: set_hpa + offset });
+        let bitmap_hpa = self.bitmap_at(bitmap, offset, pages, rights, kernel)?;
+        self.check_range(vm, gpa, pages)?;
+        kernel.emit(Effect::TakeDirty { vm, gpa, pages, bitmap_hpa });
         Ok(Outcome::value(pages))
     }
 

@@ -1,4 +1,5 @@
-//! Links the kernel with guests/mbkernel/kernel.ld when building for the bare-metal target.
+//! Links a Multiboot test kernel (nk-mb1-kernel, nk-mb2-kernel) with guests/mbkernel/kernel.ld
+//! when building for the bare-metal target.
 
 fn main() {
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
