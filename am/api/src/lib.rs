@@ -181,6 +181,40 @@ pub trait FrameSource: Sync {
     fn allocate(&self, bytes: u64, align: u64) -> Option<u64>;
 }
 
+/// The unit of durable writes: `Media` offsets and lengths are multiples of it. A unit is
+/// written atomically (a power cut leaves it all old or all new); PTx's 256-byte block
+/// (seed null-kernel-ptx-lwc-thesis.txt §3.2.4).
+pub const MEDIA_UNIT: u64 = 256;
+
+/// Why a `Media` access failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MediaError {
+    /// The range is not inside the device.
+    OutOfRange,
+    /// The offset or length is not a multiple of `MEDIA_UNIT`.
+    Misaligned,
+    /// The device reported an error or did not answer.
+    Device,
+}
+
+/// Durable media under the NVRAM AM: persistent memory the firmware describes, or
+/// emulated NVRAM whose durable copy is a disk. The hypervisor owns the device and lends
+/// the AM this view of it (host tests use a fake that can cut power after any write).
+pub trait Media {
+    /// Describes the device for the boot log (kind, size, how writes are made durable).
+    fn describe(&self) -> &str;
+    /// Returns the device's size in bytes (a multiple of `MEDIA_UNIT`).
+    fn size(&self) -> u64;
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), MediaError>;
+    /// Writes `data` at `offset`. It is durable only once a later `fence` returns; a power
+    /// cut before that leaves each unit of it either old or new, in no particular order.
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), MediaError>;
+    /// Returns once every earlier write is durable (CLWB and SFENCE on persistent memory,
+    /// a completed write on a disk).
+    fn fence(&mut self) -> Result<(), MediaError>;
+}
+
 /// What an `Effect::VmControl` does to a VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VmAction {
