@@ -155,6 +155,11 @@ pub struct RunArgs {
     /// Also boots Debian's Linux (fetched by `cargo xtask setup`) in a VM on CPU 0.
     #[arg(long)]
     pub linux: bool,
+    /// Adds a guest: any image the hypervisor boots (a 64-bit ELF guest, a Linux bzImage,
+    /// a Multiboot v1/v2 kernel) with its module line (default: the file's name);
+    /// repeatable; beside the default guests, or instead of them with --no-guests.
+    #[arg(long, value_name = "PATH[:MODULE-LINE]", value_parser = crate::guest_arg::parse)]
+    pub guest: Vec<crate::guest_arg::GuestArg>,
 }
 
 #[derive(Debug, Args)]

@@ -45,10 +45,14 @@ pub fn run_command(workspace: &Workspace, args: &RunArgs) -> Result<ExitCode> {
             }
         }
     }
+    // The --guest images are checked before anything is built, so a wrong path fails fast.
+    let extra =
+        args.guest.iter().map(crate::guest_arg::resolve).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
     setup::install_missing(workspace, setup::Mode::Quiet)?;
     let kind = if args.test_harness { ImageKind::Test } else { ImageKind::Normal };
     let elf = image::build_hypervisor(workspace, kind, args.profile.profile(), BuildOutput::Summary)?;
     let mut modules = if args.no_guests { Vec::new() } else { default_guests(workspace, args)? };
+    modules.extend(extra);
     let mut megs = args.megs;
     let mut ips = crate::emulator::DEFAULT_IPS;
     if args.linux {
