@@ -95,12 +95,32 @@ pub fn ensure(workspace: &Workspace) -> Result<LinuxFiles> {
     write_broken_kernels(&dir, &kernel)?;
     let initramfs = dir.join("initramfs.cpio");
     let busybox_bytes = std::fs::read(&busybox).with_context(|| format!("cannot read {}", busybox.display()))?;
-    let cpio = initramfs_cpio(&busybox_bytes);
+    let nkctl = build_nkctl(workspace)?;
+    let cpio = initramfs_cpio(&busybox_bytes, &nkctl);
     if std::fs::read(&initramfs).ok().as_deref() != Some(&cpio[..]) {
         std::fs::write(&initramfs, &cpio).with_context(|| format!("cannot write {}", initramfs.display()))?;
         println!("xtask: linux: wrote {} ({} bytes)", workspace.display(&initramfs), cpio.len());
     }
     Ok(LinuxFiles { kernel, initramfs })
+}
+
+/// The Linux target `nkctl` is built for: the host's own, linked statically (glibc's
+/// static libraries come with the C toolchain every Rust build needs), so the binary
+/// runs in the busybox initramfs, which has no shared libraries.
+const LINUX_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// Builds `guests/nkctl` (layer bypass from a Linux process) as a static, stripped
+/// binary and returns its bytes.
+fn build_nkctl(workspace: &Workspace) -> Result<Vec<u8>> {
+    let mut command = Command::new(workspace.cargo());
+    command
+        .current_dir(workspace.root())
+        .args(["build", "-q", "-p", "nkctl", "--release", "--target", LINUX_TARGET])
+        // Only the target's crates get these flags (build scripts run on the host).
+        .env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS", "-C target-feature=+crt-static -C strip=symbols");
+    tools::status_checked(&mut command, "building nkctl (static, for the Linux guest)")?;
+    let binary = workspace.target().join(LINUX_TARGET).join("release").join("nkctl");
+    std::fs::read(&binary).with_context(|| format!("cannot read {}", binary.display()))
 }
 
 /// The versioned kernel package the metapackage depends on.
@@ -270,7 +290,7 @@ impl CpioWriter {
 }
 
 /// Builds the initramfs around `busybox`.
-pub fn initramfs_cpio(busybox: &[u8]) -> Vec<u8> {
+pub fn initramfs_cpio(busybox: &[u8], nkctl: &[u8]) -> Vec<u8> {
     let mut c = CpioWriter::new();
     for d in ["bin", "dev", "proc", "sys", "tmp", "sbin"] {
         c.dir(d);
@@ -280,6 +300,7 @@ pub fn initramfs_cpio(busybox: &[u8]) -> Vec<u8> {
     c.chardev("dev/null", 1, 3);
     c.file("bin/busybox", 0o755, busybox);
     c.symlink("bin/sh", "busybox");
+    c.file("bin/nkctl", 0o755, nkctl);
     c.file("init", 0o755, INIT_SCRIPT.as_bytes());
     c.finish()
 }
@@ -320,7 +341,7 @@ mod tests {
 
     #[test]
     fn initramfs_has_init_busybox_and_console() {
-        let archive = initramfs_cpio(b"\x7fELF fake busybox");
+        let archive = initramfs_cpio(b"\x7fELF fake busybox", b"\x7fELF fake nkctl");
         let entries = walk(&archive);
         let find = |n: &str| entries.iter().find(|e| e.0 == n).unwrap_or_else(|| panic!("{n} missing")).clone();
         let init = find("init");
@@ -330,6 +351,8 @@ mod tests {
         assert_eq!(find("dev/console").1 & 0o170000, S_IFCHR);
         assert_eq!(find("bin/sh").3, b"busybox");
         assert_eq!(find("bin/busybox").3, b"\x7fELF fake busybox");
+        assert_eq!(find("bin/nkctl").3, b"\x7fELF fake nkctl");
+        assert_eq!(find("bin/nkctl").1, S_IFREG | 0o755);
         assert_eq!(find("proc").1, S_IFDIR | 0o755);
     }
 

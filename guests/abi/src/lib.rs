@@ -219,8 +219,9 @@ impl Reply {
     }
 }
 
-/// Issues a hypercall (guest side).
-#[cfg(all(target_arch = "x86_64", target_os = "none"))]
+/// Issues a hypercall (guest side: a bare-metal guest, or a Linux process, where VMCALL
+/// from ring 3 exits to the null-Kernel as from ring 0; outside a VM it raises #UD).
+#[cfg(all(target_arch = "x86_64", any(target_os = "none", target_os = "linux")))]
 pub fn hypercall(call: &Call) -> Reply {
     let (status, name_low, name_high, r0, r1, r2, r3): (u64, u64, u64, u64, u64, u64, u64);
     // SAFETY: VMCALL traps to the null-Kernel, which reads the documented registers and

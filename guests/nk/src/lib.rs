@@ -1,0 +1,302 @@
+//! `nk`: the null-Kernel's operations for Linux user space.
+//!
+//! An ordinary process of an unmodified Linux holds capabilities to the null-Kernel's AMs
+//! and invokes them with `VMCALL` from ring 3, bypassing Linux (seed
+//! null-kernel-ptx-lwc-thesis.txt §5.2.2, "Layer Bypassing"): the instruction exits to the
+//! hypervisor whatever the CPL, and the hypervisor checks the capabilities like any other
+//! caller's. Registers, selectors and status codes are the shared `nk-abi` crate's, the
+//! same the bare-metal guests use; this crate adds safe, typed wrappers and errors in
+//! words.
+//!
+//! Outside the null-Kernel `VMCALL` raises #UD (SIGILL); [`present`] checks the CPUID
+//! hypervisor leaf first, and every call here returns [`Error::NotUnderNullKernel`]
+//! instead of executing it.
+//!
+//! Listing capabilities (`INITIAL`, `RECEIVED`) from ring 3 is `NOT_PERMITTED` unless the
+//! VM's module line says `ring3-caps` (README); the other operations need only a name
+//! the process learnt.
+
+use std::fmt;
+use std::str::FromStr;
+
+pub use nk_abi::{nk_op, NameWords, Selector, Status, NULL_KERNEL_AM};
+use nk_abi::{Call, Reply};
+
+/// The CPUID signature of the null-Kernel (leaf 0x40000000, EBX:ECX:EDX).
+pub const SIGNATURE: &[u8; 12] = b"NullKernelHV";
+
+/// Says whether this process runs in a VM of the null-Kernel (CPUID leaf 0x40000000).
+pub fn present() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // CPUID leaf 1 ECX bit 31: a hypervisor is present; only then is 0x40000000 defined.
+        let leaf1 = std::arch::x86_64::__cpuid(1);
+        if leaf1.ecx & (1 << 31) == 0 {
+            return false;
+        }
+        let sig = std::arch::x86_64::__cpuid(0x4000_0000);
+        let mut bytes = [0u8; 12];
+        bytes[..4].copy_from_slice(&sig.ebx.to_le_bytes());
+        bytes[4..8].copy_from_slice(&sig.ecx.to_le_bytes());
+        bytes[8..].copy_from_slice(&sig.edx.to_le_bytes());
+        &bytes == SIGNATURE
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A capability name (128 bits). Written as 32 hex digits, high word first.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+pub struct Cap(pub NameWords);
+
+impl fmt::Display for Cap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}{:016x}", self.0.high, self.0.low)
+    }
+}
+
+impl FromStr for Cap {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let digits = text.strip_prefix("0x").unwrap_or(text);
+        if digits.is_empty() || digits.len() > 32 || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(format!(
+                "'{text}' is not a capability name: write up to 32 hex digits as `nkctl caps` prints them"
+            ));
+        }
+        let value = u128::from_str_radix(digits, 16).map_err(|e| format!("'{text}': {e}"))?;
+        Ok(Cap(NameWords { low: value as u64, high: (value >> 64) as u64 }))
+    }
+}
+
+/// Why a call failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Error {
+    /// The process does not run under the null-Kernel (no CPUID signature).
+    NotUnderNullKernel,
+    /// The null-Kernel refused the call `op` with `status`.
+    Refused { op: &'static str, status: Status },
+}
+
+impl Error {
+    /// Returns the status the null-Kernel answered, if it answered.
+    pub fn status(&self) -> Option<Status> {
+        match self {
+            Error::NotUnderNullKernel => None,
+            Error::Refused { status, .. } => Some(*status),
+        }
+    }
+}
+
+impl Error {
+    /// Says what went wrong, without the operation's name (for tools that name it).
+    pub fn reason(&self) -> String {
+        match self {
+            Error::NotUnderNullKernel => self.to_string(),
+            Error::Refused { op, status } => {
+                let hint = if status.code() == Status::NOT_PERMITTED && matches!(*op, "initial" | "received") {
+                    " (outside ring 0 the VM's module line must say ring3-caps)"
+                } else {
+                    ""
+                };
+                format!("{status}{hint}")
+            }
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::NotUnderNullKernel => f.write_str(
+                "not running under the null-Kernel (CPUID leaf 0x40000000 lacks its signature); \
+                 hypercalls would raise SIGILL here",
+            ),
+            Error::Refused { op, .. } => write!(f, "{op}: {}", self.reason()),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// What `inspect` tells about a capability.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Info {
+    /// The AM whose object it names (0: the null-Kernel).
+    pub am: u16,
+    /// The object's kind within that AM.
+    pub kind: u32,
+    /// The object's id within that AM.
+    pub object: u64,
+    /// The rights bits (named by the AM's kind).
+    pub rights: u64,
+    /// The holder: a VM id, or an AM's id when `holder_is_am`.
+    pub holder: u64,
+    /// Whether an AM, not a VM, holds it.
+    pub holder_is_am: bool,
+    /// Whether any holder may use it (bearer) rather than only `holder`.
+    pub bearer: bool,
+}
+
+impl Info {
+    fn decode(r: [u64; 4]) -> Self {
+        Info {
+            am: (r[0] >> 32) as u16,
+            kind: r[0] as u32,
+            object: r[1],
+            rights: r[2],
+            holder: (r[3] & !(1 << 63)) >> 1,
+            holder_is_am: r[3] >> 63 == 1,
+            bearer: r[3] & 1 == 1,
+        }
+    }
+}
+
+/// One capability of the caller's lists (`INITIAL` or `RECEIVED`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listed {
+    pub cap: Cap,
+    /// The AM of its object.
+    pub am: u16,
+    /// For a received capability, who sent it: Some(VM id), or None when an AM did.
+    pub sender: Option<u64>,
+}
+
+/// Calls operation `op` of AM `am`: the generic form every wrapper uses, for AMs this
+/// crate has no wrapper for. `name` names the call in errors.
+pub fn call(name: &'static str, am: u16, op: u32, caps: &[Cap], args: &[u64]) -> Result<Reply, Error> {
+    if !present() {
+        return Err(Error::NotUnderNullKernel);
+    }
+    let mut call = Call { selector: Selector::new(am, op).encode(), ..Call::default() };
+    for (slot, cap) in call.caps.iter_mut().zip(caps) {
+        *slot = cap.0;
+    }
+    for (slot, arg) in call.args.iter_mut().zip(args) {
+        *slot = *arg;
+    }
+    let reply = nk_abi::hypercall(&call);
+    if reply.status().is_ok() {
+        Ok(reply)
+    } else {
+        Err(Error::Refused { op: name, status: reply.status() })
+    }
+}
+
+fn nk(name: &'static str, op: u32, caps: &[Cap], args: &[u64]) -> Result<Reply, Error> {
+    call(name, NULL_KERNEL_AM, op, caps, args)
+}
+
+/// The empty round trip.
+pub fn null() -> Result<(), Error> {
+    nk("null", nk_op::NULL, &[], &[]).map(|_| ())
+}
+
+fn listed(name: &'static str, op: u32, index: u64) -> Result<Option<Listed>, Error> {
+    match nk(name, op, &[], &[index]) {
+        Ok(reply) => {
+            let sender = (op == nk_op::RECEIVED && reply.results[2] >> 63 == 0).then_some(reply.results[2] >> 1);
+            Ok(Some(Listed { cap: Cap(reply.name), am: reply.results[0] as u16, sender }))
+        }
+        Err(Error::Refused { status, .. }) if status.code() == Status::BAD_ARGUMENT => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
+/// The caller's `index`-th initial capability, or None past the last.
+pub fn initial(index: u64) -> Result<Option<Listed>, Error> {
+    listed("initial", nk_op::INITIAL, index)
+}
+
+/// The `index`-th capability in the caller's inbox, or None past the last.
+pub fn received(index: u64) -> Result<Option<Listed>, Error> {
+    listed("received", nk_op::RECEIVED, index)
+}
+
+/// Every initial capability, then every received one, in order (at most 4,096 of each).
+pub fn all_caps() -> Result<(Vec<Listed>, Vec<Listed>), Error> {
+    let collect = |get: fn(u64) -> Result<Option<Listed>, Error>| -> Result<Vec<Listed>, Error> {
+        let mut list = Vec::new();
+        for index in 0..4096 {
+            match get(index)? {
+                Some(entry) => list.push(entry),
+                None => break,
+            }
+        }
+        Ok(list)
+    };
+    Ok((collect(initial)?, collect(received)?))
+}
+
+/// What `cap` names, with which rights, held by whom.
+pub fn inspect(cap: Cap) -> Result<Info, Error> {
+    nk("inspect", nk_op::INSPECT, &[cap], &[]).map(|reply| Info::decode(reply.results))
+}
+
+/// A child of `cap` with the rights in `mask` (at most `cap`'s).
+pub fn derive(cap: Cap, mask: u64) -> Result<Cap, Error> {
+    nk("derive", nk_op::DERIVE, &[cap], &[mask]).map(|reply| Cap(reply.name))
+}
+
+/// A child of `cap` with `mask`, delegated to VM `target` (bound to it, or a bearer
+/// capability).
+pub fn delegate(cap: Cap, target: u32, mask: u64, bearer: bool) -> Result<Cap, Error> {
+    nk("delegate", nk_op::DELEGATE, &[cap], &[mask, u64::from(target), u64::from(bearer)]).map(|reply| Cap(reply.name))
+}
+
+/// Revokes `cap` and its whole subtree, on every kernel instance; returns how many
+/// capabilities died.
+pub fn revoke(cap: Cap) -> Result<u64, Error> {
+    nk("revoke", nk_op::REVOKE, &[cap], &[]).map(|reply| reply.results[0])
+}
+
+/// Deletes `cap` (its children stay).
+pub fn delete(cap: Cap) -> Result<(), Error> {
+    nk("delete", nk_op::DELETE, &[cap], &[]).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_print_and_parse_back() {
+        let cap = Cap(NameWords { low: 0x1234, high: 0xABCD_0000_0000_0001 });
+        let text = cap.to_string();
+        assert_eq!(text, "abcd0000000000010000000000001234");
+        assert_eq!(text.parse::<Cap>(), Ok(cap));
+        assert_eq!("0x10".parse::<Cap>(), Ok(Cap(NameWords { low: 16, high: 0 })));
+        assert!("xyz".parse::<Cap>().unwrap_err().contains("hex digits"));
+        assert!("1".repeat(33).parse::<Cap>().is_err());
+    }
+
+    #[test]
+    fn inspect_results_decode() {
+        let info = Info::decode([(2 << 32) | 1, 7, 0b1011, (3 << 1) | 1]);
+        assert_eq!(
+            info,
+            Info { am: 2, kind: 1, object: 7, rights: 0b1011, holder: 3, holder_is_am: false, bearer: true }
+        );
+    }
+
+    #[test]
+    fn errors_say_what_went_wrong() {
+        let denied = Error::Refused { op: "initial", status: Status::new(Status::NOT_PERMITTED, None) };
+        assert!(denied.to_string().contains("ring3-caps"), "{denied}");
+        let rights = Error::Refused { op: "revoke", status: Status::new(Status::UNKNOWN_NAME, Some(0)) };
+        assert_eq!(rights.to_string(), "revoke: unknown capability name (capability argument 0)");
+    }
+
+    #[test]
+    fn calls_outside_the_null_kernel_do_not_execute_vmcall() {
+        // The host running the tests is no null-Kernel VM: every call must refuse before
+        // VMCALL (which would raise SIGILL here).
+        if !present() {
+            assert_eq!(null(), Err(Error::NotUnderNullKernel));
+            assert!(Error::NotUnderNullKernel.to_string().contains("SIGILL"));
+        }
+    }
+}
