@@ -32,6 +32,8 @@
 
 use core::fmt;
 
+pub mod nkcp;
+
 /// The ABI version this crate speaks.
 pub const ABI_VERSION: u16 = 1;
 /// The revision of [`ABI_VERSION`] this crate documents (see "Revisions" above).

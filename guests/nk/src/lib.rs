@@ -165,6 +165,42 @@ pub struct Listed {
     pub sender: Option<u64>,
 }
 
+/// Where Linux shows the NKCP table (root only, mode 0400).
+pub const NKCP_PATH: &str = "/sys/firmware/acpi/tables/NKCP";
+
+/// One capability the VM's operator handed to this process through the NKCP table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Handed {
+    pub cap: Cap,
+    /// The AM of its object.
+    pub am: u16,
+    /// Its kind within that AM.
+    pub kind: u32,
+    /// `<am>/<kind>`, e.g. `exo/frames`.
+    pub label: String,
+}
+
+/// Reads the capabilities the hypervisor lists in the VM's NKCP ACPI table
+/// (`nk_abi::nkcp`: the channel by which a guest OS's operator hands capability names to
+/// the processes it chooses). Fails with a sentence when the table cannot be read (not
+/// root, or not under the null-Kernel) or is damaged.
+pub fn handed_caps() -> Result<Vec<Handed>, String> {
+    let bytes = std::fs::read(NKCP_PATH).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            format!("cannot read {NKCP_PATH}: only root may (the VM's operator hands capabilities to root's processes)")
+        } else {
+            format!("cannot read {NKCP_PATH}: {e} (is this a guest-OS VM of the null-Kernel?)")
+        }
+    })?;
+    parse_handed(&bytes)
+}
+
+/// Parses an NKCP table's bytes (see [`handed_caps`]).
+pub fn parse_handed(bytes: &[u8]) -> Result<Vec<Handed>, String> {
+    let entries = nk_abi::nkcp::entries(bytes).map_err(|e| format!("{NKCP_PATH}: {e}"))?;
+    Ok(entries.map(|e| Handed { cap: Cap(e.name), am: e.am, kind: e.kind, label: e.label().to_string() }).collect())
+}
+
 /// Calls operation `op` of AM `am`: the generic form every wrapper uses, for AMs this
 /// crate has no wrapper for. `name` names the call in errors.
 pub fn call(name: &'static str, am: u16, op: u32, caps: &[Cap], args: &[u64]) -> Result<Reply, Error> {
@@ -271,6 +307,14 @@ mod tests {
         assert_eq!("0x10".parse::<Cap>(), Ok(Cap(NameWords { low: 16, high: 0 })));
         assert!("xyz".parse::<Cap>().unwrap_err().contains("hex digits"));
         assert!("1".repeat(33).parse::<Cap>().is_err());
+    }
+
+    #[test]
+    fn handed_caps_parse_from_a_table() {
+        // The layout's own tests are nk-abi's; here: a damaged table is a sentence.
+        let err = parse_handed(b"NKCP\x10\0\0\0").unwrap_err();
+        assert!(err.contains("truncated"), "{err}");
+        assert!(parse_handed(b"").unwrap_err().contains(NKCP_PATH));
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! `nkctl`: the null-Kernel from a Linux shell (layer bypass, seed §5.2.2).
 //!
-//! A capability argument is written `iN` (the process's N-th initial capability), `rN`
-//! (the N-th in its inbox) or as the 32 hex digits `nkctl caps` prints. Every failure is
+//! A capability argument is written as a label of the VM's NKCP table (`exo/frames`;
+//! `exo/frames#1` for the second so labelled: the capabilities the VM's operator handed to
+//! root's processes, `nk::handed_caps`), `iN` (the process's N-th initial capability,
+//! where the module line says `ring3-caps`), `rN` (the N-th in its inbox) or as the 32 hex
+//! digits `nkctl caps` prints. Every failure is
 //! one line on stderr, `nkctl: <command>: <what went wrong>`, and exit status 1; a usage
 //! mistake exits with 2.
 
@@ -17,7 +20,8 @@ commands:
   derive CAP MASK        a child of CAP with the rights in MASK (e.g. 0x3)
   revoke CAP             revoke CAP and everything derived from it
   delete CAP             delete CAP
-a CAP is iN (N-th initial capability), rN (N-th received) or 32 hex digits";
+a CAP is a label from nkctl caps (e.g. exo/frames, exo/frames#1 for the second),
+iN (N-th initial capability), rN (N-th received) or 32 hex digits";
 
 /// A usage mistake (exit 2) or a refused call (exit 1), with its message.
 enum Failure {
@@ -106,7 +110,24 @@ fn run(command: &str, args: &[String]) -> Result<(), Failure> {
 }
 
 fn caps() -> Result<(), Failure> {
-    let (initial, received) = nk::all_caps()?;
+    // What the operator handed over (root only), then what the VM may list itself.
+    match nk::handed_caps() {
+        Ok(handed) => {
+            println!("{} handed over in {}", handed.len(), nk::NKCP_PATH);
+            for entry in &handed {
+                println!("{} {} AM {} kind {}", entry.label, entry.cap, entry.am, entry.kind);
+            }
+        }
+        Err(why) => println!("none handed over: {why}"),
+    }
+    let (initial, received) = match nk::all_caps() {
+        Ok(lists) => lists,
+        Err(nk::Error::Refused { status, .. }) if status.code() == nk::Status::NOT_PERMITTED => {
+            println!("listing from ring 3 is not permitted (the module line lacks ring3-caps)");
+            return Ok(());
+        }
+        Err(error) => return Err(error.into()),
+    };
     println!("{} initial, {} received", initial.len(), received.len());
     for (index, entry) in initial.iter().enumerate() {
         println!("i{index} {} AM {}", entry.cap, entry.am);
@@ -118,8 +139,26 @@ fn caps() -> Result<(), Failure> {
     Ok(())
 }
 
-/// Turns `iN`, `rN` or a hex name into a capability name.
+/// Turns `iN`, `rN`, a label of the NKCP table (`exo/frames`, or `exo/frames#1` for the
+/// second with that label) or a hex name into a capability name.
 fn resolve(text: &str) -> Result<Cap, Failure> {
+    if text.contains('/') {
+        let (label, nth) = match text.split_once('#') {
+            Some((label, nth)) => (
+                label,
+                nth.parse::<usize>()
+                    .map_err(|_| Failure::Usage(format!("'{text}': write LABEL#N, e.g. exo/frames#1")))?,
+            ),
+            None => (text, 0),
+        };
+        let handed = nk::handed_caps().map_err(Failure::Call)?;
+        return handed
+            .iter()
+            .filter(|entry| entry.label == label)
+            .nth(nth)
+            .map(|entry| entry.cap)
+            .ok_or_else(|| Failure::Call(format!("no capability labelled {text} was handed over (see nkctl caps)")));
+    }
     let indexed = |rest: &str| rest.parse::<u64>().ok();
     if let Some(index) = text.strip_prefix('i').and_then(indexed) {
         return nk::initial(index)?

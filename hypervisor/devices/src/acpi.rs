@@ -61,6 +61,13 @@ impl AcpiTables {
     /// Builds the tables for `cpus` vCPUs (APIC ids 0..cpus) at guest-physical `base`
     /// (16-byte aligned, below 4 GiB so the 32-bit FADT fields also hold).
     pub fn build(base: u64, cpus: u8) -> Self {
+        Self::build_with(base, cpus, &[])
+    }
+
+    /// Builds the tables as [`AcpiTables::build`] does, with `extra` (whole tables, each
+    /// with its SDT header and checksum, e.g. [`nkcp_table`]) placed after the others
+    /// and listed in the XSDT after the MADT and FADT.
+    pub fn build_with(base: u64, cpus: u8, extra: &[&[u8]]) -> Self {
         let rsdp_len = 64; // RSDP is 36 bytes; keep the next table aligned.
         let mut madt = MADT::new(OEM_ID, OEM_TABLE, 1, LocalInterruptController::Address(DEFAULT_BASE as u32));
         for cpu in 0..cpus {
@@ -77,13 +84,19 @@ impl AcpiTables {
         let facs = serialize(&FACS::new());
 
         let xsdt_off = rsdp_len;
-        let xsdt_len = 36 + 8 * 2;
+        let xsdt_len = 36 + 8 * (2 + extra.len());
         let madt_off = align(xsdt_off + xsdt_len, 16);
         let fadt_off = align(madt_off + madt.len(), 16);
         let fadt_len = acpi_tables::fadt::FADT::len();
         let facs_off = align(fadt_off + fadt_len, 64);
         let dsdt_off = align(facs_off + facs.len(), 16);
-        let end = dsdt_off + dsdt.len();
+        let mut extra_offs = Vec::with_capacity(extra.len());
+        let mut end = dsdt_off + dsdt.len();
+        for table in extra {
+            let off = align(end, 16);
+            extra_offs.push(off);
+            end = off + table.len();
+        }
         let at = |off: usize| base + off as u64;
 
         let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE, 1)
@@ -111,6 +124,9 @@ impl AcpiTables {
         let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE, 1);
         xsdt.add_entry(at(madt_off));
         xsdt.add_entry(at(fadt_off));
+        for &off in &extra_offs {
+            xsdt.add_entry(at(off));
+        }
         let xsdt = serialize(&xsdt);
         let rsdp = serialize(&Rsdp::new(OEM_ID, at(xsdt_off)));
 
@@ -121,8 +137,24 @@ impl AcpiTables {
         blob[fadt_off..fadt_off + fadt.len()].copy_from_slice(&fadt);
         blob[facs_off..facs_off + facs.len()].copy_from_slice(&facs);
         blob[dsdt_off..dsdt_off + dsdt.len()].copy_from_slice(&dsdt);
+        for (table, &off) in extra.iter().zip(&extra_offs) {
+            blob[off..off + table.len()].copy_from_slice(table);
+        }
         Self { blob, base }
     }
+}
+
+/// Builds the NKCP table listing `entries` (the layout is `nk_abi::nkcp`'s: how a guest
+/// OS's operator hands capability names to its processes).
+pub fn nkcp_table(entries: &[nk_abi::nkcp::Entry]) -> Vec<u8> {
+    use nk_abi::nkcp::{ENTRY_SIZE, REVISION, SIGNATURE};
+    let mut sdt = Sdt::new(SIGNATURE, 36, REVISION, OEM_ID, OEM_TABLE, 1);
+    sdt.append_slice(&(entries.len() as u32).to_le_bytes());
+    sdt.append_slice(&(ENTRY_SIZE as u32).to_le_bytes());
+    for entry in entries {
+        sdt.append_slice(&entry.encode());
+    }
+    sdt.as_slice().to_vec()
 }
 
 #[cfg(test)]
@@ -189,5 +221,31 @@ mod tests {
         let facs = (u64_at(b, fadt + 132) - base) as usize;
         assert_eq!(&b[facs..facs + 4], b"FACS");
         assert_eq!((base as usize + facs) % 64, 0, "FACS 64-byte aligned");
+    }
+
+    /// An NKCP table built here reads back through the ABI's reader, and the XSDT lists it
+    /// after the MADT and FADT with every checksum right.
+    #[test]
+    fn nkcp_table_is_listed_and_reads_back() {
+        use nk_abi::{nkcp, NameWords};
+        let caps = [
+            nkcp::Entry::new(NameWords { low: 0x1111, high: 0x2222 }, 2, 3, "exo/frames"),
+            nkcp::Entry::new(NameWords { low: 0x3333, high: 0x4444 }, 3, 0, "guest-os/vm"),
+        ];
+        let table = nkcp_table(&caps);
+        assert_eq!(nkcp::entries(&table).unwrap().collect::<Vec<_>>(), caps);
+        let base = 0xE_0000;
+        let t = AcpiTables::build_with(base, 1, &[&table]);
+        let b = &t.blob;
+        let xsdt = (u64_at(b, 24) - base) as usize;
+        let xlen = u32_at(b, xsdt + 4) as usize;
+        assert_eq!(xlen, 36 + 3 * 8);
+        assert_eq!(sum(&b[xsdt..xsdt + xlen]), 0);
+        let off = (u64_at(b, xsdt + 36 + 16) - base) as usize;
+        assert_eq!(off % 16, 0);
+        assert_eq!(&b[off..off + 4], b"NKCP");
+        let got: Vec<_> = nkcp::entries(&b[off..]).unwrap().collect();
+        assert_eq!(got[1].label(), "guest-os/vm");
+        assert_eq!(got[1].name, NameWords { low: 0x3333, high: 0x4444 });
     }
 }
