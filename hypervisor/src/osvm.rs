@@ -61,8 +61,18 @@ pub struct OsStart {
 
 /// Loads a guest OS of `kind` into `ram` (zeroed): the kernel, its modules, the ACPI
 /// tables, and the boot data its protocol prescribes. A refusal is one line.
+///
+/// The ACPI tables include the NKCP table (`nk_abi::nkcp`): the VM's initial capabilities
+/// with labels, which Linux shows to root only, as /sys/firmware/acpi/tables/NKCP. That
+/// is how the VM's operator hands capabilities to the processes it chooses.
 pub fn load(vm: nk_caps::VmId, kind: ImageKind, spec: &GuestSpec, ram: &mut GuestRam) -> Result<OsStart, String> {
-    let acpi = AcpiTables::build(ACPI_GPA, 1);
+    // The VM is created on the CPU whose kernel instance holds its capabilities.
+    let cpu = crate::percpu::current_index() as usize;
+    let handed = crate::mesh::get().map(|mesh| mesh.instance(cpu).kernel.lock().handed_caps(vm)).unwrap_or_default();
+    let nkcp = nk_devices::acpi::nkcp_table(&handed);
+    let acpi = AcpiTables::build_with(ACPI_GPA, 1, &[&nkcp]);
+    log::info!(target: "guest", "vm{}/{}: {} capabilities handed to its root processes in the NKCP ACPI table",
+        vm.raw(), spec.name, handed.len());
     ram.write(ACPI_GPA, &acpi.blob).map_err(|e| format!("ACPI tables: {e}"))?;
     let image = spec.image;
     match kind {

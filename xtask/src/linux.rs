@@ -40,6 +40,24 @@ fi
 poweroff -f
 "#;
 
+/// `/bin/nkctl-demo`: layer bypass from a Linux shell, one step at a time (a script in the
+/// initramfs, since Linux passes /init at most 32 words). A root process reads the
+/// capabilities the VM's operator handed over in the NKCP ACPI table and inspects one
+/// with VMCALL from ring 3; a process of another user cannot read the table; a forged
+/// name, a label that was not handed over and an unknown command are refused in words.
+pub const NKCTL_DEMO: &str = r#"#!/bin/busybox sh
+echo "nkctl-demo: as root"
+nkctl caps
+nkctl inspect guest-os/vm
+echo "nkctl-demo: as nobody"
+su -s /bin/sh nobody -c "nkctl inspect guest-os/vm"
+echo "nkctl-demo: refusals"
+nkctl inspect 0x99
+nkctl revoke exo/frames#5
+nkctl frobnicate 2>&1 | head -1
+nkctl null
+"#;
+
 /// The unpacked Linux guest files.
 #[derive(Debug, Clone)]
 pub struct LinuxFiles {
@@ -292,7 +310,7 @@ impl CpioWriter {
 /// Builds the initramfs around `busybox`.
 pub fn initramfs_cpio(busybox: &[u8], nkctl: &[u8]) -> Vec<u8> {
     let mut c = CpioWriter::new();
-    for d in ["bin", "dev", "proc", "sys", "tmp", "sbin"] {
+    for d in ["bin", "dev", "etc", "proc", "sys", "tmp", "sbin"] {
         c.dir(d);
     }
     c.chardev("dev/console", 5, 1);
@@ -301,6 +319,10 @@ pub fn initramfs_cpio(busybox: &[u8], nkctl: &[u8]) -> Vec<u8> {
     c.file("bin/busybox", 0o755, busybox);
     c.symlink("bin/sh", "busybox");
     c.file("bin/nkctl", 0o755, nkctl);
+    c.file("bin/nkctl-demo", 0o755, NKCTL_DEMO.as_bytes());
+    // Root and an unprivileged user, so a demo can show what only root may read.
+    c.file("etc/passwd", 0o644, b"root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/tmp:/bin/sh\n");
+    c.file("etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n");
     c.file("init", 0o755, INIT_SCRIPT.as_bytes());
     c.finish()
 }
@@ -353,6 +375,7 @@ mod tests {
         assert_eq!(find("bin/busybox").3, b"\x7fELF fake busybox");
         assert_eq!(find("bin/nkctl").3, b"\x7fELF fake nkctl");
         assert_eq!(find("bin/nkctl").1, S_IFREG | 0o755);
+        assert!(String::from_utf8(find("bin/nkctl-demo").3).unwrap().contains("nkctl caps"));
         assert_eq!(find("proc").1, S_IFDIR | 0o755);
     }
 

@@ -106,7 +106,9 @@ impl core::fmt::Display for TableError {
         match self {
             TableError::Truncated => f.write_str("the NKCP table is truncated"),
             TableError::WrongSignature => f.write_str("not an NKCP table"),
-            TableError::UnknownRevision(r) => write!(f, "NKCP table revision {r} is not known (this reader knows {REVISION})"),
+            TableError::UnknownRevision(r) => {
+                write!(f, "NKCP table revision {r} is not known (this reader knows {REVISION})")
+            }
             TableError::BadChecksum => f.write_str("the NKCP table's checksum is wrong"),
             TableError::BadLayout => f.write_str("the NKCP table's count or entry size do not fit its length"),
         }

@@ -526,6 +526,24 @@ impl NullKernel {
         self.initial.get(&vm).map_or(&[], Vec::as_slice)
     }
 
+    /// Describes `vm`'s live initial capabilities for its NKCP table (`nk_abi::nkcp`, the
+    /// channel by which a guest OS's operator hands capability names to its processes):
+    /// name, AM, kind and an `<am>/<kind>` label, in `INITIAL` order.
+    pub fn handed_caps(&self, vm: VmId) -> Vec<nk_abi::nkcp::Entry> {
+        let registry = self.table().registry();
+        self.initial_caps(vm)
+            .iter()
+            .filter_map(|&(_, name)| {
+                let info = self.table().inspect(Principal::Vm(vm), name).ok()?;
+                let object = info.object;
+                let am = registry.am_name(object.am).unwrap_or("am");
+                let kind = registry.kind_name(object.am, object.kind).unwrap_or("object");
+                let label = alloc::format!("{am}/{kind}");
+                Some(nk_abi::nkcp::Entry::new(words_of(name), object.am.raw(), u32::from(object.kind.raw()), &label))
+            })
+            .collect()
+    }
+
     /// Returns the live capabilities other principals delegated to `vm`, in arrival order.
     pub fn inbox(&self, vm: VmId) -> Vec<InboxEntry> {
         let live = |entry: &&InboxEntry| self.table().inspect(Principal::Vm(vm), entry.name).is_ok();

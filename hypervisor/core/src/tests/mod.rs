@@ -326,3 +326,20 @@ proptest! {
 }
 
 mod distributed;
+
+/// The NKCP table lists a VM's live initial capabilities with `<am>/<kind>` labels, in
+/// INITIAL order; one that was revoked is left out.
+#[test]
+fn handed_caps_label_the_initial_capabilities() {
+    let mut w = world();
+    let factory = w.factory(VM1);
+    let handed = w.nk.handed_caps(VM1);
+    assert_eq!(handed.len(), 1);
+    assert_eq!(handed[0].name, factory);
+    assert_eq!(handed[0].am, w.counter_am);
+    assert_eq!(handed[0].label(), "counter/factory");
+    let revoked = w.nk_op(VM1, nk_op::REVOKE, factory, &[]);
+    assert!(revoked.status().is_ok(), "{}", revoked.status());
+    assert!(w.nk.handed_caps(VM1).is_empty());
+    assert_eq!(w.nk.handed_caps(VM2).len(), 1);
+}
