@@ -14,6 +14,7 @@
 extern crate alloc;
 
 mod acpi;
+mod ams;
 mod arch;
 mod boot;
 mod console;
@@ -145,43 +146,17 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
 }
 
 /// Creates one kernel instance of the null-Kernel per CPU in VMX root (kernel id = CPU
-/// index) and registers the built-in AMs with each, shared; the exo AM learns which port
-/// range and MSRs each guest (VM i+1) may open, the guest-OS AM every guest as a `vm`
-/// object and whom each `manages=`. Returns each instance with its CPU's APIC
-/// id.
+/// index) and registers every AM of [`ams::AMS`] with each, shared (one AM object for the
+/// machine). Returns each instance with its CPU's APIC id.
 fn null_kernel(
     guests: &[guest::GuestSpec],
 ) -> Result<alloc::vec::Vec<(nk_core::NullKernel, u32)>, alloc::string::String> {
-    use alloc::boxed::Box;
     /// Capability slots of all instances together (each gets a share, at least 4096).
     const TOTAL_CAPACITY: u32 = 32_768;
-    const AM_QUOTA: u32 = 4096;
-    /// Guest-physical addresses below this may hold exo mappings (the bare-metal guests'
-    /// page tables identity-map the first GiB).
-    const EXO_GPA_LIMIT: u64 = 1 << 30;
-    /// Bytes of frames each VM may allocate through the exo AM at a time.
-    const EXO_FRAME_QUOTA: u64 = 4 << 20;
     let kernels = percpu::all().filter(|c| c.in_vmx_root()).map(|c| c.index() + 1).max().unwrap_or(1);
     let capacity = (TOTAL_CAPACITY / kernels).clamp(4096, 16_384);
-    let counter = nk_core::shared_am(Box::new(nk_am_counter::CounterAm::new()));
-    let assignments = guests
-        .iter()
-        .enumerate()
-        .map(|(i, g)| nk_am_exo::VmAssignment {
-            vm: Some(nk_caps::VmId::new(i as u32 + 1)),
-            ports: g.ports.and_then(|(first, count)| nk_am_exo::PortRange::new(first, count)),
-            msrs: g.msrs.clone(),
-            memory: Some(nk_am_exo::VmMemory {
-                gpa_base: 0,
-                gpa_limit: EXO_GPA_LIMIT,
-                frame_quota: EXO_FRAME_QUOTA,
-                initial_bytes: g.memory,
-                initial_hpa: None,
-            }),
-        })
-        .collect();
-    let exo = nk_core::shared_am(Box::new(nk_am_exo::ExoAm::new(assignments)));
-    let guest_os = nk_core::shared_am(Box::new(vm_objects(guests)));
+    let shared: alloc::vec::Vec<_> =
+        ams::AMS.iter().map(|line| (line, nk_core::shared_am((line.make)(guests)))).collect();
     let mut instances = alloc::vec::Vec::new();
     for cpu in 0..kernels {
         let id = nk_caps::KernelId::new(cpu as u16);
@@ -190,58 +165,19 @@ fn null_kernel(
         kernel.set_caller_ring(guest::guest_ring);
         kernel.set_frame_source(&exomem::FRAMES);
         kernel.set_guest_memory(exomem::guest_memory);
-        let counter =
-            kernel.add_shared_am(counter.clone(), AM_QUOTA).map_err(|e| alloc::format!("counter AM: {e:?}"))?;
-        let exo = kernel.add_shared_am(exo.clone(), AM_QUOTA).map_err(|e| alloc::format!("exo AM: {e:?}"))?;
-        let guest_os =
-            kernel.add_shared_am(guest_os.clone(), AM_QUOTA).map_err(|e| alloc::format!("guest-os AM: {e:?}"))?;
+        let mut listed = alloc::string::String::new();
+        for (line, am) in &shared {
+            let id =
+                kernel.add_shared_am(am.clone(), line.quota).map_err(|e| alloc::format!("{} AM: {e:?}", line.name))?;
+            let separator = if listed.is_empty() { "" } else { ", " };
+            listed.push_str(&alloc::format!("{separator}{} (id {})", line.name, id.raw()));
+        }
         if cpu == 0 {
-            log::info!(target: "nk", "{kernels} kernel instances (one per CPU), {capacity} capability slots each; AMs: counter (id {}), exo (id {}), guest-os (id {})",
-                counter.raw(), exo.raw(), guest_os.raw());
+            log::info!(target: "nk", "{kernels} kernel instances (one per CPU), {capacity} capability slots each; AMs: {listed}");
         }
         instances.push((kernel, percpu::get(cpu as usize).map_or(0, |c| c.apic_id())));
     }
     Ok(instances)
-}
-
-/// Makes every guest (VM i+1) an object of the guest-OS AM: its record on the board the
-/// AM's `inspect` reads, and for each `manages=` name a capability its holder starts with.
-/// A name that is no guest's is reported and skipped.
-fn vm_objects(guests: &[guest::GuestSpec]) -> nk_am_guest_os::GuestOsAm {
-    use nk_am_guest_os::{image, VmGrant, VmRecord};
-    use nk_caps::VmId;
-    use nk_loader::image::ImageKind;
-    let records = guests
-        .iter()
-        .enumerate()
-        .map(|(i, g)| {
-            let kind = match ImageKind::detect(g.image) {
-                ImageKind::Elf64 => image::BARE_METAL,
-                ImageKind::BzImage => image::LINUX,
-                ImageKind::Multiboot1 { .. } => image::MULTIBOOT,
-                ImageKind::Multiboot2 { .. } => image::MULTIBOOT2,
-                ImageKind::Unknown => image::UNKNOWN,
-            };
-            VmRecord::new(VmId::new(i as u32 + 1), &g.name, kind, g.memory, u32::MAX)
-        })
-        .collect();
-    let board = vmctl::install(records);
-    let mut grants = alloc::vec::Vec::new();
-    for (i, g) in guests.iter().enumerate() {
-        let holder = VmId::new(i as u32 + 1);
-        for name in &g.manages {
-            match board.find(name) {
-                Some(target) if target != holder => grants.push(VmGrant { holder, target }),
-                Some(_) => {
-                    log::error!(target: "boot", "vm{}/{}: manages={name}: a guest cannot manage itself; skipped", holder.raw(), g.name)
-                }
-                None => {
-                    log::error!(target: "boot", "vm{}/{}: manages={name}: no guest has that name; skipped", holder.raw(), g.name)
-                }
-            }
-        }
-    }
-    nk_am_guest_os::GuestOsAm::new(board, grants)
 }
 
 #[panic_handler]

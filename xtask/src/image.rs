@@ -33,6 +33,10 @@ pub enum ImageKind {
     Normal,
     /// Built with feature `test-harness`: runs the in-emulator test cases.
     Test,
+    /// The normal image of a workspace copy with an AM made by `cargo xtask new-am`
+    /// (xtask's new-am check, new_am_check.rs).
+    #[serde(rename = "new-am")]
+    NewAm,
 }
 
 impl ImageKind {
@@ -40,6 +44,7 @@ impl ImageKind {
         match self {
             ImageKind::Normal => "normal",
             ImageKind::Test => "test",
+            ImageKind::NewAm => "new-am",
         }
     }
 }
@@ -79,7 +84,7 @@ pub fn build_hypervisor(
     output: BuildOutput,
 ) -> Result<PathBuf> {
     let features: &[&str] = match kind {
-        ImageKind::Normal => &[],
+        ImageKind::Normal | ImageKind::NewAm => &[],
         ImageKind::Test => &["test-harness"],
     };
     let built = build_package(workspace, HYPERVISOR_PACKAGE, features, profile, output)?;
@@ -107,7 +112,10 @@ pub fn build_package(
     output: BuildOutput,
 ) -> Result<PathBuf> {
     let mut command = Command::new(workspace.cargo());
-    command.current_dir(workspace.root()).args(["build", "-p", package, "--target", TARGET]);
+    command
+        .current_dir(workspace.root())
+        .env("CARGO_TARGET_DIR", workspace.target())
+        .args(["build", "-p", package, "--target", TARGET]);
     if profile == Profile::Release {
         command.arg("--release");
     }

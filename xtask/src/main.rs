@@ -20,6 +20,7 @@ mod host;
 mod image;
 mod linux;
 mod new_am;
+mod new_am_check;
 mod report;
 mod run;
 mod scenario;

@@ -10,8 +10,33 @@ use anyhow::{bail, Context, Result};
 use crate::cli::NewAmArgs;
 use crate::workspace::Workspace;
 
+/// Where the hypervisor lists its AMs, one line each (`AMS`), and the comment line new
+/// lines go above.
+const AM_LIST: &str = "hypervisor/src/ams.rs";
+const AM_LIST_MARKER: &str = "// cargo xtask new-am adds new AMs' lines above this one.";
+/// The dependency lines of the hypervisor's manifest; a new AM's goes after the last
+/// `nk-am-` one.
+const HYPERVISOR_MANIFEST: &str = "hypervisor/Cargo.toml";
+
+/// What `generate` made.
+pub struct Generated {
+    pub package: String,
+    pub type_name: String,
+}
+
 pub fn new_am_command(workspace: &Workspace, args: &NewAmArgs) -> Result<ExitCode> {
-    let name = args.name.as_str();
+    let made = generate(workspace, &args.name)?;
+    let dir = workspace.root().join("am").join(&args.name);
+    println!("xtask: new-am: created {} ({}, type {})", workspace.display(&dir), made.package, made.type_name);
+    println!("xtask: new-am: registered it in {AM_LIST} (one line in AMS) and {HYPERVISOR_MANIFEST}");
+    println!("xtask: new-am: its test: cargo test -p {}", made.package);
+    println!("xtask: new-am: boot it: cargo xtask run (the log's `AMs:` line lists it); read docs/writing-an-am.md");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Creates am/NAME, adds it to the workspace, to the hypervisor's dependencies and to its
+/// AM list. Checks everything it will edit before it writes anything.
+pub fn generate(workspace: &Workspace, name: &str) -> Result<Generated> {
     let dir = workspace.root().join("am").join(name);
     if dir.exists() {
         bail!("{} exists already: choose another name, or delete it first", workspace.display(&dir));
@@ -25,17 +50,43 @@ pub fn new_am_command(workspace: &Workspace, args: &NewAmArgs) -> Result<ExitCod
         })
         .collect::<String>()
         + "Am";
+    let list_path = workspace.root().join(AM_LIST);
+    let list = fs::read_to_string(&list_path).with_context(|| format!("cannot read {AM_LIST}"))?;
+    let line = format!(
+        "    AmLine {{ name: \"{name}\", quota: AM_QUOTA, make: |_| Box::new({}::{type_name}::new()) }},",
+        package.replace('-', "_")
+    );
+    let list = insert_before_marker(&list, AM_LIST_MARKER, &line)
+        .with_context(|| format!("{AM_LIST} has no line `{AM_LIST_MARKER}` to add the AM above"))?;
+    let manifest_path = workspace.root().join(HYPERVISOR_MANIFEST);
+    let manifest = fs::read_to_string(&manifest_path).with_context(|| format!("cannot read {HYPERVISOR_MANIFEST}"))?;
+    let manifest = add_dependency(&manifest, &format!("{package} = {{ path = \"../am/{name}\" }}"))
+        .with_context(|| format!("{HYPERVISOR_MANIFEST} has no `nk-am-` dependency line to add {package} after"))?;
+
     fs::create_dir_all(dir.join("src"))?;
     fs::write(dir.join("Cargo.toml"), cargo_toml(&package, name))?;
     fs::write(dir.join("src/lib.rs"), lib_rs(name, &type_name))?;
     fs::write(dir.join("src/tests.rs"), tests_rs(&type_name))?;
     add_member(workspace, &format!("am/{name}")).context("adding the crate to the workspace")?;
-    println!("xtask: new-am: created {} ({package}, type {type_name})", workspace.display(&dir));
-    println!("xtask: new-am: its test: cargo test -p {package}");
-    println!("xtask: new-am: to boot it, register it in hypervisor/src/main.rs (null_kernel()):");
-    println!("    kernel.add_am(Box::new({}::{type_name}::new()), 4096)", package.replace('-', "_"));
-    println!("xtask: new-am: and read docs/writing-an-am.md");
-    Ok(ExitCode::SUCCESS)
+    fs::write(&list_path, list)?;
+    fs::write(&manifest_path, manifest)?;
+    Ok(Generated { package, type_name })
+}
+
+/// Returns `text` with `line` inserted above the line that is `marker` (trimmed).
+fn insert_before_marker(text: &str, marker: &str, line: &str) -> Option<String> {
+    let at = text.lines().position(|l| l.trim() == marker)?;
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.insert(at, line);
+    Some(lines.join("\n") + "\n")
+}
+
+/// Returns `manifest` with `dependency` after its last `nk-am-` dependency line.
+fn add_dependency(manifest: &str, dependency: &str) -> Option<String> {
+    let mut lines: Vec<&str> = manifest.lines().collect();
+    let at = lines.iter().rposition(|l| l.starts_with("nk-am-"))?;
+    lines.insert(at + 1, dependency);
+    Some(lines.join("\n") + "\n")
 }
 
 /// Adds `member` to the root Cargo.toml's `members` and `default-members` lists.
@@ -215,4 +266,31 @@ fn create_set_get_through_checked_capabilities() {{
 }}
 "#
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_am_line_goes_above_the_marker_and_the_dependency_after_the_last_am() {
+        let list = format!("pub static AMS: &[AmLine] = &[\n    AmLine {{ a }},\n    {AM_LIST_MARKER}\n];\n");
+        let out = insert_before_marker(&list, AM_LIST_MARKER, "    AmLine { b },").unwrap();
+        assert!(out.contains(&format!("AmLine {{ a }},\n    AmLine {{ b }},\n    {AM_LIST_MARKER}")), "{out}");
+        assert!(insert_before_marker("no marker here", AM_LIST_MARKER, "x").is_none());
+        let manifest =
+            "[dependencies]\nnk-abi.workspace = true\nnk-am-exo.workspace = true\nnk-boot.workspace = true\n";
+        let out = add_dependency(manifest, "nk-am-disk = { path = \"../am/disk\" }").unwrap();
+        assert!(out.contains("nk-am-exo.workspace = true\nnk-am-disk = { path = \"../am/disk\" }\nnk-boot"), "{out}");
+    }
+
+    /// The real files have what `generate` edits.
+    #[test]
+    fn the_hypervisor_files_have_the_anchors() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let list = fs::read_to_string(root.join(AM_LIST)).unwrap();
+        assert!(insert_before_marker(&list, AM_LIST_MARKER, "x").is_some());
+        let manifest = fs::read_to_string(root.join(HYPERVISOR_MANIFEST)).unwrap();
+        assert!(add_dependency(&manifest, "x").is_some());
+    }
 }

@@ -212,8 +212,11 @@ fn prepare_images(workspace: &Workspace, scenarios: Vec<Scenario>) -> VecDeque<J
         let elf = elves
             .entry(kind.name())
             .or_insert_with(|| {
-                image::build_hypervisor(workspace, kind, Profile::Release, BuildOutput::Summary)
-                    .map_err(|err| format!("the {} image did not build: {err:#}", kind.name()))
+                let built = match kind {
+                    image::ImageKind::NewAm => crate::new_am_check::build(workspace),
+                    _ => image::build_hypervisor(workspace, kind, Profile::Release, BuildOutput::Summary),
+                };
+                built.map_err(|err| format!("the {} image did not build: {err:#}", kind.name()))
             })
             .clone();
         let iso = elf.and_then(|elf| {

@@ -38,6 +38,11 @@ impl Workspace {
         Ok(Workspace { root, target })
     }
 
+    /// A workspace at `root` building into `target` (a copy xtask makes for a check).
+    pub fn at(root: PathBuf, target: PathBuf) -> Self {
+        Workspace { root, target }
+    }
+
     /// The workspace root (where the root Cargo.toml is).
     pub fn root(&self) -> &Path {
         &self.root
