@@ -178,6 +178,12 @@ impl Kernel {
         self.done.pop_front()
     }
 
+    /// Tells whether a completion waits for [`Kernel::poll`] (a check that touches no
+    /// map, for the hypercall path).
+    pub fn has_completions(&self) -> bool {
+        !self.done.is_empty()
+    }
+
     /// Returns the number of this kernel's operations still waiting for messages
     /// (including those routed here by other kernels).
     pub fn pending_ops(&self) -> usize {
