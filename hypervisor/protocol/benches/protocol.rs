@@ -33,6 +33,7 @@ use std::time::Instant;
 
 #[path = "../../bench/report.rs"]
 mod report;
+mod saturated;
 use report::{json_string, output_dir};
 
 use nk_caps::{
@@ -517,6 +518,19 @@ fn main() {
         ("messages_per_cap_op".into(), messages_per_op, "messages"),
         ("host_ns_per_protocol_event".into(), host_ns, "ns"),
     ];
+    // Saturated: no think time, 10% of operations cross kernels, costs from Bochs.
+    let dir = output_dir(env!("CARGO_MANIFEST_DIR"));
+    let costs = saturated::SatCosts::calibrate(&dir);
+    let one = saturated::saturated_rate(1, &costs, 7);
+    println!(
+        "\nsaturated (no think time, 10% of operations cross kernels; costs in Bochs instructions: local op {}, remote issue {}, message {}):",
+        costs.local_op, costs.remote_issue, costs.handle
+    );
+    for n in [1usize, 2, 8, 64, 512] {
+        let efficiency = saturated::saturated_rate(n, &costs, 7 + n as u64) / one;
+        println!("  {n:>4} kernels: per-kernel throughput {:.1}% of one kernel's", efficiency * 100.0);
+        metrics.push((format!("saturated_efficiency_{n}"), efficiency, "ratio"));
+    }
     for (kind, app) in APPS.iter().enumerate() {
         let key = app.name.to_lowercase();
         metrics.push((format!("{key}_parallel_efficiency_512"), per_app[kind][at(512)].efficiency, "ratio"));
@@ -544,6 +558,11 @@ fn main() {
         ("kernels", format!("[{}]", sizes.join(", "))),
         ("think_time", json_string("1 / SemperOS single-instance cap ops/s per operation, +-20% jitter")),
         ("semperos_parallel_efficiency", json_string("up to 78% (32 kernels, 32 file services)")),
+        ("saturated", json_string("saturated_efficiency_N: no think time, 4 VMs per kernel issue 64 operations each back to back, 10% delegations to a VM on a random other kernel (Delegate + DelegateAck through nk_protocol::Kernel), 90% local derives; per-kernel throughput at N kernels over the 1-kernel rate")),
+        ("saturated_cost_local_op_instructions", costs.local_op.to_string()),
+        ("saturated_cost_remote_issue_instructions", costs.remote_issue.to_string()),
+        ("saturated_cost_message_instructions", costs.handle.to_string()),
+        ("saturated_cost_source", json_string(&costs.source)),
         ("bench_seconds", format!("{:.1}", started.elapsed().as_secs_f64())),
     ];
     json.push_str("  \"context\": {\n");
@@ -552,7 +571,6 @@ fn main() {
         writeln!(json, "    {}: {value}{comma}", json_string(key)).unwrap();
     }
     json.push_str("  }\n}\n");
-    let dir = output_dir(env!("CARGO_MANIFEST_DIR"));
     std::fs::create_dir_all(&dir).expect("create the bench output directory");
     let path = dir.join("protocol.json");
     std::fs::write(&path, json).expect("write protocol.json");

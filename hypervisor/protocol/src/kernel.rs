@@ -574,9 +574,8 @@ impl Kernel {
                                         out.send(from, Message::GoneBelow { parent, killed });
                                     }
                                 }
-                                (killed, _) => {
-                                    out.send(parent.kernel(), Message::Gone { child: name, killed: killed.unwrap_or(0) })
-                                }
+                                (killed, _) => out
+                                    .send(parent.kernel(), Message::Gone { child: name, killed: killed.unwrap_or(0) }),
                             }
                         }
                         if !self.waiters.is_empty() {
@@ -620,13 +619,8 @@ impl Kernel {
         }
         let mut names = core::mem::take(&mut self.batch_names);
         let requests = &self.requests;
-        let walk = self.table.revoke_below(
-            parent,
-            hook,
-            &mut self.events,
-            |name| requests.contains_key(&name),
-            &mut names,
-        );
+        let walk =
+            self.table.revoke_below(parent, hook, &mut self.events, |name| requests.contains_key(&name), &mut names);
         self.batch_names = names;
         if walk.members == 0 {
             out.send(from, Message::GoneBelow { parent, killed: walk.killed as u64 });

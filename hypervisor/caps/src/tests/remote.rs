@@ -124,7 +124,10 @@ fn a_zigzag_walk_reaches_local_grandchildren_through_a_proxy() {
     assert_eq!(hook.dead[0].name, d);
     assert_eq!(
         links,
-        vec![LinkEvent::Finalized { name: d, remote_parent: Some(c) }, LinkEvent::RevokeRemote { child: c, parent: Some(root) },]
+        vec![
+            LinkEvent::Finalized { name: d, remote_parent: Some(c) },
+            LinkEvent::RevokeRemote { child: c, parent: Some(root) },
+        ]
     );
     a.table.audit();
 }
