@@ -531,6 +531,22 @@ fn main() {
         println!("  {n:>4} kernels: per-kernel throughput {:.1}% of one kernel's", efficiency * 100.0);
         metrics.push((format!("saturated_efficiency_{n}"), efficiency, "ratio"));
     }
+    let saturated_points: Vec<String> = metrics
+        .iter()
+        .filter_map(|(name, value, _)| name.strip_prefix("saturated_efficiency_").map(|n| format!("[{n}, {value:.4}]")))
+        .collect();
+    // Revoke cost against capabilities and kernels reached (host time, real Kernels).
+    let mut revoke_points = Vec::new();
+    println!("\nrevoke of a root with children spread over K kernels (host ns for the revoke and its messages):");
+    for kernels in [1usize, 2, 4, 8] {
+        let mut line = format!("  {kernels} kernel(s):");
+        for caps in [100usize, 1_000, 10_000] {
+            let (ns, messages) = saturated::revoke_cost(kernels, caps);
+            write!(line, "  {caps} caps {:.0} ns/cap, {messages} messages;", ns / caps as f64).unwrap();
+            revoke_points.push(format!("[{kernels}, {caps}, {ns:.0}, {messages}]"));
+        }
+        println!("{line}");
+    }
     for (kind, app) in APPS.iter().enumerate() {
         let key = app.name.to_lowercase();
         metrics.push((format!("{key}_parallel_efficiency_512"), per_app[kind][at(512)].efficiency, "ratio"));
@@ -541,6 +557,9 @@ fn main() {
         writeln!(json, "  {}: {{\"value\": {value:.4}, \"unit\": {}}},", json_string(name), json_string(unit)).unwrap();
     }
     let sizes: Vec<String> = SIZES.iter().map(ToString::to_string).collect();
+    let series = |rows: &[Row], value: fn(&Row) -> f64| {
+        format!("[{}]", rows.iter().map(|row| format!("{:.4}", value(row))).collect::<Vec<_>>().join(", "))
+    };
     let context = [
         ("simulation", json_string("discrete-event, virtual time; every capability operation runs through nk_protocol::Kernel")),
         ("headline", json_string("the mix: application instance i runs SemperOS application i mod 6")),
@@ -563,6 +582,13 @@ fn main() {
         ("saturated_cost_remote_issue_instructions", costs.remote_issue.to_string()),
         ("saturated_cost_message_instructions", costs.handle.to_string()),
         ("saturated_cost_source", json_string(&costs.source)),
+        ("series_kernels", format!("[{}]", sizes.join(", "))),
+        ("series_mix_efficiency", series(&mixed, |r| r.efficiency)),
+        ("series_mix_cap_ops_per_s", series(&mixed, |r| r.ops_per_s)),
+        ("series_think_div10_efficiency", series(&fast, |r| r.efficiency)),
+        ("series_saturated_efficiency", format!("[{}]", saturated_points.join(", "))),
+        ("series_revoke_host", format!("[{}]", revoke_points.join(", "))),
+        ("series_revoke_host_columns", json_string("[kernels, capabilities, host ns for the revoke and its messages, messages]")),
         ("bench_seconds", format!("{:.1}", started.elapsed().as_secs_f64())),
     ];
     json.push_str("  \"context\": {\n");

@@ -196,3 +196,59 @@ pub fn saturated_rate(kernels: usize, costs: &SatCosts, seed: u64) -> f64 {
     assert_eq!(ops, (kernels * VMS * OPS_PER_VM) as u64, "every operation ended");
     ops as f64 / kernels as f64 / (end as f64 / 1e6)
 }
+
+/// Measures on this host the revoke of a root with `caps - 1` children spread round-robin
+/// over `kernels` kernels (the root's included), through the real [`Kernel`]s with every
+/// message delivered at once: returns (host ns for the revoke and all its messages,
+/// messages).
+pub fn revoke_cost(kernels: usize, caps: usize) -> (f64, u64) {
+    const EXO: AmId = AmId::new(1);
+    let capacity = (caps + 16) as u32;
+    let mut nodes: Vec<Kernel> = (0..kernels)
+        .map(|id| {
+            let mut table =
+                CapTable::new(KernelId::new(id as u16), capacity, &mut FixedSeed::from_u64(id as u64)).unwrap();
+            table.register_am(EXO, "fs", capacity).unwrap();
+            table.register_kind(EXO, KindSpec { name: "file", rights: &["read", "write"] }).unwrap();
+            table.add_vm(VmId::new(id as u32 + 1), capacity).unwrap();
+            Kernel::new(table, kernels as u16).unwrap()
+        })
+        .collect();
+    let exo = Principal::Am(EXO);
+    let object = Object::new(EXO, ObjKind::new(0), ObjId::new(1));
+    let root = nodes[0].table_mut().mint(exo, object, Rights::from_bits(0b11)).unwrap();
+    let mut hook = |_: &nk_caps::DeadCap| {};
+    let mut deliver = |nodes: &mut Vec<Kernel>, mut wire: Vec<(KernelId, Message)>, from: usize| -> u64 {
+        let mut queue: std::collections::VecDeque<(usize, KernelId, Message)> =
+            wire.drain(..).map(|(to, m)| (from, to, m)).collect();
+        let mut messages = 0;
+        while let Some((from, to, message)) = queue.pop_front() {
+            messages += 1;
+            let mut out = Vec::new();
+            let to = usize::from(to.raw());
+            nodes[to].handle(KernelId::new(from as u16), message, &mut hook, &mut out);
+            queue.extend(out.into_iter().map(|(next, m)| (to, next, m)));
+        }
+        messages
+    };
+    for i in 1..caps {
+        let to = i % kernels;
+        let mut wire = Vec::new();
+        let target = Principal::Vm(VmId::new(to as u32 + 1));
+        nodes[0].delegate(exo, root, target, KernelId::new(to as u16), Rights::ALL, Binding::Bound, &mut wire);
+        deliver(&mut nodes, wire, 0);
+        while nodes[0].poll().is_some() {}
+    }
+    let clock = std::time::Instant::now();
+    let mut wire = Vec::new();
+    let mut revoke_hook = |_: &nk_caps::DeadCap| {};
+    let started = nodes[0].revoke(exo, root, &mut revoke_hook, &mut wire);
+    let messages = deliver(&mut nodes, wire, 0);
+    let killed = match started {
+        Started::Done(result) => result,
+        Started::Pending(_) => nodes[0].poll().expect("the revoke completed").result,
+    };
+    let ns = clock.elapsed().as_nanos() as f64;
+    assert_eq!(killed, Ok(Outcome::Count(caps as u64)), "the whole tree died");
+    (ns, messages)
+}
