@@ -37,9 +37,10 @@ pub struct Kernel {
     /// their `Gone` adds to.
     pub(crate) sent_by: BTreeMap<CapName, Option<Tally>>,
     /// Batched revokes sent ([`Message::RevokeBelow`]), by local parent and the kernel of
-    /// its children -> what the count in their [`Message::GoneBelow`] adds to. One entry
-    /// per parent with proxies on that kernel, so bounded by the table's capacity.
-    pub(crate) batches: BTreeMap<(CapName, KernelId), Option<Tally>>,
+    /// its children: what the count in their [`Message::GoneBelow`] adds to, and the
+    /// proxies the batch covers (so the answer costs its own members, not a scan of the
+    /// parent's children). One name per marked proxy: bounded by the table's capacity.
+    pub(crate) batches: BTreeMap<(CapName, KernelId), Batch>,
     /// Batched revokes received and not yet answered, by the sender's parent: at most one
     /// per proxy of this table.
     pub(crate) below: BTreeMap<CapName, Below>,
@@ -56,6 +57,15 @@ pub struct Kernel {
     scratch: Vec<CapName>,
     /// Names a batched revoke or its acknowledgement handles, reused to avoid allocating.
     batch_names: Vec<CapName>,
+}
+
+/// A batched revoke this kernel sent and whose answer it waits for.
+#[derive(Debug)]
+pub(crate) struct Batch {
+    /// What the answer's count adds to.
+    pub(crate) tally: Option<Tally>,
+    /// The proxies it covers.
+    pub(crate) proxies: Vec<CapName>,
 }
 
 /// A batched revoke this kernel received and has not answered yet.
@@ -555,9 +565,12 @@ impl Kernel {
                     LinkEvent::RevokeRemote { child, parent: Some(parent) } => {
                         // One message per parent and kernel: the walk reports a parent's
                         // remote children together, and the first one sends for all.
-                        if let btree_map::Entry::Vacant(entry) = self.batches.entry((parent, child.kernel())) {
-                            entry.insert(tally);
-                            out.send(child.kernel(), Message::RevokeBelow { parent });
+                        match self.batches.entry((parent, child.kernel())) {
+                            btree_map::Entry::Vacant(entry) => {
+                                entry.insert(Batch { tally, proxies: alloc::vec![child] });
+                                out.send(child.kernel(), Message::RevokeBelow { parent });
+                            }
+                            btree_map::Entry::Occupied(mut entry) => entry.get_mut().proxies.push(child),
                         }
                     }
                     LinkEvent::Finalized { name, remote_parent } => {
@@ -638,13 +651,11 @@ impl Kernel {
     where
         O: Outbox + ?Sized,
     {
-        let Some(tally) = self.batches.remove(&(parent, from)) else {
+        let Some(Batch { tally, proxies: mut gone }) = self.batches.remove(&(parent, from)) else {
             return;
         };
-        let mut gone = core::mem::take(&mut self.batch_names);
-        gone.clear();
         let sent_by = &self.sent_by;
-        self.table.remote_children_gone(parent, from, |name| sent_by.contains_key(&name), &mut gone, &mut self.events);
+        self.table.remote_children_gone(parent, &mut gone, |name| sent_by.contains_key(&name), &mut self.events);
         if let Some(tally) = tally {
             self.credit(tally, killed);
         }
@@ -653,7 +664,6 @@ impl Kernel {
                 self.wake(name, out);
             }
         }
-        self.batch_names = gone;
         self.process_events(None, out);
     }
 

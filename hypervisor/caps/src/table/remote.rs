@@ -375,18 +375,18 @@ impl CapTable {
         below
     }
 
-    /// Handles the batched report that every child of the local capability `parent` on
-    /// `kernel` that a walk sent a revoke (a `RemoteRevoking` proxy) is gone with its
-    /// subtree, except those for which `individual` says a report of their own follows:
-    /// drops their proxies as [`remote_gone`](Self::remote_gone) does, then finalizes the
-    /// revoking ancestors left without children. Pushes the dropped names to `gone` and
-    /// returns how many there were.
+    /// Handles the batched report that the children of the local capability `parent`
+    /// named in `proxies` (those a walk sent one batched revoke, all of one kernel) are
+    /// gone with their subtrees, except those for which `individual` says a report of
+    /// their own follows: drops their proxies as [`remote_gone`](Self::remote_gone) does
+    /// (a name whose proxy is gone already, or hangs elsewhere, is skipped), then finalizes
+    /// the revoking ancestors left without children. Returns how many it dropped; the
+    /// names dropped are left at the front of `proxies`, the rest removed.
     pub fn remote_children_gone<L, F>(
         &mut self,
         parent: CapName,
-        kernel: KernelId,
+        proxies: &mut Vec<CapName>,
         mut individual: F,
-        gone: &mut Vec<CapName>,
         links: &mut L,
     ) -> usize
     where
@@ -394,17 +394,18 @@ impl CapTable {
         F: FnMut(CapName) -> bool,
     {
         let Some(parent_slot) = self.lookup(parent) else {
+            proxies.clear();
             return 0;
         };
         let mut dropped = 0;
-        let mut cursor = self.nodes[parent_slot].first_child;
-        while let Some(slot) = cursor.get() {
-            cursor = self.nodes[slot].next_sibling;
+        for at in 0..proxies.len() {
+            let name = proxies[at];
+            let Some(slot) = self.lookup_foreign(name) else { continue };
             let node = &self.nodes[slot];
-            if node.state != State::RemoteRevoking || node.name.kernel() != kernel || individual(node.name) {
+            if node.state != State::RemoteRevoking || node.parent.get() != Some(parent_slot) || individual(name) {
                 continue;
             }
-            gone.push(node.name);
+            proxies[dropped] = name;
             dropped += 1;
             self.unlink_from_parent(slot);
             if self.nodes[slot].first_child.get().is_none() {
@@ -413,6 +414,7 @@ impl CapTable {
                 self.nodes[slot].state = State::Remote;
             }
         }
+        proxies.truncate(dropped);
         if dropped > 0 {
             self.prune(Link::to(parent_slot), links);
         }
