@@ -556,30 +556,22 @@ impl Kernel {
     {
         while !self.events.is_empty() {
             let mut batch = core::mem::take(&mut self.events);
-            // A walk reports a parent's remote children one after another: they gather
-            // here and go into their batch together (one map look-up per run, not per
-            // child), before any other event is acted on, so messages keep their order.
-            let mut run: Option<(CapName, KernelId, Vec<CapName>)> = None;
             for event in batch.drain(..) {
-                if let LinkEvent::RevokeRemote { child, parent: Some(parent) } = event {
-                    match &mut run {
-                        Some((p, k, proxies)) if *p == parent && *k == child.kernel() => proxies.push(child),
-                        _ => {
-                            if let Some((p, k, proxies)) = run.take() {
-                                self.send_batch(p, k, proxies, tally, out);
-                            }
-                            run = Some((parent, child.kernel(), alloc::vec![child]));
-                        }
-                    }
-                    continue;
-                }
-                if let Some((p, k, proxies)) = run.take() {
-                    self.send_batch(p, k, proxies, tally, out);
-                }
                 match event {
-                    LinkEvent::RevokeRemote { child, .. } => {
+                    LinkEvent::RevokeRemote { child, parent: None } => {
                         out.send(child.kernel(), Message::Revoke { target: child });
                         self.sent_by.insert(child, tally);
+                    }
+                    LinkEvent::RevokeRemote { child, parent: Some(parent) } => {
+                        // One message per parent and kernel: the walk reports a parent's
+                        // remote children together, and the first one sends for all.
+                        match self.batches.entry((parent, child.kernel())) {
+                            btree_map::Entry::Vacant(entry) => {
+                                entry.insert(Batch { tally, proxies: alloc::vec![child] });
+                                out.send(child.kernel(), Message::RevokeBelow { parent });
+                            }
+                            btree_map::Entry::Occupied(mut entry) => entry.get_mut().proxies.push(child),
+                        }
                     }
                     LinkEvent::Finalized { name, remote_parent } => {
                         let requested = self.requests.remove(&name);
@@ -605,34 +597,9 @@ impl Kernel {
                     }
                 }
             }
-            if let Some((p, k, proxies)) = run.take() {
-                self.send_batch(p, k, proxies, tally, out);
-            }
             if self.events.is_empty() {
                 self.events = batch;
             }
-        }
-    }
-
-    /// Records the proxies of `parent`'s children on `kernel` that a walk marked, and
-    /// sends that kernel one [`Message::RevokeBelow`] for them (once per parent and
-    /// kernel: a later run of the same walk joins the batch).
-    fn send_batch<O>(
-        &mut self,
-        parent: CapName,
-        kernel: KernelId,
-        proxies: Vec<CapName>,
-        tally: Option<Tally>,
-        out: &mut O,
-    ) where
-        O: Outbox + ?Sized,
-    {
-        match self.batches.entry((parent, kernel)) {
-            btree_map::Entry::Vacant(entry) => {
-                entry.insert(Batch { tally, proxies });
-                out.send(kernel, Message::RevokeBelow { parent });
-            }
-            btree_map::Entry::Occupied(mut entry) => entry.get_mut().proxies.extend(proxies),
         }
     }
 
