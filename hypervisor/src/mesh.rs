@@ -135,6 +135,9 @@ impl Mesh {
 
     /// Handles a hypercall of `vm`, which runs on `cpu`.
     pub fn hypercall(&self, cpu: usize, vm: VmId, call: &Call) -> Dispatched {
+        if let Some(reply) = nk_core::stateless_reply(call) {
+            return Dispatched::Reply(reply);
+        }
         let instance = &self.instances[cpu];
         let mut out = Vec::new();
         let mut kernel = instance.kernel.lock();
@@ -268,7 +271,10 @@ fn settle_locally(instance: &Instance, kernel: &mut NullKernel) {
     if kernel.has_effects() {
         kernel.apply_effects(crate::ioports::apply);
     }
-    while let Some(finished) = kernel.poll() {
-        instance.finished.lock().push(finished);
+    if kernel.has_finished() {
+        let mut finished = instance.finished.lock();
+        while let Some(done) = kernel.poll() {
+            finished.push(done);
+        }
     }
 }

@@ -191,12 +191,22 @@ pub fn bench_command(workspace: &Workspace, args: &BenchArgs) -> Result<ExitCode
         print_list();
         return Ok(ExitCode::FAILURE);
     };
-    (bench.run)(workspace)?;
     let json = bench_dir(workspace).join(format!("{}.json", bench.name));
+    let previous = std::fs::read_to_string(&json).ok().map(|text| json_metrics(&text));
+    (bench.run)(workspace)?;
     if json.is_file() {
         println!("xtask: bench: results in {}", workspace.display(&json));
     } else {
         anyhow::bail!("the benchmark finished but did not write {}", json.display());
+    }
+    let text = std::fs::read_to_string(&json)?;
+    if let Some(previous) = previous {
+        print_changes(&previous, &json_metrics(&text));
+    }
+    if bench.name == "protocol" {
+        for svg in plot_protocol(&bench_dir(workspace), &text)? {
+            println!("xtask: bench: plot {}", workspace.display(&svg));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -249,4 +259,169 @@ fn bench_protocol(workspace: &Workspace) -> Result<()> {
     );
     std::fs::write(&path, format!("{{\n{members}{context}{}", body.trim_start_matches('\n')))?;
     Ok(())
+}
+
+/// Reads the metrics of a bench JSON: every member written as
+/// `"name": {"value": N, "unit": "..."}` on its own line.
+fn json_metrics(text: &str) -> BTreeMap<String, f64> {
+    let mut metrics = BTreeMap::new();
+    for line in text.lines() {
+        let Some((name, rest)) = line.trim().split_once(": {\"value\": ") else { continue };
+        let value: String = rest.chars().take_while(|c| c.is_ascii_digit() || matches!(c, '.' | '-' | 'e')).collect();
+        if let Ok(value) = value.parse::<f64>() {
+            metrics.insert(name.trim_matches('"').to_string(), value);
+        }
+    }
+    metrics
+}
+
+/// Prints each metric's change against the previous run's JSON.
+fn print_changes(previous: &BTreeMap<String, f64>, now: &BTreeMap<String, f64>) {
+    println!("xtask: bench: change against the previous run:");
+    for (name, &value) in now {
+        match previous.get(name) {
+            Some(&before) if before != 0.0 => {
+                let change = (value - before) / before * 100.0;
+                let mark = if change.abs() < 0.05 { String::from("  =") } else { format!("{change:+.1}%") };
+                println!("  {name:<40} {before:>14.4} -> {value:>14.4}  {mark}");
+            }
+            Some(&before) => println!("  {name:<40} {before:>14.4} -> {value:>14.4}"),
+            None => println!("  {name:<40} {:>14} -> {value:>14.4}  (new)", "-"),
+        }
+    }
+    for name in previous.keys().filter(|name| !now.contains_key(*name)) {
+        println!("  {name:<40} (no longer reported)");
+    }
+}
+
+/// Reads the numbers of the JSON array member `key` (nested arrays flattened).
+fn json_numbers(text: &str, key: &str) -> Option<Vec<f64>> {
+    let at = text.find(&format!("\"{key}\": ["))?;
+    let rest = &text[at + key.len() + 4..];
+    let mut depth = 0;
+    let mut end = 0;
+    for (i, c) in rest.char_indices() {
+        match c {
+            '[' => depth += 1,
+            ']' => {
+                depth -= 1;
+                if depth == 0 {
+                    end = i;
+                    break;
+                }
+            }
+            _ => {}
+        }
+    }
+    let numbers = rest[..end]
+        .split(|c: char| c == ',' || c == '[' || c == ']' || c.is_whitespace())
+        .filter(|word| !word.is_empty())
+        .map(str::parse::<f64>)
+        .collect::<Result<Vec<_>, _>>()
+        .ok()?;
+    Some(numbers)
+}
+
+/// Draws the protocol's curves next to protocol.json: parallel efficiency and cap ops/s
+/// against kernels (the mix, think time / 10, saturated), and revoke cost against
+/// capabilities and kernels reached. Returns the files written.
+fn plot_protocol(dir: &std::path::Path, text: &str) -> Result<Vec<std::path::PathBuf>> {
+    use crate::plot::{line_chart, Series};
+    let mut written = Vec::new();
+    let (Some(kernels), Some(mix), Some(fast), Some(ops)) = (
+        json_numbers(text, "series_kernels"),
+        json_numbers(text, "series_mix_efficiency"),
+        json_numbers(text, "series_think_div10_efficiency"),
+        json_numbers(text, "series_mix_cap_ops_per_s"),
+    ) else {
+        println!("xtask: bench: protocol.json has no series to plot");
+        return Ok(written);
+    };
+    let zip = |ys: &[f64]| kernels.iter().copied().zip(ys.iter().copied()).collect::<Vec<_>>();
+    let mut efficiency = vec![
+        Series { name: "SemperOS mix".into(), points: zip(&mix) },
+        Series { name: "mix, think time / 10".into(), points: zip(&fast) },
+    ];
+    if let Some(saturated) = json_numbers(text, "series_saturated_efficiency") {
+        let points = saturated.chunks_exact(2).map(|pair| (pair[0], pair[1])).collect();
+        efficiency.push(Series { name: "saturated, 10% cross-kernel (Bochs costs)".into(), points });
+    }
+    let path = dir.join("protocol-efficiency.svg");
+    line_chart(&path, "Parallel efficiency against kernels (simulated)", "kernels", "efficiency", true, &efficiency)?;
+    written.push(path);
+    let path = dir.join("protocol-cap-ops.svg");
+    let series = [Series { name: "SemperOS mix".into(), points: zip(&ops) }];
+    line_chart(
+        &path,
+        "Capability operations per second against kernels (simulated)",
+        "kernels",
+        "cap ops/s",
+        true,
+        &series,
+    )?;
+    written.push(path);
+    if let Some(revoke) = json_numbers(text, "series_revoke_host") {
+        let mut by_kernels: BTreeMap<u64, Vec<(f64, f64)>> = BTreeMap::new();
+        for row in revoke.chunks_exact(4) {
+            by_kernels.entry(row[0] as u64).or_default().push((row[1], row[2] / row[1]));
+        }
+        let series: Vec<Series> = by_kernels
+            .into_iter()
+            .map(|(k, points)| Series { name: format!("{k} kernel(s) reached"), points })
+            .collect();
+        let path = dir.join("protocol-revoke.svg");
+        line_chart(
+            &path,
+            "Revoke cost per capability (host, real kernels)",
+            "capabilities",
+            "ns per capability",
+            true,
+            &series,
+        )?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"{
+  "parallel_efficiency_512": {"value": 0.9975, "unit": "ratio"},
+  "revoke_1000_4k_instructions": {"value": 562105, "unit": "instructions"},
+  "context": {
+    "series_kernels": [1, 2, 4],
+    "series_mix_efficiency": [1.0000, 0.9990, 0.9980],
+    "series_mix_cap_ops_per_s": [6763.1, 10373.6, 14508.5],
+    "series_think_div10_efficiency": [1.0000, 0.9984, 0.9914],
+    "series_saturated_efficiency": [[1, 1.0000], [2, 0.7233]],
+    "series_revoke_host": [[1, 100, 3044, 0], [1, 1000, 3756, 0], [2, 100, 12479, 2], [2, 1000, 32108, 2]],
+    "bench_seconds": 0.7
+  }
+}"#;
+
+    #[test]
+    fn metrics_and_series_are_read_back() {
+        let metrics = json_metrics(SAMPLE);
+        assert_eq!(metrics["parallel_efficiency_512"], 0.9975);
+        assert_eq!(metrics["revoke_1000_4k_instructions"], 562105.0);
+        assert_eq!(metrics.len(), 2);
+        assert_eq!(json_numbers(SAMPLE, "series_saturated_efficiency"), Some(vec![1.0, 1.0, 2.0, 0.7233]));
+        assert_eq!(json_numbers(SAMPLE, "series_kernels"), Some(vec![1.0, 2.0, 4.0]));
+        assert_eq!(json_numbers(SAMPLE, "absent"), None);
+    }
+
+    #[test]
+    fn the_protocol_plots_are_svg_files() {
+        let dir = std::env::temp_dir().join(format!("nk-plot-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let written = plot_protocol(&dir, SAMPLE).unwrap();
+        assert_eq!(written.len(), 3);
+        for path in written {
+            let svg = std::fs::read_to_string(&path).unwrap();
+            assert!(svg.starts_with("<svg") && svg.contains("<polyline"), "{}", path.display());
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -34,8 +34,37 @@ struct HostCheck {
 }
 
 /// The named checks; a new one is one entry here and a function.
-const HOST_CHECKS: &[HostCheck] =
-    &[HostCheck { name: "memmap", run: check_memmap }, HostCheck { name: "linux-irqs", run: check_linux_irqs }];
+const HOST_CHECKS: &[HostCheck] = &[
+    HostCheck { name: "memmap", run: check_memmap },
+    HostCheck { name: "linux-irqs", run: check_linux_irqs },
+    HostCheck { name: "batched-revoke", run: check_batched_revoke },
+];
+
+/// The most protocol messages a `pbench 2 3 4` run may send when revocation is batched
+/// (issue 14): its 1,013 cross-kernel delegations take 2 messages each (2,026), and the
+/// revokes of the 1,000-capability tree and of the lifeline and the VM removals a few per
+/// kernel. Revoking one capability per message, as before, adds 1,998 for the tree alone.
+const BATCHED_REVOKE_MAX_MESSAGES: u64 = 2_400;
+
+/// `batched-revoke`: the `pbench` guest revoked its tree of 1,000 capabilities over 4
+/// kernels, and the mesh's closing line counts at most [`BATCHED_REVOKE_MAX_MESSAGES`]
+/// messages sent: the revoke took messages per kernel reached, not per capability.
+fn check_batched_revoke(context: &CheckContext<'_>) -> Result<(), String> {
+    if !context.log.contains("revoked a tree of 1000 capabilities over 4 kernels") {
+        return Err("the pbench guest did not revoke its tree of 1000 capabilities".into());
+    }
+    let sent = context.log.lines().find_map(|line| {
+        let (_, rest) = line.split_once("idle and consistent; ")?;
+        rest.split_whitespace().next()?.parse::<u64>().ok()
+    });
+    match sent {
+        Some(sent) if sent <= BATCHED_REVOKE_MAX_MESSAGES => Ok(()),
+        Some(sent) => Err(format!(
+            "{sent} protocol messages sent, more than {BATCHED_REVOKE_MAX_MESSAGES}: the revoke is not batched per kernel"
+        )),
+        None => Err("no 'idle and consistent; N messages sent' line from the mesh".into()),
+    }
+}
 
 /// `linux-irqs`: a guest Linux's /proc/interrupts (printed by its /init) counts local APIC
 /// timer interrupts (`LOC:`) and serial interrupts (the `ttyS0` line), both above zero:
@@ -352,6 +381,20 @@ mod tests {
                          [cpu0 INFO ] guest: vm1/linux: LOC:       6094   Local timer interrupts\n";
         assert!(check_linux_irqs(&CheckContext { log: no_serial, scenario: &s }).unwrap_err().contains("ttyS0"));
         assert!(check_linux_irqs(&CheckContext { log: "", scenario: &s }).is_err());
+    }
+
+    #[test]
+    fn batched_revoke_counts_the_mesh_messages() {
+        let s = scenario("checks = [\"batched-revoke\"]");
+        let line = |sent: u64| {
+            format!(
+                "[cpu1 INFO ] guest: vm1/pbench: revoked a tree of 1000 capabilities over 4 kernels\n\
+                 [cpu0 INFO ] mesh: 4 kernel instances idle and consistent; {sent} messages sent (0 through overflow queues), 9 doorbells, 3 guest runs ended by an interrupt\n"
+            )
+        };
+        assert!(check_batched_revoke(&CheckContext { log: &line(2_040), scenario: &s }).is_ok());
+        assert!(check_batched_revoke(&CheckContext { log: &line(4_040), scenario: &s }).unwrap_err().contains("4040"));
+        assert!(check_batched_revoke(&CheckContext { log: "", scenario: &s }).is_err());
     }
 
     #[test]

@@ -21,6 +21,7 @@ mod image;
 mod linux;
 mod new_am;
 mod new_am_check;
+mod plot;
 mod report;
 mod run;
 mod scenario;

@@ -182,7 +182,7 @@ pub use ids::{AmId, Binding, KernelId, ObjId, ObjKind, Object, OpId, Principal, 
 pub use name::{CapName, EntropySource, EntropyUnavailable, FixedSeed};
 pub use registry::{ArgSpec, KindSpec, OpSpec, RegisterError, Registry, MAX_CAP_ARGS, MAX_NAME_LEN};
 pub use table::{
-    ArgFault, AuditFailure, CapError, CapInfo, CapTable, CheckError, Checked, CheckedCap, DeadCap, Footprint,
-    IncomingRevoke, LinkEvent, LinkSink, NewTableError, NodeState, NodeView, PrincipalError, RemoteGrant,
+    ArgFault, AuditFailure, BelowWalk, CapError, CapInfo, CapTable, CheckError, Checked, CheckedCap, DeadCap,
+    Footprint, IncomingRevoke, LinkEvent, LinkSink, NewTableError, NodeState, NodeView, PrincipalError, RemoteGrant,
     RevocationHook, RevokeStart, Usage, Walk,
 };

@@ -33,6 +33,7 @@ use std::time::Instant;
 
 #[path = "../../bench/report.rs"]
 mod report;
+mod saturated;
 use report::{json_string, output_dir};
 
 use nk_caps::{
@@ -517,6 +518,35 @@ fn main() {
         ("messages_per_cap_op".into(), messages_per_op, "messages"),
         ("host_ns_per_protocol_event".into(), host_ns, "ns"),
     ];
+    // Saturated: no think time, 10% of operations cross kernels, costs from Bochs.
+    let dir = output_dir(env!("CARGO_MANIFEST_DIR"));
+    let costs = saturated::SatCosts::calibrate(&dir);
+    let one = saturated::saturated_rate(1, &costs, 7);
+    println!(
+        "\nsaturated (no think time, 10% of operations cross kernels; costs in Bochs instructions: local op {}, remote issue {}, message {}):",
+        costs.local_op, costs.remote_issue, costs.handle
+    );
+    for n in [1usize, 2, 8, 64, 512] {
+        let efficiency = saturated::saturated_rate(n, &costs, 7 + n as u64) / one;
+        println!("  {n:>4} kernels: per-kernel throughput {:.1}% of one kernel's", efficiency * 100.0);
+        metrics.push((format!("saturated_efficiency_{n}"), efficiency, "ratio"));
+    }
+    let saturated_points: Vec<String> = metrics
+        .iter()
+        .filter_map(|(name, value, _)| name.strip_prefix("saturated_efficiency_").map(|n| format!("[{n}, {value:.4}]")))
+        .collect();
+    // Revoke cost against capabilities and kernels reached (host time, real Kernels).
+    let mut revoke_points = Vec::new();
+    println!("\nrevoke of a root with children spread over K kernels (host ns for the revoke and its messages):");
+    for kernels in [1usize, 2, 4, 8] {
+        let mut line = format!("  {kernels} kernel(s):");
+        for caps in [100usize, 1_000, 10_000] {
+            let (ns, messages) = saturated::revoke_cost(kernels, caps);
+            write!(line, "  {caps} caps {:.0} ns/cap, {messages} messages;", ns / caps as f64).unwrap();
+            revoke_points.push(format!("[{kernels}, {caps}, {ns:.0}, {messages}]"));
+        }
+        println!("{line}");
+    }
     for (kind, app) in APPS.iter().enumerate() {
         let key = app.name.to_lowercase();
         metrics.push((format!("{key}_parallel_efficiency_512"), per_app[kind][at(512)].efficiency, "ratio"));
@@ -527,6 +557,9 @@ fn main() {
         writeln!(json, "  {}: {{\"value\": {value:.4}, \"unit\": {}}},", json_string(name), json_string(unit)).unwrap();
     }
     let sizes: Vec<String> = SIZES.iter().map(ToString::to_string).collect();
+    let series = |rows: &[Row], value: fn(&Row) -> f64| {
+        format!("[{}]", rows.iter().map(|row| format!("{:.4}", value(row))).collect::<Vec<_>>().join(", "))
+    };
     let context = [
         ("simulation", json_string("discrete-event, virtual time; every capability operation runs through nk_protocol::Kernel")),
         ("headline", json_string("the mix: application instance i runs SemperOS application i mod 6")),
@@ -544,6 +577,18 @@ fn main() {
         ("kernels", format!("[{}]", sizes.join(", "))),
         ("think_time", json_string("1 / SemperOS single-instance cap ops/s per operation, +-20% jitter")),
         ("semperos_parallel_efficiency", json_string("up to 78% (32 kernels, 32 file services)")),
+        ("saturated", json_string("saturated_efficiency_N: no think time, 4 VMs per kernel issue 64 operations each back to back, 10% delegations to a VM on a random other kernel (Delegate + DelegateAck through nk_protocol::Kernel), 90% local derives; per-kernel throughput at N kernels over the 1-kernel rate")),
+        ("saturated_cost_local_op_instructions", costs.local_op.to_string()),
+        ("saturated_cost_remote_issue_instructions", costs.remote_issue.to_string()),
+        ("saturated_cost_message_instructions", costs.handle.to_string()),
+        ("saturated_cost_source", json_string(&costs.source)),
+        ("series_kernels", format!("[{}]", sizes.join(", "))),
+        ("series_mix_efficiency", series(&mixed, |r| r.efficiency)),
+        ("series_mix_cap_ops_per_s", series(&mixed, |r| r.ops_per_s)),
+        ("series_think_div10_efficiency", series(&fast, |r| r.efficiency)),
+        ("series_saturated_efficiency", format!("[{}]", saturated_points.join(", "))),
+        ("series_revoke_host", format!("[{}]", revoke_points.join(", "))),
+        ("series_revoke_host_columns", json_string("[kernels, capabilities, host ns for the revoke and its messages, messages]")),
         ("bench_seconds", format!("{:.1}", started.elapsed().as_secs_f64())),
     ];
     json.push_str("  \"context\": {\n");
@@ -552,7 +597,6 @@ fn main() {
         writeln!(json, "    {}: {value}{comma}", json_string(key)).unwrap();
     }
     json.push_str("  }\n}\n");
-    let dir = output_dir(env!("CARGO_MANIFEST_DIR"));
     std::fs::create_dir_all(&dir).expect("create the bench output directory");
     let path = dir.join("protocol.json");
     std::fs::write(&path, json).expect("write protocol.json");

@@ -39,6 +39,8 @@ mod tag {
     pub const ROUTED_DONE: u64 = 9;
     pub const CRASH: u64 = 10;
     pub const CRASH_DONE: u64 = 11;
+    pub const REVOKE_BELOW: u64 = 12;
+    pub const GONE_BELOW: u64 = 13;
 }
 
 /// The header's small field for results: which variant follows.
@@ -290,6 +292,17 @@ impl Message {
                 w.word(killed);
                 w.words
             }
+            Message::RevokeBelow { parent } => {
+                let mut w = Writer::new(tag::REVOKE_BELOW);
+                w.name(parent);
+                w.words
+            }
+            Message::GoneBelow { parent, killed } => {
+                let mut w = Writer::new(tag::GONE_BELOW);
+                w.name(parent);
+                w.word(killed);
+                w.words
+            }
             Message::Routed { op, presenter, request: Routed::Revoke { target } } => {
                 let mut w = Writer::new(tag::ROUTED_REVOKE);
                 w.word(op.raw());
@@ -382,6 +395,11 @@ impl Message {
             tag::GONE => {
                 let child = r.name();
                 Message::Gone { child, killed: r.word() }
+            }
+            tag::REVOKE_BELOW => Message::RevokeBelow { parent: r.name() },
+            tag::GONE_BELOW => {
+                let parent = r.name();
+                Message::GoneBelow { parent, killed: r.word() }
             }
             tag::ROUTED_REVOKE => {
                 let op = OpId::new(r.word());

@@ -88,11 +88,16 @@ impl Kernel {
                     self.requests.insert(target, walk.killed as u64);
                     self.process_events(Some(Tally::Request(target)), out);
                 }
-                // The revocation under way sends the Gone when it ends.
-                IncomingRevoke::InProgress => {}
+                // The revocation under way sends the Gone when it ends; recorded, so a
+                // batched revoke of its parent leaves it to that Gone.
+                IncomingRevoke::InProgress => {
+                    self.requests.entry(target).or_insert(0);
+                }
                 IncomingRevoke::Dead => out.send(from, Message::Gone { child: target, killed: 0 }),
             },
             Message::Gone { child, killed } => self.child_gone(child, killed, out),
+            Message::RevokeBelow { parent } => self.revoke_below(from, parent, hook, out),
+            Message::GoneBelow { parent, killed } => self.children_gone(from, parent, killed, out),
             Message::Routed { op, presenter, request } => {
                 let origin = Origin::Remote(from, op);
                 let started = match request {

@@ -1,7 +1,7 @@
 //! One kernel instance: its capability table and the operations that wait for other
 //! kernels, with the local entry points that start operations (DESIGN.md §3).
 
-use alloc::collections::{BTreeMap, VecDeque};
+use alloc::collections::{btree_map, BTreeMap, VecDeque};
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -33,8 +33,17 @@ pub struct Kernel {
     /// Revocations that a parent's kernel requested and that still wait for remote parts:
     /// root -> capabilities killed so far, reported in the root's [`Message::Gone`].
     pub(crate) requests: BTreeMap<CapName, u64>,
-    /// Proxies sent a revoke -> what the count in their `Gone` adds to.
-    pub(crate) sent_by: BTreeMap<CapName, Tally>,
+    /// Proxies sent a revoke of their own ([`Message::Revoke`]) -> what the count in
+    /// their `Gone` adds to.
+    pub(crate) sent_by: BTreeMap<CapName, Option<Tally>>,
+    /// Batched revokes sent ([`Message::RevokeBelow`]), by local parent and the kernel of
+    /// its children: what the count in their [`Message::GoneBelow`] adds to, and the
+    /// proxies the batch covers (so the answer costs its own members, not a scan of the
+    /// parent's children). One name per marked proxy: bounded by the table's capacity.
+    pub(crate) batches: BTreeMap<(CapName, KernelId), Batch>,
+    /// Batched revokes received and not yet answered, by the sender's parent: at most one
+    /// per proxy of this table.
+    pub(crate) below: BTreeMap<CapName, Below>,
     /// Operations waiting for a capability to be finalized or a proxy to be gone.
     pub(crate) waiters: BTreeMap<CapName, Vec<OpId>>,
     /// Delegations waiting for their acknowledgement, by child.
@@ -46,6 +55,28 @@ pub struct Kernel {
     /// Link events of the last table call, reused to avoid allocating.
     pub(crate) events: Vec<LinkEvent>,
     scratch: Vec<CapName>,
+    /// Names a batched revoke or its acknowledgement handles, reused to avoid allocating.
+    batch_names: Vec<CapName>,
+}
+
+/// A batched revoke this kernel sent and whose answer it waits for.
+#[derive(Debug)]
+pub(crate) struct Batch {
+    /// What the answer's count adds to.
+    pub(crate) tally: Option<Tally>,
+    /// The proxies it covers.
+    pub(crate) proxies: Vec<CapName>,
+}
+
+/// A batched revoke this kernel received and has not answered yet.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Below {
+    /// The kernel that sent it (the parent's).
+    pub(crate) from: KernelId,
+    /// The children whose finalization is still awaited.
+    pub(crate) outstanding: usize,
+    /// The capabilities the batch killed so far.
+    pub(crate) killed: u64,
 }
 
 /// Says what the count in a proxy's `Gone` adds to.
@@ -55,6 +86,8 @@ pub(crate) enum Tally {
     Request(CapName),
     /// An operation of this kernel.
     Op(OpId),
+    /// A batched revoke a parent's kernel requested, by that parent.
+    Below(CapName),
 }
 
 /// Says who waits for an operation's result.
@@ -114,12 +147,15 @@ impl Kernel {
             done: VecDeque::new(),
             requests: BTreeMap::new(),
             sent_by: BTreeMap::new(),
+            batches: BTreeMap::new(),
+            below: BTreeMap::new(),
             waiters: BTreeMap::new(),
             delegations: BTreeMap::new(),
             obtains: BTreeMap::new(),
             crashes: BTreeMap::new(),
             events: Vec::new(),
             scratch: Vec::new(),
+            batch_names: Vec::new(),
         })
     }
 
@@ -152,6 +188,12 @@ impl Kernel {
         self.done.pop_front()
     }
 
+    /// Tells whether a completion waits for [`Kernel::poll`] (a check that touches no
+    /// map, for the hypercall path).
+    pub fn has_completions(&self) -> bool {
+        !self.done.is_empty()
+    }
+
     /// Returns the number of this kernel's operations still waiting for messages
     /// (including those routed here by other kernels).
     pub fn pending_ops(&self) -> usize {
@@ -163,6 +205,8 @@ impl Kernel {
         self.ops.is_empty()
             && self.requests.is_empty()
             && self.sent_by.is_empty()
+            && self.batches.is_empty()
+            && self.below.is_empty()
             && self.waiters.is_empty()
             && self.delegations.is_empty()
             && self.obtains.is_empty()
@@ -514,18 +558,42 @@ impl Kernel {
             let mut batch = core::mem::take(&mut self.events);
             for event in batch.drain(..) {
                 match event {
-                    LinkEvent::RevokeRemote { child } => {
+                    LinkEvent::RevokeRemote { child, parent: None } => {
                         out.send(child.kernel(), Message::Revoke { target: child });
-                        if let Some(tally) = tally {
-                            self.sent_by.insert(child, tally);
+                        self.sent_by.insert(child, tally);
+                    }
+                    LinkEvent::RevokeRemote { child, parent: Some(parent) } => {
+                        // One message per parent and kernel: the walk reports a parent's
+                        // remote children together, and the first one sends for all.
+                        match self.batches.entry((parent, child.kernel())) {
+                            btree_map::Entry::Vacant(entry) => {
+                                entry.insert(Batch { tally, proxies: alloc::vec![child] });
+                                out.send(child.kernel(), Message::RevokeBelow { parent });
+                            }
+                            btree_map::Entry::Occupied(mut entry) => entry.get_mut().proxies.push(child),
                         }
                     }
                     LinkEvent::Finalized { name, remote_parent } => {
-                        let killed = self.requests.remove(&name).unwrap_or(0);
+                        let requested = self.requests.remove(&name);
                         if let Some(parent) = remote_parent {
-                            out.send(parent.kernel(), Message::Gone { child: name, killed });
+                            match (requested, self.below.get_mut(&parent)) {
+                                (None, Some(below)) => {
+                                    // A member of a batch: its parent's kernel hears of it
+                                    // with the rest.
+                                    below.outstanding = below.outstanding.saturating_sub(1);
+                                    if below.outstanding == 0 {
+                                        let Below { from, killed, .. } = *below;
+                                        self.below.remove(&parent);
+                                        out.send(from, Message::GoneBelow { parent, killed });
+                                    }
+                                }
+                                (killed, _) => out
+                                    .send(parent.kernel(), Message::Gone { child: name, killed: killed.unwrap_or(0) }),
+                            }
                         }
-                        self.wake(name, out);
+                        if !self.waiters.is_empty() {
+                            self.wake(name, out);
+                        }
                     }
                 }
             }
@@ -542,11 +610,60 @@ impl Kernel {
         O: Outbox + ?Sized,
     {
         if self.table.remote_gone(child, &mut self.events).is_some() {
-            if let Some(tally) = self.sent_by.remove(&child) {
+            if let Some(Some(tally)) = self.sent_by.remove(&child) {
                 self.credit(tally, killed);
             }
         }
         self.wake(child, out);
+        self.process_events(None, out);
+    }
+
+    /// Handles a batched revoke from kernel `from`: revokes every child of its capability
+    /// `parent` here in one pass, and answers with one [`Message::GoneBelow`] when all of
+    /// them are finalized (at once, or when their remote parts are gone).
+    pub(crate) fn revoke_below<H, O>(&mut self, from: KernelId, parent: CapName, hook: &mut H, out: &mut O)
+    where
+        H: RevocationHook + ?Sized,
+        O: Outbox + ?Sized,
+    {
+        // Only the parent's kernel revokes its children; one batch per parent at a time.
+        if parent.kernel() != from || self.below.contains_key(&parent) {
+            return;
+        }
+        let mut names = core::mem::take(&mut self.batch_names);
+        let requests = &self.requests;
+        let walk =
+            self.table.revoke_below(parent, hook, &mut self.events, |name| requests.contains_key(&name), &mut names);
+        self.batch_names = names;
+        if walk.members == 0 {
+            out.send(from, Message::GoneBelow { parent, killed: walk.killed as u64 });
+            self.process_events(None, out);
+            return;
+        }
+        self.below.insert(parent, Below { from, outstanding: walk.members, killed: walk.killed as u64 });
+        self.process_events(Some(Tally::Below(parent)), out);
+    }
+
+    /// Handles the batched acknowledgement from kernel `from` that the children of local
+    /// capability `parent` there are gone: drops their proxies, credits the count, wakes
+    /// whoever waited for them. A report that matches no batch sent is ignored.
+    pub(crate) fn children_gone<O>(&mut self, from: KernelId, parent: CapName, killed: u64, out: &mut O)
+    where
+        O: Outbox + ?Sized,
+    {
+        let Some(Batch { tally, proxies: mut gone }) = self.batches.remove(&(parent, from)) else {
+            return;
+        };
+        let sent_by = &self.sent_by;
+        self.table.remote_children_gone(parent, &mut gone, |name| sent_by.contains_key(&name), &mut self.events);
+        if let Some(tally) = tally {
+            self.credit(tally, killed);
+        }
+        if !self.waiters.is_empty() {
+            for &name in &gone {
+                self.wake(name, out);
+            }
+        }
         self.process_events(None, out);
     }
 
@@ -565,6 +682,11 @@ impl Kernel {
                 }) = self.ops.get_mut(&id)
                 {
                     *count += killed;
+                }
+            }
+            Tally::Below(parent) => {
+                if let Some(below) = self.below.get_mut(&parent) {
+                    below.killed += killed;
                 }
             }
         }

@@ -99,15 +99,23 @@
 //!   presenter may use P, hangs a proxy of C below P and answers with the grant; B makes C
 //!   live.
 //! * **Revoke**: the owner of the revoked capability marks its local subtree (every live
-//!   capability dies and its AM undoes its effects at once), sends [`Message::Revoke`] to
-//!   exactly the kernels where proxies say children live, one per remote child (no
-//!   broadcast, unlike Barrelfish's two-phase commit), and keeps the marked part
-//!   ([`NodeState::Revoking`](nk_caps::NodeState)) until each of them answers
-//!   [`Message::Gone`]. The receivers do the same recursively; acknowledgements travel back
-//!   up the tree; each capability is finalized (deleted from the tree) when its whole
-//!   subtree is dead, and the operation completes when its root is. A capability whose
-//!   parent is remote reports [`Message::Gone`] to the parent's kernel whenever it is
-//!   finalized, however its revocation began, so no proxy dangles.
+//!   capability dies and its AM undoes its effects at once), sends a revoke to exactly
+//!   the kernels where proxies say children live (no broadcast, unlike Barrelfish's
+//!   two-phase commit), and keeps the marked part ([`NodeState::Revoking`](nk_caps::NodeState))
+//!   until each of them answers. The revoke is batched (issue 14): one
+//!   [`Message::RevokeBelow`] per marked parent and kernel names the parent, and the
+//!   receiver revokes every child of its proxy of that parent in one pass and answers one
+//!   [`Message::GoneBelow`] with the count when all of them are finalized, so a revoke
+//!   costs messages per kernel reached, not per capability. The receivers do the same
+//!   recursively; acknowledgements travel back up the tree; each capability is finalized
+//!   (deleted from the tree) when its whole subtree is dead, and the operation completes
+//!   when its root is. A capability whose parent is remote and that no batch covers
+//!   reports [`Message::Gone`] to the parent's kernel whenever it is finalized, however its
+//!   revocation began, so no proxy dangles. A single child revoked by its parent's holder
+//!   gets a [`Message::Revoke`] of its own and answers with its own `Gone`; a batch that
+//!   arrives while that one runs leaves it out on both sides (the receiver by its record
+//!   of the single revoke, the sender by its record of the single send, which FIFO
+//!   channels keep in step). Every record is bounded by the table: one per proxy.
 //! * **Crash** of a VM: it is closed (no new capability reaches it), its reservations are
 //!   cancelled, everything it holds is revoked as above here and on the kernels named
 //!   ([`Message::Crash`]), and its capabilities are freed when all of that is complete.

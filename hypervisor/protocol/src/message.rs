@@ -72,6 +72,23 @@ pub enum Message {
         /// The capabilities its revocation killed.
         killed: u64,
     },
+    /// Revoke every child of `parent` (a capability of the sender) that lives on the
+    /// receiver, with their subtrees: the batched form of [`Message::Revoke`] that a
+    /// revocation walk sends, one per parent and kernel rather than one per child.
+    RevokeBelow {
+        /// The sender's capability whose children on the receiver die.
+        parent: CapName,
+    },
+    /// The batched acknowledgement of a [`Message::RevokeBelow`]: every child of `parent`
+    /// on the sender that the batch covered is dead with its whole subtree on every
+    /// kernel (those for which a [`Message::Revoke`] of their own arrived first report
+    /// with a [`Message::Gone`] of their own). `killed` counts what the batch killed.
+    GoneBelow {
+        /// The receiver's capability whose children on the sender are gone.
+        parent: CapName,
+        /// The capabilities the batch killed.
+        killed: u64,
+    },
     /// An operation on a capability of the receiver, requested for a principal of the
     /// sender (requests are routed by the kernel id in the capability's name).
     Routed {

@@ -21,7 +21,9 @@ use crate::registry::{KindSpec, OpSpec, RegisterError, Registry};
 
 pub use self::audit::AuditFailure;
 pub use self::check::{ArgFault, CheckError, Checked, CheckedCap};
-pub use self::remote::{IncomingRevoke, LinkEvent, LinkSink, NodeState, NodeView, RemoteGrant, RevokeStart, Walk};
+pub use self::remote::{
+    BelowWalk, IncomingRevoke, LinkEvent, LinkSink, NodeState, NodeView, RemoteGrant, RevokeStart, Walk,
+};
 pub use self::revoke::{DeadCap, RevocationHook};
 
 #[cfg(test)]

@@ -87,6 +87,11 @@ pub enum LinkEvent {
     RevokeRemote {
         /// The remote child's name.
         child: CapName,
+        /// The local capability its proxy hangs from, when a walk marked it: the protocol
+        /// revokes all of one parent's children on one kernel with one message (see
+        /// [`CapTable::revoke_below`]). `None` for a single child revoked by its parent's
+        /// holder ([`CapTable::revoke_remote_child`]).
+        parent: Option<CapName>,
     },
     /// The capability `name` was finalized: it and its whole subtree are dead on every
     /// kernel. Reported for the root of every revocation walk, for every capability that
@@ -128,6 +133,15 @@ pub struct Walk {
     /// Whether the root was finalized at once (no remote part below it); otherwise it is
     /// [`NodeState::Revoking`] until a [`LinkEvent::Finalized`] reports it.
     pub finished: bool,
+}
+
+/// Tells what a batched revoke ([`CapTable::revoke_below`]) did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BelowWalk {
+    /// The children that will report their finalization to the batch.
+    pub members: usize,
+    /// The live capabilities that died.
+    pub killed: usize,
 }
 
 /// Tells what became of a revoke of a proxy (a remote child) by its local parent's holder.
@@ -307,6 +321,106 @@ impl CapTable {
         }
     }
 
+    /// Handles a batched revoke sent by the kernel of remote capability `parent`: revokes
+    /// every child of this kernel's proxy of `parent` in one pass (SemperOS sends one
+    /// revoke per child; one message per parent and kernel costs the same per capability
+    /// on the receiver and a constant on the link). `names` is scratch space (its
+    /// allocation is bounded by the table's capacity and kept by the caller).
+    ///
+    /// A live child is walked as [`revoke_incoming`](Self::revoke_incoming) walks it; a
+    /// revoking one is left to its revocation, and counted unless `individual` says its
+    /// parent's kernel waits for its own `Gone` (a revoke of that child alone arrived
+    /// first); a reservation is left to its obtain, which the revoked parent refuses.
+    /// Returns how many children will each report one [`LinkEvent::Finalized`] with
+    /// `remote_parent == Some(parent)` (now, among `links`, or later) and what the walks
+    /// killed.
+    pub fn revoke_below<H, L, F>(
+        &mut self,
+        parent: CapName,
+        hook: &mut H,
+        links: &mut L,
+        mut individual: F,
+        names: &mut Vec<CapName>,
+    ) -> BelowWalk
+    where
+        H: RevocationHook + ?Sized,
+        L: LinkSink + ?Sized,
+        F: FnMut(CapName) -> bool,
+    {
+        let mut below = BelowWalk { members: 0, killed: 0 };
+        let Some(proxy) = self.lookup_foreign(parent) else {
+            return below;
+        };
+        // The list changes under the walks (finalized children leave it, the proxy may be
+        // released with the last): take the names first.
+        names.clear();
+        let mut cursor = self.nodes[proxy].first_child;
+        while let Some(slot) = cursor.get() {
+            names.push(self.nodes[slot].name);
+            cursor = self.nodes[slot].next_sibling;
+        }
+        for &name in names.iter() {
+            let Some(slot) = self.lookup(name) else { continue };
+            match self.nodes[slot].state {
+                State::Live => {
+                    let walk = self.mark_subtree(slot, hook, links);
+                    below.members += 1;
+                    below.killed += walk.killed;
+                }
+                State::Revoking if !individual(name) => below.members += 1,
+                _ => {}
+            }
+        }
+        hook.finished();
+        below
+    }
+
+    /// Handles the batched report that the children of the local capability `parent`
+    /// named in `proxies` (those a walk sent one batched revoke, all of one kernel) are
+    /// gone with their subtrees, except those for which `individual` says a report of
+    /// their own follows: drops their proxies as [`remote_gone`](Self::remote_gone) does
+    /// (a name whose proxy is gone already, or hangs elsewhere, is skipped), then finalizes
+    /// the revoking ancestors left without children. Returns how many it dropped; the
+    /// names dropped are left at the front of `proxies`, the rest removed.
+    pub fn remote_children_gone<L, F>(
+        &mut self,
+        parent: CapName,
+        proxies: &mut Vec<CapName>,
+        mut individual: F,
+        links: &mut L,
+    ) -> usize
+    where
+        L: LinkSink + ?Sized,
+        F: FnMut(CapName) -> bool,
+    {
+        let Some(parent_slot) = self.lookup(parent) else {
+            proxies.clear();
+            return 0;
+        };
+        let mut dropped = 0;
+        for at in 0..proxies.len() {
+            let name = proxies[at];
+            let Some(slot) = self.lookup_foreign(name) else { continue };
+            let node = &self.nodes[slot];
+            if node.state != State::RemoteRevoking || node.parent.get() != Some(parent_slot) || individual(name) {
+                continue;
+            }
+            proxies[dropped] = name;
+            dropped += 1;
+            self.unlink_from_parent(slot);
+            if self.nodes[slot].first_child.get().is_none() {
+                self.release(slot);
+            } else {
+                self.nodes[slot].state = State::Remote;
+            }
+        }
+        proxies.truncate(dropped);
+        if dropped > 0 {
+            self.prune(Link::to(parent_slot), links);
+        }
+        dropped
+    }
+
     /// Starts the revoke of the remote child `child` by `caller`, the holder of the local
     /// capability that `child`'s proxy hangs from (a principal takes back what it
     /// delegated). Returns `None` when there is no such proxy or `caller` does not hold its
@@ -323,7 +437,7 @@ impl CapTable {
         match self.nodes[slot].state {
             State::Remote => {
                 self.nodes[slot].state = State::RemoteRevoking;
-                links.link_event(LinkEvent::RevokeRemote { child });
+                links.link_event(LinkEvent::RevokeRemote { child, parent: None });
                 Some(RevokeStart::Sent)
             }
             State::RemoteRevoking => Some(RevokeStart::InProgress),
@@ -418,7 +532,8 @@ impl CapTable {
                 }
                 State::Remote => {
                     self.nodes[current].state = State::RemoteRevoking;
-                    links.link_event(LinkEvent::RevokeRemote { child: self.nodes[current].name });
+                    let parent = parent.get().map(|parent| self.nodes[parent].name);
+                    links.link_event(LinkEvent::RevokeRemote { child: self.nodes[current].name, parent });
                 }
                 State::Pending => self.cancel_slot(current),
                 State::Revoking | State::RemoteRevoking => {}

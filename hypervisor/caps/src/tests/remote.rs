@@ -76,7 +76,7 @@ fn the_walk_marks_waits_and_finalizes_on_gone() {
     let mut links = Vec::new();
     let walk = a.table.revoke_walk(root, &mut hook, &mut links).unwrap();
     assert_eq!(walk, Walk { killed: 2, finished: false });
-    assert_eq!(links, vec![LinkEvent::RevokeRemote { child }]);
+    assert_eq!(links, vec![LinkEvent::RevokeRemote { child, parent: Some(root) }]);
     assert_eq!(hook.dead.iter().map(|d| d.name).collect::<Vec<_>>(), vec![local, root], "descendants first");
     assert_eq!(state(&a, root), Some(NodeState::Revoking));
     assert_eq!(state(&a, local), Some(NodeState::Revoked), "a local leaf is finalized at once");
@@ -124,7 +124,10 @@ fn a_zigzag_walk_reaches_local_grandchildren_through_a_proxy() {
     assert_eq!(hook.dead[0].name, d);
     assert_eq!(
         links,
-        vec![LinkEvent::Finalized { name: d, remote_parent: Some(c) }, LinkEvent::RevokeRemote { child: c },]
+        vec![
+            LinkEvent::Finalized { name: d, remote_parent: Some(c) },
+            LinkEvent::RevokeRemote { child: c, parent: Some(root) },
+        ]
     );
     a.table.audit();
 }
@@ -170,7 +173,7 @@ fn a_closing_principal_receives_nothing_and_its_walks_are_collected() {
     let mut links = Vec::new();
     assert_eq!(a.table.revoke_held(vm(VM1), &mut ignore, &mut links, &mut in_progress), Ok(1));
     assert_eq!(in_progress, vec![mine]);
-    assert_eq!(links, vec![LinkEvent::RevokeRemote { child }]);
+    assert_eq!(links, vec![LinkEvent::RevokeRemote { child, parent: Some(mine) }]);
     a.table.audit();
 }
 

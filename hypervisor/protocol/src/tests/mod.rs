@@ -2,6 +2,7 @@
 //! requests, one test per cell of SemperOS's interference table, and systematic and random
 //! exploration of interleavings.
 
+mod batch;
 mod explore;
 mod interference;
 mod sim;

@@ -246,6 +246,7 @@ fn stale_messages_are_ignored() {
     let stray = CapName::from_words(1 << 48, 1234);
     for message in [
         Message::Gone { child: stray, killed: 3 },
+        Message::GoneBelow { parent: stray, killed: 3 },
         Message::DelegateAck { child: stray, result: Ok(()) },
         Message::ObtainAck { child: stray, result: Err(CapError::Revoked.into()) },
         Message::RoutedDone { op: OpId::new(77), result: Ok(Outcome::Count(1)) },
@@ -281,6 +282,8 @@ fn messages_survive_the_wire_format() {
         Message::ObtainAck { child: name, result: Err(ProtoError::UnknownKernel) },
         Message::Revoke { target: name },
         Message::Gone { child: name, killed: 99 },
+        Message::RevokeBelow { parent: name },
+        Message::GoneBelow { parent: name, killed: 1000 },
         Message::Routed { op: OpId::new(5), presenter: vm(1), request: Routed::Revoke { target: name } },
         Message::Routed {
             op: OpId::new(6),
