@@ -65,7 +65,7 @@ pub fn decode(sector: &[u8; SECTOR_SIZE], disk_sectors: u64) -> Result<u64, Labe
         return Err(LabelError::Version(version));
     }
     let size = word(24..32);
-    if size == 0 || size % SECTOR_SIZE as u64 != 0 {
+    if size == 0 || !size.is_multiple_of(SECTOR_SIZE as u64) {
         return Err(LabelError::BadSize(size));
     }
     if size / SECTOR_SIZE as u64 > disk_sectors.saturating_sub(AREA_FIRST_SECTOR) {

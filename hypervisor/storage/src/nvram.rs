@@ -88,7 +88,7 @@ impl<D: SectorDisk, M: AsRef<[u8]> + AsMut<[u8]>> EmulatedNvram<D, M> {
     /// Returns the mirror's bytes `offset..offset + len` after checking the request.
     fn range(&self, offset: u64, len: usize) -> Result<core::ops::Range<usize>, MediaError> {
         let len = len as u64;
-        if offset % MEDIA_UNIT != 0 || len % MEDIA_UNIT != 0 {
+        if !offset.is_multiple_of(MEDIA_UNIT) || !len.is_multiple_of(MEDIA_UNIT) {
             return Err(MediaError::Misaligned);
         }
         let end = offset.checked_add(len).filter(|end| *end <= self.size).ok_or(MediaError::OutOfRange)?;
