@@ -30,6 +30,7 @@ mod sched;
 #[cfg(feature = "test-harness")]
 mod selftest;
 mod smp;
+mod storage;
 mod vmctl;
 mod vmx;
 
@@ -118,6 +119,7 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
 
     let tsc_hz = arch::calibrate_tsc();
     log::info!(target: "cpu", "TSC runs at {tsc_hz} Hz (measured against the PIT); guest OSes see it in CPUID 0x15/0x16");
+    storage::init(boot.options.nvram_crash_after);
     let guests = boot.guests();
     match null_kernel(&guests) {
         Ok(kernels) => mesh::install(kernels),

@@ -19,6 +19,7 @@ mod host;
 mod image;
 mod linux;
 mod new_am;
+mod nvram_disk;
 mod report;
 mod run;
 mod scenario;
