@@ -10,7 +10,7 @@
 use nk_storage::ata::{self, command, control, register, DeviceState, Direction, Drive, Identity, Signature, Status};
 use nk_storage::{DiskError, SectorDisk, SECTOR_SIZE};
 
-use crate::arch::port::{inb, inw, outb, outw};
+use crate::arch::port::{inb, inw, outb, read_words, write_words};
 
 /// A legacy IDE channel's ports.
 #[derive(Clone, Copy, Debug)]
@@ -209,9 +209,7 @@ impl SectorDisk for AtaDisk {
             self.issue(&ata::transfer(self.drive, Direction::Read, first, count, self.identity.lba48)?)?;
             for sector in chunk.chunks_exact_mut(SECTOR_SIZE) {
                 self.channel.wait_data_request()?;
-                for pair in sector.chunks_exact_mut(2) {
-                    pair.copy_from_slice(&inw(self.channel.base + register::DATA).to_le_bytes());
-                }
+                read_words(self.channel.base + register::DATA, sector);
             }
             self.channel.wait_complete()?;
         }
@@ -222,9 +220,7 @@ impl SectorDisk for AtaDisk {
         self.check_range(lba, 1)?;
         self.issue(&ata::transfer(self.drive, Direction::Write, lba, 1, self.identity.lba48)?)?;
         self.channel.wait_data_request()?;
-        for pair in data.chunks_exact(2) {
-            outw(self.channel.base + register::DATA, u16::from_le_bytes([pair[0], pair[1]]));
-        }
+        write_words(self.channel.base + register::DATA, data);
         self.channel.wait_complete()?;
         self.writes += 1;
         (self.after_write)(self.writes);

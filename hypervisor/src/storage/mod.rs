@@ -132,7 +132,7 @@ pub fn init(crash_after: Option<u64>) {
                     let ticks = crate::arch::rdtsc().wrapping_sub(started);
                     log::info!(target: "nvram", "device: {}; mirror loaded in {ticks} TSC ticks{}",
                         device.describe(),
-                        crash_after.map(|k| format!("; power cut after write {k}")).unwrap_or_default());
+                        crash_after.map(|k| format!("; nvram-crash-after={k} armed")).unwrap_or_default());
                     *DEVICE.lock() = Some(device);
                     return;
                 }

@@ -32,8 +32,9 @@ pub fn write_units() -> Result<(), String> {
         let mut write_ticks = 0u64;
         let mut fence_ticks = 0u64;
         for index in 0..UNITS {
+            let unit = pattern(index);
             let started = crate::arch::rdtsc();
-            media.write(index * MEDIA_UNIT, &pattern(index)).map_err(|why| format!("write of unit {index}: {why:?}"))?;
+            media.write(index * MEDIA_UNIT, &unit).map_err(|why| format!("write of unit {index}: {why:?}"))?;
             let written = crate::arch::rdtsc();
             media.fence().map_err(|why| format!("fence after unit {index}: {why:?}"))?;
             write_ticks += written - started;
