@@ -81,6 +81,9 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
     }
 
     log::info!(target: "cpu", "{}", arch::cpu_summary());
+    // The durable device is chosen before VT-x is needed, so a machine without VMX still
+    // reports it (QEMU's IDE disk is checked that way).
+    storage::init(boot.options.nvram_crash_after);
     if !vmx::cpu_has_vmx() {
         log::error!(target: "vmx", "VT-x (VMX) is not available on this CPU: CPUID.1:ECX.VMX (bit 5) is clear \
             (QEMU without KVM hides it; use Bochs or QEMU with -enable-kvm -cpu host on an Intel host); stopping");
@@ -119,7 +122,6 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
 
     let tsc_hz = arch::calibrate_tsc();
     log::info!(target: "cpu", "TSC runs at {tsc_hz} Hz (measured against the PIT); guest OSes see it in CPUID 0x15/0x16");
-    storage::init(boot.options.nvram_crash_after);
     let guests = boot.guests();
     match null_kernel(&guests) {
         Ok(kernels) => mesh::install(kernels),

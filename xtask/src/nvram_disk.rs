@@ -13,8 +13,9 @@ use nk_storage::{label, SECTOR_SIZE};
 
 use crate::workspace::Workspace;
 
-/// The durable area's size when no flag says otherwise, in MiB.
-pub const DEFAULT_MIB: u32 = 16;
+/// The durable area's size when no flag says otherwise, in MiB: the mirror takes as much
+/// of the machine's RAM, and `cargo xtask run`'s six guests need most of its 64 MiB.
+pub const DEFAULT_MIB: u32 = 4;
 /// The largest area, in MiB: the hypervisor mirrors all of it in RAM.
 pub const MAX_MIB: u32 = 1024;
 

@@ -140,7 +140,8 @@ pub fn init(crash_after: Option<u64>) {
             }
         }
     }
-    log::info!(target: "nvram", "device: none ({}); the NVRAM AM has no durable media", refusals.join(", "));
+    log::info!(target: "nvram", "device: none ({}); the NVRAM AM has no durable media{}", refusals.join(", "),
+        if crash_after.is_some() { "; nvram-crash-after has no effect" } else { "" });
 }
 
 /// Runs after every completed sector write of the NVRAM disk: cuts the power after the
