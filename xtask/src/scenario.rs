@@ -90,6 +90,13 @@ pub struct Scenario {
     /// The full sweep of `cargo xtask test --long`.
     #[serde(default)]
     pub sweep_long: Option<String>,
+    /// The run's seed (`--seed`), set by [`Scenario::set_seed`].
+    #[serde(skip)]
+    pub seed: u64,
+    /// For one boot of [`Scenario::boots`]: the emulator is killed from outside this many
+    /// milliseconds after it started (a power cut at an arbitrary moment).
+    #[serde(skip)]
+    pub kill_at_ms: Option<u64>,
 }
 
 /// One boot of a multi-boot scenario.
@@ -106,6 +113,11 @@ pub struct BootSpec {
     pub nktest: bool,
     #[serde(default = "default_true")]
     pub shutdown: bool,
+    /// `[low, high]`: kill the emulator from outside at a moment drawn from this range of
+    /// milliseconds after its start (from the run's seed, so `--seed` replays it); the boot
+    /// then need not reach `nk: shutdown`, and its `expect` applies to what it printed.
+    #[serde(default)]
+    pub kill_after_ms: Option<[u64; 2]>,
 }
 
 /// A Multiboot2 module: a bare-metal package of the workspace, built for the same target,
@@ -169,6 +181,19 @@ fn parse(text: &str, long: bool) -> Result<Vec<Scenario>> {
         }
     }
     Ok(scenarios)
+}
+
+/// SplitMix64's finaliser: spreads a seed's bits (the kill moment of a boot).
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// FNV-1a of a name: a stable number per scenario.
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xCBF2_9CE4_8422_2325, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01B3))
 }
 
 /// Reads a sweep, `"1,2,5-9"`: numbers and inclusive ranges, at most 10,000 values.
@@ -250,6 +275,9 @@ impl Scenario {
             if boot.nktest && self.image != ImageKind::Test {
                 problems.push(format!("boot {}: nktest = true needs image = \"test\"", index + 1));
             }
+            if boot.kill_after_ms.is_some_and(|[low, high]| low > high || high > 3_600_000) {
+                problems.push(format!("boot {}: kill_after_ms = [low, high]: low <= high <= 3600000", index + 1));
+            }
             if boot.expect.iter().chain(&boot.forbid).any(|text| text.is_empty()) {
                 problems.push(format!("boot {}: expect/forbid: an empty string matches everything", index + 1));
             }
@@ -291,14 +319,22 @@ impl Scenario {
         }
         self.boot
             .iter()
-            .map(|boot| Scenario {
-                cmdline: boot.cmdline.clone(),
-                expect: self.expect.iter().chain(&boot.expect).cloned().collect(),
-                forbid: self.forbid.iter().chain(&boot.forbid).cloned().collect(),
-                nktest: boot.nktest,
-                shutdown: boot.shutdown,
-                boot: Vec::new(),
-                ..self.clone()
+            .enumerate()
+            .map(|(index, boot)| {
+                let kill_at_ms = boot.kill_after_ms.map(|[low, high]| {
+                    let draw = mix(self.seed ^ mix(fnv1a(&self.name) ^ index as u64));
+                    low + draw % (high - low + 1)
+                });
+                Scenario {
+                    cmdline: boot.cmdline.clone(),
+                    expect: self.expect.iter().chain(&boot.expect).cloned().collect(),
+                    forbid: self.forbid.iter().chain(&boot.forbid).cloned().collect(),
+                    nktest: boot.nktest,
+                    shutdown: boot.shutdown && kill_at_ms.is_none(),
+                    boot: Vec::new(),
+                    kill_at_ms,
+                    ..self.clone()
+                }
             })
             .collect()
     }
@@ -306,6 +342,7 @@ impl Scenario {
     /// Writes `seed` for every `{seed}` in the module command lines (how a fuzzing guest's
     /// seed is chosen from the command line: `cargo xtask test --seed N`).
     pub fn set_seed(&mut self, seed: u64) {
+        self.seed = seed;
         for module in &mut self.modules {
             if let Some(cmdline) = &mut module.cmdline {
                 *cmdline = cmdline.replace(SEED_PLACEHOLDER, &seed.to_string());
@@ -384,6 +421,27 @@ mod tests {
         assert_eq!(boots[0].expect, ["power cut after write 3"]);
         assert!(boots[1].nktest && boots[1].shutdown && boots[1].nvram_mib == Some(1));
         assert_eq!(parse(text, true).expect("valid").len(), 6);
+    }
+
+    #[test]
+    fn a_kill_moment_comes_from_the_seed_within_its_range() {
+        let text = "[[scenario]]\nname = \"kill\"\n[[scenario.boot]]\nkill_after_ms = [1000, 2000]\n\
+                    [[scenario.boot]]\n";
+        let mut scenario = parse(text, false).expect("valid").remove(0);
+        let moments: Vec<u64> = (1..20)
+            .map(|seed| {
+                scenario.set_seed(seed);
+                let boots = scenario.boots();
+                assert!(!boots[0].shutdown && boots[1].shutdown && boots[1].kill_at_ms.is_none());
+                boots[0].kill_at_ms.expect("a kill moment")
+            })
+            .collect();
+        assert!(moments.iter().all(|ms| (1000..=2000).contains(ms)), "{moments:?}");
+        assert!(moments.windows(2).any(|pair| pair[0] != pair[1]), "the seed changes the moment");
+        scenario.set_seed(5);
+        assert_eq!(scenario.boots()[0].kill_at_ms, scenario.boots()[0].kill_at_ms, "one seed, one moment");
+        let bad = "[[scenario]]\nname = \"k\"\n[[scenario.boot]]\nkill_after_ms = [2, 1]\n";
+        assert!(format!("{:#}", parse(bad, false).unwrap_err()).contains("kill_after_ms"));
     }
 
     #[test]

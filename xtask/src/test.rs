@@ -201,18 +201,21 @@ fn run_one(
             cpus: scenario.cpus,
             megs: scenario.megs,
             cpu_model: scenario.cpu_model.clone(),
-            timeout: Duration::from_secs(scenario.timeout),
+            timeout: boot.kill_at_ms.map_or(Duration::from_secs(scenario.timeout), Duration::from_millis),
             dir: if several { runs.join(&scenario.name).join(format!("boot{number}")) } else { runs.join(&scenario.name) },
             ips: scenario.ips.unwrap_or(crate::emulator::DEFAULT_IPS),
             disk: disk.clone(),
         };
+        let ending = match boot.kill_at_ms {
+            Some(ms) => format!("killed after {ms} ms (seed {})", scenario.seed),
+            None => format!("timeout {} s", scenario.timeout),
+        };
         println!(
-            "xtask: test: start {}{} ({}, cmdline \"{}\", timeout {} s)",
+            "xtask: test: start {}{} ({}, cmdline \"{}\", {ending})",
             scenario.name,
             if several { format!(" boot {number}") } else { String::new() },
             emulator::describe(&spec),
             boot.cmdline,
-            scenario.timeout
         );
         let prefix = |text: String| if several { format!("boot {number}: {text}") } else { text };
         match emulator::run(&spec, |_| {}) {
