@@ -198,7 +198,7 @@ impl SectorDisk for AtaDisk {
     }
 
     fn read_sectors(&mut self, lba: u64, buf: &mut [u8]) -> Result<(), DiskError> {
-        if buf.len() % SECTOR_SIZE != 0 {
+        if !buf.len().is_multiple_of(SECTOR_SIZE) {
             return Err(DiskError::BadLength);
         }
         self.check_range(lba, (buf.len() / SECTOR_SIZE) as u64)?;
