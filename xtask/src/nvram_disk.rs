@@ -53,9 +53,23 @@ pub fn area_bytes(path: &Path) -> Result<u64> {
         .map_err(|why| anyhow::anyhow!("{}: {why}", path.display()))
 }
 
+/// Removes the lock file Bochs keeps beside a disk image while it runs (`<image>.lock`):
+/// a Bochs killed from outside leaves it, and the next Bochs would refuse the image
+/// ("image locked"). Only for images xtask alone uses.
+pub fn remove_stale_lock(path: &Path) -> Result<()> {
+    let mut lock = path.as_os_str().to_owned();
+    lock.push(".lock");
+    match std::fs::remove_file(&lock) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(err).with_context(|| format!("cannot remove Bochs's stale lock {}", lock.to_string_lossy())),
+    }
+}
+
 /// Makes sure `path` is an NVRAM disk of `mib` MiB: keeps an existing one of that size
 /// unless `fresh`, else creates it. Returns a phrase saying which, for a progress line.
 pub fn ensure(path: &Path, mib: u32, fresh: bool) -> Result<&'static str> {
+    remove_stale_lock(path)?;
     if !fresh && path.exists() {
         match area_bytes(path) {
             Ok(area) if area == u64::from(mib) << 20 => return Ok("kept"),
@@ -92,6 +106,10 @@ mod tests {
         assert_eq!(ensure(&path, 2, false).expect("remade"), "made anew (another size was asked for)");
         assert_eq!(ensure(&path, 2, true).expect("fresh"), "made fresh");
         assert_eq!(std::fs::read(&path).expect("reads")[512], 0);
+        let lock = dir.join("a.img.lock");
+        std::fs::write(&lock, "").expect("writes");
+        assert_eq!(ensure(&path, 2, false).expect("kept"), "kept");
+        assert!(!lock.exists(), "a stale Bochs lock is removed");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

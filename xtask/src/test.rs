@@ -194,6 +194,13 @@ fn run_one(
     let mut verdict = Verdict::default();
     let mut last_run = None;
     for (number, (boot, iso)) in boots.iter().zip(isos).enumerate().map(|(i, pair)| (i + 1, pair)) {
+        if let Some(path) = &disk {
+            // A boot killed from outside leaves Bochs's lock on the image.
+            if let Err(err) = crate::nvram_disk::remove_stale_lock(path) {
+                verdict.problems.push(format!("boot {number}: {err:#}"));
+                break;
+            }
+        }
         let spec = RunSpec {
             name: scenario.name.clone(),
             emulator: scenario.emulator,
