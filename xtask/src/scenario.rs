@@ -171,11 +171,13 @@ fn parse(text: &str, long: bool) -> Result<Vec<Scenario>> {
     }
     let mut scenarios = Vec::new();
     for scenario in file.scenario {
-        let sweep = if long { scenario.sweep_long.as_ref().or(scenario.sweep.as_ref()) } else { scenario.sweep.as_ref() };
+        let sweep =
+            if long { scenario.sweep_long.as_ref().or(scenario.sweep.as_ref()) } else { scenario.sweep.as_ref() };
         match sweep {
             None => scenarios.push(scenario),
             Some(values) => {
-                let values = parse_sweep(values).map_err(|why| anyhow::anyhow!("scenario '{}': {why}", scenario.name))?;
+                let values =
+                    parse_sweep(values).map_err(|why| anyhow::anyhow!("scenario '{}': {why}", scenario.name))?;
                 scenarios.extend(values.into_iter().map(|k| scenario.with_sweep_value(k)));
             }
         }

@@ -209,7 +209,11 @@ fn run_one(
             megs: scenario.megs,
             cpu_model: scenario.cpu_model.clone(),
             timeout: boot.kill_at_ms.map_or(Duration::from_secs(scenario.timeout), Duration::from_millis),
-            dir: if several { runs.join(&scenario.name).join(format!("boot{number}")) } else { runs.join(&scenario.name) },
+            dir: if several {
+                runs.join(&scenario.name).join(format!("boot{number}"))
+            } else {
+                runs.join(&scenario.name)
+            },
             ips: scenario.ips.unwrap_or(crate::emulator::DEFAULT_IPS),
             disk: disk.clone(),
         };

@@ -10,7 +10,10 @@ fn lines(cmdline: &str) -> Vec<String> {
 fn empty_command_line_gives_defaults() {
     for cmdline in ["", "   ", "\t\n"] {
         let parsed = parse(cmdline);
-        assert_eq!(parsed.options, Options { log: LogLevel::Info, cpus: None, test: None, place: None, nvram_crash_after: None });
+        assert_eq!(
+            parsed.options,
+            Options { log: LogLevel::Info, cpus: None, test: None, place: None, nvram_crash_after: None }
+        );
         assert!(parsed.is_clean());
     }
 }
@@ -18,7 +21,16 @@ fn empty_command_line_gives_defaults() {
 #[test]
 fn known_options_are_applied() {
     let parsed = parse("log=trace cpus=4 test=vmx_*,ept-1");
-    assert_eq!(parsed.options, Options { log: LogLevel::Trace, cpus: Some(4), test: Some("vmx_*,ept-1"), place: None, nvram_crash_after: None });
+    assert_eq!(
+        parsed.options,
+        Options {
+            log: LogLevel::Trace,
+            cpus: Some(4),
+            test: Some("vmx_*,ept-1"),
+            place: None,
+            nvram_crash_after: None
+        }
+    );
     assert!(parsed.is_clean());
     for level in LogLevel::ALL {
         assert_eq!(parse(&format!("log={level}")).options.log, level);
@@ -31,7 +43,10 @@ fn known_options_are_applied() {
 #[test]
 fn extra_whitespace_is_ignored() {
     let parsed = parse("  \tlog=debug \n\n  cpus=2\t ");
-    assert_eq!(parsed.options, Options { log: LogLevel::Debug, cpus: Some(2), test: None, place: None, nvram_crash_after: None });
+    assert_eq!(
+        parsed.options,
+        Options { log: LogLevel::Debug, cpus: Some(2), test: None, place: None, nvram_crash_after: None }
+    );
     assert!(parsed.is_clean());
 }
 
@@ -41,7 +56,10 @@ fn leading_image_path_is_skipped() {
     assert_eq!(parsed.options.cpus, Some(3));
     assert!(parsed.is_clean());
     // Only in first position.
-    assert_eq!(lines("cpus=3 /boot/nk.elf"), ["unknown option '/boot/nk.elf' (known: log, cpus, test, place, nvram-crash-after)"]);
+    assert_eq!(
+        lines("cpus=3 /boot/nk.elf"),
+        ["unknown option '/boot/nk.elf' (known: log, cpus, test, place, nvram-crash-after)"]
+    );
 }
 
 #[test]

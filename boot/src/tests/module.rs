@@ -167,7 +167,9 @@ fn reserved_ports_are_refused_with_the_reason() {
             assert_eq!(spec.reserved_port().map(|(p, _)| p), Some(port), "{cmdline}");
         }
     }
-    for value in ["0x80", "0x2f8-0x2ff", "0x400-0x5ff", "0x3f7", "0xd00-0x88ff", "0x178-0x1ef", "0x1f8", "0x377", "0x3f0-0x3f5"] {
+    for value in
+        ["0x80", "0x2f8-0x2ff", "0x400-0x5ff", "0x3f7", "0xd00-0x88ff", "0x178-0x1ef", "0x1f8", "0x377", "0x3f0-0x3f5"]
+    {
         let cmdline = format!("g ports={value}");
         assert!(parse(&cmdline).unwrap().reserved_port().is_none(), "{cmdline}");
     }

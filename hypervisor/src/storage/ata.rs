@@ -119,7 +119,7 @@ pub struct AtaDisk {
 impl AtaDisk {
     /// Looks for an ATA disk at `drive` of `channel` with IDENTIFY DEVICE (ACS §7.16).
     pub fn probe(channel: Channel, drive: Drive, after_write: fn(u64)) -> Result<AtaDisk, ProbeError> {
-                if channel.status().0 == 0xFF {
+        if channel.status().0 == 0xFF {
             return Err(ProbeError::NoDevice); // floating bus: no controller or no drives
         }
         outb(channel.control, control::INTERRUPTS_OFF);

@@ -446,7 +446,10 @@ mod tests {
             ]
         );
         // 257 sectors do not fit LBA28's count.
-        assert_eq!(transfer(Drive::Master, Direction::Write, 0, 257, true).map(|f| f.command()), Ok(command::WRITE_SECTORS_EXT));
+        assert_eq!(
+            transfer(Drive::Master, Direction::Write, 0, 257, true).map(|f| f.command()),
+            Ok(command::WRITE_SECTORS_EXT)
+        );
     }
 
     #[test]

@@ -33,7 +33,9 @@ impl core::fmt::Display for LabelError {
         match *self {
             LabelError::NotLabelled => f.write_str("sector 0 holds no null-Kernel NVRAM label (xtask writes one)"),
             LabelError::Version(version) => write!(f, "the NVRAM label has version {version}, not {VERSION}"),
-            LabelError::BadSize(size) => write!(f, "the NVRAM label gives a size of {size} bytes, not a multiple of 512"),
+            LabelError::BadSize(size) => {
+                write!(f, "the NVRAM label gives a size of {size} bytes, not a multiple of 512")
+            }
             LabelError::TooLarge(size, sectors) => {
                 write!(f, "the NVRAM label gives {size} bytes but the disk has {sectors} sectors")
             }

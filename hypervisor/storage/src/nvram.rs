@@ -121,9 +121,8 @@ impl<D: SectorDisk, M: AsRef<[u8]> + AsMut<[u8]>> Media for EmulatedNvram<D, M> 
         self.mirror.as_mut()[range].copy_from_slice(data);
         for sector in first_sector..=last_sector {
             let start = sector * SECTOR_SIZE;
-            let bytes: &[u8; SECTOR_SIZE] = self.mirror.as_ref()[start..start + SECTOR_SIZE]
-                .try_into()
-                .map_err(|_| MediaError::OutOfRange)?;
+            let bytes: &[u8; SECTOR_SIZE] =
+                self.mirror.as_ref()[start..start + SECTOR_SIZE].try_into().map_err(|_| MediaError::OutOfRange)?;
             self.disk.write_sector(AREA_FIRST_SECTOR + sector as u64, bytes).map_err(|_| MediaError::Device)?;
             self.stats.sector_writes += 1;
         }
