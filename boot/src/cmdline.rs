@@ -69,6 +69,9 @@ pub struct Options<'a> {
     /// `place=<guest>@<cpu>[,...]`: which CPU each named guest runs on; see
     /// [`Options::placements`].
     pub place: Option<&'a str>,
+    /// `nvram-crash-after=<k>`: the machine stops dead, as a power cut, right after the
+    /// NVRAM device's k-th write completes (crash tests of the NVRAM AM); `None` by default.
+    pub nvram_crash_after: Option<u64>,
 }
 
 impl<'a> Options<'a> {
@@ -103,7 +106,7 @@ impl fmt::Debug for OptionSpec {
 }
 
 /// The options the command line knows, in the order diagnostics list them.
-pub static OPTIONS: [OptionSpec; 4] = [
+pub static OPTIONS: [OptionSpec; 5] = [
     OptionSpec {
         name: "log",
         expected: "one of error, warn, info, debug, trace",
@@ -123,7 +126,31 @@ pub static OPTIONS: [OptionSpec; 4] = [
         example: "place=checks@0,worker@1",
         apply: apply_place,
     },
+    OptionSpec {
+        name: "nvram-crash-after",
+        expected: "a number of NVRAM device writes from 1 to 1000000000",
+        example: "nvram-crash-after=5",
+        apply: apply_nvram_crash_after,
+    },
 ];
+
+/// The largest `nvram-crash-after=` value.
+pub const MAX_NVRAM_CRASH_AFTER: u64 = 1_000_000_000;
+
+/// Sets `nvram-crash-after=` from a decimal number in 1..=1e9 (digits only).
+fn apply_nvram_crash_after<'a>(options: &mut Options<'a>, value: Option<&'a str>) -> bool {
+    let parsed = value
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|n| (1..=MAX_NVRAM_CRASH_AFTER).contains(n));
+    match parsed {
+        Some(writes) => {
+            options.nvram_crash_after = Some(writes);
+            true
+        }
+        None => false,
+    }
+}
 
 /// Sets `place=` from `<name>@<cpu>` pairs: names of `[a-z0-9_-]`, CPUs in 0..256.
 fn apply_place<'a>(options: &mut Options<'a>, value: Option<&'a str>) -> bool {

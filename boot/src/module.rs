@@ -53,7 +53,7 @@ pub struct ReservedPorts {
 }
 
 /// Ports the hypervisor uses or that reach the whole machine. Sorted by `first`.
-pub static RESERVED_PORTS: [ReservedPorts; 13] = [
+pub static RESERVED_PORTS: [ReservedPorts; 17] = [
     ReservedPorts {
         first: 0x20,
         last: 0x21,
@@ -74,6 +74,26 @@ pub static RESERVED_PORTS: [ReservedPorts; 13] = [
         why: "debug console: the hypervisor's log (guests print through an exit)",
     },
     ReservedPorts { first: 0xF4, last: 0xF4, why: "QEMU debug-exit port: ends the whole run" },
+    ReservedPorts {
+        first: 0x170,
+        last: 0x177,
+        why: "secondary ATA channel: the hypervisor's NVRAM disk may be there (a guest could overwrite it)",
+    },
+    ReservedPorts {
+        first: 0x1F0,
+        last: 0x1F7,
+        why: "primary ATA channel: the hypervisor's NVRAM disk may be there (a guest could overwrite it)",
+    },
+    ReservedPorts {
+        first: 0x376,
+        last: 0x376,
+        why: "secondary ATA device control: a guest could reset the channel of the NVRAM disk",
+    },
+    ReservedPorts {
+        first: 0x3F6,
+        last: 0x3F6,
+        why: "primary ATA device control: a guest could reset the channel of the NVRAM disk",
+    },
     ReservedPorts { first: 0x3F8, last: 0x3FF, why: "COM1: the hypervisor's console" },
     ReservedPorts {
         first: 0x600,

@@ -31,6 +31,7 @@ mod sched;
 #[cfg(feature = "test-harness")]
 mod selftest;
 mod smp;
+mod storage;
 mod vmctl;
 mod vmx;
 
@@ -81,6 +82,9 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
     }
 
     log::info!(target: "cpu", "{}", arch::cpu_summary());
+    // The durable device is chosen before VT-x is needed, so a machine without VMX still
+    // reports it (QEMU's IDE disk is checked that way).
+    storage::init(boot.options.nvram_crash_after);
     if !vmx::cpu_has_vmx() {
         log::error!(target: "vmx", "VT-x (VMX) is not available on this CPU: CPUID.1:ECX.VMX (bit 5) is clear \
             (QEMU without KVM hides it; use Bochs or QEMU with -enable-kvm -cpu host on an Intel host); stopping");

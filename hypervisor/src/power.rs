@@ -36,6 +36,23 @@ pub fn shutdown(status: ExitStatus, reason: &str) -> ! {
     halt_forever()
 }
 
+/// Stops the machine dead, as a power cut (NVRAM crash tests): prints one `nvram:` line
+/// with `what`, then asks the emulator to exit at once, without the `nk: shutdown` line or
+/// anything else an orderly shutdown does. The caller holds the NVRAM device's lock, so no
+/// other CPU writes the device while this one stops.
+pub fn power_cut(what: core::fmt::Arguments<'_>) -> ! {
+    emergency_line(log::Level::Warn, "nvram", what);
+    crate::console::flush();
+    for byte in b"Shutdown" {
+        outb(BOCHS_SHUTDOWN_PORT, *byte);
+    }
+    outb(QEMU_DEBUG_EXIT_PORT, 1);
+    for port in ACPI_PM1A_CONTROL_PORTS {
+        outw(port, ACPI_SLEEP_S5);
+    }
+    halt_forever()
+}
+
 /// Stops the machine after a fatal error in the hypervisor.
 pub fn stop_machine(reason: &str) -> ! {
     emergency_line(log::Level::Error, "exception", format_args!("machine stopped"));

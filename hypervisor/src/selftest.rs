@@ -61,6 +61,10 @@ const CASES: &[Case] = &[
     case("acpi_above_4g_skipped", acpi_above_4g_skipped),
     Case { name: "stack_overflow", run: stack_overflow_faults, explicit: true },
     Case { name: "write_code", run: write_to_code_faults, explicit: true },
+    // The NVRAM device's cases write the disk, so they run only when named.
+    Case { name: "nvram_write_units", run: |_| crate::storage::selftest::write_units(), explicit: true },
+    Case { name: "nvram_check_units", run: |_| crate::storage::selftest::check_units(), explicit: true },
+    Case { name: "nvram_absent", run: |_| crate::storage::selftest::absent(), explicit: true },
 ];
 
 fn selected(filter: &str, case: &Case) -> bool {

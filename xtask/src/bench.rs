@@ -130,6 +130,7 @@ fn guest_bench(
         timeout: Duration::from_secs(240),
         dir: workspace.runs().join(name),
         ips: emulator::DEFAULT_IPS,
+        disk: None,
     };
     println!("xtask: bench: booting {}", emulator::describe(&spec));
     let result = emulator::run(&spec, |_| {})?;

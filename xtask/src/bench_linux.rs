@@ -103,6 +103,7 @@ pub fn bench_linux(workspace: &Workspace) -> Result<()> {
         timeout: Duration::from_secs(900),
         dir: workspace.runs().join(name),
         ips: linux::IPS,
+        disk: None,
     };
     println!("xtask: bench: Linux under the hypervisor ...");
     let hv = emulator::run(&spec("bench-linux-hypervisor", iso), |_| {})?;

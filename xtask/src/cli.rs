@@ -160,6 +160,17 @@ pub struct RunArgs {
     /// repeatable; beside the default guests, or instead of them with --no-guests.
     #[arg(long, value_name = "PATH[:MODULE-LINE]", value_parser = crate::guest_arg::parse)]
     pub guest: Vec<crate::guest_arg::GuestArg>,
+    /// Starts with a zeroed NVRAM disk (target/nvram/run.img) instead of the one kept from
+    /// the last run.
+    #[arg(long, conflicts_with = "no_nvram")]
+    pub fresh_nvram: bool,
+    /// The NVRAM disk's durable area in MiB (the hypervisor mirrors it in RAM); a size
+    /// other than the kept image's makes a new image.
+    #[arg(long, default_value_t = crate::nvram_disk::DEFAULT_MIB, value_name = "MIB", value_parser = parse_nvram_mib)]
+    pub nvram_mib: u32,
+    /// Boots without an NVRAM disk (the hypervisor then has no durable device).
+    #[arg(long)]
+    pub no_nvram: bool,
 }
 
 #[derive(Debug, Args)]
@@ -180,6 +191,10 @@ pub struct TestArgs {
     /// 1), or `random` (printed, so the run can be replayed).
     #[arg(long, value_name = "N|random")]
     pub seed: Option<String>,
+    /// Runs the full sweeps (`sweep_long` of a scenario, e.g. every NVRAM crash point)
+    /// instead of the sampled ones.
+    #[arg(long)]
+    pub long: bool,
 }
 
 #[derive(Debug, Args)]
@@ -216,6 +231,16 @@ fn parse_timeout(text: &str) -> Result<u64, String> {
         Err("a timeout of 0 s stops the run at once; write at least 1, e.g. --timeout 120".into())
     } else {
         Ok(secs)
+    }
+}
+
+fn parse_nvram_mib(text: &str) -> Result<u32, String> {
+    let max = crate::nvram_disk::MAX_MIB;
+    let mib: u32 = parse_number(text, "write the NVRAM size in MiB", "--nvram-mib 16")?;
+    if (1..=max).contains(&mib) {
+        Ok(mib)
+    } else {
+        Err(format!("{mib} MiB of NVRAM is out of range; write 1 to {max}, e.g. --nvram-mib 16"))
     }
 }
 

@@ -22,6 +22,7 @@ mod linux;
 mod new_am;
 mod new_am_check;
 mod plot;
+mod nvram_disk;
 mod report;
 mod run;
 mod scenario;

@@ -62,6 +62,14 @@ pub fn run_command(workspace: &Workspace, args: &RunArgs) -> Result<ExitCode> {
         ips = crate::linux::IPS;
     }
     let iso = image::make_iso(workspace, &elf, &args.cmdline, &modules)?;
+    let disk = if args.no_nvram {
+        None
+    } else {
+        let path = crate::nvram_disk::run_image(workspace);
+        let how = crate::nvram_disk::ensure(&path, args.nvram_mib, args.fresh_nvram)?;
+        println!("xtask: run: NVRAM disk {} ({} MiB) {how}", workspace.display(&path), args.nvram_mib);
+        Some(path)
+    };
 
     let spec = RunSpec {
         name: "run".into(),
@@ -73,6 +81,7 @@ pub fn run_command(workspace: &Workspace, args: &RunArgs) -> Result<ExitCode> {
         timeout: Duration::from_secs(args.timeout),
         dir: workspace.runs().join(format!("run-{}", args.emu.name())),
         ips,
+        disk,
     };
     println!(
         "xtask: run: booting in {} (timeout {} s); serial log {}",

@@ -1,6 +1,8 @@
 //! The emulator scenario file, tests/emulator.toml (its format: tests/README.md): each
 //! scenario is one boot with its machine, image, command line and the checks its serial
-//! log must pass.
+//! log must pass, or a sequence of boots (`[[scenario.boot]]`) on the same NVRAM disk,
+//! each with its own command line and checks. A scenario with `sweep` expands into one
+//! scenario per value of `{k}` (crash sweeps: `nvram-crash-after={k}`).
 
 use std::path::{Path, PathBuf};
 
@@ -14,6 +16,8 @@ use crate::image::{self, ImageKind};
 
 /// The word a module command line may hold for the seed (`--seed`, else [`DEFAULT_SEED`]).
 pub const SEED_PLACEHOLDER: &str = "{seed}";
+/// The word a sweeping scenario's command lines and expectations hold for the swept value.
+pub const SWEEP_PLACEHOLDER: &str = "{k}";
 /// The seed `{seed}` stands for without `--seed`: runs stay reproducible.
 pub const DEFAULT_SEED: u64 = 1;
 
@@ -71,6 +75,49 @@ pub struct Scenario {
     /// The log must end with `nk: shutdown` (set false for runs meant to die otherwise).
     #[serde(default = "default_true")]
     pub shutdown: bool,
+    /// Attaches a fresh NVRAM disk with a durable area of this many MiB (zeroed before the
+    /// scenario's first boot, kept across its boots).
+    #[serde(default)]
+    pub nvram_mib: Option<u32>,
+    /// Boots in order on the same machine and NVRAM disk, each with its own command line
+    /// and checks (the scenario's own `expect` and `forbid` apply to every boot).
+    #[serde(default)]
+    pub boot: Vec<BootSpec>,
+    /// Values of `{k}`: the scenario runs once per value, named `<name>-k<value>`
+    /// (`"1,2,5-9"`); `cargo xtask test --long` uses `sweep_long` instead when given.
+    #[serde(default)]
+    pub sweep: Option<String>,
+    /// The full sweep of `cargo xtask test --long`.
+    #[serde(default)]
+    pub sweep_long: Option<String>,
+    /// The run's seed (`--seed`), set by [`Scenario::set_seed`].
+    #[serde(skip)]
+    pub seed: u64,
+    /// For one boot of [`Scenario::boots`]: the emulator is killed from outside this many
+    /// milliseconds after it started (a power cut at an arbitrary moment).
+    #[serde(skip)]
+    pub kill_at_ms: Option<u64>,
+}
+
+/// One boot of a multi-boot scenario.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSpec {
+    #[serde(default)]
+    pub cmdline: String,
+    #[serde(default)]
+    pub expect: Vec<String>,
+    #[serde(default)]
+    pub forbid: Vec<String>,
+    #[serde(default)]
+    pub nktest: bool,
+    #[serde(default = "default_true")]
+    pub shutdown: bool,
+    /// `[low, high]`: kill the emulator from outside at a moment drawn from this range of
+    /// milliseconds after its start (from the run's seed, so `--seed` replays it); the boot
+    /// then need not reach `nk: shutdown`, and its `expect` applies to what it printed.
+    #[serde(default)]
+    pub kill_after_ms: Option<[u64; 2]>,
 }
 
 /// A Multiboot2 module: a bare-metal package of the workspace, built for the same target,
@@ -103,13 +150,14 @@ fn default_true() -> bool {
     true
 }
 
-/// Reads and checks the scenario file.
-pub fn load(path: &Path) -> Result<Vec<Scenario>> {
+/// Reads and checks the scenario file; sweeping scenarios are expanded, over `sweep_long`
+/// when `long`.
+pub fn load(path: &Path, long: bool) -> Result<Vec<Scenario>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    parse(&text).with_context(|| format!("in {} (format: tests/README.md)", path.display()))
+    parse(&text, long).with_context(|| format!("in {} (format: tests/README.md)", path.display()))
 }
 
-fn parse(text: &str) -> Result<Vec<Scenario>> {
+fn parse(text: &str, long: bool) -> Result<Vec<Scenario>> {
     let file: ScenarioFile = toml::from_str(text).map_err(|err| anyhow::anyhow!("{err}"))?;
     let mut problems = Vec::new();
     for (index, scenario) in file.scenario.iter().enumerate() {
@@ -121,7 +169,51 @@ fn parse(text: &str) -> Result<Vec<Scenario>> {
     if !problems.is_empty() {
         anyhow::bail!("{}", problems.join("\n"));
     }
-    Ok(file.scenario)
+    let mut scenarios = Vec::new();
+    for scenario in file.scenario {
+        let sweep =
+            if long { scenario.sweep_long.as_ref().or(scenario.sweep.as_ref()) } else { scenario.sweep.as_ref() };
+        match sweep {
+            None => scenarios.push(scenario),
+            Some(values) => {
+                let values =
+                    parse_sweep(values).map_err(|why| anyhow::anyhow!("scenario '{}': {why}", scenario.name))?;
+                scenarios.extend(values.into_iter().map(|k| scenario.with_sweep_value(k)));
+            }
+        }
+    }
+    Ok(scenarios)
+}
+
+/// SplitMix64's finaliser: spreads a seed's bits (the kill moment of a boot).
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// FNV-1a of a name: a stable number per scenario.
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xCBF2_9CE4_8422_2325, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01B3))
+}
+
+/// Reads a sweep, `"1,2,5-9"`: numbers and inclusive ranges, at most 10,000 values.
+fn parse_sweep(text: &str) -> Result<Vec<u64>, String> {
+    let advice = "write numbers and ranges separated by commas, e.g. sweep = \"1,2,5-9\"";
+    let mut values = Vec::new();
+    for item in text.split(',').map(str::trim) {
+        let number = |s: &str| s.trim().parse::<u64>().map_err(|_| format!("sweep item '{item}': {advice}"));
+        let (first, last) = match item.split_once('-') {
+            Some((first, last)) => (number(first)?, number(last)?),
+            None => (number(item)?, number(item)?),
+        };
+        if first > last || last - first >= 10_000 || values.len() as u64 + (last - first) >= 10_000 {
+            return Err(format!("sweep item '{item}': a range low-high of at most 10000 values; {advice}"));
+        }
+        values.extend(first..=last);
+    }
+    Ok(values)
 }
 
 impl Scenario {
@@ -140,7 +232,7 @@ impl Scenario {
         if self.timeout == 0 {
             problems.push("timeout = 0: write the seconds the run may take, e.g. 120".into());
         }
-        if let Err(why) = image::check_cmdline(&self.cmdline) {
+        if let Err(why) = image::check_cmdline(&self.cmdline.replace(SWEEP_PLACEHOLDER, "1")) {
             problems.push(format!("cmdline: {why}"));
         }
         if self.emulator == Emulator::Bochs {
@@ -167,12 +259,92 @@ impl Scenario {
                 problems.push("modules: give each module either package = \"...\" or file = \"...\"".into());
             }
         }
+        if let Some(mib) = self.nvram_mib {
+            if !(1..=crate::nvram_disk::MAX_MIB).contains(&mib) {
+                problems.push(format!("nvram_mib = {mib}: write 1 to {}", crate::nvram_disk::MAX_MIB));
+            }
+        }
+        if !self.boot.is_empty() && (!self.cmdline.is_empty() || self.nktest || self.gtest > 0 || !self.shutdown) {
+            problems.push(
+                "with [[scenario.boot]], put cmdline, nktest and shutdown in each boot (gtest is for single boots)"
+                    .into(),
+            );
+        }
+        for (index, boot) in self.boot.iter().enumerate() {
+            if let Err(why) = image::check_cmdline(&boot.cmdline.replace(SWEEP_PLACEHOLDER, "1")) {
+                problems.push(format!("boot {}: cmdline: {why}", index + 1));
+            }
+            if boot.nktest && self.image != ImageKind::Test {
+                problems.push(format!("boot {}: nktest = true needs image = \"test\"", index + 1));
+            }
+            if boot.kill_after_ms.is_some_and(|[low, high]| low > high || high > 3_600_000) {
+                problems.push(format!("boot {}: kill_after_ms = [low, high]: low <= high <= 3600000", index + 1));
+            }
+            if boot.expect.iter().chain(&boot.forbid).any(|text| text.is_empty()) {
+                problems.push(format!("boot {}: expect/forbid: an empty string matches everything", index + 1));
+            }
+        }
+        for sweep in [&self.sweep, &self.sweep_long].into_iter().flatten() {
+            if let Err(why) = parse_sweep(sweep) {
+                problems.push(why);
+            }
+        }
+        if self.sweep.is_none() && self.sweep_long.is_some() {
+            problems.push("sweep_long needs sweep (the sampled values of a normal run)".into());
+        }
         problems
+    }
+
+    /// This scenario for one swept value: named `<name>-k<k>`, with `{k}` replaced.
+    fn with_sweep_value(&self, k: u64) -> Scenario {
+        let value = k.to_string();
+        let fill = |text: &String| text.replace(SWEEP_PLACEHOLDER, &value);
+        let mut scenario = self.clone();
+        scenario.name = format!("{}-k{k}", self.name);
+        scenario.cmdline = fill(&self.cmdline);
+        scenario.expect = self.expect.iter().map(fill).collect();
+        scenario.forbid = self.forbid.iter().map(fill).collect();
+        for boot in &mut scenario.boot {
+            boot.cmdline = fill(&boot.cmdline);
+            boot.expect = boot.expect.iter().map(fill).collect();
+            boot.forbid = boot.forbid.iter().map(fill).collect();
+        }
+        scenario.sweep = None;
+        scenario.sweep_long = None;
+        scenario
+    }
+
+    /// The boots to run: the `[[scenario.boot]]` list, or the scenario itself as one boot.
+    pub fn boots(&self) -> Vec<Scenario> {
+        if self.boot.is_empty() {
+            return vec![self.clone()];
+        }
+        self.boot
+            .iter()
+            .enumerate()
+            .map(|(index, boot)| {
+                let kill_at_ms = boot.kill_after_ms.map(|[low, high]| {
+                    let draw = mix(self.seed ^ mix(fnv1a(&self.name) ^ index as u64));
+                    low + draw % (high - low + 1)
+                });
+                Scenario {
+                    cmdline: boot.cmdline.clone(),
+                    expect: self.expect.iter().chain(&boot.expect).cloned().collect(),
+                    forbid: self.forbid.iter().chain(&boot.forbid).cloned().collect(),
+                    nktest: boot.nktest,
+                    shutdown: boot.shutdown && kill_at_ms.is_none(),
+                    boot: Vec::new(),
+                    kill_at_ms,
+                    ..self.clone()
+                }
+            })
+            .collect()
     }
 
     /// Writes `seed` for every `{seed}` in the module command lines (how a fuzzing guest's
     /// seed is chosen from the command line: `cargo xtask test --seed N`).
     pub fn set_seed(&mut self, seed: u64) {
+        self.seed = seed;
         for module in &mut self.modules {
             if let Some(cmdline) = &mut module.cmdline {
                 *cmdline = cmdline.replace(SEED_PLACEHOLDER, &seed.to_string());
@@ -192,7 +364,7 @@ mod tests {
 
     #[test]
     fn defaults_fill_a_minimal_scenario() {
-        let scenarios = parse("[[scenario]]\nname = \"boot\"\n").expect("valid");
+        let scenarios = parse("[[scenario]]\nname = \"boot\"\n", false).expect("valid");
         let boot = &scenarios[0];
         assert_eq!(
             (boot.emulator, boot.image, boot.cpus, boot.megs, boot.timeout),
@@ -205,7 +377,7 @@ mod tests {
     fn mistakes_are_reported_with_advice() {
         let text = "[[scenario]]\nname = \"a\"\ncpus = 40\nchecks = [\"nope\"]\nnktest = true\n\
                     [[scenario]]\nname = \"a\"\n";
-        let message = format!("{:#}", parse(text).unwrap_err());
+        let message = format!("{:#}", parse(text, false).unwrap_err());
         assert!(message.contains("cpus = 40: write 1 to 16"), "{message}");
         assert!(message.contains("no check 'nope'; known: memmap"), "{message}");
         assert!(message.contains("image = \\\"test\\\"") || message.contains("image = \"test\""), "{message}");
@@ -215,21 +387,75 @@ mod tests {
     #[test]
     fn the_seed_reaches_module_command_lines() {
         let text = "[[scenario]]\nname = \"f\"\nmodules = [{ package = \"p\", cmdline = \"f -- fuzz {seed} 10\" }]\n";
-        let mut scenario = parse(text).expect("valid").remove(0);
+        let mut scenario = parse(text, false).expect("valid").remove(0);
         scenario.set_seed(77);
         assert_eq!(scenario.modules[0].cmdline.as_deref(), Some("f -- fuzz 77 10"));
     }
 
     #[test]
     fn unknown_keys_are_rejected() {
-        let message = format!("{:#}", parse("[[scenario]]\nname = \"a\"\nexpects = []\n").unwrap_err());
+        let message = format!("{:#}", parse("[[scenario]]\nname = \"a\"\nexpects = []\n", false).unwrap_err());
         assert!(message.contains("expects"), "{message}");
     }
 
     #[test]
     fn the_project_scenario_file_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/emulator.toml");
-        let scenarios = load(&path).expect("tests/emulator.toml parses and validates");
+        let scenarios = load(&path, false).expect("tests/emulator.toml parses and validates");
         assert!(!scenarios.is_empty());
+        let long = load(&path, true).expect("tests/emulator.toml parses and validates with --long");
+        assert!(long.len() >= scenarios.len());
+    }
+
+    #[test]
+    fn a_sweep_expands_into_one_scenario_per_value() {
+        let text = "[[scenario]]\nname = \"crash\"\nimage = \"test\"\nnvram_mib = 1\nsweep = \"1,3-4\"\n\
+                    sweep_long = \"1-6\"\n\
+                    [[scenario.boot]]\ncmdline = \"nvram-crash-after={k}\"\nshutdown = false\n\
+                    expect = [\"power cut after write {k}\"]\n\
+                    [[scenario.boot]]\ncmdline = \"test=x\"\nnktest = true\n";
+        let scenarios = parse(text, false).expect("valid");
+        let names: Vec<&str> = scenarios.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["crash-k1", "crash-k3", "crash-k4"]);
+        let boots = scenarios[1].boots();
+        assert_eq!(boots.len(), 2);
+        assert_eq!((boots[0].cmdline.as_str(), boots[0].shutdown), ("nvram-crash-after=3", false));
+        assert_eq!(boots[0].expect, ["power cut after write 3"]);
+        assert!(boots[1].nktest && boots[1].shutdown && boots[1].nvram_mib == Some(1));
+        assert_eq!(parse(text, true).expect("valid").len(), 6);
+    }
+
+    #[test]
+    fn a_kill_moment_comes_from_the_seed_within_its_range() {
+        let text = "[[scenario]]\nname = \"kill\"\n[[scenario.boot]]\nkill_after_ms = [1000, 2000]\n\
+                    [[scenario.boot]]\n";
+        let mut scenario = parse(text, false).expect("valid").remove(0);
+        let moments: Vec<u64> = (1..20)
+            .map(|seed| {
+                scenario.set_seed(seed);
+                let boots = scenario.boots();
+                assert!(!boots[0].shutdown && boots[1].shutdown && boots[1].kill_at_ms.is_none());
+                boots[0].kill_at_ms.expect("a kill moment")
+            })
+            .collect();
+        assert!(moments.iter().all(|ms| (1000..=2000).contains(ms)), "{moments:?}");
+        assert!(moments.windows(2).any(|pair| pair[0] != pair[1]), "the seed changes the moment");
+        scenario.set_seed(5);
+        assert_eq!(scenario.boots()[0].kill_at_ms, scenario.boots()[0].kill_at_ms, "one seed, one moment");
+        let bad = "[[scenario]]\nname = \"k\"\n[[scenario.boot]]\nkill_after_ms = [2, 1]\n";
+        assert!(format!("{:#}", parse(bad, false).unwrap_err()).contains("kill_after_ms"));
+    }
+
+    #[test]
+    fn bad_sweeps_and_boots_are_reported() {
+        let text = "[[scenario]]\nname = \"a\"\nsweep = \"3-1\"\ncmdline = \"x\"\nnvram_mib = 0\n\
+                    [[scenario.boot]]\nnktest = true\n";
+        let message = format!("{:#}", parse(text, false).unwrap_err());
+        assert!(message.contains("sweep item '3-1'"), "{message}");
+        assert!(message.contains("put cmdline, nktest and shutdown in each boot"), "{message}");
+        assert!(message.contains("nvram_mib = 0"), "{message}");
+        assert!(message.contains("boot 1: nktest = true needs image"), "{message}");
+        assert_eq!(parse_sweep("1, 2,4-5"), Ok(vec![1, 2, 4, 5]));
+        assert!(parse_sweep("x").is_err() && parse_sweep("1-20000").is_err());
     }
 }

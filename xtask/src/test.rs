@@ -27,7 +27,7 @@ pub fn test_command(workspace: &Workspace, args: &TestArgs) -> Result<ExitCode> 
     let started = Instant::now();
     // A broken scenario file fails before anything slow runs.
     let scenario_file = args.scenarios.clone().unwrap_or_else(|| workspace.scenario_file());
-    let mut scenarios: Vec<Scenario> = scenario::load(&scenario_file)?
+    let mut scenarios: Vec<Scenario> = scenario::load(&scenario_file, args.long)?
         .into_iter()
         .filter(|scenario| scenario.matches(args.filter.as_deref()))
         .collect();
@@ -67,11 +67,11 @@ pub fn test_command(workspace: &Workspace, args: &TestArgs) -> Result<ExitCode> 
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-/// One scenario ready to boot, or the reason it cannot.
+/// One scenario ready to boot (an ISO per boot), or the reason it cannot.
 struct Job {
     index: usize,
     scenario: Scenario,
-    iso: Result<PathBuf, String>,
+    isos: Result<Vec<PathBuf>, String>,
 }
 
 enum Event {
@@ -98,7 +98,8 @@ fn run_scenarios(workspace: &Workspace, scenarios: Vec<Scenario>, jobs: usize) -
             let queue = Arc::clone(&queue);
             let events = events.clone();
             let runs = workspace.runs().join("test");
-            std::thread::spawn(move || worker(&queue, &events, &runs))
+            let disks = workspace.target().join("nvram").join("test");
+            std::thread::spawn(move || worker(&queue, &events, &runs, &disks))
         })
         .collect();
     drop(events);
@@ -149,7 +150,7 @@ fn run_scenarios(workspace: &Workspace, scenarios: Vec<Scenario>, jobs: usize) -
 }
 
 /// Takes jobs off the queue until it is empty.
-fn worker(queue: &Mutex<VecDeque<Job>>, events: &mpsc::Sender<Event>, runs: &std::path::Path) {
+fn worker(queue: &Mutex<VecDeque<Job>>, events: &mpsc::Sender<Event>, runs: &std::path::Path, disks: &std::path::Path) {
     loop {
         let job = match queue.lock() {
             Ok(mut queue) => queue.pop_front(),
@@ -157,47 +158,97 @@ fn worker(queue: &Mutex<VecDeque<Job>>, events: &mpsc::Sender<Event>, runs: &std
         };
         let Some(job) = job else { return };
         let _ = events.send(Event::Started(job.index));
-        let outcome = run_one(job.scenario, job.iso, runs);
+        let outcome = run_one(job.scenario, job.isos, runs, disks);
         let _ = events.send(Event::Finished(Box::new(outcome), job.index));
     }
 }
 
-fn run_one(scenario: Scenario, iso: Result<PathBuf, String>, runs: &std::path::Path) -> ScenarioOutcome {
-    let iso = match iso {
-        Ok(iso) => iso,
+/// Runs a scenario's boots in order (on one fresh NVRAM disk when it asks for one) and
+/// judges each; the first failing boot ends the scenario.
+fn run_one(
+    scenario: Scenario,
+    isos: Result<Vec<PathBuf>, String>,
+    runs: &std::path::Path,
+    disks: &std::path::Path,
+) -> ScenarioOutcome {
+    let isos = match isos {
+        Ok(isos) => isos,
         Err(why) => {
             let verdict = Verdict { problems: vec![why], cases: Vec::new() };
             return ScenarioOutcome { scenario, run: None, verdict };
         }
     };
-    let spec = RunSpec {
-        name: scenario.name.clone(),
-        emulator: scenario.emulator,
-        iso,
-        cpus: scenario.cpus,
-        megs: scenario.megs,
-        cpu_model: scenario.cpu_model.clone(),
-        timeout: Duration::from_secs(scenario.timeout),
-        dir: runs.join(&scenario.name),
-        ips: scenario.ips.unwrap_or(crate::emulator::DEFAULT_IPS),
-    };
-    println!(
-        "xtask: test: start {} ({}, cmdline \"{}\", timeout {} s)",
-        scenario.name,
-        emulator::describe(&spec),
-        scenario.cmdline,
-        scenario.timeout
-    );
-    match emulator::run(&spec, |_| {}) {
-        Ok(run) => {
-            let verdict = checks::judge(&scenario, &run);
-            ScenarioOutcome { scenario, run: Some(run), verdict }
+    let disk = match scenario.nvram_mib {
+        None => None,
+        Some(mib) => {
+            let path = disks.join(format!("{}.img", scenario.name));
+            if let Err(err) = crate::nvram_disk::create(&path, mib) {
+                let verdict = Verdict { problems: vec![format!("the NVRAM disk: {err:#}")], cases: Vec::new() };
+                return ScenarioOutcome { scenario, run: None, verdict };
+            }
+            Some(path)
         }
-        Err(err) => {
-            let verdict = Verdict { problems: vec![format!("cannot run the emulator: {err:#}")], cases: Vec::new() };
-            ScenarioOutcome { scenario, run: None, verdict }
+    };
+    let boots = scenario.boots();
+    let several = boots.len() > 1;
+    let mut verdict = Verdict::default();
+    let mut last_run = None;
+    for (number, (boot, iso)) in boots.iter().zip(isos).enumerate().map(|(i, pair)| (i + 1, pair)) {
+        if let Some(path) = &disk {
+            // A boot killed from outside leaves Bochs's lock on the image.
+            if let Err(err) = crate::nvram_disk::remove_stale_lock(path) {
+                verdict.problems.push(format!("boot {number}: {err:#}"));
+                break;
+            }
+        }
+        let spec = RunSpec {
+            name: scenario.name.clone(),
+            emulator: scenario.emulator,
+            iso,
+            cpus: scenario.cpus,
+            megs: scenario.megs,
+            cpu_model: scenario.cpu_model.clone(),
+            timeout: boot.kill_at_ms.map_or(Duration::from_secs(scenario.timeout), Duration::from_millis),
+            dir: if several {
+                runs.join(&scenario.name).join(format!("boot{number}"))
+            } else {
+                runs.join(&scenario.name)
+            },
+            ips: scenario.ips.unwrap_or(crate::emulator::DEFAULT_IPS),
+            disk: disk.clone(),
+        };
+        let ending = match boot.kill_at_ms {
+            Some(ms) => format!("killed after {ms} ms (seed {})", scenario.seed),
+            None => format!("timeout {} s", scenario.timeout),
+        };
+        println!(
+            "xtask: test: start {}{} ({}, cmdline \"{}\", {ending})",
+            scenario.name,
+            if several { format!(" boot {number}") } else { String::new() },
+            emulator::describe(&spec),
+            boot.cmdline,
+        );
+        let prefix = |text: String| if several { format!("boot {number}: {text}") } else { text };
+        match emulator::run(&spec, |_| {}) {
+            Ok(run) => {
+                let boot_verdict = checks::judge(boot, &run);
+                verdict.problems.extend(boot_verdict.problems.into_iter().map(prefix));
+                verdict.cases.extend(boot_verdict.cases.into_iter().map(|mut case| {
+                    if several {
+                        case.name = format!("boot{number}/{}", case.name);
+                    }
+                    case
+                }));
+                last_run = Some(run);
+            }
+            Err(err) => verdict.problems.push(prefix(format!("cannot run the emulator: {err:#}"))),
+        }
+        let failed = !verdict.problems.is_empty() || verdict.cases.iter().any(|case| case.failure.is_some());
+        if failed {
+            break;
         }
     }
+    ScenarioOutcome { scenario, run: last_run, verdict }
 }
 
 /// Builds each image kind the scenarios use once, then an ISO per scenario (cached, so
@@ -219,15 +270,21 @@ fn prepare_images(workspace: &Workspace, scenarios: Vec<Scenario>) -> VecDeque<J
                 built.map_err(|err| format!("the {} image did not build: {err:#}", kind.name()))
             })
             .clone();
-        let iso = elf.and_then(|elf| {
+        let isos = elf.and_then(|elf| {
             let modules = resolve_modules(workspace, &scenario.modules, &mut packages)?;
-            image::make_iso(workspace, &elf, &scenario.cmdline, &modules)
-                .map_err(|err| format!("the ISO was not made: {err:#}"))
+            scenario
+                .boots()
+                .iter()
+                .map(|boot| {
+                    image::make_iso(workspace, &elf, &boot.cmdline, &modules)
+                        .map_err(|err| format!("the ISO was not made: {err:#}"))
+                })
+                .collect::<Result<Vec<_>, String>>()
         });
-        if let Err(why) = &iso {
+        if let Err(why) = &isos {
             println!("xtask: test: {}: {why}", scenario.name);
         }
-        jobs.push_back(Job { index, scenario, iso });
+        jobs.push_back(Job { index, scenario, isos });
     }
     jobs
 }

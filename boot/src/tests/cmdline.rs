@@ -10,7 +10,10 @@ fn lines(cmdline: &str) -> Vec<String> {
 fn empty_command_line_gives_defaults() {
     for cmdline in ["", "   ", "\t\n"] {
         let parsed = parse(cmdline);
-        assert_eq!(parsed.options, Options { log: LogLevel::Info, cpus: None, test: None, place: None });
+        assert_eq!(
+            parsed.options,
+            Options { log: LogLevel::Info, cpus: None, test: None, place: None, nvram_crash_after: None }
+        );
         assert!(parsed.is_clean());
     }
 }
@@ -18,7 +21,16 @@ fn empty_command_line_gives_defaults() {
 #[test]
 fn known_options_are_applied() {
     let parsed = parse("log=trace cpus=4 test=vmx_*,ept-1");
-    assert_eq!(parsed.options, Options { log: LogLevel::Trace, cpus: Some(4), test: Some("vmx_*,ept-1"), place: None });
+    assert_eq!(
+        parsed.options,
+        Options {
+            log: LogLevel::Trace,
+            cpus: Some(4),
+            test: Some("vmx_*,ept-1"),
+            place: None,
+            nvram_crash_after: None
+        }
+    );
     assert!(parsed.is_clean());
     for level in LogLevel::ALL {
         assert_eq!(parse(&format!("log={level}")).options.log, level);
@@ -31,7 +43,10 @@ fn known_options_are_applied() {
 #[test]
 fn extra_whitespace_is_ignored() {
     let parsed = parse("  \tlog=debug \n\n  cpus=2\t ");
-    assert_eq!(parsed.options, Options { log: LogLevel::Debug, cpus: Some(2), test: None, place: None });
+    assert_eq!(
+        parsed.options,
+        Options { log: LogLevel::Debug, cpus: Some(2), test: None, place: None, nvram_crash_after: None }
+    );
     assert!(parsed.is_clean());
 }
 
@@ -41,18 +56,21 @@ fn leading_image_path_is_skipped() {
     assert_eq!(parsed.options.cpus, Some(3));
     assert!(parsed.is_clean());
     // Only in first position.
-    assert_eq!(lines("cpus=3 /boot/nk.elf"), ["unknown option '/boot/nk.elf' (known: log, cpus, test, place)"]);
+    assert_eq!(
+        lines("cpus=3 /boot/nk.elf"),
+        ["unknown option '/boot/nk.elf' (known: log, cpus, test, place, nvram-crash-after)"]
+    );
 }
 
 #[test]
 fn unknown_option_lists_the_known_ones() {
-    assert_eq!(lines("bogus"), ["unknown option 'bogus' (known: log, cpus, test, place)"]);
+    assert_eq!(lines("bogus"), ["unknown option 'bogus' (known: log, cpus, test, place, nvram-crash-after)"]);
     assert_eq!(
         lines("bogus=1 LOG=info =x"),
         [
-            "unknown option 'bogus' (known: log, cpus, test, place)",
-            "unknown option 'LOG' (known: log, cpus, test, place)",
-            "unknown option '' (known: log, cpus, test, place)",
+            "unknown option 'bogus' (known: log, cpus, test, place, nvram-crash-after)",
+            "unknown option 'LOG' (known: log, cpus, test, place, nvram-crash-after)",
+            "unknown option '' (known: log, cpus, test, place, nvram-crash-after)",
         ]
     );
 }
@@ -172,4 +190,25 @@ fn place_pairs_are_read_and_malformed_ones_refused() {
         assert_eq!(parsed.options.place, None, "{bad}");
         assert_eq!(parsed.diagnostics().count(), 1, "{bad}");
     }
+}
+
+#[test]
+fn nvram_crash_after_takes_a_write_count() {
+    assert_eq!(parse("nvram-crash-after=7").options.nvram_crash_after, Some(7));
+    assert_eq!(parse("nvram-crash-after=1000000000").options.nvram_crash_after, Some(1_000_000_000));
+    for value in ["0", "-1", "x", "1000000001", "99999999999999999999999", ""] {
+        let cmdline = format!("nvram-crash-after={value}");
+        let parsed = parse(&cmdline);
+        assert_eq!(parsed.options.nvram_crash_after, None, "{value}");
+        assert_eq!(
+            lines(&cmdline),
+            [format!(
+                "bad value '{value}' for 'nvram-crash-after': expected a number of NVRAM device writes from 1 to 1000000000, e.g. nvram-crash-after=5"
+            )]
+        );
+    }
+    assert_eq!(
+        lines("nvram-crash-after"),
+        ["missing value for 'nvram-crash-after': expected a number of NVRAM device writes from 1 to 1000000000, e.g. nvram-crash-after=5"]
+    );
 }

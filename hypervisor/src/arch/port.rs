@@ -44,3 +44,28 @@ pub fn inl(port: u16) -> u32 {
     unsafe { asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags)) }
     value
 }
+
+/// Reads `buf.len() / 2` words from an I/O port into `buf` (REP INSW, SDM Vol. 2A "INS"):
+/// the PIO data-in transfer of a disk sector. A trailing odd byte is left as it was.
+pub fn read_words(port: u16, buf: &mut [u8]) {
+    let count = buf.len() / 2;
+    // SAFETY: REP INSW stores `count` words at [RDI] upwards (the direction flag is clear,
+    // as the ABI requires at every call), all inside `buf`, which is borrowed exclusively;
+    // reading the port itself has no memory-safety effect.
+    unsafe {
+        asm!("rep insw", in("dx") port, inout("rdi") buf.as_mut_ptr() => _, inout("rcx") count => _,
+            options(nostack, preserves_flags))
+    }
+}
+
+/// Writes `data.len() / 2` words from `data` to an I/O port (REP OUTSW, SDM Vol. 2B
+/// "OUTS"): the PIO data-out transfer of a disk sector. A trailing odd byte is not sent.
+pub fn write_words(port: u16, data: &[u8]) {
+    let count = data.len() / 2;
+    // SAFETY: REP OUTSW loads `count` words from [RSI] upwards (direction flag clear), all
+    // inside `data`; writing the port has no memory-safety effect on Rust state.
+    unsafe {
+        asm!("rep outsw", in("dx") port, inout("rsi") data.as_ptr() => _, inout("rcx") count => _,
+            options(nostack, preserves_flags, readonly))
+    }
+}

@@ -149,6 +149,10 @@ fn bochsrc(spec: &RunSpec, model: &str, serial: &Path, log: &Path) -> String {
     let _ = writeln!(rc, "display_library: rfb, options=\"timeout=0\"");
     let _ = writeln!(rc, "ata0: enabled=1, ioaddr1=0x1f0, ioaddr2=0x3f0, irq=14");
     let _ = writeln!(rc, "ata0-master: type=cdrom, path=\"{}\", status=inserted", spec.iso.display());
+    if let Some(disk) = &spec.disk {
+        // A flat image of any size: Bochs takes its geometry from the file's size.
+        let _ = writeln!(rc, "ata0-slave: type=disk, mode=flat, path=\"{}\"", disk.display());
+    }
     let _ = writeln!(rc, "boot: cdrom");
     let _ = writeln!(rc, "clock: sync=none, time0=local");
     let _ = writeln!(rc, "log: {}", log.display());

@@ -41,6 +41,9 @@ pub struct RunSpec {
     pub dir: PathBuf,
     /// Bochs's emulated instructions per second (the rate of its TSC, PIT and APIC timer).
     pub ips: u32,
+    /// An NVRAM disk image (xtask/src/nvram_disk.rs) attached as the primary channel's
+    /// slave disk (Bochs `ata0-slave`, QEMU IDE index 1); the run writes to it.
+    pub disk: Option<PathBuf>,
 }
 
 /// Bochs's instructions per second unless a run says otherwise: the minimum, so that

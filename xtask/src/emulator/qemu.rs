@@ -70,6 +70,10 @@ pub(super) fn launch(spec: &RunSpec) -> Result<Launch> {
         .arg(format!("file:{}", spec.dir.join("e9.txt").display()))
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
         .args(["-display", "none", "-monitor", "none", "-nic", "none", "-no-reboot"]);
+    if let Some(disk) = &spec.disk {
+        // IDE index 1 is the primary channel's slave, as in Bochs (the CD-ROM is index 2).
+        command.arg("-drive").arg(format!("file={},format=raw,if=ide,index=1,media=disk", disk.display()));
+    }
     match Acceleration::detect() {
         Acceleration::KvmNested => {
             if nested_disabled() {
