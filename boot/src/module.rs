@@ -1,12 +1,17 @@
 //! Parses a guest module's command line:
 //! `<name> [mem=<size>] [cpu=<index>] [ports=<first>[-<last>]] [msrs=<msr>,...] [unsafe-ports]
-//! [ring3-caps] [modules=<name>,...] [input=<name>] [manages=<name>,...] [data] [-- <args>]`.
+//! [ring3-caps] [modules=<name>,...] [input=<name>] [manages=<name>,...] [images=<name>,...]
+//! [data] [image] [-- <args>]`.
 //!
 //! `data` marks a module that is not a guest but data another guest's `modules=` names (a
 //! Linux initramfs, a Multiboot kernel's modules); for a Linux guest the words after `--`
 //! are the kernel command line. `input=` names a data module whose bytes a guest OS reads
 //! from its serial port, as if typed. `manages=` names other guests this one starts with a
 //! capability to (the guest-OS AM's `vm` objects: inspect, stop, start, destroy).
+//! `image` marks a guest OS module (a Linux bzImage or a Multiboot kernel, with its own
+//! `modules=`, `input=` and `-- <args>`) that is not started at boot but becomes an image
+//! of the guest-OS AM, which guests whose `images=` names it may create VMs from at run
+//! time.
 //!
 //! Options are described by one table ([`MODULE_OPTIONS`]): adding an option is one entry
 //! there, one field in [`ModuleSpec`] and the function that sets it. Unlike the hypervisor
@@ -130,6 +135,11 @@ pub struct ModuleSpec<'a> {
     /// The guests this one manages (`manages=`), by name: it starts with a capability
     /// to each (the guest-OS AM).
     pub manages: FixedList<&'a str, MAX_MANAGED>,
+    /// `image`: this module is not started at boot; it is an image VMs are created from.
+    pub image: bool,
+    /// The images this guest may create VMs from (`images=`), by name: it starts with a
+    /// capability to each (the guest-OS AM's `image` objects).
+    pub images: FixedList<&'a str, MAX_MANAGED>,
     /// The words after `--`, handed to the guest.
     pub args: &'a str,
 }
@@ -166,6 +176,8 @@ pub enum ModuleError<'a> {
     TooManyModules,
     /// `manages=` names more than [`MAX_MANAGED`] guests.
     TooManyManaged,
+    /// `images=` names more than [`MAX_MANAGED`] images.
+    TooManyImages,
 }
 
 impl fmt::Display for ModuleError<'_> {
@@ -210,6 +222,9 @@ impl fmt::Display for ModuleError<'_> {
             ModuleError::TooManyManaged => {
                 write!(f, "too many guests in manages=: at most {MAX_MANAGED}, e.g. manages=worker,linux")
             }
+            ModuleError::TooManyImages => {
+                write!(f, "too many images in images=: at most {MAX_MANAGED}, e.g. images=mbkernel")
+            }
         }
     }
 }
@@ -249,7 +264,7 @@ impl PartialEq for ModuleOption {
 impl Eq for ModuleOption {}
 
 /// The options a module line knows, in the order the known-options list shows them.
-pub static MODULE_OPTIONS: [ModuleOption; 10] = [
+pub static MODULE_OPTIONS: [ModuleOption; 12] = [
     ModuleOption {
         name: "mem",
         syntax: "mem=<size>",
@@ -355,6 +370,27 @@ pub static MODULE_OPTIONS: [ModuleOption; 10] = [
             Ok(())
         },
     },
+    ModuleOption {
+        name: "images",
+        syntax: "images=<name>[,<name>]",
+        noun: "value",
+        expected: "write the names of image modules, separated by commas",
+        example: "images=mbkernel",
+        takes_value: true,
+        apply: apply_images,
+    },
+    ModuleOption {
+        name: "image",
+        syntax: "image",
+        noun: "value",
+        expected: "a flag",
+        example: "image",
+        takes_value: false,
+        apply: |spec, _| {
+            spec.image = true;
+            Ok(())
+        },
+    },
 ];
 
 fn apply_modules<'a>(spec: &mut ModuleSpec<'a>, value: &'a str) -> Result<(), ModuleError<'a>> {
@@ -378,6 +414,18 @@ fn apply_manages<'a>(spec: &mut ModuleSpec<'a>, value: &'a str) -> Result<(), Mo
         managed.push(name).map_err(|_| ModuleError::TooManyManaged)?;
     }
     spec.manages = managed;
+    Ok(())
+}
+
+fn apply_images<'a>(spec: &mut ModuleSpec<'a>, value: &'a str) -> Result<(), ModuleError<'a>> {
+    let mut images = FixedList::new();
+    for name in value.split(',') {
+        if name.is_empty() {
+            return Err(ModuleError::BadValue { option: option("images"), value });
+        }
+        images.push(name).map_err(|_| ModuleError::TooManyImages)?;
+    }
+    spec.images = images;
     Ok(())
 }
 
@@ -488,6 +536,8 @@ pub fn parse(cmdline: &str) -> Result<ModuleSpec<'_>, ModuleError<'_>> {
         data: false,
         input: None,
         manages: FixedList::new(),
+        image: false,
+        images: FixedList::new(),
         args,
     };
     let mut ports_value = "";

@@ -118,8 +118,8 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
 
     let tsc_hz = arch::calibrate_tsc();
     log::info!(target: "cpu", "TSC runs at {tsc_hz} Hz (measured against the PIT); guest OSes see it in CPUID 0x15/0x16");
-    let guests = boot.guests();
-    match null_kernel(&guests) {
+    let (guests, images) = boot.guests();
+    match null_kernel(&guests, images) {
         Ok(kernels) => mesh::install(kernels),
         Err(why) => {
             log::error!(target: "nk", "cannot start the null-Kernel: {why}; stopping");
@@ -151,6 +151,7 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
 /// id.
 fn null_kernel(
     guests: &[guest::GuestSpec],
+    images: alloc::vec::Vec<guest::GuestSpec>,
 ) -> Result<alloc::vec::Vec<(nk_core::NullKernel, u32)>, alloc::string::String> {
     use alloc::boxed::Box;
     /// Capability slots of all instances together (each gets a share, at least 4096).
@@ -181,7 +182,7 @@ fn null_kernel(
         })
         .collect();
     let exo = nk_core::shared_am(Box::new(nk_am_exo::ExoAm::new(assignments)));
-    let guest_os = nk_core::shared_am(Box::new(vm_objects(guests)));
+    let guest_os = nk_core::shared_am(Box::new(vm_objects(guests, images)));
     let mut instances = alloc::vec::Vec::new();
     for cpu in 0..kernels {
         let id = nk_caps::KernelId::new(cpu as u16);
@@ -204,26 +205,31 @@ fn null_kernel(
     Ok(instances)
 }
 
-/// Makes every guest (VM i+1) an object of the guest-OS AM: its record on the board the
-/// AM's `inspect` reads, and for each `manages=` name a capability its holder starts with.
-/// A name that is no guest's is reported and skipped.
-fn vm_objects(guests: &[guest::GuestSpec]) -> nk_am_guest_os::GuestOsAm {
-    use nk_am_guest_os::{image, VmGrant, VmRecord};
-    use nk_caps::VmId;
+/// Returns the guest-OS AM's code for the kind of image `bytes` holds.
+fn image_code(bytes: &[u8]) -> u8 {
+    use nk_am_guest_os::image;
     use nk_loader::image::ImageKind;
+    match ImageKind::detect(bytes) {
+        ImageKind::Elf64 => image::BARE_METAL,
+        ImageKind::BzImage => image::LINUX,
+        ImageKind::Multiboot1 { .. } => image::MULTIBOOT,
+        ImageKind::Multiboot2 { .. } => image::MULTIBOOT2,
+        ImageKind::Unknown => image::UNKNOWN,
+    }
+}
+
+/// Makes every guest (VM i+1) an object of the guest-OS AM: its record on the board the
+/// AM's `inspect` reads, and for each `manages=` name a capability its holder starts with;
+/// and every `image` module an image object, with a capability for each guest whose
+/// `images=` names it. A name that is no guest's (no image's) is reported and skipped; so
+/// is an image that is not a guest OS (only a Linux bzImage or a Multiboot kernel can be).
+fn vm_objects(guests: &[guest::GuestSpec], images: alloc::vec::Vec<guest::GuestSpec>) -> nk_am_guest_os::GuestOsAm {
+    use nk_am_guest_os::{image, Image, ImageGrant, Images, VmGrant, VmRecord};
+    use nk_caps::VmId;
     let records = guests
         .iter()
         .enumerate()
-        .map(|(i, g)| {
-            let kind = match ImageKind::detect(g.image) {
-                ImageKind::Elf64 => image::BARE_METAL,
-                ImageKind::BzImage => image::LINUX,
-                ImageKind::Multiboot1 { .. } => image::MULTIBOOT,
-                ImageKind::Multiboot2 { .. } => image::MULTIBOOT2,
-                ImageKind::Unknown => image::UNKNOWN,
-            };
-            VmRecord::new(VmId::new(i as u32 + 1), &g.name, kind, g.memory, u32::MAX)
-        })
+        .map(|(i, g)| VmRecord::new(VmId::new(i as u32 + 1), &g.name, image_code(g.image), g.memory, u32::MAX))
         .collect();
     let board = vmctl::install(records);
     let mut grants = alloc::vec::Vec::new();
@@ -241,7 +247,37 @@ fn vm_objects(guests: &[guest::GuestSpec]) -> nk_am_guest_os::GuestOsAm {
             }
         }
     }
-    nk_am_guest_os::GuestOsAm::new(board, grants)
+    let images: alloc::vec::Vec<_> = images
+        .into_iter()
+        .filter(|spec| match image_code(spec.image) {
+            image::LINUX | image::MULTIBOOT | image::MULTIBOOT2 => true,
+            _ => {
+                log::error!(target: "boot", "module '{}': an image must be a Linux bzImage or a Multiboot kernel; skipped", spec.name);
+                false
+            }
+        })
+        .collect();
+    let mut image_grants = alloc::vec::Vec::new();
+    for (i, g) in guests.iter().enumerate() {
+        let holder = VmId::new(i as u32 + 1);
+        for name in &g.images {
+            match images.iter().position(|image| &image.name == name) {
+                Some(index) => image_grants.push(ImageGrant { holder, image: index as u32 }),
+                None => {
+                    log::error!(target: "boot", "vm{}/{}: images={name}: no module is an image with that name; skipped", holder.raw(), g.name)
+                }
+            }
+        }
+    }
+    let online_cpus = percpu::all().filter(|c| c.in_vmx_root()).fold(0u64, |mask, c| mask | 1 << (c.index() % 64));
+    let catalogue = Images {
+        images: images.iter().map(|spec| Image { name: spec.name.clone(), kind: image_code(spec.image) }).collect(),
+        grants: image_grants,
+        online_cpus,
+        fits: vmctl::image_fits,
+    };
+    vmctl::install_images(images);
+    nk_am_guest_os::GuestOsAm::new(board, grants).with_images(catalogue)
 }
 
 #[panic_handler]

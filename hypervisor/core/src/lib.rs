@@ -248,6 +248,8 @@ impl nk_caps::RevocationHook for AmHook<'_> {
 struct AmServices<'a> {
     am: AmId,
     table: &'a mut CapTable,
+    /// Every AM of the instance (for `lend_frames`, which asks the AM of another object).
+    ams: &'a [SharedAm],
     effects: &'a mut Vec<Effect>,
     memory: &'a MemoryServices,
 }
@@ -287,6 +289,25 @@ impl Kernel for AmServices<'_> {
 
     fn guest_memory(&self, vm: VmId) -> Option<(u64, u64)> {
         (self.memory.guest_memory)(vm)
+    }
+
+    fn lend_frames(
+        &mut self,
+        caller: VmId,
+        name: CapName,
+        to: VmId,
+        fits: &mut dyn FnMut(u64) -> Result<(), AmError>,
+    ) -> Result<(u64, u64), AmError> {
+        // The same check as for a capability argument: the caller may use it, it is live.
+        let info = self.table.inspect(Principal::Vm(caller), name)?;
+        // An AM cannot lend to itself through this path (it is locked by the call).
+        if info.object.am == self.am {
+            return Err(AmError::NotPermitted);
+        }
+        let index = usize::from(info.object.am.raw()).wrapping_sub(usize::from(FIRST_AM_ID));
+        let owner = self.ams.get(index).ok_or(AmError::NotPermitted)?;
+        let cap = nk_am::PresentedCap { name, object: info.object, rights: info.rights, presenter: caller };
+        owner.lock().lend_frames(&cap, to, fits, &mut EffectList(self.effects))
     }
 }
 
@@ -488,8 +509,13 @@ impl NullKernel {
         let mut report = Vec::new();
         for (slot, am) in self.ams.iter().enumerate() {
             let id = AmId::new(FIRST_AM_ID + slot as u16);
-            let mut services =
-                AmServices { am: id, table: self.proto.table_mut(), effects: &mut self.effects, memory: &self.memory };
+            let mut services = AmServices {
+                am: id,
+                table: self.proto.table_mut(),
+                ams: &self.ams,
+                effects: &mut self.effects,
+                memory: &self.memory,
+            };
             match am.lock().grant_initial(vm, &mut services) {
                 Ok(names) => granted.extend(names.into_iter().map(|name| (id, name))),
                 Err(error) => report.push(GrantFailure { am: id, error }),
@@ -650,7 +676,7 @@ impl NullKernel {
         let Some(handler) = self.ams.get(slot) else {
             return failure(Status::new(Status::UNKNOWN_AM, None));
         };
-        let mut services = AmServices { am, table, effects: &mut self.effects, memory: &self.memory };
+        let mut services = AmServices { am, table, ams: &self.ams, effects: &mut self.effects, memory: &self.memory };
         let result = handler.lock().invoke(&checked, &call.args, &mut services);
         match result {
             Ok(outcome) => success(outcome.name, outcome.results),
