@@ -1,7 +1,7 @@
 //! Parses a guest module's command line:
 //! `<name> [mem=<size>] [cpu=<index>] [ports=<first>[-<last>]] [msrs=<msr>,...] [unsafe-ports]
 //! [ring3-caps] [modules=<name>,...] [input=<name>] [manages=<name>,...] [images=<name>,...]
-//! [data] [image] [-- <args>]`.
+//! [frames=<size>] [data] [image] [-- <args>]`.
 //!
 //! `data` marks a module that is not a guest but data another guest's `modules=` names (a
 //! Linux initramfs, a Multiboot kernel's modules); for a Linux guest the words after `--`
@@ -135,6 +135,9 @@ pub struct ModuleSpec<'a> {
     /// The guests this one manages (`manages=`), by name: it starts with a capability
     /// to each (the guest-OS AM).
     pub manages: FixedList<&'a str, MAX_MANAGED>,
+    /// The exo AM frame quota (`frames=`): how many bytes of frames the VM may allocate at
+    /// a time, a multiple of 2 MiB up to 1 GiB (None: the hypervisor's default).
+    pub frames: Option<u64>,
     /// `image`: this module is not started at boot; it is an image VMs are created from.
     pub image: bool,
     /// The images this guest may create VMs from (`images=`), by name: it starts with a
@@ -264,7 +267,7 @@ impl PartialEq for ModuleOption {
 impl Eq for ModuleOption {}
 
 /// The options a module line knows, in the order the known-options list shows them.
-pub static MODULE_OPTIONS: [ModuleOption; 12] = [
+pub static MODULE_OPTIONS: [ModuleOption; 13] = [
     ModuleOption {
         name: "mem",
         syntax: "mem=<size>",
@@ -380,6 +383,15 @@ pub static MODULE_OPTIONS: [ModuleOption; 12] = [
         apply: apply_images,
     },
     ModuleOption {
+        name: "frames",
+        syntax: "frames=<size>",
+        noun: "size",
+        expected: "a multiple of 2M up to 1G",
+        example: "frames=128M",
+        takes_value: true,
+        apply: apply_frames,
+    },
+    ModuleOption {
         name: "image",
         syntax: "image",
         noun: "value",
@@ -435,7 +447,18 @@ fn option(name: &str) -> &'static ModuleOption {
 
 /// Reads a size with an optional K, M or G suffix (M when none).
 fn apply_mem<'a>(spec: &mut ModuleSpec<'a>, value: &'a str) -> Result<(), ModuleError<'a>> {
-    let bad = ModuleError::BadValue { option: option("mem"), value };
+    spec.memory = size("mem", value)?;
+    Ok(())
+}
+
+fn apply_frames<'a>(spec: &mut ModuleSpec<'a>, value: &'a str) -> Result<(), ModuleError<'a>> {
+    spec.frames = Some(size("frames", value)?);
+    Ok(())
+}
+
+/// Reads a size for option `name`: a multiple of 2 MiB up to 1 GiB.
+fn size<'a>(name: &str, value: &'a str) -> Result<u64, ModuleError<'a>> {
+    let bad = ModuleError::BadValue { option: option(name), value };
     let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
     let (digits, unit) = value.split_at(split);
     let shift = match unit {
@@ -451,12 +474,9 @@ fn apply_mem<'a>(spec: &mut ModuleSpec<'a>, value: &'a str) -> Result<(), Module
     // lose bits either (a shift would: 2^44 + 2 megabytes would read as 2M).
     let bytes = digits.parse::<u64>().ok().and_then(|n| n.checked_mul(1 << shift));
     match bytes {
-        None => Err(ModuleError::MemoryTooLarge { value }),
-        Some(n) if n > 0 && n % GUEST_MEMORY_GRANULE == 0 && n <= MAX_GUEST_MEMORY => {
-            spec.memory = n;
-            Ok(())
-        }
-        Some(_) => Err(bad),
+        None if name == "mem" => Err(ModuleError::MemoryTooLarge { value }),
+        Some(n) if n > 0 && n % GUEST_MEMORY_GRANULE == 0 && n <= MAX_GUEST_MEMORY => Ok(n),
+        None | Some(_) => Err(bad),
     }
 }
 
@@ -536,6 +556,7 @@ pub fn parse(cmdline: &str) -> Result<ModuleSpec<'_>, ModuleError<'_>> {
         data: false,
         input: None,
         manages: FixedList::new(),
+        frames: None,
         image: false,
         images: FixedList::new(),
         args,

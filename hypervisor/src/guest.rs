@@ -764,6 +764,8 @@ pub struct GuestSpec {
     pub input: Option<&'static [u8]>,
     /// The guests this VM starts with a `vm` capability to (`manages=`; the guest-OS AM).
     pub manages: Vec<String>,
+    /// The exo AM frame quota in bytes (`frames=`; None: the default).
+    pub frames: Option<u64>,
     /// `image`: not started at boot; the guest-OS AM creates VMs from it at run time.
     pub image_module: bool,
     /// The images this VM starts with an `image` capability to (`images=`).
@@ -806,6 +808,7 @@ impl GuestSpec {
             input_name: spec.input.map(String::from),
             input: None,
             manages: spec.manages.as_slice().iter().map(|n| String::from(*n)).collect(),
+            frames: spec.frames,
             image_module: spec.image,
             images: spec.images.as_slice().iter().map(|n| String::from(*n)).collect(),
         })

@@ -160,7 +160,8 @@ fn null_kernel(
     /// Guest-physical addresses below this may hold exo mappings (the bare-metal guests'
     /// page tables identity-map the first GiB).
     const EXO_GPA_LIMIT: u64 = 1 << 30;
-    /// Bytes of frames each VM may allocate through the exo AM at a time.
+    /// Bytes of frames each VM may allocate through the exo AM at a time, unless its
+    /// module says `frames=`.
     const EXO_FRAME_QUOTA: u64 = 4 << 20;
     let kernels = percpu::all().filter(|c| c.in_vmx_root()).map(|c| c.index() + 1).max().unwrap_or(1);
     let capacity = (TOTAL_CAPACITY / kernels).clamp(4096, 16_384);
@@ -175,7 +176,7 @@ fn null_kernel(
             memory: Some(nk_am_exo::VmMemory {
                 gpa_base: 0,
                 gpa_limit: EXO_GPA_LIMIT,
-                frame_quota: EXO_FRAME_QUOTA,
+                frame_quota: g.frames.unwrap_or(EXO_FRAME_QUOTA),
                 initial_bytes: g.memory,
                 initial_hpa: None,
             }),

@@ -73,7 +73,7 @@ fn bad_values_name_the_option_and_an_example() {
         refusal("typo memory=8M"),
         "unknown module option 'memory=8M' (known: mem=<size>, cpu=<index>, ports=<first>[-<last>], \
          msrs=<msr>[,<msr>], unsafe-ports, ring3-caps, modules=<name>[,<name>], input=<name>, manages=<name>[,<name>], data, \
-         images=<name>[,<name>], image, -- <guest args>)"
+         images=<name>[,<name>], frames=<size>, image, -- <guest args>)"
     );
 }
 
@@ -130,6 +130,17 @@ fn image_marks_a_module_and_images_names_them() {
     assert_eq!(refusal("g images=a,b,c,d,e,f,g,h,i"), "too many images in images=: at most 8, e.g. images=mbkernel");
     assert!(crate::module::MODULE_OPTIONS.iter().any(|o| o.name == "image" && !o.takes_value));
     assert!(crate::module::MODULE_OPTIONS.iter().any(|o| o.name == "images" && o.takes_value));
+}
+
+#[test]
+fn frames_sets_the_exo_frame_quota() {
+    assert_eq!(parse("control frames=128M").unwrap().frames, Some(128 << 20));
+    assert_eq!(parse("control").unwrap().frames, None);
+    assert_eq!(refusal("g frames=3M"), "bad size '3M' for frames=: a multiple of 2M up to 1G, e.g. frames=128M");
+    assert_eq!(
+        refusal("g frames=99999999999999999999G"),
+        "bad size '99999999999999999999G' for frames=: a multiple of 2M up to 1G, e.g. frames=128M"
+    );
 }
 
 #[test]

@@ -615,6 +615,10 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
         Some("hold") => protocol::hold(),
         Some("control") => control::run(words.next()),
         Some("vmcreate") => vm_create::run(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
+        Some("vmcreate-linux") => {
+            let cpu = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+            vm_create::run_linux(cpu, words.next().and_then(|n| n.parse().ok()).unwrap_or(128))
+        }
         Some("fuzz") => {
             let seed = words.next().and_then(|n| n.parse().ok()).unwrap_or(1);
             let calls = words.next().and_then(|n| n.parse().ok()).unwrap_or(100_000);
@@ -637,7 +641,7 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
             }
         }
         Some(other) => println!(
-            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..], xcr0 ROUNDS, xmmleak SEED ROUNDS, tpr PEER ROUNDS, leakprobe SEED ROUNDS, openloop, ring3caps, flood VICTIM, victim ATTACKER, exomem, exolend [free] [bench] BORROWERS.., exoborrow, exobench, control [orphan|busy|linux], vmcreate CPU)"
+            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..], xcr0 ROUNDS, xmmleak SEED ROUNDS, tpr PEER ROUNDS, leakprobe SEED ROUNDS, openloop, ring3caps, flood VICTIM, victim ATTACKER, exomem, exolend [free] [bench] BORROWERS.., exoborrow, exobench, control [orphan|busy|linux], vmcreate CPU, vmcreate-linux CPU MIB)"
         ),
     }
     println!("GTEST done");

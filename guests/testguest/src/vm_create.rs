@@ -16,6 +16,11 @@
 //! * VM D is created and its `vm` capability deleted: it is destroyed without ever running.
 //!
 //! The boot VMs' count is `BOOT_VMS` below (the scenario's module list).
+//!
+//! `vmcreate-linux CPU MIB`: creates one VM from its image (a Linux bzImage) with `MIB` MiB
+//! of exo frames (2 MiB pages; the module line's `frames=` must allow them), starts it and
+//! waits until it ended (Linux boots, runs its commands and powers off), then frees the
+//! frames.
 
 use nk_guest::abi::Status;
 use nk_guest::nk::{self, Cap};
@@ -30,6 +35,7 @@ const DESTROY: u32 = 3;
 const CREATE: u32 = 4;
 const CREATED: u64 = 0;
 const ENDED: u64 = 3;
+const LINUX: u64 = 1;
 const MULTIBOOT: u64 = 2;
 /// Exo AM operations (am/exo).
 const ALLOC: u32 = 3;
@@ -79,7 +85,12 @@ fn held() -> Result<Held, Why> {
 }
 
 fn alloc(h: &Held, pages: u64) -> Result<Cap, Why> {
-    let r = nk::call(h.exo, ALLOC, &[h.aspace], &[pages, 0]);
+    alloc_pages(h, pages, 0)
+}
+
+/// Allocates `pages` pages, 2 MiB ones when `large` is 1.
+fn alloc_pages(h: &Held, pages: u64, large: u64) -> Result<Cap, Why> {
+    let r = nk::call(h.exo, ALLOC, &[h.aspace], &[pages, large]);
     ensure!(r.status().is_ok(), "alloc of {pages} pages: {}", r.status());
     Ok(r.name)
 }
@@ -116,13 +127,17 @@ fn inspect(h: &Held, vm: Cap) -> Result<(u64, u64, u64, u64), Why> {
 }
 
 fn wait_for(h: &Held, vm: Cap, wanted: u64) -> CheckResult {
+    wait_longer(h, vm, wanted, TIMEOUT_TICKS)
+}
+
+fn wait_longer(h: &Held, vm: Cap, wanted: u64, ticks: u64) -> CheckResult {
     let start = nk::rdtsc();
     loop {
         let (state, ..) = inspect(h, vm)?;
         if state == wanted {
             return Ok(());
         }
-        ensure!(nk::rdtsc().wrapping_sub(start) < TIMEOUT_TICKS, "state {state}, never {wanted}");
+        ensure!(nk::rdtsc().wrapping_sub(start) < ticks, "state {state}, never {wanted}");
         let pause = nk::rdtsc();
         while nk::rdtsc().wrapping_sub(pause) < 1 << 16 {
             core::hint::spin_loop();
@@ -145,6 +160,26 @@ pub fn run(cpu: u64) {
     report("vmcreate_destroy", create_and_destroy(&h, cpu));
     report("vmcreate_free_frames", free_under_a_running_vm(&h, cpu));
     report("vmcreate_delete_capability", delete_capability(&h, cpu));
+}
+
+/// `vmcreate-linux CPU MIB`: see the module docs.
+pub fn run_linux(cpu: u64, mib: u64) {
+    let result = held().and_then(|h| {
+        let frames = alloc_pages(&h, mib / 2, 1)?;
+        let (vm, id) = create(&h, h.image, frames, cpu).map_err(|s| why(format_args!("create: {s}")))?;
+        let (state, image, on, memory) = inspect(&h, vm)?;
+        ensure!(
+            (state, image, on, memory) == (CREATED, LINUX, cpu, mib << 20),
+            "inspect: state {state}, image {image}, cpu {on}, {memory} bytes"
+        );
+        let start = nk::call(h.guest_os, START, &[vm], &[]).status();
+        ensure!(start.is_ok(), "start: {start}");
+        wait_longer(&h, vm, ENDED, 1 << 40)?;
+        free(&h, frames)?;
+        println!("vmcreate: Linux vm{id} ran to its end on cpu {cpu}");
+        Ok(())
+    });
+    report("vmcreate_linux", result);
 }
 
 fn refusals(h: &Held, cpu: u64) -> CheckResult {
