@@ -11,7 +11,8 @@
 //! `image` marks a guest OS module (a Linux bzImage or a Multiboot kernel, with its own
 //! `modules=`, `input=` and `-- <args>`) that is not started at boot but becomes an image
 //! of the guest-OS AM, which guests whose `images=` names it may create VMs from at run
-//! time.
+//! time. `frames=` sets the VM's exo AM frame quota (how much memory it may allocate, e.g.
+//! to lend as a created VM's RAM).
 //!
 //! Options are described by one table ([`MODULE_OPTIONS`]): adding an option is one entry
 //! there, one field in [`ModuleSpec`] and the function that sets it. Unlike the hypervisor
