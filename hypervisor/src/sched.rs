@@ -11,7 +11,7 @@
 
 use alloc::collections::BTreeSet;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 use nk_abi::Call;
 use nk_caps::{KernelId, VmId};
@@ -32,7 +32,9 @@ const VM_QUOTA: u32 = 4096;
 const SETTLE_TIMEOUT_US: u64 = 5_000_000;
 
 static QUEUES: [Mutex<Vec<(VmId, GuestSpec)>>; MAX_CPUS] = [const { Mutex::new(Vec::new()) }; MAX_CPUS];
-static ASSIGNED: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+/// Queues handed to each CPU and not yet taken: a CPU takes them all with one run of its
+/// queue and counts them as finished when that run ends.
+static ASSIGNED: [AtomicUsize; MAX_CPUS] = [const { AtomicUsize::new(0) }; MAX_CPUS];
 static CPUS_FINISHED: AtomicUsize = AtomicUsize::new(0);
 /// Queues handed to CPUs (the APs' at boot, and each VM created at run time): the BSP waits
 /// until as many have finished.
@@ -89,21 +91,22 @@ pub fn run_guests(specs: Vec<GuestSpec>, placements: &[(&str, u32)]) -> (usize, 
         QUEUES[cpu].lock().push((vm, spec));
     }
     for &cpu in online.iter().filter(|&&cpu| cpu != 0 && !QUEUES[cpu].lock().is_empty()) {
-        ASSIGNED[cpu].store(true, Ordering::Release);
+        WOKEN.fetch_add(1, Ordering::AcqRel);
+        ASSIGNED[cpu].fetch_add(1, Ordering::AcqRel);
         let apic_id = percpu::get(cpu).map_or(0, |c| c.apic_id());
-        if apic::send_wakeup(apic_id) {
-            WOKEN.fetch_add(1, Ordering::AcqRel);
-        } else {
+        if !apic::send_wakeup(apic_id) {
             log::error!(target: "sched", "cpu {cpu} did not accept its wake-up IPI; its guests do not run");
-            ASSIGNED[cpu].store(false, Ordering::Release);
+            ASSIGNED[cpu].fetch_sub(1, Ordering::AcqRel);
+            WOKEN.fetch_sub(1, Ordering::AcqRel);
         }
     }
     run_queue(0);
     // VMs created at run time may give any CPU, this one too, a queue again.
     while CPUS_FINISHED.load(Ordering::Acquire) < WOKEN.load(Ordering::Acquire) {
-        if ASSIGNED[0].swap(false, Ordering::AcqRel) {
+        let taken = ASSIGNED[0].swap(0, Ordering::AcqRel);
+        if taken > 0 {
             run_queue(0);
-            CPUS_FINISHED.fetch_add(1, Ordering::AcqRel);
+            CPUS_FINISHED.fetch_add(taken, Ordering::AcqRel);
             continue;
         }
         mesh.service(0);
@@ -164,7 +167,7 @@ fn register(mesh: &Mesh, vm: VmId, cpu: usize, spec: &GuestSpec, running: bool) 
 /// wakes and runs its queue, a CPU that runs one adopts the VM at its next slice boundary.
 pub fn assign(cpu: usize) {
     WOKEN.fetch_add(1, Ordering::AcqRel);
-    ASSIGNED[cpu].store(true, Ordering::Release);
+    ASSIGNED[cpu].fetch_add(1, Ordering::AcqRel);
     if cpu != percpu::current_index() as usize {
         let apic_id = percpu::get(cpu).map_or(0, |c| c.apic_id());
         if !apic::send_wakeup(apic_id) {
@@ -420,14 +423,15 @@ fn finish(cpu: usize, vm: VmId, halted: bool, removals: &mut Vec<(PendingOp, VmI
 /// The idle loop of an application processor: sleeps until the BSP assigns it guests.
 pub fn ap_idle(cpu: usize) -> ! {
     loop {
-        if ASSIGNED[cpu].swap(false, Ordering::AcqRel) {
+        let taken = ASSIGNED[cpu].swap(0, Ordering::AcqRel);
+        if taken > 0 {
             run_queue(cpu);
-            CPUS_FINISHED.fetch_add(1, Ordering::AcqRel);
+            CPUS_FINISHED.fetch_add(taken, Ordering::AcqRel);
         }
         // Until the BSP assigns guests, and after they ended, the CPU's kernel instance
         // still answers the other kernels.
         arch::sleep_unless(|| {
-            mesh::get().is_some_and(|mesh| mesh.service(cpu) > 0) || ASSIGNED[cpu].load(Ordering::Acquire)
+            mesh::get().is_some_and(|mesh| mesh.service(cpu) > 0) || ASSIGNED[cpu].load(Ordering::Acquire) > 0
         });
     }
 }

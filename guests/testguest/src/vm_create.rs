@@ -13,7 +13,8 @@
 //! * VM C is created and started, and its frames are freed while it runs: the exo AM
 //!   unmaps them from C first, so C is stopped at its next access to its RAM (an EPT
 //!   violation line), and the hypervisor never touches the frames again;
-//! * VM D is created and its `vm` capability deleted: it is destroyed without ever running.
+//! * VMs D, E and F are created back to back (the module line's `frames=8M` allows 6 MiB)
+//!   and their `vm` capabilities deleted: they are destroyed without ever running.
 //!
 //! The boot VMs' count is `BOOT_VMS` below (the scenario's module list).
 //!
@@ -254,12 +255,23 @@ fn free_under_a_running_vm(h: &Held, cpu: u64) -> CheckResult {
     Ok(())
 }
 
+/// Creates three VMs back to back (their CPU adopts several at once, and is handed a
+/// queue three times) and deletes their capabilities without starting them.
 fn delete_capability(h: &Held, cpu: u64) -> CheckResult {
-    let frames = alloc(h, RAM_PAGES)?;
-    let (vm, id) = create(h, h.image, frames, cpu).map_err(|s| why(format_args!("create: {s}")))?;
-    // The hypervisor's `destroyed by` line for the VM is what the scenario checks.
-    nk::delete(vm).map_err(|s| why(format_args!("delete: {s}")))?;
-    free(h, frames)?;
-    println!("vmcreate: vm{id} destroyed when its capability was deleted");
+    let frames = [alloc(h, RAM_PAGES)?, alloc(h, RAM_PAGES)?, alloc(h, RAM_PAGES)?];
+    let mut vms = [Cap::default(); 3];
+    let mut first = 0;
+    for (vm, set) in vms.iter_mut().zip(frames) {
+        let (cap, id) = create(h, h.image, set, cpu).map_err(|s| why(format_args!("create: {s}")))?;
+        (*vm, first) = (cap, if first == 0 { id } else { first });
+    }
+    // The hypervisor's `destroyed by` lines for the VMs are what the scenario checks.
+    for vm in vms {
+        nk::delete(vm).map_err(|s| why(format_args!("delete: {s}")))?;
+    }
+    for set in frames {
+        free(h, set)?;
+    }
+    println!("vmcreate: vm{first} to vm{} destroyed when their capabilities were deleted", first + 2);
     Ok(())
 }
