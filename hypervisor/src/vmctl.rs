@@ -227,8 +227,11 @@ pub fn create(vm: VmId, image_index: u32, cpu: u32, ram: (u64, u64), by: VmId) {
     }
     let (hpa, bytes) = ram;
     // SAFETY: the exo AM lent these frames (the creator's own allocation from the
-    // hypervisor's allocator, identity-mapped) for this VM; they cannot be freed before
-    // this effect returns (see the module docs), and no VM runs on them yet.
+    // hypervisor's allocator, identity-mapped, bounded by its frame quota) for this VM;
+    // they cannot be freed before this effect returns (see the module docs). The new VM
+    // does not run yet; a VM the creator shared part of the set with may write it
+    // meanwhile, which only changes what the new VM sees: the loader writes and never
+    // reads back.
     unsafe { core::ptr::write_bytes(hpa as *mut u8, 0, bytes as usize) };
     let kind = nk_loader::image::ImageKind::detect(spec.image);
     let mut memory = crate::osvm::GuestRam { base: hpa, size: bytes };
