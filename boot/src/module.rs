@@ -1,12 +1,18 @@
 //! Parses a guest module's command line:
 //! `<name> [mem=<size>] [cpu=<index>] [ports=<first>[-<last>]] [msrs=<msr>,...] [unsafe-ports]
-//! [ring3-caps] [modules=<name>,...] [input=<name>] [manages=<name>,...] [data] [-- <args>]`.
+//! [ring3-caps] [modules=<name>,...] [input=<name>] [manages=<name>,...] [images=<name>,...]
+//! [frames=<size>] [data] [image] [-- <args>]`.
 //!
 //! `data` marks a module that is not a guest but data another guest's `modules=` names (a
 //! Linux initramfs, a Multiboot kernel's modules); for a Linux guest the words after `--`
 //! are the kernel command line. `input=` names a data module whose bytes a guest OS reads
 //! from its serial port, as if typed. `manages=` names other guests this one starts with a
 //! capability to (the guest-OS AM's `vm` objects: inspect, stop, start, destroy).
+//! `image` marks a guest OS module (a Linux bzImage or a Multiboot kernel, with its own
+//! `modules=`, `input=` and `-- <args>`) that is not started at boot but becomes an image
+//! of the guest-OS AM, which guests whose `images=` names it may create VMs from at run
+//! time. `frames=` sets the VM's exo AM frame quota (how much memory it may allocate, e.g.
+//! to lend as a created VM's RAM).
 //!
 //! Options are described by one table ([`MODULE_OPTIONS`]): adding an option is one entry
 //! there, one field in [`ModuleSpec`] and the function that sets it. Unlike the hypervisor
@@ -150,6 +156,14 @@ pub struct ModuleSpec<'a> {
     /// The guests this one manages (`manages=`), by name: it starts with a capability
     /// to each (the guest-OS AM).
     pub manages: FixedList<&'a str, MAX_MANAGED>,
+    /// The exo AM frame quota (`frames=`): how many bytes of frames the VM may allocate at
+    /// a time, a multiple of 2 MiB up to 1 GiB (None: the hypervisor's default).
+    pub frames: Option<u64>,
+    /// `image`: this module is not started at boot; it is an image VMs are created from.
+    pub image: bool,
+    /// The images this guest may create VMs from (`images=`), by name: it starts with a
+    /// capability to each (the guest-OS AM's `image` objects).
+    pub images: FixedList<&'a str, MAX_MANAGED>,
     /// The words after `--`, handed to the guest.
     pub args: &'a str,
 }
@@ -186,6 +200,8 @@ pub enum ModuleError<'a> {
     TooManyModules,
     /// `manages=` names more than [`MAX_MANAGED`] guests.
     TooManyManaged,
+    /// `images=` names more than [`MAX_MANAGED`] images.
+    TooManyImages,
 }
 
 impl fmt::Display for ModuleError<'_> {
@@ -230,6 +246,9 @@ impl fmt::Display for ModuleError<'_> {
             ModuleError::TooManyManaged => {
                 write!(f, "too many guests in manages=: at most {MAX_MANAGED}, e.g. manages=worker,linux")
             }
+            ModuleError::TooManyImages => {
+                write!(f, "too many images in images=: at most {MAX_MANAGED}, e.g. images=mbkernel")
+            }
         }
     }
 }
@@ -269,7 +288,7 @@ impl PartialEq for ModuleOption {
 impl Eq for ModuleOption {}
 
 /// The options a module line knows, in the order the known-options list shows them.
-pub static MODULE_OPTIONS: [ModuleOption; 10] = [
+pub static MODULE_OPTIONS: [ModuleOption; 13] = [
     ModuleOption {
         name: "mem",
         syntax: "mem=<size>",
@@ -375,6 +394,36 @@ pub static MODULE_OPTIONS: [ModuleOption; 10] = [
             Ok(())
         },
     },
+    ModuleOption {
+        name: "images",
+        syntax: "images=<name>[,<name>]",
+        noun: "value",
+        expected: "write the names of image modules, separated by commas",
+        example: "images=mbkernel",
+        takes_value: true,
+        apply: apply_images,
+    },
+    ModuleOption {
+        name: "frames",
+        syntax: "frames=<size>",
+        noun: "size",
+        expected: "a multiple of 2M up to 1G",
+        example: "frames=128M",
+        takes_value: true,
+        apply: apply_frames,
+    },
+    ModuleOption {
+        name: "image",
+        syntax: "image",
+        noun: "value",
+        expected: "a flag",
+        example: "image",
+        takes_value: false,
+        apply: |spec, _| {
+            spec.image = true;
+            Ok(())
+        },
+    },
 ];
 
 fn apply_modules<'a>(spec: &mut ModuleSpec<'a>, value: &'a str) -> Result<(), ModuleError<'a>> {
@@ -401,13 +450,36 @@ fn apply_manages<'a>(spec: &mut ModuleSpec<'a>, value: &'a str) -> Result<(), Mo
     Ok(())
 }
 
+fn apply_images<'a>(spec: &mut ModuleSpec<'a>, value: &'a str) -> Result<(), ModuleError<'a>> {
+    let mut images = FixedList::new();
+    for name in value.split(',') {
+        if name.is_empty() {
+            return Err(ModuleError::BadValue { option: option("images"), value });
+        }
+        images.push(name).map_err(|_| ModuleError::TooManyImages)?;
+    }
+    spec.images = images;
+    Ok(())
+}
+
 fn option(name: &str) -> &'static ModuleOption {
     MODULE_OPTIONS.iter().find(|o| o.name == name).unwrap_or(&MODULE_OPTIONS[0])
 }
 
 /// Reads a size with an optional K, M or G suffix (M when none).
 fn apply_mem<'a>(spec: &mut ModuleSpec<'a>, value: &'a str) -> Result<(), ModuleError<'a>> {
-    let bad = ModuleError::BadValue { option: option("mem"), value };
+    spec.memory = size("mem", value)?;
+    Ok(())
+}
+
+fn apply_frames<'a>(spec: &mut ModuleSpec<'a>, value: &'a str) -> Result<(), ModuleError<'a>> {
+    spec.frames = Some(size("frames", value)?);
+    Ok(())
+}
+
+/// Reads a size for option `name`: a multiple of 2 MiB up to 1 GiB.
+fn size<'a>(name: &str, value: &'a str) -> Result<u64, ModuleError<'a>> {
+    let bad = ModuleError::BadValue { option: option(name), value };
     let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
     let (digits, unit) = value.split_at(split);
     let shift = match unit {
@@ -423,12 +495,9 @@ fn apply_mem<'a>(spec: &mut ModuleSpec<'a>, value: &'a str) -> Result<(), Module
     // lose bits either (a shift would: 2^44 + 2 megabytes would read as 2M).
     let bytes = digits.parse::<u64>().ok().and_then(|n| n.checked_mul(1 << shift));
     match bytes {
-        None => Err(ModuleError::MemoryTooLarge { value }),
-        Some(n) if n > 0 && n % GUEST_MEMORY_GRANULE == 0 && n <= MAX_GUEST_MEMORY => {
-            spec.memory = n;
-            Ok(())
-        }
-        Some(_) => Err(bad),
+        None if name == "mem" => Err(ModuleError::MemoryTooLarge { value }),
+        Some(n) if n > 0 && n % GUEST_MEMORY_GRANULE == 0 && n <= MAX_GUEST_MEMORY => Ok(n),
+        None | Some(_) => Err(bad),
     }
 }
 
@@ -508,6 +577,9 @@ pub fn parse(cmdline: &str) -> Result<ModuleSpec<'_>, ModuleError<'_>> {
         data: false,
         input: None,
         manages: FixedList::new(),
+        frames: None,
+        image: false,
+        images: FixedList::new(),
         args,
     };
     let mut ports_value = "";

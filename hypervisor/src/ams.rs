@@ -17,21 +17,29 @@ const AM_QUOTA: u32 = 4096;
 /// Guest-physical addresses below this may hold exo mappings (the bare-metal guests'
 /// page tables identity-map the first GiB).
 const EXO_GPA_LIMIT: u64 = 1 << 30;
-/// Bytes of frames each VM may allocate through the exo AM at a time.
+/// Bytes of frames each VM may allocate through the exo AM at a time, unless its module
+/// says `frames=`.
 const EXO_FRAME_QUOTA: u64 = 4 << 20;
 
 /// One AM: its name (for logs), its quota and how to make it for the boot's guests.
 pub struct AmLine {
     pub name: &'static str,
     pub quota: u32,
-    pub make: fn(&[GuestSpec]) -> Box<dyn AbstractMachine + Send>,
+    pub make: fn(&BootModules<'_>) -> Box<dyn AbstractMachine + Send>,
+}
+
+/// What the boot modules asked for: the guests (VM i+1 is `guests[i]`) and the images
+/// (modules marked `image`) the guest-OS AM creates VMs from.
+pub struct BootModules<'a> {
+    pub guests: &'a [GuestSpec],
+    pub images: &'a [GuestSpec],
 }
 
 /// Every AM, in registration order.
 pub static AMS: &[AmLine] = &[
     AmLine { name: "counter", quota: AM_QUOTA, make: |_| Box::new(nk_am_counter::CounterAm::new()) },
-    AmLine { name: "exo", quota: AM_QUOTA, make: |guests| Box::new(exo_am(guests)) },
-    AmLine { name: "guest-os", quota: AM_QUOTA, make: |guests| Box::new(vm_objects(guests)) },
+    AmLine { name: "exo", quota: AM_QUOTA, make: |boot| Box::new(exo_am(boot.guests)) },
+    AmLine { name: "guest-os", quota: AM_QUOTA, make: |boot| Box::new(vm_objects(boot.guests, boot.images.to_vec())) },
     // cargo xtask new-am adds new AMs' lines above this one.
 ];
 
@@ -48,7 +56,7 @@ fn exo_am(guests: &[GuestSpec]) -> nk_am_exo::ExoAm {
             memory: Some(nk_am_exo::VmMemory {
                 gpa_base: 0,
                 gpa_limit: EXO_GPA_LIMIT,
-                frame_quota: EXO_FRAME_QUOTA,
+                frame_quota: g.frames.unwrap_or(EXO_FRAME_QUOTA),
                 initial_bytes: g.memory,
                 initial_hpa: None,
             }),
@@ -57,26 +65,31 @@ fn exo_am(guests: &[GuestSpec]) -> nk_am_exo::ExoAm {
     nk_am_exo::ExoAm::new(assignments)
 }
 
-/// Makes every guest (VM i+1) an object of the guest-OS AM: its record on the board the
-/// AM's `inspect` reads, and for each `manages=` name a capability its holder starts with.
-/// A name that is no guest's is reported and skipped.
-fn vm_objects(guests: &[GuestSpec]) -> nk_am_guest_os::GuestOsAm {
-    use nk_am_guest_os::{image, VmGrant, VmRecord};
-    use nk_caps::VmId;
+/// Returns the guest-OS AM's code for the kind of image `bytes` holds.
+fn image_code(bytes: &[u8]) -> u8 {
+    use nk_am_guest_os::image;
     use nk_loader::image::ImageKind;
+    match ImageKind::detect(bytes) {
+        ImageKind::Elf64 => image::BARE_METAL,
+        ImageKind::BzImage => image::LINUX,
+        ImageKind::Multiboot1 { .. } => image::MULTIBOOT,
+        ImageKind::Multiboot2 { .. } => image::MULTIBOOT2,
+        ImageKind::Unknown => image::UNKNOWN,
+    }
+}
+
+/// Makes every guest (VM i+1) an object of the guest-OS AM: its record on the board the
+/// AM's `inspect` reads, and for each `manages=` name a capability its holder starts with;
+/// and every `image` module an image object, with a capability for each guest whose
+/// `images=` names it. A name that is no guest's (no image's) is reported and skipped; so
+/// is an image that is not a guest OS (only a Linux bzImage or a Multiboot kernel can be).
+fn vm_objects(guests: &[GuestSpec], images: alloc::vec::Vec<GuestSpec>) -> nk_am_guest_os::GuestOsAm {
+    use nk_am_guest_os::{image, Image, ImageGrant, Images, VmGrant, VmRecord};
+    use nk_caps::VmId;
     let records = guests
         .iter()
         .enumerate()
-        .map(|(i, g)| {
-            let kind = match ImageKind::detect(g.image) {
-                ImageKind::Elf64 => image::BARE_METAL,
-                ImageKind::BzImage => image::LINUX,
-                ImageKind::Multiboot1 { .. } => image::MULTIBOOT,
-                ImageKind::Multiboot2 { .. } => image::MULTIBOOT2,
-                ImageKind::Unknown => image::UNKNOWN,
-            };
-            VmRecord::new(VmId::new(i as u32 + 1), &g.name, kind, g.memory, u32::MAX)
-        })
+        .map(|(i, g)| VmRecord::new(VmId::new(i as u32 + 1), &g.name, image_code(g.image), g.memory, u32::MAX))
         .collect();
     let board = vmctl::install(records);
     let mut grants = alloc::vec::Vec::new();
@@ -94,5 +107,36 @@ fn vm_objects(guests: &[GuestSpec]) -> nk_am_guest_os::GuestOsAm {
             }
         }
     }
-    nk_am_guest_os::GuestOsAm::new(board, grants)
+    let images: alloc::vec::Vec<_> = images
+        .into_iter()
+        .filter(|spec| match image_code(spec.image) {
+            image::LINUX | image::MULTIBOOT | image::MULTIBOOT2 => true,
+            _ => {
+                log::error!(target: "boot", "module '{}': an image must be a Linux bzImage or a Multiboot kernel; skipped", spec.name);
+                false
+            }
+        })
+        .collect();
+    let mut image_grants = alloc::vec::Vec::new();
+    for (i, g) in guests.iter().enumerate() {
+        let holder = VmId::new(i as u32 + 1);
+        for name in &g.images {
+            match images.iter().position(|image| &image.name == name) {
+                Some(index) => image_grants.push(ImageGrant { holder, image: index as u32 }),
+                None => {
+                    log::error!(target: "boot", "vm{}/{}: images={name}: no module is an image with that name; skipped", holder.raw(), g.name)
+                }
+            }
+        }
+    }
+    let online_cpus = crate::percpu::all().filter(|c| c.in_vmx_root()).fold(0u64, |mask, c| mask | 1 << (c.index() % 64));
+    let catalogue = Images {
+        images: images.iter().map(|spec| Image { name: spec.name.clone(), kind: image_code(spec.image) }).collect(),
+        grants: image_grants,
+        online_cpus,
+        fits: vmctl::image_fits,
+    };
+    vmctl::install_images(images);
+    nk_am_guest_os::GuestOsAm::new(board, grants).with_images(catalogue)
 }
+

@@ -162,9 +162,10 @@ impl Boot {
         self.reserved().skip(2).find(|r| r.start < page.1 && page.0 < r.end)
     }
 
-    /// Returns the guests the modules describe; a module with a bad command line is
+    /// Returns the guests the modules describe and the images (`image` modules, which the
+    /// guest-OS AM creates VMs from at run time); a module with a bad command line is
     /// reported and skipped.
-    pub fn guests(&self) -> Vec<GuestSpec> {
+    pub fn guests(&self) -> (Vec<GuestSpec>, Vec<GuestSpec>) {
         let mut specs = Vec::new();
         for module in self.info.modules() {
             log::info!(target: "boot", "module {:#x}-{:#x} '{}'", module.start, module.end, module.cmdline);
@@ -209,6 +210,10 @@ impl Boot {
             }
             true
         });
-        guests
+        let (images, guests): (Vec<GuestSpec>, Vec<GuestSpec>) = guests.into_iter().partition(|s| s.image_module);
+        for image in &images {
+            log::info!(target: "boot", "module '{}' is an image: not started, VMs are created from it at run time", image.name);
+        }
+        (guests, images)
     }
 }

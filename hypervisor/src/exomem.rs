@@ -152,6 +152,11 @@ pub fn map_device_page(vm: VmId, gpa: u64, hpa: u64, perms: nk_paging::EptPerms)
     }
 }
 
+/// Returns the EPTP of `vm`'s registered EPT.
+pub fn eptp(vm: VmId) -> Option<u64> {
+    EPTS.lock().get(&vm.raw()).map(|r| r.ept.eptp())
+}
+
 /// Returns where `vm`'s initial memory lies (the exo AM's `Kernel::guest_memory`).
 pub fn guest_memory(vm: VmId) -> Option<(u64, u64)> {
     EPTS.lock().get(&vm.raw()).map(|r| r.memory)
@@ -314,7 +319,7 @@ pub fn apply(effect: Effect) {
                 let _ = crate::vmx::tlb::flush_ept(&crate::vmx::capabilities(), eptp);
             }
         }
-        Effect::IoPorts { .. } | Effect::Msr { .. } | Effect::VmControl { .. } => {}
+        Effect::IoPorts { .. } | Effect::Msr { .. } | Effect::VmControl { .. } | Effect::CreateVm { .. } => {}
     }
 }
 

@@ -150,6 +150,9 @@ pub struct Guest {
     reply: Option<Reply>,
     /// The virtual PC of a guest OS (None: a bare-metal guest).
     os: Option<alloc::boxed::Box<crate::osvm::OsVm>>,
+    /// The memory is the hypervisor's, freed with the guest (false: frames the exo AM lent
+    /// a VM created at run time; they go back when the exo AM frees them).
+    owns_memory: bool,
 }
 
 impl fmt::Debug for Guest {
@@ -195,6 +198,7 @@ impl Guest {
             io,
             reply: None,
             os: None,
+            owns_memory: true,
         };
         // SAFETY: the frames were just allocated for this guest and are identity-mapped.
         unsafe { core::ptr::write_bytes(memory.as_u64() as *mut u8, 0, memory_size as usize) };
@@ -222,7 +226,12 @@ impl Guest {
             }
             None => {
                 let mut ram = crate::osvm::GuestRam { base: memory.as_u64(), size: memory_size };
-                let start = crate::osvm::load(vm, kind, spec, &mut ram).map_err(GuestError::Os)?;
+                // The VM's capabilities live in this CPU's kernel instance (not locked here).
+                let cpu = crate::percpu::current_index() as usize;
+                let handed = crate::mesh::get()
+                    .map(|mesh| mesh.instance(cpu).kernel.lock().handed_caps(vm))
+                    .unwrap_or_default();
+                let start = crate::osvm::load(vm, kind, spec, &mut ram, true, &handed).map_err(GuestError::Os)?;
                 let mut os = crate::osvm::OsVm::new(kind);
                 if let Some(input) = spec.input {
                     os.set_console_input(input);
@@ -240,16 +249,77 @@ impl Guest {
         mapped.map_err(GuestError::Ept)?;
         let start =
             GuestStart { mode, eptp, cr3, rip, rsp, io_bitmaps: guest.io.address(), msr_bitmap: guest.io.msr_bitmap() };
-        let mut vcpu = Vcpu::new(&caps, &start).map_err(GuestError::Vcpu)?;
-        vcpu.regs = regs;
-        if let (Some(os), Some((page, _))) = (guest.os.as_mut(), vcpu.apic_access_page()) {
-            // The xAPIC page of a guest OS is the APIC-access page (osvm.rs).
-            crate::exomem::map_device_page(vm, nk_devices::lapic::DEFAULT_BASE, page, EptPerms::RW)
-                .map_err(GuestError::Ept)?;
-            os.set_ram(memory.as_u64(), memory_size);
-        }
-        guest.vcpu = Some(vcpu);
+        guest.attach_vcpu(&start, regs)?;
         Ok(guest)
+    }
+
+    /// Makes a guest OS VM created at run time (the guest-OS AM's `create`) on this CPU:
+    /// its RAM `[hpa, hpa + bytes)` (frames the exo AM lent) is already loaded with the
+    /// image (`start` says how it starts) and mapped by the EPT `vmctl::create` registered
+    /// for it. The guest never frees that RAM. Nothing is left allocated on failure but the
+    /// EPT, which the caller takes back.
+    pub fn create_lent(
+        vm: VmId,
+        spec: &GuestSpec,
+        start: &crate::osvm::OsStart,
+        ram: (u64, u64),
+    ) -> Result<Self, GuestError> {
+        let (hpa, bytes) = ram;
+        let memory = HostPhysAddr::new(hpa).ok_or(GuestError::Memory("lent memory at an impossible address"))?;
+        let eptp = crate::exomem::eptp(vm).ok_or(GuestError::Memory("no EPT registered for the created VM"))?;
+        let io = IoBitmaps::new(vm).ok_or(GuestError::Memory("no memory for the I/O bitmaps"))?;
+        let xstate = match xsave::supported() {
+            true => Some(ExtendedState::new().ok_or(GuestError::Memory("no memory for the XSAVE area"))?),
+            false => None,
+        };
+        let kind = nk_loader::image::ImageKind::detect(spec.image);
+        let mut os = crate::osvm::OsVm::new(kind);
+        if let Some(input) = spec.input {
+            os.set_console_input(input);
+        }
+        let mut guest = Guest {
+            vm,
+            name: spec.name.clone(),
+            label: alloc::format!("vm{}/{}", vm.raw(), spec.name),
+            memory,
+            memory_size: bytes,
+            vcpu: None,
+            console: String::new(),
+            exits: 0,
+            xstate,
+            unswitched: UnswitchedRegs::default(),
+            xsetbv_refusal_logged: false,
+            io,
+            reply: None,
+            os: Some(alloc::boxed::Box::new(os)),
+            owns_memory: false,
+        };
+        let entry = GuestStart {
+            mode: start.mode,
+            eptp,
+            cr3: start.cr3,
+            rip: start.rip,
+            rsp: start.rsp,
+            io_bitmaps: guest.io.address(),
+            msr_bitmap: guest.io.msr_bitmap(),
+        };
+        guest.attach_vcpu(&entry, start.regs.clone())?;
+        Ok(guest)
+    }
+
+    /// Makes the guest's vCPU on this CPU with `regs`; a guest OS also gets its xAPIC page
+    /// (the APIC-access page, osvm.rs) and its RAM's place for instruction fetches.
+    fn attach_vcpu(&mut self, start: &GuestStart, regs: GuestRegs) -> Result<(), GuestError> {
+        let caps = vmx::capabilities();
+        let mut vcpu = Vcpu::new(&caps, start).map_err(GuestError::Vcpu)?;
+        vcpu.regs = regs;
+        if let (Some(os), Some((page, _))) = (self.os.as_mut(), vcpu.apic_access_page()) {
+            crate::exomem::map_device_page(self.vm, nk_devices::lapic::DEFAULT_BASE, page, EptPerms::RW)
+                .map_err(GuestError::Ept)?;
+            os.set_ram(self.memory.as_u64(), self.memory_size);
+        }
+        self.vcpu = Some(vcpu);
+        Ok(())
     }
 
     /// Returns the guest's VM id.
@@ -607,7 +677,9 @@ impl Drop for Guest {
     fn drop(&mut self) {
         self.vcpu = None;
         drop(crate::exomem::unregister(self.vm));
-        memory::free_frames(self.memory, (self.memory_size / PAGE_SIZE) as usize);
+        if self.owns_memory {
+            memory::free_frames(self.memory, (self.memory_size / PAGE_SIZE) as usize);
+        }
     }
 }
 
@@ -697,6 +769,12 @@ pub struct GuestSpec {
     pub input: Option<&'static [u8]>,
     /// The guests this VM starts with a `vm` capability to (`manages=`; the guest-OS AM).
     pub manages: Vec<String>,
+    /// The exo AM frame quota in bytes (`frames=`; None: the default).
+    pub frames: Option<u64>,
+    /// `image`: not started at boot; the guest-OS AM creates VMs from it at run time.
+    pub image_module: bool,
+    /// The images this VM starts with an `image` capability to (`images=`).
+    pub images: Vec<String>,
 }
 
 // The parser's list of assignable MSRs is the one the exo effects are checked against.
@@ -735,6 +813,9 @@ impl GuestSpec {
             input_name: spec.input.map(String::from),
             input: None,
             manages: spec.manages.as_slice().iter().map(|n| String::from(*n)).collect(),
+            frames: spec.frames,
+            image_module: spec.image,
+            images: spec.images.as_slice().iter().map(|n| String::from(*n)).collect(),
         })
     }
 }

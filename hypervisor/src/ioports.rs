@@ -129,6 +129,7 @@ pub fn apply(effect: Effect) {
         | Effect::PmlEnable { .. }
         | Effect::PmlDrain { .. } => crate::exomem::apply(effect),
         Effect::VmControl { vm, action, by } => crate::vmctl::apply(vm, action, by),
+        Effect::CreateVm { vm, image, cpu, hpa, bytes, by } => crate::vmctl::create(vm, image, cpu, (hpa, bytes), by),
     }
 }
 

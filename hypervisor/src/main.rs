@@ -123,8 +123,8 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
 
     let tsc_hz = arch::calibrate_tsc();
     log::info!(target: "cpu", "TSC runs at {tsc_hz} Hz (measured against the PIT); guest OSes see it in CPUID 0x15/0x16");
-    let guests = boot.guests();
-    match null_kernel(&guests) {
+    let (guests, images) = boot.guests();
+    match null_kernel(&guests, images) {
         Ok(kernels) => mesh::install(kernels),
         Err(why) => {
             log::error!(target: "nk", "cannot start the null-Kernel: {why}; stopping");
@@ -154,13 +154,15 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
 /// machine). Returns each instance with its CPU's APIC id.
 fn null_kernel(
     guests: &[guest::GuestSpec],
+    images: alloc::vec::Vec<guest::GuestSpec>,
 ) -> Result<alloc::vec::Vec<(nk_core::NullKernel, u32)>, alloc::string::String> {
     /// Capability slots of all instances together (each gets a share, at least 4096).
     const TOTAL_CAPACITY: u32 = 32_768;
+    let boot = ams::BootModules { guests, images: &images };
     let kernels = percpu::all().filter(|c| c.in_vmx_root()).map(|c| c.index() + 1).max().unwrap_or(1);
     let capacity = (TOTAL_CAPACITY / kernels).clamp(4096, 16_384);
     let shared: alloc::vec::Vec<_> =
-        ams::AMS.iter().map(|line| (line, nk_core::shared_am((line.make)(guests)))).collect();
+        ams::AMS.iter().map(|line| (line, nk_core::shared_am((line.make)(&boot)))).collect();
     let mut instances = alloc::vec::Vec::new();
     for cpu in 0..kernels {
         let id = nk_caps::KernelId::new(cpu as u16);

@@ -50,6 +50,27 @@ impl GuestMemory for GuestRam {
     }
 }
 
+/// Guest memory that only checks bounds: the loader run against it tells whether an image
+/// fits in `size` bytes without writing anything (the guest-OS AM's `create`).
+pub struct Bounds {
+    pub size: u64,
+}
+
+impl GuestMemory for Bounds {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn write(&mut self, gpa: u64, bytes: &[u8]) -> Result<(), OutOfGuest> {
+        let err = OutOfGuest { gpa, len: bytes.len() as u64 };
+        let end = gpa.checked_add(bytes.len() as u64).ok_or(err)?;
+        if end > self.size {
+            return Err(err);
+        }
+        Ok(())
+    }
+}
+
 /// How a loaded guest OS starts.
 pub struct OsStart {
     pub mode: StartMode,
@@ -60,19 +81,28 @@ pub struct OsStart {
 }
 
 /// Loads a guest OS of `kind` into `ram` (zeroed): the kernel, its modules, the ACPI
-/// tables, and the boot data its protocol prescribes. A refusal is one line.
+/// tables, and the boot data its protocol prescribes. A refusal is one line. `report`
+/// logs what was loaded where (off for a dry run against [`Bounds`]).
 ///
-/// The ACPI tables include the NKCP table (`nk_abi::nkcp`): the VM's initial capabilities
-/// with labels, which Linux shows to root only, as /sys/firmware/acpi/tables/NKCP. That
-/// is how the VM's operator hands capabilities to the processes it chooses.
-pub fn load(vm: nk_caps::VmId, kind: ImageKind, spec: &GuestSpec, ram: &mut GuestRam) -> Result<OsStart, String> {
-    // The VM is created on the CPU whose kernel instance holds its capabilities.
-    let cpu = crate::percpu::current_index() as usize;
-    let handed = crate::mesh::get().map(|mesh| mesh.instance(cpu).kernel.lock().handed_caps(vm)).unwrap_or_default();
-    let nkcp = nk_devices::acpi::nkcp_table(&handed);
+/// The ACPI tables include the NKCP table (`nk_abi::nkcp`) listing `handed`: the VM's
+/// initial capabilities with labels, which Linux shows to root only, as
+/// /sys/firmware/acpi/tables/NKCP. That is how the VM's operator hands capabilities to
+/// the processes it chooses. (The caller reads them from the VM's kernel instance; this
+/// function runs where that instance may be locked, so it takes no lock itself.)
+pub fn load(
+    vm: nk_caps::VmId,
+    kind: ImageKind,
+    spec: &GuestSpec,
+    ram: &mut dyn GuestMemory,
+    report: bool,
+    handed: &[nk_abi::nkcp::Entry],
+) -> Result<OsStart, String> {
+    let nkcp = nk_devices::acpi::nkcp_table(handed);
     let acpi = AcpiTables::build_with(ACPI_GPA, 1, &[&nkcp]);
-    log::info!(target: "guest", "vm{}/{}: {} capabilities handed to its root processes in the NKCP ACPI table",
-        vm.raw(), spec.name, handed.len());
+    if report {
+        log::info!(target: "guest", "vm{}/{}: {} capabilities handed to its root processes in the NKCP ACPI table",
+            vm.raw(), spec.name, handed.len());
+    }
     ram.write(ACPI_GPA, &acpi.blob).map_err(|e| format!("ACPI tables: {e}"))?;
     let image = spec.image;
     match kind {
@@ -84,10 +114,12 @@ pub fn load(vm: nk_caps::VmId, kind: ImageKind, spec: &GuestSpec, ram: &mut Gues
             let initrd = spec.modules.first().map(|(_, bytes)| *bytes);
             let e = bzimage::load(ram, image, &bz, &spec.args, initrd, Some(acpi.rsdp_addr()))
                 .map_err(|e| format!("{e}"))?;
-            log::info!(target: "guest", "vm{}/{}: Linux boot protocol {}.{:02}, kernel at {:#x} (entry {:#x}), {} KiB initramfs{}, command line '{}'",
+            if report {
+                log::info!(target: "guest", "vm{}/{}: Linux boot protocol {}.{:02}, kernel at {:#x} (entry {:#x}), {} KiB initramfs{}, command line '{}'",
                 vm.raw(), spec.name, bz.protocol >> 8, bz.protocol & 0xFF, bz.pref_address, e.rip,
                 e.initrd.map_or(0, |(_, len)| len / 1024),
                 e.initrd.map(|(at, _)| format!(" at {at:#x}")).unwrap_or_default(), spec.args);
+            }
             Ok(OsStart {
                 mode: StartMode::Os64 { gdt_base: e.gdt_base, gdt_limit: e.gdt_limit },
                 rip: e.rip,
@@ -108,8 +140,10 @@ pub fn load(vm: nk_caps::VmId, kind: ImageKind, spec: &GuestSpec, ram: &mut Gues
                 _ => multiboot::load_v2(ram, image, header, &spec.args, modules, Some(rsdp)),
             }
             .map_err(|e| format!("{e}"))?;
-            log::info!(target: "guest", "vm{}/{}: {} entered at {:#x} in 32-bit protected mode, {} module(s), information at {:#x}",
-                vm.raw(), spec.name, kind.name(), e.eip, modules.len(), e.ebx);
+            if report {
+                log::info!(target: "guest", "vm{}/{}: {} entered at {:#x} in 32-bit protected mode, {} module(s), information at {:#x}",
+                    vm.raw(), spec.name, kind.name(), e.eip, modules.len(), e.ebx);
+            }
             Ok(OsStart {
                 mode: StartMode::Os32 { gdt_base: e.gdt_base, gdt_limit: e.gdt_limit },
                 rip: u64::from(e.eip),

@@ -11,7 +11,7 @@
 
 use alloc::collections::BTreeSet;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 use nk_abi::Call;
 use nk_caps::{KernelId, VmId};
@@ -32,8 +32,13 @@ const VM_QUOTA: u32 = 4096;
 const SETTLE_TIMEOUT_US: u64 = 5_000_000;
 
 static QUEUES: [Mutex<Vec<(VmId, GuestSpec)>>; MAX_CPUS] = [const { Mutex::new(Vec::new()) }; MAX_CPUS];
-static ASSIGNED: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+/// Queues handed to each CPU and not yet taken: a CPU takes them all with one run of its
+/// queue and counts them as finished when that run ends.
+static ASSIGNED: [AtomicUsize; MAX_CPUS] = [const { AtomicUsize::new(0) }; MAX_CPUS];
 static CPUS_FINISHED: AtomicUsize = AtomicUsize::new(0);
+/// Queues handed to CPUs (the APs' at boot, and each VM created at run time): the BSP waits
+/// until as many have finished.
+static WOKEN: AtomicUsize = AtomicUsize::new(0);
 static HALTED: AtomicUsize = AtomicUsize::new(0);
 static STOPPED: AtomicUsize = AtomicUsize::new(0);
 
@@ -76,42 +81,34 @@ pub fn run_guests(specs: Vec<GuestSpec>, placements: &[(&str, u32)]) -> (usize, 
         };
         // Every VM is a principal before any guest runs, so guests can delegate to each
         // other whatever CPU they start on.
-        let registered = mesh.instance(cpu).kernel.lock().add_vm(vm, VM_QUOTA);
-        if spec.ring3_caps {
-            mesh.instance(cpu).kernel.lock().allow_all_rings(vm);
-        }
-        if let Err(e) = registered {
-            log::error!(target: "guest", "vm{}/{}: cannot register with the null-Kernel: {e:?}", vm.raw(), spec.name);
+        if !register(mesh, vm, cpu, &spec, false) {
             crate::vmctl::ended(vm);
             STOPPED.fetch_add(1, Ordering::AcqRel);
             continue;
-        }
-        for (other, instance) in mesh.instances().enumerate() {
-            if other != cpu {
-                // The VM is a payer there too: what it delegates to that CPU's VMs is
-                // charged to it (nk-caps, "Quotas").
-                if let Err(e) = instance.kernel.lock().place(vm, KernelId::new(cpu as u16), VM_QUOTA) {
-                    log::error!(target: "guest", "vm{}/{}: cannot register with kernel {other}: {e:?}", vm.raw(), spec.name);
-                }
-            }
         }
         log::info!(target: "sched", "vm{}/{} -> cpu {cpu}", vm.raw(), spec.name);
         crate::vmctl::placed(vm, cpu);
         QUEUES[cpu].lock().push((vm, spec));
     }
-    let mut woken = 0;
     for &cpu in online.iter().filter(|&&cpu| cpu != 0 && !QUEUES[cpu].lock().is_empty()) {
-        ASSIGNED[cpu].store(true, Ordering::Release);
+        WOKEN.fetch_add(1, Ordering::AcqRel);
+        ASSIGNED[cpu].fetch_add(1, Ordering::AcqRel);
         let apic_id = percpu::get(cpu).map_or(0, |c| c.apic_id());
-        if apic::send_wakeup(apic_id) {
-            woken += 1;
-        } else {
+        if !apic::send_wakeup(apic_id) {
             log::error!(target: "sched", "cpu {cpu} did not accept its wake-up IPI; its guests do not run");
-            ASSIGNED[cpu].store(false, Ordering::Release);
+            ASSIGNED[cpu].fetch_sub(1, Ordering::AcqRel);
+            WOKEN.fetch_sub(1, Ordering::AcqRel);
         }
     }
     run_queue(0);
-    while CPUS_FINISHED.load(Ordering::Acquire) < woken {
+    // VMs created at run time may give any CPU, this one too, a queue again.
+    while CPUS_FINISHED.load(Ordering::Acquire) < WOKEN.load(Ordering::Acquire) {
+        let taken = ASSIGNED[0].swap(0, Ordering::AcqRel);
+        if taken > 0 {
+            run_queue(0);
+            CPUS_FINISHED.fetch_add(taken, Ordering::AcqRel);
+            continue;
+        }
         mesh.service(0);
         pit::wait_us(200);
     }
@@ -129,6 +126,79 @@ pub fn run_guests(specs: Vec<GuestSpec>, placements: &[(&str, u32)]) -> (usize, 
         }
     }
     (HALTED.load(Ordering::Acquire), STOPPED.load(Ordering::Acquire))
+}
+
+/// Registers `vm` with the kernel instance of `cpu` (its AMs grant it its initial
+/// capabilities) and makes it a payer on every other instance; false if the instance
+/// refused it (reported). At run time (`running`), another CPU may hold its instance while
+/// it waits for this CPU to answer an EPT shootdown: this CPU then answers while it waits
+/// for that instance, instead of waiting blind.
+fn register(mesh: &Mesh, vm: VmId, cpu: usize, spec: &GuestSpec, running: bool) -> bool {
+    let registered = mesh.instance(cpu).kernel.lock().add_vm(vm, VM_QUOTA);
+    if spec.ring3_caps {
+        mesh.instance(cpu).kernel.lock().allow_all_rings(vm);
+    }
+    if let Err(e) = registered {
+        log::error!(target: "guest", "vm{}/{}: cannot register with the null-Kernel: {e:?}", vm.raw(), spec.name);
+        return false;
+    }
+    let here = percpu::current_index() as usize;
+    for (other, instance) in mesh.instances().enumerate() {
+        if other != cpu {
+            let mut kernel = loop {
+                match instance.kernel.try_lock() {
+                    Some(kernel) => break kernel,
+                    None if running => crate::exomem::service(here),
+                    None => {}
+                }
+                core::hint::spin_loop();
+            };
+            // The VM is a payer there too: what it delegates to that CPU's VMs is charged
+            // to it (nk-caps, "Quotas").
+            if let Err(e) = kernel.place(vm, KernelId::new(cpu as u16), VM_QUOTA) {
+                log::error!(target: "guest", "vm{}/{}: cannot register with kernel {other}: {e:?}", vm.raw(), spec.name);
+            }
+        }
+    }
+    true
+}
+
+/// Hands `cpu` a queue again for a VM created at run time (`vmctl::create`): an idle AP
+/// wakes and runs its queue, a CPU that runs one adopts the VM at its next slice boundary.
+pub fn assign(cpu: usize) {
+    WOKEN.fetch_add(1, Ordering::AcqRel);
+    ASSIGNED[cpu].fetch_add(1, Ordering::AcqRel);
+    if cpu != percpu::current_index() as usize {
+        let apic_id = percpu::get(cpu).map_or(0, |c| c.apic_id());
+        if !apic::send_wakeup(apic_id) {
+            log::error!(target: "sched", "cpu {cpu} did not accept the wake-up for a created VM");
+        }
+    }
+}
+
+/// Makes the vCPUs of the VMs created for this CPU (`vmctl::adopt`) and adds them to
+/// `guests`, stopped (state created) until a `start`.
+fn adopt_created(cpu: usize, guests: &mut Vec<Running>, removals: &mut Vec<(PendingOp, VmId)>) {
+    for (prepared, spec) in crate::vmctl::adopt(cpu) {
+        let vm = prepared.vm;
+        let mut spec = spec.clone();
+        spec.name = alloc::string::String::from(crate::vmctl::name(vm));
+        if !register(mesh::mesh(), vm, cpu, &spec, true) {
+            drop(crate::exomem::unregister(vm));
+            crate::vmctl::ended(vm);
+            STOPPED.fetch_add(1, Ordering::AcqRel);
+            continue;
+        }
+        match Guest::create_lent(vm, &spec, &prepared.start, prepared.ram) {
+            Ok(guest) => {
+                guests.push(Running { guest, parked: None, stopped: true, destroyed: None });
+            }
+            Err(e) => {
+                log::error!(target: "guest", "vm{}/{}: not created: {e}", vm.raw(), spec.name);
+                finish(cpu, vm, false, removals);
+            }
+        }
+    }
 }
 
 /// Waits for the protocol's last messages (every guest has ended, so no operation starts
@@ -183,6 +253,7 @@ fn run_queue(cpu: usize) {
     let mut sink = LocalKernel { cpu, mesh };
     let mut guests = Vec::new();
     let mut removals = Vec::new();
+    adopt_created(cpu, &mut guests, &mut removals);
     for (vm, spec) in specs {
         log::info!(target: "guest", "vm{}/{}: starting on cpu {cpu} ({} KiB image, {} MiB memory)",
             vm.raw(), spec.name, spec.image.len() / 1024, spec.memory >> 20);
@@ -214,7 +285,7 @@ fn run_queue(cpu: usize) {
             }
         }
         if crate::vmctl::pending(cpu) {
-            control(&mut guests);
+            control(cpu, &mut guests, &mut removals);
         }
         let mut ran = false;
         let mut index = 0;
@@ -277,11 +348,14 @@ fn run_queue(cpu: usize) {
 /// stop and start flip whether a VM gets slices (a parked VM stays parked either way);
 /// destroy marks it to end before its next slice, or once its parked operation finished.
 /// When no VM is active any more, the stopped ones left are ended (`vmctl::orphaned`).
-fn control(guests: &mut [Running]) {
+/// VMs created for this CPU are adopted first, so requests for them apply.
+fn control(cpu: usize, guests: &mut Vec<Running>, removals: &mut Vec<(PendingOp, VmId)>) {
     use nk_am::VmAction;
     use nk_am_guest_os::state;
     let orphaned = crate::vmctl::orphaned();
-    for (vm, action, by) in crate::vmctl::take(percpu::current_index() as usize) {
+    let requests = crate::vmctl::take(cpu);
+    adopt_created(cpu, guests, removals);
+    for (vm, action, by) in requests {
         let Some(running) = guests.iter_mut().find(|r| r.guest.vm() == vm) else { continue };
         if running.destroyed.is_some() {
             continue;
@@ -349,14 +423,15 @@ fn finish(cpu: usize, vm: VmId, halted: bool, removals: &mut Vec<(PendingOp, VmI
 /// The idle loop of an application processor: sleeps until the BSP assigns it guests.
 pub fn ap_idle(cpu: usize) -> ! {
     loop {
-        if ASSIGNED[cpu].swap(false, Ordering::AcqRel) {
+        let taken = ASSIGNED[cpu].swap(0, Ordering::AcqRel);
+        if taken > 0 {
             run_queue(cpu);
-            CPUS_FINISHED.fetch_add(1, Ordering::AcqRel);
+            CPUS_FINISHED.fetch_add(taken, Ordering::AcqRel);
         }
         // Until the BSP assigns guests, and after they ended, the CPU's kernel instance
         // still answers the other kernels.
         arch::sleep_unless(|| {
-            mesh::get().is_some_and(|mesh| mesh.service(cpu) > 0) || ASSIGNED[cpu].load(Ordering::Acquire)
+            mesh::get().is_some_and(|mesh| mesh.service(cpu) > 0) || ASSIGNED[cpu].load(Ordering::Acquire) > 0
         });
     }
 }

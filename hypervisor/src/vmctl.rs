@@ -11,12 +11,19 @@
 //! kernel, once any cross-kernel operation it is parked on has finished.
 //!
 //! Only a running VM can start a stopped one: when every VM is stopped or ended, the
-//! stopped ones can never run again and are ended (each with a line saying so), so a run
-//! always finishes.
+//! stopped ones (and created ones never started) can never run again and are ended (each
+//! with a line saying so), so a run always finishes.
+//!
+//! `create` (`Effect::CreateVm`) builds a VM from an image at run time, in two halves: on
+//! the creator's CPU, before its call returns, the lent RAM is zeroed and loaded and an
+//! EPT mapping it is registered (the frames cannot die meanwhile: the exo AM lends only an
+//! allocation whose capability lives on the creator's own kernel instance, whose lock the
+//! call holds); then the VM's CPU registers it with its kernel instance and makes its
+//! vCPU at its next slice boundary ([`adopt`]), in state created, until a `start`.
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 use nk_am::VmAction;
 use nk_am_guest_os::{state, VmBoard, VmRecord};
@@ -24,9 +31,28 @@ use nk_caps::VmId;
 use spin::{Mutex, Once};
 
 use crate::arch::apic;
+use crate::guest::GuestSpec;
+use crate::osvm::OsStart;
 use crate::percpu::{self, MAX_CPUS};
 
 static BOARD: Once<Arc<VmBoard>> = Once::new();
+/// The boot VMs (ids 1 to this); created VMs follow.
+static BOOT_VMS: AtomicU32 = AtomicU32::new(0);
+/// The `image` modules, by image number (the guest-OS AM's `image` object ids).
+static IMAGES: Once<Vec<GuestSpec>> = Once::new();
+
+/// A VM `create` built on its creator's CPU, waiting for its own CPU to adopt it.
+pub struct Prepared {
+    pub vm: VmId,
+    pub cpu: usize,
+    pub image: u32,
+    pub start: OsStart,
+    /// Its RAM: (host-physical address, bytes).
+    pub ram: (u64, u64),
+}
+
+/// The VMs created and not adopted yet (at most `CREATED_VMS_MAX` over the run).
+static PREPARED: Mutex<Vec<Prepared>> = Mutex::new(Vec::new());
 /// The request waiting for each VM (at most one: a later one replaces it, but nothing
 /// replaces a destroy), with the VM that asked.
 static REQUESTS: Mutex<Vec<(VmId, VmAction, VmId)>> = Mutex::new(Vec::new());
@@ -43,6 +69,7 @@ pub fn install(records: Vec<VmRecord>) -> Arc<VmBoard> {
     BOARD
         .call_once(|| {
             ACTIVE.store(records.len(), Ordering::Release);
+            BOOT_VMS.store(records.len() as u32, Ordering::Release);
             Arc::new(VmBoard::new(records))
         })
         .clone()
@@ -64,7 +91,9 @@ pub fn placed(vm: VmId, cpu: usize) {
 pub fn set_state(vm: VmId, new: u8) {
     let Some(r) = record(vm) else { return };
     let old = r.set_state(new);
-    let active = |s: u8| s == state::CREATED || s == state::RUNNING;
+    // A boot VM that is created will run; a VM created at run time runs only if started.
+    let boot = vm.raw() <= BOOT_VMS.load(Ordering::Acquire);
+    let active = |s: u8| s == state::RUNNING || (boot && s == state::CREATED);
     if active(old) == active(new) || old == state::ENDED {
         return;
     }
@@ -73,7 +102,10 @@ pub fn set_state(vm: VmId, new: u8) {
     } else if ACTIVE.fetch_sub(1, Ordering::AcqRel) == 1 {
         let board = BOARD.get().expect("records exist only on the board");
         let mut cpus = 0u64;
-        for stopped in board.records().iter().filter(|r| r.state() == state::STOPPED) {
+        let boot_vms = BOOT_VMS.load(Ordering::Acquire);
+        let waiting =
+            |r: &&VmRecord| r.state() == state::STOPPED || (r.state() == state::CREATED && r.vm().raw() > boot_vms);
+        for stopped in board.records().filter(waiting) {
             cpus |= 1 << stopped.cpu().min(63);
         }
         let me = percpu::current_index() as usize;
@@ -157,4 +189,83 @@ pub fn take(cpu: usize) -> Vec<(VmId, VmAction, VmId)> {
 /// Returns a VM's name for log lines (`?` if unknown).
 pub fn name(vm: VmId) -> &'static str {
     record(vm).map_or("?", VmRecord::name)
+}
+
+/// Keeps the `image` modules the guest-OS AM's `create` builds VMs from.
+pub fn install_images(images: Vec<GuestSpec>) {
+    IMAGES.call_once(|| images);
+}
+
+fn image(index: u32) -> Option<&'static GuestSpec> {
+    IMAGES.get()?.get(index as usize)
+}
+
+/// Tells whether image `index` loads into `bytes` of RAM: its loader runs against that
+/// much memory, checking every write's bounds and writing nothing (the guest-OS AM's
+/// `ImageFits`).
+pub fn image_fits(index: u32, bytes: u64) -> bool {
+    let Some(spec) = image(index) else { return false };
+    let kind = nk_loader::image::ImageKind::detect(spec.image);
+    let mut bounds = crate::osvm::Bounds { size: bytes };
+    crate::osvm::load(VmId::new(0), kind, spec, &mut bounds, false, &[]).is_ok()
+}
+
+/// Applies an `Effect::CreateVm` on the creator's CPU, before its call returns: zeroes the
+/// lent RAM, loads the image into it, registers an EPT mapping it at guest-physical 0 for
+/// the VM's CPU, and hands the VM to that CPU ([`adopt`]). A failure ends the VM with a
+/// line (the frames stay the creator's).
+pub fn create(vm: VmId, image_index: u32, cpu: u32, ram: (u64, u64), by: VmId) {
+    let cpu = cpu as usize;
+    let name = self::name(vm);
+    let fail = |why: &str| {
+        log::error!(target: "guest", "vm{}/{name}: not created for vm{}/{}: {why}", vm.raw(), by.raw(), self::name(by));
+        ended(vm);
+    };
+    let Some(spec) = image(image_index) else { return fail("no such image") };
+    if cpu >= MAX_CPUS || percpu::get(cpu).is_none_or(|c| !c.in_vmx_root()) {
+        return fail("its CPU is not online");
+    }
+    let (hpa, bytes) = ram;
+    // SAFETY: the exo AM lent these frames (the creator's own allocation from the
+    // hypervisor's allocator, identity-mapped, bounded by its frame quota) for this VM;
+    // they cannot be freed before this effect returns (see the module docs). The new VM
+    // does not run yet; a VM the creator shared part of the set with may write it
+    // meanwhile, which only changes what the new VM sees: the loader writes and never
+    // reads back.
+    unsafe { core::ptr::write_bytes(hpa as *mut u8, 0, bytes as usize) };
+    let kind = nk_loader::image::ImageKind::detect(spec.image);
+    let mut memory = crate::osvm::GuestRam { base: hpa, size: bytes };
+    // The creator's kernel instance is locked while this effect is applied, and the new
+    // VM's capabilities live on its own CPU's: its NKCP table stays empty.
+    let start = match crate::osvm::load(vm, kind, spec, &mut memory, true, &[]) {
+        Ok(start) => start,
+        Err(why) => return fail(&why),
+    };
+    let caps = crate::vmx::capabilities();
+    let mut ept = match crate::vmx::ept::GuestEpt::new(&caps) {
+        Ok(ept) => ept,
+        Err(e) => return fail(&alloc::format!("EPT: {e}")),
+    };
+    if let Err(e) = ept.map_range(0, hpa, bytes, nk_paging::EptPerms::RWX) {
+        return fail(&alloc::format!("EPT: {e}"));
+    }
+    crate::exomem::register(vm, ept, cpu, ram);
+    log::info!(target: "guest", "vm{}/{name}: created by vm{}/{} from image '{}' on cpu {cpu}, {} KiB of its frames as RAM",
+        vm.raw(), by.raw(), self::name(by), spec.name, bytes / 1024);
+    PREPARED.lock().push(Prepared { vm, cpu, image: image_index, start, ram });
+    PENDING[cpu].store(true, Ordering::Release);
+    crate::sched::assign(cpu);
+}
+
+/// Takes the VMs created for `cpu`, with their image, for it to adopt.
+pub fn adopt(cpu: usize) -> Vec<(Prepared, &'static GuestSpec)> {
+    let mut prepared = PREPARED.lock();
+    if prepared.iter().all(|p| p.cpu != cpu) {
+        return Vec::new();
+    }
+    let (mine, others): (Vec<Prepared>, Vec<Prepared>) =
+        core::mem::take(&mut *prepared).into_iter().partition(|p| p.cpu == cpu);
+    *prepared = others;
+    drop(prepared);
+    mine.into_iter().filter_map(|p| image(p.image).map(|spec| (p, spec))).collect()
 }

@@ -158,6 +158,11 @@ pub enum Effect {
     /// Stops, starts or destroys VM `vm` (the guest-OS AM's operations), at the VM's next
     /// time-slice boundary on its own CPU; `by` is the VM that asked, for the log.
     VmControl { vm: VmId, action: VmAction, by: VmId },
+    /// Creates VM `vm` (the guest-OS AM's `create`) from boot image `image`, on CPU `cpu`,
+    /// in state created: its RAM is the frames `[hpa, hpa + bytes)` the creator lent
+    /// (`Kernel::lend_frames`), mapped at guest-physical 0 and loaded with the image before
+    /// the call returns; `by` is the creator. The VM runs once a `VmControl` starts it.
+    CreateVm { vm: VmId, image: u32, cpu: u32, hpa: u64, bytes: u64, by: VmId },
 }
 
 /// Access through a guest-physical mapping, as bits of `Effect::MapFrames` and
@@ -267,6 +272,34 @@ pub trait Kernel: Effects {
         let _ = vm;
         None
     }
+
+    /// Lends the frames that `caller`'s capability `name` (an object of another AM, passed
+    /// by name in plain arguments) refers to, as the whole RAM of VM `to`: the null-Kernel
+    /// checks that `caller` may use the capability, and the AM that implements its object
+    /// ([`AbstractMachine::lend_frames`]) checks the object and its rights, asks `fits`
+    /// whether that many bytes are enough, and records the loan so that the capability's
+    /// death takes the frames away from `to` again. Returns (host-physical address, bytes).
+    /// Nothing changes when it fails.
+    fn lend_frames(
+        &mut self,
+        caller: VmId,
+        name: CapName,
+        to: VmId,
+        fits: &mut dyn FnMut(u64) -> Result<(), AmError>,
+    ) -> Result<(u64, u64), AmError> {
+        let _ = (caller, name, to, fits);
+        Err(AmError::NotPermitted)
+    }
+}
+
+/// A capability presented by name to another AM's operation ([`Kernel::lend_frames`]),
+/// after the null-Kernel checked that its presenter may use it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PresentedCap {
+    pub name: CapName,
+    pub object: Object,
+    pub rights: Rights,
+    pub presenter: VmId,
 }
 
 /// An abstract machine.
@@ -295,4 +328,17 @@ pub trait AbstractMachine {
     /// called for every capability to this AM's objects that dies (revoked, deleted, or
     /// its holder gone).
     fn revoked(&mut self, dead: &DeadCap, effects: &mut dyn Effects);
+
+    /// Lends the frames `cap` (one of this AM's objects) refers to as the RAM of VM `to`
+    /// (see [`Kernel::lend_frames`]); an AM without frames refuses (`NOT_PERMITTED`).
+    fn lend_frames(
+        &mut self,
+        cap: &PresentedCap,
+        to: VmId,
+        fits: &mut dyn FnMut(u64) -> Result<(), AmError>,
+        effects: &mut dyn Effects,
+    ) -> Result<(u64, u64), AmError> {
+        let _ = (cap, to, fits, effects);
+        Err(AmError::NotPermitted)
+    }
 }

@@ -52,8 +52,8 @@ pub use memory::{VmMemory, DIRTY_PAGES_MAX, FRAME_SETS_PER_VM, MAPPINGS_PER_VM, 
 
 use nk_am::{
     msr_access, port_access, AbstractMachine, AmError, AmId, ArgSpec, Binding, CapName, Checked, DeadCap, Effect,
-    Effects, Kernel, KindSpec, ObjId, ObjKind, Object, OpSpec, Outcome, Principal, RegisterError, Registrar, Rights,
-    VmId, PLAIN_ARGS,
+    Effects, Kernel, KindSpec, ObjId, ObjKind, Object, OpSpec, Outcome, PresentedCap, Principal, RegisterError,
+    Registrar, Rights, VmId, PLAIN_ARGS,
 };
 
 /// The most openings (port ranges and MSRs) one VM may have at a time.
@@ -414,6 +414,20 @@ impl AbstractMachine for ExoAm {
             names.extend(self.memory.grant_initial(vm, templates, &self.memory_rights, kernel)?);
         }
         Ok(names)
+    }
+
+    fn lend_frames(
+        &mut self,
+        cap: &PresentedCap,
+        to: VmId,
+        fits: &mut dyn FnMut(u64) -> Result<(), AmError>,
+        _effects: &mut dyn Effects,
+    ) -> Result<(u64, u64), AmError> {
+        if Some(cap.object.am) != self.am || Some(cap.object.kind) != self.frames_kind {
+            return Err(AmError::NotPermitted);
+        }
+        let frames = (cap.name, cap.object.id, cap.rights);
+        self.memory.lend(cap.presenter, frames, to, &self.memory_rights, fits)
     }
 
     fn revoked(&mut self, dead: &DeadCap, effects: &mut dyn Effects) {

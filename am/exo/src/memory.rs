@@ -113,6 +113,8 @@ struct Mapping {
     access: u8,
     /// The VM that made it (charged).
     by: VmId,
+    /// The set is the whole RAM of a VM created at run time (`lend`), not a `map`.
+    lent: bool,
 }
 
 impl Mapping {
@@ -241,6 +243,7 @@ impl Memory {
                 bytes,
                 access: frame_access::ALL,
                 by: vm,
+                lent: false,
             });
             names.push(granted);
         }
@@ -381,9 +384,59 @@ impl Memory {
             bytes: set.bytes,
             access,
             by: caller,
+            lent: false,
         });
         kernel.emit(Effect::MapFrames { vm, gpa, hpa, bytes: set.bytes, large, access });
         Ok(Outcome::value(set.bytes))
+    }
+
+    /// Lends set `set` (presented by `caller` with capability `name` and rights `held`) as
+    /// the whole RAM of VM `to`, a VM the guest-OS AM creates at run time
+    /// (`Kernel::lend_frames`): recorded as a mapping at guest-physical 0 with every
+    /// access, so the capability's death (or a `free`) unmaps it from `to` before the frames
+    /// go back. No effect is emitted: the hypervisor maps the RAM when it builds the VM, as
+    /// for a VM's initial memory. Refused, changing nothing: a set the caller did not
+    /// allocate itself or presented through another capability than the one `alloc`
+    /// granted (then the set's death is decided on the caller's own kernel instance, never
+    /// while the VM is being built), a capability without `read`, `write` and `execute`, a
+    /// set already lent (`NOT_PERMITTED`); the caller's mapping bound (`QUOTA_EXCEEDED`);
+    /// what `fits` refuses.
+    pub fn lend(
+        &mut self,
+        caller: VmId,
+        frames: (CapName, ObjId, Rights),
+        to: VmId,
+        rights: &MemoryRights,
+        fits: &mut dyn FnMut(u64) -> Result<(), AmError>,
+    ) -> Result<(u64, u64), AmError> {
+        let (name, id, held) = frames;
+        let set = *self.sets.get(&id.raw()).ok_or(AmError::NotPermitted)?;
+        let hpa = match (set.allocated, set.owner == caller, set.granted == name, set.hpa) {
+            (true, true, true, Some(hpa)) => hpa,
+            _ => return Err(AmError::NotPermitted),
+        };
+        if !held.contains(rights.for_access(frame_access::ALL)) {
+            return Err(AmError::NotPermitted);
+        }
+        if self.mappings.iter().any(|m| m.lent && m.set == set.id) || self.mappings.iter().any(|m| m.vm == to) {
+            return Err(AmError::NotPermitted);
+        }
+        if self.mappings.iter().filter(|m| m.by == caller).count() >= MAPPINGS_PER_VM {
+            return Err(AmError::QuotaExceeded);
+        }
+        fits(set.bytes)?;
+        self.mappings.push(Mapping {
+            set: set.id,
+            frames_cap: name,
+            aspace_cap: name,
+            vm: to,
+            gpa: 0,
+            bytes: set.bytes,
+            access: frame_access::ALL,
+            by: caller,
+            lent: true,
+        });
+        Ok((hpa, set.bytes))
     }
 
     /// Returns where set `id` lies in host memory, asking the hypervisor for a VM's

@@ -20,11 +20,33 @@
 //!
 //! - 0 `inspect(c: vm/inspect)` -> `[state | image << 8 | cpu << 16, memory bytes, exits,
 //!   vm id]`, with [`state`] and [`image`] codes;
-//! - 1 `stop(c: vm/stop)`; 2 `start(c: vm/start)`; 3 `destroy(c: vm/destroy)`: each emits
+//! - 1 `stop(c: vm/stop)`; 2 `start(c: vm/start)` (also the first start of a created VM);
+//!   3 `destroy(c: vm/destroy)`: each emits
 //!   [`Effect::VmControl`], which the hypervisor applies at the VM's next time-slice
 //!   boundary on the VM's own CPU (a wake-up IPI makes an idle CPU notice). They return
 //!   at once; `inspect` shows when the state changed. Stopping a stopped VM or starting a
 //!   running one is harmless; any of them on a VM that ended is `NOT_PERMITTED`.
+//!
+//! - 4 `create(c: image/create, frames low, frames high, cpu)` -> a `vm` capability (every
+//!   right) and `[vm id, RAM bytes, 0, 0]`. `frames` is the name (two words) of an exo AM
+//!   frame capability the caller holds: the null-Kernel checks it as it checks capability
+//!   arguments, and the exo AM lends the set (`Kernel::lend_frames`: only an allocation the
+//!   caller made itself, presented with the capability `alloc` granted, with `read`,
+//!   `write` and `execute`, not lent before). The hypervisor's image check (`fits`, the
+//!   image's loader run against that much memory without writing) must accept the size.
+//!   The VM is built before the call returns (its RAM zeroed, the image loaded, its EPT
+//!   mapping the frames at guest-physical 0) in state `created` on CPU `cpu`, which must
+//!   be online. Refusals change nothing: `BAD_ARGUMENT` (no such CPU, image too big for the
+//!   frames, or non-zero reserved arguments), `NOT_PERMITTED` (the frames cannot be lent),
+//!   a capability status for the frames name (`UNKNOWN_NAME`, `WRONG_HOLDER`...),
+//!   `QUOTA_EXCEEDED` (all [`CREATED_VMS_MAX`] VMs were created already).
+//!
+//! A created VM lives as long as the capability `create` granted (and at most as long as
+//! its creator: when the creator ends, its capabilities die): when that capability dies
+//! the AM destroys the VM. When the frame capability dies (revoked, deleted, or freed with
+//! the exo AM's `free`), the exo AM unmaps the frames from the VM on every CPU before they
+//! go back: the VM's next access to its RAM is an EPT violation that stops it with a line,
+//! and the hypervisor never touches the frames again.
 //!
 //! A VM that waits for a cross-kernel capability operation when it is stopped stays
 //! parked until the operation finishes, and then does not run until started; destroying
@@ -40,8 +62,10 @@
 //! # Initial capabilities
 //!
 //! A VM whose module line says `manages=<name>[,<name>]` starts with one capability with
-//! every right per named VM, in the order named ([`VmGrant`]); the AM holds each root.
-//! A VM may not manage itself. Nothing is allocated per call, so no per-VM bound is needed.
+//! every right per named VM, in the order named ([`VmGrant`]); then, for `images=<name>`,
+//! one `image` capability (right `create`) per named image ([`ImageGrant`]). The AM holds
+//! each root. A VM may not manage itself. `inspect`, `stop`, `start` and `destroy`
+//! allocate nothing; `create` is bounded by [`CREATED_VMS_MAX`] over the whole run.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
@@ -57,12 +81,17 @@ use nk_am::{
     ObjId, ObjKind, Object, OpSpec, Outcome, Principal, RegisterError, Registrar, Rights, VmAction, VmId, PLAIN_ARGS,
 };
 
+/// The most VMs `create` makes over the whole run (their records' slots are reserved on
+/// the board at boot, so publishing one never allocates).
+pub const CREATED_VMS_MAX: usize = 8;
+
 /// ABI operation numbers.
 pub mod op {
     pub const INSPECT: u16 = 0;
     pub const STOP: u16 = 1;
     pub const START: u16 = 2;
     pub const DESTROY: u16 = 3;
+    pub const CREATE: u16 = 4;
 }
 
 /// Rights bits of a `vm` capability, in registration order.
@@ -71,6 +100,8 @@ pub mod rights {
     pub const STOP: u64 = 1 << 1;
     pub const START: u64 = 1 << 2;
     pub const DESTROY: u64 = 1 << 3;
+    /// The right of an `image` capability.
+    pub const CREATE: u64 = 1 << 0;
 }
 
 /// A VM's state, as `inspect` reports it (result 0, bits 7:0).
@@ -170,27 +201,53 @@ impl VmRecord {
     }
 }
 
-/// Every VM's record: written by the hypervisor, read by `inspect`. Its set of VMs is
-/// fixed when it is made (at boot), so reading it never allocates.
+/// Every VM's record: written by the hypervisor, read by `inspect`. The boot VMs' records
+/// (VM i+1 is record i) are fixed when it is made, and [`CREATED_VMS_MAX`] slots for VMs
+/// created at run time are reserved then, so neither reading nor creating allocates.
 #[derive(Debug, Default)]
 pub struct VmBoard {
     records: Vec<VmRecord>,
+    created: Vec<spin::Once<VmRecord>>,
 }
 
 impl VmBoard {
-    /// Makes a board of `records`.
+    /// Makes a board of the boot VMs' `records` (VM ids 1, 2, ... in order), with room for
+    /// [`CREATED_VMS_MAX`] created VMs.
     pub fn new(records: Vec<VmRecord>) -> Self {
-        Self { records }
+        let created = (0..CREATED_VMS_MAX).map(|_| spin::Once::new()).collect();
+        Self { records, created }
     }
 
     /// Returns the record of `vm`.
     pub fn get(&self, vm: VmId) -> Option<&VmRecord> {
-        self.records.iter().find(|r| r.vm == vm)
+        let index = (vm.raw() as usize).checked_sub(1)?;
+        match self.records.get(index) {
+            Some(r) if r.vm == vm => Some(r),
+            Some(_) => self.records.iter().find(|r| r.vm == vm),
+            None => self.created.get(index - self.records.len())?.get(),
+        }
     }
 
-    /// Returns every record.
-    pub fn records(&self) -> &[VmRecord] {
-        &self.records
+    /// Returns every record: the boot VMs', then the created ones'.
+    pub fn records(&self) -> impl Iterator<Item = &VmRecord> {
+        self.records.iter().chain(self.created.iter().filter_map(spin::Once::get))
+    }
+
+    /// Returns how many VMs the boot modules made (VM ids 1 to this; created VMs follow).
+    pub fn boot_vms(&self) -> u32 {
+        self.records.len() as u32
+    }
+
+    /// Publishes the record of created VM slot `slot` (VM id `boot_vms() + 1 + slot`);
+    /// false if the slot does not exist or is taken.
+    fn publish(&self, slot: usize, record: VmRecord) -> bool {
+        let Some(once) = self.created.get(slot) else { return false };
+        let mut fresh = false;
+        once.call_once(|| {
+            fresh = true;
+            record
+        });
+        fresh
     }
 
     /// Returns the id of the VM named `name` (the first, if several share it).
@@ -206,19 +263,122 @@ pub struct VmGrant {
     pub target: VmId,
 }
 
+/// A boot module marked `image`: what `create` builds VMs from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Image {
+    /// The module's name.
+    pub name: String,
+    /// Its [`image`] kind.
+    pub kind: u8,
+}
+
+/// A VM that starts with a capability (right `create`) to image `image` (`images=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageGrant {
+    pub holder: VmId,
+    pub image: u32,
+}
+
+/// Tells whether image `image` loads into `bytes` of RAM (the hypervisor runs the image's
+/// loader against that much memory without writing it).
+pub type ImageFits = fn(image: u32, bytes: u64) -> bool;
+
+/// What `create` needs from the hypervisor: the images, who holds which, the CPUs a VM
+/// may be placed on and the image check.
+#[derive(Clone, Debug)]
+pub struct Images {
+    pub images: Vec<Image>,
+    pub grants: Vec<ImageGrant>,
+    /// Bit n set: CPU n is online (in VMX root).
+    pub online_cpus: u64,
+    pub fits: ImageFits,
+}
+
+impl Default for Images {
+    fn default() -> Self {
+        Self { images: Vec::new(), grants: Vec::new(), online_cpus: 0, fits: |_, _| false }
+    }
+}
+
+/// A VM `create` made: the capability it granted (the VM dies with it) and its creator.
+#[derive(Clone, Copy, Debug)]
+struct Creation {
+    granted: CapName,
+    vm: VmId,
+    creator: VmId,
+}
+
 /// The guest-OS AM.
 #[derive(Debug)]
 pub struct GuestOsAm {
     am: Option<AmId>,
     kind: Option<ObjKind>,
+    image_kind: Option<ObjKind>,
     board: Arc<VmBoard>,
     grants: Vec<VmGrant>,
+    images: Images,
+    creations: Vec<Creation>,
 }
 
 impl GuestOsAm {
     /// Creates the AM over the hypervisor's `board`, with the capabilities VMs start with.
     pub fn new(board: Arc<VmBoard>, grants: Vec<VmGrant>) -> Self {
-        Self { am: None, kind: None, board, grants }
+        Self { am: None, kind: None, image_kind: None, board, grants, images: Images::default(), creations: Vec::new() }
+    }
+
+    /// Adds the images `create` builds VMs from.
+    pub fn with_images(mut self, images: Images) -> Self {
+        self.images = images;
+        self
+    }
+
+    /// `create(c: image/create, frames low, frames high, cpu)`: see the crate docs.
+    fn create(
+        &mut self,
+        caller: VmId,
+        image: ObjId,
+        args: &[u64; PLAIN_ARGS],
+        kernel: &mut dyn Kernel,
+    ) -> Result<Outcome, AmError> {
+        let (Some(am), Some(kind)) = (self.am, self.kind) else {
+            return Err(AmError::NotPermitted);
+        };
+        let index = u32::try_from(image.raw()).map_err(|_| AmError::BadArgument)?;
+        let info = self.images.images.get(index as usize).ok_or(AmError::BadArgument)?;
+        let cpu = args[2];
+        if cpu >= 64 || self.images.online_cpus & (1 << cpu) == 0 || args[3] != 0 || args[4] != 0 {
+            return Err(AmError::BadArgument);
+        }
+        let slot = self.creations.len();
+        if slot >= CREATED_VMS_MAX {
+            return Err(AmError::QuotaExceeded);
+        }
+        let vm = VmId::new(self.board.boot_vms() + 1 + slot as u32);
+        let frames = CapName::from_words(args[1], args[0]);
+        let fits = self.images.fits;
+        let mut check = |bytes: u64| if fits(index, bytes) { Ok(()) } else { Err(AmError::BadArgument) };
+        let (hpa, bytes) = kernel.lend_frames(caller, frames, vm, &mut check)?;
+        // From here on the slot is used, whatever happens: the exo AM keeps the loan
+        // (keyed by this VM id) until the frames die.
+        let record = VmRecord::new(vm, &info.name, info.kind, bytes, cpu as u32);
+        let published = self.board.publish(slot, record);
+        let all = Rights::from_bits(rights::INSPECT | rights::STOP | rights::START | rights::DESTROY);
+        let object = Object::new(am, kind, ObjId::new(u64::from(vm.raw())));
+        let granted = match kernel.grant_new(object, all, Principal::Vm(caller), Binding::Bound) {
+            Ok(granted) => granted,
+            Err(error) => {
+                // The VM never runs: its record says it ended.
+                if let Some(record) = self.board.get(vm) {
+                    record.set_state(state::ENDED);
+                }
+                self.creations.push(Creation { granted: CapName::from_words(0, 0), vm, creator: caller });
+                return Err(error.into());
+            }
+        };
+        debug_assert!(published, "slots are used in order, once");
+        self.creations.push(Creation { granted, vm, creator: caller });
+        kernel.emit(Effect::CreateVm { vm, image: index, cpu: cpu as u32, hpa, bytes, by: caller });
+        Ok(Outcome { name: Some(granted), results: [u64::from(vm.raw()), bytes, 0, 0] })
     }
 }
 
@@ -229,25 +389,32 @@ impl AbstractMachine for GuestOsAm {
 
     fn register(&mut self, r: &mut Registrar<'_>) -> Result<(), RegisterError> {
         let kind = r.kind(KindSpec { name: "vm", rights: &["inspect", "stop", "start", "destroy"] })?;
+        let image_kind = r.kind(KindSpec { name: "image", rights: &["create"] })?;
         self.kind = Some(kind);
+        self.image_kind = Some(image_kind);
         self.am = Some(r.am());
         for (name, right) in [("inspect", "inspect"), ("stop", "stop"), ("start", "start"), ("destroy", "destroy")] {
             let needed = r.rights(kind, &[right]).ok_or(RegisterError::UnknownKind)?;
             r.operation(OpSpec { name, args: &[ArgSpec::new(kind, needed)] })?;
         }
+        let create = r.rights(image_kind, &["create"]).ok_or(RegisterError::UnknownKind)?;
+        r.operation(OpSpec { name: "create", args: &[ArgSpec::new(image_kind, create)] })?;
         Ok(())
     }
 
     fn invoke(
         &mut self,
         checked: &Checked,
-        _args: &[u64; PLAIN_ARGS],
+        args: &[u64; PLAIN_ARGS],
         kernel: &mut dyn Kernel,
     ) -> Result<Outcome, AmError> {
         let Principal::Vm(caller) = checked.caller() else {
             return Err(AmError::NotPermitted);
         };
         let object = checked.args()[0].object();
+        if checked.op().index() == op::CREATE {
+            return self.create(caller, object.id, args, kernel);
+        }
         let vm = VmId::new(u32::try_from(object.id.raw()).map_err(|_| AmError::BadArgument)?);
         let record = self.board.get(vm).ok_or(AmError::BadArgument)?;
         let current = record.state();
@@ -279,12 +446,27 @@ impl AbstractMachine for GuestOsAm {
             let object = Object::new(am, kind, ObjId::new(u64::from(grant.target.raw())));
             names.push(kernel.grant_new(object, all, Principal::Vm(vm), Binding::Bound)?);
         }
+        if let Some(image_kind) = self.image_kind {
+            for grant in self.images.grants.iter().filter(|g| g.holder == vm) {
+                let object = Object::new(am, image_kind, ObjId::new(u64::from(grant.image)));
+                let create = Rights::from_bits(rights::CREATE);
+                names.push(kernel.grant_new(object, create, Principal::Vm(vm), Binding::Bound)?);
+            }
+        }
         Ok(names)
     }
 
-    fn revoked(&mut self, _dead: &DeadCap, _effects: &mut dyn Effects) {
+    fn revoked(&mut self, dead: &DeadCap, effects: &mut dyn Effects) {
         // A capability to a VM enables nothing lasting: what it stopped stays stopped
-        // (another holder, or none, may start it).
+        // (another holder, or none, may start it). But a created VM lives only as long as
+        // the capability `create` granted: its death destroys the VM.
+        if let Some(creation) = self.creations.iter_mut().find(|c| c.granted == dead.name) {
+            creation.granted = CapName::from_words(0, 0);
+            let (vm, by) = (creation.vm, creation.creator);
+            if self.board.get(vm).is_some_and(|r| r.state() != state::ENDED) {
+                effects.emit(Effect::VmControl { vm, action: VmAction::Destroy, by });
+            }
+        }
     }
 }
 

@@ -134,3 +134,189 @@ fn the_board_finds_vms_by_name() {
     assert_eq!(board.find("victim"), Some(VICTIM));
     assert_eq!(board.find("nobody"), None);
 }
+
+/// `create` against a real exo AM on the same kernel instance.
+mod create {
+    use super::*;
+    use core::sync::atomic::{AtomicU64, Ordering};
+    use nk_am::FrameSource;
+    use nk_am_exo::{ExoAm, VmAssignment, VmMemory};
+
+    const MIB: u64 = 0x10_0000;
+    /// The boot VMs: VM 1 creates, VM 2 is another guest; created VMs start at VM 3.
+    const OTHER: VmId = VmId::new(2);
+    const FIRST_CREATED: VmId = VmId::new(3);
+    const EXO_ALLOC: u16 = 3;
+    const EXO_FREE: u16 = 8;
+
+    struct Bump(AtomicU64);
+
+    impl FrameSource for Bump {
+        fn allocate(&self, bytes: u64, align: u64) -> Option<u64> {
+            let mut base = 0;
+            self.0
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |next| {
+                    base = next.next_multiple_of(align);
+                    Some(base + bytes)
+                })
+                .ok()?;
+            Some(base)
+        }
+    }
+
+    static FRAMES: Bump = Bump(AtomicU64::new(0x8000_0000));
+
+    struct Setup {
+        nk: NullKernel,
+        exo: u16,
+        os: u16,
+        aspace: NameWords,
+        image: NameWords,
+        board: Arc<VmBoard>,
+    }
+
+    fn setup() -> Setup {
+        let mut nk = NullKernel::new(KernelId::new(0), 1, 1024, &mut FixedSeed::from_u64(9)).unwrap();
+        let memory = Some(VmMemory {
+            gpa_base: 0,
+            gpa_limit: 1 << 30,
+            frame_quota: 8 * MIB,
+            initial_bytes: 0,
+            initial_hpa: None,
+        });
+        let assignments = alloc::vec![
+            VmAssignment { vm: Some(CONTROL), memory, ..VmAssignment::default() },
+            VmAssignment { vm: Some(OTHER), memory, ..VmAssignment::default() },
+        ];
+        let exo = nk.add_am(alloc::boxed::Box::new(ExoAm::new(assignments)), 4096).unwrap().raw();
+        let board = Arc::new(VmBoard::new(alloc::vec![
+            VmRecord::new(CONTROL, "control", image::BARE_METAL, 4 << 20, 0),
+            VmRecord::new(OTHER, "other", image::BARE_METAL, 4 << 20, 0),
+        ]));
+        let images = Images {
+            images: alloc::vec![Image { name: String::from("mb1"), kind: image::MULTIBOOT }],
+            grants: alloc::vec![ImageGrant { holder: CONTROL, image: 0 }],
+            online_cpus: 0b11,
+            // The image needs 2 MiB.
+            fits: |image, bytes| image == 0 && bytes >= 2 * MIB,
+        };
+        let am = GuestOsAm::new(board.clone(), Vec::new()).with_images(images);
+        let os = nk.add_am(alloc::boxed::Box::new(am), 64).unwrap().raw();
+        nk.set_caller_ring(|| 0);
+        nk.set_frame_source(&FRAMES);
+        nk.add_vm(CONTROL, 256).unwrap();
+        nk.add_vm(OTHER, 256).unwrap();
+        let aspace = initial(&mut nk, CONTROL, 0);
+        assert!(aspace.status().is_ok(), "{}", aspace.status());
+        let image = initial(&mut nk, CONTROL, 1);
+        assert!(image.status().is_ok(), "{}", image.status());
+        assert_eq!(image.results[0], u64::from(os));
+        assert_eq!(initial(&mut nk, OTHER, 1).status().code(), Status::BAD_ARGUMENT, "no image for the other");
+        Setup { nk, exo, os, aspace: aspace.name, image: image.name, board }
+    }
+
+    impl Setup {
+        fn alloc(&mut self, vm: VmId, pages: u64) -> NameWords {
+            let aspace = if vm == CONTROL { self.aspace } else { initial(&mut self.nk, vm, 0).name };
+            let r = call(&mut self.nk, vm, self.exo, EXO_ALLOC, aspace, &[pages, 0]);
+            assert!(r.status().is_ok(), "{}", r.status());
+            r.name
+        }
+
+        fn create(&mut self, image: NameWords, frames: NameWords, cpu: u64) -> Reply {
+            call(&mut self.nk, CONTROL, self.os, op::CREATE, image, &[frames.low, frames.high, cpu])
+        }
+    }
+
+    #[test]
+    fn create_lends_the_frames_and_grants_a_vm_capability() {
+        let mut s = setup();
+        let frames = s.alloc(CONTROL, 512);
+        let r = s.create(s.image, frames, 1);
+        assert!(r.status().is_ok(), "{}", r.status());
+        assert_eq!(r.results[..2], [u64::from(FIRST_CREATED.raw()), 2 * MIB]);
+        let effects = s.nk.take_effects();
+        let [Effect::CreateVm { vm, image: 0, cpu: 1, hpa, bytes, by }] = effects[..] else { panic!("{effects:?}") };
+        assert_eq!((vm, bytes, by), (FIRST_CREATED, 2 * MIB, CONTROL));
+        assert!(hpa >= 0x8000_0000);
+        let info = call(&mut s.nk, CONTROL, s.os, op::INSPECT, r.name, &[]);
+        assert_eq!(info.results, [u64::from(image::MULTIBOOT) << 8 | 1 << 16, 2 * MIB, 0, 3]);
+        assert_eq!(s.board.get(FIRST_CREATED).unwrap().name(), "mb1");
+        assert!(call(&mut s.nk, CONTROL, s.os, op::START, r.name, &[]).status().is_ok());
+        assert_eq!(
+            s.nk.take_effects(),
+            [Effect::VmControl { vm: FIRST_CREATED, action: VmAction::Start, by: CONTROL }]
+        );
+        // The same frames cannot back a second VM.
+        assert_eq!(s.create(s.image, frames, 1).status().code(), Status::NOT_PERMITTED);
+        assert!(s.nk.take_effects().is_empty());
+    }
+
+    #[test]
+    fn bad_creates_are_refused_and_change_nothing() {
+        let mut s = setup();
+        let frames = s.alloc(CONTROL, 512);
+        let small = s.alloc(CONTROL, 256);
+        let copy = call(&mut s.nk, CONTROL, 0, nk_op::DERIVE as u16, frames, &[u64::MAX]).name;
+        let others = s.alloc(OTHER, 512);
+        let no_create = call(&mut s.nk, CONTROL, 0, nk_op::DERIVE as u16, s.image, &[0]).name;
+        let forged = NameWords { low: frames.low ^ 1, high: frames.high };
+        for (image, frames_arg, cpu, code) in [
+            (s.image, frames, 2, Status::BAD_ARGUMENT),
+            (s.image, frames, 64, Status::BAD_ARGUMENT),
+            (s.image, small, 0, Status::BAD_ARGUMENT),
+            (s.image, forged, 0, Status::UNKNOWN_NAME),
+            (s.image, others, 0, Status::WRONG_HOLDER),
+            (s.image, copy, 0, Status::NOT_PERMITTED),
+            (s.image, s.aspace, 0, Status::NOT_PERMITTED),
+            (s.image, s.image, 0, Status::NOT_PERMITTED),
+            (no_create, frames, 0, Status::MISSING_RIGHTS),
+        ] {
+            let r = s.create(image, frames_arg, cpu);
+            assert_eq!(r.status().code(), code, "cpu {cpu}: {}", r.status());
+            assert!(s.nk.take_effects().is_empty());
+            assert!(s.board.get(FIRST_CREATED).is_none(), "no VM was published");
+        }
+        let r = s.create(s.image, frames, 0);
+        assert!(r.status().is_ok(), "{}", r.status());
+        assert_eq!(r.results[0], u64::from(FIRST_CREATED.raw()), "the refusals used no slot");
+    }
+
+    #[test]
+    fn the_frames_dying_unmap_them_and_the_capability_dying_destroys_the_vm() {
+        let mut s = setup();
+        let frames = s.alloc(CONTROL, 512);
+        let vm_cap = s.create(s.image, frames, 0).name;
+        s.nk.take_effects();
+        // Freeing the frames unmaps them from the created VM before they go back.
+        assert!(call(&mut s.nk, CONTROL, s.exo, EXO_FREE, frames, &[]).status().is_ok());
+        let effects = s.nk.take_effects();
+        assert!(
+            matches!(
+                effects[..],
+                [Effect::UnmapFrames { vm: FIRST_CREATED, gpa: 0, bytes }, Effect::FreeFrames { .. }] if bytes == 2 * MIB
+            ),
+            "{effects:?}"
+        );
+        // Deleting the vm capability destroys the VM.
+        assert!(call(&mut s.nk, CONTROL, 0, nk_op::DELETE as u16, vm_cap, &[]).status().is_ok());
+        assert_eq!(
+            s.nk.take_effects(),
+            [Effect::VmControl { vm: FIRST_CREATED, action: VmAction::Destroy, by: CONTROL }]
+        );
+    }
+
+    #[test]
+    fn at_most_created_vms_max_are_created() {
+        let mut s = setup();
+        for i in 0..CREATED_VMS_MAX {
+            let frames = s.alloc(CONTROL, 512);
+            let r = s.create(s.image, frames, 0);
+            assert!(r.status().is_ok(), "{i}: {}", r.status());
+            // Freed again at once, so the frame quota is not what runs out.
+            assert!(call(&mut s.nk, CONTROL, s.exo, EXO_FREE, frames, &[]).status().is_ok());
+        }
+        let frames = s.alloc(CONTROL, 512);
+        assert_eq!(s.create(s.image, frames, 0).status().code(), Status::QUOTA_EXCEEDED);
+    }
+}

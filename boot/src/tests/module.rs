@@ -72,7 +72,8 @@ fn bad_values_name_the_option_and_an_example() {
     assert_eq!(
         refusal("typo memory=8M"),
         "unknown module option 'memory=8M' (known: mem=<size>, cpu=<index>, ports=<first>[-<last>], \
-         msrs=<msr>[,<msr>], unsafe-ports, ring3-caps, modules=<name>[,<name>], input=<name>, manages=<name>[,<name>], data, -- <guest args>)"
+         msrs=<msr>[,<msr>], unsafe-ports, ring3-caps, modules=<name>[,<name>], input=<name>, manages=<name>[,<name>], data, \
+         images=<name>[,<name>], frames=<size>, image, -- <guest args>)"
     );
 }
 
@@ -110,6 +111,35 @@ fn manages_names_other_guests() {
     assert_eq!(
         refusal("g manages"),
         "missing value for manages=: write the names of other guests, separated by commas, e.g. manages=worker"
+    );
+}
+
+#[test]
+fn image_marks_a_module_and_images_names_them() {
+    let spec = parse("mbkernel image modules=m -- hello").unwrap();
+    assert!(spec.image && !spec.data);
+    assert_eq!((spec.modules.as_slice(), spec.args), (&["m"][..], "hello"));
+    assert!(!parse("worker").unwrap().image);
+    assert_eq!(parse("control images=mb1,linux").unwrap().images.as_slice(), ["mb1", "linux"]);
+    assert!(parse("control").unwrap().images.as_slice().is_empty());
+    assert_eq!(refusal("g image=1"), "image takes no value (got '1'): write just image");
+    assert_eq!(
+        refusal("g images=a,,b"),
+        "bad value 'a,,b' for images=: write the names of image modules, separated by commas, e.g. images=mbkernel"
+    );
+    assert_eq!(refusal("g images=a,b,c,d,e,f,g,h,i"), "too many images in images=: at most 8, e.g. images=mbkernel");
+    assert!(crate::module::MODULE_OPTIONS.iter().any(|o| o.name == "image" && !o.takes_value));
+    assert!(crate::module::MODULE_OPTIONS.iter().any(|o| o.name == "images" && o.takes_value));
+}
+
+#[test]
+fn frames_sets_the_exo_frame_quota() {
+    assert_eq!(parse("control frames=128M").unwrap().frames, Some(128 << 20));
+    assert_eq!(parse("control").unwrap().frames, None);
+    assert_eq!(refusal("g frames=3M"), "bad size '3M' for frames=: a multiple of 2M up to 1G, e.g. frames=128M");
+    assert_eq!(
+        refusal("g frames=99999999999999999999G"),
+        "bad size '99999999999999999999G' for frames=: a multiple of 2M up to 1G, e.g. frames=128M"
     );
 }
 

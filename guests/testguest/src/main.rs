@@ -553,6 +553,7 @@ mod exo_memory;
 mod fuzz;
 mod new_am;
 mod protocol;
+mod vm_create;
 
 /// Reads the VM ids that follow in a mode's arguments.
 fn vm_list<'a>(words: impl Iterator<Item = &'a str>) -> ([u32; 8], usize) {
@@ -615,6 +616,11 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
         Some("hold") => protocol::hold(),
         Some("control") => control::run(words.next()),
         Some("newam") => new_am::run(),
+        Some("vmcreate") => vm_create::run(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
+        Some("vmcreate-linux") => {
+            let cpu = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+            vm_create::run_linux(cpu, words.next().and_then(|n| n.parse().ok()).unwrap_or(128))
+        }
         Some("fuzz") => {
             let seed = words.next().and_then(|n| n.parse().ok()).unwrap_or(1);
             let calls = words.next().and_then(|n| n.parse().ok()).unwrap_or(100_000);
@@ -637,7 +643,7 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
             }
         }
         Some(other) => println!(
-            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..], xcr0 ROUNDS, xmmleak SEED ROUNDS, tpr PEER ROUNDS, leakprobe SEED ROUNDS, openloop, ring3caps, flood VICTIM, victim ATTACKER, exomem, exolend [free] [bench] BORROWERS.., exoborrow, exobench, control [orphan|busy|linux], newam)"
+            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..], xcr0 ROUNDS, xmmleak SEED ROUNDS, tpr PEER ROUNDS, leakprobe SEED ROUNDS, openloop, ring3caps, flood VICTIM, victim ATTACKER, exomem, exolend [free] [bench] BORROWERS.., exoborrow, exobench, control [orphan|busy|linux], vmcreate CPU, vmcreate-linux CPU MIB, newam)"
         ),
     }
     println!("GTEST done");

@@ -150,7 +150,6 @@ pub enum NewKernelError {
 pub struct NullKernel {
     proto: nk_protocol::Kernel,
     /// Indexed by `AmId::raw() - FIRST_AM_ID`.
-    ams: Vec<SharedAm>,
     /// Each VM's initial capabilities (AM id, name), in AM order.
     initial: BTreeMap<VmId, Vec<(AmId, CapName)>>,
     /// Capabilities other principals delegated to each VM of this instance, in order.
@@ -173,14 +172,16 @@ pub struct NullKernel {
     inbox_on_completion: BTreeMap<PendingOp, (VmId, Principal)>,
     /// Effects the AMs emitted that the hypervisor has not applied yet.
     effects: Vec<Effect>,
-    /// What the hypervisor lends AMs about memory.
-    memory: MemoryServices,
+    /// The AMs, and what the hypervisor lends them about memory.
+    shared: Shared,
 }
 
-/// What the hypervisor lends AMs about memory (one reference in [`AmServices`], so an AM
-/// call that uses none of it pays for a pointer, not for each service).
-#[derive(Clone, Copy)]
-struct MemoryServices {
+/// The AMs and what the hypervisor lends them about memory (one reference in
+/// [`AmServices`], so an AM call that uses none of it pays for a pointer, not for each
+/// service).
+struct Shared {
+    /// The registered AMs, AM id `FIRST_AM_ID + i` at index i.
+    ams: Vec<SharedAm>,
     /// The host frames AMs may allocate from (none until the hypervisor lends them).
     frames: Option<&'static dyn FrameSource>,
     /// Where each VM's initial memory lies in host memory (none until the hypervisor says).
@@ -189,7 +190,7 @@ struct MemoryServices {
 
 impl core::fmt::Debug for NullKernel {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("NullKernel").field("kernel", &self.proto.id()).field("ams", &self.ams.len()).finish()
+        f.debug_struct("NullKernel").field("kernel", &self.proto.id()).field("ams", &self.shared.ams.len()).finish()
     }
 }
 
@@ -249,7 +250,9 @@ struct AmServices<'a> {
     am: AmId,
     table: &'a mut CapTable,
     effects: &'a mut Vec<Effect>,
-    memory: &'a MemoryServices,
+    /// Every AM of the instance (`lend_frames` asks the AM of another object) and the
+    /// memory services.
+    shared: &'a Shared,
 }
 
 impl Effects for AmServices<'_> {
@@ -282,11 +285,30 @@ impl Kernel for AmServices<'_> {
     }
 
     fn allocate_frames(&mut self, bytes: u64, align: u64) -> Option<u64> {
-        self.memory.frames?.allocate(bytes, align)
+        self.shared.frames?.allocate(bytes, align)
     }
 
     fn guest_memory(&self, vm: VmId) -> Option<(u64, u64)> {
-        (self.memory.guest_memory)(vm)
+        (self.shared.guest_memory)(vm)
+    }
+
+    fn lend_frames(
+        &mut self,
+        caller: VmId,
+        name: CapName,
+        to: VmId,
+        fits: &mut dyn FnMut(u64) -> Result<(), AmError>,
+    ) -> Result<(u64, u64), AmError> {
+        // The same check as for a capability argument: the caller may use it, it is live.
+        let info = self.table.inspect(Principal::Vm(caller), name)?;
+        // An AM cannot lend to itself through this path (it is locked by the call).
+        if info.object.am == self.am {
+            return Err(AmError::NotPermitted);
+        }
+        let index = usize::from(info.object.am.raw()).wrapping_sub(usize::from(FIRST_AM_ID));
+        let owner = self.shared.ams.get(index).ok_or(AmError::NotPermitted)?;
+        let cap = nk_am::PresentedCap { name, object: info.object, rights: info.rights, presenter: caller };
+        owner.lock().lend_frames(&cap, to, fits, &mut EffectList(self.effects))
     }
 }
 
@@ -401,7 +423,6 @@ impl NullKernel {
         let proto = nk_protocol::Kernel::new(table, kernels).map_err(|_| NewKernelError::KernelOutOfRange)?;
         Ok(Self {
             proto,
-            ams: Vec::new(),
             initial: BTreeMap::new(),
             inbox: BTreeMap::new(),
             listed: 0,
@@ -411,7 +432,7 @@ impl NullKernel {
             placement: BTreeMap::new(),
             inbox_on_completion: BTreeMap::new(),
             effects: Vec::new(),
-            memory: MemoryServices { frames: None, guest_memory: |_| None },
+            shared: Shared { ams: Vec::new(), frames: None, guest_memory: |_| None },
         })
     }
 
@@ -443,7 +464,7 @@ impl NullKernel {
     /// Registers an AM shared with the other kernel instances (each registers the same AMs
     /// in the same order, so AM ids, kinds and operations agree everywhere); returns its id.
     pub fn add_shared_am(&mut self, am: SharedAm, quota: u32) -> Result<AmId, RegisterError> {
-        let raw = u16::try_from(self.ams.len()).ok().and_then(|n| n.checked_add(FIRST_AM_ID));
+        let raw = u16::try_from(self.shared.ams.len()).ok().and_then(|n| n.checked_add(FIRST_AM_ID));
         let id = AmId::new(raw.ok_or(RegisterError::AmIdTaken)?);
         let table = self.proto.table_mut();
         {
@@ -451,7 +472,7 @@ impl NullKernel {
             table.register_am(id, locked.name(), quota)?;
             locked.register(&mut Registrar::new(id, table))?;
         }
-        self.ams.push(am);
+        self.shared.ams.push(am);
         Ok(id)
     }
 
@@ -476,13 +497,13 @@ impl NullKernel {
     /// Lends the AMs the hypervisor's frame allocator (the exo AM's `alloc`); until it is
     /// set, allocations fail with `NO_MEMORY`.
     pub fn set_frame_source(&mut self, frames: &'static dyn FrameSource) {
-        self.memory.frames = Some(frames);
+        self.shared.frames = Some(frames);
     }
 
     /// Sets how AMs learn where a VM's initial memory lies in host memory (the exo AM's
     /// initial frame sets): the hypervisor reads its EPT registry.
     pub fn set_guest_memory(&mut self, reader: fn(VmId) -> Option<(u64, u64)>) {
-        self.memory.guest_memory = reader;
+        self.shared.guest_memory = reader;
     }
 
     /// Lets every ring of `vm`, not only ring 0, call `INITIAL` and `RECEIVED` (the
@@ -499,10 +520,10 @@ impl NullKernel {
         self.placement.insert(vm, self.id());
         let mut granted = Vec::new();
         let mut report = Vec::new();
-        for (slot, am) in self.ams.iter().enumerate() {
+        for (slot, am) in self.shared.ams.iter().enumerate() {
             let id = AmId::new(FIRST_AM_ID + slot as u16);
             let mut services =
-                AmServices { am: id, table: self.proto.table_mut(), effects: &mut self.effects, memory: &self.memory };
+                AmServices { am: id, table: self.proto.table_mut(), effects: &mut self.effects, shared: &self.shared };
             match am.lock().grant_initial(vm, &mut services) {
                 Ok(names) => granted.extend(names.into_iter().map(|name| (id, name))),
                 Err(error) => report.push(GrantFailure { am: id, error }),
@@ -606,7 +627,7 @@ impl NullKernel {
         if let Some(inbox) = self.inbox.remove(&vm) {
             self.listed -= inbox.entries.len();
         }
-        let hook = &mut AmHook::new(&self.ams, &mut self.effects, &mut self.inbox, self.listed);
+        let hook = &mut AmHook::new(&self.shared.ams, &mut self.effects, &mut self.inbox, self.listed);
         Ok(started(self.proto.crash(vm, &[], hook, out)))
     }
 
@@ -616,7 +637,7 @@ impl NullKernel {
     where
         O: Outbox + ?Sized,
     {
-        let hook = &mut AmHook::new(&self.ams, &mut self.effects, &mut self.inbox, self.listed);
+        let hook = &mut AmHook::new(&self.shared.ams, &mut self.effects, &mut self.inbox, self.listed);
         self.proto.handle(from, message, hook, out);
         if let Message::Delegate { grant, holder: holder @ Principal::Vm(vm), delegator, .. } = message {
             if self.proto.table().inspect(holder, grant.child).is_ok() {
@@ -681,10 +702,10 @@ impl NullKernel {
             Err(CheckError::WrongArgCount { .. }) => return failure(Status::new(Status::BAD_ARGUMENT, None)),
         };
         let slot = usize::from(am.raw() - FIRST_AM_ID);
-        let Some(handler) = self.ams.get(slot) else {
+        let Some(handler) = self.shared.ams.get(slot) else {
             return failure(Status::new(Status::UNKNOWN_AM, None));
         };
-        let mut services = AmServices { am, table, effects: &mut self.effects, memory: &self.memory };
+        let mut services = AmServices { am, table, effects: &mut self.effects, shared: &self.shared };
         let result = handler.lock().invoke(&checked, &call.args, &mut services);
         match result {
             Ok(outcome) => success(outcome.name, outcome.results),
@@ -762,7 +783,7 @@ impl NullKernel {
                 started(result)
             }
             nk_op::REVOKE | nk_op::DELETE => {
-                let hook = &mut AmHook::new(&self.ams, &mut self.effects, &mut self.inbox, self.listed);
+                let hook = &mut AmHook::new(&self.shared.ams, &mut self.effects, &mut self.inbox, self.listed);
                 started(match op {
                     nk_op::REVOKE => self.proto.revoke(caller, c, hook, out),
                     _ => self.proto.delete(caller, c, hook, out),
