@@ -129,6 +129,8 @@ pub fn apply(effect: Effect) {
         | Effect::PmlEnable { .. }
         | Effect::PmlDrain { .. } => crate::exomem::apply(effect),
         Effect::VmControl { vm, action, by } => crate::vmctl::apply(vm, action, by),
+        // The null-Kernel's own (NullKernel::apply_effects handles it).
+        Effect::Retire { .. } => {}
     }
 }
 

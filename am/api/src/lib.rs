@@ -158,6 +158,13 @@ pub enum Effect {
     /// Stops, starts or destroys VM `vm` (the guest-OS AM's operations), at the VM's next
     /// time-slice boundary on its own CPU; `by` is the VM that asked, for the log.
     VmControl { vm: VmId, action: VmAction, by: VmId },
+    /// Tells the null-Kernel that `object` (this AM's) died: it deletes `root`, the root
+    /// capability [`Kernel::grant_new_root`] minted for it (held by the AM, charged to the
+    /// AM's capability quota), with every capability derived from it, as the AM's own
+    /// `DELETE` once the step that emitted this is over (the AM hears of each capability
+    /// that dies; remote copies leave through the distributed protocol). This gives the
+    /// AM's quota back. The null-Kernel handles it; the hypervisor never sees it.
+    Retire { object: Object, root: CapName },
 }
 
 /// Access through a guest-physical mapping, as bits of `Effect::MapFrames` and
@@ -250,7 +257,19 @@ pub trait Kernel: Effects {
         rights: Rights,
         to: Principal,
         binding: Binding,
-    ) -> Result<CapName, CapError>;
+    ) -> Result<CapName, CapError> {
+        self.grant_new_root(object, rights, to, binding).map(|(_, child)| child)
+    }
+
+    /// As [`grant_new`](Self::grant_new), but returns the root's name too, (root, child),
+    /// so the AM can give the root back with [`Effect::Retire`] when the object dies.
+    fn grant_new_root(
+        &mut self,
+        object: Object,
+        rights: Rights,
+        to: Principal,
+        binding: Binding,
+    ) -> Result<(CapName, CapName), CapError>;
 
     /// Allocates `bytes` of zeroed, contiguous host frames aligned to `align` from the
     /// hypervisor's allocator (`FrameSource`); None when there are none or no allocator is

@@ -326,3 +326,4 @@ proptest! {
 }
 
 mod distributed;
+mod retire;
