@@ -158,13 +158,14 @@ pub enum Effect {
     /// Stops, starts or destroys VM `vm` (the guest-OS AM's operations), at the VM's next
     /// time-slice boundary on its own CPU; `by` is the VM that asked, for the log.
     VmControl { vm: VmId, action: VmAction, by: VmId },
-    /// Tells the null-Kernel that `object` (this AM's) died: it deletes `root`, the root
-    /// capability [`Kernel::grant_new_root`] minted for it (held by the AM, charged to the
-    /// AM's capability quota), with every capability derived from it, as the AM's own
-    /// `DELETE` once the step that emitted this is over (the AM hears of each capability
-    /// that dies; remote copies leave through the distributed protocol). This gives the
-    /// AM's quota back. The null-Kernel handles it; the hypervisor never sees it.
-    Retire { object: Object, root: CapName },
+    /// Tells the null-Kernel that the object of `root` died: it deletes `root`, the root
+    /// capability [`Kernel::grant_new_root`] minted for AM `am` (held by the AM, charged
+    /// to the AM's capability quota), with every capability derived from it, as the AM's
+    /// own `DELETE` once the step that emitted this is over (the AM hears of each
+    /// capability that dies; remote copies leave through the distributed protocol). This
+    /// gives the AM's quota back. The null-Kernel handles it; the hypervisor never sees
+    /// it. (No `Object` here: it would make every effect 8 bytes larger.)
+    Retire { am: AmId, root: CapName },
 }
 
 /// Access through a guest-physical mapping, as bits of `Effect::MapFrames` and

@@ -596,7 +596,7 @@ impl Memory {
         });
         for id in family {
             let Some(set) = self.sets.remove(&id) else { continue };
-            effects.emit(Effect::Retire { object: set.object, root: set.root });
+            effects.emit(Effect::Retire { am: set.object.am, root: set.root });
             if let (true, Some(hpa)) = (set.allocated, set.hpa) {
                 effects.emit(Effect::FreeFrames { hpa, bytes: set.bytes });
                 if let Some(charged) = self.charged.get_mut(&set.owner) {

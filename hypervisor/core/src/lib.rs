@@ -528,28 +528,25 @@ impl NullKernel {
         while let Some(&effect) = self.effects.get(next) {
             next += 1;
             match effect {
-                Effect::Retire { object, root } => self.retire(object, root, out),
+                Effect::Retire { am, root } => self.retire(am, root, out),
                 effect => apply(effect),
             }
         }
         self.effects.clear();
     }
 
-    /// Deletes root capability `root` of `object` (an AM's, [`Effect::Retire`]) with its
-    /// subtree, as the AM's own `DELETE`: the AMs hear of every capability that dies, and
-    /// remote copies leave through the protocol, whose completion is nobody's reply
-    /// ([`poll`](Self::poll) drops it). A root that is gone already (or not the AM's) is
-    /// left alone.
+    /// Deletes root capability `root` of AM `am` ([`Effect::Retire`]) with its subtree, as
+    /// the AM's own `DELETE`: the AMs hear of every capability that dies, and remote
+    /// copies leave through the protocol, whose completion is nobody's reply
+    /// ([`poll`](Self::poll) drops it). A root the AM does not hold (gone already) is left
+    /// alone (the table refuses it).
     #[cold]
     #[inline(never)]
-    fn retire<O>(&mut self, object: Object, root: CapName, out: &mut O)
+    fn retire<O>(&mut self, am: AmId, root: CapName, out: &mut O)
     where
         O: Outbox + ?Sized,
     {
-        let am = Principal::Am(object.am);
-        if self.proto.table().inspect(am, root).map(|info| info.object) != Ok(object) {
-            return;
-        }
+        let am = Principal::Am(am);
         let hook = &mut AmHook::new(&self.ams, &mut self.effects, &mut self.inbox, self.listed);
         if let Started::Pending(op) = self.proto.delete(am, root, hook, out) {
             self.retiring.insert(op);

@@ -55,7 +55,7 @@ impl AbstractMachine for Cells {
             _ => {
                 let object = checked.args()[0].object();
                 let root = self.live.remove(&object.id.raw()).ok_or(AmError::NotPermitted)?;
-                kernel.emit(Effect::Retire { object, root });
+                kernel.emit(Effect::Retire { am: object.am, root });
                 Ok(AmOutcome::default())
             }
         }
