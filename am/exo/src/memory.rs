@@ -4,8 +4,8 @@
 //!   `large`), with the rights `read`, `write`, `execute`, `map` and `split`. `alloc` makes
 //!   one from the hypervisor's allocator, charged to the calling VM's frame quota; `split`
 //!   derives a smaller set (a sub-range) from one, which dies with it; `free` gives an
-//!   allocation back at once (its capabilities then name nothing and are refused with
-//!   `NOT_PERMITTED`; the holder deletes them to get its capability quota back), and so
+//!   allocation back at once (its capabilities, and those of sets split from it, are then
+//!   revoked: `REVOKED`; a holder deletes them to get its capability quota back), and so
 //!   does deleting or revoking the capability `alloc` granted.
 //! - Each VM's guest-physical address space is an object too (kind `aspace`, rights `map`,
 //!   `alloc` and `dirty`); a VM assigned memory is granted a capability to its own at

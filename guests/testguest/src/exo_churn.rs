@@ -11,9 +11,11 @@
 //!   and waits for PEER's answer before it ends (the signal is derived from its own
 //!   capability, so it dies when its sender ends: a peer that had not looked yet would
 //!   wait for ever).
-//! * `exochurnafter CHURN`: waits for that signal, then allocates, maps, writes and frees
-//!   a few sets of its own (the AM still has room for another VM), answers VM CHURN the
-//!   same way and waits until the signal dies (CHURN, having seen the answer, ended).
+//! * `exochurnafter CHURN`: waits for that signal, checks that the signal (a no-rights
+//!   copy of CHURN's address-space capability) maps nothing into CHURN and unmaps nothing
+//!   from it, then allocates, maps, writes and frees a few sets of its own (the AM still
+//!   has room for another VM), answers VM CHURN the same way and waits until the signal
+//!   dies (CHURN, having seen the answer, ended).
 
 use nk_guest::abi::Status;
 use nk_guest::nk::{self, Cap};
@@ -59,7 +61,20 @@ pub fn run<'a>(mode: &str, mut words: impl Iterator<Item = &'a str>) {
         }
         _ => {
             let churn = words.next().and_then(|w| w.parse().ok()).unwrap_or(1);
-            report("exo_churn_after", after(churn));
+            let (aspace, am) = match aspace() {
+                Ok(found) => found,
+                Err(Why(line)) => return println!("GTEST FAILED exo_churn_after: {}", line.as_str()),
+            };
+            let signal = nk::wait_received(0);
+            report("exo_churn_after", after(aspace, am, signal));
+            // The answer, sent even when the checks failed (so the churn ends), then wait
+            // until the signal dies: the churn saw the answer and ended.
+            if let Err(status) = nk::delegate(aspace, churn, 0, false) {
+                return println!("GTEST FAILED exo_churn_answer: {status}");
+            }
+            while nk::inspect(signal).is_ok() {
+                core::hint::spin_loop();
+            }
         }
     }
 }
@@ -122,9 +137,18 @@ fn churn(aspace: Cap, am: u16, rounds: u64) -> CheckResult {
     Ok(())
 }
 
-fn after(churn: u32) -> CheckResult {
-    let (aspace, am) = aspace()?;
-    let signal = nk::wait_received(0);
+fn after(aspace: Cap, am: u16, signal: Cap) -> CheckResult {
+    // The signal is a copy of the churn VM's address-space capability with no rights:
+    // mapping into (or unmapping from) that VM with it is refused before the AM runs.
+    let set = call(am, ALLOC, &[aspace], &[1, 0])?.name;
+    let into_other = nk::call(am, MAP, &[set, signal], &[WINDOW, RW]).status();
+    ensure!(into_other.code() == Status::MISSING_RIGHTS, "map into another VM without the right: {into_other}");
+    let from_other = nk::call(am, UNMAP, &[signal], &[WINDOW]).status();
+    ensure!(from_other.code() == Status::MISSING_RIGHTS, "unmap from another VM without the right: {from_other}");
+    // Nothing changed: the set is still unmapped, so it maps into this VM.
+    call(am, MAP, &[set, aspace], &[WINDOW, RW])?;
+    call(am, FREE, &[set], &[])?;
+    let _ = nk::delete(set);
     for round in 0..8u64 {
         let set = call(am, ALLOC, &[aspace], &[4, 0])?.name;
         call(am, MAP, &[set, aspace], &[WINDOW, RW])?;
@@ -134,9 +158,5 @@ fn after(churn: u32) -> CheckResult {
         let _ = nk::delete(set);
     }
     println!("exochurnafter: allocated after the churn");
-    ensure!(nk::delegate(aspace, churn, 0, false).is_ok(), "answer the churn");
-    while nk::inspect(signal).is_ok() {
-        core::hint::spin_loop();
-    }
     Ok(())
 }
