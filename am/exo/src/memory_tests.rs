@@ -542,3 +542,17 @@ fn frame_sets_that_die_give_the_ams_quota_back() {
     }
     assert_eq!(s.nk.table().usage(Principal::Vm(VM2)).unwrap().charged, vm_before, "and VM2's");
 }
+
+/// For profiling (`valgrind --tool=callgrind` on the test binary): map and unmap one page.
+#[test]
+#[ignore]
+fn profile_map_unmap() {
+    let mut s = setup();
+    let a2 = s.aspace(VM2);
+    let page = s.alloc(VM2, 1, 0);
+    for _ in 0..10_000 {
+        s.ok(VM2, op::MAP, &[page, a2], &[MIB, RW]);
+        s.ok(VM2, op::UNMAP, &[a2], &[MIB]);
+        SETTLED.with(|settled| settled.borrow_mut().clear());
+    }
+}
