@@ -44,9 +44,21 @@
 //! its capability or its parent's revoked or deleted, its owner removed) the AM retires
 //! the root (`Effect::Retire`): the null-Kernel deletes it with every capability derived
 //! from it, on every kernel, so a guest that allocates and frees in a loop gives the quota
-//! back each time, and the holders of a dead set's capabilities get their quota back too.
-//! The AM's live roots are therefore bounded by the live sets: at most
-//! [`FRAME_SETS_PER_VM`] per VM (plus one address space per VM).
+//! back each time. The holders of a dead set's capabilities find them revoked and get
+//! their own quota back by deleting them. The AM's live roots are therefore bounded by the
+//! live sets: at most [`FRAME_SETS_PER_VM`] per VM (plus one address space per VM).
+//!
+//! # Limits
+//!
+//! - `unmap` and `protect` act on a whole mapping, named by its first guest-physical
+//!   address; to unmap or protect part of a set, split it first and map the pieces.
+//! - The AM's capability quota (4,096 per kernel instance in the hypervisor) is shared:
+//!   it is not split per VM, so 16 VMs on one kernel that each hold 256 live sets would use
+//!   it up. What retirement fixes is the leak: dead sets give their roots back.
+//! - The roots of what a VM is granted at creation (its address space, ports, MSRs) are not
+//!   retired when it ends; VMs are made at boot only, so they are bounded by the modules.
+//! - Mappings are one list over all VMs: `map` and `unmap` scan it (at most
+//!   [`MAPPINGS_PER_VM`] per VM).
 
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
