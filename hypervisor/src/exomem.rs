@@ -178,7 +178,13 @@ pub fn apply(effect: Effect) {
     match effect {
         Effect::MapFrames { vm, gpa, hpa, bytes, large, access } => {
             let Some(r) = epts.get_mut(&vm.raw()) else { return };
-            // Widening needs no invalidation (the CPU re-walks on a violation, §29.4.3.1).
+            // No INVEPT: the range was not present (the AM refuses a map over a mapping),
+            // and a translation that causes an EPT violation creates no guest-physical or
+            // combined mapping (SDM Vol. 3 §29.4.2), so no CPU caches anything for a
+            // not-present entry and the next access walks the EPT and finds the new one;
+            // a change from not present to present needs no invalidation (§29.4.3.3, as
+            // §4.10.4.3 says for ordinary paging). Widening an entry needs none either
+            // (the CPU re-walks on a violation, §29.4.3.1).
             // Small-page sets stay small pages, so their dirty flags are per 4 KiB.
             let perms = nk_paging::EptPerms::from_bits(access);
             let mapped = match large {
@@ -319,7 +325,7 @@ pub fn apply(effect: Effect) {
                 let _ = crate::vmx::tlb::flush_ept(&crate::vmx::capabilities(), eptp);
             }
         }
-        Effect::IoPorts { .. } | Effect::Msr { .. } | Effect::VmControl { .. } | Effect::CreateVm { .. } => {}
+        Effect::IoPorts { .. } | Effect::Msr { .. } | Effect::VmControl { .. } | Effect::CreateVm { .. } | Effect::Retire { .. } => {}
     }
 }
 

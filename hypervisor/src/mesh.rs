@@ -142,7 +142,7 @@ impl Mesh {
         let mut out = Vec::new();
         let mut kernel = instance.kernel.lock();
         let dispatched = kernel.dispatch(vm, call, &mut out);
-        settle_locally(instance, &mut kernel);
+        settle_locally(instance, &mut kernel, &mut out);
         drop(kernel);
         self.send(cpu, out);
         dispatched
@@ -154,7 +154,7 @@ impl Mesh {
         let mut out = Vec::new();
         let mut kernel = instance.kernel.lock();
         let removed = kernel.remove_vm(vm, &mut out);
-        settle_locally(instance, &mut kernel);
+        settle_locally(instance, &mut kernel, &mut out);
         drop(kernel);
         self.send(cpu, out);
         removed
@@ -250,7 +250,7 @@ impl Mesh {
                 };
                 let mut kernel = instance.kernel.lock();
                 kernel.handle(KernelId::new(from as u16), message, &mut out);
-                settle_locally(instance, &mut kernel);
+                settle_locally(instance, &mut kernel, &mut out);
             }
             self.send(cpu, out);
             // Only now, with their answers counted, are the drained messages done.
@@ -267,9 +267,9 @@ impl Mesh {
 
 /// Applies the effects of the step just taken and collects the calls it finished, before
 /// the step's messages leave.
-fn settle_locally(instance: &Instance, kernel: &mut NullKernel) {
+fn settle_locally(instance: &Instance, kernel: &mut NullKernel, out: &mut Vec<(KernelId, Message)>) {
     if kernel.has_effects() {
-        kernel.apply_effects(crate::ioports::apply);
+        kernel.apply_effects(out, crate::ioports::apply);
     }
     if kernel.has_finished() {
         let mut finished = instance.finished.lock();

@@ -163,6 +163,14 @@ pub enum Effect {
     /// (`Kernel::lend_frames`), mapped at guest-physical 0 and loaded with the image before
     /// the call returns; `by` is the creator. The VM runs once a `VmControl` starts it.
     CreateVm { vm: VmId, image: u32, cpu: u32, hpa: u64, bytes: u64, by: VmId },
+    /// Tells the null-Kernel that the object of `root` died: it deletes `root`, the root
+    /// capability [`Kernel::grant_new_root`] minted for AM `am` (held by the AM, charged
+    /// to the AM's capability quota), with every capability derived from it, as the AM's
+    /// own `DELETE` once the step that emitted this is over (the AM hears of each
+    /// capability that dies; remote copies leave through the distributed protocol). This
+    /// gives the AM's quota back. The null-Kernel handles it; the hypervisor never sees
+    /// it. (No `Object` here: it would make every effect 8 bytes larger.)
+    Retire { am: AmId, root: CapName },
 }
 
 /// Access through a guest-physical mapping, as bits of `Effect::MapFrames` and
@@ -255,7 +263,19 @@ pub trait Kernel: Effects {
         rights: Rights,
         to: Principal,
         binding: Binding,
-    ) -> Result<CapName, CapError>;
+    ) -> Result<CapName, CapError> {
+        self.grant_new_root(object, rights, to, binding).map(|(_, child)| child)
+    }
+
+    /// As [`grant_new`](Self::grant_new), but returns the root's name too, (root, child),
+    /// so the AM can give the root back with [`Effect::Retire`] when the object dies.
+    fn grant_new_root(
+        &mut self,
+        object: Object,
+        rights: Rights,
+        to: Principal,
+        binding: Binding,
+    ) -> Result<(CapName, CapName), CapError>;
 
     /// Allocates `bytes` of zeroed, contiguous host frames aligned to `align` from the
     /// hypervisor's allocator (`FrameSource`); None when there are none or no allocator is

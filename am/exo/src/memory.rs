@@ -4,8 +4,8 @@
 //!   `large`), with the rights `read`, `write`, `execute`, `map` and `split`. `alloc` makes
 //!   one from the hypervisor's allocator, charged to the calling VM's frame quota; `split`
 //!   derives a smaller set (a sub-range) from one, which dies with it; `free` gives an
-//!   allocation back at once (its capabilities then name nothing and are refused with
-//!   `NOT_PERMITTED`; the holder deletes them to get its capability quota back), and so
+//!   allocation back at once (its capabilities, and those of sets split from it, are then
+//!   revoked: `REVOKED`; a holder deletes them to get its capability quota back), and so
 //!   does deleting or revoking the capability `alloc` granted.
 //! - Each VM's guest-physical address space is an object too (kind `aspace`, rights `map`,
 //!   `alloc` and `dirty`); a VM assigned memory is granted a capability to its own at
@@ -39,10 +39,26 @@
 //! [`MAPPINGS_PER_VM`] mappings; what it allocates is bounded by its frame quota (bytes);
 //! past any of them the call fails with `QUOTA_EXCEEDED`.
 //!
-//! Not yet bounded: the root capability `Kernel::grant_new` mints for each allocated or
-//! split set stays with the AM (charged to the AM's capability quota) after the set dies,
-//! because nothing lets an AM delete its own roots yet; a guest that allocates and frees in
-//! a loop therefore spends the AM's quota (4096 in the hypervisor).
+//! Each set has a root capability (`Kernel::grant_new_root`), held by the AM and charged to
+//! the AM's capability quota; the VM's capability is its child. When the set dies (freed,
+//! its capability or its parent's revoked or deleted, its owner removed) the AM retires
+//! the root (`Effect::Retire`): the null-Kernel deletes it with every capability derived
+//! from it, on every kernel, so a guest that allocates and frees in a loop gives the quota
+//! back each time. The holders of a dead set's capabilities find them revoked and get
+//! their own quota back by deleting them. The AM's live roots are therefore bounded by the
+//! live sets: at most [`FRAME_SETS_PER_VM`] per VM (plus one address space per VM).
+//!
+//! # Limits
+//!
+//! - `unmap` and `protect` act on a whole mapping, named by its first guest-physical
+//!   address; to unmap or protect part of a set, split it first and map the pieces.
+//! - The AM's capability quota (4,096 per kernel instance in the hypervisor) is shared:
+//!   it is not split per VM, so 16 VMs on one kernel that each hold 256 live sets would use
+//!   it up. What retirement fixes is the leak: dead sets give their roots back.
+//! - The roots of what a VM is granted at creation (its address space, ports, MSRs) are not
+//!   retired when it ends; VMs are made at boot only, so they are bounded by the modules.
+//! - Mappings are one list over all VMs: `map` and `unmap` scan it (at most
+//!   [`MAPPINGS_PER_VM`] per VM).
 
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
@@ -98,6 +114,10 @@ struct FrameSet {
     origin: CapName,
     /// From the hypervisor's allocator (given back when the set dies).
     allocated: bool,
+    /// The object its capabilities name and the AM's root capability to it (retired when
+    /// the set dies, which gives the AM's capability quota back).
+    object: Object,
+    root: CapName,
 }
 
 /// A frame set mapped into a VM.
@@ -221,7 +241,7 @@ impl Memory {
             let id = self.new_id();
             let mut object = frames_template;
             object.id = ObjId::new(id);
-            let granted = kernel.grant_new(object, rights.frames_all, Principal::Vm(vm), Binding::Bound)?;
+            let (root, granted) = kernel.grant_new_root(object, rights.frames_all, Principal::Vm(vm), Binding::Bound)?;
             let set = FrameSet {
                 id,
                 hpa,
@@ -232,6 +252,8 @@ impl Memory {
                 granted,
                 origin: granted,
                 allocated: false,
+                object,
+                root,
             };
             self.sets.insert(id, set);
             self.mappings.push(Mapping {
@@ -276,8 +298,8 @@ impl Memory {
         let id = self.new_id();
         let mut object = frames_template;
         object.id = ObjId::new(id);
-        let granted = match kernel.grant_new(object, rights.frames_all, Principal::Vm(caller), Binding::Bound) {
-            Ok(name) => name,
+        let (root, granted) = match kernel.grant_new_root(object, rights.frames_all, Principal::Vm(caller), Binding::Bound) {
+            Ok(names) => names,
             Err(error) => {
                 kernel.emit(Effect::FreeFrames { hpa, bytes });
                 return Err(error.into());
@@ -293,6 +315,8 @@ impl Memory {
             granted,
             origin: granted,
             allocated: true,
+            object,
+            root,
         };
         self.sets.insert(id, set);
         self.charged.insert(caller, charged + bytes);
@@ -324,7 +348,7 @@ impl Memory {
         let new = self.new_id();
         let mut object = frames_template;
         object.id = ObjId::new(new);
-        let granted = kernel.grant_new(object, held, Principal::Vm(caller), Binding::Bound)?;
+        let (root, granted) = kernel.grant_new_root(object, held, Principal::Vm(caller), Binding::Bound)?;
         let set = FrameSet {
             id: new,
             hpa: Some(parent_hpa + offset),
@@ -335,6 +359,8 @@ impl Memory {
             granted,
             origin: name,
             allocated: false,
+            object,
+            root,
         };
         self.sets.insert(new, set);
         Ok(Outcome { name: Some(granted), results: [bytes, 0, 0, 0] })
@@ -354,8 +380,12 @@ impl Memory {
         kernel: &mut dyn Kernel,
     ) -> Result<Outcome, AmError> {
         let (frames_cap, set_id, held) = frames;
-        let set = *self.sets.get(&set_id.raw()).ok_or(AmError::NotPermitted)?;
-        let hpa = self.resolve(set.id, kernel)?;
+        let set = self.sets.get(&set_id.raw()).ok_or(AmError::NotPermitted)?;
+        let (id, bytes, large) = (set.id, set.bytes, set.large);
+        let hpa = match set.hpa {
+            Some(hpa) => hpa,
+            None => self.resolve(id, kernel)?,
+        };
         let vm = aspace_vm(aspace.1)?;
         let (gpa, access) = (args[0], args[1]);
         let access = u8::try_from(access).ok().filter(|&a| valid_access(a));
@@ -364,30 +394,35 @@ impl Memory {
             return Err(AmError::NotPermitted);
         }
         let (base, limit) = self.vms.get(&vm).map_or((0, 0), |m| (m.gpa_base, m.gpa_limit));
-        let end = gpa.checked_add(set.bytes).ok_or(AmError::BadArgument)?;
+        let end = gpa.checked_add(bytes).ok_or(AmError::BadArgument)?;
         if !aligned(gpa, PAGE_4K) || gpa < base || end > limit {
             return Err(AmError::BadArgument);
         }
-        if self.mappings.iter().any(|m| m.overlaps(vm, gpa, set.bytes)) {
-            return Err(AmError::NotPermitted);
+        // One pass over the mappings: none may overlap, and the caller's are counted.
+        let mut made = 0;
+        for m in &self.mappings {
+            if m.overlaps(vm, gpa, bytes) {
+                return Err(AmError::NotPermitted);
+            }
+            made += usize::from(m.by == caller);
         }
-        if self.mappings.iter().filter(|m| m.by == caller).count() >= MAPPINGS_PER_VM {
+        if made >= MAPPINGS_PER_VM {
             return Err(AmError::QuotaExceeded);
         }
-        let large = set.large && aligned(gpa, PAGE_2M);
+        let large = large && aligned(gpa, PAGE_2M);
         self.mappings.push(Mapping {
-            set: set.id,
+            set: id,
             frames_cap,
             aspace_cap: aspace.0,
             vm,
             gpa,
-            bytes: set.bytes,
+            bytes,
             access,
             by: caller,
             lent: false,
         });
-        kernel.emit(Effect::MapFrames { vm, gpa, hpa, bytes: set.bytes, large, access });
-        Ok(Outcome::value(set.bytes))
+        kernel.emit(Effect::MapFrames { vm, gpa, hpa, bytes, large, access });
+        Ok(Outcome::value(bytes))
     }
 
     /// Lends set `set` (presented by `caller` with capability `name` and rights `held`) as
@@ -626,6 +661,7 @@ impl Memory {
         });
         for id in family {
             let Some(set) = self.sets.remove(&id) else { continue };
+            effects.emit(Effect::Retire { am: set.object.am, root: set.root });
             if let (true, Some(hpa)) = (set.allocated, set.hpa) {
                 effects.emit(Effect::FreeFrames { hpa, bytes: set.bytes });
                 if let Some(charged) = self.charged.get_mut(&set.owner) {

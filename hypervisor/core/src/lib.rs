@@ -174,6 +174,9 @@ pub struct NullKernel {
     effects: Vec<Effect>,
     /// The AMs, and what the hypervisor lends them about memory.
     shared: Shared,
+    /// Root deletions ([`Effect::Retire`]) that wait for other kernels: their completion
+    /// is no caller's reply.
+    retiring: BTreeSet<PendingOp>,
 }
 
 /// The AMs and what the hypervisor lends them about memory (one reference in
@@ -262,19 +265,19 @@ impl Effects for AmServices<'_> {
 }
 
 impl Kernel for AmServices<'_> {
-    fn grant_new(
+    fn grant_new_root(
         &mut self,
         object: Object,
         rights: Rights,
         to: Principal,
         binding: Binding,
-    ) -> Result<CapName, CapError> {
+    ) -> Result<(CapName, CapName), CapError> {
         let me = Principal::Am(self.am);
         let root = self.table.mint(me, object, rights)?;
         // The receiver asked for the object (or is being set up): it pays for its
         // capability, so what a VM makes an AM hand out counts against its own quota.
         match self.table.grant(me, root, to, Rights::ALL, binding) {
-            Ok(child) => Ok(child),
+            Ok(child) => Ok((root, child)),
             Err(error) => {
                 // Undo the mint so a failed grant leaves nothing behind; nothing was
                 // enabled yet, so no AM needs to hear of it.
@@ -433,6 +436,7 @@ impl NullKernel {
             inbox_on_completion: BTreeMap::new(),
             effects: Vec::new(),
             shared: Shared { ams: Vec::new(), frames: None, guest_memory: |_| None },
+            retiring: BTreeSet::new(),
         })
     }
 
@@ -543,10 +547,43 @@ impl NullKernel {
 
     /// Hands the effects the AMs emitted since the last call to `apply`, in order (as
     /// [`take_effects`](Self::take_effects), but the list keeps its memory, so the next
-    /// effect needs no allocation).
-    pub fn apply_effects(&mut self, mut apply: impl FnMut(Effect)) {
-        for effect in self.effects.drain(..) {
-            apply(effect);
+    /// effect needs no allocation). `Effect::Retire` is the null-Kernel's own: it deletes
+    /// the retired root here (what that deletion makes the AMs emit is handed to `apply`
+    /// after the rest of the list), and its messages to other kernels go to `out`.
+    ///
+    /// Retirement lives here, not in [`dispatch`](Self::dispatch): the AM that retired is
+    /// no longer busy with its call, and a call that retired nothing pays nothing.
+    pub fn apply_effects<O>(&mut self, out: &mut O, mut apply: impl FnMut(Effect))
+    where
+        O: Outbox + ?Sized,
+    {
+        // By index: a retirement appends what it causes, handled in this same loop.
+        let mut next = 0;
+        while let Some(&effect) = self.effects.get(next) {
+            next += 1;
+            match effect {
+                Effect::Retire { am, root } => self.retire(am, root, out),
+                effect => apply(effect),
+            }
+        }
+        self.effects.clear();
+    }
+
+    /// Deletes root capability `root` of AM `am` ([`Effect::Retire`]) with its subtree, as
+    /// the AM's own `DELETE`: the AMs hear of every capability that dies, and remote
+    /// copies leave through the protocol, whose completion is nobody's reply
+    /// ([`poll`](Self::poll) drops it). A root the AM does not hold (gone already) is left
+    /// alone (the table refuses it).
+    #[cold]
+    #[inline(never)]
+    fn retire<O>(&mut self, am: AmId, root: CapName, out: &mut O)
+    where
+        O: Outbox + ?Sized,
+    {
+        let am = Principal::Am(am);
+        let hook = &mut AmHook::new(&self.shared.ams, &mut self.effects, &mut self.inbox, self.listed);
+        if let Started::Pending(op) = self.proto.delete(am, root, hook, out) {
+            self.retiring.insert(op);
         }
     }
 
@@ -654,7 +691,11 @@ impl NullKernel {
 
     /// Returns the next call (or VM removal) that waited for other kernels and finished.
     pub fn poll(&mut self) -> Option<Finished> {
-        let done = self.proto.poll()?;
+        let mut done = self.proto.poll()?;
+        while self.retiring.remove(&done.op) {
+            // A retired root's remote copies are gone: no one waits for that.
+            done = self.proto.poll()?;
+        }
         if let (Some((vm, sender)), Ok(Outcome::Name(name))) = (self.inbox_on_completion.remove(&done.op), done.result)
         {
             self.deliver_to_inbox(vm, name, sender);

@@ -235,10 +235,17 @@ impl EptBuilder {
                 table = Some(entry & ADDR_MASK);
             }
         }
+        let large = if leaf_level > 1 { LARGE_PAGE } else { 0 };
+        let leaf = hpa | MEMTYPE_WB | large | u64::from(perms.0);
         if let Some(t) = table {
-            if memory.table(t)[index(gpa, leaf_level)].load(Ordering::Acquire) & PERM_BITS != 0 {
+            let slot = &memory.table(t)[index(gpa, leaf_level)];
+            if slot.load(Ordering::Acquire) & PERM_BITS != 0 {
                 return Err(EptError::AlreadyMapped);
             }
+            // Every table exists (the common case: a page next to mapped ones): the first
+            // pass found the leaf's slot, so no second walk.
+            slot.store(leaf, Ordering::Release);
+            return Ok(());
         }
         // Second pass: allocate the missing tables (all or nothing), then link and map.
         let mut fresh = [0u64; 3];
@@ -267,9 +274,7 @@ impl EptBuilder {
                 entry & ADDR_MASK
             };
         }
-        let large = if leaf_level > 1 { LARGE_PAGE } else { 0 };
-        memory.table(table)[index(gpa, leaf_level)]
-            .store(hpa | MEMTYPE_WB | large | u64::from(perms.0), Ordering::Release);
+        memory.table(table)[index(gpa, leaf_level)].store(leaf, Ordering::Release);
         Ok(())
     }
 

@@ -326,6 +326,7 @@ proptest! {
 }
 
 mod distributed;
+mod retire;
 
 /// The NKCP table lists a VM's live initial capabilities with `<am>/<kind>` labels, in
 /// INITIAL order; one that was revoked is left out.
