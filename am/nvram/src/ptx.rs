@@ -27,7 +27,7 @@ pub const SET_UNITS: u64 = 1 + BLOCKS_PER_SET as u64;
 pub const LOCATIONS_PER_UNIT: usize = 10;
 /// A header address field that names no block (PTx's ⊥).
 const NO_BLOCK: u32 = u32::MAX;
-/// The largest region, in blocks (block numbers must fit below [`NO_BLOCK`]).
+/// The largest region, in blocks (block numbers must fit below the header's ⊥, `u32::MAX`).
 pub const MAX_BLOCKS: u64 = 1 << 24;
 
 const HEADER_MAGIC: &[u8; 8] = b"NKPTXHDR";
@@ -138,6 +138,16 @@ fn seal(unit: &mut [u8; BLOCK]) {
 
 fn sealed(unit: &[u8; BLOCK]) -> bool {
     hash(&unit[..HASH_AT]).to_le_bytes() == unit[HASH_AT..]
+}
+
+/// Seals a unit of other metadata (the region directory) the same way.
+pub(crate) fn seal_unit(unit: &mut [u8; BLOCK]) {
+    seal(unit);
+}
+
+/// Tells whether a unit sealed with [`seal_unit`] is intact.
+pub(crate) fn unit_sealed(unit: &[u8; BLOCK]) -> bool {
+    sealed(unit)
 }
 
 fn hash(bytes: &[u8]) -> u64 {
@@ -507,15 +517,21 @@ impl Store {
         Ok(())
     }
 
-    /// Commits `writes` (block number, new data; block numbers strictly increasing)
-    /// atomically: after a power cut at any point the store restores either all of them
-    /// or none. The steps and their order are in the crate docs ("Commit").
-    pub fn commit(&mut self, media: &mut dyn Media, writes: &[(u32, &[u8; BLOCK])]) -> Result<CommitStats, StoreError> {
+    /// Commits new versions of `writes` (block numbers, strictly increasing) atomically:
+    /// after a power cut at any point the store restores either all of them or none.
+    /// `fetch` gives each block's new data, once per block, as it is written (so a write
+    /// set needs no copy of its own). The steps and their order are in the crate docs
+    /// ("Commit").
+    pub fn commit(
+        &mut self,
+        media: &mut dyn Media,
+        writes: &[u32],
+        fetch: &mut dyn FnMut(u32, &mut [u8; BLOCK]),
+    ) -> Result<CommitStats, StoreError> {
         if self.poisoned {
             return Err(StoreError::Poisoned);
         }
-        if writes.windows(2).any(|w| w[0].0 >= w[1].0)
-            || writes.iter().any(|&(block, _)| u64::from(block) >= self.geometry.blocks)
+        if writes.windows(2).any(|w| w[0] >= w[1]) || writes.iter().any(|&block| u64::from(block) >= self.geometry.blocks)
         {
             return Err(StoreError::BadArgument);
         }
@@ -526,7 +542,7 @@ impl Store {
         }
         let placement = self.place(writes)?;
         let logged = placement.len() > 1;
-        let result = self.write_commit(media, writes, &placement, logged, &mut stats);
+        let result = self.write_commit(media, writes, fetch, &placement, logged, &mut stats);
         if let Err(error) = result {
             self.poisoned = true;
             return Err(error);
@@ -544,7 +560,7 @@ impl Store {
             }
             for slot in 0..BLOCKS_PER_SET {
                 if slots & (1 << slot) != 0 {
-                    let block = writes[next].0;
+                    let block = writes[next];
                     next += 1;
                     header.fields[slot] = block;
                     if let Some((old_set, old_slot)) = self.map.insert(block, (set, slot as u8)) {
@@ -568,10 +584,10 @@ impl Store {
     /// fewest free slots that hold it (keeping empty blocksets for large commits); a larger
     /// one into as few blocksets as possible, those with the most free slots first.
     /// Returns (blockset, slot bitmap) pairs; the writes fill them in order.
-    fn place(&self, writes: &[(u32, &[u8; BLOCK])]) -> Result<Vec<(u32, u64)>, StoreError> {
+    fn place(&self, writes: &[u32]) -> Result<Vec<(u32, u64)>, StoreError> {
         const ALL: u64 = (1 << BLOCKS_PER_SET) - 1;
         let mut excluded = vec![false; self.geometry.sets as usize];
-        for (block, _) in writes {
+        for block in writes {
             if let Some(&(set, _)) = self.map.get(block) {
                 excluded[set as usize] = true;
             }
@@ -616,7 +632,8 @@ impl Store {
     fn write_commit(
         &mut self,
         media: &mut dyn Media,
-        writes: &[(u32, &[u8; BLOCK])],
+        writes: &[u32],
+        fetch: &mut dyn FnMut(u32, &mut [u8; BLOCK]),
         placement: &[(u32, u64)],
         logged: bool,
         stats: &mut CommitStats,
@@ -635,9 +652,10 @@ impl Store {
                 while slot < BLOCKS_PER_SET && slots & (1 << slot) != 0 {
                     slot += 1;
                 }
-                let mut run = Vec::with_capacity((slot - first) * BLOCK);
-                for _ in first..slot {
-                    run.extend_from_slice(writes[next].1);
+                let mut run = vec![0u8; (slot - first) * BLOCK];
+                for chunk in run.chunks_exact_mut(BLOCK) {
+                    let block: &mut [u8; BLOCK] = chunk.try_into().map_err(|_| StoreError::BadArgument)?;
+                    fetch(writes[next], block);
                     next += 1;
                 }
                 media.write(g.block_offset(set, first), &run)?;
@@ -686,7 +704,7 @@ impl Store {
                     header.fields[slot] = NO_BLOCK;
                 }
                 if slots & (1 << slot) != 0 {
-                    header.fields[slot] = writes[next].0;
+                    header.fields[slot] = writes[next];
                     next += 1;
                 }
             }

@@ -46,7 +46,7 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use nk_abi::{nk_op, Call, NameWords, Reply, Selector, Status, ABI_VERSION, MAX_CAP_ARGS, NULL_KERNEL_AM};
-use nk_am::{AbstractMachine, AmError, Effect, Effects, FrameSource, Kernel, Registrar};
+use nk_am::{AbstractMachine, AmError, DirtySource, Effect, Effects, FrameSource, HostMemory, Kernel, Media, MediaSource, Registrar};
 use nk_caps::{
     AmId, ArgFault, Binding, CapError, CapName, CapTable, CheckError, DeadCap, EntropySource, KernelId, NewTableError,
     Object, OpId, Principal, PrincipalError, RegisterError, Rights, VmId,
@@ -185,6 +185,12 @@ struct MemoryServices {
     frames: Option<&'static dyn FrameSource>,
     /// Where each VM's initial memory lies in host memory (none until the hypervisor says).
     guest_memory: fn(VmId) -> Option<(u64, u64)>,
+    /// Host memory AMs read and write (the NVRAM AM's copies of a region).
+    host: Option<&'static dyn HostMemory>,
+    /// The durable device (the NVRAM AM's).
+    media: Option<&'static dyn MediaSource>,
+    /// Synchronous EPT dirty-flag reads (the NVRAM AM's write sets).
+    dirty: Option<&'static dyn DirtySource>,
 }
 
 impl core::fmt::Debug for NullKernel {
@@ -287,6 +293,18 @@ impl Kernel for AmServices<'_> {
 
     fn guest_memory(&self, vm: VmId) -> Option<(u64, u64)> {
         (self.memory.guest_memory)(vm)
+    }
+
+    fn host_memory(&self) -> Option<&'static dyn HostMemory> {
+        self.memory.host
+    }
+
+    fn with_media(&mut self, f: &mut dyn FnMut(&mut dyn Media)) -> bool {
+        self.memory.media.is_some_and(|m| m.with_media(f))
+    }
+
+    fn take_dirty(&mut self, vm: VmId, gpa: u64, pages: u64, bitmap: &mut [u8]) -> bool {
+        self.memory.dirty.is_some_and(|d| d.take_dirty(vm, gpa, pages, bitmap))
     }
 }
 
@@ -398,7 +416,7 @@ impl NullKernel {
             placement: BTreeMap::new(),
             inbox_on_completion: BTreeMap::new(),
             effects: Vec::new(),
-            memory: MemoryServices { frames: None, guest_memory: |_| None },
+            memory: MemoryServices { frames: None, guest_memory: |_| None, host: None, media: None, dirty: None },
         })
     }
 
@@ -470,6 +488,24 @@ impl NullKernel {
     /// initial frame sets): the hypervisor reads its EPT registry.
     pub fn set_guest_memory(&mut self, reader: fn(VmId) -> Option<(u64, u64)>) {
         self.memory.guest_memory = reader;
+    }
+
+    /// Lends the AMs host memory to read and write (the NVRAM AM's region copies, in
+    /// frames it allocated); until it is set, such AMs refuse to load regions.
+    pub fn set_host_memory(&mut self, host: &'static dyn HostMemory) {
+        self.memory.host = Some(host);
+    }
+
+    /// Lends the AMs the durable device chosen at boot (the NVRAM AM's); until it is set,
+    /// NVRAM operations fail with `NOT_PERMITTED`.
+    pub fn set_media(&mut self, media: &'static dyn MediaSource) {
+        self.memory.media = Some(media);
+    }
+
+    /// Lends the AMs synchronous dirty-flag reads; until it is set, every page of a
+    /// region counts as dirty at commit (the diff still writes only changed blocks).
+    pub fn set_dirty_source(&mut self, dirty: &'static dyn DirtySource) {
+        self.memory.dirty = Some(dirty);
     }
 
     /// Lets every ring of `vm`, not only ring 0, call `INITIAL` and `RECEIVED` (the
