@@ -697,6 +697,8 @@ pub struct GuestSpec {
     pub input: Option<&'static [u8]>,
     /// The guests this VM starts with a `vm` capability to (`manages=`; the guest-OS AM).
     pub manages: Vec<String>,
+    /// `nvram`: the VM starts with an NVRAM factory (the NVRAM AM).
+    pub nvram: bool,
 }
 
 // The parser's list of assignable MSRs is the one the exo effects are checked against.
@@ -735,6 +737,7 @@ impl GuestSpec {
             input_name: spec.input.map(String::from),
             input: None,
             manages: spec.manages.as_slice().iter().map(|n| String::from(*n)).collect(),
+            nvram: spec.nvram,
         })
     }
 }

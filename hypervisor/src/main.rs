@@ -23,6 +23,7 @@ mod hostmap;
 mod ioports;
 mod memory;
 mod mesh;
+mod nvram;
 mod osvm;
 mod percpu;
 mod power;
@@ -182,6 +183,7 @@ fn null_kernel(
         .collect();
     let exo = nk_core::shared_am(Box::new(nk_am_exo::ExoAm::new(assignments)));
     let guest_os = nk_core::shared_am(Box::new(vm_objects(guests)));
+    let nvram = nk_core::shared_am(Box::new(nvram_am(guests)));
     let mut instances = alloc::vec::Vec::new();
     for cpu in 0..kernels {
         let id = nk_caps::KernelId::new(cpu as u16);
@@ -195,13 +197,43 @@ fn null_kernel(
         let exo = kernel.add_shared_am(exo.clone(), AM_QUOTA).map_err(|e| alloc::format!("exo AM: {e:?}"))?;
         let guest_os =
             kernel.add_shared_am(guest_os.clone(), AM_QUOTA).map_err(|e| alloc::format!("guest-os AM: {e:?}"))?;
+        kernel.set_host_memory(&nvram::HOST);
+        kernel.set_media(&nvram::DEVICE);
+        kernel.set_dirty_source(&nvram::DIRTY);
+        let nvram = kernel.add_shared_am(nvram.clone(), AM_QUOTA).map_err(|e| alloc::format!("nvram AM: {e:?}"))?;
         if cpu == 0 {
-            log::info!(target: "nk", "{kernels} kernel instances (one per CPU), {capacity} capability slots each; AMs: counter (id {}), exo (id {}), guest-os (id {})",
-                counter.raw(), exo.raw(), guest_os.raw());
+            log::info!(target: "nk", "{kernels} kernel instances (one per CPU), {capacity} capability slots each; AMs: counter (id {}), exo (id {}), guest-os (id {}), nvram (id {})",
+                counter.raw(), exo.raw(), guest_os.raw(), nvram.raw());
         }
         instances.push((kernel, percpu::get(cpu as usize).map_or(0, |c| c.apic_id())));
     }
     Ok(instances)
+}
+
+/// Bytes of the NVRAM device when it is RAM (no durable device installed).
+const NVRAM_RAM_BYTES: u64 = 4 << 20;
+
+/// Makes the NVRAM AM: a factory for each guest whose module says `nvram`, its owner
+/// number the FNV-1a hash of the guest's name (so a restarted guest of the same name finds
+/// its regions); regions map at guest-physical 1-2 GiB, above the exo AM's range. Installs
+/// RAM as the device unless one is installed already (a durable device goes in first).
+fn nvram_am(guests: &[guest::GuestSpec]) -> nk_am_nvram::NvramAm {
+    let grants: alloc::vec::Vec<_> = guests
+        .iter()
+        .enumerate()
+        .filter(|(_, g)| g.nvram)
+        .map(|(i, g)| {
+            let owner = g.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+            nk_am_nvram::NvramGrant { vm: nk_caps::VmId::new(i as u32 + 1), owner }
+        })
+        .collect();
+    if !grants.is_empty() && !nk_am::MediaSource::with_media(&nvram::DEVICE, &mut |_| {}) {
+        match nvram::RamMedia::allocate(NVRAM_RAM_BYTES) {
+            Some(ram) => nvram::install(alloc::boxed::Box::new(ram)),
+            None => log::error!(target: "nvram", "no frames for a RAM device: NVRAM calls will fail"),
+        }
+    }
+    nk_am_nvram::NvramAm::new(grants).with_window(1 << 30, 2 << 30)
 }
 
 /// Makes every guest (VM i+1) an object of the guest-OS AM: its record on the board the

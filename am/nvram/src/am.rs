@@ -108,6 +108,9 @@ pub struct NvramAm {
     next_region: u64,
     /// Host memory, kept from the first call so revocations can abort transactions.
     host: Option<&'static dyn HostMemory>,
+    /// Guest-physical addresses `[start, end)` where regions may be mapped (kept apart
+    /// from where other AMs map, so no mapping lands over another AM's); None: anywhere.
+    window: Option<(u64, u64)>,
 }
 
 impl core::fmt::Debug for NvramAm {
@@ -128,6 +131,13 @@ impl NvramAm {
     /// Creates the AM; `grants` says which VMs get a factory and their owner numbers.
     pub fn new(grants: Vec<NvramGrant>) -> Self {
         Self { grants, next_region: 1, ..Self::default() }
+    }
+
+    /// Lets regions be mapped only inside guest-physical `[start, end)` (the hypervisor
+    /// keeps it apart from the exo AM's range).
+    pub fn with_window(mut self, start: u64, end: u64) -> Self {
+        self.window = Some((start, end));
+        self
     }
 
     /// Returns the directory's slots once mounted (for the boot log).
@@ -245,6 +255,9 @@ impl NvramAm {
         let region = self.regions.get(&id).ok_or(AmError::NotPermitted)?;
         let bytes = region.entry.bytes;
         let end = gpa.checked_add(bytes).ok_or(AmError::BadArgument)?;
+        if self.window.is_some_and(|(start, limit)| gpa < start || end > limit) {
+            return Err(AmError::BadArgument);
+        }
         let overlaps = self.regions.values().flat_map(|r| r.mappings.iter().map(move |m| (m, r.entry.bytes)));
         for (m, other) in overlaps {
             if m.vm == vm && gpa < m.gpa + other && m.gpa < end {

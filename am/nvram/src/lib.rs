@@ -19,7 +19,8 @@
 //! - 1 `map(c: region[map-read], gpa, access)`: §5.4's `map-region(region, aspace,
 //!   offset)` into the caller's own address space: the whole region's working copy at
 //!   `gpa`, `access` = `frame_access::READ`, plus `WRITE` with `map-write`; never
-//!   execute. Overlapping another region's mapping is `NOT_PERMITTED`.
+//!   execute. Overlapping another region's mapping is `NOT_PERMITTED`; outside the
+//!   hypervisor's window for regions (`NvramAm::with_window`; 1-2 GiB) `BAD_ARGUMENT`.
 //! - 2 `unmap(c: region[map-read], gpa)`.
 //! - 3 `begin(c: region[commit])`: opens a transaction (one at a time); returns the seq.
 //! - 4 `commit(c: region[commit])`: makes every write since the last commit or restore

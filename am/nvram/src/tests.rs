@@ -95,7 +95,7 @@ fn boot(image: Option<Vec<u8>>) -> Setup {
     nk.set_media(machine);
     nk.set_dirty_source(machine);
     let grants = vec![NvramGrant { vm: A, owner: 0xA }, NvramGrant { vm: B, owner: 0xB }];
-    let am = nk.add_am(Box::new(NvramAm::new(grants)), 64).unwrap().raw();
+    let am = nk.add_am(Box::new(NvramAm::new(grants).with_window(GPA, GPA + (64 << 20))), 64).unwrap().raw();
     nk.set_caller_ring(|| 0);
     nk.add_vm(A, 64).unwrap();
     nk.add_vm(B, 64).unwrap();
@@ -221,6 +221,7 @@ fn rights_guard_every_operation() {
     }
     assert_eq!(s.nvram(A, op::MAP, region, &[GPA + REGION, 7]).status().code(), Status::BAD_ARGUMENT, "never executable");
     assert_eq!(s.nvram(A, op::MAP, region, &[GPA + 4096, 3]).status().code(), Status::NOT_PERMITTED, "overlap");
+    assert_eq!(s.nvram(A, op::MAP, region, &[GPA - 4096, 3]).status().code(), Status::BAD_ARGUMENT, "below the window");
     // B holds no capability to A's region.
     assert_ne!(s.nvram(B, op::COMMIT, region, &[]).status().code(), Status::OK);
 }
