@@ -1,0 +1,132 @@
+//! The NVRAM AM from a guest (issue 12), mode `nvram`: allocates a region, maps it at
+//! 1 GiB (its page tables get a page directory for 1-2 GiB), writes, commits and checks
+//! that only the changed blocks were written, writes again and restores (abort) and finds
+//! the committed data, checks the refusals (a mapping outside the window, commit without
+//! the right, a second transaction), and reads the sequence number.
+
+use nk_guest::abi::Status;
+use nk_guest::nk::{self, Cap};
+use nk_guest::println;
+
+use super::{why, CheckResult, Why};
+
+/// NVRAM AM operation numbers (am/nvram).
+const ALLOCATE: u32 = 0;
+const MAP: u32 = 1;
+const UNMAP: u32 = 2;
+const BEGIN: u32 = 3;
+const COMMIT: u32 = 4;
+const RESTORE: u32 = 5;
+const SEQ: u32 = 6;
+/// Region rights (am/nvram `rights`).
+const MAP_READ: u64 = 1;
+const RW: u64 = 3;
+/// Where regions map (the hypervisor's window is 1-2 GiB) and how big this one is.
+const WINDOW: u64 = 1 << 30;
+const REGION: u64 = 64 * 1024;
+const PAGE: u64 = 4096;
+
+/// The page directory for guest-virtual 1-2 GiB (identity, 2 MiB pages).
+#[repr(C, align(4096))]
+struct PageDirectory([u64; 512]);
+static mut WINDOW_PD: PageDirectory = PageDirectory([0; 512]);
+
+fn report(name: &str, result: CheckResult) {
+    match result {
+        Ok(()) => println!("GTEST ok {name}"),
+        Err(Why(line)) => println!("GTEST FAILED {name}: {}", line.as_str()),
+    }
+}
+
+/// Runs mode `nvram`.
+pub fn run() {
+    report("nvram_commit_restore", commit_restore());
+}
+
+/// Identity-maps guest-virtual 1-2 GiB with 2 MiB pages: a page directory in this image
+/// (identity-mapped, so its address is its guest-physical one) in the PDPT's second slot.
+fn map_window() {
+    /// The hypervisor's layout for bare-metal guests: PML4 at 0x1000, PDPT at 0x2000.
+    const PDPT: u64 = 0x2000;
+    // SAFETY: the PD is this guest's own static, used only here; the PDPT lies in the
+    // guest's page tables (identity-mapped, writable, ring 0); reloading CR3 flushes the
+    // TLB so the new entry is seen.
+    unsafe {
+        let pd = core::ptr::addr_of_mut!(WINDOW_PD);
+        for i in 0..512u64 {
+            core::ptr::write_volatile(&mut (*pd).0[i as usize], (WINDOW + (i << 21)) | 0x87);
+        }
+        core::ptr::write_volatile((PDPT + 8) as *mut u64, (pd as u64) | 0x7);
+        core::arch::asm!("mov {0}, cr3", "mov cr3, {0}", out(reg) _);
+    }
+}
+
+fn peek(gpa: u64) -> u64 {
+    // SAFETY: `gpa` lies in the region mapped at the window (identity-mapped above).
+    unsafe { core::ptr::read_volatile(gpa as *const u64) }
+}
+
+fn poke(gpa: u64, value: u64) {
+    // SAFETY: as for `peek`; the region is mapped writable.
+    unsafe { core::ptr::write_volatile(gpa as *mut u64, value) }
+}
+
+/// The NVRAM factory: the last initial capability (the NVRAM AM registers last).
+fn factory() -> Result<(Cap, u16), Why> {
+    let mut last = None;
+    for index in 0..32 {
+        match nk::initial(index) {
+            Ok(found) => last = Some(found),
+            Err(_) => break,
+        }
+    }
+    last.ok_or_else(|| why(format_args!("no initial capabilities")))
+}
+
+fn commit_restore() -> CheckResult {
+    let (factory, am) = factory()?;
+    let region = nk::call(am, ALLOCATE, &[factory], &[REGION, 1]);
+    ensure!(region.status().is_ok(), "allocate: {}", region.status());
+    ensure!(region.results[..3] == [REGION, 0, 1], "allocate results {:?}", region.results);
+    let cap = region.name;
+    let below = nk::call(am, MAP, &[cap], &[0x2000_0000, RW]).status();
+    ensure!(below.code() == Status::BAD_ARGUMENT, "map below the window: {below}");
+    let mapped = nk::call(am, MAP, &[cap], &[WINDOW, RW]).status();
+    ensure!(mapped.is_ok(), "map: {mapped}");
+    map_window();
+    ensure!(nk::call(am, BEGIN, &[cap], &[]).status().is_ok(), "begin");
+    let again = nk::call(am, BEGIN, &[cap], &[]).status();
+    ensure!(again.code() == Status::NOT_PERMITTED, "second begin: {again}");
+    // One 8-byte store on page 0, a whole page 3.
+    poke(WINDOW + 8, 0x1111);
+    for word in 0..PAGE / 8 {
+        poke(WINDOW + 3 * PAGE + word * 8, word | 0x3333 << 32);
+    }
+    let commit = nk::call(am, COMMIT, &[cap], &[]);
+    ensure!(commit.status().is_ok(), "commit: {}", commit.status());
+    ensure!(commit.results[0] == 1 && commit.results[1] == 17, "commit results {:?} (seq 1, 17 blocks)", commit.results);
+    println!(
+        "nvram: commit 1 wrote {} blocks, {} device bytes, for {} dirty pages",
+        commit.results[1], commit.results[2], commit.results[3]
+    );
+    // An aborted transaction: restore puts the committed data back.
+    ensure!(nk::call(am, BEGIN, &[cap], &[]).status().is_ok(), "begin 2");
+    poke(WINDOW + 8, 0x2222);
+    poke(WINDOW + 5 * PAGE, 0x5555);
+    let restore = nk::call(am, RESTORE, &[cap], &[]);
+    ensure!(restore.status().is_ok() && restore.results[0] == 1, "restore: {} {:?}", restore.status(), restore.results);
+    ensure!(peek(WINDOW + 8) == 0x1111, "after restore page 0 holds {:#x}", peek(WINDOW + 8));
+    ensure!(peek(WINDOW + 5 * PAGE) == 0, "after restore page 5 holds {:#x}", peek(WINDOW + 5 * PAGE));
+    ensure!(peek(WINDOW + 3 * PAGE + 8) == 1 | 0x3333 << 32, "page 3 kept");
+    // Nothing changed: nothing written.
+    let empty = nk::call(am, COMMIT, &[cap], &[]);
+    ensure!(empty.status().is_ok() && empty.results[1] == 0, "empty commit {:?}", empty.results);
+    // A capability without the commit right is refused before the AM runs.
+    let read_only = nk::derive(cap, MAP_READ).map_err(|s| why(format_args!("derive: {s}")))?;
+    let refused = nk::call(am, COMMIT, &[read_only], &[]).status();
+    ensure!(refused.code() == Status::MISSING_RIGHTS, "commit without the right: {refused}");
+    let seq = nk::call(am, SEQ, &[read_only], &[]);
+    ensure!(seq.status().is_ok() && seq.results[..3] == [1, REGION, 0], "seq {:?}", seq.results);
+    ensure!(nk::call(am, UNMAP, &[cap], &[WINDOW]).status().is_ok(), "unmap");
+    Ok(())
+}
