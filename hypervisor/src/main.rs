@@ -183,7 +183,10 @@ fn null_kernel(
         .collect();
     let exo = nk_core::shared_am(Box::new(nk_am_exo::ExoAm::new(assignments)));
     let guest_os = nk_core::shared_am(Box::new(vm_objects(guests)));
-    let nvram = nk_core::shared_am(Box::new(nvram_am(guests)));
+    // Registered only when a guest asks for it (`nvram`): one more AM principal makes
+    // every capability table lookup of a principal a little longer (derive +16
+    // instructions in `cargo xtask bench hypercall`).
+    let nvram = guests.iter().any(|g| g.nvram).then(|| nk_core::shared_am(Box::new(nvram_am(guests))));
     let mut instances = alloc::vec::Vec::new();
     for cpu in 0..kernels {
         let id = nk_caps::KernelId::new(cpu as u16);
@@ -197,13 +200,19 @@ fn null_kernel(
         let exo = kernel.add_shared_am(exo.clone(), AM_QUOTA).map_err(|e| alloc::format!("exo AM: {e:?}"))?;
         let guest_os =
             kernel.add_shared_am(guest_os.clone(), AM_QUOTA).map_err(|e| alloc::format!("guest-os AM: {e:?}"))?;
-        kernel.set_host_memory(&nvram::HOST);
-        kernel.set_media(&nvram::DEVICE);
-        kernel.set_dirty_source(&nvram::DIRTY);
-        let nvram = kernel.add_shared_am(nvram.clone(), AM_QUOTA).map_err(|e| alloc::format!("nvram AM: {e:?}"))?;
+        let nvram = match &nvram {
+            Some(am) => {
+                kernel.set_host_memory(&nvram::HOST);
+                kernel.set_media(&nvram::DEVICE);
+                kernel.set_dirty_source(&nvram::DIRTY);
+                let id = kernel.add_shared_am(am.clone(), AM_QUOTA).map_err(|e| alloc::format!("nvram AM: {e:?}"))?;
+                alloc::format!(", nvram (id {})", id.raw())
+            }
+            None => alloc::string::String::new(),
+        };
         if cpu == 0 {
-            log::info!(target: "nk", "{kernels} kernel instances (one per CPU), {capacity} capability slots each; AMs: counter (id {}), exo (id {}), guest-os (id {}), nvram (id {})",
-                counter.raw(), exo.raw(), guest_os.raw(), nvram.raw());
+            log::info!(target: "nk", "{kernels} kernel instances (one per CPU), {capacity} capability slots each; AMs: counter (id {}), exo (id {}), guest-os (id {}){nvram}",
+                counter.raw(), exo.raw(), guest_os.raw());
         }
         instances.push((kernel, percpu::get(cpu as usize).map_or(0, |c| c.apic_id())));
     }
@@ -213,7 +222,7 @@ fn null_kernel(
 /// Bytes of the NVRAM device when it is RAM (no durable device installed).
 const NVRAM_RAM_BYTES: u64 = 4 << 20;
 
-/// Makes the NVRAM AM: a factory for each guest whose module says `nvram`, its owner
+/// Makes the NVRAM AM (when some guest's module says `nvram`): a factory for each such guest, its owner
 /// number the FNV-1a hash of the guest's name (so a restarted guest of the same name finds
 /// its regions); regions map at guest-physical 1-2 GiB, above the exo AM's range. Installs
 /// RAM as the device unless one is installed already (a durable device goes in first).
@@ -227,7 +236,7 @@ fn nvram_am(guests: &[guest::GuestSpec]) -> nk_am_nvram::NvramAm {
             nk_am_nvram::NvramGrant { vm: nk_caps::VmId::new(i as u32 + 1), owner }
         })
         .collect();
-    if !grants.is_empty() && !nk_am::MediaSource::with_media(&nvram::DEVICE, &mut |_| {}) {
+    if !nk_am::MediaSource::with_media(&nvram::DEVICE, &mut |_| {}) {
         match nvram::RamMedia::allocate(NVRAM_RAM_BYTES) {
             Some(ram) => nvram::install(alloc::boxed::Box::new(ram)),
             None => log::error!(target: "nvram", "no frames for a RAM device: NVRAM calls will fail"),
