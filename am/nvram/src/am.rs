@@ -41,6 +41,10 @@ pub const REGIONS_PER_VM: usize = 4;
 /// The most bytes of regions one VM may have loaded at a time (each costs twice its size
 /// in host frames: the working copy and the committed copy).
 pub const BYTES_PER_VM: u64 = 32 << 20;
+/// The most bytes of regions loaded at a time, all VMs together: bounds the hypervisor heap
+/// the AM uses (per loaded 16 MiB region, about 2.5 MiB: the map, the header copies, a
+/// commit's block list and a restore's log buffer).
+pub const LOADED_BYTES_MAX: u64 = 32 << 20;
 /// The most mappings of one region at a time.
 pub const MAPPINGS_PER_REGION: usize = 8;
 
@@ -120,6 +124,9 @@ impl core::fmt::Debug for NvramAm {
 }
 
 fn media_error(error: StoreError) -> AmError {
+    if let StoreError::Corrupt(what) = error {
+        log::error!(target: "nvram", "restore found corrupt metadata ({what:?}): the region is not loaded");
+    }
     match error {
         StoreError::NoSpace => AmError::NoMemory,
         StoreError::BadArgument => AmError::BadArgument,
@@ -152,7 +159,15 @@ impl NvramAm {
         }
         let mut result = None;
         kernel.with_media(&mut |media| result = Some(Directory::mount(media)));
-        let directory = result.ok_or(AmError::NotPermitted)?.map_err(|_| AmError::NotPermitted)?;
+        let directory = result.ok_or(AmError::NotPermitted)?.map_err(|e| {
+            log::error!(target: "nvram", "the device's region directory cannot be used: {e:?}");
+            AmError::NotPermitted
+        })?;
+        for (slot, entry) in directory.slots().iter().enumerate() {
+            if *entry == Slot::Corrupt {
+                log::error!(target: "nvram", "directory entry {slot} is corrupt: its region cannot be opened");
+            }
+        }
         self.directory = Some(directory);
         Ok(())
     }
@@ -174,6 +189,9 @@ impl NvramAm {
         let mine: Vec<&Region> = self.regions.values().filter(|r| r.loader == vm).collect();
         if mine.len() >= REGIONS_PER_VM || mine.iter().map(|r| r.entry.bytes).sum::<u64>() + bytes > BYTES_PER_VM {
             return Err(AmError::QuotaExceeded);
+        }
+        if self.regions.values().map(|r| r.entry.bytes).sum::<u64>() + bytes > LOADED_BYTES_MAX {
+            return Err(AmError::NoMemory);
         }
         if self.regions.values().any(|r| r.entry.owner == owner && r.entry.key == key) {
             // Loaded already: whoever loaded it shares it by delegating its capability.
@@ -351,6 +369,11 @@ impl NvramAm {
             let mut result = None;
             kernel.with_media(&mut |media: &mut dyn Media| {
                 result = Some(Store::open(media, geometry).map_err(media_error).and_then(|(store, _)| {
+                    // Both copies may hold blocks of the failed commit: start from zeros.
+                    let zeros = vec![0u8; PAGE as usize];
+                    for page in 0..2 * bytes / PAGE {
+                        host.write(working + page * PAGE, &zeros);
+                    }
                     load(&store, media, host, working, bytes)?;
                     Ok(store)
                 }));

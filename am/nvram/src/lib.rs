@@ -45,7 +45,10 @@
 //!
 //! Bounds: a VM has at most [`REGIONS_PER_VM`] regions and [`BYTES_PER_VM`] bytes loaded
 //! (each costs twice its size in host frames: working and committed copies), a region at
-//! most [`MAPPINGS_PER_REGION`] mappings; past them `QUOTA_EXCEEDED`.
+//! most [`MAPPINGS_PER_REGION`] mappings; past them `QUOTA_EXCEEDED`. All VMs together load
+//! at most [`LOADED_BYTES_MAX`] (the AM's hypervisor heap use grows with loaded regions);
+//! past it `NO_MEMORY`. On the device a region's extent is about 2.1 times its size
+//! (twice the blocksets it fills, headers and log), and the directory takes 16 KiB.
 //!
 //! # Write sets
 //!
@@ -137,7 +140,9 @@ pub mod ptx;
 pub mod testing;
 mod am;
 
-pub use am::{op, rights, NvramAm, NvramGrant, BYTES_PER_VM, MAPPINGS_PER_REGION, PAGE, REGIONS_PER_VM, REGION_MAX};
+pub use am::{
+    op, rights, NvramAm, NvramGrant, BYTES_PER_VM, LOADED_BYTES_MAX, MAPPINGS_PER_REGION, PAGE, REGIONS_PER_VM, REGION_MAX,
+};
 
 #[cfg(test)]
 mod tests;

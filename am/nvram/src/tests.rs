@@ -315,3 +315,35 @@ fn crash_during_an_am_commit_restores_one_version() {
     }
     assert!(points >= 9, "{points} crash points");
 }
+
+/// Corrupted metadata on the device (a blockset header, the region's directory entry) is
+/// refused at restore: the region is not loaded, never loaded wrong, and no new region is
+/// placed over one whose entry is unreadable.
+#[test]
+fn corrupt_metadata_is_refused_not_restored() {
+    use crate::directory::DIRECTORY_BYTES;
+    use crate::ptx::Geometry;
+    let mut s = boot(None);
+    let region = ok(s.allocate(A, 3)).name;
+    ok(s.nvram(A, op::MAP, region, &[GPA, 3]));
+    s.guest_write(A, GPA, b"data");
+    ok(s.nvram(A, op::COMMIT, region, &[]));
+    let image = s.image();
+    let g = Geometry::for_region(DIRECTORY_BYTES, 1, REGION).unwrap();
+    let first_header = DIRECTORY_BYTES + u64::from(g.log_units) * 256;
+    for (offset, what) in [(first_header + 100, "a header"), (256 + 20, "the directory entry")] {
+        let mut bad = image.clone();
+        bad[offset as usize] ^= 0x40;
+        let mut s = boot(Some(bad));
+        if offset < DIRECTORY_BYTES {
+            // Whose the entry was is unreadable: nothing is placed while it exists.
+            assert_eq!(s.allocate(A, 3).status().code(), Status::NO_MEMORY, "{what}");
+            assert_eq!(s.allocate(A, 4).status().code(), Status::NO_MEMORY, "{what}: nothing placed");
+        } else {
+            assert_eq!(s.allocate(A, 3).status().code(), Status::NOT_PERMITTED, "{what}");
+        }
+    }
+    // Intact, it restores.
+    let mut s = boot(Some(image));
+    assert_eq!(ok(s.allocate(A, 3)).results[1], 1);
+}
