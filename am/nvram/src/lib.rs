@@ -67,20 +67,23 @@
 //! and 63 region entries, one 256-byte unit each. Each region has its own extent holding a
 //! PTx store ([`ptx`]): a circular log, then blocksets of 41 data blocks of 256 bytes and
 //! a 256-byte header (magic, region id, sequence number, a `logged` flag, the 41 block
-//! numbers or ⊥, hash). Writes are non-destructive; the map (a `BTreeMap` from block to
+//! numbers or ⊥, the fresh-slot bitmap, hash). Writes are non-destructive; the map (a `BTreeMap` from block to
 //! blockset and slot) and the free list live in memory and are rebuilt from the headers at
 //! restore by walking blocksets in decreasing sequence order (Invariant 1).
 //!
-//! Placement (§3.2.5 step 2, made stricter): new versions go into free slots of blocksets
-//! that hold no committed version of any block of the same write set. PTx's rule (a
-//! block's current and previous versions never in one blockset) is the per-block case;
-//! the stricter one also guarantees that two blocksets carrying the same stamp never
-//! disagree about a block, which a commit spanning blocksets could otherwise cause (the
-//! crash sweep fails without it). A write set of at most 41 blocks goes into one
-//! blockset (best fit); a larger one into as few as possible, emptiest first. A store has
-//! twice the blocksets its region fills, plus two, so a commit of every block always fits;
-//! there is no cleaning or compaction (as in PTx): a fragmented store can refuse a commit
-//! with `NO_MEMORY`, leaving the region as it was.
+//! Placement (§3.2.5 step 2): new versions go into free slots (⊥, or superseded by a
+//! committed transaction); a write set of at most 41 blocks into one blockset (best fit),
+//! a larger one into as few as possible, emptiest first. A store has twice the blocksets
+//! its region fills, plus two, so a commit of every block always fits; there is no
+//! cleaning or compaction (as in PTx). PTx keeps a block's new version out of the blockset
+//! of its previous one; this crate instead records in each header which slots the commit
+//! that stamped it wrote (a 41-bit *fresh* bitmap). A commit spanning blocksets must keep
+//! the versions it supersedes listed until all its headers are written (a roll-back needs
+//! them), so two blocksets, or one, can carry the same stamp for two versions of a block;
+//! restore takes the fresh one. (An earlier version kept new versions out of every
+//! blockset holding a block of the write set: correct, but after scattered commits a
+//! full-region commit found no room; `a_full_commit_always_fits` checks that. Without the
+//! fresh bitmap the crash sweep fails.)
 //!
 //! # Commit order (Alg. 2's, not the prose's)
 //!
@@ -89,15 +92,18 @@
 //!
 //! 1. data blocks into free slots; **fence**;
 //! 2. only if the commit spans several blocksets: its log record (per blockset: id, slot
-//!    bitmap, and the header's previous stamp), each unit sealed with its hash; **fence**;
-//! 3. the header of each blockset that received blocks: new stamp, superseded slots set
-//!    to ⊥, new slots set; **fence**. The commit is durable when the last header is.
+//!    bitmap, and the header's previous stamp and fresh bitmap), each unit sealed with its
+//!    hash; **fence**;
+//! 3. the header of each blockset that received blocks: new stamp, slots superseded by
+//!    earlier commits set to ⊥, new slots set and marked fresh; **fence**. The commit is
+//!    durable when the last header is.
 //!
 //! A commit that fits one blockset skips step 2 (§6.1.1): its single header write is
 //! atomic and is the commit point. Restore matches: a log record with any unit missing
 //! was never followed by a header write and is ignored; if the last complete record has a
 //! listed header with an older stamp, the commit was cut during step 3 and is rolled back
-//! (each listed header still carrying its stamp gets its previous stamp back and ⊥ in the
+//! (each listed header still carrying its stamp gets its previous stamp and fresh bitmap
+//! back and ⊥ in the
 //! slots it wrote; fence), which is idempotent, so a cut during the roll-back is harmless.
 //! Sequence numbers are never reused: the next commit takes one above every stamp and
 //! record seen.

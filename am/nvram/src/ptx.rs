@@ -24,7 +24,7 @@ pub const BLOCKS_PER_SET: usize = 41;
 /// Units a blockset takes: its header and its data blocks.
 pub const SET_UNITS: u64 = 1 + BLOCKS_PER_SET as u64;
 /// Blockset locations one log unit holds.
-pub const LOCATIONS_PER_UNIT: usize = 10;
+pub const LOCATIONS_PER_UNIT: usize = 7;
 /// A header address field that names no block (PTx's ⊥).
 const NO_BLOCK: u32 = u32::MAX;
 /// The largest region, in blocks (block numbers must fit below the header's ⊥, `u32::MAX`).
@@ -179,14 +179,18 @@ fn u16_at(bytes: &[u8], at: usize) -> u16 {
 struct Header {
     seq: u64,
     logged: bool,
+    /// Slots written by the commit that stamped `seq` (bit per slot): between two
+    /// blocksets with the same stamp, a fresh slot's block is newer than a kept one's.
+    fresh: u64,
     fields: [u32; BLOCKS_PER_SET],
 }
 
 impl Header {
-    const EMPTY: Header = Header { seq: 0, logged: false, fields: [NO_BLOCK; BLOCKS_PER_SET] };
+    const EMPTY: Header = Header { seq: 0, logged: false, fresh: 0, fields: [NO_BLOCK; BLOCKS_PER_SET] };
 
     /// Encodes the header: magic, region id, sequence number, flags, 41 block numbers
-    /// (u32, ⊥ = 0xFFFF_FFFF), then the hash in the last 8 bytes.
+    /// (u32, ⊥ = 0xFFFF_FFFF), the fresh-slot bitmap (u64 at byte 200), then the hash in
+    /// the last 8 bytes.
     fn encode(&self, uid: u64) -> [u8; BLOCK] {
         let mut unit = [0; BLOCK];
         unit[..8].copy_from_slice(HEADER_MAGIC);
@@ -196,6 +200,7 @@ impl Header {
         for (i, field) in self.fields.iter().enumerate() {
             unit[32 + 4 * i..36 + 4 * i].copy_from_slice(&field.to_le_bytes());
         }
+        unit[200..208].copy_from_slice(&self.fresh.to_le_bytes());
         seal(&mut unit);
         unit
     }
@@ -211,7 +216,11 @@ impl Header {
                 return None;
             }
         }
-        Some(Header { seq: u64_at(unit, 16), logged: unit[24] & FLAG_LOGGED != 0, fields })
+        let fresh = u64_at(unit, 200);
+        if fresh >> BLOCKS_PER_SET != 0 {
+            return None;
+        }
+        Some(Header { seq: u64_at(unit, 16), logged: unit[24] & FLAG_LOGGED != 0, fresh, fields })
     }
 }
 
@@ -224,6 +233,7 @@ struct Location {
     slots: u64,
     prev_seq: u64,
     prev_logged: bool,
+    prev_fresh: u64,
 }
 
 /// One log unit: part `part` of `parts` of commit `seq`'s record.
@@ -237,8 +247,9 @@ struct LogUnit {
 
 impl LogUnit {
     /// Encodes the unit: magic, region id, sequence number, part, parts, count, then
-    /// up to 10 locations of 20 bytes (blockset u32, slot bitmap u64, previous stamp u64
-    /// with bit 63 = logged), then the hash in the last 8 bytes.
+    /// up to 7 locations of 28 bytes (blockset u32, slot bitmap u64, previous stamp u64
+    /// with bit 63 = logged, previous fresh-slot bitmap u64), then the hash in the last 8
+    /// bytes.
     fn encode(&self, uid: u64) -> [u8; BLOCK] {
         let mut unit = [0; BLOCK];
         unit[..8].copy_from_slice(LOG_MAGIC);
@@ -248,11 +259,12 @@ impl LogUnit {
         unit[26..28].copy_from_slice(&self.parts.to_le_bytes());
         unit[28..30].copy_from_slice(&(self.locations.len() as u16).to_le_bytes());
         for (i, l) in self.locations.iter().enumerate() {
-            let at = 32 + 20 * i;
+            let at = 32 + 28 * i;
             unit[at..at + 4].copy_from_slice(&l.set.to_le_bytes());
             unit[at + 4..at + 12].copy_from_slice(&l.slots.to_le_bytes());
             let prev = l.prev_seq | if l.prev_logged { PREV_LOGGED } else { 0 };
             unit[at + 12..at + 20].copy_from_slice(&prev.to_le_bytes());
+            unit[at + 20..at + 28].copy_from_slice(&l.prev_fresh.to_le_bytes());
         }
         seal(&mut unit);
         unit
@@ -268,15 +280,20 @@ impl LogUnit {
         }
         let mut locations = Vec::with_capacity(count);
         for i in 0..count {
-            let at = 32 + 20 * i;
+            let at = 32 + 28 * i;
             let prev = u64_at(unit, at + 12);
             let location = Location {
                 set: u32_at(unit, at),
                 slots: u64_at(unit, at + 4),
                 prev_seq: prev & !PREV_LOGGED,
                 prev_logged: prev & PREV_LOGGED != 0,
+                prev_fresh: u64_at(unit, at + 20),
             };
-            if location.set >= sets || location.slots == 0 || location.slots >> BLOCKS_PER_SET != 0 {
+            if location.set >= sets
+                || location.slots == 0
+                || location.slots >> BLOCKS_PER_SET != 0
+                || location.prev_fresh >> BLOCKS_PER_SET != 0
+            {
                 return None;
             }
             locations.push(location);
@@ -427,6 +444,7 @@ impl Store {
                     }
                     header.seq = l.prev_seq;
                     header.logged = l.prev_logged;
+                    header.fresh = l.prev_fresh;
                     media.write(geometry.set_offset(l.set), &header.encode(geometry.uid))?;
                     wrote = true;
                 }
@@ -445,21 +463,33 @@ impl Store {
 
     /// Rebuilds the map and free list from the headers: walking blocksets by decreasing
     /// sequence number, the first occurrence of a block is its committed version (seed
-    /// §3.2.5, Invariant 1); later ones are free.
+    /// §3.2.5, Invariant 1); later ones are free. Among blocksets with the same stamp,
+    /// fresh slots (written by that commit) come before kept ones: a commit that spans
+    /// blocksets keeps the version it supersedes listed until its headers are all
+    /// written (a roll-back needs it), so both may carry its stamp.
     fn rebuild(&mut self) {
         let mut order: Vec<u32> = (0..self.geometry.sets).collect();
         order.sort_by_key(|&s| core::cmp::Reverse(self.headers[s as usize].seq));
         self.map.clear();
         self.seq = 0;
-        for set in order {
-            let header = self.headers[set as usize];
-            self.seq = self.seq.max(header.seq);
-            for (slot, &field) in header.fields.iter().enumerate() {
-                if field != NO_BLOCK && !self.map.contains_key(&field) {
-                    self.map.insert(field, (set, slot as u8));
-                    self.live[set as usize] |= 1 << slot;
+        let mut group = 0;
+        while group < order.len() {
+            let seq = self.headers[order[group] as usize].seq;
+            let end = order[group..].iter().position(|&s| self.headers[s as usize].seq != seq).map_or(order.len(), |n| group + n);
+            self.seq = self.seq.max(seq);
+            for fresh_pass in [true, false] {
+                for &set in &order[group..end] {
+                    let header = self.headers[set as usize];
+                    for (slot, &field) in header.fields.iter().enumerate() {
+                        let fresh = header.fresh & (1 << slot) != 0;
+                        if fresh == fresh_pass && field != NO_BLOCK && !self.map.contains_key(&field) {
+                            self.map.insert(field, (set, slot as u8));
+                            self.live[set as usize] |= 1 << slot;
+                        }
+                    }
                 }
             }
+            group = end;
         }
     }
 
@@ -553,6 +583,7 @@ impl Store {
             let header = &mut self.headers[set as usize];
             header.seq = seq;
             header.logged = logged;
+            header.fresh = slots;
             for slot in 0..BLOCKS_PER_SET {
                 if self.live[set as usize] & (1 << slot) == 0 {
                     header.fields[slot] = NO_BLOCK;
@@ -576,22 +607,17 @@ impl Store {
     }
 
     /// Chooses blocksets and slots for the new versions of `writes` (seed §3.2.5 step 2):
-    /// only free slots (⊥ or superseded), and only in blocksets that hold no committed
-    /// version of a block of this write set (so that a block's current and previous
-    /// versions never share a blockset, and no blockset this commit stamps holds a version
-    /// it supersedes: restore never sees two blocksets with one stamp disagree about a
-    /// block). A write set that fits one blockset goes into the eligible blockset with the
-    /// fewest free slots that hold it (keeping empty blocksets for large commits); a larger
-    /// one into as few blocksets as possible, those with the most free slots first.
-    /// Returns (blockset, slot bitmap) pairs; the writes fill them in order.
+    /// only free slots (⊥ or superseded by a committed transaction). A write set that fits
+    /// one blockset goes into the blockset with the fewest free slots that hold it
+    /// (keeping empty blocksets for large commits); a larger one into as few blocksets as
+    /// possible, those with the most free slots first. Returns (blockset, slot bitmap)
+    /// pairs; the writes fill them in order.
+    ///
+    /// PTx also keeps a block's new version out of the blockset of its previous one; here
+    /// the fresh-slot bitmap orders them instead (see [`Store::rebuild`]), so a commit of
+    /// every block always fits (a store has more than twice the blocks of its region).
     fn place(&self, writes: &[u32]) -> Result<Vec<(u32, u64)>, StoreError> {
         const ALL: u64 = (1 << BLOCKS_PER_SET) - 1;
-        let mut excluded = vec![false; self.geometry.sets as usize];
-        for block in writes {
-            if let Some(&(set, _)) = self.map.get(block) {
-                excluded[set as usize] = true;
-            }
-        }
         let free = |set: usize| (!self.live[set] & ALL).count_ones() as usize;
         let lowest = |set: usize, count: usize| {
             let mut slots = 0u64;
@@ -605,7 +631,7 @@ impl Store {
             slots
         };
         let wanted = writes.len();
-        let eligible = (0..self.geometry.sets as usize).filter(|&s| !excluded[s] && free(s) > 0);
+        let eligible = (0..self.geometry.sets as usize).filter(|&s| free(s) > 0);
         if wanted <= BLOCKS_PER_SET {
             if let Some(set) = eligible.clone().filter(|&s| free(s) >= wanted).min_by_key(|&s| (free(s), s)) {
                 return Ok(vec![(set as u32, lowest(set, wanted))]);
@@ -672,7 +698,7 @@ impl Store {
                 .iter()
                 .map(|&(set, slots)| {
                     let prev = self.headers[set as usize];
-                    Location { set, slots, prev_seq: prev.seq, prev_logged: prev.logged }
+                    Location { set, slots, prev_seq: prev.seq, prev_logged: prev.logged, prev_fresh: prev.fresh }
                 })
                 .collect();
             let units = record_units(locations.len());
@@ -699,6 +725,7 @@ impl Store {
             let mut header = self.headers[set as usize];
             header.seq = self.next_seq;
             header.logged = logged;
+            header.fresh = slots;
             for slot in 0..BLOCKS_PER_SET {
                 if self.live[set as usize] & (1 << slot) == 0 {
                     header.fields[slot] = NO_BLOCK;

@@ -259,6 +259,9 @@ fn small_scenario() -> Scenario {
             Dense(9),
             Sparse(20),
             Dense(16),
+            Dense(11),
+            Buckets(100),
+            Dense(16),
         ],
     }
 }
@@ -401,4 +404,31 @@ fn write_amplification() {
             }
         }
     }
+}
+
+/// A commit of every block fits after any history of scattered commits (the bench's
+/// sparse-then-dense sequence once ran out of blocksets when a block's new version was
+/// kept out of every blockset holding any block of the write set).
+#[test]
+fn a_full_commit_always_fits() {
+    let bytes = 256 * PAGE;
+    let g = geometry(bytes);
+    let mut media = CrashMedia::new(g.extent_bytes());
+    let mut store = Store::format(&mut media, g).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let mut committed = vec![0u8; bytes];
+    for round in 0..40 {
+        let mut working = committed.clone();
+        let step = match round % 4 {
+            0 => Step::Sparse(1 + round),
+            1 => Step::Dense(256),
+            2 => Step::Buckets(200),
+            _ => Step::Dense(round % 97),
+        };
+        apply(&mut rng, &mut working, step);
+        commit(&mut store, &mut media, &committed, &working).unwrap_or_else(|e| panic!("round {round} {step:?}: {e:?}"));
+        committed = working;
+    }
+    let (store, _) = Store::open(&mut media, g).unwrap();
+    assert_eq!(read_region(&store, &mut media, bytes), committed);
 }
