@@ -232,7 +232,8 @@ fn nvram_am(guests: &[guest::GuestSpec]) -> nk_am_nvram::NvramAm {
         .enumerate()
         .filter(|(_, g)| g.nvram)
         .map(|(i, g)| {
-            let owner = g.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+            let owner =
+                g.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
             nk_am_nvram::NvramGrant { vm: nk_caps::VmId::new(i as u32 + 1), owner }
         })
         .collect();

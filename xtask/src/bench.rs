@@ -83,8 +83,12 @@ fn bench_nvram(workspace: &Workspace) -> Result<()> {
             amplification * 100.0
         );
         json.push_str(&format!("  \"commit_{pages}_pages_{kind}_instructions\": {{\"value\": {instructions}, \"unit\": \"instructions\"}},\n"));
-        json.push_str(&format!("  \"commit_{pages}_pages_{kind}_device_bytes\": {{\"value\": {device}, \"unit\": \"bytes\"}},\n"));
-        json.push_str(&format!("  \"write_amplification_{pages}_pages_{kind}\": {{\"value\": {amplification:.4}, \"unit\": \"ratio\"}},\n"));
+        json.push_str(&format!(
+            "  \"commit_{pages}_pages_{kind}_device_bytes\": {{\"value\": {device}, \"unit\": \"bytes\"}},\n"
+        ));
+        json.push_str(&format!(
+            "  \"write_amplification_{pages}_pages_{kind}\": {{\"value\": {amplification:.4}, \"unit\": \"ratio\"}},\n"
+        ));
     }
     for name in ["naive_commit_256_pages_instructions", "restore_1_mib_instructions"] {
         println!("  {name:<36} {:>10}", values[name]);

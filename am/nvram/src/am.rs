@@ -179,7 +179,13 @@ impl NvramAm {
     }
 
     /// `allocate(c: nvram-factory, bytes, key)`.
-    fn allocate(&mut self, vm: VmId, owner: u64, args: &[u64; PLAIN_ARGS], kernel: &mut dyn Kernel) -> Result<Outcome, AmError> {
+    fn allocate(
+        &mut self,
+        vm: VmId,
+        owner: u64,
+        args: &[u64; PLAIN_ARGS],
+        kernel: &mut dyn Kernel,
+    ) -> Result<Outcome, AmError> {
         let (bytes, key) = (args[0], args[1]);
         if bytes == 0 || !bytes.is_multiple_of(PAGE) || bytes > REGION_MAX {
             return Err(AmError::BadArgument);
@@ -209,17 +215,21 @@ impl NvramAm {
         // into both copies.
         let mut result = None;
         kernel.with_media(&mut |media: &mut dyn Media| {
-            result = Some(match existing {
-                Some(entry) => Store::open(media, entry.geometry).map(|(store, _)| (entry, store, false)).map_err(media_error),
-                None => directory
-                    .create(media, owner, key, bytes)
-                    .map(|(entry, store)| (entry, store, true))
-                    .map_err(|_| AmError::NoMemory),
-            }
-            .and_then(|(entry, store, created)| {
-                load(&store, media, host, working, bytes)?;
-                Ok((entry, store, created))
-            }));
+            result = Some(
+                match existing {
+                    Some(entry) => {
+                        Store::open(media, entry.geometry).map(|(store, _)| (entry, store, false)).map_err(media_error)
+                    }
+                    None => directory
+                        .create(media, owner, key, bytes)
+                        .map(|(entry, store)| (entry, store, true))
+                        .map_err(|_| AmError::NoMemory),
+                }
+                .and_then(|(entry, store, created)| {
+                    load(&store, media, host, working, bytes)?;
+                    Ok((entry, store, created))
+                }),
+            );
         });
         let (entry, store, created) = match result.unwrap_or(Err(AmError::NotPermitted)) {
             Ok(opened) => opened,
@@ -261,10 +271,21 @@ impl NvramAm {
     /// `map(c: region[map-read], gpa, access)`: maps the region's working copy into the
     /// caller at `gpa` with `access` (`frame_access::READ`, plus `WRITE` with the right
     /// `map-write`; never `EXECUTE`).
-    fn map(&mut self, vm: VmId, cap: CapName, held: Rights, id: u64, args: &[u64; PLAIN_ARGS], effects: &mut dyn Effects) -> Result<Outcome, AmError> {
+    fn map(
+        &mut self,
+        vm: VmId,
+        cap: CapName,
+        held: Rights,
+        id: u64,
+        args: &[u64; PLAIN_ARGS],
+        effects: &mut dyn Effects,
+    ) -> Result<Outcome, AmError> {
         let (gpa, access) = (args[0], args[1]);
         let access = u8::try_from(access).map_err(|_| AmError::BadArgument)?;
-        if access & frame_access::READ == 0 || access & !(frame_access::READ | frame_access::WRITE) != 0 || !gpa.is_multiple_of(PAGE) {
+        if access & frame_access::READ == 0
+            || access & !(frame_access::READ | frame_access::WRITE) != 0
+            || !gpa.is_multiple_of(PAGE)
+        {
             return Err(AmError::BadArgument);
         }
         if access & frame_access::WRITE != 0 && !held.contains(Rights::from_bits(rights::MAP_WRITE)) {
@@ -322,10 +343,13 @@ impl NvramAm {
             }
             dirty_pages += 1;
             let offset = page * PAGE;
-            if !host.read(region.working + offset, &mut working_page) || !host.read(region.committed() + offset, &mut committed_page) {
+            if !host.read(region.working + offset, &mut working_page)
+                || !host.read(region.committed() + offset, &mut committed_page)
+            {
                 return Err(AmError::NotPermitted);
             }
-            for (i, (new, old)) in working_page.chunks_exact(BLOCK).zip(committed_page.chunks_exact(BLOCK)).enumerate() {
+            for (i, (new, old)) in working_page.chunks_exact(BLOCK).zip(committed_page.chunks_exact(BLOCK)).enumerate()
+            {
                 if new != old {
                     writes.push((offset / BLOCK as u64) as u32 + i as u32);
                 }
@@ -347,7 +371,10 @@ impl NvramAm {
             Some(Ok(stats)) => {
                 region.dirty.fill(0);
                 region.transaction = None;
-                Ok(Outcome { name: None, results: [stats.seq.max(region.store.seq()), stats.blocks, stats.device_bytes, dirty_pages] })
+                Ok(Outcome {
+                    name: None,
+                    results: [stats.seq.max(region.store.seq()), stats.blocks, stats.device_bytes, dirty_pages],
+                })
             }
             Some(Err(StoreError::NoSpace)) => Err(AmError::NoMemory),
             Some(Err(_)) | None => {
@@ -446,7 +473,8 @@ impl AbstractMachine for NvramAm {
 
     fn register(&mut self, r: &mut Registrar<'_>) -> Result<(), RegisterError> {
         let factory = r.kind(KindSpec { name: "nvram-factory", rights: &["allocate"] })?;
-        let region = r.kind(KindSpec { name: "nvram-region", rights: &["map-read", "map-write", "commit", "restore"] })?;
+        let region =
+            r.kind(KindSpec { name: "nvram-region", rights: &["map-read", "map-write", "commit", "restore"] })?;
         self.am = Some(r.am());
         self.factory_kind = Some(factory);
         self.region_kind = Some(region);
@@ -465,7 +493,12 @@ impl AbstractMachine for NvramAm {
         Ok(())
     }
 
-    fn invoke(&mut self, checked: &Checked, args: &[u64; PLAIN_ARGS], kernel: &mut dyn Kernel) -> Result<Outcome, AmError> {
+    fn invoke(
+        &mut self,
+        checked: &Checked,
+        args: &[u64; PLAIN_ARGS],
+        kernel: &mut dyn Kernel,
+    ) -> Result<Outcome, AmError> {
         let Principal::Vm(vm) = checked.caller() else {
             return Err(AmError::NotPermitted);
         };

@@ -141,13 +141,14 @@
 
 extern crate alloc;
 
+mod am;
 pub mod directory;
 pub mod ptx;
 pub mod testing;
-mod am;
 
 pub use am::{
-    op, rights, NvramAm, NvramGrant, BYTES_PER_VM, LOADED_BYTES_MAX, MAPPINGS_PER_REGION, PAGE, REGIONS_PER_VM, REGION_MAX,
+    op, rights, NvramAm, NvramGrant, BYTES_PER_VM, LOADED_BYTES_MAX, MAPPINGS_PER_REGION, PAGE, REGIONS_PER_VM,
+    REGION_MAX,
 };
 
 #[cfg(test)]

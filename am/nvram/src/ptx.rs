@@ -475,7 +475,10 @@ impl Store {
         let mut group = 0;
         while group < order.len() {
             let seq = self.headers[order[group] as usize].seq;
-            let end = order[group..].iter().position(|&s| self.headers[s as usize].seq != seq).map_or(order.len(), |n| group + n);
+            let end = order[group..]
+                .iter()
+                .position(|&s| self.headers[s as usize].seq != seq)
+                .map_or(order.len(), |n| group + n);
             self.seq = self.seq.max(seq);
             for fresh_pass in [true, false] {
                 for &set in &order[group..end] {
@@ -561,7 +564,8 @@ impl Store {
         if self.poisoned {
             return Err(StoreError::Poisoned);
         }
-        if writes.windows(2).any(|w| w[0] >= w[1]) || writes.iter().any(|&block| u64::from(block) >= self.geometry.blocks)
+        if writes.windows(2).any(|w| w[0] >= w[1])
+            || writes.iter().any(|&block| u64::from(block) >= self.geometry.blocks)
         {
             return Err(StoreError::BadArgument);
         }
@@ -708,7 +712,8 @@ impl Store {
             }
             let mut record = Vec::with_capacity(units * BLOCK);
             for (part, chunk) in locations.chunks(LOCATIONS_PER_UNIT).enumerate() {
-                let unit = LogUnit { seq: self.next_seq, part: part as u16, parts: units as u16, locations: chunk.to_vec() };
+                let unit =
+                    LogUnit { seq: self.next_seq, part: part as u16, parts: units as u16, locations: chunk.to_vec() };
                 record.extend_from_slice(&unit.encode(g.uid));
             }
             media.write(g.log_offset(start), &record)?;

@@ -139,8 +139,12 @@ impl Setup {
 
     /// A guest store through its EPT: sets the page's dirty flag as the CPU would.
     fn guest_write(&mut self, vm: VmId, gpa: u64, data: &[u8]) {
-        let (&(_, base), &(hpa, bytes, access)) =
-            self.ept.range(..=(vm, gpa)).next_back().filter(|(&(v, g), &(_, b, _))| v == vm && gpa + data.len() as u64 <= g + b).expect("mapped");
+        let (&(_, base), &(hpa, bytes, access)) = self
+            .ept
+            .range(..=(vm, gpa))
+            .next_back()
+            .filter(|(&(v, g), &(_, b, _))| v == vm && gpa + data.len() as u64 <= g + b)
+            .expect("mapped");
         assert!(access & frame_access::WRITE != 0, "mapped writable");
         let _ = bytes;
         self.machine.write(hpa + (gpa - base), data);
@@ -202,7 +206,11 @@ fn commit_writes_only_changed_blocks_and_restore_aborts() {
     s.guest_write(A, GPA + 8 * 4096 + 300, &[1; 8]);
     assert_eq!(ok(s.nvram(A, op::COMMIT, region.name, &[])).results[1], 0);
     ok(s.nvram(A, op::BEGIN, region.name, &[]));
-    assert_eq!(s.nvram(A, op::BEGIN, region.name, &[]).status().code(), Status::NOT_PERMITTED, "one transaction at a time");
+    assert_eq!(
+        s.nvram(A, op::BEGIN, region.name, &[]).status().code(),
+        Status::NOT_PERMITTED,
+        "one transaction at a time"
+    );
     s.guest_write(A, GPA + 8 * 4096 + 300, &[2; 8]);
     assert_eq!(ok(s.nvram(A, op::RESTORE, region.name, &[])).results[0], 1);
     assert_eq!(s.guest_read(A, GPA + 8 * 4096 + 300, 8), [1; 8], "aborted");
@@ -219,7 +227,11 @@ fn rights_guard_every_operation() {
     for op in [op::BEGIN, op::COMMIT, op::RESTORE] {
         assert_eq!(s.nvram(A, op, read_only, &[]).status().code(), Status::MISSING_RIGHTS);
     }
-    assert_eq!(s.nvram(A, op::MAP, region, &[GPA + REGION, 7]).status().code(), Status::BAD_ARGUMENT, "never executable");
+    assert_eq!(
+        s.nvram(A, op::MAP, region, &[GPA + REGION, 7]).status().code(),
+        Status::BAD_ARGUMENT,
+        "never executable"
+    );
     assert_eq!(s.nvram(A, op::MAP, region, &[GPA + 4096, 3]).status().code(), Status::NOT_PERMITTED, "overlap");
     assert_eq!(s.nvram(A, op::MAP, region, &[GPA - 4096, 3]).status().code(), Status::BAD_ARGUMENT, "below the window");
     // B holds no capability to A's region.

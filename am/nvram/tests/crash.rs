@@ -55,7 +55,12 @@ fn apply(rng: &mut ChaCha8Rng, region: &mut [u8], step: Step) {
 }
 
 /// Diffs `working` against `committed` in 256-byte blocks and commits the changed ones.
-fn commit(store: &mut Store, media: &mut CrashMedia, committed: &[u8], working: &[u8]) -> Result<CommitStats, StoreError> {
+fn commit(
+    store: &mut Store,
+    media: &mut CrashMedia,
+    committed: &[u8],
+    working: &[u8],
+) -> Result<CommitStats, StoreError> {
     let mut writes = Vec::new();
     for (i, (new, old)) in working.chunks_exact(BLOCK).zip(committed.chunks_exact(BLOCK)).enumerate() {
         if new != old {
@@ -151,15 +156,18 @@ fn clean_run(s: &Scenario) -> Run {
 /// `returned` or `returned + 1`) and whether a roll-back happened.
 fn check_restore(s: &Scenario, run: &Run, image: Vec<u8>, returned: usize, what: &str) -> (usize, bool) {
     let mut media = CrashMedia::from_image(image);
-    let (store, report) =
-        Store::open(&mut media, geometry(s.bytes)).unwrap_or_else(|e| panic!("{}: {what}: restore failed: {e:?}", s.name));
+    let (store, report) = Store::open(&mut media, geometry(s.bytes))
+        .unwrap_or_else(|e| panic!("{}: {what}: restore failed: {e:?}", s.name));
     let region = read_region(&store, &mut media, s.bytes);
     let held = [returned, returned + 1]
         .into_iter()
         .find(|&v| v < run.versions.len() && run.versions[v] == region)
         .unwrap_or_else(|| {
             let older = run.versions.iter().position(|v| *v == region);
-            panic!("{}: {what}: restored region is no committed version at or after {returned} (matches {older:?})", s.name)
+            panic!(
+                "{}: {what}: restored region is no committed version at or after {returned} (matches {older:?})",
+                s.name
+            )
         });
     assert_eq!(store.seq(), run.seqs[held], "{}: {what}: sequence number of version {held}", s.name);
     (held, report.rolled_back.is_some())
@@ -170,7 +178,8 @@ fn check_restore(s: &Scenario, run: &Run, image: Vec<u8>, returned: usize, what:
 fn sweep(s: &Scenario) -> u64 {
     let run_clean = clean_run(s);
     let total_writes: u64 = run_clean.stats.iter().map(|c| c.writes).sum();
-    let policies = |k: u64| [CutPolicy::DropAll, CutPolicy::KeepAll, CutPolicy::Random(k), CutPolicy::Random(k << 32 | 7)];
+    let policies =
+        |k: u64| [CutPolicy::DropAll, CutPolicy::KeepAll, CutPolicy::Random(k), CutPolicy::Random(k << 32 | 7)];
     let mut points = 0;
     let (mut newer, mut rollbacks, mut nested) = (0, 0, 0);
     for k in 1..=total_writes {
@@ -426,7 +435,8 @@ fn a_full_commit_always_fits() {
             _ => Step::Dense(round % 97),
         };
         apply(&mut rng, &mut working, step);
-        commit(&mut store, &mut media, &committed, &working).unwrap_or_else(|e| panic!("round {round} {step:?}: {e:?}"));
+        commit(&mut store, &mut media, &committed, &working)
+            .unwrap_or_else(|e| panic!("round {round} {step:?}: {e:?}"));
         committed = working;
     }
     let (store, _) = Store::open(&mut media, g).unwrap();

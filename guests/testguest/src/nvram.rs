@@ -189,7 +189,11 @@ fn commit_restore() -> CheckResult {
     }
     let commit = nk::call(am, COMMIT, &[cap], &[]);
     ensure!(commit.status().is_ok(), "commit: {}", commit.status());
-    ensure!(commit.results[0] == 1 && commit.results[1] == 17, "commit results {:?} (seq 1, 17 blocks)", commit.results);
+    ensure!(
+        commit.results[0] == 1 && commit.results[1] == 17,
+        "commit results {:?} (seq 1, 17 blocks)",
+        commit.results
+    );
     println!(
         "nvram: commit 1 wrote {} blocks, {} device bytes, for {} dirty pages",
         commit.results[1], commit.results[2], commit.results[3]

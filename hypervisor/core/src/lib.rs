@@ -46,7 +46,10 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use nk_abi::{nk_op, Call, NameWords, Reply, Selector, Status, ABI_VERSION, MAX_CAP_ARGS, NULL_KERNEL_AM};
-use nk_am::{AbstractMachine, AmError, DirtySource, Effect, Effects, FrameSource, HostMemory, Kernel, Media, MediaSource, Registrar};
+use nk_am::{
+    AbstractMachine, AmError, DirtySource, Effect, Effects, FrameSource, HostMemory, Kernel, Media, MediaSource,
+    Registrar,
+};
 use nk_caps::{
     AmId, ArgFault, Binding, CapError, CapName, CapTable, CheckError, DeadCap, EntropySource, KernelId, NewTableError,
     Object, OpId, Principal, PrincipalError, RegisterError, Rights, VmId,
