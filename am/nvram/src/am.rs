@@ -204,6 +204,7 @@ impl NvramAm {
             return Err(AmError::NotPermitted);
         }
         self.mount(kernel)?;
+        let object = self.region_object(self.next_region)?;
         let directory = self.directory.as_mut().ok_or(AmError::NotPermitted)?;
         let existing = directory.find(owner, key);
         if existing.is_some_and(|e| e.bytes != bytes) {
@@ -239,7 +240,6 @@ impl NvramAm {
             }
         };
         let id = self.next_region;
-        let object = self.region_object(id)?;
         let all = Rights::from_bits(rights::MAP_READ | rights::MAP_WRITE | rights::COMMIT | rights::RESTORE);
         let granted = match kernel.grant_new(object, all, Principal::Vm(vm), Binding::Bound) {
             Ok(name) => name,
