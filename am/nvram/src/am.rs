@@ -115,6 +115,8 @@ pub struct NvramAm {
     /// Guest-physical addresses `[start, end)` where regions may be mapped (kept apart
     /// from where other AMs map, so no mapping lands over another AM's); None: anywhere.
     window: Option<(u64, u64)>,
+    /// Regions (owner, key) whose corrupt metadata was logged.
+    reported: alloc::collections::BTreeSet<(u64, u64)>,
 }
 
 impl core::fmt::Debug for NvramAm {
@@ -124,9 +126,6 @@ impl core::fmt::Debug for NvramAm {
 }
 
 fn media_error(error: StoreError) -> AmError {
-    if let StoreError::Corrupt(what) = error {
-        log::error!(target: "nvram", "restore found corrupt metadata ({what:?}): the region is not loaded");
-    }
     match error {
         StoreError::NoSpace => AmError::NoMemory,
         StoreError::BadArgument => AmError::BadArgument,
@@ -215,11 +214,17 @@ impl NvramAm {
         // Open (restore) the region's store, or create it; then load its committed state
         // into both copies.
         let mut result = None;
+        let mut corrupt = None;
         kernel.with_media(&mut |media: &mut dyn Media| {
             result = Some(
                 match existing {
                     Some(entry) => {
-                        Store::open(media, entry.geometry).map(|(store, _)| (entry, store, false)).map_err(media_error)
+                        Store::open(media, entry.geometry).map(|(store, _)| (entry, store, false)).map_err(|error| {
+                            if let StoreError::Corrupt(what) = error {
+                                corrupt = Some(what);
+                            }
+                            media_error(error)
+                        })
                     }
                     None => directory
                         .create(media, owner, key, bytes)
@@ -232,6 +237,12 @@ impl NvramAm {
                 }),
             );
         });
+        if let Some(what) = corrupt {
+            // Reported once per region a boot, however often a guest asks again.
+            if self.reported.insert((owner, key)) {
+                log::error!(target: "nvram", "region {owner:#x}/{key}: restore found corrupt metadata ({what:?}); not loaded");
+            }
+        }
         let (entry, store, created) = match result.unwrap_or(Err(AmError::NotPermitted)) {
             Ok(opened) => opened,
             Err(error) => {
