@@ -1,7 +1,7 @@
 //! Parses a guest module's command line:
 //! `<name> [mem=<size>] [cpu=<index>] [ports=<first>[-<last>]] [msrs=<msr>,...] [unsafe-ports]
 //! [ring3-caps] [modules=<name>,...] [input=<name>] [manages=<name>,...] [images=<name>,...]
-//! [frames=<size>] [data] [image] [-- <args>]`.
+//! [frames=<size>] [data] [image] [nvram] [-- <args>]`.
 //!
 //! `data` marks a module that is not a guest but data another guest's `modules=` names (a
 //! Linux initramfs, a Multiboot kernel's modules); for a Linux guest the words after `--`
@@ -151,6 +151,9 @@ pub struct ModuleSpec<'a> {
     pub modules: FixedList<&'a str, MAX_MODULES>,
     /// `data`: this module is not a guest, only data for others.
     pub data: bool,
+    /// `nvram`: the guest starts with an NVRAM factory (the NVRAM AM), whose regions are
+    /// found again by the guest's name after a restart.
+    pub nvram: bool,
     /// The data module typed into a guest OS's serial port (`input=`), by name.
     pub input: Option<&'a str>,
     /// The guests this one manages (`manages=`), by name: it starts with a capability
@@ -288,7 +291,7 @@ impl PartialEq for ModuleOption {
 impl Eq for ModuleOption {}
 
 /// The options a module line knows, in the order the known-options list shows them.
-pub static MODULE_OPTIONS: [ModuleOption; 13] = [
+pub static MODULE_OPTIONS: [ModuleOption; 14] = [
     ModuleOption {
         name: "mem",
         syntax: "mem=<size>",
@@ -421,6 +424,18 @@ pub static MODULE_OPTIONS: [ModuleOption; 13] = [
         takes_value: false,
         apply: |spec, _| {
             spec.image = true;
+            Ok(())
+        },
+    },
+    ModuleOption {
+        name: "nvram",
+        syntax: "nvram",
+        noun: "value",
+        expected: "a flag",
+        example: "nvram",
+        takes_value: false,
+        apply: |spec, _| {
+            spec.nvram = true;
             Ok(())
         },
     },
@@ -575,6 +590,7 @@ pub fn parse(cmdline: &str) -> Result<ModuleSpec<'_>, ModuleError<'_>> {
         ring3_caps: false,
         modules: FixedList::new(),
         data: false,
+        nvram: false,
         input: None,
         manages: FixedList::new(),
         frames: None,

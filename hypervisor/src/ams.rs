@@ -25,6 +25,9 @@ const EXO_FRAME_QUOTA: u64 = 4 << 20;
 pub struct AmLine {
     pub name: &'static str,
     pub quota: u32,
+    /// Whether this boot needs the AM ([`always`] for most: an AM nobody can reach still
+    /// costs every capability lookup a little).
+    pub when: fn(&BootModules<'_>) -> bool,
     pub make: fn(&BootModules<'_>) -> Box<dyn AbstractMachine + Send>,
 }
 
@@ -37,11 +40,56 @@ pub struct BootModules<'a> {
 
 /// Every AM, in registration order.
 pub static AMS: &[AmLine] = &[
-    AmLine { name: "counter", quota: AM_QUOTA, make: |_| Box::new(nk_am_counter::CounterAm::new()) },
-    AmLine { name: "exo", quota: AM_QUOTA, make: |boot| Box::new(exo_am(boot.guests)) },
-    AmLine { name: "guest-os", quota: AM_QUOTA, make: |boot| Box::new(vm_objects(boot.guests, boot.images.to_vec())) },
+    AmLine { name: "counter", quota: AM_QUOTA, when: always, make: |_| Box::new(nk_am_counter::CounterAm::new()) },
+    AmLine { name: "exo", quota: AM_QUOTA, when: always, make: |boot| Box::new(exo_am(boot.guests)) },
+    AmLine {
+        name: "guest-os",
+        quota: AM_QUOTA,
+        when: always,
+        make: |boot| Box::new(vm_objects(boot.guests, boot.images.to_vec())),
+    },
+    // Only when a guest's module says `nvram` (one more AM principal made derive 16
+    // instructions longer in `cargo xtask bench hypercall`).
+    AmLine {
+        name: "nvram",
+        quota: AM_QUOTA,
+        when: |boot| boot.guests.iter().any(|g| g.nvram),
+        make: |boot| Box::new(nvram_am(boot.guests)),
+    },
     // cargo xtask new-am adds new AMs' lines above this one.
 ];
+
+/// Every boot runs the AM.
+pub fn always(_: &BootModules<'_>) -> bool {
+    true
+}
+
+/// Bytes of the NVRAM device when it is RAM (no durable device installed).
+const NVRAM_RAM_BYTES: u64 = 4 << 20;
+
+/// Makes the NVRAM AM (when some guest's module says `nvram`): a factory for each such guest, its owner
+/// number the FNV-1a hash of the guest's name (so a restarted guest of the same name finds
+/// its regions); regions map at guest-physical 1-2 GiB, above the exo AM's range. Installs
+/// RAM as the device unless one is installed already (a durable device goes in first).
+fn nvram_am(guests: &[GuestSpec]) -> nk_am_nvram::NvramAm {
+    let grants: alloc::vec::Vec<_> = guests
+        .iter()
+        .enumerate()
+        .filter(|(_, g)| g.nvram)
+        .map(|(i, g)| {
+            let owner =
+                g.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+            nk_am_nvram::NvramGrant { vm: nk_caps::VmId::new(i as u32 + 1), owner }
+        })
+        .collect();
+    if !nk_am::MediaSource::with_media(&crate::nvram::DEVICE, &mut |_| {}) {
+        match crate::nvram::RamMedia::allocate(NVRAM_RAM_BYTES) {
+            Some(ram) => crate::nvram::install(alloc::boxed::Box::new(ram)),
+            None => log::error!(target: "nvram", "no frames for a RAM device: NVRAM calls will fail"),
+        }
+    }
+    nk_am_nvram::NvramAm::new(grants).with_window(1 << 30, 2 << 30)
+}
 
 /// The exo AM, told which port range and MSRs each guest (VM i+1) may open and where its
 /// memory lies.
@@ -129,7 +177,8 @@ fn vm_objects(guests: &[GuestSpec], images: alloc::vec::Vec<GuestSpec>) -> nk_am
             }
         }
     }
-    let online_cpus = crate::percpu::all().filter(|c| c.in_vmx_root()).fold(0u64, |mask, c| mask | 1 << (c.index() % 64));
+    let online_cpus =
+        crate::percpu::all().filter(|c| c.in_vmx_root()).fold(0u64, |mask, c| mask | 1 << (c.index() % 64));
     let catalogue = Images {
         images: images.iter().map(|spec| Image { name: spec.name.clone(), kind: image_code(spec.image) }).collect(),
         grants: image_grants,
@@ -139,4 +188,3 @@ fn vm_objects(guests: &[GuestSpec], images: alloc::vec::Vec<GuestSpec>) -> nk_am
     vmctl::install_images(images);
     nk_am_guest_os::GuestOsAm::new(board, grants).with_images(catalogue)
 }
-

@@ -172,6 +172,42 @@ pub fn unregister(vm: VmId) -> Option<GuestEpt> {
     Some(r.ept)
 }
 
+/// Reads and clears the EPT dirty flags (SDM Vol. 3 §29.3.5) of the `pages` 4 KiB pages
+/// from `gpa` in `vm` into `bitmap` (bit i of byte i / 8 for page i), then invalidates
+/// the VM's translations if any was dirty, so the next write sets the flag again (SDM
+/// Vol. 3 §29.4.3.1). Without EPT A/D flags every page reads as dirty. False (bitmap
+/// untouched) when `vm` has no EPT here or the bitmap is too short.
+pub fn take_dirty(vm: VmId, gpa: u64, pages: u64, bitmap: &mut [u8]) -> bool {
+    let mut epts = EPTS.lock();
+    let Some(r) = epts.get_mut(&vm.raw()) else { return false };
+    let Some(bitmap) = bitmap.get_mut(..pages.div_ceil(8) as usize) else { return false };
+    if !r.ept.has_dirty_flags() {
+        bitmap.fill(0xFF);
+        return true;
+    }
+    bitmap.fill(0);
+    let mut found = false;
+    let mut page = 0;
+    while page < pages {
+        let (dirty, size) = r.ept.take_dirty(gpa + page * PAGE_SIZE);
+        // A large page's flag stands for each of its 4 KiB pages in the range.
+        let step = (size / PAGE_SIZE).min(pages - page).max(1);
+        if dirty {
+            found = true;
+            for p in page..page + step {
+                bitmap[(p / 8) as usize] |= 1 << (p % 8);
+            }
+        }
+        page += step;
+    }
+    let (cpu, eptp) = (r.cpu, r.ept.eptp());
+    drop(epts);
+    if found {
+        invalidate(vm, cpu, eptp);
+    }
+    true
+}
+
 /// Applies an exo memory effect.
 pub fn apply(effect: Effect) {
     let mut epts = EPTS.lock();
@@ -218,37 +254,12 @@ pub fn apply(effect: Effect) {
             free(hpa, bytes);
         }
         Effect::TakeDirty { vm, gpa, pages, bitmap_hpa } => {
-            let Some(r) = epts.get_mut(&vm.raw()) else { return };
+            drop(epts);
             let bytes = pages.div_ceil(8) as usize;
             // SAFETY: the exo AM checked that the bitmap lies in a frame set the caller
             // holds with the write right (allocated from this allocator, identity-mapped).
             let bitmap = unsafe { core::slice::from_raw_parts_mut(bitmap_hpa as *mut u8, bytes) };
-            if !r.ept.has_dirty_flags() {
-                bitmap.fill(0xFF);
-                return;
-            }
-            bitmap.fill(0);
-            let mut found = false;
-            let mut page = 0;
-            while page < pages {
-                let (dirty, size) = r.ept.take_dirty(gpa + page * PAGE_SIZE);
-                // A large page's flag stands for each of its 4 KiB pages in the range.
-                let step = (size / PAGE_SIZE).min(pages - page).max(1);
-                if dirty {
-                    found = true;
-                    for p in page..page + step {
-                        bitmap[(p / 8) as usize] |= 1 << (p % 8);
-                    }
-                }
-                page += step;
-            }
-            let (cpu, eptp) = (r.cpu, r.ept.eptp());
-            drop(epts);
-            // The CPU may cache that a page is dirty: without the invalidation a later
-            // write would not set the flag again (SDM Vol. 3 §29.4.3.1).
-            if found {
-                invalidate(vm, cpu, eptp);
-            }
+            take_dirty(vm, gpa, pages, bitmap);
         }
         Effect::PmlEnable { vm, gpa, pages } => {
             let Some(r) = epts.get_mut(&vm.raw()) else { return };
@@ -325,7 +336,11 @@ pub fn apply(effect: Effect) {
                 let _ = crate::vmx::tlb::flush_ept(&crate::vmx::capabilities(), eptp);
             }
         }
-        Effect::IoPorts { .. } | Effect::Msr { .. } | Effect::VmControl { .. } | Effect::CreateVm { .. } | Effect::Retire { .. } => {}
+        Effect::IoPorts { .. }
+        | Effect::Msr { .. }
+        | Effect::VmControl { .. }
+        | Effect::CreateVm { .. }
+        | Effect::Retire { .. } => {}
     }
 }
 

@@ -228,9 +228,8 @@ impl Guest {
                 let mut ram = crate::osvm::GuestRam { base: memory.as_u64(), size: memory_size };
                 // The VM's capabilities live in this CPU's kernel instance (not locked here).
                 let cpu = crate::percpu::current_index() as usize;
-                let handed = crate::mesh::get()
-                    .map(|mesh| mesh.instance(cpu).kernel.lock().handed_caps(vm))
-                    .unwrap_or_default();
+                let handed =
+                    crate::mesh::get().map(|mesh| mesh.instance(cpu).kernel.lock().handed_caps(vm)).unwrap_or_default();
                 let start = crate::osvm::load(vm, kind, spec, &mut ram, true, &handed).map_err(GuestError::Os)?;
                 let mut os = crate::osvm::OsVm::new(kind);
                 if let Some(input) = spec.input {
@@ -741,7 +740,7 @@ pub fn cpuid_answer(leaf: u32, subleaf: u32, guest_osxsave: bool) -> nk_loader::
 }
 
 /// A guest image and how to run it, from a boot module and its command line (parsed by
-/// [`nk_boot::module`]: `<name> [mem=<size>] [cpu=<index>] [ports=..] [msrs=..] [unsafe-ports] [ring3-caps] [manages=..] [-- <args>]`).
+/// [`nk_boot::module`]: `<name> [mem=<size>] [cpu=<index>] [ports=..] [msrs=..] [unsafe-ports] [ring3-caps] [manages=..] [nvram] [-- <args>]`).
 #[derive(Debug, Clone)]
 pub struct GuestSpec {
     pub name: String,
@@ -775,6 +774,8 @@ pub struct GuestSpec {
     pub image_module: bool,
     /// The images this VM starts with an `image` capability to (`images=`).
     pub images: Vec<String>,
+    /// `nvram`: the VM starts with an NVRAM factory (the NVRAM AM).
+    pub nvram: bool,
 }
 
 // The parser's list of assignable MSRs is the one the exo effects are checked against.
@@ -816,6 +817,7 @@ impl GuestSpec {
             frames: spec.frames,
             image_module: spec.image,
             images: spec.images.as_slice().iter().map(|n| String::from(*n)).collect(),
+            nvram: spec.nvram,
         })
     }
 }

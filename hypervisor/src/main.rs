@@ -24,6 +24,7 @@ mod hostmap;
 mod ioports;
 mod memory;
 mod mesh;
+mod nvram;
 mod osvm;
 mod percpu;
 mod power;
@@ -161,8 +162,11 @@ fn null_kernel(
     let boot = ams::BootModules { guests, images: &images };
     let kernels = percpu::all().filter(|c| c.in_vmx_root()).map(|c| c.index() + 1).max().unwrap_or(1);
     let capacity = (TOTAL_CAPACITY / kernels).clamp(4096, 16_384);
-    let shared: alloc::vec::Vec<_> =
-        ams::AMS.iter().map(|line| (line, nk_core::shared_am((line.make)(&boot)))).collect();
+    let shared: alloc::vec::Vec<_> = ams::AMS
+        .iter()
+        .filter(|line| (line.when)(&boot))
+        .map(|line| (line, nk_core::shared_am((line.make)(&boot))))
+        .collect();
     let mut instances = alloc::vec::Vec::new();
     for cpu in 0..kernels {
         let id = nk_caps::KernelId::new(cpu as u16);
@@ -171,6 +175,9 @@ fn null_kernel(
         kernel.set_caller_ring(guest::guest_ring);
         kernel.set_frame_source(&exomem::FRAMES);
         kernel.set_guest_memory(exomem::guest_memory);
+        kernel.set_host_memory(&nvram::HOST);
+        kernel.set_media(&nvram::DEVICE);
+        kernel.set_dirty_source(&nvram::DIRTY);
         let mut listed = alloc::string::String::new();
         for (line, am) in &shared {
             let id =

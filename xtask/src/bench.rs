@@ -47,7 +47,61 @@ const BENCHES: &[Bench] = &[
         about: "exo AM memory in Bochs, in emulated instructions: map/unmap a 4 KiB frame, revoke a frame shared on 2 CPUs, dirty bitmap of K in 65,536 pages by A/D scan and by PML",
         run: bench_exo,
     },
+    Bench {
+        name: "nvram",
+        about: "NVRAM AM in Bochs, in emulated instructions: commit of 1, 16 and 256 dirty pages (sparse and dense) with device bytes and write amplification, the whole region, restore of 1 MiB",
+        run: bench_nvram,
+    },
 ];
+
+/// The write sets `cargo xtask bench nvram` commits: (pages, kind).
+const NVRAM_COMMITS: &[(u32, &str)] =
+    &[(1, "sparse"), (1, "dense"), (16, "sparse"), (16, "dense"), (256, "sparse"), (256, "dense")];
+
+/// Boots the test guest in its `nvrambench` mode (1 CPU) and writes target/bench/nvram.json:
+/// each commit's instructions, device bytes, changed bytes (blocks the diff found, times
+/// 256) and write amplification (device bytes over changed bytes, minus 1).
+fn bench_nvram(workspace: &Workspace) -> Result<()> {
+    let mut metrics: Vec<String> = Vec::new();
+    for (pages, kind) in NVRAM_COMMITS {
+        for what in ["instructions", "device_bytes", "changed_bytes"] {
+            metrics.push(format!("commit_{pages}_pages_{kind}_{what}"));
+        }
+    }
+    metrics.push("naive_commit_256_pages_instructions".into());
+    metrics.push("restore_1_mib_instructions".into());
+    let names: Vec<&str> = metrics.iter().map(String::as_str).collect();
+    let values = guest_bench(workspace, "bench-nvram", 1, &["keeper nvram -- nvrambench"], &names)?;
+    println!("xtask: bench: NVRAM AM (1 MiB region, device: RAM stand-in), emulated instructions per call (guest-side RDTSC):");
+    let mut json = String::from("{\n");
+    for (pages, kind) in NVRAM_COMMITS {
+        let get = |what: &str| values[&format!("commit_{pages}_pages_{kind}_{what}")];
+        let (instructions, device, changed) = (get("instructions"), get("device_bytes"), get("changed_bytes"));
+        let amplification = device as f64 / changed.max(1) as f64 - 1.0;
+        println!(
+            "  commit_{pages}_pages_{kind:<6} {instructions:>10} instructions, {device:>8} device bytes for {changed:>8} changed, amplification {:.1}%",
+            amplification * 100.0
+        );
+        json.push_str(&format!("  \"commit_{pages}_pages_{kind}_instructions\": {{\"value\": {instructions}, \"unit\": \"instructions\"}},\n"));
+        json.push_str(&format!(
+            "  \"commit_{pages}_pages_{kind}_device_bytes\": {{\"value\": {device}, \"unit\": \"bytes\"}},\n"
+        ));
+        json.push_str(&format!(
+            "  \"write_amplification_{pages}_pages_{kind}\": {{\"value\": {amplification:.4}, \"unit\": \"ratio\"}},\n"
+        ));
+    }
+    for name in ["naive_commit_256_pages_instructions", "restore_1_mib_instructions"] {
+        println!("  {name:<36} {:>10}", values[name]);
+        json.push_str(&format!("  \"{name}\": {{\"value\": {}, \"unit\": \"instructions\"}},\n", values[name]));
+    }
+    json.push_str(&format!(
+        "  \"context\": {{\"emulator\": \"bochs\", \"cpu_model\": \"{BENCH_CPU_MODEL}\", \"method\": \"minimum of 5 guest-side RDTSC deltas, overhead subtracted\", \"region_bytes\": 1048576, \"device\": \"RAM stand-in (not durable)\", \"naive\": \"a commit of every page of the region through the same path\", \"restore\": \"allocate of an existing 1 MiB region (restore_16_mib needs a larger device)\"}}\n}}\n"
+    ));
+    let dir = bench_dir(workspace);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("nvram.json"), json)?;
+    Ok(())
+}
 
 /// The metrics the test guest's `exobench` mode reports.
 const EXO_METRICS: &[&str] = &[

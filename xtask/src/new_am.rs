@@ -53,7 +53,7 @@ pub fn generate(workspace: &Workspace, name: &str) -> Result<Generated> {
     let list_path = workspace.root().join(AM_LIST);
     let list = fs::read_to_string(&list_path).with_context(|| format!("cannot read {AM_LIST}"))?;
     let line = format!(
-        "    AmLine {{ name: \"{name}\", quota: AM_QUOTA, make: |_| Box::new({}::{type_name}::new()) }},",
+        "    AmLine {{ name: \"{name}\", quota: AM_QUOTA, when: always, make: |_| Box::new({}::{type_name}::new()) }},",
         package.replace('-', "_")
     );
     let list = insert_before_marker(&list, AM_LIST_MARKER, &line)

@@ -228,6 +228,34 @@ pub trait Media {
     fn fence(&mut self) -> Result<(), MediaError>;
 }
 
+/// Host memory the hypervisor lends AMs that keep data in frames they allocated (the NVRAM
+/// AM's working and committed copies of a region): an AM reads and writes only frames it
+/// got from `Kernel::allocate_frames` and has not given back.
+pub trait HostMemory: Sync {
+    /// Copies `buf.len()` bytes from host-physical `hpa` into `buf`; false if the range is
+    /// not memory the hypervisor maps.
+    fn read(&self, hpa: u64, buf: &mut [u8]) -> bool;
+    /// Copies `data` to host-physical `hpa`; false if the range is not memory the
+    /// hypervisor maps.
+    fn write(&self, hpa: u64, data: &[u8]) -> bool;
+}
+
+/// The durable device the hypervisor chose at boot, lent to the NVRAM AM (one device,
+/// shared by every kernel instance: the lender serializes the calls).
+pub trait MediaSource: Sync {
+    /// Runs `f` with the device; false (without running it) when there is none.
+    fn with_media(&self, f: &mut dyn FnMut(&mut dyn Media)) -> bool;
+}
+
+/// Reads and clears the EPT dirty flags of guest pages for an AM, synchronously (the
+/// service behind `Effect::TakeDirty`, for an AM that needs the bitmap during the call).
+pub trait DirtySource: Sync {
+    /// Reads and clears the dirty flags of the `pages` 4 KiB pages from `gpa` in `vm`
+    /// into `bitmap` (bit i of byte i / 8 for page i), as `Effect::TakeDirty` does; false
+    /// when it cannot (then every page must count as dirty).
+    fn take_dirty(&self, vm: VmId, gpa: u64, pages: u64, bitmap: &mut [u8]) -> bool;
+}
+
 /// What an `Effect::VmControl` does to a VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VmAction {
@@ -309,6 +337,26 @@ pub trait Kernel: Effects {
     ) -> Result<(u64, u64), AmError> {
         let _ = (caller, name, to, fits);
         Err(AmError::NotPermitted)
+    }
+
+    /// Returns the host memory the hypervisor lends AMs (`HostMemory`); None when it lends
+    /// none.
+    fn host_memory(&self) -> Option<&'static dyn HostMemory> {
+        None
+    }
+
+    /// Runs `f` with the durable device (`MediaSource`); false when there is none.
+    fn with_media(&mut self, f: &mut dyn FnMut(&mut dyn Media)) -> bool {
+        let _ = f;
+        false
+    }
+
+    /// Reads and clears the dirty flags of `pages` pages from `gpa` in `vm` into `bitmap`
+    /// (`DirtySource`); false when the hypervisor lends no dirty tracking (every page then
+    /// counts as dirty).
+    fn take_dirty(&mut self, vm: VmId, gpa: u64, pages: u64, bitmap: &mut [u8]) -> bool {
+        let _ = (vm, gpa, pages, bitmap);
+        false
     }
 }
 

@@ -241,7 +241,8 @@ impl Memory {
             let id = self.new_id();
             let mut object = frames_template;
             object.id = ObjId::new(id);
-            let (root, granted) = kernel.grant_new_root(object, rights.frames_all, Principal::Vm(vm), Binding::Bound)?;
+            let (root, granted) =
+                kernel.grant_new_root(object, rights.frames_all, Principal::Vm(vm), Binding::Bound)?;
             let set = FrameSet {
                 id,
                 hpa,
@@ -298,13 +299,14 @@ impl Memory {
         let id = self.new_id();
         let mut object = frames_template;
         object.id = ObjId::new(id);
-        let (root, granted) = match kernel.grant_new_root(object, rights.frames_all, Principal::Vm(caller), Binding::Bound) {
-            Ok(names) => names,
-            Err(error) => {
-                kernel.emit(Effect::FreeFrames { hpa, bytes });
-                return Err(error.into());
-            }
-        };
+        let (root, granted) =
+            match kernel.grant_new_root(object, rights.frames_all, Principal::Vm(caller), Binding::Bound) {
+                Ok(names) => names,
+                Err(error) => {
+                    kernel.emit(Effect::FreeFrames { hpa, bytes });
+                    return Err(error.into());
+                }
+            };
         let set = FrameSet {
             id,
             hpa: Some(hpa),

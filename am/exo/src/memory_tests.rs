@@ -69,7 +69,8 @@ fn call2(nk: &mut NullKernel, vm: VmId, am: u16, op: u16, caps: &[NameWords], ar
     let mut call = Call { selector: Selector::new(am, op.into()).encode(), ..Call::default() };
     call.caps[..caps.len()].copy_from_slice(caps);
     call.args[..args.len()].copy_from_slice(args);
-    let reply = nk.dispatch(vm, &call, &mut Vec::new()).reply().expect("one kernel instance finishes every call at once");
+    let reply =
+        nk.dispatch(vm, &call, &mut Vec::new()).reply().expect("one kernel instance finishes every call at once");
     settle(nk);
     reply
 }
@@ -372,7 +373,11 @@ fn a_map_unmap_revoke_loop_gives_every_frame_back() {
         } else {
             assert!(s.null(VM2, nk_op::DELETE, set, &[]).status().is_ok());
         }
-        assert_eq!(s.nk.table().usage(Principal::Am(AmId::new(s.exo))), am_usage, "round {round}: the AM's roots are back");
+        assert_eq!(
+            s.nk.table().usage(Principal::Am(AmId::new(s.exo))),
+            am_usage,
+            "round {round}: the AM's roots are back"
+        );
         let mut mapped = 0i64;
         for effect in s.effects() {
             match effect {

@@ -73,7 +73,7 @@ fn bad_values_name_the_option_and_an_example() {
         refusal("typo memory=8M"),
         "unknown module option 'memory=8M' (known: mem=<size>, cpu=<index>, ports=<first>[-<last>], \
          msrs=<msr>[,<msr>], unsafe-ports, ring3-caps, modules=<name>[,<name>], input=<name>, manages=<name>[,<name>], data, \
-         images=<name>[,<name>], frames=<size>, image, -- <guest args>)"
+         images=<name>[,<name>], frames=<size>, image, nvram, -- <guest args>)"
     );
 }
 

@@ -549,10 +549,11 @@ mod attacks_caps;
 mod attacks_vcpu;
 mod control;
 mod cpuid_controls;
-mod exo_memory;
 mod exo_churn;
+mod exo_memory;
 mod fuzz;
 mod new_am;
+mod nvram;
 mod protocol;
 mod vm_create;
 
@@ -631,6 +632,7 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
         Some(mode @ ("openloop" | "ring3caps" | "flood" | "victim")) => attacks_caps::run(mode, words),
         Some(mode @ ("exomem" | "exolend" | "exoborrow" | "exobench")) => exo_memory::run(mode, words, boot.memory, boot.vm),
         Some(mode @ ("exochurn" | "exochurnafter")) => exo_churn::run(mode, words),
+        Some(mode @ ("nvram" | "nvramseq" | "nvrambench")) => nvram::run(mode, words),
         Some("pbench") => {
             let (peers, count) = vm_list(words);
             protocol::bench(&peers[..count], boot.vm as u32);
@@ -645,7 +647,7 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
             }
         }
         Some(other) => println!(
-            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..], xcr0 ROUNDS, xmmleak SEED ROUNDS, tpr PEER ROUNDS, leakprobe SEED ROUNDS, openloop, ring3caps, flood VICTIM, victim ATTACKER, exomem, exolend [free] [bench] BORROWERS.., exoborrow, exobench, control [orphan|busy|linux], vmcreate CPU, vmcreate-linux CPU MIB, newam, exochurn ROUNDS PEER, exochurnafter CHURN)"
+            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..], xcr0 ROUNDS, xmmleak SEED ROUNDS, tpr PEER ROUNDS, leakprobe SEED ROUNDS, openloop, ring3caps, flood VICTIM, victim ATTACKER, exomem, exolend [free] [bench] BORROWERS.., exoborrow, exobench, control [orphan|busy|linux], vmcreate CPU, vmcreate-linux CPU MIB, newam, exochurn ROUNDS PEER, exochurnafter CHURN, nvram, nvramseq COUNT, nvrambench)"
         ),
     }
     println!("GTEST done");

@@ -46,7 +46,10 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use nk_abi::{nk_op, Call, NameWords, Reply, Selector, Status, ABI_VERSION, MAX_CAP_ARGS, NULL_KERNEL_AM};
-use nk_am::{AbstractMachine, AmError, Effect, Effects, FrameSource, Kernel, Registrar};
+use nk_am::{
+    AbstractMachine, AmError, DirtySource, Effect, Effects, FrameSource, HostMemory, Kernel, Media, MediaSource,
+    Registrar,
+};
 use nk_caps::{
     AmId, ArgFault, Binding, CapError, CapName, CapTable, CheckError, DeadCap, EntropySource, KernelId, NewTableError,
     Object, OpId, Principal, PrincipalError, RegisterError, Rights, VmId,
@@ -189,6 +192,12 @@ struct Shared {
     frames: Option<&'static dyn FrameSource>,
     /// Where each VM's initial memory lies in host memory (none until the hypervisor says).
     guest_memory: fn(VmId) -> Option<(u64, u64)>,
+    /// Host memory AMs read and write (the NVRAM AM's copies of a region).
+    host: Option<&'static dyn HostMemory>,
+    /// The durable device (the NVRAM AM's).
+    media: Option<&'static dyn MediaSource>,
+    /// Synchronous EPT dirty-flag reads (the NVRAM AM's write sets).
+    dirty: Option<&'static dyn DirtySource>,
 }
 
 impl core::fmt::Debug for NullKernel {
@@ -313,6 +322,18 @@ impl Kernel for AmServices<'_> {
         let cap = nk_am::PresentedCap { name, object: info.object, rights: info.rights, presenter: caller };
         owner.lock().lend_frames(&cap, to, fits, &mut EffectList(self.effects))
     }
+
+    fn host_memory(&self) -> Option<&'static dyn HostMemory> {
+        self.shared.host
+    }
+
+    fn with_media(&mut self, f: &mut dyn FnMut(&mut dyn Media)) -> bool {
+        self.shared.media.is_some_and(|m| m.with_media(f))
+    }
+
+    fn take_dirty(&mut self, vm: VmId, gpa: u64, pages: u64, bitmap: &mut [u8]) -> bool {
+        self.shared.dirty.is_some_and(|d| d.take_dirty(vm, gpa, pages, bitmap))
+    }
 }
 
 fn name_of(words: NameWords) -> CapName {
@@ -435,7 +456,14 @@ impl NullKernel {
             placement: BTreeMap::new(),
             inbox_on_completion: BTreeMap::new(),
             effects: Vec::new(),
-            shared: Shared { ams: Vec::new(), frames: None, guest_memory: |_| None },
+            shared: Shared {
+                ams: Vec::new(),
+                frames: None,
+                guest_memory: |_| None,
+                host: None,
+                media: None,
+                dirty: None,
+            },
             retiring: BTreeSet::new(),
         })
     }
@@ -508,6 +536,24 @@ impl NullKernel {
     /// initial frame sets): the hypervisor reads its EPT registry.
     pub fn set_guest_memory(&mut self, reader: fn(VmId) -> Option<(u64, u64)>) {
         self.shared.guest_memory = reader;
+    }
+
+    /// Lends the AMs host memory to read and write (the NVRAM AM's region copies, in
+    /// frames it allocated); until it is set, such AMs refuse to load regions.
+    pub fn set_host_memory(&mut self, host: &'static dyn HostMemory) {
+        self.shared.host = Some(host);
+    }
+
+    /// Lends the AMs the durable device chosen at boot (the NVRAM AM's); until it is set,
+    /// NVRAM operations fail with `NOT_PERMITTED`.
+    pub fn set_media(&mut self, media: &'static dyn MediaSource) {
+        self.shared.media = Some(media);
+    }
+
+    /// Lends the AMs synchronous dirty-flag reads; until it is set, every page of a
+    /// region counts as dirty at commit (the diff still writes only changed blocks).
+    pub fn set_dirty_source(&mut self, dirty: &'static dyn DirtySource) {
+        self.shared.dirty = Some(dirty);
     }
 
     /// Lets every ring of `vm`, not only ring 0, call `INITIAL` and `RECEIVED` (the

@@ -34,7 +34,6 @@ static DEVICE: Mutex<Option<EmulatedNvram<ata::AtaDisk, Mirror>>> = Mutex::new(N
 /// `nvram-crash-after=`: the write after which the power is cut (0: never).
 static CRASH_AFTER: AtomicU64 = AtomicU64::new(0);
 
-#[cfg_attr(not(feature = "test-harness"), allow(dead_code))] // the NVRAM AM's wiring calls it
 /// Lends the durable device to `f`; returns `None` when the machine has none. The device
 /// is locked for the call: `f` must not call `with_media` again.
 pub fn with_media<R>(f: impl FnOnce(&mut dyn Media) -> R) -> Option<R> {
