@@ -1,12 +1,14 @@
 //! Parses a guest module's command line:
 //! `<name> [mem=<size>] [cpu=<index>] [ports=<first>[-<last>]] [msrs=<msr>,...] [unsafe-ports]
-//! [ring3-caps] [modules=<name>,...] [input=<name>] [manages=<name>,...] [data] [-- <args>]`.
+//! [ring3-caps] [modules=<name>,...] [input=<name>] [manages=<name>,...] [data] [gdb] [-- <args>]`.
 //!
 //! `data` marks a module that is not a guest but data another guest's `modules=` names (a
 //! Linux initramfs, a Multiboot kernel's modules); for a Linux guest the words after `--`
 //! are the kernel command line. `input=` names a data module whose bytes a guest OS reads
 //! from its serial port, as if typed. `manages=` names other guests this one starts with a
-//! capability to (the guest-OS AM's `vm` objects: inspect, stop, start, destroy).
+//! capability to (the guest-OS AM's `vm` objects: inspect, stop, start, destroy). `gdb`
+//! makes the guest the one the hypervisor's debugger stub serves on COM2 (docs/gdb.md): it
+//! waits, stopped before its first instruction, for gdb to attach.
 //!
 //! Options are described by one table ([`MODULE_OPTIONS`]): adding an option is one entry
 //! there, one field in [`ModuleSpec`] and the function that sets it. Unlike the hypervisor
@@ -15,8 +17,8 @@
 //! with other resources than its author wrote would be worse than no guest.
 //!
 //! `ports=` may not name an I/O port the hypervisor or the platform's integrity depends on
-//! ([`RESERVED_PORTS`]: the PCI configuration ports, reset ports, PICs, PIT, COM1, the
-//! debug console, the power-off ports) unless the module also says `unsafe-ports`.
+//! ([`RESERVED_PORTS`]: the PCI configuration ports, reset ports, PICs, PIT, COM1, COM2 (the
+//! guest debugger's), the debug console, the power-off ports) unless the module also says `unsafe-ports`.
 
 use core::fmt;
 
@@ -53,7 +55,7 @@ pub struct ReservedPorts {
 }
 
 /// Ports the hypervisor uses or that reach the whole machine. Sorted by `first`.
-pub static RESERVED_PORTS: [ReservedPorts; 13] = [
+pub static RESERVED_PORTS: [ReservedPorts; 14] = [
     ReservedPorts {
         first: 0x20,
         last: 0x21,
@@ -74,6 +76,11 @@ pub static RESERVED_PORTS: [ReservedPorts; 13] = [
         why: "debug console: the hypervisor's log (guests print through an exit)",
     },
     ReservedPorts { first: 0xF4, last: 0xF4, why: "QEMU debug-exit port: ends the whole run" },
+    ReservedPorts {
+        first: 0x2F8,
+        last: 0x2FF,
+        why: "COM2: the hypervisor's guest debugger (a module's `gdb` option)",
+    },
     ReservedPorts { first: 0x3F8, last: 0x3FF, why: "COM1: the hypervisor's console" },
     ReservedPorts {
         first: 0x600,
@@ -130,6 +137,8 @@ pub struct ModuleSpec<'a> {
     /// The guests this one manages (`manages=`), by name: it starts with a capability
     /// to each (the guest-OS AM).
     pub manages: FixedList<&'a str, MAX_MANAGED>,
+    /// `gdb`: the guest is debugged over COM2 (the first module that says it, if several).
+    pub gdb: bool,
     /// The words after `--`, handed to the guest.
     pub args: &'a str,
 }
@@ -249,7 +258,7 @@ impl PartialEq for ModuleOption {
 impl Eq for ModuleOption {}
 
 /// The options a module line knows, in the order the known-options list shows them.
-pub static MODULE_OPTIONS: [ModuleOption; 10] = [
+pub static MODULE_OPTIONS: [ModuleOption; 11] = [
     ModuleOption {
         name: "mem",
         syntax: "mem=<size>",
@@ -273,7 +282,7 @@ pub static MODULE_OPTIONS: [ModuleOption; 10] = [
         syntax: "ports=<first>[-<last>]",
         noun: "value",
         expected: "write a port or a range (hexadecimal with 0x, or decimal)",
-        example: "ports=0x80 or ports=0x2f8-0x2ff",
+        example: "ports=0x80 or ports=0x2e8-0x2ef",
         takes_value: true,
         apply: apply_ports,
     },
@@ -352,6 +361,18 @@ pub static MODULE_OPTIONS: [ModuleOption; 10] = [
         takes_value: false,
         apply: |spec, _| {
             spec.data = true;
+            Ok(())
+        },
+    },
+    ModuleOption {
+        name: "gdb",
+        syntax: "gdb",
+        noun: "value",
+        expected: "a flag",
+        example: "gdb",
+        takes_value: false,
+        apply: |spec, _| {
+            spec.gdb = true;
             Ok(())
         },
     },
@@ -484,6 +505,7 @@ pub fn parse(cmdline: &str) -> Result<ModuleSpec<'_>, ModuleError<'_>> {
         msrs: FixedList::new(),
         unsafe_ports: false,
         ring3_caps: false,
+        gdb: false,
         modules: FixedList::new(),
         data: false,
         input: None,
