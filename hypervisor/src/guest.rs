@@ -150,6 +150,8 @@ pub struct Guest {
     reply: Option<Reply>,
     /// The virtual PC of a guest OS (None: a bare-metal guest).
     os: Option<alloc::boxed::Box<crate::osvm::OsVm>>,
+    /// Served by the guest debugger (`gdb` on its module line; gdb.rs).
+    debugged: bool,
 }
 
 impl fmt::Debug for Guest {
@@ -195,6 +197,7 @@ impl Guest {
             io,
             reply: None,
             os: None,
+            debugged: false,
         };
         // SAFETY: the frames were just allocated for this guest and are identity-mapped.
         unsafe { core::ptr::write_bytes(memory.as_u64() as *mut u8, 0, memory_size as usize) };
@@ -248,8 +251,28 @@ impl Guest {
                 .map_err(GuestError::Ept)?;
             os.set_ram(memory.as_u64(), memory_size);
         }
+        if spec.gdb {
+            guest.debugged = guest.os.is_none() && guest.attach_debugger(&mut vcpu)?;
+        }
         guest.vcpu = Some(vcpu);
         Ok(guest)
+    }
+
+    /// Hands the guest to the debugger (gdb.rs); a guest OS is not debugged (yet).
+    #[cold]
+    fn attach_debugger(&self, vcpu: &mut Vcpu) -> Result<bool, GuestError> {
+        crate::gdb::attach(self.vm, &self.label, vcpu, (self.memory.as_u64(), self.memory_size))
+            .map_err(GuestError::Vcpu)
+    }
+
+    /// Returns whether the guest debugger serves this guest.
+    pub fn is_debugged(&self) -> bool {
+        self.debugged
+    }
+
+    /// Returns the vCPU, for the guest debugger between slices (gdb.rs).
+    pub fn debug_vcpu(&mut self) -> Option<&mut Vcpu> {
+        self.vcpu.as_mut()
     }
 
     /// Returns the guest's VM id.
@@ -528,6 +551,13 @@ impl Guest {
                 // An NMI that arrived while the guest ran is the platform's: the
                 // hypervisor takes it and the guest goes on, with any event it cut short.
                 if !vcpu.absorb_nmi_exit()? {
+                    if self.debugged {
+                        match crate::gdb::exception(vm, vcpu)? {
+                            crate::gdb::Trapped::Stop => return Ok(Flow::Yield),
+                            crate::gdb::Trapped::Reflected => return Ok(Flow::Continue),
+                            crate::gdb::Trapped::Other => {}
+                        }
+                    }
                     let info = vcpu.exit_interruption_info()?;
                     self.flush_console();
                     return stop(alloc::format!("unexpected exception exit (interruption information {info:#x})"));
@@ -697,6 +727,8 @@ pub struct GuestSpec {
     pub input: Option<&'static [u8]>,
     /// The guests this VM starts with a `vm` capability to (`manages=`; the guest-OS AM).
     pub manages: Vec<String>,
+    /// Debugged over COM2 (`gdb`; gdb.rs).
+    pub gdb: bool,
 }
 
 // The parser's list of assignable MSRs is the one the exo effects are checked against.
@@ -735,6 +767,7 @@ impl GuestSpec {
             input_name: spec.input.map(String::from),
             input: None,
             manages: spec.manages.as_slice().iter().map(|n| String::from(*n)).collect(),
+            gdb: spec.gdb,
         })
     }
 }

@@ -130,6 +130,8 @@ fn guest_bench(
         timeout: Duration::from_secs(240),
         dir: workspace.runs().join(name),
         ips: emulator::DEFAULT_IPS,
+        gdb_port: None,
+        gdb_client: None,
     };
     println!("xtask: bench: booting {}", emulator::describe(&spec));
     let result = emulator::run(&spec, |_| {})?;

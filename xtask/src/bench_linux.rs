@@ -103,6 +103,8 @@ pub fn bench_linux(workspace: &Workspace) -> Result<()> {
         timeout: Duration::from_secs(900),
         dir: workspace.runs().join(name),
         ips: linux::IPS,
+        gdb_port: None,
+        gdb_client: None,
     };
     println!("xtask: bench: Linux under the hypervisor ...");
     let hv = emulator::run(&spec("bench-linux-hypervisor", iso), |_| {})?;

@@ -160,6 +160,14 @@ pub struct RunArgs {
     /// repeatable; beside the default guests, or instead of them with --no-guests.
     #[arg(long, value_name = "PATH[:MODULE-LINE]", value_parser = crate::guest_arg::parse)]
     pub guest: Vec<crate::guest_arg::GuestArg>,
+    /// Debugs the guest named VM (its module name, e.g. checks) with gdb over COM2: the
+    /// emulator waits for gdb on localhost:PORT (--gdb-port) before it boots, and the
+    /// guest starts stopped (docs/gdb.md).
+    #[arg(long, value_name = "VM")]
+    pub gdb: Option<String>,
+    /// The local TCP port of --gdb's COM2.
+    #[arg(long, value_name = "PORT", default_value_t = crate::gdb::DEFAULT_PORT)]
+    pub gdb_port: u16,
 }
 
 #[derive(Debug, Args)]

@@ -71,6 +71,13 @@ pub struct Scenario {
     /// The log must end with `nk: shutdown` (set false for runs meant to die otherwise).
     #[serde(default = "default_true")]
     pub shutdown: bool,
+    /// A gdb command file (relative to the workspace root) run in batch mode against the
+    /// guest whose module line says `gdb`, over COM2 (docs/gdb.md).
+    #[serde(default)]
+    pub gdb: Option<PathBuf>,
+    /// Substrings that must each appear in gdb's output.
+    #[serde(default)]
+    pub gdb_expect: Vec<String>,
 }
 
 /// A Multiboot2 module: a bare-metal package of the workspace, built for the same target,
@@ -161,6 +168,16 @@ impl Scenario {
         }
         if self.nktest && self.image != ImageKind::Test {
             problems.push("nktest = true needs image = \"test\" (the normal image has no test cases)".into());
+        }
+        let debugged = self.modules.iter().filter(|m| m.cmdline.as_deref().is_some_and(crate::gdb::has_flag)).count();
+        if self.gdb.is_some() && (debugged != 1 || self.modules.iter().any(|m| m.package.is_none())) {
+            problems.push(
+                "gdb: exactly one module (a package) says gdb on its module line, e.g. \"g cpu=0 gdb -- debuggee\""
+                    .into(),
+            );
+        }
+        if self.gdb.is_none() && !self.gdb_expect.is_empty() {
+            problems.push("gdb_expect needs gdb = \"<script>\"".into());
         }
         for module in &self.modules {
             if module.package.is_some() == module.file.is_some() {

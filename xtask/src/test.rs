@@ -72,6 +72,8 @@ struct Job {
     index: usize,
     scenario: Scenario,
     iso: Result<PathBuf, String>,
+    /// The scripted gdb session of a scenario with `gdb`.
+    gdb: Option<crate::gdb::Client>,
 }
 
 enum Event {
@@ -157,12 +159,17 @@ fn worker(queue: &Mutex<VecDeque<Job>>, events: &mpsc::Sender<Event>, runs: &std
         };
         let Some(job) = job else { return };
         let _ = events.send(Event::Started(job.index));
-        let outcome = run_one(job.scenario, job.iso, runs);
+        let outcome = run_one(job.scenario, job.iso, job.gdb, runs);
         let _ = events.send(Event::Finished(Box::new(outcome), job.index));
     }
 }
 
-fn run_one(scenario: Scenario, iso: Result<PathBuf, String>, runs: &std::path::Path) -> ScenarioOutcome {
+fn run_one(
+    scenario: Scenario,
+    iso: Result<PathBuf, String>,
+    gdb: Option<crate::gdb::Client>,
+    runs: &std::path::Path,
+) -> ScenarioOutcome {
     let iso = match iso {
         Ok(iso) => iso,
         Err(why) => {
@@ -180,6 +187,17 @@ fn run_one(scenario: Scenario, iso: Result<PathBuf, String>, runs: &std::path::P
         timeout: Duration::from_secs(scenario.timeout),
         dir: runs.join(&scenario.name),
         ips: scenario.ips.unwrap_or(crate::emulator::DEFAULT_IPS),
+        gdb_port: match gdb {
+            Some(_) => match crate::gdb::free_port() {
+                Ok(port) => Some(port),
+                Err(err) => {
+                    let verdict = Verdict { problems: vec![format!("{err:#}")], cases: Vec::new() };
+                    return ScenarioOutcome { scenario, run: None, verdict };
+                }
+            },
+            None => None,
+        },
+        gdb_client: gdb,
     };
     println!(
         "xtask: test: start {} ({}, cmdline \"{}\", timeout {} s)",
@@ -190,7 +208,8 @@ fn run_one(scenario: Scenario, iso: Result<PathBuf, String>, runs: &std::path::P
     );
     match emulator::run(&spec, |_| {}) {
         Ok(run) => {
-            let verdict = checks::judge(&scenario, &run);
+            let mut verdict = checks::judge(&scenario, &run);
+            verdict.problems.extend(crate::gdb::judge(&scenario.gdb_expect, run.gdb_output.as_deref()));
             ScenarioOutcome { scenario, run: Some(run), verdict }
         }
         Err(err) => {
@@ -216,15 +235,19 @@ fn prepare_images(workspace: &Workspace, scenarios: Vec<Scenario>) -> VecDeque<J
                     .map_err(|err| format!("the {} image did not build: {err:#}", kind.name()))
             })
             .clone();
+        let mut gdb = None;
         let iso = elf.and_then(|elf| {
             let modules = resolve_modules(workspace, &scenario.modules, &mut packages)?;
+            if let Some(script) = &scenario.gdb {
+                gdb = Some(crate::gdb::client(workspace.root(), script, &modules)?);
+            }
             image::make_iso(workspace, &elf, &scenario.cmdline, &modules)
                 .map_err(|err| format!("the ISO was not made: {err:#}"))
         });
         if let Err(why) = &iso {
             println!("xtask: test: {}: {why}", scenario.name);
         }
-        jobs.push_back(Job { index, scenario, iso });
+        jobs.push_back(Job { index, scenario, iso, gdb });
     }
     jobs
 }

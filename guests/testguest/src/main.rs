@@ -549,6 +549,7 @@ mod attacks_caps;
 mod attacks_vcpu;
 mod control;
 mod cpuid_controls;
+mod debuggee;
 mod exo_memory;
 mod fuzz;
 mod protocol;
@@ -612,6 +613,7 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
             protocol::storm(next, rounds, guests, &peers[..count]);
         }
         Some("hold") => protocol::hold(),
+        Some("debuggee") => debuggee::run(),
         Some("control") => control::run(words.next()),
         Some("fuzz") => {
             let seed = words.next().and_then(|n| n.parse().ok()).unwrap_or(1);
@@ -635,7 +637,7 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
             }
         }
         Some(other) => println!(
-            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..], xcr0 ROUNDS, xmmleak SEED ROUNDS, tpr PEER ROUNDS, leakprobe SEED ROUNDS, openloop, ring3caps, flood VICTIM, victim ATTACKER, exomem, exolend [free] [bench] BORROWERS.., exoborrow, exobench, control [orphan|busy|linux])"
+            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..], xcr0 ROUNDS, xmmleak SEED ROUNDS, tpr PEER ROUNDS, leakprobe SEED ROUNDS, openloop, ring3caps, flood VICTIM, victim ATTACKER, exomem, exolend [free] [bench] BORROWERS.., exoborrow, exobench, control [orphan|busy|linux], debuggee)"
         ),
     }
     println!("GTEST done");
