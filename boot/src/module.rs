@@ -76,11 +76,7 @@ pub static RESERVED_PORTS: [ReservedPorts; 14] = [
         why: "debug console: the hypervisor's log (guests print through an exit)",
     },
     ReservedPorts { first: 0xF4, last: 0xF4, why: "QEMU debug-exit port: ends the whole run" },
-    ReservedPorts {
-        first: 0x2F8,
-        last: 0x2FF,
-        why: "COM2: the hypervisor's guest debugger (a module's `gdb` option)",
-    },
+    ReservedPorts { first: 0x2F8, last: 0x2FF, why: "COM2: the hypervisor's guest debugger (a module's `gdb` option)" },
     ReservedPorts { first: 0x3F8, last: 0x3FF, why: "COM1: the hypervisor's console" },
     ReservedPorts {
         first: 0x600,
