@@ -333,11 +333,12 @@ fn restore(vcpu: &mut Vcpu, s: &Snapshot) -> Result<(), VcpuError> {
     Ok(())
 }
 
-/// Tells gdb that `vm` ended (a `W` reply) and lets go of it, before its memory is freed.
-pub fn ended(vm: VmId) {
+/// Tells gdb that `vm` ended (a `W` reply: status 0 if it halted, 1 if the hypervisor
+/// stopped or destroyed it) and lets go of it, before its memory is freed.
+pub fn ended(vm: VmId, clean: bool) {
     let mut guard = DEBUGGER.lock();
     if let Some(debugger) = guard.as_mut().filter(|d| d.vm == vm) {
-        debugger.session.exited(0);
+        debugger.session.exited(u8::from(!clean));
         log::info!(target: "gdb", "{}: ended; the debugger let go of it", debugger.label);
         *guard = None;
     }

@@ -252,7 +252,7 @@ impl Guest {
             os.set_ram(memory.as_u64(), memory_size);
         }
         if spec.gdb {
-            guest.debugged = guest.os.is_none() && guest.attach_debugger(&mut vcpu)?;
+            guest.debugged = guest.attach_debugger(&mut vcpu)?;
         }
         guest.vcpu = Some(vcpu);
         Ok(guest)
@@ -261,6 +261,10 @@ impl Guest {
     /// Hands the guest to the debugger (gdb.rs); a guest OS is not debugged (yet).
     #[cold]
     fn attach_debugger(&self, vcpu: &mut Vcpu) -> Result<bool, GuestError> {
+        if self.os.is_some() {
+            log::warn!(target: "gdb", "{}: not debugged: only bare-metal ELF guests can be (a guest OS's exits take another path)", self.label);
+            return Ok(false);
+        }
         crate::gdb::attach(self.vm, &self.label, vcpu, (self.memory.as_u64(), self.memory_size))
             .map_err(GuestError::Vcpu)
     }

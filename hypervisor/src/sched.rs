@@ -227,7 +227,7 @@ fn run_queue(cpu: usize) {
                 let Running { guest, destroyed, .. } = guests.swap_remove(index);
                 let vm = guest.vm();
                 if guest.is_debugged() {
-                    crate::gdb::ended(vm);
+                    crate::gdb::ended(vm, false);
                 }
                 log::warn!(target: "guest", "vm{}/{}: {}, after {} exits",
                     vm.raw(), guest.name(), destroyed.unwrap_or_default(), guest.exits());
@@ -256,7 +256,7 @@ fn run_queue(cpu: usize) {
                 Slice::Ended(end) => {
                     let guest = guests.swap_remove(index).guest;
                     if guest.is_debugged() {
-                        crate::gdb::ended(guest.vm());
+                        crate::gdb::ended(guest.vm(), end.is_clean());
                     }
                     let (vm, name, exits) = (guest.vm(), guest.name(), guest.exits());
                     match &end {

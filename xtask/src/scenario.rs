@@ -170,9 +170,9 @@ impl Scenario {
             problems.push("nktest = true needs image = \"test\" (the normal image has no test cases)".into());
         }
         let debugged = self.modules.iter().filter(|m| m.cmdline.as_deref().is_some_and(crate::gdb::has_flag)).count();
-        if self.gdb.is_some() && (debugged != 1 || self.modules.iter().any(|m| m.package.is_none())) {
+        if self.gdb.is_some() && (debugged == 0 || self.modules.iter().any(|m| m.package.is_none())) {
             problems.push(
-                "gdb: exactly one module (a package) says gdb on its module line, e.g. \"g cpu=0 gdb -- debuggee\""
+                "gdb: a module (a package; the first if several) says gdb on its module line, e.g. \"g cpu=0 gdb -- debuggee\""
                     .into(),
             );
         }
