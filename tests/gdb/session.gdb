@@ -15,8 +15,13 @@ echo GDB: stepped\n
 print $rax
 info registers rip
 x/7c &NK_GDB_MARK
+delete
+# Ctrl-C: a timer sends gdb SIGINT while the guest waits for NK_GDB_WORD; gdb sends the
+# remote 0x03 and the guest stops wherever it is.
+python import os, signal, threading; threading.Timer(2.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+continue
+echo GDB: interrupted\n
 set {unsigned long}&NK_GDB_WORD = 0x1234
 x/1gx &NK_GDB_WORD
-delete
 detach
 echo GDB: detached\n
