@@ -165,6 +165,16 @@ mod tests {
     }
 
     #[test]
+    fn missing_output_is_named() {
+        let expected = vec!["GDB: connected".to_string(), "GDB: detached".to_string()];
+        assert_eq!(judge(&expected, None), ["gdb did not run"]);
+        let problems = judge(&expected, Some("GDB: connected\n"));
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].contains("`GDB: detached`"), "{problems:?}");
+        assert!(judge(&[], None).is_empty());
+    }
+
+    #[test]
     fn a_listening_port_is_seen() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
