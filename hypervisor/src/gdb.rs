@@ -64,8 +64,14 @@ impl GdbConnection for Com2 {
 }
 
 /// Sets COM2 up: 115200 baud 8N1, no FIFO (Bochs then takes a byte from its socket only
-/// once the last was read, so none is lost), no interrupts.
-fn init_uart() {
+/// once the last was read, so none is lost), no interrupts. Returns false if no UART
+/// answers (its scratch register does not keep a value; an absent port reads 0xFF, which
+/// would look like an endless stream of bytes).
+fn init_uart() -> bool {
+    outb(COM2 + 7, 0x5A);
+    if inb(COM2 + 7) != 0x5A {
+        return false;
+    }
     outb(COM2 + 1, 0x00);
     outb(COM2 + 3, 0x80);
     outb(COM2, 0x01);
@@ -73,6 +79,7 @@ fn init_uart() {
     outb(COM2 + 3, 0x03);
     outb(COM2 + 2, 0x00);
     outb(COM2 + 4, 0x03);
+    true
 }
 
 /// The debugged guest's memory: the frames its EPT maps (guest-physical 0 up to its size),
@@ -128,11 +135,14 @@ pub fn attach(vm: VmId, label: &str, vcpu: &mut Vcpu, memory: (u64, u64)) -> Res
         log::warn!(target: "gdb", "{label}: not debugged: {} already is (one guest at a time)", other.label);
         return Ok(false);
     }
+    if !init_uart() {
+        log::warn!(target: "gdb", "{label}: not debugged: no UART at COM2 (Bochs: com2 as a socket, see docs/gdb.md)");
+        return Ok(false);
+    }
     vcpu.activate()?;
     let bitmap = vmcs::read(F::EXCEPTION_BITMAP)?;
     // SAFETY: intercepting more exceptions only adds VM exits the handler expects.
     unsafe { vmcs::write(F::EXCEPTION_BITMAP, bitmap | EXCEPTION_BITS)? };
-    init_uart();
     let snapshot = snapshot(vcpu)?;
     let ram = GuestRam { base: memory.0, size: memory.1 };
     *debugger = Some(Debugger {
@@ -164,6 +174,8 @@ pub fn exception(vm: VmId, vcpu: &mut Vcpu) -> Result<Trapped, VcpuError> {
     let info = vcpu.exit_interruption_info()?;
     match info & 0xFF {
         BP_VECTOR => {
+            // A step that ran into an INT3 ends here too.
+            end_step(debugger)?;
             let rip = vcpu.rip()?;
             if debugger.session.is_breakpoint(rip) && debugger.session.state() == State::Running {
                 debugger.stop = Some(StopReason::Breakpoint);
@@ -179,22 +191,29 @@ pub fn exception(vm: VmId, vcpu: &mut Vcpu) -> Result<Trapped, VcpuError> {
             }
             Ok(Trapped::Stop)
         }
-        DB_VECTOR => match debugger.stepping.take() {
-            Some(own_tf) => {
-                let rflags = vmcs::read(F::GUEST_RFLAGS)?;
-                let rflags = if own_tf { rflags | RFLAGS_TF } else { rflags & !RFLAGS_TF };
-                // SAFETY: only TF changes, back to the guest's own value.
-                unsafe { vmcs::write(F::GUEST_RFLAGS, rflags)? };
+        DB_VECTOR => match end_step(debugger)? {
+            true => {
                 debugger.stop = Some(StopReason::Step);
                 Ok(Trapped::Stop)
             }
-            None => {
+            false => {
                 vcpu.inject_exception(DB_VECTOR as u8, None)?;
                 Ok(Trapped::Reflected)
             }
         },
         _ => Ok(Trapped::Other),
     }
+}
+
+/// Ends a step, if one runs: RFLAGS.TF goes back to the guest's own value (the VMCS
+/// current). Returns whether a step ran.
+fn end_step(debugger: &mut Debugger) -> Result<bool, VcpuError> {
+    let Some(own_tf) = debugger.stepping.take() else { return Ok(false) };
+    let rflags = vmcs::read(F::GUEST_RFLAGS)?;
+    let rflags = if own_tf { rflags | RFLAGS_TF } else { rflags & !RFLAGS_TF };
+    // SAFETY: only TF changes, back to the guest's own value.
+    unsafe { vmcs::write(F::GUEST_RFLAGS, rflags)? };
+    Ok(true)
 }
 
 /// Polls the debugger for `guest` before its slice; returns whether it may run.
@@ -250,10 +269,13 @@ fn act(debugger: &mut Debugger, vcpu: &mut Vcpu, mut event: Event) -> Result<(),
                 return Ok(());
             }
             Event::Interrupt => {
-                // The guest is between slices: it stops where it is.
+                // The guest is between slices: it stops where it is (a step it was in
+                // ends).
+                end_step(debugger)?;
                 debugger.session.stopped(snapshot(vcpu)?, StopReason::Interrupted)
             }
             Event::Detached => {
+                end_step(debugger)?;
                 if let Some(why) = debugger.session.take_error() {
                     log::warn!(target: "gdb", "{}: gdb session ended: {why}; the guest runs on", debugger.label);
                 } else {

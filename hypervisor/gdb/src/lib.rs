@@ -428,6 +428,9 @@ impl<M: GuestMemory, C: Connection + Clone> Session<M, C> {
         self.target.changed = false;
         match self.state {
             State::Stopped => Event::None,
+            // A stop nobody asked for (a step that ran when the session broke): the
+            // guest stays free.
+            State::Detached if self.pending.is_none() => Event::None,
             State::Detached => {
                 self.machine = self.fresh_machine();
                 if self.machine.is_none() {
@@ -435,10 +438,8 @@ impl<M: GuestMemory, C: Connection + Clone> Session<M, C> {
                     return self.broken("no state machine");
                 }
                 self.state = State::Stopped;
-                match self.pending.take() {
-                    Some(byte) => self.receive(byte),
-                    None => Event::None,
-                }
+                let byte = self.pending.take().unwrap_or(b'+');
+                self.receive(byte)
             }
             State::Running => {
                 self.state = State::Stopped;

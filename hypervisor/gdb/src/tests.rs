@@ -159,6 +159,18 @@ fn registers_memory_breakpoints_step_and_continue() {
 }
 
 #[test]
+fn a_stop_after_a_broken_session_leaves_the_guest_free() {
+    let (mut s, wire) = start();
+    let (event, _) = send(&mut s, &wire, "vCont;s");
+    assert_eq!(event, Event::Resume(Resume::Step));
+    // A packet with a bad body while it runs: gdbstub gives up, the guest runs free.
+    s.detach();
+    assert_eq!(s.state(), State::Detached);
+    assert_eq!(s.stopped(s.snapshot().clone(), StopReason::Step), Event::None);
+    assert_eq!(s.state(), State::Detached, "nobody asked for that stop");
+}
+
+#[test]
 fn an_exit_ends_the_session() {
     let (mut s, wire) = start();
     send(&mut s, &wire, "c");
