@@ -1,7 +1,7 @@
 //! Parses a guest module's command line:
 //! `<name> [mem=<size>] [cpu=<index>] [ports=<first>[-<last>]] [msrs=<msr>,...] [unsafe-ports]
 //! [ring3-caps] [modules=<name>,...] [input=<name>] [manages=<name>,...] [images=<name>,...]
-//! [frames=<size>] [data] [image] [nvram] [-- <args>]`.
+//! [frames=<size>] [data] [image] [nvram] [gdb] [-- <args>]`.
 //!
 //! `data` marks a module that is not a guest but data another guest's `modules=` names (a
 //! Linux initramfs, a Multiboot kernel's modules); for a Linux guest the words after `--`
@@ -13,6 +13,8 @@
 //! of the guest-OS AM, which guests whose `images=` names it may create VMs from at run
 //! time. `frames=` sets the VM's exo AM frame quota (how much memory it may allocate, e.g.
 //! to lend as a created VM's RAM).
+//! `gdb` makes the guest the one the hypervisor's debugger stub serves on COM2
+//! (docs/gdb.md): it waits, stopped before its first instruction, for gdb to attach.
 //!
 //! Options are described by one table ([`MODULE_OPTIONS`]): adding an option is one entry
 //! there, one field in [`ModuleSpec`] and the function that sets it. Unlike the hypervisor
@@ -21,8 +23,8 @@
 //! with other resources than its author wrote would be worse than no guest.
 //!
 //! `ports=` may not name an I/O port the hypervisor or the platform's integrity depends on
-//! ([`RESERVED_PORTS`]: the PCI configuration ports, reset ports, PICs, PIT, COM1, the
-//! debug console, the power-off ports) unless the module also says `unsafe-ports`.
+//! ([`RESERVED_PORTS`]: the PCI configuration ports, reset ports, PICs, PIT, COM1, COM2 (the
+//! guest debugger's), the debug console, the power-off ports) unless the module also says `unsafe-ports`.
 
 use core::fmt;
 
@@ -59,7 +61,7 @@ pub struct ReservedPorts {
 }
 
 /// Ports the hypervisor uses or that reach the whole machine. Sorted by `first`.
-pub static RESERVED_PORTS: [ReservedPorts; 17] = [
+pub static RESERVED_PORTS: [ReservedPorts; 18] = [
     ReservedPorts {
         first: 0x20,
         last: 0x21,
@@ -90,6 +92,7 @@ pub static RESERVED_PORTS: [ReservedPorts; 17] = [
         last: 0x1F7,
         why: "primary ATA channel: the hypervisor's NVRAM disk may be there (a guest could overwrite it)",
     },
+    ReservedPorts { first: 0x2F8, last: 0x2FF, why: "COM2: the hypervisor's guest debugger (a module's `gdb` option)" },
     ReservedPorts {
         first: 0x376,
         last: 0x376,
@@ -167,6 +170,8 @@ pub struct ModuleSpec<'a> {
     /// The images this guest may create VMs from (`images=`), by name: it starts with a
     /// capability to each (the guest-OS AM's `image` objects).
     pub images: FixedList<&'a str, MAX_MANAGED>,
+    /// `gdb`: the guest is debugged over COM2 (the first module that says it, if several).
+    pub gdb: bool,
     /// The words after `--`, handed to the guest.
     pub args: &'a str,
 }
@@ -291,7 +296,7 @@ impl PartialEq for ModuleOption {
 impl Eq for ModuleOption {}
 
 /// The options a module line knows, in the order the known-options list shows them.
-pub static MODULE_OPTIONS: [ModuleOption; 14] = [
+pub static MODULE_OPTIONS: [ModuleOption; 15] = [
     ModuleOption {
         name: "mem",
         syntax: "mem=<size>",
@@ -315,7 +320,7 @@ pub static MODULE_OPTIONS: [ModuleOption; 14] = [
         syntax: "ports=<first>[-<last>]",
         noun: "value",
         expected: "write a port or a range (hexadecimal with 0x, or decimal)",
-        example: "ports=0x80 or ports=0x2f8-0x2ff",
+        example: "ports=0x80 or ports=0x2e8-0x2ef",
         takes_value: true,
         apply: apply_ports,
     },
@@ -436,6 +441,18 @@ pub static MODULE_OPTIONS: [ModuleOption; 14] = [
         takes_value: false,
         apply: |spec, _| {
             spec.nvram = true;
+            Ok(())
+        },
+    },
+    ModuleOption {
+        name: "gdb",
+        syntax: "gdb",
+        noun: "value",
+        expected: "a flag",
+        example: "gdb",
+        takes_value: false,
+        apply: |spec, _| {
+            spec.gdb = true;
             Ok(())
         },
     },
@@ -588,6 +605,7 @@ pub fn parse(cmdline: &str) -> Result<ModuleSpec<'_>, ModuleError<'_>> {
         msrs: FixedList::new(),
         unsafe_ports: false,
         ring3_caps: false,
+        gdb: false,
         modules: FixedList::new(),
         data: false,
         nvram: false,

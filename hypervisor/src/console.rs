@@ -121,7 +121,12 @@ static LOGGER: ConsoleLogger = ConsoleLogger;
 
 impl Log for ConsoleLogger {
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-        level_enabled(metadata.level())
+        // gdbstub reports each packet it does not know at info level (gdb probes many):
+        // shown from log=debug on.
+        match metadata.target().starts_with("gdbstub") {
+            true => level_enabled(metadata.level().max(Level::Debug)),
+            false => level_enabled(metadata.level()),
+        }
     }
 
     fn log(&self, record: &Record<'_>) {

@@ -153,6 +153,8 @@ pub struct Guest {
     /// The memory is the hypervisor's, freed with the guest (false: frames the exo AM lent
     /// a VM created at run time; they go back when the exo AM frees them).
     owns_memory: bool,
+    /// Served by the guest debugger (`gdb` on its module line; gdb.rs).
+    debugged: bool,
 }
 
 impl fmt::Debug for Guest {
@@ -199,6 +201,7 @@ impl Guest {
             reply: None,
             os: None,
             owns_memory: true,
+            debugged: false,
         };
         // SAFETY: the frames were just allocated for this guest and are identity-mapped.
         unsafe { core::ptr::write_bytes(memory.as_u64() as *mut u8, 0, memory_size as usize) };
@@ -249,6 +252,9 @@ impl Guest {
         let start =
             GuestStart { mode, eptp, cr3, rip, rsp, io_bitmaps: guest.io.address(), msr_bitmap: guest.io.msr_bitmap() };
         guest.attach_vcpu(&start, regs)?;
+        if spec.gdb {
+            guest.debugged = guest.attach_debugger()?;
+        }
         Ok(guest)
     }
 
@@ -292,6 +298,7 @@ impl Guest {
             reply: None,
             os: Some(alloc::boxed::Box::new(os)),
             owns_memory: false,
+            debugged: false,
         };
         let entry = GuestStart {
             mode: start.mode,
@@ -319,6 +326,28 @@ impl Guest {
         }
         self.vcpu = Some(vcpu);
         Ok(())
+    }
+
+    /// Hands the guest to the debugger (gdb.rs); a guest OS is not debugged (yet).
+    #[cold]
+    fn attach_debugger(&mut self) -> Result<bool, GuestError> {
+        if self.os.is_some() {
+            log::warn!(target: "gdb", "{}: not debugged: only bare-metal ELF guests can be (a guest OS's exits take another path)", self.label);
+            return Ok(false);
+        }
+        let Some(vcpu) = self.vcpu.as_mut() else { return Ok(false) };
+        crate::gdb::attach(self.vm, &self.label, vcpu, (self.memory.as_u64(), self.memory_size))
+            .map_err(GuestError::Vcpu)
+    }
+
+    /// Returns whether the guest debugger serves this guest.
+    pub fn is_debugged(&self) -> bool {
+        self.debugged
+    }
+
+    /// Returns the vCPU, for the guest debugger between slices (gdb.rs).
+    pub fn debug_vcpu(&mut self) -> Option<&mut Vcpu> {
+        self.vcpu.as_mut()
     }
 
     /// Returns the guest's VM id.
@@ -597,6 +626,13 @@ impl Guest {
                 // An NMI that arrived while the guest ran is the platform's: the
                 // hypervisor takes it and the guest goes on, with any event it cut short.
                 if !vcpu.absorb_nmi_exit()? {
+                    if self.debugged {
+                        match crate::gdb::exception(vm, vcpu)? {
+                            crate::gdb::Trapped::Stop => return Ok(Flow::Yield),
+                            crate::gdb::Trapped::Reflected => return Ok(Flow::Continue),
+                            crate::gdb::Trapped::Other => {}
+                        }
+                    }
                     let info = vcpu.exit_interruption_info()?;
                     self.flush_console();
                     return stop(alloc::format!("unexpected exception exit (interruption information {info:#x})"));
@@ -776,6 +812,8 @@ pub struct GuestSpec {
     pub images: Vec<String>,
     /// `nvram`: the VM starts with an NVRAM factory (the NVRAM AM).
     pub nvram: bool,
+    /// Debugged over COM2 (`gdb`; gdb.rs).
+    pub gdb: bool,
 }
 
 // The parser's list of assignable MSRs is the one the exo effects are checked against.
@@ -818,6 +856,7 @@ impl GuestSpec {
             image_module: spec.image,
             images: spec.images.as_slice().iter().map(|n| String::from(*n)).collect(),
             nvram: spec.nvram,
+            gdb: spec.gdb,
         })
     }
 }

@@ -19,6 +19,7 @@ mod arch;
 mod boot;
 mod console;
 mod exomem;
+mod gdb;
 mod guest;
 mod hostmap;
 mod ioports;

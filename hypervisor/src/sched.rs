@@ -297,6 +297,9 @@ fn run_queue(cpu: usize) {
             if guests[index].destroyed.is_some() {
                 let Running { guest, destroyed, .. } = guests.swap_remove(index);
                 let vm = guest.vm();
+                if guest.is_debugged() {
+                    crate::gdb::ended(vm, false);
+                }
                 log::warn!(target: "guest", "vm{}/{}: {}, after {} exits",
                     vm.raw(), guest.name(), destroyed.unwrap_or_default(), guest.exits());
                 drop(guest);
@@ -308,6 +311,11 @@ fn run_queue(cpu: usize) {
                 continue;
             }
             ran = true;
+            if guests[index].guest.is_debugged() && !crate::gdb::may_run(&mut guests[index].guest) {
+                // Stopped in the debugger: the CPU's other guests take its turn.
+                index += 1;
+                continue;
+            }
             let slice = guests[index].guest.run_slice(&mut sink, TIME_SLICE_TICKS, rate);
             crate::vmctl::set_exits(guests[index].guest.vm(), guests[index].guest.exits());
             match slice {
@@ -318,6 +326,9 @@ fn run_queue(cpu: usize) {
                 }
                 Slice::Ended(end) => {
                     let guest = guests.swap_remove(index).guest;
+                    if guest.is_debugged() {
+                        crate::gdb::ended(guest.vm(), end.is_clean());
+                    }
                     let (vm, name, exits) = (guest.vm(), guest.name(), guest.exits());
                     match &end {
                         GuestEnd::Halted => {

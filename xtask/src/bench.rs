@@ -185,6 +185,8 @@ fn guest_bench(
         dir: workspace.runs().join(name),
         ips: emulator::DEFAULT_IPS,
         disk: None,
+        gdb_port: None,
+        gdb_client: None,
     };
     println!("xtask: bench: booting {}", emulator::describe(&spec));
     let result = emulator::run(&spec, |_| {})?;

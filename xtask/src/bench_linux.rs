@@ -104,6 +104,8 @@ pub fn bench_linux(workspace: &Workspace) -> Result<()> {
         dir: workspace.runs().join(name),
         ips: linux::IPS,
         disk: None,
+        gdb_port: None,
+        gdb_client: None,
     };
     println!("xtask: bench: Linux under the hypervisor ...");
     let hv = emulator::run(&spec("bench-linux-hypervisor", iso), |_| {})?;

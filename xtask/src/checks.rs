@@ -361,6 +361,7 @@ mod tests {
             serial: serial.to_string(),
             serial_path: PathBuf::from("serial.txt"),
             emulator_notes: Vec::new(),
+            gdb_output: None,
         }
     }
 

@@ -171,6 +171,14 @@ pub struct RunArgs {
     /// Boots without an NVRAM disk (the hypervisor then has no durable device).
     #[arg(long)]
     pub no_nvram: bool,
+    /// Debugs the guest named VM (its module name, e.g. checks) with gdb over COM2: the
+    /// emulator waits for gdb on localhost:PORT (--gdb-port) before it boots, and the
+    /// guest starts stopped (docs/gdb.md).
+    #[arg(long, value_name = "VM")]
+    pub gdb: Option<String>,
+    /// The local TCP port of --gdb's COM2.
+    #[arg(long, value_name = "PORT", default_value_t = crate::gdb::DEFAULT_PORT)]
+    pub gdb_port: u16,
 }
 
 #[derive(Debug, Args)]

@@ -15,6 +15,7 @@ mod bench_linux;
 mod checks;
 mod cli;
 mod emulator;
+mod gdb;
 mod guest_arg;
 mod host;
 mod image;

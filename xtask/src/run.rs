@@ -61,6 +61,17 @@ pub fn run_command(workspace: &Workspace, args: &RunArgs) -> Result<ExitCode> {
         megs = megs.max(crate::linux::MIN_MEGS);
         ips = crate::linux::IPS;
     }
+    if let Some(vm) = &args.gdb {
+        let mut lines: Vec<&mut String> = modules.iter_mut().map(|m| &mut m.cmdline).collect();
+        crate::gdb::mark_module(&mut lines, vm).map_err(anyhow::Error::msg)?;
+        let module = modules.iter().find(|m| crate::gdb::has_flag(&m.cmdline)).expect("just marked");
+        println!(
+            "xtask: run: {vm} waits for gdb; the emulator starts once it connects:\n  \
+             gdb -ex 'target remote localhost:{}' {}",
+            args.gdb_port,
+            workspace.display(&module.path)
+        );
+    }
     let iso = image::make_iso(workspace, &elf, &args.cmdline, &modules)?;
     let disk = if args.no_nvram {
         None
@@ -82,6 +93,8 @@ pub fn run_command(workspace: &Workspace, args: &RunArgs) -> Result<ExitCode> {
         dir: workspace.runs().join(format!("run-{}", args.emu.name())),
         ips,
         disk,
+        gdb_port: args.gdb.as_ref().map(|_| args.gdb_port),
+        gdb_client: None,
     };
     println!(
         "xtask: run: booting in {} (timeout {} s); serial log {}",

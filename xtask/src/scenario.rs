@@ -97,6 +97,13 @@ pub struct Scenario {
     /// milliseconds after it started (a power cut at an arbitrary moment).
     #[serde(skip)]
     pub kill_at_ms: Option<u64>,
+    /// A gdb command file (relative to the workspace root) run in batch mode against the
+    /// guest whose module line says `gdb`, over COM2 (docs/gdb.md).
+    #[serde(default)]
+    pub gdb: Option<PathBuf>,
+    /// Substrings that must each appear in gdb's output.
+    #[serde(default)]
+    pub gdb_expect: Vec<String>,
 }
 
 /// One boot of a multi-boot scenario.
@@ -253,6 +260,16 @@ impl Scenario {
         }
         if self.nktest && self.image != ImageKind::Test {
             problems.push("nktest = true needs image = \"test\" (the normal image has no test cases)".into());
+        }
+        let debugged = self.modules.iter().filter(|m| m.cmdline.as_deref().is_some_and(crate::gdb::has_flag)).count();
+        if self.gdb.is_some() && (debugged == 0 || self.modules.iter().any(|m| m.package.is_none())) {
+            problems.push(
+                "gdb: a module (a package; the first if several) says gdb on its module line, e.g. \"g cpu=0 gdb -- debuggee\""
+                    .into(),
+            );
+        }
+        if self.gdb.is_none() && !self.gdb_expect.is_empty() {
+            problems.push("gdb_expect needs gdb = \"<script>\"".into());
         }
         for module in &self.modules {
             if module.package.is_some() == module.file.is_some() {

@@ -23,6 +23,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("xorriso", "the ISO writer grub-mkrescue uses"),
     ("mtools", "the FAT tools grub-mkrescue uses"),
     ("qemu-system-x86", "QEMU: fast boot smoke tests, nested VT-x with KVM on Intel hosts"),
+    ("gdb", "the debugger of `cargo xtask run --gdb VM` and of the gdb-session scenario"),
 ];
 
 /// The Rust target the hypervisor is built for.
@@ -93,7 +94,7 @@ fn missing_debian_packages() -> Result<Vec<String>> {
 /// Without dpkg (not Debian): checks for the programs and firmware files themselves, and
 /// fails with what to install if any is absent, since xtask cannot install them here.
 fn missing_without_dpkg() -> Result<Vec<String>> {
-    let programs = ["bochs", "grub-mkrescue", "xorriso", "mformat", "qemu-system-x86_64"];
+    let programs = ["bochs", "grub-mkrescue", "xorriso", "mformat", "qemu-system-x86_64", "gdb"];
     let files = ["/usr/share/bochs/BIOS-bochs-latest", "/usr/share/vgabios/vgabios.bin"];
     let mut absent: Vec<String> =
         programs.iter().filter(|program| tools::find_program(program).is_none()).map(|p| p.to_string()).collect();

@@ -72,6 +72,8 @@ struct Job {
     index: usize,
     scenario: Scenario,
     isos: Result<Vec<PathBuf>, String>,
+    /// The scripted gdb session of a scenario with `gdb` (its first boot).
+    gdb: Option<crate::gdb::Client>,
 }
 
 enum Event {
@@ -158,7 +160,7 @@ fn worker(queue: &Mutex<VecDeque<Job>>, events: &mpsc::Sender<Event>, runs: &std
         };
         let Some(job) = job else { return };
         let _ = events.send(Event::Started(job.index));
-        let outcome = run_one(job.scenario, job.isos, runs, disks);
+        let outcome = run_one(job.scenario, job.isos, job.gdb, runs, disks);
         let _ = events.send(Event::Finished(Box::new(outcome), job.index));
     }
 }
@@ -168,6 +170,7 @@ fn worker(queue: &Mutex<VecDeque<Job>>, events: &mpsc::Sender<Event>, runs: &std
 fn run_one(
     scenario: Scenario,
     isos: Result<Vec<PathBuf>, String>,
+    mut gdb: Option<crate::gdb::Client>,
     runs: &std::path::Path,
     disks: &std::path::Path,
 ) -> ScenarioOutcome {
@@ -201,6 +204,19 @@ fn run_one(
                 break;
             }
         }
+        // A scripted gdb session drives the first boot.
+        let gdb_client = gdb.take();
+        let gdb_port = match &gdb_client {
+            Some(_) => match crate::gdb::free_port() {
+                Ok(port) => Some(port),
+                Err(err) => {
+                    verdict.problems.push(prefix_boot(several, number, format!("{err:#}")));
+                    break;
+                }
+            },
+            None => None,
+        };
+        let judged_by_gdb = gdb_client.is_some();
         let spec = RunSpec {
             name: scenario.name.clone(),
             emulator: scenario.emulator,
@@ -216,6 +232,8 @@ fn run_one(
             },
             ips: scenario.ips.unwrap_or(crate::emulator::DEFAULT_IPS),
             disk: disk.clone(),
+            gdb_port,
+            gdb_client,
         };
         let ending = match boot.kill_at_ms {
             Some(ms) => format!("killed after {ms} ms (seed {})", scenario.seed),
@@ -231,7 +249,10 @@ fn run_one(
         let prefix = |text: String| if several { format!("boot {number}: {text}") } else { text };
         match emulator::run(&spec, |_| {}) {
             Ok(run) => {
-                let boot_verdict = checks::judge(boot, &run);
+                let mut boot_verdict = checks::judge(boot, &run);
+                if judged_by_gdb {
+                    boot_verdict.problems.extend(crate::gdb::judge(&scenario.gdb_expect, run.gdb_output.as_deref()));
+                }
                 verdict.problems.extend(boot_verdict.problems.into_iter().map(prefix));
                 verdict.cases.extend(boot_verdict.cases.into_iter().map(|mut case| {
                     if several {
@@ -249,6 +270,14 @@ fn run_one(
         }
     }
     ScenarioOutcome { scenario, run: last_run, verdict }
+}
+
+fn prefix_boot(several: bool, number: usize, text: String) -> String {
+    if several {
+        format!("boot {number}: {text}")
+    } else {
+        text
+    }
 }
 
 /// Builds each image kind the scenarios use once, then an ISO per scenario (cached, so
@@ -270,8 +299,12 @@ fn prepare_images(workspace: &Workspace, scenarios: Vec<Scenario>) -> VecDeque<J
                 built.map_err(|err| format!("the {} image did not build: {err:#}", kind.name()))
             })
             .clone();
+        let mut gdb = None;
         let isos = elf.and_then(|elf| {
             let modules = resolve_modules(workspace, &scenario.modules, &mut packages)?;
+            if let Some(script) = &scenario.gdb {
+                gdb = Some(crate::gdb::client(workspace.root(), script, &modules)?);
+            }
             scenario
                 .boots()
                 .iter()
@@ -284,7 +317,7 @@ fn prepare_images(workspace: &Workspace, scenarios: Vec<Scenario>) -> VecDeque<J
         if let Err(why) = &isos {
             println!("xtask: test: {}: {why}", scenario.name);
         }
-        jobs.push_back(Job { index, scenario, isos });
+        jobs.push_back(Job { index, scenario, isos, gdb });
     }
     jobs
 }

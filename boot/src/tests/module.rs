@@ -26,10 +26,10 @@ fn name_args_and_defaults() {
 
 #[test]
 fn every_option_is_applied() {
-    let spec = parse("w mem=8M cpu=3 ports=0x2f8-0x2ff msrs=0x174,0xc0000100 -- x").unwrap();
+    let spec = parse("w mem=8M cpu=3 ports=0x2e8-0x2ef msrs=0x174,0xc0000100 -- x").unwrap();
     assert_eq!(spec.memory, 8 << 20);
     assert_eq!(spec.cpu, Some(3));
-    assert_eq!(spec.ports, Some((0x2F8, 8)));
+    assert_eq!(spec.ports, Some((0x2E8, 8)));
     assert_eq!(spec.msrs.as_slice(), &[0x174, 0xC000_0100]);
     assert_eq!(parse("w mem=1G").unwrap().memory, 1 << 30);
     assert_eq!(parse("w mem=4096k").unwrap().memory, 4 << 20);
@@ -73,7 +73,7 @@ fn bad_values_name_the_option_and_an_example() {
         refusal("typo memory=8M"),
         "unknown module option 'memory=8M' (known: mem=<size>, cpu=<index>, ports=<first>[-<last>], \
          msrs=<msr>[,<msr>], unsafe-ports, ring3-caps, modules=<name>[,<name>], input=<name>, manages=<name>[,<name>], data, \
-         images=<name>[,<name>], frames=<size>, image, nvram, -- <guest args>)"
+         images=<name>[,<name>], frames=<size>, image, nvram, gdb, -- <guest args>)"
     );
 }
 
@@ -181,6 +181,9 @@ fn reserved_ports_are_refused_with_the_reason() {
         ("0x177", 0x177),
         ("0x376", 0x376),
         ("0x3f6", 0x3F6),
+        ("0x2f8", 0x2F8),
+        ("0x2f0-0x2f8", 0x2F8),
+        ("0x2ff", 0x2FF),
         ("0xe9", 0xE9),
         ("0xb004", 0xB004),
         ("0x604", 0x604),
@@ -198,7 +201,7 @@ fn reserved_ports_are_refused_with_the_reason() {
         }
     }
     for value in
-        ["0x80", "0x2f8-0x2ff", "0x400-0x5ff", "0x3f7", "0xd00-0x88ff", "0x178-0x1ef", "0x1f8", "0x377", "0x3f0-0x3f5"]
+        ["0x80", "0x2e8-0x2ef", "0x400-0x5ff", "0x3f7", "0xd00-0x88ff", "0x178-0x1ef", "0x1f8", "0x377", "0x3f0-0x3f5"]
     {
         let cmdline = format!("g ports={value}");
         assert!(parse(&cmdline).unwrap().reserved_port().is_none(), "{cmdline}");
@@ -222,4 +225,14 @@ fn ring3_caps_is_a_flag() {
     assert!(spec.ring3_caps);
     assert!(!parse("g").expect("accepted").ring3_caps);
     assert!(parse("g ring3-caps=1").is_err());
+}
+
+#[test]
+fn com2_is_the_debuggers_and_gdb_is_a_flag() {
+    let line = refusal("g ports=0x2f8-0x2ff");
+    assert!(line.contains("COM2: the hypervisor's guest debugger"), "{line}");
+    assert!(parse("g ports=0x2e0-0x2f7").unwrap().reserved_port().is_none());
+    assert!(parse("g gdb -- checks").unwrap().gdb);
+    assert!(!parse("g -- gdb").unwrap().gdb, "words after -- are the guest's");
+    assert_eq!(refusal("g gdb=1"), "gdb takes no value (got '1'): write just gdb");
 }

@@ -15,6 +15,7 @@
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
 
+pub mod guest_walk;
 pub mod vpid;
 
 /// Size of a 4 KiB page.

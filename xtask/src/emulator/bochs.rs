@@ -161,6 +161,10 @@ fn bochsrc(spec: &RunSpec, model: &str, serial: &Path, log: &Path) -> String {
     let _ = writeln!(rc, "info: action=report");
     let _ = writeln!(rc, "debug: action=ignore");
     let _ = writeln!(rc, "com1: enabled=1, mode=file, dev={}", serial.display());
+    if let Some(port) = spec.gdb_port {
+        // The guest debugger's COM2 (docs/gdb.md): Bochs waits for gdb to connect.
+        let _ = writeln!(rc, "com2: enabled=1, mode=socket-server, dev=localhost:{port}");
+    }
     let _ = writeln!(rc, "port_e9_hack: enabled=1");
     let _ = writeln!(rc, "speaker: enabled=0");
     let _ = writeln!(rc, "sound: waveoutdrv=dummy, waveindrv=dummy, midioutdrv=dummy");

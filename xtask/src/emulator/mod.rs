@@ -44,6 +44,11 @@ pub struct RunSpec {
     /// An NVRAM disk image (xtask/src/nvram_disk.rs) attached as the primary channel's
     /// slave disk (Bochs `ata0-slave`, QEMU IDE index 1); the run writes to it.
     pub disk: Option<PathBuf>,
+    /// COM2 as a local TCP socket the emulator listens on (the guest debugger's port;
+    /// Bochs starts the machine only once a client connected).
+    pub gdb_port: Option<u16>,
+    /// A scripted gdb session that connects to `gdb_port` once it listens.
+    pub gdb_client: Option<crate::gdb::Client>,
 }
 
 /// Bochs's instructions per second unless a run says otherwise: the minimum, so that
@@ -72,6 +77,8 @@ pub struct RunResult {
     pub serial_path: PathBuf,
     /// What the emulator itself said that may explain a failure (its errors and panics).
     pub emulator_notes: Vec<String>,
+    /// What a scripted gdb session printed (`RunSpec::gdb_client`).
+    pub gdb_output: Option<String>,
 }
 
 impl RunResult {
@@ -124,6 +131,17 @@ pub fn run(spec: &RunSpec, mut on_line: impl FnMut(&str)) -> Result<RunResult> {
     let mut child = command
         .spawn()
         .with_context(|| format!("cannot start {} (is `cargo xtask setup` done?)", tools::describe(&command)))?;
+    let gdb = match (spec.gdb_port, &spec.gdb_client) {
+        (Some(port), Some(client)) => match crate::gdb::start(port, client, &spec.dir) {
+            Ok(gdb) => Some(gdb),
+            Err(err) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(err);
+            }
+        },
+        _ => None,
+    };
     let mut tail = LogTail::new(serial.clone());
     let outcome = follow(&mut child, &mut tail, spec.timeout, &mut on_line);
     // Whatever happened, the emulator must not outlive the run.
@@ -131,6 +149,7 @@ pub fn run(spec: &RunSpec, mut on_line: impl FnMut(&str)) -> Result<RunResult> {
         let _ = child.kill();
         let _ = child.wait();
     }
+    let gdb_output = gdb.map(|gdb| crate::gdb::finish(gdb, &spec.dir));
     let ending = outcome?;
     for line in tail.finish() {
         on_line(&line);
@@ -143,7 +162,7 @@ pub fn run(spec: &RunSpec, mut on_line: impl FnMut(&str)) -> Result<RunResult> {
             Emulator::Qemu => qemu::notes(&console),
         };
     }
-    Ok(RunResult { ending, elapsed, serial: tail.text().to_string(), serial_path: serial, emulator_notes })
+    Ok(RunResult { ending, elapsed, serial: tail.text().to_string(), serial_path: serial, emulator_notes, gdb_output })
 }
 
 /// Polls the serial log and the emulator until the run ends.

@@ -66,6 +66,12 @@ pub(super) fn launch(spec: &RunSpec) -> Result<Launch> {
         .args(["-m", &spec.megs.to_string(), "-smp", &spec.cpus.to_string()])
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
+        .args(
+            spec.gdb_port
+                .map(|port| ["-serial".to_string(), format!("tcp:localhost:{port},server=on,wait=on")])
+                .into_iter()
+                .flatten(),
+        )
         .arg("-debugcon")
         .arg(format!("file:{}", spec.dir.join("e9.txt").display()))
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
