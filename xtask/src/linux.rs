@@ -416,6 +416,7 @@ mod tests {
         assert_eq!(find("bin/nkctl").3, b"\x7fELF fake nkctl");
         assert_eq!(find("bin/nkctl").1, S_IFREG | 0o755);
         assert!(String::from_utf8(find("bin/nkctl-demo").3).unwrap().contains("nkctl caps"));
+        assert!(String::from_utf8(find("bin/nkctl-bypass").3).unwrap().contains("nkctl nvram commit"));
         assert_eq!(find("proc").1, S_IFDIR | 0o755);
     }
 
