@@ -288,13 +288,15 @@ mod create {
         let frames = s.alloc(CONTROL, 512);
         let vm_cap = s.create(s.image, frames, 0).name;
         s.nk.take_effects();
-        // Freeing the frames unmaps them from the created VM before they go back.
+        // Freeing the frames unmaps them from the created VM before they go back (and the
+        // exo AM retires the set's root).
         assert!(call(&mut s.nk, CONTROL, s.exo, EXO_FREE, frames, &[]).status().is_ok());
         let effects = s.nk.take_effects();
         assert!(
             matches!(
                 effects[..],
-                [Effect::UnmapFrames { vm: FIRST_CREATED, gpa: 0, bytes }, Effect::FreeFrames { .. }] if bytes == 2 * MIB
+                [Effect::UnmapFrames { vm: FIRST_CREATED, gpa: 0, bytes }, Effect::Retire { .. }, Effect::FreeFrames { .. }]
+                    if bytes == 2 * MIB
             ),
             "{effects:?}"
         );
