@@ -58,6 +58,45 @@ nkctl frobnicate 2>&1 | head -1
 nkctl null
 "#;
 
+/// `/bin/nkctl-bypass`: memory through the layer bypass (issue 13). A root process
+/// allocates (or, on a later boot of the same NVRAM disk, finds again) an NVRAM region,
+/// maps it at guest-physical 1 GiB (above Linux's RAM, so /dev/mem may map it), and works
+/// on it with plain stores and loads through /dev/mem: on the boot that created it, it
+/// writes a record, commits (the write set from the EPT dirty bits), writes a second one
+/// and aborts it with restore; on a later boot it reads the record back. Then it maps an
+/// exo frame set below 1 GiB, writes one of its pages and reads the dirty bits through
+/// the exo AM; last it revokes the region's capability, and its next call is refused.
+pub const NKCTL_BYPASS: &str = r#"#!/bin/busybox sh
+R=$(nkctl nvram alloc nvram/nvram-factory 16384 13) || exit 1
+echo "nkctl-bypass: $R"
+N=$(echo "$R" | cut -d' ' -f2)
+nkctl nvram map $N 0x40000000 || exit 1
+case "$R" in
+*created*)
+  nkctl mem write 0x40001000 "bypass-record:answer=42"
+  nkctl nvram commit $N
+  nkctl mem write 0x40003000 "never-committed"
+  nkctl nvram restore $N
+  echo "nkctl-bypass: after restore [$(nkctl mem read 0x40003000 15)]"
+  ;;
+*)
+  echo "nkctl-bypass: found [$(nkctl mem read 0x40001000 23)]"
+  echo "nkctl-bypass: aborted one [$(nkctl mem read 0x40003000 15)]"
+  ;;
+esac
+F=$(nkctl exo alloc exo/aspace 4) || exit 1
+nkctl exo map $F exo/aspace 0x3ff00000
+nkctl dirty 0x3ff00000 4
+nkctl mem write 0x3ff02000 "dirty-me"
+nkctl dirty 0x3ff00000 4
+nkctl exo unmap exo/aspace 0x3ff00000
+nkctl exo free $F
+nkctl nvram unmap $N 0x40000000
+nkctl revoke $N
+nkctl nvram seq $N
+echo "nkctl-bypass: done"
+"#;
+
 /// The unpacked Linux guest files.
 #[derive(Debug, Clone)]
 pub struct LinuxFiles {
@@ -320,6 +359,7 @@ pub fn initramfs_cpio(busybox: &[u8], nkctl: &[u8]) -> Vec<u8> {
     c.symlink("bin/sh", "busybox");
     c.file("bin/nkctl", 0o755, nkctl);
     c.file("bin/nkctl-demo", 0o755, NKCTL_DEMO.as_bytes());
+    c.file("bin/nkctl-bypass", 0o755, NKCTL_BYPASS.as_bytes());
     // Root and an unprivileged user, so a demo can show what only root may read.
     c.file("etc/passwd", 0o644, b"root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/tmp:/bin/sh\n");
     c.file("etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n");
@@ -376,6 +416,7 @@ mod tests {
         assert_eq!(find("bin/nkctl").3, b"\x7fELF fake nkctl");
         assert_eq!(find("bin/nkctl").1, S_IFREG | 0o755);
         assert!(String::from_utf8(find("bin/nkctl-demo").3).unwrap().contains("nkctl caps"));
+        assert!(String::from_utf8(find("bin/nkctl-bypass").3).unwrap().contains("nkctl nvram commit"));
         assert_eq!(find("proc").1, S_IFDIR | 0o755);
     }
 

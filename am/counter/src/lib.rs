@@ -31,12 +31,12 @@ pub const MAX_COUNTERS: usize = 1024;
 /// The most counters one principal may create (a quarter of the AM's).
 pub const MAX_COUNTERS_PER_VM: usize = MAX_COUNTERS / 4;
 
-/// ABI operation numbers.
+/// ABI operation numbers, as the shared ABI crate defines them (`nk_abi::counter_op`).
 pub mod op {
-    pub const CREATE: u16 = 0;
-    pub const READ: u16 = 1;
-    pub const ADD: u16 = 2;
-    pub const SUM4: u16 = 3;
+    pub const CREATE: u16 = nk_abi::counter_op::CREATE as u16;
+    pub const READ: u16 = nk_abi::counter_op::READ as u16;
+    pub const ADD: u16 = nk_abi::counter_op::ADD as u16;
+    pub const SUM4: u16 = nk_abi::counter_op::SUM4 as u16;
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -149,5 +149,34 @@ impl AbstractMachine for CounterAm {
         if let Ok(counter) = self.counter(dead.object) {
             counter.deaths += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The operation names this AM registers have exactly the numbers the shared ABI crate
+    /// gives guests (`nk_abi::counter_op`), and there are no others.
+    #[test]
+    fn registered_op_numbers_are_the_shared_abis() {
+        use nk_am::AbstractMachine as _;
+        let mut table = nk_caps::CapTable::new(nk_caps::KernelId::new(0), 64, &mut nk_caps::FixedSeed::from_u64(1)).unwrap();
+        let id = nk_caps::AmId::new(1);
+        let mut am = CounterAm::new();
+        table.register_am(id, am.name(), 16).unwrap();
+        am.register(&mut nk_am::Registrar::new(id, &mut table)).unwrap();
+        let ops = [
+            ("create", nk_abi::counter_op::CREATE),
+            ("read", nk_abi::counter_op::READ),
+            ("add", nk_abi::counter_op::ADD),
+            ("sum4", nk_abi::counter_op::SUM4),
+        ];
+        for (name, number) in ops {
+            let found = table.registry().find_op(id, name).map(|op| u32::from(op.index()));
+            assert_eq!(found, Some(number), "operation {name}");
+        }
+        let past = u16::try_from(ops.len()).unwrap();
+        assert_eq!(table.registry().op_name(nk_caps::OpId::new(id, past)), None, "an operation nk-abi lacks");
     }
 }

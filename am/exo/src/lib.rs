@@ -59,20 +59,20 @@ use nk_am::{
 /// The most openings (port ranges and MSRs) one VM may have at a time.
 pub const OPENED_PER_VM: usize = 64;
 
-/// ABI operation numbers.
+/// ABI operation numbers, as the shared ABI crate defines them (`nk_abi::exo_op`).
 pub mod op {
-    pub const OPEN: u16 = 0;
-    pub const CLOSE: u16 = 1;
-    pub const OPEN_MSR: u16 = 2;
-    pub const ALLOC: u16 = 3;
-    pub const SPLIT: u16 = 4;
-    pub const MAP: u16 = 5;
-    pub const UNMAP: u16 = 6;
-    pub const PROTECT: u16 = 7;
-    pub const FREE: u16 = 8;
-    pub const DIRTY: u16 = 9;
-    pub const PML_ENABLE: u16 = 10;
-    pub const PML_DRAIN: u16 = 11;
+    pub const OPEN: u16 = nk_abi::exo_op::OPEN as u16;
+    pub const CLOSE: u16 = nk_abi::exo_op::CLOSE as u16;
+    pub const OPEN_MSR: u16 = nk_abi::exo_op::OPEN_MSR as u16;
+    pub const ALLOC: u16 = nk_abi::exo_op::ALLOC as u16;
+    pub const SPLIT: u16 = nk_abi::exo_op::SPLIT as u16;
+    pub const MAP: u16 = nk_abi::exo_op::MAP as u16;
+    pub const UNMAP: u16 = nk_abi::exo_op::UNMAP as u16;
+    pub const PROTECT: u16 = nk_abi::exo_op::PROTECT as u16;
+    pub const FREE: u16 = nk_abi::exo_op::FREE as u16;
+    pub const DIRTY: u16 = nk_abi::exo_op::DIRTY as u16;
+    pub const PML_ENABLE: u16 = nk_abi::exo_op::PML_ENABLE as u16;
+    pub const PML_DRAIN: u16 = nk_abi::exo_op::PML_DRAIN as u16;
 }
 
 /// What the hypervisor gives one VM at creation.

@@ -162,3 +162,35 @@ fn a_vm_runs_out_of_openings_with_a_quota_status() {
     let last = *children.last().unwrap();
     assert!(call(&mut nk, VM1, exo, op::OPEN, last, &[0x80, 4, 3]).status().is_ok());
 }
+
+/// The operation names this AM registers have exactly the numbers the shared ABI crate
+/// gives guests (`nk_abi::exo_op`), and there are no others.
+#[test]
+fn registered_op_numbers_are_the_shared_abis() {
+    use nk_am::AbstractMachine as _;
+    let mut table = nk_caps::CapTable::new(nk_caps::KernelId::new(0), 64, &mut nk_caps::FixedSeed::from_u64(1)).unwrap();
+    let id = nk_caps::AmId::new(1);
+    let mut am = ExoAm::new(alloc::vec![]);
+    table.register_am(id, am.name(), 16).unwrap();
+    am.register(&mut nk_am::Registrar::new(id, &mut table)).unwrap();
+    let ops = [
+        ("open", nk_abi::exo_op::OPEN),
+        ("close", nk_abi::exo_op::CLOSE),
+        ("open-msr", nk_abi::exo_op::OPEN_MSR),
+        ("alloc", nk_abi::exo_op::ALLOC),
+        ("split", nk_abi::exo_op::SPLIT),
+        ("map", nk_abi::exo_op::MAP),
+        ("unmap", nk_abi::exo_op::UNMAP),
+        ("protect", nk_abi::exo_op::PROTECT),
+        ("free", nk_abi::exo_op::FREE),
+        ("dirty", nk_abi::exo_op::DIRTY),
+        ("pml-enable", nk_abi::exo_op::PML_ENABLE),
+        ("pml-drain", nk_abi::exo_op::PML_DRAIN),
+    ];
+    for (name, number) in ops {
+        let found = table.registry().find_op(id, name).map(|op| u32::from(op.index()));
+        assert_eq!(found, Some(number), "operation {name}");
+    }
+    let past = u16::try_from(ops.len()).unwrap();
+    assert_eq!(table.registry().op_name(nk_caps::OpId::new(id, past)), None, "an operation nk-abi lacks");
+}

@@ -85,13 +85,13 @@ use nk_am::{
 /// the board at boot, so publishing one never allocates).
 pub const CREATED_VMS_MAX: usize = 8;
 
-/// ABI operation numbers.
+/// ABI operation numbers, as the shared ABI crate defines them (`nk_abi::guest_os_op`).
 pub mod op {
-    pub const INSPECT: u16 = 0;
-    pub const STOP: u16 = 1;
-    pub const START: u16 = 2;
-    pub const DESTROY: u16 = 3;
-    pub const CREATE: u16 = 4;
+    pub const INSPECT: u16 = nk_abi::guest_os_op::INSPECT as u16;
+    pub const STOP: u16 = nk_abi::guest_os_op::STOP as u16;
+    pub const START: u16 = nk_abi::guest_os_op::START as u16;
+    pub const DESTROY: u16 = nk_abi::guest_os_op::DESTROY as u16;
+    pub const CREATE: u16 = nk_abi::guest_os_op::CREATE as u16;
 }
 
 /// Rights bits of a `vm` capability, in registration order.

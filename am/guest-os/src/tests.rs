@@ -288,7 +288,8 @@ mod create {
         let frames = s.alloc(CONTROL, 512);
         let vm_cap = s.create(s.image, frames, 0).name;
         s.nk.take_effects();
-        // Freeing the frames unmaps them from the created VM before they go back.
+        // Freeing the frames unmaps them from the created VM before they go back (and the
+        // exo AM retires the set's root).
         assert!(call(&mut s.nk, CONTROL, s.exo, EXO_FREE, frames, &[]).status().is_ok());
         // (The exo AM also retires the set's root capability: Effect::Retire.)
         let effects: Vec<Effect> =
@@ -296,7 +297,8 @@ mod create {
         assert!(
             matches!(
                 effects[..],
-                [Effect::UnmapFrames { vm: FIRST_CREATED, gpa: 0, bytes }, Effect::FreeFrames { .. }] if bytes == 2 * MIB
+                [Effect::UnmapFrames { vm: FIRST_CREATED, gpa: 0, bytes }, Effect::Retire { .. }, Effect::FreeFrames { .. }]
+                    if bytes == 2 * MIB
             ),
             "{effects:?}"
         );
@@ -321,4 +323,29 @@ mod create {
         let frames = s.alloc(CONTROL, 512);
         assert_eq!(s.create(s.image, frames, 0).status().code(), Status::QUOTA_EXCEEDED);
     }
+}
+
+/// The operation names this AM registers have exactly the numbers the shared ABI crate
+/// gives guests (`nk_abi::guest_os_op`), and there are no others.
+#[test]
+fn registered_op_numbers_are_the_shared_abis() {
+    use nk_am::AbstractMachine as _;
+    let mut table = nk_caps::CapTable::new(nk_caps::KernelId::new(0), 64, &mut nk_caps::FixedSeed::from_u64(1)).unwrap();
+    let id = nk_caps::AmId::new(1);
+    let mut am = GuestOsAm::new(Arc::new(VmBoard::new(alloc::vec![])), alloc::vec![]);
+    table.register_am(id, am.name(), 16).unwrap();
+    am.register(&mut nk_am::Registrar::new(id, &mut table)).unwrap();
+    let ops = [
+        ("inspect", nk_abi::guest_os_op::INSPECT),
+        ("stop", nk_abi::guest_os_op::STOP),
+        ("start", nk_abi::guest_os_op::START),
+        ("destroy", nk_abi::guest_os_op::DESTROY),
+        ("create", nk_abi::guest_os_op::CREATE),
+    ];
+    for (name, number) in ops {
+        let found = table.registry().find_op(id, name).map(|op| u32::from(op.index()));
+        assert_eq!(found, Some(number), "operation {name}");
+    }
+    let past = u16::try_from(ops.len()).unwrap();
+    assert_eq!(table.registry().op_name(nk_caps::OpId::new(id, past)), None, "an operation nk-abi lacks");
 }

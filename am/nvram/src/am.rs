@@ -13,15 +13,15 @@ use nk_am::{
 use crate::directory::{Directory, Entry, Slot};
 use crate::ptx::{Store, StoreError, BLOCK};
 
-/// ABI operation numbers.
+/// ABI operation numbers, as the shared ABI crate defines them (`nk_abi::nvram_op`).
 pub mod op {
-    pub const ALLOCATE: u16 = 0;
-    pub const MAP: u16 = 1;
-    pub const UNMAP: u16 = 2;
-    pub const BEGIN: u16 = 3;
-    pub const COMMIT: u16 = 4;
-    pub const RESTORE: u16 = 5;
-    pub const SEQ: u16 = 6;
+    pub const ALLOCATE: u16 = nk_abi::nvram_op::ALLOCATE as u16;
+    pub const MAP: u16 = nk_abi::nvram_op::MAP as u16;
+    pub const UNMAP: u16 = nk_abi::nvram_op::UNMAP as u16;
+    pub const BEGIN: u16 = nk_abi::nvram_op::BEGIN as u16;
+    pub const COMMIT: u16 = nk_abi::nvram_op::COMMIT as u16;
+    pub const RESTORE: u16 = nk_abi::nvram_op::RESTORE as u16;
+    pub const SEQ: u16 = nk_abi::nvram_op::SEQ as u16;
 }
 
 /// Rights bits of a region capability, in registration order.

@@ -359,3 +359,30 @@ fn corrupt_metadata_is_refused_not_restored() {
     let mut s = boot(Some(image));
     assert_eq!(ok(s.allocate(A, 3)).results[1], 1);
 }
+
+/// The operation names this AM registers have exactly the numbers the shared ABI crate
+/// gives guests (`nk_abi::nvram_op`), and there are no others.
+#[test]
+fn registered_op_numbers_are_the_shared_abis() {
+    use nk_am::AbstractMachine as _;
+    let mut table = nk_caps::CapTable::new(nk_caps::KernelId::new(0), 64, &mut nk_caps::FixedSeed::from_u64(1)).unwrap();
+    let id = nk_caps::AmId::new(1);
+    let mut am = NvramAm::new(Vec::new());
+    table.register_am(id, am.name(), 16).unwrap();
+    am.register(&mut nk_am::Registrar::new(id, &mut table)).unwrap();
+    let ops = [
+        ("allocate", nk_abi::nvram_op::ALLOCATE),
+        ("map", nk_abi::nvram_op::MAP),
+        ("unmap", nk_abi::nvram_op::UNMAP),
+        ("begin", nk_abi::nvram_op::BEGIN),
+        ("commit", nk_abi::nvram_op::COMMIT),
+        ("restore", nk_abi::nvram_op::RESTORE),
+        ("seq", nk_abi::nvram_op::SEQ),
+    ];
+    for (name, number) in ops {
+        let found = table.registry().find_op(id, name).map(|op| u32::from(op.index()));
+        assert_eq!(found, Some(number), "operation {name}");
+    }
+    let past = u16::try_from(ops.len()).unwrap();
+    assert_eq!(table.registry().op_name(nk_caps::OpId::new(id, past)), None, "an operation nk-abi lacks");
+}

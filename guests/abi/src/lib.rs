@@ -79,6 +79,120 @@ pub mod nk_op {
     pub const RECEIVED: u32 = 7;
 }
 
+/// Operations of the exo AM (`am/exo`; its AM id is found at run time, e.g. from an
+/// `initial` capability's result 0). Frame and address-space arguments are capabilities of
+/// the kinds `exo/frames` and `exo/aspace`; the AM's crate docs give the refusals.
+pub mod exo_op {
+    /// `open(c: io-ports, first, count, access)`: lets the caller's `in`/`out` reach ports
+    /// `first..first+count`; `access` = [`crate::exo_access::PORT_IN`] | `PORT_OUT`.
+    pub const OPEN: u32 = 0;
+    /// `close(c: io-ports, first, count)`.
+    pub const CLOSE: u32 = 1;
+    /// `open-msr(c: msr, access)`: `access` = 1 read | 2 write.
+    pub const OPEN_MSR: u32 = 2;
+    /// `alloc(c: aspace[alloc], pages, large)` -> a frame-set capability (every right) and
+    /// `[pages, 0, 0, 0]`; `large` = 1 asks for 2 MiB pages.
+    pub const ALLOC: u32 = 3;
+    /// `split(c: frames[split], offset, bytes)` -> a capability to the part.
+    pub const SPLIT: u32 = 4;
+    /// `map(c0: frames[map], c1: aspace[map], gpa, access)`: maps the set at guest-physical
+    /// `gpa`; `access` = [`crate::exo_access`] bits the frames' rights must cover.
+    pub const MAP: u32 = 5;
+    /// `unmap(c: aspace[map], gpa)`: removes the mapping that starts at `gpa`.
+    pub const UNMAP: u32 = 6;
+    /// `protect(c: aspace[map], gpa, access)`: changes a mapping's access.
+    pub const PROTECT: u32 = 7;
+    /// `free(c: frames)`: gives the set back (its capabilities die).
+    pub const FREE: u32 = 8;
+    /// `dirty(c0: aspace[dirty], c1: frames[write], gpa, pages, offset)`: reads and clears
+    /// the EPT dirty flags (SDM Vol. 3C §29.3.5) of `pages` 4 KiB pages from `gpa` of
+    /// the address space's VM, writing a bitmap (bit i % 8 of byte i / 8 = page i written
+    /// since the last read) into frame set c1 at byte `offset`. At most 65,536 pages a
+    /// call. Results: 0 = pages read.
+    pub const DIRTY: u32 = 9;
+    /// `pml-enable(c: aspace[dirty], gpa, pages)`: logs writes with the page-modification
+    /// log (SDM Vol. 3C §29.3.6) for the range.
+    pub const PML_ENABLE: u32 = 10;
+    /// `pml-drain(c0: aspace[dirty], c1: frames[write], offset)`: copies the logged
+    /// pages of the range into a bitmap in frame set c1 at `offset`. Results: 0 = pages.
+    pub const PML_DRAIN: u32 = 11;
+}
+
+/// Access bits of the exo AM's `map`, `protect` and `open` calls.
+pub mod exo_access {
+    /// Read (also `in` for `open`).
+    pub const READ: u64 = 1;
+    /// Write (also `out` for `open`).
+    pub const WRITE: u64 = 2;
+    /// Execute.
+    pub const EXECUTE: u64 = 4;
+    /// A port may be read with `in`.
+    pub const PORT_IN: u64 = 1;
+    /// A port may be written with `out`.
+    pub const PORT_OUT: u64 = 2;
+}
+
+/// Operations of the guest-OS AM (`am/guest-os`): VMs as `vm` capabilities.
+pub mod guest_os_op {
+    /// `inspect(c: vm[inspect])` -> `[state | image << 8 | cpu << 16, memory bytes, exits,
+    /// vm id]`.
+    pub const INSPECT: u32 = 0;
+    /// `stop(c: vm[stop])`: the VM gets no time slices until started.
+    pub const STOP: u32 = 1;
+    /// `start(c: vm[start])`: resumes a stopped VM (or first starts a created one).
+    pub const START: u32 = 2;
+    /// `destroy(c: vm[destroy])`: ends the VM.
+    pub const DESTROY: u32 = 3;
+    /// `create(c: image[create], frames low, frames high, cpu)` -> a `vm` capability and
+    /// `[vm id, RAM bytes, 0, 0]`.
+    pub const CREATE: u32 = 4;
+}
+
+/// Operations of the NVRAM AM (`am/nvram`): persistent regions, committed atomically.
+pub mod nvram_op {
+    /// `allocate(c: nvram-factory[allocate], bytes, key)` -> a region capability (every
+    /// right) and `[bytes, committed seq, 1 if created, region id]`; an existing region
+    /// `key` of the same owner is restored instead of created.
+    pub const ALLOCATE: u32 = 0;
+    /// `map(c: region[map-read], gpa, access)`: maps the region's working copy into the
+    /// caller's own address space at `gpa` (1-2 GiB); `access` = 1 read, 3 read-write
+    /// (write needs `map-write`).
+    pub const MAP: u32 = 1;
+    /// `unmap(c: region[map-read], gpa)`.
+    pub const UNMAP: u32 = 2;
+    /// `begin(c: region[commit])`: opens a transaction; results: 0 = seq.
+    pub const BEGIN: u32 = 3;
+    /// `commit(c: region[commit])`: makes every write since the last commit or restore
+    /// durable, atomically; results `[seq, blocks written, device bytes, dirty pages]`.
+    pub const COMMIT: u32 = 4;
+    /// `restore(c: region[restore])`: puts the working copy back to the last commit;
+    /// results: 0 = seq.
+    pub const RESTORE: u32 = 5;
+    /// `seq(c: region)` -> `[committed seq, bytes, 1 if a transaction is open]`.
+    pub const SEQ: u32 = 6;
+}
+
+/// Rights bits of an NVRAM region capability.
+#[allow(missing_docs)]
+pub mod nvram_rights {
+    pub const MAP_READ: u64 = 1 << 0;
+    pub const MAP_WRITE: u64 = 1 << 1;
+    pub const COMMIT: u64 = 1 << 2;
+    pub const RESTORE: u64 = 1 << 3;
+}
+
+/// Operations of the counter AM (`am/counter`), the test AM.
+pub mod counter_op {
+    /// `create(f: factory[create])` -> a counter capability.
+    pub const CREATE: u32 = 0;
+    /// `read(c: counter[read])` -> `[value, deaths]`.
+    pub const READ: u32 = 1;
+    /// `add(c: counter[increment], amount)` -> `[new value]`.
+    pub const ADD: u32 = 2;
+    /// `sum4(a, b, c, d: counter[read])` -> `[sum]`.
+    pub const SUM4: u32 = 3;
+}
+
 /// The (version, AM, operation) selector carried in RAX.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Selector {

@@ -8,13 +8,7 @@ use nk_guest::abi::Status;
 use nk_guest::nk::{self, Cap};
 use nk_guest::println;
 
-/// Exo AM operation numbers (am/exo).
-const ALLOC: u32 = 3;
-const MAP: u32 = 5;
-const UNMAP: u32 = 6;
-const DIRTY: u32 = 9;
-const PML_ENABLE: u32 = 10;
-const PML_DRAIN: u32 = 11;
+use nk_guest::abi::exo_op::{ALLOC, DIRTY, MAP, PML_DRAIN, PML_ENABLE, UNMAP};
 /// `frame_access` bits: read and write.
 pub const RW: u64 = 3;
 pub const PAGE: u64 = 0x1000;

@@ -19,7 +19,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-pub use nk_abi::{nk_op, NameWords, Selector, Status, NULL_KERNEL_AM};
+pub use nk_abi::{exo_access, exo_op, nk_op, nvram_op, nvram_rights, NameWords, Selector, Status, NULL_KERNEL_AM};
 use nk_abi::{Call, Reply};
 
 /// The CPUID signature of the null-Kernel (leaf 0x40000000, EBX:ECX:EDX).
@@ -294,6 +294,171 @@ pub fn delete(cap: Cap) -> Result<(), Error> {
     nk("delete", nk_op::DELETE, &[cap], &[]).map(|_| ())
 }
 
+/// A capability together with the AM whose object it names: what the AM wrappers
+/// ([`exo`], [`nvram`]) take, so a call needs no `inspect` first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Obj {
+    pub cap: Cap,
+    pub am: u16,
+}
+
+impl Obj {
+    /// Finds `cap`'s AM with one `inspect` call.
+    pub fn of(cap: Cap) -> Result<Obj, Error> {
+        Ok(Obj { cap, am: inspect(cap)?.am })
+    }
+}
+
+/// The exo AM's memory operations (`nk_abi::exo_op`): frame sets, mappings into the VM's
+/// own guest-physical space (below 1 GiB), and the EPT dirty bits.
+pub mod exo {
+    use super::{call, exo_op, Cap, Error, Obj};
+
+    /// Allocates `pages` 4 KiB pages (2 MiB ones when `large`) with the address space's
+    /// `alloc` right; returns the frame set (every right).
+    pub fn alloc(aspace: Obj, pages: u64, large: bool) -> Result<Obj, Error> {
+        let reply = call("exo alloc", aspace.am, exo_op::ALLOC, &[aspace.cap], &[pages, u64::from(large)])?;
+        Ok(Obj { cap: Cap(reply.name), am: aspace.am })
+    }
+
+    /// Maps frame set `frames` at guest-physical `gpa` with `access` (`exo_access` bits).
+    pub fn map(frames: Obj, aspace: Obj, gpa: u64, access: u64) -> Result<(), Error> {
+        call("exo map", aspace.am, exo_op::MAP, &[frames.cap, aspace.cap], &[gpa, access]).map(|_| ())
+    }
+
+    /// Removes the mapping that starts at `gpa`.
+    pub fn unmap(aspace: Obj, gpa: u64) -> Result<(), Error> {
+        call("exo unmap", aspace.am, exo_op::UNMAP, &[aspace.cap], &[gpa]).map(|_| ())
+    }
+
+    /// Changes the access of the mapping that starts at `gpa`.
+    pub fn protect(aspace: Obj, gpa: u64, access: u64) -> Result<(), Error> {
+        call("exo protect", aspace.am, exo_op::PROTECT, &[aspace.cap], &[gpa, access]).map(|_| ())
+    }
+
+    /// Gives a frame set back.
+    pub fn free(frames: Obj) -> Result<(), Error> {
+        call("exo free", frames.am, exo_op::FREE, &[frames.cap], &[]).map(|_| ())
+    }
+
+    /// Reads and clears the EPT dirty flags of `pages` pages from `gpa` into a bitmap
+    /// (bit i % 8 of byte i / 8 = page i) at byte `offset` of frame set `bitmap`, which
+    /// the caller reads where it mapped the set.
+    pub fn dirty(aspace: Obj, bitmap: Obj, gpa: u64, pages: u64, offset: u64) -> Result<(), Error> {
+        call("exo dirty", aspace.am, exo_op::DIRTY, &[aspace.cap, bitmap.cap], &[gpa, pages, offset]).map(|_| ())
+    }
+
+    /// The pages a bitmap marks dirty, as page indexes.
+    pub fn dirty_pages(bitmap: &[u8], pages: u64) -> Vec<u64> {
+        (0..pages).filter(|&i| bitmap.get((i / 8) as usize).is_some_and(|b| b >> (i % 8) & 1 == 1)).collect()
+    }
+}
+
+/// The NVRAM AM's operations (`nk_abi::nvram_op`): persistent regions mapped into the
+/// VM's own guest-physical space (1-2 GiB), committed atomically.
+pub mod nvram {
+    use super::{call, nvram_op, Cap, Error, Obj};
+
+    /// What `allocate` returns.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Region {
+        pub region: Obj,
+        pub bytes: u64,
+        /// The last committed sequence number (0: nothing committed yet).
+        pub seq: u64,
+        /// Whether the region was created (false: restored from the device).
+        pub created: bool,
+    }
+
+    /// Allocates (or finds again, by `key`) a region of `bytes` with the factory.
+    pub fn allocate(factory: Obj, bytes: u64, key: u64) -> Result<Region, Error> {
+        let reply = call("nvram allocate", factory.am, nvram_op::ALLOCATE, &[factory.cap], &[bytes, key])?;
+        Ok(Region {
+            region: Obj { cap: Cap(reply.name), am: factory.am },
+            bytes: reply.results[0],
+            seq: reply.results[1],
+            created: reply.results[2] == 1,
+        })
+    }
+
+    /// Maps the region's working copy at guest-physical `gpa` (read, or read-write).
+    pub fn map(region: Obj, gpa: u64, write: bool) -> Result<(), Error> {
+        let access = if write { 3 } else { 1 };
+        call("nvram map", region.am, nvram_op::MAP, &[region.cap], &[gpa, access]).map(|_| ())
+    }
+
+    /// Removes the region's mapping at `gpa`.
+    pub fn unmap(region: Obj, gpa: u64) -> Result<(), Error> {
+        call("nvram unmap", region.am, nvram_op::UNMAP, &[region.cap], &[gpa]).map(|_| ())
+    }
+
+    /// Opens a transaction; returns the committed seq.
+    pub fn begin(region: Obj) -> Result<u64, Error> {
+        call("nvram begin", region.am, nvram_op::BEGIN, &[region.cap], &[]).map(|r| r.results[0])
+    }
+
+    /// What `commit` did.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Committed {
+        pub seq: u64,
+        pub blocks: u64,
+        pub device_bytes: u64,
+        pub dirty_pages: u64,
+    }
+
+    /// Makes every write since the last commit or restore durable, atomically.
+    pub fn commit(region: Obj) -> Result<Committed, Error> {
+        let r = call("nvram commit", region.am, nvram_op::COMMIT, &[region.cap], &[])?.results;
+        Ok(Committed { seq: r[0], blocks: r[1], device_bytes: r[2], dirty_pages: r[3] })
+    }
+
+    /// Puts the working copy back to the last commit; returns its seq.
+    pub fn restore(region: Obj) -> Result<u64, Error> {
+        call("nvram restore", region.am, nvram_op::RESTORE, &[region.cap], &[]).map(|r| r.results[0])
+    }
+
+    /// `(committed seq, bytes, transaction open)`.
+    pub fn seq(region: Obj) -> Result<(u64, u64, bool), Error> {
+        let r = call("nvram seq", region.am, nvram_op::SEQ, &[region.cap], &[])?.results;
+        Ok((r[0], r[1], r[2] == 1))
+    }
+}
+
+/// Maps `bytes` of guest-physical memory at `gpa` into this process through `/dev/mem`
+/// (root; Linux's STRICT_DEVMEM allows it only outside System RAM, e.g. where the NVRAM or
+/// exo AM mapped frames above the VM's RAM), for plain loads and stores.
+#[cfg(target_os = "linux")]
+pub fn map_phys(gpa: u64, bytes: usize) -> Result<&'static mut [u8], String> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/mem")
+        .map_err(|e| format!("cannot open /dev/mem: {e} (only root may)"))?;
+    let offset = i64::try_from(gpa).map_err(|_| format!("{gpa:#x} is out of range"))?;
+    // SAFETY: a fresh shared mapping of `bytes` at no fixed address; the kernel checks the
+    // offset against /dev/mem's rules and the result is checked below. The slice lives as
+    // long as the mapping, which is never unmapped (it ends with the process).
+    let ptr = unsafe {
+        libc_mmap(std::ptr::null_mut(), bytes, 3, 1, file.as_raw_fd(), offset)
+    };
+    if ptr as isize == -1 || ptr.is_null() {
+        return Err(format!(
+            "mmap of /dev/mem at {gpa:#x} failed: {} (STRICT_DEVMEM refuses System RAM)",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: `ptr` is a live read-write mapping of `bytes` bytes owned by nothing else.
+    Ok(unsafe { std::slice::from_raw_parts_mut(ptr.cast::<u8>(), bytes) })
+}
+
+#[cfg(target_os = "linux")]
+extern "C" {
+    #[link_name = "mmap"]
+    fn libc_mmap(addr: *mut core::ffi::c_void, len: usize, prot: i32, flags: i32, fd: i32, off: i64)
+        -> *mut core::ffi::c_void;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,6 +480,13 @@ mod tests {
         let err = parse_handed(b"NKCP\x10\0\0\0").unwrap_err();
         assert!(err.contains("truncated"), "{err}");
         assert!(parse_handed(b"").unwrap_err().contains(NKCP_PATH));
+    }
+
+    #[test]
+    fn dirty_bitmaps_list_their_pages() {
+        assert_eq!(exo::dirty_pages(&[0b1000_0101, 0b1], 9), [0, 2, 7, 8]);
+        assert_eq!(exo::dirty_pages(&[0xff], 3), [0, 1, 2]);
+        assert!(exo::dirty_pages(&[], 4).is_empty());
     }
 
     #[test]

@@ -20,6 +20,15 @@ commands:
   derive CAP MASK        a child of CAP with the rights in MASK (e.g. 0x3)
   revoke CAP             revoke CAP and everything derived from it
   delete CAP             delete CAP
+  exo alloc ASPACE PAGES         allocate a frame set (prints its name)
+  exo map FRAMES ASPACE GPA [ro] map a frame set at GPA (below 1 GiB, above RAM)
+  exo unmap ASPACE GPA | exo free FRAMES
+  dirty GPA PAGES        read and clear the EPT dirty bits of PAGES pages from GPA
+                         (exo/aspace; the bitmap goes to a page nkctl maps at 0x3ffff000)
+  nvram alloc FACTORY BYTES KEY  allocate (or find again by KEY) an NVRAM region
+  nvram map REGION GPA [ro]      map it at GPA (1-2 GiB) in this VM
+  nvram unmap REGION GPA | nvram begin|commit|restore|seq REGION
+  mem write GPA TEXT | mem read GPA LEN   plain stores/loads through /dev/mem (root)
 a CAP is a label from nkctl caps (e.g. exo/frames, exo/frames#1 for the second),
 iN (N-th initial capability), rN (N-th received) or 32 hex digits";
 
@@ -101,12 +110,179 @@ fn run(command: &str, args: &[String]) -> Result<(), Failure> {
             println!("deleted");
             Ok(())
         }
+        "exo" => exo(args),
+        "dirty" => {
+            want(2)?;
+            dirty(number(&args[0])?, number(&args[1])?)
+        }
+        "nvram" => nvram(args),
+        "mem" => mem(args),
         "" | "help" | "-h" | "--help" => {
             println!("{USAGE}");
             Ok(())
         }
         other => Err(Failure::Usage(format!("unknown command '{other}'"))),
     }
+}
+
+/// Where `nkctl dirty` maps its bitmap page: the last page of the exo AM's range (below
+/// 1 GiB), far above the RAM the scenarios give Linux, so `/dev/mem` may map it.
+const BITMAP_GPA: u64 = 0x3fff_f000;
+
+fn arity(args: &[String], range: std::ops::RangeInclusive<usize>, what: &str) -> Result<(), Failure> {
+    if range.contains(&args.len()) {
+        Ok(())
+    } else {
+        Err(Failure::Usage(format!("{what}: wrong number of arguments")))
+    }
+}
+
+fn exo(args: &[String]) -> Result<(), Failure> {
+    let sub = args.first().map(String::as_str).unwrap_or("");
+    match sub {
+        "alloc" => {
+            arity(args, 3..=3, "exo alloc ASPACE PAGES")?;
+            let frames = nk::exo::alloc(resolve_obj(&args[1])?, number(&args[2])?, false)?;
+            println!("{}", frames.cap);
+        }
+        "map" => {
+            arity(args, 4..=5, "exo map FRAMES ASPACE GPA [ro]")?;
+            let access = if args.get(4).map(String::as_str) == Some("ro") { 1 } else { 3 };
+            nk::exo::map(resolve_obj(&args[1])?, resolve_obj(&args[2])?, number(&args[3])?, access)?;
+            println!("mapped at {:#x}", number(&args[3])?);
+        }
+        "unmap" => {
+            arity(args, 3..=3, "exo unmap ASPACE GPA")?;
+            nk::exo::unmap(resolve_obj(&args[1])?, number(&args[2])?)?;
+            println!("unmapped");
+        }
+        "free" => {
+            arity(args, 2..=2, "exo free FRAMES")?;
+            nk::exo::free(resolve_obj(&args[1])?)?;
+            println!("freed");
+        }
+        other => return Err(Failure::Usage(format!("unknown exo command '{other}'"))),
+    }
+    Ok(())
+}
+
+/// Reads and clears the dirty bits of `pages` pages from `gpa` through the exo AM: a
+/// one-page frame set for the bitmap is allocated with `exo/aspace`, mapped at
+/// [`BITMAP_GPA`], read through `/dev/mem`, then unmapped and freed.
+fn dirty(gpa: u64, pages: u64) -> Result<(), Failure> {
+    if pages == 0 || pages > 4096 * 8 {
+        return Err(Failure::Usage(format!("PAGES must be 1 to {} (one bitmap page)", 4096 * 8)));
+    }
+    let aspace = resolve_obj("exo/aspace")?;
+    let bitmap = nk::exo::alloc(aspace, 1, false)?;
+    let result = (|| {
+        nk::exo::map(bitmap, aspace, BITMAP_GPA, 3)?;
+        let outcome = (|| {
+            nk::exo::dirty(aspace, bitmap, gpa, pages, 0)?;
+            let bytes = nk::map_phys(BITMAP_GPA, 4096).map_err(Failure::Call)?;
+            let list = nk::exo::dirty_pages(bytes, pages);
+            let shown: Vec<String> = list.iter().map(|p| p.to_string()).collect();
+            println!("dirty: {} of {pages} pages from {gpa:#x}: [{}]", list.len(), shown.join(","));
+            Ok(())
+        })();
+        let _ = nk::exo::unmap(aspace, BITMAP_GPA);
+        outcome
+    })();
+    let _ = nk::exo::free(bitmap);
+    result
+}
+
+fn nvram(args: &[String]) -> Result<(), Failure> {
+    let sub = args.first().map(String::as_str).unwrap_or("");
+    match sub {
+        "alloc" => {
+            arity(args, 4..=4, "nvram alloc FACTORY BYTES KEY")?;
+            let r = nk::nvram::allocate(resolve_obj(&args[1])?, number(&args[2])?, number(&args[3])?)?;
+            let how = if r.created { "created" } else { "restored" };
+            println!("region {} {} bytes seq {} {how}", r.region.cap, r.bytes, r.seq);
+        }
+        "map" => {
+            arity(args, 3..=4, "nvram map REGION GPA [ro]")?;
+            let write = args.get(3).map(String::as_str) != Some("ro");
+            nk::nvram::map(resolve_obj(&args[1])?, number(&args[2])?, write)?;
+            println!("mapped at {:#x}", number(&args[2])?);
+        }
+        "unmap" => {
+            arity(args, 3..=3, "nvram unmap REGION GPA")?;
+            nk::nvram::unmap(resolve_obj(&args[1])?, number(&args[2])?)?;
+            println!("unmapped");
+        }
+        "begin" => {
+            arity(args, 2..=2, "nvram begin REGION")?;
+            println!("begun at seq {}", nk::nvram::begin(resolve_obj(&args[1])?)?);
+        }
+        "commit" => {
+            arity(args, 2..=2, "nvram commit REGION")?;
+            let c = nk::nvram::commit(resolve_obj(&args[1])?)?;
+            println!(
+                "committed seq {}: {} dirty pages (EPT dirty bits), {} blocks, {} device bytes",
+                c.seq, c.dirty_pages, c.blocks, c.device_bytes
+            );
+        }
+        "restore" => {
+            arity(args, 2..=2, "nvram restore REGION")?;
+            println!("restored to seq {}", nk::nvram::restore(resolve_obj(&args[1])?)?);
+        }
+        "seq" => {
+            arity(args, 2..=2, "nvram seq REGION")?;
+            let (seq, bytes, open) = nk::nvram::seq(resolve_obj(&args[1])?)?;
+            println!("seq {seq} bytes {bytes}{}", if open { " transaction open" } else { "" });
+        }
+        other => return Err(Failure::Usage(format!("unknown nvram command '{other}'"))),
+    }
+    Ok(())
+}
+
+fn mem(args: &[String]) -> Result<(), Failure> {
+    let sub = args.first().map(String::as_str).unwrap_or("");
+    match sub {
+        "write" => {
+            arity(args, 3..=3, "mem write GPA TEXT")?;
+            let text = args[2].as_bytes();
+            let bytes = nk::map_phys(number(&args[1])?, text.len().max(1)).map_err(Failure::Call)?;
+            bytes[..text.len()].copy_from_slice(text);
+            println!("wrote {} bytes at {}", text.len(), args[1]);
+        }
+        "read" => {
+            arity(args, 3..=3, "mem read GPA LEN")?;
+            let len = usize::try_from(number(&args[2])?).unwrap_or(usize::MAX).clamp(1, 4096);
+            let bytes = nk::map_phys(number(&args[1])?, len).map_err(Failure::Call)?;
+            println!("{}", String::from_utf8_lossy(bytes).trim_end_matches('\0'));
+        }
+        other => return Err(Failure::Usage(format!("unknown mem command '{other}'"))),
+    }
+    Ok(())
+}
+
+/// Resolves a capability and its AM: a label's AM comes from the NKCP table, any other
+/// name's from one `inspect` call.
+fn resolve_obj(text: &str) -> Result<nk::Obj, Failure> {
+    if text.contains('/') {
+        let (label, nth) = split_label(text)?;
+        let handed = nk::handed_caps().map_err(Failure::Call)?;
+        return handed
+            .iter()
+            .filter(|entry| entry.label == label)
+            .nth(nth)
+            .map(|entry| nk::Obj { cap: entry.cap, am: entry.am })
+            .ok_or_else(|| Failure::Call(format!("no capability labelled {text} was handed over (see nkctl caps)")));
+    }
+    Ok(nk::Obj::of(resolve(text)?)?)
+}
+
+fn split_label(text: &str) -> Result<(&str, usize), Failure> {
+    Ok(match text.split_once('#') {
+        Some((label, nth)) => (
+            label,
+            nth.parse::<usize>().map_err(|_| Failure::Usage(format!("'{text}': write LABEL#N, e.g. exo/frames#1")))?,
+        ),
+        None => (text, 0),
+    })
 }
 
 fn caps() -> Result<(), Failure> {

@@ -21,8 +21,7 @@ use nk_guest::{println, run_in_ring3};
 
 use super::{create_counter, factory, read, why, CheckResult, Why};
 
-/// The exo AM's `open` (am/exo).
-const EXO_OPEN: u32 = 0;
+use nk_guest::abi::exo_op::OPEN as EXO_OPEN;
 /// Same-port openings the loop tries (the old code ran out of host memory at 65,536).
 const SAME_OPENS: u64 = 70_000;
 /// Delegations after which the victim stops waiting for more (the attacker's quota, 4096,

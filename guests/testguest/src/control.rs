@@ -13,12 +13,9 @@ use nk_guest::println;
 
 use super::{create_counter, why, CheckResult, Why};
 
-/// Guest-OS AM operation numbers, rights and codes (am/guest-os).
+/// Guest-OS AM operation numbers (nk-abi), rights and codes (am/guest-os).
 mod vm {
-    pub const INSPECT: u32 = 0;
-    pub const STOP: u32 = 1;
-    pub const START: u32 = 2;
-    pub const DESTROY: u32 = 3;
+    pub use nk_guest::abi::guest_os_op::{DESTROY, INSPECT, START, STOP};
     pub const RIGHT_INSPECT: u64 = 1;
     pub const RUNNING: u64 = 1;
     pub const STOPPED: u64 = 2;

@@ -23,12 +23,7 @@ use nk_guest::println;
 
 use super::{why, CheckResult, Why};
 
-/// Exo AM operation numbers (am/exo).
-const ALLOC: u32 = 3;
-const SPLIT: u32 = 4;
-const MAP: u32 = 5;
-const UNMAP: u32 = 6;
-const FREE: u32 = 8;
+use nk_guest::abi::exo_op::{ALLOC, FREE, MAP, SPLIT, UNMAP};
 const RW: u64 = 3;
 const PAGE: u64 = 0x1000;
 /// Where the guests map exo frames (identity-mapped by their page tables).

@@ -26,16 +26,7 @@ use nk_guest::println;
 
 use super::{why, CheckResult, Why};
 
-/// Exo AM operation numbers (am/exo).
-const ALLOC: u32 = 3;
-const MAP: u32 = 5;
-const UNMAP: u32 = 6;
-const PROTECT: u32 = 7;
-const FREE: u32 = 8;
-const SPLIT: u32 = 4;
-const DIRTY: u32 = 9;
-const PML_ENABLE: u32 = 10;
-const PML_DRAIN: u32 = 11;
+use nk_guest::abi::exo_op::{ALLOC, DIRTY, FREE, MAP, PML_DRAIN, PML_ENABLE, PROTECT, SPLIT, UNMAP};
 /// The exo AM operations that take two capabilities (the hypercall fuzzer's model).
 pub(crate) const TWO_CAPABILITY_OPS: [u32; 3] = [MAP, DIRTY, PML_DRAIN];
 /// `frame_access` bits.

@@ -12,13 +12,8 @@ use nk_guest::abi::{Call, NameWords, Selector, Status, ABI_VERSION, NULL_KERNEL_
 use nk_guest::nk::{self, Cap};
 use nk_guest::{current_ring, println, run_in_ring3};
 
-/// Counter AM operation numbers (am/counter).
-mod counter {
-    pub const CREATE: u32 = 0;
-    pub const READ: u32 = 1;
-    pub const ADD: u32 = 2;
-    pub const SUM4: u32 = 3;
-}
+/// Counter AM operation numbers (nk-abi).
+use nk_guest::abi::counter_op as counter;
 
 /// A check's failure, as text.
 struct Why(heapless_line::Line);
@@ -457,11 +452,8 @@ fn check_extended_state(seed: u64, rounds: u64) {
     }
 }
 
-/// Exo AM operation numbers (am/exo).
-mod exo {
-    pub const OPEN: u32 = 0;
-    pub const OPEN_MSR: u32 = 2;
-}
+/// Exo AM operation numbers (nk-abi).
+use nk_guest::abi::exo_op as exo;
 
 const IA32_FS_BASE: u32 = 0xC000_0100;
 

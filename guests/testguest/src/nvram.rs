@@ -10,14 +10,7 @@ use nk_guest::println;
 
 use super::{why, CheckResult, Why};
 
-/// NVRAM AM operation numbers (am/nvram).
-const ALLOCATE: u32 = 0;
-const MAP: u32 = 1;
-const UNMAP: u32 = 2;
-const BEGIN: u32 = 3;
-const COMMIT: u32 = 4;
-const RESTORE: u32 = 5;
-const SEQ: u32 = 6;
+use nk_guest::abi::nvram_op::{ALLOCATE, BEGIN, COMMIT, MAP, RESTORE, SEQ, UNMAP};
 /// Region rights (am/nvram `rights`).
 const MAP_READ: u64 = 1;
 const RW: u64 = 3;

@@ -29,19 +29,13 @@ use nk_guest::println;
 
 use super::{why, CheckResult, Why};
 
-/// Guest-OS AM operations, states and image kinds (am/guest-os).
-const INSPECT: u32 = 0;
-const START: u32 = 2;
-const DESTROY: u32 = 3;
-const CREATE: u32 = 4;
+use nk_guest::abi::guest_os_op::{CREATE, DESTROY, INSPECT, START};
+/// Guest-OS AM states and image kinds (am/guest-os).
 const CREATED: u64 = 0;
 const ENDED: u64 = 3;
 const LINUX: u64 = 1;
 const MULTIBOOT: u64 = 2;
-/// Exo AM operations (am/exo).
-const ALLOC: u32 = 3;
-const UNMAP: u32 = 6;
-const FREE: u32 = 8;
+use nk_guest::abi::exo_op::{ALLOC, FREE, UNMAP};
 /// `frames` rights: read, write, execute, map, split (am/exo, in registration order).
 const FRAMES_RW: u64 = 0b11;
 /// The boot VMs of the scenario: created VMs get ids from `BOOT_VMS + 1`.
