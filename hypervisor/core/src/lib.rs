@@ -51,7 +51,7 @@ use nk_am::{
     Registrar,
 };
 use nk_caps::{
-    AmId, ArgFault, Binding, CapError, CapName, CapTable, CheckError, DeadCap, EntropySource, KernelId, NewTableError,
+    AmId, ArgFault, Binding, CapError, CapName, CapTable, CheckError, Checked, DeadCap, EntropySource, KernelId, NewTableError,
     Object, OpId, Principal, PrincipalError, RegisterError, Rights, VmId,
 };
 pub use nk_protocol::{Message, OpId as PendingOp, Outbox};
@@ -180,6 +180,10 @@ pub struct NullKernel {
     /// Root deletions ([`Effect::Retire`]) that wait for other kernels: their completion
     /// is no caller's reply.
     retiring: BTreeSet<PendingOp>,
+    /// The checked arguments of the AM call being dispatched, filled in place by
+    /// [`CapTable::check_into`] and reused by every call (no clearing or copying of the
+    /// argument array on the hypercall path, issue 14).
+    checked: Checked,
 }
 
 /// The AMs and what the hypervisor lends them about memory (one reference in
@@ -465,6 +469,7 @@ impl NullKernel {
                 dirty: None,
             },
             retiring: BTreeSet::new(),
+            checked: Checked::blank(),
         })
     }
 
@@ -782,18 +787,19 @@ impl NullKernel {
         for (slot, words) in names.iter_mut().zip(&call.caps).take(arg_count) {
             *slot = name_of(*words);
         }
-        let checked = match table.check(caller, op, &names[..arg_count]) {
-            Ok(checked) => checked,
+        let checked = &mut self.checked;
+        match table.check_into(caller, op, &names[..arg_count], checked) {
+            Ok(()) => {}
             Err(CheckError::Arg { index, fault }) => return failure(arg_status(index, fault)),
             Err(CheckError::UnknownOperation) => return failure(Status::new(Status::UNKNOWN_OPERATION, None)),
             Err(CheckError::WrongArgCount { .. }) => return failure(Status::new(Status::BAD_ARGUMENT, None)),
-        };
+        }
         let slot = usize::from(am.raw() - FIRST_AM_ID);
         let Some(handler) = self.shared.ams.get(slot) else {
             return failure(Status::new(Status::UNKNOWN_AM, None));
         };
         let mut services = AmServices { am, table, effects: &mut self.effects, shared: &self.shared };
-        let result = handler.lock().invoke(&checked, &call.args, &mut services);
+        let result = handler.lock().invoke(checked, &call.args, &mut services);
         match result {
             Ok(outcome) => success(outcome.name, outcome.results),
             Err(error) => self.refusal(caller, failure(am_status(error))),

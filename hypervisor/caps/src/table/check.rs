@@ -70,6 +70,24 @@ pub struct Checked {
 }
 
 impl Checked {
+    /// The operation a blank [`Checked`] names: operation 0 of AM 0, the null-Kernel's
+    /// own id, which no AM handler serves.
+    const BLANK_OP: OpId = OpId::new(AmId::new(0), 0);
+
+    /// Returns a blank set of checked arguments for [`CapTable::check_into`] to fill: no
+    /// arguments, and the null-Kernel's own operation 0 (no AM's). It proves nothing; only
+    /// a successful `check_into` makes it name an operation. A kernel instance keeps one
+    /// and reuses it for every AM call, so a call neither clears nor copies the argument
+    /// array (issue 14: both showed in the AM call's cost).
+    pub const fn blank() -> Self {
+        Checked {
+            op: Self::BLANK_OP,
+            caller: Principal::Am(AmId::new(0)),
+            args: [CheckedCap::UNUSED; MAX_CAP_ARGS],
+            arity: 0,
+        }
+    }
+
     /// Returns the operation that was checked.
     pub fn op(&self) -> OpId {
         self.op
@@ -148,7 +166,27 @@ impl CapTable {
     /// reported with its argument's index. The check changes nothing.
     #[inline]
     pub fn check(&self, caller: Principal, op: OpId, names: &[CapName]) -> Result<Checked, CheckError> {
+        let mut checked = Checked::blank();
+        self.check_into(caller, op, names, &mut checked)?;
+        Ok(checked)
+    }
+
+    /// Checks as [`check`](Self::check) does, writing the checked arguments into
+    /// `checked` (the hypercall path's reused [`Checked::blank`]) instead of returning a
+    /// new value: only the presented arguments are written. On a refusal `checked` is
+    /// left blank (no arguments, no AM's operation), so it never passes for a check that
+    /// failed.
+    #[inline]
+    pub fn check_into(
+        &self,
+        caller: Principal,
+        op: OpId,
+        names: &[CapName],
+        checked: &mut Checked,
+    ) -> Result<(), CheckError> {
         let specs = self.registry.op(op).ok_or(CheckError::UnknownOperation)?.args();
+        // Blank until every argument passed.
+        (checked.op, checked.arity) = (Checked::BLANK_OP, 0);
         if names.len() != specs.len() {
             return Err(CheckError::WrongArgCount {
                 // At most MAX_CAP_ARGS.
@@ -156,21 +194,14 @@ impl CapTable {
                 presented: u8::try_from(names.len()).unwrap_or(u8::MAX),
             });
         }
-        let mut checked = Checked {
-            op,
-            caller,
-            args: [CheckedCap::UNUSED; MAX_CAP_ARGS],
-            // At most MAX_CAP_ARGS.
-            arity: specs.len() as u8,
-        };
-        for (index, (&name, spec)) in names.iter().zip(specs).enumerate() {
+        for (index, ((&name, spec), slot)) in names.iter().zip(specs).zip(checked.args.iter_mut()).enumerate() {
             let fail = |fault: ArgFault| CheckError::Arg {
                 // At most MAX_CAP_ARGS.
                 index: index as u8,
                 fault,
             };
-            let slot = self.resolve(caller, name).map_err(|fault| fail(fault.into()))?;
-            let node = &self.nodes[slot];
+            let found = self.resolve(caller, name).map_err(|fault| fail(fault.into()))?;
+            let node = &self.nodes[found];
             debug_assert_eq!(node.state, State::Live);
             if node.am != op.am() || node.kind != spec.kind {
                 return Err(fail(ArgFault::WrongKind));
@@ -178,8 +209,10 @@ impl CapTable {
             if !node.rights.contains(spec.rights) {
                 return Err(fail(ArgFault::MissingRights));
             }
-            checked.args[index] = CheckedCap { name, object: node.object(), rights: node.rights };
+            *slot = CheckedCap { name, object: node.object(), rights: node.rights };
         }
-        Ok(checked)
+        // At most MAX_CAP_ARGS.
+        (checked.op, checked.caller, checked.arity) = (op, caller, specs.len() as u8);
+        Ok(())
     }
 }
