@@ -194,7 +194,8 @@ impl CapTable {
                 presented: u8::try_from(names.len()).unwrap_or(u8::MAX),
             });
         }
-        for (index, ((&name, spec), slot)) in names.iter().zip(specs).zip(checked.args.iter_mut()).enumerate() {
+        for index in 0..names.len() {
+            let (name, spec) = (names[index], &specs[index]);
             let fail = |fault: ArgFault| CheckError::Arg {
                 // At most MAX_CAP_ARGS.
                 index: index as u8,
@@ -209,7 +210,7 @@ impl CapTable {
             if !node.rights.contains(spec.rights) {
                 return Err(fail(ArgFault::MissingRights));
             }
-            *slot = CheckedCap { name, object: node.object(), rights: node.rights };
+            checked.args[index] = CheckedCap { name, object: node.object(), rights: node.rights };
         }
         // At most MAX_CAP_ARGS.
         (checked.op, checked.caller, checked.arity) = (op, caller, specs.len() as u8);
