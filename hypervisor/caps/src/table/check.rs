@@ -38,22 +38,26 @@ impl CheckedCap {
 
     /// Returns the name that was presented, so an AM can key an effect by it and undo the
     /// effect when the capability dies.
+    #[inline]
     pub fn name(&self) -> CapName {
         self.name
     }
 
     /// Returns the object the capability refers to.
+    #[inline]
     pub fn object(&self) -> Object {
         self.object
     }
 
     /// Returns the object's id (its AM and kind are the operation's and the argument's).
+    #[inline]
     pub fn id(&self) -> ObjId {
         self.object.id
     }
 
     /// Returns all the rights the capability carries (at least those the argument
     /// required).
+    #[inline]
     pub fn rights(&self) -> Rights {
         self.rights
     }
@@ -89,21 +93,25 @@ impl Checked {
     }
 
     /// Returns the operation that was checked.
+    #[inline]
     pub fn op(&self) -> OpId {
         self.op
     }
 
     /// Returns the AM whose handler must run: every argument names one of its objects.
+    #[inline]
     pub fn am(&self) -> AmId {
         self.op.am()
     }
 
     /// Returns the principal that invoked the operation.
+    #[inline]
     pub fn caller(&self) -> Principal {
         self.caller
     }
 
     /// Returns the checked arguments, in the operation's order.
+    #[inline]
     pub fn args(&self) -> &[CheckedCap] {
         &self.args[..usize::from(self.arity)]
     }
