@@ -392,6 +392,7 @@ fn proto_status(error: ProtoError) -> Status {
 }
 
 /// The reply for a finished capability operation: a name, or a count in result 0.
+#[inline]
 fn outcome_reply(result: Result<Outcome, ProtoError>) -> Reply {
     match result {
         Ok(Outcome::Name(name)) => success(Some(name), [0; 4]),
@@ -401,6 +402,7 @@ fn outcome_reply(result: Result<Outcome, ProtoError>) -> Reply {
 }
 
 /// Turns a started protocol operation into what dispatch returns.
+#[inline]
 fn started(started: Started) -> Dispatched {
     match started {
         Started::Done(result) => Dispatched::Reply(outcome_reply(result)),
