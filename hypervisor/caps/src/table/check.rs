@@ -12,10 +12,10 @@ use crate::registry::MAX_CAP_ARGS;
 /// operation's own AM, of the kind the operation declared, with at least the rights it
 /// declared.
 ///
-/// Only [`CapTable::check`] creates one (the fields are private and there is no public
-/// constructor), so holding one proves the check ran. It is neither `Clone` nor `Copy`: it
-/// is meant to be used by the handler it was checked for, within that call (AM calls run to
-/// completion, seed §5.3), not kept.
+/// Only [`CapTable::check`] and [`CapTable::check_into`] create one (the fields are
+/// private and there is no public constructor), so holding one proves the check ran. It
+/// is neither `Clone` nor `Copy`: it is meant to be used by the handler it was checked
+/// for, within that call (AM calls run to completion, seed §5.3), not kept.
 ///
 /// ```compile_fail
 /// # use nk_caps::*;
@@ -64,7 +64,8 @@ impl CheckedCap {
 }
 
 /// Carries the checked arguments of one invocation of an AM operation; like
-/// [`CheckedCap`], only [`CapTable::check`] makes one.
+/// [`CheckedCap`], only [`CapTable::check`] makes one, or [`CapTable::check_into`] fills
+/// a [`Checked::blank`] (which names no AM's operation and has no arguments) in place.
 #[derive(Debug)]
 pub struct Checked {
     op: OpId,
