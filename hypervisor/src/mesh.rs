@@ -142,9 +142,15 @@ impl Mesh {
         let mut out = Vec::new();
         let mut kernel = instance.kernel.lock();
         let dispatched = kernel.dispatch(vm, call, &mut out);
-        settle_locally(instance, &mut kernel, &mut out);
+        // The fast path (an AM call, a local derive) has no effects, nothing finished and
+        // no messages: it pays two tests, not the calls (issue 14).
+        if kernel.has_effects() || kernel.has_finished() {
+            settle_locally(instance, &mut kernel, &mut out);
+        }
         drop(kernel);
-        self.send(cpu, out);
+        if !out.is_empty() {
+            self.send(cpu, out);
+        }
         dispatched
     }
 

@@ -119,8 +119,9 @@
 //!    usable capability, so principals together never hold more than the union of what
 //!    they were granted (seed §5.2.1).
 //! 5. *Handlers see only their own objects*: an operation's arguments can only name kinds
-//!    of the AM that exports it, and [`Checked`]/[`CheckedCap`] can only be made by
-//!    [`CapTable::check`].
+//!    of the AM that exports it, and a [`Checked`] that names an operation, like every
+//!    [`CheckedCap`], can only be made by [`CapTable::check`] or [`CapTable::check_into`]
+//!    ([`Checked::blank`] names no AM's operation and has no arguments).
 //! 6. *No corruption under concurrency*: a table is one kernel's, used by one CPU at a
 //!    time (`&mut self`); the distributed protocol will keep tables consistent by
 //!    messages, never by sharing a table.

@@ -222,6 +222,7 @@ impl Registry {
     }
 
     /// Tells whether AM `am` is registered.
+    #[inline]
     pub fn has_am(&self, am: AmId) -> bool {
         self.am(am).is_some()
     }
@@ -279,6 +280,7 @@ impl Registry {
     }
 
     /// Returns the capability arguments operation `op` requires, in order.
+    #[inline]
     pub fn op_args(&self, op: OpId) -> Option<&[ArgSpec]> {
         Some(self.op(op)?.args())
     }

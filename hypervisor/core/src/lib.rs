@@ -51,7 +51,7 @@ use nk_am::{
     Registrar,
 };
 use nk_caps::{
-    AmId, ArgFault, Binding, CapError, CapName, CapTable, CheckError, DeadCap, EntropySource, KernelId, NewTableError,
+    AmId, ArgFault, Binding, CapError, CapName, CapTable, CheckError, Checked, DeadCap, EntropySource, KernelId, NewTableError,
     Object, OpId, Principal, PrincipalError, RegisterError, Rights, VmId,
 };
 pub use nk_protocol::{Message, OpId as PendingOp, Outbox};
@@ -180,6 +180,10 @@ pub struct NullKernel {
     /// Root deletions ([`Effect::Retire`]) that wait for other kernels: their completion
     /// is no caller's reply.
     retiring: BTreeSet<PendingOp>,
+    /// The checked arguments of the AM call being dispatched, filled in place by
+    /// [`CapTable::check_into`] and reused by every call (no clearing or copying of the
+    /// argument array on the hypercall path, issue 14).
+    checked: Checked,
 }
 
 /// The AMs and what the hypervisor lends them about memory (one reference in
@@ -388,6 +392,7 @@ fn proto_status(error: ProtoError) -> Status {
 }
 
 /// The reply for a finished capability operation: a name, or a count in result 0.
+#[inline]
 fn outcome_reply(result: Result<Outcome, ProtoError>) -> Reply {
     match result {
         Ok(Outcome::Name(name)) => success(Some(name), [0; 4]),
@@ -397,6 +402,7 @@ fn outcome_reply(result: Result<Outcome, ProtoError>) -> Reply {
 }
 
 /// Turns a started protocol operation into what dispatch returns.
+#[inline]
 fn started(started: Started) -> Dispatched {
     match started {
         Started::Done(result) => Dispatched::Reply(outcome_reply(result)),
@@ -465,6 +471,7 @@ impl NullKernel {
                 dirty: None,
             },
             retiring: BTreeSet::new(),
+            checked: Checked::blank(),
         })
     }
 
@@ -768,32 +775,31 @@ impl NullKernel {
     fn am_op(&mut self, caller: Principal, selector: Selector, call: &Call) -> Reply {
         let am = AmId::new(selector.am);
         let table = self.proto.table_mut();
-        if !table.registry().has_am(am) {
-            return failure(Status::new(Status::UNKNOWN_AM, None));
-        }
-        let Ok(index) = u16::try_from(selector.op) else {
-            return failure(Status::new(Status::UNKNOWN_OPERATION, None));
+        // One registry lookup on the way in; which of the two refusals a miss gets is
+        // decided off the fast path.
+        let known = u16::try_from(selector.op).ok().and_then(|index| {
+            let op = OpId::new(am, index);
+            table.registry().op_args(op).map(|args| (op, args.len()))
+        });
+        let Some((op, arg_count)) = known else {
+            let code = if table.registry().has_am(am) { Status::UNKNOWN_OPERATION } else { Status::UNKNOWN_AM };
+            return failure(Status::new(code, None));
         };
-        let op = OpId::new(am, index);
-        let Some(arg_count) = table.registry().op_args(op).map(<[_]>::len) else {
-            return failure(Status::new(Status::UNKNOWN_OPERATION, None));
-        };
-        let mut names = [CapName::from_words(0, 0); MAX_CAP_ARGS];
-        for (slot, words) in names.iter_mut().zip(&call.caps).take(arg_count) {
-            *slot = name_of(*words);
-        }
-        let checked = match table.check(caller, op, &names[..arg_count]) {
-            Ok(checked) => checked,
+        // Every slot, straight-line (cheaper than a loop bounded by the arity).
+        let names: [CapName; MAX_CAP_ARGS] = call.caps.map(name_of);
+        let checked = &mut self.checked;
+        match table.check_into(caller, op, &names[..arg_count], checked) {
+            Ok(()) => {}
             Err(CheckError::Arg { index, fault }) => return failure(arg_status(index, fault)),
             Err(CheckError::UnknownOperation) => return failure(Status::new(Status::UNKNOWN_OPERATION, None)),
             Err(CheckError::WrongArgCount { .. }) => return failure(Status::new(Status::BAD_ARGUMENT, None)),
-        };
+        }
         let slot = usize::from(am.raw() - FIRST_AM_ID);
         let Some(handler) = self.shared.ams.get(slot) else {
             return failure(Status::new(Status::UNKNOWN_AM, None));
         };
         let mut services = AmServices { am, table, effects: &mut self.effects, shared: &self.shared };
-        let result = handler.lock().invoke(&checked, &call.args, &mut services);
+        let result = handler.lock().invoke(checked, &call.args, &mut services);
         match result {
             Ok(outcome) => success(outcome.name, outcome.results),
             Err(error) => self.refusal(caller, failure(am_status(error))),
@@ -833,22 +839,23 @@ impl NullKernel {
         let c = name_of(call.caps[0]);
         let reply =
             |result: Result<Reply, CapError>| Dispatched::Reply(result.unwrap_or_else(|e| failure(cap_status(e))));
-        let bad_argument = Dispatched::Reply(failure(Status::new(Status::BAD_ARGUMENT, None)));
+        // Built only on the paths that refuse (not before every operation).
+        let bad_argument = || Dispatched::Reply(failure(Status::new(Status::BAD_ARGUMENT, None)));
         match op {
             nk_op::NULL => Dispatched::Reply(success(None, [0; 4])),
             nk_op::DERIVE => started(self.proto.derive(caller, c, Rights::from_bits(call.args[0]), out)),
             nk_op::DELEGATE => {
                 let Ok(target) = u32::try_from(call.args[1]) else {
-                    return bad_argument;
+                    return bad_argument();
                 };
                 let binding = match call.args[2] {
                     0 => Binding::Bound,
                     1 => Binding::Bearer,
-                    _ => return bad_argument,
+                    _ => return bad_argument(),
                 };
                 let target = VmId::new(target);
                 let Some(&kernel) = self.placement.get(&target) else {
-                    return bad_argument;
+                    return bad_argument();
                 };
                 let to = Principal::Vm(target);
                 let mask = Rights::from_bits(call.args[0]);
@@ -891,17 +898,17 @@ impl NullKernel {
                 let index = usize::try_from(call.args[0]).unwrap_or(usize::MAX);
                 match self.initial_caps(vm).get(index) {
                     Some(&(am, name)) => Dispatched::Reply(success(Some(name), [u64::from(am.raw()), 0, 0, 0])),
-                    None => bad_argument,
+                    None => bad_argument(),
                 }
             }
             nk_op::RECEIVED => {
                 let index = usize::try_from(call.args[0]).unwrap_or(usize::MAX);
                 let Some(inbox) = self.pruned_inbox(vm) else {
-                    return bad_argument;
+                    return bad_argument();
                 };
                 let count = inbox.entries.len() as u64;
                 let Some(&InboxEntry { name, sender }) = inbox.entries.get(index) else {
-                    return bad_argument;
+                    return bad_argument();
                 };
                 let am = self.table().inspect(caller, name).map_or(0, |info| u64::from(info.object.am.raw()));
                 Dispatched::Reply(success(Some(name), [am, count, principal_word(sender), 0]))

@@ -12,10 +12,10 @@ use crate::registry::MAX_CAP_ARGS;
 /// operation's own AM, of the kind the operation declared, with at least the rights it
 /// declared.
 ///
-/// Only [`CapTable::check`] creates one (the fields are private and there is no public
-/// constructor), so holding one proves the check ran. It is neither `Clone` nor `Copy`: it
-/// is meant to be used by the handler it was checked for, within that call (AM calls run to
-/// completion, seed §5.3), not kept.
+/// Only [`CapTable::check`] and [`CapTable::check_into`] create one (the fields are
+/// private and there is no public constructor), so holding one proves the check ran. It
+/// is neither `Clone` nor `Copy`: it is meant to be used by the handler it was checked
+/// for, within that call (AM calls run to completion, seed §5.3), not kept.
 ///
 /// ```compile_fail
 /// # use nk_caps::*;
@@ -38,29 +38,34 @@ impl CheckedCap {
 
     /// Returns the name that was presented, so an AM can key an effect by it and undo the
     /// effect when the capability dies.
+    #[inline]
     pub fn name(&self) -> CapName {
         self.name
     }
 
     /// Returns the object the capability refers to.
+    #[inline]
     pub fn object(&self) -> Object {
         self.object
     }
 
     /// Returns the object's id (its AM and kind are the operation's and the argument's).
+    #[inline]
     pub fn id(&self) -> ObjId {
         self.object.id
     }
 
     /// Returns all the rights the capability carries (at least those the argument
     /// required).
+    #[inline]
     pub fn rights(&self) -> Rights {
         self.rights
     }
 }
 
 /// Carries the checked arguments of one invocation of an AM operation; like
-/// [`CheckedCap`], only [`CapTable::check`] makes one.
+/// [`CheckedCap`], only [`CapTable::check`] makes one, or [`CapTable::check_into`] fills
+/// a [`Checked::blank`] (which names no AM's operation and has no arguments) in place.
 #[derive(Debug)]
 pub struct Checked {
     op: OpId,
@@ -70,22 +75,44 @@ pub struct Checked {
 }
 
 impl Checked {
+    /// The operation a blank [`Checked`] names: operation 0 of AM 0, the null-Kernel's
+    /// own id, which no AM handler serves.
+    const BLANK_OP: OpId = OpId::new(AmId::new(0), 0);
+
+    /// Returns a blank set of checked arguments for [`CapTable::check_into`] to fill: no
+    /// arguments, and the null-Kernel's own operation 0 (no AM's). It proves nothing; only
+    /// a successful `check_into` makes it name an operation. A kernel instance keeps one
+    /// and reuses it for every AM call, so a call neither clears nor copies the argument
+    /// array (issue 14: both showed in the AM call's cost).
+    pub const fn blank() -> Self {
+        Checked {
+            op: Self::BLANK_OP,
+            caller: Principal::Am(AmId::new(0)),
+            args: [CheckedCap::UNUSED; MAX_CAP_ARGS],
+            arity: 0,
+        }
+    }
+
     /// Returns the operation that was checked.
+    #[inline]
     pub fn op(&self) -> OpId {
         self.op
     }
 
     /// Returns the AM whose handler must run: every argument names one of its objects.
+    #[inline]
     pub fn am(&self) -> AmId {
         self.op.am()
     }
 
     /// Returns the principal that invoked the operation.
+    #[inline]
     pub fn caller(&self) -> Principal {
         self.caller
     }
 
     /// Returns the checked arguments, in the operation's order.
+    #[inline]
     pub fn args(&self) -> &[CheckedCap] {
         &self.args[..usize::from(self.arity)]
     }
@@ -148,7 +175,27 @@ impl CapTable {
     /// reported with its argument's index. The check changes nothing.
     #[inline]
     pub fn check(&self, caller: Principal, op: OpId, names: &[CapName]) -> Result<Checked, CheckError> {
+        let mut checked = Checked::blank();
+        self.check_into(caller, op, names, &mut checked)?;
+        Ok(checked)
+    }
+
+    /// Checks as [`check`](Self::check) does, writing the checked arguments into
+    /// `checked` (the hypercall path's reused [`Checked::blank`]) instead of returning a
+    /// new value: only the presented arguments are written. On a refusal `checked` is
+    /// left blank (no arguments, no AM's operation), so it never passes for a check that
+    /// failed.
+    #[inline]
+    pub fn check_into(
+        &self,
+        caller: Principal,
+        op: OpId,
+        names: &[CapName],
+        checked: &mut Checked,
+    ) -> Result<(), CheckError> {
         let specs = self.registry.op(op).ok_or(CheckError::UnknownOperation)?.args();
+        // Blank until every argument passed.
+        (checked.op, checked.arity) = (Checked::BLANK_OP, 0);
         if names.len() != specs.len() {
             return Err(CheckError::WrongArgCount {
                 // At most MAX_CAP_ARGS.
@@ -156,21 +203,15 @@ impl CapTable {
                 presented: u8::try_from(names.len()).unwrap_or(u8::MAX),
             });
         }
-        let mut checked = Checked {
-            op,
-            caller,
-            args: [CheckedCap::UNUSED; MAX_CAP_ARGS],
-            // At most MAX_CAP_ARGS.
-            arity: specs.len() as u8,
-        };
-        for (index, (&name, spec)) in names.iter().zip(specs).enumerate() {
+        for index in 0..names.len() {
+            let (name, spec) = (names[index], &specs[index]);
             let fail = |fault: ArgFault| CheckError::Arg {
                 // At most MAX_CAP_ARGS.
                 index: index as u8,
                 fault,
             };
-            let slot = self.resolve(caller, name).map_err(|fault| fail(fault.into()))?;
-            let node = &self.nodes[slot];
+            let found = self.resolve(caller, name).map_err(|fault| fail(fault.into()))?;
+            let node = &self.nodes[found];
             debug_assert_eq!(node.state, State::Live);
             if node.am != op.am() || node.kind != spec.kind {
                 return Err(fail(ArgFault::WrongKind));
@@ -180,6 +221,8 @@ impl CapTable {
             }
             checked.args[index] = CheckedCap { name, object: node.object(), rights: node.rights };
         }
-        Ok(checked)
+        // At most MAX_CAP_ARGS.
+        (checked.op, checked.caller, checked.arity) = (op, caller, specs.len() as u8);
+        Ok(())
     }
 }

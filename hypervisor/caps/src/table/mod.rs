@@ -514,6 +514,7 @@ impl CapTable {
     }
 
     /// Creates a child of the live capability in `parent`.
+    #[inline]
     fn create_child(
         &mut self,
         parent: usize,
@@ -535,6 +536,7 @@ impl CapTable {
 
     /// Creates a capability: charges its payer's quota, takes a slab node, draws a fresh
     /// name, and links the node into the tree, the holder's list and the index.
+    #[inline]
     fn create(&mut self, new: NewCap) -> Result<CapName, CapError> {
         let (holder, payer) = self.admit(new.holder, new.payer, false, 1)?;
         let (index, nodes) = (&self.index, &self.nodes);

@@ -289,6 +289,40 @@ fn check_reports_the_first_failing_argument() {
     assert_eq!(f.table.check(vm(VM2), f.wire, &[r, w, i, o]).unwrap_err(), arg(0, ArgFault::WrongHolder));
 }
 
+#[test]
+fn check_into_reuses_one_checked_and_leaves_it_blank_on_refusal() {
+    let mut f = Fixture::new(64, 64);
+    let (r, w) = (f.frame_root(1), f.frame_root(2));
+    let (i, o) = (f.port_root(1), f.port_root(2));
+    let r = f.give(r, VM1, READ);
+    let w = f.give(w, VM1, WRITE);
+    let i = f.give(i, VM1, IN);
+    let o = f.give(o, VM1, OUT);
+    let mut checked = Checked::blank();
+    assert_eq!(checked.args().len(), 0);
+    assert_eq!(checked.am(), AmId::new(0));
+    // Four arguments, then one: the second call sees only its own argument.
+    f.table.check_into(vm(VM1), f.wire, &[r, w, i, o], &mut checked).unwrap();
+    assert_eq!((checked.op(), checked.caller(), checked.args().len()), (f.wire, vm(VM1), 4));
+    f.table.check_into(vm(VM1), f.map, &[r], &mut checked).unwrap();
+    assert_eq!(checked.op(), f.map);
+    let [only] = checked.args() else { panic!("one argument") };
+    assert_eq!((only.name(), only.id(), only.rights()), (r, ObjId::new(1), READ));
+    // A refusal after a success, even one whose first arguments passed, leaves it blank:
+    // it cannot pass for either check.
+    assert_eq!(
+        f.table.check_into(vm(VM1), f.wire, &[r, w, o, i], &mut checked).unwrap_err(),
+        arg(2, ArgFault::MissingRights)
+    );
+    assert_eq!((checked.am(), checked.args().len()), (AmId::new(0), 0));
+    f.table.check_into(vm(VM1), f.map, &[r], &mut checked).unwrap();
+    assert_eq!(
+        f.table.check_into(vm(VM1), f.copy, &[r], &mut checked).unwrap_err(),
+        CheckError::WrongArgCount { expected: 2, presented: 1 }
+    );
+    assert_eq!((checked.am(), checked.args().len()), (AmId::new(0), 0));
+}
+
 // -------------------------------------------------------------------------------------
 // Minting.
 // -------------------------------------------------------------------------------------
