@@ -8,7 +8,7 @@
 //! child's capability (destroying the lwC and its principal) and finds a switch into it
 //! refused.
 
-use core::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 
 use nk_guest::abi::{nk_op, NameWords, Reply, Selector, Status, NULL_KERNEL_AM};
 use nk_guest::nk::{self, Cap};
@@ -27,6 +27,8 @@ const COUNTER_ADD: u32 = 2;
 
 /// What the root shares with its child through memory (shared by every lwC of the VM).
 static LWC_AM: AtomicU16 = AtomicU16::new(0);
+/// The child only switches back, at once and forever (`lwcbench`).
+static BENCH: AtomicBool = AtomicBool::new(false);
 static SECRET: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
 
 #[repr(C, align(16))]
@@ -80,6 +82,12 @@ fn lw_create(am: u16, me: Cap, mask: u64, stack: u64) -> Reply {
 /// The child lwC: entered by the root's first switch, `(a0, caller)` of the reply.
 extern "C" fn child_main(a0: u64, caller: u64) -> ! {
     let am = LWC_AM.load(Ordering::SeqCst);
+    if BENCH.load(Ordering::SeqCst) {
+        let back = nk::initial(0).map(|(cap, _)| cap).unwrap_or_default();
+        loop {
+            nk::call(am, LW_SWITCH, &[back], &[0, 0]);
+        }
+    }
     let name = |i: usize| NameWords { low: SECRET[i].load(Ordering::SeqCst), high: SECRET[i + 1].load(Ordering::SeqCst) };
     let (counter, factory) = (name(0), name(2));
     let mut verdict = GOOD;
@@ -210,4 +218,37 @@ mod heapless_list {
             self.len = 0;
         }
     }
+}
+
+/// `lwcbench`: `GBENCH lwswitch_instructions` (a switch into a child that switches straight
+/// back: two `lwSwitch` calls) and `GBENCH lwc_cycle_0_pages_instructions` (create, switch
+/// in and back, delete; the new child's one `INITIAL` call included).
+pub fn bench() {
+    let initial = initial_list();
+    let Some((index, &(me, am))) = initial.iter().enumerate().max_by_key(|(_, (_, am))| *am) else {
+        println!("GBENCH error: no initial capabilities");
+        return;
+    };
+    LWC_AM.store(am, Ordering::SeqCst);
+    BENCH.store(true, Ordering::SeqCst);
+    let stack = core::ptr::addr_of!(CHILD_STACK) as u64 + core::mem::size_of::<Stack>() as u64;
+    let empty = crate::measure(|| {});
+    let created = lw_create(am, me, 1 << index, stack);
+    if !created.status().is_ok() {
+        println!("GBENCH error: lwCreate: {}", created.status());
+        return;
+    }
+    let child = created.name;
+    nk::call(am, LW_SWITCH, &[child], &[0, 0]);
+    let switch = crate::measure(|| {
+        nk::call(am, LW_SWITCH, &[child], &[0, 0]);
+    });
+    println!("GBENCH lwswitch_instructions {}", switch.saturating_sub(empty));
+    let _ = nk::call(NULL_KERNEL_AM, nk_op::DELETE, &[child], &[]);
+    let cycle = crate::measure(|| {
+        let created = lw_create(am, me, 1 << index, stack);
+        nk::call(am, LW_SWITCH, &[created.name], &[0, 0]);
+        let _ = nk::call(NULL_KERNEL_AM, nk_op::DELETE, &[created.name], &[]);
+    });
+    println!("GBENCH lwc_cycle_0_pages_instructions {}", cycle.saturating_sub(empty));
 }
