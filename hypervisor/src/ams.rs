@@ -56,6 +56,16 @@ pub static AMS: &[AmLine] = &[
         when: |boot| boot.guests.iter().any(|g| g.nvram),
         make: |boot| Box::new(nvram_am(boot.guests)),
     },
+    // Light-weight contexts (am/lwc, docs/lwc.md): every VM's root lwC is its initial
+    // capability. Only when a guest's arguments start with an lwC mode (`lwc...`), as the
+    // NVRAM AM's line, so boots without lwCs keep their hypercall cost; a module option
+    // `lwc` is the next step.
+    AmLine {
+        name: "lwc",
+        quota: AM_QUOTA,
+        when: |boot| boot.guests.iter().any(|g| g.args.split_whitespace().next().is_some_and(|m| m.starts_with("lwc"))),
+        make: |_| Box::new(nk_am_lwc::LwcAm::new()),
+    },
     // cargo xtask new-am adds new AMs' lines above this one.
 ];
 

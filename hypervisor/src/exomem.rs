@@ -340,6 +340,9 @@ pub fn apply(effect: Effect) {
         | Effect::Msr { .. }
         | Effect::VmControl { .. }
         | Effect::CreateVm { .. }
+        | Effect::LwcCreate { .. }
+        | Effect::LwcSwitch { .. }
+        | Effect::LwcDestroy { .. }
         | Effect::Retire { .. } => {}
     }
 }

@@ -155,6 +155,11 @@ pub struct Guest {
     owns_memory: bool,
     /// Served by the guest debugger (`gdb` on its module line; gdb.rs).
     debugged: bool,
+    /// The principal whose capabilities the vCPU's hypercalls are checked against: the
+    /// VM's own, or that of the light-weight context it runs (lwc.rs).
+    principal: VmId,
+    /// The saved register files of this VM's lwCs that do not run (lwc.rs).
+    lwcs: Vec<crate::lwc::Saved>,
 }
 
 impl fmt::Debug for Guest {
@@ -202,6 +207,8 @@ impl Guest {
             os: None,
             owns_memory: true,
             debugged: false,
+            principal: vm,
+            lwcs: Vec::new(),
         };
         // SAFETY: the frames were just allocated for this guest and are identity-mapped.
         unsafe { core::ptr::write_bytes(memory.as_u64() as *mut u8, 0, memory_size as usize) };
@@ -299,6 +306,8 @@ impl Guest {
             os: Some(alloc::boxed::Box::new(os)),
             owns_memory: false,
             debugged: false,
+            principal: vm,
+            lwcs: Vec::new(),
         };
         let entry = GuestStart {
             mode: start.mode,
@@ -411,10 +420,22 @@ impl Guest {
                 if let Err(e) = vcpu.reinject_interrupted_event() {
                     break stopped(alloc::format!("cannot keep its interrupted event: {e}"));
                 }
+                // An lwC effect zeroed the timer during the hypercall (lwc.rs): apply it
+                // and go on with the slice.
+                if crate::lwc::pending() {
+                    let ended = self.apply_lwc().and_then(|()| {
+                        let vcpu = self.vcpu.as_mut().expect("checked above");
+                        vcpu.set_time_slice(ticks, timer_rate)
+                    });
+                    match ended {
+                        Ok(()) => continue,
+                        Err(e) => break stopped(alloc::format!("cannot switch lwCs: {e}")),
+                    }
+                }
                 break Slice::Expired;
             }
             let flow = match exit.reason {
-                ExitReason::VMCALL => handle_hypercall(self.vm, vcpu, sink),
+                ExitReason::VMCALL => handle_hypercall(self.principal, vcpu, sink),
                 _ => self.handle_exit(&exit, sink),
             };
             if let Some(end) = slice_ending(flow) {
@@ -524,6 +545,49 @@ impl Guest {
         }
         self.leave_slice();
         end
+    }
+
+    /// Applies the lwC AM's effects of the hypercall just handled (lwc.rs; the entry after
+    /// it exited at once on the zeroed preemption timer, so no guest instruction ran): a create saves
+    /// the caller's registers (RIP past its VMCALL, the reply in place) as the child's; a
+    /// switch saves the caller's, loads the target's with the reply in them, and makes the
+    /// target's principal the one every later hypercall is checked against.
+    #[cold]
+    #[inline(never)]
+    fn apply_lwc(&mut self) -> Result<(), VcpuError> {
+        let Some(vcpu) = self.vcpu.as_mut() else { return Ok(()) };
+        for effect in crate::lwc::take() {
+            match effect {
+                nk_am::Effect::LwcCreate { child, .. } => {
+                    if self.lwcs.len() > nk_am_lwc::MAX_LWCS_PER_VM {
+                        // Drop the saved registers of lwCs that died (their principal is gone).
+                        let cpu = crate::percpu::current_index() as usize;
+                        let kernel = crate::mesh::mesh().instance(cpu).kernel.lock();
+                        self.lwcs.retain(|l| kernel.table().usage(nk_caps::Principal::Vm(VmId::new(l.principal))).is_some());
+                    }
+                    let saved = crate::lwc::Saved { principal: child.raw(), regs: vcpu.regs, flow: vcpu.flow_registers()? };
+                    self.lwcs.push(saved);
+                }
+                nk_am::Effect::LwcSwitch { from, to } => {
+                    let Some(slot) = self.lwcs.iter().position(|l| l.principal == to.raw()) else {
+                        log::error!(target: "lwc", "{}: no saved registers for lwC {:#x}; switch ignored", self.label, to.raw());
+                        continue;
+                    };
+                    let target = self.lwcs.swap_remove(slot);
+                    let mine = crate::lwc::Saved { principal: from.raw(), regs: vcpu.regs, flow: vcpu.flow_registers()? };
+                    self.lwcs.push(mine);
+                    let reply = vcpu.regs;
+                    vcpu.regs = target.regs;
+                    let r = &mut vcpu.regs;
+                    (r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.r8) =
+                        (reply.rax, reply.rbx, reply.rcx, reply.rdx, reply.rsi, reply.rdi, reply.r8);
+                    vcpu.set_flow_registers(target.flow)?;
+                    self.principal = to;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Handles every exit but VMCALL's; says whether the guest goes on, waits, or ended.

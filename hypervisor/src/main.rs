@@ -23,6 +23,7 @@ mod gdb;
 mod guest;
 mod hostmap;
 mod ioports;
+mod lwc;
 mod memory;
 mod mesh;
 mod nvram;

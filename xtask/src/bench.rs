@@ -48,6 +48,11 @@ const BENCHES: &[Bench] = &[
         run: bench_exo,
     },
     Bench {
+        name: "lwc",
+        about: "lwC AM in Bochs, in emulated instructions: lwSwitch round trip, create + switch + destroy of an untouched child",
+        run: bench_lwc,
+    },
+    Bench {
         name: "nvram",
         about: "NVRAM AM in Bochs, in emulated instructions: commit of 1, 16 and 256 dirty pages (sparse and dense) with device bytes and write amplification, the whole region, restore of 1 MiB",
         run: bench_nvram,
@@ -220,6 +225,24 @@ fn instruction_members(metrics: &[&str], values: &BTreeMap<String, u64>) -> Stri
         json.push_str(&format!("  \"{metric}\": {{\"value\": {value}, \"unit\": \"instructions\"}},\n"));
     }
     json
+}
+
+/// The metrics the test guest's `lwcbench` mode reports.
+const LWC_METRICS: &[&str] = &["lwswitch_instructions", "lwc_cycle_0_pages_instructions"];
+
+/// Boots the test guest in its `lwcbench` mode (1 CPU) and writes target/bench/lwc.json.
+fn bench_lwc(workspace: &Workspace) -> Result<()> {
+    let values = guest_bench(workspace, "bench-lwc", 1, &["lwc -- lwcbench"], LWC_METRICS)?;
+    println!("xtask: bench: lwC AM, emulated instructions per operation (guest-side RDTSC):");
+    let mut json = String::from("{\n");
+    json.push_str(&instruction_members(LWC_METRICS, &values));
+    json.push_str(&format!(
+        "  \"context\": {{\"emulator\": \"bochs\", \"cpu_model\": \"{BENCH_CPU_MODEL}\", \"method\": \"minimum of 5 guest-side RDTSC deltas, empty-measurement overhead subtracted; memory shared (no COW yet)\"}}\n}}\n"
+    ));
+    let dir = bench_dir(workspace);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("lwc.json"), json)?;
+    Ok(())
 }
 
 /// Boots the test guest in its `bench` mode and writes target/bench/hypercall.json.

@@ -171,6 +171,20 @@ pub enum Effect {
     /// gives the AM's quota back. The null-Kernel handles it; the hypervisor never sees
     /// it. (No `Object` here: it would make every effect 8 bytes larger.)
     Retire { am: AmId, root: CapName },
+    /// Registers principal `child` on the caller's kernel instance for a new light-weight
+    /// context (the lwC AM's `lwCreate`) of the VM whose principal `parent` made the call,
+    /// with copies (delegated children) of the parent's `INITIAL` capabilities whose index
+    /// is set in `mask` as its own `INITIAL` list. The null-Kernel registers it; then the
+    /// hypervisor snapshots the caller's registers as the child's (its one entry point).
+    LwcCreate { parent: VmId, child: VmId, mask: u64 },
+    /// Switches the calling vCPU from the lwC of principal `from` (its registers saved) to
+    /// the lwC of principal `to` (its registers loaded; the call's reply goes to it), whose
+    /// capabilities every later hypercall of the vCPU is checked against (`lwSwitch`).
+    LwcSwitch { from: VmId, to: VmId },
+    /// Destroys the lwC of principal `child` (the capability `lwCreate` handed out died):
+    /// the null-Kernel removes the principal, so every capability it holds dies on every
+    /// kernel, and the hypervisor drops its saved registers.
+    LwcDestroy { child: VmId },
 }
 
 /// Access through a guest-physical mapping, as bits of `Effect::MapFrames` and

@@ -616,6 +616,16 @@ impl NullKernel {
             next += 1;
             match effect {
                 Effect::Retire { am, root } => self.retire(am, root, out),
+                Effect::LwcCreate { parent, child, mask } => {
+                    self.add_lwc(parent, child, mask, out);
+                    apply(effect);
+                }
+                Effect::LwcDestroy { child } => {
+                    // Ended already when the creator's principal went first.
+                    let _ = self.remove_vm(child, out);
+                    self.placement.remove(&child);
+                    apply(effect);
+                }
                 effect => apply(effect),
             }
         }
@@ -638,6 +648,42 @@ impl NullKernel {
         if let Started::Pending(op) = self.proto.delete(am, root, hook, out) {
             self.retiring.insert(op);
         }
+    }
+
+    /// Registers principal `child`, a new light-weight context of `parent`
+    /// ([`Effect::LwcCreate`]), on this instance with `parent`'s quota, and hands it a
+    /// delegated child (same rights, bound) of each of `parent`'s `INITIAL` capabilities
+    /// whose index is set in `mask`, as its own `INITIAL` list. A capability that fails to
+    /// delegate (gone since) is skipped; the child's list stays in index order.
+    #[cold]
+    #[inline(never)]
+    fn add_lwc<O>(&mut self, parent: VmId, child: VmId, mask: u64, out: &mut O)
+    where
+        O: Outbox + ?Sized,
+    {
+        let quota = self.table().usage(Principal::Vm(parent)).map_or(0, |usage| usage.quota);
+        if self.proto.table_mut().add_vm(child, quota).is_err() {
+            return;
+        }
+        self.placement.insert(child, self.id());
+        let chosen: Vec<(AmId, CapName)> = self
+            .initial_caps(parent)
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i < 64 && mask & (1 << i) != 0)
+            .map(|(_, &cap)| cap)
+            .collect();
+        let mut granted = Vec::new();
+        for (am, name) in chosen {
+            let (caller, to, kernel) = (Principal::Vm(parent), Principal::Vm(child), self.id());
+            if let Started::Done(Ok(Outcome::Name(copy))) =
+                self.proto.delegate(caller, name, to, kernel, Rights::ALL, Binding::Bound, out)
+            {
+                granted.push((am, copy));
+            }
+        }
+        self.initial.insert(child, granted);
+        self.inbox.insert(child, Inbox::default());
     }
 
     /// Tells whether effects are waiting to be applied.

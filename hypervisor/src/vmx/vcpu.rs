@@ -652,6 +652,25 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Returns the guest's RIP, RSP and RFLAGS (an lwC's part of the register file that
+    /// lives in the VMCS guest-state area, SDM Vol. 3 §25.4.1); the VMCS must be current.
+    pub fn flow_registers(&self) -> Result<[u64; 3], VcpuError> {
+        Ok([vmcs::read(F::GUEST_RIP)?, vmcs::read(F::GUEST_RSP)?, vmcs::read(F::GUEST_RFLAGS)?])
+    }
+
+    /// Loads RIP, RSP and RFLAGS saved by [`flow_registers`](Self::flow_registers) of this
+    /// same vCPU (an lwC switch, SDM Vol. 3 §25.4.1).
+    pub fn set_flow_registers(&mut self, [rip, rsp, rflags]: [u64; 3]) -> Result<(), VcpuError> {
+        // SAFETY: the values were this vCPU's own at an earlier VM exit (valid guest state
+        // then, and its control registers and segments are shared by every lwC of the VM).
+        unsafe {
+            vmcs::write(F::GUEST_RIP, rip)?;
+            vmcs::write(F::GUEST_RSP, rsp)?;
+            vmcs::write(F::GUEST_RFLAGS, rflags)?;
+        }
+        Ok(())
+    }
+
     /// Makes this vCPU's VMCS the current one on this CPU (before running it after another
     /// vCPU ran here).
     pub fn activate(&self) -> Result<(), VcpuError> {
@@ -973,4 +992,12 @@ impl Drop for Vcpu {
             }
         }
     }
+}
+
+/// Zeroes the VMX-preemption timer of the current VMCS, so its next VM entry exits before
+/// any guest instruction runs (SDM Vol. 3 §26.7.4); the slice loop re-arms it.
+pub fn expire_current_slice() {
+    // SAFETY: the timer value only bounds how long the guest runs; without a current VMCS
+    // the write fails and is ignored.
+    let _ = unsafe { vmcs::write(F::GUEST_PREEMPTION_TIMER, 0) };
 }

@@ -1,0 +1,242 @@
+//! The lwC AM: light-weight contexts inside one VM (seed null-kernel-ptx-lwc-thesis.txt
+//! chapter 4, and §5.5 where the lwC becomes an AM), switched like coroutines by the
+//! null-Kernel.
+//!
+//! # How an lwC maps onto VT-x (the choice the seed leaves open)
+//!
+//! An lwC is three things:
+//! - **a capability set**: every lwC is its own principal of the null-Kernel (a VM root
+//!   lwC is the VM's own principal; a child gets a fresh principal number from
+//!   [`FIRST_CHILD`] up, registered on the creator's kernel instance). The hypervisor
+//!   keeps, per vCPU, the *current principal* and hands it to the null-Kernel's dispatch
+//!   for every hypercall, so while an lwC runs its calls are checked against its own
+//!   capabilities only: a child cannot use a capability it does not hold even by its name
+//!   (`UNKNOWN_NAME` / `WRONG_HOLDER`). This is §5.5's "capability register";
+//! - **a register file**: the hypervisor saves the caller's general registers, RIP, RSP
+//!   and RFLAGS in its lwC at `lwSwitch` and loads the target's;
+//! - **a view of memory**: for now every lwC of a VM sees the same EPT (the VM's memory is
+//!   *shared*, as `LWC_SHARED` for every range). Copy-on-write on EPT is the next step.
+//!
+//! Destroying an lwC is revoking (or deleting) the capability `lwCreate` handed its
+//! creator: the AM hears of the death, and [`Effect::LwcDestroy`] makes the null-Kernel
+//! remove the principal, so every capability it holds dies on every kernel.
+//!
+//! # Operations (ABI numbers; seed Table 4.1)
+//!
+//! - 0 `lwCreate(self: lwc/create; mask, options)` -> name of the new lwC's capability,
+//!   results `{new, caller, 0, 0}` = `{child id, NONE}`. `self` must be the caller's own
+//!   lwC (its id is the caller's principal). `mask` is the resource spec's capability part:
+//!   bit i hands the child a copy of the caller's `INITIAL` capability i (its own `INITIAL`
+//!   list, in index order); include your own lwC capability for the child to switch back.
+//!   The child starts as a snapshot of the caller's registers at the call: the first switch
+//!   into it returns there with `{new, caller, args}` = `{creator id, switcher id, a0, a1}`
+//!   (the creator sees `caller == NONE`). `options` must be 0 (`LWC_SYSTRAP` and signal
+//!   sharing are not implemented: `BAD_ARGUMENT`).
+//! - 1 `lwSwitch(target: lwc/switch; a0, a1)`: the reply goes to the target, with results
+//!   `{new, caller, a0, a1}` = `{target's creator (NONE for a root), caller id, a0, a1}`.
+//!   Refused (`NOT_PERMITTED`) for the running lwC itself, an lwC of another VM, or one
+//!   that runs on another vCPU; a destroyed target's capability is dead (`REVOKED` /
+//!   `UNKNOWN_NAME`).
+//! - 2 `lwRestrict`, 3 `lwOverlay`, 4 `lwSyscall`: registered with the seed's names, not
+//!   yet implemented (`NOT_PERMITTED`).
+//!
+//! Ids are the lwCs' principal numbers; `NONE` is `u64::MAX`. A VM holds at most
+//! [`MAX_LWCS_PER_VM`] live children (`QUOTA_EXCEEDED`), the AM [`MAX_LWCS`]
+//! (`NO_MEMORY`).
+#![cfg_attr(not(test), no_std)]
+#![forbid(unsafe_code)]
+
+extern crate alloc;
+
+use alloc::collections::BTreeMap;
+use alloc::vec::Vec;
+
+use nk_am::{
+    AbstractMachine, AmError, AmId, ArgSpec, Binding, CapName, Checked, DeadCap, Effect, Effects, Kernel, KindSpec,
+    ObjId, ObjKind, Object, OpSpec, Outcome, Principal, RegisterError, Registrar, Rights, VmId, PLAIN_ARGS,
+};
+
+/// The first principal number of a child lwC (VMs are numbered from 1, far below).
+pub const FIRST_CHILD: u32 = 0x4000_0000;
+/// The most live child lwCs the AM keeps.
+pub const MAX_LWCS: usize = 1024;
+/// The most live child lwCs one VM may have.
+pub const MAX_LWCS_PER_VM: usize = 64;
+/// "No lwC" in results (the creator's `caller` after `lwCreate`; a root's creator).
+pub const NONE: u64 = u64::MAX;
+
+/// ABI operation numbers.
+pub mod op {
+    pub const LW_CREATE: u16 = 0;
+    pub const LW_SWITCH: u16 = 1;
+    pub const LW_RESTRICT: u16 = 2;
+    pub const LW_OVERLAY: u16 = 3;
+    pub const LW_SYSCALL: u16 = 4;
+}
+
+/// Rights bits of an lwC capability (registration order).
+pub mod rights {
+    /// May switch into the lwC.
+    pub const SWITCH: u64 = 1;
+    /// May create children of the lwC (only the lwC itself, with its own capability).
+    pub const CREATE: u64 = 2;
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Lwc {
+    /// The VM whose vCPUs run it.
+    vm: VmId,
+    /// The lwC that created it (None: a VM's root lwC).
+    creator: Option<u32>,
+    /// A vCPU runs it now.
+    running: bool,
+    /// (root held by the AM, capability handed to the creator), for a child.
+    caps: Option<(CapName, CapName)>,
+}
+
+/// The lwC AM.
+#[derive(Debug, Default)]
+pub struct LwcAm {
+    am: Option<AmId>,
+    kind: Option<ObjKind>,
+    /// Every live lwC, by principal number.
+    lwcs: BTreeMap<u32, Lwc>,
+    next_child: u32,
+}
+
+impl LwcAm {
+    /// Creates the AM with no lwCs.
+    pub fn new() -> Self {
+        Self { next_child: FIRST_CHILD, ..Self::default() }
+    }
+
+    /// Returns the principal number of `principal` when it is a VM-like principal.
+    fn number(principal: Principal) -> Result<u32, AmError> {
+        match principal {
+            Principal::Vm(vm) => Ok(vm.raw()),
+            _ => Err(AmError::NotPermitted),
+        }
+    }
+
+    /// Returns the live lwC an argument names.
+    fn lwc_of(&self, object: Object) -> Result<(u32, Lwc), AmError> {
+        let id = u32::try_from(object.id.raw()).map_err(|_| AmError::BadArgument)?;
+        self.lwcs.get(&id).map(|l| (id, *l)).ok_or(AmError::NotPermitted)
+    }
+
+    fn create(&mut self, checked: &Checked, args: &[u64; PLAIN_ARGS], kernel: &mut dyn Kernel) -> Result<Outcome, AmError> {
+        let (am, kind) = (self.am.ok_or(AmError::NotPermitted)?, self.kind.ok_or(AmError::NotPermitted)?);
+        let caller = Self::number(checked.caller())?;
+        let (id, me) = self.lwc_of(checked.args()[0].object())?;
+        if id != caller || !me.running {
+            return Err(AmError::NotPermitted);
+        }
+        if args[1] != 0 {
+            return Err(AmError::BadArgument);
+        }
+        if self.lwcs.len() >= MAX_LWCS || self.next_child == u32::MAX {
+            return Err(AmError::NoMemory);
+        }
+        if self.lwcs.values().filter(|l| l.vm == me.vm && l.creator.is_some()).count() >= MAX_LWCS_PER_VM {
+            return Err(AmError::QuotaExceeded);
+        }
+        let child = self.next_child;
+        let object = Object::new(am, kind, ObjId::new(u64::from(child)));
+        let all = Rights::from_bits(rights::SWITCH | rights::CREATE);
+        let (root, name) = kernel.grant_new_root(object, all, checked.caller(), Binding::Bound)?;
+        self.next_child += 1;
+        self.lwcs.insert(child, Lwc { vm: me.vm, creator: Some(caller), running: false, caps: Some((root, name)) });
+        kernel.emit(Effect::LwcCreate { parent: VmId::new(caller), child: VmId::new(child), mask: args[0] });
+        Ok(Outcome { name: Some(name), results: [u64::from(child), NONE, 0, 0] })
+    }
+
+    fn switch(&mut self, checked: &Checked, args: &[u64; PLAIN_ARGS], kernel: &mut dyn Kernel) -> Result<Outcome, AmError> {
+        let caller = Self::number(checked.caller())?;
+        let (target, to) = self.lwc_of(checked.args()[0].object())?;
+        let from = self.lwcs.get(&caller).copied().ok_or(AmError::NotPermitted)?;
+        if target == caller || to.running || to.vm != from.vm || !from.running {
+            return Err(AmError::NotPermitted);
+        }
+        if let Some(l) = self.lwcs.get_mut(&caller) {
+            l.running = false;
+        }
+        if let Some(l) = self.lwcs.get_mut(&target) {
+            l.running = true;
+        }
+        kernel.emit(Effect::LwcSwitch { from: VmId::new(caller), to: VmId::new(target) });
+        let creator = to.creator.map_or(NONE, u64::from);
+        Ok(Outcome { name: None, results: [creator, u64::from(caller), args[0], args[1]] })
+    }
+}
+
+impl AbstractMachine for LwcAm {
+    fn name(&self) -> &'static str {
+        "lwc"
+    }
+
+    fn register(&mut self, r: &mut Registrar<'_>) -> Result<(), RegisterError> {
+        let kind = r.kind(KindSpec { name: "lwc", rights: &["switch", "create"] })?;
+        let switch = r.rights(kind, &["switch"]).ok_or(RegisterError::UnknownKind)?;
+        let create = r.rights(kind, &["create"]).ok_or(RegisterError::UnknownKind)?;
+        self.kind = Some(kind);
+        self.am = Some(r.am());
+        r.operation(OpSpec { name: "lwCreate", args: &[ArgSpec::new(kind, create)] })?;
+        r.operation(OpSpec { name: "lwSwitch", args: &[ArgSpec::new(kind, switch)] })?;
+        r.operation(OpSpec { name: "lwRestrict", args: &[ArgSpec::new(kind, Rights::NONE)] })?;
+        r.operation(OpSpec { name: "lwOverlay", args: &[ArgSpec::new(kind, Rights::NONE)] })?;
+        r.operation(OpSpec { name: "lwSyscall", args: &[ArgSpec::new(kind, switch)] })?;
+        Ok(())
+    }
+
+    fn invoke(
+        &mut self,
+        checked: &Checked,
+        args: &[u64; PLAIN_ARGS],
+        kernel: &mut dyn Kernel,
+    ) -> Result<Outcome, AmError> {
+        match checked.op().index() {
+            op::LW_CREATE => self.create(checked, args, kernel),
+            op::LW_SWITCH => self.switch(checked, args, kernel),
+            _ => Err(AmError::NotPermitted),
+        }
+    }
+
+    /// Grants every VM its root lwC (object id = the VM's number), running, with both rights.
+    fn grant_initial(&mut self, vm: VmId, kernel: &mut dyn Kernel) -> Result<Vec<CapName>, AmError> {
+        let (am, kind) = (self.am.ok_or(AmError::NotPermitted)?, self.kind.ok_or(AmError::NotPermitted)?);
+        if vm.raw() >= FIRST_CHILD {
+            return Ok(Vec::new());
+        }
+        let object = Object::new(am, kind, ObjId::new(u64::from(vm.raw())));
+        let all = Rights::from_bits(rights::SWITCH | rights::CREATE);
+        let name = kernel.grant_new(object, all, Principal::Vm(vm), Binding::Bound)?;
+        self.lwcs.insert(vm.raw(), Lwc { vm, creator: None, running: true, caps: None });
+        Ok(alloc::vec![name])
+    }
+
+    fn revoked(&mut self, dead: &DeadCap, effects: &mut dyn Effects) {
+        if Some(dead.object.kind) != self.kind {
+            return;
+        }
+        let Ok(id) = u32::try_from(dead.object.id.raw()) else { return };
+        let Some(lwc) = self.lwcs.get(&id).copied() else { return };
+        match lwc.caps {
+            // The creator's capability died: the lwC with it.
+            Some((root, handed)) if handed == dead.name => {
+                self.lwcs.remove(&id);
+                effects.emit(Effect::LwcDestroy { child: VmId::new(id) });
+                if let Some(am) = self.am {
+                    effects.emit(Effect::Retire { am, root });
+                }
+            }
+            // A root lwC's capability dies with its VM.
+            None if dead.holder == Principal::Vm(lwc.vm) => {
+                self.lwcs.remove(&id);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
