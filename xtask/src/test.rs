@@ -195,7 +195,7 @@ fn run_one(
     let boots = scenario.boots();
     let several = boots.len() > 1;
     let mut verdict = Verdict::default();
-    let mut last_run = None;
+    let mut last_run: Option<emulator::RunResult> = None;
     for (number, (boot, iso)) in boots.iter().zip(isos).enumerate().map(|(i, pair)| (i + 1, pair)) {
         if let Some(path) = &disk {
             // A boot killed from outside leaves Bochs's lock on the image.
@@ -249,7 +249,8 @@ fn run_one(
         let prefix = |text: String| if several { format!("boot {number}: {text}") } else { text };
         match emulator::run(&spec, |_| {}) {
             Ok(run) => {
-                let mut boot_verdict = checks::judge(boot, &run);
+                let previous = last_run.as_ref().map(|previous| previous.serial.as_str());
+                let mut boot_verdict = checks::judge(boot, &run, previous);
                 if judged_by_gdb {
                     boot_verdict.problems.extend(crate::gdb::judge(&scenario.gdb_expect, run.gdb_output.as_deref()));
                 }
