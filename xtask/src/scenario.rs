@@ -132,6 +132,10 @@ pub struct BootSpec {
     /// previous boot's log too (e.g. `nvram-versions`).
     #[serde(default)]
     pub checks: Vec<String>,
+    /// Before this boot, xtask flips every bit of this byte of the NVRAM disk's durable
+    /// area (an offset from the area's start): metadata corrupted between boots.
+    #[serde(default)]
+    pub flip_byte: Option<u64>,
     /// `[low, high]`: kill the emulator from outside at a moment drawn from this range of
     /// milliseconds after its start (from the run's seed, so `--seed` replays it); the boot
     /// then need not reach `nk: shutdown`, and its `expect` applies to what it printed.
@@ -302,6 +306,9 @@ impl Scenario {
         for (index, boot) in self.boot.iter().enumerate() {
             if let Err(why) = image::check_cmdline(&boot.cmdline.replace(SWEEP_PLACEHOLDER, "1")) {
                 problems.push(format!("boot {}: cmdline: {why}", index + 1));
+            }
+            if boot.flip_byte.is_some() && self.nvram_mib.is_none() {
+                problems.push(format!("boot {}: flip_byte needs nvram_mib (a disk to corrupt)", index + 1));
             }
             for check in &boot.checks {
                 if !checks::is_host_check(check) {

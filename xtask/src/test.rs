@@ -203,6 +203,13 @@ fn run_one(
                 verdict.problems.push(format!("boot {number}: {err:#}"));
                 break;
             }
+            if let Some(offset) = scenario.boot.get(number - 1).and_then(|spec| spec.flip_byte) {
+                if let Err(err) = crate::nvram_disk::flip_byte(path, offset) {
+                    verdict.problems.push(format!("boot {number}: {err:#}"));
+                    break;
+                }
+                println!("xtask: test: {} boot {number}: flipped the byte at {offset} of the NVRAM area", scenario.name);
+            }
         }
         // A scripted gdb session drives the first boot.
         let gdb_client = gdb.take();
