@@ -149,6 +149,11 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
     let tlb = vmx::tlb::stats();
     log::info!(target: "vmx", "TLB invalidations: {} INVEPT, {} INVVPID; {} VPIDs recycled, {} held",
         tlb.invepts, tlb.invvpids, tlb.vpids_recycled, tlb.vpids_live);
+    if let Some(nvram) = storage::stats() {
+        // What a crash sweep (`nvram-crash-after=<k>`) has to cover.
+        log::info!(target: "nvram", "this boot wrote {} sectors to the device, {} fences, {} bytes",
+            nvram.sector_writes, nvram.fences, nvram.bytes_written);
+    }
     power::shutdown(status, "all guests finished")
 }
 

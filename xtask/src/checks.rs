@@ -24,6 +24,8 @@ pub struct Verdict {
 #[derive(Debug)]
 pub struct CheckContext<'a> {
     pub log: &'a str,
+    /// The previous boot's log, in a multi-boot scenario (not the first boot).
+    pub previous: Option<&'a str>,
     pub scenario: &'a Scenario,
 }
 
@@ -38,7 +40,49 @@ const HOST_CHECKS: &[HostCheck] = &[
     HostCheck { name: "memmap", run: check_memmap },
     HostCheck { name: "linux-irqs", run: check_linux_irqs },
     HostCheck { name: "batched-revoke", run: check_batched_revoke },
+    HostCheck { name: "nvram-versions", run: check_nvram_versions },
 ];
+
+/// The version in the `nvram: restored version V (seq S), intact` lines of `log`, in order.
+fn restored_versions(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter_map(|line| line.split_once("nvram: restored version ")?.1.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+/// `nvram-versions` (issue 12's crash property): the region the `nvramseq` guest restored
+/// at the start of this boot holds exactly one committed version (the guest checked it
+/// whole: `restored version V (seq S), intact`), never older than the last version whose
+/// commit returned in the previous boot (its last `committed version V` line; 0 without
+/// one), and at most one newer; if the previous boot ended normally (its guest restored
+/// its last version again, `GTEST ok nvram_sequence`), exactly that one.
+fn check_nvram_versions(context: &CheckContext<'_>) -> Result<(), String> {
+    let Some(previous) = context.previous else {
+        return Err("no previous boot to compare with (use it on a second or later boot)".into());
+    };
+    let committed = previous
+        .lines()
+        .filter_map(|line| line.split_once("nvram: committed version ")?.1.split_whitespace().next()?.parse::<u64>().ok())
+        .next_back()
+        .unwrap_or(0);
+    let finished = previous.contains("GTEST ok nvram_sequence");
+    let Some(&restored) = restored_versions(context.log).first() else {
+        return Err("this boot printed no `nvram: restored version V (seq S), intact` line".into());
+    };
+    let newest = if finished { committed } else { committed + 1 };
+    if restored < committed || restored > newest {
+        return Err(format!(
+            "restored version {restored}, but the previous boot's last commit that returned was version {committed}{}: expected {}",
+            if finished { " and it ended normally" } else { " before the cut" },
+            if finished { committed.to_string() } else { format!("{committed} or {}", committed + 1) },
+        ));
+    }
+    println!(
+        "xtask: nvram-versions: restored version {restored}; last committed before the {} {committed}: ok",
+        if finished { "reboot" } else { "cut" }
+    );
+    Ok(())
+}
 
 /// The most protocol messages a `pbench 2 3 4` run may send when revocation is batched
 /// (issue 14): its 1,013 cross-kernel delegations take 2 messages each (2,026), and the
@@ -105,8 +149,9 @@ pub fn host_check_names() -> Vec<&'static str> {
     HOST_CHECKS.iter().map(|check| check.name).collect()
 }
 
-/// Applies every check of `scenario` to `result`.
-pub fn judge(scenario: &Scenario, result: &RunResult) -> Verdict {
+/// Applies every check of `scenario` to `result`; `previous` is the previous boot's log in
+/// a multi-boot scenario.
+pub fn judge(scenario: &Scenario, result: &RunResult, previous: Option<&str>) -> Verdict {
     let log = result.serial.as_str();
     let mut verdict = Verdict::default();
     match result.ending {
@@ -145,7 +190,7 @@ pub fn judge(scenario: &Scenario, result: &RunResult) -> Verdict {
         }
         verdict.cases.extend(cases);
     }
-    let context = CheckContext { log, scenario };
+    let context = CheckContext { log, previous, scenario };
     for name in &scenario.checks {
         match HOST_CHECKS.iter().find(|check| check.name == name) {
             Some(check) => {
@@ -379,11 +424,11 @@ mod tests {
         let s = scenario("checks = [\"linux-irqs\"]");
         let good = "[cpu0 INFO ] guest: vm1/linux:   4:         12    XT-PIC      ttyS0\n\
                     [cpu0 INFO ] guest: vm1/linux: LOC:       6094   Local timer interrupts\n";
-        assert!(check_linux_irqs(&CheckContext { log: good, scenario: &s }).is_ok());
+        assert!(check_linux_irqs(&CheckContext { log: good, previous: None, scenario: &s }).is_ok());
         let no_serial = "[cpu0 INFO ] guest: vm1/linux:   4:          0    XT-PIC      ttyS0\n\
                          [cpu0 INFO ] guest: vm1/linux: LOC:       6094   Local timer interrupts\n";
-        assert!(check_linux_irqs(&CheckContext { log: no_serial, scenario: &s }).unwrap_err().contains("ttyS0"));
-        assert!(check_linux_irqs(&CheckContext { log: "", scenario: &s }).is_err());
+        assert!(check_linux_irqs(&CheckContext { log: no_serial, previous: None, scenario: &s }).unwrap_err().contains("ttyS0"));
+        assert!(check_linux_irqs(&CheckContext { log: "", previous: None, scenario: &s }).is_err());
     }
 
     #[test]
@@ -395,9 +440,35 @@ mod tests {
                  [cpu0 INFO ] mesh: 4 kernel instances idle and consistent; {sent} messages sent (0 through overflow queues), 9 doorbells, 3 guest runs ended by an interrupt\n"
             )
         };
-        assert!(check_batched_revoke(&CheckContext { log: &line(2_040), scenario: &s }).is_ok());
-        assert!(check_batched_revoke(&CheckContext { log: &line(4_040), scenario: &s }).unwrap_err().contains("4040"));
-        assert!(check_batched_revoke(&CheckContext { log: "", scenario: &s }).is_err());
+        assert!(check_batched_revoke(&CheckContext { log: &line(2_040), previous: None, scenario: &s }).is_ok());
+        assert!(check_batched_revoke(&CheckContext { log: &line(4_040), previous: None, scenario: &s }).unwrap_err().contains("4040"));
+        assert!(check_batched_revoke(&CheckContext { log: "", previous: None, scenario: &s }).is_err());
+    }
+
+    #[test]
+    fn nvram_versions_compares_with_the_previous_boot() {
+        let s = scenario("");
+        let cut = "[cpu0 INFO ] guest: vm1/keeper: nvram: restored version 0 (seq 0), intact\n\
+                   [cpu0 INFO ] guest: vm1/keeper: nvram: committed version 1 seq 1\n\
+                   [cpu0 INFO ] guest: vm1/keeper: nvram: committed version 2 seq 2\n\
+                   [cpu0 WARN ] nvram: power cut after write 77\n";
+        let restored = |v: u64| format!("[cpu0 INFO ] guest: vm1/keeper: nvram: restored version {v} (seq {v}), intact\n");
+        let check = |log: &str, previous: Option<&str>| {
+            check_nvram_versions(&CheckContext { log, previous, scenario: &s })
+        };
+        assert!(check(&restored(2), Some(cut)).is_ok());
+        assert!(check(&restored(3), Some(cut)).is_ok());
+        // Older than the last commit that returned, or two newer: the property fails.
+        assert!(check(&restored(1), Some(cut)).unwrap_err().contains("restored version 1"));
+        assert!(check(&restored(4), Some(cut)).unwrap_err().contains("expected 2 or 3"));
+        // A cut before any commit returned: version 0 or 1.
+        assert!(check(&restored(1), Some("[cpu0 WARN ] nvram: power cut after write 3\n")).is_ok());
+        // A boot that ended normally: exactly its last version.
+        let ended = format!("{cut}[cpu0 INFO ] guest: vm1/keeper: GTEST ok nvram_sequence\n");
+        assert!(check(&restored(2), Some(&ended)).is_ok());
+        assert!(check(&restored(3), Some(&ended)).unwrap_err().contains("expected 2"));
+        assert!(check("", Some(cut)).unwrap_err().contains("no `nvram: restored version"));
+        assert!(check(&restored(2), None).is_err());
     }
 
     #[test]
@@ -406,7 +477,7 @@ mod tests {
                    [cpu1 INFO ] guest: vm1/checks: GTEST FAILED ring3/counter_ops: add: 3 -> 4\n\
                    [cpu1 INFO ] guest: vm2/x: GTEST ok extended_state (ymm0-15 kept)\n\
                    [cpu1 INFO ] guest: vm1/checks: GTEST done\nnk: shutdown (x)\n";
-        let verdict = judge(&scenario("gtest = 2"), &result(log, Ending::Shutdown));
+        let verdict = judge(&scenario("gtest = 2"), &result(log, Ending::Shutdown), None);
         assert_eq!(verdict.problems, vec!["1 guest(s) printed `GTEST done`, expected 2".to_string()]);
         let names: Vec<_> = verdict.cases.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["vm1-checks/ring0/null_hypercall", "vm1-checks/ring3/counter_ops", "vm2-x/extended_state"]);
@@ -417,7 +488,7 @@ mod tests {
     fn a_complete_nktest_run_passes_with_its_cases() {
         let log = "NKTEST start 2\nNKTEST ok a\n[cpu0 INFO ] x: y\nNKTEST ok b\nNKTEST end 2 passed, 0 failed\n\
                    [cpu0 INFO ] nk: shutdown (tests finished)\n";
-        let verdict = judge(&scenario("nktest = true"), &result(log, Ending::Shutdown));
+        let verdict = judge(&scenario("nktest = true"), &result(log, Ending::Shutdown), None);
         assert!(verdict.problems.is_empty(), "{:?}", verdict.problems);
         assert_eq!(verdict.cases.len(), 2);
     }
@@ -425,7 +496,7 @@ mod tests {
     #[test]
     fn failed_and_missing_cases_are_reported() {
         let log = "NKTEST start 3\nNKTEST ok a\nNKTEST FAILED b: wrong value 3\n";
-        let verdict = judge(&scenario("nktest = true"), &result(log, Ending::TimedOut));
+        let verdict = judge(&scenario("nktest = true"), &result(log, Ending::TimedOut), None);
         assert_eq!(verdict.cases[1].failure.as_deref(), Some("wrong value 3"));
         let problems = verdict.problems.join("\n");
         assert!(problems.contains("timed out after 120 s"), "{problems}");
@@ -435,7 +506,7 @@ mod tests {
     #[test]
     fn end_totals_must_agree() {
         let log = "NKTEST start 1\nNKTEST ok a\nNKTEST end 2 passed, 0 failed\nnk: shutdown\n";
-        let verdict = judge(&scenario("nktest = true"), &result(log, Ending::Shutdown));
+        let verdict = judge(&scenario("nktest = true"), &result(log, Ending::Shutdown), None);
         assert!(verdict.problems.iter().any(|p| p.contains("disagrees")), "{:?}", verdict.problems);
     }
 
@@ -443,7 +514,7 @@ mod tests {
     fn expect_and_forbid_are_substrings() {
         let log = "[cpu0 ERROR] exception: #UD (vector 6)\nnk: shutdown (x)\n";
         let s = scenario("expect = [\"#UD (vector 6)\", \"never\"]\nforbid = [\"exception:\"]");
-        let problems = judge(&s, &result(log, Ending::Shutdown)).problems.join("\n");
+        let problems = judge(&s, &result(log, Ending::Shutdown), None).problems.join("\n");
         assert!(!problems.contains("#UD (vector 6)`, which"), "{problems}");
         assert!(problems.contains("expected `never`"), "{problems}");
         assert!(problems.contains("forbidden `exception:` appeared: [cpu0 ERROR] exception: #UD"), "{problems}");
@@ -453,34 +524,34 @@ mod tests {
     fn exit_without_shutdown_fails_unless_allowed() {
         use std::os::unix::process::ExitStatusExt;
         let exited = Ending::Exited(std::process::ExitStatus::from_raw(1 << 8));
-        assert!(!judge(&scenario(""), &result("x\n", exited)).problems.is_empty());
-        assert!(judge(&scenario("shutdown = false"), &result("x\n", exited)).problems.is_empty());
+        assert!(!judge(&scenario(""), &result("x\n", exited), None).problems.is_empty());
+        assert!(judge(&scenario("shutdown = false"), &result("x\n", exited), None).problems.is_empty());
     }
 
     #[test]
     fn memmap_accepts_the_bochs_map() {
         let s = scenario("megs = 64\nchecks = [\"memmap\"]");
-        let problems = judge(&s, &result(&format!("{BOCHS_64}nk: shutdown\n"), Ending::Shutdown)).problems;
+        let problems = judge(&s, &result(&format!("{BOCHS_64}nk: shutdown\n"), Ending::Shutdown), None).problems;
         assert!(problems.is_empty(), "{problems:?}");
     }
 
     #[test]
     fn memmap_rejects_a_wrong_size_and_overlaps() {
         let s = scenario("megs = 128\nchecks = [\"memmap\"]");
-        let problems = judge(&s, &result(&format!("{BOCHS_64}nk: shutdown\n"), Ending::Shutdown)).problems.join("\n");
+        let problems = judge(&s, &result(&format!("{BOCHS_64}nk: shutdown\n"), Ending::Shutdown), None).problems.join("\n");
         assert!(problems.contains("within 1 MiB of 128 MiB"), "{problems}");
         assert!(problems.contains("expected 129024 to 131072 KiB"), "{problems}");
         let overlapping =
             format!("{BOCHS_64}mem: region 0x0000000000090000-0x00000000000a0000 reserved\nnk: shutdown\n");
         let s = scenario("megs = 64\nchecks = [\"memmap\"]");
-        let problems = judge(&s, &result(&overlapping, Ending::Shutdown)).problems.join("\n");
+        let problems = judge(&s, &result(&overlapping, Ending::Shutdown), None).problems.join("\n");
         assert!(problems.contains("regions overlap"), "{problems}");
     }
 
     #[test]
     fn memmap_needs_region_lines() {
         let s = scenario("checks = [\"memmap\"]");
-        let problems = judge(&s, &result("nk: shutdown\n", Ending::Shutdown)).problems.join("\n");
+        let problems = judge(&s, &result("nk: shutdown\n", Ending::Shutdown), None).problems.join("\n");
         assert!(problems.contains("no `mem: region` lines"), "{problems}");
     }
 }

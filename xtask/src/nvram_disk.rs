@@ -66,6 +66,27 @@ pub fn remove_stale_lock(path: &Path) -> Result<()> {
     }
 }
 
+/// Flips every bit of the byte at `offset` of the durable area of the NVRAM disk `path`
+/// (a corruption between boots, `flip_byte` in a scenario's boot).
+pub fn flip_byte(path: &Path, offset: u64) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let area = area_bytes(path)?;
+    anyhow::ensure!(offset < area, "flip_byte = {offset}: the durable area has {area} bytes");
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let at = SECTOR_SIZE as u64 + offset;
+    let mut byte = [0u8; 1];
+    file.seek(SeekFrom::Start(at))?;
+    file.read_exact(&mut byte)?;
+    byte[0] ^= 0xFF;
+    file.seek(SeekFrom::Start(at))?;
+    file.write_all(&byte)?;
+    Ok(())
+}
+
 /// Makes sure `path` is an NVRAM disk of `mib` MiB: keeps an existing one of that size
 /// unless `fresh`, else creates it. Returns a phrase saying which, for a progress line.
 pub fn ensure(path: &Path, mib: u32, fresh: bool) -> Result<&'static str> {

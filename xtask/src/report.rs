@@ -87,11 +87,41 @@ pub fn print(
         outcomes.len(),
         scenarios_failed
     );
+    print_sweeps(outcomes);
     println!("xtask: test: finished in {}", tools::secs(total));
     let passed = host_passed + emu_passed;
     let failed = host_failed + emu_failed;
     println!("{passed} passed, {failed} failed");
     (passed, failed)
+}
+
+/// One line per sweep (crash sweeps: `nvram-crash-after={k}`): how many of its points ran
+/// and how many recovered (passed), naming the values that failed.
+fn print_sweeps(outcomes: &[ScenarioOutcome]) {
+    let mut sweeps: Vec<(&str, usize, Vec<&str>)> = Vec::new();
+    for outcome in outcomes {
+        let Some(sweep) = outcome.scenario.sweep_of.as_deref() else { continue };
+        let index = match sweeps.iter().position(|(name, _, _)| *name == sweep) {
+            Some(index) => index,
+            None => {
+                sweeps.push((sweep, 0, Vec::new()));
+                sweeps.len() - 1
+            }
+        };
+        let entry = &mut sweeps[index];
+        entry.1 += 1;
+        if !outcome.passed() {
+            let value = outcome.scenario.name.strip_prefix(sweep).unwrap_or(&outcome.scenario.name);
+            entry.2.push(value.trim_start_matches("-k"));
+        }
+    }
+    for (name, tried, failed) in sweeps {
+        let recovered = tried - failed.len();
+        let failures =
+            if failed.is_empty() { String::new() } else { format!(" (failed at k = {})", failed.join(", ")) };
+        let all = if failed.is_empty() { ": all recovered" } else { "" };
+        println!("xtask: test: sweep {name}: {tried} points tried, {recovered} recovered{all}{failures}");
+    }
 }
 
 fn print_failure(workspace: &Workspace, outcome: &ScenarioOutcome) {

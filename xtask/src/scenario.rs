@@ -90,6 +90,10 @@ pub struct Scenario {
     /// The full sweep of `cargo xtask test --long`.
     #[serde(default)]
     pub sweep_long: Option<String>,
+    /// For one value of a sweep: the sweeping scenario's name (the report counts the
+    /// crash points tried per sweep).
+    #[serde(skip)]
+    pub sweep_of: Option<String>,
     /// The run's seed (`--seed`), set by [`Scenario::set_seed`].
     #[serde(skip)]
     pub seed: u64,
@@ -120,6 +124,18 @@ pub struct BootSpec {
     pub nktest: bool,
     #[serde(default = "default_true")]
     pub shutdown: bool,
+    /// How many guests must finish their GTEST checks in this boot (a boot cut by a
+    /// power cut may finish none).
+    #[serde(default)]
+    pub gtest: u32,
+    /// Named checks (checks.rs) for this boot, besides the scenario's; they see the
+    /// previous boot's log too (e.g. `nvram-versions`).
+    #[serde(default)]
+    pub checks: Vec<String>,
+    /// Before this boot, xtask flips every bit of this byte of the NVRAM disk's durable
+    /// area (an offset from the area's start): metadata corrupted between boots.
+    #[serde(default)]
+    pub flip_byte: Option<u64>,
     /// `[low, high]`: kill the emulator from outside at a moment drawn from this range of
     /// milliseconds after its start (from the run's seed, so `--seed` replays it); the boot
     /// then need not reach `nk: shutdown`, and its `expect` applies to what it printed.
@@ -283,13 +299,25 @@ impl Scenario {
         }
         if !self.boot.is_empty() && (!self.cmdline.is_empty() || self.nktest || self.gtest > 0 || !self.shutdown) {
             problems.push(
-                "with [[scenario.boot]], put cmdline, nktest and shutdown in each boot (gtest is for single boots)"
+                "with [[scenario.boot]], put cmdline, nktest, gtest and shutdown in each boot"
                     .into(),
             );
         }
         for (index, boot) in self.boot.iter().enumerate() {
             if let Err(why) = image::check_cmdline(&boot.cmdline.replace(SWEEP_PLACEHOLDER, "1")) {
                 problems.push(format!("boot {}: cmdline: {why}", index + 1));
+            }
+            if boot.flip_byte.is_some() && self.nvram_mib.is_none() {
+                problems.push(format!("boot {}: flip_byte needs nvram_mib (a disk to corrupt)", index + 1));
+            }
+            for check in &boot.checks {
+                if !checks::is_host_check(check) {
+                    problems.push(format!(
+                        "boot {}: checks: no check '{check}'; known: {}",
+                        index + 1,
+                        checks::host_check_names().join(", ")
+                    ));
+                }
             }
             if boot.nktest && self.image != ImageKind::Test {
                 problems.push(format!("boot {}: nktest = true needs image = \"test\"", index + 1));
@@ -328,6 +356,7 @@ impl Scenario {
         }
         scenario.sweep = None;
         scenario.sweep_long = None;
+        scenario.sweep_of = Some(self.name.clone());
         scenario
     }
 
@@ -349,6 +378,8 @@ impl Scenario {
                     expect: self.expect.iter().chain(&boot.expect).cloned().collect(),
                     forbid: self.forbid.iter().chain(&boot.forbid).cloned().collect(),
                     nktest: boot.nktest,
+                    gtest: boot.gtest,
+                    checks: self.checks.iter().chain(&boot.checks).cloned().collect(),
                     shutdown: boot.shutdown && kill_at_ms.is_none(),
                     boot: Vec::new(),
                     kill_at_ms,
@@ -469,7 +500,7 @@ mod tests {
                     [[scenario.boot]]\nnktest = true\n";
         let message = format!("{:#}", parse(text, false).unwrap_err());
         assert!(message.contains("sweep item '3-1'"), "{message}");
-        assert!(message.contains("put cmdline, nktest and shutdown in each boot"), "{message}");
+        assert!(message.contains("put cmdline, nktest, gtest and shutdown in each boot"), "{message}");
         assert!(message.contains("nvram_mib = 0"), "{message}");
         assert!(message.contains("boot 1: nktest = true needs image"), "{message}");
         assert_eq!(parse_sweep("1, 2,4-5"), Ok(vec![1, 2, 4, 5]));

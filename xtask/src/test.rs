@@ -195,13 +195,20 @@ fn run_one(
     let boots = scenario.boots();
     let several = boots.len() > 1;
     let mut verdict = Verdict::default();
-    let mut last_run = None;
+    let mut last_run: Option<emulator::RunResult> = None;
     for (number, (boot, iso)) in boots.iter().zip(isos).enumerate().map(|(i, pair)| (i + 1, pair)) {
         if let Some(path) = &disk {
             // A boot killed from outside leaves Bochs's lock on the image.
             if let Err(err) = crate::nvram_disk::remove_stale_lock(path) {
                 verdict.problems.push(format!("boot {number}: {err:#}"));
                 break;
+            }
+            if let Some(offset) = scenario.boot.get(number - 1).and_then(|spec| spec.flip_byte) {
+                if let Err(err) = crate::nvram_disk::flip_byte(path, offset) {
+                    verdict.problems.push(format!("boot {number}: {err:#}"));
+                    break;
+                }
+                println!("xtask: test: {} boot {number}: flipped the byte at {offset} of the NVRAM area", scenario.name);
             }
         }
         // A scripted gdb session drives the first boot.
@@ -249,7 +256,8 @@ fn run_one(
         let prefix = |text: String| if several { format!("boot {number}: {text}") } else { text };
         match emulator::run(&spec, |_| {}) {
             Ok(run) => {
-                let mut boot_verdict = checks::judge(boot, &run);
+                let previous = last_run.as_ref().map(|previous| previous.serial.as_str());
+                let mut boot_verdict = checks::judge(boot, &run, previous);
                 if judged_by_gdb {
                     boot_verdict.problems.extend(crate::gdb::judge(&scenario.gdb_expect, run.gdb_output.as_deref()));
                 }

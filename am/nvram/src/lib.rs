@@ -136,6 +136,11 @@
 //! the unfenced units; `tests/crash.rs` sweeps every write of several commits (single- and
 //! multi-blockset, with a log wrap) and checks that each restore yields exactly one
 //! committed version, never older than the last commit that returned.
+//! The same property is checked in the emulator on the durable device (tests/emulator.toml:
+//! `nvram-seq-crash` cuts the power after each sector write of a boot of the test guest's
+//! `nvramseq 10 small`, `nvram-seq-killed` kills Bochs at a random moment, and xtask's
+//! `nvram-versions` check compares the next boot's restored version with the last commit
+//! that returned; `nvram-corrupt-header` flips a header byte between boots).
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 

@@ -36,7 +36,8 @@ pub fn run<'a>(mode: &str, mut words: impl Iterator<Item = &'a str>) {
     match mode {
         "nvramseq" => {
             let count = words.next().and_then(|w| w.parse().ok()).unwrap_or(8);
-            report("nvram_sequence", sequence(count));
+            let shape = if words.next() == Some("small") { Shape::SMALL } else { Shape::WIDE };
+            report("nvram_sequence", sequence(count, shape));
         }
         "nvrambench" => {
             if let Err(Why(line)) = bench() {
@@ -51,7 +52,8 @@ pub fn run<'a>(mode: &str, mut words: impl Iterator<Item = &'a str>) {
 /// of a 1 MiB region, sparse: one 8-byte store per page, dense: whole pages), with the
 /// blocks and device bytes each commit wrote; a commit of every page (the naive copy of
 /// the whole region, through the same path); and the start-up restore of the 1 MiB region
-/// (unload, then allocate again). Minimum of 5 guest-side RDTSC deltas (emulated
+/// (unload, then allocate again) and of a 16 MiB one committed whole (needs a durable
+/// device of about 36 MiB: xtask gives the bench a 40 MiB NVRAM disk). Minimum of 5 guest-side RDTSC deltas (emulated
 /// instructions in Bochs), RDTSC overhead subtracted.
 fn bench() -> CheckResult {
     const PAGES: u64 = 256;
@@ -113,6 +115,29 @@ fn bench() -> CheckResult {
         Ok(ticks)
     })?;
     println!("GBENCH restore_1_mib_instructions {}", restore.saturating_sub(overhead));
+    // The largest region (16 MiB), every word written and committed once, then restored
+    // (the 1 MiB one unloaded first: a VM loads at most 32 MiB, twice its regions).
+    ensure!(nk::delete(cap).is_ok(), "delete");
+    const BIG: u64 = 16 << 20;
+    let big = nk::call(am, ALLOCATE, &[factory], &[BIG, 5]);
+    ensure!(big.status().is_ok(), "allocate 16 MiB: {}", big.status());
+    let mut cap = big.name;
+    ensure!(nk::call(am, MAP, &[cap], &[WINDOW, RW]).status().is_ok(), "map 16 MiB");
+    for word in 0..BIG / 8 {
+        poke(WINDOW + word * 8, word ^ 0x5A5A);
+    }
+    let commit = nk::call(am, COMMIT, &[cap], &[]);
+    ensure!(commit.status().is_ok(), "commit 16 MiB: {}", commit.status());
+    let restore = min_of_5(|| {
+        ensure!(nk::delete(cap).is_ok(), "delete");
+        let start = nk::rdtsc();
+        let again = nk::call(am, ALLOCATE, &[factory], &[BIG, 5]);
+        let ticks = nk::rdtsc() - start;
+        ensure!(again.status().is_ok() && again.results[2] == 0, "restore 16 MiB: {} {:?}", again.status(), again.results);
+        cap = again.name;
+        Ok(ticks)
+    })?;
+    println!("GBENCH restore_16_mib_instructions {}", restore.saturating_sub(overhead));
     println!("GBENCH done");
     Ok(())
 }
@@ -126,10 +151,30 @@ const SEQ_WORDS: usize = (SEQ_REGION / 8) as usize;
 struct Scratch([u64; SEQ_WORDS]);
 static mut SCRATCH: Scratch = Scratch([0; SEQ_WORDS]);
 
-/// Applies version `v`'s updates to `words` (word 0 holds the version): every fourth
-/// version rewrites 8 whole pages (dense, several blocksets: a logged commit), the others
-/// update 24 buckets scattered over the pages (sparse).
-fn apply_version(v: u64, write: &mut dyn FnMut(usize, u64)) {
+/// The structure `nvramseq` commits versions of: its size and region key.
+#[derive(Clone, Copy)]
+struct Shape {
+    pages: u64,
+    key: u64,
+}
+
+impl Shape {
+    /// 64 pages (region 3): sparse commits of 24 buckets, every fourth version 8 whole
+    /// pages (several blocksets, a log record).
+    const WIDE: Shape = Shape { pages: 64, key: 3 };
+    /// `nvramseq COUNT small`: 4 pages (region 4), whose store has 6 blocksets and a log of
+    /// 4 units, so every fifth logged commit wraps the log: odd versions rewrite 42
+    /// consecutive 256-byte blocks (two blocksets, a one-unit log record), even ones 8
+    /// buckets (one blockset). Few device writes per commit: a crash sweep can try each.
+    const SMALL: Shape = Shape { pages: 4, key: 4 };
+
+    fn words(self) -> usize {
+        (self.pages * PAGE / 8) as usize
+    }
+}
+
+/// Applies version `v`'s updates to `words` (word 0 holds the version), as `shape` says.
+fn apply_version(v: u64, shape: Shape, write: &mut dyn FnMut(usize, u64)) {
     let mut x = v.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut next = move || {
         x ^= x << 13;
@@ -137,7 +182,24 @@ fn apply_version(v: u64, write: &mut dyn FnMut(usize, u64)) {
         x ^= x << 17;
         x
     };
-    if v % 4 == 3 {
+    let words = shape.words();
+    if shape.pages != Shape::WIDE.pages {
+        if v % 2 == 1 {
+            const BLOCK_WORDS: usize = 32;
+            let blocks = words / BLOCK_WORDS;
+            let first = (next() % (blocks - 42) as u64) as usize;
+            for word in first * BLOCK_WORDS..(first + 42) * BLOCK_WORDS {
+                write(word, next());
+            }
+        } else {
+            for _ in 0..8 {
+                let bucket = (next() as usize % (words / 8)) * 8;
+                let key = next();
+                write(bucket.max(8), key);
+                write(bucket.max(8) + 1, key ^ v);
+            }
+        }
+    } else if v % 4 == 3 {
         let first = (next() % 56) as usize;
         for word in first * 512..(first + 8) * 512 {
             write(word, next());
@@ -153,28 +215,29 @@ fn apply_version(v: u64, write: &mut dyn FnMut(usize, u64)) {
     write(0, v);
 }
 
-/// `nvramseq COUNT`: allocates (or restores) region 3 of 256 KiB, checks that it holds
+/// `nvramseq COUNT [small]`: allocates (or restores) region 3 of 256 KiB (`small`: region
+/// 4 of 16 KiB, [`Shape::SMALL`]), checks that it holds
 /// exactly one committed version of the structure, whole (`nvram: restored version V
 /// (seq S), intact`), commits COUNT more versions (`nvram: committed version V seq S`
 /// after each commit returned), then unloads the region, allocates it again and checks
 /// the last version is what is restored. After a power cut at any device write, a
 /// reboot on the same durable device must print a version at least the last one whose
 /// commit returned, and at most one more.
-fn sequence(count: u64) -> CheckResult {
+fn sequence(count: u64, shape: Shape) -> CheckResult {
     let (factory, am) = factory()?;
     let open = || -> Result<(Cap, u64), Why> {
-        let region = nk::call(am, ALLOCATE, &[factory], &[SEQ_REGION, 3]);
+        let region = nk::call(am, ALLOCATE, &[factory], &[shape.pages * PAGE, shape.key]);
         ensure!(region.status().is_ok(), "allocate: {}", region.status());
         ensure!(nk::call(am, MAP, &[region.name], &[WINDOW, RW]).status().is_ok(), "map");
         Ok((region.name, region.results[1]))
     };
     let (mut cap, seq) = open()?;
     map_window();
-    let restored = check_version(seq)?;
+    let restored = check_version(seq, shape)?;
     let mut version = restored;
     for _ in 0..count {
         version += 1;
-        apply_version(version, &mut |word, value| poke(WINDOW + 8 * word as u64, value));
+        apply_version(version, shape, &mut |word, value| poke(WINDOW + 8 * word as u64, value));
         let commit = nk::call(am, COMMIT, &[cap], &[]);
         ensure!(commit.status().is_ok(), "commit version {version}: {}", commit.status());
         println!("nvram: committed version {version} seq {}", commit.results[0]);
@@ -182,20 +245,21 @@ fn sequence(count: u64) -> CheckResult {
     ensure!(nk::delete(cap).is_ok(), "delete");
     let (again, seq) = open()?;
     cap = again;
-    let last = check_version(seq)?;
+    let last = check_version(seq, shape)?;
     ensure!(last == version, "restored version {last}, committed {version}");
     let _ = cap;
     Ok(())
 }
 
 /// Checks that the mapped region holds version V (its word 0) exactly, and returns V.
-fn check_version(seq: u64) -> Result<u64, Why> {
+fn check_version(seq: u64, shape: Shape) -> Result<u64, Why> {
     let v = peek(WINDOW);
+    ensure!(v <= 1 << 20, "word 0 holds no version ({v:#x}): torn or wrong (seq {seq})");
     // SAFETY: SCRATCH is used only by this guest's one vCPU, here.
-    let scratch = unsafe { &mut (*core::ptr::addr_of_mut!(SCRATCH)).0 };
+    let scratch = &mut unsafe { &mut (*core::ptr::addr_of_mut!(SCRATCH)).0 }[..shape.words()];
     scratch.fill(0);
     for u in 1..=v {
-        apply_version(u, &mut |word, value| scratch[word] = value);
+        apply_version(u, shape, &mut |word, value| scratch[word] = value);
     }
     for (word, &expected) in scratch.iter().enumerate() {
         let found = peek(WINDOW + 8 * word as u64);

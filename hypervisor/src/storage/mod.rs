@@ -41,7 +41,6 @@ pub fn with_media<R>(f: impl FnOnce(&mut dyn Media) -> R) -> Option<R> {
     device.as_mut().map(|device| f(device))
 }
 
-#[cfg_attr(not(feature = "test-harness"), allow(dead_code))] // the NVRAM AM's wiring calls it
 /// Returns the device's counters (sector writes, fences, bytes), `None` without a device.
 pub fn stats() -> Option<NvramStats> {
     DEVICE.lock().as_ref().map(|device| device.stats())
