@@ -563,9 +563,11 @@ impl Guest {
                         // Drop the saved registers of lwCs that died (their principal is gone).
                         let cpu = crate::percpu::current_index() as usize;
                         let kernel = crate::mesh::mesh().instance(cpu).kernel.lock();
-                        self.lwcs.retain(|l| kernel.table().usage(nk_caps::Principal::Vm(VmId::new(l.principal))).is_some());
+                        self.lwcs
+                            .retain(|l| kernel.table().usage(nk_caps::Principal::Vm(VmId::new(l.principal))).is_some());
                     }
-                    let saved = crate::lwc::Saved { principal: child.raw(), regs: vcpu.regs, flow: vcpu.flow_registers()? };
+                    let saved =
+                        crate::lwc::Saved { principal: child.raw(), regs: vcpu.regs, flow: vcpu.flow_registers()? };
                     self.lwcs.push(saved);
                 }
                 nk_am::Effect::LwcSwitch { from, to } => {
@@ -574,7 +576,8 @@ impl Guest {
                         continue;
                     };
                     let target = self.lwcs.swap_remove(slot);
-                    let mine = crate::lwc::Saved { principal: from.raw(), regs: vcpu.regs, flow: vcpu.flow_registers()? };
+                    let mine =
+                        crate::lwc::Saved { principal: from.raw(), regs: vcpu.regs, flow: vcpu.flow_registers()? };
                     self.lwcs.push(mine);
                     let reply = vcpu.regs;
                     vcpu.regs = target.regs;

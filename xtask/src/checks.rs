@@ -62,7 +62,9 @@ fn check_nvram_versions(context: &CheckContext<'_>) -> Result<(), String> {
     };
     let committed = previous
         .lines()
-        .filter_map(|line| line.split_once("nvram: committed version ")?.1.split_whitespace().next()?.parse::<u64>().ok())
+        .filter_map(|line| {
+            line.split_once("nvram: committed version ")?.1.split_whitespace().next()?.parse::<u64>().ok()
+        })
         .next_back()
         .unwrap_or(0);
     let finished = previous.contains("GTEST ok nvram_sequence");
@@ -427,7 +429,9 @@ mod tests {
         assert!(check_linux_irqs(&CheckContext { log: good, previous: None, scenario: &s }).is_ok());
         let no_serial = "[cpu0 INFO ] guest: vm1/linux:   4:          0    XT-PIC      ttyS0\n\
                          [cpu0 INFO ] guest: vm1/linux: LOC:       6094   Local timer interrupts\n";
-        assert!(check_linux_irqs(&CheckContext { log: no_serial, previous: None, scenario: &s }).unwrap_err().contains("ttyS0"));
+        assert!(check_linux_irqs(&CheckContext { log: no_serial, previous: None, scenario: &s })
+            .unwrap_err()
+            .contains("ttyS0"));
         assert!(check_linux_irqs(&CheckContext { log: "", previous: None, scenario: &s }).is_err());
     }
 
@@ -441,7 +445,9 @@ mod tests {
             )
         };
         assert!(check_batched_revoke(&CheckContext { log: &line(2_040), previous: None, scenario: &s }).is_ok());
-        assert!(check_batched_revoke(&CheckContext { log: &line(4_040), previous: None, scenario: &s }).unwrap_err().contains("4040"));
+        assert!(check_batched_revoke(&CheckContext { log: &line(4_040), previous: None, scenario: &s })
+            .unwrap_err()
+            .contains("4040"));
         assert!(check_batched_revoke(&CheckContext { log: "", previous: None, scenario: &s }).is_err());
     }
 
@@ -452,10 +458,10 @@ mod tests {
                    [cpu0 INFO ] guest: vm1/keeper: nvram: committed version 1 seq 1\n\
                    [cpu0 INFO ] guest: vm1/keeper: nvram: committed version 2 seq 2\n\
                    [cpu0 WARN ] nvram: power cut after write 77\n";
-        let restored = |v: u64| format!("[cpu0 INFO ] guest: vm1/keeper: nvram: restored version {v} (seq {v}), intact\n");
-        let check = |log: &str, previous: Option<&str>| {
-            check_nvram_versions(&CheckContext { log, previous, scenario: &s })
-        };
+        let restored =
+            |v: u64| format!("[cpu0 INFO ] guest: vm1/keeper: nvram: restored version {v} (seq {v}), intact\n");
+        let check =
+            |log: &str, previous: Option<&str>| check_nvram_versions(&CheckContext { log, previous, scenario: &s });
         assert!(check(&restored(2), Some(cut)).is_ok());
         assert!(check(&restored(3), Some(cut)).is_ok());
         // Older than the last commit that returned, or two newer: the property fails.
@@ -538,7 +544,8 @@ mod tests {
     #[test]
     fn memmap_rejects_a_wrong_size_and_overlaps() {
         let s = scenario("megs = 128\nchecks = [\"memmap\"]");
-        let problems = judge(&s, &result(&format!("{BOCHS_64}nk: shutdown\n"), Ending::Shutdown), None).problems.join("\n");
+        let problems =
+            judge(&s, &result(&format!("{BOCHS_64}nk: shutdown\n"), Ending::Shutdown), None).problems.join("\n");
         assert!(problems.contains("within 1 MiB of 128 MiB"), "{problems}");
         assert!(problems.contains("expected 129024 to 131072 KiB"), "{problems}");
         let overlapping =

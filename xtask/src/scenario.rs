@@ -298,10 +298,7 @@ impl Scenario {
             }
         }
         if !self.boot.is_empty() && (!self.cmdline.is_empty() || self.nktest || self.gtest > 0 || !self.shutdown) {
-            problems.push(
-                "with [[scenario.boot]], put cmdline, nktest, gtest and shutdown in each boot"
-                    .into(),
-            );
+            problems.push("with [[scenario.boot]], put cmdline, nktest, gtest and shutdown in each boot".into());
         }
         for (index, boot) in self.boot.iter().enumerate() {
             if let Err(why) = image::check_cmdline(&boot.cmdline.replace(SWEEP_PLACEHOLDER, "1")) {

@@ -208,7 +208,10 @@ fn run_one(
                     verdict.problems.push(format!("boot {number}: {err:#}"));
                     break;
                 }
-                println!("xtask: test: {} boot {number}: flipped the byte at {offset} of the NVRAM area", scenario.name);
+                println!(
+                    "xtask: test: {} boot {number}: flipped the byte at {offset} of the NVRAM area",
+                    scenario.name
+                );
             }
         }
         // A scripted gdb session drives the first boot.

@@ -168,7 +168,8 @@ fn a_vm_runs_out_of_openings_with_a_quota_status() {
 #[test]
 fn registered_op_numbers_are_the_shared_abis() {
     use nk_am::AbstractMachine as _;
-    let mut table = nk_caps::CapTable::new(nk_caps::KernelId::new(0), 64, &mut nk_caps::FixedSeed::from_u64(1)).unwrap();
+    let mut table =
+        nk_caps::CapTable::new(nk_caps::KernelId::new(0), 64, &mut nk_caps::FixedSeed::from_u64(1)).unwrap();
     let id = nk_caps::AmId::new(1);
     let mut am = ExoAm::new(alloc::vec![]);
     table.register_am(id, am.name(), 16).unwrap();

@@ -298,8 +298,7 @@ mod create {
         assert!(
             matches!(
                 effects[..],
-                [Effect::UnmapFrames { vm: FIRST_CREATED, gpa: 0, bytes }, Effect::Retire { .. }, Effect::FreeFrames { .. }]
-                    if bytes == 2 * MIB
+                [Effect::UnmapFrames { vm: FIRST_CREATED, gpa: 0, bytes }, Effect::FreeFrames { .. }] if bytes == 2 * MIB
             ),
             "{effects:?}"
         );
@@ -331,7 +330,8 @@ mod create {
 #[test]
 fn registered_op_numbers_are_the_shared_abis() {
     use nk_am::AbstractMachine as _;
-    let mut table = nk_caps::CapTable::new(nk_caps::KernelId::new(0), 64, &mut nk_caps::FixedSeed::from_u64(1)).unwrap();
+    let mut table =
+        nk_caps::CapTable::new(nk_caps::KernelId::new(0), 64, &mut nk_caps::FixedSeed::from_u64(1)).unwrap();
     let id = nk_caps::AmId::new(1);
     let mut am = GuestOsAm::new(Arc::new(VmBoard::new(alloc::vec![])), alloc::vec![]);
     table.register_am(id, am.name(), 16).unwrap();

@@ -124,7 +124,12 @@ impl LwcAm {
         self.lwcs.get(&id).map(|l| (id, *l)).ok_or(AmError::NotPermitted)
     }
 
-    fn create(&mut self, checked: &Checked, args: &[u64; PLAIN_ARGS], kernel: &mut dyn Kernel) -> Result<Outcome, AmError> {
+    fn create(
+        &mut self,
+        checked: &Checked,
+        args: &[u64; PLAIN_ARGS],
+        kernel: &mut dyn Kernel,
+    ) -> Result<Outcome, AmError> {
         let (am, kind) = (self.am.ok_or(AmError::NotPermitted)?, self.kind.ok_or(AmError::NotPermitted)?);
         let caller = Self::number(checked.caller())?;
         let (id, me) = self.lwc_of(checked.args()[0].object())?;
@@ -150,7 +155,12 @@ impl LwcAm {
         Ok(Outcome { name: Some(name), results: [u64::from(child), NONE, 0, 0] })
     }
 
-    fn switch(&mut self, checked: &Checked, args: &[u64; PLAIN_ARGS], kernel: &mut dyn Kernel) -> Result<Outcome, AmError> {
+    fn switch(
+        &mut self,
+        checked: &Checked,
+        args: &[u64; PLAIN_ARGS],
+        kernel: &mut dyn Kernel,
+    ) -> Result<Outcome, AmError> {
         let caller = Self::number(checked.caller())?;
         let (target, to) = self.lwc_of(checked.args()[0].object())?;
         let from = self.lwcs.get(&caller).copied().ok_or(AmError::NotPermitted)?;

@@ -439,9 +439,7 @@ pub fn map_phys(gpa: u64, bytes: usize) -> Result<&'static mut [u8], String> {
     // SAFETY: a fresh shared mapping of `bytes` at no fixed address; the kernel checks the
     // offset against /dev/mem's rules and the result is checked below. The slice lives as
     // long as the mapping, which is never unmapped (it ends with the process).
-    let ptr = unsafe {
-        libc_mmap(std::ptr::null_mut(), bytes, 3, 1, file.as_raw_fd(), offset)
-    };
+    let ptr = unsafe { libc_mmap(std::ptr::null_mut(), bytes, 3, 1, file.as_raw_fd(), offset) };
     if ptr as isize == -1 || ptr.is_null() {
         return Err(format!(
             "mmap of /dev/mem at {gpa:#x} failed: {} (STRICT_DEVMEM refuses System RAM)",
@@ -455,8 +453,14 @@ pub fn map_phys(gpa: u64, bytes: usize) -> Result<&'static mut [u8], String> {
 #[cfg(target_os = "linux")]
 extern "C" {
     #[link_name = "mmap"]
-    fn libc_mmap(addr: *mut core::ffi::c_void, len: usize, prot: i32, flags: i32, fd: i32, off: i64)
-        -> *mut core::ffi::c_void;
+    fn libc_mmap(
+        addr: *mut core::ffi::c_void,
+        len: usize,
+        prot: i32,
+        flags: i32,
+        fd: i32,
+        off: i64,
+    ) -> *mut core::ffi::c_void;
 }
 
 #[cfg(test)]

@@ -88,7 +88,8 @@ extern "C" fn child_main(a0: u64, caller: u64) -> ! {
             nk::call(am, LW_SWITCH, &[back], &[0, 0]);
         }
     }
-    let name = |i: usize| NameWords { low: SECRET[i].load(Ordering::SeqCst), high: SECRET[i + 1].load(Ordering::SeqCst) };
+    let name =
+        |i: usize| NameWords { low: SECRET[i].load(Ordering::SeqCst), high: SECRET[i + 1].load(Ordering::SeqCst) };
     let (counter, factory) = (name(0), name(2));
     let mut verdict = GOOD;
     let mut fail = |what: core::fmt::Arguments<'_>| {
@@ -175,7 +176,9 @@ pub fn run() {
     let deleted = nk::call(NULL_KERNEL_AM, nk_op::DELETE, &[child], &[]).status();
     let again = nk::call(am, LW_SWITCH, &[child], &[0, 0]).status();
     if deleted.is_ok() && !again.is_ok() {
-        println!("GTEST ok lwc_destroy: deleting its capability destroyed the lwC; switching there is refused ({again})");
+        println!(
+            "GTEST ok lwc_destroy: deleting its capability destroyed the lwC; switching there is refused ({again})"
+        );
     } else {
         println!("GTEST FAILED lwc: delete {deleted}, then switch {again}");
     }

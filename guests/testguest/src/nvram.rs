@@ -133,7 +133,12 @@ fn bench() -> CheckResult {
         let start = nk::rdtsc();
         let again = nk::call(am, ALLOCATE, &[factory], &[BIG, 5]);
         let ticks = nk::rdtsc() - start;
-        ensure!(again.status().is_ok() && again.results[2] == 0, "restore 16 MiB: {} {:?}", again.status(), again.results);
+        ensure!(
+            again.status().is_ok() && again.results[2] == 0,
+            "restore 16 MiB: {} {:?}",
+            again.status(),
+            again.results
+        );
         cap = again.name;
         Ok(ticks)
     })?;

@@ -51,8 +51,8 @@ use nk_am::{
     Registrar,
 };
 use nk_caps::{
-    AmId, ArgFault, Binding, CapError, CapName, CapTable, CheckError, Checked, DeadCap, EntropySource, KernelId, NewTableError,
-    Object, OpId, Principal, PrincipalError, RegisterError, Rights, VmId,
+    AmId, ArgFault, Binding, CapError, CapName, CapTable, CheckError, Checked, DeadCap, EntropySource, KernelId,
+    NewTableError, Object, OpId, Principal, PrincipalError, RegisterError, Rights, VmId,
 };
 pub use nk_protocol::{Message, OpId as PendingOp, Outbox};
 use nk_protocol::{Outcome, ProtoError, Started};
