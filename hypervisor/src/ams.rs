@@ -86,11 +86,7 @@ fn nvram_am(guests: &[GuestSpec]) -> nk_am_nvram::NvramAm {
         .iter()
         .enumerate()
         .filter(|(_, g)| g.nvram)
-        .map(|(i, g)| {
-            let owner =
-                g.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-            nk_am_nvram::NvramGrant { vm: nk_caps::VmId::new(i as u32 + 1), owner }
-        })
+        .map(|(i, g)| nk_am_nvram::NvramGrant::for_guest(nk_caps::VmId::new(i as u32 + 1), &g.name))
         .collect();
     if !nk_am::MediaSource::with_media(&crate::nvram::DEVICE, &mut |_| {}) {
         match crate::nvram::RamMedia::allocate(NVRAM_RAM_BYTES) {

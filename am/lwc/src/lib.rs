@@ -63,15 +63,15 @@ pub const MAX_LWCS: usize = 1024;
 /// The most live child lwCs one VM may have.
 pub const MAX_LWCS_PER_VM: usize = 64;
 /// "No lwC" in results (the creator's `caller` after `lwCreate`; a root's creator).
-pub const NONE: u64 = u64::MAX;
+pub const NONE: u64 = nk_abi::lwc_op::NONE;
 
-/// ABI operation numbers.
+/// ABI operation numbers, as the shared ABI crate defines them (`nk_abi::lwc_op`).
 pub mod op {
-    pub const LW_CREATE: u16 = 0;
-    pub const LW_SWITCH: u16 = 1;
-    pub const LW_RESTRICT: u16 = 2;
-    pub const LW_OVERLAY: u16 = 3;
-    pub const LW_SYSCALL: u16 = 4;
+    pub const LW_CREATE: u16 = nk_abi::lwc_op::LW_CREATE as u16;
+    pub const LW_SWITCH: u16 = nk_abi::lwc_op::LW_SWITCH as u16;
+    pub const LW_RESTRICT: u16 = nk_abi::lwc_op::LW_RESTRICT as u16;
+    pub const LW_OVERLAY: u16 = nk_abi::lwc_op::LW_OVERLAY as u16;
+    pub const LW_SYSCALL: u16 = nk_abi::lwc_op::LW_SYSCALL as u16;
 }
 
 /// Rights bits of an lwC capability (registration order).

@@ -57,6 +57,17 @@ pub struct NvramGrant {
     pub owner: u64,
 }
 
+impl NvramGrant {
+    /// Grants `vm` a factory whose owner number is the FNV-1a 64 hash of the guest's
+    /// `name`, so a guest of the same name finds its regions again after a restart.
+    pub fn for_guest(vm: VmId, name: &str) -> Self {
+        use core::hash::Hasher as _;
+        let mut hasher = fnv::FnvHasher::default();
+        hasher.write(name.as_bytes());
+        Self { vm, owner: hasher.finish() }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct RegionMapping {
     cap: CapName,

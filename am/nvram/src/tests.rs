@@ -387,3 +387,15 @@ fn registered_op_numbers_are_the_shared_abis() {
     let past = u16::try_from(ops.len()).unwrap();
     assert_eq!(table.registry().op_name(nk_caps::OpId::new(id, past)), None, "an operation nk-abi lacks");
 }
+
+/// A guest's owner number is FNV-1a 64 of its name (what the hypervisor granted before
+/// `NvramGrant::for_guest`, so regions on existing disks keep their owner).
+#[test]
+fn owner_number_is_fnv1a_of_the_guest_name() {
+    let fnv1a = |name: &str| {
+        name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    };
+    for name in ["keeper", "linux", ""] {
+        assert_eq!(NvramGrant::for_guest(A, name).owner, fnv1a(name), "{name}");
+    }
+}

@@ -193,6 +193,22 @@ pub mod counter_op {
     pub const SUM4: u32 = 3;
 }
 
+/// Operations of the lwC AM (`am/lwc`, docs/lwc.md), with the seed's names (Table 4.1).
+pub mod lwc_op {
+    /// `lwCreate(self: lwc[create], mask, options)`: returns `{new, caller, args}` like fork.
+    pub const LW_CREATE: u32 = 0;
+    /// `lwSwitch(target: lwc[switch], a0, a1)`: returns `{caller, switcher, a0, a1}`.
+    pub const LW_SWITCH: u32 = 1;
+    /// `lwRestrict`: registered, not built yet (`NOT_PERMITTED`).
+    pub const LW_RESTRICT: u32 = 2;
+    /// `lwOverlay`: registered, not built yet (`NOT_PERMITTED`).
+    pub const LW_OVERLAY: u32 = 3;
+    /// `lwSyscall`: registered, not built yet (`NOT_PERMITTED`).
+    pub const LW_SYSCALL: u32 = 4;
+    /// "No lwC" in results (the creator's `caller` after `lwCreate`; a root's creator).
+    pub const NONE: u64 = u64::MAX;
+}
+
 /// The (version, AM, operation) selector carried in RAX.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Selector {

@@ -14,16 +14,13 @@ use nk_guest::abi::{nk_op, NameWords, Reply, Selector, Status, NULL_KERNEL_AM};
 use nk_guest::nk::{self, Cap};
 use nk_guest::println;
 
-const LW_CREATE: u32 = 0;
-const LW_SWITCH: u32 = 1;
-const NONE: u64 = u64::MAX;
+use nk_guest::abi::counter_op::{ADD as COUNTER_ADD, CREATE as COUNTER_CREATE, READ as COUNTER_READ};
+use nk_guest::abi::lwc_op::{LW_CREATE, LW_SWITCH, NONE};
+
 /// The child's verdict when every check passed.
 const GOOD: u64 = 0x600D;
 
 const COUNTER_AM: u16 = 1;
-const COUNTER_CREATE: u32 = 0;
-const COUNTER_READ: u32 = 1;
-const COUNTER_ADD: u32 = 2;
 
 /// What the root shares with its child through memory (shared by every lwC of the VM).
 static LWC_AM: AtomicU16 = AtomicU16::new(0);
