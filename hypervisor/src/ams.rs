@@ -100,7 +100,7 @@ fn nvram_am(guests: &[GuestSpec]) -> nk_am_nvram::NvramAm {
 /// The exo AM, told which port range and MSRs each guest (VM i+1) may open and where its
 /// memory lies.
 fn exo_am(guests: &[GuestSpec]) -> nk_am_exo::ExoAm {
-    let assignments = guests
+    let mut assignments: alloc::vec::Vec<_> = guests
         .iter()
         .enumerate()
         .map(|(i, g)| nk_am_exo::VmAssignment {
@@ -116,6 +116,21 @@ fn exo_am(guests: &[GuestSpec]) -> nk_am_exo::ExoAm {
             }),
         })
         .collect();
+    // The boot principal allocates the RAM of every boot VM that is a guest OS (vmctl.rs,
+    // "boot VMs"): its frame quota is exactly what their modules' `mem=` add up to.
+    let boot_ram = guests.iter().filter(|g| is_guest_os(g)).map(|g| g.memory).sum();
+    assignments.push(nk_am_exo::VmAssignment {
+        vm: Some(vmctl::BOOT_PRINCIPAL),
+        ports: None,
+        msrs: alloc::vec::Vec::new(),
+        memory: Some(nk_am_exo::VmMemory {
+            gpa_base: 0,
+            gpa_limit: EXO_GPA_LIMIT,
+            frame_quota: boot_ram,
+            initial_bytes: 0,
+            initial_hpa: None,
+        }),
+    });
     nk_am_exo::ExoAm::new(assignments)
 }
 
@@ -130,6 +145,13 @@ fn image_code(bytes: &[u8]) -> u8 {
         ImageKind::Multiboot2 { .. } => image::MULTIBOOT2,
         ImageKind::Unknown => image::UNKNOWN,
     }
+}
+
+/// Tells whether a boot module is a guest OS (a Linux bzImage or a Multiboot kernel): its VM
+/// is built through the guest-OS AM's `create` at boot (vmctl.rs, "boot VMs").
+pub fn is_guest_os(spec: &GuestSpec) -> bool {
+    use nk_am_guest_os::image;
+    matches!(image_code(spec.image), image::LINUX | image::MULTIBOOT | image::MULTIBOOT2)
 }
 
 /// Makes every guest (VM i+1) an object of the guest-OS AM: its record on the board the
@@ -183,6 +205,16 @@ fn vm_objects(guests: &[GuestSpec], images: alloc::vec::Vec<GuestSpec>) -> nk_am
             }
         }
     }
+    // Every boot module that is a guest OS is an image too, after the `image` modules: the
+    // boot principal holds it and builds the VM from it with `create` (vmctl.rs).
+    let mut images = images;
+    let mut boot = alloc::vec::Vec::new();
+    for (i, g) in guests.iter().enumerate().filter(|(_, g)| is_guest_os(g)) {
+        let image = images.len() as u32;
+        boot.push(nk_am_guest_os::BootVm { vm: VmId::new(i as u32 + 1), image });
+        image_grants.push(ImageGrant { holder: vmctl::BOOT_PRINCIPAL, image });
+        images.push(g.clone());
+    }
     let online_cpus =
         crate::percpu::all().filter(|c| c.in_vmx_root()).fold(0u64, |mask, c| mask | 1 << (c.index() % 64));
     let catalogue = Images {
@@ -190,7 +222,9 @@ fn vm_objects(guests: &[GuestSpec], images: alloc::vec::Vec<GuestSpec>) -> nk_am
         grants: image_grants,
         online_cpus,
         fits: vmctl::image_fits,
+        boot: boot.clone(),
+        boot_principal: Some(vmctl::BOOT_PRINCIPAL),
     };
-    vmctl::install_images(images);
+    vmctl::install_images(images, boot);
     nk_am_guest_os::GuestOsAm::new(board, grants).with_images(catalogue)
 }

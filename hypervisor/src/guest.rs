@@ -169,8 +169,9 @@ impl fmt::Debug for Guest {
 }
 
 impl Guest {
-    /// Loads `image` into fresh guest memory of `memory_size` bytes and prepares its vCPU
-    /// on this CPU. Nothing is left allocated on failure.
+    /// Loads a bare-metal ELF `image` into fresh guest memory of `memory_size` bytes and
+    /// prepares its vCPU on this CPU (a guest OS is built with [`Guest::create_lent`]).
+    /// Nothing is left allocated on failure.
     pub fn create(vm: VmId, spec: &GuestSpec) -> Result<Self, GuestError> {
         let (name, image, memory_size) = (spec.name.as_str(), spec.image, spec.memory);
         let kind = nk_loader::image::ImageKind::detect(image);
@@ -234,20 +235,8 @@ impl Guest {
                 };
                 (StartMode::Bare64, parsed.entry, memory_size, PAGE_TABLES_GPA, regs)
             }
-            None => {
-                let mut ram = crate::osvm::GuestRam { base: memory.as_u64(), size: memory_size };
-                // The VM's capabilities live in this CPU's kernel instance (not locked here).
-                let cpu = crate::percpu::current_index() as usize;
-                let handed =
-                    crate::mesh::get().map(|mesh| mesh.instance(cpu).kernel.lock().handed_caps(vm)).unwrap_or_default();
-                let start = crate::osvm::load(vm, kind, spec, &mut ram, true, &handed).map_err(GuestError::Os)?;
-                let mut os = crate::osvm::OsVm::new(kind);
-                if let Some(input) = spec.input {
-                    os.set_console_input(input);
-                }
-                guest.os = Some(alloc::boxed::Box::new(os));
-                (start.mode, start.rip, start.rsp, start.cr3, start.regs)
-            }
+            // A guest OS comes into being through the guest-OS AM (bootvm.rs, `create_lent`).
+            None => return Err(GuestError::Os(String::from("a guest OS is built through the guest-OS AM"))),
         };
 
         let caps = vmx::capabilities();
@@ -265,7 +254,7 @@ impl Guest {
         Ok(guest)
     }
 
-    /// Makes a guest OS VM created at run time (the guest-OS AM's `create`) on this CPU:
+    /// Makes a guest OS VM (the guest-OS AM's `create`, at run time or at boot) on this CPU:
     /// its RAM `[hpa, hpa + bytes)` (frames the exo AM lent) is already loaded with the
     /// image (`start` says how it starts) and mapped by the EPT `vmctl::create` registered
     /// for it. The guest never frees that RAM. Nothing is left allocated on failure but the

@@ -17,6 +17,7 @@ mod acpi;
 mod ams;
 mod arch;
 mod boot;
+mod bootvm;
 mod console;
 mod exomem;
 mod gdb;

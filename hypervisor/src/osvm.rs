@@ -87,8 +87,10 @@ pub struct OsStart {
 /// The ACPI tables include the NKCP table (`nk_abi::nkcp`) listing `handed`: the VM's
 /// initial capabilities with labels, which Linux shows to root only, as
 /// /sys/firmware/acpi/tables/NKCP. That is how the VM's operator hands capabilities to
-/// the processes it chooses. (The caller reads them from the VM's kernel instance; this
-/// function runs where that instance may be locked, so it takes no lock itself.)
+/// the processes it chooses. This function runs where the VM's kernel instance may be
+/// locked (on the creator's CPU), so the VM's CPU writes the tables again with the real
+/// list before the VM first runs ([`write_acpi`]): every table's place is independent of
+/// the NKCP table's length, which comes last.
 pub fn load(
     vm: nk_caps::VmId,
     kind: ImageKind,
@@ -99,10 +101,6 @@ pub fn load(
 ) -> Result<OsStart, String> {
     let nkcp = nk_devices::acpi::nkcp_table(handed);
     let acpi = AcpiTables::build_with(ACPI_GPA, 1, &[&nkcp]);
-    if report {
-        log::info!(target: "guest", "vm{}/{}: {} capabilities handed to its root processes in the NKCP ACPI table",
-            vm.raw(), spec.name, handed.len());
-    }
     ram.write(ACPI_GPA, &acpi.blob).map_err(|e| format!("ACPI tables: {e}"))?;
     let image = spec.image;
     match kind {
@@ -154,6 +152,27 @@ pub fn load(
         }
         ImageKind::Elf64 | ImageKind::Unknown => Err(String::from("not a guest OS image")),
     }
+}
+
+/// Writes the VM's ACPI tables again with `handed` in its NKCP table (the same tables
+/// [`load`] wrote, at the same places: only the NKCP table, the last, changes length), and
+/// logs how many capabilities it hands over. The tables must end below 1 MiB, in the BIOS
+/// area the E820 map reserves.
+pub fn write_acpi(
+    vm: nk_caps::VmId,
+    spec: &GuestSpec,
+    ram: &mut dyn GuestMemory,
+    handed: &[nk_abi::nkcp::Entry],
+) -> Result<(), String> {
+    let nkcp = nk_devices::acpi::nkcp_table(handed);
+    let acpi = AcpiTables::build_with(ACPI_GPA, 1, &[&nkcp]);
+    if ACPI_GPA + acpi.blob.len() as u64 > 0x10_0000 {
+        return Err(format!("{} bytes of ACPI tables do not fit below 1 MiB", acpi.blob.len()));
+    }
+    ram.write(ACPI_GPA, &acpi.blob).map_err(|e| format!("ACPI tables: {e}"))?;
+    log::info!(target: "guest", "vm{}/{}: {} capabilities handed to its root processes in the NKCP ACPI table",
+        vm.raw(), spec.name, handed.len());
+    Ok(())
 }
 
 /// What an exit of a guest OS leads to.

@@ -67,6 +67,8 @@ pub fn run_guests(specs: Vec<GuestSpec>, placements: &[(&str, u32)]) -> (usize, 
     log::info!(target: "mem", "{frames_at_start} frames free before the guests start");
     let mesh = mesh::mesh();
     let online: Vec<usize> = percpu::all().filter(|c| c.in_vmx_root()).map(|c| c.index() as usize).collect();
+    // Guest OSes are built through the guest-OS AM once every VM is a principal (bootvm.rs).
+    let mut guest_oses = Vec::new();
     for (i, spec) in specs.into_iter().enumerate() {
         let vm = VmId::new(i as u32 + 1);
         let fallback = online[i % online.len()];
@@ -79,6 +81,13 @@ pub fn run_guests(specs: Vec<GuestSpec>, placements: &[(&str, u32)]) -> (usize, 
             }
             None => fallback,
         };
+        let image = crate::vmctl::boot_image(vm);
+        if let Some(why) = image.and_then(|_| loader_refusal(&spec)) {
+            log::error!(target: "guest", "vm{}/{}: not started: bad image: {why}", vm.raw(), spec.name);
+            crate::vmctl::ended(vm);
+            STOPPED.fetch_add(1, Ordering::AcqRel);
+            continue;
+        }
         // Every VM is a principal before any guest runs, so guests can delegate to each
         // other whatever CPU they start on.
         if !register(mesh, vm, cpu, &spec, false) {
@@ -88,7 +97,28 @@ pub fn run_guests(specs: Vec<GuestSpec>, placements: &[(&str, u32)]) -> (usize, 
         }
         log::info!(target: "sched", "vm{}/{} -> cpu {cpu}", vm.raw(), spec.name);
         crate::vmctl::placed(vm, cpu);
-        QUEUES[cpu].lock().push((vm, spec));
+        match image {
+            Some(image) => guest_oses.push((vm, spec, cpu, image)),
+            None => QUEUES[cpu].lock().push((vm, spec)),
+        }
+    }
+    let boot_principal = (!guest_oses.is_empty()).then(|| crate::bootvm::register(mesh));
+    for (vm, spec, cpu, image) in guest_oses {
+        log::info!(target: "guest", "vm{}/{}: starting on cpu {cpu} ({} KiB image, {} MiB memory)",
+            vm.raw(), spec.name, spec.image.len() / 1024, spec.memory >> 20);
+        let built = match &boot_principal {
+            Some(Ok(boot)) => boot.create(mesh, vm, &spec, cpu, image),
+            Some(Err(why)) => Err(why.clone()),
+            None => Err(alloc::string::String::from("no boot principal")),
+        };
+        if let Err(why) = built {
+            log::error!(target: "guest", "vm{}/{}: not started: {why}", vm.raw(), spec.name);
+            crate::vmctl::ended(vm);
+            if let Err(e) = mesh.remove_vm(cpu, vm) {
+                log::error!(target: "guest", "vm{}: cannot remove from the null-Kernel: {e:?}", vm.raw());
+            }
+            STOPPED.fetch_add(1, Ordering::AcqRel);
+        }
     }
     for &cpu in online.iter().filter(|&&cpu| cpu != 0 && !QUEUES[cpu].lock().is_empty()) {
         WOKEN.fetch_add(1, Ordering::AcqRel);
@@ -112,6 +142,9 @@ pub fn run_guests(specs: Vec<GuestSpec>, placements: &[(&str, u32)]) -> (usize, 
         mesh.service(0);
         pit::wait_us(200);
     }
+    if boot_principal.is_some() {
+        crate::bootvm::retire(mesh);
+    }
     settle(mesh);
     let frames_at_end = crate::memory::free_frame_count();
     match frames_at_start.checked_sub(frames_at_end) {
@@ -126,6 +159,14 @@ pub fn run_guests(specs: Vec<GuestSpec>, placements: &[(&str, u32)]) -> (usize, 
         }
     }
     (HALTED.load(Ordering::Acquire), STOPPED.load(Ordering::Acquire))
+}
+
+/// Runs a guest OS module's loader against its `mem=` without writing anything; returns
+/// its refusal, if any (a truncated or corrupt kernel is refused with one clear line).
+fn loader_refusal(spec: &GuestSpec) -> Option<alloc::string::String> {
+    let kind = nk_loader::image::ImageKind::detect(spec.image);
+    let mut bounds = crate::osvm::Bounds { size: spec.memory };
+    crate::osvm::load(VmId::new(0), kind, spec, &mut bounds, false, &[]).err()
 }
 
 /// Registers `vm` with the kernel instance of `cpu` (its AMs grant it its initial
@@ -183,12 +224,16 @@ fn adopt_created(cpu: usize, guests: &mut Vec<Running>, removals: &mut Vec<(Pend
         let vm = prepared.vm;
         let mut spec = spec.clone();
         spec.name = alloc::string::String::from(crate::vmctl::name(vm));
-        if !register(mesh::mesh(), vm, cpu, &spec, true) {
+        // A boot VM was registered at boot, with its module line's capabilities.
+        if !prepared.boot && !register(mesh::mesh(), vm, cpu, &spec, true) {
             drop(crate::exomem::unregister(vm));
             crate::vmctl::ended(vm);
             STOPPED.fetch_add(1, Ordering::AcqRel);
             continue;
         }
+        // Its capabilities live on this CPU's kernel instance: its NKCP table lists them.
+        let handed = mesh::mesh().instance(cpu).kernel.lock().handed_caps(vm);
+        crate::vmctl::write_nkcp(vm, &spec, prepared.ram, &handed);
         match Guest::create_lent(vm, &spec, &prepared.start, prepared.ram) {
             Ok(guest) => {
                 guests.push(Running { guest, parked: None, stopped: true, destroyed: None });
@@ -382,7 +427,10 @@ fn control(cpu: usize, guests: &mut Vec<Running>, removals: &mut Vec<(PendingOp,
             VmAction::Start if running.stopped => {
                 running.stopped = false;
                 crate::vmctl::set_state(vm, state::RUNNING);
-                log::info!(target: "guest", "vm{}/{name}: started by vm{}/{}", vm.raw(), by.raw(), crate::vmctl::name(by));
+                // The boot principal's start of a boot VM is the boot's own (bootvm.rs).
+                if by != crate::vmctl::BOOT_PRINCIPAL {
+                    log::info!(target: "guest", "vm{}/{name}: started by vm{}/{}", vm.raw(), by.raw(), crate::vmctl::name(by));
+                }
             }
             VmAction::Destroy => {
                 let parked = if running.parked.is_some() {

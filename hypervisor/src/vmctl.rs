@@ -20,6 +20,15 @@
 //! allocation whose capability lives on the creator's own kernel instance, whose lock the
 //! call holds); then the VM's CPU registers it with its kernel instance and makes its
 //! vCPU at its next slice boundary ([`adopt`]), in state created, until a `start`.
+//! The VM's NKCP ACPI table is written then, on its own CPU, from its own kernel
+//! instance (which the creator's call could not lock): see [`write_nkcp`].
+//!
+//! **Boot VMs.** A boot module that is a guest OS (Linux, Multiboot) comes into being the
+//! same way (`bootvm.rs`): it is an image of the guest-OS AM, held by the hypervisor's
+//! boot principal ([`BOOT_PRINCIPAL`], a principal on CPU 0's kernel instance for the
+//! boot), which allocates the VM's RAM with the exo AM (charged to its own frame quota,
+//! the sum of those modules' `mem=`), `create`s the VM under the id the boot gave it, and
+//! `start`s it. The boot principal ends when every guest has, and its frames go back then.
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -35,11 +44,16 @@ use crate::guest::GuestSpec;
 use crate::osvm::OsStart;
 use crate::percpu::{self, MAX_CPUS};
 
+/// The principal that builds the boot VMs that are guest OSes (not a VM: it never runs).
+pub const BOOT_PRINCIPAL: VmId = VmId::new(0);
+
 static BOARD: Once<Arc<VmBoard>> = Once::new();
 /// The boot VMs (ids 1 to this); created VMs follow.
 static BOOT_VMS: AtomicU32 = AtomicU32::new(0);
 /// The `image` modules, by image number (the guest-OS AM's `image` object ids).
 static IMAGES: Once<Vec<GuestSpec>> = Once::new();
+/// The boot VMs built from an image (`bootvm.rs`), with it.
+static BOOT_IMAGES: Once<Vec<nk_am_guest_os::BootVm>> = Once::new();
 
 /// A VM `create` built on its creator's CPU, waiting for its own CPU to adopt it.
 pub struct Prepared {
@@ -49,6 +63,8 @@ pub struct Prepared {
     pub start: OsStart,
     /// Its RAM: (host-physical address, bytes).
     pub ram: (u64, u64),
+    /// A boot VM (registered with its kernel instance at boot already).
+    pub boot: bool,
 }
 
 /// The VMs created and not adopted yet (at most `CREATED_VMS_MAX` over the run).
@@ -188,12 +204,26 @@ pub fn take(cpu: usize) -> Vec<(VmId, VmAction, VmId)> {
 
 /// Returns a VM's name for log lines (`?` if unknown).
 pub fn name(vm: VmId) -> &'static str {
+    if vm == BOOT_PRINCIPAL {
+        return "boot";
+    }
     record(vm).map_or("?", VmRecord::name)
 }
 
-/// Keeps the `image` modules the guest-OS AM's `create` builds VMs from.
-pub fn install_images(images: Vec<GuestSpec>) {
+/// Keeps the images the guest-OS AM's `create` builds VMs from: the `image` modules, then
+/// the boot modules that are guest OSes (`boot` says which VM each is).
+pub fn install_images(images: Vec<GuestSpec>, boot: Vec<nk_am_guest_os::BootVm>) {
     IMAGES.call_once(|| images);
+    BOOT_IMAGES.call_once(|| boot);
+}
+
+/// Returns the image boot VM `vm` is built from, if it is built through the guest-OS AM.
+pub fn boot_image(vm: VmId) -> Option<u32> {
+    BOOT_IMAGES.get()?.iter().find(|b| b.vm == vm).map(|b| b.image)
+}
+
+fn is_boot_vm(vm: VmId) -> bool {
+    vm.raw() <= BOOT_VMS.load(Ordering::Acquire)
 }
 
 fn image(index: u32) -> Option<&'static GuestSpec> {
@@ -226,17 +256,22 @@ pub fn create(vm: VmId, image_index: u32, cpu: u32, ram: (u64, u64), by: VmId) {
         return fail("its CPU is not online");
     }
     let (hpa, bytes) = ram;
-    // SAFETY: the exo AM lent these frames (the creator's own allocation from the
-    // hypervisor's allocator, identity-mapped, bounded by its frame quota) for this VM;
-    // they cannot be freed before this effect returns (see the module docs). The new VM
-    // does not run yet; a VM the creator shared part of the set with may write it
-    // meanwhile, which only changes what the new VM sees: the loader writes and never
-    // reads back.
-    unsafe { core::ptr::write_bytes(hpa as *mut u8, 0, bytes as usize) };
+    let boot = is_boot_vm(vm) && by == BOOT_PRINCIPAL;
+    if !boot {
+        // SAFETY: the exo AM lent these frames (the creator's own allocation from the
+        // hypervisor's allocator, identity-mapped, bounded by its frame quota) for this
+        // VM; they cannot be freed before this effect returns (see the module docs). The
+        // new VM does not run yet; a VM the creator shared part of the set with may write
+        // it meanwhile, which only changes what the new VM sees: the loader writes and
+        // never reads back. (A boot VM's frames come zeroed from the allocator, and only
+        // the boot principal, which never runs, holds them: not zeroed twice.)
+        unsafe { core::ptr::write_bytes(hpa as *mut u8, 0, bytes as usize) };
+    }
     let kind = nk_loader::image::ImageKind::detect(spec.image);
     let mut memory = crate::osvm::GuestRam { base: hpa, size: bytes };
     // The creator's kernel instance is locked while this effect is applied, and the new
-    // VM's capabilities live on its own CPU's: its NKCP table stays empty.
+    // VM's capabilities live on its own CPU's: its NKCP table is written when that CPU
+    // adopts it (`write_nkcp`).
     let start = match crate::osvm::load(vm, kind, spec, &mut memory, true, &[]) {
         Ok(start) => start,
         Err(why) => return fail(&why),
@@ -250,9 +285,14 @@ pub fn create(vm: VmId, image_index: u32, cpu: u32, ram: (u64, u64), by: VmId) {
         return fail(&alloc::format!("EPT: {e}"));
     }
     crate::exomem::register(vm, ept, cpu, ram);
-    log::info!(target: "guest", "vm{}/{name}: created by vm{}/{} from image '{}' on cpu {cpu}, {} KiB of its frames as RAM",
-        vm.raw(), by.raw(), self::name(by), spec.name, bytes / 1024);
-    PREPARED.lock().push(Prepared { vm, cpu, image: image_index, start, ram });
+    if boot {
+        log::info!(target: "guest", "vm{}/{name}: created through the guest-OS AM by the boot principal on cpu {cpu}, {} KiB of its frames as RAM",
+            vm.raw(), bytes / 1024);
+    } else {
+        log::info!(target: "guest", "vm{}/{name}: created by vm{}/{} from image '{}' on cpu {cpu}, {} KiB of its frames as RAM",
+            vm.raw(), by.raw(), self::name(by), spec.name, bytes / 1024);
+    }
+    PREPARED.lock().push(Prepared { vm, cpu, image: image_index, start, ram, boot });
     PENDING[cpu].store(true, Ordering::Release);
     crate::sched::assign(cpu);
 }
@@ -268,4 +308,14 @@ pub fn adopt(cpu: usize) -> Vec<(Prepared, &'static GuestSpec)> {
     *prepared = others;
     drop(prepared);
     mine.into_iter().filter_map(|p| image(p.image).map(|spec| (p, spec))).collect()
+}
+
+/// Writes VM `vm`'s ACPI tables again, with its NKCP table listing `handed` (its initial
+/// capabilities, read from its own kernel instance on its own CPU when that CPU adopts it;
+/// `osvm::write_nkcp`). The VM has not run yet.
+pub fn write_nkcp(vm: VmId, spec: &GuestSpec, ram: (u64, u64), handed: &[nk_abi::nkcp::Entry]) {
+    let mut memory = crate::osvm::GuestRam { base: ram.0, size: ram.1 };
+    if let Err(why) = crate::osvm::write_acpi(vm, spec, &mut memory, handed) {
+        log::error!(target: "guest", "vm{}/{}: its NKCP table could not be written: {why}", vm.raw(), spec.name);
+    }
 }

@@ -455,7 +455,12 @@ impl Memory {
         if !held.contains(rights.for_access(frame_access::ALL)) {
             return Err(AmError::NotPermitted);
         }
-        if self.mappings.iter().any(|m| m.lent && m.set == set.id) || self.mappings.iter().any(|m| m.vm == to) {
+        // The VM has no memory yet: no mapping but, for a boot VM built through the guest-OS
+        // AM, its initial memory's, whose place is not known until these frames are lent.
+        let placeholder = |m: &Mapping| self.sets.get(&m.set).is_some_and(|s| !s.allocated && s.hpa.is_none());
+        if self.mappings.iter().any(|m| m.lent && m.set == set.id)
+            || self.mappings.iter().any(|m| m.vm == to && !placeholder(m))
+        {
             return Err(AmError::NotPermitted);
         }
         if self.mappings.iter().filter(|m| m.by == caller).count() >= MAPPINGS_PER_VM {

@@ -37,9 +37,17 @@
 //!   The VM is built before the call returns (its RAM zeroed, the image loaded, its EPT
 //!   mapping the frames at guest-physical 0) in state `created` on CPU `cpu`, which must
 //!   be online. Refusals change nothing: `BAD_ARGUMENT` (no such CPU, image too big for the
-//!   frames, or non-zero reserved arguments), `NOT_PERMITTED` (the frames cannot be lent),
+//!   frames, or a non-zero fifth argument), `NOT_PERMITTED` (the frames cannot be lent),
 //!   a capability status for the frames name (`UNKNOWN_NAME`, `WRONG_HOLDER`...),
 //!   `QUOTA_EXCEEDED` (all [`CREATED_VMS_MAX`] VMs were created already).
+//!
+//!   The fourth argument is 0, or the id of a boot VM ([`BootVm`]): a boot module that
+//!   is a guest OS becomes an image, and the hypervisor's boot principal
+//!   ([`Images::boot_principal`]) builds its VM with this same `create` (frames it
+//!   allocated with the exo AM, charged to its own frame quota), then `start`s it: one way
+//!   for a VM to come into being. Only the boot principal may name a boot VM, only with
+//!   the VM's own image and only once (else `NOT_PERMITTED`); a boot VM keeps the id and
+//!   board record the boot gave it and uses none of the [`CREATED_VMS_MAX`] slots.
 //!
 //! A created VM lives as long as the capability `create` granted (and at most as long as
 //! its creator: when the creator ends, its capabilities die): when that capability dies
@@ -279,6 +287,15 @@ pub struct ImageGrant {
     pub image: u32,
 }
 
+/// A boot VM that is built with `create` (its boot module is a guest OS): only the
+/// hypervisor's boot principal may create it, once, from its own image, under the VM id
+/// (and board record) the boot gave it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BootVm {
+    pub vm: VmId,
+    pub image: u32,
+}
+
 /// Tells whether image `image` loads into `bytes` of RAM (the hypervisor runs the image's
 /// loader against that much memory without writing it).
 pub type ImageFits = fn(image: u32, bytes: u64) -> bool;
@@ -292,11 +309,22 @@ pub struct Images {
     /// Bit n set: CPU n is online (in VMX root).
     pub online_cpus: u64,
     pub fits: ImageFits,
+    /// The boot VMs `create` builds (each from its own image), and the principal that
+    /// builds them at boot (the hypervisor's; None: every VM comes from a run-time create).
+    pub boot: Vec<BootVm>,
+    pub boot_principal: Option<VmId>,
 }
 
 impl Default for Images {
     fn default() -> Self {
-        Self { images: Vec::new(), grants: Vec::new(), online_cpus: 0, fits: |_, _| false }
+        Self {
+            images: Vec::new(),
+            grants: Vec::new(),
+            online_cpus: 0,
+            fits: |_, _| false,
+            boot: Vec::new(),
+            boot_principal: None,
+        }
     }
 }
 
@@ -306,6 +334,8 @@ struct Creation {
     granted: CapName,
     vm: VmId,
     creator: VmId,
+    /// A boot VM (its id and record are the boot's; it uses no created-VM slot).
+    boot: bool,
 }
 
 /// The guest-OS AM.
@@ -346,22 +376,39 @@ impl GuestOsAm {
         let index = u32::try_from(image.raw()).map_err(|_| AmError::BadArgument)?;
         let info = self.images.images.get(index as usize).ok_or(AmError::BadArgument)?;
         let cpu = args[2];
-        if cpu >= 64 || self.images.online_cpus & (1 << cpu) == 0 || args[3] != 0 || args[4] != 0 {
+        if cpu >= 64 || self.images.online_cpus & (1 << cpu) == 0 || args[4] != 0 {
             return Err(AmError::BadArgument);
         }
-        let slot = self.creations.len();
-        if slot >= CREATED_VMS_MAX {
-            return Err(AmError::QuotaExceeded);
-        }
-        let vm = VmId::new(self.board.boot_vms() + 1 + slot as u32);
+        let boot = args[3] != 0;
+        let slot = self.creations.iter().filter(|c| !c.boot).count();
+        let vm = if boot {
+            // A boot VM: only the boot principal, only from the VM's own image, only once.
+            let vm = VmId::new(u32::try_from(args[3]).map_err(|_| AmError::BadArgument)?);
+            let listed = self.images.boot.contains(&BootVm { vm, image: index });
+            if self.images.boot_principal != Some(caller) || !listed || self.creations.iter().any(|c| c.vm == vm) {
+                return Err(AmError::NotPermitted);
+            }
+            let record = self.board.get(vm).ok_or(AmError::NotPermitted)?;
+            if record.state() != state::CREATED {
+                return Err(AmError::NotPermitted);
+            }
+            vm
+        } else {
+            if slot >= CREATED_VMS_MAX {
+                return Err(AmError::QuotaExceeded);
+            }
+            VmId::new(self.board.boot_vms() + 1 + slot as u32)
+        };
         let frames = CapName::from_words(args[1], args[0]);
         let fits = self.images.fits;
         let mut check = |bytes: u64| if fits(index, bytes) { Ok(()) } else { Err(AmError::BadArgument) };
         let (hpa, bytes) = kernel.lend_frames(caller, frames, vm, &mut check)?;
         // From here on the slot is used, whatever happens: the exo AM keeps the loan
         // (keyed by this VM id) until the frames die.
-        let record = VmRecord::new(vm, &info.name, info.kind, bytes, cpu as u32);
-        let published = self.board.publish(slot, record);
+        let published = match boot {
+            true => self.board.get(vm).map(|record| record.set_cpu(cpu as u32)).is_some(),
+            false => self.board.publish(slot, VmRecord::new(vm, &info.name, info.kind, bytes, cpu as u32)),
+        };
         let all = Rights::from_bits(rights::INSPECT | rights::STOP | rights::START | rights::DESTROY);
         let object = Object::new(am, kind, ObjId::new(u64::from(vm.raw())));
         let granted = match kernel.grant_new(object, all, Principal::Vm(caller), Binding::Bound) {
@@ -371,12 +418,12 @@ impl GuestOsAm {
                 if let Some(record) = self.board.get(vm) {
                     record.set_state(state::ENDED);
                 }
-                self.creations.push(Creation { granted: CapName::from_words(0, 0), vm, creator: caller });
+                self.creations.push(Creation { granted: CapName::from_words(0, 0), vm, creator: caller, boot });
                 return Err(error.into());
             }
         };
         debug_assert!(published, "slots are used in order, once");
-        self.creations.push(Creation { granted, vm, creator: caller });
+        self.creations.push(Creation { granted, vm, creator: caller, boot });
         kernel.emit(Effect::CreateVm { vm, image: index, cpu: cpu as u32, hpa, bytes, by: caller });
         Ok(Outcome { name: Some(granted), results: [u64::from(vm.raw()), bytes, 0, 0] })
     }

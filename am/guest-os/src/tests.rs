@@ -146,6 +146,8 @@ mod create {
     /// The boot VMs: VM 1 creates, VM 2 is another guest; created VMs start at VM 3.
     const OTHER: VmId = VmId::new(2);
     const FIRST_CREATED: VmId = VmId::new(3);
+    /// The hypervisor's boot principal: it builds OTHER, a boot VM, from image 1.
+    const BOOT: VmId = VmId::new(0);
     const EXO_ALLOC: u16 = 3;
     const EXO_FREE: u16 = 8;
 
@@ -186,7 +188,13 @@ mod create {
         });
         let assignments = alloc::vec![
             VmAssignment { vm: Some(CONTROL), memory, ..VmAssignment::default() },
-            VmAssignment { vm: Some(OTHER), memory, ..VmAssignment::default() },
+            // OTHER, a boot VM, has initial memory whose place the lent frames decide.
+            VmAssignment {
+                vm: Some(OTHER),
+                memory: memory.map(|m| VmMemory { initial_bytes: 2 * MIB, ..m }),
+                ..VmAssignment::default()
+            },
+            VmAssignment { vm: Some(BOOT), memory, ..VmAssignment::default() },
         ];
         let exo = nk.add_am(alloc::boxed::Box::new(ExoAm::new(assignments)), 4096).unwrap().raw();
         let board = Arc::new(VmBoard::new(alloc::vec![
@@ -194,11 +202,16 @@ mod create {
             VmRecord::new(OTHER, "other", image::BARE_METAL, 4 << 20, 0),
         ]));
         let images = Images {
-            images: alloc::vec![Image { name: String::from("mb1"), kind: image::MULTIBOOT }],
-            grants: alloc::vec![ImageGrant { holder: CONTROL, image: 0 }],
+            images: alloc::vec![
+                Image { name: String::from("mb1"), kind: image::MULTIBOOT },
+                Image { name: String::from("other"), kind: image::LINUX },
+            ],
+            grants: alloc::vec![ImageGrant { holder: CONTROL, image: 0 }, ImageGrant { holder: BOOT, image: 1 }],
             online_cpus: 0b11,
-            // The image needs 2 MiB.
-            fits: |image, bytes| image == 0 && bytes >= 2 * MIB,
+            // Each image needs 2 MiB.
+            fits: |image, bytes| image < 2 && bytes >= 2 * MIB,
+            boot: alloc::vec![BootVm { vm: OTHER, image: 1 }],
+            boot_principal: Some(BOOT),
         };
         let am = GuestOsAm::new(board.clone(), Vec::new()).with_images(images);
         let os = nk.add_am(alloc::boxed::Box::new(am), 64).unwrap().raw();
@@ -206,12 +219,13 @@ mod create {
         nk.set_frame_source(&FRAMES);
         nk.add_vm(CONTROL, 256).unwrap();
         nk.add_vm(OTHER, 256).unwrap();
+        nk.add_vm(BOOT, 256).unwrap();
         let aspace = initial(&mut nk, CONTROL, 0);
         assert!(aspace.status().is_ok(), "{}", aspace.status());
         let image = initial(&mut nk, CONTROL, 1);
         assert!(image.status().is_ok(), "{}", image.status());
         assert_eq!(image.results[0], u64::from(os));
-        assert_eq!(initial(&mut nk, OTHER, 1).status().code(), Status::BAD_ARGUMENT, "no image for the other");
+        assert_eq!(initial(&mut nk, OTHER, 2).status().code(), Status::BAD_ARGUMENT, "no image for the other");
         Setup { nk, exo, os, aspace: aspace.name, image: image.name, board }
     }
 
@@ -308,6 +322,42 @@ mod create {
             s.nk.take_effects(),
             [Effect::VmControl { vm: FIRST_CREATED, action: VmAction::Destroy, by: CONTROL }]
         );
+    }
+
+    #[test]
+    fn only_the_boot_principal_creates_a_boot_vm_from_its_own_image_once() {
+        let mut s = setup();
+        let boot_os = initial(&mut s.nk, BOOT, 1);
+        assert_eq!(boot_os.results[0], u64::from(s.os), "the boot principal holds the boot VM's image");
+        let frames = s.alloc(BOOT, 512);
+        let other = u64::from(OTHER.raw());
+        // Not the boot principal; not a boot VM; not the VM's own image; a reserved argument.
+        let mine = s.alloc(CONTROL, 512);
+        let r = call(&mut s.nk, CONTROL, s.os, op::CREATE, s.image, &[mine.low, mine.high, 1, other]);
+        assert_eq!(r.status().code(), Status::NOT_PERMITTED);
+        for (vm, fifth, code) in [
+            (u64::from(CONTROL.raw()), 0, Status::NOT_PERMITTED),
+            (u64::from(FIRST_CREATED.raw()), 0, Status::NOT_PERMITTED),
+            (other, 1, Status::BAD_ARGUMENT),
+        ] {
+            let r = call(&mut s.nk, BOOT, s.os, op::CREATE, boot_os.name, &[frames.low, frames.high, 1, vm, fifth]);
+            assert_eq!(r.status().code(), code, "vm {vm}: {}", r.status());
+        }
+        assert!(s.nk.take_effects().is_empty());
+        let r = call(&mut s.nk, BOOT, s.os, op::CREATE, boot_os.name, &[frames.low, frames.high, 1, other]);
+        assert!(r.status().is_ok(), "{}", r.status());
+        assert_eq!(r.results[..2], [other, 2 * MIB]);
+        let effects = s.nk.take_effects();
+        let [Effect::CreateVm { vm: OTHER, image: 1, cpu: 1, by: BOOT, .. }] = effects[..] else { panic!("{effects:?}") };
+        assert_eq!(s.board.get(OTHER).unwrap().cpu(), 1, "the boot VM keeps its record, on its CPU");
+        assert!(s.board.get(FIRST_CREATED).is_none(), "no created-VM slot was used");
+        // Only once.
+        let again = s.alloc(BOOT, 512);
+        let r = call(&mut s.nk, BOOT, s.os, op::CREATE, boot_os.name, &[again.low, again.high, 1, other]);
+        assert_eq!(r.status().code(), Status::NOT_PERMITTED);
+        // Run-time creates still number from the first created VM.
+        let r = s.create(s.image, mine, 0);
+        assert_eq!(r.results[0], u64::from(FIRST_CREATED.raw()), "{}", r.status());
     }
 
     #[test]
