@@ -175,7 +175,34 @@ fn loader_refusal(spec: &GuestSpec) -> Option<alloc::string::String> {
 /// it waits for this CPU to answer an EPT shootdown: this CPU then answers while it waits
 /// for that instance, instead of waiting blind.
 fn register(mesh: &Mesh, vm: VmId, cpu: usize, spec: &GuestSpec, running: bool) -> bool {
-    let registered = mesh.instance(cpu).kernel.lock().add_vm(vm, VM_QUOTA);
+    register_with(mesh, vm, cpu, spec, running, None)
+}
+
+/// As [`register`], and with `copies` (creator, mask) the VM's `INITIAL` list also gets
+/// delegated copies of its creator's chosen initial capabilities (the guest-OS AM's
+/// `create`; the creator lives on this CPU's instance, so nothing crosses kernels).
+fn register_with(
+    mesh: &Mesh,
+    vm: VmId,
+    cpu: usize,
+    spec: &GuestSpec,
+    running: bool,
+    copies: Option<(VmId, u32)>,
+) -> bool {
+    let registered = {
+        let mut kernel = mesh.instance(cpu).kernel.lock();
+        match copies {
+            None => kernel.add_vm(vm, VM_QUOTA),
+            Some((creator, mask)) => {
+                let mut out = Vec::new();
+                let added = kernel.add_vm_with_copies(vm, VM_QUOTA, creator, u64::from(mask), &mut out);
+                if !out.is_empty() {
+                    log::error!(target: "guest", "vm{}: copies of its creator's capabilities sent {} messages to other kernels (not expected)", vm.raw(), out.len());
+                }
+                added
+            }
+        }
+    };
     if spec.ring3_caps {
         mesh.instance(cpu).kernel.lock().allow_all_rings(vm);
     }
@@ -224,8 +251,10 @@ fn adopt_created(cpu: usize, guests: &mut Vec<Running>, removals: &mut Vec<(Pend
         let vm = prepared.vm;
         let mut spec = spec.clone();
         spec.name = alloc::string::String::from(crate::vmctl::name(vm));
-        // A boot VM was registered at boot, with its module line's capabilities.
-        if !prepared.boot && !register(mesh::mesh(), vm, cpu, &spec, true) {
+        // A boot VM was registered at boot, with its module line's capabilities; a VM
+        // created at run time gets the copies its creator chose.
+        let copies = (prepared.caps != 0).then_some((prepared.creator, prepared.caps));
+        if !prepared.boot && !register_with(mesh::mesh(), vm, cpu, &spec, true, copies) {
             drop(crate::exomem::unregister(vm));
             crate::vmctl::ended(vm);
             STOPPED.fetch_add(1, Ordering::AcqRel);

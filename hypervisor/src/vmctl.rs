@@ -65,6 +65,10 @@ pub struct Prepared {
     pub ram: (u64, u64),
     /// A boot VM (registered with its kernel instance at boot already).
     pub boot: bool,
+    /// Its creator, and which of the creator's `INITIAL` capabilities the VM gets copies
+    /// of (bit i: capability i), made when its CPU (the creator's) adopts it.
+    pub creator: VmId,
+    pub caps: u32,
 }
 
 /// The VMs created and not adopted yet (at most `CREATED_VMS_MAX` over the run).
@@ -244,7 +248,8 @@ pub fn image_fits(index: u32, bytes: u64) -> bool {
 /// lent RAM, loads the image into it, registers an EPT mapping it at guest-physical 0 for
 /// the VM's CPU, and hands the VM to that CPU ([`adopt`]). A failure ends the VM with a
 /// line (the frames stay the creator's).
-pub fn create(vm: VmId, image_index: u32, cpu: u32, ram: (u64, u64), by: VmId) {
+pub fn create(vm: VmId, image_index: u32, cpu: u32, ram: (u64, u64), creator: (VmId, u32)) {
+    let (by, handed) = creator;
     let cpu = cpu as usize;
     let name = self::name(vm);
     let fail = |why: &str| {
@@ -292,7 +297,7 @@ pub fn create(vm: VmId, image_index: u32, cpu: u32, ram: (u64, u64), by: VmId) {
         log::info!(target: "guest", "vm{}/{name}: created by vm{}/{} from image '{}' on cpu {cpu}, {} KiB of its frames as RAM",
             vm.raw(), by.raw(), self::name(by), spec.name, bytes / 1024);
     }
-    PREPARED.lock().push(Prepared { vm, cpu, image: image_index, start, ram, boot });
+    PREPARED.lock().push(Prepared { vm, cpu, image: image_index, start, ram, boot, creator: by, caps: handed });
     PENDING[cpu].store(true, Ordering::Release);
     crate::sched::assign(cpu);
 }

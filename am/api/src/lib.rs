@@ -162,7 +162,10 @@ pub enum Effect {
     /// in state created: its RAM is the frames `[hpa, hpa + bytes)` the creator lent
     /// (`Kernel::lend_frames`), mapped at guest-physical 0 and loaded with the image before
     /// the call returns; `by` is the creator. The VM runs once a `VmControl` starts it.
-    CreateVm { vm: VmId, image: u32, cpu: u32, hpa: u64, bytes: u64, by: VmId },
+    /// `caps` (bit i: the creator's `INITIAL` capability i) chooses capabilities the VM
+    /// starts with, as delegated copies after its own initial ones (the creator lives on
+    /// the VM's CPU, so the copies are made on one kernel instance when that CPU adopts it).
+    CreateVm { vm: VmId, image: u32, cpu: u32, hpa: u64, bytes: u64, by: VmId, caps: u32 },
     /// Tells the null-Kernel that the object of `root` died: it deletes `root`, the root
     /// capability [`Kernel::grant_new_root`] minted for AM `am` (held by the AM, charged
     /// to the AM's capability quota), with every capability derived from it, as the AM's

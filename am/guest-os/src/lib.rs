@@ -27,7 +27,7 @@
 //!   at once; `inspect` shows when the state changed. Stopping a stopped VM or starting a
 //!   running one is harmless; any of them on a VM that ended is `NOT_PERMITTED`.
 //!
-//! - 4 `create(c: image/create, frames low, frames high, cpu)` -> a `vm` capability (every
+//! - 4 `create(c: image/create, frames low, frames high, cpu, boot vm, caps)` -> a `vm` capability (every
 //!   right) and `[vm id, RAM bytes, 0, 0]`. `frames` is the name (two words) of an exo AM
 //!   frame capability the caller holds: the null-Kernel checks it as it checks capability
 //!   arguments, and the exo AM lends the set (`Kernel::lend_frames`: only an allocation the
@@ -37,9 +37,17 @@
 //!   The VM is built before the call returns (its RAM zeroed, the image loaded, its EPT
 //!   mapping the frames at guest-physical 0) in state `created` on CPU `cpu`, which must
 //!   be online. Refusals change nothing: `BAD_ARGUMENT` (no such CPU, image too big for the
-//!   frames, or a non-zero fifth argument), `NOT_PERMITTED` (the frames cannot be lent),
+//!   frames, or a capability mask for a VM on another CPU), `NOT_PERMITTED` (the frames cannot be lent),
 //!   a capability status for the frames name (`UNKNOWN_NAME`, `WRONG_HOLDER`...),
 //!   `QUOTA_EXCEEDED` (all [`CREATED_VMS_MAX`] VMs were created already).
+//!
+//!   The fifth argument chooses capabilities the new VM starts with: bit i hands it a
+//!   delegated copy (same rights, bound to it) of the caller's `INITIAL` capability i
+//!   (i < 32), after the capabilities every VM gets; it sees them in its own `INITIAL`
+//!   list, and a guest OS's NKCP table lists them with labels. Revoking (or deleting) the
+//!   caller's capability kills the VM's copy. The copies are made on one kernel instance,
+//!   so a non-zero mask needs the VM on the caller's own CPU (else `BAD_ARGUMENT`); an
+//!   index the caller has no capability at is skipped.
 //!
 //!   The fourth argument is 0, or the id of a boot VM ([`BootVm`]): a boot module that
 //!   is a guest OS becomes an image, and the hypervisor's boot principal
@@ -376,7 +384,13 @@ impl GuestOsAm {
         let index = u32::try_from(image.raw()).map_err(|_| AmError::BadArgument)?;
         let info = self.images.images.get(index as usize).ok_or(AmError::BadArgument)?;
         let cpu = args[2];
-        if cpu >= 64 || self.images.online_cpus & (1 << cpu) == 0 || args[4] != 0 {
+        if cpu >= 64 || self.images.online_cpus & (1 << cpu) == 0 {
+            return Err(AmError::BadArgument);
+        }
+        // Capabilities handed to the VM: copies made on one kernel instance, so only from
+        // a creator on the VM's CPU (a VM whose record says where it runs).
+        let caps = u32::try_from(args[4]).map_err(|_| AmError::BadArgument)?;
+        if caps != 0 && self.board.get(caller).is_none_or(|r| u64::from(r.cpu()) != cpu) {
             return Err(AmError::BadArgument);
         }
         let boot = args[3] != 0;
@@ -424,7 +438,7 @@ impl GuestOsAm {
         };
         debug_assert!(published, "slots are used in order, once");
         self.creations.push(Creation { granted, vm, creator: caller, boot });
-        kernel.emit(Effect::CreateVm { vm, image: index, cpu: cpu as u32, hpa, bytes, by: caller });
+        kernel.emit(Effect::CreateVm { vm, image: index, cpu: cpu as u32, hpa, bytes, by: caller, caps });
         Ok(Outcome { name: Some(granted), results: [u64::from(vm.raw()), bytes, 0, 0] })
     }
 }

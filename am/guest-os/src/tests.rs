@@ -250,7 +250,7 @@ mod create {
         assert!(r.status().is_ok(), "{}", r.status());
         assert_eq!(r.results[..2], [u64::from(FIRST_CREATED.raw()), 2 * MIB]);
         let effects = s.nk.take_effects();
-        let [Effect::CreateVm { vm, image: 0, cpu: 1, hpa, bytes, by }] = effects[..] else { panic!("{effects:?}") };
+        let [Effect::CreateVm { vm, image: 0, cpu: 1, hpa, bytes, by, caps: 0 }] = effects[..] else { panic!("{effects:?}") };
         assert_eq!((vm, bytes, by), (FIRST_CREATED, 2 * MIB, CONTROL));
         assert!(hpa >= 0x8000_0000);
         let info = call(&mut s.nk, CONTROL, s.os, op::INSPECT, r.name, &[]);
@@ -358,6 +358,41 @@ mod create {
         // Run-time creates still number from the first created VM.
         let r = s.create(s.image, mine, 0);
         assert_eq!(r.results[0], u64::from(FIRST_CREATED.raw()), "{}", r.status());
+    }
+
+    #[test]
+    fn create_hands_copies_of_the_creators_capabilities_that_die_with_their_parents() {
+        let mut s = setup();
+        let frames = s.alloc(CONTROL, 512);
+        // CONTROL runs on CPU 0: a mask for a VM on CPU 1 is refused, and changes nothing.
+        let image_bit = 1 << 1;
+        let r = call(&mut s.nk, CONTROL, s.os, op::CREATE, s.image, &[frames.low, frames.high, 1, 0, image_bit]);
+        assert_eq!(r.status().code(), Status::BAD_ARGUMENT);
+        let r = call(&mut s.nk, CONTROL, s.os, op::CREATE, s.image, &[frames.low, frames.high, 0, 0, 1 << 32]);
+        assert_eq!(r.status().code(), Status::BAD_ARGUMENT, "indices above 31");
+        assert!(s.nk.take_effects().is_empty());
+        let r = call(&mut s.nk, CONTROL, s.os, op::CREATE, s.image, &[frames.low, frames.high, 0, 0, image_bit]);
+        assert!(r.status().is_ok(), "{}", r.status());
+        let effects = s.nk.take_effects();
+        let [Effect::CreateVm { vm: FIRST_CREATED, cpu: 0, by: CONTROL, caps: 0b10, .. }] = effects[..] else {
+            panic!("{effects:?}")
+        };
+        // As the hypervisor does when the VM's CPU adopts it (bit 5: no such capability).
+        s.nk.add_vm_with_copies(FIRST_CREATED, 64, CONTROL, 0b10_0010, &mut Vec::new()).unwrap();
+        let copy = initial(&mut s.nk, FIRST_CREATED, 0);
+        assert!(copy.status().is_ok(), "{}", copy.status());
+        assert_eq!(copy.results[0], u64::from(s.os), "the image capability, as the creator's INITIAL 1");
+        assert_eq!(initial(&mut s.nk, FIRST_CREATED, 1).status().code(), Status::BAD_ARGUMENT, "one copy");
+        let handed = s.nk.handed_caps(FIRST_CREATED);
+        assert_eq!(handed.len(), 1);
+        assert_eq!(handed[0].label(), "guest-os/image");
+        let info = call(&mut s.nk, FIRST_CREATED, 0, nk_op::INSPECT as u16, copy.name, &[]);
+        assert!(info.status().is_ok(), "the VM uses its copy: {}", info.status());
+        // The creator revokes its capability: the VM's copy dies with it.
+        assert!(call(&mut s.nk, CONTROL, 0, nk_op::REVOKE as u16, s.image, &[]).status().is_ok());
+        let info = call(&mut s.nk, FIRST_CREATED, 0, nk_op::INSPECT as u16, copy.name, &[]);
+        assert!(!info.status().is_ok(), "the copy outlived its parent");
+        assert!(s.nk.handed_caps(FIRST_CREATED).is_empty());
     }
 
     #[test]

@@ -550,6 +550,7 @@ mod new_am;
 mod nvram;
 mod protocol;
 mod vm_create;
+mod vm_create_caps;
 
 /// Reads the VM ids that follow in a mode's arguments.
 fn vm_list<'a>(words: impl Iterator<Item = &'a str>) -> ([u32; 8], usize) {
@@ -620,6 +621,10 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
             let cpu = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
             vm_create::run_linux(cpu, words.next().and_then(|n| n.parse().ok()).unwrap_or(128))
         }
+        Some("vmcreate-caps") => {
+            let cpu = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+            vm_create_caps::run(cpu, words.next().and_then(|n| n.parse().ok()).unwrap_or(128))
+        }
         Some("fuzz") => {
             let seed = words.next().and_then(|n| n.parse().ok()).unwrap_or(1);
             let calls = words.next().and_then(|n| n.parse().ok()).unwrap_or(100_000);
@@ -644,7 +649,7 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
             }
         }
         Some(other) => println!(
-            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..], xcr0 ROUNDS, xmmleak SEED ROUNDS, tpr PEER ROUNDS, leakprobe SEED ROUNDS, openloop, ring3caps, flood VICTIM, victim ATTACKER, exomem, exolend [free] [bench] BORROWERS.., exoborrow, exobench, control [orphan|busy|linux], vmcreate CPU, vmcreate-linux CPU MIB, newam, exochurn ROUNDS PEER, exochurnafter CHURN, nvram, nvramseq COUNT [small], nvrambench, debuggee, lwc, lwcbench)"
+            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..], xcr0 ROUNDS, xmmleak SEED ROUNDS, tpr PEER ROUNDS, leakprobe SEED ROUNDS, openloop, ring3caps, flood VICTIM, victim ATTACKER, exomem, exolend [free] [bench] BORROWERS.., exoborrow, exobench, control [orphan|busy|linux], vmcreate CPU, vmcreate-linux CPU MIB, vmcreate-caps CPU MIB, newam, exochurn ROUNDS PEER, exochurnafter CHURN, nvram, nvramseq COUNT [small], nvrambench, debuggee, lwc, lwcbench)"
         ),
     }
     println!("GTEST done");

@@ -591,6 +591,45 @@ impl NullKernel {
         Ok(report)
     }
 
+    /// Registers VM `vm` as [`add_vm`](Self::add_vm) does, then appends to its `INITIAL`
+    /// list a delegated child (same rights, bound to `vm`) of each of `creator`'s `INITIAL`
+    /// capabilities whose index is set in `mask` (the guest-OS AM's `create`, which
+    /// checked that `creator` lives on this instance). A capability that cannot be
+    /// delegated here at once (gone since, or held on another instance) is skipped; the
+    /// list keeps index order. Revoking the creator's capability kills the VM's copy.
+    #[cold]
+    pub fn add_vm_with_copies<O>(
+        &mut self,
+        vm: VmId,
+        quota: u32,
+        creator: VmId,
+        mask: u64,
+        out: &mut O,
+    ) -> Result<Vec<GrantFailure>, PrincipalError>
+    where
+        O: Outbox + ?Sized,
+    {
+        let report = self.add_vm(vm, quota)?;
+        let chosen: Vec<(AmId, CapName)> = self
+            .initial_caps(creator)
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i < 64 && mask & (1 << i) != 0)
+            .map(|(_, &cap)| cap)
+            .collect();
+        let mut copies = Vec::new();
+        for (am, name) in chosen {
+            let (caller, to, kernel) = (Principal::Vm(creator), Principal::Vm(vm), self.id());
+            if let Started::Done(Ok(Outcome::Name(copy))) =
+                self.proto.delegate(caller, name, to, kernel, Rights::ALL, Binding::Bound, out)
+            {
+                copies.push((am, copy));
+            }
+        }
+        self.initial.entry(vm).or_default().extend(copies);
+        Ok(report)
+    }
+
     /// Takes the effects the AMs emitted since the last call, for the hypervisor to apply
     /// (in order) before the operation that caused them returns to its caller, and before
     /// the messages it produced are sent.
