@@ -308,6 +308,9 @@ impl Guest {
             msr_bitmap: guest.io.msr_bitmap(),
         };
         guest.attach_vcpu(&entry, start.regs.clone())?;
+        if spec.gdb {
+            guest.debugged = guest.attach_debugger()?;
+        }
         Ok(guest)
     }
 
