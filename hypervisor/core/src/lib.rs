@@ -598,6 +598,7 @@ impl NullKernel {
     /// delegated here at once (gone since, or held on another instance) is skipped; the
     /// list keeps index order. Revoking the creator's capability kills the VM's copy.
     #[cold]
+    #[inline(never)]
     pub fn add_vm_with_copies<O>(
         &mut self,
         vm: VmId,
