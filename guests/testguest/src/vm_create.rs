@@ -3,7 +3,9 @@
 //! with RAM it allocates itself from the exo AM (charged to its own frame quota), on CPU
 //! `CPU`. First every bad input is refused and changes nothing (a CPU that does not exist,
 //! a forged frame name, a capability of the wrong kind, a derived copy of the frames, a
-//! frame set too small for the image, an image capability without `create`): the first
+//! frame set too small for the image, an image capability without `create`, naming a boot
+//! VM as only the boot principal may, copies of its capabilities for a VM on another CPU or
+//! of `INITIAL` 32 and up): the first
 //! VM that is created afterwards gets the first VM id after the boot VMs. Then:
 //!
 //! * VM A is created (state created, image kind Multiboot, 2 MiB), its frames cannot be
@@ -105,6 +107,15 @@ fn create(h: &Held, image: Cap, frames: Cap, cpu: u64) -> Result<(Cap, u64), Sta
     }
 }
 
+/// `create(image, frames, cpu, boot vm, caps)`: as [`create`] with the last two arguments.
+fn create_with(h: &Held, frames: Cap, cpu: u64, last: [u64; 2]) -> Result<(Cap, u64), Status> {
+    let r = nk::call(h.guest_os, CREATE, &[h.image], &[frames.low, frames.high, cpu, last[0], last[1]]);
+    match r.status().is_ok() {
+        true => Ok((r.name, r.results[0])),
+        false => Err(r.status()),
+    }
+}
+
 fn refused(got: Result<(Cap, u64), Status>, code: u16, what: &str) -> CheckResult {
     match got {
         Ok((_, vm)) => Err(why(format_args!("{what}: created vm{vm}"))),
@@ -194,6 +205,16 @@ fn refusals(h: &Held, cpu: u64) -> CheckResult {
     free(h, small)?;
     let no_create = nk::derive(h.image, 0).map_err(|s| why(format_args!("derive: {s}")))?;
     refused(create(h, no_create, frames, cpu), Status::MISSING_RIGHTS, "an image capability without create")?;
+    // Only the hypervisor's boot principal may name a boot VM (the fourth argument), and
+    // copies of the caller's capabilities (the fifth) go only to a VM on its own CPU
+    // (this guest runs on CPU 0; the scenario creates on CPU 1).
+    for boot_vm in [1, 2, BOOT_VMS] {
+        refused(create_with(h, frames, cpu, [boot_vm, 0]), Status::NOT_PERMITTED, "naming a boot VM")?;
+    }
+    if cpu != 0 {
+        refused(create_with(h, frames, cpu, [0, 1]), Status::BAD_ARGUMENT, "copies for a VM on another CPU")?;
+    }
+    refused(create_with(h, frames, 0, [0, 1 << 32]), Status::BAD_ARGUMENT, "copies of INITIAL 32")?;
     free(h, frames)?;
     println!("vmcreate: every bad create refused");
     Ok(())

@@ -10,7 +10,8 @@
 //! - [`mmio`]: the MOV forms decoded for xAPIC accesses that exit fault-like;
 //! - [`msr`]: which MSRs a guest OS gets, and the informational ones' values;
 //! - [`acpi`]: the VM's ACPI tables (RSDP, XSDT, MADT, FADT, FACS, DSDT);
-//! - [`pc`]: the board that routes ports to devices and picks the next interrupt.
+//! - [`pc`]: the board that routes ports to devices and picks the next interrupt;
+//! - [`startup`]: INIT and Start-Up IPIs between the vCPUs of an SMP guest (not wired yet).
 //!
 //! The hypervisor only decodes exits and calls these; it owns the VMCS and the timers.
 #![cfg_attr(not(test), no_std)]
@@ -27,4 +28,5 @@ pub mod msr;
 pub mod pc;
 pub mod pic8259;
 pub mod rtc;
+pub mod startup;
 pub mod uart16550;
