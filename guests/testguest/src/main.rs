@@ -621,10 +621,7 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
             let cpu = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
             vm_create::run_linux(cpu, words.next().and_then(|n| n.parse().ok()).unwrap_or(128))
         }
-        Some("vmcreate-caps") => {
-            let cpu = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
-            vm_create_caps::run(cpu, words.next().and_then(|n| n.parse().ok()).unwrap_or(128))
-        }
+        Some("vmcreate-caps") => vm_create_caps::run(words),
         Some("fuzz") => {
             let seed = words.next().and_then(|n| n.parse().ok()).unwrap_or(1);
             let calls = words.next().and_then(|n| n.parse().ok()).unwrap_or(100_000);

@@ -95,8 +95,11 @@ fn check(cpu: u64, mib: u64) -> CheckResult {
     Ok(())
 }
 
-/// Runs the check; see the module docs.
-pub fn run(cpu: u64, mib: u64) {
+/// Runs the check with the mode's words `CPU MIB`; see the module docs.
+#[inline(never)]
+pub fn run<'a>(mut words: impl Iterator<Item = &'a str>) {
+    let cpu = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+    let mib = words.next().and_then(|n| n.parse().ok()).unwrap_or(128);
     match check(cpu, mib) {
         Ok(()) => println!("GTEST ok vmcreate_caps_linux"),
         Err(Why(line)) => println!("GTEST FAILED vmcreate_caps_linux: {}", line.as_str()),
