@@ -563,6 +563,7 @@ impl CapTable {
 
     /// Finalizes the childless node in `slot`: it leaves the tree as `Revoked`. Reports it
     /// to `links` if `report` is set or its parent is a proxy. Returns its former parent.
+    #[inline]
     fn finalize<L>(&mut self, slot: usize, report: bool, links: &mut L) -> Link
     where
         L: LinkSink + ?Sized,
