@@ -398,10 +398,22 @@ impl CapTable {
             return 0;
         };
         let mut dropped = 0;
+        // The batch lists the proxies in the order the walk met them, the parent's list
+        // order, and that list only loses members meanwhile: the node after the last one
+        // dropped is usually the next one named, found without the index (a name is in
+        // the index once, so a node of the list that bears it is the one the index holds).
+        let mut guess = self.nodes[parent_slot].first_child;
         for at in 0..proxies.len() {
             let name = proxies[at];
-            let Some(slot) = self.lookup_foreign(name) else { continue };
+            let slot = match guess.get() {
+                Some(slot) if self.nodes[slot].name == name && name.kernel() != self.kernel() => slot,
+                _ => match self.lookup_foreign(name) {
+                    Some(slot) => slot,
+                    None => continue,
+                },
+            };
             let node = &self.nodes[slot];
+            guess = node.next_sibling;
             if node.state != State::RemoteRevoking || node.parent.get() != Some(parent_slot) || individual(name) {
                 continue;
             }
