@@ -35,8 +35,12 @@ pub struct Instance {
     /// Some destination's overflow queue is not empty (a receiver that drains a ring rings
     /// the sender's doorbell then, so the rest moves on).
     overflowing: AtomicBool,
-    /// Calls and VM removals of this CPU that waited for other kernels and finished.
+    /// Calls and VM removals of this CPU that waited for other kernels and finished (the
+    /// vector keeps its allocation: `take_finished` drains it).
     finished: Mutex<Vec<Finished>>,
+    /// An empty outbox that keeps its allocation between the messages `service` answers,
+    /// so answering one allocates nothing.
+    spare_outbox: Mutex<Vec<(KernelId, Message)>>,
     apic_id: u32,
 }
 
@@ -86,6 +90,7 @@ pub fn install(kernels: Vec<(NullKernel, u32)>) {
                 overflow: Mutex::new((0..n).map(|_| VecDeque::new()).collect()),
                 overflowing: AtomicBool::new(false),
                 finished: Mutex::new(Vec::new()),
+                spare_outbox: Mutex::new(Vec::new()),
                 apic_id,
             })
             .collect(),
@@ -161,7 +166,7 @@ impl Mesh {
         }
         drop(kernel);
         if !out.is_empty() {
-            self.send(cpu, out);
+            self.send(cpu, &mut out);
         }
         dispatched
     }
@@ -174,13 +179,14 @@ impl Mesh {
         let removed = kernel.remove_vm(vm, &mut out);
         settle_locally(instance, &mut kernel, &mut out);
         drop(kernel);
-        self.send(cpu, out);
+        self.send(cpu, &mut out);
         removed
     }
 
-    /// Takes the finished calls and removals of `cpu`.
-    pub fn take_finished(&self, cpu: usize) -> Vec<Finished> {
-        core::mem::take(&mut *self.instances[cpu].finished.lock())
+    /// Moves the finished calls and removals of `cpu` to `into` (both vectors keep their
+    /// allocations, so a remote call's completion allocates nothing).
+    pub fn take_finished(&self, cpu: usize, into: &mut Vec<Finished>) {
+        into.append(&mut self.instances[cpu].finished.lock());
     }
 
     /// Tells whether `cpu` has finished calls waiting to be taken.
@@ -188,8 +194,9 @@ impl Mesh {
         !self.instances[cpu].finished.lock().is_empty()
     }
 
-    /// Sends `messages` from `cpu`, in order, and rings each receiver's doorbell.
-    fn send(&self, cpu: usize, messages: Vec<(KernelId, Message)>) {
+    /// Sends `messages` from `cpu`, in order, and rings each receiver's doorbell; leaves
+    /// `messages` empty.
+    fn send(&self, cpu: usize, messages: &mut Vec<(KernelId, Message)>) {
         if messages.is_empty() {
             return;
         }
@@ -198,7 +205,7 @@ impl Mesh {
         let instance = &self.instances[cpu];
         let mut bells = 0u64;
         let mut overflow = instance.overflow.lock();
-        for (to, message) in messages {
+        for (to, message) in messages.drain(..) {
             let to = usize::from(to.raw());
             let words = message.encode();
             let queue = &mut overflow[to];
@@ -258,10 +265,12 @@ impl Mesh {
             let ring = self.ring(from, cpu);
             // The answers to everything drained from one ring leave together (one doorbell
             // per receiver), each after the effects of its own step.
-            let mut out = Vec::new();
-            let mut drained = 0;
-            let (start, mut delegations) = (arch::rdtsc(), 0);
-            while let Some(words) = ring.pop() {
+            let start = arch::rdtsc();
+            let Some(first) = ring.pop() else { continue };
+            let mut out = core::mem::take(&mut *instance.spare_outbox.lock());
+            let (mut drained, mut delegations) = (0, 0);
+            let mut next = Some(first);
+            while let Some(words) = next.take().or_else(|| ring.pop()) {
                 drained += 1;
                 let Ok(message) = Message::decode(&words) else {
                     log::error!(target: "mesh", "cpu {cpu}: malformed message from cpu {from} dropped: {words:x?}");
@@ -272,7 +281,8 @@ impl Mesh {
                 kernel.handle(KernelId::new(from as u16), message, &mut out);
                 settle_locally(instance, &mut kernel, &mut out);
             }
-            self.send(cpu, out);
+            self.send(cpu, &mut out);
+            *instance.spare_outbox.lock() = out;
             if drained > 0 && delegations == drained {
                 DELEGATION_MESSAGES.fetch_add(drained as u64, Ordering::Relaxed);
                 DELEGATION_TICKS.fetch_add(arch::rdtsc().wrapping_sub(start), Ordering::Relaxed);

@@ -273,9 +273,11 @@ fn run_queue(cpu: usize) {
             }
         }
     }
+    let mut finished = Vec::new();
     while !guests.is_empty() || !removals.is_empty() {
         mesh.service(cpu);
-        for done in mesh.take_finished(cpu) {
+        mesh.take_finished(cpu, &mut finished);
+        for done in finished.drain(..) {
             if let Some(running) = guests.iter_mut().find(|r| r.parked == Some(done.op)) {
                 if done.reply.status().code() == nk_abi::Status::QUOTA_EXCEEDED {
                     note_remote_quota_refusal(running.guest.vm());
