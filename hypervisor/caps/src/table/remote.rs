@@ -207,6 +207,13 @@ impl CapTable {
         Some(self.view(slot))
     }
 
+    /// Returns the state of the node named `name` (a local capability or a proxy), as
+    /// [`node`](Self::node) reports it, without describing the rest.
+    pub fn node_state(&self, name: CapName) -> Option<NodeState> {
+        let slot = self.lookup(name).or_else(|| self.lookup_foreign(name))?;
+        Some(self.nodes[slot].state.into())
+    }
+
     /// Describes every node in use, in slab order.
     pub fn nodes(&self) -> impl Iterator<Item = NodeView> + '_ {
         self.nodes.iter().enumerate().filter(|(_, node)| node.state != State::Free).map(|(slot, _)| self.view(slot))
