@@ -13,7 +13,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
-use nk_abi::{Call, NameWords, Reply};
+use nk_abi::{Call, Reply};
 use nk_caps::VmId;
 use nk_core::{Dispatched, PendingOp};
 use nk_paging::EptPerms;
@@ -397,12 +397,19 @@ impl Guest {
         // The timer is re-armed with the whole slice at every entry; the TSC bounds the
         // slice of a guest that exits often.
         let slice_start = crate::arch::rdtsc();
+        // The exit stub answers null hypercalls itself within the slice (this loop does
+        // nothing else for them: `Vcpu::serve_null_until`).
+        if let Some(vcpu) = self.vcpu.as_mut() {
+            vcpu.serve_null_until(slice_start.saturating_add(ticks));
+        }
         let end = loop {
             if crate::arch::rdtsc().wrapping_sub(slice_start) >= ticks {
                 break Slice::Expired;
             }
             let vcpu = self.vcpu.as_mut().expect("checked above");
-            let exit = match vcpu.run() {
+            let exit = vcpu.run();
+            self.exits += vcpu.take_null_exits();
+            let exit = match exit {
                 Ok(exit) => exit,
                 Err(e) => break stopped(alloc::format!("VM entry failed: {e}")),
             };
@@ -463,6 +470,9 @@ impl Guest {
     /// Saves what `enter_slice` loaded: the registers VMX does not switch and the extended
     /// state.
     fn leave_slice(&mut self) {
+        if let Some(vcpu) = self.vcpu.as_mut() {
+            vcpu.serve_null_until(0);
+        }
         self.unswitched.save();
         if let Some(xstate) = &mut self.xstate {
             xstate.save();
@@ -781,18 +791,8 @@ impl Drop for Guest {
 /// guest's registers; or the guest waits for it.
 #[inline(always)]
 fn handle_hypercall(vm: VmId, vcpu: &mut Vcpu, sink: &mut dyn HypercallSink) -> Result<Flow, VcpuError> {
-    let r = &vcpu.regs;
-    let call = Call {
-        selector: r.rax,
-        caps: [
-            NameWords { low: r.rbx, high: r.rcx },
-            NameWords { low: r.rdx, high: r.rsi },
-            NameWords { low: r.rdi, high: r.r8 },
-            NameWords { low: r.r9, high: r.r10 },
-        ],
-        args: [r.r11, r.r12, r.r13, r.r14, r.r15],
-    };
-    match sink.hypercall(vm, &call) {
+    // The call is read in place from the saved registers (`GuestRegs::call`).
+    match sink.hypercall(vm, vcpu.regs.call()) {
         Dispatched::Reply(reply) => {
             write_reply(&mut vcpu.regs, &reply);
             vcpu.skip_bytes(VMCALL_LENGTH)?;
@@ -804,9 +804,9 @@ fn handle_hypercall(vm: VmId, vcpu: &mut Vcpu, sink: &mut dyn HypercallSink) -> 
 }
 
 /// Puts a hypercall's reply in the guest's registers (the ABI in `nk-abi`).
+#[inline(always)]
 fn write_reply(r: &mut GuestRegs, reply: &Reply) {
-    (r.rax, r.rbx, r.rcx) = (reply.status, reply.name.low, reply.name.high);
-    (r.rdx, r.rsi, r.rdi, r.r8) = (reply.results[0], reply.results[1], reply.results[2], reply.results[3]);
+    *r.reply_mut() = *reply;
 }
 
 /// Answers CPUID for a guest with [`nk_loader::cpuid::guest_cpuid`]: the host's values with

@@ -234,7 +234,8 @@ impl Selector {
     }
 }
 
-/// A 128-bit capability name as it travels in two registers.
+/// A 128-bit capability name as it travels in two registers (`repr(C)`: low word first).
+#[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct NameWords {
     pub low: u64,
@@ -328,7 +329,10 @@ impl fmt::Display for Status {
     }
 }
 
-/// A call as the guest lays it out in registers.
+/// A call as the guest lays it out in registers. `repr(C)`, in register order (RAX, RBX,
+/// RCX, RDX, RSI, RDI, R8..R15), so a hypervisor can read it in place from its saved
+/// registers.
+#[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Call {
     pub selector: u64,
@@ -336,7 +340,9 @@ pub struct Call {
     pub args: [u64; MAX_PLAIN_ARGS],
 }
 
-/// What the null-Kernel returns.
+/// What the null-Kernel returns. `repr(C)`, in register order (RAX, RBX, RCX, RDX, RSI,
+/// RDI, R8).
+#[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Reply {
     pub status: u64,
@@ -354,6 +360,7 @@ impl Reply {
 /// Issues a hypercall (guest side: a bare-metal guest, or a Linux process, where VMCALL
 /// from ring 3 exits to the null-Kernel as from ring 0; outside a VM it raises #UD).
 #[cfg(all(target_arch = "x86_64", any(target_os = "none", target_os = "linux")))]
+#[inline(always)]
 pub fn hypercall(call: &Call) -> Reply {
     let (status, name_low, name_high, r0, r1, r2, r3): (u64, u64, u64, u64, u64, u64, u64);
     // SAFETY: VMCALL traps to the null-Kernel, which reads the documented registers and

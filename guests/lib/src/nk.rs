@@ -5,7 +5,10 @@ use nk_abi::{nk_op, Call, NameWords, Reply, Selector, Status, NULL_KERNEL_AM};
 /// A capability name held by this guest.
 pub type Cap = NameWords;
 
-/// Calls operation `op` of AM `am` with capability and plain arguments.
+/// Calls operation `op` of AM `am` with capability and plain arguments. Inlined, so a call
+/// with constant argument counts loads its registers directly instead of building and
+/// copying a whole [`Call`] on the stack.
+#[inline(always)]
 pub fn call(am: u16, op: u32, caps: &[Cap], args: &[u64]) -> Reply {
     let mut call = Call { selector: Selector::new(am, op).encode(), ..Call::default() };
     for (slot, cap) in call.caps.iter_mut().zip(caps) {

@@ -547,6 +547,7 @@ mod exo_memory;
 mod fuzz;
 mod lwc;
 mod new_am;
+mod null_fast;
 mod nvram;
 mod protocol;
 mod vm_create;
@@ -616,6 +617,10 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
         Some("newam") => new_am::run(),
         Some("lwc") => lwc::run(),
         Some("lwcbench") => lwc::bench(),
+        Some("nullfast") => {
+            let rounds = words.next().and_then(|n| n.parse().ok()).unwrap_or(100_000);
+            null_fast::run(rounds, words.next() == Some("shared"))
+        }
         Some("vmcreate") => vm_create::run(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
         Some("vmcreate-linux") => {
             let cpu = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
@@ -646,7 +651,7 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
             }
         }
         Some(other) => println!(
-            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..], xcr0 ROUNDS, xmmleak SEED ROUNDS, tpr PEER ROUNDS, leakprobe SEED ROUNDS, openloop, ring3caps, flood VICTIM, victim ATTACKER, exomem, exolend [free] [bench] BORROWERS.., exoborrow, exobench, control [orphan|busy|linux], vmcreate CPU, vmcreate-linux CPU MIB, vmcreate-caps CPU MIB, newam, exochurn ROUNDS PEER, exochurnafter CHURN, nvram, nvramseq COUNT [small], nvrambench, debuggee, lwc, lwcbench)"
+            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..], xcr0 ROUNDS, xmmleak SEED ROUNDS, tpr PEER ROUNDS, leakprobe SEED ROUNDS, openloop, ring3caps, flood VICTIM, victim ATTACKER, exomem, exolend [free] [bench] BORROWERS.., exoborrow, exobench, control [orphan|busy|linux], vmcreate CPU, vmcreate-linux CPU MIB, vmcreate-caps CPU MIB, newam, exochurn ROUNDS PEER, exochurnafter CHURN, nvram, nvramseq COUNT [small], nvrambench, debuggee, lwc, lwcbench, nullfast ROUNDS [shared])"
         ),
     }
     println!("GTEST done");

@@ -34,9 +34,8 @@ pub struct SatCosts {
     pub local_op: u64,
     /// The caller's side of a cross-kernel delegation (hypercall, proxy, send).
     pub remote_issue: u64,
-    /// Handling one protocol message on the receiving CPU (doorbell exit, ring, protocol
-    /// step, answer), latency included: the Bochs round trip beyond the caller's part,
-    /// split over its two messages.
+    /// Handling one protocol message on the receiving CPU: the doorbell's VM exit and
+    /// re-entry, the ring, the protocol step, the answer.
     pub handle: u64,
     /// Where the figures came from.
     pub source: String,
@@ -54,22 +53,45 @@ fn metric(json: &str, name: &str) -> Option<u64> {
 impl SatCosts {
     /// Calibrates the costs from the Bochs figures in `dir`, or falls back to the figures
     /// measured on main when issue 14 was filed.
+    ///
+    /// The message cost is the hypervisor's own count of what a delegation message took its
+    /// receiving CPU (`message_handle_instructions`) plus one VM exit and re-entry for the
+    /// doorbell, [`DOORBELL_EXIT`] (counted once per message, as if no doorbell ever
+    /// carried two). Without that count it falls back to the remote delegation's wait
+    /// beyond the local one, split over its two messages: that is latency (the other CPU
+    /// noticing the doorbell, the answer's way back), not work, and overstates the cost.
     pub fn calibrate(dir: &Path) -> Self {
         let hypercall = std::fs::read_to_string(dir.join("hypercall.json")).unwrap_or_default();
         let protocol = std::fs::read_to_string(dir.join("protocol.json")).unwrap_or_default();
         let derive = metric(&hypercall, "derive_instructions");
         let local = metric(&protocol, "delegate_local_instructions");
         let remote = metric(&protocol, "delegate_remote_instructions");
-        let source = match (derive, local, remote) {
-            (Some(_), Some(_), Some(_)) => "Bochs: local_op = derive_instructions (hypercall.json); remote_issue = delegate_local_instructions, handle = (delegate_remote_instructions - delegate_local_instructions) / 2 (protocol.json, the previous run)".to_string(),
+        let measured = metric(&protocol, "message_handle_instructions");
+        let mut source = match (derive, local, remote) {
+            (Some(_), Some(_), Some(_)) => "Bochs: local_op = derive_instructions (hypercall.json); remote_issue = delegate_local_instructions (protocol.json, the previous run)".to_string(),
             _ => "fallback (no earlier Bochs JSON here): main's figures when issue 14 was filed: derive 1014, delegate_local 1120, delegate_remote 4920".to_string(),
         };
         let derive = derive.unwrap_or(1014);
         let local = local.unwrap_or(1120);
         let remote = remote.unwrap_or(4920).max(local);
-        Self { local_op: derive, remote_issue: local, handle: (remote - local) / 2, source }
+        let handle = match measured {
+            Some(work) => {
+                source.push_str(&format!("; handle = message_handle_instructions (protocol.json, the previous run: the receiving CPU's work per Delegate/DelegateAck, counted by the hypervisor) + {DOORBELL_EXIT} for the doorbell's VM exit and re-entry (vmcall_null_instructions through the Rust exit path, main before the stub answered null calls)"));
+                work + DOORBELL_EXIT
+            }
+            None => {
+                source.push_str("; handle = (delegate_remote_instructions - delegate_local_instructions) / 2: the wait, not the work (no message_handle_instructions yet)");
+                (remote - local) / 2
+            }
+        };
+        Self { local_op: derive, remote_issue: local, handle, source }
     }
 }
+
+/// A VM exit and re-entry through the hypervisor's Rust exit path, in emulated
+/// instructions: `vmcall_null_instructions` on main before the exit stub answered null
+/// calls itself (issue 14), which is what a doorbell's external-interrupt exit costs.
+const DOORBELL_EXIT: u64 = 255;
 
 struct Vm {
     kernel: usize,

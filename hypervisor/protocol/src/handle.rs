@@ -32,7 +32,7 @@ impl Kernel {
                     // The child is only handed out if its proxy is still unrevoked: a
                     // revocation of the parent that overtook the handshake has sent (or
                     // will send) it a revoke, and the child's name is never revealed.
-                    Ok(()) => match self.table.node(child).map(|node| node.state) {
+                    Ok(()) => match self.table.node_state(child) {
                         Some(NodeState::Remote) => Ok(Outcome::Name(child)),
                         _ => Err(CapError::Revoked.into()),
                     },

@@ -11,6 +11,10 @@ use nk_caps::{
 };
 
 use crate::error::ProtoError;
+
+/// Up to this many waited-for names, a batched `GoneBelow` compares each of its names
+/// with them instead of looking each up in the waiters' map.
+const FEW_WAITERS: usize = 4;
 use crate::message::{Message, Outbox, Routed};
 use crate::op::{Completion, OpId, Outcome, Started};
 
@@ -556,7 +560,8 @@ impl Kernel {
     {
         while !self.events.is_empty() {
             let mut batch = core::mem::take(&mut self.events);
-            for event in batch.drain(..) {
+            let mut events = batch.drain(..).peekable();
+            while let Some(event) = events.next() {
                 match event {
                     LinkEvent::RevokeRemote { child, parent: None } => {
                         out.send(child.kernel(), Message::Revoke { target: child });
@@ -565,12 +570,28 @@ impl Kernel {
                     LinkEvent::RevokeRemote { child, parent: Some(parent) } => {
                         // One message per parent and kernel: the walk reports a parent's
                         // remote children together, and the first one sends for all.
-                        match self.batches.entry((parent, child.kernel())) {
+                        let kernel = child.kernel();
+                        let proxies = match self.batches.entry((parent, kernel)) {
                             btree_map::Entry::Vacant(entry) => {
-                                entry.insert(Batch { tally, proxies: alloc::vec![child] });
-                                out.send(child.kernel(), Message::RevokeBelow { parent });
+                                out.send(kernel, Message::RevokeBelow { parent });
+                                &mut entry.insert(Batch { tally, proxies: alloc::vec![child] }).proxies
                             }
-                            btree_map::Entry::Occupied(mut entry) => entry.get_mut().proxies.push(child),
+                            btree_map::Entry::Occupied(entry) => {
+                                let proxies = &mut entry.into_mut().proxies;
+                                proxies.push(child);
+                                proxies
+                            }
+                        };
+                        // The walk reports a parent's children on one kernel in a run
+                        // (delegation order): they join the batch without a map lookup each.
+                        while let Some(&LinkEvent::RevokeRemote { child: next, parent: Some(next_parent) }) =
+                            events.peek()
+                        {
+                            if next_parent != parent || next.kernel() != kernel {
+                                break;
+                            }
+                            proxies.push(next);
+                            events.next();
                         }
                     }
                     LinkEvent::Finalized { name, remote_parent } => {
@@ -597,6 +618,7 @@ impl Kernel {
                     }
                 }
             }
+            drop(events);
             if self.events.is_empty() {
                 self.events = batch;
             }
@@ -660,11 +682,40 @@ impl Kernel {
             self.credit(tally, killed);
         }
         if !self.waiters.is_empty() {
-            for &name in &gone {
-                self.wake(name, out);
+            // Usually one operation waits (the revoke's root) while a batch names hundreds
+            // of proxies: then each name is compared with the few waited-for names instead
+            // of being looked up in the map (same wakes, same order).
+            let mut few = [CapName::from_u128(0); FEW_WAITERS];
+            let mut count = self.snapshot_waiters(&mut few);
+            if count <= FEW_WAITERS {
+                for &name in &gone {
+                    if count > FEW_WAITERS {
+                        self.wake(name, out);
+                    } else if few[..count].contains(&name) {
+                        self.wake(name, out);
+                        // A completion may change who waits: look again.
+                        count = self.snapshot_waiters(&mut few);
+                    }
+                }
+            } else {
+                for &name in &gone {
+                    self.wake(name, out);
+                }
             }
         }
         self.process_events(None, out);
+    }
+
+    /// Copies the names operations wait for into `few` when they fit; returns how many
+    /// there are (more than `few` holds: not copied).
+    fn snapshot_waiters(&self, few: &mut [CapName; FEW_WAITERS]) -> usize {
+        let count = self.waiters.len();
+        if count <= FEW_WAITERS {
+            for (slot, name) in few.iter_mut().zip(self.waiters.keys()) {
+                *slot = *name;
+            }
+        }
+        count
     }
 
     /// Adds `killed` capabilities to the count `tally` names.

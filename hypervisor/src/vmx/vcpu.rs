@@ -13,9 +13,13 @@ use super::tlb::Vpid;
 use super::vmcs::{self, ExitReason, VmFail, VmcsField as F};
 use crate::arch::gdt::{KERNEL_CODE, KERNEL_DATA, TSS_SELECTOR};
 use crate::memory::{self, HostPhysAddr};
+use nk_abi::{Call, Reply};
 
 /// The guest's general-purpose registers, saved and restored by the entry/exit stub. The
-/// field order is the stub's layout: do not reorder.
+/// field order is the stub's layout: do not reorder. The first fourteen are the
+/// hypercall's registers in the order of [`Call`]'s fields and the first seven those of
+/// [`Reply`] (the ABI in `nk-abi`), so a VMCALL exit reads its call and writes its reply
+/// in place ([`GuestRegs::call`], [`GuestRegs::reply_mut`]) instead of copying them.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
 pub struct GuestRegs {
@@ -25,7 +29,6 @@ pub struct GuestRegs {
     pub rdx: u64,
     pub rsi: u64,
     pub rdi: u64,
-    pub rbp: u64,
     pub r8: u64,
     pub r9: u64,
     pub r10: u64,
@@ -34,13 +37,75 @@ pub struct GuestRegs {
     pub r13: u64,
     pub r14: u64,
     pub r15: u64,
+    pub rbp: u64,
 }
 
-// nk_vm_run(regs: *mut GuestRegs, launched: u64) -> u64
-//   0: the guest ran and exited (exit information is in the VMCS);
-//   1: VMLAUNCH/VMRESUME failed with VMfailInvalid; 2: with VMfailValid.
+// The layouts `GuestRegs::call` and `GuestRegs::reply_mut` rely on.
+const _: () = {
+    use core::mem::{align_of, offset_of, size_of};
+    assert!(size_of::<Call>() == 14 * 8 && align_of::<Call>() == 8);
+    assert!(offset_of!(Call, selector) == offset_of!(GuestRegs, rax));
+    assert!(offset_of!(Call, caps) == offset_of!(GuestRegs, rbx));
+    assert!(offset_of!(Call, args) == offset_of!(GuestRegs, r11));
+    assert!(size_of::<Reply>() == 7 * 8 && align_of::<Reply>() == 8);
+    assert!(offset_of!(Reply, status) == offset_of!(GuestRegs, rax));
+    assert!(offset_of!(Reply, name) == offset_of!(GuestRegs, rbx));
+    assert!(offset_of!(Reply, results) == offset_of!(GuestRegs, rdx));
+    assert!(offset_of!(GuestRegs, r8) == offset_of!(GuestRegs, rdi) + 8);
+};
+
+impl GuestRegs {
+    /// Returns the hypercall the guest laid out in its registers at a VMCALL exit (RAX the
+    /// selector, RBX..R10 four capability names, R11..R15 five plain arguments).
+    #[inline(always)]
+    pub fn call(&self) -> &Call {
+        // SAFETY: `Call` is `repr(C)`, 14 u64 words with no padding, and the assertions
+        // above pin its fields to the first 14 registers of this `repr(C)` struct of u64s;
+        // every bit pattern is a valid `Call`, and the borrow of `self` covers it.
+        unsafe { &*(self as *const GuestRegs).cast::<Call>() }
+    }
+
+    /// Returns the registers a hypercall's reply goes to (RAX the status, RBX:RCX a name,
+    /// RDX, RSI, RDI, R8 four results) as a [`Reply`].
+    #[inline(always)]
+    pub fn reply_mut(&mut self) -> &mut Reply {
+        // SAFETY: `Reply` is `repr(C)`, 7 u64 words with no padding, pinned by the
+        // assertions above to RAX..R8 of this `repr(C)` struct of u64s; every bit pattern
+        // is valid for both, and the exclusive borrow of `self` covers it.
+        unsafe { &mut *(self as *mut GuestRegs).cast::<Reply>() }
+    }
+}
+
+/// What the exit stub needs to answer a null hypercall itself (ABI selector version 1, AM
+/// 0, operation 0), without returning to Rust: until `deadline` (a TSC value; 0 turns it
+/// off) a VMCALL exit with that selector gets the null reply (RAX, RBX, RCX, RDX, RSI, RDI
+/// and R8 zeroed, as [`nk_core::stateless_reply`] answers it), RIP moves past the VMCALL
+/// and the guest resumes at once; `served` counts those exits. Everything else, and a null
+/// call after the deadline, takes the full path. The stub reads this through the pointer
+/// `nk_vm_run` keeps on the host stack; the field order is its layout.
+#[repr(C)]
+#[derive(Debug, Default)]
+struct NullFastPath {
+    deadline: u64,
+    served: u64,
+}
+
+/// The selector of the null hypercall, which the exit stub answers (`NullFastPath`).
+const NULL_SELECTOR: u64 = (nk_abi::ABI_VERSION as u64) << 48;
+const _: () = assert!(NULL_SELECTOR == nk_abi::Selector::new(nk_abi::NULL_KERNEL_AM, nk_abi::nk_op::NULL).encode());
+
+// nk_vm_run(regs: *mut GuestRegs, launched: u64, fast: *mut NullFastPath) -> u64
+//   the exit reason (SDM Vol. 3 §28.2.1, zero-extended): the guest ran and exited;
+//   1 << 32: VMLAUNCH/VMRESUME failed with VMfailInvalid; 2 << 32: with VMfailValid.
 // The host stack pointer at exit is HOST_RSP, written here before each entry, and points
-// at the saved `regs` pointer; callee-saved host registers sit above it.
+// at the saved `regs` pointer, with the `fast` pointer above it and the callee-saved host
+// registers above that.
+//
+// At a VM exit with the null selector in RAX, the stub saves only RDI, RAX and RDX and
+// reads the exit reason: a VMCALL (basic reason 18, no other bit set) before
+// `fast.deadline` is answered right there (RIP += 3, the VMCALL's length, SDM Vol. 2; the
+// reply registers zeroed) and resumed. Every other exit saves the whole register file and
+// returns the exit reason to Rust.
 global_asm!(
     r#"
 .section .text.nk_vm, "ax"
@@ -52,6 +117,7 @@ nk_vm_run:
     push r13
     push r14
     push r15
+    push rdx
     push rdi
     mov rax, 0x6C14
     vmwrite rax, rsp
@@ -61,15 +127,15 @@ nk_vm_run:
     mov rcx, [rdi + 0x10]
     mov rdx, [rdi + 0x18]
     mov rsi, [rdi + 0x20]
-    mov rbp, [rdi + 0x30]
-    mov r8,  [rdi + 0x38]
-    mov r9,  [rdi + 0x40]
-    mov r10, [rdi + 0x48]
-    mov r11, [rdi + 0x50]
-    mov r12, [rdi + 0x58]
-    mov r13, [rdi + 0x60]
-    mov r14, [rdi + 0x68]
-    mov r15, [rdi + 0x70]
+    mov r8,  [rdi + 0x30]
+    mov r9,  [rdi + 0x38]
+    mov r10, [rdi + 0x40]
+    mov r11, [rdi + 0x48]
+    mov r12, [rdi + 0x50]
+    mov r13, [rdi + 0x58]
+    mov r14, [rdi + 0x60]
+    mov r15, [rdi + 0x68]
+    mov rbp, [rdi + 0x70]
     mov rdi, [rdi + 0x28]
     jnz 2f
     vmlaunch
@@ -78,31 +144,68 @@ nk_vm_run:
 3:  mov eax, 1
     mov ecx, 2
     cmovz eax, ecx
+    shl rax, 32
     pop rdi
+    pop rdx
     jmp 4f
 
 .global nk_vm_exit
 nk_vm_exit:
     push rdi
-    mov rdi, [rsp + 8]
+    mov rdi, {null_selector}
+    cmp rax, rdi
+    jne 5f
+    push rax
+    push rdx
+    mov edi, 0x4402
+    vmread rax, rdi
+    cmp rax, 18
+    jne 6f
+    mov rdi, [rsp + 32]
+    rdtsc
+    shl rdx, 32
+    or rax, rdx
+    cmp rax, [rdi]
+    jae 6f
+    add qword ptr [rdi + 8], 1
+    mov edi, 0x681E
+    vmread rax, rdi
+    add rax, 3
+    vmwrite rdi, rax
+    add rsp, 24
+    xor eax, eax
+    xor ebx, ebx
+    xor ecx, ecx
+    xor edx, edx
+    xor esi, esi
+    xor edi, edi
+    xor r8d, r8d
+    vmresume
+    jmp 3b
+
+6:  pop rdx
+    pop rax
+5:  mov rdi, [rsp + 8]
     mov [rdi + 0x00], rax
     mov [rdi + 0x08], rbx
     mov [rdi + 0x10], rcx
     mov [rdi + 0x18], rdx
     mov [rdi + 0x20], rsi
-    mov [rdi + 0x30], rbp
-    mov [rdi + 0x38], r8
-    mov [rdi + 0x40], r9
-    mov [rdi + 0x48], r10
-    mov [rdi + 0x50], r11
-    mov [rdi + 0x58], r12
-    mov [rdi + 0x60], r13
-    mov [rdi + 0x68], r14
-    mov [rdi + 0x70], r15
+    mov [rdi + 0x30], r8
+    mov [rdi + 0x38], r9
+    mov [rdi + 0x40], r10
+    mov [rdi + 0x48], r11
+    mov [rdi + 0x50], r12
+    mov [rdi + 0x58], r13
+    mov [rdi + 0x60], r14
+    mov [rdi + 0x68], r15
+    mov [rdi + 0x70], rbp
     pop rax
     mov [rdi + 0x28], rax
     pop rdi
-    xor eax, eax
+    pop rdx
+    mov eax, 0x4402
+    vmread rax, rax
 4:  pop r15
     pop r14
     pop r13
@@ -110,11 +213,12 @@ nk_vm_exit:
     pop rbx
     pop rbp
     ret
-"#
+"#,
+    null_selector = const NULL_SELECTOR,
 );
 
 unsafe extern "C" {
-    fn nk_vm_run(regs: *mut GuestRegs, launched: u64) -> u64;
+    fn nk_vm_run(regs: *mut GuestRegs, launched: u64, fast: *mut NullFastPath) -> u64;
     fn nk_vm_exit();
 }
 
@@ -236,6 +340,8 @@ pub struct Vcpu {
     tpr_threshold: u8,
     pub regs: GuestRegs,
     launched: bool,
+    /// The exit stub's null-hypercall fast path (off until [`Vcpu::serve_null_until`]).
+    null_fast_path: NullFastPath,
     /// Its VPID from the pool (None: it runs without one). Dropped after the VMCS is
     /// cleared, which invalidates the VPID's translations (`tlb::Vpid`).
     vpid: Option<Vpid>,
@@ -295,6 +401,7 @@ impl Vcpu {
             tpr_threshold: 0,
             regs: GuestRegs::default(),
             launched: false,
+            null_fast_path: NullFastPath::default(),
             vpid: Vpid::allocate(caps),
         };
         let (_, proc, _, _) = control_msrs(caps);
@@ -597,8 +704,8 @@ impl Vcpu {
     pub fn run(&mut self) -> Result<Exit, VcpuError> {
         // SAFETY: this vCPU's VMCS is current on this CPU (made so in `new`, and vCPUs do
         // not migrate yet); the stub saves and restores every host register it changes.
-        let status = unsafe { nk_vm_run(&mut self.regs, u64::from(self.launched)) };
-        match status {
+        let status = unsafe { nk_vm_run(&mut self.regs, u64::from(self.launched), &mut self.null_fast_path) };
+        match status >> 32 {
             0 => {}
             1 => return Err(VcpuError::Vmx(VmFail::Invalid)),
             _ => {
@@ -607,7 +714,21 @@ impl Vcpu {
             }
         }
         self.launched = true;
-        Ok(Exit { reason: ExitReason(vmcs::read(F::EXIT_REASON)? as u16) })
+        // The stub read the exit reason (its low 16 bits are the basic reason).
+        Ok(Exit { reason: ExitReason(status as u16) })
+    }
+
+    /// Lets the exit stub answer this vCPU's null hypercalls itself until the TSC reaches
+    /// `deadline` (0: never), so a guest's slice still ends on time (`NullFastPath`). Only a
+    /// caller that does nothing else at a null hypercall's exit turns it on.
+    pub fn serve_null_until(&mut self, deadline: u64) {
+        self.null_fast_path.deadline = deadline;
+    }
+
+    /// Returns how many null hypercalls the exit stub answered since the last call, and
+    /// starts counting again: exits the caller did not see.
+    pub fn take_null_exits(&mut self) -> u64 {
+        core::mem::take(&mut self.null_fast_path.served)
     }
 
     /// Returns the exit qualification of the last exit (SDM Vol. 3 §28.2.1).
@@ -644,11 +765,18 @@ impl Vcpu {
     /// guest could miss: the hypervisor injects no interrupts or NMIs into guests, and the
     /// host's own interrupts still end the guest's run at the next instruction. So the
     /// hypercall path saves the VMREAD of the interruptibility state.
+    #[inline(always)]
     pub fn skip_bytes(&mut self, length: u64) -> Result<(), VcpuError> {
-        let rip = vmcs::read(F::GUEST_RIP)?;
-        // SAFETY: advancing RIP by the exiting instruction's length is what the SDM
-        // prescribes for emulated instructions (§28.2.5).
-        unsafe { vmcs::write(F::GUEST_RIP, rip + length)? };
+        // SAFETY: this vCPU's VMCS is current (it just exited), so neither VMREAD nor
+        // VMWRITE of GUEST_RIP, a field every VMCS has, can fail (SDM Vol. 3 §31.3, the
+        // instructions' failure conditions), which is why the flags are not tested; and
+        // advancing RIP by the exiting instruction's length is what the SDM prescribes for
+        // emulated instructions (§28.2.5).
+        unsafe {
+            asm!("vmread {rip}, {field}", "add {rip}, {length}", "vmwrite {field}, {rip}",
+                 field = in(reg) u64::from(F::GUEST_RIP.0), length = in(reg) length, rip = out(reg) _,
+                 options(nostack));
+        }
         Ok(())
     }
 

@@ -207,6 +207,13 @@ impl CapTable {
         Some(self.view(slot))
     }
 
+    /// Returns the state of the node named `name` (a local capability or a proxy), as
+    /// [`node`](Self::node) reports it, without describing the rest.
+    pub fn node_state(&self, name: CapName) -> Option<NodeState> {
+        let slot = self.lookup(name).or_else(|| self.lookup_foreign(name))?;
+        Some(self.nodes[slot].state.into())
+    }
+
     /// Describes every node in use, in slab order.
     pub fn nodes(&self) -> impl Iterator<Item = NodeView> + '_ {
         self.nodes.iter().enumerate().filter(|(_, node)| node.state != State::Free).map(|(slot, _)| self.view(slot))
@@ -398,10 +405,22 @@ impl CapTable {
             return 0;
         };
         let mut dropped = 0;
+        // The batch lists the proxies in the order the walk met them, the parent's list
+        // order, and that list only loses members meanwhile: the node after the last one
+        // dropped is usually the next one named, found without the index (a name is in
+        // the index once, so a node of the list that bears it is the one the index holds).
+        let mut guess = self.nodes[parent_slot].first_child;
         for at in 0..proxies.len() {
             let name = proxies[at];
-            let Some(slot) = self.lookup_foreign(name) else { continue };
+            let slot = match guess.get() {
+                Some(slot) if self.nodes[slot].name == name && name.kernel() != self.kernel() => slot,
+                _ => match self.lookup_foreign(name) {
+                    Some(slot) => slot,
+                    None => continue,
+                },
+            };
             let node = &self.nodes[slot];
+            guess = node.next_sibling;
             if node.state != State::RemoteRevoking || node.parent.get() != Some(parent_slot) || individual(name) {
                 continue;
             }
@@ -563,6 +582,7 @@ impl CapTable {
 
     /// Finalizes the childless node in `slot`: it leaves the tree as `Revoked`. Reports it
     /// to `links` if `report` is set or its parent is a proxy. Returns its former parent.
+    #[inline]
     fn finalize<L>(&mut self, slot: usize, report: bool, links: &mut L) -> Link
     where
         L: LinkSink + ?Sized,
