@@ -57,7 +57,9 @@ pub fn run_command(workspace: &Workspace, args: &RunArgs) -> Result<ExitCode> {
     let mut ips = crate::emulator::DEFAULT_IPS;
     if args.linux {
         let files = crate::linux::ensure(workspace)?;
-        modules.extend(crate::linux::modules(&files, crate::linux::DEMO_COMMANDS));
+        let keeper =
+            image::build_package(workspace, "nk-testguest", &[], args.profile.profile(), BuildOutput::Summary)?;
+        modules.extend(crate::linux::demo_modules(&files, &keeper, args.cpus));
         megs = megs.max(crate::linux::MIN_MEGS);
         ips = crate::linux::IPS;
     }
@@ -89,7 +91,8 @@ pub fn run_command(workspace: &Workspace, args: &RunArgs) -> Result<ExitCode> {
         cpus: args.cpus,
         megs,
         cpu_model: args.cpu_model.clone(),
-        timeout: Duration::from_secs(args.timeout),
+        // Linux takes about 30 s to its /init in Bochs, the demo as long again.
+        timeout: Duration::from_secs(if args.linux { args.timeout.max(300) } else { args.timeout }),
         dir: workspace.runs().join(format!("run-{}", args.emu.name())),
         ips,
         disk,
@@ -99,7 +102,7 @@ pub fn run_command(workspace: &Workspace, args: &RunArgs) -> Result<ExitCode> {
     println!(
         "xtask: run: booting in {} (timeout {} s); serial log {}",
         emulator::describe(&spec),
-        args.timeout,
+        spec.timeout.as_secs(),
         workspace.display(&spec.dir.join("serial.txt"))
     );
     let result = emulator::run(&spec, |line| println!("{line}"))?;
