@@ -74,6 +74,7 @@ nkctl nvram map $N 0x40000000 || exit 1
 case "$R" in
 *created*)
   nkctl mem write 0x40001000 "bypass-record:answer=42"
+  nkctl dirty 0x40000000 4
   nkctl nvram commit $N
   nkctl mem write 0x40003000 "never-committed"
   nkctl nvram restore $N

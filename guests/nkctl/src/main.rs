@@ -28,7 +28,8 @@ commands:
   exo map FRAMES ASPACE GPA [ro] map a frame set at GPA (below 1 GiB, above RAM)
   exo unmap ASPACE GPA | exo free FRAMES
   dirty GPA PAGES        read and clear the EPT dirty bits of PAGES pages from GPA
-                         (exo/aspace; the bitmap goes to a page nkctl maps at 0x3ffff000)
+                         (exo/aspace; the bitmap goes to a page nkctl maps at 0x3ffff000);
+                         from 1 GiB (NVRAM regions) read without clearing
   nvram alloc FACTORY BYTES KEY  allocate (or find again by KEY) an NVRAM region
   nvram map REGION GPA [ro]      map it at GPA (1-2 GiB) in this VM
   nvram unmap REGION GPA | nvram begin|commit|restore|seq REGION
@@ -173,6 +174,8 @@ fn run(command: &str, args: &[String]) -> Result<(), Failure> {
 /// Where `nkctl dirty` maps its bitmap page: the last page of the exo AM's range (below
 /// 1 GiB), far above the RAM the scenarios give Linux, so `/dev/mem` may map it.
 pub(crate) const BITMAP_GPA: u64 = 0x3fff_f000;
+/// Where the NVRAM AM's window starts (guest-physical 1 GiB).
+const NVRAM_WINDOW: u64 = 0x4000_0000;
 
 fn arity(args: &[String], range: std::ops::RangeInclusive<usize>, what: &str) -> Result<(), Failure> {
     if range.contains(&args.len()) {
@@ -223,11 +226,19 @@ fn dirty(gpa: u64, pages: u64) -> Result<(), Failure> {
     let result = (|| {
         nk::exo::map(bitmap, aspace, BITMAP_GPA, 3)?;
         let outcome = (|| {
-            nk::exo::dirty(aspace, bitmap, gpa, pages, 0)?;
+            // In the NVRAM window (from 1 GiB) the flags are the NVRAM AM's write set:
+            // read them without clearing.
+            let keep = gpa >= NVRAM_WINDOW;
+            if keep {
+                nk::exo::dirty_keep(aspace, bitmap, gpa, pages, 0)?;
+            } else {
+                nk::exo::dirty(aspace, bitmap, gpa, pages, 0)?;
+            }
             let bytes = nk::map_phys(BITMAP_GPA, 4096).map_err(Failure::Call)?;
             let list = nk::exo::dirty_pages(bytes, pages);
             let shown: Vec<String> = list.iter().map(|p| p.to_string()).collect();
-            println!("dirty: {} of {pages} pages from {gpa:#x}: [{}]", list.len(), shown.join(","));
+            let how = if keep { " (read, left set for the NVRAM AM's commit)" } else { "" };
+            println!("dirty: {} of {pages} pages from {gpa:#x}: [{}]{how}", list.len(), shown.join(","));
             Ok(())
         })();
         let _ = nk::exo::unmap(aspace, BITMAP_GPA);
