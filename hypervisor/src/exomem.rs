@@ -277,20 +277,17 @@ pub fn apply(effect: Effect) {
             drop(epts);
             free(hpa, bytes);
         }
-        Effect::TakeDirty { vm, gpa, pages, bitmap_hpa } => {
+        Effect::TakeDirty { vm, gpa, pages, bitmap_hpa, keep } => {
             drop(epts);
             let bytes = pages.div_ceil(8) as usize;
             // SAFETY: the exo AM checked that the bitmap lies in a frame set the caller
             // holds with the write right (allocated from this allocator, identity-mapped).
             let bitmap = unsafe { core::slice::from_raw_parts_mut(bitmap_hpa as *mut u8, bytes) };
-            take_dirty(vm, gpa, pages, bitmap);
-        }
-        Effect::PeekDirty { vm, gpa, pages, bitmap_hpa } => {
-            drop(epts);
-            let bytes = pages.div_ceil(8) as usize;
-            // SAFETY: as for TakeDirty: the exo AM checked the bitmap's frames.
-            let bitmap = unsafe { core::slice::from_raw_parts_mut(bitmap_hpa as *mut u8, bytes) };
-            peek_dirty(vm, gpa, pages, bitmap);
+            if keep {
+                peek_dirty(vm, gpa, pages, bitmap);
+            } else {
+                take_dirty(vm, gpa, pages, bitmap);
+            }
         }
         Effect::PmlEnable { vm, gpa, pages } => {
             let Some(r) = epts.get_mut(&vm.raw()) else { return };

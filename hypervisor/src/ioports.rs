@@ -126,7 +126,6 @@ pub fn apply(effect: Effect) {
         | Effect::ProtectFrames { .. }
         | Effect::FreeFrames { .. }
         | Effect::TakeDirty { .. }
-        | Effect::PeekDirty { .. }
         | Effect::PmlEnable { .. }
         | Effect::PmlDrain { .. } => crate::exomem::apply(effect),
         Effect::VmControl { vm, action, by } => crate::vmctl::apply(vm, action, by),

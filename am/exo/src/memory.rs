@@ -555,7 +555,7 @@ impl Memory {
         let bitmap_hpa = self.bitmap_at(bitmap, offset, pages, rights, kernel)?;
         if flags & nk_abi::exo_dirty::KEEP == 0 {
             self.check_range(vm, gpa, pages)?;
-            kernel.emit(Effect::TakeDirty { vm, gpa, pages, bitmap_hpa });
+            kernel.emit(Effect::TakeDirty { vm, gpa, pages, bitmap_hpa, keep: false });
             return Ok(Outcome::value(pages));
         }
         let in_window = self.keep_window.is_some_and(|(start, end)| {
@@ -568,7 +568,7 @@ impl Memory {
         if !in_window {
             self.check_range(vm, gpa, pages)?;
         }
-        kernel.emit(Effect::PeekDirty { vm, gpa, pages, bitmap_hpa });
+        kernel.emit(Effect::TakeDirty { vm, gpa, pages, bitmap_hpa, keep: true });
         Ok(Outcome::value(pages))
     }
 

@@ -457,7 +457,10 @@ fn dirty_reads_into_a_bitmap_the_caller_holds() {
     let effects = s.effects();
     let Effect::MapFrames { hpa: bitmap_hpa, .. } = effects[1] else { panic!("{effects:?}") };
     s.ok(VM2, op::DIRTY, &[a2, bitmap], &[0, 16, 8]);
-    assert_eq!(s.effects(), [Effect::TakeDirty { vm: VM2, gpa: 0, pages: 16, bitmap_hpa: bitmap_hpa + 8 }]);
+    assert_eq!(
+        s.effects(),
+        [Effect::TakeDirty { vm: VM2, gpa: 0, pages: 16, bitmap_hpa: bitmap_hpa + 8, keep: false }]
+    );
     // Refused, changing nothing: a bitmap past its set, too many pages, outside the range,
     // a bitmap without write, another VM's address space, without the `dirty` right.
     for args in [[0, 16, PAGE_4K - 1], [0, DIRTY_PAGES_MAX + 1, 0], [LIMIT, 1, 0], [0x800, 1, 0], [0, 0, 0]] {
@@ -481,9 +484,9 @@ fn dirty_with_keep_reads_without_clearing_also_in_the_keep_window() {
     let effects = s.effects();
     let Effect::MapFrames { hpa: bitmap_hpa, .. } = effects[0] else { panic!("{effects:?}") };
     s.ok(VM2, op::DIRTY, &[a2, bitmap], &[0, 16, 0, keep]);
-    assert_eq!(s.effects(), [Effect::PeekDirty { vm: VM2, gpa: 0, pages: 16, bitmap_hpa }]);
+    assert_eq!(s.effects(), [Effect::TakeDirty { vm: VM2, gpa: 0, pages: 16, bitmap_hpa, keep: true }]);
     s.ok(VM2, op::DIRTY, &[a2, bitmap], &[KEEP_WINDOW, 16, 0, keep]);
-    assert_eq!(s.effects(), [Effect::PeekDirty { vm: VM2, gpa: KEEP_WINDOW, pages: 16, bitmap_hpa }]);
+    assert_eq!(s.effects(), [Effect::TakeDirty { vm: VM2, gpa: KEEP_WINDOW, pages: 16, bitmap_hpa, keep: true }]);
     // Clearing stays refused there (the flags are another AM's write set); KEEP does not
     // reach past the window, and unknown flags are refused.
     for args in [[KEEP_WINDOW, 16, 0, 0], [2 * KEEP_WINDOW - PAGE_4K, 2, 0, keep], [0, 16, 0, 2], [LIMIT, 1, 0, keep]] {

@@ -101,7 +101,9 @@ impl GuestEpt {
     /// and the page's size (a 4 KiB step where nothing is mapped).
     pub fn peek_dirty(&mut self, gpa: u64) -> (bool, u64) {
         let Some(builder) = self.builder.as_mut() else { return (false, nk_paging::PAGE_4K) };
-        builder.translate(&mut FrameTables, gpa).map_or((false, nk_paging::PAGE_4K), |t| (t.dirty, t.size.bytes()))
+        builder
+            .peek_dirty(&mut FrameTables, gpa)
+            .map_or((false, nk_paging::PAGE_4K), |(dirty, size)| (dirty, size.bytes()))
     }
 
     /// Maps `[gpa, gpa + len)` to `[hpa, hpa + len)` with 4 KiB pages only (so dirty flags
