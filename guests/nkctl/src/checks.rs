@@ -93,8 +93,9 @@ pub fn stress(key: u64, gpa: u64, rounds: u64) -> Result<(), String> {
 }
 
 /// Allocates region `key` (16 KiB), delegates a child of it to VM `other` and presents that
-/// child's name, bound to the other VM: seq, map and commit are refused with `WRONG_HOLDER`,
-/// and the region's sequence number and contents stay as they were.
+/// child's name, bound to the other VM: seq, map and commit are refused with `WRONG_HOLDER`
+/// (or `UNKNOWN_NAME` where the other VM's kernel instance is another CPU's), and the
+/// region's sequence number stays as it was, with no transaction opened.
 pub fn foreign(other: u32, key: u64) -> Result<(), String> {
     let region = nk::nvram::allocate(factory()?, STRESS_BYTES, key).map_err(|e| e.to_string())?;
     let own = region.region;
@@ -108,7 +109,12 @@ pub fn foreign(other: u32, key: u64) -> Result<(), String> {
     ];
     for (what, result) in tries {
         match result {
-            Err(error) if error.status().is_some_and(|s| s.code() == Status::WRONG_HOLDER) => {
+            // Held by the other VM on this kernel instance: WRONG_HOLDER; when the other
+            // VM runs on another CPU, the name lives only in that CPU's kernel instance,
+            // and this one does not know it: UNKNOWN_NAME.
+            Err(error)
+                if error.status().is_some_and(|s| matches!(s.code(), Status::WRONG_HOLDER | Status::UNKNOWN_NAME)) =>
+            {
                 println!("foreign: {what} with vm{other}'s name: {}", error.reason())
             }
             other => return Err(format!("{what} with a name bound to another VM: {other:?}")),
