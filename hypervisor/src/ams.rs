@@ -20,6 +20,9 @@ const EXO_GPA_LIMIT: u64 = 1 << 30;
 /// Bytes of frames each VM may allocate through the exo AM at a time, unless its module
 /// says `frames=`.
 const EXO_FRAME_QUOTA: u64 = 4 << 20;
+/// Where the NVRAM AM maps regions (guest-physical 1-2 GiB, above the exo AM's range);
+/// the exo AM may read, never clear, the dirty flags there (`exo_dirty::KEEP`).
+const NVRAM_WINDOW: (u64, u64) = (1 << 30, 2 << 30);
 
 /// One AM: its name (for logs), its quota and how to make it for the boot's guests.
 pub struct AmLine {
@@ -94,7 +97,7 @@ fn nvram_am(guests: &[GuestSpec]) -> nk_am_nvram::NvramAm {
             None => log::error!(target: "nvram", "no frames for a RAM device: NVRAM calls will fail"),
         }
     }
-    nk_am_nvram::NvramAm::new(grants).with_window(1 << 30, 2 << 30)
+    nk_am_nvram::NvramAm::new(grants).with_window(NVRAM_WINDOW.0, NVRAM_WINDOW.1)
 }
 
 /// The exo AM, told which port range and MSRs each guest (VM i+1) may open and where its
@@ -131,7 +134,7 @@ fn exo_am(guests: &[GuestSpec]) -> nk_am_exo::ExoAm {
             initial_hpa: None,
         }),
     });
-    nk_am_exo::ExoAm::new(assignments)
+    nk_am_exo::ExoAm::new(assignments).with_dirty_keep_window(NVRAM_WINDOW.0, NVRAM_WINDOW.1)
 }
 
 /// Returns the guest-OS AM's code for the kind of image `bytes` holds.

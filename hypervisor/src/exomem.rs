@@ -208,6 +208,30 @@ pub fn take_dirty(vm: VmId, gpa: u64, pages: u64, bitmap: &mut [u8]) -> bool {
     true
 }
 
+/// Reads the dirty flags of `pages` pages from `gpa` in `vm` into `bitmap` as
+/// [`take_dirty`] does, leaving them set (no invalidation needed: nothing changed).
+fn peek_dirty(vm: VmId, gpa: u64, pages: u64, bitmap: &mut [u8]) {
+    let mut epts = EPTS.lock();
+    let Some(r) = epts.get_mut(&vm.raw()) else { return };
+    let Some(bitmap) = bitmap.get_mut(..pages.div_ceil(8) as usize) else { return };
+    if !r.ept.has_dirty_flags() {
+        bitmap.fill(0xFF);
+        return;
+    }
+    bitmap.fill(0);
+    let mut page = 0;
+    while page < pages {
+        let (dirty, size) = r.ept.peek_dirty(gpa + page * PAGE_SIZE);
+        let step = (size / PAGE_SIZE).min(pages - page).max(1);
+        if dirty {
+            for p in page..page + step {
+                bitmap[(p / 8) as usize] |= 1 << (p % 8);
+            }
+        }
+        page += step;
+    }
+}
+
 /// Applies an exo memory effect.
 pub fn apply(effect: Effect) {
     let mut epts = EPTS.lock();
@@ -253,13 +277,17 @@ pub fn apply(effect: Effect) {
             drop(epts);
             free(hpa, bytes);
         }
-        Effect::TakeDirty { vm, gpa, pages, bitmap_hpa } => {
+        Effect::TakeDirty { vm, gpa, pages, bitmap_hpa, keep } => {
             drop(epts);
             let bytes = pages.div_ceil(8) as usize;
             // SAFETY: the exo AM checked that the bitmap lies in a frame set the caller
             // holds with the write right (allocated from this allocator, identity-mapped).
             let bitmap = unsafe { core::slice::from_raw_parts_mut(bitmap_hpa as *mut u8, bytes) };
-            take_dirty(vm, gpa, pages, bitmap);
+            if keep {
+                peek_dirty(vm, gpa, pages, bitmap);
+            } else {
+                take_dirty(vm, gpa, pages, bitmap);
+            }
         }
         Effect::PmlEnable { vm, gpa, pages } => {
             let Some(r) = epts.get_mut(&vm.raw()) else { return };

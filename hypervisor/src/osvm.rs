@@ -212,6 +212,10 @@ pub struct OsVm {
     ram: Option<(u64, u64)>,
 }
 
+/// Where the open bus of a guest OS ends ([`OsVm::open_bus`]): the end of the NVRAM AM's
+/// window, above the exo AM's range.
+const OPEN_BUS_END: u64 = 2 << 30;
+
 impl OsVm {
     /// Returns the VM's machine in its firmware state.
     pub fn new(kind: ImageKind) -> Self {
@@ -390,6 +394,38 @@ impl OsVm {
         }
         vcpu.skip_bytes(u64::from(insn.len))?;
         Ok(OsFlow::Continue)
+    }
+
+    /// Emulates a 32-bit `MOV` to guest-physical `gpa` where nothing is mapped, above the
+    /// VM's RAM and below [`OPEN_BUS_END`] (where the exo and NVRAM AMs map frames on a
+    /// caller's request, and a process reaches them through `/dev/mem`), as a PC's bus
+    /// does with an unclaimed cycle: a load reads all ones, a store goes nowhere. So a
+    /// process that looks where no capability mapped anything (before `map`, after an
+    /// unmap or a revocation) finds nothing, and Linux goes on. Returns false (the VM is
+    /// then stopped, as for any other EPT violation) for anything else: a page that is
+    /// mapped (a write to a read-only mapping), an instruction fetch, another instruction.
+    /// The exit qualification's bits 3-5 are the permissions of the translation, all 0
+    /// when nothing is mapped (SDM Vol. 3C §28.2.3.2, Table 28-7).
+    fn open_bus(&mut self, gpa: u64, vcpu: &mut Vcpu, prefix: &str) -> Result<bool, VcpuError> {
+        let Some((_, ram)) = self.ram else { return Ok(false) };
+        let q = vcpu.exit_qualification()?;
+        let (fetch, mapped) = (q & (1 << 2) != 0, q & (0b111 << 3) != 0);
+        if gpa < ram || gpa >= OPEN_BUS_END || fetch || mapped {
+            return Ok(false);
+        }
+        let long = vcpu.guest_msr(VmcsMsr::Efer)? & (1 << 10) != 0;
+        let (code, n) = self.fetch_instruction(vcpu, long)?;
+        let Some(insn) = mmio::decode(&code[..n], long) else { return Ok(false) };
+        let what = match insn.op {
+            MmioOp::Load { gpr } => {
+                vcpu.set_gpr(gpr, 0xFFFF_FFFF)?;
+                "read all ones"
+            }
+            MmioOp::Store { .. } | MmioOp::StoreImm(_) => "write dropped",
+        };
+        vcpu.skip_bytes(u64::from(insn.len))?;
+        log::info!(target: "guest", "{prefix}: nothing mapped at guest-physical {gpa:#x}: {what} (open bus)");
+        Ok(true)
     }
 
     /// Queues `bytes` to be typed into the VM's serial port.
@@ -592,6 +628,9 @@ impl OsVm {
             ExitReason::INIT_SIGNAL => return Ok(OsFlow::Ended(String::from("reset by an INIT signal"))),
             ExitReason::EPT_VIOLATION => {
                 let gpa = vcpu.guest_physical()?;
+                if self.open_bus(gpa, vcpu, prefix)? {
+                    return Ok(OsFlow::Continue);
+                }
                 let what = if (0xFEE0_0000..0xFEE0_1000).contains(&gpa) {
                     " (the xAPIC page: this CPU cannot virtualize APIC accesses, use the x2APIC MSRs)"
                 } else {

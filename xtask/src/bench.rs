@@ -53,6 +53,11 @@ const BENCHES: &[Bench] = &[
         run: bench_lwc,
     },
     Bench {
+        name: "bypass",
+        about: "layer bypass from a Linux process in Bochs: 4 KiB store + NVRAM commit by VMCALL from ring 3, ring-3 null call (fsync path: see bench_bypass.rs)",
+        run: crate::bench_bypass::bench_bypass,
+    },
+    Bench {
         name: "nvram",
         about: "NVRAM AM in Bochs, in emulated instructions: commit of 1, 16 and 256 dirty pages (sparse and dense) with device bytes and write amplification, the whole region, restore of 1 MiB",
         run: bench_nvram,

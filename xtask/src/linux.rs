@@ -74,6 +74,7 @@ nkctl nvram map $N 0x40000000 || exit 1
 case "$R" in
 *created*)
   nkctl mem write 0x40001000 "bypass-record:answer=42"
+  nkctl dirty 0x40000000 4
   nkctl nvram commit $N
   nkctl mem write 0x40003000 "never-committed"
   nkctl nvram restore $N
@@ -97,6 +98,24 @@ nkctl nvram seq $N
 echo "nkctl-bypass: done"
 "#;
 
+/// `/bin/nkctl-isolation`: issue 13's isolation checks from Linux processes. A process
+/// without a mapping finds nothing at 1 GiB + 1 MiB through /dev/mem (the hypervisor
+/// answers unmapped addresses above the VM's RAM as an open bus: all ones); two processes
+/// commit their own NVRAM regions 20 times each at the same time, every commit writing
+/// exactly its one dirty page; afterwards (unmapped) nothing is there again; a name bound
+/// to another VM (`$1`) is refused and changes nothing.
+pub const NKCTL_ISOLATION: &str = r#"#!/bin/busybox sh
+nkctl probe 0x40100000
+nkctl stress 21 0x40100000 20 &
+nkctl stress 22 0x40200000 20 &
+wait
+nkctl probe 0x40100000
+nkctl probe 0x40200000
+nkctl foreign ${1:-auto} 23
+nkctl probe 0x40300000
+echo "nkctl-isolation: done"
+"#;
+
 /// The unpacked Linux guest files.
 #[derive(Debug, Clone)]
 pub struct LinuxFiles {
@@ -109,9 +128,11 @@ pub struct LinuxFiles {
 /// no IO-APIC (the MADT has none), reboot on panic, one CPU, fewer boot-time costs.
 pub const KERNEL_CMDLINE: &str = "console=ttyS0 earlyprintk=serial nokaslr noapic tsc=reliable panic=-1 \
     mitigations=off init_on_alloc=0 maxcpus=1";
-/// The commands `cargo xtask run --linux` gives /init.
+/// The commands `cargo xtask run --linux` gives /init: a few words from Linux, then the
+/// layer-bypass demo (`nkctl demo`, with the keeper guest [`demo_modules`] adds) after the
+/// isolation checks (`/bin/nkctl-isolation`, against the keeper's VM).
 pub const DEMO_COMMANDS: &str =
-    "echo hello-from-linux > /tmp/f ; cat /tmp/f ; grep -m1 model.name /proc/cpuinfo ; cat /proc/interrupts";
+    "echo hello-from-linux > /tmp/f ; cat /tmp/f ; grep -m1 model.name /proc/cpuinfo ; nkctl-isolation auto ; nkctl demo";
 /// Bochs's instructions per second for runs with a Linux VM: Linux's timer tick (HZ=250)
 /// and RCU's stall detector assume a CPU that does far more than 4,000 instructions a tick,
 /// as the 1 MHz default would give; the hypervisor measures the rate and reports it in
@@ -130,6 +151,23 @@ pub fn modules(files: &LinuxFiles, commands: &str) -> Vec<crate::image::Module> 
         },
         crate::image::Module { path: files.initramfs.clone(), cmdline: "initramfs data".into() },
     ]
+}
+
+/// The modules of `cargo xtask run --linux`: the Linux VM on CPU 0 running
+/// [`DEMO_COMMANDS`], with an NVRAM factory of its own and `ring3-caps` (its root process
+/// lists the inbox the keeper delegates to), and the keeper of the layer-bypass demo (the
+/// test guest at `testguest` in mode `bypasskeep`: it holds NVRAM region 42 and revokes
+/// Linux's capability to it from outside once the demo rings its doorbell), on CPU 1 when
+/// there is one. The NVRAM disk target/nvram/run.img keeps the region across runs.
+pub fn demo_modules(files: &LinuxFiles, testguest: &Path, cpus: u32) -> Vec<crate::image::Module> {
+    let mut modules = modules(files, DEMO_COMMANDS);
+    modules[0].cmdline = modules[0].cmdline.replacen("modules=initramfs", "modules=initramfs nvram ring3-caps", 1);
+    let cpu = if cpus > 1 { " cpu=1" } else { "" };
+    modules.push(crate::image::Module {
+        path: testguest.to_path_buf(),
+        cmdline: format!("keeper{cpu} nvram manages=linux -- bypasskeep 42"),
+    });
+    modules
 }
 
 /// Where everything lives.
@@ -360,6 +398,7 @@ pub fn initramfs_cpio(busybox: &[u8], nkctl: &[u8]) -> Vec<u8> {
     c.file("bin/nkctl", 0o755, nkctl);
     c.file("bin/nkctl-demo", 0o755, NKCTL_DEMO.as_bytes());
     c.file("bin/nkctl-bypass", 0o755, NKCTL_BYPASS.as_bytes());
+    c.file("bin/nkctl-isolation", 0o755, NKCTL_ISOLATION.as_bytes());
     // Root and an unprivileged user, so a demo can show what only root may read.
     c.file("etc/passwd", 0o644, b"root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/tmp:/bin/sh\n");
     c.file("etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n");
@@ -417,6 +456,7 @@ mod tests {
         assert_eq!(find("bin/nkctl").1, S_IFREG | 0o755);
         assert!(String::from_utf8(find("bin/nkctl-demo").3).unwrap().contains("nkctl caps"));
         assert!(String::from_utf8(find("bin/nkctl-bypass").3).unwrap().contains("nkctl nvram commit"));
+        assert!(String::from_utf8(find("bin/nkctl-isolation").3).unwrap().contains("nkctl stress"));
         assert_eq!(find("proc").1, S_IFDIR | 0o755);
     }
 

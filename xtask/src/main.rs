@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_bypass;
 mod bench_linux;
 mod checks;
 mod cli;

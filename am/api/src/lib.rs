@@ -146,7 +146,9 @@ pub enum Effect {
     /// written since the last read) into host frames at `bitmap_hpa`, which the AM checked
     /// belong to the caller. Then invalidates as for an unmap, so the next write to a page
     /// sets its flag again. Where the CPU has no EPT A/D flags every page reads as dirty.
-    TakeDirty { vm: VmId, gpa: u64, pages: u64, bitmap_hpa: u64 },
+    /// With `keep`, the flags are only read, not cleared (so whoever owns them, e.g. the
+    /// NVRAM AM's commit, still sees every write), and nothing is invalidated.
+    TakeDirty { vm: VmId, gpa: u64, pages: u64, bitmap_hpa: u64, keep: bool },
     /// Turns on Page-Modification Logging (SDM Vol. 3 §29.3.6) for `vm`, tracking the
     /// `pages` 4 KiB pages from `gpa`: their dirty flags are cleared, so each first write
     /// is logged. `vm` is the caller (its VMCS is the current one).

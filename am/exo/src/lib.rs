@@ -170,6 +170,15 @@ impl ExoAm {
         Self { assignments, memory, ..Self::default() }
     }
 
+    /// Lets `dirty` with `exo_dirty::KEEP` read (never clear) the dirty flags of
+    /// guest-physical `[start, end)` too, outside the VMs' own ranges: where the hypervisor
+    /// lets another AM map (the NVRAM window), so a process sees its region's write set
+    /// without taking it from that AM.
+    pub fn with_dirty_keep_window(mut self, start: u64, end: u64) -> Self {
+        self.memory.set_keep_window(start, end);
+        self
+    }
+
     /// Returns the bytes of frames `vm` has allocated and not given back.
     pub fn frames_charged(&self, vm: VmId) -> u64 {
         self.memory.charged(vm)

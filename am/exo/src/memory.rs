@@ -25,7 +25,10 @@
 //!   Page-Modification Logging for a range of the caller's own address space and
 //!   `pml-drain` writes the pages logged since the last drain (PML-full exits included)
 //!   into such a bitmap. A/D reads are exact for pages the VM does not write during the
-//!   call (its own call, on one vCPU, always).
+//!   call (its own call, on one vCPU, always). `dirty` with the flag `exo_dirty::KEEP`
+//!   reads without clearing, and may also read the *keep window* the hypervisor names
+//!   (`ExoAm::with_dirty_keep_window`: the NVRAM AM's, whose dirty flags are that AM's
+//!   write set, so only a read that leaves them set is allowed there).
 //!
 //! A VM's initial memory (its module's `mem=`) is a frame set too, already mapped at
 //! guest-physical 0 when the VM starts, so the guest may share parts of it (split and
@@ -188,6 +191,8 @@ pub(crate) struct Memory {
     /// Each VM's PML range: (first guest-physical address, pages).
     pml: BTreeMap<VmId, (u64, u64)>,
     next_set: u64,
+    /// Where `dirty` with `KEEP` may read besides a VM's own range: `[start, end)`.
+    keep_window: Option<(u64, u64)>,
 }
 
 fn aligned(value: u64, to: u64) -> bool {
@@ -197,6 +202,12 @@ fn aligned(value: u64, to: u64) -> bool {
 impl Memory {
     pub fn new() -> Self {
         Self { next_set: 1, ..Self::default() }
+    }
+
+    /// Lets `dirty` with the flag `KEEP` (read without clearing) read `[start, end)` of
+    /// any VM's address space too (the hypervisor passes another AM's window).
+    pub fn set_keep_window(&mut self, start: u64, end: u64) {
+        self.keep_window = Some((start, end));
     }
 
     /// Records what `vm` was given at creation.
@@ -526,10 +537,13 @@ impl Memory {
         Ok(Outcome::value(mapping.bytes))
     }
 
-    /// `dirty(c0: aspace[dirty], c1: frames[write], gpa, pages, offset)`: reads and clears
-    /// the dirty flags of `pages` 4 KiB pages from `gpa` in the address space's VM, into a
-    /// bitmap at byte `offset` of the frame set `c1` names (the hypervisor writes only
-    /// there). At most [`DIRTY_PAGES_MAX`] pages a call.
+    /// `dirty(c0: aspace[dirty], c1: frames[write], gpa, pages, offset, flags)`: reads and
+    /// clears the dirty flags of `pages` 4 KiB pages from `gpa` in the address space's VM,
+    /// into a bitmap at byte `offset` of the frame set `c1` names (the hypervisor writes
+    /// only there). At most [`DIRTY_PAGES_MAX`] pages a call. With `flags` =
+    /// `exo_dirty::KEEP` the flags are only read, which is allowed in the keep window too
+    /// (another AM's mappings, whose flags that AM owns: reading them leaves its view
+    /// whole).
     pub fn dirty(
         &mut self,
         aspace: ObjId,
@@ -539,10 +553,27 @@ impl Memory {
         kernel: &mut dyn Kernel,
     ) -> Result<Outcome, AmError> {
         let vm = aspace_vm(aspace)?;
-        let (gpa, pages, offset) = (args[0], args[1], args[2]);
+        let (gpa, pages, offset, flags) = (args[0], args[1], args[2], args[3]);
+        if flags & !nk_abi::exo_dirty::KEEP != 0 {
+            return Err(AmError::BadArgument);
+        }
         let bitmap_hpa = self.bitmap_at(bitmap, offset, pages, rights, kernel)?;
-        self.check_range(vm, gpa, pages)?;
-        kernel.emit(Effect::TakeDirty { vm, gpa, pages, bitmap_hpa });
+        if flags & nk_abi::exo_dirty::KEEP == 0 {
+            self.check_range(vm, gpa, pages)?;
+            kernel.emit(Effect::TakeDirty { vm, gpa, pages, bitmap_hpa, keep: false });
+            return Ok(Outcome::value(pages));
+        }
+        let in_window = self.keep_window.is_some_and(|(start, end)| {
+            pages > 0
+                && pages <= DIRTY_PAGES_MAX
+                && aligned(gpa, PAGE_4K)
+                && gpa >= start
+                && gpa.checked_add(pages * PAGE_4K).is_some_and(|last| last <= end)
+        });
+        if !in_window {
+            self.check_range(vm, gpa, pages)?;
+        }
+        kernel.emit(Effect::TakeDirty { vm, gpa, pages, bitmap_hpa, keep: true });
         Ok(Outcome::value(pages))
     }
 

@@ -12,6 +12,8 @@ const VM2: VmId = VmId::new(2);
 const VM3: VmId = VmId::new(3);
 const MIB: u64 = 0x10_0000;
 const LIMIT: u64 = 64 * MIB;
+/// Where `dirty` with KEEP may also read (the hypervisor passes the NVRAM window).
+const KEEP_WINDOW: u64 = 1 << 30;
 const RAM1: u64 = 0x4000_0000;
 
 /// A bump allocator standing in for the hypervisor's (host addresses from 2 GiB up).
@@ -51,7 +53,13 @@ fn setup() -> Setup {
         VmAssignment { vm: Some(VM2), memory: memory(None), ..VmAssignment::default() },
         VmAssignment { vm: Some(VM3), memory: memory(None), ..VmAssignment::default() },
     ];
-    let exo = nk.add_am(alloc::boxed::Box::new(ExoAm::new(assignments)), 4096).unwrap().raw();
+    let exo = nk
+        .add_am(
+            alloc::boxed::Box::new(ExoAm::new(assignments).with_dirty_keep_window(KEEP_WINDOW, 2 * KEEP_WINDOW)),
+            4096,
+        )
+        .unwrap()
+        .raw();
     nk.set_caller_ring(|| 0);
     nk.set_frame_source(&FRAMES);
     let mut caps = [(NameWords::default(), NameWords::default()); 3];
@@ -449,7 +457,10 @@ fn dirty_reads_into_a_bitmap_the_caller_holds() {
     let effects = s.effects();
     let Effect::MapFrames { hpa: bitmap_hpa, .. } = effects[1] else { panic!("{effects:?}") };
     s.ok(VM2, op::DIRTY, &[a2, bitmap], &[0, 16, 8]);
-    assert_eq!(s.effects(), [Effect::TakeDirty { vm: VM2, gpa: 0, pages: 16, bitmap_hpa: bitmap_hpa + 8 }]);
+    assert_eq!(
+        s.effects(),
+        [Effect::TakeDirty { vm: VM2, gpa: 0, pages: 16, bitmap_hpa: bitmap_hpa + 8, keep: false }]
+    );
     // Refused, changing nothing: a bitmap past its set, too many pages, outside the range,
     // a bitmap without write, another VM's address space, without the `dirty` right.
     for args in [[0, 16, PAGE_4K - 1], [0, DIRTY_PAGES_MAX + 1, 0], [LIMIT, 1, 0], [0x800, 1, 0], [0, 0, 0]] {
@@ -460,6 +471,27 @@ fn dirty_reads_into_a_bitmap_the_caller_holds() {
     assert_eq!(s.call(VM2, op::DIRTY, &[a3, bitmap], &[0, 16, 0]).status().code(), Status::WRONG_HOLDER);
     let map_only = s.null(VM2, nk_op::DERIVE, a2, &[0b001]).name;
     assert_eq!(s.call(VM2, op::DIRTY, &[map_only, bitmap], &[0, 16, 0]).status().code(), Status::MISSING_RIGHTS);
+    assert!(s.effects().is_empty());
+}
+
+#[test]
+fn dirty_with_keep_reads_without_clearing_also_in_the_keep_window() {
+    let keep = nk_abi::exo_dirty::KEEP;
+    let mut s = setup();
+    let a2 = s.aspace(VM2);
+    let bitmap = s.alloc(VM2, 1, 0);
+    s.ok(VM2, op::MAP, &[bitmap, a2], &[MIB, RW]);
+    let effects = s.effects();
+    let Effect::MapFrames { hpa: bitmap_hpa, .. } = effects[0] else { panic!("{effects:?}") };
+    s.ok(VM2, op::DIRTY, &[a2, bitmap], &[0, 16, 0, keep]);
+    assert_eq!(s.effects(), [Effect::TakeDirty { vm: VM2, gpa: 0, pages: 16, bitmap_hpa, keep: true }]);
+    s.ok(VM2, op::DIRTY, &[a2, bitmap], &[KEEP_WINDOW, 16, 0, keep]);
+    assert_eq!(s.effects(), [Effect::TakeDirty { vm: VM2, gpa: KEEP_WINDOW, pages: 16, bitmap_hpa, keep: true }]);
+    // Clearing stays refused there (the flags are another AM's write set); KEEP does not
+    // reach past the window, and unknown flags are refused.
+    for args in [[KEEP_WINDOW, 16, 0, 0], [2 * KEEP_WINDOW - PAGE_4K, 2, 0, keep], [0, 16, 0, 2], [LIMIT, 1, 0, keep]] {
+        assert_eq!(s.call(VM2, op::DIRTY, &[a2, bitmap], &args).status().code(), Status::BAD_ARGUMENT, "{args:?}");
+    }
     assert!(s.effects().is_empty());
 }
 

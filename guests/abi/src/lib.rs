@@ -108,7 +108,10 @@ pub mod exo_op {
     /// the EPT dirty flags (SDM Vol. 3C §29.3.5) of `pages` 4 KiB pages from `gpa` of
     /// the address space's VM, writing a bitmap (bit i % 8 of byte i / 8 = page i written
     /// since the last read) into frame set c1 at byte `offset`. At most 65,536 pages a
-    /// call. Results: 0 = pages read.
+    /// call. Results: 0 = pages read. Plain argument 3 holds flags ([`crate::exo_dirty`]):
+    /// with `KEEP` the flags are read and left set, which is allowed also in the range
+    /// the hypervisor gives another AM's mappings (the NVRAM window, whose flags are that
+    /// AM's write set).
     pub const DIRTY: u32 = 9;
     /// `pml-enable(c: aspace[dirty], gpa, pages)`: logs writes with the page-modification
     /// log (SDM Vol. 3C §29.3.6) for the range.
@@ -116,6 +119,12 @@ pub mod exo_op {
     /// `pml-drain(c0: aspace[dirty], c1: frames[write], offset)`: copies the logged
     /// pages of the range into a bitmap in frame set c1 at `offset`. Results: 0 = pages.
     pub const PML_DRAIN: u32 = 11;
+}
+
+/// Flags of the exo AM's `dirty` (its plain argument 3).
+pub mod exo_dirty {
+    /// Reads the dirty flags without clearing them.
+    pub const KEEP: u64 = 1;
 }
 
 /// Access bits of the exo AM's `map`, `protect` and `open` calls.

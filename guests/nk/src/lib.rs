@@ -19,7 +19,9 @@
 use std::fmt;
 use std::str::FromStr;
 
-pub use nk_abi::{exo_access, exo_op, nk_op, nvram_op, nvram_rights, NameWords, Selector, Status, NULL_KERNEL_AM};
+pub use nk_abi::{
+    counter_op, exo_access, exo_op, nk_op, nvram_op, nvram_rights, NameWords, Selector, Status, NULL_KERNEL_AM,
+};
 use nk_abi::{Call, Reply};
 
 /// The CPUID signature of the null-Kernel (leaf 0x40000000, EBX:ECX:EDX).
@@ -204,7 +206,9 @@ pub fn parse_handed(bytes: &[u8]) -> Result<Vec<Handed>, String> {
 /// Calls operation `op` of AM `am`: the generic form every wrapper uses, for AMs this
 /// crate has no wrapper for. `name` names the call in errors.
 pub fn call(name: &'static str, am: u16, op: u32, caps: &[Cap], args: &[u64]) -> Result<Reply, Error> {
-    if !present() {
+    // CPUID exits to the hypervisor too: ask once per process.
+    static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*PRESENT.get_or_init(present) {
         return Err(Error::NotUnderNullKernel);
     }
     let mut call = Call { selector: Selector::new(am, op).encode(), ..Call::default() };
@@ -348,6 +352,14 @@ pub mod exo {
         call("exo dirty", aspace.am, exo_op::DIRTY, &[aspace.cap, bitmap.cap], &[gpa, pages, offset]).map(|_| ())
     }
 
+    /// Reads the EPT dirty flags like [`dirty`] without clearing them (`exo_op::DIRTY`'s
+    /// flag `DIRTY_KEEP`), which the exo AM allows also in the NVRAM window, whose flags
+    /// are the NVRAM AM's write set.
+    pub fn dirty_keep(aspace: Obj, bitmap: Obj, gpa: u64, pages: u64, offset: u64) -> Result<(), Error> {
+        let args = [gpa, pages, offset, nk_abi::exo_dirty::KEEP];
+        call("exo dirty", aspace.am, exo_op::DIRTY, &[aspace.cap, bitmap.cap], &args).map(|_| ())
+    }
+
     /// The pages a bitmap marks dirty, as page indexes.
     pub fn dirty_pages(bitmap: &[u8], pages: u64) -> Vec<u64> {
         (0..pages).filter(|&i| bitmap.get((i / 8) as usize).is_some_and(|b| b >> (i % 8) & 1 == 1)).collect()
@@ -421,6 +433,28 @@ pub mod nvram {
     pub fn seq(region: Obj) -> Result<(u64, u64, bool), Error> {
         let r = call("nvram seq", region.am, nvram_op::SEQ, &[region.cap], &[])?.results;
         Ok((r[0], r[1], r[2] == 1))
+    }
+}
+
+/// The counter AM's operations (`nk_abi::counter_op`): a counter another VM delegates
+/// serves as a doorbell between a process and that VM (`nkctl demo`).
+pub mod counter {
+    use super::{call, counter_op, Error, Obj};
+
+    /// Creates a counter with a counter factory.
+    pub fn create(factory: Obj) -> Result<Obj, Error> {
+        let reply = call("counter create", factory.am, counter_op::CREATE, &[factory.cap], &[])?;
+        Ok(Obj { cap: super::Cap(reply.name), am: factory.am })
+    }
+
+    /// The counter's value.
+    pub fn read(counter: Obj) -> Result<u64, Error> {
+        call("counter read", counter.am, counter_op::READ, &[counter.cap], &[]).map(|r| r.results[0])
+    }
+
+    /// Adds `amount`; returns the new value.
+    pub fn add(counter: Obj, amount: u64) -> Result<u64, Error> {
+        call("counter add", counter.am, counter_op::ADD, &[counter.cap], &[amount]).map(|r| r.results[0])
     }
 }
 

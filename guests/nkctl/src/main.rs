@@ -10,6 +10,10 @@
 
 use std::process::ExitCode;
 
+mod bench;
+mod checks;
+mod demo;
+
 use nk::{Cap, Error};
 
 const USAGE: &str = "usage: nkctl <command> [arguments]
@@ -24,11 +28,19 @@ commands:
   exo map FRAMES ASPACE GPA [ro] map a frame set at GPA (below 1 GiB, above RAM)
   exo unmap ASPACE GPA | exo free FRAMES
   dirty GPA PAGES        read and clear the EPT dirty bits of PAGES pages from GPA
-                         (exo/aspace; the bitmap goes to a page nkctl maps at 0x3ffff000)
+                         (exo/aspace; the bitmap goes to a page nkctl maps at 0x3ffff000);
+                         from 1 GiB (NVRAM regions) read without clearing
   nvram alloc FACTORY BYTES KEY  allocate (or find again by KEY) an NVRAM region
   nvram map REGION GPA [ro]      map it at GPA (1-2 GiB) in this VM
   nvram unmap REGION GPA | nvram begin|commit|restore|seq REGION
   mem write GPA TEXT | mem read GPA LEN   plain stores/loads through /dev/mem (root)
+  bench [--fsync PATH]   nk-bench lines: ring-3 null call, 4 KiB store + NVRAM commit
+                         (and pwrite + fsync of 4 KiB to PATH)
+  probe GPA              one 32-bit load at GPA through /dev/mem (all ones: nothing mapped)
+  stress KEY GPA ROUNDS  commit an own 16 KiB NVRAM region ROUNDS times (one dirty page each)
+  foreign VM|auto KEY    present a child of an own region delegated to VM: refused, no change
+  demo [WAIT]            the layer-bypass demo: a list in an NVRAM region a keeper VM
+                         delegated, verified, extended, committed, then revoked from outside
 a CAP is a label from nkctl caps (e.g. exo/frames, exo/frames#1 for the second),
 iN (N-th initial capability), rN (N-th received) or 32 hex digits";
 
@@ -116,6 +128,40 @@ fn run(command: &str, args: &[String]) -> Result<(), Failure> {
             dirty(number(&args[0])?, number(&args[1])?)
         }
         "nvram" => nvram(args),
+        "bench" => {
+            let fsync = match args {
+                [] => None,
+                [flag, path] if flag == "--fsync" => Some(path.as_str()),
+                _ => return Err(Failure::Usage("bench [--fsync PATH]".into())),
+            };
+            bench::run(fsync).map_err(Failure::Call)
+        }
+        "probe" => {
+            want(1)?;
+            checks::probe(number(&args[0])?).map_err(Failure::Call)
+        }
+        "stress" => {
+            want(3)?;
+            checks::stress(number(&args[0])?, number(&args[1])?, number(&args[2])?).map_err(Failure::Call)
+        }
+        "foreign" => {
+            want(2)?;
+            let vm = if args[0] == "auto" {
+                // The VM that delegated this VM's first received capability (the keeper).
+                let first =
+                    nk::received(0)?.ok_or_else(|| Failure::Call("the inbox is empty: no VM to name".into()))?;
+                first.sender.ok_or_else(|| Failure::Call("an AM, not a VM, delegated the first capability".into()))?
+                    as u32
+            } else {
+                u32::try_from(number(&args[0])?).map_err(|_| Failure::Usage("VM is a VM id or auto".into()))?
+            };
+            checks::foreign(vm, number(&args[1])?).map_err(Failure::Call)
+        }
+        "demo" => {
+            arity(args, 0..=1, "demo [WAIT-SECONDS]")?;
+            let wait = args.first().map(|w| number(w)).transpose()?.unwrap_or(120);
+            demo::run(std::time::Duration::from_secs(wait)).map_err(Failure::Call)
+        }
         "mem" => mem(args),
         "" | "help" | "-h" | "--help" => {
             println!("{USAGE}");
@@ -127,7 +173,9 @@ fn run(command: &str, args: &[String]) -> Result<(), Failure> {
 
 /// Where `nkctl dirty` maps its bitmap page: the last page of the exo AM's range (below
 /// 1 GiB), far above the RAM the scenarios give Linux, so `/dev/mem` may map it.
-const BITMAP_GPA: u64 = 0x3fff_f000;
+pub(crate) const BITMAP_GPA: u64 = 0x3fff_f000;
+/// Where the NVRAM AM's window starts (guest-physical 1 GiB).
+const NVRAM_WINDOW: u64 = 0x4000_0000;
 
 fn arity(args: &[String], range: std::ops::RangeInclusive<usize>, what: &str) -> Result<(), Failure> {
     if range.contains(&args.len()) {
@@ -178,11 +226,19 @@ fn dirty(gpa: u64, pages: u64) -> Result<(), Failure> {
     let result = (|| {
         nk::exo::map(bitmap, aspace, BITMAP_GPA, 3)?;
         let outcome = (|| {
-            nk::exo::dirty(aspace, bitmap, gpa, pages, 0)?;
+            // In the NVRAM window (from 1 GiB) the flags are the NVRAM AM's write set:
+            // read them without clearing.
+            let keep = gpa >= NVRAM_WINDOW;
+            if keep {
+                nk::exo::dirty_keep(aspace, bitmap, gpa, pages, 0)?;
+            } else {
+                nk::exo::dirty(aspace, bitmap, gpa, pages, 0)?;
+            }
             let bytes = nk::map_phys(BITMAP_GPA, 4096).map_err(Failure::Call)?;
             let list = nk::exo::dirty_pages(bytes, pages);
             let shown: Vec<String> = list.iter().map(|p| p.to_string()).collect();
-            println!("dirty: {} of {pages} pages from {gpa:#x}: [{}]", list.len(), shown.join(","));
+            let how = if keep { " (read, left set for the NVRAM AM's commit)" } else { "" };
+            println!("dirty: {} of {pages} pages from {gpa:#x}: [{}]{how}", list.len(), shown.join(","));
             Ok(())
         })();
         let _ = nk::exo::unmap(aspace, BITMAP_GPA);
@@ -257,6 +313,14 @@ fn mem(args: &[String]) -> Result<(), Failure> {
         other => return Err(Failure::Usage(format!("unknown mem command '{other}'"))),
     }
     Ok(())
+}
+
+/// Resolves a label of the NKCP table to its capability and AM.
+pub(crate) fn label_obj(label: &str) -> Result<nk::Obj, String> {
+    match resolve_obj(label) {
+        Ok(obj) => Ok(obj),
+        Err(Failure::Call(why) | Failure::Usage(why)) => Err(why),
+    }
 }
 
 /// Resolves a capability and its AM: a label's AM comes from the NKCP table, any other

@@ -365,6 +365,13 @@ impl EptBuilder {
         Ok(old & DIRTY != 0)
     }
 
+    /// Reads the dirty flag of the page containing `gpa` without clearing it; returns it
+    /// and the page's size.
+    pub fn peek_dirty(&self, memory: &mut impl TableMemory, gpa: u64) -> Result<(bool, PageSize), EptError> {
+        let (table, slot, size) = self.find_leaf(memory, gpa)?;
+        Ok((memory.table(table)[slot].load(Ordering::Acquire) & DIRTY != 0, size))
+    }
+
     fn find_leaf(&self, memory: &mut impl TableMemory, gpa: u64) -> Result<(u64, usize, PageSize), EptError> {
         if gpa >= GPA_LIMIT {
             return Err(EptError::OutOfRange);

@@ -123,7 +123,11 @@ fn unmap_protect_dirty_and_destroy() {
     // The CPU would set the dirty bit; emulate it.
     let pt = leaf_table(&mut mem, &e);
     pt[1].fetch_or(DIRTY, Ordering::SeqCst);
+    // A peek reads the flag and leaves it set; the take after it still finds it.
+    assert_eq!(e.peek_dirty(&mut mem, 0x1000), Ok((true, PageSize::Size4K)));
+    assert_eq!(e.peek_dirty(&mut mem, 0x1000), Ok((true, PageSize::Size4K)));
     assert!(e.take_dirty(&mut mem, 0x1000).unwrap());
+    assert_eq!(e.peek_dirty(&mut mem, 0x1000), Ok((false, PageSize::Size4K)));
     assert!(!e.take_dirty(&mut mem, 0x1000).unwrap());
     assert_eq!(e.unmap(&mut mem, 0x1000), Ok(PageSize::Size4K));
     assert_eq!(e.unmap(&mut mem, 0x1000), Err(EptError::NotMapped));

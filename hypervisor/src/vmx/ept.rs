@@ -97,6 +97,15 @@ impl GuestEpt {
         (builder.take_dirty(&mut FrameTables, gpa).unwrap_or(false), size)
     }
 
+    /// Reads the dirty flag of the page containing `gpa` without clearing it; returns it
+    /// and the page's size (a 4 KiB step where nothing is mapped).
+    pub fn peek_dirty(&mut self, gpa: u64) -> (bool, u64) {
+        let Some(builder) = self.builder.as_mut() else { return (false, nk_paging::PAGE_4K) };
+        builder
+            .peek_dirty(&mut FrameTables, gpa)
+            .map_or((false, nk_paging::PAGE_4K), |(dirty, size)| (dirty, size.bytes()))
+    }
+
     /// Maps `[gpa, gpa + len)` to `[hpa, hpa + len)` with 4 KiB pages only (so dirty flags
     /// are per 4 KiB page); on error the pages mapped so far are unmapped again.
     pub fn map_range_4k(
