@@ -160,6 +160,10 @@ pub struct Guest {
     principal: VmId,
     /// The saved register files of this VM's lwCs that do not run (lwc.rs).
     lwcs: Vec<crate::lwc::Saved>,
+    /// The copy-on-write views of its lwCs' memory (lwc.rs), made at the first such child.
+    views: Option<alloc::boxed::Box<crate::lwc::Views>>,
+    /// Its frame quota in bytes (`frames=`), which the views' copies are charged to.
+    frame_quota: u64,
 }
 
 impl fmt::Debug for Guest {
@@ -209,6 +213,8 @@ impl Guest {
             debugged: false,
             principal: vm,
             lwcs: Vec::new(),
+            views: None,
+            frame_quota: spec.frames.unwrap_or(crate::ams::EXO_FRAME_QUOTA),
         };
         // SAFETY: the frames were just allocated for this guest and are identity-mapped.
         unsafe { core::ptr::write_bytes(memory.as_u64() as *mut u8, 0, memory_size as usize) };
@@ -308,6 +314,8 @@ impl Guest {
             debugged: false,
             principal: vm,
             lwcs: Vec::new(),
+            views: None,
+            frame_quota: spec.frames.unwrap_or(crate::ams::EXO_FRAME_QUOTA),
         };
         let entry = GuestStart {
             mode: start.mode,
@@ -425,7 +433,7 @@ impl Guest {
                 if crate::lwc::pending() {
                     let ended = self.apply_lwc().and_then(|()| {
                         let vcpu = self.vcpu.as_mut().expect("checked above");
-                        vcpu.set_time_slice(ticks, timer_rate)
+                        vcpu.set_time_slice(ticks, timer_rate).map_err(|e| alloc::format!("{e}"))
                     });
                     match ended {
                         Ok(()) => continue,
@@ -554,21 +562,27 @@ impl Guest {
     /// target's principal the one every later hypercall is checked against.
     #[cold]
     #[inline(never)]
-    fn apply_lwc(&mut self) -> Result<(), VcpuError> {
-        let Some(vcpu) = self.vcpu.as_mut() else { return Ok(()) };
-        for effect in crate::lwc::take() {
+    fn apply_lwc(&mut self) -> Result<(), String> {
+        if self.vcpu.is_none() {
+            return Ok(());
+        }
+        let fail = |e: VcpuError| alloc::format!("{e}");
+        for effect in crate::lwc::take(self.vm) {
+            let vcpu = self.vcpu.as_mut().expect("checked above");
             match effect {
-                nk_am::Effect::LwcCreate { child, .. } => {
-                    if self.lwcs.len() > nk_am_lwc::MAX_LWCS_PER_VM {
-                        // Drop the saved registers of lwCs that died (their principal is gone).
-                        let cpu = crate::percpu::current_index() as usize;
-                        let kernel = crate::mesh::mesh().instance(cpu).kernel.lock();
-                        self.lwcs
-                            .retain(|l| kernel.table().usage(nk_caps::Principal::Vm(VmId::new(l.principal))).is_some());
+                nk_am::Effect::LwcCreate { parent, child, memory, .. } => {
+                    if !memory.all_shared() || self.views.is_some() {
+                        let views = self.views.get_or_insert_with(|| {
+                            alloc::boxed::Box::new(crate::lwc::Views::new(
+                                (self.memory.as_u64(), self.memory_size),
+                                self.frame_quota,
+                            ))
+                        });
+                        views.create(self.vm, parent.raw(), child.raw(), memory).map_err(String::from)?;
                     }
-                    let saved =
-                        crate::lwc::Saved { principal: child.raw(), regs: vcpu.regs, flow: vcpu.flow_registers()? };
-                    self.lwcs.push(saved);
+                    let vcpu = self.vcpu.as_mut().expect("checked above");
+                    let flow = vcpu.flow_registers().map_err(fail)?;
+                    self.lwcs.push(crate::lwc::Saved { principal: child.raw(), regs: vcpu.regs, flow });
                 }
                 nk_am::Effect::LwcSwitch { from, to } => {
                     let Some(slot) = self.lwcs.iter().position(|l| l.principal == to.raw()) else {
@@ -576,21 +590,63 @@ impl Guest {
                         continue;
                     };
                     let target = self.lwcs.swap_remove(slot);
-                    let mine =
-                        crate::lwc::Saved { principal: from.raw(), regs: vcpu.regs, flow: vcpu.flow_registers()? };
+                    let mine = crate::lwc::Saved { principal: from.raw(), regs: vcpu.regs, flow: vcpu.flow_registers().map_err(fail)? };
                     self.lwcs.push(mine);
                     let reply = vcpu.regs;
                     vcpu.regs = target.regs;
                     let r = &mut vcpu.regs;
                     (r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.r8) =
                         (reply.rax, reply.rbx, reply.rcx, reply.rdx, reply.rsi, reply.rdi, reply.r8);
-                    vcpu.set_flow_registers(target.flow)?;
+                    vcpu.set_flow_registers(target.flow).map_err(fail)?;
                     self.principal = to;
+                    self.load_view(to)?;
+                }
+                nk_am::Effect::LwcDestroy { child, resume } => {
+                    self.lwcs.retain(|l| l.principal != child.raw());
+                    // The running lwC died: its vCPU goes back to the lwC the AM names,
+                    // whose lwSwitch returns REVOKED.
+                    if self.principal == child {
+                        if let Some(to) = resume {
+                            if let Some(slot) = self.lwcs.iter().position(|l| l.principal == to.raw()) {
+                                let vcpu = self.vcpu.as_mut().expect("checked above");
+                                let target = self.lwcs.swap_remove(slot);
+                                vcpu.regs = target.regs;
+                                let reply = Reply {
+                                    status: nk_abi::Status::new(nk_abi::Status::REVOKED, None).0,
+                                    results: [u64::from(child.raw()), 0, 0, 0],
+                                    ..Reply::default()
+                                };
+                                write_reply(&mut vcpu.regs, &reply);
+                                vcpu.set_flow_registers(target.flow).map_err(fail)?;
+                                self.principal = to;
+                                log::info!(target: "lwc", "{}: running lwC {:#x} destroyed; back in lwC {:#x}", self.label, child.raw(), to.raw());
+                            }
+                        }
+                    }
+                    if let Some(views) = self.views.as_mut() {
+                        views.destroy(child.raw());
+                    }
+                    if self.principal.raw() != child.raw() {
+                        self.load_view(self.principal)?;
+                    }
                 }
                 _ => {}
             }
         }
         Ok(())
+    }
+
+    /// Points the vCPU at the EPT lwC `principal` runs on (its view, or the VM's own).
+    fn load_view(&mut self, principal: VmId) -> Result<(), String> {
+        let Some(views) = self.views.as_ref() else { return Ok(()) };
+        let eptp = match views.eptp_of(principal.raw()) {
+            Some(eptp) => eptp,
+            None => crate::exomem::eptp(self.vm).ok_or_else(|| String::from("the VM has no EPT"))?,
+        };
+        match self.vcpu.as_mut() {
+            Some(vcpu) => vcpu.set_eptp(eptp).map_err(|e| alloc::format!("{e}")),
+            None => Ok(()),
+        }
     }
 
     /// Handles every exit but VMCALL's; says whether the guest goes on, waits, or ended.
@@ -726,6 +782,19 @@ impl Guest {
                     "read"
                 };
                 let gpa = vcpu.guest_physical()?;
+                if let Some(views) = self.views.as_mut() {
+                    match views.fault(vm, self.principal.raw(), gpa, q) {
+                        crate::lwc::Fault::Copied => return Ok(Flow::Continue),
+                        crate::lwc::Fault::NotOurs => {}
+                        crate::lwc::Fault::Exhausted(why) => {
+                            self.flush_console();
+                            return stop(alloc::format!(
+                                "lwC {:#x}: write of guest-physical {gpa:#x}: {why}",
+                                self.principal.raw()
+                            ));
+                        }
+                    }
+                }
                 self.flush_console();
                 return stop(alloc::format!("{access} of guest-physical {gpa:#x} outside its memory (EPT violation)"));
             }
@@ -778,6 +847,10 @@ impl Drop for Guest {
     /// invalidated (INVEPT) and freed, and only then its memory freed.
     fn drop(&mut self) {
         self.vcpu = None;
+        self.views = None;
+        if !self.lwcs.is_empty() {
+            crate::lwc::forget(self.vm);
+        }
         drop(crate::exomem::unregister(self.vm));
         if self.owns_memory {
             memory::free_frames(self.memory, (self.memory_size / PAGE_SIZE) as usize);
@@ -843,7 +916,7 @@ pub fn cpuid_answer(leaf: u32, subleaf: u32, guest_osxsave: bool) -> nk_loader::
 }
 
 /// A guest image and how to run it, from a boot module and its command line (parsed by
-/// [`nk_boot::module`]: `<name> [mem=<size>] [cpu=<index>] [ports=..] [msrs=..] [unsafe-ports] [ring3-caps] [manages=..] [nvram] [-- <args>]`).
+/// [`nk_boot::module`]: `<name> [mem=<size>] [cpu=<index>] [ports=..] [msrs=..] [unsafe-ports] [ring3-caps] [manages=..] [nvram] [lwc] [-- <args>]`).
 #[derive(Debug, Clone)]
 pub struct GuestSpec {
     pub name: String,
@@ -879,6 +952,8 @@ pub struct GuestSpec {
     pub images: Vec<String>,
     /// `nvram`: the VM starts with an NVRAM factory (the NVRAM AM).
     pub nvram: bool,
+    /// `lwc`: the VM starts with its root lwC's capability (the lwC AM).
+    pub lwc: bool,
     /// Debugged over COM2 (`gdb`; gdb.rs).
     pub gdb: bool,
 }
@@ -923,6 +998,7 @@ impl GuestSpec {
             image_module: spec.image,
             images: spec.images.as_slice().iter().map(|n| String::from(*n)).collect(),
             nvram: spec.nvram,
+            lwc: spec.lwc,
             gdb: spec.gdb,
         })
     }

@@ -1,26 +1,56 @@
 //! The hypervisor's side of light-weight contexts (am/lwc, docs/lwc.md): each vCPU runs
 //! one lwC at a time, whose principal every hypercall is checked against; the lwC AM's
-//! effects save and load register files and switch that principal.
+//! effects save and load register files, switch that principal and the EPT the vCPU runs
+//! on, and give copy-on-write children views of their VM's memory.
 //!
 //! The AM's effects are applied while the caller's hypercall is dispatched, where the
-//! vCPU is out of reach: they wait here, tagged with the CPU, and the caller's VMCS (the
+//! vCPU is out of reach: they wait here, tagged with the VM, and the caller's VMCS (the
 //! current one) gets a zero VMX-preemption timer, so the entry after the hypercall exits
 //! before any guest instruction runs (SDM Vol. 3 §26.7.4) and the slice loop's timer
-//! branch applies them. The hypercall path itself pays nothing for lwCs.
+//! branch applies them. The hypercall path itself pays nothing for lwCs. A destruction
+//! decided on another CPU (a revocation) waits for the VM's next timer exit.
+//!
+//! # Views (copy-on-write on EPT)
+//!
+//! A child created with `LWC_COW` or `LWC_UNMAP` pages gets an EPT of its own over the
+//! VM's initial memory, with 4 KiB pages: `LWC_SHARED` pages map the VM's own frames
+//! writable, `LWC_COW` pages map them read-only (execute allowed), `LWC_UNMAP` pages are
+//! absent. The VM's own EPT (the root lwC's, and that of children that share everything)
+//! is remapped with 4 KiB pages the first time, and every page some view shares
+//! copy-on-write is made read-only there too (then INVEPT: rights taken away, docs/tlb.md).
+//! A write to such a page exits with an EPT violation (SDM Vol. 3 §28.3.3.2):
+//! - in a view: the page is copied into a fresh frame, mapped writable in that view only;
+//! - in the VM's own EPT: the page is first copied out for every view that still shares
+//!   it, so each keeps its snapshot, then made writable again.
+//! Each view whose entry changed is invalidated (INVEPT, single-context; a VM's vCPU
+//! never leaves its CPU, so this CPU is the only one that may cache its translations).
+//! Copies are charged to the VM's frame quota (its module's `frames=`, 4 MiB by default):
+//! a write that needs a frame past it stops the VM with a log line that says so. A view
+//! dies with the last lwC that runs on it (its creator's destruction, or the VM's end):
+//! its EPT first (INVEPT, then its tables), then its frames, zeroed.
+//!
+//! Switching lwCs writes the target's EPTP into the VMCS; cached translations are tagged
+//! with the EPTP (SDM Vol. 3 §29.4.1), so a switch needs no invalidation.
 
+use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use nk_am::Effect;
+use nk_am::{Effect, LwcMemory};
+use nk_caps::VmId;
+use nk_paging::EptPerms;
 use spin::Mutex;
 
-use crate::percpu;
+use crate::memory::{self, HostPhysAddr, PAGE_SIZE};
+use crate::vmx::ept::GuestEpt;
 use crate::vmx::vcpu::GuestRegs;
 
-/// Some CPU has lwC effects to take.
+/// Some VM has lwC effects to take.
 static PENDING: AtomicBool = AtomicBool::new(false);
-/// (CPU, effect), in the order the AM emitted them.
+/// (VM, effect), in the order the AM emitted them.
 static REQUESTS: Mutex<Vec<(u32, Effect)>> = Mutex::new(Vec::new());
+/// The VM of every live child lwC (its principal number -> the VM's).
+static OWNERS: Mutex<BTreeMap<u32, u32>> = Mutex::new(BTreeMap::new());
 
 /// An lwC's saved register file: the general registers and RIP, RSP, RFLAGS.
 #[derive(Debug, Clone, Copy)]
@@ -30,16 +60,41 @@ pub struct Saved {
     pub flow: [u64; 3],
 }
 
-/// Records an lwC effect for the calling CPU's vCPU (a destroy needs nothing here: the
-/// saved registers of a dead lwC are dropped at the owning guest's next create or end).
-pub fn apply(effect: Effect) {
-    if let Effect::LwcDestroy { child } = effect {
-        log::debug!(target: "lwc", "lwC principal {:#x} destroyed", child.raw());
-        return;
+/// Returns the VM whose lwC `principal` is (a VM's own principal is its own).
+fn vm_of(principal: VmId) -> Option<u32> {
+    if principal.raw() < nk_am_lwc::FIRST_CHILD {
+        return Some(principal.raw());
     }
-    REQUESTS.lock().push((percpu::current_index(), effect));
+    OWNERS.lock().get(&principal.raw()).copied()
+}
+
+/// Records an lwC effect for the VM it concerns; a create or switch also ends the
+/// caller's entry at once (its VMCS is the current one).
+pub fn apply(effect: Effect) {
+    let vm = match effect {
+        Effect::LwcCreate { parent, child, .. } => {
+            let Some(vm) = vm_of(parent) else { return };
+            OWNERS.lock().insert(child.raw(), vm);
+            vm
+        }
+        Effect::LwcSwitch { from, .. } => match vm_of(from) {
+            Some(vm) => vm,
+            None => return,
+        },
+        Effect::LwcDestroy { child, .. } => {
+            log::debug!(target: "lwc", "lwC principal {:#x} destroyed", child.raw());
+            match OWNERS.lock().remove(&child.raw()) {
+                Some(vm) => vm,
+                None => return,
+            }
+        }
+        _ => return,
+    };
+    REQUESTS.lock().push((vm, effect));
     PENDING.store(true, Ordering::Release);
-    crate::vmx::vcpu::expire_current_slice();
+    if !matches!(effect, Effect::LwcDestroy { .. }) {
+        crate::vmx::vcpu::expire_current_slice();
+    }
 }
 
 /// Tells whether lwC effects wait (one atomic load).
@@ -47,12 +102,258 @@ pub fn pending() -> bool {
     PENDING.load(Ordering::Relaxed)
 }
 
-/// Takes the lwC effects of this CPU, in order.
-pub fn take() -> Vec<Effect> {
-    let cpu = percpu::current_index();
+/// Takes the lwC effects of `vm`, in order.
+pub fn take(vm: VmId) -> Vec<Effect> {
     let mut requests = REQUESTS.lock();
-    let mine = requests.iter().filter(|(c, _)| *c == cpu).map(|&(_, e)| e).collect();
-    requests.retain(|(c, _)| *c != cpu);
+    let mine = requests.iter().filter(|(v, _)| *v == vm.raw()).map(|&(_, e)| e).collect();
+    requests.retain(|(v, _)| *v != vm.raw());
     PENDING.store(!requests.is_empty(), Ordering::Release);
     mine
+}
+
+/// Forgets the children of `vm` (its end).
+pub fn forget(vm: VmId) {
+    OWNERS.lock().retain(|_, v| *v != vm.raw());
+    REQUESTS.lock().retain(|(v, _)| *v != vm.raw());
+}
+
+/// Read and execute, no write: a copy-on-write page.
+const READ_EXECUTE: EptPerms = EptPerms::from_bits(5);
+
+/// A view of the VM's memory of its own (an EPT), for a child made with copy-on-write or
+/// unmapped pages.
+struct View {
+    /// The lwC that was created with it (it dies with the last of `users`).
+    owner: u32,
+    /// The lwCs that run on it: the owner and the children that share all its memory.
+    users: Vec<u32>,
+    ept: GuestEpt,
+    /// One bit per page of the VM's memory: the view maps the VM's own frame read-only.
+    shared: Vec<u64>,
+    /// Its own frames: page number -> host-physical address.
+    private: BTreeMap<u32, u64>,
+}
+
+/// What an EPT violation was to the views.
+pub enum Fault {
+    /// A copy-on-write page was copied: the guest goes on.
+    Copied,
+    /// Not a copy-on-write write: the usual handling.
+    NotOurs,
+    /// The copy needs a frame past the VM's quota (or the allocator is empty).
+    Exhausted(&'static str),
+}
+
+/// The views of one VM's lwCs, kept by its guest on its CPU.
+pub struct Views {
+    /// The VM's initial memory: (host-physical address, bytes).
+    memory: (u64, u64),
+    views: Vec<View>,
+    /// One bit per page: read-only in the VM's own EPT because some view shares it.
+    protected: Vec<u64>,
+    /// The VM's own EPT maps its memory with 4 KiB pages.
+    split: bool,
+    /// Frames the views may still take.
+    budget: u64,
+}
+
+fn bit(map: &[u64], page: u64) -> bool {
+    map.get((page / 64) as usize).is_some_and(|w| w & (1 << (page % 64)) != 0)
+}
+
+fn set_bit(map: &mut [u64], page: u64, on: bool) {
+    if let Some(w) = map.get_mut((page / 64) as usize) {
+        if on {
+            *w |= 1 << (page % 64);
+        } else {
+            *w &= !(1 << (page % 64));
+        }
+    }
+}
+
+impl Views {
+    /// Makes the (empty) views of a VM whose memory is `memory` and whose frame quota is
+    /// `quota_bytes`.
+    pub fn new(memory: (u64, u64), quota_bytes: u64) -> Self {
+        Self { memory, views: Vec::new(), protected: Vec::new(), split: false, budget: quota_bytes / PAGE_SIZE }
+    }
+
+    fn pages(&self) -> u64 {
+        self.memory.1 / PAGE_SIZE
+    }
+
+    /// Returns the EPTP `principal` runs on (None: the VM's own EPT).
+    pub fn eptp_of(&self, principal: u32) -> Option<u64> {
+        self.views.iter().find(|v| v.users.contains(&principal)).map(|v| v.ept.eptp())
+    }
+
+    /// Makes the view of new lwC `child` of `parent` as `spec` says (a child that shares all
+    /// memory runs where its parent runs). Says why it cannot.
+    pub fn create(&mut self, vm: VmId, parent: u32, child: u32, spec: LwcMemory) -> Result<(), &'static str> {
+        if spec.all_shared() {
+            if let Some(view) = self.views.iter_mut().find(|v| v.users.contains(&parent)) {
+                view.users.push(child);
+            }
+            return Ok(());
+        }
+        let pages = self.pages();
+        let words = pages.div_ceil(64) as usize;
+        if self.protected.len() < words {
+            self.protected.resize(words, 0);
+        }
+        let mut ept = GuestEpt::new(&crate::vmx::capabilities()).map_err(|_| "no frames for its EPT")?;
+        let mut shared = alloc::vec![0u64; words];
+        let (base, _) = self.memory;
+        // Map runs of pages of one mode.
+        let mut page = 0;
+        while page < pages {
+            let mode = spec.mode_of(page);
+            let mut end = page + 1;
+            while end < pages && spec.mode_of(end) == mode {
+                end += 1;
+            }
+            let (gpa, len) = (page * PAGE_SIZE, (end - page) * PAGE_SIZE);
+            let mapped = match mode {
+                LwcMemory::SHARED => ept.map_range_4k(gpa, base + gpa, len, EptPerms::RWX),
+                LwcMemory::COW => ept.map_range_4k(gpa, base + gpa, len, READ_EXECUTE),
+                _ => Ok(()),
+            };
+            mapped.map_err(|_| "no frames for its EPT")?;
+            if mode == LwcMemory::COW {
+                for p in page..end {
+                    set_bit(&mut shared, p, true);
+                }
+            }
+            page = end;
+        }
+        // The VM's own EPT: 4 KiB pages, the shared ones read-only.
+        let (split, memory) = (self.split, self.memory);
+        let protected = &mut self.protected;
+        let changed = crate::exomem::with_ept(vm, |root| {
+            if !split {
+                root.unmap_range(0, memory.1);
+                root.map_range_4k(0, memory.0, memory.1, EptPerms::RWX).map_err(|_| "no frames to split its EPT")?;
+            }
+            for p in 0..pages {
+                if bit(&shared, p) && !bit(protected, p) {
+                    root.protect_range(p * PAGE_SIZE, PAGE_SIZE, READ_EXECUTE);
+                    set_bit(protected, p, true);
+                }
+            }
+            Ok::<u64, &'static str>(root.eptp())
+        });
+        let root_eptp = changed.ok_or("the VM has no EPT")??;
+        self.split = true;
+        flush(root_eptp);
+        self.views.push(View { owner: child, users: alloc::vec![child], ept, shared, private: BTreeMap::new() });
+        Ok(())
+    }
+
+    /// Handles an EPT violation at `gpa` (exit qualification `qualification`) of the lwC
+    /// `principal` of `vm`.
+    pub fn fault(&mut self, vm: VmId, principal: u32, gpa: u64, qualification: u64) -> Fault {
+        let page = gpa / PAGE_SIZE;
+        if qualification & 2 == 0 || page >= self.pages() {
+            return Fault::NotOurs;
+        }
+        if let Some(i) = self.views.iter().position(|v| v.users.contains(&principal)) {
+            if !bit(&self.views[i].shared, page) {
+                return Fault::NotOurs;
+            }
+            return match self.copy_out(i, page) {
+                Ok(()) => Fault::Copied,
+                Err(why) => Fault::Exhausted(why),
+            };
+        }
+        if !bit(&self.protected, page) {
+            return Fault::NotOurs;
+        }
+        for i in 0..self.views.len() {
+            if bit(&self.views[i].shared, page) {
+                if let Err(why) = self.copy_out(i, page) {
+                    return Fault::Exhausted(why);
+                }
+            }
+        }
+        set_bit(&mut self.protected, page, false);
+        let eptp = crate::exomem::with_ept(vm, |root| {
+            root.protect_range(page * PAGE_SIZE, PAGE_SIZE, EptPerms::RWX);
+            root.eptp()
+        });
+        if let Some(eptp) = eptp {
+            flush(eptp);
+        }
+        Fault::Copied
+    }
+
+    /// Gives view `i` its own copy of `page` (shared with the VM until now), writable.
+    fn copy_out(&mut self, i: usize, page: u64) -> Result<(), &'static str> {
+        if self.budget == 0 {
+            return Err("copy-on-write needs a frame past the VM's frame quota");
+        }
+        let frame = memory::alloc_frame().ok_or("copy-on-write found no free frame")?;
+        let (gpa, from) = (page * PAGE_SIZE, self.memory.0 + page * PAGE_SIZE);
+        // SAFETY: `from` is the VM's own page (its memory, identity-mapped, not running
+        // now); `frame` was just allocated; both are 4 KiB and distinct.
+        unsafe { core::ptr::copy_nonoverlapping(from as *const u8, frame.as_u64() as *mut u8, PAGE_SIZE as usize) };
+        let view = &mut self.views[i];
+        view.ept.unmap_range(gpa, PAGE_SIZE);
+        if view.ept.map_range_4k(gpa, frame.as_u64(), PAGE_SIZE, EptPerms::RWX).is_err() {
+            // The table of this page existed a moment ago: only a broken EPT gets here.
+            memory::free_frame(frame);
+            flush(view.ept.eptp());
+            return Err("copy-on-write could not map its copy");
+        }
+        self.budget -= 1;
+        set_bit(&mut view.shared, page, false);
+        view.private.insert(page as u32, frame.as_u64());
+        flush(view.ept.eptp());
+        Ok(())
+    }
+
+    /// Takes lwC `principal` off its view; a view with no lwC left dies (EPT, then frames).
+    pub fn destroy(&mut self, principal: u32) {
+        let Some(i) = self.views.iter().position(|v| v.users.contains(&principal)) else { return };
+        self.views[i].users.retain(|&u| u != principal);
+        if self.views[i].owner == principal {
+            // Children that shared its memory fall back to nothing of theirs: they die with
+            // their creator's capability anyway (derived from it).
+            self.views[i].users.clear();
+        }
+        if self.views[i].users.is_empty() {
+            let view = self.views.swap_remove(i);
+            self.budget += view.private.len() as u64;
+            view.release();
+        }
+    }
+}
+
+impl View {
+    /// Drops the EPT (INVEPT, then its tables) and gives the frames back, zeroed.
+    fn release(self) {
+        drop(self.ept);
+        for (_, hpa) in self.private {
+            // SAFETY: the frame was this view's alone, and its only mapping (the view's
+            // EPT) is gone and invalidated above.
+            unsafe { core::ptr::write_bytes(hpa as *mut u8, 0, PAGE_SIZE as usize) };
+            if let Some(frame) = HostPhysAddr::new(hpa) {
+                memory::free_frame(frame);
+            }
+        }
+    }
+}
+
+impl Drop for Views {
+    fn drop(&mut self) {
+        for view in self.views.drain(..) {
+            view.release();
+        }
+    }
+}
+
+/// Invalidates the translations of `eptp` on this CPU (the only one that runs the VM).
+fn flush(eptp: u64) {
+    if let Err(e) = crate::vmx::tlb::flush_ept(&crate::vmx::capabilities(), eptp) {
+        log::error!(target: "lwc", "INVEPT of {eptp:#x} failed: {e}");
+    }
 }

@@ -53,7 +53,7 @@ use alloc::vec::Vec;
 
 use nk_am::{
     AbstractMachine, AmError, AmId, ArgSpec, Binding, CapName, Checked, DeadCap, Effect, Effects, Kernel, KindSpec,
-    ObjId, ObjKind, Object, OpSpec, Outcome, Principal, RegisterError, Registrar, Rights, VmId, PLAIN_ARGS,
+    LwcMemory, ObjId, ObjKind, Object, OpSpec, Outcome, Principal, RegisterError, Registrar, Rights, VmId, PLAIN_ARGS,
 };
 
 /// The first principal number of a child lwC (VMs are numbered from 1, far below).
@@ -92,6 +92,10 @@ struct Lwc {
     running: bool,
     /// (root held by the AM, capability handed to the creator), for a child.
     caps: Option<(CapName, CapName)>,
+    /// It runs on the VM's own EPT (a root lwC, or a child that shares all of its
+    /// creator's memory with a creator that does): only such an lwC may create children
+    /// with views of their own.
+    root_view: bool,
 }
 
 /// The lwC AM.
@@ -102,12 +106,54 @@ pub struct LwcAm {
     /// Every live lwC, by principal number.
     lwcs: BTreeMap<u32, Lwc>,
     next_child: u32,
+    /// The VMs that get a root lwC, with their initial memory in bytes (None: every VM,
+    /// with at most [`MAX_MEMORY`]).
+    vms: Option<BTreeMap<u32, u64>>,
 }
+
+/// The memory bound of a VM whose size the AM was not told ([`LwcAm::new`]).
+pub const MAX_MEMORY: u64 = 1 << 30;
+const PAGE: u64 = 4096;
 
 impl LwcAm {
     /// Creates the AM with no lwCs.
     pub fn new() -> Self {
         Self { next_child: FIRST_CHILD, ..Self::default() }
+    }
+
+    /// Creates the AM for the VMs `vms` only (the guests whose module says `lwc`), each
+    /// with its initial memory in bytes: other VMs get no root lwC.
+    pub fn for_vms(vms: impl IntoIterator<Item = (VmId, u64)>) -> Self {
+        Self { vms: Some(vms.into_iter().map(|(vm, bytes)| (vm.raw(), bytes)).collect()), ..Self::new() }
+    }
+
+    /// Returns the initial memory of `vm` in bytes, if it may have lwCs.
+    fn memory_of(&self, vm: VmId) -> Option<u64> {
+        match &self.vms {
+            Some(vms) => vms.get(&vm.raw()).copied(),
+            None => Some(MAX_MEMORY),
+        }
+    }
+
+    /// Reads the memory part of `lwCreate`'s resource spec (`args[2..5]`: the mode, a
+    /// page-aligned range with its mode in the low two bits, the range's bytes) for a VM
+    /// of `bytes` bytes of memory.
+    fn memory_spec(args: &[u64; PLAIN_ARGS], bytes: u64) -> Result<LwcMemory, AmError> {
+        let mode = |m: u64| match m {
+            0..=2 => Ok(m as u8),
+            _ => Err(AmError::BadArgument),
+        };
+        let (range, len) = (args[3] & !(PAGE - 1), args[4]);
+        let spec = LwcMemory {
+            mode: mode(args[2])?,
+            range_mode: mode(args[3] & (PAGE - 1))?,
+            first_page: u32::try_from(range / PAGE).map_err(|_| AmError::BadArgument)?,
+            pages: u32::try_from(len / PAGE).map_err(|_| AmError::BadArgument)?,
+        };
+        if !len.is_multiple_of(PAGE) || range.checked_add(len).is_none_or(|end| end > bytes) {
+            return Err(AmError::BadArgument);
+        }
+        Ok(spec)
     }
 
     /// Returns the principal number of `principal` when it is a VM-like principal.
@@ -139,6 +185,11 @@ impl LwcAm {
         if args[1] != 0 {
             return Err(AmError::BadArgument);
         }
+        let memory = Self::memory_spec(args, self.memory_of(me.vm).ok_or(AmError::NotPermitted)?)?;
+        // A view of its own is made from the VM's own EPT only (docs/lwc.md).
+        if !memory.all_shared() && !me.root_view {
+            return Err(AmError::NotPermitted);
+        }
         if self.lwcs.len() >= MAX_LWCS || self.next_child == u32::MAX {
             return Err(AmError::NoMemory);
         }
@@ -150,8 +201,10 @@ impl LwcAm {
         let all = Rights::from_bits(rights::SWITCH | rights::CREATE);
         let (root, name) = kernel.grant_new_root(object, all, checked.caller(), Binding::Bound)?;
         self.next_child += 1;
-        self.lwcs.insert(child, Lwc { vm: me.vm, creator: Some(caller), running: false, caps: Some((root, name)) });
-        kernel.emit(Effect::LwcCreate { parent: VmId::new(caller), child: VmId::new(child), mask: args[0] });
+        let root_view = memory.all_shared() && me.root_view;
+        self.lwcs
+            .insert(child, Lwc { vm: me.vm, creator: Some(caller), running: false, caps: Some((root, name)), root_view });
+        kernel.emit(Effect::LwcCreate { parent: VmId::new(caller), child: VmId::new(child), mask: args[0], memory });
         Ok(Outcome { name: Some(name), results: [u64::from(child), NONE, 0, 0] })
     }
 
@@ -214,13 +267,13 @@ impl AbstractMachine for LwcAm {
     /// Grants every VM its root lwC (object id = the VM's number), running, with both rights.
     fn grant_initial(&mut self, vm: VmId, kernel: &mut dyn Kernel) -> Result<Vec<CapName>, AmError> {
         let (am, kind) = (self.am.ok_or(AmError::NotPermitted)?, self.kind.ok_or(AmError::NotPermitted)?);
-        if vm.raw() >= FIRST_CHILD {
+        if vm.raw() >= FIRST_CHILD || self.memory_of(vm).is_none() {
             return Ok(Vec::new());
         }
         let object = Object::new(am, kind, ObjId::new(u64::from(vm.raw())));
         let all = Rights::from_bits(rights::SWITCH | rights::CREATE);
         let name = kernel.grant_new(object, all, Principal::Vm(vm), Binding::Bound)?;
-        self.lwcs.insert(vm.raw(), Lwc { vm, creator: None, running: true, caps: None });
+        self.lwcs.insert(vm.raw(), Lwc { vm, creator: None, running: true, caps: None, root_view: true });
         Ok(alloc::vec![name])
     }
 
@@ -234,7 +287,16 @@ impl AbstractMachine for LwcAm {
             // The creator's capability died: the lwC with it.
             Some((root, handed)) if handed == dead.name => {
                 self.lwcs.remove(&id);
-                effects.emit(Effect::LwcDestroy { child: VmId::new(id) });
+                // A running lwC's vCPU falls back to its creator (or the VM's root lwC).
+                let resume = lwc.running.then(|| match lwc.creator.filter(|c| self.lwcs.contains_key(c)) {
+                    Some(creator) => creator,
+                    None => lwc.vm.raw(),
+                });
+                if let Some(l) = resume.and_then(|r| self.lwcs.get_mut(&r)) {
+                    l.running = true;
+                }
+                let resume = resume.filter(|r| self.lwcs.contains_key(r)).map(VmId::new);
+                effects.emit(Effect::LwcDestroy { child: VmId::new(id), resume });
                 if let Some(am) = self.am {
                     effects.emit(Effect::Retire { am, root });
                 }

@@ -55,11 +55,11 @@ fn create_switch_restrict_and_destroy() {
     let counter = w.call(VM, 1, counter_op::CREATE.into(), &[factory], &[]);
     assert!(counter.status().is_ok());
     // The child gets only INITIAL 1 (the creator's lwC, to switch back).
-    let created = w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0b10, 0]);
+    let created = w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0b10, 0, 0, 0, 0]);
     assert!(created.status().is_ok(), "{}", created.status());
     assert_eq!(created.results[..2], [u64::from(FIRST_CHILD), NONE]);
     let child = VmId::new(FIRST_CHILD);
-    assert_eq!(w.seen.last(), Some(&Effect::LwcCreate { parent: VM, child, mask: 0b10 }));
+    assert_eq!(w.seen.last(), Some(&Effect::LwcCreate { parent: VM, child, mask: 0b10, memory: LwcMemory::default() }));
     // The child's INITIAL list is the one copy; it cannot use the parent's counter or factory.
     let back = w.initial(child, 0);
     assert!(back.status().is_ok());
@@ -83,7 +83,7 @@ fn create_switch_restrict_and_destroy() {
     // Revoke: the lwC dies with its principal; switching there is refused.
     let deleted = w.call(VM, NULL_KERNEL_AM, nk_op::DELETE, &[created.name], &[]);
     assert!(deleted.status().is_ok(), "{}", deleted.status());
-    assert!(w.seen.contains(&Effect::LwcDestroy { child }));
+    assert!(w.seen.contains(&Effect::LwcDestroy { child, resume: None }));
     assert!(!w.call(VM, 2, op::LW_SWITCH.into(), &[created.name], &[]).status().is_ok());
     assert!(w.nk.table().usage(Principal::Vm(child)).is_none());
     assert!(!w.initial(child, 0).status().is_ok());
@@ -100,4 +100,56 @@ fn per_vm_bound() {
         assert!(w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0, 0]).status().is_ok());
     }
     assert_eq!(w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0, 0]).status().code(), Status::QUOTA_EXCEEDED);
+}
+
+#[test]
+fn memory_spec_is_checked_and_passed_on() {
+    let mut w = World { nk: world().nk, seen: Vec::new() };
+    let me = w.initial(VM, 1).name;
+    // COW everywhere but page 3, which is shared.
+    let created = w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0b10, 0, 1, 3 * 4096, 4096]);
+    assert!(created.status().is_ok(), "{}", created.status());
+    let memory = LwcMemory { mode: LwcMemory::COW, range_mode: LwcMemory::SHARED, first_page: 3, pages: 1 };
+    let child = VmId::new(FIRST_CHILD);
+    assert_eq!(w.seen.last(), Some(&Effect::LwcCreate { parent: VM, child, mask: 0b10, memory }));
+    assert_eq!(memory.mode_of(2), LwcMemory::COW);
+    assert_eq!(memory.mode_of(3), LwcMemory::SHARED);
+    assert!(!memory.all_shared());
+    // Bad modes, unaligned lengths and ranges past the memory change nothing.
+    let before = w.seen.len();
+    for args in [[0, 0, 3, 0, 0], [0, 0, 1, 4096 | 3, 4096], [0, 0, 1, 4096, 100], [0, 0, 1, MAX_MEMORY, 4096]] {
+        assert_eq!(w.call(VM, 2, op::LW_CREATE.into(), &[me], &args).status().code(), Status::BAD_ARGUMENT, "{args:?}");
+    }
+    assert_eq!(w.seen.len(), before);
+    // The COW child cannot make views of its own (only the VM's own EPT is copied).
+    assert!(w.call(VM, 2, op::LW_SWITCH.into(), &[created.name], &[]).status().is_ok());
+    let back = w.initial(child, 0).name;
+    assert_eq!(w.call(child, 2, op::LW_CREATE.into(), &[back], &[0, 0, 1, 0, 0]).status().code(), Status::NOT_PERMITTED);
+}
+
+#[test]
+fn only_listed_vms_get_a_root_lwc() {
+    let mut nk = NullKernel::new(KernelId::new(0), 1, 4096, &mut FixedSeed::from_u64(9)).unwrap();
+    nk.add_am(Box::new(LwcAm::for_vms([(VmId::new(2), 4 << 20)])), 1024).unwrap();
+    assert!(nk.add_vm(VmId::new(1), 256).unwrap().is_empty());
+    assert!(nk.add_vm(VmId::new(2), 256).unwrap().is_empty());
+    assert!(nk.initial_caps(VmId::new(1)).is_empty());
+    assert_eq!(nk.initial_caps(VmId::new(2)).len(), 1);
+}
+
+#[test]
+fn a_running_lwc_destroyed_falls_back_to_its_creator() {
+    let mut w = world();
+    let me = w.initial(VM, 1).name;
+    let created = w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0b10, 0, 0, 0, 0]);
+    let child = VmId::new(FIRST_CHILD);
+    assert!(w.call(VM, 2, op::LW_SWITCH.into(), &[created.name], &[]).status().is_ok());
+    // The root cannot call while the child runs; the revocation comes from elsewhere (here:
+    // the same kernel, as the protocol's step would).
+    assert!(w.call(VM, NULL_KERNEL_AM, nk_op::REVOKE, &[created.name], &[]).status().is_ok());
+    assert!(w.seen.contains(&Effect::LwcDestroy { child, resume: Some(VM) }), "{:?}", w.seen);
+    // The root runs again: it may create and switch.
+    let again = w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0b10, 0, 0, 0, 0]);
+    assert!(again.status().is_ok(), "{}", again.status());
+    assert!(w.call(VM, 2, op::LW_SWITCH.into(), &[again.name], &[]).status().is_ok());
 }

@@ -1,0 +1,223 @@
+//! `lwc-cow` and `lwc-cow-quota`: copy-on-write lwCs (issue 15, docs/lwc.md).
+//!
+//! `lwc-cow` runs the seed's snapshot and rollback (Alg. 4) on copy-on-write children: the
+//! root lwC builds a state (pages of a pattern), then serves each request in a fresh
+//! child created with `LWC_COW` (one page shared with `LWC_SHARED` to carry the answer).
+//! The child dirties the whole state, answers, and switches back; the root deletes it and
+//! checks its state is pristine byte for byte, that the answer came through the shared
+//! page, and that its own write right after the create did not reach the child's
+//! snapshot. Bad specs are refused.
+//!
+//! `lwc-cow-quota`: a child writes more pages than the VM's frame quota (`frames=2M`
+//! gives 512 frames); the VM is stopped with a line that names the quota, and a survivor
+//! on the same CPU finishes.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use nk_guest::abi::lwc_op::{LWC_COW, LWC_SHARED, LWC_UNMAP, LW_SWITCH, NONE};
+use nk_guest::abi::NameWords;
+use nk_guest::nk;
+use nk_guest::println;
+
+/// Pages of state the request handler dirties.
+const STATE_PAGES: usize = 16;
+
+#[repr(C, align(4096))]
+struct Page([u8; 4096]);
+
+/// The state a request dirties (COW in the child).
+static mut STATE: [Page; STATE_PAGES] = [const { Page([0; 4096]) }; STATE_PAGES];
+/// The answer page (shared with every child).
+static mut ANSWER: Page = Page([0; 4096]);
+/// Where the quota test's child writes its 600 pages: the upper half of the VM's memory
+/// (`mem=8M`: 4 MiB to 6.4 MiB, below the stack at the top).
+static BIG: AtomicU64 = AtomicU64::new(0);
+
+#[repr(C, align(16))]
+struct Stack([u8; 16384]);
+static mut CHILD_STACK: Stack = Stack([0; 16384]);
+
+/// Set by the root before each request (COW: the child sees the value of its creation).
+static REQUEST: AtomicU64 = AtomicU64::new(0);
+/// Written by the root right after lwCreate: the child must still see the old value.
+static AFTER_CREATE: AtomicU64 = AtomicU64::new(0);
+/// Which child body runs (1: a request, 2: the quota hog).
+static LWC_AM: AtomicU64 = AtomicU64::new(0);
+
+fn pattern(page: usize, byte: usize) -> u8 {
+    (page * 31 + byte * 7 + 1) as u8
+}
+
+fn state_ptr() -> *mut u8 {
+    core::ptr::addr_of_mut!(STATE).cast()
+}
+
+fn answer_ptr() -> *mut u64 {
+    core::ptr::addr_of_mut!(ANSWER).cast()
+}
+
+/// Child entries of `lwc::lw_create_spec` (numbers from 1).
+pub fn child(entry: usize, a0: u64, caller: u64) -> ! {
+    let am = LWC_AM.load(Ordering::SeqCst) as u16;
+    let back = nk::initial(0).map(|(cap, _)| cap).unwrap_or_default();
+    match entry {
+        1 => request_child(am, back, a0, caller),
+        _ => quota_child(am, back),
+    }
+}
+
+fn request_child(am: u16, back: NameWords, a0: u64, caller: u64) -> ! {
+    let request = REQUEST.load(Ordering::SeqCst);
+    let mut sum = 0u64;
+    // Read the state, then dirty every byte of it.
+    for i in 0..STATE_PAGES * 4096 {
+        // SAFETY: inside STATE; this lwC's copy-on-write view of it.
+        unsafe {
+            let p = state_ptr().add(i);
+            sum = sum.wrapping_add(u64::from(p.read_volatile()));
+            p.write_volatile(0xEE);
+        }
+    }
+    let seen_after = AFTER_CREATE.load(Ordering::SeqCst);
+    // SAFETY: the shared answer page (LWC_SHARED): the root reads it after the switch.
+    unsafe {
+        answer_ptr().write_volatile(request);
+        answer_ptr().add(1).write_volatile(sum);
+        answer_ptr().add(2).write_volatile(seen_after);
+        answer_ptr().add(3).write_volatile(a0);
+        answer_ptr().add(4).write_volatile(caller);
+    }
+    loop {
+        nk::call(am, LW_SWITCH, &[back], &[request, 0]);
+    }
+}
+
+fn quota_child(am: u16, back: NameWords) -> ! {
+    for i in 0..600 {
+        // SAFETY: inside the VM's memory, above the image and below the stack (checked by
+        // `quota`); nothing else uses it. Each write takes a copy-on-write frame.
+        unsafe { (BIG.load(Ordering::SeqCst) as *mut u8).add(i * 4096).write_volatile(1) };
+    }
+    println!("GTEST FAILED lwc_cow_quota: 600 pages copied past a 512-frame quota");
+    loop {
+        nk::call(am, LW_SWITCH, &[back], &[0, 0]);
+    }
+}
+
+/// Finds (lwC AM, own lwC capability, its INITIAL index): the last initial capability.
+fn my_lwc() -> Option<(u16, NameWords, u64)> {
+    let mut last = None;
+    for i in 0..64u64 {
+        match nk::initial(i) {
+            Ok((cap, am)) => last = Some((am, cap, i)),
+            Err(_) => break,
+        }
+    }
+    last
+}
+
+fn stack_top() -> u64 {
+    core::ptr::addr_of_mut!(CHILD_STACK) as u64 + 16384
+}
+
+/// Runs mode `lwc-cow` or `lwc-cow-quota`.
+pub fn run_mode(mode: &str, memory: u64) {
+    match mode {
+        "lwc-cow-quota" => quota(memory),
+        _ => run(),
+    }
+}
+
+/// `lwc-cow`: snapshot and rollback.
+fn run() {
+    let Some((am, me, index)) = my_lwc() else {
+        println!("GTEST FAILED lwc_cow: no lwC capability (module option lwc?)");
+        return;
+    };
+    LWC_AM.store(u64::from(am), Ordering::SeqCst);
+    for page in 0..STATE_PAGES {
+        for byte in 0..4096 {
+            // SAFETY: inside STATE; only this lwC runs.
+            unsafe { state_ptr().add(page * 4096 + byte).write_volatile(pattern(page, byte)) };
+        }
+    }
+    let expected_sum: u64 =
+        (0..STATE_PAGES).flat_map(|p| (0..4096).map(move |b| u64::from(pattern(p, b)))).sum();
+    let answer = answer_ptr() as u64;
+    // Everything copy-on-write, the answer page shared, the page after it unmapped.
+    let spec = [LWC_COW, answer | LWC_SHARED, 4096];
+    let mut pristine = true;
+    for request in 1..=3u64 {
+        REQUEST.store(request, Ordering::SeqCst);
+        AFTER_CREATE.store(0, Ordering::SeqCst);
+        let created = crate::lwc::lw_create_spec(am, me, 1 << index, spec, stack_top(), 1);
+        if !created.status().is_ok() || created.results[1] != NONE {
+            println!("GTEST FAILED lwc_cow: lwCreate: {} {:?}", created.status(), created.results);
+            return;
+        }
+        // The root writes after the snapshot: the child must not see it.
+        AFTER_CREATE.store(0xAF7E, Ordering::SeqCst);
+        let reply = nk::call(am, LW_SWITCH, &[created.name], &[100 + request, 0]);
+        // SAFETY: the shared answer page.
+        let got: [u64; 5] = core::array::from_fn(|i| unsafe { answer_ptr().add(i).read_volatile() });
+        if !reply.status().is_ok() || reply.results[2] != request {
+            println!("GTEST FAILED lwc_cow: switch for request {request}: {} {:?}", reply.status(), reply.results);
+            return;
+        }
+        if got[0] != request || got[1] != expected_sum || got[2] != 0 || got[3] != 100 + request {
+            println!("GTEST FAILED lwc_cow: request {request}: the child answered {got:?} (sum wanted {expected_sum})");
+            pristine = false;
+        }
+        let deleted = nk::call(nk_guest::abi::NULL_KERNEL_AM, nk_guest::abi::nk_op::DELETE, &[created.name], &[]);
+        if !deleted.status().is_ok() {
+            println!("GTEST FAILED lwc_cow: delete: {}", deleted.status());
+            return;
+        }
+        for page in 0..STATE_PAGES {
+            for byte in 0..4096 {
+                // SAFETY: inside STATE.
+                let b = unsafe { state_ptr().add(page * 4096 + byte).read_volatile() };
+                if b != pattern(page, byte) {
+                    println!("GTEST FAILED lwc_cow: after request {request} state byte {page}:{byte} is {b:#x}");
+                    return;
+                }
+            }
+        }
+    }
+    if pristine {
+        println!("GTEST ok lwc_cow_snapshot: 3 requests each dirtied {STATE_PAGES} pages in a copy-on-write child; the root's state is pristine after each, the child saw the snapshot (not the root's later write) and answered through the shared page");
+    }
+    // A child cannot create a view of its own; a bad spec is refused and changes nothing.
+    let bad = crate::lwc::lw_create_spec(am, me, 1 << index, [7, 0, 0], stack_top(), 1);
+    let odd = crate::lwc::lw_create_spec(am, me, 1 << index, [LWC_COW, answer | LWC_UNMAP, 100], stack_top(), 1);
+    if bad.status().code() == nk_guest::abi::Status::BAD_ARGUMENT
+        && odd.status().code() == nk_guest::abi::Status::BAD_ARGUMENT
+    {
+        println!("GTEST ok lwc_cow_bad_spec: a bad mode and an unaligned range are refused ({})", bad.status());
+    } else {
+        println!("GTEST FAILED lwc_cow_bad_spec: {} {}", bad.status(), odd.status());
+    }
+    println!("GTEST ok lwc_cow_done");
+}
+
+/// `lwc-cow-quota`: a child that writes past the frame quota stops the VM.
+fn quota(memory: u64) {
+    if memory < 8 << 20 {
+        println!("GTEST FAILED lwc_cow_quota: needs mem=8M");
+        return;
+    }
+    BIG.store(memory / 2, Ordering::SeqCst);
+    let Some((am, me, index)) = my_lwc() else {
+        println!("GTEST FAILED lwc_cow_quota: no lwC capability (module option lwc?)");
+        return;
+    };
+    LWC_AM.store(u64::from(am), Ordering::SeqCst);
+    let created = crate::lwc::lw_create_spec(am, me, 1 << index, [LWC_COW, 0, 0], stack_top(), 2);
+    if !created.status().is_ok() {
+        println!("GTEST FAILED lwc_cow_quota: lwCreate: {}", created.status());
+        return;
+    }
+    println!("GTEST ok lwc_cow_quota_start: a copy-on-write child writes 600 pages");
+    let reply = nk::call(am, LW_SWITCH, &[created.name], &[0, 0]);
+    println!("GTEST FAILED lwc_cow_quota: the child came back ({})", reply.status());
+}
