@@ -349,6 +349,7 @@ pub fn apply(effect: Effect) {
         | Effect::LwcCreate { .. }
         | Effect::LwcSwitch { .. }
         | Effect::LwcDestroy { .. }
+        | Effect::LwcOverlay { .. }
         | Effect::Retire { .. } => {}
     }
 }

@@ -601,6 +601,13 @@ impl Guest {
                     self.principal = to;
                     self.load_view(to)?;
                 }
+                nk_am::Effect::LwcOverlay { from, to, first_page, pages, mode } => {
+                    let (memory, quota) = ((self.memory.as_u64(), self.memory_size), self.frame_quota);
+                    let views = self.views.get_or_insert_with(|| alloc::boxed::Box::new(crate::lwc::Views::new(memory, quota)));
+                    views
+                        .overlay(self.vm, from.raw(), to.raw(), u64::from(first_page), u64::from(pages), mode)
+                        .map_err(String::from)?;
+                }
                 nk_am::Effect::LwcDestroy { child, resume } => {
                     self.lwcs.retain(|l| l.principal != child.raw());
                     // The running lwC died: its vCPU goes back to the lwC the AM names,

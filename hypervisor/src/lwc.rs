@@ -22,6 +22,7 @@
 //! - in a view: the page is copied into a fresh frame, mapped writable in that view only;
 //! - in the VM's own EPT: the page is first copied out for every view that still shares
 //!   it, so each keeps its snapshot, then made writable again.
+//!
 //! Each view whose entry changed is invalidated (INVEPT, single-context; a VM's vCPU
 //! never leaves its CPU, so this CPU is the only one that may cache its translations).
 //! Copies are charged to the VM's frame quota (its module's `frames=`, 4 MiB by default):
@@ -77,7 +78,7 @@ pub fn apply(effect: Effect) {
             OWNERS.lock().insert(child.raw(), vm);
             vm
         }
-        Effect::LwcSwitch { from, .. } => match vm_of(from) {
+        Effect::LwcSwitch { from, .. } | Effect::LwcOverlay { to: from, .. } => match vm_of(from) {
             Some(vm) => vm,
             None => return,
         },
@@ -132,6 +133,8 @@ struct View {
     shared: Vec<u64>,
     /// Its own frames: page number -> host-physical address.
     private: BTreeMap<u32, u64>,
+    /// One bit per page: not mapped (`LWC_UNMAP`).
+    unmapped: Vec<u64>,
 }
 
 /// What an EPT violation was to the views.
@@ -151,6 +154,9 @@ pub struct Views {
     views: Vec<View>,
     /// One bit per page: read-only in the VM's own EPT because some view shares it.
     protected: Vec<u64>,
+    /// One bit per page: some view maps the VM's own frame writable (`LWC_SHARED`), so a
+    /// new copy-on-write view copies it at once (its snapshot must not see those writes).
+    shared_rw: Vec<u64>,
     /// The VM's own EPT maps its memory with 4 KiB pages.
     split: bool,
     /// Frames the views may still take.
@@ -175,7 +181,14 @@ impl Views {
     /// Makes the (empty) views of a VM whose memory is `memory` and whose frame quota is
     /// `quota_bytes`.
     pub fn new(memory: (u64, u64), quota_bytes: u64) -> Self {
-        Self { memory, views: Vec::new(), protected: Vec::new(), split: false, budget: quota_bytes / PAGE_SIZE }
+        Self {
+            memory,
+            views: Vec::new(),
+            protected: Vec::new(),
+            shared_rw: Vec::new(),
+            split: false,
+            budget: quota_bytes / PAGE_SIZE,
+        }
     }
 
     fn pages(&self) -> u64 {
@@ -200,6 +213,7 @@ impl Views {
         let words = pages.div_ceil(64) as usize;
         if self.protected.len() < words {
             self.protected.resize(words, 0);
+            self.shared_rw.resize(words, 0);
         }
         let mut ept = GuestEpt::new(&crate::vmx::capabilities()).map_err(|_| "no frames for its EPT")?;
         let mut shared = alloc::vec![0u64; words];
@@ -224,6 +238,11 @@ impl Views {
                     set_bit(&mut shared, p, true);
                 }
             }
+            if mode == LwcMemory::SHARED {
+                for p in page..end {
+                    set_bit(&mut self.shared_rw, p, true);
+                }
+            }
             page = end;
         }
         // The VM's own EPT: 4 KiB pages, the shared ones read-only.
@@ -245,8 +264,107 @@ impl Views {
         let root_eptp = changed.ok_or("the VM has no EPT")??;
         self.split = true;
         flush(root_eptp);
-        self.views.push(View { owner: child, users: alloc::vec![child], ept, shared, private: BTreeMap::new() });
+        let writable: Vec<u64> = (0..pages).filter(|&p| bit(&shared, p) && bit(&self.shared_rw, p)).collect();
+        let released: Vec<u64> = (0..pages).filter(|&p| spec.mode_of(p) == LwcMemory::SHARED).collect();
+        for p in released {
+            self.release_page(p)?;
+        }
+        let mut unmapped = alloc::vec![0u64; words];
+        for p in (0..pages).filter(|&p| spec.mode_of(p) == LwcMemory::UNMAP) {
+            set_bit(&mut unmapped, p, true);
+        }
+        let view = View { owner: child, users: alloc::vec![child], ept, shared, private: BTreeMap::new(), unmapped };
+        self.views.push(view);
+        // Pages another view writes in place: this snapshot gets its copy now.
+        let new = self.views.len() - 1;
+        for p in writable {
+            self.copy_out(new, p)?;
+        }
         Ok(())
+    }
+
+    /// Returns the view `principal` runs on (None: the VM's own EPT).
+    fn view_of(&self, principal: u32) -> Option<usize> {
+        self.views.iter().position(|v| v.users.contains(&principal))
+    }
+
+    /// Gives every view that shares `page` copy-on-write its own copy.
+    fn release_page(&mut self, page: u64) -> Result<(), &'static str> {
+        for i in 0..self.views.len() {
+            if bit(&self.views[i].shared, page) {
+                self.copy_out(i, page)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Returns the frame that holds `page` for an lwC on view `view` (None: the VM's own
+    /// EPT), or None where the page is not mapped there.
+    fn frame_of(&self, view: Option<usize>, page: u64) -> Option<u64> {
+        let own = self.memory.0 + page * PAGE_SIZE;
+        let Some(v) = view.map(|i| &self.views[i]) else { return Some(own) };
+        if let Some(&hpa) = v.private.get(&(page as u32)) {
+            return Some(hpa);
+        }
+        (!bit(&v.unmapped, page)).then_some(own)
+    }
+
+    /// Applies an `lwOverlay` (checked by the lwC AM): pages `[first, first + pages)` of
+    /// lwC `from` into lwC `to`'s view, as `mode` says (seed §4.2.4).
+    pub fn overlay(&mut self, vm: VmId, from: u32, to: u32, first: u64, pages: u64, mode: u8) -> Result<(), &'static str> {
+        let (source, target) = (self.view_of(from), self.view_of(to));
+        let end = first.checked_add(pages).filter(|&e| e <= self.pages()).ok_or("overlay past the VM's memory")?;
+        for page in first..end {
+            let gpa = page * PAGE_SIZE;
+            match (target, mode) {
+                (None, LwcMemory::COW) => {
+                    // Into the VM's own frames: the views that share the page keep theirs.
+                    let own = self.memory.0 + gpa;
+                    let src = self.frame_of(source, page);
+                    if src == Some(own) {
+                        continue;
+                    }
+                    self.release_page(page)?;
+                    copy_page(src, own);
+                }
+                (Some(t), LwcMemory::COW) => {
+                    let src = self.frame_of(source, page);
+                    let dst = self.private_frame(t, page)?;
+                    if src != Some(dst) {
+                        copy_page(src, dst);
+                    }
+                }
+                (Some(t), LwcMemory::SHARED) => {
+                    self.views[t].drop_page(page, &mut self.budget);
+                    self.release_page(page)?;
+                    let own = self.memory.0 + gpa;
+                    self.views[t].ept.map_range_4k(gpa, own, PAGE_SIZE, EptPerms::RWX).map_err(|_| "overlay could not map")?;
+                    set_bit(&mut self.shared_rw, page, true);
+                }
+                (Some(t), _) => {
+                    self.views[t].drop_page(page, &mut self.budget);
+                    set_bit(&mut self.views[t].unmapped, page, true);
+                }
+                (None, _) => return Err("the VM's own EPT only takes copies"),
+            }
+        }
+        let eptp = match target {
+            Some(t) => Some(self.views[t].ept.eptp()),
+            None => crate::exomem::eptp(vm),
+        };
+        if let Some(eptp) = eptp {
+            flush(eptp);
+        }
+        Ok(())
+    }
+
+    /// Returns view `i`'s own frame for `page`, made (a copy of what it mapped) if needed.
+    fn private_frame(&mut self, i: usize, page: u64) -> Result<u64, &'static str> {
+        if let Some(&hpa) = self.views[i].private.get(&(page as u32)) {
+            return Ok(hpa);
+        }
+        self.copy_out(i, page)?;
+        self.views[i].private.get(&(page as u32)).copied().ok_or("no private frame")
     }
 
     /// Handles an EPT violation at `gpa` (exit qualification `qualification`) of the lwC
@@ -292,10 +410,8 @@ impl Views {
             return Err("copy-on-write needs a frame past the VM's frame quota");
         }
         let frame = memory::alloc_frame().ok_or("copy-on-write found no free frame")?;
-        let (gpa, from) = (page * PAGE_SIZE, self.memory.0 + page * PAGE_SIZE);
-        // SAFETY: `from` is the VM's own page (its memory, identity-mapped, not running
-        // now); `frame` was just allocated; both are 4 KiB and distinct.
-        unsafe { core::ptr::copy_nonoverlapping(from as *const u8, frame.as_u64() as *mut u8, PAGE_SIZE as usize) };
+        let gpa = page * PAGE_SIZE;
+        copy_page(self.frame_of(Some(i), page), frame.as_u64());
         let view = &mut self.views[i];
         view.ept.unmap_range(gpa, PAGE_SIZE);
         if view.ept.map_range_4k(gpa, frame.as_u64(), PAGE_SIZE, EptPerms::RWX).is_err() {
@@ -306,6 +422,7 @@ impl Views {
         }
         self.budget -= 1;
         set_bit(&mut view.shared, page, false);
+        set_bit(&mut view.unmapped, page, false);
         view.private.insert(page as u32, frame.as_u64());
         flush(view.ept.eptp());
         Ok(())
@@ -329,16 +446,22 @@ impl Views {
 }
 
 impl View {
+    /// Takes `page` out of the view (unmapped, invalidated, its own frame freed).
+    fn drop_page(&mut self, page: u64, budget: &mut u64) {
+        self.ept.unmap_range(page * PAGE_SIZE, PAGE_SIZE);
+        flush(self.ept.eptp());
+        set_bit(&mut self.shared, page, false);
+        if let Some(hpa) = self.private.remove(&(page as u32)) {
+            free_zeroed(hpa);
+            *budget += 1;
+        }
+    }
+
     /// Drops the EPT (INVEPT, then its tables) and gives the frames back, zeroed.
     fn release(self) {
         drop(self.ept);
         for (_, hpa) in self.private {
-            // SAFETY: the frame was this view's alone, and its only mapping (the view's
-            // EPT) is gone and invalidated above.
-            unsafe { core::ptr::write_bytes(hpa as *mut u8, 0, PAGE_SIZE as usize) };
-            if let Some(frame) = HostPhysAddr::new(hpa) {
-                memory::free_frame(frame);
-            }
+            free_zeroed(hpa);
         }
     }
 }
@@ -355,5 +478,28 @@ impl Drop for Views {
 fn flush(eptp: u64) {
     if let Err(e) = crate::vmx::tlb::flush_ept(&crate::vmx::capabilities(), eptp) {
         log::error!(target: "lwc", "INVEPT of {eptp:#x} failed: {e}");
+    }
+}
+
+/// Zeroes a view's own frame, whose only mapping is gone and invalidated, and frees it.
+fn free_zeroed(hpa: u64) {
+    // SAFETY: the frame was one view's alone (`View::private`), and the caller unmapped and
+    // invalidated its only mapping; it is identity-mapped.
+    unsafe { core::ptr::write_bytes(hpa as *mut u8, 0, PAGE_SIZE as usize) };
+    if let Some(frame) = HostPhysAddr::new(hpa) {
+        memory::free_frame(frame);
+    }
+}
+
+/// Copies the 4 KiB page at `from` (None: zeroes) to `to`.
+fn copy_page(from: Option<u64>, to: u64) {
+    // SAFETY: both are 4 KiB frames of this VM (its memory, or a view's own frame),
+    // identity-mapped and distinct (the callers skip a page onto itself); no vCPU of the
+    // VM runs while its effects or exits are handled.
+    unsafe {
+        match from {
+            Some(from) => core::ptr::copy_nonoverlapping(from as *const u8, to as *mut u8, PAGE_SIZE as usize),
+            None => core::ptr::write_bytes(to as *mut u8, 0, PAGE_SIZE as usize),
+        }
     }
 }

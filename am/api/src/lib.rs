@@ -188,6 +188,11 @@ pub enum Effect {
     /// it was running, its vCPU goes back to lwC `resume` (its creator, or the VM's root
     /// lwC when the creator is gone too), whose pending `lwSwitch` returns `REVOKED`.
     LwcDestroy { child: VmId, resume: Option<VmId> },
+    /// Overlays the `pages` 4 KiB pages from page `first_page` of lwC `from`'s memory
+    /// onto lwC `to`'s (the caller of `lwOverlay`), as `mode` says (`LwcMemory::COW`: a
+    /// copy of `from`'s pages; `SHARED`: the VM's own frames, writable; `UNMAP`: the pages
+    /// leave `to`'s view). The lwC AM checked `to` may (seed §4.2.4).
+    LwcOverlay { from: VmId, to: VmId, first_page: u32, pages: u32, mode: u8 },
 }
 
 /// How a new lwC sees its VM's initial memory (the memory part of `lwCreate`'s resource

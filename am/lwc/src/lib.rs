@@ -96,6 +96,9 @@ struct Lwc {
     /// creator's memory with a creator that does): only such an lwC may create children
     /// with views of their own.
     root_view: bool,
+    /// The pages holders of its capability may overlay: `[first, end)` (seed §4.2.5's
+    /// access capabilities; `lwRestrict` narrows it).
+    access: (u32, u32),
 }
 
 /// The lwC AM.
@@ -133,6 +136,73 @@ impl LwcAm {
             Some(vms) => vms.get(&vm.raw()).copied(),
             None => Some(MAX_MEMORY),
         }
+    }
+
+    /// Returns how many 4 KiB pages of memory `vm` has.
+    fn pages_of(&self, vm: VmId) -> u32 {
+        u32::try_from(self.memory_of(vm).unwrap_or(0) / PAGE).unwrap_or(u32::MAX)
+    }
+
+    /// Reads a page range argument: a page-aligned address (its low bits: a mode, returned)
+    /// and a length in bytes, within `pages` pages. Returns (first page, end page, mode).
+    fn page_range(at: u64, bytes: u64, pages: u32) -> Result<(u32, u32, u8), AmError> {
+        let mode = at & (PAGE - 1);
+        let (first, len) = ((at & !(PAGE - 1)) / PAGE, bytes / PAGE);
+        if mode > 2 || !bytes.is_multiple_of(PAGE) || first.checked_add(len).is_none_or(|end| end > u64::from(pages)) {
+            return Err(AmError::BadArgument);
+        }
+        Ok((first as u32, (first + len) as u32, mode as u8))
+    }
+
+    /// `lwRestrict(l; at, bytes)`: what holders of `l` may overlay becomes the intersection
+    /// of what they could and `[at, at + bytes)` (seed §4.2.5). Any holder may narrow it.
+    fn restrict(&mut self, checked: &Checked, args: &[u64; PLAIN_ARGS]) -> Result<Outcome, AmError> {
+        let caller = Self::number(checked.caller())?;
+        let (id, l) = self.lwc_of(checked.args()[0].object())?;
+        let me = self.lwcs.get(&caller).ok_or(AmError::NotPermitted)?;
+        if me.vm != l.vm {
+            return Err(AmError::NotPermitted);
+        }
+        let (first, end, _) = Self::page_range(args[0], args[1], self.pages_of(l.vm))?;
+        let (lo, hi) = (l.access.0.max(first), l.access.1.min(end));
+        if let Some(l) = self.lwcs.get_mut(&id) {
+            l.access = if lo < hi { (lo, hi) } else { (0, 0) };
+        }
+        Ok(Outcome { name: None, results: [0; 4] })
+    }
+
+    /// `lwOverlay(l; at | mode, bytes)`: puts `l`'s pages `[at, at + bytes)` into the
+    /// caller's view, copied (`LWC_COW`) or shared (`LWC_SHARED`), or takes them out of it
+    /// (`LWC_UNMAP`), seed §4.2.4. Copied and shared pages must lie in what holders of `l`
+    /// may access; the VM's own EPT (a caller without a view) only takes copies; only
+    /// memory of an lwC without a view of its own (the VM's frames) can be shared.
+    fn overlay(&mut self, checked: &Checked, args: &[u64; PLAIN_ARGS], kernel: &mut dyn Kernel) -> Result<Outcome, AmError> {
+        let caller = Self::number(checked.caller())?;
+        let (id, l) = self.lwc_of(checked.args()[0].object())?;
+        let me = *self.lwcs.get(&caller).ok_or(AmError::NotPermitted)?;
+        if me.vm != l.vm || id == caller {
+            return Err(AmError::NotPermitted);
+        }
+        let (first, end, mode) = Self::page_range(args[0], args[1], self.pages_of(l.vm))?;
+        let inside = first >= l.access.0 && end <= l.access.1;
+        let refused = match mode {
+            LwcMemory::COW => !inside,
+            LwcMemory::SHARED => !inside || me.root_view || !l.root_view,
+            _ => me.root_view,
+        };
+        if refused {
+            return Err(AmError::NotPermitted);
+        }
+        if first < end {
+            kernel.emit(Effect::LwcOverlay {
+                from: VmId::new(id),
+                to: VmId::new(caller),
+                first_page: first,
+                pages: end - first,
+                mode,
+            });
+        }
+        Ok(Outcome { name: None, results: [0; 4] })
     }
 
     /// Reads the memory part of `lwCreate`'s resource spec (`args[2..5]`: the mode, a
@@ -202,8 +272,9 @@ impl LwcAm {
         let (root, name) = kernel.grant_new_root(object, all, checked.caller(), Binding::Bound)?;
         self.next_child += 1;
         let root_view = memory.all_shared() && me.root_view;
-        self.lwcs
-            .insert(child, Lwc { vm: me.vm, creator: Some(caller), running: false, caps: Some((root, name)), root_view });
+        let access = (0, self.pages_of(me.vm));
+        let lwc = Lwc { vm: me.vm, creator: Some(caller), running: false, caps: Some((root, name)), root_view, access };
+        self.lwcs.insert(child, lwc);
         kernel.emit(Effect::LwcCreate { parent: VmId::new(caller), child: VmId::new(child), mask: args[0], memory });
         Ok(Outcome { name: Some(name), results: [u64::from(child), NONE, 0, 0] })
     }
@@ -260,6 +331,8 @@ impl AbstractMachine for LwcAm {
         match checked.op().index() {
             op::LW_CREATE => self.create(checked, args, kernel),
             op::LW_SWITCH => self.switch(checked, args, kernel),
+            op::LW_RESTRICT => self.restrict(checked, args),
+            op::LW_OVERLAY => self.overlay(checked, args, kernel),
             _ => Err(AmError::NotPermitted),
         }
     }
@@ -273,7 +346,7 @@ impl AbstractMachine for LwcAm {
         let object = Object::new(am, kind, ObjId::new(u64::from(vm.raw())));
         let all = Rights::from_bits(rights::SWITCH | rights::CREATE);
         let name = kernel.grant_new(object, all, Principal::Vm(vm), Binding::Bound)?;
-        self.lwcs.insert(vm.raw(), Lwc { vm, creator: None, running: true, caps: None, root_view: true });
+        self.lwcs.insert(vm.raw(), Lwc { vm, creator: None, running: true, caps: None, root_view: true, access: (0, self.pages_of(vm)) });
         Ok(alloc::vec![name])
     }
 

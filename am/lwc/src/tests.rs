@@ -89,7 +89,7 @@ fn create_switch_restrict_and_destroy() {
     assert!(!w.initial(child, 0).status().is_ok());
     // Unimplemented calls and options are refused.
     assert_eq!(w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0, 1]).status().code(), Status::BAD_ARGUMENT);
-    assert_eq!(w.call(VM, 2, op::LW_RESTRICT.into(), &[me], &[]).status().code(), Status::NOT_PERMITTED);
+    assert_eq!(w.call(VM, 2, op::LW_SYSCALL.into(), &[me], &[]).status().code(), Status::NOT_PERMITTED);
 }
 
 #[test]
@@ -152,4 +152,47 @@ fn a_running_lwc_destroyed_falls_back_to_its_creator() {
     let again = w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0b10, 0, 0, 0, 0]);
     assert!(again.status().is_ok(), "{}", again.status());
     assert!(w.call(VM, 2, op::LW_SWITCH.into(), &[again.name], &[]).status().is_ok());
+}
+
+#[test]
+fn overlay_within_access_and_restrict() {
+    let mut w = world();
+    let me = w.initial(VM, 1).name;
+    let created = w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0b10, 0, 1, 0, 0]);
+    assert!(created.status().is_ok());
+    let child = VmId::new(FIRST_CHILD);
+    // The root copies a page of the child's view.
+    let page = 5 * 4096;
+    assert!(w.call(VM, 2, op::LW_OVERLAY.into(), &[created.name], &[page | 1, 4096]).status().is_ok());
+    assert_eq!(
+        w.seen.last(),
+        Some(&Effect::LwcOverlay { from: child, to: VM, first_page: 5, pages: 1, mode: LwcMemory::COW })
+    );
+    // The VM's own EPT takes copies only; bad ranges are refused.
+    for (args, code) in [
+        ([page, 4096], Status::NOT_PERMITTED),
+        ([page | 2, 4096], Status::NOT_PERMITTED),
+        ([page | 3, 4096], Status::BAD_ARGUMENT),
+        ([page | 1, 100], Status::BAD_ARGUMENT),
+        ([MAX_MEMORY | 1, 4096], Status::BAD_ARGUMENT),
+    ] {
+        let got = w.call(VM, 2, op::LW_OVERLAY.into(), &[created.name], &[args[0], args[1]]);
+        assert_eq!(got.status().code(), code, "{args:?}");
+    }
+    // Restrict to pages 0-3: page 5 is refused now, page 2 still copies; no access at all refuses everything.
+    assert!(w.call(VM, 2, op::LW_RESTRICT.into(), &[created.name], &[0, 4 * 4096]).status().is_ok());
+    let before = w.seen.len();
+    assert_eq!(w.call(VM, 2, op::LW_OVERLAY.into(), &[created.name], &[page | 1, 4096]).status().code(), Status::NOT_PERMITTED);
+    assert_eq!(w.seen.len(), before);
+    assert!(w.call(VM, 2, op::LW_OVERLAY.into(), &[created.name], &[2 * 4096 | 1, 4096]).status().is_ok());
+    // A wider restriction cannot widen it again.
+    assert!(w.call(VM, 2, op::LW_RESTRICT.into(), &[created.name], &[0, 0]).status().is_ok());
+    assert!(w.call(VM, 2, op::LW_RESTRICT.into(), &[created.name], &[0, 64 * 4096]).status().is_ok());
+    assert_eq!(w.call(VM, 2, op::LW_OVERLAY.into(), &[created.name], &[2 * 4096 | 1, 4096]).status().code(), Status::NOT_PERMITTED);
+    // The child shares and unmaps a page of the root (the VM's frames) in its view.
+    assert!(w.call(VM, 2, op::LW_SWITCH.into(), &[created.name], &[]).status().is_ok());
+    let root = w.initial(child, 0).name;
+    assert!(w.call(child, 2, op::LW_OVERLAY.into(), &[root], &[page, 4096]).status().is_ok());
+    assert_eq!(w.seen.last(), Some(&Effect::LwcOverlay { from: VM, to: child, first_page: 5, pages: 1, mode: LwcMemory::SHARED }));
+    assert!(w.call(child, 2, op::LW_OVERLAY.into(), &[root], &[page | 2, 4096]).status().is_ok());
 }

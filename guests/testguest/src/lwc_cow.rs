@@ -8,6 +8,15 @@
 //! page, and that its own write right after the create did not reach the child's
 //! snapshot. Bad specs are refused.
 //!
+//! `lwc-key`: the seed's sensitive-data compartment (Alg. 6). The root holds a key,
+//! creates a copy-on-write child (which keeps the key), erases its own copy and shows
+//! `lwOverlay` can still copy the child's key page back; it erases it again and
+//! `lwRestrict`s the child to no access. From then on the root cannot read the key: its own
+//! page stays zero and every overlay of the child's memory is refused. It asks the child
+//! to sign a buffer: the child overlays the root's buffer page `LWC_SHARED`, writes a MAC
+//! keyed with the key, and `LWC_UNMAP`s it again; the signature verifies (by the child),
+//! a tampered buffer does not, and the root's MAC with its erased key differs.
+//!
 //! `lwc-cow-quota`: a child writes more pages than the VM's frame quota (`frames=2M`
 //! gives 512 frames); the VM is stopped with a line that names the quota, and a survivor
 //! on the same CPU finishes.
@@ -62,6 +71,7 @@ pub fn child(entry: usize, a0: u64, caller: u64) -> ! {
     let back = nk::initial(0).map(|(cap, _)| cap).unwrap_or_default();
     match entry {
         1 => request_child(am, back, a0, caller),
+        3 => key_child(am, back, a0),
         _ => quota_child(am, back),
     }
 }
@@ -120,10 +130,11 @@ fn stack_top() -> u64 {
     core::ptr::addr_of_mut!(CHILD_STACK) as u64 + 16384
 }
 
-/// Runs mode `lwc-cow` or `lwc-cow-quota`.
+/// Runs mode `lwc-cow`, `lwc-key` or `lwc-cow-quota`.
 pub fn run_mode(mode: &str, memory: u64) {
     match mode {
         "lwc-cow-quota" => quota(memory),
+        "lwc-key" => key(),
         _ => run(),
     }
 }
@@ -220,4 +231,134 @@ fn quota(memory: u64) {
     println!("GTEST ok lwc_cow_quota_start: a copy-on-write child writes 600 pages");
     let reply = nk::call(am, LW_SWITCH, &[created.name], &[0, 0]);
     println!("GTEST FAILED lwc_cow_quota: the child came back ({})", reply.status());
+}
+
+/// The key's page (copy-on-write: after the root erases its copy only the child has it).
+static mut KEY: Page = Page([0; 4096]);
+/// The buffer the child signs: 8 bytes of message, then 8 of signature.
+static mut BUF: Page = Page([0; 4096]);
+const SIGN: u64 = 1;
+const VERIFY: u64 = 2;
+const SECRET: u64 = 0x5EC2_E7C0_FFEE_1234;
+
+fn key_ptr() -> *mut u64 {
+    core::ptr::addr_of_mut!(KEY).cast()
+}
+
+fn buf_ptr() -> *mut u64 {
+    core::ptr::addr_of_mut!(BUF).cast()
+}
+
+/// A keyed hash of `message` (FNV-1a over the key's four words and the message).
+fn mac(message: u64) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for i in 0..5 {
+        // SAFETY: inside KEY (words 0-3); the message last.
+        let word = if i < 4 { unsafe { key_ptr().add(i).read_volatile() } } else { message };
+        for byte in word.to_le_bytes() {
+            h = (h ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    h
+}
+
+fn overlay(am: u16, l: NameWords, at: u64, mode: u64) -> nk_guest::abi::Status {
+    nk::call(am, nk_guest::abi::lwc_op::LW_OVERLAY, &[l], &[at | mode, 4096]).status()
+}
+
+/// The key compartment: signs or verifies the root's buffer, overlaid for the call only.
+fn key_child(am: u16, back: NameWords, mut op: u64) -> ! {
+    let buf = buf_ptr() as u64;
+    loop {
+        let mut result = 0;
+        if (op == SIGN || op == VERIFY) && overlay(am, back, buf, LWC_SHARED).is_ok() {
+            // SAFETY: the root's buffer page, shared into this view for the call.
+            unsafe {
+                let sig = mac(buf_ptr().read_volatile());
+                if op == SIGN {
+                    buf_ptr().add(1).write_volatile(sig);
+                    result = 1;
+                } else {
+                    result = u64::from(buf_ptr().add(1).read_volatile() == sig);
+                }
+            }
+            if !overlay(am, back, buf, LWC_UNMAP).is_ok() {
+                result = 0xBAD;
+            }
+        }
+        op = nk::call(am, LW_SWITCH, &[back], &[result, 0]).results[2];
+    }
+}
+
+fn erase_key() {
+    for i in 0..4 {
+        // SAFETY: inside KEY.
+        unsafe { key_ptr().add(i).write_volatile(0) };
+    }
+}
+
+fn key_words() -> [u64; 4] {
+    // SAFETY: inside KEY.
+    core::array::from_fn(|i| unsafe { key_ptr().add(i).read_volatile() })
+}
+
+/// `lwc-key`: the sensitive-data compartment.
+fn key() {
+    let Some((am, me, index)) = my_lwc() else {
+        println!("GTEST FAILED lwc_key: no lwC capability (module option lwc?)");
+        return;
+    };
+    LWC_AM.store(u64::from(am), Ordering::SeqCst);
+    for i in 0..4 {
+        // SAFETY: inside KEY.
+        unsafe { key_ptr().add(i).write_volatile(SECRET ^ i as u64) };
+    }
+    let created = crate::lwc::lw_create_spec(am, me, 1 << index, [LWC_COW, 0, 0], stack_top(), 3);
+    if !created.status().is_ok() {
+        println!("GTEST FAILED lwc_key: lwCreate: {}", created.status());
+        return;
+    }
+    let k = created.name;
+    let key_page = key_ptr() as u64;
+    erase_key();
+    // Before lwRestrict the root may still overlay the child's memory: its key comes back.
+    let before = overlay(am, k, key_page, LWC_COW);
+    if before.is_ok() && key_words()[0] == SECRET {
+        println!("GTEST ok lwc_key_overlay_before_restrict: lwOverlay copied the child's key page into the root");
+    } else {
+        println!("GTEST FAILED lwc_key: overlay before restrict: {before}, key word {:#x}", key_words()[0]);
+    }
+    erase_key();
+    let restricted = nk::call(am, nk_guest::abi::lwc_op::LW_RESTRICT, &[k], &[0, 0]).status();
+    let after = overlay(am, k, key_page, LWC_COW);
+    let other = overlay(am, k, 0, LWC_COW);
+    let syscall = nk::call(am, nk_guest::abi::lwc_op::LW_SYSCALL, &[k], &[0, 0]).status();
+    let denied = |s: nk_guest::abi::Status| s.code() == nk_guest::abi::Status::NOT_PERMITTED;
+    if restricted.is_ok() && denied(after) && denied(other) && denied(syscall) && key_words() == [0; 4] {
+        println!("GTEST ok lwc_key_restricted: after lwRestrict every overlay of the child is refused ({after}), lwSyscall too, and the root's key page reads zero");
+    } else {
+        println!("GTEST FAILED lwc_key: restrict {restricted}, overlay {after} / {other}, syscall {syscall}, key {:x?}", key_words());
+    }
+    // Sign and verify through the compartment.
+    // SAFETY: the root's own buffer page.
+    unsafe { buf_ptr().write_volatile(0x4d45_5353_4147_4521) };
+    let signed = nk::call(am, LW_SWITCH, &[k], &[SIGN, 0]);
+    // SAFETY: as above.
+    let sig = unsafe { buf_ptr().add(1).read_volatile() };
+    let verified = nk::call(am, LW_SWITCH, &[k], &[VERIFY, 0]).results[2];
+    // SAFETY: as above.
+    unsafe { buf_ptr().write_volatile(0x4d45_5353_4147_4520) };
+    let tampered = nk::call(am, LW_SWITCH, &[k], &[VERIFY, 0]).results[2];
+    let forged = mac(0x4d45_5353_4147_4521);
+    if signed.results[2] == 1 && sig != 0 && verified == 1 && tampered == 0 && forged != sig && key_words() == [0; 4] {
+        println!("GTEST ok lwc_key_signs: the child signed the overlaid buffer ({sig:#x}); it verifies, a tampered buffer does not, the root's MAC without the key differs and its key page still reads zero");
+    } else {
+        println!("GTEST FAILED lwc_key: sign {:?} sig {sig:#x} verify {verified} tampered {tampered} forged {forged:#x}", signed.results);
+    }
+    let deleted = nk::call(nk_guest::abi::NULL_KERNEL_AM, nk_guest::abi::nk_op::DELETE, &[k], &[]).status();
+    if deleted.is_ok() {
+        println!("GTEST ok lwc_key_done");
+    } else {
+        println!("GTEST FAILED lwc_key: delete {deleted}");
+    }
 }
