@@ -350,6 +350,7 @@ pub fn apply(effect: Effect) {
         | Effect::LwcSwitch { .. }
         | Effect::LwcDestroy { .. }
         | Effect::LwcOverlay { .. }
+        | Effect::LwcSyscall { .. }
         | Effect::Retire { .. } => {}
     }
 }

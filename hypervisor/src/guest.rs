@@ -164,6 +164,8 @@ pub struct Guest {
     views: Option<alloc::boxed::Box<crate::lwc::Views>>,
     /// Its frame quota in bytes (`frames=`), which the views' copies are charged to.
     frame_quota: u64,
+    /// Its `LWC_SYSTRAP` lwCs and their trapped call (lwc.rs).
+    sandbox: crate::lwc::Sandbox,
 }
 
 impl fmt::Debug for Guest {
@@ -215,6 +217,7 @@ impl Guest {
             lwcs: Vec::new(),
             views: None,
             frame_quota: spec.frames.unwrap_or(crate::ams::EXO_FRAME_QUOTA),
+            sandbox: crate::lwc::Sandbox::default(),
         };
         // SAFETY: the frames were just allocated for this guest and are identity-mapped.
         unsafe { core::ptr::write_bytes(memory.as_u64() as *mut u8, 0, memory_size as usize) };
@@ -316,6 +319,7 @@ impl Guest {
             lwcs: Vec::new(),
             views: None,
             frame_quota: spec.frames.unwrap_or(crate::ams::EXO_FRAME_QUOTA),
+            sandbox: crate::lwc::Sandbox::default(),
         };
         let entry = GuestStart {
             mode: start.mode,
@@ -413,45 +417,114 @@ impl Guest {
         // The timer is re-armed with the whole slice at every entry; the TSC bounds the
         // slice of a guest that exits often.
         let slice_start = crate::arch::rdtsc();
+        // An lwC switch between a sandboxed lwC (LWC_SYSTRAP) and another changes the loop.
         let end = loop {
-            if crate::arch::rdtsc().wrapping_sub(slice_start) >= ticks {
-                break Slice::Expired;
-            }
-            let vcpu = self.vcpu.as_mut().expect("checked above");
-            let exit = match vcpu.run() {
-                Ok(exit) => exit,
-                Err(e) => break stopped(alloc::format!("VM entry failed: {e}")),
+            let ended = match self.sandbox.current {
+                false => self.bare_slice::<false>(sink, ticks, timer_rate, slice_start),
+                true => self.bare_slice::<true>(sink, ticks, timer_rate, slice_start),
             };
-            self.exits += 1;
-            if exit.reason == ExitReason::PREEMPTION_TIMER {
-                // The timer may have cut short an event's delivery: it goes on next slice.
-                if let Err(e) = vcpu.reinject_interrupted_event() {
-                    break stopped(alloc::format!("cannot keep its interrupted event: {e}"));
-                }
-                // An lwC effect zeroed the timer during the hypercall (lwc.rs): apply it
-                // and go on with the slice.
-                if crate::lwc::pending() {
-                    let ended = self.apply_lwc().and_then(|()| {
-                        let vcpu = self.vcpu.as_mut().expect("checked above");
-                        vcpu.set_time_slice(ticks, timer_rate).map_err(|e| alloc::format!("{e}"))
-                    });
-                    match ended {
-                        Ok(()) => continue,
-                        Err(e) => break stopped(alloc::format!("cannot switch lwCs: {e}")),
-                    }
-                }
-                break Slice::Expired;
-            }
-            let flow = match exit.reason {
-                ExitReason::VMCALL => handle_hypercall(self.principal, vcpu, sink),
-                _ => self.handle_exit(&exit, sink),
-            };
-            if let Some(end) = slice_ending(flow) {
+            if let Some(end) = ended {
                 break end;
             }
         };
         self.leave_slice();
         end
+    }
+
+    /// Runs a bare-metal guest until its slice ends (Some) or an lwC switch changes whether
+    /// the running lwC is sandboxed (None). `SANDBOX`: its hypercalls take the sandboxed
+    /// path (lwc.rs); the other instance's hypercall path is the plain one.
+    #[inline(always)]
+    fn bare_slice<const SANDBOX: bool>(
+        &mut self,
+        sink: &mut dyn HypercallSink,
+        ticks: u64,
+        timer_rate: u8,
+        slice_start: u64,
+    ) -> Option<Slice> {
+        let stopped = |why: String| Some(Slice::Ended(GuestEnd::Stopped(why)));
+        loop {
+            if crate::arch::rdtsc().wrapping_sub(slice_start) >= ticks {
+                return Some(Slice::Expired);
+            }
+            let vcpu = self.vcpu.as_mut().expect("checked by enter_slice");
+            let exit = match vcpu.run() {
+                Ok(exit) => exit,
+                Err(e) => return stopped(alloc::format!("VM entry failed: {e}")),
+            };
+            self.exits += 1;
+            if exit.reason == ExitReason::PREEMPTION_TIMER {
+                // The timer may have cut short an event's delivery: it goes on next slice.
+                if let Err(e) = vcpu.reinject_interrupted_event() {
+                    return stopped(alloc::format!("cannot keep its interrupted event: {e}"));
+                }
+                // An lwC effect zeroed the timer during the hypercall (lwc.rs): apply it
+                // and go on with the slice.
+                if crate::lwc::pending() {
+                    let ended = self.apply_lwc(sink).and_then(|()| {
+                        let vcpu = self.vcpu.as_mut().expect("checked above");
+                        vcpu.set_time_slice(ticks, timer_rate).map_err(|e| alloc::format!("{e}"))
+                    });
+                    match ended {
+                        Ok(()) if self.sandbox.current != SANDBOX => return None,
+                        Ok(()) => continue,
+                        Err(e) => return stopped(alloc::format!("cannot switch lwCs: {e}")),
+                    }
+                }
+                return Some(Slice::Expired);
+            }
+            let flow = match exit.reason {
+                ExitReason::VMCALL if !SANDBOX => handle_hypercall(self.principal, vcpu, sink),
+                ExitReason::VMCALL => self.sandboxed_hypercall(sink),
+                _ => self.handle_exit(&exit, sink),
+            };
+            if let Some(end) = slice_ending(flow) {
+                return Some(end);
+            }
+        }
+    }
+
+    /// Handles a hypercall of a sandboxed lwC (`LWC_SYSTRAP`, seed §4.2.6): a call refused
+    /// for a capability it does not hold becomes the lwC AM's `lwTrap` (named by the copy
+    /// of its creator's lwC capability it holds), which switches to its creator; the call
+    /// is kept for `lwSyscall`. Without such a capability the refusal stands.
+    #[cold]
+    #[inline(never)]
+    fn sandboxed_hypercall(&mut self, sink: &mut dyn HypercallSink) -> Result<Flow, VcpuError> {
+        let principal = self.principal;
+        let vcpu = self.vcpu.as_mut().expect("checked by enter_slice");
+        let call = call_of(&vcpu.regs);
+        let reply = match sink.hypercall(principal, &call) {
+            Dispatched::Reply(reply) => reply,
+            Dispatched::Pending(op) => return Ok(Flow::Park(op)),
+        };
+        let code = nk_abi::Status(reply.status).code();
+        let refused = matches!(code, nk_abi::Status::UNKNOWN_NAME | nk_abi::Status::WRONG_HOLDER);
+        let trap = match (refused, self.sandbox.am_of(principal.raw())) {
+            (true, Some(am)) => {
+                let cpu = crate::percpu::current_index() as usize;
+                let kernel = crate::mesh::mesh().instance(cpu).kernel.lock();
+                let back = kernel.initial_caps(principal).iter().find(|(a, _)| *a == am).map(|&(_, name)| name.words());
+                drop(kernel);
+                back.map(|(high, low)| Call {
+                    selector: nk_abi::Selector::new(am.raw(), nk_abi::lwc_op::LW_TRAP).encode(),
+                    caps: [NameWords { low, high }, NameWords::default(), NameWords::default(), NameWords::default()],
+                    args: [call.selector, call.args[0], 0, 0, 0],
+                })
+            }
+            _ => None,
+        };
+        let reply = match trap.map(|trap| sink.hypercall(principal, &trap)) {
+            Some(Dispatched::Reply(trapped)) if nk_abi::Status(trapped.status).is_ok() => {
+                self.sandbox.trap(principal.raw(), call);
+                trapped
+            }
+            _ => reply,
+        };
+        let vcpu = self.vcpu.as_mut().expect("checked by enter_slice");
+        write_reply(&mut vcpu.regs, &reply);
+        vcpu.skip_bytes(VMCALL_LENGTH)?;
+        Ok(Flow::Continue)
     }
 
     /// Makes the guest's vCPU current for a slice: arms the preemption timer with the
@@ -562,7 +635,7 @@ impl Guest {
     /// target's principal the one every later hypercall is checked against.
     #[cold]
     #[inline(never)]
-    fn apply_lwc(&mut self) -> Result<(), String> {
+    fn apply_lwc(&mut self, sink: &mut dyn HypercallSink) -> Result<(), String> {
         if self.vcpu.is_none() {
             return Ok(());
         }
@@ -570,7 +643,10 @@ impl Guest {
         for effect in crate::lwc::take(self.vm) {
             let vcpu = self.vcpu.as_mut().expect("checked above");
             match effect {
-                nk_am::Effect::LwcCreate { parent, child, memory, .. } => {
+                nk_am::Effect::LwcCreate { parent, child, memory, systrap, .. } => {
+                    if let Some(am) = systrap {
+                        self.sandbox.add(child.raw(), am);
+                    }
                     if !memory.all_shared() || self.views.is_some() {
                         let views = self.views.get_or_insert_with(|| {
                             alloc::boxed::Box::new(crate::lwc::Views::new(
@@ -598,7 +674,14 @@ impl Guest {
                     (r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.r8) =
                         (reply.rax, reply.rbx, reply.rcx, reply.rdx, reply.rsi, reply.rdi, reply.r8);
                     vcpu.set_flow_registers(target.flow).map_err(fail)?;
+                    // A trapped call returns with its creator's answer: status a0, result a1.
+                    if self.sandbox.take_trapped(to.raw()).is_some() {
+                        let r = &mut vcpu.regs;
+                        (r.rax, r.rdx) = (r.rdi, r.r8);
+                        (r.rbx, r.rcx, r.rsi, r.rdi, r.r8) = (0, 0, 0, 0, 0);
+                    }
                     self.principal = to;
+                    self.sandbox.entered(to.raw());
                     self.load_view(to)?;
                 }
                 nk_am::Effect::LwcOverlay { from, to, first_page, pages, mode } => {
@@ -607,6 +690,21 @@ impl Guest {
                     views
                         .overlay(self.vm, from.raw(), to.raw(), u64::from(first_page), u64::from(pages), mode)
                         .map_err(String::from)?;
+                }
+                nk_am::Effect::LwcSyscall { by, target, mask } => {
+                    // The caller's lwSyscall reply becomes the trapped call's (seed §4.2.6).
+                    let refusal = |code| Reply { status: nk_abi::Status::new(code, None).0, ..Reply::default() };
+                    let reply = match self.sandbox.trapped_call(target.raw()) {
+                        Some(call) if nk_abi::Selector::decode(call.selector).am != nk_abi::NULL_KERNEL_AM => {
+                            match sink.hypercall(if mask != 0 { by } else { target }, &call) {
+                                Dispatched::Reply(reply) => reply,
+                                Dispatched::Pending(_) => refusal(nk_abi::Status::AM_FAILED),
+                            }
+                        }
+                        _ => refusal(nk_abi::Status::NOT_PERMITTED),
+                    };
+                    let vcpu = self.vcpu.as_mut().expect("checked above");
+                    write_reply(&mut vcpu.regs, &reply);
                 }
                 nk_am::Effect::LwcDestroy { child, resume } => {
                     self.lwcs.retain(|l| l.principal != child.raw());
@@ -630,6 +728,8 @@ impl Guest {
                             }
                         }
                     }
+                    self.sandbox.remove(child.raw());
+                    self.sandbox.entered(self.principal.raw());
                     if let Some(views) = self.views.as_mut() {
                         views.destroy(child.raw());
                     }
@@ -869,17 +969,7 @@ impl Drop for Guest {
 /// guest's registers; or the guest waits for it.
 #[inline(always)]
 fn handle_hypercall(vm: VmId, vcpu: &mut Vcpu, sink: &mut dyn HypercallSink) -> Result<Flow, VcpuError> {
-    let r = &vcpu.regs;
-    let call = Call {
-        selector: r.rax,
-        caps: [
-            NameWords { low: r.rbx, high: r.rcx },
-            NameWords { low: r.rdx, high: r.rsi },
-            NameWords { low: r.rdi, high: r.r8 },
-            NameWords { low: r.r9, high: r.r10 },
-        ],
-        args: [r.r11, r.r12, r.r13, r.r14, r.r15],
-    };
+    let call = call_of(&vcpu.regs);
     match sink.hypercall(vm, &call) {
         Dispatched::Reply(reply) => {
             write_reply(&mut vcpu.regs, &reply);
@@ -892,6 +982,21 @@ fn handle_hypercall(vm: VmId, vcpu: &mut Vcpu, sink: &mut dyn HypercallSink) -> 
 }
 
 /// Puts a hypercall's reply in the guest's registers (the ABI in `nk-abi`).
+/// Reads the call a guest laid out in its registers (the hypercall ABI, nk_abi).
+#[inline(always)]
+fn call_of(r: &GuestRegs) -> Call {
+    Call {
+        selector: r.rax,
+        caps: [
+            NameWords { low: r.rbx, high: r.rcx },
+            NameWords { low: r.rdx, high: r.rsi },
+            NameWords { low: r.rdi, high: r.r8 },
+            NameWords { low: r.r9, high: r.r10 },
+        ],
+        args: [r.r11, r.r12, r.r13, r.r14, r.r15],
+    }
+}
+
 fn write_reply(r: &mut GuestRegs, reply: &Reply) {
     (r.rax, r.rbx, r.rcx) = (reply.status, reply.name.low, reply.name.high);
     (r.rdx, r.rsi, r.rdi, r.r8) = (reply.results[0], reply.results[1], reply.results[2], reply.results[3]);

@@ -130,7 +130,8 @@ pub fn apply(effect: Effect) {
         | Effect::PmlDrain { .. } => crate::exomem::apply(effect),
         Effect::VmControl { vm, action, by } => crate::vmctl::apply(vm, action, by),
         Effect::CreateVm { vm, image, cpu, hpa, bytes, by } => crate::vmctl::create(vm, image, cpu, (hpa, bytes), by),
-        Effect::LwcCreate { .. } | Effect::LwcSwitch { .. } | Effect::LwcDestroy { .. } | Effect::LwcOverlay { .. } => {
+        Effect::LwcCreate { .. } | Effect::LwcSwitch { .. } | Effect::LwcDestroy { .. } | Effect::LwcOverlay { .. }
+        | Effect::LwcSyscall { .. } => {
             crate::lwc::apply(effect)
         }
         // The null-Kernel's own (NullKernel::apply_effects handles it).

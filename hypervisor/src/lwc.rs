@@ -78,7 +78,7 @@ pub fn apply(effect: Effect) {
             OWNERS.lock().insert(child.raw(), vm);
             vm
         }
-        Effect::LwcSwitch { from, .. } | Effect::LwcOverlay { to: from, .. } => match vm_of(from) {
+        Effect::LwcSwitch { from, .. } | Effect::LwcOverlay { to: from, .. } | Effect::LwcSyscall { by: from, .. } => match vm_of(from) {
             Some(vm) => vm,
             None => return,
         },
@@ -116,6 +116,67 @@ pub fn take(vm: VmId) -> Vec<Effect> {
 pub fn forget(vm: VmId) {
     OWNERS.lock().retain(|_, v| *v != vm.raw());
     REQUESTS.lock().retain(|(v, _)| *v != vm.raw());
+}
+
+/// The `LWC_SYSTRAP` lwCs of a VM (seed §4.2.6), kept by its guest: a call of one that
+/// is refused for a capability it does not hold is handed to the lwC AM's `lwTrap`, which
+/// switches to its creator; `lwSyscall` performs the trapped call.
+#[derive(Default)]
+pub struct Sandbox {
+    /// The lwC that runs now is one of them (its calls take the sandboxed path).
+    pub current: bool,
+    /// (principal, the lwC AM's id) of each.
+    members: Vec<(u32, nk_am::AmId)>,
+    /// The trapped call of a member that waits for its creator's answer.
+    trapped: Option<(u32, nk_abi::Call)>,
+}
+
+impl Sandbox {
+    /// Adds `principal`, created with `LWC_SYSTRAP` by the lwC AM `am`.
+    pub fn add(&mut self, principal: u32, am: nk_am::AmId) {
+        if self.members.len() <= nk_am_lwc::MAX_LWCS_PER_VM {
+            self.members.push((principal, am));
+        }
+    }
+
+    /// Forgets `principal` (destroyed).
+    pub fn remove(&mut self, principal: u32) {
+        self.members.retain(|&(p, _)| p != principal);
+        if self.trapped.as_ref().is_some_and(|(p, _)| *p == principal) {
+            self.trapped = None;
+        }
+    }
+
+    /// Notes that `principal` runs now.
+    pub fn entered(&mut self, principal: u32) {
+        self.current = self.members.iter().any(|&(p, _)| p == principal);
+    }
+
+    /// Returns the lwC AM of member `principal`.
+    pub fn am_of(&self, principal: u32) -> Option<nk_am::AmId> {
+        self.members.iter().find(|&&(p, _)| p == principal).map(|&(_, am)| am)
+    }
+
+    /// Records the trapped call of `principal`.
+    pub fn trap(&mut self, principal: u32, call: nk_abi::Call) {
+        self.trapped = Some((principal, call));
+    }
+
+    /// Takes the trapped call of `principal`, if it waits.
+    pub fn take_trapped(&mut self, principal: u32) -> Option<nk_abi::Call> {
+        match self.trapped {
+            Some((p, call)) if p == principal => {
+                self.trapped = None;
+                Some(call)
+            }
+            _ => None,
+        }
+    }
+
+    /// Returns the trapped call `principal` waits with.
+    pub fn trapped_call(&self, principal: u32) -> Option<nk_abi::Call> {
+        self.trapped.filter(|(p, _)| *p == principal).map(|(_, call)| call)
+    }
 }
 
 /// Read and execute, no write: a copy-on-write page.

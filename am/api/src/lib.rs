@@ -177,7 +177,9 @@ pub enum Effect {
     /// is set in `mask` as its own `INITIAL` list. The null-Kernel registers it; then the
     /// hypervisor snapshots the caller's registers as the child's (its one entry point)
     /// and gives it the view of the VM's memory `memory` describes.
-    LwcCreate { parent: VmId, child: VmId, mask: u64, memory: LwcMemory },
+    /// `systrap`: the child was created with `LWC_SYSTRAP`: a call of it refused for a
+    /// capability it does not hold is handed to this AM's `lwTrap` (op 5) instead.
+    LwcCreate { parent: VmId, child: VmId, mask: u64, memory: LwcMemory, systrap: Option<AmId> },
     /// Switches the calling vCPU from the lwC of principal `from` (its registers saved) to
     /// the lwC of principal `to` (its registers loaded; the call's reply goes to it), whose
     /// capabilities every later hypercall of the vCPU is checked against (`lwSwitch`).
@@ -193,6 +195,10 @@ pub enum Effect {
     /// copy of `from`'s pages; `SHARED`: the VM's own frames, writable; `UNMAP`: the pages
     /// leave `to`'s view). The lwC AM checked `to` may (seed §4.2.4).
     LwcOverlay { from: VmId, to: VmId, first_page: u32, pages: u32, mode: u8 },
+    /// Performs the call `target` trapped with (`LWC_SYSTRAP`) as if `target` made it
+    /// (`mask` 0) or with the capabilities of `by`, the caller of `lwSyscall` (`mask` not
+    /// 0; seed §4.2.6); its reply becomes the reply of `lwSyscall`.
+    LwcSyscall { by: VmId, target: VmId, mask: u64 },
 }
 
 /// How a new lwC sees its VM's initial memory (the memory part of `lwCreate`'s resource

@@ -14,31 +14,62 @@
 //!   (`UNKNOWN_NAME` / `WRONG_HOLDER`). This is §5.5's "capability register";
 //! - **a register file**: the hypervisor saves the caller's general registers, RIP, RSP
 //!   and RFLAGS in its lwC at `lwSwitch` and loads the target's;
-//! - **a view of memory**: for now every lwC of a VM sees the same EPT (the VM's memory is
-//!   *shared*, as `LWC_SHARED` for every range). Copy-on-write on EPT is the next step.
+//! - **a view of memory**: the VM's own EPT (the root lwC, and children that share all
+//!   memory), or an EPT of its own for a child whose resource spec has `LWC_COW` or
+//!   `LWC_UNMAP` pages: the hypervisor copies a shared page on the write's EPT violation,
+//!   charged to the VM's frame quota (hypervisor/src/lwc.rs, docs/lwc.md). The AM checks
+//!   the spec and passes it on in [`Effect::LwcCreate`]; [`Effect::LwcOverlay`] carries
+//!   `lwOverlay`.
 //!
 //! Destroying an lwC is revoking (or deleting) the capability `lwCreate` handed its
 //! creator: the AM hears of the death, and [`Effect::LwcDestroy`] makes the null-Kernel
-//! remove the principal, so every capability it holds dies on every kernel.
+//! remove the principal, so every capability it holds dies on every kernel. A running lwC
+//! destroyed names the lwC its vCPU goes back to: its creator, or the VM's root lwC.
+//!
+//! Only the VMs the AM was made for ([`LwcAm::for_vms`]: the guests whose module says
+//! `lwc`) get a root lwC.
 //!
 //! # Operations (ABI numbers; seed Table 4.1)
 //!
-//! - 0 `lwCreate(self: lwc/create; mask, options)` -> name of the new lwC's capability,
+//! - 0 `lwCreate(self: lwc/create; mask, options, mode, range, bytes)` -> name of the new lwC's capability,
 //!   results `{new, caller, 0, 0}` = `{child id, NONE}`. `self` must be the caller's own
 //!   lwC (its id is the caller's principal). `mask` is the resource spec's capability part:
 //!   bit i hands the child a copy of the caller's `INITIAL` capability i (its own `INITIAL`
 //!   list, in index order); include your own lwC capability for the child to switch back.
 //!   The child starts as a snapshot of the caller's registers at the call: the first switch
 //!   into it returns there with `{new, caller, args}` = `{creator id, switcher id, a0, a1}`
-//!   (the creator sees `caller == NONE`). `options` must be 0 (`LWC_SYSTRAP` and signal
-//!   sharing are not implemented: `BAD_ARGUMENT`).
+//!   (the creator sees `caller == NONE`). `options`: 0 or `LWC_SYSTRAP` (1); anything else
+//!   (signal sharing is not implemented): `BAD_ARGUMENT`. The spec's memory part: `mode` for the
+//!   VM's whole initial memory (0 `LWC_SHARED`, 1 `LWC_COW`, 2 `LWC_UNMAP`), and another
+//!   mode (the low two bits of `range`) for the `bytes` bytes from page-aligned `range`;
+//!   beyond the VM's memory, unaligned or an unknown mode: `BAD_ARGUMENT`. Only an lwC on
+//!   the VM's own EPT may create a child with a view of its own (`NOT_PERMITTED`).
 //! - 1 `lwSwitch(target: lwc/switch; a0, a1)`: the reply goes to the target, with results
 //!   `{new, caller, a0, a1}` = `{target's creator (NONE for a root), caller id, a0, a1}`.
 //!   Refused (`NOT_PERMITTED`) for the running lwC itself, an lwC of another VM, or one
 //!   that runs on another vCPU; a destroyed target's capability is dead (`REVOKED` /
 //!   `UNKNOWN_NAME`).
-//! - 2 `lwRestrict`, 3 `lwOverlay`, 4 `lwSyscall`: registered with the seed's names, not
-//!   yet implemented (`NOT_PERMITTED`).
+//! - 2 `lwRestrict(l: lwc; at, bytes)`: what holders of `l` may overlay becomes the
+//!   intersection of what they could and `[at, at + bytes)` (seed §4.2.5; every lwC starts
+//!   with its VM's whole memory). Any holder may narrow it; it never widens.
+//! - 3 `lwOverlay(l: lwc; at | mode, bytes)`: `LWC_COW` copies `l`'s pages into the
+//!   caller's memory, `LWC_SHARED` maps the VM's own frames writable into the caller's
+//!   view, `LWC_UNMAP` takes the pages out of it (seed §4.2.4). Copied or shared pages
+//!   outside `l`'s access, `LWC_SHARED`/`LWC_UNMAP` by an lwC on the VM's own EPT, or
+//!   `LWC_SHARED` from an lwC with a view of its own: `NOT_PERMITTED`.
+//! - 4 `lwSyscall(target: lwc/switch; mask)`: performs the call `target` trapped with, as
+//!   if `target` made it (`mask` 0) or with the caller's capabilities (`mask` not 0: the
+//!   call is checked against the caller's principal; capability sets are not mixed per
+//!   argument); the reply is that call's (the hypervisor writes it, [`Effect::LwcSyscall`]).
+//!   Only for an `LWC_SYSTRAP` lwC of the caller's VM that does not run
+//!   (`NOT_PERMITTED`); with no trapped call, or a null-Kernel call: `NOT_PERMITTED`.
+//! - 5 `lwTrap(creator: lwc; selector, a0)`: a running `LWC_SYSTRAP` child switches to
+//!   its creator (a capability to it with any rights, e.g. the copy of the creator's lwC
+//!   capability the child's mask gave it), whose `lwSwitch` returns `{TRAPPED, child id, selector, a0}`. The
+//!   hypervisor calls it for the child when one of its calls is refused for a capability
+//!   it does not hold (`UNKNOWN_NAME`, `WRONG_HOLDER`); when the creator switches back,
+//!   the child's call returns with status `a0` and first result `a1` of that switch (seed
+//!   §4.2.6). Anyone else: `NOT_PERMITTED`.
 //!
 //! Ids are the lwCs' principal numbers; `NONE` is `u64::MAX`. A VM holds at most
 //! [`MAX_LWCS_PER_VM`] live children (`QUOTA_EXCEEDED`), the AM [`MAX_LWCS`]
@@ -72,6 +103,7 @@ pub mod op {
     pub const LW_RESTRICT: u16 = nk_abi::lwc_op::LW_RESTRICT as u16;
     pub const LW_OVERLAY: u16 = nk_abi::lwc_op::LW_OVERLAY as u16;
     pub const LW_SYSCALL: u16 = nk_abi::lwc_op::LW_SYSCALL as u16;
+    pub const LW_TRAP: u16 = nk_abi::lwc_op::LW_TRAP as u16;
 }
 
 /// Rights bits of an lwC capability (registration order).
@@ -99,6 +131,8 @@ struct Lwc {
     /// The pages holders of its capability may overlay: `[first, end)` (seed §4.2.5's
     /// access capabilities; `lwRestrict` narrows it).
     access: (u32, u32),
+    /// Created with `LWC_SYSTRAP`: its refused calls trap to its creator.
+    systrap: bool,
 }
 
 /// The lwC AM.
@@ -205,6 +239,40 @@ impl LwcAm {
         Ok(Outcome { name: None, results: [0; 4] })
     }
 
+    /// `lwTrap(creator: lwc; selector, a0)`: the caller, a running `LWC_SYSTRAP` child,
+    /// switches to its creator (named by a capability it holds), which gets `{TRAPPED, child id, selector, a0}` (the hypervisor makes this
+    /// call for a refused one, seed §4.2.6).
+    fn trap(&mut self, checked: &Checked, args: &[u64; PLAIN_ARGS], kernel: &mut dyn Kernel) -> Result<Outcome, AmError> {
+        let caller = Self::number(checked.caller())?;
+        let me = *self.lwcs.get(&caller).ok_or(AmError::NotPermitted)?;
+        let (named, _) = self.lwc_of(checked.args()[0].object())?;
+        let creator = me.creator.filter(|&c| c == named && self.lwcs.get(&c).is_some_and(|l| l.vm == me.vm && !l.running));
+        let (true, true, Some(creator)) = (me.systrap, me.running, creator) else {
+            return Err(AmError::NotPermitted);
+        };
+        for (id, running) in [(caller, false), (creator, true)] {
+            if let Some(l) = self.lwcs.get_mut(&id) {
+                l.running = running;
+            }
+        }
+        kernel.emit(Effect::LwcSwitch { from: VmId::new(caller), to: VmId::new(creator) });
+        Ok(Outcome { name: None, results: [nk_abi::lwc_op::TRAPPED, u64::from(caller), args[0], args[1]] })
+    }
+
+    /// `lwSyscall(target: lwc/switch; mask)`: the hypervisor performs the call `target`
+    /// trapped with, as `target` (`mask` 0) or as the caller; only for an `LWC_SYSTRAP`
+    /// lwC of the caller's VM, not the caller.
+    fn syscall(&mut self, checked: &Checked, args: &[u64; PLAIN_ARGS], kernel: &mut dyn Kernel) -> Result<Outcome, AmError> {
+        let caller = Self::number(checked.caller())?;
+        let (id, target) = self.lwc_of(checked.args()[0].object())?;
+        let me = self.lwcs.get(&caller).ok_or(AmError::NotPermitted)?;
+        if id == caller || me.vm != target.vm || !target.systrap || target.running {
+            return Err(AmError::NotPermitted);
+        }
+        kernel.emit(Effect::LwcSyscall { by: VmId::new(caller), target: VmId::new(id), mask: args[0] });
+        Ok(Outcome { name: None, results: [0; 4] })
+    }
+
     /// Reads the memory part of `lwCreate`'s resource spec (`args[2..5]`: the mode, a
     /// page-aligned range with its mode in the low two bits, the range's bytes) for a VM
     /// of `bytes` bytes of memory.
@@ -252,9 +320,10 @@ impl LwcAm {
         if id != caller || !me.running {
             return Err(AmError::NotPermitted);
         }
-        if args[1] != 0 {
+        if args[1] & !nk_abi::lwc_op::LWC_SYSTRAP != 0 {
             return Err(AmError::BadArgument);
         }
+        let systrap = args[1] & nk_abi::lwc_op::LWC_SYSTRAP != 0;
         let memory = Self::memory_spec(args, self.memory_of(me.vm).ok_or(AmError::NotPermitted)?)?;
         // A view of its own is made from the VM's own EPT only (docs/lwc.md).
         if !memory.all_shared() && !me.root_view {
@@ -273,9 +342,11 @@ impl LwcAm {
         self.next_child += 1;
         let root_view = memory.all_shared() && me.root_view;
         let access = (0, self.pages_of(me.vm));
-        let lwc = Lwc { vm: me.vm, creator: Some(caller), running: false, caps: Some((root, name)), root_view, access };
+        let lwc =
+            Lwc { vm: me.vm, creator: Some(caller), running: false, caps: Some((root, name)), root_view, access, systrap };
         self.lwcs.insert(child, lwc);
-        kernel.emit(Effect::LwcCreate { parent: VmId::new(caller), child: VmId::new(child), mask: args[0], memory });
+        let systrap = systrap.then_some(am);
+        kernel.emit(Effect::LwcCreate { parent: VmId::new(caller), child: VmId::new(child), mask: args[0], memory, systrap });
         Ok(Outcome { name: Some(name), results: [u64::from(child), NONE, 0, 0] })
     }
 
@@ -319,6 +390,7 @@ impl AbstractMachine for LwcAm {
         r.operation(OpSpec { name: "lwRestrict", args: &[ArgSpec::new(kind, Rights::NONE)] })?;
         r.operation(OpSpec { name: "lwOverlay", args: &[ArgSpec::new(kind, Rights::NONE)] })?;
         r.operation(OpSpec { name: "lwSyscall", args: &[ArgSpec::new(kind, switch)] })?;
+        r.operation(OpSpec { name: "lwTrap", args: &[ArgSpec::new(kind, Rights::NONE)] })?;
         Ok(())
     }
 
@@ -333,6 +405,8 @@ impl AbstractMachine for LwcAm {
             op::LW_SWITCH => self.switch(checked, args, kernel),
             op::LW_RESTRICT => self.restrict(checked, args),
             op::LW_OVERLAY => self.overlay(checked, args, kernel),
+            op::LW_SYSCALL => self.syscall(checked, args, kernel),
+            op::LW_TRAP => self.trap(checked, args, kernel),
             _ => Err(AmError::NotPermitted),
         }
     }
@@ -346,7 +420,15 @@ impl AbstractMachine for LwcAm {
         let object = Object::new(am, kind, ObjId::new(u64::from(vm.raw())));
         let all = Rights::from_bits(rights::SWITCH | rights::CREATE);
         let name = kernel.grant_new(object, all, Principal::Vm(vm), Binding::Bound)?;
-        self.lwcs.insert(vm.raw(), Lwc { vm, creator: None, running: true, caps: None, root_view: true, access: (0, self.pages_of(vm)) });
+        self.lwcs.insert(vm.raw(), Lwc {
+            vm,
+            creator: None,
+            running: true,
+            caps: None,
+            root_view: true,
+            access: (0, self.pages_of(vm)),
+            systrap: false,
+        });
         Ok(alloc::vec![name])
     }
 

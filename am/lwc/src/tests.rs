@@ -59,7 +59,7 @@ fn create_switch_restrict_and_destroy() {
     assert!(created.status().is_ok(), "{}", created.status());
     assert_eq!(created.results[..2], [u64::from(FIRST_CHILD), NONE]);
     let child = VmId::new(FIRST_CHILD);
-    assert_eq!(w.seen.last(), Some(&Effect::LwcCreate { parent: VM, child, mask: 0b10, memory: LwcMemory::default() }));
+    assert_eq!(w.seen.last(), Some(&Effect::LwcCreate { parent: VM, child, mask: 0b10, memory: LwcMemory::default(), systrap: None }));
     // The child's INITIAL list is the one copy; it cannot use the parent's counter or factory.
     let back = w.initial(child, 0);
     assert!(back.status().is_ok());
@@ -88,7 +88,7 @@ fn create_switch_restrict_and_destroy() {
     assert!(w.nk.table().usage(Principal::Vm(child)).is_none());
     assert!(!w.initial(child, 0).status().is_ok());
     // Unimplemented calls and options are refused.
-    assert_eq!(w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0, 1]).status().code(), Status::BAD_ARGUMENT);
+    assert_eq!(w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0, 2]).status().code(), Status::BAD_ARGUMENT);
     assert_eq!(w.call(VM, 2, op::LW_SYSCALL.into(), &[me], &[]).status().code(), Status::NOT_PERMITTED);
 }
 
@@ -111,7 +111,7 @@ fn memory_spec_is_checked_and_passed_on() {
     assert!(created.status().is_ok(), "{}", created.status());
     let memory = LwcMemory { mode: LwcMemory::COW, range_mode: LwcMemory::SHARED, first_page: 3, pages: 1 };
     let child = VmId::new(FIRST_CHILD);
-    assert_eq!(w.seen.last(), Some(&Effect::LwcCreate { parent: VM, child, mask: 0b10, memory }));
+    assert_eq!(w.seen.last(), Some(&Effect::LwcCreate { parent: VM, child, mask: 0b10, memory, systrap: None }));
     assert_eq!(memory.mode_of(2), LwcMemory::COW);
     assert_eq!(memory.mode_of(3), LwcMemory::SHARED);
     assert!(!memory.all_shared());
@@ -195,4 +195,30 @@ fn overlay_within_access_and_restrict() {
     assert!(w.call(child, 2, op::LW_OVERLAY.into(), &[root], &[page, 4096]).status().is_ok());
     assert_eq!(w.seen.last(), Some(&Effect::LwcOverlay { from: VM, to: child, first_page: 5, pages: 1, mode: LwcMemory::SHARED }));
     assert!(w.call(child, 2, op::LW_OVERLAY.into(), &[root], &[page | 2, 4096]).status().is_ok());
+}
+
+#[test]
+fn systrap_traps_to_the_creator_and_syscall_needs_a_trapped_child() {
+    let mut w = world();
+    let me = w.initial(VM, 1).name;
+    let plain = w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0, 0, 0, 0, 0]);
+    let sandboxed = w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0b10, 1, 0, 0, 0]);
+    assert!(sandboxed.status().is_ok());
+    let child = VmId::new(FIRST_CHILD + 1);
+    assert!(matches!(w.seen.last(), Some(Effect::LwcCreate { child: c, systrap: Some(_), .. }) if *c == child));
+    // lwSyscall on a plain child, or the root calling lwTrap: refused.
+    assert_eq!(w.call(VM, 2, op::LW_SYSCALL.into(), &[plain.name], &[0]).status().code(), Status::NOT_PERMITTED);
+    assert_eq!(w.call(VM, 2, op::LW_TRAP.into(), &[me], &[1, 2]).status().code(), Status::NOT_PERMITTED);
+    // The sandboxed child runs and traps: the reply (for its creator) says what it tried.
+    assert!(w.call(VM, 2, op::LW_SWITCH.into(), &[sandboxed.name], &[]).status().is_ok());
+    let back = w.initial(child, 0).name;
+    let trapped = w.call(child, 2, op::LW_TRAP.into(), &[back], &[0x55, 7]);
+    assert!(trapped.status().is_ok(), "{}", trapped.status());
+    assert_eq!(trapped.results, [nk_abi::lwc_op::TRAPPED, u64::from(child.raw()), 0x55, 7]);
+    assert_eq!(w.seen.last(), Some(&Effect::LwcSwitch { from: child, to: VM }));
+    // The creator runs again: it may lwSyscall for the child.
+    assert!(w.call(VM, 2, op::LW_SYSCALL.into(), &[sandboxed.name], &[1]).status().is_ok());
+    assert_eq!(w.seen.last(), Some(&Effect::LwcSyscall { by: VM, target: child, mask: 1 }));
+    // A child that does not run cannot trap.
+    assert_eq!(w.call(child, 2, op::LW_TRAP.into(), &[back], &[0, 0]).status().code(), Status::NOT_PERMITTED);
 }

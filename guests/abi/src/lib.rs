@@ -213,8 +213,18 @@ pub mod lwc_op {
     pub const LW_RESTRICT: u32 = 2;
     /// `lwOverlay`: registered, not built yet (`NOT_PERMITTED`).
     pub const LW_OVERLAY: u32 = 3;
-    /// `lwSyscall`: registered, not built yet (`NOT_PERMITTED`).
+    /// `lwSyscall(target: lwc[switch]; mask)`: performs the call `target` trapped with
+    /// (`LWC_SYSTRAP`) as if `target` made it (`mask` 0) or with the caller's capabilities
+    /// (`mask` not 0); the reply is that call's.
     pub const LW_SYSCALL: u32 = 4;
+    /// `lwTrap()`: made by the hypervisor for an `LWC_SYSTRAP` child whose call was refused
+    /// for a capability it does not hold: switches to its creator, whose reply is
+    /// `{TRAPPED, child id, selector, args[0]}` of the refused call.
+    pub const LW_TRAP: u32 = 5;
+    /// `lwCreate` option: calls the child holds no capability for trap to its creator.
+    pub const LWC_SYSTRAP: u64 = 1;
+    /// The first result of a creator's `lwSwitch` that a trapped call ended.
+    pub const TRAPPED: u64 = u64::MAX - 1;
     /// "No lwC" in results (the creator's `caller` after `lwCreate`; a root's creator).
     pub const NONE: u64 = u64::MAX;
 }

@@ -41,10 +41,16 @@ fn lw_create(am: u16, me: Cap, mask: u64, stack: u64) -> Reply {
 /// in the low bits, the range's bytes): returns in the creator (`caller == NONE`); the
 /// child's first entry (the same instruction, its own registers) calls child entry number
 /// `child` (0: [`child_main`], others: `lwc_cow::child`) with `(a0, caller)` on `stack`.
-pub(crate) fn lw_create_spec(
+pub(crate) fn lw_create_spec(am: u16, me: Cap, mask: u64, spec: [u64; 3], stack: u64, child: usize) -> Reply {
+    lw_create_options(am, me, mask, 0, spec, stack, child)
+}
+
+/// [`lw_create_spec`] with `options` (`LWC_SYSTRAP`).
+pub(crate) fn lw_create_options(
     am: u16,
     me: Cap,
     mask: u64,
+    options: u64,
     spec: [u64; 3],
     stack: u64,
     child: usize,
@@ -87,7 +93,7 @@ pub(crate) fn lw_create_spec(
             in("r9") stack,
             inout("r10") 0u64 => _,
             in("r11") mask,
-            in("r12") 0u64,
+            in("r12") options,
             in("r13") spec[0],
             in("r14") spec[1],
             in("r15") spec[2],

@@ -17,6 +17,14 @@
 //! keyed with the key, and `LWC_UNMAP`s it again; the signature verifies (by the child),
 //! a tampered buffer does not, and the root's MAC with its erased key differs.
 //!
+//! `lwc-monitor`: the seed's reference monitor (Alg. 7). The root creates a counter and a
+//! child with `LWC_SYSTRAP` that holds only a copy of the root's lwC capability. Every
+//! call the child makes with a capability it does not hold traps to the root: the root
+//! allows reading the counter (`lwSyscall` with its own capabilities), refuses adding to
+//! it and every other call, and switches back with the answer. The child sees the read's
+//! value and the refusals; the counter is unchanged; the child cannot reach the counter
+//! any other way.
+//!
 //! `lwc-cow-quota`: a child writes more pages than the VM's frame quota (`frames=2M`
 //! gives 512 frames); the VM is stopped with a line that names the quota, and a survivor
 //! on the same CPU finishes.
@@ -72,6 +80,7 @@ pub fn child(entry: usize, a0: u64, caller: u64) -> ! {
     match entry {
         1 => request_child(am, back, a0, caller),
         3 => key_child(am, back, a0),
+        4 => monitored_child(am, back),
         _ => quota_child(am, back),
     }
 }
@@ -135,6 +144,7 @@ pub fn run_mode(mode: &str, memory: u64) {
     match mode {
         "lwc-cow-quota" => quota(memory),
         "lwc-key" => key(),
+        "lwc-monitor" => monitor(),
         _ => run(),
     }
 }
@@ -361,4 +371,106 @@ fn key() {
     } else {
         println!("GTEST FAILED lwc_key: delete {deleted}");
     }
+}
+
+/// The counter the monitored child tries to use (its name, set by the root before the
+/// child is created; memory is shared).
+static COUNTER: [AtomicU64; 2] = [const { AtomicU64::new(0) }; 2];
+const COUNTER_AM: u16 = 1;
+const GOOD: u64 = 0x600D;
+
+/// The sandboxed child: three calls through the monitor, then its verdict.
+fn monitored_child(am: u16, _back: NameWords) -> ! {
+    use nk_guest::abi::counter_op::{ADD, CREATE, READ};
+    use nk_guest::abi::Status;
+    let counter = NameWords { low: COUNTER[0].load(Ordering::SeqCst), high: COUNTER[1].load(Ordering::SeqCst) };
+    let read = nk::call(COUNTER_AM, READ, &[counter], &[]);
+    let add = nk::call(COUNTER_AM, ADD, &[counter], &[1]);
+    let create = nk::call(COUNTER_AM, CREATE, &[counter], &[]);
+    let mut verdict = GOOD;
+    if !read.status().is_ok() || read.results[0] != 5 {
+        println!("GTEST FAILED lwc_monitor: the allowed read gave {} {:?}", read.status(), read.results);
+        verdict = 0xBAD;
+    }
+    if add.status().code() != Status::NOT_PERMITTED || create.status().code() != Status::NOT_PERMITTED {
+        println!("GTEST FAILED lwc_monitor: add {} and create {} were not refused by the monitor", add.status(), create.status());
+        verdict = 0xBAD;
+    }
+    // "Done": a switch with a name it does not hold traps too, carrying the verdict.
+    let guess = NameWords { low: 0x1234_5678, high: 0x9abc_def0 };
+    loop {
+        nk::call(am, LW_SWITCH, &[guess], &[verdict, 0]);
+    }
+}
+
+/// `lwc-monitor`: the reference monitor.
+fn monitor() {
+    use nk_guest::abi::counter_op::{ADD, CREATE, READ};
+    use nk_guest::abi::lwc_op::{LWC_SYSTRAP, LW_SYSCALL, TRAPPED};
+    use nk_guest::abi::{Selector, Status};
+    let Some((am, me, index)) = my_lwc() else {
+        println!("GTEST FAILED lwc_monitor: no lwC capability (module option lwc?)");
+        return;
+    };
+    LWC_AM.store(u64::from(am), Ordering::SeqCst);
+    let Ok((factory, _)) = nk::initial(0) else {
+        println!("GTEST FAILED lwc_monitor: no counter factory");
+        return;
+    };
+    let counter = nk::call(COUNTER_AM, CREATE, &[factory], &[]);
+    let added = nk::call(COUNTER_AM, ADD, &[counter.name], &[5]);
+    if !counter.status().is_ok() || !added.status().is_ok() {
+        println!("GTEST FAILED lwc_monitor: counter {} {}", counter.status(), added.status());
+        return;
+    }
+    COUNTER[0].store(counter.name.low, Ordering::SeqCst);
+    COUNTER[1].store(counter.name.high, Ordering::SeqCst);
+    // Memory shared (the child's stack is its own); options LWC_SYSTRAP.
+    let created = lw_create_with_options(am, me, 1 << index, LWC_SYSTRAP, 4);
+    if !created.status().is_ok() {
+        println!("GTEST FAILED lwc_monitor: lwCreate: {}", created.status());
+        return;
+    }
+    let child = created.name;
+    let read = Selector::new(COUNTER_AM, READ).encode();
+    let (mut allowed, mut denied, mut verdict) = (0, 0, 0);
+    let mut reply = nk::call(am, LW_SWITCH, &[child], &[0, 0]);
+    for _ in 0..8 {
+        if !reply.status().is_ok() || reply.results[0] != TRAPPED {
+            println!("GTEST FAILED lwc_monitor: the child came back without a trap: {} {:?}", reply.status(), reply.results);
+            return;
+        }
+        let selector = reply.results[2];
+        if selector == Selector::new(am, LW_SWITCH).encode() {
+            verdict = reply.results[3];
+            break;
+        }
+        let (status, value) = if selector == read {
+            allowed += 1;
+            let done = nk::call(am, LW_SYSCALL, &[child], &[1]);
+            (done.status, done.results[0])
+        } else {
+            denied += 1;
+            (Status::new(Status::NOT_PERMITTED, None).0, 0)
+        };
+        reply = nk::call(am, LW_SWITCH, &[child], &[status, value]);
+    }
+    let now = nk::call(COUNTER_AM, READ, &[counter.name], &[]);
+    if verdict == GOOD && allowed == 1 && denied == 2 && now.results[0] == 5 {
+        println!("GTEST ok lwc_monitor: the sandboxed child's 3 calls trapped to the root, which allowed the read through lwSyscall (value 5) and refused add and create; the counter is unchanged");
+    } else {
+        println!("GTEST FAILED lwc_monitor: verdict {verdict:#x}, allowed {allowed}, denied {denied}, counter {:?}", now.results);
+    }
+    let deleted = nk::call(nk_guest::abi::NULL_KERNEL_AM, nk_guest::abi::nk_op::DELETE, &[child], &[]).status();
+    let after = nk::call(am, LW_SYSCALL, &[child], &[1]).status();
+    if deleted.is_ok() && !after.is_ok() {
+        println!("GTEST ok lwc_monitor_done: the sandbox deleted, lwSyscall on it refused ({after})");
+    } else {
+        println!("GTEST FAILED lwc_monitor: delete {deleted}, lwSyscall after {after}");
+    }
+}
+
+/// `lwCreate` with `options`, every page shared, on the child stack.
+fn lw_create_with_options(am: u16, me: NameWords, mask: u64, options: u64, entry: usize) -> nk_guest::abi::Reply {
+    crate::lwc::lw_create_options(am, me, mask, options, [0, 0, 0], stack_top(), entry)
 }
