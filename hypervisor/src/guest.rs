@@ -461,14 +461,10 @@ impl Guest {
                 // An lwC effect zeroed the timer during the hypercall (lwc.rs): apply it
                 // and go on with the slice.
                 if crate::lwc::pending() {
-                    let ended = self.apply_lwc(sink).and_then(|()| {
-                        let vcpu = self.vcpu.as_mut().expect("checked above");
-                        vcpu.set_time_slice(ticks, timer_rate).map_err(|e| alloc::format!("{e}"))
-                    });
-                    match ended {
-                        Ok(()) if self.sandbox.current != SANDBOX => return None,
-                        Ok(()) => continue,
-                        Err(e) => return stopped(alloc::format!("cannot switch lwCs: {e}")),
+                    match self.lwc_exit(sink, ticks, timer_rate) {
+                        None if self.sandbox.current != SANDBOX => return None,
+                        None => continue,
+                        ended => return ended,
                     }
                 }
                 return Some(Slice::Expired);
@@ -478,10 +474,26 @@ impl Guest {
                 ExitReason::VMCALL => self.sandboxed_hypercall(sink),
                 _ => self.handle_exit(&exit, sink),
             };
+            // The common case straight back to the entry (no Option<Slice> built).
+            if let Ok(Flow::Continue) = flow {
+                continue;
+            }
             if let Some(end) = slice_ending(flow) {
                 return Some(end);
             }
         }
+    }
+
+    /// Applies the lwC effects at the timer exit they caused and re-arms the slice's timer;
+    /// Some(end) when the guest cannot go on. Out of line: the hypercall loop stays small.
+    #[cold]
+    #[inline(never)]
+    fn lwc_exit(&mut self, sink: &mut dyn HypercallSink, ticks: u64, timer_rate: u8) -> Option<Slice> {
+        let ended = self.apply_lwc(sink).and_then(|()| {
+            let vcpu = self.vcpu.as_mut().ok_or_else(|| String::from("no vCPU"))?;
+            vcpu.set_time_slice(ticks, timer_rate).map_err(|e| alloc::format!("{e}"))
+        });
+        ended.err().map(|e| Slice::Ended(GuestEnd::Stopped(alloc::format!("cannot switch lwCs: {e}"))))
     }
 
     /// Handles a hypercall of a sandboxed lwC (`LWC_SYSTRAP`, seed §4.2.6): a call refused
