@@ -26,12 +26,20 @@ const DEFAULT_GUESTS: &[&str] =
 /// last, which reads it until the lender revokes the loan and is then stopped.
 const LIBOS_GUESTS: &[&str] = &["libos cpu=0 -- kv", "lender cpu=0 -- share 6", "borrower cpu=1 -- peer"];
 
+/// Then the light-weight contexts' demonstrations (VM 7, docs/lwc.md): snapshot and
+/// rollback, the key compartment and the reference monitor, one after the other.
+const LWC_GUESTS: &[&str] = &["lwcdemo cpu=1 lwc -- lwc-demos"];
+
+/// The least RAM (MiB) `cargo xtask run` gives the machine with its default guests.
+const DEFAULT_GUESTS_MEGS: u32 = 96;
+
 fn default_guests(workspace: &Workspace, args: &RunArgs) -> Result<Vec<Module>> {
     let guest = image::build_package(workspace, "nk-testguest", &[], args.profile.profile(), BuildOutput::Summary)?;
     let libos = image::build_package(workspace, "nk-libos", &[], args.profile.profile(), BuildOutput::Summary)?;
     let tests = DEFAULT_GUESTS.iter().map(|cmdline| Module { path: guest.clone(), cmdline: (*cmdline).to_string() });
     let libos = LIBOS_GUESTS.iter().map(|cmdline| Module { path: libos.clone(), cmdline: (*cmdline).to_string() });
-    Ok(tests.chain(libos).collect())
+    let lwc = LWC_GUESTS.iter().map(|cmdline| Module { path: guest.clone(), cmdline: (*cmdline).to_string() });
+    Ok(tests.chain(libos).chain(lwc).collect())
 }
 
 pub fn run_command(workspace: &Workspace, args: &RunArgs) -> Result<ExitCode> {
@@ -54,6 +62,10 @@ pub fn run_command(workspace: &Workspace, args: &RunArgs) -> Result<ExitCode> {
     let mut modules = if args.no_guests { Vec::new() } else { default_guests(workspace, args)? };
     modules.extend(extra);
     let mut megs = args.megs;
+    if !args.no_guests {
+        // Seven default guests of 4 MiB each with their images and tables need more than 64.
+        megs = megs.max(DEFAULT_GUESTS_MEGS);
+    }
     let mut ips = crate::emulator::DEFAULT_IPS;
     if args.linux {
         let files = crate::linux::ensure(workspace)?;

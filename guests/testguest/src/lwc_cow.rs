@@ -139,12 +139,18 @@ fn stack_top() -> u64 {
     core::ptr::addr_of_mut!(CHILD_STACK) as u64 + 16384
 }
 
-/// Runs mode `lwc-cow`, `lwc-key` or `lwc-cow-quota`.
+/// Runs mode `lwc-cow`, `lwc-key`, `lwc-monitor`, `lwc-demos` (the first three in a row,
+/// among `cargo xtask run`'s defaults) or `lwc-cow-quota`.
 pub fn run_mode(mode: &str, memory: u64) {
     match mode {
         "lwc-cow-quota" => quota(memory),
         "lwc-key" => key(),
         "lwc-monitor" => monitor(),
+        "lwc-demos" => {
+            run();
+            key();
+            monitor();
+        }
         _ => run(),
     }
 }
