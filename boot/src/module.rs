@@ -1,7 +1,7 @@
 //! Parses a guest module's command line:
 //! `<name> [mem=<size>] [cpu=<index>] [ports=<first>[-<last>]] [msrs=<msr>,...] [unsafe-ports]
 //! [ring3-caps] [modules=<name>,...] [input=<name>] [manages=<name>,...] [images=<name>,...]
-//! [frames=<size>] [data] [image] [nvram] [gdb] [-- <args>]`.
+//! [frames=<size>] [data] [image] [nvram] [lwc] [gdb] [-- <args>]`.
 //!
 //! `data` marks a module that is not a guest but data another guest's `modules=` names (a
 //! Linux initramfs, a Multiboot kernel's modules); for a Linux guest the words after `--`
@@ -157,6 +157,9 @@ pub struct ModuleSpec<'a> {
     /// `nvram`: the guest starts with an NVRAM factory (the NVRAM AM), whose regions are
     /// found again by the guest's name after a restart.
     pub nvram: bool,
+    /// `lwc`: the guest starts with its root light-weight context's capability (the lwC
+    /// AM, registered only when some module says `lwc`).
+    pub lwc: bool,
     /// The data module typed into a guest OS's serial port (`input=`), by name.
     pub input: Option<&'a str>,
     /// The guests this one manages (`manages=`), by name: it starts with a capability
@@ -296,7 +299,7 @@ impl PartialEq for ModuleOption {
 impl Eq for ModuleOption {}
 
 /// The options a module line knows, in the order the known-options list shows them.
-pub static MODULE_OPTIONS: [ModuleOption; 15] = [
+pub static MODULE_OPTIONS: [ModuleOption; 16] = [
     ModuleOption {
         name: "mem",
         syntax: "mem=<size>",
@@ -441,6 +444,18 @@ pub static MODULE_OPTIONS: [ModuleOption; 15] = [
         takes_value: false,
         apply: |spec, _| {
             spec.nvram = true;
+            Ok(())
+        },
+    },
+    ModuleOption {
+        name: "lwc",
+        syntax: "lwc",
+        noun: "value",
+        expected: "a flag",
+        example: "lwc",
+        takes_value: false,
+        apply: |spec, _| {
+            spec.lwc = true;
             Ok(())
         },
     },
@@ -609,6 +624,7 @@ pub fn parse(cmdline: &str) -> Result<ModuleSpec<'_>, ModuleError<'_>> {
         modules: FixedList::new(),
         data: false,
         nvram: false,
+        lwc: false,
         input: None,
         manages: FixedList::new(),
         frames: None,

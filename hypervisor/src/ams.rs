@@ -19,7 +19,7 @@ const AM_QUOTA: u32 = 4096;
 const EXO_GPA_LIMIT: u64 = 1 << 30;
 /// Bytes of frames each VM may allocate through the exo AM at a time, unless its module
 /// says `frames=`.
-const EXO_FRAME_QUOTA: u64 = 4 << 20;
+pub const EXO_FRAME_QUOTA: u64 = 4 << 20;
 /// Where the NVRAM AM maps regions (guest-physical 1-2 GiB, above the exo AM's range);
 /// the exo AM may read, never clear, the dirty flags there (`exo_dirty::KEEP`).
 const NVRAM_WINDOW: (u64, u64) = (1 << 30, 2 << 30);
@@ -59,15 +59,17 @@ pub static AMS: &[AmLine] = &[
         when: |boot| boot.guests.iter().any(|g| g.nvram),
         make: |boot| Box::new(nvram_am(boot.guests)),
     },
-    // Light-weight contexts (am/lwc, docs/lwc.md): every VM's root lwC is its initial
-    // capability. Only when a guest's arguments start with an lwC mode (`lwc...`), as the
-    // NVRAM AM's line, so boots without lwCs keep their hypercall cost; a module option
-    // `lwc` is the next step.
+    // Light-weight contexts (am/lwc, docs/lwc.md): a guest whose module says `lwc` gets
+    // its root lwC as its last initial capability. Only then, as the NVRAM AM's line, so
+    // boots without lwCs keep their hypercall cost.
     AmLine {
         name: "lwc",
         quota: AM_QUOTA,
-        when: |boot| boot.guests.iter().any(|g| g.args.split_whitespace().next().is_some_and(|m| m.starts_with("lwc"))),
-        make: |_| Box::new(nk_am_lwc::LwcAm::new()),
+        when: |boot| boot.guests.iter().any(|g| g.lwc),
+        make: |boot| {
+            let vms = boot.guests.iter().enumerate().filter(|(_, g)| g.lwc);
+            Box::new(nk_am_lwc::LwcAm::for_vms(vms.map(|(i, g)| (nk_caps::VmId::new(i as u32 + 1), g.memory))))
+        },
     },
     // cargo xtask new-am adds new AMs' lines above this one.
 ];

@@ -157,6 +157,12 @@ pub fn eptp(vm: VmId) -> Option<u64> {
     EPTS.lock().get(&vm.raw()).map(|r| r.ept.eptp())
 }
 
+/// Runs `f` on `vm`'s registered EPT (the lwC views' copy-on-write protection, lwc.rs;
+/// the caller invalidates what it took away). None when `vm` has no EPT here.
+pub fn with_ept<R>(vm: VmId, f: impl FnOnce(&mut GuestEpt) -> R) -> Option<R> {
+    EPTS.lock().get_mut(&vm.raw()).map(|r| f(&mut r.ept))
+}
+
 /// Returns where `vm`'s initial memory lies (the exo AM's `Kernel::guest_memory`).
 pub fn guest_memory(vm: VmId) -> Option<(u64, u64)> {
     EPTS.lock().get(&vm.raw()).map(|r| r.memory)
@@ -371,6 +377,8 @@ pub fn apply(effect: Effect) {
         | Effect::LwcCreate { .. }
         | Effect::LwcSwitch { .. }
         | Effect::LwcDestroy { .. }
+        | Effect::LwcOverlay { .. }
+        | Effect::LwcSyscall { .. }
         | Effect::Retire { .. } => {}
     }
 }

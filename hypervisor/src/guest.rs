@@ -160,6 +160,12 @@ pub struct Guest {
     principal: VmId,
     /// The saved register files of this VM's lwCs that do not run (lwc.rs).
     lwcs: Vec<crate::lwc::Saved>,
+    /// The copy-on-write views of its lwCs' memory (lwc.rs), made at the first such child.
+    views: Option<alloc::boxed::Box<crate::lwc::Views>>,
+    /// Its frame quota in bytes (`frames=`), which the views' copies are charged to.
+    frame_quota: u64,
+    /// Its `LWC_SYSTRAP` lwCs and their trapped call (lwc.rs).
+    sandbox: crate::lwc::Sandbox,
 }
 
 impl fmt::Debug for Guest {
@@ -210,6 +216,9 @@ impl Guest {
             debugged: false,
             principal: vm,
             lwcs: Vec::new(),
+            views: None,
+            frame_quota: spec.frames.unwrap_or(crate::ams::EXO_FRAME_QUOTA),
+            sandbox: crate::lwc::Sandbox::default(),
         };
         // SAFETY: the frames were just allocated for this guest and are identity-mapped.
         unsafe { core::ptr::write_bytes(memory.as_u64() as *mut u8, 0, memory_size as usize) };
@@ -297,6 +306,9 @@ impl Guest {
             debugged: false,
             principal: vm,
             lwcs: Vec::new(),
+            views: None,
+            frame_quota: spec.frames.unwrap_or(crate::ams::EXO_FRAME_QUOTA),
+            sandbox: crate::lwc::Sandbox::default(),
         };
         let entry = GuestStart {
             mode: start.mode,
@@ -397,52 +409,133 @@ impl Guest {
         // The timer is re-armed with the whole slice at every entry; the TSC bounds the
         // slice of a guest that exits often.
         let slice_start = crate::arch::rdtsc();
-        // The exit stub answers null hypercalls itself within the slice (this loop does
+        // The exit stub answers null hypercalls itself within the slice (the loops do
         // nothing else for them: `Vcpu::serve_null_until`).
         if let Some(vcpu) = self.vcpu.as_mut() {
             vcpu.serve_null_until(slice_start.saturating_add(ticks));
         }
+        // An lwC switch between a sandboxed lwC (LWC_SYSTRAP) and another changes the loop.
         let end = loop {
-            if crate::arch::rdtsc().wrapping_sub(slice_start) >= ticks {
-                break Slice::Expired;
-            }
-            let vcpu = self.vcpu.as_mut().expect("checked above");
-            let exit = vcpu.run();
-            self.exits += vcpu.take_null_exits();
-            let exit = match exit {
-                Ok(exit) => exit,
-                Err(e) => break stopped(alloc::format!("VM entry failed: {e}")),
+            let ended = match self.sandbox.current {
+                false => self.bare_slice::<false>(sink, ticks, timer_rate, slice_start),
+                true => self.bare_slice::<true>(sink, ticks, timer_rate, slice_start),
             };
-            self.exits += 1;
-            if exit.reason == ExitReason::PREEMPTION_TIMER {
-                // The timer may have cut short an event's delivery: it goes on next slice.
-                if let Err(e) = vcpu.reinject_interrupted_event() {
-                    break stopped(alloc::format!("cannot keep its interrupted event: {e}"));
-                }
-                // An lwC effect zeroed the timer during the hypercall (lwc.rs): apply it
-                // and go on with the slice.
-                if crate::lwc::pending() {
-                    let ended = self.apply_lwc().and_then(|()| {
-                        let vcpu = self.vcpu.as_mut().expect("checked above");
-                        vcpu.set_time_slice(ticks, timer_rate)
-                    });
-                    match ended {
-                        Ok(()) => continue,
-                        Err(e) => break stopped(alloc::format!("cannot switch lwCs: {e}")),
-                    }
-                }
-                break Slice::Expired;
-            }
-            let flow = match exit.reason {
-                ExitReason::VMCALL => handle_hypercall(self.principal, vcpu, sink),
-                _ => self.handle_exit(&exit, sink),
-            };
-            if let Some(end) = slice_ending(flow) {
+            if let Some(end) = ended {
                 break end;
             }
         };
         self.leave_slice();
         end
+    }
+
+    /// Runs a bare-metal guest until its slice ends (Some) or an lwC switch changes whether
+    /// the running lwC is sandboxed (None). `SANDBOX`: its hypercalls take the sandboxed
+    /// path (lwc.rs); the other instance's hypercall path is the plain one.
+    #[inline(always)]
+    fn bare_slice<const SANDBOX: bool>(
+        &mut self,
+        sink: &mut dyn HypercallSink,
+        ticks: u64,
+        timer_rate: u8,
+        slice_start: u64,
+    ) -> Option<Slice> {
+        let stopped = |why: String| Some(Slice::Ended(GuestEnd::Stopped(why)));
+        loop {
+            if crate::arch::rdtsc().wrapping_sub(slice_start) >= ticks {
+                return Some(Slice::Expired);
+            }
+            let vcpu = self.vcpu.as_mut().expect("checked by enter_slice");
+            let exit = vcpu.run();
+            self.exits += vcpu.take_null_exits();
+            let exit = match exit {
+                Ok(exit) => exit,
+                Err(e) => return stopped(alloc::format!("VM entry failed: {e}")),
+            };
+            self.exits += 1;
+            if exit.reason == ExitReason::PREEMPTION_TIMER {
+                // The timer may have cut short an event's delivery: it goes on next slice.
+                if let Err(e) = vcpu.reinject_interrupted_event() {
+                    return stopped(alloc::format!("cannot keep its interrupted event: {e}"));
+                }
+                // An lwC effect zeroed the timer during the hypercall (lwc.rs): apply it
+                // and go on with the slice.
+                if crate::lwc::pending() {
+                    match self.lwc_exit(sink, ticks, timer_rate) {
+                        None if self.sandbox.current != SANDBOX => return None,
+                        None => continue,
+                        ended => return ended,
+                    }
+                }
+                return Some(Slice::Expired);
+            }
+            let flow = match exit.reason {
+                ExitReason::VMCALL if !SANDBOX => handle_hypercall(self.principal, vcpu, sink),
+                ExitReason::VMCALL => self.sandboxed_hypercall(sink),
+                _ => self.handle_exit(&exit, sink),
+            };
+            // The common case straight back to the entry (no Option<Slice> built).
+            if let Ok(Flow::Continue) = flow {
+                continue;
+            }
+            if let Some(end) = slice_ending(flow) {
+                return Some(end);
+            }
+        }
+    }
+
+    /// Applies the lwC effects at the timer exit they caused and re-arms the slice's timer;
+    /// Some(end) when the guest cannot go on. Out of line: the hypercall loop stays small.
+    #[cold]
+    #[inline(never)]
+    fn lwc_exit(&mut self, sink: &mut dyn HypercallSink, ticks: u64, timer_rate: u8) -> Option<Slice> {
+        let ended = self.apply_lwc(sink).and_then(|()| {
+            let vcpu = self.vcpu.as_mut().ok_or_else(|| String::from("no vCPU"))?;
+            vcpu.set_time_slice(ticks, timer_rate).map_err(|e| alloc::format!("{e}"))
+        });
+        ended.err().map(|e| Slice::Ended(GuestEnd::Stopped(alloc::format!("cannot switch lwCs: {e}"))))
+    }
+
+    /// Handles a hypercall of a sandboxed lwC (`LWC_SYSTRAP`, seed §4.2.6): a call refused
+    /// for a capability it does not hold becomes the lwC AM's `lwTrap` (named by the copy
+    /// of its creator's lwC capability it holds), which switches to its creator; the call
+    /// is kept for `lwSyscall`. Without such a capability the refusal stands.
+    #[cold]
+    #[inline(never)]
+    fn sandboxed_hypercall(&mut self, sink: &mut dyn HypercallSink) -> Result<Flow, VcpuError> {
+        let principal = self.principal;
+        let vcpu = self.vcpu.as_mut().expect("checked by enter_slice");
+        let call = *vcpu.regs.call();
+        let reply = match sink.hypercall(principal, &call) {
+            Dispatched::Reply(reply) => reply,
+            Dispatched::Pending(op) => return Ok(Flow::Park(op)),
+        };
+        let code = nk_abi::Status(reply.status).code();
+        let refused = matches!(code, nk_abi::Status::UNKNOWN_NAME | nk_abi::Status::WRONG_HOLDER);
+        let trap = match (refused, self.sandbox.am_of(principal.raw())) {
+            (true, Some(am)) => {
+                let cpu = crate::percpu::current_index() as usize;
+                let kernel = crate::mesh::mesh().instance(cpu).kernel.lock();
+                let back = kernel.initial_caps(principal).iter().find(|(a, _)| *a == am).map(|&(_, name)| name.words());
+                drop(kernel);
+                back.map(|(high, low)| Call {
+                    selector: nk_abi::Selector::new(am.raw(), nk_abi::lwc_op::LW_TRAP).encode(),
+                    caps: [NameWords { low, high }, NameWords::default(), NameWords::default(), NameWords::default()],
+                    args: [call.selector, call.args[0], 0, 0, 0],
+                })
+            }
+            _ => None,
+        };
+        let reply = match trap.map(|trap| sink.hypercall(principal, &trap)) {
+            Some(Dispatched::Reply(trapped)) if nk_abi::Status(trapped.status).is_ok() => {
+                self.sandbox.trap(principal.raw(), call);
+                trapped
+            }
+            _ => reply,
+        };
+        let vcpu = self.vcpu.as_mut().expect("checked by enter_slice");
+        write_reply(&mut vcpu.regs, &reply);
+        vcpu.skip_bytes(VMCALL_LENGTH)?;
+        Ok(Flow::Continue)
     }
 
     /// Makes the guest's vCPU current for a slice: arms the preemption timer with the
@@ -556,21 +649,30 @@ impl Guest {
     /// target's principal the one every later hypercall is checked against.
     #[cold]
     #[inline(never)]
-    fn apply_lwc(&mut self) -> Result<(), VcpuError> {
-        let Some(vcpu) = self.vcpu.as_mut() else { return Ok(()) };
-        for effect in crate::lwc::take() {
+    fn apply_lwc(&mut self, sink: &mut dyn HypercallSink) -> Result<(), String> {
+        if self.vcpu.is_none() {
+            return Ok(());
+        }
+        let fail = |e: VcpuError| alloc::format!("{e}");
+        for effect in crate::lwc::take(self.vm) {
+            let vcpu = self.vcpu.as_mut().expect("checked above");
             match effect {
-                nk_am::Effect::LwcCreate { child, .. } => {
-                    if self.lwcs.len() > nk_am_lwc::MAX_LWCS_PER_VM {
-                        // Drop the saved registers of lwCs that died (their principal is gone).
-                        let cpu = crate::percpu::current_index() as usize;
-                        let kernel = crate::mesh::mesh().instance(cpu).kernel.lock();
-                        self.lwcs
-                            .retain(|l| kernel.table().usage(nk_caps::Principal::Vm(VmId::new(l.principal))).is_some());
+                nk_am::Effect::LwcCreate { parent, child, memory, systrap, .. } => {
+                    if let Some(am) = systrap {
+                        self.sandbox.add(child.raw(), am);
                     }
-                    let saved =
-                        crate::lwc::Saved { principal: child.raw(), regs: vcpu.regs, flow: vcpu.flow_registers()? };
-                    self.lwcs.push(saved);
+                    if !memory.all_shared() || self.views.is_some() {
+                        let views = self.views.get_or_insert_with(|| {
+                            alloc::boxed::Box::new(crate::lwc::Views::new(
+                                (self.memory.as_u64(), self.memory_size),
+                                self.frame_quota,
+                            ))
+                        });
+                        views.create(self.vm, parent.raw(), child.raw(), memory).map_err(String::from)?;
+                    }
+                    let vcpu = self.vcpu.as_mut().expect("checked above");
+                    let flow = vcpu.flow_registers().map_err(fail)?;
+                    self.lwcs.push(crate::lwc::Saved { principal: child.raw(), regs: vcpu.regs, flow });
                 }
                 nk_am::Effect::LwcSwitch { from, to } => {
                     let Some(slot) = self.lwcs.iter().position(|l| l.principal == to.raw()) else {
@@ -578,21 +680,94 @@ impl Guest {
                         continue;
                     };
                     let target = self.lwcs.swap_remove(slot);
-                    let mine =
-                        crate::lwc::Saved { principal: from.raw(), regs: vcpu.regs, flow: vcpu.flow_registers()? };
+                    let mine = crate::lwc::Saved { principal: from.raw(), regs: vcpu.regs, flow: vcpu.flow_registers().map_err(fail)? };
                     self.lwcs.push(mine);
                     let reply = vcpu.regs;
                     vcpu.regs = target.regs;
                     let r = &mut vcpu.regs;
                     (r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.r8) =
                         (reply.rax, reply.rbx, reply.rcx, reply.rdx, reply.rsi, reply.rdi, reply.r8);
-                    vcpu.set_flow_registers(target.flow)?;
+                    vcpu.set_flow_registers(target.flow).map_err(fail)?;
+                    // A trapped call returns with its creator's answer: status a0, result a1.
+                    if self.sandbox.take_trapped(to.raw()).is_some() {
+                        let r = &mut vcpu.regs;
+                        (r.rax, r.rdx) = (r.rdi, r.r8);
+                        (r.rbx, r.rcx, r.rsi, r.rdi, r.r8) = (0, 0, 0, 0, 0);
+                    }
                     self.principal = to;
+                    self.sandbox.entered(to.raw());
+                    self.load_view(to)?;
+                }
+                nk_am::Effect::LwcOverlay { from, to, first_page, pages, mode } => {
+                    let (memory, quota) = ((self.memory.as_u64(), self.memory_size), self.frame_quota);
+                    let views = self.views.get_or_insert_with(|| alloc::boxed::Box::new(crate::lwc::Views::new(memory, quota)));
+                    views
+                        .overlay(self.vm, from.raw(), to.raw(), u64::from(first_page), u64::from(pages), mode)
+                        .map_err(String::from)?;
+                }
+                nk_am::Effect::LwcSyscall { by, target, mask } => {
+                    // The caller's lwSyscall reply becomes the trapped call's (seed §4.2.6).
+                    let refusal = |code| Reply { status: nk_abi::Status::new(code, None).0, ..Reply::default() };
+                    let reply = match self.sandbox.trapped_call(target.raw()) {
+                        Some(call) if nk_abi::Selector::decode(call.selector).am != nk_abi::NULL_KERNEL_AM => {
+                            match sink.hypercall(if mask != 0 { by } else { target }, &call) {
+                                Dispatched::Reply(reply) => reply,
+                                Dispatched::Pending(_) => refusal(nk_abi::Status::AM_FAILED),
+                            }
+                        }
+                        _ => refusal(nk_abi::Status::NOT_PERMITTED),
+                    };
+                    let vcpu = self.vcpu.as_mut().expect("checked above");
+                    write_reply(&mut vcpu.regs, &reply);
+                }
+                nk_am::Effect::LwcDestroy { child, resume } => {
+                    self.lwcs.retain(|l| l.principal != child.raw());
+                    // The running lwC died: its vCPU goes back to the lwC the AM names,
+                    // whose lwSwitch returns REVOKED.
+                    if self.principal == child {
+                        if let Some(to) = resume {
+                            if let Some(slot) = self.lwcs.iter().position(|l| l.principal == to.raw()) {
+                                let vcpu = self.vcpu.as_mut().expect("checked above");
+                                let target = self.lwcs.swap_remove(slot);
+                                vcpu.regs = target.regs;
+                                let reply = Reply {
+                                    status: nk_abi::Status::new(nk_abi::Status::REVOKED, None).0,
+                                    results: [u64::from(child.raw()), 0, 0, 0],
+                                    ..Reply::default()
+                                };
+                                write_reply(&mut vcpu.regs, &reply);
+                                vcpu.set_flow_registers(target.flow).map_err(fail)?;
+                                self.principal = to;
+                                log::info!(target: "lwc", "{}: running lwC {:#x} destroyed; back in lwC {:#x}", self.label, child.raw(), to.raw());
+                            }
+                        }
+                    }
+                    self.sandbox.remove(child.raw());
+                    self.sandbox.entered(self.principal.raw());
+                    if let Some(views) = self.views.as_mut() {
+                        views.destroy(child.raw());
+                    }
+                    if self.principal.raw() != child.raw() {
+                        self.load_view(self.principal)?;
+                    }
                 }
                 _ => {}
             }
         }
         Ok(())
+    }
+
+    /// Points the vCPU at the EPT lwC `principal` runs on (its view, or the VM's own).
+    fn load_view(&mut self, principal: VmId) -> Result<(), String> {
+        let Some(views) = self.views.as_ref() else { return Ok(()) };
+        let eptp = match views.eptp_of(principal.raw()) {
+            Some(eptp) => eptp,
+            None => crate::exomem::eptp(self.vm).ok_or_else(|| String::from("the VM has no EPT"))?,
+        };
+        match self.vcpu.as_mut() {
+            Some(vcpu) => vcpu.set_eptp(eptp).map_err(|e| alloc::format!("{e}")),
+            None => Ok(()),
+        }
     }
 
     /// Handles every exit but VMCALL's; says whether the guest goes on, waits, or ended.
@@ -728,6 +903,19 @@ impl Guest {
                     "read"
                 };
                 let gpa = vcpu.guest_physical()?;
+                if let Some(views) = self.views.as_mut() {
+                    match views.fault(vm, self.principal.raw(), gpa, q) {
+                        crate::lwc::Fault::Copied => return Ok(Flow::Continue),
+                        crate::lwc::Fault::NotOurs => {}
+                        crate::lwc::Fault::Exhausted(why) => {
+                            self.flush_console();
+                            return stop(alloc::format!(
+                                "lwC {:#x}: write of guest-physical {gpa:#x}: {why}",
+                                self.principal.raw()
+                            ));
+                        }
+                    }
+                }
                 self.flush_console();
                 return stop(alloc::format!("{access} of guest-physical {gpa:#x} outside its memory (EPT violation)"));
             }
@@ -780,6 +968,10 @@ impl Drop for Guest {
     /// invalidated (INVEPT) and freed, and only then its memory freed.
     fn drop(&mut self) {
         self.vcpu = None;
+        self.views = None;
+        if !self.lwcs.is_empty() {
+            crate::lwc::forget(self.vm);
+        }
         drop(crate::exomem::unregister(self.vm));
         if self.owns_memory {
             memory::free_frames(self.memory, (self.memory_size / PAGE_SIZE) as usize);
@@ -835,7 +1027,7 @@ pub fn cpuid_answer(leaf: u32, subleaf: u32, guest_osxsave: bool) -> nk_loader::
 }
 
 /// A guest image and how to run it, from a boot module and its command line (parsed by
-/// [`nk_boot::module`]: `<name> [mem=<size>] [cpu=<index>] [ports=..] [msrs=..] [unsafe-ports] [ring3-caps] [manages=..] [nvram] [-- <args>]`).
+/// [`nk_boot::module`]: `<name> [mem=<size>] [cpu=<index>] [ports=..] [msrs=..] [unsafe-ports] [ring3-caps] [manages=..] [nvram] [lwc] [-- <args>]`).
 #[derive(Debug, Clone)]
 pub struct GuestSpec {
     pub name: String,
@@ -871,6 +1063,8 @@ pub struct GuestSpec {
     pub images: Vec<String>,
     /// `nvram`: the VM starts with an NVRAM factory (the NVRAM AM).
     pub nvram: bool,
+    /// `lwc`: the VM starts with its root lwC's capability (the lwC AM).
+    pub lwc: bool,
     /// Debugged over COM2 (`gdb`; gdb.rs).
     pub gdb: bool,
 }
@@ -915,6 +1109,7 @@ impl GuestSpec {
             image_module: spec.image,
             images: spec.images.as_slice().iter().map(|n| String::from(*n)).collect(),
             nvram: spec.nvram,
+            lwc: spec.lwc,
             gdb: spec.gdb,
         })
     }

@@ -1,26 +1,57 @@
 //! The hypervisor's side of light-weight contexts (am/lwc, docs/lwc.md): each vCPU runs
 //! one lwC at a time, whose principal every hypercall is checked against; the lwC AM's
-//! effects save and load register files and switch that principal.
+//! effects save and load register files, switch that principal and the EPT the vCPU runs
+//! on, and give copy-on-write children views of their VM's memory.
 //!
 //! The AM's effects are applied while the caller's hypercall is dispatched, where the
-//! vCPU is out of reach: they wait here, tagged with the CPU, and the caller's VMCS (the
+//! vCPU is out of reach: they wait here, tagged with the VM, and the caller's VMCS (the
 //! current one) gets a zero VMX-preemption timer, so the entry after the hypercall exits
 //! before any guest instruction runs (SDM Vol. 3 §26.7.4) and the slice loop's timer
-//! branch applies them. The hypercall path itself pays nothing for lwCs.
+//! branch applies them. The hypercall path itself pays nothing for lwCs. A destruction
+//! decided on another CPU (a revocation) waits for the VM's next timer exit.
+//!
+//! # Views (copy-on-write on EPT)
+//!
+//! A child created with `LWC_COW` or `LWC_UNMAP` pages gets an EPT of its own over the
+//! VM's initial memory, with 4 KiB pages: `LWC_SHARED` pages map the VM's own frames
+//! writable, `LWC_COW` pages map them read-only (execute allowed), `LWC_UNMAP` pages are
+//! absent. The VM's own EPT (the root lwC's, and that of children that share everything)
+//! is remapped with 4 KiB pages the first time, and every page some view shares
+//! copy-on-write is made read-only there too (then INVEPT: rights taken away, docs/tlb.md).
+//! A write to such a page exits with an EPT violation (SDM Vol. 3 §28.3.3.2):
+//! - in a view: the page is copied into a fresh frame, mapped writable in that view only;
+//! - in the VM's own EPT: the page is first copied out for every view that still shares
+//!   it, so each keeps its snapshot, then made writable again.
+//!
+//! Each view whose entry changed is invalidated (INVEPT, single-context; a VM's vCPU
+//! never leaves its CPU, so this CPU is the only one that may cache its translations).
+//! Copies are charged to the VM's frame quota (its module's `frames=`, 4 MiB by default):
+//! a write that needs a frame past it stops the VM with a log line that says so. A view
+//! dies with the last lwC that runs on it (its creator's destruction, or the VM's end):
+//! its EPT first (INVEPT, then its tables), then its frames, zeroed.
+//!
+//! Switching lwCs writes the target's EPTP into the VMCS; cached translations are tagged
+//! with the EPTP (SDM Vol. 3 §29.4.1), so a switch needs no invalidation.
 
+use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use nk_am::Effect;
+use nk_am::{Effect, LwcMemory};
+use nk_caps::VmId;
+use nk_paging::EptPerms;
 use spin::Mutex;
 
-use crate::percpu;
+use crate::memory::{self, HostPhysAddr, PAGE_SIZE};
+use crate::vmx::ept::GuestEpt;
 use crate::vmx::vcpu::GuestRegs;
 
-/// Some CPU has lwC effects to take.
+/// Some VM has lwC effects to take.
 static PENDING: AtomicBool = AtomicBool::new(false);
-/// (CPU, effect), in the order the AM emitted them.
+/// (VM, effect), in the order the AM emitted them.
 static REQUESTS: Mutex<Vec<(u32, Effect)>> = Mutex::new(Vec::new());
+/// The VM of every live child lwC (its principal number -> the VM's).
+static OWNERS: Mutex<BTreeMap<u32, u32>> = Mutex::new(BTreeMap::new());
 
 /// An lwC's saved register file: the general registers and RIP, RSP, RFLAGS.
 #[derive(Debug, Clone, Copy)]
@@ -30,16 +61,41 @@ pub struct Saved {
     pub flow: [u64; 3],
 }
 
-/// Records an lwC effect for the calling CPU's vCPU (a destroy needs nothing here: the
-/// saved registers of a dead lwC are dropped at the owning guest's next create or end).
-pub fn apply(effect: Effect) {
-    if let Effect::LwcDestroy { child } = effect {
-        log::debug!(target: "lwc", "lwC principal {:#x} destroyed", child.raw());
-        return;
+/// Returns the VM whose lwC `principal` is (a VM's own principal is its own).
+fn vm_of(principal: VmId) -> Option<u32> {
+    if principal.raw() < nk_am_lwc::FIRST_CHILD {
+        return Some(principal.raw());
     }
-    REQUESTS.lock().push((percpu::current_index(), effect));
+    OWNERS.lock().get(&principal.raw()).copied()
+}
+
+/// Records an lwC effect for the VM it concerns; a create or switch also ends the
+/// caller's entry at once (its VMCS is the current one).
+pub fn apply(effect: Effect) {
+    let vm = match effect {
+        Effect::LwcCreate { parent, child, .. } => {
+            let Some(vm) = vm_of(parent) else { return };
+            OWNERS.lock().insert(child.raw(), vm);
+            vm
+        }
+        Effect::LwcSwitch { from, .. } | Effect::LwcOverlay { to: from, .. } | Effect::LwcSyscall { by: from, .. } => match vm_of(from) {
+            Some(vm) => vm,
+            None => return,
+        },
+        Effect::LwcDestroy { child, .. } => {
+            log::debug!(target: "lwc", "lwC principal {:#x} destroyed", child.raw());
+            match OWNERS.lock().remove(&child.raw()) {
+                Some(vm) => vm,
+                None => return,
+            }
+        }
+        _ => return,
+    };
+    REQUESTS.lock().push((vm, effect));
     PENDING.store(true, Ordering::Release);
-    crate::vmx::vcpu::expire_current_slice();
+    if !matches!(effect, Effect::LwcDestroy { .. }) {
+        crate::vmx::vcpu::expire_current_slice();
+    }
 }
 
 /// Tells whether lwC effects wait (one atomic load).
@@ -47,12 +103,464 @@ pub fn pending() -> bool {
     PENDING.load(Ordering::Relaxed)
 }
 
-/// Takes the lwC effects of this CPU, in order.
-pub fn take() -> Vec<Effect> {
-    let cpu = percpu::current_index();
+/// Takes the lwC effects of `vm`, in order.
+pub fn take(vm: VmId) -> Vec<Effect> {
     let mut requests = REQUESTS.lock();
-    let mine = requests.iter().filter(|(c, _)| *c == cpu).map(|&(_, e)| e).collect();
-    requests.retain(|(c, _)| *c != cpu);
+    let mine = requests.iter().filter(|(v, _)| *v == vm.raw()).map(|&(_, e)| e).collect();
+    requests.retain(|(v, _)| *v != vm.raw());
     PENDING.store(!requests.is_empty(), Ordering::Release);
     mine
+}
+
+/// Forgets the children of `vm` (its end).
+pub fn forget(vm: VmId) {
+    OWNERS.lock().retain(|_, v| *v != vm.raw());
+    REQUESTS.lock().retain(|(v, _)| *v != vm.raw());
+}
+
+/// The `LWC_SYSTRAP` lwCs of a VM (seed §4.2.6), kept by its guest: a call of one that
+/// is refused for a capability it does not hold is handed to the lwC AM's `lwTrap`, which
+/// switches to its creator; `lwSyscall` performs the trapped call.
+#[derive(Default)]
+pub struct Sandbox {
+    /// The lwC that runs now is one of them (its calls take the sandboxed path).
+    pub current: bool,
+    /// (principal, the lwC AM's id) of each.
+    members: Vec<(u32, nk_am::AmId)>,
+    /// The trapped call of a member that waits for its creator's answer.
+    trapped: Option<(u32, nk_abi::Call)>,
+}
+
+impl Sandbox {
+    /// Adds `principal`, created with `LWC_SYSTRAP` by the lwC AM `am`.
+    pub fn add(&mut self, principal: u32, am: nk_am::AmId) {
+        if self.members.len() <= nk_am_lwc::MAX_LWCS_PER_VM {
+            self.members.push((principal, am));
+        }
+    }
+
+    /// Forgets `principal` (destroyed).
+    pub fn remove(&mut self, principal: u32) {
+        self.members.retain(|&(p, _)| p != principal);
+        if self.trapped.as_ref().is_some_and(|(p, _)| *p == principal) {
+            self.trapped = None;
+        }
+    }
+
+    /// Notes that `principal` runs now.
+    pub fn entered(&mut self, principal: u32) {
+        self.current = self.members.iter().any(|&(p, _)| p == principal);
+    }
+
+    /// Returns the lwC AM of member `principal`.
+    pub fn am_of(&self, principal: u32) -> Option<nk_am::AmId> {
+        self.members.iter().find(|&&(p, _)| p == principal).map(|&(_, am)| am)
+    }
+
+    /// Records the trapped call of `principal`.
+    pub fn trap(&mut self, principal: u32, call: nk_abi::Call) {
+        self.trapped = Some((principal, call));
+    }
+
+    /// Takes the trapped call of `principal`, if it waits.
+    pub fn take_trapped(&mut self, principal: u32) -> Option<nk_abi::Call> {
+        match self.trapped {
+            Some((p, call)) if p == principal => {
+                self.trapped = None;
+                Some(call)
+            }
+            _ => None,
+        }
+    }
+
+    /// Returns the trapped call `principal` waits with.
+    pub fn trapped_call(&self, principal: u32) -> Option<nk_abi::Call> {
+        self.trapped.filter(|(p, _)| *p == principal).map(|(_, call)| call)
+    }
+}
+
+/// Read and execute, no write: a copy-on-write page.
+const READ_EXECUTE: EptPerms = EptPerms::from_bits(5);
+
+/// A view of the VM's memory of its own (an EPT), for a child made with copy-on-write or
+/// unmapped pages.
+struct View {
+    /// The lwC that was created with it (it dies with the last of `users`).
+    owner: u32,
+    /// The lwCs that run on it: the owner and the children that share all its memory.
+    users: Vec<u32>,
+    ept: GuestEpt,
+    /// One bit per page of the VM's memory: the view maps the VM's own frame read-only.
+    shared: Vec<u64>,
+    /// Its own frames: page number -> host-physical address.
+    private: BTreeMap<u32, u64>,
+    /// One bit per page: not mapped (`LWC_UNMAP`).
+    unmapped: Vec<u64>,
+}
+
+/// What an EPT violation was to the views.
+pub enum Fault {
+    /// A copy-on-write page was copied: the guest goes on.
+    Copied,
+    /// Not a copy-on-write write: the usual handling.
+    NotOurs,
+    /// The copy needs a frame past the VM's quota (or the allocator is empty).
+    Exhausted(&'static str),
+}
+
+/// The views of one VM's lwCs, kept by its guest on its CPU.
+pub struct Views {
+    /// The VM's initial memory: (host-physical address, bytes).
+    memory: (u64, u64),
+    views: Vec<View>,
+    /// One bit per page: read-only in the VM's own EPT because some view shares it.
+    protected: Vec<u64>,
+    /// One bit per page: some view maps the VM's own frame writable (`LWC_SHARED`), so a
+    /// new copy-on-write view copies it at once (its snapshot must not see those writes).
+    shared_rw: Vec<u64>,
+    /// The VM's own EPT maps its memory with 4 KiB pages.
+    split: bool,
+    /// Frames the views may still take.
+    budget: u64,
+}
+
+fn bit(map: &[u64], page: u64) -> bool {
+    map.get((page / 64) as usize).is_some_and(|w| w & (1 << (page % 64)) != 0)
+}
+
+fn set_bit(map: &mut [u64], page: u64, on: bool) {
+    if let Some(w) = map.get_mut((page / 64) as usize) {
+        if on {
+            *w |= 1 << (page % 64);
+        } else {
+            *w &= !(1 << (page % 64));
+        }
+    }
+}
+
+impl Views {
+    /// Makes the (empty) views of a VM whose memory is `memory` and whose frame quota is
+    /// `quota_bytes`.
+    pub fn new(memory: (u64, u64), quota_bytes: u64) -> Self {
+        Self {
+            memory,
+            views: Vec::new(),
+            protected: Vec::new(),
+            shared_rw: Vec::new(),
+            split: false,
+            budget: quota_bytes / PAGE_SIZE,
+        }
+    }
+
+    fn pages(&self) -> u64 {
+        self.memory.1 / PAGE_SIZE
+    }
+
+    /// Returns the EPTP `principal` runs on (None: the VM's own EPT).
+    pub fn eptp_of(&self, principal: u32) -> Option<u64> {
+        self.views.iter().find(|v| v.users.contains(&principal)).map(|v| v.ept.eptp())
+    }
+
+    /// Makes the view of new lwC `child` of `parent` as `spec` says (a child that shares all
+    /// memory runs where its parent runs). Says why it cannot.
+    pub fn create(&mut self, vm: VmId, parent: u32, child: u32, spec: LwcMemory) -> Result<(), &'static str> {
+        if spec.all_shared() {
+            if let Some(view) = self.views.iter_mut().find(|v| v.users.contains(&parent)) {
+                view.users.push(child);
+            }
+            return Ok(());
+        }
+        let pages = self.pages();
+        let words = pages.div_ceil(64) as usize;
+        if self.protected.len() < words {
+            self.protected.resize(words, 0);
+            self.shared_rw.resize(words, 0);
+        }
+        let mut ept = GuestEpt::new(&crate::vmx::capabilities()).map_err(|_| "no frames for its EPT")?;
+        let mut shared = alloc::vec![0u64; words];
+        let (base, _) = self.memory;
+        // Map runs of pages of one mode.
+        let mut page = 0;
+        while page < pages {
+            let mode = spec.mode_of(page);
+            let mut end = page + 1;
+            while end < pages && spec.mode_of(end) == mode {
+                end += 1;
+            }
+            let (gpa, len) = (page * PAGE_SIZE, (end - page) * PAGE_SIZE);
+            let mapped = match mode {
+                LwcMemory::SHARED => ept.map_range_4k(gpa, base + gpa, len, EptPerms::RWX),
+                LwcMemory::COW => ept.map_range_4k(gpa, base + gpa, len, READ_EXECUTE),
+                _ => Ok(()),
+            };
+            mapped.map_err(|_| "no frames for its EPT")?;
+            if mode == LwcMemory::COW {
+                for p in page..end {
+                    set_bit(&mut shared, p, true);
+                }
+            }
+            if mode == LwcMemory::SHARED {
+                for p in page..end {
+                    set_bit(&mut self.shared_rw, p, true);
+                }
+            }
+            page = end;
+        }
+        // The VM's own EPT: 4 KiB pages, the shared ones read-only.
+        let (split, memory) = (self.split, self.memory);
+        let protected = &mut self.protected;
+        let changed = crate::exomem::with_ept(vm, |root| {
+            if !split {
+                root.unmap_range(0, memory.1);
+                root.map_range_4k(0, memory.0, memory.1, EptPerms::RWX).map_err(|_| "no frames to split its EPT")?;
+            }
+            for p in 0..pages {
+                if bit(&shared, p) && !bit(protected, p) {
+                    root.protect_range(p * PAGE_SIZE, PAGE_SIZE, READ_EXECUTE);
+                    set_bit(protected, p, true);
+                }
+            }
+            Ok::<u64, &'static str>(root.eptp())
+        });
+        let root_eptp = changed.ok_or("the VM has no EPT")??;
+        self.split = true;
+        flush(root_eptp);
+        let writable: Vec<u64> = (0..pages).filter(|&p| bit(&shared, p) && bit(&self.shared_rw, p)).collect();
+        let released: Vec<u64> = (0..pages).filter(|&p| spec.mode_of(p) == LwcMemory::SHARED).collect();
+        for p in released {
+            self.release_page(p)?;
+        }
+        let mut unmapped = alloc::vec![0u64; words];
+        for p in (0..pages).filter(|&p| spec.mode_of(p) == LwcMemory::UNMAP) {
+            set_bit(&mut unmapped, p, true);
+        }
+        let view = View { owner: child, users: alloc::vec![child], ept, shared, private: BTreeMap::new(), unmapped };
+        self.views.push(view);
+        // Pages another view writes in place: this snapshot gets its copy now.
+        let new = self.views.len() - 1;
+        for p in writable {
+            self.copy_out(new, p)?;
+        }
+        Ok(())
+    }
+
+    /// Returns the view `principal` runs on (None: the VM's own EPT).
+    fn view_of(&self, principal: u32) -> Option<usize> {
+        self.views.iter().position(|v| v.users.contains(&principal))
+    }
+
+    /// Gives every view that shares `page` copy-on-write its own copy.
+    fn release_page(&mut self, page: u64) -> Result<(), &'static str> {
+        for i in 0..self.views.len() {
+            if bit(&self.views[i].shared, page) {
+                self.copy_out(i, page)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Returns the frame that holds `page` for an lwC on view `view` (None: the VM's own
+    /// EPT), or None where the page is not mapped there.
+    fn frame_of(&self, view: Option<usize>, page: u64) -> Option<u64> {
+        let own = self.memory.0 + page * PAGE_SIZE;
+        let Some(v) = view.map(|i| &self.views[i]) else { return Some(own) };
+        if let Some(&hpa) = v.private.get(&(page as u32)) {
+            return Some(hpa);
+        }
+        (!bit(&v.unmapped, page)).then_some(own)
+    }
+
+    /// Applies an `lwOverlay` (checked by the lwC AM): pages `[first, first + pages)` of
+    /// lwC `from` into lwC `to`'s view, as `mode` says (seed §4.2.4).
+    pub fn overlay(&mut self, vm: VmId, from: u32, to: u32, first: u64, pages: u64, mode: u8) -> Result<(), &'static str> {
+        let (source, target) = (self.view_of(from), self.view_of(to));
+        let end = first.checked_add(pages).filter(|&e| e <= self.pages()).ok_or("overlay past the VM's memory")?;
+        for page in first..end {
+            let gpa = page * PAGE_SIZE;
+            match (target, mode) {
+                (None, LwcMemory::COW) => {
+                    // Into the VM's own frames: the views that share the page keep theirs.
+                    let own = self.memory.0 + gpa;
+                    let src = self.frame_of(source, page);
+                    if src == Some(own) {
+                        continue;
+                    }
+                    self.release_page(page)?;
+                    copy_page(src, own);
+                }
+                (Some(t), LwcMemory::COW) => {
+                    let src = self.frame_of(source, page);
+                    let dst = self.private_frame(t, page)?;
+                    if src != Some(dst) {
+                        copy_page(src, dst);
+                    }
+                }
+                (Some(t), LwcMemory::SHARED) => {
+                    self.views[t].drop_page(page, &mut self.budget);
+                    self.release_page(page)?;
+                    let own = self.memory.0 + gpa;
+                    self.views[t].ept.map_range_4k(gpa, own, PAGE_SIZE, EptPerms::RWX).map_err(|_| "overlay could not map")?;
+                    set_bit(&mut self.shared_rw, page, true);
+                }
+                (Some(t), _) => {
+                    self.views[t].drop_page(page, &mut self.budget);
+                    set_bit(&mut self.views[t].unmapped, page, true);
+                }
+                (None, _) => return Err("the VM's own EPT only takes copies"),
+            }
+        }
+        let eptp = match target {
+            Some(t) => Some(self.views[t].ept.eptp()),
+            None => crate::exomem::eptp(vm),
+        };
+        if let Some(eptp) = eptp {
+            flush(eptp);
+        }
+        Ok(())
+    }
+
+    /// Returns view `i`'s own frame for `page`, made (a copy of what it mapped) if needed.
+    fn private_frame(&mut self, i: usize, page: u64) -> Result<u64, &'static str> {
+        if let Some(&hpa) = self.views[i].private.get(&(page as u32)) {
+            return Ok(hpa);
+        }
+        self.copy_out(i, page)?;
+        self.views[i].private.get(&(page as u32)).copied().ok_or("no private frame")
+    }
+
+    /// Handles an EPT violation at `gpa` (exit qualification `qualification`) of the lwC
+    /// `principal` of `vm`.
+    pub fn fault(&mut self, vm: VmId, principal: u32, gpa: u64, qualification: u64) -> Fault {
+        let page = gpa / PAGE_SIZE;
+        if qualification & 2 == 0 || page >= self.pages() {
+            return Fault::NotOurs;
+        }
+        if let Some(i) = self.views.iter().position(|v| v.users.contains(&principal)) {
+            if !bit(&self.views[i].shared, page) {
+                return Fault::NotOurs;
+            }
+            return match self.copy_out(i, page) {
+                Ok(()) => Fault::Copied,
+                Err(why) => Fault::Exhausted(why),
+            };
+        }
+        if !bit(&self.protected, page) {
+            return Fault::NotOurs;
+        }
+        for i in 0..self.views.len() {
+            if bit(&self.views[i].shared, page) {
+                if let Err(why) = self.copy_out(i, page) {
+                    return Fault::Exhausted(why);
+                }
+            }
+        }
+        set_bit(&mut self.protected, page, false);
+        let eptp = crate::exomem::with_ept(vm, |root| {
+            root.protect_range(page * PAGE_SIZE, PAGE_SIZE, EptPerms::RWX);
+            root.eptp()
+        });
+        if let Some(eptp) = eptp {
+            flush(eptp);
+        }
+        Fault::Copied
+    }
+
+    /// Gives view `i` its own copy of `page` (shared with the VM until now), writable.
+    fn copy_out(&mut self, i: usize, page: u64) -> Result<(), &'static str> {
+        if self.budget == 0 {
+            return Err("copy-on-write needs a frame past the VM's frame quota");
+        }
+        let frame = memory::alloc_frame().ok_or("copy-on-write found no free frame")?;
+        let gpa = page * PAGE_SIZE;
+        copy_page(self.frame_of(Some(i), page), frame.as_u64());
+        let view = &mut self.views[i];
+        view.ept.unmap_range(gpa, PAGE_SIZE);
+        if view.ept.map_range_4k(gpa, frame.as_u64(), PAGE_SIZE, EptPerms::RWX).is_err() {
+            // The table of this page existed a moment ago: only a broken EPT gets here.
+            memory::free_frame(frame);
+            flush(view.ept.eptp());
+            return Err("copy-on-write could not map its copy");
+        }
+        self.budget -= 1;
+        set_bit(&mut view.shared, page, false);
+        set_bit(&mut view.unmapped, page, false);
+        view.private.insert(page as u32, frame.as_u64());
+        flush(view.ept.eptp());
+        Ok(())
+    }
+
+    /// Takes lwC `principal` off its view; a view with no lwC left dies (EPT, then frames).
+    pub fn destroy(&mut self, principal: u32) {
+        let Some(i) = self.views.iter().position(|v| v.users.contains(&principal)) else { return };
+        self.views[i].users.retain(|&u| u != principal);
+        if self.views[i].owner == principal {
+            // Children that shared its memory fall back to nothing of theirs: they die with
+            // their creator's capability anyway (derived from it).
+            self.views[i].users.clear();
+        }
+        if self.views[i].users.is_empty() {
+            let view = self.views.swap_remove(i);
+            self.budget += view.private.len() as u64;
+            view.release();
+        }
+    }
+}
+
+impl View {
+    /// Takes `page` out of the view (unmapped, invalidated, its own frame freed).
+    fn drop_page(&mut self, page: u64, budget: &mut u64) {
+        self.ept.unmap_range(page * PAGE_SIZE, PAGE_SIZE);
+        flush(self.ept.eptp());
+        set_bit(&mut self.shared, page, false);
+        if let Some(hpa) = self.private.remove(&(page as u32)) {
+            free_zeroed(hpa);
+            *budget += 1;
+        }
+    }
+
+    /// Drops the EPT (INVEPT, then its tables) and gives the frames back, zeroed.
+    fn release(self) {
+        drop(self.ept);
+        for (_, hpa) in self.private {
+            free_zeroed(hpa);
+        }
+    }
+}
+
+impl Drop for Views {
+    fn drop(&mut self) {
+        for view in self.views.drain(..) {
+            view.release();
+        }
+    }
+}
+
+/// Invalidates the translations of `eptp` on this CPU (the only one that runs the VM).
+fn flush(eptp: u64) {
+    if let Err(e) = crate::vmx::tlb::flush_ept(&crate::vmx::capabilities(), eptp) {
+        log::error!(target: "lwc", "INVEPT of {eptp:#x} failed: {e}");
+    }
+}
+
+/// Zeroes a view's own frame, whose only mapping is gone and invalidated, and frees it.
+fn free_zeroed(hpa: u64) {
+    // SAFETY: the frame was one view's alone (`View::private`), and the caller unmapped and
+    // invalidated its only mapping; it is identity-mapped.
+    unsafe { core::ptr::write_bytes(hpa as *mut u8, 0, PAGE_SIZE as usize) };
+    if let Some(frame) = HostPhysAddr::new(hpa) {
+        memory::free_frame(frame);
+    }
+}
+
+/// Copies the 4 KiB page at `from` (None: zeroes) to `to`.
+fn copy_page(from: Option<u64>, to: u64) {
+    // SAFETY: both are 4 KiB frames of this VM (its memory, or a view's own frame),
+    // identity-mapped and distinct (the callers skip a page onto itself); no vCPU of the
+    // VM runs while its effects or exits are handled.
+    unsafe {
+        match from {
+            Some(from) => core::ptr::copy_nonoverlapping(from as *const u8, to as *mut u8, PAGE_SIZE as usize),
+            None => core::ptr::write_bytes(to as *mut u8, 0, PAGE_SIZE as usize),
+        }
+    }
 }

@@ -285,7 +285,7 @@ const LWC_METRICS: &[&str] = &["lwswitch_instructions", "lwc_cycle_0_pages_instr
 
 /// Boots the test guest in its `lwcbench` mode (1 CPU) and writes target/bench/lwc.json.
 fn bench_lwc(workspace: &Workspace) -> Result<()> {
-    let values = guest_bench(workspace, "bench-lwc", 1, &["lwc -- lwcbench"], LWC_METRICS)?;
+    let values = guest_bench(workspace, "bench-lwc", 1, &["lwc lwc -- lwcbench"], LWC_METRICS)?;
     println!("xtask: bench: lwC AM, emulated instructions per operation (guest-side RDTSC):");
     let mut json = String::from("{\n");
     json.push_str(&instruction_members(LWC_METRICS, &values));

@@ -19,12 +19,19 @@ use crate::workspace::Workspace;
 /// guests share CPU 0 with it.) With 2 or more CPUs the last two share
 /// CPU 1 in time slices.
 const DEFAULT_GUESTS: &[&str] =
-    &["checks cpu=0 -- checks 2", "worker cpu=1 -- survivor 3000", "intruder cpu=1 -- misbehave badport"];
+    &["checks cpu=0 -- checks 2", "worker cpu=1 -- survivor 20000", "intruder cpu=1 -- misbehave badport"];
 
 /// Then the library OS on the exo AM (guests/libos, VMs 4-6): one grows its heap from exo
 /// frames and snapshots a key-value map through the dirty bits; one lends a page to the
 /// last, which reads it until the lender revokes the loan and is then stopped.
 const LIBOS_GUESTS: &[&str] = &["libos cpu=0 -- kv", "lender cpu=0 -- share 6", "borrower cpu=1 -- peer"];
+
+/// Then the light-weight contexts' demonstrations (VM 7, docs/lwc.md): snapshot and
+/// rollback, the key compartment and the reference monitor, one after the other.
+const LWC_GUESTS: &[&str] = &["lwcdemo cpu=1 lwc -- lwc-demos"];
+
+/// The least RAM (MiB) `cargo xtask run` gives the machine with its default guests.
+const DEFAULT_GUESTS_MEGS: u32 = 96;
 
 fn default_guests(workspace: &Workspace, args: &RunArgs) -> Result<Vec<Module>> {
     let guest = image::build_package(workspace, "nk-testguest", &[], args.profile.profile(), BuildOutput::Summary)?;
@@ -32,12 +39,13 @@ fn default_guests(workspace: &Workspace, args: &RunArgs) -> Result<Vec<Module>> 
     // With Linux on CPU 0 the checks guest gets half its CPU: the worker it delegates to
     // near its end must run longer to outlive it.
     let line = |cmdline: &str| match args.linux {
-        true => cmdline.replace("survivor 3000", "survivor 150000"),
+        true => cmdline.replace("survivor 20000", "survivor 150000"),
         false => cmdline.to_string(),
     };
     let tests = DEFAULT_GUESTS.iter().map(|cmdline| Module { path: guest.clone(), cmdline: line(cmdline) });
     let libos = LIBOS_GUESTS.iter().map(|cmdline| Module { path: libos.clone(), cmdline: (*cmdline).to_string() });
-    Ok(tests.chain(libos).collect())
+    let lwc = LWC_GUESTS.iter().map(|cmdline| Module { path: guest.clone(), cmdline: (*cmdline).to_string() });
+    Ok(tests.chain(libos).chain(lwc).collect())
 }
 
 pub fn run_command(workspace: &Workspace, args: &RunArgs) -> Result<ExitCode> {
@@ -60,6 +68,10 @@ pub fn run_command(workspace: &Workspace, args: &RunArgs) -> Result<ExitCode> {
     let mut modules = if args.no_guests { Vec::new() } else { default_guests(workspace, args)? };
     modules.extend(extra);
     let mut megs = args.megs;
+    if !args.no_guests {
+        // Seven default guests of 4 MiB each with their images and tables need more than 64.
+        megs = megs.max(DEFAULT_GUESTS_MEGS);
+    }
     let mut ips = crate::emulator::DEFAULT_IPS;
     if args.linux {
         let files = crate::linux::ensure(workspace)?;

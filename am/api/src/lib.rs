@@ -180,16 +180,66 @@ pub enum Effect {
     /// context (the lwC AM's `lwCreate`) of the VM whose principal `parent` made the call,
     /// with copies (delegated children) of the parent's `INITIAL` capabilities whose index
     /// is set in `mask` as its own `INITIAL` list. The null-Kernel registers it; then the
-    /// hypervisor snapshots the caller's registers as the child's (its one entry point).
-    LwcCreate { parent: VmId, child: VmId, mask: u64 },
+    /// hypervisor snapshots the caller's registers as the child's (its one entry point)
+    /// and gives it the view of the VM's memory `memory` describes.
+    /// `systrap`: the child was created with `LWC_SYSTRAP`: a call of it refused for a
+    /// capability it does not hold is handed to this AM's `lwTrap` (op 5) instead.
+    LwcCreate { parent: VmId, child: VmId, mask: u64, memory: LwcMemory, systrap: Option<AmId> },
     /// Switches the calling vCPU from the lwC of principal `from` (its registers saved) to
     /// the lwC of principal `to` (its registers loaded; the call's reply goes to it), whose
     /// capabilities every later hypercall of the vCPU is checked against (`lwSwitch`).
     LwcSwitch { from: VmId, to: VmId },
     /// Destroys the lwC of principal `child` (the capability `lwCreate` handed out died):
     /// the null-Kernel removes the principal, so every capability it holds dies on every
-    /// kernel, and the hypervisor drops its saved registers.
-    LwcDestroy { child: VmId },
+    /// kernel, and the hypervisor drops its saved registers and its view of memory. If
+    /// it was running, its vCPU goes back to lwC `resume` (its creator, or the VM's root
+    /// lwC when the creator is gone too), whose pending `lwSwitch` returns `REVOKED`.
+    LwcDestroy { child: VmId, resume: Option<VmId> },
+    /// Overlays the `pages` 4 KiB pages from page `first_page` of lwC `from`'s memory
+    /// onto lwC `to`'s (the caller of `lwOverlay`), as `mode` says (`LwcMemory::COW`: a
+    /// copy of `from`'s pages; `SHARED`: the VM's own frames, writable; `UNMAP`: the pages
+    /// leave `to`'s view). The lwC AM checked `to` may (seed §4.2.4).
+    LwcOverlay { from: VmId, to: VmId, first_page: u32, pages: u32, mode: u8 },
+    /// Performs the call `target` trapped with (`LWC_SYSTRAP`) as if `target` made it
+    /// (`mask` 0) or with the capabilities of `by`, the caller of `lwSyscall` (`mask` not
+    /// 0; seed §4.2.6); its reply becomes the reply of `lwSyscall`.
+    LwcSyscall { by: VmId, target: VmId, mask: u64 },
+}
+
+/// How a new lwC sees its VM's initial memory (the memory part of `lwCreate`'s resource
+/// spec, checked by the lwC AM): `mode` everywhere but in the `pages` 4 KiB pages from
+/// page `first_page`, which get `range_mode`. Modes are [`LwcMemory::SHARED`], `COW` and
+/// `UNMAP` (the ABI's `lwc_op::LWC_SHARED`, `LWC_COW`, `LWC_UNMAP`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LwcMemory {
+    pub mode: u8,
+    pub range_mode: u8,
+    pub first_page: u32,
+    pub pages: u32,
+}
+
+impl LwcMemory {
+    /// The child shares the pages with its creator.
+    pub const SHARED: u8 = 0;
+    /// The child gets copy-on-write snapshots of the pages.
+    pub const COW: u8 = 1;
+    /// The pages are not mapped in the child.
+    pub const UNMAP: u8 = 2;
+
+    /// Tells whether the child shares all of its creator's memory (no view of its own).
+    pub fn all_shared(&self) -> bool {
+        self.mode == Self::SHARED && (self.pages == 0 || self.range_mode == self.mode)
+    }
+
+    /// Returns the mode of 4 KiB page `page`.
+    pub fn mode_of(&self, page: u64) -> u8 {
+        let first = u64::from(self.first_page);
+        if page >= first && page < first + u64::from(self.pages) {
+            self.range_mode
+        } else {
+            self.mode
+        }
+    }
 }
 
 /// Access through a guest-physical mapping, as bits of `Effect::MapFrames` and

@@ -14,31 +14,62 @@
 //!   (`UNKNOWN_NAME` / `WRONG_HOLDER`). This is §5.5's "capability register";
 //! - **a register file**: the hypervisor saves the caller's general registers, RIP, RSP
 //!   and RFLAGS in its lwC at `lwSwitch` and loads the target's;
-//! - **a view of memory**: for now every lwC of a VM sees the same EPT (the VM's memory is
-//!   *shared*, as `LWC_SHARED` for every range). Copy-on-write on EPT is the next step.
+//! - **a view of memory**: the VM's own EPT (the root lwC, and children that share all
+//!   memory), or an EPT of its own for a child whose resource spec has `LWC_COW` or
+//!   `LWC_UNMAP` pages: the hypervisor copies a shared page on the write's EPT violation,
+//!   charged to the VM's frame quota (hypervisor/src/lwc.rs, docs/lwc.md). The AM checks
+//!   the spec and passes it on in [`Effect::LwcCreate`]; [`Effect::LwcOverlay`] carries
+//!   `lwOverlay`.
 //!
 //! Destroying an lwC is revoking (or deleting) the capability `lwCreate` handed its
 //! creator: the AM hears of the death, and [`Effect::LwcDestroy`] makes the null-Kernel
-//! remove the principal, so every capability it holds dies on every kernel.
+//! remove the principal, so every capability it holds dies on every kernel. A running lwC
+//! destroyed names the lwC its vCPU goes back to: its creator, or the VM's root lwC.
+//!
+//! Only the VMs the AM was made for ([`LwcAm::for_vms`]: the guests whose module says
+//! `lwc`) get a root lwC.
 //!
 //! # Operations (ABI numbers; seed Table 4.1)
 //!
-//! - 0 `lwCreate(self: lwc/create; mask, options)` -> name of the new lwC's capability,
+//! - 0 `lwCreate(self: lwc/create; mask, options, mode, range, bytes)` -> name of the new lwC's capability,
 //!   results `{new, caller, 0, 0}` = `{child id, NONE}`. `self` must be the caller's own
 //!   lwC (its id is the caller's principal). `mask` is the resource spec's capability part:
 //!   bit i hands the child a copy of the caller's `INITIAL` capability i (its own `INITIAL`
 //!   list, in index order); include your own lwC capability for the child to switch back.
 //!   The child starts as a snapshot of the caller's registers at the call: the first switch
 //!   into it returns there with `{new, caller, args}` = `{creator id, switcher id, a0, a1}`
-//!   (the creator sees `caller == NONE`). `options` must be 0 (`LWC_SYSTRAP` and signal
-//!   sharing are not implemented: `BAD_ARGUMENT`).
+//!   (the creator sees `caller == NONE`). `options`: 0 or `LWC_SYSTRAP` (1); anything else
+//!   (signal sharing is not implemented): `BAD_ARGUMENT`. The spec's memory part: `mode` for the
+//!   VM's whole initial memory (0 `LWC_SHARED`, 1 `LWC_COW`, 2 `LWC_UNMAP`), and another
+//!   mode (the low two bits of `range`) for the `bytes` bytes from page-aligned `range`;
+//!   beyond the VM's memory, unaligned or an unknown mode: `BAD_ARGUMENT`. Only an lwC on
+//!   the VM's own EPT may create a child with a view of its own (`NOT_PERMITTED`).
 //! - 1 `lwSwitch(target: lwc/switch; a0, a1)`: the reply goes to the target, with results
 //!   `{new, caller, a0, a1}` = `{target's creator (NONE for a root), caller id, a0, a1}`.
 //!   Refused (`NOT_PERMITTED`) for the running lwC itself, an lwC of another VM, or one
 //!   that runs on another vCPU; a destroyed target's capability is dead (`REVOKED` /
 //!   `UNKNOWN_NAME`).
-//! - 2 `lwRestrict`, 3 `lwOverlay`, 4 `lwSyscall`: registered with the seed's names, not
-//!   yet implemented (`NOT_PERMITTED`).
+//! - 2 `lwRestrict(l: lwc; at, bytes)`: what holders of `l` may overlay becomes the
+//!   intersection of what they could and `[at, at + bytes)` (seed §4.2.5; every lwC starts
+//!   with its VM's whole memory). Any holder may narrow it; it never widens.
+//! - 3 `lwOverlay(l: lwc; at | mode, bytes)`: `LWC_COW` copies `l`'s pages into the
+//!   caller's memory, `LWC_SHARED` maps the VM's own frames writable into the caller's
+//!   view, `LWC_UNMAP` takes the pages out of it (seed §4.2.4). Copied or shared pages
+//!   outside `l`'s access, `LWC_SHARED`/`LWC_UNMAP` by an lwC on the VM's own EPT, or
+//!   `LWC_SHARED` from an lwC with a view of its own: `NOT_PERMITTED`.
+//! - 4 `lwSyscall(target: lwc/switch; mask)`: performs the call `target` trapped with, as
+//!   if `target` made it (`mask` 0) or with the caller's capabilities (`mask` not 0: the
+//!   call is checked against the caller's principal; capability sets are not mixed per
+//!   argument); the reply is that call's (the hypervisor writes it, [`Effect::LwcSyscall`]).
+//!   Only for an `LWC_SYSTRAP` lwC of the caller's VM that does not run
+//!   (`NOT_PERMITTED`); with no trapped call, or a null-Kernel call: `NOT_PERMITTED`.
+//! - 5 `lwTrap(creator: lwc; selector, a0)`: a running `LWC_SYSTRAP` child switches to
+//!   its creator (a capability to it with any rights, e.g. the copy of the creator's lwC
+//!   capability the child's mask gave it), whose `lwSwitch` returns `{TRAPPED, child id, selector, a0}`. The
+//!   hypervisor calls it for the child when one of its calls is refused for a capability
+//!   it does not hold (`UNKNOWN_NAME`, `WRONG_HOLDER`); when the creator switches back,
+//!   the child's call returns with status `a0` and first result `a1` of that switch (seed
+//!   §4.2.6). Anyone else: `NOT_PERMITTED`.
 //!
 //! Ids are the lwCs' principal numbers; `NONE` is `u64::MAX`. A VM holds at most
 //! [`MAX_LWCS_PER_VM`] live children (`QUOTA_EXCEEDED`), the AM [`MAX_LWCS`]
@@ -53,7 +84,7 @@ use alloc::vec::Vec;
 
 use nk_am::{
     AbstractMachine, AmError, AmId, ArgSpec, Binding, CapName, Checked, DeadCap, Effect, Effects, Kernel, KindSpec,
-    ObjId, ObjKind, Object, OpSpec, Outcome, Principal, RegisterError, Registrar, Rights, VmId, PLAIN_ARGS,
+    LwcMemory, ObjId, ObjKind, Object, OpSpec, Outcome, Principal, RegisterError, Registrar, Rights, VmId, PLAIN_ARGS,
 };
 
 /// The first principal number of a child lwC (VMs are numbered from 1, far below).
@@ -72,6 +103,7 @@ pub mod op {
     pub const LW_RESTRICT: u16 = nk_abi::lwc_op::LW_RESTRICT as u16;
     pub const LW_OVERLAY: u16 = nk_abi::lwc_op::LW_OVERLAY as u16;
     pub const LW_SYSCALL: u16 = nk_abi::lwc_op::LW_SYSCALL as u16;
+    pub const LW_TRAP: u16 = nk_abi::lwc_op::LW_TRAP as u16;
 }
 
 /// Rights bits of an lwC capability (registration order).
@@ -92,6 +124,15 @@ struct Lwc {
     running: bool,
     /// (root held by the AM, capability handed to the creator), for a child.
     caps: Option<(CapName, CapName)>,
+    /// It runs on the VM's own EPT (a root lwC, or a child that shares all of its
+    /// creator's memory with a creator that does): only such an lwC may create children
+    /// with views of their own.
+    root_view: bool,
+    /// The pages holders of its capability may overlay: `[first, end)` (seed §4.2.5's
+    /// access capabilities; `lwRestrict` narrows it).
+    access: (u32, u32),
+    /// Created with `LWC_SYSTRAP`: its refused calls trap to its creator.
+    systrap: bool,
 }
 
 /// The lwC AM.
@@ -102,12 +143,155 @@ pub struct LwcAm {
     /// Every live lwC, by principal number.
     lwcs: BTreeMap<u32, Lwc>,
     next_child: u32,
+    /// The VMs that get a root lwC, with their initial memory in bytes (None: every VM,
+    /// with at most [`MAX_MEMORY`]).
+    vms: Option<BTreeMap<u32, u64>>,
 }
+
+/// The memory bound of a VM whose size the AM was not told ([`LwcAm::new`]).
+pub const MAX_MEMORY: u64 = 1 << 30;
+const PAGE: u64 = 4096;
 
 impl LwcAm {
     /// Creates the AM with no lwCs.
     pub fn new() -> Self {
         Self { next_child: FIRST_CHILD, ..Self::default() }
+    }
+
+    /// Creates the AM for the VMs `vms` only (the guests whose module says `lwc`), each
+    /// with its initial memory in bytes: other VMs get no root lwC.
+    pub fn for_vms(vms: impl IntoIterator<Item = (VmId, u64)>) -> Self {
+        Self { vms: Some(vms.into_iter().map(|(vm, bytes)| (vm.raw(), bytes)).collect()), ..Self::new() }
+    }
+
+    /// Returns the initial memory of `vm` in bytes, if it may have lwCs.
+    fn memory_of(&self, vm: VmId) -> Option<u64> {
+        match &self.vms {
+            Some(vms) => vms.get(&vm.raw()).copied(),
+            None => Some(MAX_MEMORY),
+        }
+    }
+
+    /// Returns how many 4 KiB pages of memory `vm` has.
+    fn pages_of(&self, vm: VmId) -> u32 {
+        u32::try_from(self.memory_of(vm).unwrap_or(0) / PAGE).unwrap_or(u32::MAX)
+    }
+
+    /// Reads a page range argument: a page-aligned address (its low bits: a mode, returned)
+    /// and a length in bytes, within `pages` pages. Returns (first page, end page, mode).
+    fn page_range(at: u64, bytes: u64, pages: u32) -> Result<(u32, u32, u8), AmError> {
+        let mode = at & (PAGE - 1);
+        let (first, len) = ((at & !(PAGE - 1)) / PAGE, bytes / PAGE);
+        if mode > 2 || !bytes.is_multiple_of(PAGE) || first.checked_add(len).is_none_or(|end| end > u64::from(pages)) {
+            return Err(AmError::BadArgument);
+        }
+        Ok((first as u32, (first + len) as u32, mode as u8))
+    }
+
+    /// `lwRestrict(l; at, bytes)`: what holders of `l` may overlay becomes the intersection
+    /// of what they could and `[at, at + bytes)` (seed §4.2.5). Any holder may narrow it.
+    fn restrict(&mut self, checked: &Checked, args: &[u64; PLAIN_ARGS]) -> Result<Outcome, AmError> {
+        let caller = Self::number(checked.caller())?;
+        let (id, l) = self.lwc_of(checked.args()[0].object())?;
+        let me = self.lwcs.get(&caller).ok_or(AmError::NotPermitted)?;
+        if me.vm != l.vm {
+            return Err(AmError::NotPermitted);
+        }
+        let (first, end, _) = Self::page_range(args[0], args[1], self.pages_of(l.vm))?;
+        let (lo, hi) = (l.access.0.max(first), l.access.1.min(end));
+        if let Some(l) = self.lwcs.get_mut(&id) {
+            l.access = if lo < hi { (lo, hi) } else { (0, 0) };
+        }
+        Ok(Outcome { name: None, results: [0; 4] })
+    }
+
+    /// `lwOverlay(l; at | mode, bytes)`: puts `l`'s pages `[at, at + bytes)` into the
+    /// caller's view, copied (`LWC_COW`) or shared (`LWC_SHARED`), or takes them out of it
+    /// (`LWC_UNMAP`), seed §4.2.4. Copied and shared pages must lie in what holders of `l`
+    /// may access; the VM's own EPT (a caller without a view) only takes copies; only
+    /// memory of an lwC without a view of its own (the VM's frames) can be shared.
+    fn overlay(&mut self, checked: &Checked, args: &[u64; PLAIN_ARGS], kernel: &mut dyn Kernel) -> Result<Outcome, AmError> {
+        let caller = Self::number(checked.caller())?;
+        let (id, l) = self.lwc_of(checked.args()[0].object())?;
+        let me = *self.lwcs.get(&caller).ok_or(AmError::NotPermitted)?;
+        if me.vm != l.vm || id == caller {
+            return Err(AmError::NotPermitted);
+        }
+        let (first, end, mode) = Self::page_range(args[0], args[1], self.pages_of(l.vm))?;
+        let inside = first >= l.access.0 && end <= l.access.1;
+        let refused = match mode {
+            LwcMemory::COW => !inside,
+            LwcMemory::SHARED => !inside || me.root_view || !l.root_view,
+            _ => me.root_view,
+        };
+        if refused {
+            return Err(AmError::NotPermitted);
+        }
+        if first < end {
+            kernel.emit(Effect::LwcOverlay {
+                from: VmId::new(id),
+                to: VmId::new(caller),
+                first_page: first,
+                pages: end - first,
+                mode,
+            });
+        }
+        Ok(Outcome { name: None, results: [0; 4] })
+    }
+
+    /// `lwTrap(creator: lwc; selector, a0)`: the caller, a running `LWC_SYSTRAP` child,
+    /// switches to its creator (named by a capability it holds), which gets `{TRAPPED, child id, selector, a0}` (the hypervisor makes this
+    /// call for a refused one, seed §4.2.6).
+    fn trap(&mut self, checked: &Checked, args: &[u64; PLAIN_ARGS], kernel: &mut dyn Kernel) -> Result<Outcome, AmError> {
+        let caller = Self::number(checked.caller())?;
+        let me = *self.lwcs.get(&caller).ok_or(AmError::NotPermitted)?;
+        let (named, _) = self.lwc_of(checked.args()[0].object())?;
+        let creator = me.creator.filter(|&c| c == named && self.lwcs.get(&c).is_some_and(|l| l.vm == me.vm && !l.running));
+        let (true, true, Some(creator)) = (me.systrap, me.running, creator) else {
+            return Err(AmError::NotPermitted);
+        };
+        for (id, running) in [(caller, false), (creator, true)] {
+            if let Some(l) = self.lwcs.get_mut(&id) {
+                l.running = running;
+            }
+        }
+        kernel.emit(Effect::LwcSwitch { from: VmId::new(caller), to: VmId::new(creator) });
+        Ok(Outcome { name: None, results: [nk_abi::lwc_op::TRAPPED, u64::from(caller), args[0], args[1]] })
+    }
+
+    /// `lwSyscall(target: lwc/switch; mask)`: the hypervisor performs the call `target`
+    /// trapped with, as `target` (`mask` 0) or as the caller; only for an `LWC_SYSTRAP`
+    /// lwC of the caller's VM, not the caller.
+    fn syscall(&mut self, checked: &Checked, args: &[u64; PLAIN_ARGS], kernel: &mut dyn Kernel) -> Result<Outcome, AmError> {
+        let caller = Self::number(checked.caller())?;
+        let (id, target) = self.lwc_of(checked.args()[0].object())?;
+        let me = self.lwcs.get(&caller).ok_or(AmError::NotPermitted)?;
+        if id == caller || me.vm != target.vm || !target.systrap || target.running {
+            return Err(AmError::NotPermitted);
+        }
+        kernel.emit(Effect::LwcSyscall { by: VmId::new(caller), target: VmId::new(id), mask: args[0] });
+        Ok(Outcome { name: None, results: [0; 4] })
+    }
+
+    /// Reads the memory part of `lwCreate`'s resource spec (`args[2..5]`: the mode, a
+    /// page-aligned range with its mode in the low two bits, the range's bytes) for a VM
+    /// of `bytes` bytes of memory.
+    fn memory_spec(args: &[u64; PLAIN_ARGS], bytes: u64) -> Result<LwcMemory, AmError> {
+        let mode = |m: u64| match m {
+            0..=2 => Ok(m as u8),
+            _ => Err(AmError::BadArgument),
+        };
+        let (range, len) = (args[3] & !(PAGE - 1), args[4]);
+        let spec = LwcMemory {
+            mode: mode(args[2])?,
+            range_mode: mode(args[3] & (PAGE - 1))?,
+            first_page: u32::try_from(range / PAGE).map_err(|_| AmError::BadArgument)?,
+            pages: u32::try_from(len / PAGE).map_err(|_| AmError::BadArgument)?,
+        };
+        if !len.is_multiple_of(PAGE) || range.checked_add(len).is_none_or(|end| end > bytes) {
+            return Err(AmError::BadArgument);
+        }
+        Ok(spec)
     }
 
     /// Returns the principal number of `principal` when it is a VM-like principal.
@@ -136,8 +320,14 @@ impl LwcAm {
         if id != caller || !me.running {
             return Err(AmError::NotPermitted);
         }
-        if args[1] != 0 {
+        if args[1] & !nk_abi::lwc_op::LWC_SYSTRAP != 0 {
             return Err(AmError::BadArgument);
+        }
+        let systrap = args[1] & nk_abi::lwc_op::LWC_SYSTRAP != 0;
+        let memory = Self::memory_spec(args, self.memory_of(me.vm).ok_or(AmError::NotPermitted)?)?;
+        // A view of its own is made from the VM's own EPT only (docs/lwc.md).
+        if !memory.all_shared() && !me.root_view {
+            return Err(AmError::NotPermitted);
         }
         if self.lwcs.len() >= MAX_LWCS || self.next_child == u32::MAX {
             return Err(AmError::NoMemory);
@@ -150,8 +340,13 @@ impl LwcAm {
         let all = Rights::from_bits(rights::SWITCH | rights::CREATE);
         let (root, name) = kernel.grant_new_root(object, all, checked.caller(), Binding::Bound)?;
         self.next_child += 1;
-        self.lwcs.insert(child, Lwc { vm: me.vm, creator: Some(caller), running: false, caps: Some((root, name)) });
-        kernel.emit(Effect::LwcCreate { parent: VmId::new(caller), child: VmId::new(child), mask: args[0] });
+        let root_view = memory.all_shared() && me.root_view;
+        let access = (0, self.pages_of(me.vm));
+        let lwc =
+            Lwc { vm: me.vm, creator: Some(caller), running: false, caps: Some((root, name)), root_view, access, systrap };
+        self.lwcs.insert(child, lwc);
+        let systrap = systrap.then_some(am);
+        kernel.emit(Effect::LwcCreate { parent: VmId::new(caller), child: VmId::new(child), mask: args[0], memory, systrap });
         Ok(Outcome { name: Some(name), results: [u64::from(child), NONE, 0, 0] })
     }
 
@@ -195,6 +390,7 @@ impl AbstractMachine for LwcAm {
         r.operation(OpSpec { name: "lwRestrict", args: &[ArgSpec::new(kind, Rights::NONE)] })?;
         r.operation(OpSpec { name: "lwOverlay", args: &[ArgSpec::new(kind, Rights::NONE)] })?;
         r.operation(OpSpec { name: "lwSyscall", args: &[ArgSpec::new(kind, switch)] })?;
+        r.operation(OpSpec { name: "lwTrap", args: &[ArgSpec::new(kind, Rights::NONE)] })?;
         Ok(())
     }
 
@@ -207,6 +403,10 @@ impl AbstractMachine for LwcAm {
         match checked.op().index() {
             op::LW_CREATE => self.create(checked, args, kernel),
             op::LW_SWITCH => self.switch(checked, args, kernel),
+            op::LW_RESTRICT => self.restrict(checked, args),
+            op::LW_OVERLAY => self.overlay(checked, args, kernel),
+            op::LW_SYSCALL => self.syscall(checked, args, kernel),
+            op::LW_TRAP => self.trap(checked, args, kernel),
             _ => Err(AmError::NotPermitted),
         }
     }
@@ -214,13 +414,21 @@ impl AbstractMachine for LwcAm {
     /// Grants every VM its root lwC (object id = the VM's number), running, with both rights.
     fn grant_initial(&mut self, vm: VmId, kernel: &mut dyn Kernel) -> Result<Vec<CapName>, AmError> {
         let (am, kind) = (self.am.ok_or(AmError::NotPermitted)?, self.kind.ok_or(AmError::NotPermitted)?);
-        if vm.raw() >= FIRST_CHILD {
+        if vm.raw() >= FIRST_CHILD || self.memory_of(vm).is_none() {
             return Ok(Vec::new());
         }
         let object = Object::new(am, kind, ObjId::new(u64::from(vm.raw())));
         let all = Rights::from_bits(rights::SWITCH | rights::CREATE);
         let name = kernel.grant_new(object, all, Principal::Vm(vm), Binding::Bound)?;
-        self.lwcs.insert(vm.raw(), Lwc { vm, creator: None, running: true, caps: None });
+        self.lwcs.insert(vm.raw(), Lwc {
+            vm,
+            creator: None,
+            running: true,
+            caps: None,
+            root_view: true,
+            access: (0, self.pages_of(vm)),
+            systrap: false,
+        });
         Ok(alloc::vec![name])
     }
 
@@ -234,7 +442,16 @@ impl AbstractMachine for LwcAm {
             // The creator's capability died: the lwC with it.
             Some((root, handed)) if handed == dead.name => {
                 self.lwcs.remove(&id);
-                effects.emit(Effect::LwcDestroy { child: VmId::new(id) });
+                // A running lwC's vCPU falls back to its creator (or the VM's root lwC).
+                let resume = lwc.running.then(|| match lwc.creator.filter(|c| self.lwcs.contains_key(c)) {
+                    Some(creator) => creator,
+                    None => lwc.vm.raw(),
+                });
+                if let Some(l) = resume.and_then(|r| self.lwcs.get_mut(&r)) {
+                    l.running = true;
+                }
+                let resume = resume.filter(|r| self.lwcs.contains_key(r)).map(VmId::new);
+                effects.emit(Effect::LwcDestroy { child: VmId::new(id), resume });
                 if let Some(am) = self.am {
                     effects.emit(Effect::Retire { am, root });
                 }

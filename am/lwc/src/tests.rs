@@ -55,11 +55,11 @@ fn create_switch_restrict_and_destroy() {
     let counter = w.call(VM, 1, counter_op::CREATE.into(), &[factory], &[]);
     assert!(counter.status().is_ok());
     // The child gets only INITIAL 1 (the creator's lwC, to switch back).
-    let created = w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0b10, 0]);
+    let created = w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0b10, 0, 0, 0, 0]);
     assert!(created.status().is_ok(), "{}", created.status());
     assert_eq!(created.results[..2], [u64::from(FIRST_CHILD), NONE]);
     let child = VmId::new(FIRST_CHILD);
-    assert_eq!(w.seen.last(), Some(&Effect::LwcCreate { parent: VM, child, mask: 0b10 }));
+    assert_eq!(w.seen.last(), Some(&Effect::LwcCreate { parent: VM, child, mask: 0b10, memory: LwcMemory::default(), systrap: None }));
     // The child's INITIAL list is the one copy; it cannot use the parent's counter or factory.
     let back = w.initial(child, 0);
     assert!(back.status().is_ok());
@@ -83,13 +83,13 @@ fn create_switch_restrict_and_destroy() {
     // Revoke: the lwC dies with its principal; switching there is refused.
     let deleted = w.call(VM, NULL_KERNEL_AM, nk_op::DELETE, &[created.name], &[]);
     assert!(deleted.status().is_ok(), "{}", deleted.status());
-    assert!(w.seen.contains(&Effect::LwcDestroy { child }));
+    assert!(w.seen.contains(&Effect::LwcDestroy { child, resume: None }));
     assert!(!w.call(VM, 2, op::LW_SWITCH.into(), &[created.name], &[]).status().is_ok());
     assert!(w.nk.table().usage(Principal::Vm(child)).is_none());
     assert!(!w.initial(child, 0).status().is_ok());
     // Unimplemented calls and options are refused.
-    assert_eq!(w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0, 1]).status().code(), Status::BAD_ARGUMENT);
-    assert_eq!(w.call(VM, 2, op::LW_RESTRICT.into(), &[me], &[]).status().code(), Status::NOT_PERMITTED);
+    assert_eq!(w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0, 2]).status().code(), Status::BAD_ARGUMENT);
+    assert_eq!(w.call(VM, 2, op::LW_SYSCALL.into(), &[me], &[]).status().code(), Status::NOT_PERMITTED);
 }
 
 #[test]
@@ -100,4 +100,125 @@ fn per_vm_bound() {
         assert!(w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0, 0]).status().is_ok());
     }
     assert_eq!(w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0, 0]).status().code(), Status::QUOTA_EXCEEDED);
+}
+
+#[test]
+fn memory_spec_is_checked_and_passed_on() {
+    let mut w = World { nk: world().nk, seen: Vec::new() };
+    let me = w.initial(VM, 1).name;
+    // COW everywhere but page 3, which is shared.
+    let created = w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0b10, 0, 1, 3 * 4096, 4096]);
+    assert!(created.status().is_ok(), "{}", created.status());
+    let memory = LwcMemory { mode: LwcMemory::COW, range_mode: LwcMemory::SHARED, first_page: 3, pages: 1 };
+    let child = VmId::new(FIRST_CHILD);
+    assert_eq!(w.seen.last(), Some(&Effect::LwcCreate { parent: VM, child, mask: 0b10, memory, systrap: None }));
+    assert_eq!(memory.mode_of(2), LwcMemory::COW);
+    assert_eq!(memory.mode_of(3), LwcMemory::SHARED);
+    assert!(!memory.all_shared());
+    // Bad modes, unaligned lengths and ranges past the memory change nothing.
+    let before = w.seen.len();
+    for args in [[0, 0, 3, 0, 0], [0, 0, 1, 4096 | 3, 4096], [0, 0, 1, 4096, 100], [0, 0, 1, MAX_MEMORY, 4096]] {
+        assert_eq!(w.call(VM, 2, op::LW_CREATE.into(), &[me], &args).status().code(), Status::BAD_ARGUMENT, "{args:?}");
+    }
+    assert_eq!(w.seen.len(), before);
+    // The COW child cannot make views of its own (only the VM's own EPT is copied).
+    assert!(w.call(VM, 2, op::LW_SWITCH.into(), &[created.name], &[]).status().is_ok());
+    let back = w.initial(child, 0).name;
+    assert_eq!(w.call(child, 2, op::LW_CREATE.into(), &[back], &[0, 0, 1, 0, 0]).status().code(), Status::NOT_PERMITTED);
+}
+
+#[test]
+fn only_listed_vms_get_a_root_lwc() {
+    let mut nk = NullKernel::new(KernelId::new(0), 1, 4096, &mut FixedSeed::from_u64(9)).unwrap();
+    nk.add_am(Box::new(LwcAm::for_vms([(VmId::new(2), 4 << 20)])), 1024).unwrap();
+    assert!(nk.add_vm(VmId::new(1), 256).unwrap().is_empty());
+    assert!(nk.add_vm(VmId::new(2), 256).unwrap().is_empty());
+    assert!(nk.initial_caps(VmId::new(1)).is_empty());
+    assert_eq!(nk.initial_caps(VmId::new(2)).len(), 1);
+}
+
+#[test]
+fn a_running_lwc_destroyed_falls_back_to_its_creator() {
+    let mut w = world();
+    let me = w.initial(VM, 1).name;
+    let created = w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0b10, 0, 0, 0, 0]);
+    let child = VmId::new(FIRST_CHILD);
+    assert!(w.call(VM, 2, op::LW_SWITCH.into(), &[created.name], &[]).status().is_ok());
+    // The root cannot call while the child runs; the revocation comes from elsewhere (here:
+    // the same kernel, as the protocol's step would).
+    assert!(w.call(VM, NULL_KERNEL_AM, nk_op::REVOKE, &[created.name], &[]).status().is_ok());
+    assert!(w.seen.contains(&Effect::LwcDestroy { child, resume: Some(VM) }), "{:?}", w.seen);
+    // The root runs again: it may create and switch.
+    let again = w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0b10, 0, 0, 0, 0]);
+    assert!(again.status().is_ok(), "{}", again.status());
+    assert!(w.call(VM, 2, op::LW_SWITCH.into(), &[again.name], &[]).status().is_ok());
+}
+
+#[test]
+fn overlay_within_access_and_restrict() {
+    let mut w = world();
+    let me = w.initial(VM, 1).name;
+    let created = w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0b10, 0, 1, 0, 0]);
+    assert!(created.status().is_ok());
+    let child = VmId::new(FIRST_CHILD);
+    // The root copies a page of the child's view.
+    let page = 5 * 4096;
+    assert!(w.call(VM, 2, op::LW_OVERLAY.into(), &[created.name], &[page | 1, 4096]).status().is_ok());
+    assert_eq!(
+        w.seen.last(),
+        Some(&Effect::LwcOverlay { from: child, to: VM, first_page: 5, pages: 1, mode: LwcMemory::COW })
+    );
+    // The VM's own EPT takes copies only; bad ranges are refused.
+    for (args, code) in [
+        ([page, 4096], Status::NOT_PERMITTED),
+        ([page | 2, 4096], Status::NOT_PERMITTED),
+        ([page | 3, 4096], Status::BAD_ARGUMENT),
+        ([page | 1, 100], Status::BAD_ARGUMENT),
+        ([MAX_MEMORY | 1, 4096], Status::BAD_ARGUMENT),
+    ] {
+        let got = w.call(VM, 2, op::LW_OVERLAY.into(), &[created.name], &[args[0], args[1]]);
+        assert_eq!(got.status().code(), code, "{args:?}");
+    }
+    // Restrict to pages 0-3: page 5 is refused now, page 2 still copies; no access at all refuses everything.
+    assert!(w.call(VM, 2, op::LW_RESTRICT.into(), &[created.name], &[0, 4 * 4096]).status().is_ok());
+    let before = w.seen.len();
+    assert_eq!(w.call(VM, 2, op::LW_OVERLAY.into(), &[created.name], &[page | 1, 4096]).status().code(), Status::NOT_PERMITTED);
+    assert_eq!(w.seen.len(), before);
+    assert!(w.call(VM, 2, op::LW_OVERLAY.into(), &[created.name], &[2 * 4096 | 1, 4096]).status().is_ok());
+    // A wider restriction cannot widen it again.
+    assert!(w.call(VM, 2, op::LW_RESTRICT.into(), &[created.name], &[0, 0]).status().is_ok());
+    assert!(w.call(VM, 2, op::LW_RESTRICT.into(), &[created.name], &[0, 64 * 4096]).status().is_ok());
+    assert_eq!(w.call(VM, 2, op::LW_OVERLAY.into(), &[created.name], &[2 * 4096 | 1, 4096]).status().code(), Status::NOT_PERMITTED);
+    // The child shares and unmaps a page of the root (the VM's frames) in its view.
+    assert!(w.call(VM, 2, op::LW_SWITCH.into(), &[created.name], &[]).status().is_ok());
+    let root = w.initial(child, 0).name;
+    assert!(w.call(child, 2, op::LW_OVERLAY.into(), &[root], &[page, 4096]).status().is_ok());
+    assert_eq!(w.seen.last(), Some(&Effect::LwcOverlay { from: VM, to: child, first_page: 5, pages: 1, mode: LwcMemory::SHARED }));
+    assert!(w.call(child, 2, op::LW_OVERLAY.into(), &[root], &[page | 2, 4096]).status().is_ok());
+}
+
+#[test]
+fn systrap_traps_to_the_creator_and_syscall_needs_a_trapped_child() {
+    let mut w = world();
+    let me = w.initial(VM, 1).name;
+    let plain = w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0, 0, 0, 0, 0]);
+    let sandboxed = w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0b10, 1, 0, 0, 0]);
+    assert!(sandboxed.status().is_ok());
+    let child = VmId::new(FIRST_CHILD + 1);
+    assert!(matches!(w.seen.last(), Some(Effect::LwcCreate { child: c, systrap: Some(_), .. }) if *c == child));
+    // lwSyscall on a plain child, or the root calling lwTrap: refused.
+    assert_eq!(w.call(VM, 2, op::LW_SYSCALL.into(), &[plain.name], &[0]).status().code(), Status::NOT_PERMITTED);
+    assert_eq!(w.call(VM, 2, op::LW_TRAP.into(), &[me], &[1, 2]).status().code(), Status::NOT_PERMITTED);
+    // The sandboxed child runs and traps: the reply (for its creator) says what it tried.
+    assert!(w.call(VM, 2, op::LW_SWITCH.into(), &[sandboxed.name], &[]).status().is_ok());
+    let back = w.initial(child, 0).name;
+    let trapped = w.call(child, 2, op::LW_TRAP.into(), &[back], &[0x55, 7]);
+    assert!(trapped.status().is_ok(), "{}", trapped.status());
+    assert_eq!(trapped.results, [nk_abi::lwc_op::TRAPPED, u64::from(child.raw()), 0x55, 7]);
+    assert_eq!(w.seen.last(), Some(&Effect::LwcSwitch { from: child, to: VM }));
+    // The creator runs again: it may lwSyscall for the child.
+    assert!(w.call(VM, 2, op::LW_SYSCALL.into(), &[sandboxed.name], &[1]).status().is_ok());
+    assert_eq!(w.seen.last(), Some(&Effect::LwcSyscall { by: VM, target: child, mask: 1 }));
+    // A child that does not run cannot trap.
+    assert_eq!(w.call(child, 2, op::LW_TRAP.into(), &[back], &[0, 0]).status().code(), Status::NOT_PERMITTED);
 }

@@ -73,7 +73,7 @@ fn bad_values_name_the_option_and_an_example() {
         refusal("typo memory=8M"),
         "unknown module option 'memory=8M' (known: mem=<size>, cpu=<index>, ports=<first>[-<last>], \
          msrs=<msr>[,<msr>], unsafe-ports, ring3-caps, modules=<name>[,<name>], input=<name>, manages=<name>[,<name>], data, \
-         images=<name>[,<name>], frames=<size>, image, nvram, gdb, -- <guest args>)"
+         images=<name>[,<name>], frames=<size>, image, nvram, lwc, gdb, -- <guest args>)"
     );
 }
 
@@ -235,4 +235,11 @@ fn com2_is_the_debuggers_and_gdb_is_a_flag() {
     assert!(parse("g gdb -- checks").unwrap().gdb);
     assert!(!parse("g -- gdb").unwrap().gdb, "words after -- are the guest's");
     assert_eq!(refusal("g gdb=1"), "gdb takes no value (got '1'): write just gdb");
+}
+
+#[test]
+fn lwc_is_a_flag() {
+    assert!(parse("g lwc -- lwc").unwrap().lwc);
+    assert!(!parse("g -- lwc").unwrap().lwc, "words after -- are the guest's");
+    assert_eq!(refusal("g lwc=1"), "lwc takes no value (got '1'): write just lwc");
 }

@@ -204,16 +204,36 @@ pub mod counter_op {
 
 /// Operations of the lwC AM (`am/lwc`, docs/lwc.md), with the seed's names (Table 4.1).
 pub mod lwc_op {
-    /// `lwCreate(self: lwc[create], mask, options)`: returns `{new, caller, args}` like fork.
+    /// `lwCreate(self: lwc[create], mask, options, mode, range, bytes)`: returns `{new,
+    /// caller, args}` like fork. `mode` is how the child sees the VM's memory
+    /// ([`LWC_SHARED`], [`LWC_COW`] or [`LWC_UNMAP`]); `range` is a page-aligned
+    /// guest-physical address with another mode in its low two bits, for `bytes` bytes
+    /// (0: no such range).
     pub const LW_CREATE: u32 = 0;
+    /// Resource-spec mode: the child shares the memory with its creator.
+    pub const LWC_SHARED: u64 = 0;
+    /// Resource-spec mode: the child gets a copy-on-write snapshot (seed §4.2.1's default).
+    pub const LWC_COW: u64 = 1;
+    /// Resource-spec mode: the memory is not mapped in the child.
+    pub const LWC_UNMAP: u64 = 2;
     /// `lwSwitch(target: lwc[switch], a0, a1)`: returns `{caller, switcher, a0, a1}`.
     pub const LW_SWITCH: u32 = 1;
     /// `lwRestrict`: registered, not built yet (`NOT_PERMITTED`).
     pub const LW_RESTRICT: u32 = 2;
     /// `lwOverlay`: registered, not built yet (`NOT_PERMITTED`).
     pub const LW_OVERLAY: u32 = 3;
-    /// `lwSyscall`: registered, not built yet (`NOT_PERMITTED`).
+    /// `lwSyscall(target: lwc[switch]; mask)`: performs the call `target` trapped with
+    /// (`LWC_SYSTRAP`) as if `target` made it (`mask` 0) or with the caller's capabilities
+    /// (`mask` not 0); the reply is that call's.
     pub const LW_SYSCALL: u32 = 4;
+    /// `lwTrap()`: made by the hypervisor for an `LWC_SYSTRAP` child whose call was refused
+    /// for a capability it does not hold: switches to its creator, whose reply is
+    /// `{TRAPPED, child id, selector, args[0]}` of the refused call.
+    pub const LW_TRAP: u32 = 5;
+    /// `lwCreate` option: calls the child holds no capability for trap to its creator.
+    pub const LWC_SYSTRAP: u64 = 1;
+    /// The first result of a creator's `lwSwitch` that a trapped call ended.
+    pub const TRAPPED: u64 = u64::MAX - 1;
     /// "No lwC" in results (the creator's `caller` after `lwCreate`; a root's creator).
     pub const NONE: u64 = u64::MAX;
 }

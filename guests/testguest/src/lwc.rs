@@ -8,7 +8,7 @@
 //! child's capability (destroying the lwC and its principal) and finds a switch into it
 //! refused.
 
-use core::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 
 use nk_guest::abi::{nk_op, NameWords, Reply, Selector, Status, NULL_KERNEL_AM};
 use nk_guest::nk::{self, Cap};
@@ -32,23 +32,49 @@ static SECRET: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
 struct Stack([u8; 16384]);
 static mut CHILD_STACK: Stack = Stack([0; 16384]);
 
-/// `lwCreate(me; mask, 0)` on `stack`: returns in the creator (`caller == NONE`); the child's
-/// first entry (the same instruction, its own registers) calls [`child_main`] on `stack`.
+/// `lwCreate(me; mask, 0)` on `stack`, every page shared: see [`lw_create_spec`].
 fn lw_create(am: u16, me: Cap, mask: u64, stack: u64) -> Reply {
+    lw_create_spec(am, me, mask, [0, 0, 0], stack, 0)
+}
+
+/// `lwCreate(me; mask, 0, spec)` on `stack` (`spec`: the memory mode, a range with its mode
+/// in the low bits, the range's bytes): returns in the creator (`caller == NONE`); the
+/// child's first entry (the same instruction, its own registers) calls child entry number
+/// `child` (0: [`child_main`], others: `lwc_cow::child`) with `(a0, caller)` on `stack`.
+pub(crate) fn lw_create_spec(am: u16, me: Cap, mask: u64, spec: [u64; 3], stack: u64, child: usize) -> Reply {
+    lw_create_options(am, me, mask, 0, spec, stack, child)
+}
+
+/// [`lw_create_spec`] with `options` (`LWC_SYSTRAP`).
+pub(crate) fn lw_create_options(
+    am: u16,
+    me: Cap,
+    mask: u64,
+    options: u64,
+    spec: [u64; 3],
+    stack: u64,
+    child: usize,
+) -> Reply {
+    CHILD_ENTRY.store(child, Ordering::SeqCst);
     let (status, low, high, r0, r1, r2, r3): (u64, u64, u64, u64, u64, u64, u64);
-    // SAFETY: as nk_abi::hypercall, plus: R14 keeps the creator's RSP while RSP points at
-    // the child's stack for the VMCALL (nothing is pushed there in the creator); the child
-    // starts with the creator's registers at the VMCALL and only calls `child_main`,
-    // which never returns, on its own 16-byte aligned stack.
+    // SAFETY: as nk_abi::hypercall, plus: R10 keeps the creator's RSP while RSP points at
+    // the child's stack (R9) for the VMCALL (nothing is pushed there in the creator; R9
+    // and R10 are the unused fourth capability argument); the child starts with the
+    // creator's registers at the VMCALL and only calls `child`, which never returns, on
+    // its own 16-byte aligned stack.
     unsafe {
         core::arch::asm!(
             "xchg rbx, {b}",
-            "mov r14, rsp",
-            "mov rsp, r13",
+            "mov r10, rsp",
+            "mov rsp, r9",
             "vmcall",
+            // A refused call (status not 0) returns in the creator too.
+            "test rax, rax",
+            "jnz 4f",
             "cmp rsi, -1",
             "jne 2f",
-            "mov rsp, r14",
+            "4:",
+            "mov rsp, r10",
             "xchg rbx, {b}",
             "jmp 3f",
             "2:",
@@ -57,23 +83,35 @@ fn lw_create(am: u16, me: Cap, mask: u64, stack: u64) -> Reply {
             "ud2",
             "3:",
             b = inout(reg) me.low => low,
-            child = sym child_main,
+            child = sym child_entry,
             inout("rax") Selector::new(am, LW_CREATE).encode() => status,
             inout("rcx") me.high => high,
             inout("rdx") 0u64 => r0,
             inout("rsi") 0u64 => r1,
             inout("rdi") 0u64 => r2,
             inout("r8") 0u64 => r3,
-            in("r9") 0u64,
-            in("r10") 0u64,
+            in("r9") stack,
+            inout("r10") 0u64 => _,
             in("r11") mask,
-            in("r12") 0u64,
-            in("r13") stack,
-            inout("r14") 0u64 => _,
-            in("r15") 0u64,
+            in("r12") options,
+            in("r13") spec[0],
+            in("r14") spec[1],
+            in("r15") spec[2],
         );
     }
     Reply { status, name: NameWords { low, high }, results: [r0, r1, r2, r3] }
+}
+
+/// The child entry [`lw_create_spec`] was last given (a copy-on-write child sees the
+/// value of its creation).
+static CHILD_ENTRY: AtomicUsize = AtomicUsize::new(0);
+
+/// Calls the child entry of the last `lw_create_spec` with the reply's `(a0, caller)`.
+extern "C" fn child_entry(a0: u64, caller: u64) -> ! {
+    match CHILD_ENTRY.load(Ordering::SeqCst) {
+        0 => child_main(a0, caller),
+        entry => crate::lwc_cow::child(entry, a0, caller),
+    }
 }
 
 /// The child lwC: entered by the root's first switch, `(a0, caller)` of the reply.

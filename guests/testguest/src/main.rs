@@ -547,6 +547,7 @@ mod exo_churn;
 mod exo_memory;
 mod fuzz;
 mod lwc;
+mod lwc_cow;
 mod new_am;
 mod null_fast;
 mod nvram;
@@ -623,6 +624,7 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
             let rounds = words.next().and_then(|n| n.parse().ok()).unwrap_or(100_000);
             null_fast::run(rounds, words.next() == Some("shared"))
         }
+        Some(mode @ ("lwc-cow" | "lwc-key" | "lwc-monitor" | "lwc-demos" | "lwc-cow-quota")) => lwc_cow::run_mode(mode, boot.memory),
         Some("vmcreate") => vm_create::run(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
         Some("vmcreate-linux") => {
             let cpu = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
@@ -653,7 +655,7 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
             }
         }
         Some(other) => println!(
-            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..], xcr0 ROUNDS, xmmleak SEED ROUNDS, tpr PEER ROUNDS, leakprobe SEED ROUNDS, openloop, ring3caps, flood VICTIM, victim ATTACKER, exomem, exolend [free] [bench] BORROWERS.., exoborrow, exobench, control [orphan|busy|linux], vmcreate CPU, vmcreate-linux CPU MIB, vmcreate-caps CPU MIB, newam, exochurn ROUNDS PEER, exochurnafter CHURN, nvram, nvramseq COUNT [small], nvrambench, debuggee, lwc, lwcbench, nullfast ROUNDS [shared], bypasskeep [KEY] [BYTES])"
+            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..], xcr0 ROUNDS, xmmleak SEED ROUNDS, tpr PEER ROUNDS, leakprobe SEED ROUNDS, openloop, ring3caps, flood VICTIM, victim ATTACKER, exomem, exolend [free] [bench] BORROWERS.., exoborrow, exobench, control [orphan|busy|linux], vmcreate CPU, vmcreate-linux CPU MIB, vmcreate-caps CPU MIB, newam, exochurn ROUNDS PEER, exochurnafter CHURN, nvram, nvramseq COUNT [small], nvrambench, debuggee, lwc, lwcbench, nullfast ROUNDS [shared], bypasskeep [KEY] [BYTES], lwc-cow, lwc-key, lwc-monitor, lwc-demos, lwc-cow-quota)"
         ),
     }
     println!("GTEST done");

@@ -656,11 +656,11 @@ impl NullKernel {
             next += 1;
             match effect {
                 Effect::Retire { am, root } => self.retire(am, root, out),
-                Effect::LwcCreate { parent, child, mask } => {
+                Effect::LwcCreate { parent, child, mask, .. } => {
                     self.add_lwc(parent, child, mask, out);
                     apply(effect);
                 }
-                Effect::LwcDestroy { child } => {
+                Effect::LwcDestroy { child, .. } => {
                     // Ended already when the creator's principal went first.
                     let _ = self.remove_vm(child, out);
                     self.placement.remove(&child);

@@ -799,6 +799,16 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Points the vCPU at another EPT of its VM (an lwC switch between views, lwc.rs):
+    /// cached translations are tagged with the EPTP (SDM Vol. 3 §29.4.1), so none is
+    /// invalidated. The VMCS must be current.
+    pub fn set_eptp(&mut self, eptp: u64) -> Result<(), VcpuError> {
+        // SAFETY: `eptp` is the pointer of a live EPT of this vCPU's VM, built like the one
+        // the vCPU started with (same memory type and walk length).
+        unsafe { vmcs::write(F::EPT_POINTER, eptp)? };
+        Ok(())
+    }
+
     /// Makes this vCPU's VMCS the current one on this CPU (before running it after another
     /// vCPU ran here).
     pub fn activate(&self) -> Result<(), VcpuError> {
