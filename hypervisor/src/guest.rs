@@ -13,7 +13,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
-use nk_abi::{Call, Reply};
+use nk_abi::{Call, NameWords, Reply};
 use nk_caps::VmId;
 use nk_core::{Dispatched, PendingOp};
 use nk_paging::EptPerms;
