@@ -74,6 +74,11 @@ struct RegionMapping {
     vm: VmId,
     gpa: u64,
     access: u8,
+    /// The AM's capability to the exo AM's dirty tracking of the mapper's address space
+    /// (`aspace[dirty]`, lent by the mapper at `map`), through which commit reads the
+    /// mapping's write set; None when the mapper held none (every page then counts as
+    /// dirty).
+    exo: Option<CapName>,
 }
 
 #[derive(Debug)]
@@ -128,6 +133,11 @@ pub struct NvramAm {
     window: Option<(u64, u64)>,
     /// Regions (owner, key) whose corrupt metadata was logged.
     reported: alloc::collections::BTreeSet<(u64, u64)>,
+    /// The exo AM's `dirty-read` (found at the first `map`).
+    dirty_read: Option<nk_am::OpId>,
+    /// Exo capabilities of mappings removed by a revocation (which cannot call the
+    /// null-Kernel), given back at the AM's next call; at most one per mapping.
+    orphans: Vec<CapName>,
 }
 
 impl core::fmt::Debug for NvramAm {
@@ -300,7 +310,7 @@ impl NvramAm {
         held: Rights,
         id: u64,
         args: &[u64; PLAIN_ARGS],
-        effects: &mut dyn Effects,
+        kernel: &mut dyn Kernel,
     ) -> Result<Outcome, AmError> {
         let (gpa, access) = (args[0], args[1]);
         let access = u8::try_from(access).map_err(|_| AmError::BadArgument)?;
@@ -329,8 +339,16 @@ impl NvramAm {
         if region.mappings.len() >= MAPPINGS_PER_REGION {
             return Err(AmError::QuotaExceeded);
         }
-        region.mappings.push(RegionMapping { cap, vm, gpa, access });
-        effects.emit(Effect::MapFrames { vm, gpa, hpa: region.working, bytes, large: false, access });
+        let exo = if access & frame_access::WRITE != 0 {
+            if self.dirty_read.is_none() {
+                self.dirty_read = kernel.find_op("exo", "dirty-read");
+            }
+            take_dirty_cap(vm, args, kernel)?
+        } else {
+            None
+        };
+        region.mappings.push(RegionMapping { cap, vm, gpa, access, exo });
+        kernel.emit(Effect::MapFrames { vm, gpa, hpa: region.working, bytes, large: false, access });
         Ok(Outcome::value(bytes))
     }
 
@@ -339,8 +357,12 @@ impl NvramAm {
     fn unmap(&mut self, vm: VmId, id: u64, gpa: u64, kernel: &mut dyn Kernel) -> Result<Outcome, AmError> {
         let region = self.regions.get_mut(&id).ok_or(AmError::NotPermitted)?;
         let index = region.mappings.iter().position(|m| m.vm == vm && m.gpa == gpa).ok_or(AmError::BadArgument)?;
-        collect_dirty(region, kernel);
+        // A mapping whose write set cannot be read any more leaves every page dirty.
+        let _ = collect_dirty(region, self.dirty_read, kernel);
         let mapping = region.mappings.remove(index);
+        if let Some(exo) = mapping.exo {
+            kernel.drop_cap(exo);
+        }
         kernel.emit(Effect::UnmapFrames { vm, gpa: mapping.gpa, bytes: region.entry.bytes });
         Ok(Outcome::value(region.entry.bytes))
     }
@@ -353,7 +375,9 @@ impl NvramAm {
         if region.poisoned {
             return Err(AmError::NotPermitted);
         }
-        collect_dirty(region, kernel);
+        // The write set comes from below: a refusal there (the exo capability revoked)
+        // refuses the commit, with nothing written; the pages stay dirty.
+        collect_dirty(region, self.dirty_read, kernel)?;
         // The write set: each dirty page diffed against the committed copy in 256-byte
         // blocks (seed §3.2.6).
         let mut writes = Vec::new();
@@ -411,7 +435,8 @@ impl NvramAm {
     fn restore(&mut self, id: u64, kernel: &mut dyn Kernel) -> Result<Outcome, AmError> {
         let host = self.host.ok_or(AmError::NotPermitted)?;
         let region = self.regions.get_mut(&id).ok_or(AmError::NotPermitted)?;
-        collect_dirty(region, kernel);
+        // Pages whose flags cannot be read count as dirty, so the abort covers them.
+        let _ = collect_dirty(region, self.dirty_read, kernel);
         if region.poisoned {
             let geometry = region.entry.geometry;
             let (working, bytes) = (region.working, region.entry.bytes);
@@ -442,6 +467,7 @@ impl NvramAm {
     fn unload(&mut self, id: u64, effects: &mut dyn Effects) {
         if let Some(region) = self.regions.remove(&id) {
             for m in &region.mappings {
+                self.orphans.extend(m.exo);
                 effects.emit(Effect::UnmapFrames { vm: m.vm, gpa: m.gpa, bytes: region.entry.bytes });
             }
             effects.emit(Effect::FreeFrames { hpa: region.working, bytes: 2 * region.entry.bytes });
@@ -473,19 +499,54 @@ fn abort(region: &mut Region, host: &dyn HostMemory) {
     }
 }
 
-/// Adds what the dirty flags of the region's writable mappings say to its dirty pages
-/// (every page, where the hypervisor cannot tell).
-fn collect_dirty(region: &mut Region, kernel: &mut dyn Kernel) {
+/// Finds the exo `aspace[dirty]` capability a mapper lends for a writable mapping: the
+/// one named by `args[2]` (high word) and `args[3]` (low word), or, when both are 0, one
+/// the mapper holds to its own address space; takes a child of it (charged to the
+/// mapper). None when the mapper names none and holds none; a named one that does not
+/// serve is refused.
+fn take_dirty_cap(vm: VmId, args: &[u64; PLAIN_ARGS], kernel: &mut dyn Kernel) -> Result<Option<CapName>, AmError> {
+    let named = (args[2], args[3]) != (0, 0);
+    let name = if named {
+        Some(CapName::from_words(args[2], args[3]))
+    } else {
+        kernel.find_held(vm, "exo", "aspace", ObjId::new(u64::from(vm.raw())), &["dirty"])
+    };
+    let Some(name) = name else { return Ok(None) };
+    match kernel.take_cap(vm, name, &["dirty"]) {
+        Ok(child) => Ok(Some(child)),
+        Err(error) if named => Err(error),
+        Err(_) => Ok(None),
+    }
+}
+
+/// Adds the write sets of the region's writable mappings to its dirty pages: each read
+/// (and cleared) through the mapping's exo capability with the exo AM's `dirty-read`, an
+/// AM-to-AM call checked as any caller's (seed §5.2.1); every page for a mapping without
+/// one. A refused read (the capability revoked) marks every page dirty and returns the
+/// refusal.
+fn collect_dirty(region: &mut Region, op: Option<nk_am::OpId>, kernel: &mut dyn Kernel) -> Result<(), AmError> {
     let mut bitmap = vec![0u8; region.dirty.len()];
+    let pages = region.entry.bytes / PAGE;
+    let mut refused = Ok(());
     for m in region.mappings.iter().filter(|m| m.access & frame_access::WRITE != 0) {
         bitmap.fill(0);
-        if !kernel.take_dirty(m.vm, m.gpa, region.entry.bytes / PAGE, &mut bitmap) {
+        let read = match (m.exo, op) {
+            (Some(exo), Some(op)) => kernel.call_am(op, &[exo], &[m.gpa, pages, 0, 0, 0], &mut bitmap).map(|_| ()),
+            (Some(_), None) => Err(AmError::NotPermitted),
+            (None, _) => {
+                bitmap.fill(0xFF);
+                Ok(())
+            }
+        };
+        if let Err(error) = read {
             bitmap.fill(0xFF);
+            refused = Err(error);
         }
         for (d, b) in region.dirty.iter_mut().zip(&bitmap) {
             *d |= b;
         }
     }
+    refused
 }
 
 impl AbstractMachine for NvramAm {
@@ -526,6 +587,9 @@ impl AbstractMachine for NvramAm {
         };
         let cap = &checked.args()[0];
         let id = cap.object().id.raw();
+        for orphan in core::mem::take(&mut self.orphans) {
+            kernel.drop_cap(orphan);
+        }
         match checked.op().index() {
             op::ALLOCATE => self.allocate(vm, id, args, kernel),
             op::MAP => self.map(vm, cap.name(), cap.rights(), id, args, kernel),
@@ -577,9 +641,11 @@ impl AbstractMachine for NvramAm {
         // it, so every page counts as dirty from now on. A transaction it opened, or one
         // open while it could write, is aborted.
         let mut wrote = false;
+        let orphans = &mut self.orphans;
         region.mappings.retain(|m| {
             let dies = m.cap == dead.name;
             if dies {
+                orphans.extend(m.exo);
                 wrote |= m.access & frame_access::WRITE != 0;
                 effects.emit(Effect::UnmapFrames { vm: m.vm, gpa: m.gpa, bytes: region.entry.bytes });
             }

@@ -77,6 +77,7 @@ impl DirtySource for Machine {
 struct Setup {
     nk: NullKernel,
     am: u16,
+    exo: u16,
     machine: &'static Machine,
     /// What the EPTs map: (vm, gpa) -> (hpa, bytes, access).
     ept: BTreeMap<(VmId, u64), (u64, u64, u8)>,
@@ -94,12 +95,18 @@ fn boot(image: Option<Vec<u8>>) -> Setup {
     nk.set_host_memory(machine);
     nk.set_media(machine);
     nk.set_dirty_source(machine);
+    // The exo AM first (a lower layer): each VM holds its address space's capability,
+    // which it lends the NVRAM AM for dirty tracking when it maps a region.
+    let memory =
+        nk_am_exo::VmMemory { gpa_base: 0, gpa_limit: 1 << 30, frame_quota: 0, initial_bytes: 0, initial_hpa: None };
+    let assignment = |vm| nk_am_exo::VmAssignment { vm: Some(vm), ports: None, msrs: Vec::new(), memory: Some(memory) };
+    let exo = nk.add_am(Box::new(nk_am_exo::ExoAm::new(vec![assignment(A), assignment(B)])), 64).unwrap().raw();
     let grants = vec![NvramGrant { vm: A, owner: 0xA }, NvramGrant { vm: B, owner: 0xB }];
     let am = nk.add_am(Box::new(NvramAm::new(grants).with_window(GPA, GPA + (64 << 20))), 64).unwrap().raw();
     nk.set_caller_ring(|| 0);
     nk.add_vm(A, 64).unwrap();
     nk.add_vm(B, 64).unwrap();
-    Setup { nk, am, machine, ept: BTreeMap::new() }
+    Setup { nk, am, exo, machine, ept: BTreeMap::new() }
 }
 
 impl Setup {
@@ -126,10 +133,25 @@ impl Setup {
         self.call(vm, self.am, op, cap, args)
     }
 
+    /// Returns `vm`'s first initial capability of AM `am`.
+    fn initial_of(&mut self, vm: VmId, am: u16) -> NameWords {
+        for index in 0.. {
+            let reply = self.call(vm, 0, nk_op::INITIAL as u16, NameWords::default(), &[index]);
+            assert!(reply.status().is_ok(), "no initial capability of AM {am}");
+            if reply.results[0] == u64::from(am) {
+                return reply.name;
+            }
+        }
+        unreachable!()
+    }
+
     fn factory(&mut self, vm: VmId) -> NameWords {
-        let reply = self.call(vm, 0, nk_op::INITIAL as u16, NameWords::default(), &[0]);
-        assert!(reply.status().is_ok());
-        reply.name
+        self.initial_of(vm, self.am)
+    }
+
+    /// `vm`'s exo address-space capability (rights map, alloc, dirty).
+    fn aspace(&mut self, vm: VmId) -> NameWords {
+        self.initial_of(vm, self.exo)
     }
 
     fn allocate(&mut self, vm: VmId, key: u64) -> Reply {
@@ -398,4 +420,71 @@ fn owner_number_is_fnv1a_of_the_guest_name() {
     for name in ["keeper", "linux", ""] {
         assert_eq!(NvramGrant::for_guest(A, name).owner, fnv1a(name), "{name}");
     }
+}
+
+/// The write set comes from below (seed §5.2.1): the AM reads it through an exo
+/// `aspace[dirty]` capability the mapper lends at `map` (charged to the mapper); when the
+/// mapper takes it back, commit is refused with `REVOKED` (nothing written, the machine
+/// unharmed), restore still aborts, and a new mapping lends a new one.
+#[test]
+fn the_write_set_comes_through_a_lent_exo_capability() {
+    let mut s = boot(None);
+    let region = ok(s.allocate(A, 3)).name;
+    let aspace = s.aspace(A);
+    // A lends a copy of its address-space capability (derived, so it can revoke it alone).
+    let lent = ok(s.call(A, 0, nk_op::DERIVE as u16, aspace, &[u64::MAX])).name;
+    let charged = |s: &Setup| s.nk.table().usage(nk_caps::Principal::Vm(A)).unwrap().charged;
+    let before = charged(&s);
+    ok(s.nvram(A, op::MAP, region, &[GPA, 3, lent.high, lent.low]));
+    assert_eq!(charged(&s), before + 1, "the AM's child of the lent capability is charged to A");
+    s.guest_write(A, GPA + 4096, &[7; 8]);
+    let commit = ok(s.nvram(A, op::COMMIT, region, &[]));
+    assert_eq!(commit.results[3], 1, "one dirty page, read through the exo AM");
+    // A takes the capability back: the AM's child dies with the copy.
+    ok(s.call(A, 0, nk_op::REVOKE as u16, lent, &[]));
+    s.guest_write(A, GPA + 2 * 4096, &[8; 8]);
+    let refused = s.nvram(A, op::COMMIT, region, &[]);
+    assert_eq!(refused.status().code(), Status::REVOKED, "commit refused, not guessed");
+    assert_eq!(ok(s.nvram(A, op::SEQ, region, &[])).results[0], 1, "nothing committed");
+    assert_eq!(s.nvram(A, op::COMMIT, region, &[]).status().code(), Status::REVOKED, "and again");
+    // Restore still aborts (every page counts as dirty once the flags are out of reach).
+    ok(s.nvram(A, op::RESTORE, region, &[]));
+    assert_eq!(s.guest_read(A, GPA + 2 * 4096, 8), [0; 8]);
+    assert_eq!(s.guest_read(A, GPA + 4096, 8), [7; 8]);
+    // Unmapping gives the dead child back; a new mapping lends A's own capability (found
+    // by the AM when A names none), and commits work again.
+    ok(s.nvram(A, op::UNMAP, region, &[GPA]));
+    assert_eq!(charged(&s), before, "the dead child is deleted at unmap");
+    ok(s.nvram(A, op::MAP, region, &[GPA, 3]));
+    s.guest_write(A, GPA + 3 * 4096, &[9; 8]);
+    let commit = ok(s.nvram(A, op::COMMIT, region, &[]));
+    // Every page: what A wrote between the restore and the unmap could not be read.
+    assert_eq!((commit.results[0], commit.results[1], commit.results[3]), (2, 1, REGION / 4096));
+    s.guest_write(A, GPA + 3 * 4096, &[10; 8]);
+    let commit = ok(s.nvram(A, op::COMMIT, region, &[]));
+    assert_eq!((commit.results[0], commit.results[3]), (3, 1), "and then exactly the written page");
+    // A name A does not hold is refused at map (B's address space).
+    let other = s.aspace(B);
+    ok(s.nvram(A, op::UNMAP, region, &[GPA]));
+    let refused = s.nvram(A, op::MAP, region, &[GPA, 3, other.high, other.low]);
+    assert_eq!(refused.status().code(), Status::WRONG_HOLDER);
+    // Read-only mappings need no dirty tracking and lend nothing.
+    let before = charged(&s);
+    ok(s.nvram(A, op::MAP, region, &[GPA, 1]));
+    assert_eq!(charged(&s), before);
+}
+
+/// Without an exo capability (the mapper holds none), every page of a writable mapping
+/// counts as dirty: slower, same result.
+#[test]
+fn without_an_exo_capability_every_page_counts_as_dirty() {
+    let mut s = boot(None);
+    let region = ok(s.allocate(A, 4)).name;
+    let aspace = s.aspace(A);
+    ok(s.call(A, 0, nk_op::REVOKE as u16, aspace, &[]));
+    ok(s.nvram(A, op::MAP, region, &[GPA, 3]));
+    s.guest_write(A, GPA, &[1; 8]);
+    let commit = ok(s.nvram(A, op::COMMIT, region, &[]));
+    assert_eq!(commit.results[3], REGION / 4096, "every page dirty");
+    assert_eq!(commit.results[1], 1, "but only the changed block written");
 }

@@ -116,6 +116,12 @@ pub mod exo_op {
     /// `pml-drain(c0: aspace[dirty], c1: frames[write], offset)`: copies the logged
     /// pages of the range into a bitmap in frame set c1 at `offset`. Results: 0 = pages.
     pub const PML_DRAIN: u32 = 11;
+    /// `dirty-read(c: aspace[dirty], gpa, pages)`: reads and clears the EPT dirty flags of
+    /// `pages` 4 KiB pages from `gpa` of the address space's VM, anywhere in it (also
+    /// ranges other AMs map, e.g. NVRAM regions), synchronously. A VM caller gets the
+    /// bitmap in the results (at most 256 pages; result i bit j = page 64 i + j); an AM
+    /// caller (AM-to-AM call) gets it in its buffer, up to 65,536 pages.
+    pub const DIRTY_READ: u32 = 12;
 }
 
 /// Access bits of the exo AM's `map`, `protect` and `open` calls.

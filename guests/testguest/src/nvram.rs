@@ -284,7 +284,7 @@ fn min_of_5(mut f: impl FnMut() -> Result<u64, Why>) -> Result<u64, Why> {
 
 /// Identity-maps guest-virtual 1-2 GiB with 2 MiB pages: a page directory in this image
 /// (identity-mapped, so its address is its guest-physical one) in the PDPT's second slot.
-fn map_window() {
+pub(crate) fn map_window() {
     /// The hypervisor's layout for bare-metal guests: PML4 at 0x1000, PDPT at 0x2000.
     const PDPT: u64 = 0x2000;
     // SAFETY: the PD is this guest's own static, used only here; the PDPT lies in the
@@ -300,18 +300,18 @@ fn map_window() {
     }
 }
 
-fn peek(gpa: u64) -> u64 {
+pub(crate) fn peek(gpa: u64) -> u64 {
     // SAFETY: `gpa` lies in the region mapped at the window (identity-mapped above).
     unsafe { core::ptr::read_volatile(gpa as *const u64) }
 }
 
-fn poke(gpa: u64, value: u64) {
+pub(crate) fn poke(gpa: u64, value: u64) {
     // SAFETY: as for `peek`; the region is mapped writable.
     unsafe { core::ptr::write_volatile(gpa as *mut u64, value) }
 }
 
 /// The NVRAM factory: the last initial capability (the NVRAM AM registers last).
-fn factory() -> Result<(Cap, u16), Why> {
+pub(crate) fn factory() -> Result<(Cap, u16), Why> {
     let mut last = None;
     for index in 0..32 {
         match nk::initial(index) {

@@ -1,0 +1,81 @@
+//! The NVRAM AM on the exo AM (issue 12, seed §5.2.1 "hierarchical capabilities"), mode
+//! `nvramexo`: the NVRAM AM reads a region's write set through an exo `aspace[dirty]`
+//! capability the guest lends it at `map`. The guest lends a derived copy of its
+//! address-space capability, commits (one dirty page, read through the exo AM), revokes
+//! the copy, and finds the next commit refused with `REVOKED` (nothing committed, the
+//! machine and the guest unharmed); restore still aborts; a new mapping (lending its own
+//! capability, found by the AM) commits again.
+
+use nk_guest::abi::nvram_op::{ALLOCATE, COMMIT, MAP, RESTORE, SEQ, UNMAP};
+use nk_guest::abi::{exo_op, Status};
+use nk_guest::nk::{self, Cap};
+use nk_guest::println;
+
+use super::nvram::{factory, map_window, peek, poke};
+use super::{why, CheckResult, Why};
+
+const WINDOW: u64 = 1 << 30;
+const REGION: u64 = 64 * 1024;
+const PAGE: u64 = 4096;
+const RW: u64 = 3;
+
+/// Runs mode `nvramexo`.
+pub fn run() {
+    match exo_revoke() {
+        Ok(()) => println!("GTEST ok nvram_exo_revoke"),
+        Err(Why(line)) => println!("GTEST FAILED nvram_exo_revoke: {}", line.as_str()),
+    }
+}
+
+/// The exo address-space capability: the initial exo capability whose `unmap` of an
+/// unmapped page of the guest's memory is a bad argument (not a wrong kind).
+fn aspace() -> Result<Cap, Why> {
+    for index in 0..16 {
+        let Ok((cap, am)) = nk::initial(index) else { break };
+        if nk::call(am, exo_op::UNMAP, &[cap], &[PAGE]).status().code() == Status::BAD_ARGUMENT {
+            return Ok(cap);
+        }
+    }
+    Err(why(format_args!("no address-space capability among the initial ones")))
+}
+
+fn exo_revoke() -> CheckResult {
+    let (factory, am) = factory()?;
+    let aspace = aspace()?;
+    let region = nk::call(am, ALLOCATE, &[factory], &[REGION, 9]);
+    ensure!(region.status().is_ok(), "allocate: {}", region.status());
+    let cap = region.name;
+    // Lend a copy of the address-space capability (every right it has).
+    let lent = nk::derive(aspace, u64::MAX).map_err(|s| why(format_args!("derive aspace: {s}")))?;
+    let map = nk::call(am, MAP, &[cap], &[WINDOW, RW, lent.high, lent.low]);
+    ensure!(map.status().is_ok(), "map lending the copy: {}", map.status());
+    map_window();
+    poke(WINDOW + PAGE + 8, 0x1111);
+    let commit = nk::call(am, COMMIT, &[cap], &[]);
+    ensure!(commit.status().is_ok(), "commit 1: {}", commit.status());
+    ensure!(commit.results[3] == 1, "commit 1 saw {} dirty pages, not 1", commit.results[3]);
+    println!("nvram: commit {} read 1 dirty page through the exo AM", commit.results[0]);
+    // Take the capability back: the NVRAM AM's child dies with the copy.
+    nk::revoke(lent).map_err(|s| why(format_args!("revoke the lent copy: {s}")))?;
+    poke(WINDOW + 2 * PAGE + 8, 0x2222);
+    let refused = nk::call(am, COMMIT, &[cap], &[]);
+    ensure!(refused.status().code() == Status::REVOKED, "commit after the revocation: {}", refused.status());
+    println!("nvram: commit refused after the exo capability was revoked: {}", refused.status());
+    let seq = nk::call(am, SEQ, &[cap], &[]);
+    ensure!(seq.status().is_ok() && seq.results[0] == 1, "seq after the refusal: {:?}", seq.results);
+    let restore = nk::call(am, RESTORE, &[cap], &[]);
+    ensure!(restore.status().is_ok(), "restore: {}", restore.status());
+    ensure!(peek(WINDOW + 2 * PAGE + 8) == 0, "restore did not abort the uncommitted store");
+    ensure!(peek(WINDOW + PAGE + 8) == 0x1111, "restore lost the committed store");
+    // A new mapping lends the guest's own capability (the AM finds it) and commits work.
+    ensure!(nk::call(am, UNMAP, &[cap], &[WINDOW]).status().is_ok(), "unmap");
+    ensure!(nk::call(am, MAP, &[cap], &[WINDOW, RW]).status().is_ok(), "map again");
+    poke(WINDOW + 3 * PAGE + 8, 0x3333);
+    let commit = nk::call(am, COMMIT, &[cap], &[]);
+    ensure!(commit.status().is_ok(), "commit after a new mapping: {}", commit.status());
+    poke(WINDOW + 4 * PAGE + 8, 0x4444);
+    let commit = nk::call(am, COMMIT, &[cap], &[]);
+    ensure!(commit.status().is_ok() && commit.results[3] == 1, "commit 3: {} {:?}", commit.status(), commit.results);
+    println!("nvram: commit {} after a new mapping read 1 dirty page", commit.results[0]);
+    Ok(())
+}
