@@ -369,7 +369,10 @@ impl NvramAm {
 
     /// `commit(c: region[commit])`: makes the region's writes since the last commit or
     /// restore durable, atomically, and closes the transaction.
-    fn commit(&mut self, id: u64, kernel: &mut dyn Kernel) -> Result<Outcome, AmError> {
+    ///
+    /// With `whole` (argument 0 = 1) it skips the write set and writes every block of the
+    /// region (the naive whole-region copy `cargo xtask bench nvram` compares against).
+    fn commit(&mut self, id: u64, whole: bool, kernel: &mut dyn Kernel) -> Result<Outcome, AmError> {
         let host = self.host.ok_or(AmError::NotPermitted)?;
         let region = self.regions.get_mut(&id).ok_or(AmError::NotPermitted)?;
         if region.poisoned {
@@ -383,8 +386,13 @@ impl NvramAm {
         let mut writes = Vec::new();
         let (mut working_page, mut committed_page) = (vec![0u8; PAGE as usize], vec![0u8; PAGE as usize]);
         let mut dirty_pages = 0;
+        if whole {
+            let blocks = region.entry.bytes / BLOCK as u64;
+            writes.extend(0..blocks as u32);
+            dirty_pages = region.pages();
+        }
         for page in 0..region.pages() {
-            if region.dirty[(page / 8) as usize] & (1 << (page % 8)) == 0 {
+            if whole || region.dirty[(page / 8) as usize] & (1 << (page % 8)) == 0 {
                 continue;
             }
             dirty_pages += 1;
@@ -602,7 +610,7 @@ impl AbstractMachine for NvramAm {
                 region.transaction = Some(cap.name());
                 Ok(Outcome::value(region.store.seq()))
             }
-            op::COMMIT => self.commit(id, kernel),
+            op::COMMIT => self.commit(id, args[0] == 1, kernel),
             op::RESTORE => self.restore(id, kernel),
             op::SEQ => {
                 let region = self.regions.get(&id).ok_or(AmError::NotPermitted)?;

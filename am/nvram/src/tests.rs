@@ -488,3 +488,24 @@ fn without_an_exo_capability_every_page_counts_as_dirty() {
     assert_eq!(commit.results[3], REGION / 4096, "every page dirty");
     assert_eq!(commit.results[1], 1, "but only the changed block written");
 }
+
+/// `commit(c, whole = 1)` writes every block of the region (the naive whole-region copy
+/// the bench compares against), and the region restores to it as to any commit.
+#[test]
+fn a_whole_commit_writes_every_block() {
+    let mut s = boot(None);
+    let region = ok(s.allocate(A, 5));
+    ok(s.nvram(A, op::MAP, region.name, &[GPA, 3]));
+    s.guest_write(A, GPA + 77, &[3; 8]);
+    let whole = ok(s.nvram(A, op::COMMIT, region.name, &[1]));
+    assert_eq!(whole.results[1], REGION / 256, "every block");
+    assert!(whole.results[2] >= REGION, "the whole region went to the device");
+    s.guest_write(A, GPA + 77, &[4; 8]);
+    let sparse = ok(s.nvram(A, op::COMMIT, region.name, &[]));
+    assert_eq!(sparse.results[1], 1, "then the write set again");
+    let mut s = boot(Some(s.image()));
+    let again = ok(s.allocate(A, 5));
+    assert_eq!(again.results[1], 2);
+    ok(s.nvram(A, op::MAP, again.name, &[GPA, 1]));
+    assert_eq!(s.guest_read(A, GPA + 77, 8), [4; 8]);
+}

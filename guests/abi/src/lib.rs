@@ -168,8 +168,10 @@ pub mod nvram_op {
     pub const UNMAP: u32 = 2;
     /// `begin(c: region[commit])`: opens a transaction; results: 0 = seq.
     pub const BEGIN: u32 = 3;
-    /// `commit(c: region[commit])`: makes every write since the last commit or restore
-    /// durable, atomically; results `[seq, blocks written, device bytes, dirty pages]`.
+    /// `commit(c: region[commit], whole)`: makes every write since the last commit or
+    /// restore durable, atomically; results `[seq, blocks written, device bytes, dirty
+    /// pages]`. `whole` = 1 writes every block of the region instead of the write set (a
+    /// naive whole-region copy, for comparison); 0 (the default) the write set.
     pub const COMMIT: u32 = 4;
     /// `restore(c: region[restore])`: puts the working copy back to the last commit;
     /// results: 0 = seq.
