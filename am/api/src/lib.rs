@@ -417,7 +417,8 @@ pub trait Kernel: Effects {
     /// `from`'s capability quota (the delegator pays, nk-caps "Quotas") and dies when
     /// `from` revokes its capability (or `name`'s ancestors), when `from` ends, or when
     /// the AM gives it back with [`drop_cap`](Self::drop_cap).
-    fn take_cap(&mut self, from: VmId, name: CapName, rights: &[&str]) -> Result<CapName, AmError> {
+    /// Returns the child's name and the object it refers to.
+    fn take_cap(&mut self, from: VmId, name: CapName, rights: &[&str]) -> Result<(CapName, Object), AmError> {
         let _ = (from, name, rights);
         Err(AmError::NotPermitted)
     }

@@ -71,7 +71,10 @@ impl NvramGrant {
 #[derive(Clone, Copy, Debug)]
 struct RegionMapping {
     cap: CapName,
+    /// The VM whose address space holds the mapping.
     vm: VmId,
+    /// The VM that made it (its caller).
+    by: VmId,
     gpa: u64,
     access: u8,
     /// The AM's capability to the exo AM's dirty tracking of the mapper's address space
@@ -329,41 +332,78 @@ impl NvramAm {
         if self.window.is_some_and(|(start, limit)| gpa < start || end > limit) {
             return Err(AmError::BadArgument);
         }
+        if region.mappings.len() >= MAPPINGS_PER_REGION {
+            return Err(AmError::QuotaExceeded);
+        }
+        if self.dirty_read.is_none() {
+            self.dirty_read = kernel.find_op("exo", "dirty-read");
+        }
+        // The address space: the caller's own, or the one of the exo capability it names.
+        let (target, exo) = self.lend_aspace(vm, access, args, kernel)?;
         let overlaps = self.regions.values().flat_map(|r| r.mappings.iter().map(move |m| (m, r.entry.bytes)));
         for (m, other) in overlaps {
-            if m.vm == vm && gpa < m.gpa + other && m.gpa < end {
+            if m.vm == target && gpa < m.gpa + other && m.gpa < end {
+                if let Some(exo) = exo {
+                    kernel.drop_cap(exo);
+                }
                 return Err(AmError::NotPermitted);
             }
         }
         let region = self.regions.get_mut(&id).ok_or(AmError::NotPermitted)?;
-        if region.mappings.len() >= MAPPINGS_PER_REGION {
-            return Err(AmError::QuotaExceeded);
-        }
-        let exo = if access & frame_access::WRITE != 0 {
-            if self.dirty_read.is_none() {
-                self.dirty_read = kernel.find_op("exo", "dirty-read");
-            }
-            take_dirty_cap(vm, args, kernel)?
-        } else {
-            None
-        };
-        region.mappings.push(RegionMapping { cap, vm, gpa, access, exo });
-        kernel.emit(Effect::MapFrames { vm, gpa, hpa: region.working, bytes, large: false, access });
+        region.mappings.push(RegionMapping { cap, vm: target, by: vm, gpa, access, exo });
+        kernel.emit(Effect::MapFrames { vm: target, gpa, hpa: region.working, bytes, large: false, access });
         Ok(Outcome::value(bytes))
     }
 
-    /// `unmap(c: region[map-read], gpa)`: removes the caller's mapping of the region at
-    /// `gpa`, keeping what its dirty flags say for the next commit.
-    fn unmap(&mut self, vm: VmId, id: u64, gpa: u64, kernel: &mut dyn Kernel) -> Result<Outcome, AmError> {
+    /// Decides where `map` maps and what exo capability the AM keeps for it: with a name
+    /// in `args[2]` (high) and `args[3]` (low), a child of that exo `aspace` capability
+    /// with the rights `map` and `dirty`, and its VM (§5.4's `aspace`: another VM's, if the
+    /// caller holds a capability to it); without one, the caller's own address space and,
+    /// for a writable mapping, a child of its own `aspace[dirty]` capability if it holds
+    /// one.
+    fn lend_aspace(
+        &self,
+        vm: VmId,
+        access: u8,
+        args: &[u64; PLAIN_ARGS],
+        kernel: &mut dyn Kernel,
+    ) -> Result<(VmId, Option<CapName>), AmError> {
+        if (args[2], args[3]) == (0, 0) {
+            let exo = if access & frame_access::WRITE != 0 { take_own_dirty_cap(vm, kernel) } else { None };
+            return Ok((vm, exo));
+        }
+        let (child, object) = kernel.take_cap(vm, CapName::from_words(args[2], args[3]), &["map", "dirty"])?;
+        let exo_am = self.dirty_read.map(|op| op.am());
+        match u32::try_from(object.id.raw()) {
+            Ok(target) if exo_am == Some(object.am) => Ok((VmId::new(target), Some(child))),
+            _ => {
+                kernel.drop_cap(child);
+                Err(AmError::BadArgument)
+            }
+        }
+    }
+
+    /// `unmap(c: region[map-read], gpa, target)`: removes the mapping of the region at
+    /// `gpa` that the caller made in its own address space (`target` 0) or in VM `target`'s,
+    /// keeping what its dirty flags say for the next commit.
+    fn unmap(&mut self, vm: VmId, id: u64, gpa: u64, target: u64, kernel: &mut dyn Kernel) -> Result<Outcome, AmError> {
+        let target = match target {
+            0 => vm,
+            n => VmId::new(u32::try_from(n).map_err(|_| AmError::BadArgument)?),
+        };
         let region = self.regions.get_mut(&id).ok_or(AmError::NotPermitted)?;
-        let index = region.mappings.iter().position(|m| m.vm == vm && m.gpa == gpa).ok_or(AmError::BadArgument)?;
+        let index = region
+            .mappings
+            .iter()
+            .position(|m| m.by == vm && m.vm == target && m.gpa == gpa)
+            .ok_or(AmError::BadArgument)?;
         // A mapping whose write set cannot be read any more leaves every page dirty.
         let _ = collect_dirty(region, self.dirty_read, kernel);
         let mapping = region.mappings.remove(index);
         if let Some(exo) = mapping.exo {
             kernel.drop_cap(exo);
         }
-        kernel.emit(Effect::UnmapFrames { vm, gpa: mapping.gpa, bytes: region.entry.bytes });
+        kernel.emit(Effect::UnmapFrames { vm: target, gpa: mapping.gpa, bytes: region.entry.bytes });
         Ok(Outcome::value(region.entry.bytes))
     }
 
@@ -507,24 +547,11 @@ fn abort(region: &mut Region, host: &dyn HostMemory) {
     }
 }
 
-/// Finds the exo `aspace[dirty]` capability a mapper lends for a writable mapping: the
-/// one named by `args[2]` (high word) and `args[3]` (low word), or, when both are 0, one
-/// the mapper holds to its own address space; takes a child of it (charged to the
-/// mapper). None when the mapper names none and holds none; a named one that does not
-/// serve is refused.
-fn take_dirty_cap(vm: VmId, args: &[u64; PLAIN_ARGS], kernel: &mut dyn Kernel) -> Result<Option<CapName>, AmError> {
-    let named = (args[2], args[3]) != (0, 0);
-    let name = if named {
-        Some(CapName::from_words(args[2], args[3]))
-    } else {
-        kernel.find_held(vm, "exo", "aspace", ObjId::new(u64::from(vm.raw())), &["dirty"])
-    };
-    let Some(name) = name else { return Ok(None) };
-    match kernel.take_cap(vm, name, &["dirty"]) {
-        Ok(child) => Ok(Some(child)),
-        Err(error) if named => Err(error),
-        Err(_) => Ok(None),
-    }
+/// Takes a child (charged to `vm`) of an exo `aspace[dirty]` capability `vm` holds to its
+/// own address space, for a writable mapping that names none; None when it holds none.
+fn take_own_dirty_cap(vm: VmId, kernel: &mut dyn Kernel) -> Option<CapName> {
+    let name = kernel.find_held(vm, "exo", "aspace", ObjId::new(u64::from(vm.raw())), &["dirty"])?;
+    kernel.take_cap(vm, name, &["dirty"]).ok().map(|(child, _)| child)
 }
 
 /// Adds the write sets of the region's writable mappings to its dirty pages: each read
@@ -601,7 +628,7 @@ impl AbstractMachine for NvramAm {
         match checked.op().index() {
             op::ALLOCATE => self.allocate(vm, id, args, kernel),
             op::MAP => self.map(vm, cap.name(), cap.rights(), id, args, kernel),
-            op::UNMAP => self.unmap(vm, id, args[0], kernel),
+            op::UNMAP => self.unmap(vm, id, args[0], args[1], kernel),
             op::BEGIN => {
                 let region = self.regions.get_mut(&id).ok_or(AmError::NotPermitted)?;
                 if region.transaction.is_some() || region.poisoned {

@@ -509,3 +509,43 @@ fn a_whole_commit_writes_every_block() {
     ok(s.nvram(A, op::MAP, again.name, &[GPA, 1]));
     assert_eq!(s.guest_read(A, GPA + 77, 8), [4; 8]);
 }
+
+/// §5.4's `map-region(region, aspace, offset)` into another VM: A, holding a region and a
+/// capability to B's address space (B delegated it), maps the region into B; B's writes
+/// are A's commit's write set (read through that capability); revoking the region
+/// capability A mapped with unmaps it from B; B taking its address space back refuses
+/// A's commits. Without `map` on the address-space capability the mapping is refused.
+#[test]
+fn a_region_maps_into_another_vms_address_space() {
+    let mut s = boot(None);
+    let region = ok(s.allocate(A, 6)).name;
+    let b_aspace = s.aspace(B);
+    // B lends A its address space (a copy with every right), and one with `dirty` only.
+    let lent = ok(s.call(B, 0, nk_op::DELEGATE as u16, b_aspace, &[u64::MAX, u64::from(A.raw()), 0])).name;
+    let weak = ok(s.call(B, 0, nk_op::DERIVE as u16, b_aspace, &[4])).name;
+    let weak = ok(s.call(B, 0, nk_op::DELEGATE as u16, weak, &[u64::MAX, u64::from(A.raw()), 0])).name;
+    let refused = s.nvram(A, op::MAP, region, &[GPA, 3, weak.high, weak.low]);
+    assert_eq!(refused.status().code(), Status::NOT_PERMITTED, "no `map` right on B's address space");
+    // A maps through a child region capability, so it can take that mapping back alone.
+    let child = ok(s.call(A, 0, nk_op::DERIVE as u16, region, &[u64::MAX])).name;
+    ok(s.nvram(A, op::MAP, child, &[GPA, 3, lent.high, lent.low]));
+    assert!(s.ept.contains_key(&(B, GPA)) && !s.ept.contains_key(&(A, GPA)), "mapped in B, not in A");
+    ok(s.nvram(A, op::MAP, region, &[GPA, 1]));
+    s.guest_write(B, GPA + 2 * 4096, b"written by B");
+    let commit = ok(s.nvram(A, op::COMMIT, region, &[]));
+    assert_eq!(commit.results[3], 1, "B's write is the write set");
+    assert_eq!(s.guest_read(A, GPA + 2 * 4096, 12), b"written by B", "A sees it");
+    // Revoking the capability A mapped with unmaps the region from B (A keeps its own).
+    ok(s.call(A, 0, nk_op::REVOKE as u16, child, &[]));
+    assert!(!s.ept.contains_key(&(B, GPA)) && s.ept.contains_key(&(A, GPA)), "unmapped from B only");
+    // Again, then B takes its address space back: A's commits are refused.
+    ok(s.nvram(A, op::MAP, region, &[GPA, 3, lent.high, lent.low]));
+    s.guest_write(B, GPA, b"more");
+    ok(s.nvram(A, op::COMMIT, region, &[]));
+    ok(s.call(B, 0, nk_op::REVOKE as u16, lent, &[]));
+    assert_eq!(s.nvram(A, op::COMMIT, region, &[]).status().code(), Status::REVOKED);
+    // A unmaps it from B by naming B; then commits work again.
+    ok(s.nvram(A, op::UNMAP, region, &[GPA, u64::from(B.raw())]));
+    assert!(!s.ept.contains_key(&(B, GPA)));
+    ok(s.nvram(A, op::COMMIT, region, &[]));
+}

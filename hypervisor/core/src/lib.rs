@@ -358,7 +358,7 @@ impl Kernel for AmServices<'_> {
         am_to_am::find_held(self, holder, am, kind, id, rights)
     }
 
-    fn take_cap(&mut self, from: VmId, name: CapName, rights: &[&str]) -> Result<CapName, AmError> {
+    fn take_cap(&mut self, from: VmId, name: CapName, rights: &[&str]) -> Result<(CapName, Object), AmError> {
         let info = self.table.inspect(Principal::Vm(from), name)?;
         if info.object.am.raw() >= self.am.raw() {
             return Err(AmError::NotPermitted);
@@ -372,7 +372,8 @@ impl Kernel for AmServices<'_> {
         if !info.rights.contains(mask) {
             return Err(AmError::NotPermitted);
         }
-        Ok(self.table.delegate(Principal::Vm(from), name, Principal::Am(self.am), mask, Binding::Bound)?)
+        let child = self.table.delegate(Principal::Vm(from), name, Principal::Am(self.am), mask, Binding::Bound)?;
+        Ok((child, info.object))
     }
 
     fn drop_cap(&mut self, name: CapName) -> bool {

@@ -64,7 +64,7 @@ impl AbstractMachine for RelayAm {
         match u32::from(checked.op().index()) {
             relay_op::LEND => {
                 let right = ["read", "increment", "create", "use"].get(args[2] as usize).ok_or(AmError::BadArgument)?;
-                let name = kernel.take_cap(vm, CapName::from_words(args[0], args[1]), &[right])?;
+                let (name, _) = kernel.take_cap(vm, CapName::from_words(args[0], args[1]), &[right])?;
                 self.held.push(name);
                 Ok(Outcome::value(self.held.len() as u64 - 1))
             }
