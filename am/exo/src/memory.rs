@@ -565,6 +565,10 @@ impl Memory {
         if !kernel.take_dirty(vm, gpa, pages, bitmap) {
             bitmap.fill(0xFF);
         }
+        // No bits past the range.
+        if let (Some(last), rest @ 1..) = (bitmap.last_mut(), pages % 8) {
+            *last &= (1u8 << rest) - 1;
+        }
         Ok(Outcome::value(pages))
     }
 
