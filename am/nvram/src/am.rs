@@ -566,7 +566,19 @@ fn collect_dirty(region: &mut Region, op: Option<nk_am::OpId>, kernel: &mut dyn 
     for m in region.mappings.iter().filter(|m| m.access & frame_access::WRITE != 0) {
         bitmap.fill(0);
         let read = match (m.exo, op) {
-            (Some(exo), Some(op)) => kernel.call_am(op, &[exo], &[m.gpa, pages, 0, 0, 0], &mut bitmap).map(|_| ()),
+            (Some(exo), Some(op)) => {
+                match kernel.call_am(op, &[exo], &[m.gpa, pages, 0, 0, 0], &mut bitmap) {
+                    // The capability lives on the kernel instance of the VM that mapped
+                    // (capabilities are per instance); a call from another instance (a
+                    // VM on another CPU the region was delegated to) cannot name it, and
+                    // counts every page as dirty instead.
+                    Err(AmError::Capability(nk_am::CapError::UnknownName)) => {
+                        bitmap.fill(0xFF);
+                        Ok(())
+                    }
+                    other => other.map(|_| ()),
+                }
+            }
             (Some(_), None) => Err(AmError::NotPermitted),
             (None, _) => {
                 bitmap.fill(0xFF);

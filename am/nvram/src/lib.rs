@@ -72,6 +72,9 @@
 //! write set is unknown: commit is refused with the status the check gave (`REVOKED`),
 //! writing nothing, and keeps being refused while the mapping lasts; restore still aborts
 //! (every page counts as dirty), and unmapping and mapping again lends a new capability.
+//! Capabilities are per kernel instance: the lent one lives on the instance of the VM
+//! that mapped, so a commit from a VM on another CPU (the region capability delegated
+//! there) cannot name it and counts that mapping's every page as dirty (correct, slower).
 //! A writable mapping made by a caller that holds no such capability, and names none,
 //! counts every page as dirty (slower, same result), as does a hypervisor that lends no
 //! dirty tracking to the exo AM. The committed copy is kept in host frames
