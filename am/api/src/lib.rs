@@ -431,6 +431,12 @@ pub trait Kernel: Effects {
         let _ = name;
         false
     }
+
+    /// Returns the kernel instance running the call (capabilities are per instance, AMs
+    /// shared: an AM that holds capabilities of every instance picks this one's).
+    fn instance(&self) -> u32 {
+        0
+    }
 }
 
 /// A capability presented by name to another AM's operation ([`Kernel::lend_frames`]),
@@ -472,6 +478,21 @@ pub trait AbstractMachine {
     ) -> Result<Outcome, AmError> {
         let _ = data;
         self.invoke(checked, args, kernel)
+    }
+
+    /// Grants AM `to` (named `name`, registered after this one: a layer above) capabilities
+    /// to this AM's objects at start-up, on each kernel instance (the null-Kernel's
+    /// `connect_ams`), held by `Principal::Am(to)` and charged to it; `to` gets them with
+    /// [`received_from_am`](Self::received_from_am). The default grants nothing.
+    fn grant_to_am(&mut self, to: AmId, name: &str, kernel: &mut dyn Kernel) -> Result<Vec<CapName>, AmError> {
+        let _ = (to, name, kernel);
+        Ok(Vec::new())
+    }
+
+    /// Receives the capabilities AM `from` (named `name`, a lower layer) granted this AM
+    /// on kernel instance `instance` at start-up ([`grant_to_am`](Self::grant_to_am)).
+    fn received_from_am(&mut self, from: AmId, name: &str, instance: u32, caps: &[CapName]) {
+        let _ = (from, name, instance, caps);
     }
 
     /// Grants a new VM its initial capabilities to this AM's objects (e.g. a factory), by

@@ -37,12 +37,13 @@
 //! At most [`RANGES_MAX`] ranges live at a time (`NO_MEMORY` past it); a read or write
 //! moves at most [`TRANSFER_MAX`] bytes (a caller splits larger transfers).
 //!
-//! # Status
+//! # Under the NVRAM AM
 //!
-//! The hypervisor does not register this AM yet: the NVRAM AM still takes the device from
-//! `Kernel::with_media`. What remains for that: a capability of each kernel instance for
-//! the NVRAM AM (capabilities are per instance, the AMs shared), granted from AM to AM at
-//! start-up, and the NVRAM AM's stores opened on [`BlockMedia`].
+//! The hypervisor registers this AM right before the NVRAM AM (when a guest's module says
+//! `nvram`), [`serving`](BlockAm::serving) it: at start-up each kernel instance's
+//! `connect_ams` grants the NVRAM AM a range of the whole device (capabilities are per
+//! instance, the AMs shared), and the NVRAM AM opens its directory and stores on
+//! [`BlockMedia`] over the range of the instance running the call.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
@@ -61,8 +62,10 @@ use nk_am::{
 pub const UNIT: u64 = MEDIA_UNIT;
 /// The most ranges live at a time.
 pub const RANGES_MAX: usize = 256;
-/// The most bytes one read or write moves.
-pub const TRANSFER_MAX: u64 = 64 * 1024;
+/// The most bytes one read or write moves (the caller's buffer; as large as the NVRAM
+/// AM's largest write, a 16 MiB region's log cleared at format, so every `Media` write
+/// of the AM above stays one device write, as the crash sweeps count them).
+pub const TRANSFER_MAX: u64 = 32 << 20;
 
 /// Operation numbers, in registration order.
 pub mod op {
@@ -106,6 +109,8 @@ pub struct BlockAm {
     am: Option<AmId>,
     kind: Option<ObjKind>,
     grants: Vec<BlockGrant>,
+    /// The AMs above granted the whole device on each kernel instance.
+    serve: Vec<&'static str>,
     ranges: BTreeMap<u64, Range>,
     next: u64,
 }
@@ -114,6 +119,13 @@ impl BlockAm {
     /// Creates the AM; `grants` says which VMs get a range at creation.
     pub fn new(grants: Vec<BlockGrant>) -> Self {
         Self { grants, next: 1, ..Self::default() }
+    }
+
+    /// Grants the AM named `name` (registered after this one) a range of the whole device,
+    /// with every right, on each kernel instance at start-up (`grant_to_am`).
+    pub fn serving(mut self, name: &'static str) -> Self {
+        self.serve.push(name);
+        self
     }
 
     fn new_range(
@@ -289,6 +301,20 @@ impl AbstractMachine for BlockAm {
         }
         let name =
             self.new_range(grant.first, grant.bytes, Rights::from_bits(rights::ALL), Principal::Vm(vm), None, kernel)?;
+        Ok(alloc::vec![name])
+    }
+
+    /// Grants an AM it serves the whole device (one range per kernel instance).
+    fn grant_to_am(&mut self, to: AmId, name: &str, kernel: &mut dyn Kernel) -> Result<Vec<CapName>, AmError> {
+        if !self.serve.contains(&name) {
+            return Ok(Vec::new());
+        }
+        let mut bytes = 0;
+        if !kernel.with_media(&mut |media| bytes = media.size()) || bytes < UNIT {
+            return Ok(Vec::new());
+        }
+        let bytes = bytes - bytes % UNIT;
+        let name = self.new_range(0, bytes, Rights::from_bits(rights::ALL), Principal::Am(to), None, kernel)?;
         Ok(alloc::vec![name])
     }
 

@@ -141,6 +141,25 @@ pub struct NvramAm {
     /// Exo capabilities of mappings removed by a revocation (which cannot call the
     /// null-Kernel), given back at the AM's next call; at most one per mapping.
     orphans: Vec<CapName>,
+    /// The block AM's range of the whole device, per kernel instance (granted at start-up):
+    /// the durable device, through block capabilities (seed §5.2.2).
+    block: BTreeMap<u32, CapName>,
+}
+
+/// Runs `f` with the durable device: the block AM's range of this kernel instance when
+/// the AM holds one ([`nk_am_block::BlockMedia`]: every access an AM-to-AM call), else
+/// the device the hypervisor lends (`Kernel::with_media`). False when there is none.
+fn with_device(block: &BTreeMap<u32, CapName>, kernel: &mut dyn Kernel, f: &mut dyn FnMut(&mut dyn Media)) -> bool {
+    match block.get(&kernel.instance()) {
+        Some(&cap) => match nk_am_block::BlockMedia::open(kernel, cap) {
+            Ok(mut media) => {
+                f(&mut media);
+                true
+            }
+            Err(_) => false,
+        },
+        None => kernel.with_media(f),
+    }
 }
 
 impl core::fmt::Debug for NvramAm {
@@ -181,7 +200,7 @@ impl NvramAm {
             return Ok(());
         }
         let mut result = None;
-        kernel.with_media(&mut |media| result = Some(Directory::mount(media)));
+        with_device(&self.block, kernel, &mut |media| result = Some(Directory::mount(media)));
         let directory = result.ok_or(AmError::NotPermitted)?.map_err(|e| {
             log::error!(target: "nvram", "the device's region directory cannot be used: {e:?}");
             AmError::NotPermitted
@@ -239,7 +258,7 @@ impl NvramAm {
         // into both copies.
         let mut result = None;
         let mut corrupt = None;
-        kernel.with_media(&mut |media: &mut dyn Media| {
+        with_device(&self.block, kernel, &mut |media: &mut dyn Media| {
             result = Some(
                 match existing {
                     Some(entry) => {
@@ -452,7 +471,7 @@ impl NvramAm {
         let (working, committed) = (region.working, region.committed());
         let mut result = None;
         let store = &mut region.store;
-        kernel.with_media(&mut |media: &mut dyn Media| {
+        with_device(&self.block, kernel, &mut |media: &mut dyn Media| {
             // Each block is read once from the working copy, written to the device and to
             // the committed copy, so the two agree even if a guest writes meanwhile.
             result = Some(store.commit(media, &writes, &mut |block, out| {
@@ -489,7 +508,7 @@ impl NvramAm {
             let geometry = region.entry.geometry;
             let (working, bytes) = (region.working, region.entry.bytes);
             let mut result = None;
-            kernel.with_media(&mut |media: &mut dyn Media| {
+            with_device(&self.block, kernel, &mut |media: &mut dyn Media| {
                 result = Some(Store::open(media, geometry).map_err(media_error).and_then(|(store, _)| {
                     // Both copies may hold blocks of the failed commit: start from zeros.
                     let zeros = vec![0u8; PAGE as usize];
@@ -672,6 +691,16 @@ impl AbstractMachine for NvramAm {
         let kind = self.factory_kind.ok_or(AmError::NotPermitted)?;
         let object = Object::new(am, kind, ObjId::new(grant.owner));
         Ok(vec![kernel.grant_new(object, Rights::from_bits(1), Principal::Vm(vm), Binding::Bound)?])
+    }
+
+    /// Keeps the block AM's range of the whole device for instance `instance`.
+    fn received_from_am(&mut self, _from: AmId, name: &str, instance: u32, caps: &[CapName]) {
+        if let ("block", Some(&cap)) = (name, caps.first()) {
+            if instance == 0 {
+                log::info!(target: "nvram", "the durable device comes through the block AM (a range capability per kernel instance)");
+            }
+            self.block.insert(instance, cap);
+        }
     }
 
     fn revoked(&mut self, dead: &DeadCap, effects: &mut dyn Effects) {

@@ -101,9 +101,12 @@ fn boot(image: Option<Vec<u8>>) -> Setup {
         nk_am_exo::VmMemory { gpa_base: 0, gpa_limit: 1 << 30, frame_quota: 0, initial_bytes: 0, initial_hpa: None };
     let assignment = |vm| nk_am_exo::VmAssignment { vm: Some(vm), ports: None, msrs: Vec::new(), memory: Some(memory) };
     let exo = nk.add_am(Box::new(nk_am_exo::ExoAm::new(vec![assignment(A), assignment(B)])), 64).unwrap().raw();
+    // The block AM under the NVRAM AM: its device comes through a block range capability.
+    nk.add_am(Box::new(nk_am_block::BlockAm::new(Vec::new()).serving("nvram")), 64).unwrap();
     let grants = vec![NvramGrant { vm: A, owner: 0xA }, NvramGrant { vm: B, owner: 0xB }];
     let am = nk.add_am(Box::new(NvramAm::new(grants).with_window(GPA, GPA + (64 << 20))), 64).unwrap().raw();
     nk.set_caller_ring(|| 0);
+    assert!(nk.connect_ams().is_empty());
     nk.add_vm(A, 64).unwrap();
     nk.add_vm(B, 64).unwrap();
     Setup { nk, am, exo, machine, ept: BTreeMap::new() }
@@ -219,6 +222,11 @@ fn committed_data_survives_a_restart_and_uncommitted_does_not() {
 #[test]
 fn commit_writes_only_changed_blocks_and_restore_aborts() {
     let mut s = boot(None);
+    // The durable device comes through the block AM: the NVRAM AM holds a range of it.
+    let nvram = nk_caps::Principal::Am(nk_caps::AmId::new(s.am));
+    let held =
+        s.nk.table().nodes().filter_map(|n| n.cap).filter(|c| c.holder == nvram && c.object.am.raw() == s.am - 1);
+    assert_eq!(held.count(), 1, "one block range capability");
     let region = ok(s.allocate(A, 1));
     ok(s.nvram(A, op::MAP, region.name, &[GPA, 3]));
     s.guest_write(A, GPA + 8 * 4096 + 300, &[1; 8]);

@@ -379,6 +379,10 @@ impl Kernel for AmServices<'_> {
     fn drop_cap(&mut self, name: CapName) -> bool {
         am_to_am::drop_cap(self, name)
     }
+
+    fn instance(&self) -> u32 {
+        u32::from(self.table.kernel().raw())
+    }
 }
 
 /// AM-to-AM calls (seed §5.2.1, hierarchical capabilities): an AM, as the principal
@@ -729,6 +733,42 @@ impl NullKernel {
         self.initial.insert(vm, granted);
         self.inbox.insert(vm, Inbox::default());
         Ok(report)
+    }
+
+    /// Lets each AM grant the AMs registered after it (the layers above) capabilities to
+    /// its objects on this instance ([`AbstractMachine::grant_to_am`], then
+    /// [`AbstractMachine::received_from_am`]; seed §5.2.1): called once per instance after
+    /// every AM was added. Returns the grants that failed.
+    pub fn connect_ams(&mut self) -> Vec<GrantFailure> {
+        let mut report = Vec::new();
+        let instance = u32::from(self.id().raw());
+        for lower in 0..self.shared.ams.len() {
+            for upper in lower + 1..self.shared.ams.len() {
+                let (lower_id, upper_id) =
+                    (AmId::new(FIRST_AM_ID + lower as u16), AmId::new(FIRST_AM_ID + upper as u16));
+                let registry = self.proto.table().registry();
+                let (Some(lower_name), Some(upper_name)) = (registry.am_name(lower_id), registry.am_name(upper_id))
+                else {
+                    continue;
+                };
+                let (lower_name, upper_name) =
+                    (alloc::string::String::from(lower_name), alloc::string::String::from(upper_name));
+                let mut services = AmServices {
+                    am: lower_id,
+                    table: self.proto.table_mut(),
+                    effects: &mut self.effects,
+                    shared: &self.shared,
+                };
+                match self.shared.ams[lower].lock().grant_to_am(upper_id, &upper_name, &mut services) {
+                    Ok(names) if !names.is_empty() => {
+                        self.shared.ams[upper].lock().received_from_am(lower_id, &lower_name, instance, &names);
+                    }
+                    Ok(_) => {}
+                    Err(error) => report.push(GrantFailure { am: lower_id, error }),
+                }
+            }
+        }
+        report
     }
 
     /// Takes the effects the AMs emitted since the last call, for the hypervisor to apply
