@@ -160,11 +160,15 @@ pub mod nvram_op {
     /// right) and `[bytes, committed seq, 1 if created, region id]`; an existing region
     /// `key` of the same owner is restored instead of created.
     pub const ALLOCATE: u32 = 0;
-    /// `map(c: region[map-read], gpa, access)`: maps the region's working copy into the
-    /// caller's own address space at `gpa` (1-2 GiB); `access` = 1 read, 3 read-write
-    /// (write needs `map-write`).
+    /// `map(c: region[map-read], gpa, access, aspace high, aspace low)`: maps the region's
+    /// working copy at `gpa` (1-2 GiB); `access` = 1 read, 3 read-write (write needs
+    /// `map-write`). With the last two 0, into the caller's own address space; else into
+    /// the address space of the exo `aspace` capability those words name (rights `map`
+    /// and `dirty`: the caller's own or another VM's), which the NVRAM AM keeps a child of
+    /// to read the write set.
     pub const MAP: u32 = 1;
-    /// `unmap(c: region[map-read], gpa)`.
+    /// `unmap(c: region[map-read], gpa, vm)`: the mapping the caller made at `gpa` in its
+    /// own address space (`vm` 0) or in VM `vm`'s.
     pub const UNMAP: u32 = 2;
     /// `begin(c: region[commit])`: opens a transaction; results: 0 = seq.
     pub const BEGIN: u32 = 3;
