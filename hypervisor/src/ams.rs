@@ -51,6 +51,15 @@ pub static AMS: &[AmLine] = &[
         when: always,
         make: |boot| Box::new(vm_objects(boot.guests, boot.images.to_vec())),
     },
+    // The block AM (am/block, the seed's d-AM): the durable device as block-range
+    // capabilities, granted to the NVRAM AM on each kernel instance at start-up; only when
+    // the NVRAM AM runs, as its line.
+    AmLine {
+        name: "block",
+        quota: AM_QUOTA,
+        when: |boot| boot.guests.iter().any(|g| g.nvram),
+        make: |_| Box::new(nk_am_block::BlockAm::new(alloc::vec::Vec::new()).serving("nvram")),
+    },
     // Only when a guest's module says `nvram` (one more AM principal made derive 16
     // instructions longer in `cargo xtask bench hypercall`).
     AmLine {

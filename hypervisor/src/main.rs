@@ -193,6 +193,11 @@ fn null_kernel(
             let separator = if listed.is_empty() { "" } else { ", " };
             listed.push_str(&alloc::format!("{separator}{} (id {})", line.name, id.raw()));
         }
+        // Each AM grants the layers above it what they hold of it (the block AM: the NVRAM
+        // AM's device range).
+        for failure in kernel.connect_ams() {
+            log::error!(target: "nk", "kernel {cpu}: AM {} could not grant the AMs above it: {:?}", failure.am.raw(), failure.error);
+        }
         if cpu == 0 {
             log::info!(target: "nk", "{kernels} kernel instances (one per CPU), {capacity} capability slots each; AMs: {listed}");
         }

@@ -427,6 +427,71 @@ pub trait Kernel: Effects {
         let _ = (vm, gpa, pages, bitmap);
         false
     }
+
+    /// Invokes operation `op` of another AM as this AM, a principal of its own (seed
+    /// §5.2.1, "hierarchical capabilities": an AM built on a lower one holds capabilities
+    /// of it and uses them as any caller would). The null-Kernel checks `caps` against the
+    /// operation's declared kinds and rights for the principal `Principal::Am(self)`, as
+    /// it checks a hypercall's, then runs the other AM's
+    /// [`AbstractMachine::invoke_by_am`], which may fill `data` (a buffer of the caller's,
+    /// e.g. a dirty bitmap). Calls go down only: `op`'s AM must have been registered
+    /// before this one (a lower layer), so an AM never calls itself or one that may be
+    /// calling it, and AM locks are always taken in decreasing id order (no deadlock).
+    /// Nothing changes when the check fails.
+    fn call_am(
+        &mut self,
+        op: OpId,
+        caps: &[CapName],
+        args: &[u64; PLAIN_ARGS],
+        data: &mut [u8],
+    ) -> Result<Outcome, AmError> {
+        let _ = (op, caps, args, data);
+        Err(AmError::NotPermitted)
+    }
+
+    /// Returns operation `op` of the AM named `am` (for [`call_am`](Self::call_am)); None
+    /// when no such AM or operation is registered.
+    fn find_op(&self, am: &str, op: &str) -> Option<OpId> {
+        let _ = (am, op);
+        None
+    }
+
+    /// Returns a live capability that VM `holder` holds (bound to it) to object `id` of
+    /// kind `kind` of the AM named `am`, carrying at least the rights named `rights`;
+    /// None when it holds none (a scan of the kernel instance's capabilities: for calls
+    /// that set things up, not for every call).
+    fn find_held(&self, holder: VmId, am: &str, kind: &str, id: ObjId, rights: &[&str]) -> Option<CapName> {
+        let _ = (holder, am, kind, id, rights);
+        None
+    }
+
+    /// Delegates to this AM (as a principal) a child of capability `name` held by VM
+    /// `from`, with only the rights named `rights` (of the object's kind; `from`'s
+    /// capability must carry them): `from` lends it, during a call `from` made, so
+    /// the AM can later use it with [`call_am`](Self::call_am). The child is charged to
+    /// `from`'s capability quota (the delegator pays, nk-caps "Quotas") and dies when
+    /// `from` revokes its capability (or `name`'s ancestors), when `from` ends, or when
+    /// the AM gives it back with [`drop_cap`](Self::drop_cap).
+    /// Returns the child's name and the object it refers to.
+    fn take_cap(&mut self, from: VmId, name: CapName, rights: &[&str]) -> Result<(CapName, Object), AmError> {
+        let _ = (from, name, rights);
+        Err(AmError::NotPermitted)
+    }
+
+    /// Deletes capability `name` this AM holds (one [`take_cap`](Self::take_cap) gave it,
+    /// live or revoked), which gives its charge back; the object's AM hears of it if it
+    /// was live. Only capabilities to objects of lower AMs (as for `call_am`); false when
+    /// `name` is no such capability of this AM's.
+    fn drop_cap(&mut self, name: CapName) -> bool {
+        let _ = name;
+        false
+    }
+
+    /// Returns the kernel instance running the call (capabilities are per instance, AMs
+    /// shared: an AM that holds capabilities of every instance picks this one's).
+    fn instance(&self) -> u32 {
+        0
+    }
 }
 
 /// A capability presented by name to another AM's operation ([`Kernel::lend_frames`]),
@@ -454,6 +519,36 @@ pub trait AbstractMachine {
         args: &[u64; PLAIN_ARGS],
         kernel: &mut dyn Kernel,
     ) -> Result<Outcome, AmError>;
+
+    /// Handles operation `checked.op()` invoked by another AM ([`Kernel::call_am`]; the
+    /// caller is `Principal::Am(..)`), with `data`, a buffer of the calling AM's that the
+    /// operation may read or fill as it documents. The default is
+    /// [`invoke`](Self::invoke), ignoring `data`.
+    fn invoke_by_am(
+        &mut self,
+        checked: &Checked,
+        args: &[u64; PLAIN_ARGS],
+        data: &mut [u8],
+        kernel: &mut dyn Kernel,
+    ) -> Result<Outcome, AmError> {
+        let _ = data;
+        self.invoke(checked, args, kernel)
+    }
+
+    /// Grants AM `to` (named `name`, registered after this one: a layer above) capabilities
+    /// to this AM's objects at start-up, on each kernel instance (the null-Kernel's
+    /// `connect_ams`), held by `Principal::Am(to)` and charged to it; `to` gets them with
+    /// [`received_from_am`](Self::received_from_am). The default grants nothing.
+    fn grant_to_am(&mut self, to: AmId, name: &str, kernel: &mut dyn Kernel) -> Result<Vec<CapName>, AmError> {
+        let _ = (to, name, kernel);
+        Ok(Vec::new())
+    }
+
+    /// Receives the capabilities AM `from` (named `name`, a lower layer) granted this AM
+    /// on kernel instance `instance` at start-up ([`grant_to_am`](Self::grant_to_am)).
+    fn received_from_am(&mut self, from: AmId, name: &str, instance: u32, caps: &[CapName]) {
+        let _ = (from, name, instance, caps);
+    }
 
     /// Grants a new VM its initial capabilities to this AM's objects (e.g. a factory), by
     /// `kernel.grant_new`, in an order the AM documents. The default grants nothing.

@@ -73,6 +73,7 @@ pub mod op {
     pub const DIRTY: u16 = nk_abi::exo_op::DIRTY as u16;
     pub const PML_ENABLE: u16 = nk_abi::exo_op::PML_ENABLE as u16;
     pub const PML_DRAIN: u16 = nk_abi::exo_op::PML_DRAIN as u16;
+    pub const DIRTY_READ: u16 = nk_abi::exo_op::DIRTY_READ as u16;
 }
 
 /// What the hypervisor gives one VM at creation.
@@ -220,6 +221,19 @@ impl ExoAm {
                 self.memory.dirty(first.object().id, bitmap, args, &rights, kernel)
             }
             op::PML_ENABLE => self.memory.pml_enable(vm, first.object().id, args, kernel),
+            op::DIRTY_READ => {
+                let mut bitmap = [0u8; 32];
+                let pages = args[1];
+                if pages > 256 {
+                    return Err(AmError::BadArgument);
+                }
+                self.memory.dirty_read(first.object().id, args, &mut bitmap, kernel)?;
+                let mut results = [0u64; 4];
+                for (i, chunk) in bitmap.chunks_exact(8).enumerate() {
+                    results[i] = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
+                }
+                Ok(Outcome { name: None, results })
+            }
             op::PML_DRAIN => {
                 let bitmap = caps.get(1).ok_or(AmError::BadArgument)?;
                 let bitmap = (bitmap.object().id, bitmap.rights());
@@ -328,7 +342,24 @@ impl AbstractMachine for ExoAm {
             name: "pml-drain",
             args: &[ArgSpec::new(aspace, self.memory_rights.dirty), ArgSpec::new(frames, self.memory_rights.write)],
         })?;
+        r.operation(OpSpec { name: "dirty-read", args: &[ArgSpec::new(aspace, self.memory_rights.dirty)] })?;
         Ok(())
+    }
+
+    /// Serves another AM's call (`Kernel::call_am`, seed §5.2.1): only `dirty-read`, whose
+    /// bitmap goes into the caller's buffer `data` (the NVRAM AM's write sets come from
+    /// here). Every other operation is for VMs.
+    fn invoke_by_am(
+        &mut self,
+        checked: &Checked,
+        args: &[u64; PLAIN_ARGS],
+        data: &mut [u8],
+        kernel: &mut dyn Kernel,
+    ) -> Result<Outcome, AmError> {
+        if checked.op().index() != op::DIRTY_READ {
+            return Err(AmError::NotPermitted);
+        }
+        self.memory.dirty_read(checked.args()[0].object().id, args, data, kernel)
     }
 
     fn invoke(

@@ -577,6 +577,37 @@ impl Memory {
         Ok(Outcome::value(pages))
     }
 
+    /// `dirty-read(c: aspace[dirty], gpa, pages)`: reads and clears the dirty flags of
+    /// `pages` 4 KiB pages from `gpa` in the address space's VM into `bitmap` (bit i of
+    /// byte i / 8 for page i), synchronously (`Kernel::take_dirty`). The range may lie
+    /// anywhere in the VM's guest-physical space, not only where this AM maps: the right
+    /// `dirty` covers the whole address space, and reading flags changes no mapping (it is
+    /// how the NVRAM AM reads the write set of a region it mapped). Where the hypervisor
+    /// cannot tell, every page reads as dirty. At most [`DIRTY_PAGES_MAX`] pages.
+    pub fn dirty_read(
+        &mut self,
+        aspace: ObjId,
+        args: &[u64],
+        bitmap: &mut [u8],
+        kernel: &mut dyn Kernel,
+    ) -> Result<Outcome, AmError> {
+        let vm = aspace_vm(aspace)?;
+        let (gpa, pages) = (args[0], args[1]);
+        if pages == 0 || pages > DIRTY_PAGES_MAX || !aligned(gpa, PAGE_4K) {
+            return Err(AmError::BadArgument);
+        }
+        gpa.checked_add(pages * PAGE_4K).ok_or(AmError::BadArgument)?;
+        let bitmap = bitmap.get_mut(..pages.div_ceil(8) as usize).ok_or(AmError::BadArgument)?;
+        if !kernel.take_dirty(vm, gpa, pages, bitmap) {
+            bitmap.fill(0xFF);
+        }
+        // No bits past the range.
+        if let (Some(last), rest @ 1..) = (bitmap.last_mut(), pages % 8) {
+            *last &= (1u8 << rest) - 1;
+        }
+        Ok(Outcome::value(pages))
+    }
+
     /// `pml-enable(c: aspace[dirty], gpa, pages)`: turns on Page-Modification Logging for
     /// `pages` pages from `gpa` of the caller's own address space (PML is a VMCS setting:
     /// only the VM itself, on its CPU, switches it); a new range replaces the old one.

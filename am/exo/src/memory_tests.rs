@@ -474,6 +474,24 @@ fn dirty_reads_into_a_bitmap_the_caller_holds() {
     assert!(s.effects().is_empty());
 }
 
+/// `dirty-read` from a VM: the bitmap comes back in the results (at most 256 pages); the
+/// range may lie anywhere in the address space (here past the AM's limit, where other AMs
+/// map); without dirty tracking lent (this test's kernel) every page reads dirty.
+#[test]
+fn dirty_read_returns_the_bitmap_in_the_results() {
+    let mut s = setup();
+    let (a2, a3) = (s.aspace(VM2), s.aspace(VM3));
+    let reply = s.ok(VM2, op::DIRTY_READ, &[a2], &[LIMIT, 70]);
+    assert_eq!(reply.results, [u64::MAX, 0x3F, 0, 0]);
+    for args in [[0, 257], [0, 0], [0x800, 1], [!0xFFF, 2]] {
+        assert_eq!(s.call(VM2, op::DIRTY_READ, &[a2], &args).status().code(), Status::BAD_ARGUMENT, "{args:?}");
+    }
+    assert_eq!(s.call(VM2, op::DIRTY_READ, &[a3], &[0, 1]).status().code(), Status::WRONG_HOLDER);
+    let map_only = s.null(VM2, nk_op::DERIVE, a2, &[0b001]).name;
+    assert_eq!(s.call(VM2, op::DIRTY_READ, &[map_only], &[0, 1]).status().code(), Status::MISSING_RIGHTS);
+    assert!(s.effects().is_empty());
+}
+
 #[test]
 fn dirty_with_keep_reads_without_clearing_also_in_the_keep_window() {
     let keep = nk_abi::exo_dirty::KEEP;

@@ -187,6 +187,7 @@ fn registered_op_numbers_are_the_shared_abis() {
         ("dirty", nk_abi::exo_op::DIRTY),
         ("pml-enable", nk_abi::exo_op::PML_ENABLE),
         ("pml-drain", nk_abi::exo_op::PML_DRAIN),
+        ("dirty-read", nk_abi::exo_op::DIRTY_READ),
     ];
     for (name, number) in ops {
         let found = table.registry().find_op(id, name).map(|op| u32::from(op.index()));

@@ -71,9 +71,17 @@ impl NvramGrant {
 #[derive(Clone, Copy, Debug)]
 struct RegionMapping {
     cap: CapName,
+    /// The VM whose address space holds the mapping.
     vm: VmId,
+    /// The VM that made it (its caller).
+    by: VmId,
     gpa: u64,
     access: u8,
+    /// The AM's capability to the exo AM's dirty tracking of the mapper's address space
+    /// (`aspace[dirty]`, lent by the mapper at `map`), through which commit reads the
+    /// mapping's write set; None when the mapper held none (every page then counts as
+    /// dirty).
+    exo: Option<CapName>,
 }
 
 #[derive(Debug)]
@@ -128,6 +136,30 @@ pub struct NvramAm {
     window: Option<(u64, u64)>,
     /// Regions (owner, key) whose corrupt metadata was logged.
     reported: alloc::collections::BTreeSet<(u64, u64)>,
+    /// The exo AM's `dirty-read` (found at the first `map`).
+    dirty_read: Option<nk_am::OpId>,
+    /// Exo capabilities of mappings removed by a revocation (which cannot call the
+    /// null-Kernel), given back at the AM's next call; at most one per mapping.
+    orphans: Vec<CapName>,
+    /// The block AM's range of the whole device, per kernel instance (granted at start-up):
+    /// the durable device, through block capabilities (seed §5.2.2).
+    block: BTreeMap<u32, CapName>,
+}
+
+/// Runs `f` with the durable device: the block AM's range of this kernel instance when
+/// the AM holds one ([`nk_am_block::BlockMedia`]: every access an AM-to-AM call), else
+/// the device the hypervisor lends (`Kernel::with_media`). False when there is none.
+fn with_device(block: &BTreeMap<u32, CapName>, kernel: &mut dyn Kernel, f: &mut dyn FnMut(&mut dyn Media)) -> bool {
+    match block.get(&kernel.instance()) {
+        Some(&cap) => match nk_am_block::BlockMedia::open(kernel, cap) {
+            Ok(mut media) => {
+                f(&mut media);
+                true
+            }
+            Err(_) => false,
+        },
+        None => kernel.with_media(f),
+    }
 }
 
 impl core::fmt::Debug for NvramAm {
@@ -168,7 +200,7 @@ impl NvramAm {
             return Ok(());
         }
         let mut result = None;
-        kernel.with_media(&mut |media| result = Some(Directory::mount(media)));
+        with_device(&self.block, kernel, &mut |media| result = Some(Directory::mount(media)));
         let directory = result.ok_or(AmError::NotPermitted)?.map_err(|e| {
             log::error!(target: "nvram", "the device's region directory cannot be used: {e:?}");
             AmError::NotPermitted
@@ -226,7 +258,7 @@ impl NvramAm {
         // into both copies.
         let mut result = None;
         let mut corrupt = None;
-        kernel.with_media(&mut |media: &mut dyn Media| {
+        with_device(&self.block, kernel, &mut |media: &mut dyn Media| {
             result = Some(
                 match existing {
                     Some(entry) => {
@@ -300,7 +332,7 @@ impl NvramAm {
         held: Rights,
         id: u64,
         args: &[u64; PLAIN_ARGS],
-        effects: &mut dyn Effects,
+        kernel: &mut dyn Kernel,
     ) -> Result<Outcome, AmError> {
         let (gpa, access) = (args[0], args[1]);
         let access = u8::try_from(access).map_err(|_| AmError::BadArgument)?;
@@ -319,48 +351,107 @@ impl NvramAm {
         if self.window.is_some_and(|(start, limit)| gpa < start || end > limit) {
             return Err(AmError::BadArgument);
         }
+        if region.mappings.len() >= MAPPINGS_PER_REGION {
+            return Err(AmError::QuotaExceeded);
+        }
+        if self.dirty_read.is_none() {
+            self.dirty_read = kernel.find_op("exo", "dirty-read");
+        }
+        // The address space: the caller's own, or the one of the exo capability it names.
+        let (target, exo) = self.lend_aspace(vm, access, args, kernel)?;
         let overlaps = self.regions.values().flat_map(|r| r.mappings.iter().map(move |m| (m, r.entry.bytes)));
         for (m, other) in overlaps {
-            if m.vm == vm && gpa < m.gpa + other && m.gpa < end {
+            if m.vm == target && gpa < m.gpa + other && m.gpa < end {
+                if let Some(exo) = exo {
+                    kernel.drop_cap(exo);
+                }
                 return Err(AmError::NotPermitted);
             }
         }
         let region = self.regions.get_mut(&id).ok_or(AmError::NotPermitted)?;
-        if region.mappings.len() >= MAPPINGS_PER_REGION {
-            return Err(AmError::QuotaExceeded);
-        }
-        region.mappings.push(RegionMapping { cap, vm, gpa, access });
-        effects.emit(Effect::MapFrames { vm, gpa, hpa: region.working, bytes, large: false, access });
+        region.mappings.push(RegionMapping { cap, vm: target, by: vm, gpa, access, exo });
+        kernel.emit(Effect::MapFrames { vm: target, gpa, hpa: region.working, bytes, large: false, access });
         Ok(Outcome::value(bytes))
     }
 
-    /// `unmap(c: region[map-read], gpa)`: removes the caller's mapping of the region at
-    /// `gpa`, keeping what its dirty flags say for the next commit.
-    fn unmap(&mut self, vm: VmId, id: u64, gpa: u64, kernel: &mut dyn Kernel) -> Result<Outcome, AmError> {
+    /// Decides where `map` maps and what exo capability the AM keeps for it: with a name
+    /// in `args[2]` (high) and `args[3]` (low), a child of that exo `aspace` capability
+    /// with the rights `map` and `dirty`, and its VM (§5.4's `aspace`: another VM's, if the
+    /// caller holds a capability to it); without one, the caller's own address space and,
+    /// for a writable mapping, a child of its own `aspace[dirty]` capability if it holds
+    /// one.
+    fn lend_aspace(
+        &self,
+        vm: VmId,
+        access: u8,
+        args: &[u64; PLAIN_ARGS],
+        kernel: &mut dyn Kernel,
+    ) -> Result<(VmId, Option<CapName>), AmError> {
+        if (args[2], args[3]) == (0, 0) {
+            let exo = if access & frame_access::WRITE != 0 { take_own_dirty_cap(vm, kernel) } else { None };
+            return Ok((vm, exo));
+        }
+        let (child, object) = kernel.take_cap(vm, CapName::from_words(args[2], args[3]), &["map", "dirty"])?;
+        let exo_am = self.dirty_read.map(|op| op.am());
+        match u32::try_from(object.id.raw()) {
+            Ok(target) if exo_am == Some(object.am) => Ok((VmId::new(target), Some(child))),
+            _ => {
+                kernel.drop_cap(child);
+                Err(AmError::BadArgument)
+            }
+        }
+    }
+
+    /// `unmap(c: region[map-read], gpa, target)`: removes the mapping of the region at
+    /// `gpa` that the caller made in its own address space (`target` 0) or in VM `target`'s,
+    /// keeping what its dirty flags say for the next commit.
+    fn unmap(&mut self, vm: VmId, id: u64, gpa: u64, target: u64, kernel: &mut dyn Kernel) -> Result<Outcome, AmError> {
+        let target = match target {
+            0 => vm,
+            n => VmId::new(u32::try_from(n).map_err(|_| AmError::BadArgument)?),
+        };
         let region = self.regions.get_mut(&id).ok_or(AmError::NotPermitted)?;
-        let index = region.mappings.iter().position(|m| m.vm == vm && m.gpa == gpa).ok_or(AmError::BadArgument)?;
-        collect_dirty(region, kernel);
+        let index = region
+            .mappings
+            .iter()
+            .position(|m| m.by == vm && m.vm == target && m.gpa == gpa)
+            .ok_or(AmError::BadArgument)?;
+        // A mapping whose write set cannot be read any more leaves every page dirty.
+        let _ = collect_dirty(region, self.dirty_read, kernel);
         let mapping = region.mappings.remove(index);
-        kernel.emit(Effect::UnmapFrames { vm, gpa: mapping.gpa, bytes: region.entry.bytes });
+        if let Some(exo) = mapping.exo {
+            kernel.drop_cap(exo);
+        }
+        kernel.emit(Effect::UnmapFrames { vm: target, gpa: mapping.gpa, bytes: region.entry.bytes });
         Ok(Outcome::value(region.entry.bytes))
     }
 
     /// `commit(c: region[commit])`: makes the region's writes since the last commit or
     /// restore durable, atomically, and closes the transaction.
-    fn commit(&mut self, id: u64, kernel: &mut dyn Kernel) -> Result<Outcome, AmError> {
+    ///
+    /// With `whole` (argument 0 = 1) it skips the write set and writes every block of the
+    /// region (the naive whole-region copy `cargo xtask bench nvram` compares against).
+    fn commit(&mut self, id: u64, whole: bool, kernel: &mut dyn Kernel) -> Result<Outcome, AmError> {
         let host = self.host.ok_or(AmError::NotPermitted)?;
         let region = self.regions.get_mut(&id).ok_or(AmError::NotPermitted)?;
         if region.poisoned {
             return Err(AmError::NotPermitted);
         }
-        collect_dirty(region, kernel);
+        // The write set comes from below: a refusal there (the exo capability revoked)
+        // refuses the commit, with nothing written; the pages stay dirty.
+        collect_dirty(region, self.dirty_read, kernel)?;
         // The write set: each dirty page diffed against the committed copy in 256-byte
         // blocks (seed §3.2.6).
         let mut writes = Vec::new();
         let (mut working_page, mut committed_page) = (vec![0u8; PAGE as usize], vec![0u8; PAGE as usize]);
         let mut dirty_pages = 0;
+        if whole {
+            let blocks = region.entry.bytes / BLOCK as u64;
+            writes.extend(0..blocks as u32);
+            dirty_pages = region.pages();
+        }
         for page in 0..region.pages() {
-            if region.dirty[(page / 8) as usize] & (1 << (page % 8)) == 0 {
+            if whole || region.dirty[(page / 8) as usize] & (1 << (page % 8)) == 0 {
                 continue;
             }
             dirty_pages += 1;
@@ -380,7 +471,7 @@ impl NvramAm {
         let (working, committed) = (region.working, region.committed());
         let mut result = None;
         let store = &mut region.store;
-        kernel.with_media(&mut |media: &mut dyn Media| {
+        with_device(&self.block, kernel, &mut |media: &mut dyn Media| {
             // Each block is read once from the working copy, written to the device and to
             // the committed copy, so the two agree even if a guest writes meanwhile.
             result = Some(store.commit(media, &writes, &mut |block, out| {
@@ -411,12 +502,13 @@ impl NvramAm {
     fn restore(&mut self, id: u64, kernel: &mut dyn Kernel) -> Result<Outcome, AmError> {
         let host = self.host.ok_or(AmError::NotPermitted)?;
         let region = self.regions.get_mut(&id).ok_or(AmError::NotPermitted)?;
-        collect_dirty(region, kernel);
+        // Pages whose flags cannot be read count as dirty, so the abort covers them.
+        let _ = collect_dirty(region, self.dirty_read, kernel);
         if region.poisoned {
             let geometry = region.entry.geometry;
             let (working, bytes) = (region.working, region.entry.bytes);
             let mut result = None;
-            kernel.with_media(&mut |media: &mut dyn Media| {
+            with_device(&self.block, kernel, &mut |media: &mut dyn Media| {
                 result = Some(Store::open(media, geometry).map_err(media_error).and_then(|(store, _)| {
                     // Both copies may hold blocks of the failed commit: start from zeros.
                     let zeros = vec![0u8; PAGE as usize];
@@ -442,6 +534,7 @@ impl NvramAm {
     fn unload(&mut self, id: u64, effects: &mut dyn Effects) {
         if let Some(region) = self.regions.remove(&id) {
             for m in &region.mappings {
+                self.orphans.extend(m.exo);
                 effects.emit(Effect::UnmapFrames { vm: m.vm, gpa: m.gpa, bytes: region.entry.bytes });
             }
             effects.emit(Effect::FreeFrames { hpa: region.working, bytes: 2 * region.entry.bytes });
@@ -473,19 +566,53 @@ fn abort(region: &mut Region, host: &dyn HostMemory) {
     }
 }
 
-/// Adds what the dirty flags of the region's writable mappings say to its dirty pages
-/// (every page, where the hypervisor cannot tell).
-fn collect_dirty(region: &mut Region, kernel: &mut dyn Kernel) {
+/// Takes a child (charged to `vm`) of an exo `aspace[dirty]` capability `vm` holds to its
+/// own address space, for a writable mapping that names none; None when it holds none.
+fn take_own_dirty_cap(vm: VmId, kernel: &mut dyn Kernel) -> Option<CapName> {
+    let name = kernel.find_held(vm, "exo", "aspace", ObjId::new(u64::from(vm.raw())), &["dirty"])?;
+    kernel.take_cap(vm, name, &["dirty"]).ok().map(|(child, _)| child)
+}
+
+/// Adds the write sets of the region's writable mappings to its dirty pages: each read
+/// (and cleared) through the mapping's exo capability with the exo AM's `dirty-read`, an
+/// AM-to-AM call checked as any caller's (seed §5.2.1); every page for a mapping without
+/// one. A refused read (the capability revoked) marks every page dirty and returns the
+/// refusal.
+fn collect_dirty(region: &mut Region, op: Option<nk_am::OpId>, kernel: &mut dyn Kernel) -> Result<(), AmError> {
     let mut bitmap = vec![0u8; region.dirty.len()];
+    let pages = region.entry.bytes / PAGE;
+    let mut refused = Ok(());
     for m in region.mappings.iter().filter(|m| m.access & frame_access::WRITE != 0) {
         bitmap.fill(0);
-        if !kernel.take_dirty(m.vm, m.gpa, region.entry.bytes / PAGE, &mut bitmap) {
+        let read = match (m.exo, op) {
+            (Some(exo), Some(op)) => {
+                match kernel.call_am(op, &[exo], &[m.gpa, pages, 0, 0, 0], &mut bitmap) {
+                    // The capability lives on the kernel instance of the VM that mapped
+                    // (capabilities are per instance); a call from another instance (a
+                    // VM on another CPU the region was delegated to) cannot name it, and
+                    // counts every page as dirty instead.
+                    Err(AmError::Capability(nk_am::CapError::UnknownName)) => {
+                        bitmap.fill(0xFF);
+                        Ok(())
+                    }
+                    other => other.map(|_| ()),
+                }
+            }
+            (Some(_), None) => Err(AmError::NotPermitted),
+            (None, _) => {
+                bitmap.fill(0xFF);
+                Ok(())
+            }
+        };
+        if let Err(error) = read {
             bitmap.fill(0xFF);
+            refused = Err(error);
         }
         for (d, b) in region.dirty.iter_mut().zip(&bitmap) {
             *d |= b;
         }
     }
+    refused
 }
 
 impl AbstractMachine for NvramAm {
@@ -526,10 +653,13 @@ impl AbstractMachine for NvramAm {
         };
         let cap = &checked.args()[0];
         let id = cap.object().id.raw();
+        for orphan in core::mem::take(&mut self.orphans) {
+            kernel.drop_cap(orphan);
+        }
         match checked.op().index() {
             op::ALLOCATE => self.allocate(vm, id, args, kernel),
             op::MAP => self.map(vm, cap.name(), cap.rights(), id, args, kernel),
-            op::UNMAP => self.unmap(vm, id, args[0], kernel),
+            op::UNMAP => self.unmap(vm, id, args[0], args[1], kernel),
             op::BEGIN => {
                 let region = self.regions.get_mut(&id).ok_or(AmError::NotPermitted)?;
                 if region.transaction.is_some() || region.poisoned {
@@ -538,7 +668,7 @@ impl AbstractMachine for NvramAm {
                 region.transaction = Some(cap.name());
                 Ok(Outcome::value(region.store.seq()))
             }
-            op::COMMIT => self.commit(id, kernel),
+            op::COMMIT => self.commit(id, args[0] == 1, kernel),
             op::RESTORE => self.restore(id, kernel),
             op::SEQ => {
                 let region = self.regions.get(&id).ok_or(AmError::NotPermitted)?;
@@ -563,6 +693,16 @@ impl AbstractMachine for NvramAm {
         Ok(vec![kernel.grant_new(object, Rights::from_bits(1), Principal::Vm(vm), Binding::Bound)?])
     }
 
+    /// Keeps the block AM's range of the whole device for instance `instance`.
+    fn received_from_am(&mut self, _from: AmId, name: &str, instance: u32, caps: &[CapName]) {
+        if let ("block", Some(&cap)) = (name, caps.first()) {
+            if instance == 0 {
+                log::info!(target: "nvram", "the durable device comes through the block AM (a range capability per kernel instance)");
+            }
+            self.block.insert(instance, cap);
+        }
+    }
+
     fn revoked(&mut self, dead: &DeadCap, effects: &mut dyn Effects) {
         if Some(dead.object.kind) != self.region_kind {
             return;
@@ -577,9 +717,11 @@ impl AbstractMachine for NvramAm {
         // it, so every page counts as dirty from now on. A transaction it opened, or one
         // open while it could write, is aborted.
         let mut wrote = false;
+        let orphans = &mut self.orphans;
         region.mappings.retain(|m| {
             let dies = m.cap == dead.name;
             if dies {
+                orphans.extend(m.exo);
                 wrote |= m.access & frame_access::WRITE != 0;
                 effects.emit(Effect::UnmapFrames { vm: m.vm, gpa: m.gpa, bytes: region.entry.bytes });
             }

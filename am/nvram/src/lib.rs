@@ -16,16 +16,22 @@
 //!   Returns a region capability with every right and `[bytes, committed seq, 1 if created,
 //!   region id]`. A region is loaded once: allocating a loaded one is `NOT_PERMITTED` (its
 //!   holder shares it by delegation).
-//! - 1 `map(c: region[map-read], gpa, access)`: §5.4's `map-region(region, aspace,
-//!   offset)` into the caller's own address space: the whole region's working copy at
-//!   `gpa`, `access` = `frame_access::READ`, plus `WRITE` with `map-write`; never
-//!   execute. Overlapping another region's mapping is `NOT_PERMITTED`; outside the
-//!   hypervisor's window for regions (`NvramAm::with_window`; 1-2 GiB) `BAD_ARGUMENT`.
+//! - 1 `map(c: region[map-read], gpa, access, aspace high, aspace low)`: §5.4's
+//!   `map-region(region, aspace, offset)` into the caller's own address space: the whole
+//!   region's working copy at `gpa`, `access` = `frame_access::READ`, plus `WRITE` with
+//!   `map-write`; never execute. Overlapping another region's mapping is `NOT_PERMITTED`;
+//!   outside the hypervisor's window for regions (`NvramAm::with_window`; 1-2 GiB)
+//!   `BAD_ARGUMENT`. A writable mapping lends the AM an exo `aspace[dirty]` capability for
+//!   its write set (below, "Write sets"): the one named by arguments 2-3 (a capability
+//!   name's words; a name the caller cannot use, or without `dirty`, is refused with the
+//!   capability's status), or with both 0 one the caller holds to its own address space.
 //! - 2 `unmap(c: region[map-read], gpa)`.
 //! - 3 `begin(c: region[commit])`: opens a transaction (one at a time); returns the seq.
-//! - 4 `commit(c: region[commit])`: makes every write since the last commit or restore
-//!   durable, atomically; closes the transaction. Returns `[seq, blocks written, device
-//!   bytes written, dirty pages]`.
+//! - 4 `commit(c: region[commit], whole)`: makes every write since the last commit or
+//!   restore durable, atomically; closes the transaction. Returns `[seq, blocks written,
+//!   device bytes written, dirty pages]`. With `whole` = 1 it writes every block of the
+//!   region, changed or not (the naive whole-region copy `cargo xtask bench nvram`
+//!   measures beside the write-set commit), through the same PTx path.
 //! - 5 `restore(c: region[restore])`: puts the working copy back to the last committed
 //!   state (PTx's `restore`, used to abort) and closes the transaction; returns the seq.
 //!   At start-up the restore is `allocate` itself.
@@ -52,13 +58,26 @@
 //!
 //! # Write sets
 //!
-//! The write set is not the caller's to give: at commit, the AM reads (and clears) the
-//! EPT dirty flags of each writable mapping of the region through `Kernel::take_dirty`
-//! (the hypervisor's dirty tracking, the service behind the exo AM's `dirty`), keeps the
-//! bits of mappings removed since, and diffs each dirty page against the committed copy
-//! in 256-byte blocks (§3.2.6), so only changed blocks are written. A page rewritten
-//! with the same bytes costs nothing. Where the hypervisor lends no dirty tracking every
-//! page counts as dirty (slower, same result). The committed copy is kept in host frames
+//! The write set is not the caller's to give, and it comes from below through a
+//! capability (seed §5.2.1, hierarchical capabilities): a writable `map` lends the AM a
+//! child of the mapper's exo `aspace[dirty]` capability (`Kernel::take_cap`, charged to
+//! the mapper's capability quota, given back at unmap). At commit the AM, as the
+//! principal `Principal::Am(nvram)`, calls the exo AM's `dirty-read` with it
+//! (`Kernel::call_am`: the null-Kernel checks it as any caller's), which reads and clears
+//! the EPT dirty flags of the mapping; it keeps the bits of mappings removed since, and
+//! diffs each dirty page against the committed copy in 256-byte blocks (§3.2.6), so only
+//! changed blocks are written. A page rewritten with the same bytes costs nothing.
+//!
+//! When that capability dies (the mapper revokes what it lent, or its ancestor), the
+//! write set is unknown: commit is refused with the status the check gave (`REVOKED`),
+//! writing nothing, and keeps being refused while the mapping lasts; restore still aborts
+//! (every page counts as dirty), and unmapping and mapping again lends a new capability.
+//! Capabilities are per kernel instance: the lent one lives on the instance of the VM
+//! that mapped, so a commit from a VM on another CPU (the region capability delegated
+//! there) cannot name it and counts that mapping's every page as dirty (correct, slower).
+//! A writable mapping made by a caller that holds no such capability, and names none,
+//! counts every page as dirty (slower, same result), as does a hypervisor that lends no
+//! dirty tracking to the exo AM. The committed copy is kept in host frames
 //! (not read back from the device as PTx does) because the device may be a disk.
 //!
 //! # On the device

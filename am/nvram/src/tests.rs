@@ -77,6 +77,7 @@ impl DirtySource for Machine {
 struct Setup {
     nk: NullKernel,
     am: u16,
+    exo: u16,
     machine: &'static Machine,
     /// What the EPTs map: (vm, gpa) -> (hpa, bytes, access).
     ept: BTreeMap<(VmId, u64), (u64, u64, u8)>,
@@ -94,12 +95,21 @@ fn boot(image: Option<Vec<u8>>) -> Setup {
     nk.set_host_memory(machine);
     nk.set_media(machine);
     nk.set_dirty_source(machine);
+    // The exo AM first (a lower layer): each VM holds its address space's capability,
+    // which it lends the NVRAM AM for dirty tracking when it maps a region.
+    let memory =
+        nk_am_exo::VmMemory { gpa_base: 0, gpa_limit: 1 << 30, frame_quota: 0, initial_bytes: 0, initial_hpa: None };
+    let assignment = |vm| nk_am_exo::VmAssignment { vm: Some(vm), ports: None, msrs: Vec::new(), memory: Some(memory) };
+    let exo = nk.add_am(Box::new(nk_am_exo::ExoAm::new(vec![assignment(A), assignment(B)])), 64).unwrap().raw();
+    // The block AM under the NVRAM AM: its device comes through a block range capability.
+    nk.add_am(Box::new(nk_am_block::BlockAm::new(Vec::new()).serving("nvram")), 64).unwrap();
     let grants = vec![NvramGrant { vm: A, owner: 0xA }, NvramGrant { vm: B, owner: 0xB }];
     let am = nk.add_am(Box::new(NvramAm::new(grants).with_window(GPA, GPA + (64 << 20))), 64).unwrap().raw();
     nk.set_caller_ring(|| 0);
+    assert!(nk.connect_ams().is_empty());
     nk.add_vm(A, 64).unwrap();
     nk.add_vm(B, 64).unwrap();
-    Setup { nk, am, machine, ept: BTreeMap::new() }
+    Setup { nk, am, exo, machine, ept: BTreeMap::new() }
 }
 
 impl Setup {
@@ -126,10 +136,25 @@ impl Setup {
         self.call(vm, self.am, op, cap, args)
     }
 
+    /// Returns `vm`'s first initial capability of AM `am`.
+    fn initial_of(&mut self, vm: VmId, am: u16) -> NameWords {
+        for index in 0.. {
+            let reply = self.call(vm, 0, nk_op::INITIAL as u16, NameWords::default(), &[index]);
+            assert!(reply.status().is_ok(), "no initial capability of AM {am}");
+            if reply.results[0] == u64::from(am) {
+                return reply.name;
+            }
+        }
+        unreachable!()
+    }
+
     fn factory(&mut self, vm: VmId) -> NameWords {
-        let reply = self.call(vm, 0, nk_op::INITIAL as u16, NameWords::default(), &[0]);
-        assert!(reply.status().is_ok());
-        reply.name
+        self.initial_of(vm, self.am)
+    }
+
+    /// `vm`'s exo address-space capability (rights map, alloc, dirty).
+    fn aspace(&mut self, vm: VmId) -> NameWords {
+        self.initial_of(vm, self.exo)
     }
 
     fn allocate(&mut self, vm: VmId, key: u64) -> Reply {
@@ -197,6 +222,11 @@ fn committed_data_survives_a_restart_and_uncommitted_does_not() {
 #[test]
 fn commit_writes_only_changed_blocks_and_restore_aborts() {
     let mut s = boot(None);
+    // The durable device comes through the block AM: the NVRAM AM holds a range of it.
+    let nvram = nk_caps::Principal::Am(nk_caps::AmId::new(s.am));
+    let held =
+        s.nk.table().nodes().filter_map(|n| n.cap).filter(|c| c.holder == nvram && c.object.am.raw() == s.am - 1);
+    assert_eq!(held.count(), 1, "one block range capability");
     let region = ok(s.allocate(A, 1));
     ok(s.nvram(A, op::MAP, region.name, &[GPA, 3]));
     s.guest_write(A, GPA + 8 * 4096 + 300, &[1; 8]);
@@ -398,4 +428,132 @@ fn owner_number_is_fnv1a_of_the_guest_name() {
     for name in ["keeper", "linux", ""] {
         assert_eq!(NvramGrant::for_guest(A, name).owner, fnv1a(name), "{name}");
     }
+}
+
+/// The write set comes from below (seed §5.2.1): the AM reads it through an exo
+/// `aspace[dirty]` capability the mapper lends at `map` (charged to the mapper); when the
+/// mapper takes it back, commit is refused with `REVOKED` (nothing written, the machine
+/// unharmed), restore still aborts, and a new mapping lends a new one.
+#[test]
+fn the_write_set_comes_through_a_lent_exo_capability() {
+    let mut s = boot(None);
+    let region = ok(s.allocate(A, 3)).name;
+    let aspace = s.aspace(A);
+    // A lends a copy of its address-space capability (derived, so it can revoke it alone).
+    let lent = ok(s.call(A, 0, nk_op::DERIVE as u16, aspace, &[u64::MAX])).name;
+    let charged = |s: &Setup| s.nk.table().usage(nk_caps::Principal::Vm(A)).unwrap().charged;
+    let before = charged(&s);
+    ok(s.nvram(A, op::MAP, region, &[GPA, 3, lent.high, lent.low]));
+    assert_eq!(charged(&s), before + 1, "the AM's child of the lent capability is charged to A");
+    s.guest_write(A, GPA + 4096, &[7; 8]);
+    let commit = ok(s.nvram(A, op::COMMIT, region, &[]));
+    assert_eq!(commit.results[3], 1, "one dirty page, read through the exo AM");
+    // A takes the capability back: the AM's child dies with the copy.
+    ok(s.call(A, 0, nk_op::REVOKE as u16, lent, &[]));
+    s.guest_write(A, GPA + 2 * 4096, &[8; 8]);
+    let refused = s.nvram(A, op::COMMIT, region, &[]);
+    assert_eq!(refused.status().code(), Status::REVOKED, "commit refused, not guessed");
+    assert_eq!(ok(s.nvram(A, op::SEQ, region, &[])).results[0], 1, "nothing committed");
+    assert_eq!(s.nvram(A, op::COMMIT, region, &[]).status().code(), Status::REVOKED, "and again");
+    // Restore still aborts (every page counts as dirty once the flags are out of reach).
+    ok(s.nvram(A, op::RESTORE, region, &[]));
+    assert_eq!(s.guest_read(A, GPA + 2 * 4096, 8), [0; 8]);
+    assert_eq!(s.guest_read(A, GPA + 4096, 8), [7; 8]);
+    // Unmapping gives the dead child back; a new mapping lends A's own capability (found
+    // by the AM when A names none), and commits work again.
+    ok(s.nvram(A, op::UNMAP, region, &[GPA]));
+    assert_eq!(charged(&s), before, "the dead child is deleted at unmap");
+    ok(s.nvram(A, op::MAP, region, &[GPA, 3]));
+    s.guest_write(A, GPA + 3 * 4096, &[9; 8]);
+    let commit = ok(s.nvram(A, op::COMMIT, region, &[]));
+    // Every page: what A wrote between the restore and the unmap could not be read.
+    assert_eq!((commit.results[0], commit.results[1], commit.results[3]), (2, 1, REGION / 4096));
+    s.guest_write(A, GPA + 3 * 4096, &[10; 8]);
+    let commit = ok(s.nvram(A, op::COMMIT, region, &[]));
+    assert_eq!((commit.results[0], commit.results[3]), (3, 1), "and then exactly the written page");
+    // A name A does not hold is refused at map (B's address space).
+    let other = s.aspace(B);
+    ok(s.nvram(A, op::UNMAP, region, &[GPA]));
+    let refused = s.nvram(A, op::MAP, region, &[GPA, 3, other.high, other.low]);
+    assert_eq!(refused.status().code(), Status::WRONG_HOLDER);
+    // Read-only mappings need no dirty tracking and lend nothing.
+    let before = charged(&s);
+    ok(s.nvram(A, op::MAP, region, &[GPA, 1]));
+    assert_eq!(charged(&s), before);
+}
+
+/// Without an exo capability (the mapper holds none), every page of a writable mapping
+/// counts as dirty: slower, same result.
+#[test]
+fn without_an_exo_capability_every_page_counts_as_dirty() {
+    let mut s = boot(None);
+    let region = ok(s.allocate(A, 4)).name;
+    let aspace = s.aspace(A);
+    ok(s.call(A, 0, nk_op::REVOKE as u16, aspace, &[]));
+    ok(s.nvram(A, op::MAP, region, &[GPA, 3]));
+    s.guest_write(A, GPA, &[1; 8]);
+    let commit = ok(s.nvram(A, op::COMMIT, region, &[]));
+    assert_eq!(commit.results[3], REGION / 4096, "every page dirty");
+    assert_eq!(commit.results[1], 1, "but only the changed block written");
+}
+
+/// `commit(c, whole = 1)` writes every block of the region (the naive whole-region copy
+/// the bench compares against), and the region restores to it as to any commit.
+#[test]
+fn a_whole_commit_writes_every_block() {
+    let mut s = boot(None);
+    let region = ok(s.allocate(A, 5));
+    ok(s.nvram(A, op::MAP, region.name, &[GPA, 3]));
+    s.guest_write(A, GPA + 77, &[3; 8]);
+    let whole = ok(s.nvram(A, op::COMMIT, region.name, &[1]));
+    assert_eq!(whole.results[1], REGION / 256, "every block");
+    assert!(whole.results[2] >= REGION, "the whole region went to the device");
+    s.guest_write(A, GPA + 77, &[4; 8]);
+    let sparse = ok(s.nvram(A, op::COMMIT, region.name, &[]));
+    assert_eq!(sparse.results[1], 1, "then the write set again");
+    let mut s = boot(Some(s.image()));
+    let again = ok(s.allocate(A, 5));
+    assert_eq!(again.results[1], 2);
+    ok(s.nvram(A, op::MAP, again.name, &[GPA, 1]));
+    assert_eq!(s.guest_read(A, GPA + 77, 8), [4; 8]);
+}
+
+/// §5.4's `map-region(region, aspace, offset)` into another VM: A, holding a region and a
+/// capability to B's address space (B delegated it), maps the region into B; B's writes
+/// are A's commit's write set (read through that capability); revoking the region
+/// capability A mapped with unmaps it from B; B taking its address space back refuses
+/// A's commits. Without `map` on the address-space capability the mapping is refused.
+#[test]
+fn a_region_maps_into_another_vms_address_space() {
+    let mut s = boot(None);
+    let region = ok(s.allocate(A, 6)).name;
+    let b_aspace = s.aspace(B);
+    // B lends A its address space (a copy with every right), and one with `dirty` only.
+    let lent = ok(s.call(B, 0, nk_op::DELEGATE as u16, b_aspace, &[u64::MAX, u64::from(A.raw()), 0])).name;
+    let weak = ok(s.call(B, 0, nk_op::DERIVE as u16, b_aspace, &[4])).name;
+    let weak = ok(s.call(B, 0, nk_op::DELEGATE as u16, weak, &[u64::MAX, u64::from(A.raw()), 0])).name;
+    let refused = s.nvram(A, op::MAP, region, &[GPA, 3, weak.high, weak.low]);
+    assert_eq!(refused.status().code(), Status::NOT_PERMITTED, "no `map` right on B's address space");
+    // A maps through a child region capability, so it can take that mapping back alone.
+    let child = ok(s.call(A, 0, nk_op::DERIVE as u16, region, &[u64::MAX])).name;
+    ok(s.nvram(A, op::MAP, child, &[GPA, 3, lent.high, lent.low]));
+    assert!(s.ept.contains_key(&(B, GPA)) && !s.ept.contains_key(&(A, GPA)), "mapped in B, not in A");
+    ok(s.nvram(A, op::MAP, region, &[GPA, 1]));
+    s.guest_write(B, GPA + 2 * 4096, b"written by B");
+    let commit = ok(s.nvram(A, op::COMMIT, region, &[]));
+    assert_eq!(commit.results[3], 1, "B's write is the write set");
+    assert_eq!(s.guest_read(A, GPA + 2 * 4096, 12), b"written by B", "A sees it");
+    // Revoking the capability A mapped with unmaps the region from B (A keeps its own).
+    ok(s.call(A, 0, nk_op::REVOKE as u16, child, &[]));
+    assert!(!s.ept.contains_key(&(B, GPA)) && s.ept.contains_key(&(A, GPA)), "unmapped from B only");
+    // Again, then B takes its address space back: A's commits are refused.
+    ok(s.nvram(A, op::MAP, region, &[GPA, 3, lent.high, lent.low]));
+    s.guest_write(B, GPA, b"more");
+    ok(s.nvram(A, op::COMMIT, region, &[]));
+    ok(s.call(B, 0, nk_op::REVOKE as u16, lent, &[]));
+    assert_eq!(s.nvram(A, op::COMMIT, region, &[]).status().code(), Status::REVOKED);
+    // A unmaps it from B by naming B; then commits work again.
+    ok(s.nvram(A, op::UNMAP, region, &[GPA, u64::from(B.raw())]));
+    assert!(!s.ept.contains_key(&(B, GPA)));
+    ok(s.nvram(A, op::COMMIT, region, &[]));
 }

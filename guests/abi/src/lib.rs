@@ -119,6 +119,12 @@ pub mod exo_op {
     /// `pml-drain(c0: aspace[dirty], c1: frames[write], offset)`: copies the logged
     /// pages of the range into a bitmap in frame set c1 at `offset`. Results: 0 = pages.
     pub const PML_DRAIN: u32 = 11;
+    /// `dirty-read(c: aspace[dirty], gpa, pages)`: reads and clears the EPT dirty flags of
+    /// `pages` 4 KiB pages from `gpa` of the address space's VM, anywhere in it (also
+    /// ranges other AMs map, e.g. NVRAM regions), synchronously. A VM caller gets the
+    /// bitmap in the results (at most 256 pages; result i bit j = page 64 i + j); an AM
+    /// caller (AM-to-AM call) gets it in its buffer, up to 65,536 pages.
+    pub const DIRTY_READ: u32 = 12;
 }
 
 /// Flags of the exo AM's `dirty` (its plain argument 3).
@@ -163,16 +169,22 @@ pub mod nvram_op {
     /// right) and `[bytes, committed seq, 1 if created, region id]`; an existing region
     /// `key` of the same owner is restored instead of created.
     pub const ALLOCATE: u32 = 0;
-    /// `map(c: region[map-read], gpa, access)`: maps the region's working copy into the
-    /// caller's own address space at `gpa` (1-2 GiB); `access` = 1 read, 3 read-write
-    /// (write needs `map-write`).
+    /// `map(c: region[map-read], gpa, access, aspace high, aspace low)`: maps the region's
+    /// working copy at `gpa` (1-2 GiB); `access` = 1 read, 3 read-write (write needs
+    /// `map-write`). With the last two 0, into the caller's own address space; else into
+    /// the address space of the exo `aspace` capability those words name (rights `map`
+    /// and `dirty`: the caller's own or another VM's), which the NVRAM AM keeps a child of
+    /// to read the write set.
     pub const MAP: u32 = 1;
-    /// `unmap(c: region[map-read], gpa)`.
+    /// `unmap(c: region[map-read], gpa, vm)`: the mapping the caller made at `gpa` in its
+    /// own address space (`vm` 0) or in VM `vm`'s.
     pub const UNMAP: u32 = 2;
     /// `begin(c: region[commit])`: opens a transaction; results: 0 = seq.
     pub const BEGIN: u32 = 3;
-    /// `commit(c: region[commit])`: makes every write since the last commit or restore
-    /// durable, atomically; results `[seq, blocks written, device bytes, dirty pages]`.
+    /// `commit(c: region[commit], whole)`: makes every write since the last commit or
+    /// restore durable, atomically; results `[seq, blocks written, device bytes, dirty
+    /// pages]`. `whole` = 1 writes every block of the region instead of the write set (a
+    /// naive whole-region copy, for comparison); 0 (the default) the write set.
     pub const COMMIT: u32 = 4;
     /// `restore(c: region[restore])`: puts the working copy back to the last commit;
     /// results: 0 = seq.

@@ -551,6 +551,7 @@ mod lwc_cow;
 mod new_am;
 mod null_fast;
 mod nvram;
+mod nvram_layers;
 mod protocol;
 mod vm_create;
 mod vm_create_caps;
@@ -641,6 +642,7 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
         Some(mode @ ("exomem" | "exolend" | "exoborrow" | "exobench")) => exo_memory::run(mode, words, boot.memory, boot.vm),
         Some(mode @ ("exochurn" | "exochurnafter")) => exo_churn::run(mode, words),
         Some(mode @ ("nvram" | "nvramseq" | "nvrambench")) => nvram::run(mode, words),
+        Some(mode @ ("nvramexo" | "nvramshare" | "nvramborrow")) => nvram_layers::run(mode),
         Some("pbench") => {
             let (peers, count) = vm_list(words);
             protocol::bench(&peers[..count], boot.vm as u32);
@@ -655,7 +657,7 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
             }
         }
         Some(other) => println!(
-            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..], xcr0 ROUNDS, xmmleak SEED ROUNDS, tpr PEER ROUNDS, leakprobe SEED ROUNDS, openloop, ring3caps, flood VICTIM, victim ATTACKER, exomem, exolend [free] [bench] BORROWERS.., exoborrow, exobench, control [orphan|busy|linux], vmcreate CPU, vmcreate-linux CPU MIB, vmcreate-caps CPU MIB, newam, exochurn ROUNDS PEER, exochurnafter CHURN, nvram, nvramseq COUNT [small], nvrambench, debuggee, lwc, lwcbench, nullfast ROUNDS [shared], bypasskeep [KEY] [BYTES], lwc-cow, lwc-key, lwc-monitor, lwc-demos, lwc-cow-quota)"
+            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..], xcr0 ROUNDS, xmmleak SEED ROUNDS, tpr PEER ROUNDS, leakprobe SEED ROUNDS, openloop, ring3caps, flood VICTIM, victim ATTACKER, exomem, exolend [free] [bench] BORROWERS.., exoborrow, exobench, control [orphan|busy|linux], vmcreate CPU, vmcreate-linux CPU MIB, vmcreate-caps CPU MIB, newam, exochurn ROUNDS PEER, exochurnafter CHURN, nvram, nvramseq COUNT [small], nvrambench, debuggee, lwc, lwcbench, nullfast ROUNDS [shared], bypasskeep [KEY] [BYTES], lwc-cow, lwc-key, lwc-monitor, lwc-demos, lwc-cow-quota, nvramexo, nvramshare, nvramborrow)"
         ),
     }
     println!("GTEST done");

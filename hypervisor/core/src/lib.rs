@@ -52,7 +52,7 @@ use nk_am::{
 };
 use nk_caps::{
     AmId, ArgFault, Binding, CapError, CapName, CapTable, CheckError, Checked, DeadCap, EntropySource, KernelId,
-    NewTableError, Object, OpId, Principal, PrincipalError, RegisterError, Rights, VmId,
+    NewTableError, ObjId, Object, OpId, Principal, PrincipalError, RegisterError, Rights, VmId,
 };
 pub use nk_protocol::{Message, OpId as PendingOp, Outbox};
 use nk_protocol::{Outcome, ProtoError, Started};
@@ -337,6 +337,150 @@ impl Kernel for AmServices<'_> {
 
     fn take_dirty(&mut self, vm: VmId, gpa: u64, pages: u64, bitmap: &mut [u8]) -> bool {
         self.shared.dirty.is_some_and(|d| d.take_dirty(vm, gpa, pages, bitmap))
+    }
+
+    fn call_am(
+        &mut self,
+        op: OpId,
+        caps: &[CapName],
+        args: &[u64; nk_am::PLAIN_ARGS],
+        data: &mut [u8],
+    ) -> Result<nk_am::Outcome, AmError> {
+        am_to_am::call(self, op, caps, args, data)
+    }
+
+    fn find_op(&self, am: &str, op: &str) -> Option<OpId> {
+        let am = am_to_am::am_named(self.shared, self.table, am)?;
+        self.table.registry().find_op(am, op)
+    }
+
+    fn find_held(&self, holder: VmId, am: &str, kind: &str, id: ObjId, rights: &[&str]) -> Option<CapName> {
+        am_to_am::find_held(self, holder, am, kind, id, rights)
+    }
+
+    fn take_cap(&mut self, from: VmId, name: CapName, rights: &[&str]) -> Result<(CapName, Object), AmError> {
+        let info = self.table.inspect(Principal::Vm(from), name)?;
+        if info.object.am.raw() >= self.am.raw() {
+            return Err(AmError::NotPermitted);
+        }
+        let (am, kind) = (info.object.am, info.object.kind);
+        let mut mask = Rights::NONE;
+        for right in rights {
+            let bits = self.table.registry().find_right(am, kind, right).ok_or(AmError::BadArgument)?;
+            mask = Rights::from_bits(mask.bits() | bits.bits());
+        }
+        if !info.rights.contains(mask) {
+            return Err(AmError::NotPermitted);
+        }
+        let child = self.table.delegate(Principal::Vm(from), name, Principal::Am(self.am), mask, Binding::Bound)?;
+        Ok((child, info.object))
+    }
+
+    fn drop_cap(&mut self, name: CapName) -> bool {
+        am_to_am::drop_cap(self, name)
+    }
+
+    fn instance(&self) -> u32 {
+        u32::from(self.table.kernel().raw())
+    }
+}
+
+/// AM-to-AM calls (seed §5.2.1, hierarchical capabilities): an AM, as the principal
+/// `Principal::Am(id)`, holds capabilities of lower AMs and invokes them through the same
+/// check as a hypercall's. Out of line from the hypercall path: nothing here runs unless
+/// an AM asks.
+mod am_to_am {
+    use super::*;
+
+    /// The AM called `name`, among this instance's registered AMs.
+    pub(super) fn am_named(shared: &Shared, table: &CapTable, name: &str) -> Option<AmId> {
+        (0..shared.ams.len())
+            .filter_map(|i| u16::try_from(i).ok())
+            .map(|i| AmId::new(FIRST_AM_ID + i))
+            .find(|&am| table.registry().am_name(am) == Some(name))
+    }
+
+    /// [`Kernel::call_am`]: refuses calls that do not go down, checks `caps` for the
+    /// calling AM as a hypercall's are checked, and runs the callee's `invoke_by_am` with
+    /// services of its own (its effects join the caller's).
+    #[inline(never)]
+    pub(super) fn call(
+        services: &mut AmServices<'_>,
+        op: OpId,
+        caps: &[CapName],
+        args: &[u64; nk_am::PLAIN_ARGS],
+        data: &mut [u8],
+    ) -> Result<nk_am::Outcome, AmError> {
+        // Down only: the caller's lock is held, and every chain of calls takes locks in
+        // decreasing id order, so no cycle (on one CPU or across CPUs) can form.
+        if op.am().raw() >= services.am.raw() || op.am().raw() < FIRST_AM_ID {
+            return Err(AmError::NotPermitted);
+        }
+        let mut checked = Checked::blank();
+        let caller = Principal::Am(services.am);
+        if let Err(error) = services.table.check_into(caller, op, caps, &mut checked) {
+            return Err(match error {
+                CheckError::Arg { fault: ArgFault::UnknownName, .. } => AmError::Capability(CapError::UnknownName),
+                CheckError::Arg { fault: ArgFault::WrongHolder, .. } => AmError::Capability(CapError::WrongHolder),
+                CheckError::Arg { fault: ArgFault::Revoked, .. } => AmError::Capability(CapError::Revoked),
+                CheckError::Arg { .. } => AmError::NotPermitted,
+                CheckError::UnknownOperation | CheckError::WrongArgCount { .. } => AmError::BadArgument,
+            });
+        }
+        let index = usize::from(op.am().raw() - FIRST_AM_ID);
+        let callee = services.shared.ams.get(index).ok_or(AmError::NotPermitted)?;
+        let mut inner =
+            AmServices { am: op.am(), table: services.table, effects: services.effects, shared: services.shared };
+        let result = callee.lock().invoke_by_am(&checked, args, data, &mut inner);
+        result
+    }
+
+    /// [`Kernel::find_held`].
+    pub(super) fn find_held(
+        services: &AmServices<'_>,
+        holder: VmId,
+        am: &str,
+        kind: &str,
+        id: ObjId,
+        rights: &[&str],
+    ) -> Option<CapName> {
+        let registry = services.table.registry();
+        let am = am_named(services.shared, services.table, am)?;
+        let kind = registry.find_kind(am, kind)?;
+        let mut wanted = Rights::NONE;
+        for right in rights {
+            wanted = Rights::from_bits(wanted.bits() | registry.find_right(am, kind, right)?.bits());
+        }
+        let object = Object::new(am, kind, id);
+        let holder = Principal::Vm(holder);
+        services.table.nodes().find_map(|node| {
+            let cap = node.cap?;
+            let usable = node.state == nk_caps::NodeState::Live
+                && cap.holder == holder
+                && cap.binding == Binding::Bound
+                && cap.object == object
+                && cap.rights.contains(wanted);
+            usable.then_some(node.name)
+        })
+    }
+
+    /// [`Kernel::drop_cap`]: deletes the capability, telling the object's AM (a lower
+    /// one, so its lock comes after the caller's) if it was live.
+    pub(super) fn drop_cap(services: &mut AmServices<'_>, name: CapName) -> bool {
+        let me = Principal::Am(services.am);
+        let Some(node) = services.table.node(name) else { return false };
+        let Some(cap) = node.cap else { return false };
+        if cap.holder != me || cap.object.am.raw() >= services.am.raw() {
+            return false;
+        }
+        let (ams, effects) = (&services.shared.ams, &mut *services.effects);
+        let mut tell = |dead: &DeadCap| {
+            let index = usize::from(dead.object.am.raw()).wrapping_sub(usize::from(FIRST_AM_ID));
+            if let Some(am) = ams.get(index) {
+                am.lock().revoked(dead, &mut EffectList(effects));
+            }
+        };
+        services.table.delete(me, name, &mut tell).is_ok()
     }
 }
 
@@ -629,6 +773,42 @@ impl NullKernel {
         }
         self.initial.entry(vm).or_default().extend(copies);
         Ok(report)
+    }
+
+    /// Lets each AM grant the AMs registered after it (the layers above) capabilities to
+    /// its objects on this instance ([`AbstractMachine::grant_to_am`], then
+    /// [`AbstractMachine::received_from_am`]; seed §5.2.1): called once per instance after
+    /// every AM was added. Returns the grants that failed.
+    pub fn connect_ams(&mut self) -> Vec<GrantFailure> {
+        let mut report = Vec::new();
+        let instance = u32::from(self.id().raw());
+        for lower in 0..self.shared.ams.len() {
+            for upper in lower + 1..self.shared.ams.len() {
+                let (lower_id, upper_id) =
+                    (AmId::new(FIRST_AM_ID + lower as u16), AmId::new(FIRST_AM_ID + upper as u16));
+                let registry = self.proto.table().registry();
+                let (Some(lower_name), Some(upper_name)) = (registry.am_name(lower_id), registry.am_name(upper_id))
+                else {
+                    continue;
+                };
+                let (lower_name, upper_name) =
+                    (alloc::string::String::from(lower_name), alloc::string::String::from(upper_name));
+                let mut services = AmServices {
+                    am: lower_id,
+                    table: self.proto.table_mut(),
+                    effects: &mut self.effects,
+                    shared: &self.shared,
+                };
+                match self.shared.ams[lower].lock().grant_to_am(upper_id, &upper_name, &mut services) {
+                    Ok(names) if !names.is_empty() => {
+                        self.shared.ams[upper].lock().received_from_am(lower_id, &lower_name, instance, &names);
+                    }
+                    Ok(_) => {}
+                    Err(error) => report.push(GrantFailure { am: lower_id, error }),
+                }
+            }
+        }
+        report
     }
 
     /// Takes the effects the AMs emitted since the last call, for the hypervisor to apply

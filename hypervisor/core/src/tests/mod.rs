@@ -325,6 +325,7 @@ proptest! {
     }
 }
 
+mod am_to_am;
 mod distributed;
 mod retire;
 

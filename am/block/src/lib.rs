@@ -1,0 +1,409 @@
+//! The block AM (seed null-kernel-ptx-lwc-thesis.txt §5.2.2, the *d-AM*): it exports the
+//! durable device the hypervisor lends AMs (`Kernel::with_media`: the ATA disk under the
+//! emulated NVRAM in Bochs) as capability objects, so an AM layered on it (the NVRAM AM's
+//! durable device) holds block capabilities and uses them through the null-Kernel's check
+//! as any caller would (`Kernel::call_am`, seed §5.2.1 hierarchical capabilities) instead
+//! of driving the storage itself.
+//!
+//! # Objects, rights and operations
+//!
+//! One kind, `block-range`, with rights `read`, `write` and `split` (bits 0-2): a range
+//! of the device's bytes `[first, first + bytes)`, both multiples of [`UNIT`] (the
+//! device's atomic unit, `nk_am::MEDIA_UNIT`). Offsets below are relative to the range.
+//!
+//! - 0 `read(c: block-range[read], offset, len)`: for an AM caller, reads `len` bytes into
+//!   its buffer; for a VM, at most 32 bytes, returned as the four results (little-endian).
+//! - 1 `write(c: block-range[write], offset, len)`: writes `len` bytes from an AM caller's
+//!   buffer (durable once a later `fence` returns, each unit atomically, as
+//!   `nk_am::Media::write`); a VM cannot pass a buffer and is refused (`NOT_PERMITTED`).
+//! - 2 `fence(c: block-range[write])`: returns once every earlier write is durable.
+//! - 3 `split(c: block-range[split], offset, bytes)`: a new range, inside `c`'s, with
+//!   `c`'s rights; it dies when `c`'s range dies.
+//! - 4 `size(c: block-range)`: `[bytes, first byte on the device]`.
+//!
+//! A VM named in the grants ([`BlockGrant`]) gets one range at creation (its initial
+//! capability); it lends it to an AM with the NVRAM AM's pattern (`Kernel::take_cap`).
+//! Reads and writes outside the range are `BAD_ARGUMENT`; a misaligned offset or length
+//! too. When the capability a range was granted or split with dies, the range and every
+//! range split from it die (their roots retired, `Effect::Retire`), so their other
+//! capabilities find no object (`NOT_PERMITTED`).
+//!
+//! [`BlockMedia`] is the other side: an `nk_am::Media` over a range capability, which an
+//! AM builds from a capability it holds, during a call, to run code written against
+//! `Media` (the NVRAM AM's PTx store) on block capabilities.
+//!
+//! # Bounds
+//!
+//! At most [`RANGES_MAX`] ranges live at a time (`NO_MEMORY` past it); a read or write
+//! moves at most [`TRANSFER_MAX`] bytes (a caller splits larger transfers).
+//!
+//! # Under the NVRAM AM
+//!
+//! The hypervisor registers this AM right before the NVRAM AM (when a guest's module says
+//! `nvram`), [`serving`](BlockAm::serving) it: at start-up each kernel instance's
+//! `connect_ams` grants the NVRAM AM a range of the whole device (capabilities are per
+//! instance, the AMs shared), and the NVRAM AM opens its directory and stores on
+//! [`BlockMedia`] over the range of the instance running the call.
+#![cfg_attr(not(test), no_std)]
+#![forbid(unsafe_code)]
+
+extern crate alloc;
+
+use alloc::collections::BTreeMap;
+use alloc::vec::Vec;
+
+use nk_am::{
+    AbstractMachine, AmError, AmId, ArgSpec, Binding, CapName, Checked, DeadCap, Effect, Effects, Kernel, KindSpec,
+    Media, MediaError, ObjId, ObjKind, Object, OpId, OpSpec, Outcome, Principal, RegisterError, Registrar, Rights,
+    VmId, MEDIA_UNIT, PLAIN_ARGS,
+};
+
+/// The unit of offsets and lengths.
+pub const UNIT: u64 = MEDIA_UNIT;
+/// The most ranges live at a time.
+pub const RANGES_MAX: usize = 256;
+/// The most bytes one read or write moves (the caller's buffer; as large as the NVRAM
+/// AM's largest write, a 16 MiB region's log cleared at format, so every `Media` write
+/// of the AM above stays one device write, as the crash sweeps count them).
+pub const TRANSFER_MAX: u64 = 32 << 20;
+
+/// Operation numbers, in registration order.
+pub mod op {
+    pub const READ: u16 = 0;
+    pub const WRITE: u16 = 1;
+    pub const FENCE: u16 = 2;
+    pub const SPLIT: u16 = 3;
+    pub const SIZE: u16 = 4;
+}
+
+/// Rights bits of a range capability.
+pub mod rights {
+    pub const READ: u64 = 1 << 0;
+    pub const WRITE: u64 = 1 << 1;
+    pub const SPLIT: u64 = 1 << 2;
+    pub const ALL: u64 = READ | WRITE | SPLIT;
+}
+
+/// A range a VM is granted at creation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockGrant {
+    pub vm: VmId,
+    pub first: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Range {
+    first: u64,
+    bytes: u64,
+    /// The root the AM holds (retired when the range dies) and the capability it granted.
+    root: CapName,
+    granted: CapName,
+    /// The range it was split from.
+    parent: Option<u64>,
+}
+
+/// The block AM.
+#[derive(Debug, Default)]
+pub struct BlockAm {
+    am: Option<AmId>,
+    kind: Option<ObjKind>,
+    grants: Vec<BlockGrant>,
+    /// The AMs above granted the whole device on each kernel instance.
+    serve: Vec<&'static str>,
+    ranges: BTreeMap<u64, Range>,
+    next: u64,
+}
+
+impl BlockAm {
+    /// Creates the AM; `grants` says which VMs get a range at creation.
+    pub fn new(grants: Vec<BlockGrant>) -> Self {
+        Self { grants, next: 1, ..Self::default() }
+    }
+
+    /// Grants the AM named `name` (registered after this one) a range of the whole device,
+    /// with every right, on each kernel instance at start-up (`grant_to_am`).
+    pub fn serving(mut self, name: &'static str) -> Self {
+        self.serve.push(name);
+        self
+    }
+
+    fn new_range(
+        &mut self,
+        first: u64,
+        bytes: u64,
+        rights: Rights,
+        to: Principal,
+        parent: Option<u64>,
+        kernel: &mut dyn Kernel,
+    ) -> Result<CapName, AmError> {
+        if self.ranges.len() >= RANGES_MAX {
+            return Err(AmError::NoMemory);
+        }
+        let (am, kind) = (self.am.ok_or(AmError::NotPermitted)?, self.kind.ok_or(AmError::NotPermitted)?);
+        let id = self.next;
+        let (root, granted) =
+            kernel.grant_new_root(Object::new(am, kind, ObjId::new(id)), rights, to, Binding::Bound)?;
+        self.next += 1;
+        self.ranges.insert(id, Range { first, bytes, root, granted, parent });
+        Ok(granted)
+    }
+
+    /// Checks `[offset, offset + len)` against range `id`; returns the device offset.
+    fn at(&self, id: u64, offset: u64, len: u64) -> Result<u64, AmError> {
+        let range = self.ranges.get(&id).ok_or(AmError::NotPermitted)?;
+        if !offset.is_multiple_of(UNIT) || !len.is_multiple_of(UNIT) || len > TRANSFER_MAX {
+            return Err(AmError::BadArgument);
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= range.bytes => Ok(range.first + offset),
+            _ => Err(AmError::BadArgument),
+        }
+    }
+
+    fn handle(
+        &mut self,
+        checked: &Checked,
+        args: &[u64; PLAIN_ARGS],
+        data: Option<&mut [u8]>,
+        kernel: &mut dyn Kernel,
+    ) -> Result<Outcome, AmError> {
+        let cap = &checked.args()[0];
+        let id = cap.object().id.raw();
+        let device = |kernel: &mut dyn Kernel, f: &mut dyn FnMut(&mut dyn Media) -> Result<(), MediaError>| {
+            let mut result = Err(MediaError::Device);
+            if !kernel.with_media(&mut |media| result = f(media)) {
+                return Err(AmError::NotPermitted);
+            }
+            result.map_err(|_| AmError::NotPermitted)
+        };
+        match checked.op().index() {
+            op::READ => {
+                let (offset, len) = (args[0], args[1]);
+                match data {
+                    Some(buf) => {
+                        let at = self.at(id, offset, len)?;
+                        let buf = buf.get_mut(..len as usize).ok_or(AmError::BadArgument)?;
+                        device(kernel, &mut |media| media.read(at, buf))?;
+                        Ok(Outcome::value(len))
+                    }
+                    None => {
+                        // A VM reads at most 32 bytes of a unit, into the results.
+                        if len > 32 {
+                            return Err(AmError::BadArgument);
+                        }
+                        let at = self.at(id, offset - offset % UNIT, UNIT)?;
+                        let mut unit = [0u8; UNIT as usize];
+                        device(kernel, &mut |media| media.read(at, &mut unit))?;
+                        let mut results = [0u64; 4];
+                        let start = (offset % UNIT) as usize;
+                        let mut bytes = [0u8; 32];
+                        let end = (start + len as usize).min(UNIT as usize);
+                        bytes[..end - start].copy_from_slice(&unit[start..end]);
+                        for (r, chunk) in results.iter_mut().zip(bytes.chunks_exact(8)) {
+                            *r = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
+                        }
+                        Ok(Outcome { name: None, results })
+                    }
+                }
+            }
+            op::WRITE => {
+                let buf = data.ok_or(AmError::NotPermitted)?;
+                let (offset, len) = (args[0], args[1]);
+                let at = self.at(id, offset, len)?;
+                let buf = buf.get(..len as usize).ok_or(AmError::BadArgument)?;
+                device(kernel, &mut |media| media.write(at, buf))?;
+                Ok(Outcome::value(len))
+            }
+            op::FENCE => {
+                self.ranges.get(&id).ok_or(AmError::NotPermitted)?;
+                device(kernel, &mut |media| media.fence())?;
+                Ok(Outcome::value(0))
+            }
+            op::SPLIT => {
+                let (offset, bytes) = (args[0], args[1]);
+                let range = *self.ranges.get(&id).ok_or(AmError::NotPermitted)?;
+                if bytes == 0 || !offset.is_multiple_of(UNIT) || !bytes.is_multiple_of(UNIT) {
+                    return Err(AmError::BadArgument);
+                }
+                if offset.checked_add(bytes).is_none_or(|end| end > range.bytes) {
+                    return Err(AmError::BadArgument);
+                }
+                let name =
+                    self.new_range(range.first + offset, bytes, cap.rights(), checked.caller(), Some(id), kernel)?;
+                Ok(Outcome { name: Some(name), results: [bytes, range.first + offset, 0, 0] })
+            }
+            op::SIZE => {
+                let range = self.ranges.get(&id).ok_or(AmError::NotPermitted)?;
+                Ok(Outcome { name: None, results: [range.bytes, range.first, 0, 0] })
+            }
+            _ => Err(AmError::NotPermitted),
+        }
+    }
+
+    /// Removes range `id` and every range split from it, retiring their roots.
+    fn kill(&mut self, id: u64, effects: &mut dyn Effects) {
+        let Some(am) = self.am else { return };
+        let mut doomed = alloc::vec![id];
+        while let Some(id) = doomed.pop() {
+            if let Some(range) = self.ranges.remove(&id) {
+                effects.emit(Effect::Retire { am, root: range.root });
+                doomed.extend(self.ranges.iter().filter(|(_, r)| r.parent == Some(id)).map(|(&child, _)| child));
+            }
+        }
+    }
+}
+
+impl AbstractMachine for BlockAm {
+    fn name(&self) -> &'static str {
+        "block"
+    }
+
+    fn register(&mut self, r: &mut Registrar<'_>) -> Result<(), RegisterError> {
+        let kind = r.kind(KindSpec { name: "block-range", rights: &["read", "write", "split"] })?;
+        self.am = Some(r.am());
+        self.kind = Some(kind);
+        let right = |r: &Registrar<'_>, name| r.rights(kind, &[name]).ok_or(RegisterError::UnknownKind);
+        let (read, write, split) = (right(r, "read")?, right(r, "write")?, right(r, "split")?);
+        r.operation(OpSpec { name: "read", args: &[ArgSpec::new(kind, read)] })?;
+        r.operation(OpSpec { name: "write", args: &[ArgSpec::new(kind, write)] })?;
+        r.operation(OpSpec { name: "fence", args: &[ArgSpec::new(kind, write)] })?;
+        r.operation(OpSpec { name: "split", args: &[ArgSpec::new(kind, split)] })?;
+        r.operation(OpSpec { name: "size", args: &[ArgSpec::new(kind, Rights::NONE)] })?;
+        Ok(())
+    }
+
+    fn invoke(
+        &mut self,
+        checked: &Checked,
+        args: &[u64; PLAIN_ARGS],
+        kernel: &mut dyn Kernel,
+    ) -> Result<Outcome, AmError> {
+        self.handle(checked, args, None, kernel)
+    }
+
+    fn invoke_by_am(
+        &mut self,
+        checked: &Checked,
+        args: &[u64; PLAIN_ARGS],
+        data: &mut [u8],
+        kernel: &mut dyn Kernel,
+    ) -> Result<Outcome, AmError> {
+        self.handle(checked, args, Some(data), kernel)
+    }
+
+    fn grant_initial(&mut self, vm: VmId, kernel: &mut dyn Kernel) -> Result<Vec<CapName>, AmError> {
+        let Some(grant) = self.grants.iter().find(|g| g.vm == vm).copied() else {
+            return Ok(Vec::new());
+        };
+        if !grant.first.is_multiple_of(UNIT) || !grant.bytes.is_multiple_of(UNIT) {
+            return Err(AmError::BadArgument);
+        }
+        let name =
+            self.new_range(grant.first, grant.bytes, Rights::from_bits(rights::ALL), Principal::Vm(vm), None, kernel)?;
+        Ok(alloc::vec![name])
+    }
+
+    /// Grants an AM it serves the whole device (one range per kernel instance).
+    fn grant_to_am(&mut self, to: AmId, name: &str, kernel: &mut dyn Kernel) -> Result<Vec<CapName>, AmError> {
+        if !self.serve.contains(&name) {
+            return Ok(Vec::new());
+        }
+        let mut bytes = 0;
+        if !kernel.with_media(&mut |media| bytes = media.size()) || bytes < UNIT {
+            return Ok(Vec::new());
+        }
+        let bytes = bytes - bytes % UNIT;
+        let name = self.new_range(0, bytes, Rights::from_bits(rights::ALL), Principal::Am(to), None, kernel)?;
+        Ok(alloc::vec![name])
+    }
+
+    fn revoked(&mut self, dead: &DeadCap, effects: &mut dyn Effects) {
+        let id = dead.object.id.raw();
+        if self.ranges.get(&id).is_some_and(|r| r.granted == dead.name) {
+            self.kill(id, effects);
+        }
+    }
+}
+
+/// A `Media` over a block-range capability an AM holds: each read, write and fence is an
+/// AM-to-AM call to the block AM (`Kernel::call_am`), checked as any caller's, so the
+/// capability's death turns every access into `MediaError::Device`.
+pub struct BlockMedia<'k> {
+    kernel: &'k mut dyn Kernel,
+    cap: CapName,
+    ops: [OpId; 3],
+    bytes: u64,
+    /// A copy of the data of a write (`call_am` lends a mutable buffer).
+    scratch: Vec<u8>,
+}
+
+impl core::fmt::Debug for BlockMedia<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("BlockMedia").field("cap", &self.cap).field("bytes", &self.bytes).finish_non_exhaustive()
+    }
+}
+
+impl<'k> BlockMedia<'k> {
+    /// Opens the range `cap` names (a capability the calling AM holds, with `read` and
+    /// `write`): asks its size; refused as the block AM refuses.
+    pub fn open(kernel: &'k mut dyn Kernel, cap: CapName) -> Result<Self, AmError> {
+        let find = |kernel: &dyn Kernel, name| kernel.find_op("block", name).ok_or(AmError::NotPermitted);
+        let ops = [find(kernel, "read")?, find(kernel, "write")?, find(kernel, "fence")?];
+        let size = find(kernel, "size")?;
+        let bytes = kernel.call_am(size, &[cap], &[0; PLAIN_ARGS], &mut [])?.results[0];
+        Ok(Self { kernel, cap, ops, bytes, scratch: Vec::new() })
+    }
+
+    fn transfer(&mut self, op: OpId, offset: u64, buf: &mut [u8]) -> Result<(), MediaError> {
+        let mut done = 0u64;
+        while done < buf.len() as u64 {
+            let len = (buf.len() as u64 - done).min(TRANSFER_MAX);
+            let chunk = &mut buf[done as usize..(done + len) as usize];
+            self.kernel.call_am(op, &[self.cap], &[offset + done, len, 0, 0, 0], chunk).map_err(
+                |error| match error {
+                    AmError::BadArgument => MediaError::OutOfRange,
+                    _ => MediaError::Device,
+                },
+            )?;
+            done += len;
+        }
+        Ok(())
+    }
+}
+
+impl Media for BlockMedia<'_> {
+    fn describe(&self) -> &str {
+        "block AM range (block capabilities)"
+    }
+
+    fn size(&self) -> u64 {
+        self.bytes
+    }
+
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), MediaError> {
+        if !offset.is_multiple_of(UNIT) || !(buf.len() as u64).is_multiple_of(UNIT) {
+            return Err(MediaError::Misaligned);
+        }
+        self.transfer(self.ops[0], offset, buf)
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), MediaError> {
+        if !offset.is_multiple_of(UNIT) || !(data.len() as u64).is_multiple_of(UNIT) {
+            return Err(MediaError::Misaligned);
+        }
+        let mut scratch = core::mem::take(&mut self.scratch);
+        scratch.clear();
+        scratch.extend_from_slice(data);
+        let result = self.transfer(self.ops[1], offset, &mut scratch);
+        self.scratch = scratch;
+        result
+    }
+
+    fn fence(&mut self) -> Result<(), MediaError> {
+        self.kernel
+            .call_am(self.ops[2], &[self.cap], &[0; PLAIN_ARGS], &mut [])
+            .map(|_| ())
+            .map_err(|_| MediaError::Device)
+    }
+}
