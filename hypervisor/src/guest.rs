@@ -406,6 +406,15 @@ impl Guest {
         if let Err(why) = self.enter_slice(Some((ticks, timer_rate))) {
             return stopped(why);
         }
+        // lwC effects wait for the zeroed timer of the slice that emitted them; when that
+        // slice ended first (an interrupt exit: a doorbell from another CPU), enter_slice
+        // re-armed the timer, so they are applied here, before the guest runs on.
+        if crate::lwc::pending() {
+            if let Some(end) = self.lwc_exit(sink, ticks, timer_rate) {
+                self.leave_slice();
+                return end;
+            }
+        }
         // The timer is re-armed with the whole slice at every entry; the TSC bounds the
         // slice of a guest that exits often.
         let slice_start = crate::arch::rdtsc();
