@@ -689,7 +689,11 @@ impl Guest {
                         continue;
                     };
                     let target = self.lwcs.swap_remove(slot);
-                    let mine = crate::lwc::Saved { principal: from.raw(), regs: vcpu.regs, flow: vcpu.flow_registers().map_err(fail)? };
+                    let mine = crate::lwc::Saved {
+                        principal: from.raw(),
+                        regs: vcpu.regs,
+                        flow: vcpu.flow_registers().map_err(fail)?,
+                    };
                     self.lwcs.push(mine);
                     let reply = vcpu.regs;
                     vcpu.regs = target.regs;
@@ -709,7 +713,8 @@ impl Guest {
                 }
                 nk_am::Effect::LwcOverlay { from, to, first_page, pages, mode } => {
                     let (memory, quota) = ((self.memory.as_u64(), self.memory_size), self.frame_quota);
-                    let views = self.views.get_or_insert_with(|| alloc::boxed::Box::new(crate::lwc::Views::new(memory, quota)));
+                    let views =
+                        self.views.get_or_insert_with(|| alloc::boxed::Box::new(crate::lwc::Views::new(memory, quota)));
                     views
                         .overlay(self.vm, from.raw(), to.raw(), u64::from(first_page), u64::from(pages), mode)
                         .map_err(String::from)?;

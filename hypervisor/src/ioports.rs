@@ -132,10 +132,11 @@ pub fn apply(effect: Effect) {
         Effect::CreateVm { vm, image, cpu, hpa, bytes, by, caps } => {
             crate::vmctl::create(vm, image, cpu, (hpa, bytes), (by, caps))
         }
-        Effect::LwcCreate { .. } | Effect::LwcSwitch { .. } | Effect::LwcDestroy { .. } | Effect::LwcOverlay { .. }
-        | Effect::LwcSyscall { .. } => {
-            crate::lwc::apply(effect)
-        }
+        Effect::LwcCreate { .. }
+        | Effect::LwcSwitch { .. }
+        | Effect::LwcDestroy { .. }
+        | Effect::LwcOverlay { .. }
+        | Effect::LwcSyscall { .. } => crate::lwc::apply(effect),
         // The null-Kernel's own (NullKernel::apply_effects handles it).
         Effect::Retire { .. } => {}
     }

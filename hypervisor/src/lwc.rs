@@ -78,10 +78,12 @@ pub fn apply(effect: Effect) {
             OWNERS.lock().insert(child.raw(), vm);
             vm
         }
-        Effect::LwcSwitch { from, .. } | Effect::LwcOverlay { to: from, .. } | Effect::LwcSyscall { by: from, .. } => match vm_of(from) {
-            Some(vm) => vm,
-            None => return,
-        },
+        Effect::LwcSwitch { from, .. } | Effect::LwcOverlay { to: from, .. } | Effect::LwcSyscall { by: from, .. } => {
+            match vm_of(from) {
+                Some(vm) => vm,
+                None => return,
+            }
+        }
         Effect::LwcDestroy { child, .. } => {
             log::debug!(target: "lwc", "lwC principal {:#x} destroyed", child.raw());
             match OWNERS.lock().remove(&child.raw()) {
@@ -372,7 +374,15 @@ impl Views {
 
     /// Applies an `lwOverlay` (checked by the lwC AM): pages `[first, first + pages)` of
     /// lwC `from` into lwC `to`'s view, as `mode` says (seed §4.2.4).
-    pub fn overlay(&mut self, vm: VmId, from: u32, to: u32, first: u64, pages: u64, mode: u8) -> Result<(), &'static str> {
+    pub fn overlay(
+        &mut self,
+        vm: VmId,
+        from: u32,
+        to: u32,
+        first: u64,
+        pages: u64,
+        mode: u8,
+    ) -> Result<(), &'static str> {
         let (source, target) = (self.view_of(from), self.view_of(to));
         let end = first.checked_add(pages).filter(|&e| e <= self.pages()).ok_or("overlay past the VM's memory")?;
         for page in first..end {
@@ -399,7 +409,10 @@ impl Views {
                     self.views[t].drop_page(page, &mut self.budget);
                     self.release_page(page)?;
                     let own = self.memory.0 + gpa;
-                    self.views[t].ept.map_range_4k(gpa, own, PAGE_SIZE, EptPerms::RWX).map_err(|_| "overlay could not map")?;
+                    self.views[t]
+                        .ept
+                        .map_range_4k(gpa, own, PAGE_SIZE, EptPerms::RWX)
+                        .map_err(|_| "overlay could not map")?;
                     set_bit(&mut self.shared_rw, page, true);
                 }
                 (Some(t), _) => {

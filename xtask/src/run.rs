@@ -18,8 +18,12 @@ use crate::workspace::Workspace;
 /// outlive the checks guest, which delegates to it near its end, while the library OS
 /// guests share CPU 0 with it.) With 2 or more CPUs the last two share
 /// CPU 1 in time slices.
-const DEFAULT_GUESTS: &[&str] =
-    &["checks cpu=0 -- checks 2", "worker cpu=1 -- survivor 20000", "intruder cpu=1 -- misbehave badport"];
+const DEFAULT_GUESTS: &[&str] = &["checks cpu=0 -- checks 2", WORKER, "intruder cpu=1 -- misbehave badport"];
+
+/// The worker's line, and its line with Linux on CPU 0: the checks guest then gets half
+/// its CPU, so the worker it delegates to near its end must run longer to outlive it.
+const WORKER: &str = "worker cpu=1 -- survivor 20000";
+const WORKER_BESIDE_LINUX: &str = "worker cpu=1 -- survivor 150000";
 
 /// Then the library OS on the exo AM (guests/libos, VMs 4-6): one grows its heap from exo
 /// frames and snapshots a key-value map through the dirty bits; one lends a page to the
@@ -36,10 +40,8 @@ const DEFAULT_GUESTS_MEGS: u32 = 96;
 fn default_guests(workspace: &Workspace, args: &RunArgs) -> Result<Vec<Module>> {
     let guest = image::build_package(workspace, "nk-testguest", &[], args.profile.profile(), BuildOutput::Summary)?;
     let libos = image::build_package(workspace, "nk-libos", &[], args.profile.profile(), BuildOutput::Summary)?;
-    // With Linux on CPU 0 the checks guest gets half its CPU: the worker it delegates to
-    // near its end must run longer to outlive it.
-    let line = |cmdline: &str| match args.linux {
-        true => cmdline.replace("survivor 20000", "survivor 150000"),
+    let line = |cmdline: &str| match args.linux && cmdline == WORKER {
+        true => WORKER_BESIDE_LINUX.to_string(),
         false => cmdline.to_string(),
     };
     let tests = DEFAULT_GUESTS.iter().map(|cmdline| Module { path: guest.clone(), cmdline: line(cmdline) });

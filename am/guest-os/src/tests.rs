@@ -250,7 +250,9 @@ mod create {
         assert!(r.status().is_ok(), "{}", r.status());
         assert_eq!(r.results[..2], [u64::from(FIRST_CREATED.raw()), 2 * MIB]);
         let effects = s.nk.take_effects();
-        let [Effect::CreateVm { vm, image: 0, cpu: 1, hpa, bytes, by, caps: 0 }] = effects[..] else { panic!("{effects:?}") };
+        let [Effect::CreateVm { vm, image: 0, cpu: 1, hpa, bytes, by, caps: 0 }] = effects[..] else {
+            panic!("{effects:?}")
+        };
         assert_eq!((vm, bytes, by), (FIRST_CREATED, 2 * MIB, CONTROL));
         assert!(hpa >= 0x8000_0000);
         let info = call(&mut s.nk, CONTROL, s.os, op::INSPECT, r.name, &[]);
@@ -348,7 +350,9 @@ mod create {
         assert!(r.status().is_ok(), "{}", r.status());
         assert_eq!(r.results[..2], [other, 2 * MIB]);
         let effects = s.nk.take_effects();
-        let [Effect::CreateVm { vm: OTHER, image: 1, cpu: 1, by: BOOT, .. }] = effects[..] else { panic!("{effects:?}") };
+        let [Effect::CreateVm { vm: OTHER, image: 1, cpu: 1, by: BOOT, .. }] = effects[..] else {
+            panic!("{effects:?}")
+        };
         assert_eq!(s.board.get(OTHER).unwrap().cpu(), 1, "the boot VM keeps its record, on its CPU");
         assert!(s.board.get(FIRST_CREATED).is_none(), "no created-VM slot was used");
         // Only once.

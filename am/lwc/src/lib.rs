@@ -210,7 +210,12 @@ impl LwcAm {
     /// (`LWC_UNMAP`), seed §4.2.4. Copied and shared pages must lie in what holders of `l`
     /// may access; the VM's own EPT (a caller without a view) only takes copies; only
     /// memory of an lwC without a view of its own (the VM's frames) can be shared.
-    fn overlay(&mut self, checked: &Checked, args: &[u64; PLAIN_ARGS], kernel: &mut dyn Kernel) -> Result<Outcome, AmError> {
+    fn overlay(
+        &mut self,
+        checked: &Checked,
+        args: &[u64; PLAIN_ARGS],
+        kernel: &mut dyn Kernel,
+    ) -> Result<Outcome, AmError> {
         let caller = Self::number(checked.caller())?;
         let (id, l) = self.lwc_of(checked.args()[0].object())?;
         let me = *self.lwcs.get(&caller).ok_or(AmError::NotPermitted)?;
@@ -242,11 +247,17 @@ impl LwcAm {
     /// `lwTrap(creator: lwc; selector, a0)`: the caller, a running `LWC_SYSTRAP` child,
     /// switches to its creator (named by a capability it holds), which gets `{TRAPPED, child id, selector, a0}` (the hypervisor makes this
     /// call for a refused one, seed §4.2.6).
-    fn trap(&mut self, checked: &Checked, args: &[u64; PLAIN_ARGS], kernel: &mut dyn Kernel) -> Result<Outcome, AmError> {
+    fn trap(
+        &mut self,
+        checked: &Checked,
+        args: &[u64; PLAIN_ARGS],
+        kernel: &mut dyn Kernel,
+    ) -> Result<Outcome, AmError> {
         let caller = Self::number(checked.caller())?;
         let me = *self.lwcs.get(&caller).ok_or(AmError::NotPermitted)?;
         let (named, _) = self.lwc_of(checked.args()[0].object())?;
-        let creator = me.creator.filter(|&c| c == named && self.lwcs.get(&c).is_some_and(|l| l.vm == me.vm && !l.running));
+        let creator =
+            me.creator.filter(|&c| c == named && self.lwcs.get(&c).is_some_and(|l| l.vm == me.vm && !l.running));
         let (true, true, Some(creator)) = (me.systrap, me.running, creator) else {
             return Err(AmError::NotPermitted);
         };
@@ -262,7 +273,12 @@ impl LwcAm {
     /// `lwSyscall(target: lwc/switch; mask)`: the hypervisor performs the call `target`
     /// trapped with, as `target` (`mask` 0) or as the caller; only for an `LWC_SYSTRAP`
     /// lwC of the caller's VM, not the caller.
-    fn syscall(&mut self, checked: &Checked, args: &[u64; PLAIN_ARGS], kernel: &mut dyn Kernel) -> Result<Outcome, AmError> {
+    fn syscall(
+        &mut self,
+        checked: &Checked,
+        args: &[u64; PLAIN_ARGS],
+        kernel: &mut dyn Kernel,
+    ) -> Result<Outcome, AmError> {
         let caller = Self::number(checked.caller())?;
         let (id, target) = self.lwc_of(checked.args()[0].object())?;
         let me = self.lwcs.get(&caller).ok_or(AmError::NotPermitted)?;
@@ -342,11 +358,24 @@ impl LwcAm {
         self.next_child += 1;
         let root_view = memory.all_shared() && me.root_view;
         let access = (0, self.pages_of(me.vm));
-        let lwc =
-            Lwc { vm: me.vm, creator: Some(caller), running: false, caps: Some((root, name)), root_view, access, systrap };
+        let lwc = Lwc {
+            vm: me.vm,
+            creator: Some(caller),
+            running: false,
+            caps: Some((root, name)),
+            root_view,
+            access,
+            systrap,
+        };
         self.lwcs.insert(child, lwc);
         let systrap = systrap.then_some(am);
-        kernel.emit(Effect::LwcCreate { parent: VmId::new(caller), child: VmId::new(child), mask: args[0], memory, systrap });
+        kernel.emit(Effect::LwcCreate {
+            parent: VmId::new(caller),
+            child: VmId::new(child),
+            mask: args[0],
+            memory,
+            systrap,
+        });
         Ok(Outcome { name: Some(name), results: [u64::from(child), NONE, 0, 0] })
     }
 
@@ -420,15 +449,18 @@ impl AbstractMachine for LwcAm {
         let object = Object::new(am, kind, ObjId::new(u64::from(vm.raw())));
         let all = Rights::from_bits(rights::SWITCH | rights::CREATE);
         let name = kernel.grant_new(object, all, Principal::Vm(vm), Binding::Bound)?;
-        self.lwcs.insert(vm.raw(), Lwc {
-            vm,
-            creator: None,
-            running: true,
-            caps: None,
-            root_view: true,
-            access: (0, self.pages_of(vm)),
-            systrap: false,
-        });
+        self.lwcs.insert(
+            vm.raw(),
+            Lwc {
+                vm,
+                creator: None,
+                running: true,
+                caps: None,
+                root_view: true,
+                access: (0, self.pages_of(vm)),
+                systrap: false,
+            },
+        );
         Ok(alloc::vec![name])
     }
 

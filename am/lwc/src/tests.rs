@@ -59,7 +59,10 @@ fn create_switch_restrict_and_destroy() {
     assert!(created.status().is_ok(), "{}", created.status());
     assert_eq!(created.results[..2], [u64::from(FIRST_CHILD), NONE]);
     let child = VmId::new(FIRST_CHILD);
-    assert_eq!(w.seen.last(), Some(&Effect::LwcCreate { parent: VM, child, mask: 0b10, memory: LwcMemory::default(), systrap: None }));
+    assert_eq!(
+        w.seen.last(),
+        Some(&Effect::LwcCreate { parent: VM, child, mask: 0b10, memory: LwcMemory::default(), systrap: None })
+    );
     // The child's INITIAL list is the one copy; it cannot use the parent's counter or factory.
     let back = w.initial(child, 0);
     assert!(back.status().is_ok());
@@ -124,7 +127,10 @@ fn memory_spec_is_checked_and_passed_on() {
     // The COW child cannot make views of its own (only the VM's own EPT is copied).
     assert!(w.call(VM, 2, op::LW_SWITCH.into(), &[created.name], &[]).status().is_ok());
     let back = w.initial(child, 0).name;
-    assert_eq!(w.call(child, 2, op::LW_CREATE.into(), &[back], &[0, 0, 1, 0, 0]).status().code(), Status::NOT_PERMITTED);
+    assert_eq!(
+        w.call(child, 2, op::LW_CREATE.into(), &[back], &[0, 0, 1, 0, 0]).status().code(),
+        Status::NOT_PERMITTED
+    );
 }
 
 #[test]
@@ -182,18 +188,27 @@ fn overlay_within_access_and_restrict() {
     // Restrict to pages 0-3: page 5 is refused now, page 2 still copies; no access at all refuses everything.
     assert!(w.call(VM, 2, op::LW_RESTRICT.into(), &[created.name], &[0, 4 * 4096]).status().is_ok());
     let before = w.seen.len();
-    assert_eq!(w.call(VM, 2, op::LW_OVERLAY.into(), &[created.name], &[page | 1, 4096]).status().code(), Status::NOT_PERMITTED);
+    assert_eq!(
+        w.call(VM, 2, op::LW_OVERLAY.into(), &[created.name], &[page | 1, 4096]).status().code(),
+        Status::NOT_PERMITTED
+    );
     assert_eq!(w.seen.len(), before);
     assert!(w.call(VM, 2, op::LW_OVERLAY.into(), &[created.name], &[2 * 4096 | 1, 4096]).status().is_ok());
     // A wider restriction cannot widen it again.
     assert!(w.call(VM, 2, op::LW_RESTRICT.into(), &[created.name], &[0, 0]).status().is_ok());
     assert!(w.call(VM, 2, op::LW_RESTRICT.into(), &[created.name], &[0, 64 * 4096]).status().is_ok());
-    assert_eq!(w.call(VM, 2, op::LW_OVERLAY.into(), &[created.name], &[2 * 4096 | 1, 4096]).status().code(), Status::NOT_PERMITTED);
+    assert_eq!(
+        w.call(VM, 2, op::LW_OVERLAY.into(), &[created.name], &[2 * 4096 | 1, 4096]).status().code(),
+        Status::NOT_PERMITTED
+    );
     // The child shares and unmaps a page of the root (the VM's frames) in its view.
     assert!(w.call(VM, 2, op::LW_SWITCH.into(), &[created.name], &[]).status().is_ok());
     let root = w.initial(child, 0).name;
     assert!(w.call(child, 2, op::LW_OVERLAY.into(), &[root], &[page, 4096]).status().is_ok());
-    assert_eq!(w.seen.last(), Some(&Effect::LwcOverlay { from: VM, to: child, first_page: 5, pages: 1, mode: LwcMemory::SHARED }));
+    assert_eq!(
+        w.seen.last(),
+        Some(&Effect::LwcOverlay { from: VM, to: child, first_page: 5, pages: 1, mode: LwcMemory::SHARED })
+    );
     assert!(w.call(child, 2, op::LW_OVERLAY.into(), &[root], &[page | 2, 4096]).status().is_ok());
 }
 

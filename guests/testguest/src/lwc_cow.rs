@@ -168,8 +168,7 @@ fn run() {
             unsafe { state_ptr().add(page * 4096 + byte).write_volatile(pattern(page, byte)) };
         }
     }
-    let expected_sum: u64 =
-        (0..STATE_PAGES).flat_map(|p| (0..4096).map(move |b| u64::from(pattern(p, b)))).sum();
+    let expected_sum: u64 = (0..STATE_PAGES).flat_map(|p| (0..4096).map(move |b| u64::from(pattern(p, b)))).sum();
     let answer = answer_ptr() as u64;
     // Everything copy-on-write, the answer page shared, the page after it unmapped.
     let spec = [LWC_COW, answer | LWC_SHARED, 4096];
@@ -353,7 +352,10 @@ fn key() {
     if restricted.is_ok() && denied(after) && denied(other) && denied(syscall) && key_words() == [0; 4] {
         println!("GTEST ok lwc_key_restricted: after lwRestrict every overlay of the child is refused ({after}), lwSyscall too, and the root's key page reads zero");
     } else {
-        println!("GTEST FAILED lwc_key: restrict {restricted}, overlay {after} / {other}, syscall {syscall}, key {:x?}", key_words());
+        println!(
+            "GTEST FAILED lwc_key: restrict {restricted}, overlay {after} / {other}, syscall {syscall}, key {:x?}",
+            key_words()
+        );
     }
     // Sign and verify through the compartment.
     // SAFETY: the root's own buffer page.
@@ -369,7 +371,10 @@ fn key() {
     if signed.results[2] == 1 && sig != 0 && verified == 1 && tampered == 0 && forged != sig && key_words() == [0; 4] {
         println!("GTEST ok lwc_key_signs: the child signed the overlaid buffer ({sig:#x}); it verifies, a tampered buffer does not, the root's MAC without the key differs and its key page still reads zero");
     } else {
-        println!("GTEST FAILED lwc_key: sign {:?} sig {sig:#x} verify {verified} tampered {tampered} forged {forged:#x}", signed.results);
+        println!(
+            "GTEST FAILED lwc_key: sign {:?} sig {sig:#x} verify {verified} tampered {tampered} forged {forged:#x}",
+            signed.results
+        );
     }
     let deleted = nk::call(nk_guest::abi::NULL_KERNEL_AM, nk_guest::abi::nk_op::DELETE, &[k], &[]).status();
     if deleted.is_ok() {
@@ -399,7 +404,11 @@ fn monitored_child(am: u16, _back: NameWords) -> ! {
         verdict = 0xBAD;
     }
     if add.status().code() != Status::NOT_PERMITTED || create.status().code() != Status::NOT_PERMITTED {
-        println!("GTEST FAILED lwc_monitor: add {} and create {} were not refused by the monitor", add.status(), create.status());
+        println!(
+            "GTEST FAILED lwc_monitor: add {} and create {} were not refused by the monitor",
+            add.status(),
+            create.status()
+        );
         verdict = 0xBAD;
     }
     // "Done": a switch with a name it does not hold traps too, carrying the verdict.
@@ -443,7 +452,11 @@ fn monitor() {
     let mut reply = nk::call(am, LW_SWITCH, &[child], &[0, 0]);
     for _ in 0..8 {
         if !reply.status().is_ok() || reply.results[0] != TRAPPED {
-            println!("GTEST FAILED lwc_monitor: the child came back without a trap: {} {:?}", reply.status(), reply.results);
+            println!(
+                "GTEST FAILED lwc_monitor: the child came back without a trap: {} {:?}",
+                reply.status(),
+                reply.results
+            );
             return;
         }
         let selector = reply.results[2];
@@ -465,7 +478,10 @@ fn monitor() {
     if verdict == GOOD && allowed == 1 && denied == 2 && now.results[0] == 5 {
         println!("GTEST ok lwc_monitor: the sandboxed child's 3 calls trapped to the root, which allowed the read through lwSyscall (value 5) and refused add and create; the counter is unchanged");
     } else {
-        println!("GTEST FAILED lwc_monitor: verdict {verdict:#x}, allowed {allowed}, denied {denied}, counter {:?}", now.results);
+        println!(
+            "GTEST FAILED lwc_monitor: verdict {verdict:#x}, allowed {allowed}, denied {denied}, counter {:?}",
+            now.results
+        );
     }
     let deleted = nk::call(nk_guest::abi::NULL_KERNEL_AM, nk_guest::abi::nk_op::DELETE, &[child], &[]).status();
     let after = nk::call(am, LW_SYSCALL, &[child], &[1]).status();

@@ -78,7 +78,8 @@ fn vmcall_with(regs: &mut Regs) {
 /// Calls with `selector` and patterned registers; checks the status and that the reply
 /// registers are zero and the others kept. Says what differed.
 fn check_call(selector: u64, seed: u64, status: u64) -> Result<(), &'static str> {
-    let mut regs: Regs = core::array::from_fn(|i| seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(i as u32 * 4) | 1);
+    let mut regs: Regs =
+        core::array::from_fn(|i| seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(i as u32 * 4) | 1);
     regs[0] = selector;
     let sent = regs;
     vmcall_with(&mut regs);
@@ -99,7 +100,8 @@ fn check(rounds: u64, shared: bool) -> Result<(u64, u64), &'static str> {
     let null = Selector::new(NULL_KERNEL_AM, nk_op::NULL).encode();
     let other_version = (null & !(0xFFFF << 48)) | (u64::from(ABI_VERSION) + 1) << 48;
     let unknown_op = Selector::new(NULL_KERNEL_AM, 0x100).encode();
-    check_call(other_version, 1, Status::new(Status::BAD_VERSION, None).0).map_err(|_| "another ABI version was not refused")?;
+    check_call(other_version, 1, Status::new(Status::BAD_VERSION, None).0)
+        .map_err(|_| "another ABI version was not refused")?;
     if check_call(unknown_op, 2, 0).is_ok() {
         return Err("an unknown operation of AM 0 was answered as the null call");
     }
