@@ -31,7 +31,7 @@ use alloc::format;
 use alloc::string::String;
 
 use nk_abi::{Call, NameWords, Reply, Selector};
-use nk_caps::{AmId, CapName, Principal, VmId};
+use nk_caps::{AmId, Principal, VmId};
 use nk_core::Dispatched;
 
 use crate::guest::GuestSpec;
@@ -51,11 +51,6 @@ pub struct BootPrincipal {
     guest_os: AmId,
 }
 
-fn words(name: CapName) -> NameWords {
-    let (high, low) = name.words();
-    NameWords { low, high }
-}
-
 /// Registers the boot principal on CPU 0's kernel instance (its AMs grant it its address
 /// space and the boot images) and finds its exo address space.
 pub fn register(mesh: &Mesh) -> Result<BootPrincipal, String> {
@@ -66,7 +61,7 @@ pub fn register(mesh: &Mesh) -> Result<BootPrincipal, String> {
     for &(am, name) in kernel.initial_caps(BOOT_PRINCIPAL) {
         let Ok(info) = kernel.table().inspect(Principal::Vm(BOOT_PRINCIPAL), name) else { continue };
         match (registry.am_name(am), registry.kind_name(am, info.object.kind)) {
-            (Some("exo"), Some("aspace")) => exo = Some((am, words(name))),
+            (Some("exo"), Some("aspace")) => exo = Some((am, nk_core::words_of(name))),
             (Some("guest-os"), Some("image")) => guest_os = Some(am),
             _ => {}
         }
@@ -117,7 +112,7 @@ impl BootPrincipal {
         let kernel = mesh.instance(BOOT_CPU).kernel.lock();
         kernel.initial_caps(BOOT_PRINCIPAL).iter().find_map(|&(am, name)| {
             let info = kernel.table().inspect(Principal::Vm(BOOT_PRINCIPAL), name).ok()?;
-            (am == self.guest_os && info.object.id.raw() == u64::from(image)).then(|| words(name))
+            (am == self.guest_os && info.object.id.raw() == u64::from(image)).then(|| nk_core::words_of(name))
         })
     }
 }

@@ -488,7 +488,8 @@ fn name_of(words: NameWords) -> CapName {
     CapName::from_words(words.high, words.low)
 }
 
-fn words_of(name: CapName) -> NameWords {
+/// Returns `name` in the hypercall ABI's two words.
+pub fn words_of(name: CapName) -> NameWords {
     let (high, low) = name.words();
     NameWords { low, high }
 }
