@@ -1,7 +1,7 @@
 //! Parses a guest module's command line:
 //! `<name> [mem=<size>] [cpu=<index>] [ports=<first>[-<last>]] [msrs=<msr>,...] [unsafe-ports]
 //! [ring3-caps] [modules=<name>,...] [input=<name>] [manages=<name>,...] [images=<name>,...]
-//! [frames=<size>] [data] [image] [nvram] [lwc] [gdb] [-- <args>]`.
+//! [frames=<size>] [vcpus=<n>] [data] [image] [nvram] [lwc] [gdb] [-- <args>]`.
 //!
 //! `data` marks a module that is not a guest but data another guest's `modules=` names (a
 //! Linux initramfs, a Multiboot kernel's modules); for a Linux guest the words after `--`
@@ -13,6 +13,9 @@
 //! of the guest-OS AM, which guests whose `images=` names it may create VMs from at run
 //! time. `frames=` sets the VM's exo AM frame quota (how much memory it may allocate, e.g.
 //! to lend as a created VM's RAM).
+//! `vcpus=` gives a bare-metal guest several vCPUs (1 to [`MAX_VCPUS`]), all on its CPU
+//! (docs/multi-vcpu.md); it is refused beside `image` or `gdb` (a guest OS has one vCPU,
+//! and the debugger serves one).
 //! `gdb` makes the guest the one the hypervisor's debugger stub serves on COM2
 //! (docs/gdb.md): it waits, stopped before its first instruction, for gdb to attach.
 //!
@@ -48,6 +51,8 @@ pub const MAX_MSRS: usize = 8;
 pub const MAX_MODULES: usize = 4;
 /// The most guests one `manages=` names.
 pub const MAX_MANAGED: usize = 8;
+/// The most vCPUs a module's `vcpus=` may give its guest (nk-abi's `vcpu::MAX_VCPUS`).
+pub const MAX_VCPUS: u8 = 4;
 
 /// An I/O port range a guest may not be given without `unsafe-ports`, and why.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -175,6 +180,8 @@ pub struct ModuleSpec<'a> {
     pub images: FixedList<&'a str, MAX_MANAGED>,
     /// `gdb`: the guest is debugged over COM2 (the first module that says it, if several).
     pub gdb: bool,
+    /// How many vCPUs the guest has (`vcpus=`, 1 to [`MAX_VCPUS`]; 1 when not given).
+    pub vcpus: u8,
     /// The words after `--`, handed to the guest.
     pub args: &'a str,
 }
@@ -213,6 +220,8 @@ pub enum ModuleError<'a> {
     TooManyManaged,
     /// `images=` names more than [`MAX_MANAGED`] images.
     TooManyImages,
+    /// `vcpus=` above 1 beside an option that serves one vCPU only (`image`, `gdb`).
+    VcpusWith { vcpus: u8, option: &'static str },
 }
 
 impl fmt::Display for ModuleError<'_> {
@@ -257,6 +266,11 @@ impl fmt::Display for ModuleError<'_> {
             ModuleError::TooManyManaged => {
                 write!(f, "too many guests in manages=: at most {MAX_MANAGED}, e.g. manages=worker,linux")
             }
+            ModuleError::VcpusWith { vcpus, option } => write!(
+                f,
+                "vcpus={vcpus} cannot go with {option}: a guest OS image has one vCPU and the debugger serves one; \
+                 drop {option} or write vcpus=1"
+            ),
             ModuleError::TooManyImages => {
                 write!(f, "too many images in images=: at most {MAX_MANAGED}, e.g. images=mbkernel")
             }
@@ -299,7 +313,7 @@ impl PartialEq for ModuleOption {
 impl Eq for ModuleOption {}
 
 /// The options a module line knows, in the order the known-options list shows them.
-pub static MODULE_OPTIONS: [ModuleOption; 16] = [
+pub static MODULE_OPTIONS: [ModuleOption; 17] = [
     ModuleOption {
         name: "mem",
         syntax: "mem=<size>",
@@ -422,6 +436,15 @@ pub static MODULE_OPTIONS: [ModuleOption; 16] = [
         example: "frames=128M",
         takes_value: true,
         apply: apply_frames,
+    },
+    ModuleOption {
+        name: "vcpus",
+        syntax: "vcpus=<n>",
+        noun: "value",
+        expected: "write how many vCPUs, from 1 to 4",
+        example: "vcpus=2",
+        takes_value: true,
+        apply: apply_vcpus,
     },
     ModuleOption {
         name: "image",
@@ -548,6 +571,17 @@ fn size<'a>(name: &str, value: &'a str) -> Result<u64, ModuleError<'a>> {
     }
 }
 
+fn apply_vcpus<'a>(spec: &mut ModuleSpec<'a>, value: &'a str) -> Result<(), ModuleError<'a>> {
+    let digits = !value.is_empty() && value.len() <= 3 && value.bytes().all(|b| b.is_ascii_digit());
+    match value.parse::<u8>().ok().filter(|&n| digits && (1..=MAX_VCPUS).contains(&n)) {
+        Some(n) => {
+            spec.vcpus = n;
+            Ok(())
+        }
+        None => Err(ModuleError::BadValue { option: option("vcpus"), value }),
+    }
+}
+
 fn apply_cpu<'a>(spec: &mut ModuleSpec<'a>, value: &'a str) -> Result<(), ModuleError<'a>> {
     let digits = !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit());
     match value.parse::<usize>().ok().filter(|&cpu| digits && cpu <= MAX_CPU_INDEX) {
@@ -621,6 +655,7 @@ pub fn parse(cmdline: &str) -> Result<ModuleSpec<'_>, ModuleError<'_>> {
         unsafe_ports: false,
         ring3_caps: false,
         gdb: false,
+        vcpus: 1,
         modules: FixedList::new(),
         data: false,
         nvram: false,
@@ -648,6 +683,11 @@ pub fn parse(cmdline: &str) -> Result<ModuleSpec<'_>, ModuleError<'_>> {
         }
         if key == "ports" {
             ports_value = value.unwrap_or("");
+        }
+    }
+    for (set, option) in [(spec.image, "image"), (spec.gdb, "gdb")] {
+        if set && spec.vcpus > 1 {
+            return Err(ModuleError::VcpusWith { vcpus: spec.vcpus, option });
         }
     }
     if let (Some((port, reserved)), false) = (spec.reserved_port(), spec.unsafe_ports) {

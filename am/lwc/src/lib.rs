@@ -120,7 +120,7 @@ struct Lwc {
     vm: VmId,
     /// The lwC that created it (None: a VM's root lwC).
     creator: Option<u32>,
-    /// A vCPU runs it now.
+    /// A vCPU runs it now (for a root lwC: the last switch concerning it made it run).
     running: bool,
     /// (root held by the AM, capability handed to the creator), for a child.
     caps: Option<(CapName, CapName)>,
@@ -133,6 +133,23 @@ struct Lwc {
     access: (u32, u32),
     /// Created with `LWC_SYSTRAP`: its refused calls trap to its creator.
     systrap: bool,
+}
+
+impl Lwc {
+    /// Tells whether the caller may be running it: a root lwC is every vCPU's home (each
+    /// vCPU of a VM with several starts in it, with registers of its own), so it runs
+    /// whenever one of them is in it; a child runs where its one register file is live.
+    fn may_run(&self) -> bool {
+        self.running || self.creator.is_none()
+    }
+
+    /// Tells whether no other vCPU may switch into it now: a child that runs (its one
+    /// register file is live on some vCPU). A root lwC takes every vCPU of its VM
+    /// (docs/multi-vcpu.md); with one vCPU that changes nothing, as the only vCPU that
+    /// could switch into a running root is in it already.
+    fn busy(&self) -> bool {
+        self.running && self.creator.is_some()
+    }
 }
 
 /// The lwC AM.
@@ -257,7 +274,7 @@ impl LwcAm {
         let me = *self.lwcs.get(&caller).ok_or(AmError::NotPermitted)?;
         let (named, _) = self.lwc_of(checked.args()[0].object())?;
         let creator =
-            me.creator.filter(|&c| c == named && self.lwcs.get(&c).is_some_and(|l| l.vm == me.vm && !l.running));
+            me.creator.filter(|&c| c == named && self.lwcs.get(&c).is_some_and(|l| l.vm == me.vm && !l.busy()));
         let (true, true, Some(creator)) = (me.systrap, me.running, creator) else {
             return Err(AmError::NotPermitted);
         };
@@ -333,7 +350,7 @@ impl LwcAm {
         let (am, kind) = (self.am.ok_or(AmError::NotPermitted)?, self.kind.ok_or(AmError::NotPermitted)?);
         let caller = Self::number(checked.caller())?;
         let (id, me) = self.lwc_of(checked.args()[0].object())?;
-        if id != caller || !me.running {
+        if id != caller || !me.may_run() {
             return Err(AmError::NotPermitted);
         }
         if args[1] & !nk_abi::lwc_op::LWC_SYSTRAP != 0 {
@@ -388,7 +405,7 @@ impl LwcAm {
         let caller = Self::number(checked.caller())?;
         let (target, to) = self.lwc_of(checked.args()[0].object())?;
         let from = self.lwcs.get(&caller).copied().ok_or(AmError::NotPermitted)?;
-        if target == caller || to.running || to.vm != from.vm || !from.running {
+        if target == caller || to.busy() || to.vm != from.vm || !from.may_run() {
             return Err(AmError::NotPermitted);
         }
         if let Some(l) = self.lwcs.get_mut(&caller) {
@@ -475,7 +492,8 @@ impl AbstractMachine for LwcAm {
             Some((root, handed)) if handed == dead.name => {
                 self.lwcs.remove(&id);
                 // A running lwC's vCPU falls back to its creator (or the VM's root lwC).
-                let resume = lwc.running.then(|| match lwc.creator.filter(|c| self.lwcs.contains_key(c)) {
+                // A creator that runs on another vCPU cannot take it: then the root does.
+                let resume = lwc.running.then(|| match lwc.creator.filter(|c| self.lwcs.get(c).is_some_and(|l| !l.busy())) {
                     Some(creator) => creator,
                     None => lwc.vm.raw(),
                 });

@@ -237,3 +237,32 @@ fn systrap_traps_to_the_creator_and_syscall_needs_a_trapped_child() {
     // A child that does not run cannot trap.
     assert_eq!(w.call(child, 2, op::LW_TRAP.into(), &[back], &[0, 0]).status().code(), Status::NOT_PERMITTED);
 }
+
+/// Two vCPUs of one VM (docs/multi-vcpu.md): both start in the root lwC, each creates and
+/// switches into a child of its own while the other is elsewhere; a running child cannot
+/// be entered from the other vCPU, the root can, and a destroyed child whose creator runs
+/// on the other vCPU falls back to the root.
+#[test]
+fn root_lwc_is_every_vcpus_home() {
+    let mut w = world();
+    let me = w.initial(VM, 1).name;
+    let a = w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0b10, 0, 0, 0, 0]);
+    let b = w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0b10, 0, 0, 0, 0]);
+    assert!(a.status().is_ok() && b.status().is_ok());
+    let (child_a, child_b) = (VmId::new(a.results[0] as u32), VmId::new(b.results[0] as u32));
+    // vCPU 0 goes into A; vCPU 1, still in the root, creates and switches too.
+    assert!(w.call(VM, 2, op::LW_SWITCH.into(), &[a.name], &[]).status().is_ok());
+    let c = w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0b10, 0, 0, 0, 0]);
+    assert!(c.status().is_ok(), "{}", c.status());
+    // A runs on vCPU 0: vCPU 1 cannot enter it.
+    assert_eq!(w.call(VM, 2, op::LW_SWITCH.into(), &[a.name], &[]).status().code(), Status::NOT_PERMITTED);
+    assert!(w.call(VM, 2, op::LW_SWITCH.into(), &[b.name], &[]).status().is_ok());
+    // Both children go home to the root (each vCPU to its own root registers).
+    let root_in_a = w.initial(child_a, 0).name;
+    let root_in_b = w.initial(child_b, 0).name;
+    assert!(w.call(child_a, 2, op::LW_SWITCH.into(), &[root_in_a], &[]).status().is_ok());
+    assert!(w.call(child_b, 2, op::LW_SWITCH.into(), &[root_in_b], &[]).status().is_ok());
+    assert_eq!(w.seen.last(), Some(&Effect::LwcSwitch { from: child_b, to: VM }));
+    // A child cannot switch while it does not run.
+    assert_eq!(w.call(child_a, 2, op::LW_SWITCH.into(), &[root_in_a], &[]).status().code(), Status::NOT_PERMITTED);
+}

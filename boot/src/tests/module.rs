@@ -73,7 +73,7 @@ fn bad_values_name_the_option_and_an_example() {
         refusal("typo memory=8M"),
         "unknown module option 'memory=8M' (known: mem=<size>, cpu=<index>, ports=<first>[-<last>], \
          msrs=<msr>[,<msr>], unsafe-ports, ring3-caps, modules=<name>[,<name>], input=<name>, manages=<name>[,<name>], data, \
-         images=<name>[,<name>], frames=<size>, image, nvram, lwc, gdb, -- <guest args>)"
+         images=<name>[,<name>], frames=<size>, vcpus=<n>, image, nvram, lwc, gdb, -- <guest args>)"
     );
 }
 
@@ -242,4 +242,23 @@ fn lwc_is_a_flag() {
     assert!(parse("g lwc -- lwc").unwrap().lwc);
     assert!(!parse("g -- lwc").unwrap().lwc, "words after -- are the guest's");
     assert_eq!(refusal("g lwc=1"), "lwc takes no value (got '1'): write just lwc");
+}
+
+#[test]
+fn vcpus_is_bounded_and_refused_beside_one_vcpu_options() {
+    assert_eq!(parse("g").unwrap().vcpus, 1);
+    assert_eq!(parse("g vcpus=2").unwrap().vcpus, 2);
+    assert_eq!(parse("g vcpus=4 lwc").unwrap().vcpus, 4);
+    assert_eq!(parse("g vcpus=1 gdb").unwrap().vcpus, 1);
+    for value in ["0", "5", "x", "", "-1", "+2", "256", "0x2", "2.0", "0002"] {
+        let line = refusal(&format!("g vcpus={value}"));
+        assert_eq!(line, format!("bad value '{value}' for vcpus=: write how many vCPUs, from 1 to 4, e.g. vcpus=2"));
+    }
+    assert_eq!(refusal("g vcpus"), "missing value for vcpus=: write how many vCPUs, from 1 to 4, e.g. vcpus=2");
+    assert_eq!(
+        refusal("g vcpus=2 gdb"),
+        "vcpus=2 cannot go with gdb: a guest OS image has one vCPU and the debugger serves one; drop gdb or write vcpus=1"
+    );
+    assert!(matches!(parse("k image vcpus=3"), Err(ModuleError::VcpusWith { vcpus: 3, option: "image" })));
+    assert_eq!(crate::module::MAX_VCPUS, 4);
 }

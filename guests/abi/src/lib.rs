@@ -45,6 +45,26 @@ pub const MAX_PLAIN_ARGS: usize = 5;
 /// The AM id of the null-Kernel's own operations.
 pub const NULL_KERNEL_AM: u16 = 0;
 
+/// How a bare-metal VM with several vCPUs starts them (its module says `vcpus=<n>`;
+/// docs/multi-vcpu.md).
+///
+/// Every vCPU enters the guest image at its ELF entry at boot, in the same state as the
+/// first (64-bit mode, paging on the hypervisor's identity map, RDI = the VM id, RSI = its
+/// memory size, RDX:RCX = its arguments), and two registers more: R8 = the vCPU's index
+/// (0 for the first) and R9 = how many vCPUs the VM has. vCPU `i` starts with RSP at the
+/// top of guest memory less `i * STACK_BYTES`: each vCPU's first stack is its own
+/// [`STACK_BYTES`] below the previous one's. A VM with one vCPU (the default) sees R8 = 0
+/// and R9 = 1. All vCPUs share the VM's memory, capabilities and quotas; each has its own
+/// registers and runs its own light-weight context (the lwC AM): while vCPU `i` runs lwC
+/// X, its hypercalls are checked against X's capabilities, whatever the other vCPUs run.
+/// The VM ends when every vCPU halted; one vCPU stopped (a fault) stops the VM.
+pub mod vcpu {
+    /// The most vCPUs a VM may have (`vcpus=1` to `vcpus=4`).
+    pub const MAX_VCPUS: u64 = 4;
+    /// The bytes of stack each vCPU starts with, below the previous vCPU's.
+    pub const STACK_BYTES: u64 = 64 * 1024;
+}
+
 /// Operations of the null-Kernel itself (AM id 0).
 pub mod nk_op {
     /// Does nothing and returns: the round trip of a hypercall.
