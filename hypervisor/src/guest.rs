@@ -27,6 +27,8 @@ use crate::vmx::ept::GuestEpt;
 use crate::vmx::vcpu::{Exit, GuestRegs, GuestStart, StartMode, Vcpu, VcpuError};
 use crate::vmx::vmcs::ExitReason;
 
+mod vcpus;
+
 const PAGE_TABLES_GPA: u64 = 0x1000;
 /// Where the guest finds the words after `--` on its module command line.
 const ARGS_GPA: u64 = 0x4000;
@@ -166,6 +168,10 @@ pub struct Guest {
     frame_quota: u64,
     /// Its `LWC_SYSTRAP` lwCs and their trapped call (lwc.rs).
     sandbox: crate::lwc::Sandbox,
+    /// Its other vCPUs (`vcpus=`; guest/vcpus.rs): None for a VM with one vCPU. The fields
+    /// above that are per vCPU (`vcpu`, `principal`, `xstate`, `unswitched`, `reply`,
+    /// `sandbox.current`) hold the state of the one that runs or ran last.
+    siblings: Option<alloc::boxed::Box<vcpus::Siblings>>,
 }
 
 impl fmt::Debug for Guest {
@@ -219,9 +225,11 @@ impl Guest {
             views: None,
             frame_quota: spec.frames.unwrap_or(crate::ams::EXO_FRAME_QUOTA),
             sandbox: crate::lwc::Sandbox::default(),
+            siblings: None,
         };
         // SAFETY: the frames were just allocated for this guest and are identity-mapped.
         unsafe { core::ptr::write_bytes(memory.as_u64() as *mut u8, 0, memory_size as usize) };
+        let image_end = parsed.as_ref().map_or(0, |p| p.end());
         let (mode, rip, rsp, cr3, regs) = match parsed {
             Some(parsed) => {
                 for segment in parsed.segments() {
@@ -235,11 +243,14 @@ impl Guest {
                 for i in 0..512u64 {
                     guest.write_u64(PAGE_TABLES_GPA + 0x2000 + i * 8, (i << 21) | 0x87);
                 }
+                // R8 and R9: the vCPU's index and how many there are (nk-abi `vcpu`).
                 let regs = GuestRegs {
                     rdi: u64::from(vm.raw()),
                     rsi: memory_size,
                     rdx: ARGS_GPA,
                     rcx: args.len() as u64,
+                    r8: 0,
+                    r9: u64::from(spec.vcpus),
                     ..GuestRegs::default()
                 };
                 (StartMode::Bare64, parsed.entry, memory_size, PAGE_TABLES_GPA, regs)
@@ -256,6 +267,9 @@ impl Guest {
         mapped.map_err(GuestError::Ept)?;
         let start =
             GuestStart { mode, eptp, cr3, rip, rsp, io_bitmaps: guest.io.address(), msr_bitmap: guest.io.msr_bitmap() };
+        if spec.vcpus > 1 {
+            guest.siblings = Some(vcpus::Siblings::create(vm, &start, &regs, spec.vcpus, image_end)?);
+        }
         guest.attach_vcpu(&start, regs)?;
         if spec.gdb {
             guest.debugged = guest.attach_debugger()?;
@@ -309,6 +323,7 @@ impl Guest {
             views: None,
             frame_quota: spec.frames.unwrap_or(crate::ams::EXO_FRAME_QUOTA),
             sandbox: crate::lwc::Sandbox::default(),
+            siblings: None,
         };
         let entry = GuestStart {
             mode: start.mode,
@@ -397,8 +412,18 @@ impl Guest {
     }
 
     /// Runs the guest for one time slice of `ticks` TSC ticks, sending its hypercalls to
-    /// `sink`. Returns how the slice ended.
+    /// `sink`. Returns how the slice ended. A VM with several vCPUs runs one of them per
+    /// slice (guest/vcpus.rs; [`Guest::takes_next_turn`] says whether another follows).
     pub fn run_slice(&mut self, sink: &mut dyn HypercallSink, ticks: u64, timer_rate: u8) -> Slice {
+        let slice = self.run_vcpu_slice(sink, ticks, timer_rate);
+        match self.siblings.is_some() {
+            false => slice,
+            true => self.after_sibling_slice(slice, sink, ticks, timer_rate),
+        }
+    }
+
+    /// Runs the vCPU whose state is in the guest's fields for one time slice.
+    fn run_vcpu_slice(&mut self, sink: &mut dyn HypercallSink, ticks: u64, timer_rate: u8) -> Slice {
         if self.os.is_some() {
             return self.run_os_slice(sink, ticks, timer_rate);
         }
@@ -681,16 +706,19 @@ impl Guest {
                     }
                     let vcpu = self.vcpu.as_mut().expect("checked above");
                     let flow = vcpu.flow_registers().map_err(fail)?;
-                    self.lwcs.push(crate::lwc::Saved { principal: child.raw(), regs: vcpu.regs, flow });
+                    let index = vcpus::active_index(&self.siblings);
+                    self.lwcs.push(crate::lwc::Saved { principal: child.raw(), vcpu: index, regs: vcpu.regs, flow });
                 }
                 nk_am::Effect::LwcSwitch { from, to } => {
-                    let Some(slot) = self.lwcs.iter().position(|l| l.principal == to.raw()) else {
+                    let index = vcpus::active_index(&self.siblings);
+                    let Some(slot) = vcpus::saved_slot(&self.lwcs, to.raw(), index) else {
                         log::error!(target: "lwc", "{}: no saved registers for lwC {:#x}; switch ignored", self.label, to.raw());
                         continue;
                     };
                     let target = self.lwcs.swap_remove(slot);
                     let mine = crate::lwc::Saved {
                         principal: from.raw(),
+                        vcpu: index,
                         regs: vcpu.regs,
                         flow: vcpu.flow_registers().map_err(fail)?,
                     };
@@ -740,7 +768,8 @@ impl Guest {
                     // whose lwSwitch returns REVOKED.
                     if self.principal == child {
                         if let Some(to) = resume {
-                            if let Some(slot) = self.lwcs.iter().position(|l| l.principal == to.raw()) {
+                            let index = vcpus::active_index(&self.siblings);
+                            if let Some(slot) = vcpus::saved_slot(&self.lwcs, to.raw(), index) {
                                 let vcpu = self.vcpu.as_mut().expect("checked above");
                                 let target = self.lwcs.swap_remove(slot);
                                 vcpu.regs = target.regs;
@@ -755,6 +784,10 @@ impl Guest {
                                 log::info!(target: "lwc", "{}: running lwC {:#x} destroyed; back in lwC {:#x}", self.label, child.raw(), to.raw());
                             }
                         }
+                    }
+                    // Another vCPU of the VM that ran it goes back the same way.
+                    if self.principal != child && self.siblings.is_some() {
+                        self.resume_sibling(child, resume)?;
                     }
                     self.sandbox.remove(child.raw());
                     self.sandbox.entered(self.principal.raw());
@@ -982,6 +1015,7 @@ impl Drop for Guest {
     /// invalidated (INVEPT) and freed, and only then its memory freed.
     fn drop(&mut self) {
         self.vcpu = None;
+        self.siblings = None;
         self.views = None;
         if !self.lwcs.is_empty() {
             crate::lwc::forget(self.vm);
@@ -1081,12 +1115,15 @@ pub struct GuestSpec {
     pub lwc: bool,
     /// Debugged over COM2 (`gdb`; gdb.rs).
     pub gdb: bool,
+    /// How many vCPUs a bare-metal guest has (`vcpus=`; guest/vcpus.rs).
+    pub vcpus: u8,
 }
 
 // The parser's list of assignable MSRs is the one the exo effects are checked against.
 const _: () = {
     let (a, b) = (nk_boot::module::ASSIGNABLE_MSRS, ioports::MSR_ASSIGNABLE);
     assert!(a.len() == b.len());
+    assert!(nk_boot::module::MAX_VCPUS as u64 == nk_abi::vcpu::MAX_VCPUS);
     let mut i = 0;
     while i < a.len() {
         assert!(a[i] == b[i]);
@@ -1125,6 +1162,7 @@ impl GuestSpec {
             nvram: spec.nvram,
             lwc: spec.lwc,
             gdb: spec.gdb,
+            vcpus: spec.vcpus,
         })
     }
 }

@@ -1,5 +1,6 @@
 //! The hypervisor's side of light-weight contexts (am/lwc, docs/lwc.md): each vCPU runs
-//! one lwC at a time, whose principal every hypercall is checked against; the lwC AM's
+//! one lwC at a time, whose principal every hypercall of that vCPU is checked against (a
+//! VM with several vCPUs keeps one such principal per vCPU: guest/vcpus.rs); the lwC AM's
 //! effects save and load register files, switch that principal and the EPT the vCPU runs
 //! on, and give copy-on-write children views of their VM's memory.
 //!
@@ -57,6 +58,10 @@ static OWNERS: Mutex<BTreeMap<u32, u32>> = Mutex::new(BTreeMap::new());
 #[derive(Debug, Clone, Copy)]
 pub struct Saved {
     pub principal: u32,
+    /// The vCPU that saved it (a VM with several vCPUs, guest/vcpus.rs): a root lwC is
+    /// every vCPU's home, so each keeps its own root register file; a child's one file
+    /// may be loaded by any vCPU.
+    pub vcpu: u8,
     pub regs: GuestRegs,
     pub flow: [u64; 3],
 }

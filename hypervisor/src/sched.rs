@@ -82,7 +82,16 @@ pub fn run_guests(specs: Vec<GuestSpec>, placements: &[(&str, u32)]) -> (usize, 
             None => fallback,
         };
         let image = crate::vmctl::boot_image(vm);
-        if let Some(why) = image.and_then(|_| loader_refusal(&spec)) {
+        let refusal = match (image, spec.vcpus) {
+            // A guest OS has one vCPU (SMP guest OSes: docs/multi-vcpu.md).
+            (Some(_), 2..) => Some(alloc::format!(
+                "vcpus={} is for bare-metal ELF guests; a guest OS runs on one vCPU (write vcpus=1 or drop it)",
+                spec.vcpus
+            )),
+            (Some(_), _) => loader_refusal(&spec),
+            (None, _) => None,
+        };
+        if let Some(why) = refusal {
             log::error!(target: "guest", "vm{}/{}: not started: bad image: {why}", vm.raw(), spec.name);
             crate::vmctl::ended(vm);
             STOPPED.fetch_add(1, Ordering::AcqRel);
@@ -334,7 +343,11 @@ fn run_queue(cpu: usize) {
     let mut removals = Vec::new();
     adopt_created(cpu, &mut guests, &mut removals);
     for (vm, spec) in specs {
-        log::info!(target: "guest", "vm{}/{}: starting on cpu {cpu} ({} KiB image, {} MiB memory)",
+        let vcpus = match spec.vcpus {
+            1 => alloc::string::String::new(),
+            n => alloc::format!(", {n} vCPUs on this CPU"),
+        };
+        log::info!(target: "guest", "vm{}/{}: starting on cpu {cpu} ({} KiB image, {} MiB memory{vcpus})",
             vm.raw(), spec.name, spec.image.len() / 1024, spec.memory >> 20);
         match Guest::create(vm, &spec) {
             Ok(guest) => {
@@ -400,6 +413,8 @@ fn run_queue(cpu: usize) {
             let slice = guests[index].guest.run_slice(&mut sink, TIME_SLICE_TICKS, rate);
             crate::vmctl::set_exits(guests[index].guest.vm(), guests[index].guest.exits());
             match slice {
+                // Another vCPU of the same VM may have its turn in this round (guest/vcpus.rs).
+                Slice::Expired if guests[index].guest.takes_next_turn() => {}
                 Slice::Expired => index += 1,
                 Slice::Parked(op) => {
                     guests[index].parked = Some(op);

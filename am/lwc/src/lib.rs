@@ -493,10 +493,11 @@ impl AbstractMachine for LwcAm {
                 self.lwcs.remove(&id);
                 // A running lwC's vCPU falls back to its creator (or the VM's root lwC).
                 // A creator that runs on another vCPU cannot take it: then the root does.
-                let resume = lwc.running.then(|| match lwc.creator.filter(|c| self.lwcs.get(c).is_some_and(|l| !l.busy())) {
-                    Some(creator) => creator,
-                    None => lwc.vm.raw(),
-                });
+                let resume =
+                    lwc.running.then(|| match lwc.creator.filter(|c| self.lwcs.get(c).is_some_and(|l| !l.busy())) {
+                        Some(creator) => creator,
+                        None => lwc.vm.raw(),
+                    });
                 if let Some(l) = resume.and_then(|r| self.lwcs.get_mut(&r)) {
                     l.running = true;
                 }

@@ -138,12 +138,27 @@ fn gate(handler: u64, dpl: u64) -> [u64; 2] {
     [low, handler >> 32]
 }
 
-/// Loads the guest's GDT, TSS and IDT.
-pub(crate) fn init() {
+/// The first vCPU filled the tables (a VM with several vCPUs: nk-abi `vcpu`).
+static TABLES_READY: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Loads the guest's GDT, TSS and IDT. The first vCPU (`vcpu` 0) fills them; another vCPU
+/// waits until it has, loads the same GDT and IDT and no TSS (a TSS is busy once loaded:
+/// ring 3 is for the first vCPU only).
+pub(crate) fn init(vcpu: u64) {
     let tables = TABLES.0.get();
-    // SAFETY: runs once, first thing after _start, with nothing else touching TABLES.
+    if vcpu != 0 {
+        while !TABLES_READY.load(core::sync::atomic::Ordering::Acquire) {
+            core::hint::spin_loop();
+        }
+    }
+    // SAFETY: the first vCPU runs this once, first thing after _start, before any other
+    // vCPU reads TABLES (they wait for TABLES_READY); the others only read them.
     unsafe {
         let t = &mut *tables;
+        if vcpu != 0 {
+            load_tables(t, false);
+            return;
+        }
         let tss = &t.tss as *const Tss as u64;
         let limit = (size_of::<Tss>() - 1) as u64;
         t.gdt[5] = (limit & 0xFFFF) | ((tss & 0xFF_FFFF) << 16) | (0x89 << 40) | (((tss >> 24) & 0xFF) << 56);
@@ -153,7 +168,21 @@ pub(crate) fn init() {
             t.idt[vector] = gate(stub, 0);
         }
         t.idt[RETURN_VECTOR] = gate(nk_ring3_return as *const () as usize as u64, 3);
+        TABLES_READY.store(true, core::sync::atomic::Ordering::Release);
+        load_tables(t, true);
+    }
+}
 
+/// Loads the GDT and IDT of `t`, reloads the segment registers and, with `tss`, the task
+/// register; then enables interrupts.
+///
+/// # Safety
+///
+/// `t` holds valid tables (filled by `init` on the first vCPU) that stay in place.
+unsafe fn load_tables(t: &Tables, tss: bool) {
+    // SAFETY: the caller guarantees valid, static tables; the far return reloads CS with
+    // their kernel code selector, and TR only on the first vCPU (a loaded TSS is busy).
+    unsafe {
         #[repr(C, packed(2))]
         struct Pointer {
             limit: u16,
@@ -173,13 +202,14 @@ pub(crate) fn init() {
             "mov ds, {tmp:e}",
             "mov es, {tmp:e}",
             "mov ss, {tmp:e}",
-            "ltr {tss:x}",
-            "sti",
             gdt = in(reg) &gdt,
             idt = in(reg) &idt,
-            tss = in(reg) TSS_SELECTOR,
             tmp = out(reg) _,
         );
+        if tss {
+            asm!("ltr {tss:x}", tss = in(reg) TSS_SELECTOR);
+        }
+        asm!("sti");
     }
 }
 

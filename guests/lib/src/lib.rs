@@ -5,7 +5,9 @@
 //! The hypervisor enters `_start` in 64-bit mode, paging on (guest memory identity-mapped
 //! and user-accessible), RSP at the top of guest memory, RDI = the guest's VM id, RSI =
 //! its memory size, RDX:RCX = address and length of its arguments (the words after `--`
-//! on its module command line). The guest crate defines
+//! on its module command line), R8 = the vCPU's index and R9 = how many vCPUs the VM has
+//! (nk-abi `vcpu`: each vCPU of a VM with `vcpus=<n>` enters here, on a stack of its own;
+//! `nk_guest_main` sees them in [`BootArgs`]). The guest crate defines
 //! `#[unsafe(no_mangle)] fn nk_guest_main(boot: &nk_guest::BootArgs)`; when it returns the
 //! guest halts, which ends it.
 #![no_std]
@@ -31,7 +33,12 @@ _start:
     push rsi
     push rdx
     push rcx
+    push r8
+    push r9
+    mov rdi, r8
     call nk_guest_init
+    pop r9
+    pop r8
     pop rcx
     pop rdx
     pop rsi
@@ -43,8 +50,8 @@ _start:
 );
 
 #[unsafe(no_mangle)]
-extern "C" fn nk_guest_init() {
-    cpu::init();
+extern "C" fn nk_guest_init(vcpu: u64) {
+    cpu::init(vcpu);
 }
 
 /// What the hypervisor tells a guest at start.
@@ -56,6 +63,10 @@ pub struct BootArgs {
     pub memory: u64,
     /// The words after `--` on the guest's module command line.
     pub args: &'static str,
+    /// This vCPU's index: 0 for the first (nk-abi `vcpu`; a module's `vcpus=<n>`).
+    pub vcpu: u64,
+    /// How many vCPUs the VM has (1 unless its module says `vcpus=`).
+    pub vcpus: u64,
 }
 
 unsafe extern "Rust" {
@@ -64,7 +75,7 @@ unsafe extern "Rust" {
 }
 
 #[unsafe(no_mangle)]
-extern "C" fn nk_guest_start(vm: u64, memory: u64, args_addr: u64, args_len: u64) {
+extern "C" fn nk_guest_start(vm: u64, memory: u64, args_addr: u64, args_len: u64, vcpu: u64, vcpus: u64) {
     let len = args_len.min(256) as usize;
     let in_memory = args_addr.checked_add(len as u64).is_some_and(|end| end <= memory);
     let args = if in_memory && len > 0 {
@@ -76,7 +87,7 @@ extern "C" fn nk_guest_start(vm: u64, memory: u64, args_addr: u64, args_len: u64
         ""
     };
     // SAFETY: every guest binary defines nk_guest_main with this signature.
-    unsafe { nk_guest_main(&BootArgs { vm, memory, args }) }
+    unsafe { nk_guest_main(&BootArgs { vm, memory, args, vcpu, vcpus }) }
 }
 
 #[panic_handler]

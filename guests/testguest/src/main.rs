@@ -553,6 +553,7 @@ mod null_fast;
 mod nvram;
 mod nvram_layers;
 mod protocol;
+mod smp;
 mod vm_create;
 mod vm_create_caps;
 
@@ -626,6 +627,15 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
             null_fast::run(rounds, words.next() == Some("shared"))
         }
         Some(mode @ ("lwc-cow" | "lwc-key" | "lwc-monitor" | "lwc-demos" | "lwc-cow-quota")) => lwc_cow::run_mode(mode, boot.memory),
+        Some(mode @ ("smp-counter" | "smp-lwc" | "smp-fault")) => {
+            let default = match mode {
+                "smp-lwc" => 24,
+                "smp-fault" => 0x3000_0000,
+                _ => 20_000,
+            };
+            let rounds = words.next().and_then(|n| n.parse().ok()).unwrap_or(default);
+            smp::run(mode, boot.vm, boot.vcpu, boot.vcpus, rounds)
+        }
         Some("vmcreate") => vm_create::run(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
         Some("vmcreate-linux") => {
             let cpu = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
@@ -657,7 +667,7 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
             }
         }
         Some(other) => println!(
-            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..], xcr0 ROUNDS, xmmleak SEED ROUNDS, tpr PEER ROUNDS, leakprobe SEED ROUNDS, openloop, ring3caps, flood VICTIM, victim ATTACKER, exomem, exolend [free] [bench] BORROWERS.., exoborrow, exobench, control [orphan|busy|linux], vmcreate CPU, vmcreate-linux CPU MIB, vmcreate-caps CPU MIB, newam, exochurn ROUNDS PEER, exochurnafter CHURN, nvram, nvramseq COUNT [small], nvrambench, debuggee, lwc, lwcbench, nullfast ROUNDS [shared], bypasskeep [KEY] [BYTES], lwc-cow, lwc-key, lwc-monitor, lwc-demos, lwc-cow-quota, nvramexo, nvramshare, nvramborrow)"
+            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..], xcr0 ROUNDS, xmmleak SEED ROUNDS, tpr PEER ROUNDS, leakprobe SEED ROUNDS, openloop, ring3caps, flood VICTIM, victim ATTACKER, exomem, exolend [free] [bench] BORROWERS.., exoborrow, exobench, control [orphan|busy|linux], vmcreate CPU, vmcreate-linux CPU MIB, vmcreate-caps CPU MIB, newam, exochurn ROUNDS PEER, exochurnafter CHURN, nvram, nvramseq COUNT [small], nvrambench, debuggee, lwc, lwcbench, nullfast ROUNDS [shared], bypasskeep [KEY] [BYTES], lwc-cow, lwc-key, lwc-monitor, lwc-demos, lwc-cow-quota, nvramexo, nvramshare, nvramborrow, smp-counter [ROUNDS], smp-lwc [ROUNDS], smp-fault [GPA])"
         ),
     }
     println!("GTEST done");
