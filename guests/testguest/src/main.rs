@@ -627,7 +627,7 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
             null_fast::run(rounds, words.next() == Some("shared"))
         }
         Some(mode @ ("lwc-cow" | "lwc-key" | "lwc-monitor" | "lwc-demos" | "lwc-cow-quota")) => lwc_cow::run_mode(mode, boot.memory),
-        Some(mode @ ("smp-counter" | "smp-lwc" | "smp-fault")) => {
+        Some(mode @ ("smp-counter" | "smp-lwc" | "smp-fault" | "smp-revoke")) => {
             let default = match mode {
                 "smp-lwc" => 24,
                 "smp-fault" => 0x3000_0000,
@@ -667,7 +667,7 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
             }
         }
         Some(other) => println!(
-            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..], xcr0 ROUNDS, xmmleak SEED ROUNDS, tpr PEER ROUNDS, leakprobe SEED ROUNDS, openloop, ring3caps, flood VICTIM, victim ATTACKER, exomem, exolend [free] [bench] BORROWERS.., exoborrow, exobench, control [orphan|busy|linux], vmcreate CPU, vmcreate-linux CPU MIB, vmcreate-caps CPU MIB, newam, exochurn ROUNDS PEER, exochurnafter CHURN, nvram, nvramseq COUNT [small], nvrambench, debuggee, lwc, lwcbench, nullfast ROUNDS [shared], bypasskeep [KEY] [BYTES], lwc-cow, lwc-key, lwc-monitor, lwc-demos, lwc-cow-quota, nvramexo, nvramshare, nvramborrow, smp-counter [ROUNDS], smp-lwc [ROUNDS], smp-fault [GPA])"
+            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..], xcr0 ROUNDS, xmmleak SEED ROUNDS, tpr PEER ROUNDS, leakprobe SEED ROUNDS, openloop, ring3caps, flood VICTIM, victim ATTACKER, exomem, exolend [free] [bench] BORROWERS.., exoborrow, exobench, control [orphan|busy|linux], vmcreate CPU, vmcreate-linux CPU MIB, vmcreate-caps CPU MIB, newam, exochurn ROUNDS PEER, exochurnafter CHURN, nvram, nvramseq COUNT [small], nvrambench, debuggee, lwc, lwcbench, nullfast ROUNDS [shared], bypasskeep [KEY] [BYTES], lwc-cow, lwc-key, lwc-monitor, lwc-demos, lwc-cow-quota, nvramexo, nvramshare, nvramborrow, smp-counter [ROUNDS], smp-lwc [ROUNDS], smp-fault [GPA], smp-revoke)"
         ),
     }
     println!("GTEST done");

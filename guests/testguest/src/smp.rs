@@ -14,6 +14,8 @@
 //!   copy-on-write child writes its tag into one page all children write and reads it
 //!   back (each view has its own copy); both vCPUs' roots write one shared page while the
 //!   views exist (copy-on-write faults from two vCPUs on one page).
+//! - `smp-revoke`: vCPU 0 deletes the child lwC vCPU 1 runs; vCPU 1 comes back to its
+//!   root lwC with `REVOKED` (the hypervisor resumes a vCPU other than the caller).
 //! - `smp-fault GPA`: the first vCPU spins, the last reads `GPA` outside the VM's memory:
 //!   the VM stops (every vCPU), with a line naming the vCPU.
 
@@ -94,6 +96,7 @@ pub fn run(mode: &str, vm: u64, vcpu: u64, vcpus: u64, rounds: u64) {
     match mode {
         "smp-counter" => counter(vcpus, rounds),
         "smp-fault" => fault(vcpu, rounds),
+        "smp-revoke" => revoke(vcpu),
         _ => lwcs(vm, vcpu, rounds),
     }
     DONE.fetch_add(1, Ordering::SeqCst);
@@ -116,6 +119,14 @@ pub fn run(mode: &str, vm: u64, vcpu: u64, vcpus: u64, rounds: u64) {
                 say!("GTEST ok smp_counter: {vcpus} vCPUs added {rounds} each, sum {sum}; they interleaved {interleaved} times, each on its own stack");
             } else {
                 fail(format_args!("sum {sum} (wanted {}), interleaved {interleaved}", vcpus * rounds));
+            }
+        }
+        "smp-revoke" => {
+            let (status, who) = (REVOKED_STATUS.load(Ordering::SeqCst), REVOKED_CHILD.load(Ordering::SeqCst));
+            if Status(status).code() == Status::REVOKED && who != 0 && FAILURES.load(Ordering::SeqCst) == 0 {
+                say!("GTEST ok smp_revoke: vCPU 0 deleted the lwC {who:#x} vCPU 1 ran; vCPU 1's lwSwitch returned {} in its root lwC, which works", Status(status));
+            } else {
+                fail(format_args!("vCPU 1's switch returned {:#x}, lwC {who:#x}", status));
             }
         }
         _ => {
@@ -172,6 +183,64 @@ fn fault(vcpu: u64, gpa: u64) {
     let value = unsafe { (gpa as *const u64).read_volatile() };
     fail(format_args!("vCPU {vcpu} read {value:#x} at {gpa:#x} outside its memory"));
 }
+
+/// What vCPU 1's switch into the lwC vCPU 0 deletes returned (`smp-revoke`).
+static REVOKED_STATUS: AtomicU64 = AtomicU64::new(0);
+static REVOKED_CHILD: AtomicU64 = AtomicU64::new(0);
+/// The name of the lwC capability vCPU 1 made (held by the root lwC, so vCPU 0 too).
+static VICTIM: [AtomicU64; 2] = [const { AtomicU64::new(0) }; 2];
+
+/// `smp-revoke`: vCPU 1 creates a child lwC (sharing memory) and switches into it; the
+/// child spins for good. vCPU 0, in the root lwC (which holds the child's capability),
+/// deletes it once the child runs: the hypervisor must send vCPU 1, which is not the one
+/// that made the call, back to its root registers with `REVOKED`.
+fn revoke(vcpu: u64) {
+    let Some((am, me, index)) = my_lwc() else {
+        fail(format_args!("no lwC capability (module option lwc?)"));
+        return;
+    };
+    LWC_AM.store(u64::from(am), Ordering::SeqCst);
+    if vcpu == 0 {
+        while CHILD_RUNS[1].load(Ordering::SeqCst) == 0 {
+            core::hint::spin_loop();
+        }
+        let name = NameWords { low: VICTIM[0].load(Ordering::SeqCst), high: VICTIM[1].load(Ordering::SeqCst) };
+        let deleted = nk::call(NULL_KERNEL_AM, nk_op::DELETE, &[name], &[]);
+        if !deleted.status().is_ok() {
+            fail(format_args!("vCPU 0 could not delete vCPU 1's running lwC: {}", deleted.status()));
+        }
+        while REVOKED_STATUS.load(Ordering::SeqCst) == 0 {
+            core::hint::spin_loop();
+        }
+        return;
+    }
+    if vcpu != 1 {
+        return;
+    }
+    // SAFETY: vCPU 1 alone uses CHILD_STACKS[1].
+    let stack = unsafe { core::ptr::addr_of!(CHILD_STACKS[1]) as u64 } + 16384;
+    let created = lw_create(am, me, 1 << index, [0, 0, 0], stack);
+    if !created.status().is_ok() {
+        fail(format_args!("vCPU 1: lwCreate {}", created.status()));
+        REVOKED_STATUS.store(u64::MAX, Ordering::SeqCst);
+        return;
+    }
+    VICTIM[0].store(created.name.low, Ordering::SeqCst);
+    VICTIM[1].store(created.name.high, Ordering::SeqCst);
+    // Tag 1 << 32 | 0xFFFF: the child spins for good (vCPU 1, round "forever").
+    let canary = [0x7777u64, nk::rdtsc() | 1];
+    let back = nk::call(am, LW_SWITCH, &[created.name], &[(1 << 32) | FOREVER, 1]);
+    // Back in the root: it still holds its capabilities (INITIAL works, the lwC's too).
+    let root_ok = my_lwc().is_some_and(|(a, _, i)| a == am && i == index);
+    if back.results[0] != created.results[0] || !root_ok || canary[0] != 0x7777 || canary[1] & 1 != 1 {
+        fail(format_args!("vCPU 1 after the delete: {} {:x?}, root ok {root_ok}", back.status(), back.results));
+    }
+    REVOKED_CHILD.store(back.results[0], Ordering::SeqCst);
+    REVOKED_STATUS.store(back.status, Ordering::SeqCst);
+}
+
+/// A child's round number that means: spin for good (`smp-revoke`).
+const FOREVER: u64 = 0xFFFF;
 
 fn my_lwc() -> Option<(u16, NameWords, u64)> {
     let mut last = None;
@@ -340,7 +409,10 @@ extern "C" fn child(tag: u64, caller: u64, _creator: u64, _rcx: u64, spin: u64) 
     SCRATCH.0[0].store(tag, Ordering::SeqCst);
     // Registers of its own across slices: R12-R15 hold the tag while it spins (other
     // vCPUs, and their lwCs, run meanwhile).
-    let deadline = nk::rdtsc() + spin * (3 << 18);
+    let deadline = match tag & 0xFFFF {
+        FOREVER => u64::MAX,
+        _ => nk::rdtsc() + spin * (3 << 18),
+    };
     let (r12, r13, r14, r15): (u64, u64, u64, u64);
     // SAFETY: reads the TSC in a loop; the named registers are declared.
     unsafe {
