@@ -422,7 +422,10 @@ impl Guest {
         }
     }
 
-    /// Runs the vCPU whose state is in the guest's fields for one time slice.
+    /// Runs the vCPU whose state is in the guest's fields for one time slice. Kept out of
+    /// line: its hypercall loop is compiled as it was before VMs had several vCPUs (the
+    /// wrapper's code around it once cost the loop a register: one instruction per exit).
+    #[inline(never)]
     fn run_vcpu_slice(&mut self, sink: &mut dyn HypercallSink, ticks: u64, timer_rate: u8) -> Slice {
         if self.os.is_some() {
             return self.run_os_slice(sink, ticks, timer_rate);
