@@ -713,15 +713,14 @@ impl Guest {
                     self.lwcs.push(crate::lwc::Saved { principal: child.raw(), vcpu: index, regs: vcpu.regs, flow });
                 }
                 nk_am::Effect::LwcSwitch { from, to } => {
-                    let index = vcpus::active_index(&self.siblings);
-                    let Some(slot) = vcpus::saved_slot(&self.lwcs, to.raw(), index) else {
+                    let Some(slot) = vcpus::saved_slot(&self.lwcs, to.raw(), &self.siblings) else {
                         log::error!(target: "lwc", "{}: no saved registers for lwC {:#x}; switch ignored", self.label, to.raw());
                         continue;
                     };
                     let target = self.lwcs.swap_remove(slot);
                     let mine = crate::lwc::Saved {
                         principal: from.raw(),
-                        vcpu: index,
+                        vcpu: vcpus::active_index(&self.siblings),
                         regs: vcpu.regs,
                         flow: vcpu.flow_registers().map_err(fail)?,
                     };
@@ -771,8 +770,7 @@ impl Guest {
                     // whose lwSwitch returns REVOKED.
                     if self.principal == child {
                         if let Some(to) = resume {
-                            let index = vcpus::active_index(&self.siblings);
-                            if let Some(slot) = vcpus::saved_slot(&self.lwcs, to.raw(), index) {
+                            if let Some(slot) = vcpus::saved_slot(&self.lwcs, to.raw(), &self.siblings) {
                                 let vcpu = self.vcpu.as_mut().expect("checked above");
                                 let target = self.lwcs.swap_remove(slot);
                                 vcpu.regs = target.regs;

@@ -70,9 +70,24 @@ pub(super) fn active_index(siblings: &Option<Box<Siblings>>) -> u8 {
     siblings.as_ref().map_or(0, |s| s.active)
 }
 
-/// Returns where in `saved` the register file of lwC `principal` is for vCPU `vcpu`: a
-/// root lwC (a VM's own principal) keeps one per vCPU, a child one for all.
-pub(super) fn saved_slot(saved: &[crate::lwc::Saved], principal: u32, vcpu: u8) -> Option<usize> {
+/// Returns where in `saved` the register file of lwC `principal` is for the active vCPU
+/// of a VM whose other vCPUs are `siblings`: a root lwC (a VM's own principal) keeps one
+/// per vCPU, a child one for all. A VM with one vCPU searches as before (the lwSwitch path).
+#[inline(always)]
+pub(super) fn saved_slot(
+    saved: &[crate::lwc::Saved],
+    principal: u32,
+    siblings: &Option<Box<Siblings>>,
+) -> Option<usize> {
+    match siblings {
+        None => saved.iter().position(|l| l.principal == principal),
+        Some(s) => saved_slot_of(saved, principal, s.active),
+    }
+}
+
+/// Returns where in `saved` the register file of lwC `principal` is for vCPU `vcpu`.
+#[cold]
+fn saved_slot_of(saved: &[crate::lwc::Saved], principal: u32, vcpu: u8) -> Option<usize> {
     let child = principal >= nk_am_lwc::FIRST_CHILD;
     saved.iter().position(|l| l.principal == principal && (child || l.vcpu == vcpu))
 }
@@ -198,7 +213,7 @@ impl Guest {
             return Ok(());
         };
         let Some(to) = resume else { return Ok(()) };
-        let Some(slot) = saved_slot(&self.lwcs, to.raw(), sibling.index) else { return Ok(()) };
+        let Some(slot) = saved_slot_of(&self.lwcs, to.raw(), sibling.index) else { return Ok(()) };
         let target = self.lwcs.swap_remove(slot);
         let eptp = match self.views.as_ref().and_then(|v| v.eptp_of(to.raw())) {
             Some(eptp) => Some(eptp),
