@@ -1076,7 +1076,7 @@ pub fn cpuid_answer(leaf: u32, subleaf: u32, guest_osxsave: bool) -> nk_loader::
 }
 
 /// A guest image and how to run it, from a boot module and its command line (parsed by
-/// [`nk_boot::module`]: `<name> [mem=<size>] [cpu=<index>] [ports=..] [msrs=..] [unsafe-ports] [ring3-caps] [manages=..] [nvram] [lwc] [-- <args>]`).
+/// [`nk_boot::module`]: `<name> [mem=<size>] [cpu=<index>] [ports=..] [msrs=..] [unsafe-ports] [ring3-caps] [manages=..] [vcpus=<n>] [nvram] [lwc] [-- <args>]`).
 #[derive(Debug, Clone)]
 pub struct GuestSpec {
     pub name: String,

@@ -25,7 +25,8 @@
 //!   it, so each keeps its snapshot, then made writable again.
 //!
 //! Each view whose entry changed is invalidated (INVEPT, single-context; a VM's vCPU
-//! never leaves its CPU, so this CPU is the only one that may cache its translations).
+//! never leaves its CPU, nor do the other vCPUs of a VM with several, so this CPU is the
+//! only one that may cache its translations).
 //! Copies are charged to the VM's frame quota (its module's `frames=`, 4 MiB by default):
 //! a write that needs a frame past it stops the VM with a log line that says so. A view
 //! dies with the last lwC that runs on it (its creator's destruction, or the VM's end):
