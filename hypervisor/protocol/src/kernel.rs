@@ -571,7 +571,12 @@ impl Kernel {
                         let proxies = match self.batches.entry((parent, kernel)) {
                             btree_map::Entry::Vacant(entry) => {
                                 out.send(kernel, Message::RevokeBelow { parent });
-                                &mut entry.insert(Batch { tally, proxies: alloc::vec![child] }).proxies
+                                // Room for the rest of the run at once (at most the events
+                                // left, each a marked proxy: bounded by the table's
+                                // capacity), instead of growing by doubling and copying.
+                                let mut proxies = Vec::with_capacity(1 + events.len());
+                                proxies.push(child);
+                                &mut entry.insert(Batch { tally, proxies }).proxies
                             }
                             btree_map::Entry::Occupied(entry) => {
                                 let proxies = &mut entry.into_mut().proxies;
