@@ -45,7 +45,7 @@ use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
-use nk_abi::{nk_op, Call, NameWords, Reply, Selector, Status, ABI_VERSION, MAX_CAP_ARGS, NULL_KERNEL_AM};
+use nk_abi::{nk_op, Call, NameWords, Reply, Selector, Status, ABI_VERSION, NULL_KERNEL_AM};
 use nk_am::{
     AbstractMachine, AmError, DirtySource, Effect, Effects, FrameSource, HostMemory, Kernel, Media, MediaSource,
     Registrar,
@@ -1042,23 +1042,25 @@ impl NullKernel {
     fn am_op(&mut self, caller: Principal, selector: Selector, call: &Call) -> Reply {
         let am = AmId::new(selector.am);
         let table = self.proto.table_mut();
-        // One registry lookup on the way in; which of the two refusals a miss gets is
-        // decided off the fast path.
-        let known = u16::try_from(selector.op).ok().and_then(|index| {
-            let op = OpId::new(am, index);
-            table.registry().op_args(op).map(|args| (op, args.len()))
-        });
-        let Some((op, arg_count)) = known else {
-            let code = if table.registry().has_am(am) { Status::UNKNOWN_OPERATION } else { Status::UNKNOWN_AM };
-            return failure(Status::new(code, None));
-        };
-        // Every slot, straight-line (cheaper than a loop bounded by the arity).
-        let names: [CapName; MAX_CAP_ARGS] = call.caps.map(name_of);
         let checked = &mut self.checked;
-        match table.check_into(caller, op, &names[..arg_count], checked) {
+        // One registry lookup, in the check; the names are read where the call holds them.
+        // Which of the two refusals a miss gets is decided off the fast path.
+        let check = match u16::try_from(selector.op) {
+            Ok(index) => table.check_slots_into(
+                caller,
+                OpId::new(am, index),
+                call.caps.iter().map(|&words| name_of(words)),
+                checked,
+            ),
+            Err(_) => Err(CheckError::UnknownOperation),
+        };
+        match check {
             Ok(()) => {}
             Err(CheckError::Arg { index, fault }) => return failure(arg_status(index, fault)),
-            Err(CheckError::UnknownOperation) => return failure(Status::new(Status::UNKNOWN_OPERATION, None)),
+            Err(CheckError::UnknownOperation) => {
+                let code = if table.registry().has_am(am) { Status::UNKNOWN_OPERATION } else { Status::UNKNOWN_AM };
+                return failure(Status::new(code, None));
+            }
             Err(CheckError::WrongArgCount { .. }) => return failure(Status::new(Status::BAD_ARGUMENT, None)),
         }
         let slot = usize::from(am.raw() - FIRST_AM_ID);

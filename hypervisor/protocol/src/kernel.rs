@@ -59,8 +59,6 @@ pub struct Kernel {
     /// Link events of the last table call, reused to avoid allocating.
     pub(crate) events: Vec<LinkEvent>,
     scratch: Vec<CapName>,
-    /// Names a batched revoke or its acknowledgement handles, reused to avoid allocating.
-    batch_names: Vec<CapName>,
 }
 
 /// A batched revoke this kernel sent and whose answer it waits for.
@@ -159,7 +157,6 @@ impl Kernel {
             crashes: BTreeMap::new(),
             events: Vec::new(),
             scratch: Vec::new(),
-            batch_names: Vec::new(),
         })
     }
 
@@ -574,7 +571,12 @@ impl Kernel {
                         let proxies = match self.batches.entry((parent, kernel)) {
                             btree_map::Entry::Vacant(entry) => {
                                 out.send(kernel, Message::RevokeBelow { parent });
-                                &mut entry.insert(Batch { tally, proxies: alloc::vec![child] }).proxies
+                                // Room for the rest of the run at once (at most the events
+                                // left, each a marked proxy: bounded by the table's
+                                // capacity), instead of growing by doubling and copying.
+                                let mut proxies = Vec::with_capacity(1 + events.len());
+                                proxies.push(child);
+                                &mut entry.insert(Batch { tally, proxies }).proxies
                             }
                             btree_map::Entry::Occupied(entry) => {
                                 let proxies = &mut entry.into_mut().proxies;
@@ -595,13 +597,29 @@ impl Kernel {
                         }
                     }
                     LinkEvent::Finalized { name, remote_parent } => {
-                        let requested = self.requests.remove(&name);
+                        let requested = if self.requests.is_empty() { None } else { self.requests.remove(&name) };
                         if let Some(parent) = remote_parent {
                             match (requested, self.below.get_mut(&parent)) {
                                 (None, Some(below)) => {
                                     // A member of a batch: its parent's kernel hears of it
-                                    // with the rest.
-                                    below.outstanding = below.outstanding.saturating_sub(1);
+                                    // with the rest. The batch's walk finalizes its members
+                                    // one after another: while no request and no waiter could
+                                    // claim one, the run that follows is counted with this
+                                    // one look-up (each member would only count itself down,
+                                    // and the run stops at the batch's last member).
+                                    let mut run = 1;
+                                    if self.requests.is_empty() && self.waiters.is_empty() {
+                                        while let Some(&LinkEvent::Finalized { remote_parent: Some(next), .. }) =
+                                            events.peek()
+                                        {
+                                            if next != parent || run >= below.outstanding {
+                                                break;
+                                            }
+                                            run += 1;
+                                            events.next();
+                                        }
+                                    }
+                                    below.outstanding = below.outstanding.saturating_sub(run);
                                     if below.outstanding == 0 {
                                         let Below { from, killed, .. } = *below;
                                         self.below.remove(&parent);
@@ -652,11 +670,8 @@ impl Kernel {
         if parent.kernel() != from || self.below.contains_key(&parent) {
             return;
         }
-        let mut names = core::mem::take(&mut self.batch_names);
         let requests = &self.requests;
-        let walk =
-            self.table.revoke_below(parent, hook, &mut self.events, |name| requests.contains_key(&name), &mut names);
-        self.batch_names = names;
+        let walk = self.table.revoke_below(parent, hook, &mut self.events, |name| requests.contains_key(&name));
         if walk.members == 0 {
             out.send(from, Message::GoneBelow { parent, killed: walk.killed as u64 });
             self.process_events(None, out);

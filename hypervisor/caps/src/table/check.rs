@@ -225,4 +225,52 @@ impl CapTable {
         (checked.op, checked.caller, checked.arity) = (op, caller, specs.len() as u8);
         Ok(())
     }
+
+    /// Checks as [`check_into`](Self::check_into) does the arguments of a call that
+    /// presents its names in slots, `slots` yielding them in order: the operation's
+    /// arguments are the first slots (as many as it takes) and the rest are ignored. The
+    /// hypercall path's check: it reads each name where the call holds it (no copy of the
+    /// slots first) and looks the operation up once. Fewer slots than the operation takes
+    /// is a [`CheckError::WrongArgCount`].
+    #[inline]
+    pub fn check_slots_into(
+        &self,
+        caller: Principal,
+        op: OpId,
+        slots: impl IntoIterator<Item = CapName>,
+        checked: &mut Checked,
+    ) -> Result<(), CheckError> {
+        let specs = self.registry.op(op).ok_or(CheckError::UnknownOperation)?.args();
+        (checked.op, checked.arity) = (Checked::BLANK_OP, 0);
+        let am = op.am();
+        let mut presented = 0;
+        for ((name, spec), out) in slots.into_iter().zip(specs).zip(checked.args.iter_mut()) {
+            let fail = |fault: ArgFault| CheckError::Arg {
+                // At most MAX_CAP_ARGS.
+                index: presented as u8,
+                fault,
+            };
+            let found = self.resolve(caller, name).map_err(|fault| fail(fault.into()))?;
+            let node = &self.nodes[found];
+            debug_assert_eq!(node.state, State::Live);
+            if node.am != am || node.kind != spec.kind {
+                return Err(fail(ArgFault::WrongKind));
+            }
+            if !node.rights.contains(spec.rights) {
+                return Err(fail(ArgFault::MissingRights));
+            }
+            *out = CheckedCap { name, object: node.object(), rights: node.rights };
+            presented += 1;
+        }
+        if presented != specs.len() {
+            return Err(CheckError::WrongArgCount {
+                // At most MAX_CAP_ARGS.
+                expected: specs.len() as u8,
+                presented: presented as u8,
+            });
+        }
+        // At most MAX_CAP_ARGS.
+        (checked.op, checked.caller, checked.arity) = (op, caller, specs.len() as u8);
+        Ok(())
+    }
 }

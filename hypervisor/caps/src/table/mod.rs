@@ -8,6 +8,7 @@ mod node;
 mod remote;
 mod revoke;
 
+use core::cell::Cell;
 use core::fmt;
 use core::mem::size_of;
 
@@ -52,6 +53,12 @@ pub struct CapTable {
     /// The registered principals, sorted by principal: they are few (VMs and AMs), and
     /// binary search over a vector needs no hashing and no allocation per look-up.
     principals: Vec<PrincipalEntry>,
+    /// The position in `principals` of the principal looked up last: a hint that a look-up
+    /// tries first (one comparison) before its binary search, since an operation's holder
+    /// and payer are mostly the caller of the operation before it (issue 14: the binary
+    /// search over `Principal`'s ordering was an eighth of a derive). Checked on every
+    /// use, so a stale hint costs one comparison and is never wrong.
+    principal_hint: Cell<u32>,
     /// The principal of each account number (`Node::payer`); None for a free number.
     accounts: Vec<Option<Principal>>,
 }
@@ -217,6 +224,7 @@ impl CapTable {
             capacity,
             index,
             principals: Vec::new(),
+            principal_hint: Cell::new(0),
             accounts: Vec::new(),
         })
     }
@@ -486,7 +494,7 @@ impl CapTable {
     // ---------------------------------------------------------------------------------
 
     /// Finds the slab index of `name`, live or revoked.
-    #[inline]
+    #[inline(always)]
     fn lookup(&self, name: CapName) -> Option<usize> {
         if name.kernel() != self.names.kernel() {
             return None;
@@ -496,7 +504,7 @@ impl CapTable {
 
     /// Finds the live capability `name` on behalf of `caller`. The holder is checked before
     /// the state, so a principal cannot learn that someone else's bound capability died.
-    #[inline]
+    #[inline(always)]
     fn resolve(&self, caller: Principal, name: CapName) -> Result<usize, UseFault> {
         let slot = self.lookup(name).ok_or(UseFault::UnknownName)?;
         let node = &self.nodes[slot];
@@ -514,7 +522,7 @@ impl CapTable {
     }
 
     /// Creates a child of the live capability in `parent`.
-    #[inline]
+    #[inline(always)]
     fn create_child(
         &mut self,
         parent: usize,
@@ -536,7 +544,7 @@ impl CapTable {
 
     /// Creates a capability: charges its payer's quota, takes a slab node, draws a fresh
     /// name, and links the node into the tree, the holder's list and the index.
-    #[inline]
+    #[inline(always)]
     fn create(&mut self, new: NewCap) -> Result<CapName, CapError> {
         let (holder, payer) = self.admit(new.holder, new.payer, false, 1)?;
         let (index, nodes) = (&self.index, &self.nodes);
@@ -550,6 +558,7 @@ impl CapTable {
     /// proxy it needs).
     /// Returns the positions of the holder's and the payer's entries. With
     /// `holder_if_unknown`, a payer that is not registered here leaves the holder to pay.
+    #[inline(always)]
     pub(super) fn admit(
         &self,
         holder: Principal,
@@ -585,6 +594,7 @@ impl CapTable {
     /// checked with [`admit`](Self::admit) that the holder, the payer and the table have
     /// room, and passes the holder's and the payer's positions it returned (no principal
     /// was added or removed in between), so nothing here can fail. Returns the name.
+    #[inline(always)]
     fn insert_at(
         &mut self,
         new: NewCap,
@@ -633,6 +643,7 @@ impl CapTable {
     }
 
     /// Takes a node from the free list; the caller checked that the table is not full.
+    #[inline(always)]
     fn allocate_slot(&mut self) -> usize {
         let slot = self.free_head.get().expect("a table below its capacity has a free node");
         self.free_head = self.nodes[slot].next_sibling;
@@ -677,8 +688,25 @@ impl CapTable {
     }
 
     /// Finds where `principal` is in the sorted list of principals.
+    #[inline]
     fn principal_position(&self, principal: Principal) -> Result<usize, usize> {
-        self.principals.binary_search_by_key(&principal, |entry| entry.principal)
+        let hint = self.principal_hint.get() as usize;
+        if self.principals.get(hint).is_some_and(|entry| entry.principal == principal) {
+            return Ok(hint);
+        }
+        self.principal_search(principal)
+    }
+
+    /// The binary search behind [`principal_position`](Self::principal_position), which
+    /// remembers what it found as the next look-up's hint.
+    #[inline(never)]
+    fn principal_search(&self, principal: Principal) -> Result<usize, usize> {
+        let found = self.principals.binary_search_by_key(&principal, |entry| entry.principal);
+        if let Ok(position) = found {
+            // Fewer than u32::MAX principals (accounts are u16).
+            self.principal_hint.set(position as u32);
+        }
+        found
     }
 
     fn principal(&self, principal: Principal) -> Option<&PrincipalEntry> {

@@ -331,8 +331,7 @@ impl CapTable {
     /// Handles a batched revoke sent by the kernel of remote capability `parent`: revokes
     /// every child of this kernel's proxy of `parent` in one pass (SemperOS sends one
     /// revoke per child; one message per parent and kernel costs the same per capability
-    /// on the receiver and a constant on the link). `names` is scratch space (its
-    /// allocation is bounded by the table's capacity and kept by the caller).
+    /// on the receiver and a constant on the link).
     ///
     /// A live child is walked as [`revoke_incoming`](Self::revoke_incoming) walks it; a
     /// revoking one is left to its revocation, and counted unless `individual` says its
@@ -347,7 +346,6 @@ impl CapTable {
         hook: &mut H,
         links: &mut L,
         mut individual: F,
-        names: &mut Vec<CapName>,
     ) -> BelowWalk
     where
         H: RevocationHook + ?Sized,
@@ -358,23 +356,21 @@ impl CapTable {
         let Some(proxy) = self.lookup_foreign(parent) else {
             return below;
         };
-        // The list changes under the walks (finalized children leave it, the proxy may be
-        // released with the last): take the names first.
-        names.clear();
+        // The walks change the list under the cursor, but only at the child just walked:
+        // a walk finalizes (unlinks) its own root and touches nothing outside its subtree
+        // but the proxy above it, which it releases only once no child is left. So the
+        // next sibling, read before the walk, is still the proxy's next child after it (no
+        // copy of the names and no index look-up per child, issue 14).
         let mut cursor = self.nodes[proxy].first_child;
         while let Some(slot) = cursor.get() {
-            names.push(self.nodes[slot].name);
             cursor = self.nodes[slot].next_sibling;
-        }
-        for &name in names.iter() {
-            let Some(slot) = self.lookup(name) else { continue };
             match self.nodes[slot].state {
                 State::Live => {
                     let walk = self.mark_subtree(slot, hook, links);
                     below.members += 1;
                     below.killed += walk.killed;
                 }
-                State::Revoking if !individual(name) => below.members += 1,
+                State::Revoking if !individual(self.nodes[slot].name) => below.members += 1,
                 _ => {}
             }
         }

@@ -128,7 +128,7 @@ impl CapTable {
     }
 
     /// Takes a node out of its parent's list of children; its own subtree stays attached.
-    #[inline]
+    #[inline(always)]
     pub(super) fn unlink_from_parent(&mut self, slot: usize) {
         let Node { parent, prev_sibling, next_sibling, .. } = self.nodes[slot];
         match prev_sibling.get() {

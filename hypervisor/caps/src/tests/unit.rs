@@ -677,3 +677,77 @@ fn remove_vm_revokes_and_frees_everything_it_held() {
     assert_eq!(f.table.usage(vm(VM1)), Some(Usage { held: 0, charged: 0, quota: 4 }));
     f.table.audit();
 }
+
+// -------------------------------------------------------------------------------------
+// The hypercall path's check and the principal hint (issue 14).
+// -------------------------------------------------------------------------------------
+
+#[test]
+fn check_slots_into_agrees_with_check() {
+    let mut f = Fixture::new(64, 64);
+    let (frame, port) = (f.frame_root(1), f.port_root(2));
+    let (r, w) = (f.give(frame, VM1, READ), f.give(frame, VM1, WRITE));
+    let (i, o) = (f.give(port, VM1, IN), f.give(port, VM1, OUT));
+    let other = f.give(frame, VM2, RWX);
+    let unknown = CapName::from_u128(0x7_0000_0000_0000_0000_0000_0000_1234);
+    let cases: [(OpId, [CapName; MAX_CAP_ARGS]); 6] = [
+        (f.wire, [r, w, i, o]),
+        (f.copy, [r, w, unknown, unknown]),
+        (f.copy, [w, r, i, o]),
+        (f.wire, [r, w, o, i]),
+        (f.map, [other, r, r, r]),
+        (f.map, [unknown, r, r, r]),
+    ];
+    for (op, slots) in cases {
+        let arity = f.table.registry().op_args(op).unwrap().len();
+        let expected = f.table.check(vm(VM1), op, &slots[..arity]);
+        let mut checked = Checked::blank();
+        let got = f.table.check_slots_into(vm(VM1), op, slots, &mut checked);
+        match expected {
+            Ok(want) => {
+                assert_eq!(got, Ok(()));
+                assert_eq!(checked.op(), want.op());
+                assert_eq!(checked.args(), want.args());
+            }
+            Err(want) => {
+                assert_eq!(got, Err(want));
+                assert!(checked.args().is_empty(), "a refused check leaves the arguments blank");
+            }
+        }
+    }
+    // Fewer slots than the operation takes: refused, never read past them.
+    let mut checked = Checked::blank();
+    assert_eq!(
+        f.table.check_slots_into(vm(VM1), f.wire, [r, w], &mut checked),
+        Err(CheckError::WrongArgCount { expected: 4, presented: 2 })
+    );
+    assert!(checked.args().is_empty());
+    assert_eq!(
+        f.table.check_slots_into(vm(VM1), OpId::new(EXO, 99), [r], &mut checked),
+        Err(CheckError::UnknownOperation)
+    );
+}
+
+#[test]
+fn a_stale_principal_hint_charges_the_right_principal() {
+    let mut f = Fixture::new(64, 8);
+    let frame = f.frame_root(1);
+    let (c1, c2, c3) = (f.give(frame, VM1, RWX), f.give(frame, VM2, RWX), f.give(frame, VM3, RWX));
+    // The hint now points at VM 3's entry; removing VM 1 moves every later entry down.
+    f.table.derive(vm(VM3), c3, READ).unwrap();
+    f.table.remove_vm(VM1, &mut ignore).unwrap();
+    assert!(f.table.derive(vm(VM1), c1, READ).is_err());
+    let before = (f.table.usage(vm(VM2)).unwrap(), f.table.usage(vm(VM3)).unwrap());
+    f.table.derive(vm(VM2), c2, READ).unwrap();
+    let after = (f.table.usage(vm(VM2)).unwrap(), f.table.usage(vm(VM3)).unwrap());
+    assert_eq!(after.0.held, before.0.held + 1, "VM 2 holds its derived capability");
+    assert_eq!(after.0.charged, before.0.charged + 1, "and pays for it");
+    assert_eq!((after.1.held, after.1.charged), (before.1.held, before.1.charged), "VM 3 is not charged");
+    // A principal registered again lands where the hint may point: still found exactly.
+    f.table.add_vm(VM1, 8).unwrap();
+    let (_, root) = (f.table.usage(vm(VM1)).unwrap(), f.frame_root(2));
+    let mine = f.give(root, VM1, RWX);
+    f.table.derive(vm(VM1), mine, READ).unwrap();
+    assert_eq!(f.table.usage(vm(VM1)).unwrap().held, 2);
+    assert_eq!(f.table.usage(vm(VM3)).unwrap().held, after.1.held);
+}
