@@ -912,6 +912,39 @@ impl NullKernel {
         !self.effects.is_empty()
     }
 
+    /// Runs operation `op` of the AM called `am` for `vm` on the VM's initial capability of
+    /// that AM, with a data buffer (the AM's `invoke_by_am`): how a device the hypervisor
+    /// emulates for a VM (the virtio block device, osvm.rs) turns the VM's requests into
+    /// AM operations checked against the VM's own capability, as the VM's hypercall would
+    /// be. A capability the VM no longer holds (revoked, deleted) finds no object, so the
+    /// request fails. Out of line from the hypercall path: only device exits call it.
+    #[inline(never)]
+    pub fn call_for_vm(
+        &mut self,
+        vm: VmId,
+        am: &str,
+        op: &str,
+        args: &[u64; nk_am::PLAIN_ARGS],
+        data: &mut [u8],
+    ) -> Result<nk_am::Outcome, AmError> {
+        let table = self.proto.table_mut();
+        let am_id = am_to_am::am_named(&self.shared, table, am).ok_or(AmError::NotPermitted)?;
+        let op = table.registry().find_op(am_id, op).ok_or(AmError::NotPermitted)?;
+        let cap = self
+            .initial
+            .get(&vm)
+            .and_then(|caps| caps.iter().find(|(a, _)| *a == am_id))
+            .map(|&(_, name)| name)
+            .ok_or(AmError::NotPermitted)?;
+        let mut checked = Checked::blank();
+        table.check_into(Principal::Vm(vm), op, &[cap], &mut checked).map_err(|_| AmError::NotPermitted)?;
+        let slot = usize::from(am_id.raw() - FIRST_AM_ID);
+        let handler = self.shared.ams.get(slot).ok_or(AmError::NotPermitted)?;
+        let mut services = AmServices { am: am_id, table, effects: &mut self.effects, shared: &self.shared };
+        let result = handler.lock().invoke_by_am(&checked, args, data, &mut services);
+        result
+    }
+
     /// Returns the initial capabilities of `vm` (AM id, name).
     pub fn initial_caps(&self, vm: VmId) -> &[(AmId, CapName)] {
         self.initial.get(&vm).map_or(&[], Vec::as_slice)
