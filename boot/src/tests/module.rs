@@ -73,7 +73,7 @@ fn bad_values_name_the_option_and_an_example() {
         refusal("typo memory=8M"),
         "unknown module option 'memory=8M' (known: mem=<size>, cpu=<index>, ports=<first>[-<last>], \
          msrs=<msr>[,<msr>], unsafe-ports, ring3-caps, modules=<name>[,<name>], input=<name>, manages=<name>[,<name>], data, \
-         images=<name>[,<name>], frames=<size>, image, nvram, lwc, gdb, -- <guest args>)"
+         images=<name>[,<name>], frames=<size>, image, nvram, disk=<size>, lwc, gdb, -- <guest args>)"
     );
 }
 
@@ -242,4 +242,11 @@ fn lwc_is_a_flag() {
     assert!(parse("g lwc -- lwc").unwrap().lwc);
     assert!(!parse("g -- lwc").unwrap().lwc, "words after -- are the guest's");
     assert_eq!(refusal("g lwc=1"), "lwc takes no value (got '1'): write just lwc");
+}
+
+#[test]
+fn disk_takes_a_size() {
+    assert_eq!(parse("linux disk=8M").map(|s| s.disk), Ok(Some(8 << 20)));
+    assert_eq!(parse("linux").map(|s| s.disk), Ok(None));
+    assert!(refusal("linux disk=3M").starts_with("bad size '3M' for disk="));
 }

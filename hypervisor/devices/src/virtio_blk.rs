@@ -112,10 +112,11 @@ pub trait GuestMemory {
 }
 
 /// Where the blocks live: byte offsets inside the device's capacity, multiples of
-/// [`SECTOR`]; `false` is an I/O error (the request fails, the device goes on).
+/// [`SECTOR`]; `false` is an I/O error (the request fails, the device goes on). `write`
+/// may use `data` as scratch (the device's bounce buffer; the block AM lends it on).
 pub trait Backend {
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> bool;
-    fn write(&mut self, offset: u64, data: &[u8]) -> bool;
+    fn write(&mut self, offset: u64, data: &mut [u8]) -> bool;
     /// Returns once every earlier write is durable.
     fn flush(&mut self) -> bool;
 }
@@ -620,7 +621,7 @@ mod tests {
                 None => false,
             }
         }
-        fn write(&mut self, offset: u64, data: &[u8]) -> bool {
+        fn write(&mut self, offset: u64, data: &mut [u8]) -> bool {
             match self.bytes.get_mut(offset as usize..offset as usize + data.len()) {
                 Some(dst) => {
                     dst.copy_from_slice(data);
