@@ -12,9 +12,9 @@ use alloc::string::String;
 use nk_devices::acpi::AcpiTables;
 use nk_devices::lapic;
 use nk_devices::mmio::{self, AccessKind, MmioOp};
-use nk_devices::virtio_blk::{self, VirtioBlk, WriteEffect};
 use nk_devices::msr::{self, MsrFile, Route, VmcsMsr};
 use nk_devices::pc::{PcEvent, VirtualPc};
+use nk_devices::virtio_blk::{self, VirtioBlk, WriteEffect};
 use nk_loader::image::{GuestMemory, ImageKind, OutOfGuest};
 use nk_loader::{bzimage, multiboot};
 
@@ -184,12 +184,9 @@ pub fn write_acpi(
 fn tables(spec: &GuestSpec, handed: &[nk_abi::nkcp::Entry]) -> AcpiTables {
     let nkcp = nk_devices::acpi::nkcp_table(handed);
     let devices = match spec.disk {
-        Some(_) => nk_devices::acpi::virtio_mmio_device(
-            0,
-            VIRTIO_GPA as u32,
-            virtio_blk::WINDOW as u32,
-            u32::from(VIRTIO_IRQ),
-        ),
+        Some(_) => {
+            nk_devices::acpi::virtio_mmio_device(0, VIRTIO_GPA as u32, virtio_blk::WINDOW as u32, u32::from(VIRTIO_IRQ))
+        }
         None => alloc::vec::Vec::new(),
     };
     AcpiTables::build_with_devices(ACPI_GPA, 1, &[&nkcp], &devices)
@@ -237,7 +234,9 @@ struct BlockAmBackend {
 
 impl BlockAmBackend {
     fn call(&self, op: &str, offset: u64, data: &mut [u8]) -> bool {
-        crate::mesh::mesh().device_call(self.cpu, self.vm, "block", op, &[offset, data.len() as u64, 0, 0, 0], data).is_ok()
+        crate::mesh::mesh()
+            .device_call(self.cpu, self.vm, "block", op, &[offset, data.len() as u64, 0, 0, 0], data)
+            .is_ok()
     }
 }
 
@@ -356,7 +355,9 @@ impl OsVm {
                 &code[..n.min(8)]
             )));
         };
-        let Some((base, size)) = self.ram else { return Ok(OsFlow::Stopped(String::from("virtio access before the VM's RAM is known"))) };
+        let Some((base, size)) = self.ram else {
+            return Ok(OsFlow::Stopped(String::from("virtio access before the VM's RAM is known")));
+        };
         let Some(disk) = self.disk.as_mut() else { return Ok(OsFlow::Stopped(String::from("no virtio device"))) };
         let offset = gpa - VIRTIO_GPA;
         match access.kind {

@@ -19,7 +19,8 @@ use crate::linux;
 use crate::workspace::Workspace;
 
 /// Why the fsync figure can be missing: the run printed no line for it.
-pub const FSYNC_BLOCKED: &str = "the run printed no linux_fsync_4k_instructions line (no /mnt: the virtio block device did not mount)";
+pub const FSYNC_BLOCKED: &str =
+    "the run printed no linux_fsync_4k_instructions line (no /mnt: the virtio block device did not mount)";
 
 /// The Linux VM's disk (`disk=`) and the NVRAM area that holds it and the NVRAM AM's regions.
 const DISK_MIB: u32 = 4;

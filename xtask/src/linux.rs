@@ -246,8 +246,12 @@ pub fn ensure(workspace: &Workspace) -> Result<LinuxFiles> {
 
 /// The Debian kernel modules the initramfs carries, in load order: the virtio block device
 /// on the virtio-mmio transport (the module's `disk=`; ext4, which mounts ext2, is built in).
-const KERNEL_MODULES: &[&str] =
-    &["drivers/virtio/virtio_ring.ko", "drivers/virtio/virtio.ko", "drivers/virtio/virtio_mmio.ko", "drivers/block/virtio_blk.ko"];
+const KERNEL_MODULES: &[&str] = &[
+    "drivers/virtio/virtio_ring.ko",
+    "drivers/virtio/virtio.ko",
+    "drivers/virtio/virtio_mmio.ko",
+    "drivers/block/virtio_blk.ko",
+];
 
 /// Returns the [`KERNEL_MODULES`] (file name, bytes), unpacking them from the kernel
 /// package in `debs` into `dir`/modules the first time.

@@ -10,10 +10,10 @@
 
 use std::process::ExitCode;
 
-mod virtio_attack;
 mod bench;
 mod checks;
 mod demo;
+mod virtio_attack;
 
 use nk::{Cap, Error};
 

@@ -289,14 +289,14 @@ mod tests {
     #[test]
     fn general_decoder_refuses_what_it_cannot_emulate() {
         for code in [
-            &[0x48, 0x8B, 0x00][..],  // 64-bit load
-            &[0x48, 0x89, 0x00],      // 64-bit store
-            &[0x8A, 0xC0],            // register operand
-            &[0xC6, 0x08, 0],         // C6 /1
+            &[0x48, 0x8B, 0x00][..],   // 64-bit load
+            &[0x48, 0x89, 0x00],       // 64-bit store
+            &[0x8A, 0xC0],             // register operand
+            &[0xC6, 0x08, 0],          // C6 /1
             &[0x66, 0xC7, 0x00, 0x34], // truncated imm16
-            &[0x0F, 0xB6],            // truncated ModRM
-            &[0x0F, 0xBE, 0x00],      // MOVSX
-            &[0xF3, 0xA4],            // REP MOVSB
+            &[0x0F, 0xB6],             // truncated ModRM
+            &[0x0F, 0xBE, 0x00],       // MOVSX
+            &[0xF3, 0xA4],             // REP MOVSB
             &[0x66],
             &[],
         ] {

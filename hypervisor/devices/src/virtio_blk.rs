@@ -269,7 +269,7 @@ impl VirtioBlk {
             }
             return value;
         }
-        if size != 4 || offset % 4 != 0 {
+        if size != 4 || !offset.is_multiple_of(4) {
             return 0;
         }
         let selected = self.queue_sel == 0;
@@ -303,7 +303,7 @@ impl VirtioBlk {
         memory: &mut dyn GuestMemory,
         backend: &mut dyn Backend,
     ) -> WriteEffect {
-        if offset >= reg::CONFIG || size != 4 || offset % 4 != 0 {
+        if offset >= reg::CONFIG || size != 4 || !offset.is_multiple_of(4) {
             return WriteEffect::None;
         }
         let selected = self.queue_sel == 0;
@@ -343,8 +343,8 @@ impl VirtioBlk {
                 let mut value = value & 0xFF;
                 // FEATURES_OK only for a subset of the offered features with VERSION_1.
                 if value & status::FEATURES_OK != 0 && self.status & status::FEATURES_OK == 0 {
-                    let fine = self.driver_features & !feature::OFFERED == 0
-                        && self.driver_features & feature::VERSION_1 != 0;
+                    let fine =
+                        self.driver_features & !feature::OFFERED == 0 && self.driver_features & feature::VERSION_1 != 0;
                     if !fine {
                         value &= !status::FEATURES_OK;
                     }
@@ -440,12 +440,7 @@ impl VirtioBlk {
     /// Serves the request whose chain starts at `head`: returns how many bytes the device
     /// wrote into the chain. A malformed chain breaks the
     /// device; a bad request fails with its status.
-    fn request(
-        &mut self,
-        memory: &mut dyn GuestMemory,
-        backend: &mut dyn Backend,
-        head: u16,
-    ) -> Result<u32, Broken> {
+    fn request(&mut self, memory: &mut dyn GuestMemory, backend: &mut dyn Backend, head: u16) -> Result<u32, Broken> {
         // Walk the chain once: check every index and its length, find the header and the
         // status byte, and add up the data.
         let first = self.desc(memory, head)?;
