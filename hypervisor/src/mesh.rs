@@ -174,7 +174,9 @@ impl Mesh {
     /// Runs AM `am`'s operation `op` for `vm` (on `cpu`) on the VM's initial capability of
     /// that AM with a data buffer (`NullKernel::call_for_vm`): an emulated device's request
     /// (osvm.rs's virtio block device on the block AM). Effects it leaves are settled as a
-    /// hypercall's.
+    /// hypercall's. Cold and out of line, so the hypercall path's code stays as it was.
+    #[cold]
+    #[inline(never)]
     pub fn device_call(
         &self,
         cpu: usize,

@@ -416,8 +416,23 @@ mod am_to_am {
         if op.am().raw() >= services.am.raw() || op.am().raw() < FIRST_AM_ID {
             return Err(AmError::NotPermitted);
         }
-        let mut checked = Checked::blank();
         let caller = Principal::Am(services.am);
+        checked_invoke(services, caller, op, caps, args, data)
+    }
+
+    /// Checks `caps` for `caller` (an AM, or a VM whose device the hypervisor emulates:
+    /// `NullKernel::call_for_vm`) as a hypercall's are checked, and runs the callee's
+    /// `invoke_by_am` with services of its own (its effects join the caller's). The one
+    /// place both reach the check, so the hypercall path's own check stays inlined.
+    pub(super) fn checked_invoke(
+        services: &mut AmServices<'_>,
+        caller: Principal,
+        op: OpId,
+        caps: &[CapName],
+        args: &[u64; nk_am::PLAIN_ARGS],
+        data: &mut [u8],
+    ) -> Result<nk_am::Outcome, AmError> {
+        let mut checked = Checked::blank();
         if let Err(error) = services.table.check_into(caller, op, caps, &mut checked) {
             return Err(match error {
                 CheckError::Arg { fault: ArgFault::UnknownName, .. } => AmError::Capability(CapError::UnknownName),
@@ -918,6 +933,7 @@ impl NullKernel {
     /// AM operations checked against the VM's own capability, as the VM's hypercall would
     /// be. A capability the VM no longer holds (revoked, deleted) finds no object, so the
     /// request fails. Out of line from the hypercall path: only device exits call it.
+    #[cold]
     #[inline(never)]
     pub fn call_for_vm(
         &mut self,
@@ -936,13 +952,8 @@ impl NullKernel {
             .and_then(|caps| caps.iter().find(|(a, _)| *a == am_id))
             .map(|&(_, name)| name)
             .ok_or(AmError::NotPermitted)?;
-        let mut checked = Checked::blank();
-        table.check_into(Principal::Vm(vm), op, &[cap], &mut checked).map_err(|_| AmError::NotPermitted)?;
-        let slot = usize::from(am_id.raw() - FIRST_AM_ID);
-        let handler = self.shared.ams.get(slot).ok_or(AmError::NotPermitted)?;
         let mut services = AmServices { am: am_id, table, effects: &mut self.effects, shared: &self.shared };
-        let result = handler.lock().invoke_by_am(&checked, args, data, &mut services);
-        result
+        am_to_am::checked_invoke(&mut services, Principal::Vm(vm), op, &[cap], args, data)
     }
 
     /// Returns the initial capabilities of `vm` (AM id, name).
