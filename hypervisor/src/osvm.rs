@@ -341,7 +341,10 @@ impl OsVm {
     /// and a `QueueNotify` serves the queue on the block AM before the guest goes on. The
     /// device's interrupt line goes to the 8259 as [`VIRTIO_IRQ`]. A malformed ring breaks
     /// the device (one log line), not the VM; an instruction the decoder does not know
-    /// stops the VM with a line.
+    /// stops the VM with a line. Cold and out of line: the exit paths of other reasons
+    /// (VMCALL above all) keep their code.
+    #[cold]
+    #[inline(never)]
     fn virtio_exit(&mut self, gpa: u64, vcpu: &mut Vcpu, prefix: &str) -> Result<OsFlow, VcpuError> {
         let q = vcpu.exit_qualification()?;
         if q & (1 << 2) != 0 {
