@@ -1,7 +1,7 @@
 //! Parses a guest module's command line:
 //! `<name> [mem=<size>] [cpu=<index>] [ports=<first>[-<last>]] [msrs=<msr>,...] [unsafe-ports]
 //! [ring3-caps] [modules=<name>,...] [input=<name>] [manages=<name>,...] [images=<name>,...]
-//! [frames=<size>] [vcpus=<n>] [data] [image] [nvram] [lwc] [gdb] [-- <args>]`.
+//! [frames=<size>] [vcpus=<n>] [data] [image] [nvram] [disk=<size>] [lwc] [gdb] [-- <args>]`.
 //!
 //! `data` marks a module that is not a guest but data another guest's `modules=` names (a
 //! Linux initramfs, a Multiboot kernel's modules); for a Linux guest the words after `--`
@@ -16,6 +16,8 @@
 //! `vcpus=` gives a bare-metal guest several vCPUs (1 to [`MAX_VCPUS`]), all on its CPU
 //! (docs/multi-vcpu.md); it is refused beside `image` or `gdb` (a guest OS has one vCPU,
 //! and the debugger serves one).
+//! `disk=` gives a guest OS a virtio block device of that size (a multiple of 2 MiB): a
+//! range of the durable device the block AM grants the VM at creation (docs/linux-disk.md).
 //! `gdb` makes the guest the one the hypervisor's debugger stub serves on COM2
 //! (docs/gdb.md): it waits, stopped before its first instruction, for gdb to attach.
 //!
@@ -165,6 +167,9 @@ pub struct ModuleSpec<'a> {
     /// `lwc`: the guest starts with its root light-weight context's capability (the lwC
     /// AM, registered only when some module says `lwc`).
     pub lwc: bool,
+    /// `disk=`: the bytes of the guest OS's virtio block device, a block-AM range of the
+    /// durable device granted to the VM at creation.
+    pub disk: Option<u64>,
     /// The data module typed into a guest OS's serial port (`input=`), by name.
     pub input: Option<&'a str>,
     /// The guests this one manages (`manages=`), by name: it starts with a capability
@@ -471,6 +476,15 @@ pub static MODULE_OPTIONS: [ModuleOption; 17] = [
         },
     },
     ModuleOption {
+        name: "disk",
+        syntax: "disk=<size>",
+        noun: "size",
+        expected: "a multiple of 2M up to 1G",
+        example: "disk=8M",
+        takes_value: true,
+        apply: apply_disk,
+    },
+    ModuleOption {
         name: "lwc",
         syntax: "lwc",
         noun: "value",
@@ -539,6 +553,11 @@ fn option(name: &str) -> &'static ModuleOption {
 /// Reads a size with an optional K, M or G suffix (M when none).
 fn apply_mem<'a>(spec: &mut ModuleSpec<'a>, value: &'a str) -> Result<(), ModuleError<'a>> {
     spec.memory = size("mem", value)?;
+    Ok(())
+}
+
+fn apply_disk<'a>(spec: &mut ModuleSpec<'a>, value: &'a str) -> Result<(), ModuleError<'a>> {
+    spec.disk = Some(size("disk", value)?);
     Ok(())
 }
 
@@ -660,6 +679,7 @@ pub fn parse(cmdline: &str) -> Result<ModuleSpec<'_>, ModuleError<'_>> {
         data: false,
         nvram: false,
         lwc: false,
+        disk: None,
         input: None,
         manages: FixedList::new(),
         frames: None,

@@ -52,13 +52,14 @@ pub static AMS: &[AmLine] = &[
         make: |boot| Box::new(vm_objects(boot.guests, boot.images.to_vec())),
     },
     // The block AM (am/block, the seed's d-AM): the durable device as block-range
-    // capabilities, granted to the NVRAM AM on each kernel instance at start-up; only when
-    // the NVRAM AM runs, as its line.
+    // capabilities, granted to the NVRAM AM on each kernel instance at start-up, and a
+    // range at the device's end to each guest whose module says `disk=` (its virtio block
+    // device, osvm.rs); only when the NVRAM AM runs or a guest has a disk.
     AmLine {
         name: "block",
         quota: AM_QUOTA,
-        when: |boot| boot.guests.iter().any(|g| g.nvram),
-        make: |_| Box::new(nk_am_block::BlockAm::new(alloc::vec::Vec::new()).serving("nvram")),
+        when: |boot| boot.guests.iter().any(|g| g.nvram || g.disk.is_some()),
+        make: |boot| Box::new(nk_am_block::BlockAm::new(disk_grants(boot.guests)).serving("nvram")),
     },
     // Only when a guest's module says `nvram` (one more AM principal made derive 16
     // instructions longer in `cargo xtask bench hypercall`).
@@ -82,6 +83,34 @@ pub static AMS: &[AmLine] = &[
     },
     // cargo xtask new-am adds new AMs' lines above this one.
 ];
+
+/// The block AM's grants: for each guest whose module says `disk=<size>` (VM i+1), a range
+/// of that size at the end of the durable device, the first such guest's last; the NVRAM
+/// AM gets what lies below them. Without a durable device, or when the disks do not fit
+/// in half of it, a guest gets no range (its device then fails every request) and the
+/// log says why.
+fn disk_grants(guests: &[GuestSpec]) -> alloc::vec::Vec<nk_am_block::BlockGrant> {
+    let mut size = 0;
+    let durable = crate::storage::with_media(|media| size = media.size()).is_some();
+    let size = size - size % nk_am_block::UNIT;
+    let mut end = size;
+    let mut grants = alloc::vec::Vec::new();
+    for (i, g) in guests.iter().enumerate() {
+        let Some(bytes) = g.disk else { continue };
+        let vm = nk_caps::VmId::new(i as u32 + 1);
+        if !durable || end.saturating_sub(bytes) < size / 2 {
+            log::error!(target: "boot", "vm{}/{}: disk={} MiB: {}; its virtio block device fails every request",
+                vm.raw(), g.name, bytes >> 20,
+                if durable { "does not fit in half of the durable device" } else { "the machine has no durable device (an NVRAM disk)" });
+            continue;
+        }
+        end -= bytes;
+        log::info!(target: "boot", "vm{}/{}: disk: block-AM range [{end:#x}, {:#x}) of the durable device ({} MiB)",
+            vm.raw(), g.name, end + bytes, bytes >> 20);
+        grants.push(nk_am_block::BlockGrant { vm, first: end, bytes });
+    }
+    grants
+}
 
 /// Every boot runs the AM.
 pub fn always(_: &BootModules<'_>) -> bool {

@@ -301,6 +301,9 @@ impl Guest {
         if let Some(input) = spec.input {
             os.set_console_input(input);
         }
+        if let Some(bytes) = spec.disk {
+            os.attach_disk(vm, bytes);
+        }
         let mut guest = Guest {
             vm,
             name: spec.name.clone(),
@@ -673,6 +676,9 @@ impl Guest {
             if let Some(os) = self.os.as_mut() {
                 os.flush_console(&self.label);
                 log::info!(target: "guest", "{}: {}", self.label, os.summary());
+                if let Some(disk) = os.disk_summary() {
+                    log::info!(target: "guest", "{}: {disk}", self.label);
+                }
             }
         }
         self.leave_slice();
@@ -1114,6 +1120,8 @@ pub struct GuestSpec {
     pub nvram: bool,
     /// `lwc`: the VM starts with its root lwC's capability (the lwC AM).
     pub lwc: bool,
+    /// `disk=`: the bytes of a guest OS's virtio block device (a block-AM range).
+    pub disk: Option<u64>,
     /// Debugged over COM2 (`gdb`; gdb.rs).
     pub gdb: bool,
     /// How many vCPUs a bare-metal guest has (`vcpus=`; guest/vcpus.rs).
@@ -1162,6 +1170,7 @@ impl GuestSpec {
             images: spec.images.as_slice().iter().map(|n| String::from(*n)).collect(),
             nvram: spec.nvram,
             lwc: spec.lwc,
+            disk: spec.disk,
             gdb: spec.gdb,
             vcpus: spec.vcpus,
         })

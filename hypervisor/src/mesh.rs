@@ -171,6 +171,35 @@ impl Mesh {
         dispatched
     }
 
+    /// Runs AM `am`'s operation `op` for `vm` (on `cpu`) on the VM's initial capability of
+    /// that AM with a data buffer (`NullKernel::call_for_vm`): an emulated device's request
+    /// (osvm.rs's virtio block device on the block AM). Effects it leaves are settled as a
+    /// hypercall's. Cold and out of line, so the hypercall path's code stays as it was.
+    #[cold]
+    #[inline(never)]
+    pub fn device_call(
+        &self,
+        cpu: usize,
+        vm: VmId,
+        am: &str,
+        op: &str,
+        args: &[u64; nk_am::PLAIN_ARGS],
+        data: &mut [u8],
+    ) -> Result<nk_am::Outcome, nk_am::AmError> {
+        let instance = self.instances.get(cpu).ok_or(nk_am::AmError::NotPermitted)?;
+        let mut out = Vec::new();
+        let mut kernel = instance.kernel.lock();
+        let result = kernel.call_for_vm(vm, am, op, args, data);
+        if kernel.has_effects() || kernel.has_finished() {
+            settle_locally(instance, &mut kernel, &mut out);
+        }
+        drop(kernel);
+        if !out.is_empty() {
+            self.send(cpu, &mut out);
+        }
+        result
+    }
+
     /// Removes an ended VM of `cpu` from its instance: its capabilities die everywhere.
     pub fn remove_vm(&self, cpu: usize, vm: VmId) -> Result<Dispatched, nk_caps::PrincipalError> {
         let instance = &self.instances[cpu];

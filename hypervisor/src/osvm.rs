@@ -11,9 +11,10 @@ use alloc::string::String;
 
 use nk_devices::acpi::AcpiTables;
 use nk_devices::lapic;
-use nk_devices::mmio::{self, MmioOp};
+use nk_devices::mmio::{self, AccessKind, MmioOp};
 use nk_devices::msr::{self, MsrFile, Route, VmcsMsr};
 use nk_devices::pc::{PcEvent, VirtualPc};
+use nk_devices::virtio_blk::{self, VirtioBlk, WriteEffect};
 use nk_loader::image::{GuestMemory, ImageKind, OutOfGuest};
 use nk_loader::{bzimage, multiboot};
 
@@ -23,6 +24,11 @@ use crate::vmx::vmcs::ExitReason;
 
 /// Where the VM's ACPI tables go (in the BIOS area the E820 map reserves).
 const ACPI_GPA: u64 = 0xE_0000;
+/// Where the virtio-mmio block device's registers are (guest-physical, above the open
+/// bus and below the xAPIC page: nothing else is mapped there) and its ISA interrupt
+/// (free on the virtual PC: COM1 is 4, the SCI 9).
+pub const VIRTIO_GPA: u64 = 0xD000_0000;
+pub const VIRTIO_IRQ: u8 = 5;
 /// The wall clock the virtual RTC starts from (2026-01-01 00:00:00 UTC).
 const RTC_EPOCH: u64 = 1_767_225_600;
 
@@ -99,8 +105,7 @@ pub fn load(
     report: bool,
     handed: &[nk_abi::nkcp::Entry],
 ) -> Result<OsStart, String> {
-    let nkcp = nk_devices::acpi::nkcp_table(handed);
-    let acpi = AcpiTables::build_with(ACPI_GPA, 1, &[&nkcp]);
+    let acpi = tables(spec, handed);
     ram.write(ACPI_GPA, &acpi.blob).map_err(|e| format!("ACPI tables: {e}"))?;
     let image = spec.image;
     match kind {
@@ -164,8 +169,7 @@ pub fn write_acpi(
     ram: &mut dyn GuestMemory,
     handed: &[nk_abi::nkcp::Entry],
 ) -> Result<(), String> {
-    let nkcp = nk_devices::acpi::nkcp_table(handed);
-    let acpi = AcpiTables::build_with(ACPI_GPA, 1, &[&nkcp]);
+    let acpi = tables(spec, handed);
     if ACPI_GPA + acpi.blob.len() as u64 > 0x10_0000 {
         return Err(format!("{} bytes of ACPI tables do not fit below 1 MiB", acpi.blob.len()));
     }
@@ -173,6 +177,88 @@ pub fn write_acpi(
     log::info!(target: "guest", "vm{}/{}: {} capabilities handed to its root processes in the NKCP ACPI table",
         vm.raw(), spec.name, handed.len());
     Ok(())
+}
+
+/// The VM's ACPI tables: the NKCP table listing `handed`, and in the DSDT the virtio-mmio
+/// block device (`LNRO0005`) when the module says `disk=`.
+fn tables(spec: &GuestSpec, handed: &[nk_abi::nkcp::Entry]) -> AcpiTables {
+    let nkcp = nk_devices::acpi::nkcp_table(handed);
+    let devices = match spec.disk {
+        Some(_) => {
+            nk_devices::acpi::virtio_mmio_device(0, VIRTIO_GPA as u32, virtio_blk::WINDOW as u32, u32::from(VIRTIO_IRQ))
+        }
+        None => alloc::vec::Vec::new(),
+    };
+    AcpiTables::build_with_devices(ACPI_GPA, 1, &[&nkcp], &devices)
+}
+
+/// The VM's RAM as the virtio device reaches it (host address, size): every access is
+/// checked to lie inside it.
+struct RamView {
+    base: u64,
+    size: u64,
+}
+
+impl RamView {
+    fn range(&self, gpa: u64, len: usize) -> Option<u64> {
+        let end = gpa.checked_add(len as u64)?;
+        (end <= self.size).then_some(self.base + gpa)
+    }
+}
+
+impl virtio_blk::GuestMemory for RamView {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        let Some(at) = self.range(gpa, buf.len()) else { return false };
+        // SAFETY: [gpa, gpa + len) lies inside the VM's RAM (checked), identity-mapped in
+        // the host; the VM's vCPU is not running while its exit is handled.
+        unsafe { core::ptr::copy_nonoverlapping(at as *const u8, buf.as_mut_ptr(), buf.len()) };
+        true
+    }
+
+    fn write(&mut self, gpa: u64, data: &[u8]) -> bool {
+        let Some(at) = self.range(gpa, data.len()) else { return false };
+        // SAFETY: as in `read`; the VM owns these bytes, the hypervisor uses none of them.
+        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), at as *mut u8, data.len()) };
+        true
+    }
+}
+
+/// The virtio device's blocks: the block AM's range the VM holds its initial capability
+/// to, each access an operation on that capability (`NullKernel::call_for_vm`), checked
+/// as the VM's own hypercall would be. Offsets past the range, or a capability the VM no
+/// longer holds, fail the request.
+struct BlockAmBackend {
+    vm: nk_caps::VmId,
+    cpu: usize,
+}
+
+impl BlockAmBackend {
+    fn call(&self, op: &str, offset: u64, data: &mut [u8]) -> bool {
+        crate::mesh::mesh()
+            .device_call(self.cpu, self.vm, "block", op, &[offset, data.len() as u64, 0, 0, 0], data)
+            .is_ok()
+    }
+}
+
+impl virtio_blk::Backend for BlockAmBackend {
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> bool {
+        self.call("read", offset, buf)
+    }
+
+    fn write(&mut self, offset: u64, data: &mut [u8]) -> bool {
+        self.call("write", offset, data)
+    }
+
+    fn flush(&mut self) -> bool {
+        self.call("fence", 0, &mut [])
+    }
+}
+
+/// A guest OS's virtio block device and whose capability serves it.
+struct Disk {
+    dev: VirtioBlk,
+    vm: nk_caps::VmId,
+    broken_logged: bool,
 }
 
 /// What an exit of a guest OS leads to.
@@ -210,6 +296,8 @@ pub struct OsVm {
     /// The VM's RAM (host address, size) once its xAPIC page is the APIC-access page
     /// (`set_ram`); None keeps the xAPIC page an EPT violation.
     ram: Option<(u64, u64)>,
+    /// The virtio block device (`disk=`).
+    disk: Option<alloc::boxed::Box<Disk>>,
 }
 
 /// Where the open bus of a guest OS ends ([`OsVm::open_bus`]): the end of the NVRAM AM's
@@ -238,7 +326,77 @@ impl OsVm {
             reached_linux_ok: false,
             console_input: &[],
             ram: None,
+            disk: None,
         }
+    }
+
+    /// Gives the VM its virtio block device of `bytes` (`disk=`), served from the block
+    /// AM range `vm` holds (granted at creation, ams.rs); the ACPI tables list it.
+    pub fn attach_disk(&mut self, vm: nk_caps::VmId, bytes: u64) {
+        self.disk = Some(alloc::boxed::Box::new(Disk { dev: VirtioBlk::new(bytes), vm, broken_logged: false }));
+    }
+
+    /// Emulates the `MOV` that touched the virtio device's registers at `gpa` (an EPT
+    /// violation: nothing is mapped there): a load reads a register, a store writes one,
+    /// and a `QueueNotify` serves the queue on the block AM before the guest goes on. The
+    /// device's interrupt line goes to the 8259 as [`VIRTIO_IRQ`]. A malformed ring breaks
+    /// the device (one log line), not the VM; an instruction the decoder does not know
+    /// stops the VM with a line. Cold and out of line: the exit paths of other reasons
+    /// (VMCALL above all) keep their code.
+    #[cold]
+    #[inline(never)]
+    fn virtio_exit(&mut self, gpa: u64, vcpu: &mut Vcpu, prefix: &str) -> Result<OsFlow, VcpuError> {
+        let q = vcpu.exit_qualification()?;
+        if q & (1 << 2) != 0 {
+            return Ok(OsFlow::Stopped(format!("instruction fetch from the virtio device's registers at {gpa:#x}")));
+        }
+        let long = vcpu.guest_msr(VmcsMsr::Efer)? & (1 << 10) != 0;
+        let (code, n) = self.fetch_instruction(vcpu, long)?;
+        let Some(access) = mmio::decode_access(&code[..n], long) else {
+            return Ok(OsFlow::Stopped(format!(
+                "virtio register access at {gpa:#x} by an instruction the VM does not emulate (bytes {:02x?}; an 8/16/32-bit MOV or MOVZX is)",
+                &code[..n.min(8)]
+            )));
+        };
+        let Some((base, size)) = self.ram else {
+            return Ok(OsFlow::Stopped(String::from("virtio access before the VM's RAM is known")));
+        };
+        let Some(disk) = self.disk.as_mut() else { return Ok(OsFlow::Stopped(String::from("no virtio device"))) };
+        let offset = gpa - VIRTIO_GPA;
+        match access.kind {
+            AccessKind::Load { gpr, .. } => {
+                let value = disk.dev.read(offset, access.size);
+                let old = vcpu.gpr(gpr)?;
+                vcpu.set_gpr(gpr, access.loaded(old, value))?;
+            }
+            AccessKind::Store { gpr, .. } => {
+                let value = access.stored(vcpu.gpr(gpr)?);
+                disk.write(offset, access.size, value, RamView { base, size }, prefix);
+            }
+            AccessKind::StoreImm(_) => {
+                let value = access.stored(0);
+                disk.write(offset, access.size, value, RamView { base, size }, prefix);
+            }
+        }
+        self.pc.pic.set_irq(VIRTIO_IRQ, disk.dev.irq_level());
+        vcpu.skip_bytes(u64::from(access.len))?;
+        Ok(OsFlow::Continue)
+    }
+
+    /// Returns the virtio device's counters line for the VM's end (None without a disk).
+    pub fn disk_summary(&self) -> Option<String> {
+        let disk = self.disk.as_ref()?;
+        let c = disk.dev.counters;
+        Some(format!(
+            "virtio-blk: {} reads ({} KiB), {} writes ({} KiB), {} flushes, {} failed requests{}",
+            c.reads,
+            c.bytes_read / 1024,
+            c.writes,
+            c.bytes_written / 1024,
+            c.flushes,
+            c.failed,
+            disk.dev.broken().map(|why| format!("; broken by {}", why.describe())).unwrap_or_default()
+        ))
     }
 
     /// Tells the VM that its xAPIC page is the vCPU's APIC-access page (SDM Vol. 3 §30.4)
@@ -396,7 +554,7 @@ impl OsVm {
         Ok(OsFlow::Continue)
     }
 
-    /// Emulates a 32-bit `MOV` to guest-physical `gpa` where nothing is mapped, above the
+    /// Emulates a `MOV` (8, 16 or 32 bits, `mmio::decode_access`) to guest-physical `gpa` where nothing is mapped, above the
     /// VM's RAM and below [`OPEN_BUS_END`] (where the exo and NVRAM AMs map frames on a
     /// caller's request, and a process reaches them through `/dev/mem`), as a PC's bus
     /// does with an unclaimed cycle: a load reads all ones, a store goes nowhere. So a
@@ -415,15 +573,16 @@ impl OsVm {
         }
         let long = vcpu.guest_msr(VmcsMsr::Efer)? & (1 << 10) != 0;
         let (code, n) = self.fetch_instruction(vcpu, long)?;
-        let Some(insn) = mmio::decode(&code[..n], long) else { return Ok(false) };
-        let what = match insn.op {
-            MmioOp::Load { gpr } => {
-                vcpu.set_gpr(gpr, 0xFFFF_FFFF)?;
+        let Some(access) = mmio::decode_access(&code[..n], long) else { return Ok(false) };
+        let what = match access.kind {
+            AccessKind::Load { gpr, .. } => {
+                let old = vcpu.gpr(gpr)?;
+                vcpu.set_gpr(gpr, access.loaded(old, u32::MAX))?;
                 "read all ones"
             }
-            MmioOp::Store { .. } | MmioOp::StoreImm(_) => "write dropped",
+            AccessKind::Store { .. } | AccessKind::StoreImm(_) => "write dropped",
         };
-        vcpu.skip_bytes(u64::from(insn.len))?;
+        vcpu.skip_bytes(u64::from(access.len))?;
         log::info!(target: "guest", "{prefix}: nothing mapped at guest-physical {gpa:#x}: {what} (open bus)");
         Ok(true)
     }
@@ -628,6 +787,9 @@ impl OsVm {
             ExitReason::INIT_SIGNAL => return Ok(OsFlow::Ended(String::from("reset by an INIT signal"))),
             ExitReason::EPT_VIOLATION => {
                 let gpa = vcpu.guest_physical()?;
+                if self.disk.is_some() && (VIRTIO_GPA..VIRTIO_GPA + virtio_blk::WINDOW).contains(&gpa) {
+                    return self.virtio_exit(gpa, vcpu, prefix);
+                }
                 if self.open_bus(gpa, vcpu, prefix)? {
                     return Ok(OsFlow::Continue);
                 }
@@ -711,6 +873,20 @@ impl OsVm {
             Route::Emulated => self.msrs.write(index, value),
             Route::Denied => false,
         })
+    }
+}
+
+impl Disk {
+    /// Writes a register of the device; logs the first time a malformed ring breaks it.
+    fn write(&mut self, offset: u64, size: u8, value: u32, mut ram: RamView, prefix: &str) {
+        let mut backend = BlockAmBackend { vm: self.vm, cpu: crate::percpu::current_index() as usize };
+        if let WriteEffect::Broke(why) = self.dev.write(offset, size, value, &mut ram, &mut backend) {
+            if !self.broken_logged {
+                self.broken_logged = true;
+                log::warn!(target: "guest", "{prefix}: virtio-blk: device broken by {} (DEVICE_NEEDS_RESET); the VM goes on without it until its driver resets it",
+                    why.describe());
+            }
+        }
     }
 }
 

@@ -28,6 +28,20 @@ export PATH=/bin
 echo "LINUX-OK $(uname -r) cpus=$(grep -c ^processor /proc/cpuinfo)"
 # The same moment on the kernel's clock, for `cargo xtask bench linux`.
 echo "nk-init: LINUX-OK reached" > /dev/kmsg
+# A virtio block device (the module's `disk=`, an ACPI LNRO0005 device): load Debian's
+# modules for it, and mount it on /mnt (formatting it as ext2 first if it holds none).
+if [ -e /sys/bus/acpi/devices/LNRO0005:00 ]; then
+    for m in virtio_ring virtio virtio_mmio virtio_blk; do insmod /lib/modules/$m.ko; done
+    n=0; while [ ! -b /dev/vda ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done
+    mkdir -p /mnt
+    if mount -t ext4 /dev/vda /mnt 2>/dev/null; then
+        echo "nk-init: disk: /dev/vda ($(cat /sys/block/vda/size) sectors) mounted on /mnt"
+    elif mke2fs -q /dev/vda && mount -t ext4 /dev/vda /mnt; then
+        echo "nk-init: disk: /dev/vda ($(cat /sys/block/vda/size) sectors) formatted (ext2) and mounted on /mnt"
+    else
+        echo "nk-init: disk: /dev/vda cannot be mounted"
+    fi
+fi
 # The kernel passes /init the words after its `--` (and any parameter it does not know,
 # e.g. nokaslr): the commands are the words after the marker `nk-run`.
 while [ $# -gt 0 ] && [ "$1" != nk-run ]; do shift; done
@@ -37,6 +51,7 @@ if [ $# -gt 0 ]; then
     eval "$*"
     echo "nk-init: commands done (status $?)"
 fi
+if grep -q " /mnt " /proc/mounts; then umount /mnt && echo "nk-init: disk: unmounted"; fi
 poweroff -f
 "#;
 
@@ -116,6 +131,35 @@ nkctl probe 0x40300000
 echo "nkctl-isolation: done"
 "#;
 
+/// `/bin/nk-disk`: the virtio block device across boots (issue 13's Linux disk). The
+/// first boot of a disk image (/init formatted and mounted it) writes a record to a file
+/// on it and syncs; a later boot of the same image reads the record back. Both print the
+/// file system's size.
+pub const NK_DISK: &str = r#"#!/bin/busybox sh
+if [ -f /mnt/record ]; then
+  echo "nk-disk: found [$(cat /mnt/record)]"
+else
+  echo "durable-record:answer=42" > /mnt/record
+  sync && echo "nk-disk: wrote the record and synced"
+fi
+echo "nk-disk: $(df -k /mnt | tail -1)"
+"#;
+
+/// `/bin/nk-disk-attack`: malformed virtqueues from a root process (`nkctl
+/// virtio-attack`) at the virtio block device's registers (guest-physical 0xd0000000)
+/// once Linux's driver let go of it, with the rings in the reserved page at 0xf8000;
+/// afterwards Linux's driver takes the device again (its probe resets it) and mounts it.
+pub const NK_DISK_ATTACK: &str = r#"#!/bin/busybox sh
+umount /mnt
+rmmod virtio_blk
+rmmod virtio_mmio
+nkctl virtio-attack 0xd0000000 0xf8000
+insmod /lib/modules/virtio_mmio.ko
+insmod /lib/modules/virtio_blk.ko
+n=0; while [ ! -b /dev/vda ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done
+mount -t ext4 /dev/vda /mnt && echo "nk-disk-attack: mounted again: [$(cat /mnt/record)]"
+"#;
+
 /// The unpacked Linux guest files.
 #[derive(Debug, Clone)]
 pub struct LinuxFiles {
@@ -191,12 +235,58 @@ pub fn ensure(workspace: &Workspace) -> Result<LinuxFiles> {
     let initramfs = dir.join("initramfs.cpio");
     let busybox_bytes = std::fs::read(&busybox).with_context(|| format!("cannot read {}", busybox.display()))?;
     let nkctl = build_nkctl(workspace)?;
-    let cpio = initramfs_cpio(&busybox_bytes, &nkctl);
+    let kernel_modules = kernel_modules(&dir, &debs)?;
+    let cpio = initramfs_cpio(&busybox_bytes, &nkctl, &kernel_modules);
     if std::fs::read(&initramfs).ok().as_deref() != Some(&cpio[..]) {
         std::fs::write(&initramfs, &cpio).with_context(|| format!("cannot write {}", initramfs.display()))?;
         println!("xtask: linux: wrote {} ({} bytes)", workspace.display(&initramfs), cpio.len());
     }
     Ok(LinuxFiles { kernel, initramfs })
+}
+
+/// The Debian kernel modules the initramfs carries, in load order: the virtio block device
+/// on the virtio-mmio transport (the module's `disk=`; ext4, which mounts ext2, is built in).
+const KERNEL_MODULES: &[&str] = &[
+    "drivers/virtio/virtio_ring.ko",
+    "drivers/virtio/virtio.ko",
+    "drivers/virtio/virtio_mmio.ko",
+    "drivers/block/virtio_blk.ko",
+];
+
+/// Returns the [`KERNEL_MODULES`] (file name, bytes), unpacking them from the kernel
+/// package in `debs` into `dir`/modules the first time.
+fn kernel_modules(dir: &Path, debs: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let out = dir.join("modules");
+    let name = |m: &str| m.rsplit('/').next().unwrap_or(m).to_string();
+    if !KERNEL_MODULES.iter().all(|m| out.join(name(m)).is_file()) {
+        let deb = std::fs::read_dir(debs)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("linux-image-")))
+            .with_context(|| format!("no linux-image-*.deb in {}", debs.display()))?;
+        let root = dir.join("modules-root");
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root)?;
+        tools::status_checked(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root), "dpkg-deb -x")?;
+        let lib = root.join("lib/modules");
+        let version = std::fs::read_dir(&lib)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .next()
+            .with_context(|| format!("the kernel package has no {}", lib.display()))?;
+        std::fs::create_dir_all(&out)?;
+        for m in KERNEL_MODULES {
+            let from = version.join("kernel").join(m);
+            std::fs::copy(&from, out.join(name(m))).with_context(|| format!("cannot copy {}", from.display()))?;
+        }
+        let _ = std::fs::remove_dir_all(&root);
+        println!("xtask: linux: kernel modules {} -> {}", KERNEL_MODULES.len(), out.display());
+    }
+    KERNEL_MODULES
+        .iter()
+        .map(|m| {
+            let path = out.join(name(m));
+            Ok((name(m), std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?))
+        })
+        .collect()
 }
 
 /// The Linux target `nkctl` is built for: the host's own, linked statically (glibc's
@@ -279,7 +369,7 @@ fn unpack(debs: &Path, dir: &Path, kernel: &Path, busybox: &Path) -> Result<()> 
     std::fs::copy(&vmlinuz, kernel).with_context(|| format!("cannot copy {}", vmlinuz.display()))?;
     std::fs::copy(root.join("bin/busybox"), busybox).context("no bin/busybox in busybox-static")?;
     println!("xtask: linux: {} -> {}", vmlinuz.display(), kernel.display());
-    // The modules tree is large and unused (the guest needs none): drop it.
+    // The modules tree is large and the guest needs four of it (`kernel_modules`): drop it.
     let _ = std::fs::remove_dir_all(&root);
     Ok(())
 }
@@ -385,10 +475,13 @@ impl CpioWriter {
 }
 
 /// Builds the initramfs around `busybox`.
-pub fn initramfs_cpio(busybox: &[u8], nkctl: &[u8]) -> Vec<u8> {
+pub fn initramfs_cpio(busybox: &[u8], nkctl: &[u8], kernel_modules: &[(String, Vec<u8>)]) -> Vec<u8> {
     let mut c = CpioWriter::new();
-    for d in ["bin", "dev", "etc", "proc", "sys", "tmp", "sbin"] {
+    for d in ["bin", "dev", "etc", "proc", "sys", "tmp", "sbin", "lib", "lib/modules"] {
         c.dir(d);
+    }
+    for (name, bytes) in kernel_modules {
+        c.file(&format!("lib/modules/{name}"), 0o644, bytes);
     }
     c.chardev("dev/console", 5, 1);
     c.chardev("dev/ttyS0", 4, 64);
@@ -399,6 +492,8 @@ pub fn initramfs_cpio(busybox: &[u8], nkctl: &[u8]) -> Vec<u8> {
     c.file("bin/nkctl-demo", 0o755, NKCTL_DEMO.as_bytes());
     c.file("bin/nkctl-bypass", 0o755, NKCTL_BYPASS.as_bytes());
     c.file("bin/nkctl-isolation", 0o755, NKCTL_ISOLATION.as_bytes());
+    c.file("bin/nk-disk", 0o755, NK_DISK.as_bytes());
+    c.file("bin/nk-disk-attack", 0o755, NK_DISK_ATTACK.as_bytes());
     // Root and an unprivileged user, so a demo can show what only root may read.
     c.file("etc/passwd", 0o644, b"root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/tmp:/bin/sh\n");
     c.file("etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n");
@@ -442,7 +537,7 @@ mod tests {
 
     #[test]
     fn initramfs_has_init_busybox_and_console() {
-        let archive = initramfs_cpio(b"\x7fELF fake busybox", b"\x7fELF fake nkctl");
+        let archive = initramfs_cpio(b"\x7fELF fake busybox", b"\x7fELF fake nkctl", &[]);
         let entries = walk(&archive);
         let find = |n: &str| entries.iter().find(|e| e.0 == n).unwrap_or_else(|| panic!("{n} missing")).clone();
         let init = find("init");

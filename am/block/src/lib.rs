@@ -22,7 +22,10 @@
 //! - 4 `size(c: block-range)`: `[bytes, first byte on the device]`.
 //!
 //! A VM named in the grants ([`BlockGrant`]) gets one range at creation (its initial
-//! capability); it lends it to an AM with the NVRAM AM's pattern (`Kernel::take_cap`).
+//! capability); it lends it to an AM with the NVRAM AM's pattern (`Kernel::take_cap`), or
+//! the hypervisor serves it as the VM's virtio block device (a module's `disk=`: each
+//! request is a `read`, `write` or `fence` on the VM's capability, `NullKernel::call_for_vm`).
+//! An AM this AM serves is granted the device below the lowest VM range.
 //! Reads and writes outside the range are `BAD_ARGUMENT`; a misaligned offset or length
 //! too. When the capability a range was granted or split with dies, the range and every
 //! range split from it die (their roots retired, `Effect::Retire`), so their other
@@ -304,7 +307,9 @@ impl AbstractMachine for BlockAm {
         Ok(alloc::vec![name])
     }
 
-    /// Grants an AM it serves the whole device (one range per kernel instance).
+    /// Grants an AM it serves the device (one range per kernel instance): all of it below
+    /// the lowest range granted to a VM, so a served AM (the NVRAM AM) never places its
+    /// data where a VM's range is (the hypervisor grants VMs ranges at the device's end).
     fn grant_to_am(&mut self, to: AmId, name: &str, kernel: &mut dyn Kernel) -> Result<Vec<CapName>, AmError> {
         if !self.serve.contains(&name) {
             return Ok(Vec::new());
@@ -314,6 +319,11 @@ impl AbstractMachine for BlockAm {
             return Ok(Vec::new());
         }
         let bytes = bytes - bytes % UNIT;
+        // The VMs' ranges are not the served AM's: it gets the device up to the first.
+        let bytes = self.grants.iter().map(|g| g.first).fold(bytes, u64::min);
+        if bytes < UNIT {
+            return Ok(Vec::new());
+        }
         let name = self.new_range(0, bytes, Rights::from_bits(rights::ALL), Principal::Am(to), None, kernel)?;
         Ok(alloc::vec![name])
     }

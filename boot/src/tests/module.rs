@@ -73,7 +73,7 @@ fn bad_values_name_the_option_and_an_example() {
         refusal("typo memory=8M"),
         "unknown module option 'memory=8M' (known: mem=<size>, cpu=<index>, ports=<first>[-<last>], \
          msrs=<msr>[,<msr>], unsafe-ports, ring3-caps, modules=<name>[,<name>], input=<name>, manages=<name>[,<name>], data, \
-         images=<name>[,<name>], frames=<size>, vcpus=<n>, image, nvram, lwc, gdb, -- <guest args>)"
+         images=<name>[,<name>], frames=<size>, vcpus=<n>, image, nvram, disk=<size>, lwc, gdb, -- <guest args>)"
     );
 }
 
@@ -261,4 +261,11 @@ fn vcpus_is_bounded_and_refused_beside_one_vcpu_options() {
     );
     assert!(matches!(parse("k image vcpus=3"), Err(ModuleError::VcpusWith { vcpus: 3, option: "image" })));
     assert_eq!(crate::module::MAX_VCPUS, 4);
+}
+
+#[test]
+fn disk_takes_a_size() {
+    assert_eq!(parse("linux disk=8M").map(|s| s.disk), Ok(Some(8 << 20)));
+    assert_eq!(parse("linux").map(|s| s.disk), Ok(None));
+    assert!(refusal("linux disk=3M").starts_with("bad size '3M' for disk="));
 }

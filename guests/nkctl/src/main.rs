@@ -13,6 +13,7 @@ use std::process::ExitCode;
 mod bench;
 mod checks;
 mod demo;
+mod virtio_attack;
 
 use nk::{Cap, Error};
 
@@ -36,6 +37,7 @@ commands:
   mem write GPA TEXT | mem read GPA LEN   plain stores/loads through /dev/mem (root)
   bench [--fsync PATH]   nk-bench lines: ring-3 null call, 4 KiB store + NVRAM commit
                          (and pwrite + fsync of 4 KiB to PATH)
+  virtio-attack REGS RING  malformed virtqueues on the virtio disk at REGS (driver unloaded)
   probe GPA              one 32-bit load at GPA through /dev/mem (all ones: nothing mapped)
   stress KEY GPA ROUNDS  commit an own 16 KiB NVRAM region ROUNDS times (one dirty page each)
   foreign VM|auto KEY    present a child of an own region delegated to VM: refused, no change
@@ -135,6 +137,10 @@ fn run(command: &str, args: &[String]) -> Result<(), Failure> {
                 _ => return Err(Failure::Usage("bench [--fsync PATH]".into())),
             };
             bench::run(fsync).map_err(Failure::Call)
+        }
+        "virtio-attack" => {
+            want(2)?;
+            virtio_attack::run(number(&args[0])?, number(&args[1])?).map_err(Failure::Call)
         }
         "probe" => {
             want(1)?;

@@ -416,8 +416,23 @@ mod am_to_am {
         if op.am().raw() >= services.am.raw() || op.am().raw() < FIRST_AM_ID {
             return Err(AmError::NotPermitted);
         }
-        let mut checked = Checked::blank();
         let caller = Principal::Am(services.am);
+        checked_invoke(services, caller, op, caps, args, data)
+    }
+
+    /// Checks `caps` for `caller` (an AM, or a VM whose device the hypervisor emulates:
+    /// `NullKernel::call_for_vm`) as a hypercall's are checked, and runs the callee's
+    /// `invoke_by_am` with services of its own (its effects join the caller's). The one
+    /// place both reach the check, so the hypercall path's own check stays inlined.
+    pub(super) fn checked_invoke(
+        services: &mut AmServices<'_>,
+        caller: Principal,
+        op: OpId,
+        caps: &[CapName],
+        args: &[u64; nk_am::PLAIN_ARGS],
+        data: &mut [u8],
+    ) -> Result<nk_am::Outcome, AmError> {
+        let mut checked = Checked::blank();
         if let Err(error) = services.table.check_into(caller, op, caps, &mut checked) {
             return Err(match error {
                 CheckError::Arg { fault: ArgFault::UnknownName, .. } => AmError::Capability(CapError::UnknownName),
@@ -910,6 +925,35 @@ impl NullKernel {
     /// Tells whether effects are waiting to be applied.
     pub fn has_effects(&self) -> bool {
         !self.effects.is_empty()
+    }
+
+    /// Runs operation `op` of the AM called `am` for `vm` on the VM's initial capability of
+    /// that AM, with a data buffer (the AM's `invoke_by_am`): how a device the hypervisor
+    /// emulates for a VM (the virtio block device, osvm.rs) turns the VM's requests into
+    /// AM operations checked against the VM's own capability, as the VM's hypercall would
+    /// be. A capability the VM no longer holds (revoked, deleted) finds no object, so the
+    /// request fails. Out of line from the hypercall path: only device exits call it.
+    #[cold]
+    #[inline(never)]
+    pub fn call_for_vm(
+        &mut self,
+        vm: VmId,
+        am: &str,
+        op: &str,
+        args: &[u64; nk_am::PLAIN_ARGS],
+        data: &mut [u8],
+    ) -> Result<nk_am::Outcome, AmError> {
+        let table = self.proto.table_mut();
+        let am_id = am_to_am::am_named(&self.shared, table, am).ok_or(AmError::NotPermitted)?;
+        let op = table.registry().find_op(am_id, op).ok_or(AmError::NotPermitted)?;
+        let cap = self
+            .initial
+            .get(&vm)
+            .and_then(|caps| caps.iter().find(|(a, _)| *a == am_id))
+            .map(|&(_, name)| name)
+            .ok_or(AmError::NotPermitted)?;
+        let mut services = AmServices { am: am_id, table, effects: &mut self.effects, shared: &self.shared };
+        am_to_am::checked_invoke(&mut services, Principal::Vm(vm), op, &[cap], args, data)
     }
 
     /// Returns the initial capabilities of `vm` (AM id, name).

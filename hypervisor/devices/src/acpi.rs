@@ -4,7 +4,8 @@
 //! "virtual wire" mode: legacy IRQs through the 8259 pair and LINT0), a FADT that is not
 //! hardware-reduced (a hardware-reduced FADT makes Linux drop the 8259 and with it IRQ 4)
 //! with PM1a blocks at [`crate::acpi_pm`], no SMI port, the reset register on 0xCF9, and
-//! IA-PC flags "no 8042, no VGA, no MSI", a FACS, and a DSDT whose only object is `\_S5`.
+//! IA-PC flags "no 8042, no VGA, no MSI", a FACS, and a DSDT whose objects are `\_S5` and
+//! any devices the VM has (a virtio-mmio block device, [`virtio_mmio_device`]).
 
 extern crate alloc;
 
@@ -68,6 +69,12 @@ impl AcpiTables {
     /// with its SDT header and checksum, e.g. [`nkcp_table`]) placed after the others
     /// and listed in the XSDT after the MADT and FADT.
     pub fn build_with(base: u64, cpus: u8, extra: &[&[u8]]) -> Self {
+        Self::build_with_devices(base, cpus, extra, &[])
+    }
+
+    /// Builds the tables as [`AcpiTables::build_with`] does, with `devices` (AML, e.g.
+    /// [`virtio_mmio_device`]) appended to the DSDT's body after `\_S5`.
+    pub fn build_with_devices(base: u64, cpus: u8, extra: &[&[u8]], devices: &[u8]) -> Self {
         let rsdp_len = 64; // RSDP is 36 bytes; keep the next table aligned.
         let mut madt = MADT::new(OEM_ID, OEM_TABLE, 1, LocalInterruptController::Address(DEFAULT_BASE as u32));
         for cpu in 0..cpus {
@@ -79,6 +86,7 @@ impl AcpiTables {
 
         let mut dsdt = Sdt::new(*b"DSDT", 36, 2, OEM_ID, OEM_TABLE, 1);
         dsdt.append_slice(&dsdt_body());
+        dsdt.append_slice(devices);
         let dsdt = dsdt.as_slice().to_vec();
 
         let facs = serialize(&FACS::new());
@@ -144,6 +152,23 @@ impl AcpiTables {
     }
 }
 
+/// Returns the AML of a virtio-mmio device (Linux's `virtio_mmio` matches `_HID`
+/// "LNRO0005"): `Scope (\_SB) { Device (VRnn) { _HID, _UID, _CRS } }` with the register
+/// window `[base, base + len)` and an edge-triggered, active-high ISA interrupt `irq`
+/// (with no IO-APIC, Linux routes it through the 8259 pair).
+pub fn virtio_mmio_device(index: u8, base: u32, len: u32, irq: u32) -> Vec<u8> {
+    use acpi_tables::aml::{Device, Interrupt, Memory32Fixed, Name, Path, ResourceTemplate, Scope};
+    let name = alloc::format!("VR{:02}", index % 100);
+    let hid = Name::new(Path::new("_HID"), &"LNRO0005");
+    let uid = Name::new(Path::new("_UID"), &index);
+    let memory = Memory32Fixed::new(true, base, len);
+    let interrupt = Interrupt::new(true, true, false, false, irq);
+    let resources = ResourceTemplate::new(alloc::vec![&memory, &interrupt]);
+    let crs = Name::new(Path::new("_CRS"), &resources);
+    let device = Device::new(Path::new(&name), alloc::vec![&hid, &uid, &crs]);
+    serialize(&Scope::new(Path::new("\\_SB_"), alloc::vec![&device]))
+}
+
 /// Builds the NKCP table listing `entries` (the layout is `nk_abi::nkcp`'s: how a guest
 /// OS's operator hands capability names to its processes).
 pub fn nkcp_table(entries: &[nk_abi::nkcp::Entry]) -> Vec<u8> {
@@ -173,6 +198,24 @@ mod tests {
 
     /// Walks the tables as an OS does: RSDP -> XSDT -> each table, checking signatures,
     /// lengths and checksums.
+    #[test]
+    fn virtio_device_is_in_the_dsdt() {
+        let aml = virtio_mmio_device(0, 0xD000_0000, 0x200, 5);
+        let t = AcpiTables::build_with_devices(0xE_0000, 1, &[], &aml);
+        let b = &t.blob;
+        let find = |needle: &[u8]| b.windows(needle.len()).position(|w| w == needle);
+        let dsdt = find(b"DSDT").unwrap();
+        let dlen = u32_at(b, dsdt + 4) as usize;
+        assert_eq!(sum(&b[dsdt..dsdt + dlen]), 0);
+        assert_eq!(&b[dsdt + 36 + 15..dsdt + dlen], &aml[..]);
+        assert!(find(b"LNRO0005\0").is_some());
+        // Memory32Fixed: 0x86, length 9, read-write, base, length.
+        assert!(find(&[0x86, 9, 0, 1, 0, 0, 0, 0xD0, 0, 2, 0, 0]).is_some());
+        // Extended interrupt: consumer, edge, active high, exclusive, one GSI: 5.
+        assert!(find(&[0x89, 6, 0, 3, 1, 5, 0, 0, 0]).is_some());
+        assert!(find(b"_SB_").is_some() && find(b"VR00").is_some());
+    }
+
     #[test]
     fn tables_walk_and_checksum() {
         let base = 0xE_0000;

@@ -11,6 +11,7 @@
 //! - [`msr`]: which MSRs a guest OS gets, and the informational ones' values;
 //! - [`acpi`]: the VM's ACPI tables (RSDP, XSDT, MADT, FADT, FACS, DSDT);
 //! - [`pc`]: the board that routes ports to devices and picks the next interrupt;
+//! - [`virtio_blk`]: a virtio-mmio block device over a backend (the block AM);
 //! - [`startup`]: INIT and Start-Up IPIs between the vCPUs of an SMP guest (not wired yet).
 //!
 //! The hypervisor only decodes exits and calls these; it owns the VMCS and the timers.
@@ -30,3 +31,4 @@ pub mod pic8259;
 pub mod rtc;
 pub mod startup;
 pub mod uart16550;
+pub mod virtio_blk;
