@@ -318,7 +318,7 @@ impl PartialEq for ModuleOption {
 impl Eq for ModuleOption {}
 
 /// The options a module line knows, in the order the known-options list shows them.
-pub static MODULE_OPTIONS: [ModuleOption; 17] = [
+pub static MODULE_OPTIONS: [ModuleOption; 18] = [
     ModuleOption {
         name: "mem",
         syntax: "mem=<size>",
