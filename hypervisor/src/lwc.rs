@@ -35,7 +35,7 @@
 
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use nk_am::{Effect, LwcMemory};
 use nk_caps::VmId;
@@ -50,6 +50,9 @@ use crate::vmx::vcpu::GuestRegs;
 static PENDING: AtomicBool = AtomicBool::new(false);
 /// (VM, effect), in the order the AM emitted them.
 static REQUESTS: Mutex<Vec<(u32, Effect)>> = Mutex::new(Vec::new());
+/// The `lwSwitch` (or trap) the running vCPU of each CPU just made, as `from << 32 | to`
+/// (0: none): its own CPU takes it after that hypercall's exit, without the queue.
+static SWITCHES: [AtomicU64; crate::percpu::MAX_CPUS] = [const { AtomicU64::new(0) }; crate::percpu::MAX_CPUS];
 /// The VM of every live child lwC (its principal number -> the VM's).
 static OWNERS: Mutex<BTreeMap<u32, u32>> = Mutex::new(BTreeMap::new());
 
@@ -69,16 +72,22 @@ fn vm_of(principal: VmId) -> Option<u32> {
     OWNERS.lock().get(&principal.raw()).copied()
 }
 
-/// Records an lwC effect for the VM it concerns; a create or switch also ends the
-/// caller's entry at once (its VMCS is the current one).
+/// Records an lwC effect for the VM it concerns; the VM's slice loop applies it after the
+/// exit that caused it (or, from another CPU, after its next exit).
 pub fn apply(effect: Effect) {
     let vm = match effect {
+        // Emitted by the running lwC's own call on this CPU.
+        Effect::LwcSwitch { from, to } => {
+            let slot = &SWITCHES[crate::percpu::current_index() as usize];
+            slot.store(u64::from(from.raw()) << 32 | u64::from(to.raw()), Ordering::Relaxed);
+            return;
+        }
         Effect::LwcCreate { parent, child, .. } => {
             let Some(vm) = vm_of(parent) else { return };
             OWNERS.lock().insert(child.raw(), vm);
             vm
         }
-        Effect::LwcSwitch { from, .. } | Effect::LwcOverlay { to: from, .. } | Effect::LwcSyscall { by: from, .. } => {
+        Effect::LwcOverlay { to: from, .. } | Effect::LwcSyscall { by: from, .. } => {
             match vm_of(from) {
                 Some(vm) => vm,
                 None => return,
@@ -95,18 +104,25 @@ pub fn apply(effect: Effect) {
     };
     REQUESTS.lock().push((vm, effect));
     PENDING.store(true, Ordering::Release);
-    if !matches!(effect, Effect::LwcDestroy { .. }) {
-        crate::vmx::vcpu::expire_current_slice();
-    }
 }
 
-/// Tells whether lwC effects wait (one atomic load).
+/// Tells whether lwC effects wait: a switch of this CPU's running vCPU, or some VM's
+/// queued effects (two atomic loads).
 pub fn pending() -> bool {
-    PENDING.load(Ordering::Relaxed)
+    SWITCHES[crate::percpu::current_index() as usize].load(Ordering::Relaxed) != 0 || PENDING.load(Ordering::Relaxed)
 }
 
-/// Takes the lwC effects of `vm`, in order.
+/// Takes the switch this CPU's running vCPU made: (from, to).
+pub fn take_switch() -> Option<(VmId, VmId)> {
+    let packed = SWITCHES[crate::percpu::current_index() as usize].swap(0, Ordering::Relaxed);
+    (packed != 0).then(|| (VmId::new((packed >> 32) as u32), VmId::new(packed as u32)))
+}
+
+/// Takes the queued lwC effects of `vm`, in order.
 pub fn take(vm: VmId) -> Vec<Effect> {
+    if !PENDING.load(Ordering::Relaxed) {
+        return Vec::new();
+    }
     let mut requests = REQUESTS.lock();
     let mine = requests.iter().filter(|(v, _)| *v == vm.raw()).map(|&(_, e)| e).collect();
     requests.retain(|(v, _)| *v != vm.raw());
@@ -139,6 +155,11 @@ impl Sandbox {
         if self.members.len() <= nk_am_lwc::MAX_LWCS_PER_VM {
             self.members.push((principal, am));
         }
+    }
+
+    /// Tells whether the VM has no `LWC_SYSTRAP` lwC (and so no trapped call).
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty() && !self.current
     }
 
     /// Forgets `principal` (destroyed).

@@ -400,7 +400,16 @@ fn run_queue(cpu: usize) {
             let slice = guests[index].guest.run_slice(&mut sink, TIME_SLICE_TICKS, rate);
             crate::vmctl::set_exits(guests[index].guest.vm(), guests[index].guest.exits());
             match slice {
-                Slice::Expired => index += 1,
+                Slice::Expired => {
+                    index += 1;
+                    // A directed yield: the VM it named runs next when its turn in this
+                    // round is still to come (it moves ahead; the others keep their turns).
+                    if let Some(to) = crate::vmctl::take_yield(cpu) {
+                        if let Some(at) = guests.iter().skip(index).position(|r| r.guest.vm() == to) {
+                            guests.swap(index, index + at);
+                        }
+                    }
+                }
                 Slice::Parked(op) => {
                     guests[index].parked = Some(op);
                     index += 1;
@@ -477,7 +486,7 @@ fn control(cpu: usize, guests: &mut Vec<Running>, removals: &mut Vec<(PendingOp,
                 running.destroyed =
                     Some(alloc::format!("destroyed by vm{}/{}{parked}", by.raw(), crate::vmctl::name(by)))
             }
-            VmAction::Stop | VmAction::Start => {}
+            VmAction::Stop | VmAction::Start | VmAction::YieldTo => {}
         }
     }
     if orphaned {

@@ -334,6 +334,9 @@ pub enum VmAction {
     Start,
     /// Ends the VM: its capabilities die on every kernel, as when a guest ends.
     Destroy,
+    /// A directed yield: `by` gives the rest of its time slice on its CPU to the VM, which
+    /// runs there next (the guest-OS AM's `yield_to`).
+    YieldTo,
 }
 
 /// Access to an MSR, as bits of an `Effect::Msr`.

@@ -161,6 +161,13 @@ pub mod guest_os_op {
     /// `create(c: image[create], frames low, frames high, cpu)` -> a `vm` capability and
     /// `[vm id, RAM bytes, 0, 0]`.
     pub const CREATE: u32 = 4;
+    /// `yield_to(c: vm[start])`: a directed yield. The caller gives the rest of its time
+    /// slice to the VM, which must run on the caller's CPU (and not be the caller): the
+    /// hypervisor runs it next when its turn in the CPU's round of slices is still to come
+    /// (it moves ahead; every other VM keeps its turn), else at its turn in the next
+    /// round. Returns when the caller's turn comes again. `NOT_PERMITTED` for the caller
+    /// itself, a VM on another CPU or one not running.
+    pub const YIELD_TO: u32 = 5;
 }
 
 /// Operations of the NVRAM AM (`am/nvram`): persistent regions, committed atomically.
