@@ -81,6 +81,7 @@ pub fn child(entry: usize, a0: u64, caller: u64) -> ! {
         1 => request_child(am, back, a0, caller),
         3 => key_child(am, back, a0),
         4 => monitored_child(am, back),
+        crate::lwc_bench::WRITER => crate::lwc_bench::writer(back),
         _ => quota_child(am, back),
     }
 }

@@ -547,6 +547,7 @@ mod exo_churn;
 mod exo_memory;
 mod fuzz;
 mod lwc;
+mod lwc_bench;
 mod lwc_cow;
 mod new_am;
 mod null_fast;
@@ -621,7 +622,7 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
         Some("newam") => new_am::run(),
         Some("bypasskeep") => bypass_keeper::run(words),
         Some("lwc") => lwc::run(),
-        Some("lwcbench") => lwc::bench(),
+        Some("lwcbench") => lwc::bench(boot.memory),
         Some("vmbench") => vm_switch::run(words.next()),
         Some("nullfast") => {
             let rounds = words.next().and_then(|n| n.parse().ok()).unwrap_or(100_000);
