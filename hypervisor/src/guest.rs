@@ -642,8 +642,8 @@ impl Guest {
         end
     }
 
-    /// Applies the lwC AM's effects of the hypercall just handled (lwc.rs; the entry after
-    /// it exited at once on the zeroed preemption timer, so no guest instruction ran): a create saves
+    /// Applies the lwC AM's effects of the exit just handled (lwc.rs; before the next entry,
+    /// so no guest instruction ran since): this CPU's switch first, then the VM's queue. A create saves
     /// the caller's registers (RIP past its VMCALL, the reply in place) as the child's; a
     /// switch saves the caller's, loads the target's with the reply in them, and makes the
     /// target's principal the one every later hypercall is checked against.

@@ -4,11 +4,11 @@
 //! on, and give copy-on-write children views of their VM's memory.
 //!
 //! The AM's effects are applied while the caller's hypercall is dispatched, where the
-//! vCPU is out of reach: they wait here, tagged with the VM, and the caller's VMCS (the
-//! current one) gets a zero VMX-preemption timer, so the entry after the hypercall exits
-//! before any guest instruction runs (SDM Vol. 3 §26.7.4) and the slice loop's timer
-//! branch applies them. The hypercall path itself pays nothing for lwCs. A destruction
-//! decided on another CPU (a revocation) waits for the VM's next timer exit.
+//! vCPU is out of reach: a switch waits in this CPU's slot, every other effect in a queue
+//! tagged with the VM, and the lwC instance of the guest's slice loop (guests whose module
+//! says `lwc`) applies them after the exit, before the next entry. The plain instance,
+//! every other guest's, pays nothing for lwCs. A destruction decided on another CPU (a
+//! revocation) is taken at the VM's next exit.
 //!
 //! # Views (copy-on-write on EPT)
 //!
