@@ -379,6 +379,7 @@ pub fn apply(effect: Effect) {
         | Effect::LwcDestroy { .. }
         | Effect::LwcOverlay { .. }
         | Effect::LwcSyscall { .. }
+        | Effect::LwcCapGone { .. }
         | Effect::Retire { .. } => {}
     }
 }

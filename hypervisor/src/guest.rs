@@ -169,6 +169,9 @@ pub struct Guest {
     /// Its module says `lwc`: its slices take the lwC instance of the slice loop, which
     /// applies lwC effects in the exit that caused them (lwc.rs).
     lwc: bool,
+    /// The `lwSwitch` calls its vCPU made lately, repeated at the exit without the
+    /// null-Kernel's dispatch while no capability to an lwC died (lwc.rs).
+    switches: crate::lwc::SwitchCache,
 }
 
 impl fmt::Debug for Guest {
@@ -223,6 +226,7 @@ impl Guest {
             frame_quota: spec.frames.unwrap_or(crate::ams::EXO_FRAME_QUOTA),
             sandbox: crate::lwc::Sandbox::default(),
             lwc: spec.lwc,
+            switches: crate::lwc::SwitchCache::default(),
         };
         // SAFETY: the frames were just allocated for this guest and are identity-mapped.
         unsafe { core::ptr::write_bytes(memory.as_u64() as *mut u8, 0, memory_size as usize) };
@@ -314,6 +318,7 @@ impl Guest {
             frame_quota: spec.frames.unwrap_or(crate::ams::EXO_FRAME_QUOTA),
             sandbox: crate::lwc::Sandbox::default(),
             lwc: false,
+            switches: crate::lwc::SwitchCache::default(),
         };
         let entry = GuestStart {
             mode: start.mode,
@@ -466,7 +471,7 @@ impl Guest {
             }
             let flow = match exit.reason {
                 ExitReason::VMCALL if !LWC => handle_hypercall(self.principal, vcpu, sink),
-                ExitReason::VMCALL if !self.sandbox.current => handle_hypercall(self.principal, vcpu, sink),
+                ExitReason::VMCALL if !self.sandbox.current => self.lwc_hypercall(sink),
                 ExitReason::VMCALL => self.sandboxed_hypercall(sink),
                 _ => self.handle_exit(&exit, sink),
             };
@@ -484,6 +489,40 @@ impl Guest {
                 return end;
             }
         }
+    }
+
+    /// Handles a hypercall of an lwC that is not sandboxed: an `lwSwitch` the null-Kernel
+    /// allowed lately with the same capability, and no capability to an lwC died since, is
+    /// repeated here, at the exit (the reply the dispatch gave, then the switch); any other
+    /// call is dispatched, and an allowed `lwSwitch` remembered (lwc.rs, `SwitchCache`).
+    #[inline(never)]
+    fn lwc_hypercall(&mut self, sink: &mut dyn HypercallSink) -> Result<Flow, VcpuError> {
+        let from = self.principal;
+        let vcpu = self.vcpu.as_mut().expect("checked by enter_slice");
+        let call = vcpu.regs.call();
+        if let Some((to, status, creator)) = self.switches.find(from.raw(), call) {
+            let reply = Reply {
+                status,
+                name: NameWords::default(),
+                results: [creator, u64::from(from.raw()), call.args[0], call.args[1]],
+            };
+            write_reply(&mut vcpu.regs, &reply);
+            vcpu.skip_bytes(VMCALL_LENGTH)?;
+            return Ok(match self.switch_lwc(from, VmId::new(to)) {
+                Ok(()) => Flow::Continue,
+                Err(why) => Flow::End(GuestEnd::Stopped(alloc::format!("cannot switch lwCs: {why}"))),
+            });
+        }
+        let (epoch, selector, caps) = (crate::lwc::epoch(), call.selector, call.caps);
+        let flow = handle_hypercall(from, vcpu, sink);
+        if let Some((by, to)) = crate::lwc::switch_made() {
+            // Only lwSwitch makes a switch for an lwC that is not sandboxed.
+            let reply = *vcpu.regs.reply_mut();
+            if by == from && nk_abi::Status(reply.status).is_ok() && reply.results[1] == u64::from(from.raw()) {
+                self.switches.remember(epoch, (selector, caps), from.raw(), to.raw(), (reply.status, reply.results[0]));
+            }
+        }
+        flow
     }
 
     /// Applies the lwC effects waiting for this guest; Some(end) when it cannot go on. Out

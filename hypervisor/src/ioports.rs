@@ -136,7 +136,8 @@ pub fn apply(effect: Effect) {
         | Effect::LwcSwitch { .. }
         | Effect::LwcDestroy { .. }
         | Effect::LwcOverlay { .. }
-        | Effect::LwcSyscall { .. } => crate::lwc::apply(effect),
+        | Effect::LwcSyscall { .. }
+        | Effect::LwcCapGone { .. } => crate::lwc::apply(effect),
         // The null-Kernel's own (NullKernel::apply_effects handles it).
         Effect::Retire { .. } => {}
     }

@@ -53,6 +53,9 @@ static REQUESTS: Mutex<Vec<(u32, Effect)>> = Mutex::new(Vec::new());
 /// The `lwSwitch` (or trap) the running vCPU of each CPU just made, as `from << 32 | to`
 /// (0: none): its own CPU takes it after that hypercall's exit, without the queue.
 static SWITCHES: [AtomicU64; crate::percpu::MAX_CPUS] = [const { AtomicU64::new(0) }; crate::percpu::MAX_CPUS];
+/// Bumped at every death of a capability to an lwC (and of an lwC): a remembered switch
+/// ([`SwitchCache`]) made before it is checked again.
+static EPOCH: AtomicU64 = AtomicU64::new(1);
 /// The VM of every live child lwC (its principal number -> the VM's).
 static OWNERS: Mutex<BTreeMap<u32, u32>> = Mutex::new(BTreeMap::new());
 
@@ -93,7 +96,12 @@ pub fn apply(effect: Effect) {
                 None => return,
             }
         }
+        Effect::LwcCapGone { .. } => {
+            EPOCH.fetch_add(1, Ordering::Release);
+            return;
+        }
         Effect::LwcDestroy { child, .. } => {
+            EPOCH.fetch_add(1, Ordering::Release);
             log::debug!(target: "lwc", "lwC principal {:#x} destroyed", child.raw());
             match OWNERS.lock().remove(&child.raw()) {
                 Some(vm) => vm,
@@ -115,6 +123,79 @@ pub fn pending() -> bool {
 /// Takes the switch this CPU's running vCPU made: (from, to).
 pub fn take_switch() -> Option<(VmId, VmId)> {
     let packed = SWITCHES[crate::percpu::current_index() as usize].swap(0, Ordering::Relaxed);
+    (packed != 0).then(|| (VmId::new((packed >> 32) as u32), VmId::new(packed as u32)))
+}
+
+/// One `lwSwitch` the null-Kernel allowed: lwC `from` called `selector` with capability
+/// `name` (and no other) and was switched to `to`, whose creator is `creator` (the call's
+/// first result).
+#[derive(Debug, Clone, Copy, Default)]
+struct Allowed {
+    epoch: u64,
+    selector: u64,
+    name: (u64, u64),
+    from: u32,
+    to: u32,
+    /// The reply's status word and first result (the target's creator).
+    status: u64,
+    creator: u64,
+}
+
+/// The `lwSwitch` calls a vCPU made lately, so the same call again switches at its exit
+/// without the null-Kernel's dispatch (as seL4's fastpath does for IPC). What the dispatch
+/// decided depends only on the caller, the selector and the capability: the capability
+/// names the target with the `switch` right, of the caller's VM, not the caller, and that
+/// stays so while the capability lives (the target dies only with its creator's
+/// capability, and so every other capability to it, derived from that one). Every death
+/// of a capability to an lwC bumps the epoch ([`Effect::LwcCapGone`], `LwcDestroy`), and
+/// an entry of an older epoch is not used; a name is never reused before its capability
+/// died. Which lwC runs is the vCPU's own state ([`crate::guest`]'s current principal), so
+/// the AM has nothing to update.
+#[derive(Debug, Default)]
+pub struct SwitchCache {
+    entries: [Allowed; 4],
+    next: usize,
+}
+
+impl SwitchCache {
+    /// Returns (target, the reply's status word, its first result: the target's creator) of
+    /// an allowed switch that `call` of lwC `from` repeats, if no capability to an lwC died
+    /// since.
+    #[inline(always)]
+    pub fn find(&self, from: u32, call: &nk_abi::Call) -> Option<(u32, u64, u64)> {
+        let epoch = EPOCH.load(Ordering::Acquire);
+        let name = (call.caps[0].low, call.caps[0].high);
+        let others = call.caps[1..].iter().all(|c| c.low == 0 && c.high == 0);
+        self.entries
+            .iter()
+            .find(|e| e.epoch == epoch && e.from == from && e.selector == call.selector && e.name == name)
+            .filter(|_| others)
+            .map(|e| (e.to, e.status, e.creator))
+    }
+
+    /// Remembers that `call` (its selector and capabilities, read before the dispatch at
+    /// `epoch`) of lwC `from` switched it to `to` with reply status word `status` and
+    /// first result `creator`.
+    pub fn remember(&mut self, epoch: u64, call: (u64, [nk_abi::NameWords; 4]), from: u32, to: u32, reply: (u64, u64)) {
+        let (status, creator) = reply;
+        let (selector, caps) = call;
+        if caps[1..].iter().any(|c| c.low != 0 || c.high != 0) {
+            return;
+        }
+        self.entries[self.next] = Allowed { epoch, selector, name: (caps[0].low, caps[0].high), from, to, status, creator };
+        self.next = (self.next + 1) % self.entries.len();
+    }
+}
+
+/// Returns the epoch of capability deaths (read before a dispatch whose switch is
+/// remembered).
+pub fn epoch() -> u64 {
+    EPOCH.load(Ordering::Acquire)
+}
+
+/// Peeks at the switch this CPU's running vCPU just made (its call's reply was written).
+pub fn switch_made() -> Option<(VmId, VmId)> {
+    let packed = SWITCHES[crate::percpu::current_index() as usize].load(Ordering::Relaxed);
     (packed != 0).then(|| (VmId::new((packed >> 32) as u32), VmId::new(packed as u32)))
 }
 

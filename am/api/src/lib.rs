@@ -193,8 +193,13 @@ pub enum Effect {
     /// the null-Kernel removes the principal, so every capability it holds dies on every
     /// kernel, and the hypervisor drops its saved registers and its view of memory. If
     /// it was running, its vCPU goes back to lwC `resume` (its creator, or the VM's root
-    /// lwC when the creator is gone too), whose pending `lwSwitch` returns `REVOKED`.
+    /// lwC when the creator is gone too), whose pending `lwSwitch` returns `REVOKED`: the
+    /// AM names it for every child, the hypervisor knows whether a vCPU runs it.
     LwcDestroy { child: VmId, resume: Option<VmId> },
+    /// A capability to lwC `lwc` other than its creator's died (revoked or deleted; the lwC
+    /// lives on): what the hypervisor remembers of switches made with a capability must be
+    /// checked again (hypervisor/src/lwc.rs, the switch cache).
+    LwcCapGone { lwc: VmId },
     /// Overlays the `pages` 4 KiB pages from page `first_page` of lwC `from`'s memory
     /// onto lwC `to`'s (the caller of `lwOverlay`), as `mode` says (`LwcMemory::COW`: a
     /// copy of `from`'s pages; `SHARED`: the VM's own frames, writable; `UNMAP`: the pages

@@ -120,8 +120,6 @@ struct Lwc {
     vm: VmId,
     /// The lwC that created it (None: a VM's root lwC).
     creator: Option<u32>,
-    /// A vCPU runs it now.
-    running: bool,
     /// (root held by the AM, capability handed to the creator), for a child.
     caps: Option<(CapName, CapName)>,
     /// It runs on the VM's own EPT (a root lwC, or a child that shares all of its
@@ -256,16 +254,10 @@ impl LwcAm {
         let caller = Self::number(checked.caller())?;
         let me = *self.lwcs.get(&caller).ok_or(AmError::NotPermitted)?;
         let (named, _) = self.lwc_of(checked.args()[0].object())?;
-        let creator =
-            me.creator.filter(|&c| c == named && self.lwcs.get(&c).is_some_and(|l| l.vm == me.vm && !l.running));
-        let (true, true, Some(creator)) = (me.systrap, me.running, creator) else {
+        let creator = me.creator.filter(|&c| c == named && self.lwcs.get(&c).is_some_and(|l| l.vm == me.vm));
+        let (true, Some(creator)) = (me.systrap, creator) else {
             return Err(AmError::NotPermitted);
         };
-        for (id, running) in [(caller, false), (creator, true)] {
-            if let Some(l) = self.lwcs.get_mut(&id) {
-                l.running = running;
-            }
-        }
         kernel.emit(Effect::LwcSwitch { from: VmId::new(caller), to: VmId::new(creator) });
         Ok(Outcome { name: None, results: [nk_abi::lwc_op::TRAPPED, u64::from(caller), args[0], args[1]] })
     }
@@ -282,7 +274,7 @@ impl LwcAm {
         let caller = Self::number(checked.caller())?;
         let (id, target) = self.lwc_of(checked.args()[0].object())?;
         let me = self.lwcs.get(&caller).ok_or(AmError::NotPermitted)?;
-        if id == caller || me.vm != target.vm || !target.systrap || target.running {
+        if id == caller || me.vm != target.vm || !target.systrap {
             return Err(AmError::NotPermitted);
         }
         kernel.emit(Effect::LwcSyscall { by: VmId::new(caller), target: VmId::new(id), mask: args[0] });
@@ -333,7 +325,7 @@ impl LwcAm {
         let (am, kind) = (self.am.ok_or(AmError::NotPermitted)?, self.kind.ok_or(AmError::NotPermitted)?);
         let caller = Self::number(checked.caller())?;
         let (id, me) = self.lwc_of(checked.args()[0].object())?;
-        if id != caller || !me.running {
+        if id != caller {
             return Err(AmError::NotPermitted);
         }
         if args[1] & !nk_abi::lwc_op::LWC_SYSTRAP != 0 {
@@ -361,7 +353,6 @@ impl LwcAm {
         let lwc = Lwc {
             vm: me.vm,
             creator: Some(caller),
-            running: false,
             caps: Some((root, name)),
             root_view,
             access,
@@ -388,14 +379,8 @@ impl LwcAm {
         let caller = Self::number(checked.caller())?;
         let (target, to) = self.lwc_of(checked.args()[0].object())?;
         let from = self.lwcs.get(&caller).copied().ok_or(AmError::NotPermitted)?;
-        if target == caller || to.running || to.vm != from.vm || !from.running {
+        if target == caller || to.vm != from.vm {
             return Err(AmError::NotPermitted);
-        }
-        if let Some(l) = self.lwcs.get_mut(&caller) {
-            l.running = false;
-        }
-        if let Some(l) = self.lwcs.get_mut(&target) {
-            l.running = true;
         }
         kernel.emit(Effect::LwcSwitch { from: VmId::new(caller), to: VmId::new(target) });
         let creator = to.creator.map_or(NONE, u64::from);
@@ -440,7 +425,7 @@ impl AbstractMachine for LwcAm {
         }
     }
 
-    /// Grants every VM its root lwC (object id = the VM's number), running, with both rights.
+    /// Grants every VM its root lwC (object id = the VM's number) with both rights.
     fn grant_initial(&mut self, vm: VmId, kernel: &mut dyn Kernel) -> Result<Vec<CapName>, AmError> {
         let (am, kind) = (self.am.ok_or(AmError::NotPermitted)?, self.kind.ok_or(AmError::NotPermitted)?);
         if vm.raw() >= FIRST_CHILD || self.memory_of(vm).is_none() {
@@ -454,7 +439,6 @@ impl AbstractMachine for LwcAm {
             Lwc {
                 vm,
                 creator: None,
-                running: true,
                 caps: None,
                 root_view: true,
                 access: (0, self.pages_of(vm)),
@@ -474,15 +458,13 @@ impl AbstractMachine for LwcAm {
             // The creator's capability died: the lwC with it.
             Some((root, handed)) if handed == dead.name => {
                 self.lwcs.remove(&id);
-                // A running lwC's vCPU falls back to its creator (or the VM's root lwC).
-                let resume = lwc.running.then(|| match lwc.creator.filter(|c| self.lwcs.contains_key(c)) {
+                // Where a vCPU that runs it goes back to: its creator (or the VM's root lwC).
+                // Which lwC a vCPU runs is the hypervisor's to know, not the AM's.
+                let resume = match lwc.creator.filter(|c| self.lwcs.contains_key(c)) {
                     Some(creator) => creator,
                     None => lwc.vm.raw(),
-                });
-                if let Some(l) = resume.and_then(|r| self.lwcs.get_mut(&r)) {
-                    l.running = true;
-                }
-                let resume = resume.filter(|r| self.lwcs.contains_key(r)).map(VmId::new);
+                };
+                let resume = Some(resume).filter(|r| self.lwcs.contains_key(r)).map(VmId::new);
                 effects.emit(Effect::LwcDestroy { child: VmId::new(id), resume });
                 if let Some(am) = self.am {
                     effects.emit(Effect::Retire { am, root });
@@ -492,7 +474,9 @@ impl AbstractMachine for LwcAm {
             None if dead.holder == Principal::Vm(lwc.vm) => {
                 self.lwcs.remove(&id);
             }
-            _ => {}
+            // Another capability to the lwC died: a switch the hypervisor remembers made
+            // with it must take the full check again.
+            _ => effects.emit(Effect::LwcCapGone { lwc: VmId::new(id) }),
         }
     }
 }
