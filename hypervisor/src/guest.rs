@@ -790,15 +790,14 @@ impl Guest {
             return Ok(());
         };
         let vcpu = self.vcpu.as_mut().ok_or_else(|| String::from("no vCPU"))?;
+        let saved = &mut self.lwcs[slot];
         let flow = vcpu.flow_registers().map_err(fail)?;
-        let target = core::mem::replace(
-            &mut self.lwcs[slot],
-            crate::lwc::Saved { principal: from.raw(), regs: vcpu.regs, flow },
-        );
-        let reply = *vcpu.regs.reply_mut();
-        vcpu.regs = target.regs;
-        *vcpu.regs.reply_mut() = reply;
-        vcpu.set_flow_registers(target.flow).map_err(fail)?;
+        // The reply's registers stay: the target's own were overwritten by the reply that
+        // ends its lwSwitch (or lwCreate) anyway, and the caller's are by the next.
+        crate::lwc::swap_kept(&mut vcpu.regs, &mut saved.regs);
+        saved.principal = from.raw();
+        let target_flow = core::mem::replace(&mut saved.flow, flow);
+        vcpu.set_flow_registers(target_flow).map_err(fail)?;
         if !self.sandbox.is_empty() {
             // A trapped call returns with its creator's answer: status a0, result a1.
             if self.sandbox.take_trapped(to.raw()).is_some() {

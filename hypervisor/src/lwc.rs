@@ -67,6 +67,20 @@ pub struct Saved {
     pub flow: [u64; 3],
 }
 
+/// Swaps the general registers a hypercall's reply does not cover (R9-R15, RBP) between
+/// the running register file and a saved one (an lwC switch: RAX-R8 hold the reply).
+#[inline(always)]
+pub fn swap_kept(running: &mut GuestRegs, saved: &mut GuestRegs) {
+    core::mem::swap(&mut running.r9, &mut saved.r9);
+    core::mem::swap(&mut running.r10, &mut saved.r10);
+    core::mem::swap(&mut running.r11, &mut saved.r11);
+    core::mem::swap(&mut running.r12, &mut saved.r12);
+    core::mem::swap(&mut running.r13, &mut saved.r13);
+    core::mem::swap(&mut running.r14, &mut saved.r14);
+    core::mem::swap(&mut running.r15, &mut saved.r15);
+    core::mem::swap(&mut running.rbp, &mut saved.rbp);
+}
+
 /// Returns the VM whose lwC `principal` is (a VM's own principal is its own).
 fn vm_of(principal: VmId) -> Option<u32> {
     if principal.raw() < nk_am_lwc::FIRST_CHILD {
