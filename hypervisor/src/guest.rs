@@ -495,7 +495,7 @@ impl Guest {
     /// allowed lately with the same capability, and no capability to an lwC died since, is
     /// repeated here, at the exit (the reply the dispatch gave, then the switch); any other
     /// call is dispatched, and an allowed `lwSwitch` remembered (lwc.rs, `SwitchCache`).
-    #[inline(never)]
+    #[inline(always)]
     fn lwc_hypercall(&mut self, sink: &mut dyn HypercallSink) -> Result<Flow, VcpuError> {
         let from = self.principal;
         let vcpu = self.vcpu.as_mut().expect("checked by enter_slice");
@@ -783,6 +783,7 @@ impl Guest {
     /// target's with the reply in its result registers, and makes the target's principal
     /// the one every later hypercall is checked against and its view the EPT. This is the
     /// one place that sets the running lwC by a switch.
+    #[inline(always)]
     fn switch_lwc(&mut self, from: VmId, to: VmId) -> Result<(), String> {
         let fail = |e: VcpuError| alloc::format!("{e}");
         let Some(slot) = self.lwcs.iter().position(|l| l.principal == to.raw()) else {

@@ -177,14 +177,10 @@ impl SwitchCache {
     /// since.
     #[inline(always)]
     pub fn find(&self, from: u32, call: &nk_abi::Call) -> Option<(u32, u64, u64)> {
-        let epoch = EPOCH.load(Ordering::Acquire);
         let name = (call.caps[0].low, call.caps[0].high);
+        let entry = self.entries.iter().find(|e| e.name == name && e.selector == call.selector && e.from == from)?;
         let others = call.caps[1..].iter().all(|c| c.low == 0 && c.high == 0);
-        self.entries
-            .iter()
-            .find(|e| e.epoch == epoch && e.from == from && e.selector == call.selector && e.name == name)
-            .filter(|_| others)
-            .map(|e| (e.to, e.status, e.creator))
+        (others && entry.epoch == EPOCH.load(Ordering::Acquire)).then_some((entry.to, entry.status, entry.creator))
     }
 
     /// Remembers that `call` (its selector and capabilities, read before the dispatch at
