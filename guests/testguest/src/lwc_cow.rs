@@ -82,6 +82,7 @@ pub fn child(entry: usize, a0: u64, caller: u64) -> ! {
         3 => key_child(am, back, a0),
         4 => monitored_child(am, back),
         crate::lwc_bench::WRITER => crate::lwc_bench::writer(back),
+        crate::lwc_cache::CHILD => crate::lwc_cache::child(back),
         _ => quota_child(am, back),
     }
 }
