@@ -8,7 +8,9 @@
 //! tagged with the VM, and the lwC instance of the guest's slice loop (guests whose module
 //! says `lwc`) applies them after the exit, before the next entry. The plain instance,
 //! every other guest's, pays nothing for lwCs. A destruction decided on another CPU (a
-//! revocation) is taken at the VM's next exit.
+//! revocation) is taken at the VM's next exit. An `lwSwitch` the null-Kernel allowed is
+//! repeated at the exit without the dispatch while no capability to an lwC died
+//! ([`SwitchCache`]; docs/lwc.md, "The fast path").
 //!
 //! # Views (copy-on-write on EPT)
 //!

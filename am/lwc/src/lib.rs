@@ -23,8 +23,17 @@
 //!
 //! Destroying an lwC is revoking (or deleting) the capability `lwCreate` handed its
 //! creator: the AM hears of the death, and [`Effect::LwcDestroy`] makes the null-Kernel
-//! remove the principal, so every capability it holds dies on every kernel. A running lwC
-//! destroyed names the lwC its vCPU goes back to: its creator, or the VM's root lwC.
+//! remove the principal, so every capability it holds dies on every kernel. A destroyed
+//! child names the lwC a vCPU that runs it goes back to: its creator, or the VM's root lwC.
+//!
+//! Which lwC a vCPU runs is the vCPU's state, kept by the hypervisor (its current
+//! principal, the caller of every call it makes), not the AM's: the AM checks what the
+//! capabilities say (the target's kind and rights, the same VM, not the caller itself), so
+//! an `lwSwitch` changes nothing in the AM and the hypervisor may repeat one it allowed
+//! without asking again while no capability to an lwC died ([`Effect::LwcCapGone`] says
+//! one did; hypervisor/src/lwc.rs). An lwC runs on at most one vCPU because every VM has
+//! one: a VM with several needs the hypervisor's switch to refuse an lwC another of its
+//! vCPUs runs.
 //!
 //! Only the VMs the AM was made for ([`LwcAm::for_vms`]: the guests whose module says
 //! `lwc`) get a root lwC.
@@ -46,8 +55,8 @@
 //!   the VM's own EPT may create a child with a view of its own (`NOT_PERMITTED`).
 //! - 1 `lwSwitch(target: lwc/switch; a0, a1)`: the reply goes to the target, with results
 //!   `{new, caller, a0, a1}` = `{target's creator (NONE for a root), caller id, a0, a1}`.
-//!   Refused (`NOT_PERMITTED`) for the running lwC itself, an lwC of another VM, or one
-//!   that runs on another vCPU; a destroyed target's capability is dead (`REVOKED` /
+//!   Refused (`NOT_PERMITTED`) for the caller itself or an lwC of another VM; a destroyed
+//!   target's capability is dead (`REVOKED` /
 //!   `UNKNOWN_NAME`).
 //! - 2 `lwRestrict(l: lwc; at, bytes)`: what holders of `l` may overlay becomes the
 //!   intersection of what they could and `[at, at + bytes)` (seed §4.2.5; every lwC starts
@@ -61,7 +70,7 @@
 //!   if `target` made it (`mask` 0) or with the caller's capabilities (`mask` not 0: the
 //!   call is checked against the caller's principal; capability sets are not mixed per
 //!   argument); the reply is that call's (the hypervisor writes it, [`Effect::LwcSyscall`]).
-//!   Only for an `LWC_SYSTRAP` lwC of the caller's VM that does not run
+//!   Only for an `LWC_SYSTRAP` lwC of the caller's VM other than the caller
 //!   (`NOT_PERMITTED`); with no trapped call, or a null-Kernel call: `NOT_PERMITTED`.
 //! - 5 `lwTrap(creator: lwc; selector, a0)`: a running `LWC_SYSTRAP` child switches to
 //!   its creator (a capability to it with any rights, e.g. the copy of the creator's lwC
