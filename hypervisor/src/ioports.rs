@@ -138,6 +138,8 @@ pub fn apply(effect: Effect) {
         | Effect::LwcOverlay { .. }
         | Effect::LwcSyscall { .. }
         | Effect::LwcCapGone { .. } => crate::lwc::apply(effect),
+        // NullKernel::apply_effects delegated the copies: nothing for the hypervisor.
+        Effect::LwcImport { .. } => {}
         // The null-Kernel's own (NullKernel::apply_effects handles it).
         Effect::Retire { .. } => {}
     }

@@ -200,6 +200,11 @@ pub enum Effect {
     /// lives on): what the hypervisor remembers of switches made with a capability must be
     /// checked again (hypervisor/src/lwc.rs, the switch cache).
     LwcCapGone { lwc: VmId },
+    /// Hands lwC `to` (the caller of `lwOverlay`) a delegated copy (same rights, bound) of
+    /// each `INITIAL` capability of lwC `from` whose index is set in `mask`, appended to
+    /// `to`'s `INITIAL` list (seed §4.2.4, the capability part of a resource spec). The lwC
+    /// AM checked `to` may import them.
+    LwcImport { from: VmId, to: VmId, mask: u64 },
     /// Overlays the `pages` 4 KiB pages from page `first_page` of lwC `from`'s memory
     /// onto lwC `to`'s (the caller of `lwOverlay`), as `mode` says (`LwcMemory::COW`: a
     /// copy of `from`'s pages; `SHARED`: the VM's own frames, writable; `UNMAP`: the pages

@@ -58,14 +58,21 @@
 //!   Refused (`NOT_PERMITTED`) for the caller itself or an lwC of another VM; a destroyed
 //!   target's capability is dead (`REVOKED` /
 //!   `UNKNOWN_NAME`).
-//! - 2 `lwRestrict(l: lwc; at, bytes)`: what holders of `l` may overlay becomes the
-//!   intersection of what they could and `[at, at + bytes)` (seed §4.2.5; every lwC starts
-//!   with its VM's whole memory). Any holder may narrow it; it never widens.
-//! - 3 `lwOverlay(l: lwc; at | mode, bytes)`: `LWC_COW` copies `l`'s pages into the
+//! - 2 `lwRestrict(l: lwc; at, bytes, caps)`: what holders of `l` may overlay becomes the
+//!   intersection of what they could and `[at, at + bytes)`, and which of `l`'s `INITIAL`
+//!   capabilities they may import the intersection with the mask `caps` (seed §4.2.5; every
+//!   lwC starts with its VM's whole memory and every capability; `caps` 0, as a call with
+//!   two arguments passes: none). Any holder may narrow it; it never widens.
+//! - 3 `lwOverlay(l: lwc; at | mode, bytes, caps)`: `LWC_COW` copies `l`'s pages into the
 //!   caller's memory, `LWC_SHARED` maps the VM's own frames writable into the caller's
 //!   view, `LWC_UNMAP` takes the pages out of it (seed §4.2.4). Copied or shared pages
 //!   outside `l`'s access, `LWC_SHARED`/`LWC_UNMAP` by an lwC on the VM's own EPT, or
-//!   `LWC_SHARED` from an lwC with a view of its own: `NOT_PERMITTED`.
+//!   `LWC_SHARED` from an lwC with a view of its own: `NOT_PERMITTED`. The capability part
+//!   (a third argument, `caps`): a delegated copy (same rights, bound to the caller) of each
+//!   of `l`'s `INITIAL` capabilities whose index is set, appended to the caller's `INITIAL`
+//!   list ([`Effect::LwcImport`]); an index `lwRestrict` took away: `NOT_PERMITTED`. For a
+//!   capability, a copy and a share are one thing (revoking `l`'s takes the copy too). With
+//!   no pages (`bytes` 0) the call imports only.
 //! - 4 `lwSyscall(target: lwc/switch; mask)`: performs the call `target` trapped with, as
 //!   if `target` made it (`mask` 0) or with the caller's capabilities (`mask` not 0: the
 //!   call is checked against the caller's principal; capability sets are not mixed per
@@ -140,6 +147,9 @@ struct Lwc {
     access: (u32, u32),
     /// Created with `LWC_SYSTRAP`: its refused calls trap to its creator.
     systrap: bool,
+    /// Which of its `INITIAL` capabilities holders of its capability may import with
+    /// `lwOverlay` (bit i: index i; `lwRestrict` narrows it).
+    cap_access: u64,
 }
 
 /// The lwC AM.
@@ -208,6 +218,7 @@ impl LwcAm {
         let (lo, hi) = (l.access.0.max(first), l.access.1.min(end));
         if let Some(l) = self.lwcs.get_mut(&id) {
             l.access = if lo < hi { (lo, hi) } else { (0, 0) };
+            l.cap_access &= args[2];
         }
         Ok(Outcome { name: None, results: [0; 4] })
     }
@@ -230,14 +241,22 @@ impl LwcAm {
             return Err(AmError::NotPermitted);
         }
         let (first, end, mode) = Self::page_range(args[0], args[1], self.pages_of(l.vm))?;
+        let caps = args[2];
+        if caps & !l.cap_access != 0 {
+            return Err(AmError::NotPermitted);
+        }
         let inside = first >= l.access.0 && end <= l.access.1;
         let refused = match mode {
             LwcMemory::COW => !inside,
             LwcMemory::SHARED => !inside || me.root_view || !l.root_view,
             _ => me.root_view,
         };
-        if refused {
+        // An empty page range with capabilities is an import only.
+        if refused && (first < end || caps == 0) {
             return Err(AmError::NotPermitted);
+        }
+        if caps != 0 {
+            kernel.emit(Effect::LwcImport { from: VmId::new(id), to: VmId::new(caller), mask: caps });
         }
         if first < end {
             kernel.emit(Effect::LwcOverlay {
@@ -366,6 +385,7 @@ impl LwcAm {
             root_view,
             access,
             systrap,
+            cap_access: u64::MAX,
         };
         self.lwcs.insert(child, lwc);
         let systrap = systrap.then_some(am);
@@ -452,6 +472,7 @@ impl AbstractMachine for LwcAm {
                 root_view: true,
                 access: (0, self.pages_of(vm)),
                 systrap: false,
+                cap_access: u64::MAX,
             },
         );
         Ok(alloc::vec![name])

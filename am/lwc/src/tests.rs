@@ -238,3 +238,33 @@ fn systrap_traps_to_the_creator_and_syscall_needs_a_trapped_child() {
     // The root cannot trap with the sandboxed child's capability (it is not sandboxed).
     assert_eq!(w.call(VM, 2, op::LW_TRAP.into(), &[sandboxed.name], &[0, 0]).status().code(), Status::NOT_PERMITTED);
 }
+
+#[test]
+fn overlay_imports_capabilities_within_what_restrict_left() {
+    let mut w = world();
+    let factory = w.initial(VM, 0).name;
+    let me = w.initial(VM, 1).name;
+    // The child gets only a copy of the root's lwC capability.
+    let created = w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0b10, 0, 0, 0, 0]);
+    assert!(created.status().is_ok());
+    let child = VmId::new(FIRST_CHILD);
+    let back = w.initial(child, 0).name;
+    assert!(!w.call(child, 1, counter_op::CREATE.into(), &[factory], &[]).status().is_ok());
+    // It imports the root's factory (INITIAL 0): a copy of its own, at its INITIAL 1.
+    let imported = w.call(child, 2, op::LW_OVERLAY.into(), &[back], &[0, 0, 0b01]);
+    assert!(imported.status().is_ok(), "{}", imported.status());
+    assert_eq!(w.seen.last(), Some(&Effect::LwcImport { from: VM, to: child, mask: 0b01 }));
+    let copy = w.initial(child, 1);
+    assert!(copy.status().is_ok(), "{}", copy.status());
+    assert_eq!(copy.results[0], 1, "a counter factory");
+    assert!(w.call(child, 1, counter_op::CREATE.into(), &[copy.name], &[]).status().is_ok());
+    // The root takes importing away (any holder may narrow): refused, nothing emitted.
+    assert!(w.call(VM, 2, op::LW_RESTRICT.into(), &[me], &[0, MAX_MEMORY, 0b10]).status().is_ok());
+    let before = w.seen.len();
+    let code = w.call(child, 2, op::LW_OVERLAY.into(), &[back], &[0, 0, 0b01]).status().code();
+    assert_eq!(code, Status::NOT_PERMITTED);
+    assert_eq!(w.seen.len(), before);
+    // Revoking the root's factory takes the imported copy too.
+    assert!(w.call(VM, NULL_KERNEL_AM, nk_op::REVOKE, &[factory], &[]).status().is_ok());
+    assert!(!w.call(child, 1, counter_op::CREATE.into(), &[copy.name], &[]).status().is_ok());
+}

@@ -237,9 +237,13 @@ pub mod lwc_op {
     pub const LWC_UNMAP: u64 = 2;
     /// `lwSwitch(target: lwc[switch], a0, a1)`: returns `{caller, switcher, a0, a1}`.
     pub const LW_SWITCH: u32 = 1;
-    /// `lwRestrict`: registered, not built yet (`NOT_PERMITTED`).
+    /// `lwRestrict(l: lwc, at, bytes, caps)`: what holders of `l` may overlay becomes the
+    /// intersection of what they could and the pages `[at, at + bytes)`, and what they may
+    /// import the intersection with `caps` (bit i: `l`'s `INITIAL` capability i).
     pub const LW_RESTRICT: u32 = 2;
-    /// `lwOverlay`: registered, not built yet (`NOT_PERMITTED`).
+    /// `lwOverlay(l: lwc, at | mode, bytes, caps)`: `l`'s pages `[at, at + bytes)` into
+    /// the caller's memory as `mode` says, and delegated copies of `l`'s `INITIAL`
+    /// capabilities chosen by `caps` appended to the caller's `INITIAL` list.
     pub const LW_OVERLAY: u32 = 3;
     /// `lwSyscall(target: lwc[switch]; mask)`: performs the call `target` trapped with
     /// (`LWC_SYSTRAP`) as if `target` made it (`mask` 0) or with the caller's capabilities

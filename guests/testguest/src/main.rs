@@ -549,6 +549,7 @@ mod fuzz;
 mod lwc;
 mod lwc_bench;
 mod lwc_cache;
+mod lwc_import;
 mod lwc_cow;
 mod new_am;
 mod null_fast;
@@ -626,6 +627,7 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
         Some("lwcbench") => lwc::bench(boot.memory),
         Some("vmbench") => vm_switch::run(words.next()),
         Some("lwc-cache") => lwc_cache::run(),
+        Some("lwc-import") => lwc_import::run(boot.memory),
         Some("nullfast") => {
             let rounds = words.next().and_then(|n| n.parse().ok()).unwrap_or(100_000);
             null_fast::run(rounds, words.next() == Some("shared"))
@@ -662,7 +664,7 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
             }
         }
         Some(other) => println!(
-            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..], xcr0 ROUNDS, xmmleak SEED ROUNDS, tpr PEER ROUNDS, leakprobe SEED ROUNDS, openloop, ring3caps, flood VICTIM, victim ATTACKER, exomem, exolend [free] [bench] BORROWERS.., exoborrow, exobench, control [orphan|busy|linux], vmcreate CPU, vmcreate-linux CPU MIB, vmcreate-caps CPU MIB, newam, exochurn ROUNDS PEER, exochurnafter CHURN, nvram, nvramseq COUNT [small], nvrambench, debuggee, lwc, lwcbench, lwc-cache, vmbench ping|pong, nullfast ROUNDS [shared], bypasskeep [KEY] [BYTES], lwc-cow, lwc-key, lwc-monitor, lwc-demos, lwc-cow-quota, nvramexo, nvramshare, nvramborrow)"
+            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..], xcr0 ROUNDS, xmmleak SEED ROUNDS, tpr PEER ROUNDS, leakprobe SEED ROUNDS, openloop, ring3caps, flood VICTIM, victim ATTACKER, exomem, exolend [free] [bench] BORROWERS.., exoborrow, exobench, control [orphan|busy|linux], vmcreate CPU, vmcreate-linux CPU MIB, vmcreate-caps CPU MIB, newam, exochurn ROUNDS PEER, exochurnafter CHURN, nvram, nvramseq COUNT [small], nvrambench, debuggee, lwc, lwcbench, lwc-cache, lwc-import, vmbench ping|pong, nullfast ROUNDS [shared], bypasskeep [KEY] [BYTES], lwc-cow, lwc-key, lwc-monitor, lwc-demos, lwc-cow-quota, nvramexo, nvramshare, nvramborrow)"
         ),
     }
     println!("GTEST done");
