@@ -106,12 +106,10 @@ pub fn apply(effect: Effect) {
             OWNERS.lock().insert(child.raw(), vm);
             vm
         }
-        Effect::LwcOverlay { to: from, .. } | Effect::LwcSyscall { by: from, .. } => {
-            match vm_of(from) {
-                Some(vm) => vm,
-                None => return,
-            }
-        }
+        Effect::LwcOverlay { to: from, .. } | Effect::LwcSyscall { by: from, .. } => match vm_of(from) {
+            Some(vm) => vm,
+            None => return,
+        },
         Effect::LwcCapGone { .. } => {
             EPOCH.fetch_add(1, Ordering::Release);
             return;
@@ -194,7 +192,8 @@ impl SwitchCache {
         if caps[1..].iter().any(|c| c.low != 0 || c.high != 0) {
             return;
         }
-        self.entries[self.next] = Allowed { epoch, selector, name: (caps[0].low, caps[0].high), from, to, status, creator };
+        self.entries[self.next] =
+            Allowed { epoch, selector, name: (caps[0].low, caps[0].high), from, to, status, creator };
         self.next = (self.next + 1) % self.entries.len();
     }
 }

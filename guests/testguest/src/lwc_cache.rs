@@ -80,7 +80,9 @@ pub fn run() {
     if rounds == [(1, 0), (2, 0), (4, REFUSED)] {
         println!("GTEST ok lwc_cache_dead_name: the child's repeated switch with a deleted capability was refused");
     } else {
-        println!("GTEST FAILED lwc_cache: the child's (round, report) {rounds:x?} (round 3: a dead capability switched)");
+        println!(
+            "GTEST FAILED lwc_cache: the child's (round, report) {rounds:x?} (round 3: a dead capability switched)"
+        );
     }
     let _ = nk::call(NULL_KERNEL_AM, nk_op::DELETE, &[child], &[]);
 }
