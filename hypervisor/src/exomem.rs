@@ -379,6 +379,8 @@ pub fn apply(effect: Effect) {
         | Effect::LwcDestroy { .. }
         | Effect::LwcOverlay { .. }
         | Effect::LwcSyscall { .. }
+        | Effect::LwcCapGone { .. }
+        | Effect::LwcImport { .. }
         | Effect::Retire { .. } => {}
     }
 }

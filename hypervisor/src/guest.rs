@@ -172,6 +172,12 @@ pub struct Guest {
     /// above that are per vCPU (`vcpu`, `principal`, `xstate`, `unswitched`, `reply`,
     /// `sandbox.current`) hold the state of the one that runs or ran last.
     siblings: Option<alloc::boxed::Box<vcpus::Siblings>>,
+    /// Its module says `lwc`: its slices take the lwC instance of the slice loop, which
+    /// applies lwC effects in the exit that caused them (lwc.rs).
+    lwc: bool,
+    /// The `lwSwitch` calls its vCPU made lately, repeated at the exit without the
+    /// null-Kernel's dispatch while no capability to an lwC died (lwc.rs).
+    switches: crate::lwc::SwitchCache,
 }
 
 impl fmt::Debug for Guest {
@@ -226,6 +232,8 @@ impl Guest {
             frame_quota: spec.frames.unwrap_or(crate::ams::EXO_FRAME_QUOTA),
             sandbox: crate::lwc::Sandbox::default(),
             siblings: None,
+            lwc: spec.lwc,
+            switches: crate::lwc::SwitchCache::default(),
         };
         // SAFETY: the frames were just allocated for this guest and are identity-mapped.
         unsafe { core::ptr::write_bytes(memory.as_u64() as *mut u8, 0, memory_size as usize) };
@@ -327,6 +335,8 @@ impl Guest {
             frame_quota: spec.frames.unwrap_or(crate::ams::EXO_FRAME_QUOTA),
             sandbox: crate::lwc::Sandbox::default(),
             siblings: None,
+            lwc: false,
+            switches: crate::lwc::SwitchCache::default(),
         };
         let entry = GuestStart {
             mode: start.mode,
@@ -421,7 +431,7 @@ impl Guest {
         let slice = self.run_vcpu_slice(sink, ticks, timer_rate);
         match self.siblings.is_some() {
             false => slice,
-            true => self.after_sibling_slice(slice, sink, ticks, timer_rate),
+            true => self.after_sibling_slice(slice, sink),
         }
     }
 
@@ -437,11 +447,10 @@ impl Guest {
         if let Err(why) = self.enter_slice(Some((ticks, timer_rate))) {
             return stopped(why);
         }
-        // lwC effects wait for the zeroed timer of the slice that emitted them; when that
-        // slice ended first (an interrupt exit: a doorbell from another CPU), enter_slice
-        // re-armed the timer, so they are applied here, before the guest runs on.
-        if crate::lwc::pending() {
-            if let Some(end) = self.lwc_exit(sink, ticks, timer_rate) {
+        // lwC effects left by a hypercall that parked, or a destruction decided on another
+        // CPU, are applied here, before the guest runs on.
+        if self.lwc && crate::lwc::pending() {
+            if let Some(end) = self.lwc_exit(sink) {
                 self.leave_slice();
                 return end;
             }
@@ -454,35 +463,27 @@ impl Guest {
         if let Some(vcpu) = self.vcpu.as_mut() {
             vcpu.serve_null_until(slice_start.saturating_add(ticks));
         }
-        // An lwC switch between a sandboxed lwC (LWC_SYSTRAP) and another changes the loop.
-        let end = loop {
-            let ended = match self.sandbox.current {
-                false => self.bare_slice::<false>(sink, ticks, timer_rate, slice_start),
-                true => self.bare_slice::<true>(sink, ticks, timer_rate, slice_start),
-            };
-            if let Some(end) = ended {
-                break end;
-            }
+        // A guest with lwCs takes its own instance of the loop: the plain one has no test
+        // for lwC effects on its hypercall path.
+        let end = match self.lwc {
+            false => self.bare_slice::<false>(sink, ticks, slice_start),
+            true => self.bare_slice::<true>(sink, ticks, slice_start),
         };
         self.leave_slice();
         end
     }
 
-    /// Runs a bare-metal guest until its slice ends (Some) or an lwC switch changes whether
-    /// the running lwC is sandboxed (None). `SANDBOX`: its hypercalls take the sandboxed
-    /// path (lwc.rs); the other instance's hypercall path is the plain one.
+    /// Runs a bare-metal guest until its slice ends. `LWC`: the guest may have lwCs, so
+    /// after every exit the lwC effects it caused (a switch, a create, ...) or that reached
+    /// it from another CPU (a destruction) are applied at once, before the next entry
+    /// (lwc.rs), and a sandboxed lwC's hypercalls take the sandboxed path; the other
+    /// instance's hypercall path is the plain one.
     #[inline(always)]
-    fn bare_slice<const SANDBOX: bool>(
-        &mut self,
-        sink: &mut dyn HypercallSink,
-        ticks: u64,
-        timer_rate: u8,
-        slice_start: u64,
-    ) -> Option<Slice> {
-        let stopped = |why: String| Some(Slice::Ended(GuestEnd::Stopped(why)));
+    fn bare_slice<const LWC: bool>(&mut self, sink: &mut dyn HypercallSink, ticks: u64, slice_start: u64) -> Slice {
+        let stopped = |why: String| Slice::Ended(GuestEnd::Stopped(why));
         loop {
             if crate::arch::rdtsc().wrapping_sub(slice_start) >= ticks {
-                return Some(Slice::Expired);
+                return Slice::Expired;
             }
             let vcpu = self.vcpu.as_mut().expect("checked by enter_slice");
             let exit = vcpu.run();
@@ -497,41 +498,70 @@ impl Guest {
                 if let Err(e) = vcpu.reinject_interrupted_event() {
                     return stopped(alloc::format!("cannot keep its interrupted event: {e}"));
                 }
-                // An lwC effect zeroed the timer during the hypercall (lwc.rs): apply it
-                // and go on with the slice.
-                if crate::lwc::pending() {
-                    match self.lwc_exit(sink, ticks, timer_rate) {
-                        None if self.sandbox.current != SANDBOX => return None,
-                        None => continue,
-                        ended => return ended,
-                    }
-                }
-                return Some(Slice::Expired);
+                return Slice::Expired;
             }
             let flow = match exit.reason {
-                ExitReason::VMCALL if !SANDBOX => handle_hypercall(self.principal, vcpu, sink),
+                ExitReason::VMCALL if !LWC => handle_hypercall(self.principal, vcpu, sink),
+                ExitReason::VMCALL if !self.sandbox.current => self.lwc_hypercall(sink),
                 ExitReason::VMCALL => self.sandboxed_hypercall(sink),
                 _ => self.handle_exit(&exit, sink),
             };
+            // The exit's lwC effects, before the guest runs again.
+            if LWC && crate::lwc::pending() {
+                if let Some(end) = self.lwc_exit(sink) {
+                    return end;
+                }
+            }
             // The common case straight back to the entry (no Option<Slice> built).
             if let Ok(Flow::Continue) = flow {
                 continue;
             }
             if let Some(end) = slice_ending(flow) {
-                return Some(end);
+                return end;
             }
         }
     }
 
-    /// Applies the lwC effects at the timer exit they caused and re-arms the slice's timer;
-    /// Some(end) when the guest cannot go on. Out of line: the hypercall loop stays small.
+    /// Handles a hypercall of an lwC that is not sandboxed: an `lwSwitch` the null-Kernel
+    /// allowed lately with the same capability, and no capability to an lwC died since, is
+    /// repeated here, at the exit (the reply the dispatch gave, then the switch); any other
+    /// call is dispatched, and an allowed `lwSwitch` remembered (lwc.rs, `SwitchCache`).
+    #[inline(always)]
+    fn lwc_hypercall(&mut self, sink: &mut dyn HypercallSink) -> Result<Flow, VcpuError> {
+        let from = self.principal;
+        let vcpu = self.vcpu.as_mut().expect("checked by enter_slice");
+        let call = vcpu.regs.call();
+        if let Some((to, status, creator)) = self.switches.find(from.raw(), call) {
+            let reply = Reply {
+                status,
+                name: NameWords::default(),
+                results: [creator, u64::from(from.raw()), call.args[0], call.args[1]],
+            };
+            write_reply(&mut vcpu.regs, &reply);
+            vcpu.skip_bytes(VMCALL_LENGTH)?;
+            return Ok(match self.switch_lwc(from, VmId::new(to)) {
+                Ok(()) => Flow::Continue,
+                Err(why) => Flow::End(GuestEnd::Stopped(alloc::format!("cannot switch lwCs: {why}"))),
+            });
+        }
+        let (epoch, selector, caps) = (crate::lwc::epoch(), call.selector, call.caps);
+        let flow = handle_hypercall(from, vcpu, sink);
+        if let Some((by, to)) = crate::lwc::switch_made() {
+            // Only lwSwitch makes a switch for an lwC that is not sandboxed.
+            let reply = *vcpu.regs.reply_mut();
+            if by == from && nk_abi::Status(reply.status).is_ok() && reply.results[1] == u64::from(from.raw()) {
+                self.switches.remember(epoch, (selector, caps), from.raw(), to.raw(), (reply.status, reply.results[0]));
+            }
+        }
+        flow
+    }
+
+    /// Applies the lwC effects waiting for this guest; Some(end) when it cannot go on. Out
+    /// of line: the hypercall loop stays small.
     #[cold]
     #[inline(never)]
-    fn lwc_exit(&mut self, sink: &mut dyn HypercallSink, ticks: u64, timer_rate: u8) -> Option<Slice> {
-        let ended = self.apply_lwc(sink).and_then(|()| {
-            let vcpu = self.vcpu.as_mut().ok_or_else(|| String::from("no vCPU"))?;
-            vcpu.set_time_slice(ticks, timer_rate).map_err(|e| alloc::format!("{e}"))
-        });
+    fn lwc_exit(&mut self, sink: &mut dyn HypercallSink) -> Option<Slice> {
+        let ended = self.apply_lwc(sink);
         ended.err().map(|e| Slice::Ended(GuestEnd::Stopped(alloc::format!("cannot switch lwCs: {e}"))))
     }
 
@@ -685,8 +715,8 @@ impl Guest {
         end
     }
 
-    /// Applies the lwC AM's effects of the hypercall just handled (lwc.rs; the entry after
-    /// it exited at once on the zeroed preemption timer, so no guest instruction ran): a create saves
+    /// Applies the lwC AM's effects of the exit just handled (lwc.rs; before the next entry,
+    /// so no guest instruction ran since): this CPU's switch first, then the VM's queue. A create saves
     /// the caller's registers (RIP past its VMCALL, the reply in place) as the child's; a
     /// switch saves the caller's, loads the target's with the reply in them, and makes the
     /// target's principal the one every later hypercall is checked against.
@@ -697,8 +727,12 @@ impl Guest {
             return Ok(());
         }
         let fail = |e: VcpuError| alloc::format!("{e}");
+        // This CPU's switch first: a queued effect (a destruction from another CPU) came
+        // after it, or the switch would have been refused.
+        if let Some((from, to)) = crate::lwc::take_switch() {
+            self.switch_lwc(from, to)?;
+        }
         for effect in crate::lwc::take(self.vm) {
-            let vcpu = self.vcpu.as_mut().expect("checked above");
             match effect {
                 nk_am::Effect::LwcCreate { parent, child, memory, systrap, .. } => {
                     if let Some(am) = systrap {
@@ -718,35 +752,7 @@ impl Guest {
                     let index = vcpus::active_index(&self.siblings);
                     self.lwcs.push(crate::lwc::Saved { principal: child.raw(), vcpu: index, regs: vcpu.regs, flow });
                 }
-                nk_am::Effect::LwcSwitch { from, to } => {
-                    let Some(slot) = vcpus::saved_slot(&self.lwcs, to.raw(), &self.siblings) else {
-                        log::error!(target: "lwc", "{}: no saved registers for lwC {:#x}; switch ignored", self.label, to.raw());
-                        continue;
-                    };
-                    let target = self.lwcs.swap_remove(slot);
-                    let mine = crate::lwc::Saved {
-                        principal: from.raw(),
-                        vcpu: vcpus::active_index(&self.siblings),
-                        regs: vcpu.regs,
-                        flow: vcpu.flow_registers().map_err(fail)?,
-                    };
-                    self.lwcs.push(mine);
-                    let reply = vcpu.regs;
-                    vcpu.regs = target.regs;
-                    let r = &mut vcpu.regs;
-                    (r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.r8) =
-                        (reply.rax, reply.rbx, reply.rcx, reply.rdx, reply.rsi, reply.rdi, reply.r8);
-                    vcpu.set_flow_registers(target.flow).map_err(fail)?;
-                    // A trapped call returns with its creator's answer: status a0, result a1.
-                    if self.sandbox.take_trapped(to.raw()).is_some() {
-                        let r = &mut vcpu.regs;
-                        (r.rax, r.rdx) = (r.rdi, r.r8);
-                        (r.rbx, r.rcx, r.rsi, r.rdi, r.r8) = (0, 0, 0, 0, 0);
-                    }
-                    self.principal = to;
-                    self.sandbox.entered(to.raw());
-                    self.load_view(to)?;
-                }
+                nk_am::Effect::LwcSwitch { from, to } => self.switch_lwc(from, to)?,
                 nk_am::Effect::LwcOverlay { from, to, first_page, pages, mode } => {
                     let (memory, quota) = ((self.memory.as_u64(), self.memory_size), self.frame_quota);
                     let views =
@@ -775,6 +781,12 @@ impl Guest {
                     // The running lwC died: its vCPU goes back to the lwC the AM names,
                     // whose lwSwitch returns REVOKED.
                     if self.principal == child {
+                        // A creator that another vCPU runs now cannot take it: the VM's
+                        // root lwC (this vCPU's own root registers) does.
+                        let resume = resume.map(|to| match vcpus::saved_slot(&self.lwcs, to.raw(), &self.siblings) {
+                            Some(_) => to,
+                            None => self.vm,
+                        });
                         if let Some(to) = resume {
                             if let Some(slot) = vcpus::saved_slot(&self.lwcs, to.raw(), &self.siblings) {
                                 let vcpu = self.vcpu.as_mut().expect("checked above");
@@ -808,6 +820,59 @@ impl Guest {
                 _ => {}
             }
         }
+        Ok(())
+    }
+
+    /// Switches the vCPU from lwC `from` to lwC `to` (`lwSwitch`, or a trap): saves the
+    /// caller's register file (RIP past its VMCALL, the reply in place), loads the
+    /// target's with the reply in its result registers, and makes the target's principal
+    /// the one every later hypercall is checked against and its view the EPT. This is the
+    /// one place that sets the running lwC by a switch.
+    #[inline(always)]
+    fn switch_lwc(&mut self, from: VmId, to: VmId) -> Result<(), String> {
+        let fail = |e: VcpuError| alloc::format!("{e}");
+        let Some(slot) = vcpus::saved_slot(&self.lwcs, to.raw(), &self.siblings) else {
+            // No saved register file: another vCPU of the VM runs that child now (its one
+            // file is live there; guest/vcpus.rs), so this switch is refused.
+            return self.refuse_switch(to);
+        };
+        let index = vcpus::active_index(&self.siblings);
+        let vcpu = self.vcpu.as_mut().ok_or_else(|| String::from("no vCPU"))?;
+        let saved = &mut self.lwcs[slot];
+        let flow = vcpu.flow_registers().map_err(fail)?;
+        // The reply's registers stay: the target's own were overwritten by the reply that
+        // ends its lwSwitch (or lwCreate) anyway, and the caller's are by the next.
+        crate::lwc::swap_kept(&mut vcpu.regs, &mut saved.regs);
+        saved.principal = from.raw();
+        saved.vcpu = index;
+        let target_flow = core::mem::replace(&mut saved.flow, flow);
+        vcpu.set_flow_registers(target_flow).map_err(fail)?;
+        if !self.sandbox.is_empty() {
+            // A trapped call returns with its creator's answer: status a0, result a1.
+            if self.sandbox.take_trapped(to.raw()).is_some() {
+                let r = &mut vcpu.regs;
+                (r.rax, r.rdx) = (r.rdi, r.r8);
+                (r.rbx, r.rcx, r.rsi, r.rdi, r.r8) = (0, 0, 0, 0, 0);
+            }
+            self.sandbox.entered(to.raw());
+        }
+        self.principal = to;
+        self.load_view(to)
+    }
+
+    /// Answers a switch into lwC `to` that cannot be made here with `NOT_PERMITTED` in
+    /// place of the reply the lwC AM gave: the target runs on another vCPU of the VM (its
+    /// register file is live there), or has no register file at all. Which vCPU runs which
+    /// lwC is the hypervisor's to know, not the AM's (the switch fast path bypasses it).
+    #[cold]
+    #[inline(never)]
+    fn refuse_switch(&mut self, to: VmId) -> Result<(), String> {
+        if self.siblings.is_none() {
+            log::error!(target: "lwc", "{}: no saved registers for lwC {:#x}; switch refused", self.label, to.raw());
+        }
+        let vcpu = self.vcpu.as_mut().ok_or_else(|| String::from("no vCPU"))?;
+        let reply = Reply { status: nk_abi::Status::new(nk_abi::Status::NOT_PERMITTED, None).0, ..Reply::default() };
+        write_reply(&mut vcpu.regs, &reply);
         Ok(())
     }
 

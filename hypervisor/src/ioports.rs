@@ -136,7 +136,10 @@ pub fn apply(effect: Effect) {
         | Effect::LwcSwitch { .. }
         | Effect::LwcDestroy { .. }
         | Effect::LwcOverlay { .. }
-        | Effect::LwcSyscall { .. } => crate::lwc::apply(effect),
+        | Effect::LwcSyscall { .. }
+        | Effect::LwcCapGone { .. } => crate::lwc::apply(effect),
+        // NullKernel::apply_effects delegated the copies: nothing for the hypervisor.
+        Effect::LwcImport { .. } => {}
         // The null-Kernel's own (NullKernel::apply_effects handles it).
         Effect::Retire { .. } => {}
     }

@@ -5,11 +5,13 @@
 //! on, and give copy-on-write children views of their VM's memory.
 //!
 //! The AM's effects are applied while the caller's hypercall is dispatched, where the
-//! vCPU is out of reach: they wait here, tagged with the VM, and the caller's VMCS (the
-//! current one) gets a zero VMX-preemption timer, so the entry after the hypercall exits
-//! before any guest instruction runs (SDM Vol. 3 §26.7.4) and the slice loop's timer
-//! branch applies them. The hypercall path itself pays nothing for lwCs. A destruction
-//! decided on another CPU (a revocation) waits for the VM's next timer exit.
+//! vCPU is out of reach: a switch waits in this CPU's slot, every other effect in a queue
+//! tagged with the VM, and the lwC instance of the guest's slice loop (guests whose module
+//! says `lwc`) applies them after the exit, before the next entry. The plain instance,
+//! every other guest's, pays nothing for lwCs. A destruction decided on another CPU (a
+//! revocation) is taken at the VM's next exit. An `lwSwitch` the null-Kernel allowed is
+//! repeated at the exit without the dispatch while no capability to an lwC died
+//! ([`SwitchCache`]; docs/lwc.md, "The fast path").
 //!
 //! # Views (copy-on-write on EPT)
 //!
@@ -37,7 +39,7 @@
 
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use nk_am::{Effect, LwcMemory};
 use nk_caps::VmId;
@@ -52,6 +54,12 @@ use crate::vmx::vcpu::GuestRegs;
 static PENDING: AtomicBool = AtomicBool::new(false);
 /// (VM, effect), in the order the AM emitted them.
 static REQUESTS: Mutex<Vec<(u32, Effect)>> = Mutex::new(Vec::new());
+/// The `lwSwitch` (or trap) the running vCPU of each CPU just made, as `from << 32 | to`
+/// (0: none): its own CPU takes it after that hypercall's exit, without the queue.
+static SWITCHES: [AtomicU64; crate::percpu::MAX_CPUS] = [const { AtomicU64::new(0) }; crate::percpu::MAX_CPUS];
+/// Bumped at every death of a capability to an lwC (and of an lwC): a remembered switch
+/// ([`SwitchCache`]) made before it is checked again.
+static EPOCH: AtomicU64 = AtomicU64::new(1);
 /// The VM of every live child lwC (its principal number -> the VM's).
 static OWNERS: Mutex<BTreeMap<u32, u32>> = Mutex::new(BTreeMap::new());
 
@@ -67,6 +75,20 @@ pub struct Saved {
     pub flow: [u64; 3],
 }
 
+/// Swaps the general registers a hypercall's reply does not cover (R9-R15, RBP) between
+/// the running register file and a saved one (an lwC switch: RAX-R8 hold the reply).
+#[inline(always)]
+pub fn swap_kept(running: &mut GuestRegs, saved: &mut GuestRegs) {
+    core::mem::swap(&mut running.r9, &mut saved.r9);
+    core::mem::swap(&mut running.r10, &mut saved.r10);
+    core::mem::swap(&mut running.r11, &mut saved.r11);
+    core::mem::swap(&mut running.r12, &mut saved.r12);
+    core::mem::swap(&mut running.r13, &mut saved.r13);
+    core::mem::swap(&mut running.r14, &mut saved.r14);
+    core::mem::swap(&mut running.r15, &mut saved.r15);
+    core::mem::swap(&mut running.rbp, &mut saved.rbp);
+}
+
 /// Returns the VM whose lwC `principal` is (a VM's own principal is its own).
 fn vm_of(principal: VmId) -> Option<u32> {
     if principal.raw() < nk_am_lwc::FIRST_CHILD {
@@ -75,22 +97,31 @@ fn vm_of(principal: VmId) -> Option<u32> {
     OWNERS.lock().get(&principal.raw()).copied()
 }
 
-/// Records an lwC effect for the VM it concerns; a create or switch also ends the
-/// caller's entry at once (its VMCS is the current one).
+/// Records an lwC effect for the VM it concerns; the VM's slice loop applies it after the
+/// exit that caused it (or, from another CPU, after its next exit).
 pub fn apply(effect: Effect) {
     let vm = match effect {
+        // Emitted by the running lwC's own call on this CPU.
+        Effect::LwcSwitch { from, to } => {
+            let slot = &SWITCHES[crate::percpu::current_index() as usize];
+            slot.store(u64::from(from.raw()) << 32 | u64::from(to.raw()), Ordering::Relaxed);
+            return;
+        }
         Effect::LwcCreate { parent, child, .. } => {
             let Some(vm) = vm_of(parent) else { return };
             OWNERS.lock().insert(child.raw(), vm);
             vm
         }
-        Effect::LwcSwitch { from, .. } | Effect::LwcOverlay { to: from, .. } | Effect::LwcSyscall { by: from, .. } => {
-            match vm_of(from) {
-                Some(vm) => vm,
-                None => return,
-            }
+        Effect::LwcOverlay { to: from, .. } | Effect::LwcSyscall { by: from, .. } => match vm_of(from) {
+            Some(vm) => vm,
+            None => return,
+        },
+        Effect::LwcCapGone { .. } => {
+            EPOCH.fetch_add(1, Ordering::Release);
+            return;
         }
         Effect::LwcDestroy { child, .. } => {
+            EPOCH.fetch_add(1, Ordering::Release);
             log::debug!(target: "lwc", "lwC principal {:#x} destroyed", child.raw());
             match OWNERS.lock().remove(&child.raw()) {
                 Some(vm) => vm,
@@ -101,18 +132,95 @@ pub fn apply(effect: Effect) {
     };
     REQUESTS.lock().push((vm, effect));
     PENDING.store(true, Ordering::Release);
-    if !matches!(effect, Effect::LwcDestroy { .. }) {
-        crate::vmx::vcpu::expire_current_slice();
+}
+
+/// Tells whether lwC effects wait: a switch of this CPU's running vCPU, or some VM's
+/// queued effects (two atomic loads).
+pub fn pending() -> bool {
+    SWITCHES[crate::percpu::current_index() as usize].load(Ordering::Relaxed) != 0 || PENDING.load(Ordering::Relaxed)
+}
+
+/// Takes the switch this CPU's running vCPU made: (from, to).
+pub fn take_switch() -> Option<(VmId, VmId)> {
+    let packed = SWITCHES[crate::percpu::current_index() as usize].swap(0, Ordering::Relaxed);
+    (packed != 0).then(|| (VmId::new((packed >> 32) as u32), VmId::new(packed as u32)))
+}
+
+/// One `lwSwitch` the null-Kernel allowed: lwC `from` called `selector` with capability
+/// `name` (and no other) and was switched to `to`, whose creator is `creator` (the call's
+/// first result).
+#[derive(Debug, Clone, Copy, Default)]
+struct Allowed {
+    epoch: u64,
+    selector: u64,
+    name: (u64, u64),
+    from: u32,
+    to: u32,
+    /// The reply's status word and first result (the target's creator).
+    status: u64,
+    creator: u64,
+}
+
+/// The `lwSwitch` calls a vCPU made lately, so the same call again switches at its exit
+/// without the null-Kernel's dispatch (as seL4's fastpath does for IPC). What the dispatch
+/// decided depends only on the caller, the selector and the capability: the capability
+/// names the target with the `switch` right, of the caller's VM, not the caller, and that
+/// stays so while the capability lives (the target dies only with its creator's
+/// capability, and so every other capability to it, derived from that one). Every death
+/// of a capability to an lwC bumps the epoch ([`Effect::LwcCapGone`], `LwcDestroy`), and
+/// an entry of an older epoch is not used; a name is never reused before its capability
+/// died. Which lwC runs is the vCPU's own state ([`crate::guest`]'s current principal), so
+/// the AM has nothing to update.
+#[derive(Debug, Default)]
+pub struct SwitchCache {
+    entries: [Allowed; 4],
+    next: usize,
+}
+
+impl SwitchCache {
+    /// Returns (target, the reply's status word, its first result: the target's creator) of
+    /// an allowed switch that `call` of lwC `from` repeats, if no capability to an lwC died
+    /// since.
+    #[inline(always)]
+    pub fn find(&self, from: u32, call: &nk_abi::Call) -> Option<(u32, u64, u64)> {
+        let name = (call.caps[0].low, call.caps[0].high);
+        let entry = self.entries.iter().find(|e| e.name == name && e.selector == call.selector && e.from == from)?;
+        let others = call.caps[1..].iter().all(|c| c.low == 0 && c.high == 0);
+        (others && entry.epoch == EPOCH.load(Ordering::Acquire)).then_some((entry.to, entry.status, entry.creator))
+    }
+
+    /// Remembers that `call` (its selector and capabilities, read before the dispatch at
+    /// `epoch`) of lwC `from` switched it to `to` with reply status word `status` and
+    /// first result `creator`.
+    pub fn remember(&mut self, epoch: u64, call: (u64, [nk_abi::NameWords; 4]), from: u32, to: u32, reply: (u64, u64)) {
+        let (status, creator) = reply;
+        let (selector, caps) = call;
+        if caps[1..].iter().any(|c| c.low != 0 || c.high != 0) {
+            return;
+        }
+        self.entries[self.next] =
+            Allowed { epoch, selector, name: (caps[0].low, caps[0].high), from, to, status, creator };
+        self.next = (self.next + 1) % self.entries.len();
     }
 }
 
-/// Tells whether lwC effects wait (one atomic load).
-pub fn pending() -> bool {
-    PENDING.load(Ordering::Relaxed)
+/// Returns the epoch of capability deaths (read before a dispatch whose switch is
+/// remembered).
+pub fn epoch() -> u64 {
+    EPOCH.load(Ordering::Acquire)
 }
 
-/// Takes the lwC effects of `vm`, in order.
+/// Peeks at the switch this CPU's running vCPU just made (its call's reply was written).
+pub fn switch_made() -> Option<(VmId, VmId)> {
+    let packed = SWITCHES[crate::percpu::current_index() as usize].load(Ordering::Relaxed);
+    (packed != 0).then(|| (VmId::new((packed >> 32) as u32), VmId::new(packed as u32)))
+}
+
+/// Takes the queued lwC effects of `vm`, in order.
 pub fn take(vm: VmId) -> Vec<Effect> {
+    if !PENDING.load(Ordering::Relaxed) {
+        return Vec::new();
+    }
     let mut requests = REQUESTS.lock();
     let mine = requests.iter().filter(|(v, _)| *v == vm.raw()).map(|&(_, e)| e).collect();
     requests.retain(|(v, _)| *v != vm.raw());
@@ -145,6 +253,11 @@ impl Sandbox {
         if self.members.len() <= nk_am_lwc::MAX_LWCS_PER_VM {
             self.members.push((principal, am));
         }
+    }
+
+    /// Tells whether the VM has no `LWC_SYSTRAP` lwC (and so no trapped call).
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty() && !self.current
     }
 
     /// Forgets `principal` (destroyed).

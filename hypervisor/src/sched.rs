@@ -415,7 +415,16 @@ fn run_queue(cpu: usize) {
             match slice {
                 // Another vCPU of the same VM may have its turn in this round (guest/vcpus.rs).
                 Slice::Expired if guests[index].guest.takes_next_turn() => {}
-                Slice::Expired => index += 1,
+                Slice::Expired => {
+                    index += 1;
+                    // A directed yield: the VM it named runs next when its turn in this
+                    // round is still to come (it moves ahead; the others keep their turns).
+                    if let Some(to) = crate::vmctl::take_yield(cpu) {
+                        if let Some(at) = guests.iter().skip(index).position(|r| r.guest.vm() == to) {
+                            guests.swap(index, index + at);
+                        }
+                    }
+                }
                 Slice::Parked(op) => {
                     guests[index].parked = Some(op);
                     index += 1;
@@ -492,7 +501,7 @@ fn control(cpu: usize, guests: &mut Vec<Running>, removals: &mut Vec<(PendingOp,
                 running.destroyed =
                     Some(alloc::format!("destroyed by vm{}/{}{parked}", by.raw(), crate::vmctl::name(by)))
             }
-            VmAction::Stop | VmAction::Start => {}
+            VmAction::Stop | VmAction::Start | VmAction::YieldTo => {}
         }
     }
     if orphaned {

@@ -77,6 +77,8 @@ static PREPARED: Mutex<Vec<Prepared>> = Mutex::new(Vec::new());
 /// replaces a destroy), with the VM that asked.
 static REQUESTS: Mutex<Vec<(VmId, VmAction, VmId)>> = Mutex::new(Vec::new());
 /// A CPU has requests for its VMs.
+/// The VM each CPU runs next (a directed yield, `VmAction::YieldTo`; 0: none).
+static YIELDS: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
 static PENDING: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
 
 /// VMs that are neither stopped nor ended (created ones count: they will run). When none
@@ -172,6 +174,15 @@ pub fn apply(vm: VmId, action: VmAction, by: VmId) {
     if cpu >= MAX_CPUS {
         return;
     }
+    if action == VmAction::YieldTo {
+        // The caller's hypercall is being dispatched on its own CPU, the target's (the AM
+        // checked): the caller's VMCS is the current one, and its next entry exits at once.
+        if cpu == percpu::current_index() as usize {
+            YIELDS[cpu].store(vm.raw(), Ordering::Relaxed);
+            crate::vmx::vcpu::expire_current_slice();
+        }
+        return;
+    }
     {
         let mut requests = REQUESTS.lock();
         match requests.iter_mut().find(|(v, _, _)| *v == vm) {
@@ -187,6 +198,12 @@ pub fn apply(vm: VmId, action: VmAction, by: VmId) {
             log::error!(target: "guest", "cpu {cpu} did not accept the wake-up for vm{}'s control request", vm.raw());
         }
     }
+}
+
+/// Takes the VM a guest of `cpu` yielded to in the slice that just ended.
+pub fn take_yield(cpu: usize) -> Option<VmId> {
+    let vm = YIELDS[cpu].swap(0, Ordering::Relaxed);
+    (vm != 0).then(|| VmId::new(vm))
 }
 
 /// Tells whether requests wait for `cpu`'s VMs (one atomic load: cheap at every slice).

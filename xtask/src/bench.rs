@@ -287,16 +287,27 @@ fn instruction_members(metrics: &[&str], values: &BTreeMap<String, u64>) -> Stri
 }
 
 /// The metrics the test guest's `lwcbench` mode reports.
-const LWC_METRICS: &[&str] = &["lwswitch_instructions", "lwc_cycle_0_pages_instructions"];
+const LWC_METRICS: &[&str] = &[
+    "lwswitch_instructions",
+    "lwc_cycle_0_pages_instructions",
+    "lwc_cycle_100_pages_instructions",
+    "lwc_cycle_1000_pages_instructions",
+];
+/// What its `vmbench` modes report: the same ping-pong between two VMs on one CPU.
+const VM_SWITCH_METRICS: &[&str] = &["vm_switch_instructions"];
 
-/// Boots the test guest in its `lwcbench` mode (1 CPU) and writes target/bench/lwc.json.
+/// Boots the test guest in its `lwcbench` mode (1 CPU), then two in `vmbench` (1 CPU, a
+/// boot of their own so nothing else shares the CPU), and writes target/bench/lwc.json.
 fn bench_lwc(workspace: &Workspace) -> Result<()> {
-    let values = guest_bench(workspace, "bench-lwc", 1, &["lwc lwc -- lwcbench"], LWC_METRICS)?;
+    let mut values = guest_bench(workspace, "bench-lwc", 1, &["lwc mem=16M frames=8M lwc -- lwcbench"], LWC_METRICS)?;
+    let pingpong = ["ping manages=pong -- vmbench ping", "pong manages=ping -- vmbench pong"];
+    values.extend(guest_bench(workspace, "bench-vm-switch", 1, &pingpong, VM_SWITCH_METRICS)?);
     println!("xtask: bench: lwC AM, emulated instructions per operation (guest-side RDTSC):");
+    let metrics: Vec<&str> = LWC_METRICS.iter().chain(VM_SWITCH_METRICS).copied().collect();
     let mut json = String::from("{\n");
-    json.push_str(&instruction_members(LWC_METRICS, &values));
+    json.push_str(&instruction_members(&metrics, &values));
     json.push_str(&format!(
-        "  \"context\": {{\"emulator\": \"bochs\", \"cpu_model\": \"{BENCH_CPU_MODEL}\", \"method\": \"minimum of 5 guest-side RDTSC deltas, empty-measurement overhead subtracted; memory shared (no COW yet)\"}}\n}}\n"
+        "  \"context\": {{\"emulator\": \"bochs\", \"cpu_model\": \"{BENCH_CPU_MODEL}\", \"method\": \"minimum of 5 guest-side RDTSC deltas, empty-measurement overhead subtracted; lwswitch: two lwSwitch calls (child shares all memory); lwc_cycle_0: a child sharing all memory; lwc_cycle_100/1000: a copy-on-write child writing that many pages (plus its stack's); vm_switch: two VM switches by the guest-OS AM's directed yield between two VMs alone on one CPU\"}}\n}}\n"
     ));
     let dir = bench_dir(workspace);
     std::fs::create_dir_all(&dir)?;

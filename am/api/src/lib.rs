@@ -193,8 +193,18 @@ pub enum Effect {
     /// the null-Kernel removes the principal, so every capability it holds dies on every
     /// kernel, and the hypervisor drops its saved registers and its view of memory. If
     /// it was running, its vCPU goes back to lwC `resume` (its creator, or the VM's root
-    /// lwC when the creator is gone too), whose pending `lwSwitch` returns `REVOKED`.
+    /// lwC when the creator is gone too), whose pending `lwSwitch` returns `REVOKED`: the
+    /// AM names it for every child, the hypervisor knows whether a vCPU runs it.
     LwcDestroy { child: VmId, resume: Option<VmId> },
+    /// A capability to lwC `lwc` other than its creator's died (revoked or deleted; the lwC
+    /// lives on): what the hypervisor remembers of switches made with a capability must be
+    /// checked again (hypervisor/src/lwc.rs, the switch cache).
+    LwcCapGone { lwc: VmId },
+    /// Hands lwC `to` (the caller of `lwOverlay`) a delegated copy (same rights, bound) of
+    /// each `INITIAL` capability of lwC `from` whose index is set in `mask`, appended to
+    /// `to`'s `INITIAL` list (seed §4.2.4, the capability part of a resource spec). The lwC
+    /// AM checked `to` may import them.
+    LwcImport { from: VmId, to: VmId, mask: u64 },
     /// Overlays the `pages` 4 KiB pages from page `first_page` of lwC `from`'s memory
     /// onto lwC `to`'s (the caller of `lwOverlay`), as `mode` says (`LwcMemory::COW`: a
     /// copy of `from`'s pages; `SHARED`: the VM's own frames, writable; `UNMAP`: the pages
@@ -334,6 +344,9 @@ pub enum VmAction {
     Start,
     /// Ends the VM: its capabilities die on every kernel, as when a guest ends.
     Destroy,
+    /// A directed yield: `by` gives the rest of its time slice on its CPU to the VM, which
+    /// runs there next (the guest-OS AM's `yield_to`).
+    YieldTo,
 }
 
 /// Access to an MSR, as bits of an `Effect::Msr`.

@@ -108,6 +108,7 @@ pub mod op {
     pub const START: u16 = nk_abi::guest_os_op::START as u16;
     pub const DESTROY: u16 = nk_abi::guest_os_op::DESTROY as u16;
     pub const CREATE: u16 = nk_abi::guest_os_op::CREATE as u16;
+    pub const YIELD_TO: u16 = nk_abi::guest_os_op::YIELD_TO as u16;
 }
 
 /// Rights bits of a `vm` capability, in registration order.
@@ -460,6 +461,9 @@ impl AbstractMachine for GuestOsAm {
         }
         let create = r.rights(image_kind, &["create"]).ok_or(RegisterError::UnknownKind)?;
         r.operation(OpSpec { name: "create", args: &[ArgSpec::new(image_kind, create)] })?;
+        // A directed yield gives the VM the CPU, as `start` does.
+        let start = r.rights(kind, &["start"]).ok_or(RegisterError::UnknownKind)?;
+        r.operation(OpSpec { name: "yield_to", args: &[ArgSpec::new(kind, start)] })?;
         Ok(())
     }
 
@@ -491,6 +495,14 @@ impl AbstractMachine for GuestOsAm {
             op::STOP => VmAction::Stop,
             op::START => VmAction::Start,
             op::DESTROY => VmAction::Destroy,
+            // Only to another running VM of the caller's CPU.
+            op::YIELD_TO => {
+                let same_cpu = self.board.get(caller).is_some_and(|me| me.cpu() == record.cpu());
+                if vm == caller || current != state::RUNNING || !same_cpu {
+                    return Err(AmError::NotPermitted);
+                }
+                VmAction::YieldTo
+            }
             _ => return Err(AmError::NotPermitted),
         };
         kernel.emit(Effect::VmControl { vm, action, by: caller });

@@ -431,6 +431,7 @@ fn registered_op_numbers_are_the_shared_abis() {
         ("start", nk_abi::guest_os_op::START),
         ("destroy", nk_abi::guest_os_op::DESTROY),
         ("create", nk_abi::guest_os_op::CREATE),
+        ("yield_to", nk_abi::guest_os_op::YIELD_TO),
     ];
     for (name, number) in ops {
         let found = table.registry().find_op(id, name).map(|op| u32::from(op.index()));
@@ -438,4 +439,36 @@ fn registered_op_numbers_are_the_shared_abis() {
     }
     let past = u16::try_from(ops.len()).unwrap();
     assert_eq!(table.registry().op_name(nk_caps::OpId::new(id, past)), None, "an operation nk-abi lacks");
+}
+
+#[test]
+fn yield_to_only_a_running_vm_of_the_callers_cpu() {
+    let (a, b, c) = (VmId::new(1), VmId::new(2), VmId::new(3));
+    let mut nk = NullKernel::new(KernelId::new(0), 1, 1024, &mut FixedSeed::from_u64(7)).unwrap();
+    let board = Arc::new(VmBoard::new(alloc::vec![
+        VmRecord::new(a, "ping", image::BARE_METAL, 4 << 20, 0),
+        VmRecord::new(b, "pong", image::BARE_METAL, 4 << 20, 0),
+        VmRecord::new(c, "far", image::BARE_METAL, 4 << 20, 1),
+    ]));
+    let grants = alloc::vec![VmGrant { holder: a, target: b }, VmGrant { holder: a, target: c }];
+    let am = nk.add_am(alloc::boxed::Box::new(GuestOsAm::new(board.clone(), grants)), 64).unwrap().raw();
+    nk.set_caller_ring(|| 0);
+    for vm in [a, b, c] {
+        nk.add_vm(vm, 64).unwrap();
+    }
+    let (pong, far) = (initial(&mut nk, a, 0).name, initial(&mut nk, a, 1).name);
+    let yield_to = |nk: &mut NullKernel, cap| call(nk, a, am, op::YIELD_TO, cap, &[]).status().code();
+    // Not running yet: refused.
+    assert_eq!(yield_to(&mut nk, pong), Status::NOT_PERMITTED);
+    for vm in [a, b, c] {
+        board.get(vm).unwrap().set_state(state::RUNNING);
+    }
+    assert_eq!(yield_to(&mut nk, pong), Status::OK);
+    assert_eq!(nk.take_effects(), [Effect::VmControl { vm: b, action: VmAction::YieldTo, by: a }]);
+    // Another CPU's VM: refused, nothing emitted.
+    assert_eq!(yield_to(&mut nk, far), Status::NOT_PERMITTED);
+    assert!(nk.take_effects().is_empty());
+    // Without the start right: refused by the null-Kernel.
+    let inspect_only = call(&mut nk, a, 0, nk_op::DERIVE as u16, pong, &[rights::INSPECT]).name;
+    assert_eq!(yield_to(&mut nk, inspect_only), Status::MISSING_RIGHTS);
 }

@@ -23,8 +23,17 @@
 //!
 //! Destroying an lwC is revoking (or deleting) the capability `lwCreate` handed its
 //! creator: the AM hears of the death, and [`Effect::LwcDestroy`] makes the null-Kernel
-//! remove the principal, so every capability it holds dies on every kernel. A running lwC
-//! destroyed names the lwC its vCPU goes back to: its creator, or the VM's root lwC.
+//! remove the principal, so every capability it holds dies on every kernel. A destroyed
+//! child names the lwC a vCPU that runs it goes back to: its creator, or the VM's root lwC.
+//!
+//! Which lwC a vCPU runs is the vCPU's state, kept by the hypervisor (its current
+//! principal, the caller of every call it makes), not the AM's: the AM checks what the
+//! capabilities say (the target's kind and rights, the same VM, not the caller itself), so
+//! an `lwSwitch` changes nothing in the AM and the hypervisor may repeat one it allowed
+//! without asking again while no capability to an lwC died ([`Effect::LwcCapGone`] says
+//! one did; hypervisor/src/lwc.rs). An lwC runs on at most one vCPU because every VM has
+//! one: a VM with several needs the hypervisor's switch to refuse an lwC another of its
+//! vCPUs runs.
 //!
 //! Only the VMs the AM was made for ([`LwcAm::for_vms`]: the guests whose module says
 //! `lwc`) get a root lwC.
@@ -46,22 +55,29 @@
 //!   the VM's own EPT may create a child with a view of its own (`NOT_PERMITTED`).
 //! - 1 `lwSwitch(target: lwc/switch; a0, a1)`: the reply goes to the target, with results
 //!   `{new, caller, a0, a1}` = `{target's creator (NONE for a root), caller id, a0, a1}`.
-//!   Refused (`NOT_PERMITTED`) for the running lwC itself, an lwC of another VM, or one
-//!   that runs on another vCPU; a destroyed target's capability is dead (`REVOKED` /
+//!   Refused (`NOT_PERMITTED`) for the caller itself or an lwC of another VM; a destroyed
+//!   target's capability is dead (`REVOKED` /
 //!   `UNKNOWN_NAME`).
-//! - 2 `lwRestrict(l: lwc; at, bytes)`: what holders of `l` may overlay becomes the
-//!   intersection of what they could and `[at, at + bytes)` (seed §4.2.5; every lwC starts
-//!   with its VM's whole memory). Any holder may narrow it; it never widens.
-//! - 3 `lwOverlay(l: lwc; at | mode, bytes)`: `LWC_COW` copies `l`'s pages into the
+//! - 2 `lwRestrict(l: lwc; at, bytes, caps)`: what holders of `l` may overlay becomes the
+//!   intersection of what they could and `[at, at + bytes)`, and which of `l`'s `INITIAL`
+//!   capabilities they may import the intersection with the mask `caps` (seed §4.2.5; every
+//!   lwC starts with its VM's whole memory and every capability; `caps` 0, as a call with
+//!   two arguments passes: none). Any holder may narrow it; it never widens.
+//! - 3 `lwOverlay(l: lwc; at | mode, bytes, caps)`: `LWC_COW` copies `l`'s pages into the
 //!   caller's memory, `LWC_SHARED` maps the VM's own frames writable into the caller's
 //!   view, `LWC_UNMAP` takes the pages out of it (seed §4.2.4). Copied or shared pages
 //!   outside `l`'s access, `LWC_SHARED`/`LWC_UNMAP` by an lwC on the VM's own EPT, or
-//!   `LWC_SHARED` from an lwC with a view of its own: `NOT_PERMITTED`.
+//!   `LWC_SHARED` from an lwC with a view of its own: `NOT_PERMITTED`. The capability part
+//!   (a third argument, `caps`): a delegated copy (same rights, bound to the caller) of each
+//!   of `l`'s `INITIAL` capabilities whose index is set, appended to the caller's `INITIAL`
+//!   list ([`Effect::LwcImport`]); an index `lwRestrict` took away: `NOT_PERMITTED`. For a
+//!   capability, a copy and a share are one thing (revoking `l`'s takes the copy too). With
+//!   no pages (`bytes` 0) the call imports only.
 //! - 4 `lwSyscall(target: lwc/switch; mask)`: performs the call `target` trapped with, as
 //!   if `target` made it (`mask` 0) or with the caller's capabilities (`mask` not 0: the
 //!   call is checked against the caller's principal; capability sets are not mixed per
 //!   argument); the reply is that call's (the hypervisor writes it, [`Effect::LwcSyscall`]).
-//!   Only for an `LWC_SYSTRAP` lwC of the caller's VM that does not run
+//!   Only for an `LWC_SYSTRAP` lwC of the caller's VM other than the caller
 //!   (`NOT_PERMITTED`); with no trapped call, or a null-Kernel call: `NOT_PERMITTED`.
 //! - 5 `lwTrap(creator: lwc; selector, a0)`: a running `LWC_SYSTRAP` child switches to
 //!   its creator (a capability to it with any rights, e.g. the copy of the creator's lwC
@@ -120,8 +136,6 @@ struct Lwc {
     vm: VmId,
     /// The lwC that created it (None: a VM's root lwC).
     creator: Option<u32>,
-    /// A vCPU runs it now (for a root lwC: the last switch concerning it made it run).
-    running: bool,
     /// (root held by the AM, capability handed to the creator), for a child.
     caps: Option<(CapName, CapName)>,
     /// It runs on the VM's own EPT (a root lwC, or a child that shares all of its
@@ -133,23 +147,9 @@ struct Lwc {
     access: (u32, u32),
     /// Created with `LWC_SYSTRAP`: its refused calls trap to its creator.
     systrap: bool,
-}
-
-impl Lwc {
-    /// Tells whether the caller may be running it: a root lwC is every vCPU's home (each
-    /// vCPU of a VM with several starts in it, with registers of its own), so it runs
-    /// whenever one of them is in it; a child runs where its one register file is live.
-    fn may_run(&self) -> bool {
-        self.running || self.creator.is_none()
-    }
-
-    /// Tells whether no other vCPU may switch into it now: a child that runs (its one
-    /// register file is live on some vCPU). A root lwC takes every vCPU of its VM
-    /// (docs/multi-vcpu.md); with one vCPU that changes nothing, as the only vCPU that
-    /// could switch into a running root is in it already.
-    fn busy(&self) -> bool {
-        self.running && self.creator.is_some()
-    }
+    /// Which of its `INITIAL` capabilities holders of its capability may import with
+    /// `lwOverlay` (bit i: index i; `lwRestrict` narrows it).
+    cap_access: u64,
 }
 
 /// The lwC AM.
@@ -218,6 +218,7 @@ impl LwcAm {
         let (lo, hi) = (l.access.0.max(first), l.access.1.min(end));
         if let Some(l) = self.lwcs.get_mut(&id) {
             l.access = if lo < hi { (lo, hi) } else { (0, 0) };
+            l.cap_access &= args[2];
         }
         Ok(Outcome { name: None, results: [0; 4] })
     }
@@ -240,14 +241,22 @@ impl LwcAm {
             return Err(AmError::NotPermitted);
         }
         let (first, end, mode) = Self::page_range(args[0], args[1], self.pages_of(l.vm))?;
+        let caps = args[2];
+        if caps & !l.cap_access != 0 {
+            return Err(AmError::NotPermitted);
+        }
         let inside = first >= l.access.0 && end <= l.access.1;
         let refused = match mode {
             LwcMemory::COW => !inside,
             LwcMemory::SHARED => !inside || me.root_view || !l.root_view,
             _ => me.root_view,
         };
-        if refused {
+        // An empty page range with capabilities is an import only.
+        if refused && (first < end || caps == 0) {
             return Err(AmError::NotPermitted);
+        }
+        if caps != 0 {
+            kernel.emit(Effect::LwcImport { from: VmId::new(id), to: VmId::new(caller), mask: caps });
         }
         if first < end {
             kernel.emit(Effect::LwcOverlay {
@@ -273,16 +282,10 @@ impl LwcAm {
         let caller = Self::number(checked.caller())?;
         let me = *self.lwcs.get(&caller).ok_or(AmError::NotPermitted)?;
         let (named, _) = self.lwc_of(checked.args()[0].object())?;
-        let creator =
-            me.creator.filter(|&c| c == named && self.lwcs.get(&c).is_some_and(|l| l.vm == me.vm && !l.busy()));
-        let (true, true, Some(creator)) = (me.systrap, me.running, creator) else {
+        let creator = me.creator.filter(|&c| c == named && self.lwcs.get(&c).is_some_and(|l| l.vm == me.vm));
+        let (true, Some(creator)) = (me.systrap, creator) else {
             return Err(AmError::NotPermitted);
         };
-        for (id, running) in [(caller, false), (creator, true)] {
-            if let Some(l) = self.lwcs.get_mut(&id) {
-                l.running = running;
-            }
-        }
         kernel.emit(Effect::LwcSwitch { from: VmId::new(caller), to: VmId::new(creator) });
         Ok(Outcome { name: None, results: [nk_abi::lwc_op::TRAPPED, u64::from(caller), args[0], args[1]] })
     }
@@ -299,7 +302,7 @@ impl LwcAm {
         let caller = Self::number(checked.caller())?;
         let (id, target) = self.lwc_of(checked.args()[0].object())?;
         let me = self.lwcs.get(&caller).ok_or(AmError::NotPermitted)?;
-        if id == caller || me.vm != target.vm || !target.systrap || target.running {
+        if id == caller || me.vm != target.vm || !target.systrap {
             return Err(AmError::NotPermitted);
         }
         kernel.emit(Effect::LwcSyscall { by: VmId::new(caller), target: VmId::new(id), mask: args[0] });
@@ -350,7 +353,7 @@ impl LwcAm {
         let (am, kind) = (self.am.ok_or(AmError::NotPermitted)?, self.kind.ok_or(AmError::NotPermitted)?);
         let caller = Self::number(checked.caller())?;
         let (id, me) = self.lwc_of(checked.args()[0].object())?;
-        if id != caller || !me.may_run() {
+        if id != caller {
             return Err(AmError::NotPermitted);
         }
         if args[1] & !nk_abi::lwc_op::LWC_SYSTRAP != 0 {
@@ -378,11 +381,11 @@ impl LwcAm {
         let lwc = Lwc {
             vm: me.vm,
             creator: Some(caller),
-            running: false,
             caps: Some((root, name)),
             root_view,
             access,
             systrap,
+            cap_access: u64::MAX,
         };
         self.lwcs.insert(child, lwc);
         let systrap = systrap.then_some(am);
@@ -405,14 +408,8 @@ impl LwcAm {
         let caller = Self::number(checked.caller())?;
         let (target, to) = self.lwc_of(checked.args()[0].object())?;
         let from = self.lwcs.get(&caller).copied().ok_or(AmError::NotPermitted)?;
-        if target == caller || to.busy() || to.vm != from.vm || !from.may_run() {
+        if target == caller || to.vm != from.vm {
             return Err(AmError::NotPermitted);
-        }
-        if let Some(l) = self.lwcs.get_mut(&caller) {
-            l.running = false;
-        }
-        if let Some(l) = self.lwcs.get_mut(&target) {
-            l.running = true;
         }
         kernel.emit(Effect::LwcSwitch { from: VmId::new(caller), to: VmId::new(target) });
         let creator = to.creator.map_or(NONE, u64::from);
@@ -457,7 +454,7 @@ impl AbstractMachine for LwcAm {
         }
     }
 
-    /// Grants every VM its root lwC (object id = the VM's number), running, with both rights.
+    /// Grants every VM its root lwC (object id = the VM's number) with both rights.
     fn grant_initial(&mut self, vm: VmId, kernel: &mut dyn Kernel) -> Result<Vec<CapName>, AmError> {
         let (am, kind) = (self.am.ok_or(AmError::NotPermitted)?, self.kind.ok_or(AmError::NotPermitted)?);
         if vm.raw() >= FIRST_CHILD || self.memory_of(vm).is_none() {
@@ -471,11 +468,11 @@ impl AbstractMachine for LwcAm {
             Lwc {
                 vm,
                 creator: None,
-                running: true,
                 caps: None,
                 root_view: true,
                 access: (0, self.pages_of(vm)),
                 systrap: false,
+                cap_access: u64::MAX,
             },
         );
         Ok(alloc::vec![name])
@@ -491,17 +488,13 @@ impl AbstractMachine for LwcAm {
             // The creator's capability died: the lwC with it.
             Some((root, handed)) if handed == dead.name => {
                 self.lwcs.remove(&id);
-                // A running lwC's vCPU falls back to its creator (or the VM's root lwC).
-                // A creator that runs on another vCPU cannot take it: then the root does.
-                let resume =
-                    lwc.running.then(|| match lwc.creator.filter(|c| self.lwcs.get(c).is_some_and(|l| !l.busy())) {
-                        Some(creator) => creator,
-                        None => lwc.vm.raw(),
-                    });
-                if let Some(l) = resume.and_then(|r| self.lwcs.get_mut(&r)) {
-                    l.running = true;
-                }
-                let resume = resume.filter(|r| self.lwcs.contains_key(r)).map(VmId::new);
+                // Where a vCPU that runs it goes back to: its creator (or the VM's root lwC).
+                // Which lwC a vCPU runs is the hypervisor's to know, not the AM's.
+                let resume = match lwc.creator.filter(|c| self.lwcs.contains_key(c)) {
+                    Some(creator) => creator,
+                    None => lwc.vm.raw(),
+                };
+                let resume = Some(resume).filter(|r| self.lwcs.contains_key(r)).map(VmId::new);
                 effects.emit(Effect::LwcDestroy { child: VmId::new(id), resume });
                 if let Some(am) = self.am {
                     effects.emit(Effect::Retire { am, root });
@@ -511,7 +504,9 @@ impl AbstractMachine for LwcAm {
             None if dead.holder == Principal::Vm(lwc.vm) => {
                 self.lwcs.remove(&id);
             }
-            _ => {}
+            // Another capability to the lwC died: a switch the hypervisor remembers made
+            // with it must take the full check again.
+            _ => effects.emit(Effect::LwcCapGone { lwc: VmId::new(id) }),
         }
     }
 }

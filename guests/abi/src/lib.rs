@@ -181,6 +181,13 @@ pub mod guest_os_op {
     /// `create(c: image[create], frames low, frames high, cpu)` -> a `vm` capability and
     /// `[vm id, RAM bytes, 0, 0]`.
     pub const CREATE: u32 = 4;
+    /// `yield_to(c: vm[start])`: a directed yield. The caller gives the rest of its time
+    /// slice to the VM, which must run on the caller's CPU (and not be the caller): the
+    /// hypervisor runs it next when its turn in the CPU's round of slices is still to come
+    /// (it moves ahead; every other VM keeps its turn), else at its turn in the next
+    /// round. Returns when the caller's turn comes again. `NOT_PERMITTED` for the caller
+    /// itself, a VM on another CPU or one not running.
+    pub const YIELD_TO: u32 = 5;
 }
 
 /// Operations of the NVRAM AM (`am/nvram`): persistent regions, committed atomically.
@@ -250,9 +257,13 @@ pub mod lwc_op {
     pub const LWC_UNMAP: u64 = 2;
     /// `lwSwitch(target: lwc[switch], a0, a1)`: returns `{caller, switcher, a0, a1}`.
     pub const LW_SWITCH: u32 = 1;
-    /// `lwRestrict`: registered, not built yet (`NOT_PERMITTED`).
+    /// `lwRestrict(l: lwc, at, bytes, caps)`: what holders of `l` may overlay becomes the
+    /// intersection of what they could and the pages `[at, at + bytes)`, and what they may
+    /// import the intersection with `caps` (bit i: `l`'s `INITIAL` capability i).
     pub const LW_RESTRICT: u32 = 2;
-    /// `lwOverlay`: registered, not built yet (`NOT_PERMITTED`).
+    /// `lwOverlay(l: lwc, at | mode, bytes, caps)`: `l`'s pages `[at, at + bytes)` into
+    /// the caller's memory as `mode` says, and delegated copies of `l`'s `INITIAL`
+    /// capabilities chosen by `caps` appended to the caller's `INITIAL` list.
     pub const LW_OVERLAY: u32 = 3;
     /// `lwSyscall(target: lwc[switch]; mask)`: performs the call `target` trapped with
     /// (`LWC_SYSTRAP`) as if `target` made it (`mask` 0) or with the caller's capabilities

@@ -261,7 +261,7 @@ mod heapless_list {
 /// `lwcbench`: `GBENCH lwswitch_instructions` (a switch into a child that switches straight
 /// back: two `lwSwitch` calls) and `GBENCH lwc_cycle_0_pages_instructions` (create, switch
 /// in and back, delete; the new child's one `INITIAL` call included).
-pub fn bench() {
+pub fn bench(memory: u64) {
     let initial = initial_list();
     let Some((index, &(me, am))) = initial.iter().enumerate().max_by_key(|(_, (_, am))| *am) else {
         println!("GBENCH error: no initial capabilities");
@@ -289,4 +289,5 @@ pub fn bench() {
         let _ = nk::call(NULL_KERNEL_AM, nk_op::DELETE, &[created.name], &[]);
     });
     println!("GBENCH lwc_cycle_0_pages_instructions {}", cycle.saturating_sub(empty));
+    crate::lwc_bench::cycles(am, me, index, memory);
 }

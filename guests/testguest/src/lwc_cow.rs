@@ -81,6 +81,9 @@ pub fn child(entry: usize, a0: u64, caller: u64) -> ! {
         1 => request_child(am, back, a0, caller),
         3 => key_child(am, back, a0),
         4 => monitored_child(am, back),
+        crate::lwc_bench::WRITER => crate::lwc_bench::writer(back),
+        crate::lwc_cache::CHILD => crate::lwc_cache::child(back),
+        crate::lwc_import::CHILD => crate::lwc_import::child(back),
         _ => quota_child(am, back),
     }
 }

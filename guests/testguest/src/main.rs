@@ -547,7 +547,10 @@ mod exo_churn;
 mod exo_memory;
 mod fuzz;
 mod lwc;
+mod lwc_bench;
+mod lwc_cache;
 mod lwc_cow;
+mod lwc_import;
 mod new_am;
 mod null_fast;
 mod nvram;
@@ -556,6 +559,7 @@ mod protocol;
 mod smp;
 mod vm_create;
 mod vm_create_caps;
+mod vm_switch;
 
 /// Reads the VM ids that follow in a mode's arguments.
 fn vm_list<'a>(words: impl Iterator<Item = &'a str>) -> ([u32; 8], usize) {
@@ -621,7 +625,10 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
         Some("newam") => new_am::run(),
         Some("bypasskeep") => bypass_keeper::run(words),
         Some("lwc") => lwc::run(),
-        Some("lwcbench") => lwc::bench(),
+        Some("lwcbench") => lwc::bench(boot.memory),
+        Some("vmbench") => vm_switch::run(words.next()),
+        Some("lwc-cache") => lwc_cache::run(),
+        Some("lwc-import") => lwc_import::run(boot.memory),
         Some("nullfast") => {
             let rounds = words.next().and_then(|n| n.parse().ok()).unwrap_or(100_000);
             null_fast::run(rounds, words.next() == Some("shared"))
@@ -667,7 +674,7 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
             }
         }
         Some(other) => println!(
-            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..], xcr0 ROUNDS, xmmleak SEED ROUNDS, tpr PEER ROUNDS, leakprobe SEED ROUNDS, openloop, ring3caps, flood VICTIM, victim ATTACKER, exomem, exolend [free] [bench] BORROWERS.., exoborrow, exobench, control [orphan|busy|linux], vmcreate CPU, vmcreate-linux CPU MIB, vmcreate-caps CPU MIB, newam, exochurn ROUNDS PEER, exochurnafter CHURN, nvram, nvramseq COUNT [small], nvrambench, debuggee, lwc, lwcbench, nullfast ROUNDS [shared], bypasskeep [KEY] [BYTES], lwc-cow, lwc-key, lwc-monitor, lwc-demos, lwc-cow-quota, nvramexo, nvramshare, nvramborrow, smp-counter [ROUNDS], smp-lwc [ROUNDS], smp-fault [GPA], smp-revoke)"
+            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..], xcr0 ROUNDS, xmmleak SEED ROUNDS, tpr PEER ROUNDS, leakprobe SEED ROUNDS, openloop, ring3caps, flood VICTIM, victim ATTACKER, exomem, exolend [free] [bench] BORROWERS.., exoborrow, exobench, control [orphan|busy|linux], vmcreate CPU, vmcreate-linux CPU MIB, vmcreate-caps CPU MIB, newam, exochurn ROUNDS PEER, exochurnafter CHURN, nvram, nvramseq COUNT [small], nvrambench, debuggee, lwc, lwcbench, nullfast ROUNDS [shared], bypasskeep [KEY] [BYTES], lwc-cow, lwc-key, lwc-monitor, lwc-demos, lwc-cow-quota, nvramexo, nvramshare, nvramborrow, smp-counter [ROUNDS], smp-lwc [ROUNDS], smp-fault [GPA], smp-revoke, lwc-cache, lwc-import, vmbench ping|pong)"
         ),
     }
     println!("GTEST done");

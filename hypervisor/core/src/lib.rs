@@ -856,6 +856,10 @@ impl NullKernel {
                     self.add_lwc(parent, child, mask, out);
                     apply(effect);
                 }
+                Effect::LwcImport { from, to, mask } => {
+                    self.import_lwc(from, to, mask, out);
+                    apply(effect);
+                }
                 Effect::LwcDestroy { child, .. } => {
                     // Ended already when the creator's principal went first.
                     let _ = self.remove_vm(child, out);
@@ -920,6 +924,39 @@ impl NullKernel {
         }
         self.initial.insert(child, granted);
         self.inbox.insert(child, Inbox::default());
+    }
+
+    /// Appends to lwC `to`'s `INITIAL` list a delegated copy (same rights, bound) of each
+    /// `INITIAL` capability of lwC `from` whose index is set in `mask`
+    /// ([`Effect::LwcImport`], `lwOverlay`'s capability part); charged to `from` as any
+    /// delegation to its delegator. A capability that fails to delegate is skipped; the list
+    /// holds at most 64 (what a mask can name).
+    #[cold]
+    #[inline(never)]
+    fn import_lwc<O>(&mut self, from: VmId, to: VmId, mask: u64, out: &mut O)
+    where
+        O: Outbox + ?Sized,
+    {
+        let chosen: Vec<(AmId, CapName)> = self
+            .initial_caps(from)
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i < 64 && mask & (1 << i) != 0)
+            .map(|(_, &cap)| cap)
+            .collect();
+        for (am, name) in chosen {
+            if self.initial_caps(to).len() >= 64 || !self.initial.contains_key(&to) {
+                return;
+            }
+            let (caller, target, kernel) = (Principal::Vm(from), Principal::Vm(to), self.id());
+            if let Started::Done(Ok(Outcome::Name(copy))) =
+                self.proto.delegate(caller, name, target, kernel, Rights::ALL, Binding::Bound, out)
+            {
+                if let Some(list) = self.initial.get_mut(&to) {
+                    list.push((am, copy));
+                }
+            }
+        }
     }
 
     /// Tells whether effects are waiting to be applied.

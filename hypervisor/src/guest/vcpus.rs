@@ -142,13 +142,7 @@ impl Guest {
     /// with the last); a stopped one stops the VM, named in the line.
     #[cold]
     #[inline(never)]
-    pub(super) fn after_sibling_slice(
-        &mut self,
-        slice: Slice,
-        sink: &mut dyn HypercallSink,
-        ticks: u64,
-        timer_rate: u8,
-    ) -> Slice {
+    pub(super) fn after_sibling_slice(&mut self, slice: Slice, sink: &mut dyn HypercallSink) -> Slice {
         let index = active_index(&self.siblings);
         let halted = match slice {
             Slice::Parked(op) => return Slice::Parked(op),
@@ -165,10 +159,10 @@ impl Guest {
             }
             Slice::Expired => false,
         };
-        // Effects of the active vCPU's last hypercall (its slice ended before their timer
-        // exit) are its own: apply them while its VMCS is still current.
+        // Effects still waiting for the active vCPU (its hypercall parked, or a destruction
+        // decided on another CPU) are its own: apply them while its VMCS is still current.
         if crate::lwc::pending() {
-            if let Some(end) = self.lwc_exit(sink, ticks, timer_rate) {
+            if let Some(end) = self.lwc_exit(sink) {
                 return end;
             }
         }
@@ -207,13 +201,20 @@ impl Guest {
     #[cold]
     pub(super) fn resume_sibling(&mut self, child: VmId, resume: Option<VmId>) -> Result<(), String> {
         let fail = |e: crate::vmx::vcpu::VcpuError| alloc::format!("{e}");
-        let sandboxed = resume.is_some_and(|to| self.sandbox.am_of(to.raw()).is_some());
         let Some(siblings) = self.siblings.as_mut() else { return Ok(()) };
         let Some(sibling) = siblings.others.iter_mut().find(|o| o.principal == child && !o.halted) else {
             return Ok(());
         };
         let Some(to) = resume else { return Ok(()) };
-        let Some(slot) = saved_slot_of(&self.lwcs, to.raw(), sibling.index) else { return Ok(()) };
+        // A creator that another vCPU runs now cannot take it: the VM's root lwC does.
+        let (to, slot) = match saved_slot_of(&self.lwcs, to.raw(), sibling.index) {
+            Some(slot) => (to, slot),
+            None => match saved_slot_of(&self.lwcs, self.vm.raw(), sibling.index) {
+                Some(slot) => (self.vm, slot),
+                None => return Ok(()),
+            },
+        };
+        let sandboxed = self.sandbox.am_of(to.raw()).is_some();
         let target = self.lwcs.swap_remove(slot);
         let eptp = match self.views.as_ref().and_then(|v| v.eptp_of(to.raw())) {
             Some(eptp) => Some(eptp),
