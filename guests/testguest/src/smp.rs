@@ -124,7 +124,8 @@ pub fn run(mode: &str, vm: u64, vcpu: u64, vcpus: u64, rounds: u64) {
         "smp-revoke" => {
             let (status, who) = (REVOKED_STATUS.load(Ordering::SeqCst), REVOKED_CHILD.load(Ordering::SeqCst));
             if Status(status).code() == Status::REVOKED && who != 0 && FAILURES.load(Ordering::SeqCst) == 0 {
-                say!("GTEST ok smp_revoke: vCPU 0 deleted the lwC {who:#x} vCPU 1 ran; vCPU 1's lwSwitch returned {} in its root lwC, which works", Status(status));
+                say!("GTEST ok smp_revoke: vCPU 0's switch into the lwC {who:#x} vCPU 1 ran was refused; vCPU 0 deleted it");
+                say!("smp: vCPU 1's lwSwitch returned {} in its root lwC, which works", Status(status));
             } else {
                 fail(format_args!("vCPU 1's switch returned {:#x}, lwC {who:#x}", status));
             }
@@ -205,6 +206,12 @@ fn revoke(vcpu: u64) {
             core::hint::spin_loop();
         }
         let name = NameWords { low: VICTIM[0].load(Ordering::SeqCst), high: VICTIM[1].load(Ordering::SeqCst) };
+        // vCPU 1 runs that child: its register file is live there, so vCPU 0 (in the
+        // root, which holds the child's capability too) may not switch into it.
+        let into = nk::call(am, LW_SWITCH, &[name], &[0, 0]);
+        if into.status().code() != Status::NOT_PERMITTED {
+            fail(format_args!("vCPU 0 switched into the lwC vCPU 1 runs: {}", into.status()));
+        }
         let deleted = nk::call(NULL_KERNEL_AM, nk_op::DELETE, &[name], &[]);
         if !deleted.status().is_ok() {
             fail(format_args!("vCPU 0 could not delete vCPU 1's running lwC: {}", deleted.status()));
