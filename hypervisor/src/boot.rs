@@ -135,6 +135,47 @@ impl Boot {
         self.usable.iter().map(|r| (r.start(), r.end()))
     }
 
+    /// Returns the loader's memory map.
+    pub fn memory_map(&self) -> impl Iterator<Item = nk_boot::MemoryRegion> + '_ {
+        self.info.memory_map().iter().copied()
+    }
+
+    /// Returns the `memory::init` ranges: the usable ones without the RAM `memmap=` sets
+    /// aside as emulated persistent memory ([`Boot::pmem_emulation`]), so it never becomes
+    /// hypervisor RAM.
+    pub fn usable_ranges_without_pmem(&self) -> impl Iterator<Item = (u64, u64)> + Clone + '_ {
+        let hole = self.pmem_emulation().map_or((0, 0), |r| (r.start, r.end()));
+        self.usable_ranges()
+            .flat_map(move |(start, end)| {
+                if hole.1 <= start || end <= hole.0 {
+                    [Some((start, end)), None]
+                } else {
+                    [(start < hole.0).then_some((start, hole.0)), (hole.1 < end).then_some((hole.1, end))]
+                }
+            })
+            .flatten()
+    }
+
+    /// Returns the `memmap=` range if it can be used, else why not: it must lie in RAM the
+    /// memory map calls available, below 4 GiB, clear of everything reserved (the first
+    /// MiB, the image, the boot information, the modules).
+    pub fn check_pmem_emulation(&self) -> Result<Option<cmdline::PmemEmulation>, alloc::string::String> {
+        let Some(range) = self.options.memmap else { return Ok(None) };
+        if range.end() > IDENTITY_MAPPED_LIMIT || !self.is_available(range.start, range.end()) {
+            return Err(alloc::format!("[{:#x}, {:#x}) is not available RAM below 4 GiB", range.start, range.end()));
+        }
+        if let Some(reserved) = self.reserved().find(|r| r.start < range.end() && range.start < r.end) {
+            return Err(alloc::format!("[{:#x}, {:#x}) overlaps the {} [{:#x}, {:#x})",
+                range.start, range.end(), reserved.label, reserved.start, reserved.end));
+        }
+        Ok(Some(range))
+    }
+
+    /// Returns the `memmap=` range when it can be used ([`Boot::check_pmem_emulation`]).
+    pub fn pmem_emulation(&self) -> Option<cmdline::PmemEmulation> {
+        self.check_pmem_emulation().ok().flatten()
+    }
+
     /// Returns every range the allocators must never hand out.
     pub fn reserved(&self) -> impl Iterator<Item = Reserved> + '_ {
         let fixed = [
@@ -151,7 +192,6 @@ impl Boot {
     }
 
     /// Tells whether `[start, end)` lies in memory the map calls available.
-    #[cfg_attr(not(feature = "test-harness"), allow(dead_code))]
     pub fn is_available(&self, start: u64, end: u64) -> bool {
         self.info.memory_map().iter().any(|r| r.kind == MemoryKind::Available && r.start <= start && end <= r.end())
     }

@@ -24,6 +24,7 @@ mod linux;
 mod new_am;
 mod new_am_check;
 mod nvram_disk;
+mod pmem_file;
 mod plot;
 mod report;
 mod run;

@@ -116,6 +116,7 @@ pub fn run_command(workspace: &Workspace, args: &RunArgs) -> Result<ExitCode> {
         dir: workspace.runs().join(format!("run-{}", args.emu.name())),
         ips,
         disk,
+        pmem: None,
         gdb_port: args.gdb.as_ref().map(|_| args.gdb_port),
         gdb_client: None,
     };
