@@ -232,6 +232,15 @@ pub fn init(boot: &Boot) -> bool {
         JOURNAL_BYTES / 1024,
         flush.mnemonic()
     );
+    let offered: alloc::vec::Vec<&str> = [
+        (leaf7.ebx & nk_storage::pmem::CPUID7_EBX_CLWB != 0, "CLWB"),
+        (leaf7.ebx & nk_storage::pmem::CPUID7_EBX_CLFLUSHOPT != 0, "CLFLUSHOPT"),
+        (leaf1.edx & nk_storage::pmem::CPUID1_EDX_CLFSH != 0, "CLFLUSH"),
+    ]
+    .into_iter()
+    .filter_map(|(has, name)| has.then_some(name))
+    .collect();
+    log::info!(target: "nvram", "persistent memory: the CPU offers {}; the best is used", offered.join(", "));
     let crash = boot.options.nvram_crash_after.map(|k| format!("; nvram-crash-after={k} armed")).unwrap_or_default();
     match PmemMedia::mount(Hardware { base: start, len: size, flush }, description) {
         Ok(media) => {
