@@ -170,7 +170,9 @@ fn parse_size(text: &str) -> Option<u64> {
         _ => (text, 0),
     };
     let value = match digits.strip_prefix("0x") {
-        Some(hex) if !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()) => u64::from_str_radix(hex, 16).ok()?,
+        Some(hex) if !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            u64::from_str_radix(hex, 16).ok()?
+        }
         None if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => digits.parse().ok()?,
         _ => return None,
     };
@@ -183,7 +185,7 @@ fn apply_memmap<'a>(options: &mut Options<'a>, value: Option<&'a str>) -> bool {
     const PAGE: u64 = 4096;
     let parsed = value.and_then(|v| v.split_once('!')).and_then(|(size, start)| {
         let (size, start) = (parse_size(size)?, parse_size(start)?);
-        let aligned = size > 0 && size.is_multiple_of(PAGE) && start.is_multiple_of(PAGE);
+        let aligned = size > 0 && size % PAGE == 0 && start % PAGE == 0;
         (aligned && start.checked_add(size).is_some_and(|end| end <= 1 << 52)).then_some(PmemEmulation { start, size })
     });
     match parsed {

@@ -165,8 +165,14 @@ impl Boot {
             return Err(alloc::format!("[{:#x}, {:#x}) is not available RAM below 4 GiB", range.start, range.end()));
         }
         if let Some(reserved) = self.reserved().find(|r| r.start < range.end() && range.start < r.end) {
-            return Err(alloc::format!("[{:#x}, {:#x}) overlaps the {} [{:#x}, {:#x})",
-                range.start, range.end(), reserved.label, reserved.start, reserved.end));
+            return Err(alloc::format!(
+                "[{:#x}, {:#x}) overlaps the {} [{:#x}, {:#x})",
+                range.start,
+                range.end(),
+                reserved.label,
+                reserved.start,
+                reserved.end
+            ));
         }
         Ok(Some(range))
     }

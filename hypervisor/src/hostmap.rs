@@ -275,7 +275,11 @@ pub fn root() -> u64 {
 /// and the new entries were not present before, so no CPU caches a stale translation.
 pub fn map_above_identity(start: u64, size: u64) -> Result<(), &'static str> {
     let end = start.checked_add(size).ok_or("the range wraps")?;
-    if start < IDENTITY_MAPPED_LIMIT || !start.is_multiple_of(LARGE_PAGE) || !size.is_multiple_of(LARGE_PAGE) || size == 0 {
+    if start < IDENTITY_MAPPED_LIMIT
+        || !start.is_multiple_of(LARGE_PAGE)
+        || !size.is_multiple_of(LARGE_PAGE)
+        || size == 0
+    {
         return Err("the range is not 2 MiB-aligned above 4 GiB");
     }
     if end > 512 << 30 {

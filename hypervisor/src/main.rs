@@ -72,8 +72,10 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
 
     boot.log_memory_map();
     match boot.check_pmem_emulation() {
-        Ok(Some(range)) => log::info!(target: "mem", "memmap: [{:#x}, {:#x}) set aside as emulated persistent memory (not RAM for the allocators)",
-            range.start, range.end()),
+        Ok(Some(range)) => {
+            log::info!(target: "mem", "memmap: [{:#x}, {:#x}) set aside as emulated persistent memory (not RAM for the allocators)",
+            range.start, range.end())
+        }
         Ok(None) => {}
         Err(why) => log::warn!(target: "cmdline", "memmap: {why}; ignored"),
     }

@@ -307,7 +307,9 @@ impl Scenario {
                 problems.push(format!("pmem_mib = {mib}: write 1 to {}", crate::pmem_file::MAX_MIB));
             }
             if self.emulator != crate::emulator::Emulator::Qemu {
-                problems.push("pmem_mib needs emulator = \"qemu\" (Bochs has no NVDIMM; use memmap= on the command line)".into());
+                problems.push(
+                    "pmem_mib needs emulator = \"qemu\" (Bochs has no NVDIMM; use memmap= on the command line)".into(),
+                );
             }
         }
         if !self.boot.is_empty() && (!self.cmdline.is_empty() || self.nktest || self.gtest > 0 || !self.shutdown) {

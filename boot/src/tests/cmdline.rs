@@ -220,10 +220,21 @@ fn memmap_sets_aside_an_aligned_range() {
     assert_eq!(parse("memmap=16M!96M").options.memmap, Some(PmemEmulation { start: 96 << 20, size: 16 << 20 }));
     assert_eq!(parse("memmap=0x1000!0x200000").options.memmap, Some(PmemEmulation { start: 0x20_0000, size: 0x1000 }));
     assert_eq!(parse("memmap=1G!4g").options.memmap, Some(PmemEmulation { start: 4 << 30, size: 1 << 30 }));
-    for bad in ["memmap", "memmap=", "memmap=16M", "memmap=16M!", "memmap=!96M", "memmap=0!96M", "memmap=100!96M",
-        "memmap=16M!0x123", "memmap=16M$96M", "memmap=0x!1M", "memmap=99999999999999999999!0", "memmap=2G!4194303G",
-        "memmap=-1M!1M"]
-    {
+    for bad in [
+        "memmap",
+        "memmap=",
+        "memmap=16M",
+        "memmap=16M!",
+        "memmap=!96M",
+        "memmap=0!96M",
+        "memmap=100!96M",
+        "memmap=16M!0x123",
+        "memmap=16M$96M",
+        "memmap=0x!1M",
+        "memmap=99999999999999999999!0",
+        "memmap=2G!4194303G",
+        "memmap=-1M!1M",
+    ] {
         let parsed = parse(bad);
         assert_eq!(parsed.options.memmap, None, "{bad}");
         assert_eq!(parsed.diagnostics().count(), 1, "{bad}");

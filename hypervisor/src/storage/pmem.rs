@@ -112,7 +112,8 @@ impl PmemDevice {
     /// in-boot cuts); returns what mounting found.
     #[cfg_attr(not(feature = "test-harness"), allow(dead_code))]
     pub fn remount(&mut self) -> Result<Mounted, String> {
-        let hardware = Hardware { base: self.media.memory().base, len: self.media.memory().len, flush: self.media.memory().flush };
+        let hardware =
+            Hardware { base: self.media.memory().base, len: self.media.memory().len, flush: self.media.memory().flush };
         let description = String::from(self.media.describe());
         let media = PmemMedia::mount(hardware, description).map_err(|why| format!("{why}"))?;
         let mounted = media.mounted();
@@ -177,7 +178,10 @@ fn find(boot: &Boot) -> Result<Option<(u64, u64, Source)>, String> {
                 if let Some(range) = nfit.persistent_ranges().next() {
                     let end = range.end().unwrap_or(u64::MAX);
                     if overlaps_ram(range.base, end) {
-                        return Err(format!("NFIT SPA range {} [{:#x}, {end:#x}) overlaps available RAM", range.index, range.base));
+                        return Err(format!(
+                            "NFIT SPA range {} [{:#x}, {end:#x}) overlaps available RAM",
+                            range.index, range.base
+                        ));
                     }
                     return Ok(Some((range.base, range.length, Source::Nfit { index: range.index })));
                 }

@@ -154,8 +154,12 @@ pub fn cut_sweep() -> Result<(), String> {
             match version_of(&restored, true) {
                 Some(r) if r == v => old_seen += 1,
                 Some(r) if r == v + 1 => new_seen += 1,
-                Some(r) => return Err(format!("cut after store {k}: restored version {r}, committing {} over {v}", v + 1)),
-                None => return Err(format!("cut after store {k}: the region is torn (neither version {v} nor {})", v + 1)),
+                Some(r) => {
+                    return Err(format!("cut after store {k}: restored version {r}, committing {} over {v}", v + 1))
+                }
+                None => {
+                    return Err(format!("cut after store {k}: the region is torn (neither version {v} nor {})", v + 1))
+                }
             }
             k += 1;
         }

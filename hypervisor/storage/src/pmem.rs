@@ -117,6 +117,10 @@ impl FlushKind {
 pub trait PersistentMemory {
     /// Returns the range's length in bytes.
     fn len(&self) -> u64;
+    /// Tells whether the range is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Copies `buf.len()` bytes at `offset` into `buf`.
     fn load(&self, offset: u64, buf: &mut [u8]);
     /// Stores `data` at `offset` (into the cache: not durable until written back and
@@ -211,8 +215,15 @@ impl<P: PersistentMemory> PmemMedia<P> {
         let mut label = [0u8; 24];
         pm.load(0, &mut label);
         let labelled = &label[..8] == LABEL_MAGIC && word(&label, 16) == hash(&label[..16]);
-        let mut media =
-            PmemMedia { pm, size, seq: 0, description, stats: PmemStats::default(), mounted: Mounted::Clean, stores_left: None };
+        let mut media = PmemMedia {
+            pm,
+            size,
+            seq: 0,
+            description,
+            stats: PmemStats::default(),
+            mounted: Mounted::Clean,
+            stores_left: None,
+        };
         if !labelled {
             media.format();
             media.mounted = Mounted::Formatted;
@@ -334,7 +345,9 @@ impl<P: PersistentMemory> PmemMedia<P> {
         }
         let complete = (0..count as usize).all(|index| {
             self.read_entry(index).is_some_and(|(_, target, entry_seq)| {
-                entry_seq == seq && target.is_multiple_of(MEDIA_UNIT) && target.checked_add(MEDIA_UNIT).is_some_and(|end| end <= self.size)
+                entry_seq == seq
+                    && target.is_multiple_of(MEDIA_UNIT)
+                    && target.checked_add(MEDIA_UNIT).is_some_and(|end| end <= self.size)
             })
         });
         if !complete {

@@ -246,7 +246,11 @@ fn a_write_is_durable_once_fence_returns_and_each_write_is_written_back() {
     assert_eq!(&durable[at..at + UNIT], &unit[..]);
     assert!(media.memory().dirty.is_empty() && media.memory().pending.is_empty());
     let stats = media.stats();
-    assert_eq!((stats.writes, stats.units, stats.fences, stats.sfences), (1, 1, 1, 2 + 2 + 1), "format 2, the write 2, the fence 1");
+    assert_eq!(
+        (stats.writes, stats.units, stats.fences, stats.sfences),
+        (1, 1, 1, 2 + 2 + 1),
+        "format 2, the write 2, the fence 1"
+    );
 }
 
 #[test]
