@@ -43,6 +43,24 @@ pub struct Reserved {
     pub label: &'static str,
 }
 
+/// Why a `memmap=` range was refused: not available RAM below 4 GiB, or over a reserved
+/// range.
+#[derive(Debug, Clone, Copy)]
+pub struct MemmapRefusal {
+    range: cmdline::PmemEmulation,
+    reserved: Option<Reserved>,
+}
+
+impl fmt::Display for MemmapRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[{:#x}, {:#x}) ", self.range.start, self.range.end())?;
+        match self.reserved {
+            None => f.write_str("is not available RAM below 4 GiB"),
+            Some(r) => write!(f, "overlaps the {} [{:#x}, {:#x})", r.label, r.start, r.end),
+        }
+    }
+}
+
 /// The boot information, parsed and checked.
 pub struct Boot {
     info: BootInfo<'static>,
@@ -158,21 +176,15 @@ impl Boot {
 
     /// Returns the `memmap=` range if it can be used, else why not: it must lie in RAM the
     /// memory map calls available, below 4 GiB, clear of everything reserved (the first
-    /// MiB, the image, the boot information, the modules).
-    pub fn check_pmem_emulation(&self) -> Result<Option<cmdline::PmemEmulation>, alloc::string::String> {
+    /// MiB, the image, the boot information, the modules). It runs before the heap exists:
+    /// it allocates nothing.
+    pub fn check_pmem_emulation(&self) -> Result<Option<cmdline::PmemEmulation>, MemmapRefusal> {
         let Some(range) = self.options.memmap else { return Ok(None) };
         if range.end() > IDENTITY_MAPPED_LIMIT || !self.is_available(range.start, range.end()) {
-            return Err(alloc::format!("[{:#x}, {:#x}) is not available RAM below 4 GiB", range.start, range.end()));
+            return Err(MemmapRefusal { range, reserved: None });
         }
         if let Some(reserved) = self.reserved().find(|r| r.start < range.end() && range.start < r.end) {
-            return Err(alloc::format!(
-                "[{:#x}, {:#x}) overlaps the {} [{:#x}, {:#x})",
-                range.start,
-                range.end(),
-                reserved.label,
-                reserved.start,
-                reserved.end
-            ));
+            return Err(MemmapRefusal { range, reserved: Some(reserved) });
         }
         Ok(Some(range))
     }

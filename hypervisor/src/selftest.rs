@@ -199,7 +199,11 @@ fn frames_exclude_reserved(context: &Context<'_>) -> CaseResult {
             check(context.boot.is_available(frame, end), || format!("frame {frame:#x} is not available RAM"))?;
             if let Some(pmem) = context.boot.pmem_emulation() {
                 check(end <= pmem.start || pmem.end() <= frame, || {
-                    format!("frame {frame:#x} lies in the memmap= persistent memory [{:#x}, {:#x})", pmem.start, pmem.end())
+                    format!(
+                        "frame {frame:#x} lies in the memmap= persistent memory [{:#x}, {:#x})",
+                        pmem.start,
+                        pmem.end()
+                    )
                 })?;
             }
         }
