@@ -173,6 +173,10 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
         log::info!(target: "nvram", "this boot wrote {} sectors to the device, {} fences, {} bytes",
             nvram.sector_writes, nvram.fences, nvram.bytes_written);
     }
+    if let Some(pmem) = storage::pmem::with_device(|device| device.media().stats()) {
+        log::info!(target: "nvram", "this boot wrote {} units in {} writes to persistent memory, {} fences, {} SFENCEs",
+            pmem.units, pmem.writes, pmem.fences, pmem.sfences);
+    }
     power::shutdown(status, "all guests finished")
 }
 

@@ -110,10 +110,12 @@ pub fn versions() -> Result<(), String> {
         print_line(format_args!("pmem: restored version {v} (seq {}), intact", store.seq()));
         let next = region_of(v + 1, VERSIONS_BYTES, false);
         let before = device.media().stats();
+        let started = crate::arch::rdtsc();
         let (seq, blocks) = commit(&mut store, device, &region, &next)?;
+        let ticks = crate::arch::rdtsc().wrapping_sub(started);
         let after = device.media().stats();
         print_line(format_args!(
-            "pmem: committed version {} (seq {seq}): {blocks} blocks, {} device writes ({} units journaled), {} fences, {} SFENCEs",
+            "pmem: committed version {} (seq {seq}) in {ticks} TSC ticks: {blocks} blocks, {} device writes ({} units journaled), {} fences, {} SFENCEs",
             v + 1,
             after.writes - before.writes,
             after.units - before.units,
