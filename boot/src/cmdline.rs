@@ -72,6 +72,26 @@ pub struct Options<'a> {
     /// `nvram-crash-after=<k>`: the machine stops dead, as a power cut, right after the
     /// NVRAM device's k-th write completes (crash tests of the NVRAM AM); `None` by default.
     pub nvram_crash_after: Option<u64>,
+    /// `memmap=<size>!<start>` (Linux's syntax): RAM `[start, start + size)` is set aside as
+    /// emulated persistent memory for the NVRAM AM (volatile: lost at power off); `None` by
+    /// default. See [`PmemEmulation`].
+    pub memmap: Option<PmemEmulation>,
+}
+
+/// A RAM range the command line sets aside to emulate persistent memory (`memmap=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PmemEmulation {
+    /// The first byte (4 KiB-aligned).
+    pub start: u64,
+    /// The length in bytes (a non-zero multiple of 4 KiB; `start + size` does not wrap).
+    pub size: u64,
+}
+
+impl PmemEmulation {
+    /// Returns the end (exclusive).
+    pub fn end(&self) -> u64 {
+        self.start + self.size
+    }
 }
 
 impl<'a> Options<'a> {
@@ -106,7 +126,7 @@ impl fmt::Debug for OptionSpec {
 }
 
 /// The options the command line knows, in the order diagnostics list them.
-pub static OPTIONS: [OptionSpec; 5] = [
+pub static OPTIONS: [OptionSpec; 6] = [
     OptionSpec {
         name: "log",
         expected: "one of error, warn, info, debug, trace",
@@ -132,7 +152,50 @@ pub static OPTIONS: [OptionSpec; 5] = [
         example: "nvram-crash-after=5",
         apply: apply_nvram_crash_after,
     },
+    OptionSpec {
+        name: "memmap",
+        expected: "<size>!<start>, 4 KiB-aligned numbers (decimal or 0x hex, suffix K, M or G)",
+        example: "memmap=16M!96M",
+        apply: apply_memmap,
+    },
 ];
+
+/// Reads a size or address: decimal or `0x` hex, optionally followed by K, M or G (binary
+/// multiples); `None` on anything else or on overflow.
+fn parse_size(text: &str) -> Option<u64> {
+    let (digits, shift) = match text.as_bytes().last()? {
+        b'K' | b'k' => (&text[..text.len() - 1], 10),
+        b'M' | b'm' => (&text[..text.len() - 1], 20),
+        b'G' | b'g' => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    let value = match digits.strip_prefix("0x") {
+        Some(hex) if !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            u64::from_str_radix(hex, 16).ok()?
+        }
+        None if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => digits.parse().ok()?,
+        _ => return None,
+    };
+    value.checked_mul(1u64 << shift)
+}
+
+/// Sets `memmap=<size>!<start>`: both 4 KiB-aligned, the size non-zero, the end within
+/// 2^52 (the physical address space).
+fn apply_memmap<'a>(options: &mut Options<'a>, value: Option<&'a str>) -> bool {
+    const PAGE: u64 = 4096;
+    let parsed = value.and_then(|v| v.split_once('!')).and_then(|(size, start)| {
+        let (size, start) = (parse_size(size)?, parse_size(start)?);
+        let aligned = size > 0 && size % PAGE == 0 && start % PAGE == 0;
+        (aligned && start.checked_add(size).is_some_and(|end| end <= 1 << 52)).then_some(PmemEmulation { start, size })
+    });
+    match parsed {
+        Some(range) => {
+            options.memmap = Some(range);
+            true
+        }
+        None => false,
+    }
+}
 
 /// The largest `nvram-crash-after=` value.
 pub const MAX_NVRAM_CRASH_AFTER: u64 = 1_000_000_000;

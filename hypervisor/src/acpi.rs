@@ -158,3 +158,42 @@ pub fn discover(rsdp_paddr: Option<u64>) -> Result<Platform, AcpiDiscoveryError>
     }
     Ok(platform)
 }
+
+/// The NFIT's fixed part (ACPI 6.5 §5.2.26): what the `acpi` crate needs to find and
+/// checksum the table; its structures are read by `nk_storage::nfit`.
+#[repr(C, packed)]
+struct NfitHeader {
+    header: acpi::sdt::SdtHeader,
+    _reserved: u32,
+}
+
+// SAFETY: `NfitHeader` starts with the SDT header and is the NFIT's fixed part, so it
+// describes a table with the NFIT signature.
+unsafe impl acpi::AcpiTable for NfitHeader {
+    const SIGNATURE: acpi::sdt::Signature = acpi::sdt::Signature::NFIT;
+
+    fn header(&self) -> &acpi::sdt::SdtHeader {
+        &self.header
+    }
+}
+
+/// Returns the NVDIMM Firmware Interface Table's bytes (ACPI 6.5 §5.2.26), when the
+/// firmware has one in identity-mapped memory; `None` otherwise (no ACPI, no NFIT).
+pub fn nfit(rsdp_paddr: Option<u64>) -> Option<&'static [u8]> {
+    let tables = match rsdp_paddr {
+        // SAFETY: as in `discover`.
+        Some(paddr) => unsafe { AcpiTables::from_rsdp(IdentityMapped, paddr as usize) },
+        // SAFETY: as in `discover`.
+        None => unsafe { AcpiTables::search_for_rsdp_bios(IdentityMapped) },
+    }
+    .ok()?;
+    let mapping = tables.find_table::<NfitHeader>().ok()?;
+    let (start, length) = (mapping.physical_start(), mapping.get().header.length as usize);
+    if !identity_mapped(start, length) {
+        return None;
+    }
+    // SAFETY: the table lies in identity-mapped low memory (checked above), which the
+    // firmware reserved for it (ACPI reclaimable or NVS, never handed to the allocators);
+    // nothing writes it.
+    Some(unsafe { core::slice::from_raw_parts(start as *const u8, length) })
+}

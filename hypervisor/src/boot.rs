@@ -43,6 +43,24 @@ pub struct Reserved {
     pub label: &'static str,
 }
 
+/// Why a `memmap=` range was refused: not available RAM below 4 GiB, or over a reserved
+/// range.
+#[derive(Debug, Clone, Copy)]
+pub struct MemmapRefusal {
+    range: cmdline::PmemEmulation,
+    reserved: Option<Reserved>,
+}
+
+impl fmt::Display for MemmapRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[{:#x}, {:#x}) ", self.range.start, self.range.end())?;
+        match self.reserved {
+            None => f.write_str("is not available RAM below 4 GiB"),
+            Some(r) => write!(f, "overlaps the {} [{:#x}, {:#x})", r.label, r.start, r.end),
+        }
+    }
+}
+
 /// The boot information, parsed and checked.
 pub struct Boot {
     info: BootInfo<'static>,
@@ -135,6 +153,47 @@ impl Boot {
         self.usable.iter().map(|r| (r.start(), r.end()))
     }
 
+    /// Returns the loader's memory map.
+    pub fn memory_map(&self) -> impl Iterator<Item = nk_boot::MemoryRegion> + '_ {
+        self.info.memory_map().iter().copied()
+    }
+
+    /// Returns the `memory::init` ranges: the usable ones without the RAM `memmap=` sets
+    /// aside as emulated persistent memory ([`Boot::pmem_emulation`]), so it never becomes
+    /// hypervisor RAM.
+    pub fn usable_ranges_without_pmem(&self) -> impl Iterator<Item = (u64, u64)> + Clone + '_ {
+        let hole = self.pmem_emulation().map_or((0, 0), |r| (r.start, r.end()));
+        self.usable_ranges()
+            .flat_map(move |(start, end)| {
+                if hole.1 <= start || end <= hole.0 {
+                    [Some((start, end)), None]
+                } else {
+                    [(start < hole.0).then_some((start, hole.0)), (hole.1 < end).then_some((hole.1, end))]
+                }
+            })
+            .flatten()
+    }
+
+    /// Returns the `memmap=` range if it can be used, else why not: it must lie in RAM the
+    /// memory map calls available, below 4 GiB, clear of everything reserved (the first
+    /// MiB, the image, the boot information, the modules). It runs before the heap exists:
+    /// it allocates nothing.
+    pub fn check_pmem_emulation(&self) -> Result<Option<cmdline::PmemEmulation>, MemmapRefusal> {
+        let Some(range) = self.options.memmap else { return Ok(None) };
+        if range.end() > IDENTITY_MAPPED_LIMIT || !self.is_available(range.start, range.end()) {
+            return Err(MemmapRefusal { range, reserved: None });
+        }
+        if let Some(reserved) = self.reserved().find(|r| r.start < range.end() && range.start < r.end) {
+            return Err(MemmapRefusal { range, reserved: Some(reserved) });
+        }
+        Ok(Some(range))
+    }
+
+    /// Returns the `memmap=` range when it can be used ([`Boot::check_pmem_emulation`]).
+    pub fn pmem_emulation(&self) -> Option<cmdline::PmemEmulation> {
+        self.check_pmem_emulation().ok().flatten()
+    }
+
     /// Returns every range the allocators must never hand out.
     pub fn reserved(&self) -> impl Iterator<Item = Reserved> + '_ {
         let fixed = [
@@ -151,7 +210,6 @@ impl Boot {
     }
 
     /// Tells whether `[start, end)` lies in memory the map calls available.
-    #[cfg_attr(not(feature = "test-harness"), allow(dead_code))]
     pub fn is_available(&self, start: u64, end: u64) -> bool {
         self.info.memory_map().iter().any(|r| r.kind == MemoryKind::Available && r.start <= start && end <= r.end())
     }

@@ -266,3 +266,50 @@ pub fn guards() -> Vec<u64> {
 pub fn root() -> u64 {
     current_pml4()
 }
+
+/// Identity-maps `[start, start + size)`, which lies above the boot tables' 4 GiB (e.g.
+/// persistent memory the NFIT places there), writable, write-back cacheable and
+/// non-executable, with 2 MiB pages in new page directories from the frame allocator
+/// (SDM Vol. 3 §4.5). Both bounds must be 2 MiB-aligned and the range must end within
+/// the first PML4 entry's 512 GiB. Call it before the APs start: they load the same root,
+/// and the new entries were not present before, so no CPU caches a stale translation.
+pub fn map_above_identity(start: u64, size: u64) -> Result<(), &'static str> {
+    let end = start.checked_add(size).ok_or("the range wraps")?;
+    if start < IDENTITY_MAPPED_LIMIT
+        || !start.is_multiple_of(LARGE_PAGE)
+        || !size.is_multiple_of(LARGE_PAGE)
+        || size == 0
+    {
+        return Err("the range is not 2 MiB-aligned above 4 GiB");
+    }
+    if end > 512 << 30 {
+        return Err("the range ends above 512 GiB");
+    }
+    let _changes = CHANGES.lock();
+    let nx = if nx_enabled() { EXECUTE_DISABLE } else { 0 };
+    let pml4 = current_pml4();
+    let pml4e = read_entry(pml4, 0);
+    if pml4e & PRESENT == 0 {
+        return Err("the first PML4 entry is not present");
+    }
+    let pdpt = pml4e & ADDRESS;
+    let mut page = start;
+    while page < end {
+        let [_, gib, index, _] = indices(page);
+        let pdpte = read_entry(pdpt, gib);
+        let pd = if pdpte & PRESENT == 0 {
+            let pd = memory::alloc_zeroed_frame().ok_or("no memory for a page directory")?.as_u64();
+            write_entry(pdpt, gib, pd | PRESENT | WRITABLE);
+            pd
+        } else if pdpte & HUGE != 0 {
+            return Err("a 1 GiB page already maps part of the range");
+        } else {
+            pdpte & ADDRESS
+        };
+        if read_entry(pd, index) & PRESENT == 0 {
+            write_entry(pd, index, page | PRESENT | WRITABLE | HUGE | nx);
+        }
+        page += LARGE_PAGE;
+    }
+    Ok(())
+}

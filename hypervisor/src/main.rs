@@ -71,7 +71,15 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
     }
 
     boot.log_memory_map();
-    let stats = memory::init(boot.usable_ranges());
+    match boot.check_pmem_emulation() {
+        Ok(Some(range)) => {
+            log::info!(target: "mem", "memmap: [{:#x}, {:#x}) set aside as emulated persistent memory (not RAM for the allocators)",
+            range.start, range.end())
+        }
+        Ok(None) => {}
+        Err(why) => log::warn!(target: "cmdline", "memmap: {why}; ignored"),
+    }
+    let stats = memory::init(boot.usable_ranges_without_pmem());
     log::info!(target: "mem", "heap {} KiB, {} frames ({} KiB) free for guests and tables{}",
         stats.heap_bytes / 1024, stats.frames_total, stats.frames_total * 4,
         if stats.ignored_above_4g > 0 { ", memory above 4 GiB not used yet" } else { "" });
@@ -88,7 +96,17 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
     log::info!(target: "cpu", "{}", arch::cpu_summary());
     // The durable device is chosen before VT-x is needed, so a machine without VMX still
     // reports it (QEMU's IDE disk is checked that way).
-    storage::init(boot.options.nvram_crash_after);
+    // Persistent memory, when there is some, is the device (storage/pmem.rs).
+    if !storage::pmem::init(&boot) {
+        storage::init(boot.options.nvram_crash_after);
+    }
+    #[cfg(feature = "test-harness")]
+    if !vmx::cpu_has_vmx() {
+        // The durable device's cases need no VT-x (QEMU without KVM runs them).
+        if let Some(status) = selftest::run_without_vmx(&boot) {
+            power::shutdown(status, "self-test without VMX");
+        }
+    }
     if !vmx::cpu_has_vmx() {
         log::error!(target: "vmx", "VT-x (VMX) is not available on this CPU: CPUID.1:ECX.VMX (bit 5) is clear \
             (QEMU without KVM hides it; use Bochs or QEMU with -enable-kvm -cpu host on an Intel host); stopping");
@@ -154,6 +172,10 @@ extern "C" fn nk_main(magic: u64, info_paddr: u64) -> ! {
         // What a crash sweep (`nvram-crash-after=<k>`) has to cover.
         log::info!(target: "nvram", "this boot wrote {} sectors to the device, {} fences, {} bytes",
             nvram.sector_writes, nvram.fences, nvram.bytes_written);
+    }
+    if let Some(pmem) = storage::pmem::with_device(|device| device.media().stats()) {
+        log::info!(target: "nvram", "this boot wrote {} units in {} writes to persistent memory, {} fences, {} SFENCEs",
+            pmem.units, pmem.writes, pmem.fences, pmem.sfences);
     }
     power::shutdown(status, "all guests finished")
 }

@@ -65,7 +65,48 @@ const CASES: &[Case] = &[
     Case { name: "nvram_write_units", run: |_| crate::storage::selftest::write_units(), explicit: true },
     Case { name: "nvram_check_units", run: |_| crate::storage::selftest::check_units(), explicit: true },
     Case { name: "nvram_absent", run: |_| crate::storage::selftest::absent(), explicit: true },
+    Case { name: "pmem_versions", run: |_| crate::storage::pmem_selftest::versions(), explicit: true },
+    Case { name: "pmem_cut_sweep", run: |_| crate::storage::pmem_selftest::cut_sweep(), explicit: true },
 ];
+
+/// The cases that need no VT-x: the durable device's.
+const NO_VMX_CASES: &[(&str, fn() -> CaseResult)] = &[
+    ("nvram_write_units", crate::storage::selftest::write_units),
+    ("nvram_check_units", crate::storage::selftest::check_units),
+    ("pmem_versions", crate::storage::pmem_selftest::versions),
+    ("pmem_cut_sweep", crate::storage::pmem_selftest::cut_sweep),
+];
+
+/// On a CPU without VMX (QEMU's TCG): runs the cases `test=` names among
+/// [`NO_VMX_CASES`], with the usual protocol lines, and returns the run's status; `None`
+/// when it names none of them (the hypervisor then stops for lack of VMX as always).
+pub fn run_without_vmx(boot: &Boot) -> Option<ExitStatus> {
+    let filter = boot.options.test?;
+    let cases: Vec<_> = NO_VMX_CASES
+        .iter()
+        .filter(|(name, _)| selected(filter, &Case { name, run: |_| Ok(()), explicit: true }))
+        .collect();
+    if cases.is_empty() {
+        return None;
+    }
+    log::warn!(target: "selftest", "no VMX on this CPU: running only the durable device's cases");
+    print_line(format_args!("NKTEST start {}", cases.len()));
+    let (mut passed, mut failed) = (0, 0);
+    for (name, run) in cases {
+        match run() {
+            Ok(()) => {
+                passed += 1;
+                print_line(format_args!("NKTEST ok {name}"));
+            }
+            Err(why) => {
+                failed += 1;
+                print_line(format_args!("NKTEST FAILED {name}: {why}"));
+            }
+        }
+    }
+    print_line(format_args!("NKTEST end {passed} passed, {failed} failed"));
+    Some(if failed == 0 { ExitStatus::Success } else { ExitStatus::Failure })
+}
 
 fn selected(filter: &str, case: &Case) -> bool {
     filter.split(',').any(|pattern| match pattern {
@@ -156,6 +197,15 @@ fn frames_exclude_reserved(context: &Context<'_>) -> CaseResult {
                 ));
             }
             check(context.boot.is_available(frame, end), || format!("frame {frame:#x} is not available RAM"))?;
+            if let Some(pmem) = context.boot.pmem_emulation() {
+                check(end <= pmem.start || pmem.end() <= frame, || {
+                    format!(
+                        "frame {frame:#x} lies in the memmap= persistent memory [{:#x}, {:#x})",
+                        pmem.start,
+                        pmem.end()
+                    )
+                })?;
+            }
         }
         let count = frames.len();
         frames.sort_unstable();

@@ -241,6 +241,7 @@ fn guest_bench_on(
         dir: workspace.runs().join(name),
         ips: emulator::DEFAULT_IPS,
         disk,
+        pmem: None,
         gdb_port: None,
         gdb_client: None,
     };

@@ -58,6 +58,7 @@ pub fn bench_bypass(workspace: &Workspace) -> Result<()> {
         dir: workspace.runs().join("bench-bypass"),
         ips: linux::IPS,
         disk: Some(disk),
+        pmem: None,
         gdb_port: None,
         gdb_client: None,
     };

@@ -104,6 +104,7 @@ pub fn bench_linux(workspace: &Workspace) -> Result<()> {
         dir: workspace.runs().join(name),
         ips: linux::IPS,
         disk: None,
+        pmem: None,
         gdb_port: None,
         gdb_client: None,
     };

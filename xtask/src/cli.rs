@@ -171,6 +171,12 @@ pub struct RunArgs {
     /// Boots without an NVRAM disk (the hypervisor then has no durable device).
     #[arg(long)]
     pub no_nvram: bool,
+    /// QEMU only: gives the machine an NVDIMM of MIB MiB (persistent memory in the NFIT),
+    /// backed by target/nvram/run.pmem, kept across runs (a size other than the kept
+    /// file's, or --fresh-nvram, makes a new, zeroed one). The hypervisor then uses it as
+    /// the NVRAM device instead of the disk.
+    #[arg(long, value_name = "MIB", value_parser = parse_nvram_mib)]
+    pub pmem_mib: Option<u32>,
     /// Debugs the guest named VM (its module name, e.g. checks) with gdb over COM2: the
     /// emulator waits for gdb on localhost:PORT (--gdb-port) before it boots, and the
     /// guest starts stopped (docs/gdb.md).

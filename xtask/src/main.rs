@@ -25,6 +25,7 @@ mod new_am;
 mod new_am_check;
 mod nvram_disk;
 mod plot;
+mod pmem_file;
 mod report;
 mod run;
 mod scenario;

@@ -103,6 +103,20 @@ pub fn run_command(workspace: &Workspace, args: &RunArgs) -> Result<ExitCode> {
         println!("xtask: run: NVRAM disk {} ({} MiB) {how}", workspace.display(&path), args.nvram_mib);
         Some(path)
     };
+    let pmem = match args.pmem_mib {
+        None => None,
+        Some(_) if args.emu != crate::cli::Emulator::Qemu => {
+            anyhow::bail!(
+                "--pmem-mib needs --emu qemu (Bochs has no NVDIMM: emulate one with --cmdline \"memmap=16M!96M\")"
+            )
+        }
+        Some(mib) => {
+            let path = crate::pmem_file::run_file(workspace);
+            let how = crate::pmem_file::ensure(&path, mib, args.fresh_nvram)?;
+            println!("xtask: run: NVDIMM {} ({mib} MiB) {how}", workspace.display(&path));
+            Some(path)
+        }
+    };
 
     let spec = RunSpec {
         name: "run".into(),
@@ -116,6 +130,7 @@ pub fn run_command(workspace: &Workspace, args: &RunArgs) -> Result<ExitCode> {
         dir: workspace.runs().join(format!("run-{}", args.emu.name())),
         ips,
         disk,
+        pmem,
         gdb_port: args.gdb.as_ref().map(|_| args.gdb_port),
         gdb_client: None,
     };

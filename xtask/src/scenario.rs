@@ -79,6 +79,11 @@ pub struct Scenario {
     /// scenario's first boot, kept across its boots).
     #[serde(default)]
     pub nvram_mib: Option<u32>,
+    /// QEMU only: an NVDIMM of this many MiB (persistent memory in the firmware's NFIT),
+    /// backed by a file made fresh (zeroed) before the scenario's first boot and kept
+    /// across its boots.
+    #[serde(default)]
+    pub pmem_mib: Option<u32>,
     /// Boots in order on the same machine and NVRAM disk, each with its own command line
     /// and checks (the scenario's own `expect` and `forbid` apply to every boot).
     #[serde(default)]
@@ -295,6 +300,16 @@ impl Scenario {
         if let Some(mib) = self.nvram_mib {
             if !(1..=crate::nvram_disk::MAX_MIB).contains(&mib) {
                 problems.push(format!("nvram_mib = {mib}: write 1 to {}", crate::nvram_disk::MAX_MIB));
+            }
+        }
+        if let Some(mib) = self.pmem_mib {
+            if !(1..=crate::pmem_file::MAX_MIB).contains(&mib) {
+                problems.push(format!("pmem_mib = {mib}: write 1 to {}", crate::pmem_file::MAX_MIB));
+            }
+            if self.emulator != crate::emulator::Emulator::Qemu {
+                problems.push(
+                    "pmem_mib needs emulator = \"qemu\" (Bochs has no NVDIMM; use memmap= on the command line)".into(),
+                );
             }
         }
         if !self.boot.is_empty() && (!self.cmdline.is_empty() || self.nktest || self.gtest > 0 || !self.shutdown) {

@@ -192,6 +192,17 @@ fn run_one(
             Some(path)
         }
     };
+    let pmem = match scenario.pmem_mib {
+        None => None,
+        Some(mib) => {
+            let path = disks.join(format!("{}.pmem", scenario.name));
+            if let Err(err) = crate::pmem_file::create(&path, mib) {
+                let verdict = Verdict { problems: vec![format!("the NVDIMM file: {err:#}")], cases: Vec::new() };
+                return ScenarioOutcome { scenario, run: None, verdict };
+            }
+            Some(path)
+        }
+    };
     let boots = scenario.boots();
     let several = boots.len() > 1;
     let mut verdict = Verdict::default();
@@ -242,6 +253,7 @@ fn run_one(
             },
             ips: scenario.ips.unwrap_or(crate::emulator::DEFAULT_IPS),
             disk: disk.clone(),
+            pmem: pmem.clone(),
             gdb_port,
             gdb_client,
         };

@@ -131,7 +131,9 @@
 //!
 //! `Media` guarantees that each 256-byte unit is written atomically (old or new after a
 //! power cut), so headers are rewritten in place; the header log of §3.2.7 (for devices
-//! without that guarantee) is not needed. A Media implementation that cannot promise unit
+//! without that guarantee) is not needed. Persistent memory is atomic only per aligned
+//! 8 bytes, so the hypervisor's persistent-memory device gives unit atomicity itself with
+//! a redo journal (`nk_storage::pmem`). A Media implementation that cannot promise unit
 //! atomicity must not be lent to this AM as it is. Fences are the `Media::fence` calls
 //! above (three per logged commit, two for a single-blockset one); the device decides
 //! what a fence is (CLWB and SFENCE on persistent memory, a completed write on a disk).

@@ -12,7 +12,7 @@ fn empty_command_line_gives_defaults() {
         let parsed = parse(cmdline);
         assert_eq!(
             parsed.options,
-            Options { log: LogLevel::Info, cpus: None, test: None, place: None, nvram_crash_after: None }
+            Options { log: LogLevel::Info, cpus: None, test: None, place: None, nvram_crash_after: None, memmap: None }
         );
         assert!(parsed.is_clean());
     }
@@ -28,7 +28,8 @@ fn known_options_are_applied() {
             cpus: Some(4),
             test: Some("vmx_*,ept-1"),
             place: None,
-            nvram_crash_after: None
+            nvram_crash_after: None,
+            memmap: None,
         }
     );
     assert!(parsed.is_clean());
@@ -45,7 +46,7 @@ fn extra_whitespace_is_ignored() {
     let parsed = parse("  \tlog=debug \n\n  cpus=2\t ");
     assert_eq!(
         parsed.options,
-        Options { log: LogLevel::Debug, cpus: Some(2), test: None, place: None, nvram_crash_after: None }
+        Options { log: LogLevel::Debug, cpus: Some(2), test: None, place: None, nvram_crash_after: None, memmap: None }
     );
     assert!(parsed.is_clean());
 }
@@ -58,19 +59,19 @@ fn leading_image_path_is_skipped() {
     // Only in first position.
     assert_eq!(
         lines("cpus=3 /boot/nk.elf"),
-        ["unknown option '/boot/nk.elf' (known: log, cpus, test, place, nvram-crash-after)"]
+        ["unknown option '/boot/nk.elf' (known: log, cpus, test, place, nvram-crash-after, memmap)"]
     );
 }
 
 #[test]
 fn unknown_option_lists_the_known_ones() {
-    assert_eq!(lines("bogus"), ["unknown option 'bogus' (known: log, cpus, test, place, nvram-crash-after)"]);
+    assert_eq!(lines("bogus"), ["unknown option 'bogus' (known: log, cpus, test, place, nvram-crash-after, memmap)"]);
     assert_eq!(
         lines("bogus=1 LOG=info =x"),
         [
-            "unknown option 'bogus' (known: log, cpus, test, place, nvram-crash-after)",
-            "unknown option 'LOG' (known: log, cpus, test, place, nvram-crash-after)",
-            "unknown option '' (known: log, cpus, test, place, nvram-crash-after)",
+            "unknown option 'bogus' (known: log, cpus, test, place, nvram-crash-after, memmap)",
+            "unknown option 'LOG' (known: log, cpus, test, place, nvram-crash-after, memmap)",
+            "unknown option '' (known: log, cpus, test, place, nvram-crash-after, memmap)",
         ]
     );
 }
@@ -211,4 +212,31 @@ fn nvram_crash_after_takes_a_write_count() {
         lines("nvram-crash-after"),
         ["missing value for 'nvram-crash-after': expected a number of NVRAM device writes from 1 to 1000000000, e.g. nvram-crash-after=5"]
     );
+}
+
+#[test]
+fn memmap_sets_aside_an_aligned_range() {
+    use crate::cmdline::PmemEmulation;
+    assert_eq!(parse("memmap=16M!96M").options.memmap, Some(PmemEmulation { start: 96 << 20, size: 16 << 20 }));
+    assert_eq!(parse("memmap=0x1000!0x200000").options.memmap, Some(PmemEmulation { start: 0x20_0000, size: 0x1000 }));
+    assert_eq!(parse("memmap=1G!4g").options.memmap, Some(PmemEmulation { start: 4 << 30, size: 1 << 30 }));
+    for bad in [
+        "memmap",
+        "memmap=",
+        "memmap=16M",
+        "memmap=16M!",
+        "memmap=!96M",
+        "memmap=0!96M",
+        "memmap=100!96M",
+        "memmap=16M!0x123",
+        "memmap=16M$96M",
+        "memmap=0x!1M",
+        "memmap=99999999999999999999!0",
+        "memmap=2G!4194303G",
+        "memmap=-1M!1M",
+    ] {
+        let parsed = parse(bad);
+        assert_eq!(parsed.options.memmap, None, "{bad}");
+        assert_eq!(parsed.diagnostics().count(), 1, "{bad}");
+    }
 }

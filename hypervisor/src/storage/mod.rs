@@ -5,6 +5,9 @@
 //! written through sector by sector (`nk_storage::nvram`). Without such a disk there is no
 //! device: the line says why and everything else runs as before.
 //!
+//! Persistent memory (`pmem`: an NFIT or E820 type-7 range, or RAM set aside with
+//! `memmap=`) is chosen first; only without it is the ATA disk probed.
+//!
 //! The NVRAM AM reaches the device through [`with_media`], which lends it as
 //! `&mut dyn nk_am::Media` under a lock (one caller at a time, on any CPU).
 //!
@@ -14,6 +17,9 @@
 //! no flush and no `nk: shutdown` line.
 
 mod ata;
+pub mod pmem;
+#[cfg(feature = "test-harness")]
+pub mod pmem_selftest;
 #[cfg(feature = "test-harness")]
 pub mod selftest;
 
@@ -37,6 +43,9 @@ static CRASH_AFTER: AtomicU64 = AtomicU64::new(0);
 /// Lends the durable device to `f`; returns `None` when the machine has none. The device
 /// is locked for the call: `f` must not call `with_media` again.
 pub fn with_media<R>(f: impl FnOnce(&mut dyn Media) -> R) -> Option<R> {
+    if pmem::present() {
+        return pmem::with_device(|device| f(device));
+    }
     let mut device = DEVICE.lock();
     device.as_mut().map(|device| f(device))
 }

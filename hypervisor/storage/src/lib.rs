@@ -6,7 +6,11 @@
 //! - [`label`]: sector 0 of an NVRAM disk, which marks it as one (the hypervisor never
 //!   writes a disk without it) and gives the size of the durable area;
 //! - [`nvram`]: emulated NVRAM, a DRAM mirror of the whole durable area written through to
-//!   a [`SectorDisk`], implementing [`nk_am::Media`].
+//!   a [`SectorDisk`], implementing [`nk_am::Media`];
+//! - [`nfit`]: the ACPI NFIT's SPA ranges, where the firmware says persistent memory is;
+//! - [`pmem`]: persistent memory behind [`nk_am::Media`] (cache write-back and SFENCE at
+//!   each ordering point, a redo journal for 256-byte unit atomicity), and the choice of
+//!   CLWB, CLFLUSHOPT or CLFLUSH.
 //!
 //! The hypervisor (hypervisor/src/storage) supplies the port I/O and the mirror's memory.
 #![cfg_attr(not(test), no_std)]
@@ -14,7 +18,9 @@
 
 pub mod ata;
 pub mod label;
+pub mod nfit;
 pub mod nvram;
+pub mod pmem;
 
 /// The bytes in a disk sector (ATA logical sector of 512 bytes; larger ones are refused).
 pub const SECTOR_SIZE: usize = 512;

@@ -44,6 +44,10 @@ pub struct RunSpec {
     /// An NVRAM disk image (xtask/src/nvram_disk.rs) attached as the primary channel's
     /// slave disk (Bochs `ata0-slave`, QEMU IDE index 1); the run writes to it.
     pub disk: Option<PathBuf>,
+    /// QEMU only: the backing file of an NVDIMM (`-machine nvdimm=on`, `-device nvdimm`,
+    /// its size the file's), persistent memory the firmware describes in its NFIT; the run
+    /// writes to it (xtask/src/pmem_file.rs).
+    pub pmem: Option<PathBuf>,
     /// COM2 as a local TCP socket the emulator listens on (the guest debugger's port;
     /// Bochs starts the machine only once a client connected).
     pub gdb_port: Option<u16>,

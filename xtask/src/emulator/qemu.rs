@@ -60,10 +60,19 @@ pub(super) fn launch(spec: &RunSpec) -> Result<Launch> {
     }
     let serial = spec.dir.join("serial.txt");
     let mut command = Command::new("qemu-system-x86_64");
+    let memory = match &spec.pmem {
+        None => spec.megs.to_string(),
+        // An NVDIMM sits in the hot-pluggable device memory above RAM: it needs a slot
+        // and room under maxmem.
+        Some(file) => {
+            let mib = std::fs::metadata(file).map(|m| m.len() >> 20).unwrap_or(0);
+            format!("{}M,slots=2,maxmem={}M", spec.megs, u64::from(spec.megs) + mib.max(1) + 1024)
+        }
+    };
     command
         .arg("-cdrom")
         .arg(&spec.iso)
-        .args(["-m", &spec.megs.to_string(), "-smp", &spec.cpus.to_string()])
+        .args(["-m", &memory, "-smp", &spec.cpus.to_string()])
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
         .args(
@@ -79,6 +88,16 @@ pub(super) fn launch(spec: &RunSpec) -> Result<Launch> {
     if let Some(disk) = &spec.disk {
         // IDE index 1 is the primary channel's slave, as in Bochs (the CD-ROM is index 2).
         command.arg("-drive").arg(format!("file={},format=raw,if=ide,index=1,media=disk", disk.display()));
+    }
+    if let Some(file) = &spec.pmem {
+        // Persistent memory the firmware lists in the NFIT (ACPI 6.5 §5.2.26); share=on
+        // makes every store reach the file, so what survives the emulator is what the
+        // guest stored.
+        let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+        command
+            .args(["-machine", "pc,nvdimm=on", "-object"])
+            .arg(format!("memory-backend-file,id=pmem0,share=on,mem-path={},size={size}", file.display()))
+            .args(["-device", "nvdimm,id=nvdimm0,memdev=pmem0"]);
     }
     match Acceleration::detect() {
         Acceleration::KvmNested => {
