@@ -10,7 +10,7 @@
 
 use alloc::boxed::Box;
 
-use nk_am::{DirtySource, HostMemory, Media, MediaError, MediaSource, MEDIA_UNIT};
+use nk_am::{DirtySource, HostMemory, Media, MediaError, MediaSource};
 use nk_caps::VmId;
 use spin::Mutex;
 
@@ -34,13 +34,7 @@ impl RamMedia {
     }
 
     fn check(&self, offset: u64, len: usize) -> Result<(), MediaError> {
-        if !offset.is_multiple_of(MEDIA_UNIT) || !(len as u64).is_multiple_of(MEDIA_UNIT) {
-            return Err(MediaError::Misaligned);
-        }
-        match offset.checked_add(len as u64) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(MediaError::OutOfRange),
-        }
+        MediaError::check_range(offset, len, self.size)
     }
 }
 

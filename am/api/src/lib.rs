@@ -289,6 +289,20 @@ pub enum MediaError {
     Device,
 }
 
+impl MediaError {
+    /// Checks a `Media` access of `len` bytes at `offset` on a device of `size` bytes:
+    /// both multiples of [`MEDIA_UNIT`] (else `Misaligned`) and inside it (else `OutOfRange`).
+    pub fn check_range(offset: u64, len: usize, size: u64) -> Result<(), MediaError> {
+        if !offset.is_multiple_of(MEDIA_UNIT) || !(len as u64).is_multiple_of(MEDIA_UNIT) {
+            return Err(MediaError::Misaligned);
+        }
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(MediaError::OutOfRange),
+        }
+    }
+}
+
 /// Durable media under the NVRAM AM: persistent memory the firmware describes, or
 /// emulated NVRAM whose durable copy is a disk. The hypervisor owns the device and lends
 /// the AM this view of it (host tests use a fake that can cut power after any write).

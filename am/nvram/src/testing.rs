@@ -94,13 +94,7 @@ impl CrashMedia {
         if self.dead {
             return Err(MediaError::Device);
         }
-        if !offset.is_multiple_of(MEDIA_UNIT) || !(len as u64).is_multiple_of(MEDIA_UNIT) {
-            return Err(MediaError::Misaligned);
-        }
-        if offset.checked_add(len as u64).is_none_or(|end| end > self.durable.len() as u64) {
-            return Err(MediaError::OutOfRange);
-        }
-        Ok(())
+        MediaError::check_range(offset, len, self.durable.len() as u64)
     }
 
     fn cut_power(&mut self) {

@@ -127,7 +127,7 @@ fn quota_child(am: u16, back: NameWords) -> ! {
 }
 
 /// Finds (lwC AM, own lwC capability, its INITIAL index): the last initial capability.
-fn my_lwc() -> Option<(u16, NameWords, u64)> {
+pub(crate) fn my_lwc() -> Option<(u16, NameWords, u64)> {
     let mut last = None;
     for i in 0..64u64 {
         match nk::initial(i) {

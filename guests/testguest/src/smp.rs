@@ -27,6 +27,8 @@ use nk_guest::abi::{nk_op, NameWords, Reply, Selector, Status, NULL_KERNEL_AM};
 use nk_guest::nk;
 use nk_guest::println;
 
+use crate::lwc_cow::my_lwc;
+
 const COUNTER_AM: u16 = 1;
 const MAX: usize = 4;
 /// The child's verdict when every check passed.
@@ -248,17 +250,6 @@ fn revoke(vcpu: u64) {
 
 /// A child's round number that means: spin for good (`smp-revoke`).
 const FOREVER: u64 = 0xFFFF;
-
-fn my_lwc() -> Option<(u16, NameWords, u64)> {
-    let mut last = None;
-    for i in 0..64u64 {
-        match nk::initial(i) {
-            Ok((cap, am)) => last = Some((am, cap, i)),
-            Err(_) => break,
-        }
-    }
-    last
-}
 
 fn counter_name() -> NameWords {
     NameWords { low: COUNTER[0].load(Ordering::SeqCst), high: COUNTER[1].load(Ordering::SeqCst) }

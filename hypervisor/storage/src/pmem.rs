@@ -391,13 +391,7 @@ impl<P: PersistentMemory> PmemMedia<P> {
     }
 
     fn check(&self, offset: u64, len: usize) -> Result<(), MediaError> {
-        if !offset.is_multiple_of(MEDIA_UNIT) || !(len as u64).is_multiple_of(MEDIA_UNIT) {
-            return Err(MediaError::Misaligned);
-        }
-        match offset.checked_add(len as u64) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(MediaError::OutOfRange),
-        }
+        MediaError::check_range(offset, len, self.size)
     }
 }
 
