@@ -781,14 +781,9 @@ impl Guest {
                     // The running lwC died: its vCPU goes back to the lwC the AM names,
                     // whose lwSwitch returns REVOKED.
                     if self.principal == child {
-                        // A creator that another vCPU runs now cannot take it: the VM's
-                        // root lwC (this vCPU's own root registers) does.
-                        let resume = resume.map(|to| match vcpus::saved_slot(&self.lwcs, to.raw(), &self.siblings) {
-                            Some(_) => to,
-                            None => self.vm,
-                        });
+                        let index = vcpus::active_index(&self.siblings);
                         if let Some(to) = resume {
-                            if let Some(slot) = vcpus::saved_slot(&self.lwcs, to.raw(), &self.siblings) {
+                            if let Some((to, slot)) = vcpus::resume_slot(&self.lwcs, to, self.vm, index) {
                                 let vcpu = self.vcpu.as_mut().expect("checked above");
                                 let target = self.lwcs.swap_remove(slot);
                                 vcpu.regs = target.regs;

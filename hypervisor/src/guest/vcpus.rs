@@ -92,6 +92,15 @@ fn saved_slot_of(saved: &[crate::lwc::Saved], principal: u32, vcpu: u8) -> Optio
     saved.iter().position(|l| l.principal == principal && (child || l.vcpu == vcpu))
 }
 
+/// Returns where vCPU `vcpu`, whose lwC was destroyed, goes back to and where that lwC's
+/// register file is in `saved`: `resume` (the destroyed lwC's creator, as the lwC AM names
+/// it) when its file is there, else the VM's `root` lwC (a creator another vCPU runs now
+/// has its file live on that vCPU, so it cannot take this one).
+#[cold]
+pub(super) fn resume_slot(saved: &[crate::lwc::Saved], resume: VmId, root: VmId, vcpu: u8) -> Option<(VmId, usize)> {
+    [resume, root].into_iter().find_map(|to| saved_slot_of(saved, to.raw(), vcpu).map(|slot| (to, slot)))
+}
+
 impl Siblings {
     /// Makes vCPUs 1 to `count - 1` of VM `vm` on this CPU, each starting where `start`
     /// and `regs` say with its own stack (nk-abi `vcpu`: RSP `i * STACK_BYTES` lower, above
@@ -206,14 +215,7 @@ impl Guest {
             return Ok(());
         };
         let Some(to) = resume else { return Ok(()) };
-        // A creator that another vCPU runs now cannot take it: the VM's root lwC does.
-        let (to, slot) = match saved_slot_of(&self.lwcs, to.raw(), sibling.index) {
-            Some(slot) => (to, slot),
-            None => match saved_slot_of(&self.lwcs, self.vm.raw(), sibling.index) {
-                Some(slot) => (self.vm, slot),
-                None => return Ok(()),
-            },
-        };
+        let Some((to, slot)) = resume_slot(&self.lwcs, to, self.vm, sibling.index) else { return Ok(()) };
         let sandboxed = self.sandbox.am_of(to.raw()).is_some();
         let target = self.lwcs.swap_remove(slot);
         let eptp = match self.views.as_ref().and_then(|v| v.eptp_of(to.raw())) {
