@@ -106,10 +106,12 @@ pub(crate) fn lw_create_options(
 /// value of its creation).
 static CHILD_ENTRY: AtomicUsize = AtomicUsize::new(0);
 
-/// Calls the child entry of the last `lw_create_spec` with the reply's `(a0, caller)`.
-extern "C" fn child_entry(a0: u64, caller: u64) -> ! {
+/// Calls the child entry of the last `lw_create_spec` with the reply's
+/// `(a0, caller, creator, _, a1)` (RDI, RSI, RDX, RCX, R8 at the child's first entry).
+extern "C" fn child_entry(a0: u64, caller: u64, creator: u64, rcx: u64, a1: u64) -> ! {
     match CHILD_ENTRY.load(Ordering::SeqCst) {
         0 => child_main(a0, caller),
+        crate::smp::CHILD => crate::smp::child(a0, caller, creator, rcx, a1),
         entry => crate::lwc_cow::child(entry, a0, caller),
     }
 }

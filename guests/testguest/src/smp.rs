@@ -22,8 +22,8 @@
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use nk_guest::abi::counter_op::{CREATE as COUNTER_CREATE, READ as COUNTER_READ};
-use nk_guest::abi::lwc_op::{LWC_COW, LW_CREATE, LW_SWITCH, NONE};
-use nk_guest::abi::{nk_op, NameWords, Reply, Selector, Status, NULL_KERNEL_AM};
+use nk_guest::abi::lwc_op::{LWC_COW, LW_SWITCH, NONE};
+use nk_guest::abi::{nk_op, NameWords, Reply, Status, NULL_KERNEL_AM};
 use nk_guest::nk;
 use nk_guest::println;
 
@@ -334,55 +334,18 @@ fn lwcs(vm: u64, vcpu: u64, rounds: u64) {
     let _ = vm;
 }
 
+/// Child entry number (`lwc::lw_create_spec`, dispatched by `lwc::child_entry`).
+pub const CHILD: usize = 8;
+
 /// `lwCreate(me; mask, 0, spec)` with the child on `stack`: returns in the creator; the
 /// child's first entry calls [`child`] with the switch's `(a0, caller, creator, _, a1)`.
 fn lw_create(am: u16, me: NameWords, mask: u64, spec: [u64; 3], stack: u64) -> Reply {
-    let (status, low, high, r0, r1, r2, r3): (u64, u64, u64, u64, u64, u64, u64);
-    // SAFETY: as nk_abi::hypercall, plus: R10 keeps the creator's RSP while RSP points at
-    // the child's stack (R9) for the VMCALL; the child starts with the creator's registers
-    // at the VMCALL and only calls `child`, which never returns, on its own stack.
-    unsafe {
-        core::arch::asm!(
-            "xchg rbx, {b}",
-            "mov r10, rsp",
-            "mov rsp, r9",
-            "vmcall",
-            "test rax, rax",
-            "jnz 4f",
-            "cmp rsi, -1",
-            "jne 2f",
-            "4:",
-            "mov rsp, r10",
-            "xchg rbx, {b}",
-            "jmp 3f",
-            "2:",
-            "and rsp, -16",
-            "call {child}",
-            "ud2",
-            "3:",
-            b = inout(reg) me.low => low,
-            child = sym child,
-            inout("rax") Selector::new(am, LW_CREATE).encode() => status,
-            inout("rcx") me.high => high,
-            inout("rdx") 0u64 => r0,
-            inout("rsi") 0u64 => r1,
-            inout("rdi") 0u64 => r2,
-            inout("r8") 0u64 => r3,
-            in("r9") stack,
-            inout("r10") 0u64 => _,
-            in("r11") mask,
-            in("r12") 0u64,
-            in("r13") spec[0],
-            in("r14") spec[1],
-            in("r15") spec[2],
-        );
-    }
-    Reply { status, name: NameWords { low, high }, results: [r0, r1, r2, r3] }
+    crate::lwc::lw_create_spec(am, me, mask, spec, stack, CHILD)
 }
 
 /// A child lwC: entered by its creator's switch with `a0` = its tag (vCPU << 32 | round)
 /// and `a1` = whether to spin across slices; switches back with its verdict and the tag.
-extern "C" fn child(tag: u64, caller: u64, _creator: u64, _rcx: u64, spin: u64) -> ! {
+pub(crate) fn child(tag: u64, caller: u64, _creator: u64, _rcx: u64, spin: u64) -> ! {
     let vcpu = (tag >> 32) as usize;
     let am = LWC_AM.load(Ordering::SeqCst) as u16;
     let mut verdict = GOOD;
