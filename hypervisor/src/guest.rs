@@ -502,7 +502,14 @@ impl Guest {
             }
             let flow = match exit.reason {
                 ExitReason::VMCALL if !LWC => handle_hypercall(self.principal, vcpu, sink),
-                ExitReason::VMCALL if !self.sandbox.current => self.lwc_hypercall(sink),
+                // A repeated allowed lwSwitch goes straight back to the entry: it takes no
+                // lwC effect, and a queued one (a destruction from another CPU) bumped the
+                // epoch, so the next switch takes the full path and applies it.
+                ExitReason::VMCALL if !self.sandbox.current => match self.repeat_switch() {
+                    Some(Ok(())) => continue,
+                    Some(Err(why)) => return stopped(alloc::format!("cannot switch lwCs: {why}")),
+                    None => self.lwc_hypercall(sink),
+                },
                 ExitReason::VMCALL => self.sandboxed_hypercall(sink),
                 _ => self.handle_exit(&exit, sink),
             };
@@ -522,28 +529,52 @@ impl Guest {
         }
     }
 
-    /// Handles a hypercall of an lwC that is not sandboxed: an `lwSwitch` the null-Kernel
-    /// allowed lately with the same capability, and no capability to an lwC died since, is
-    /// repeated here, at the exit (the reply the dispatch gave, then the switch); any other
-    /// call is dispatched, and an allowed `lwSwitch` remembered (lwc.rs, `SwitchCache`).
+    /// Repeats an `lwSwitch` the null-Kernel allowed lately with the same capability, if no
+    /// capability to an lwC died since (lwc.rs, `SwitchCache`), right at the exit: the
+    /// reply the dispatch gave, then the switch, as [`Guest::switch_lwc`] makes it but
+    /// without its checks of what cannot fail here (RIP, RSP and RFLAGS exchanged in one
+    /// block of three VMREADs and three VMWRITEs, RIP moved past the VMCALL on the way; the
+    /// EPTP written only where the VM has views). None: not such a call, or its target's
+    /// register file is not here (another vCPU runs it): nothing was changed and the call
+    /// takes the full path, which refuses that switch. Some(Err): the view could not be
+    /// loaded.
+    #[inline(always)]
+    fn repeat_switch(&mut self) -> Option<Result<(), String>> {
+        let from = self.principal;
+        let vcpu = self.vcpu.as_mut()?;
+        let call = vcpu.regs.call();
+        let (to, status, creator) = self.switches.find(from.raw(), call)?;
+        let slot = vcpus::saved_slot(&self.lwcs, to, &self.siblings)?;
+        let index = vcpus::active_index(&self.siblings);
+        let saved = self.lwcs.get_mut(slot)?;
+        let (a0, a1) = (call.args[0], call.args[1]);
+        saved.flow = vcpu.exchange_flow(saved.flow, VMCALL_LENGTH);
+        // The reply's registers, then the kept ones swapped (the arguments were read).
+        let reply = vcpu.regs.reply_mut();
+        reply.status = status;
+        reply.name = NameWords::default();
+        reply.results = [creator, u64::from(from.raw()), a0, a1];
+        crate::lwc::swap_kept(&mut vcpu.regs, &mut saved.regs);
+        saved.principal = from.raw();
+        saved.vcpu = index;
+        if !self.sandbox.is_empty() {
+            enter_sandboxed(&mut self.sandbox, &mut vcpu.regs, to);
+        }
+        self.principal = VmId::new(to);
+        if self.views.is_some() {
+            return Some(self.load_view(self.principal));
+        }
+        Some(Ok(()))
+    }
+
+    /// Handles a hypercall of an lwC that is not sandboxed and not a repeated switch
+    /// ([`Guest::repeat_switch`]): it is dispatched, and an allowed `lwSwitch` remembered
+    /// (lwc.rs, `SwitchCache`).
     #[inline(always)]
     fn lwc_hypercall(&mut self, sink: &mut dyn HypercallSink) -> Result<Flow, VcpuError> {
         let from = self.principal;
         let vcpu = self.vcpu.as_mut().expect("checked by enter_slice");
         let call = vcpu.regs.call();
-        if let Some((to, status, creator)) = self.switches.find(from.raw(), call) {
-            let reply = Reply {
-                status,
-                name: NameWords::default(),
-                results: [creator, u64::from(from.raw()), call.args[0], call.args[1]],
-            };
-            write_reply(&mut vcpu.regs, &reply);
-            vcpu.skip_bytes(VMCALL_LENGTH)?;
-            return Ok(match self.switch_lwc(from, VmId::new(to)) {
-                Ok(()) => Flow::Continue,
-                Err(why) => Flow::End(GuestEnd::Stopped(alloc::format!("cannot switch lwCs: {why}"))),
-            });
-        }
         let (epoch, selector, caps) = (crate::lwc::epoch(), call.selector, call.caps);
         let flow = handle_hypercall(from, vcpu, sink);
         if let Some((by, to)) = crate::lwc::switch_made() {
@@ -843,13 +874,7 @@ impl Guest {
         let target_flow = core::mem::replace(&mut saved.flow, flow);
         vcpu.set_flow_registers(target_flow).map_err(fail)?;
         if !self.sandbox.is_empty() {
-            // A trapped call returns with its creator's answer: status a0, result a1.
-            if self.sandbox.take_trapped(to.raw()).is_some() {
-                let r = &mut vcpu.regs;
-                (r.rax, r.rdx) = (r.rdi, r.r8);
-                (r.rbx, r.rcx, r.rsi, r.rdi, r.r8) = (0, 0, 0, 0, 0);
-            }
-            self.sandbox.entered(to.raw());
+            enter_sandboxed(&mut self.sandbox, &mut vcpu.regs, to.raw());
         }
         self.principal = to;
         self.load_view(to)
@@ -1092,6 +1117,19 @@ impl Drop for Guest {
             memory::free_frames(self.memory, (self.memory_size / PAGE_SIZE) as usize);
         }
     }
+}
+
+/// Notes in `sandbox` that the vCPU switched into lwC `to`, whose registers are `regs`
+/// (the switch's reply in them): a trapped call of `to` returns with its creator's answer
+/// (status a0, result a1).
+#[cold]
+#[inline(never)]
+fn enter_sandboxed(sandbox: &mut crate::lwc::Sandbox, regs: &mut GuestRegs, to: u32) {
+    if sandbox.take_trapped(to).is_some() {
+        (regs.rax, regs.rdx) = (regs.rdi, regs.r8);
+        (regs.rbx, regs.rcx, regs.rsi, regs.rdi, regs.r8) = (0, 0, 0, 0, 0);
+    }
+    sandbox.entered(to);
 }
 
 /// Handles a VMCALL exit, the hot path: the call goes to `sink`, and its reply to the

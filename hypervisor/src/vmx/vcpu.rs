@@ -799,6 +799,43 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Exchanges the guest's RIP, RSP and RFLAGS with `load` (saved by
+    /// [`flow_registers`](Self::flow_registers) or this call, of this same vCPU) and
+    /// returns the ones it had, RIP moved `skip` bytes on past the instruction that exited:
+    /// the repeated lwC switch (lwc.rs, `SwitchCache`), three VMREADs and three VMWRITEs
+    /// with nothing else around them. The VMCS must be current (the vCPU just exited).
+    #[inline(always)]
+    pub fn exchange_flow(&mut self, load: [u64; 3], skip: u64) -> [u64; 3] {
+        let (rip, rsp, rflags): (u64, u64, u64);
+        // SAFETY: this vCPU's VMCS is current (it just exited), so VMREAD and VMWRITE of
+        // GUEST_RIP, GUEST_RSP and GUEST_RFLAGS, fields every VMCS has, cannot fail (SDM
+        // Vol. 3 §31.3), which is why the flags are not tested; the values loaded were this
+        // vCPU's own at an earlier VM exit (valid guest state then, and the control
+        // registers and segments are shared by every lwC of the VM), as for
+        // `set_flow_registers`; no memory is touched.
+        unsafe {
+            asm!(
+                "vmread {rip}, {f_rip}",
+                "vmread {rsp}, {f_rsp}",
+                "vmread {rflags}, {f_rflags}",
+                "vmwrite {f_rip}, {new_rip}",
+                "vmwrite {f_rsp}, {new_rsp}",
+                "vmwrite {f_rflags}, {new_rflags}",
+                f_rip = in(reg) u64::from(F::GUEST_RIP.0),
+                f_rsp = in(reg) u64::from(F::GUEST_RSP.0),
+                f_rflags = in(reg) u64::from(F::GUEST_RFLAGS.0),
+                new_rip = in(reg) load[0],
+                new_rsp = in(reg) load[1],
+                new_rflags = in(reg) load[2],
+                rip = out(reg) rip,
+                rsp = out(reg) rsp,
+                rflags = out(reg) rflags,
+                options(nostack, nomem),
+            );
+        }
+        [rip.wrapping_add(skip), rsp, rflags]
+    }
+
     /// Points the vCPU at another EPT of its VM (an lwC switch between views, lwc.rs):
     /// cached translations are tagged with the EPTP (SDM Vol. 3 §29.4.1), so none is
     /// invalidated. The VMCS must be current.
