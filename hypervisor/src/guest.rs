@@ -548,7 +548,7 @@ impl Guest {
         let index = vcpus::active_index(&self.siblings);
         let saved = self.lwcs.get_mut(slot)?;
         let (a0, a1) = (call.args[0], call.args[1]);
-        saved.flow = vcpu.exchange_flow(saved.flow, VMCALL_LENGTH);
+        vcpu.exchange_flow(&mut saved.flow, VMCALL_LENGTH);
         // The reply's registers, then the kept ones swapped (the arguments were read).
         let reply = vcpu.regs.reply_mut();
         reply.status = status;

@@ -222,6 +222,19 @@ unsafe extern "C" {
     fn nk_vm_exit();
 }
 
+/// Says why VMLAUNCH or VMRESUME failed, from `nk_vm_run`'s status (not 0 in its high half).
+#[cold]
+#[inline(never)]
+fn entry_failure(status: u64) -> VcpuError {
+    if status >> 32 == 1 {
+        return VcpuError::Vmx(VmFail::Invalid);
+    }
+    match vmcs::read(F::VM_INSTRUCTION_ERROR) {
+        Ok(error) => VcpuError::Vmx(VmFail::Valid(vmcs::VmInstructionError(error as u32))),
+        Err(fail) => VcpuError::Vmx(fail),
+    }
+}
+
 /// Controls the hypervisor asks for (SDM Vol. 3 §25.6-§25.8).
 mod want {
     pub const PIN_EXTERNAL_INTERRUPT: u32 = 1 << 0;
@@ -700,18 +713,15 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Enters the guest and returns at its next exit.
+    /// Enters the guest and returns at its next exit. Inlined into the slice loops (an exit
+    /// costs no call around the stub's); a failed entry is decoded out of line.
+    #[inline(always)]
     pub fn run(&mut self) -> Result<Exit, VcpuError> {
         // SAFETY: this vCPU's VMCS is current on this CPU (made so in `new`, and vCPUs do
         // not migrate yet); the stub saves and restores every host register it changes.
         let status = unsafe { nk_vm_run(&mut self.regs, u64::from(self.launched), &mut self.null_fast_path) };
-        match status >> 32 {
-            0 => {}
-            1 => return Err(VcpuError::Vmx(VmFail::Invalid)),
-            _ => {
-                let error = vmcs::read(F::VM_INSTRUCTION_ERROR)? as u32;
-                return Err(VcpuError::Vmx(VmFail::Valid(vmcs::VmInstructionError(error))));
-            }
+        if status >> 32 != 0 {
+            return Err(entry_failure(status));
         }
         self.launched = true;
         // The stub read the exit reason (its low 16 bits are the basic reason).
@@ -799,41 +809,49 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Exchanges the guest's RIP, RSP and RFLAGS with `load` (saved by
-    /// [`flow_registers`](Self::flow_registers) or this call, of this same vCPU) and
-    /// returns the ones it had, RIP moved `skip` bytes on past the instruction that exited:
-    /// the repeated lwC switch (lwc.rs, `SwitchCache`), three VMREADs and three VMWRITEs
-    /// with nothing else around them. The VMCS must be current (the vCPU just exited).
+    /// Exchanges the guest's RIP, RSP and RFLAGS with `flow` (saved by
+    /// [`flow_registers`](Self::flow_registers) or this call, of this same vCPU), which
+    /// gets the ones the guest had, RIP moved `skip` bytes on past the instruction that
+    /// exited: the repeated lwC switch (lwc.rs, `SwitchCache`), three VMREADs and three
+    /// VMWRITEs with the loads and stores of `flow` between them and nothing else. The
+    /// VMCS must be current (the vCPU just exited).
     #[inline(always)]
-    pub fn exchange_flow(&mut self, load: [u64; 3], skip: u64) -> [u64; 3] {
-        let (rip, rsp, rflags): (u64, u64, u64);
+    pub fn exchange_flow(&mut self, flow: &mut [u64; 3], skip: u64) {
         // SAFETY: this vCPU's VMCS is current (it just exited), so VMREAD and VMWRITE of
         // GUEST_RIP, GUEST_RSP and GUEST_RFLAGS, fields every VMCS has, cannot fail (SDM
         // Vol. 3 §31.3), which is why the flags are not tested; the values loaded were this
         // vCPU's own at an earlier VM exit (valid guest state then, and the control
         // registers and segments are shared by every lwC of the VM), as for
-        // `set_flow_registers`; no memory is touched.
+        // `set_flow_registers`; `flow` is three u64s the exclusive borrow covers.
         unsafe {
             asm!(
-                "vmread {rip}, {f_rip}",
-                "vmread {rsp}, {f_rsp}",
-                "vmread {rflags}, {f_rflags}",
-                "vmwrite {f_rip}, {new_rip}",
-                "vmwrite {f_rsp}, {new_rsp}",
-                "vmwrite {f_rflags}, {new_rflags}",
-                f_rip = in(reg) u64::from(F::GUEST_RIP.0),
-                f_rsp = in(reg) u64::from(F::GUEST_RSP.0),
-                f_rflags = in(reg) u64::from(F::GUEST_RFLAGS.0),
-                new_rip = in(reg) load[0],
-                new_rsp = in(reg) load[1],
-                new_rflags = in(reg) load[2],
-                rip = out(reg) rip,
-                rsp = out(reg) rsp,
-                rflags = out(reg) rflags,
-                options(nostack, nomem),
+                "mov {field:e}, {rip}",
+                "vmread {old}, {field}",
+                "add {old}, {skip}",
+                "mov {new}, [{flow}]",
+                "mov [{flow}], {old}",
+                "vmwrite {field}, {new}",
+                "mov {field:e}, {rsp}",
+                "vmread {old}, {field}",
+                "mov {new}, [{flow} + 8]",
+                "mov [{flow} + 8], {old}",
+                "vmwrite {field}, {new}",
+                "mov {field:e}, {rflags}",
+                "vmread {old}, {field}",
+                "mov {new}, [{flow} + 16]",
+                "mov [{flow} + 16], {old}",
+                "vmwrite {field}, {new}",
+                rip = const F::GUEST_RIP.0,
+                rsp = const F::GUEST_RSP.0,
+                rflags = const F::GUEST_RFLAGS.0,
+                flow = in(reg) flow.as_mut_ptr(),
+                skip = in(reg) skip,
+                field = out(reg) _,
+                old = out(reg) _,
+                new = out(reg) _,
+                options(nostack),
             );
         }
-        [rip.wrapping_add(skip), rsp, rflags]
     }
 
     /// Points the vCPU at another EPT of its VM (an lwC switch between views, lwc.rs):
