@@ -1112,6 +1112,17 @@ impl NullKernel {
         if let Some(reply) = stateless_reply(call) {
             return Dispatched::Reply(reply);
         }
+        self.dispatch_stateful(caller, call, out)
+    }
+
+    /// Handles one hypercall as [`dispatch`](Self::dispatch) does, for a caller that asked
+    /// [`stateless_reply`] already and got `None` (the hypervisor, which asks before it
+    /// takes the instance's lock): the hypercall path decodes the selector once.
+    #[inline]
+    pub fn dispatch_stateful<O>(&mut self, caller: VmId, call: &Call, out: &mut O) -> Dispatched
+    where
+        O: Outbox + ?Sized,
+    {
         let selector = Selector::decode(call.selector);
         if selector.am == NULL_KERNEL_AM {
             return self.null_kernel_op(caller, selector.op, call, out);

@@ -701,6 +701,7 @@ impl Vcpu {
     }
 
     /// Enters the guest and returns at its next exit.
+    #[inline(always)]
     pub fn run(&mut self) -> Result<Exit, VcpuError> {
         // SAFETY: this vCPU's VMCS is current on this CPU (made so in `new`, and vCPUs do
         // not migrate yet); the stub saves and restores every host register it changes.
