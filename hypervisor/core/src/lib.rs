@@ -230,6 +230,12 @@ struct AmHook<'a> {
     watch_inboxes: bool,
     /// The holder whose inbox was marked last (a subtree's capabilities often share one).
     marked: Option<VmId>,
+    /// The AM told last (its index) and its lock, still held: a subtree's capabilities
+    /// mostly belong to one AM, so a revocation takes its lock once per run of them, not
+    /// once per capability (issue 14). At most one AM lock is held at a time (it is let go
+    /// before another is taken, at `finished` and when the hook is dropped), and nothing
+    /// else takes an AM lock while a walk runs, so no lock order can form.
+    held: Option<(usize, spin::MutexGuard<'a, Box<dyn AbstractMachine + Send>>)>,
 }
 
 impl<'a> AmHook<'a> {
@@ -239,7 +245,7 @@ impl<'a> AmHook<'a> {
         inboxes: &'a mut BTreeMap<VmId, Inbox>,
         listed: usize,
     ) -> Self {
-        Self { ams, effects, inboxes, watch_inboxes: listed > 0, marked: None }
+        Self { ams, effects, inboxes, watch_inboxes: listed > 0, marked: None, held: None }
     }
 }
 
@@ -247,8 +253,19 @@ impl nk_caps::RevocationHook for AmHook<'_> {
     #[inline]
     fn revoked(&mut self, dead: &DeadCap) {
         let index = usize::from(dead.object.am.raw()).wrapping_sub(usize::from(FIRST_AM_ID));
-        if let Some(am) = self.ams.get(index) {
-            am.lock().revoked(dead, &mut EffectList(self.effects));
+        let held = match &mut self.held {
+            Some((am, guard)) if *am == index => Some(guard),
+            held => {
+                // The previous AM's lock goes before the next one is taken.
+                *held = None;
+                match self.ams.get(index) {
+                    Some(am) => Some(&mut held.insert((index, am.lock())).1),
+                    None => None,
+                }
+            }
+        };
+        if let Some(am) = held {
+            am.revoked(dead, &mut EffectList(self.effects));
         }
         if let (true, Principal::Vm(vm)) = (self.watch_inboxes, dead.holder) {
             if self.marked != Some(vm) {
@@ -258,6 +275,10 @@ impl nk_caps::RevocationHook for AmHook<'_> {
                 }
             }
         }
+    }
+
+    fn finished(&mut self) {
+        self.held = None;
     }
 }
 
@@ -1075,8 +1096,11 @@ impl NullKernel {
     where
         O: Outbox + ?Sized,
     {
-        let hook = &mut AmHook::new(&self.shared.ams, &mut self.effects, &mut self.inbox, self.listed);
-        self.proto.handle(from, message, hook, out);
+        {
+            // The hook (and any AM lock it holds) goes before the inbox is touched.
+            let hook = &mut AmHook::new(&self.shared.ams, &mut self.effects, &mut self.inbox, self.listed);
+            self.proto.handle(from, message, hook, out);
+        }
         if let Message::Delegate { grant, holder: holder @ Principal::Vm(vm), delegator, .. } = message {
             if self.proto.table().inspect(holder, grant.child).is_ok() {
                 self.deliver_to_inbox(vm, grant.child, delegator);
