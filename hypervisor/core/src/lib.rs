@@ -1149,9 +1149,27 @@ impl NullKernel {
     {
         let selector = Selector::decode(call.selector);
         if selector.am == NULL_KERNEL_AM {
+            if selector.op == nk_op::DERIVE {
+                let c = name_of(call.caps[0]);
+                if c.kernel() == self.id() {
+                    return Dispatched::Reply(self.local_derive(caller, c, call.args[0]));
+                }
+            }
             return self.null_kernel_op(caller, selector.op, call, out);
         }
         Dispatched::Reply(self.am_op(Principal::Vm(caller), selector, call))
+    }
+
+    /// Derives a child of `c`, a capability of this instance, for `caller`: the reply
+    /// `DERIVE` gets through the protocol (whose derive of a local capability is the
+    /// table's derive and nothing else), without the protocol operation's wrapping of the
+    /// result, so a local derive pays for the table's work alone (issue 14).
+    #[inline]
+    fn local_derive(&mut self, caller: VmId, c: CapName, mask: u64) -> Reply {
+        match self.proto.table_mut().derive(Principal::Vm(caller), c, Rights::from_bits(mask)) {
+            Ok(name) => success(Some(name), [0; 4]),
+            Err(error) => failure(cap_status(error)),
+        }
     }
 
     /// An operation of a registered AM: decode, check every capability, invoke.
