@@ -258,10 +258,7 @@ impl nk_caps::RevocationHook for AmHook<'_> {
             held => {
                 // The previous AM's lock goes before the next one is taken.
                 *held = None;
-                match self.ams.get(index) {
-                    Some(am) => Some(&mut held.insert((index, am.lock())).1),
-                    None => None,
-                }
+                self.ams.get(index).map(|am| &mut held.insert((index, am.lock())).1)
             }
         };
         if let Some(am) = held {
