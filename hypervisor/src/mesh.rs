@@ -158,7 +158,7 @@ impl Mesh {
         let instance = &self.instances[cpu];
         let mut out = Vec::new();
         let mut kernel = instance.kernel.lock();
-        let dispatched = kernel.dispatch(vm, call, &mut out);
+        let dispatched = kernel.dispatch_stateful(vm, call, &mut out);
         // The fast path (an AM call, a local derive) has no effects, nothing finished and
         // no messages: it pays two tests, not the calls (issue 14).
         if kernel.has_effects() || kernel.has_finished() {

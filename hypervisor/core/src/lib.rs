@@ -230,6 +230,12 @@ struct AmHook<'a> {
     watch_inboxes: bool,
     /// The holder whose inbox was marked last (a subtree's capabilities often share one).
     marked: Option<VmId>,
+    /// The AM told last (its index) and its lock, still held: a subtree's capabilities
+    /// mostly belong to one AM, so a revocation takes its lock once per run of them, not
+    /// once per capability (issue 14). At most one AM lock is held at a time (it is let go
+    /// before another is taken, at `finished` and when the hook is dropped), and nothing
+    /// else takes an AM lock while a walk runs, so no lock order can form.
+    held: Option<(usize, spin::MutexGuard<'a, Box<dyn AbstractMachine + Send>>)>,
 }
 
 impl<'a> AmHook<'a> {
@@ -239,7 +245,7 @@ impl<'a> AmHook<'a> {
         inboxes: &'a mut BTreeMap<VmId, Inbox>,
         listed: usize,
     ) -> Self {
-        Self { ams, effects, inboxes, watch_inboxes: listed > 0, marked: None }
+        Self { ams, effects, inboxes, watch_inboxes: listed > 0, marked: None, held: None }
     }
 }
 
@@ -247,8 +253,16 @@ impl nk_caps::RevocationHook for AmHook<'_> {
     #[inline]
     fn revoked(&mut self, dead: &DeadCap) {
         let index = usize::from(dead.object.am.raw()).wrapping_sub(usize::from(FIRST_AM_ID));
-        if let Some(am) = self.ams.get(index) {
-            am.lock().revoked(dead, &mut EffectList(self.effects));
+        let held = match &mut self.held {
+            Some((am, guard)) if *am == index => Some(guard),
+            held => {
+                // The previous AM's lock goes before the next one is taken.
+                *held = None;
+                self.ams.get(index).map(|am| &mut held.insert((index, am.lock())).1)
+            }
+        };
+        if let Some(am) = held {
+            am.revoked(dead, &mut EffectList(self.effects));
         }
         if let (true, Principal::Vm(vm)) = (self.watch_inboxes, dead.holder) {
             if self.marked != Some(vm) {
@@ -258,6 +272,10 @@ impl nk_caps::RevocationHook for AmHook<'_> {
                 }
             }
         }
+    }
+
+    fn finished(&mut self) {
+        self.held = None;
     }
 }
 
@@ -1075,8 +1093,11 @@ impl NullKernel {
     where
         O: Outbox + ?Sized,
     {
-        let hook = &mut AmHook::new(&self.shared.ams, &mut self.effects, &mut self.inbox, self.listed);
-        self.proto.handle(from, message, hook, out);
+        {
+            // The hook (and any AM lock it holds) goes before the inbox is touched.
+            let hook = &mut AmHook::new(&self.shared.ams, &mut self.effects, &mut self.inbox, self.listed);
+            self.proto.handle(from, message, hook, out);
+        }
         if let Message::Delegate { grant, holder: holder @ Principal::Vm(vm), delegator, .. } = message {
             if self.proto.table().inspect(holder, grant.child).is_ok() {
                 self.deliver_to_inbox(vm, grant.child, delegator);
@@ -1112,11 +1133,40 @@ impl NullKernel {
         if let Some(reply) = stateless_reply(call) {
             return Dispatched::Reply(reply);
         }
+        self.dispatch_stateful(caller, call, out)
+    }
+
+    /// Handles one hypercall as [`dispatch`](Self::dispatch) does, for a caller that asked
+    /// [`stateless_reply`] already and got `None` (the hypervisor, which asks before it
+    /// takes the instance's lock): the hypercall path decodes the selector once.
+    #[inline]
+    pub fn dispatch_stateful<O>(&mut self, caller: VmId, call: &Call, out: &mut O) -> Dispatched
+    where
+        O: Outbox + ?Sized,
+    {
         let selector = Selector::decode(call.selector);
         if selector.am == NULL_KERNEL_AM {
+            if selector.op == nk_op::DERIVE {
+                let c = name_of(call.caps[0]);
+                if c.kernel() == self.id() {
+                    return Dispatched::Reply(self.local_derive(caller, c, call.args[0]));
+                }
+            }
             return self.null_kernel_op(caller, selector.op, call, out);
         }
         Dispatched::Reply(self.am_op(Principal::Vm(caller), selector, call))
+    }
+
+    /// Derives a child of `c`, a capability of this instance, for `caller`: the reply
+    /// `DERIVE` gets through the protocol (whose derive of a local capability is the
+    /// table's derive and nothing else), without the protocol operation's wrapping of the
+    /// result, so a local derive pays for the table's work alone (issue 14).
+    #[inline]
+    fn local_derive(&mut self, caller: VmId, c: CapName, mask: u64) -> Reply {
+        match self.proto.table_mut().derive(Principal::Vm(caller), c, Rights::from_bits(mask)) {
+            Ok(name) => success(Some(name), [0; 4]),
+            Err(error) => failure(cap_status(error)),
+        }
     }
 
     /// An operation of a registered AM: decode, check every capability, invoke.

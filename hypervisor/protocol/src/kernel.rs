@@ -555,6 +555,15 @@ impl Kernel {
     where
         O: Outbox + ?Sized,
     {
+        // A local revocation's one event: its root left the tree, with no remote parent
+        // to tell, no request to count it and no operation waiting for it. Handling it
+        // below would do nothing; this skips the batch's take and drain (issue 14).
+        if let [LinkEvent::Finalized { remote_parent: None, .. }] = self.events[..] {
+            if self.requests.is_empty() && self.waiters.is_empty() {
+                self.events.clear();
+                return;
+            }
+        }
         while !self.events.is_empty() {
             let mut batch = core::mem::take(&mut self.events);
             let mut events = batch.drain(..).peekable();

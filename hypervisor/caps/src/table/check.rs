@@ -2,7 +2,7 @@
 //! handler runs (DESIGN.md §2 "AM operations", seL4's decode/invoke split), and the checked
 //! references that are all a handler ever receives.
 
-use super::node::State;
+use super::node::{Node, State};
 use super::{CapTable, UseFault};
 use crate::ids::{AmId, ObjId, ObjKind, Object, OpId, Principal, Rights};
 use crate::name::CapName;
@@ -244,14 +244,24 @@ impl CapTable {
         (checked.op, checked.arity) = (Checked::BLANK_OP, 0);
         let am = op.am();
         let mut presented = 0;
+        // The node of the argument before, if any: a call that presents one name in
+        // several arguments resolves it once (the node there is live and usable by
+        // `caller`, and names are unique, so a repeated name resolves to it again).
+        let mut previous: Option<&Node> = None;
         for ((name, spec), out) in slots.into_iter().zip(specs).zip(checked.args.iter_mut()) {
             let fail = |fault: ArgFault| CheckError::Arg {
                 // At most MAX_CAP_ARGS.
                 index: presented as u8,
                 fault,
             };
-            let found = self.resolve(caller, name).map_err(|fault| fail(fault.into()))?;
-            let node = &self.nodes[found];
+            let node = match previous {
+                Some(node) if node.name == name => node,
+                _ => match self.resolve_live(caller, name) {
+                    Some(node) => node,
+                    None => return Err(fail(self.resolve(caller, name).err().map_or(ArgFault::Revoked, Into::into))),
+                },
+            };
+            previous = Some(node);
             debug_assert_eq!(node.state, State::Live);
             if node.am != am || node.kind != spec.kind {
                 return Err(fail(ArgFault::WrongKind));

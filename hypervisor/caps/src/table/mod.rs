@@ -521,6 +521,19 @@ impl CapTable {
         })
     }
 
+    /// Finds the node of the live capability `name` that `caller` may use, where
+    /// [`resolve`](Self::resolve) succeeds, and `None` where `resolve` fails (ask it then why). Skips
+    /// the test of the name's kernel bits: only proxies carry other kernels' names, and a
+    /// proxy is never live, so a live node found under `name` is this kernel's.
+    #[inline(always)]
+    fn resolve_live(&self, caller: Principal, name: CapName) -> Option<&Node> {
+        let slot = self.index.find(self.names.hash(name), |slot| self.nodes[slot].name == name)?;
+        let node = &self.nodes[slot];
+        let live = node.state == State::Live && node.usable_by(caller);
+        debug_assert!(!live || name.kernel() == self.names.kernel());
+        live.then_some(node)
+    }
+
     /// Creates a child of the live capability in `parent`.
     #[inline(always)]
     fn create_child(

@@ -578,7 +578,8 @@ impl CapTable {
 
     /// Finalizes the childless node in `slot`: it leaves the tree as `Revoked`. Reports it
     /// to `links` if `report` is set or its parent is a proxy. Returns its former parent.
-    #[inline]
+    /// Inlined: it runs once per capability of a revoked subtree (issue 14).
+    #[inline(always)]
     fn finalize<L>(&mut self, slot: usize, report: bool, links: &mut L) -> Link
     where
         L: LinkSink + ?Sized,

@@ -690,13 +690,21 @@ fn check_slots_into_agrees_with_check() {
     let (i, o) = (f.give(port, VM1, IN), f.give(port, VM1, OUT));
     let other = f.give(frame, VM2, RWX);
     let unknown = CapName::from_u128(0x7_0000_0000_0000_0000_0000_0000_1234);
-    let cases: [(OpId, [CapName; MAX_CAP_ARGS]); 6] = [
+    // A name presented in several arguments is resolved once (issue 14): each argument
+    // still gets its own kind and rights check, and every refusal names its argument.
+    let cases: [(OpId, [CapName; MAX_CAP_ARGS]); 12] = [
         (f.wire, [r, w, i, o]),
         (f.copy, [r, w, unknown, unknown]),
         (f.copy, [w, r, i, o]),
         (f.wire, [r, w, o, i]),
         (f.map, [other, r, r, r]),
         (f.map, [unknown, r, r, r]),
+        (f.wire, [r, r, i, o]),
+        (f.wire, [w, w, i, o]),
+        (f.wire, [r, w, i, i]),
+        (f.wire, [r, w, r, o]),
+        (f.copy, [r, w, w, w]),
+        (f.wire, [frame, frame, i, o]),
     ];
     for (op, slots) in cases {
         let arity = f.table.registry().op_args(op).unwrap().len();

@@ -345,3 +345,31 @@ fn handed_caps_label_the_initial_capabilities() {
     assert!(w.nk.handed_caps(VM1).is_empty());
     assert_eq!(w.nk.handed_caps(VM2).len(), 1);
 }
+
+/// The hypercall path answers a derive of a local capability itself (`local_derive`):
+/// its replies, the name's rights and every refusal (with its argument), must be those
+/// of the protocol's derive, and a refusal must change nothing.
+#[test]
+fn local_derive_replies_as_the_protocol_does() {
+    let mut w = world();
+    let c = w.create_counter(VM1);
+    let child = w.nk_op(VM1, nk_op::DERIVE, c, &[0b01]);
+    assert_eq!((child.status(), child.results), (status(Status::OK, None), [0; 4]));
+    assert_eq!(w.nk_op(VM1, nk_op::INSPECT, child.name, &[]).results[2], 0b01, "the mask applies");
+    let before = w.nk.table().len();
+    let unknown = NameWords { low: 0x1234, high: c.high };
+    assert_eq!(w.nk_op(VM1, nk_op::DERIVE, unknown, &[1]).status(), status(Status::UNKNOWN_NAME, Some(0)));
+    assert_eq!(w.nk_op(VM2, nk_op::DERIVE, c, &[1]).status(), status(Status::WRONG_HOLDER, Some(0)));
+    assert!(w.nk_op(VM1, nk_op::REVOKE, child.name, &[]).status().is_ok());
+    assert_eq!(w.nk_op(VM1, nk_op::DERIVE, child.name, &[1]).status(), status(Status::REVOKED, Some(0)));
+    assert_eq!(w.nk.table().len(), before, "a refused derive added a capability");
+    // Each reply is the protocol's own.
+    for (vm, cap) in [(VM1, c), (VM1, unknown), (VM2, c), (VM1, child.name)] {
+        let through_protocol =
+            started(w.nk.proto.derive(Principal::Vm(vm), name_of(cap), Rights::from_bits(1), &mut Vec::new()));
+        let reply = w.nk_op(vm, nk_op::DERIVE, cap, &[1]);
+        let expected = through_protocol.reply().expect("local");
+        assert_eq!(reply.status, expected.status, "derive of {cap:?} by {vm:?}");
+        assert_eq!(reply.results, expected.results);
+    }
+}
