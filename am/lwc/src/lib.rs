@@ -25,6 +25,10 @@
 //! creator: the AM hears of the death, and [`Effect::LwcDestroy`] makes the null-Kernel
 //! remove the principal, so every capability it holds dies on every kernel. A destroyed
 //! child names the lwC a vCPU that runs it goes back to: its creator, or the VM's root lwC.
+//! A capability to a child with the [`rights::DESTROY`] right (the creator's has it; a
+//! copy keeps it unless its mask drops it) destroys the lwC when it dies too, on whatever
+//! kernel it lived: the AM retires the lwC's root, which the null-Kernel forwards to the
+//! creator's kernel instance, and the creator's capability dies with it there.
 //!
 //! Which lwC a vCPU runs is the vCPU's state, kept by the hypervisor (its current
 //! principal, the caller of every call it makes), not the AM's: the AM checks what the
@@ -128,6 +132,11 @@ pub mod rights {
     pub const SWITCH: u64 = 1;
     /// May create children of the lwC (only the lwC itself, with its own capability).
     pub const CREATE: u64 = 2;
+    /// Its death destroys the lwC, as the creator's capability's does: the creator may
+    /// hand a copy with this right to another principal (another VM, on another CPU), whose
+    /// revocation (or deletion, or end) then destroys the lwC. A child's creator gets it;
+    /// a VM's root lwC, which dies only with its VM, is granted without it.
+    pub const DESTROY: u64 = 4;
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -373,7 +382,7 @@ impl LwcAm {
         }
         let child = self.next_child;
         let object = Object::new(am, kind, ObjId::new(u64::from(child)));
-        let all = Rights::from_bits(rights::SWITCH | rights::CREATE);
+        let all = Rights::from_bits(rights::SWITCH | rights::CREATE | rights::DESTROY);
         let (root, name) = kernel.grant_new_root(object, all, checked.caller(), Binding::Bound)?;
         self.next_child += 1;
         let root_view = memory.all_shared() && me.root_view;
@@ -423,7 +432,7 @@ impl AbstractMachine for LwcAm {
     }
 
     fn register(&mut self, r: &mut Registrar<'_>) -> Result<(), RegisterError> {
-        let kind = r.kind(KindSpec { name: "lwc", rights: &["switch", "create"] })?;
+        let kind = r.kind(KindSpec { name: "lwc", rights: &["switch", "create", "destroy"] })?;
         let switch = r.rights(kind, &["switch"]).ok_or(RegisterError::UnknownKind)?;
         let create = r.rights(kind, &["create"]).ok_or(RegisterError::UnknownKind)?;
         self.kind = Some(kind);
@@ -503,6 +512,17 @@ impl AbstractMachine for LwcAm {
             // A root lwC's capability dies with its VM.
             None if dead.holder == Principal::Vm(lwc.vm) => {
                 self.lwcs.remove(&id);
+            }
+            // A capability with the `destroy` right died (a copy the creator handed out,
+            // perhaps to another VM on another kernel): the lwC dies with it. Retiring the
+            // root deletes the creator's capability on the creator's kernel (the
+            // null-Kernel forwards a retirement there from another kernel), and that
+            // death, heard there, destroys the lwC as above.
+            Some((root, _)) if dead.rights.bits() & rights::DESTROY != 0 => {
+                effects.emit(Effect::LwcCapGone { lwc: VmId::new(id) });
+                if let Some(am) = self.am {
+                    effects.emit(Effect::Retire { am, root });
+                }
             }
             // Another capability to the lwC died: a switch the hypervisor remembers made
             // with it must take the full check again.

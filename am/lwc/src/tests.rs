@@ -295,3 +295,154 @@ fn root_lwc_is_every_vcpus_home() {
     assert!(w.call(child_b, 2, op::LW_SWITCH.into(), &[root_in_b], &[]).status().is_ok());
     assert_eq!(w.seen.last(), Some(&Effect::LwcSwitch { from: child_b, to: VM }));
 }
+
+#[test]
+fn a_copy_with_the_destroy_right_destroys_the_lwc_when_it_dies() {
+    let mut w = world();
+    let other = VmId::new(2);
+    assert!(w.nk.add_vm(other, 256).unwrap().is_empty());
+    let me = w.initial(VM, 1).name;
+    let created = w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0b10, 0, 0, 0, 0]);
+    let child = VmId::new(FIRST_CHILD);
+    // A copy without the right: its death leaves the lwC alive.
+    let switch_only = w.call(VM, NULL_KERNEL_AM, nk_op::DELEGATE, &[created.name], &[rights::SWITCH, 2, 0]);
+    assert!(switch_only.status().is_ok(), "{}", switch_only.status());
+    assert!(w.call(other, NULL_KERNEL_AM, nk_op::REVOKE, &[switch_only.name], &[]).status().is_ok());
+    assert!(w.seen.contains(&Effect::LwcCapGone { lwc: child }), "{:?}", w.seen);
+    assert!(!w.seen.iter().any(|e| matches!(e, Effect::LwcDestroy { .. })), "{:?}", w.seen);
+    assert!(w.nk.table().usage(Principal::Vm(child)).is_some());
+    assert!(w.call(VM, 2, op::LW_SWITCH.into(), &[created.name], &[]).status().is_ok());
+    // A copy with it, handed to another VM: its revocation there destroys the lwC.
+    let lent = w.call(VM, NULL_KERNEL_AM, nk_op::DELEGATE, &[created.name], &[u64::MAX, 2, 0]);
+    assert!(lent.status().is_ok(), "{}", lent.status());
+    assert!(w.call(other, NULL_KERNEL_AM, nk_op::REVOKE, &[lent.name], &[]).status().is_ok());
+    assert!(w.seen.contains(&Effect::LwcDestroy { child, resume: Some(VM) }), "{:?}", w.seen);
+    assert!(w.nk.table().usage(Principal::Vm(child)).is_none(), "the principal is gone");
+    let refused = w.call(VM, 2, op::LW_SWITCH.into(), &[created.name], &[]).status();
+    assert!(matches!(refused.code(), Status::REVOKED | Status::UNKNOWN_NAME), "{refused}");
+    // The creator is unchanged: it creates and switches again.
+    let again = w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0b10, 0, 0, 0, 0]);
+    assert!(again.status().is_ok(), "{}", again.status());
+    assert!(w.call(VM, 2, op::LW_SWITCH.into(), &[again.name], &[]).status().is_ok());
+    w.nk.table().check_consistency().unwrap();
+}
+
+/// Two kernel instances sharing one lwC AM, with their messages carried in order.
+struct Two {
+    kernels: [NullKernel; 2],
+    wire: alloc::collections::VecDeque<(KernelId, KernelId, nk_core::Message)>,
+    /// Effects each kernel handed the hypervisor.
+    seen: [Vec<Effect>; 2],
+}
+
+struct Wire<'a>(KernelId, &'a mut alloc::collections::VecDeque<(KernelId, KernelId, nk_core::Message)>);
+
+impl nk_core::Outbox for Wire<'_> {
+    fn send(&mut self, to: KernelId, message: nk_core::Message) {
+        self.1.push_back((self.0, to, message));
+    }
+}
+
+impl Two {
+    fn new() -> Self {
+        let am = nk_core::shared_am(Box::new(LwcAm::for_vms([(VM, 4 << 20)])));
+        let kernels = [0u16, 1].map(|k| {
+            let mut nk = NullKernel::new(KernelId::new(k), 2, 4096, &mut FixedSeed::from_u64(k.into())).unwrap();
+            nk.add_shared_am(am.clone(), 1024).unwrap();
+            nk.set_caller_ring(|| 0);
+            nk
+        });
+        let mut two = Two { kernels, wire: Default::default(), seen: [Vec::new(), Vec::new()] };
+        assert_eq!(two.kernels[0].add_vm(VM, 256).unwrap().len(), 0);
+        two.kernels[0].place(VmId::new(2), KernelId::new(1), 256).unwrap();
+        assert_eq!(two.kernels[1].add_vm(VmId::new(2), 256).unwrap().len(), 0);
+        two.kernels[1].place(VM, KernelId::new(0), 256).unwrap();
+        two
+    }
+
+    /// Applies kernel `k`'s effects as the hypervisor does: a retirement handed on goes to
+    /// the kernel that holds the root (hypervisor/src/mesh.rs, `forward_retire`).
+    fn settle_kernel(&mut self, k: usize) {
+        let mut forwarded = Vec::new();
+        let seen = &mut self.seen[k];
+        self.kernels[k].apply_effects(&mut Wire(KernelId::new(k as u16), &mut self.wire), |e| {
+            if let Effect::Retire { am, root } = e {
+                forwarded.push((am, root));
+            }
+            seen.push(e);
+        });
+        for (am, root) in forwarded {
+            let to = usize::from(root.kernel().raw());
+            self.kernels[to].retire_forwarded(am, root, &mut Wire(KernelId::new(to as u16), &mut self.wire));
+            self.settle_kernel(to);
+        }
+    }
+
+    fn settle(&mut self) {
+        while let Some((from, to, message)) = self.wire.pop_front() {
+            let k = usize::from(to.raw());
+            self.kernels[k].handle(from, message, &mut Wire(to, &mut self.wire));
+            self.settle_kernel(k);
+        }
+    }
+
+    fn call(&mut self, k: usize, who: VmId, am: u16, op: u32, caps: &[NameWords], args: &[u64]) -> Dispatched {
+        let mut call = Call { selector: Selector::new(am, op).encode(), ..Call::default() };
+        call.caps[..caps.len()].copy_from_slice(caps);
+        call.args[..args.len()].copy_from_slice(args);
+        let dispatched = self.kernels[k].dispatch(who, &call, &mut Wire(KernelId::new(k as u16), &mut self.wire));
+        self.settle_kernel(k);
+        dispatched
+    }
+}
+
+#[test]
+fn a_copy_revoked_on_another_kernel_destroys_the_lwc_on_its_creators() {
+    let mut two = Two::new();
+    let other = VmId::new(2);
+    let me = nk_core::words_of(two.kernels[0].initial_caps(VM)[0].1);
+    let Dispatched::Reply(created) = two.call(0, VM, 1, op::LW_CREATE.into(), &[me], &[1, 0, 0, 0, 0]) else {
+        panic!("lwCreate replies at once");
+    };
+    assert!(created.status().is_ok(), "{}", created.status());
+    let child = VmId::new(FIRST_CHILD);
+    let Dispatched::Pending(_) = two.call(0, VM, NULL_KERNEL_AM, nk_op::DELEGATE, &[created.name], &[u64::MAX, 2, 0])
+    else {
+        panic!("a delegation to another kernel waits");
+    };
+    two.settle();
+    assert!(two.kernels[0].poll().is_some(), "the delegation finished");
+    let Dispatched::Reply(received) = two.call(1, other, NULL_KERNEL_AM, nk_op::RECEIVED, &[], &[0]) else {
+        panic!("received replies at once");
+    };
+    assert!(received.status().is_ok(), "{}", received.status());
+    let lent = received.name;
+    let Dispatched::Reply(switched) = two.call(0, VM, 1, op::LW_SWITCH.into(), &[created.name], &[]) else {
+        panic!("a switch replies at once");
+    };
+    assert!(switched.status().is_ok(), "{}", switched.status());
+    // The running child lends the other VM its copy of the root's lwC capability: its
+    // removal will wait for kernel 1.
+    let back = nk_core::words_of(two.kernels[0].initial_caps(child)[0].1);
+    let Dispatched::Pending(_) = two.call(0, child, NULL_KERNEL_AM, nk_op::DELEGATE, &[back], &[u64::MAX, 2, 0]) else {
+        panic!("a delegation to another kernel waits");
+    };
+    two.settle();
+    assert!(two.kernels[0].poll().is_some(), "the child's delegation finished");
+    // The other VM revokes its copy on its own kernel: kernel 1 hears the death, hands the
+    // retirement of the lwC's root on kernel 0 on, and kernel 0 destroys the lwC.
+    let revoked = two.call(1, other, NULL_KERNEL_AM, nk_op::REVOKE, &[lent], &[]);
+    assert!(matches!(revoked, Dispatched::Reply(r) if r.status().is_ok()), "{revoked:?}");
+    two.settle();
+    assert!(two.seen[0].contains(&Effect::LwcDestroy { child, resume: Some(VM) }), "{:?}", two.seen);
+    assert!(two.kernels[0].table().usage(Principal::Vm(child)).is_none(), "the principal is gone");
+    let Dispatched::Reply(refused) = two.call(0, VM, 1, op::LW_SWITCH.into(), &[created.name], &[]) else {
+        panic!("a switch replies at once");
+    };
+    assert!(matches!(refused.status().code(), Status::REVOKED | Status::UNKNOWN_NAME), "{}", refused.status());
+    for nk in &mut two.kernels {
+        assert_eq!(nk.poll(), None, "the lwC's removal and its root's retirement are nobody's reply");
+        assert!(nk.protocol().is_idle());
+        nk.table().check_consistency().unwrap();
+    }
+}

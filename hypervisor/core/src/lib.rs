@@ -177,8 +177,9 @@ pub struct NullKernel {
     effects: Vec<Effect>,
     /// The AMs, and what the hypervisor lends them about memory.
     shared: Shared,
-    /// Root deletions ([`Effect::Retire`]) that wait for other kernels: their completion
-    /// is no caller's reply.
+    /// Root deletions ([`Effect::Retire`]) and removals of destroyed lwCs
+    /// ([`Effect::LwcDestroy`]) that wait for other kernels: their completion is no
+    /// caller's reply.
     retiring: BTreeSet<PendingOp>,
     /// The checked arguments of the AM call being dispatched, filled in place by
     /// [`CapTable::check_into`] and reused by every call (no clearing or copying of the
@@ -838,7 +839,9 @@ impl NullKernel {
     /// [`take_effects`](Self::take_effects), but the list keeps its memory, so the next
     /// effect needs no allocation). `Effect::Retire` is the null-Kernel's own: it deletes
     /// the retired root here (what that deletion makes the AMs emit is handed to `apply`
-    /// after the rest of the list), and its messages to other kernels go to `out`.
+    /// after the rest of the list), and its messages to other kernels go to `out`; a root
+    /// held on another instance is handed to `apply`, to be forwarded there
+    /// ([`retire_forwarded`](Self::retire_forwarded)).
     ///
     /// Retirement lives here, not in [`dispatch`](Self::dispatch): the AM that retired is
     /// no longer busy with its call, and a call that retired nothing pays nothing.
@@ -851,6 +854,10 @@ impl NullKernel {
         while let Some(&effect) = self.effects.get(next) {
             next += 1;
             match effect {
+                // A root another kernel holds (an lwC's, whose copy with the `destroy`
+                // right died here): the hypervisor forwards it to that kernel, which
+                // retires it with `retire_forwarded`.
+                Effect::Retire { root, .. } if root.kernel() != self.id() => apply(effect),
                 Effect::Retire { am, root } => self.retire(am, root, out),
                 Effect::LwcCreate { parent, child, mask, .. } => {
                     self.add_lwc(parent, child, mask, out);
@@ -861,8 +868,12 @@ impl NullKernel {
                     apply(effect);
                 }
                 Effect::LwcDestroy { child, .. } => {
-                    // Ended already when the creator's principal went first.
-                    let _ = self.remove_vm(child, out);
+                    // Ended already when the creator's principal went first. The removal
+                    // waits for other kernels when the lwC delegated there; its completion
+                    // is nobody's reply, as a retirement's.
+                    if let Ok(Dispatched::Pending(op)) = self.remove_vm(child, out) {
+                        self.retiring.insert(op);
+                    }
                     self.placement.remove(&child);
                     apply(effect);
                 }
@@ -887,6 +898,21 @@ impl NullKernel {
         let hook = &mut AmHook::new(&self.shared.ams, &mut self.effects, &mut self.inbox, self.listed);
         if let Started::Pending(op) = self.proto.delete(am, root, hook, out) {
             self.retiring.insert(op);
+        }
+    }
+
+    /// Retires root capability `root` of AM `am`, held on this instance, for another
+    /// instance whose AM hook emitted the [`Effect::Retire`] (its `apply_effects` handed it
+    /// on, as the root is not there): as [`apply_effects`](Self::apply_effects) would have.
+    /// What the deletion makes the AMs emit waits for the next `apply_effects`.
+    #[cold]
+    #[inline(never)]
+    pub fn retire_forwarded<O>(&mut self, am: AmId, root: CapName, out: &mut O)
+    where
+        O: Outbox + ?Sized,
+    {
+        if root.kernel() == self.id() {
+            self.retire(am, root, out);
         }
     }
 
