@@ -137,7 +137,8 @@ pub fn apply(effect: Effect) {
         | Effect::LwcDestroy { .. }
         | Effect::LwcOverlay { .. }
         | Effect::LwcSyscall { .. }
-        | Effect::LwcCapGone { .. } => crate::lwc::apply(effect),
+        | Effect::LwcCapGone { .. }
+        | Effect::LwcRange { .. } => crate::lwc::apply(effect),
         // NullKernel::apply_effects delegated the copies: nothing for the hypervisor.
         Effect::LwcImport { .. } => {}
         // The null-Kernel's own: NullKernel::apply_effects hands on only a root another

@@ -63,6 +63,34 @@ static EPOCH: AtomicU64 = AtomicU64::new(1);
 /// The VM of every live child lwC (its principal number -> the VM's).
 static OWNERS: Mutex<BTreeMap<u32, u32>> = Mutex::new(BTreeMap::new());
 
+/// A new lwC's resource spec (its memory part): the `LwcCreate`'s, and the exception
+/// ranges of the `LwcRange`s that followed it (`LWC_RANGES`), each (first page, pages,
+/// mode), a later one over an earlier one.
+#[derive(Debug, Clone, Copy)]
+pub struct Spec<'a> {
+    pub memory: LwcMemory,
+    pub more: &'a [(u32, u32, u8)],
+}
+
+impl Spec<'_> {
+    /// Tells whether the child shares all of its creator's memory (no view of its own).
+    pub fn all_shared(&self) -> bool {
+        self.memory.all_shared() && self.more.iter().all(|&(_, pages, mode)| pages == 0 || mode == LwcMemory::SHARED)
+    }
+
+    /// Returns the mode of 4 KiB page `page`: the last range's that holds it, else the
+    /// `LwcCreate`'s.
+    pub fn mode_of(&self, page: u64) -> u8 {
+        let holds = |&&(first, pages, _): &&(u32, u32, u8)| {
+            page >= u64::from(first) && page < u64::from(first) + u64::from(pages)
+        };
+        match self.more.iter().rev().find(holds) {
+            Some(&(_, _, mode)) => mode,
+            None => self.memory.mode_of(page),
+        }
+    }
+}
+
 /// An lwC's saved register file: the general registers and RIP, RSP, RFLAGS.
 #[derive(Debug, Clone, Copy)]
 pub struct Saved {
@@ -112,7 +140,9 @@ pub fn apply(effect: Effect) {
             OWNERS.lock().insert(child.raw(), vm);
             vm
         }
-        Effect::LwcOverlay { to: from, .. } | Effect::LwcSyscall { by: from, .. } => match vm_of(from) {
+        Effect::LwcOverlay { to: from, .. }
+        | Effect::LwcSyscall { by: from, .. }
+        | Effect::LwcRange { child: from, .. } => match vm_of(from) {
             Some(vm) => vm,
             None => return,
         },
@@ -384,7 +414,7 @@ impl Views {
 
     /// Makes the view of new lwC `child` of `parent` as `spec` says (a child that shares all
     /// memory runs where its parent runs). Says why it cannot.
-    pub fn create(&mut self, vm: VmId, parent: u32, child: u32, spec: LwcMemory) -> Result<(), &'static str> {
+    pub fn create(&mut self, vm: VmId, parent: u32, child: u32, spec: &Spec<'_>) -> Result<(), &'static str> {
         if spec.all_shared() {
             if let Some(view) = self.views.iter_mut().find(|v| v.users.contains(&parent)) {
                 view.users.push(child);

@@ -51,11 +51,16 @@
 //!   list, in index order); include your own lwC capability for the child to switch back.
 //!   The child starts as a snapshot of the caller's registers at the call: the first switch
 //!   into it returns there with `{new, caller, args}` = `{creator id, switcher id, a0, a1}`
-//!   (the creator sees `caller == NONE`). `options`: 0 or `LWC_SYSTRAP` (1); anything else
+//!   (the creator sees `caller == NONE`). `options`: bits `LWC_SYSTRAP` (1) and `LWC_RANGES` (2); anything else
 //!   (signal sharing is not implemented): `BAD_ARGUMENT`. The spec's memory part: `mode` for the
 //!   VM's whole initial memory (0 `LWC_SHARED`, 1 `LWC_COW`, 2 `LWC_UNMAP`), and another
 //!   mode (the low two bits of `range`) for the `bytes` bytes from page-aligned `range`;
-//!   beyond the VM's memory, unaligned or an unknown mode: `BAD_ARGUMENT`. Only an lwC on
+//!   beyond the VM's memory, unaligned or an unknown mode: `BAD_ARGUMENT`. With the option
+//!   `LWC_RANGES` (2, besides `LWC_SYSTRAP`), `range` is the guest-physical address of a
+//!   list of `bytes` such ranges (1 to `MAX_RANGES`, two words each, applied in order),
+//!   read from the VM's memory through the hypervisor and all checked first
+//!   (`BAD_ARGUMENT`; from an lwC with a view of its own: `NOT_PERMITTED`); the first
+//!   rides in [`Effect::LwcCreate`], each other in an [`Effect::LwcRange`] after it. Only an lwC on
 //!   the VM's own EPT may create a child with a view of its own (`NOT_PERMITTED`).
 //! - 1 `lwSwitch(target: lwc/switch; a0, a1)`: the reply goes to the target, with results
 //!   `{new, caller, a0, a1}` = `{target's creator (NONE for a root), caller id, a0, a1}`.
@@ -322,21 +327,69 @@ impl LwcAm {
     /// page-aligned range with its mode in the low two bits, the range's bytes) for a VM
     /// of `bytes` bytes of memory.
     fn memory_spec(args: &[u64; PLAIN_ARGS], bytes: u64) -> Result<LwcMemory, AmError> {
-        let mode = |m: u64| match m {
-            0..=2 => Ok(m as u8),
+        let (first_page, pages, range_mode) = Self::exception_range(args[3], args[4], bytes)?;
+        Ok(LwcMemory { mode: Self::mode(args[2])?, range_mode, first_page, pages })
+    }
+
+    /// Reads a resource-spec mode (`LWC_SHARED`, `LWC_COW`, `LWC_UNMAP`).
+    fn mode(mode: u64) -> Result<u8, AmError> {
+        match mode {
+            0..=2 => Ok(mode as u8),
             _ => Err(AmError::BadArgument),
-        };
-        let (range, len) = (args[3] & !(PAGE - 1), args[4]);
-        let spec = LwcMemory {
-            mode: mode(args[2])?,
-            range_mode: mode(args[3] & (PAGE - 1))?,
-            first_page: u32::try_from(range / PAGE).map_err(|_| AmError::BadArgument)?,
-            pages: u32::try_from(len / PAGE).map_err(|_| AmError::BadArgument)?,
-        };
+        }
+    }
+
+    /// Reads one exception range (a page-aligned address with its mode in the low two
+    /// bits, a length in bytes) of a VM of `bytes` bytes: (first page, pages, mode).
+    fn exception_range(at: u64, len: u64, bytes: u64) -> Result<(u32, u32, u8), AmError> {
+        let range = at & !(PAGE - 1);
+        let mode = Self::mode(at & (PAGE - 1))?;
         if !len.is_multiple_of(PAGE) || range.checked_add(len).is_none_or(|end| end > bytes) {
             return Err(AmError::BadArgument);
         }
-        Ok(spec)
+        let first = u32::try_from(range / PAGE).map_err(|_| AmError::BadArgument)?;
+        let pages = u32::try_from(len / PAGE).map_err(|_| AmError::BadArgument)?;
+        Ok((first, pages, mode))
+    }
+
+    /// Reads `lwCreate`'s `LWC_RANGES` spec: `args[2]` the mode, `args[3]` the
+    /// guest-physical address of a list of `args[4]` exception ranges (two words each) in
+    /// the memory of `vm` (`bytes` bytes), read through the hypervisor's view of it. Returns
+    /// the spec with the first range, and the others in order. Every range is checked
+    /// before anything changes.
+    fn range_list(
+        args: &[u64; PLAIN_ARGS],
+        vm: VmId,
+        bytes: u64,
+        kernel: &dyn Kernel,
+    ) -> Result<(LwcMemory, Vec<(u32, u32, u8)>), AmError> {
+        let (at, count) = (args[3], args[4]);
+        let mode = Self::mode(args[2])?;
+        if count == 0 || count > nk_abi::lwc_op::MAX_RANGES || !at.is_multiple_of(8) {
+            return Err(AmError::BadArgument);
+        }
+        let len = count * 16;
+        if at.checked_add(len).is_none_or(|end| end > bytes) {
+            return Err(AmError::BadArgument);
+        }
+        let (base, size) = kernel.guest_memory(vm).ok_or(AmError::NotPermitted)?;
+        if at + len > size {
+            return Err(AmError::BadArgument);
+        }
+        let host = kernel.host_memory().ok_or(AmError::NotPermitted)?;
+        let mut raw = [0u8; 16 * nk_abi::lwc_op::MAX_RANGES as usize];
+        let raw = &mut raw[..len as usize];
+        if !host.read(base + at, raw) {
+            return Err(AmError::BadArgument);
+        }
+        let word = |i: usize| u64::from_le_bytes(raw[i * 8..i * 8 + 8].try_into().unwrap_or_default());
+        let mut ranges = Vec::new();
+        ranges.try_reserve_exact(count as usize).map_err(|_| AmError::NoMemory)?;
+        for i in 0..count as usize {
+            ranges.push(Self::exception_range(word(2 * i), word(2 * i + 1), bytes)?);
+        }
+        let (first_page, pages, range_mode) = ranges.remove(0);
+        Ok((LwcMemory { mode, range_mode, first_page, pages }, ranges))
     }
 
     /// Returns the principal number of `principal` when it is a VM-like principal.
@@ -365,13 +418,25 @@ impl LwcAm {
         if id != caller {
             return Err(AmError::NotPermitted);
         }
-        if args[1] & !nk_abi::lwc_op::LWC_SYSTRAP != 0 {
+        use nk_abi::lwc_op::{LWC_RANGES, LWC_SYSTRAP};
+        if args[1] & !(LWC_SYSTRAP | LWC_RANGES) != 0 {
             return Err(AmError::BadArgument);
         }
-        let systrap = args[1] & nk_abi::lwc_op::LWC_SYSTRAP != 0;
-        let memory = Self::memory_spec(args, self.memory_of(me.vm).ok_or(AmError::NotPermitted)?)?;
+        let systrap = args[1] & LWC_SYSTRAP != 0;
+        let bytes = self.memory_of(me.vm).ok_or(AmError::NotPermitted)?;
+        let (memory, more) = if args[1] & LWC_RANGES != 0 {
+            // The list is read from the VM's own memory, which only an lwC on the VM's
+            // own EPT sees as it is.
+            if !me.root_view {
+                return Err(AmError::NotPermitted);
+            }
+            Self::range_list(args, me.vm, bytes, &*kernel)?
+        } else {
+            (Self::memory_spec(args, bytes)?, Vec::new())
+        };
+        let all_shared = memory.all_shared() && more.iter().all(|&(_, pages, mode)| pages == 0 || mode == memory.mode);
         // A view of its own is made from the VM's own EPT only (docs/lwc.md).
-        if !memory.all_shared() && !me.root_view {
+        if !all_shared && !me.root_view {
             return Err(AmError::NotPermitted);
         }
         if self.lwcs.len() >= MAX_LWCS || self.next_child == u32::MAX {
@@ -385,7 +450,7 @@ impl LwcAm {
         let all = Rights::from_bits(rights::SWITCH | rights::CREATE | rights::DESTROY);
         let (root, name) = kernel.grant_new_root(object, all, checked.caller(), Binding::Bound)?;
         self.next_child += 1;
-        let root_view = memory.all_shared() && me.root_view;
+        let root_view = all_shared && me.root_view;
         let access = (0, self.pages_of(me.vm));
         let lwc = Lwc {
             vm: me.vm,
@@ -405,6 +470,9 @@ impl LwcAm {
             memory,
             systrap,
         });
+        for (first_page, pages, mode) in more {
+            kernel.emit(Effect::LwcRange { child: VmId::new(child), first_page, pages, mode });
+        }
         Ok(Outcome { name: Some(name), results: [u64::from(child), NONE, 0, 0] })
     }
 

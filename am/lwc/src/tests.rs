@@ -446,3 +446,97 @@ fn a_copy_revoked_on_another_kernel_destroys_the_lwc_on_its_creators() {
         nk.table().check_consistency().unwrap();
     }
 }
+
+/// Guest memory for `LWC_RANGES` lists: VM 1's 4 MiB at host-physical `GUEST_BASE`, of
+/// which the first 64 KiB are backed here (a read elsewhere fails, as the hypervisor's
+/// would outside memory it maps).
+const GUEST_BASE: u64 = 0x100_0000;
+
+struct FakeGuest(std::sync::Mutex<[u8; 65536]>);
+
+impl nk_am::HostMemory for FakeGuest {
+    fn read(&self, hpa: u64, buf: &mut [u8]) -> bool {
+        let Some(at) = hpa.checked_sub(GUEST_BASE).filter(|&at| at + buf.len() as u64 <= 65536) else {
+            return false;
+        };
+        buf.copy_from_slice(&self.0.lock().unwrap()[at as usize..at as usize + buf.len()]);
+        true
+    }
+
+    fn write(&self, _hpa: u64, _data: &[u8]) -> bool {
+        false
+    }
+}
+
+static GUEST: FakeGuest = FakeGuest(std::sync::Mutex::new([0; 65536]));
+
+/// Writes `ranges` (address | mode, bytes) as a list at guest-physical `at`.
+fn write_list(at: u64, ranges: &[(u64, u64)]) {
+    let mut memory = GUEST.0.lock().unwrap();
+    for (i, &(range, bytes)) in ranges.iter().enumerate() {
+        let p = at as usize + 16 * i;
+        memory[p..p + 8].copy_from_slice(&range.to_le_bytes());
+        memory[p + 8..p + 16].copy_from_slice(&bytes.to_le_bytes());
+    }
+}
+
+#[test]
+fn several_exception_ranges_are_read_from_guest_memory_and_checked_first() {
+    use nk_abi::lwc_op::{LWC_COW, LWC_RANGES, LWC_SHARED, LWC_UNMAP, MAX_RANGES};
+    let mut nk = NullKernel::new(KernelId::new(0), 1, 4096, &mut FixedSeed::from_u64(9)).unwrap();
+    nk.add_am(Box::new(LwcAm::for_vms([(VM, 4 << 20)])), 1024).unwrap();
+    nk.set_caller_ring(|| 0);
+    nk.set_guest_memory(|vm| (vm == VM).then_some((GUEST_BASE, 4 << 20)));
+    nk.set_host_memory(&GUEST);
+    assert!(nk.add_vm(VM, 256).unwrap().is_empty());
+    let mut w = World { nk, seen: Vec::new() };
+    let me = w.initial(VM, 0).name;
+    let create = |w: &mut World, at: u64, count: u64| {
+        w.call(VM, 1, op::LW_CREATE.into(), &[me], &[0, LWC_RANGES, LWC_COW, at, count])
+    };
+    let page = 4096u64;
+    // Malformed lists: refused before anything changes (no principal, no effect).
+    let list = 0x2000;
+    write_list(list, &[(0x10000 | LWC_SHARED, page), (0x20000 | 3, page), (0x30000, 100), (4 << 20, page)]);
+    let bad = [
+        (list, 0),              // no range
+        (list, MAX_RANGES + 1), // too many
+        (list + 4, 1),          // an unaligned list
+        ((4 << 20) - 8, 1),     // a list past the VM's memory
+        (u64::MAX - 8, 1),      // an absurd address
+        (list, 2),              // the second range's mode is 3
+        (list + 16, 1),         // the same range alone
+        (0x20000, 1),           // a list the hypervisor cannot read
+    ];
+    for (at, count) in bad {
+        assert_eq!(create(&mut w, at, count).status().code(), Status::BAD_ARGUMENT, "list at {at:#x}, {count}");
+    }
+    write_list(list, &[(0x10000, page), (0x30000, 100)]);
+    assert_eq!(create(&mut w, list, 2).status().code(), Status::BAD_ARGUMENT, "a length of 100 bytes");
+    write_list(list, &[(0x10000, page), ((4 << 20) - page, 2 * page)]);
+    assert_eq!(create(&mut w, list, 2).status().code(), Status::BAD_ARGUMENT, "a range past memory");
+    assert!(w.seen.is_empty(), "{:?}", w.seen);
+    // A good list of three: the first range rides with LwcCreate, the others follow in order.
+    write_list(list, &[(0x10000 | LWC_SHARED, 4 * page), (0x12000 | LWC_COW, page), (0x40000 | LWC_UNMAP, 2 * page)]);
+    let created = create(&mut w, list, 3);
+    assert!(created.status().is_ok(), "{}", created.status());
+    let child = VmId::new(FIRST_CHILD);
+    assert_eq!(created.results[0], u64::from(child.raw()), "the refused lists created nothing");
+    let memory = LwcMemory { mode: LwcMemory::COW, range_mode: LwcMemory::SHARED, first_page: 0x10, pages: 4 };
+    assert!(
+        matches!(w.seen[0], Effect::LwcCreate { child: c, memory: m, .. } if c == child && m == memory),
+        "{:?}",
+        w.seen
+    );
+    assert_eq!(
+        w.seen[1..],
+        [
+            Effect::LwcRange { child, first_page: 0x12, pages: 1, mode: LwcMemory::COW },
+            Effect::LwcRange { child, first_page: 0x40, pages: 2, mode: LwcMemory::UNMAP },
+        ]
+    );
+    // Every range shared (a child without a view of its own).
+    write_list(list, &[(0x10000, page), (0x20000, page)]);
+    let shared = w.call(VM, 1, op::LW_CREATE.into(), &[me], &[0, LWC_RANGES, LWC_SHARED, list, 2]);
+    assert!(shared.status().is_ok(), "{}", shared.status());
+}
