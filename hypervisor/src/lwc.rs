@@ -273,8 +273,11 @@ pub struct Sandbox {
     pub current: bool,
     /// (principal, the lwC AM's id) of each.
     members: Vec<(u32, nk_am::AmId)>,
-    /// The trapped call of a member that waits for its creator's answer.
-    trapped: Option<(u32, nk_abi::Call)>,
+    /// The trapped call of each member that waits for its creator's answer, by member: as
+    /// many as wait at once (a vCPU's root may leave one child's trap unanswered while it
+    /// runs another, and every vCPU of the VM may have its own; docs/multi-vcpu.md), at
+    /// most one per member.
+    trapped: Vec<(u32, nk_abi::Call)>,
 }
 
 impl Sandbox {
@@ -293,9 +296,7 @@ impl Sandbox {
     /// Forgets `principal` (destroyed).
     pub fn remove(&mut self, principal: u32) {
         self.members.retain(|&(p, _)| p != principal);
-        if self.trapped.as_ref().is_some_and(|(p, _)| *p == principal) {
-            self.trapped = None;
-        }
+        self.trapped.retain(|&(p, _)| p != principal);
     }
 
     /// Notes that `principal` runs now.
@@ -308,25 +309,26 @@ impl Sandbox {
         self.members.iter().find(|&&(p, _)| p == principal).map(|&(_, am)| am)
     }
 
-    /// Records the trapped call of `principal`.
+    /// Records the trapped call of member `principal` (in place of one it had: a member
+    /// traps only while it runs, so an older one was answered or abandoned).
     pub fn trap(&mut self, principal: u32, call: nk_abi::Call) {
-        self.trapped = Some((principal, call));
+        if let Some(entry) = self.trapped.iter_mut().find(|(p, _)| *p == principal) {
+            entry.1 = call;
+        } else if self.members.iter().any(|&(p, _)| p == principal) {
+            // At most one per member, and members are bounded: this stays bounded too.
+            self.trapped.push((principal, call));
+        }
     }
 
     /// Takes the trapped call of `principal`, if it waits.
     pub fn take_trapped(&mut self, principal: u32) -> Option<nk_abi::Call> {
-        match self.trapped {
-            Some((p, call)) if p == principal => {
-                self.trapped = None;
-                Some(call)
-            }
-            _ => None,
-        }
+        let at = self.trapped.iter().position(|(p, _)| *p == principal)?;
+        Some(self.trapped.swap_remove(at).1)
     }
 
     /// Returns the trapped call `principal` waits with.
     pub fn trapped_call(&self, principal: u32) -> Option<nk_abi::Call> {
-        self.trapped.filter(|(p, _)| *p == principal).map(|(_, call)| call)
+        self.trapped.iter().find(|(p, _)| *p == principal).map(|&(_, call)| call)
     }
 }
 

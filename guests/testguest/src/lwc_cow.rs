@@ -86,6 +86,7 @@ pub fn child(entry: usize, a0: u64, caller: u64) -> ! {
         crate::lwc_import::CHILD => crate::lwc_import::child(back),
         crate::lwc_remote::CHILD => crate::lwc_remote::child(back),
         crate::lwc_ranges::CHILD => crate::lwc_ranges::child(back),
+        crate::lwc_traps::CHILD => crate::lwc_traps::child(back),
         _ => quota_child(am, back),
     }
 }
