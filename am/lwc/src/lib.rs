@@ -51,7 +51,11 @@
 //!   list, in index order); include your own lwC capability for the child to switch back.
 //!   The child starts as a snapshot of the caller's registers at the call: the first switch
 //!   into it returns there with `{new, caller, args}` = `{creator id, switcher id, a0, a1}`
-//!   (the creator sees `caller == NONE`). `options`: bits `LWC_SYSTRAP` (1) and `LWC_RANGES` (2); anything else
+//!   (the creator sees `caller == NONE`). With the option `LWC_RECEIVED` (4) the mask's
+//!   bits 0-31 name `INITIAL` capabilities 0-31 and bits 32-63 the caller's `RECEIVED`
+//!   capabilities 0-31 (its inbox at the call), copied after the `INITIAL` ones in index
+//!   order by the same rules. `options`: bits `LWC_SYSTRAP` (1), `LWC_RANGES` (2) and
+//!   `LWC_RECEIVED` (4); anything else
 //!   (signal sharing is not implemented): `BAD_ARGUMENT`. The spec's memory part: `mode` for the
 //!   VM's whole initial memory (0 `LWC_SHARED`, 1 `LWC_COW`, 2 `LWC_UNMAP`), and another
 //!   mode (the low two bits of `range`) for the `bytes` bytes from page-aligned `range`;
@@ -418,10 +422,15 @@ impl LwcAm {
         if id != caller {
             return Err(AmError::NotPermitted);
         }
-        use nk_abi::lwc_op::{LWC_RANGES, LWC_SYSTRAP};
-        if args[1] & !(LWC_SYSTRAP | LWC_RANGES) != 0 {
+        use nk_abi::lwc_op::{LWC_RANGES, LWC_RECEIVED, LWC_SYSTRAP};
+        if args[1] & !(LWC_SYSTRAP | LWC_RANGES | LWC_RECEIVED) != 0 {
             return Err(AmError::BadArgument);
         }
+        // The capability part: bits of INITIAL indices, or with LWC_RECEIVED 32 of each.
+        let (mask, received) = match args[1] & LWC_RECEIVED {
+            0 => (args[0], 0),
+            _ => (args[0] & u64::from(u32::MAX), (args[0] >> 32) as u32),
+        };
         let systrap = args[1] & LWC_SYSTRAP != 0;
         let bytes = self.memory_of(me.vm).ok_or(AmError::NotPermitted)?;
         let (memory, more) = if args[1] & LWC_RANGES != 0 {
@@ -466,7 +475,8 @@ impl LwcAm {
         kernel.emit(Effect::LwcCreate {
             parent: VmId::new(caller),
             child: VmId::new(child),
-            mask: args[0],
+            mask,
+            received,
             memory,
             systrap,
         });

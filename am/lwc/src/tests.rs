@@ -61,7 +61,14 @@ fn create_switch_restrict_and_destroy() {
     let child = VmId::new(FIRST_CHILD);
     assert_eq!(
         w.seen.last(),
-        Some(&Effect::LwcCreate { parent: VM, child, mask: 0b10, memory: LwcMemory::default(), systrap: None })
+        Some(&Effect::LwcCreate {
+            parent: VM,
+            child,
+            mask: 0b10,
+            received: 0,
+            memory: LwcMemory::default(),
+            systrap: None
+        })
     );
     // The child's INITIAL list is the one copy; it cannot use the parent's counter or factory.
     let back = w.initial(child, 0);
@@ -115,7 +122,10 @@ fn memory_spec_is_checked_and_passed_on() {
     assert!(created.status().is_ok(), "{}", created.status());
     let memory = LwcMemory { mode: LwcMemory::COW, range_mode: LwcMemory::SHARED, first_page: 3, pages: 1 };
     let child = VmId::new(FIRST_CHILD);
-    assert_eq!(w.seen.last(), Some(&Effect::LwcCreate { parent: VM, child, mask: 0b10, memory, systrap: None }));
+    assert_eq!(
+        w.seen.last(),
+        Some(&Effect::LwcCreate { parent: VM, child, mask: 0b10, received: 0, memory, systrap: None })
+    );
     assert_eq!(memory.mode_of(2), LwcMemory::COW);
     assert_eq!(memory.mode_of(3), LwcMemory::SHARED);
     assert!(!memory.all_shared());
@@ -539,4 +549,40 @@ fn several_exception_ranges_are_read_from_guest_memory_and_checked_first() {
     write_list(list, &[(0x10000, page), (0x20000, page)]);
     let shared = w.call(VM, 1, op::LW_CREATE.into(), &[me], &[0, LWC_RANGES, LWC_SHARED, list, 2]);
     assert!(shared.status().is_ok(), "{}", shared.status());
+}
+
+#[test]
+fn received_capabilities_are_named_by_the_mask_with_lwc_received() {
+    use nk_abi::lwc_op::LWC_RECEIVED;
+    let mut w = world();
+    let other = VmId::new(2);
+    assert!(w.nk.add_vm(other, 256).unwrap().is_empty());
+    assert!(core::mem::size_of::<Effect>() <= 40, "an effect stays as small");
+    // VM 2 lends VM 1 a counter: VM 1's RECEIVED 0.
+    let factory = w.initial(other, 0).name;
+    let counter = w.call(other, 1, counter_op::CREATE.into(), &[factory], &[]).name;
+    assert!(w.call(other, 1, counter_op::ADD.into(), &[counter], &[7]).status().is_ok());
+    assert!(w.call(other, NULL_KERNEL_AM, nk_op::DELEGATE, &[counter], &[u64::MAX, 1, 0]).status().is_ok());
+    let me = w.initial(VM, 1).name;
+    // Bits 0-31: INITIAL (1: the lwC capability); bits 32-63: RECEIVED (0: the counter,
+    // 5: nothing there, skipped as a missing INITIAL index is).
+    let mask = 0b10 | 1 << 32 | 1 << 37;
+    let created = w.call(VM, 2, op::LW_CREATE.into(), &[me], &[mask, LWC_RECEIVED, 0, 0, 0]);
+    assert!(created.status().is_ok(), "{}", created.status());
+    let child = VmId::new(FIRST_CHILD);
+    assert!(matches!(w.seen.last(), Some(Effect::LwcCreate { mask: 0b10, received: 0b10_0001, .. })), "{:?}", w.seen);
+    let list: Vec<u16> = w.nk.initial_caps(child).iter().map(|(am, _)| am.raw()).collect();
+    assert_eq!(list, [2, 1], "its lwC copy, then the received counter's");
+    let copy = w.initial(child, 1).name;
+    let read = w.call(child, 1, counter_op::READ.into(), &[copy], &[]);
+    assert!(read.status().is_ok() && read.results[0] == 7, "{} {:?}", read.status(), read.results);
+    // The same rules: a copy of a copy, so the lender's revocation takes it.
+    assert!(w.call(other, NULL_KERNEL_AM, nk_op::REVOKE, &[counter], &[]).status().is_ok());
+    assert!(!w.call(child, 1, counter_op::READ.into(), &[copy], &[]).status().is_ok());
+    // Without the option, bit 32 is INITIAL 32: nothing.
+    let plain = w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0b10 | 1 << 32, 0, 0, 0, 0]);
+    assert!(plain.status().is_ok(), "{}", plain.status());
+    assert_eq!(w.nk.initial_caps(VmId::new(FIRST_CHILD + 1)).len(), 1);
+    // An unknown option bit is still refused.
+    assert_eq!(w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0b10, 8, 0, 0, 0]).status().code(), Status::BAD_ARGUMENT);
 }

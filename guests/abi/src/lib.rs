@@ -283,6 +283,10 @@ pub mod lwc_op {
     pub const LWC_RANGES: u64 = 2;
     /// The most exception ranges an `LWC_RANGES` list holds.
     pub const MAX_RANGES: u64 = 8;
+    /// `lwCreate` option: the capability mask's bits 0-31 name the caller's `INITIAL`
+    /// capabilities 0-31 and bits 32-63 its `RECEIVED` capabilities 0-31 (its inbox at the
+    /// call), each handed to the child as a delegated copy after the `INITIAL` ones.
+    pub const LWC_RECEIVED: u64 = 4;
     /// The first result of a creator's `lwSwitch` that a trapped call ended.
     pub const TRAPPED: u64 = u64::MAX - 1;
     /// "No lwC" in results (the creator's `caller` after `lwCreate`; a root's creator).

@@ -859,8 +859,8 @@ impl NullKernel {
                 // retires it with `retire_forwarded`.
                 Effect::Retire { root, .. } if root.kernel() != self.id() => apply(effect),
                 Effect::Retire { am, root } => self.retire(am, root, out),
-                Effect::LwcCreate { parent, child, mask, .. } => {
-                    self.add_lwc(parent, child, mask, out);
+                Effect::LwcCreate { parent, child, mask, received, .. } => {
+                    self.add_lwc(parent, child, (mask, received), out);
                     apply(effect);
                 }
                 Effect::LwcImport { from, to, mask } => {
@@ -919,11 +919,12 @@ impl NullKernel {
     /// Registers principal `child`, a new light-weight context of `parent`
     /// ([`Effect::LwcCreate`]), on this instance with `parent`'s quota, and hands it a
     /// delegated child (same rights, bound) of each of `parent`'s `INITIAL` capabilities
-    /// whose index is set in `mask`, as its own `INITIAL` list. A capability that fails to
+    /// whose index is set in `mask`, then of each of its `RECEIVED` ones whose index is set
+    /// in `received`, as its own `INITIAL` list. A capability that fails to
     /// delegate (gone since) is skipped; the child's list stays in index order.
     #[cold]
     #[inline(never)]
-    fn add_lwc<O>(&mut self, parent: VmId, child: VmId, mask: u64, out: &mut O)
+    fn add_lwc<O>(&mut self, parent: VmId, child: VmId, (mask, received): (u64, u32), out: &mut O)
     where
         O: Outbox + ?Sized,
     {
@@ -932,13 +933,25 @@ impl NullKernel {
             return;
         }
         self.placement.insert(child, self.id());
-        let chosen: Vec<(AmId, CapName)> = self
+        let mut chosen: Vec<(AmId, CapName)> = self
             .initial_caps(parent)
             .iter()
             .enumerate()
             .filter(|&(i, _)| i < 64 && mask & (1 << i) != 0)
             .map(|(_, &cap)| cap)
             .collect();
+        if received != 0 {
+            // The parent's inbox as `RECEIVED` lists it now (dead entries pruned first).
+            let names: Vec<CapName> = self.pruned_inbox(parent).map_or_else(Vec::new, |inbox| {
+                let listed = inbox.entries.iter().take(32).enumerate();
+                listed.filter(|&(i, _)| received & (1 << i) != 0).map(|(_, entry)| entry.name).collect()
+            });
+            for name in names {
+                if let Ok(info) = self.table().inspect(Principal::Vm(parent), name) {
+                    chosen.push((info.object.am, name));
+                }
+            }
+        }
         let mut granted = Vec::new();
         for (am, name) in chosen {
             let (caller, to, kernel) = (Principal::Vm(parent), Principal::Vm(child), self.id());
