@@ -183,6 +183,9 @@ pub struct LwcAm {
     vms: Option<BTreeMap<u32, u64>>,
 }
 
+/// An exception range of a resource spec: (first page, pages, mode).
+type Range = (u32, u32, u8);
+
 /// The memory bound of a VM whose size the AM was not told ([`LwcAm::new`]).
 pub const MAX_MEMORY: u64 = 1 << 30;
 const PAGE: u64 = 4096;
@@ -345,7 +348,7 @@ impl LwcAm {
 
     /// Reads one exception range (a page-aligned address with its mode in the low two
     /// bits, a length in bytes) of a VM of `bytes` bytes: (first page, pages, mode).
-    fn exception_range(at: u64, len: u64, bytes: u64) -> Result<(u32, u32, u8), AmError> {
+    fn exception_range(at: u64, len: u64, bytes: u64) -> Result<Range, AmError> {
         let range = at & !(PAGE - 1);
         let mode = Self::mode(at & (PAGE - 1))?;
         if !len.is_multiple_of(PAGE) || range.checked_add(len).is_none_or(|end| end > bytes) {
@@ -366,7 +369,7 @@ impl LwcAm {
         vm: VmId,
         bytes: u64,
         kernel: &dyn Kernel,
-    ) -> Result<(LwcMemory, Vec<(u32, u32, u8)>), AmError> {
+    ) -> Result<(LwcMemory, Vec<Range>), AmError> {
         let (at, count) = (args[3], args[4]);
         let mode = Self::mode(args[2])?;
         if count == 0 || count > nk_abi::lwc_op::MAX_RANGES || !at.is_multiple_of(8) {
