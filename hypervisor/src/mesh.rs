@@ -41,6 +41,9 @@ pub struct Instance {
     /// Roots of this instance whose retirement an AM hook on another instance asked for
     /// (`forward_retire`): an lwC's, whose copy with the `destroy` right died there.
     retires: Mutex<Vec<(nk_caps::AmId, nk_caps::CapName)>>,
+    /// `retires` may hold some (set after a push, cleared before a take), so `service`
+    /// pays one atomic load, not a lock, when it holds none.
+    retires_pending: AtomicBool,
     /// An empty outbox that keeps its allocation between the messages `service` answers,
     /// so answering one allocates nothing.
     spare_outbox: Mutex<Vec<(KernelId, Message)>>,
@@ -94,6 +97,7 @@ pub fn install(kernels: Vec<(NullKernel, u32)>) {
                 overflowing: AtomicBool::new(false),
                 finished: Mutex::new(Vec::new()),
                 retires: Mutex::new(Vec::new()),
+                retires_pending: AtomicBool::new(false),
                 spare_outbox: Mutex::new(Vec::new()),
                 apic_id,
             })
@@ -295,12 +299,16 @@ impl Mesh {
         let Some(instance) = self.instances.get(to) else { return };
         IN_FLIGHT.fetch_add(1, Ordering::AcqRel);
         instance.retires.lock().push((am, root));
+        instance.retires_pending.store(true, Ordering::Release);
         self.ring_doorbells(crate::percpu::current_index() as usize, 1 << to);
     }
 
     /// Retires the roots other instances asked `cpu`'s to (`forward_retire`).
     fn retire_forwarded(&self, cpu: usize) -> usize {
         let instance = &self.instances[cpu];
+        if !instance.retires_pending.swap(false, Ordering::AcqRel) {
+            return 0;
+        }
         let retires = core::mem::take(&mut *instance.retires.lock());
         if retires.is_empty() {
             return 0;
