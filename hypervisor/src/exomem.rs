@@ -380,6 +380,7 @@ pub fn apply(effect: Effect) {
         | Effect::LwcOverlay { .. }
         | Effect::LwcSyscall { .. }
         | Effect::LwcCapGone { .. }
+        | Effect::LwcRange { .. }
         | Effect::LwcImport { .. }
         | Effect::Retire { .. } => {}
     }

@@ -763,20 +763,35 @@ impl Guest {
         if let Some((from, to)) = crate::lwc::take_switch() {
             self.switch_lwc(from, to)?;
         }
-        for effect in crate::lwc::take(self.vm) {
+        let effects = crate::lwc::take(self.vm);
+        let mut next = 0;
+        while let Some(&effect) = effects.get(next) {
+            next += 1;
             match effect {
                 nk_am::Effect::LwcCreate { parent, child, memory, systrap, .. } => {
                     if let Some(am) = systrap {
                         self.sandbox.add(child.raw(), am);
                     }
-                    if !memory.all_shared() || self.views.is_some() {
+                    // The exception ranges past the first follow it (`LWC_RANGES`).
+                    let more: Vec<(u32, u32, u8)> = effects[next..]
+                        .iter()
+                        .map_while(|e| match *e {
+                            nk_am::Effect::LwcRange { child: c, first_page, pages, mode } if c == child => {
+                                Some((first_page, pages, mode))
+                            }
+                            _ => None,
+                        })
+                        .collect();
+                    next += more.len();
+                    let spec = crate::lwc::Spec { memory, more: &more };
+                    if !spec.all_shared() || self.views.is_some() {
                         let views = self.views.get_or_insert_with(|| {
                             alloc::boxed::Box::new(crate::lwc::Views::new(
                                 (self.memory.as_u64(), self.memory_size),
                                 self.frame_quota,
                             ))
                         });
-                        views.create(self.vm, parent.raw(), child.raw(), memory).map_err(String::from)?;
+                        views.create(self.vm, parent.raw(), child.raw(), &spec).map_err(String::from)?;
                     }
                     let vcpu = self.vcpu.as_mut().expect("checked above");
                     let flow = vcpu.flow_registers().map_err(fail)?;

@@ -137,11 +137,17 @@ pub fn apply(effect: Effect) {
         | Effect::LwcDestroy { .. }
         | Effect::LwcOverlay { .. }
         | Effect::LwcSyscall { .. }
-        | Effect::LwcCapGone { .. } => crate::lwc::apply(effect),
+        | Effect::LwcCapGone { .. }
+        | Effect::LwcRange { .. } => crate::lwc::apply(effect),
         // NullKernel::apply_effects delegated the copies: nothing for the hypervisor.
         Effect::LwcImport { .. } => {}
-        // The null-Kernel's own (NullKernel::apply_effects handles it).
-        Effect::Retire { .. } => {}
+        // The null-Kernel's own: NullKernel::apply_effects hands on only a root another
+        // instance holds, which that instance retires.
+        Effect::Retire { am, root } => {
+            if let Some(mesh) = crate::mesh::get() {
+                mesh.forward_retire(am, root);
+            }
+        }
     }
 }
 

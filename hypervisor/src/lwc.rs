@@ -63,6 +63,34 @@ static EPOCH: AtomicU64 = AtomicU64::new(1);
 /// The VM of every live child lwC (its principal number -> the VM's).
 static OWNERS: Mutex<BTreeMap<u32, u32>> = Mutex::new(BTreeMap::new());
 
+/// A new lwC's resource spec (its memory part): the `LwcCreate`'s, and the exception
+/// ranges of the `LwcRange`s that followed it (`LWC_RANGES`), each (first page, pages,
+/// mode), a later one over an earlier one.
+#[derive(Debug, Clone, Copy)]
+pub struct Spec<'a> {
+    pub memory: LwcMemory,
+    pub more: &'a [(u32, u32, u8)],
+}
+
+impl Spec<'_> {
+    /// Tells whether the child shares all of its creator's memory (no view of its own).
+    pub fn all_shared(&self) -> bool {
+        self.memory.all_shared() && self.more.iter().all(|&(_, pages, mode)| pages == 0 || mode == LwcMemory::SHARED)
+    }
+
+    /// Returns the mode of 4 KiB page `page`: the last range's that holds it, else the
+    /// `LwcCreate`'s.
+    pub fn mode_of(&self, page: u64) -> u8 {
+        let holds = |&&(first, pages, _): &&(u32, u32, u8)| {
+            page >= u64::from(first) && page < u64::from(first) + u64::from(pages)
+        };
+        match self.more.iter().rev().find(holds) {
+            Some(&(_, _, mode)) => mode,
+            None => self.memory.mode_of(page),
+        }
+    }
+}
+
 /// An lwC's saved register file: the general registers and RIP, RSP, RFLAGS.
 #[derive(Debug, Clone, Copy)]
 pub struct Saved {
@@ -112,7 +140,9 @@ pub fn apply(effect: Effect) {
             OWNERS.lock().insert(child.raw(), vm);
             vm
         }
-        Effect::LwcOverlay { to: from, .. } | Effect::LwcSyscall { by: from, .. } => match vm_of(from) {
+        Effect::LwcOverlay { to: from, .. }
+        | Effect::LwcSyscall { by: from, .. }
+        | Effect::LwcRange { child: from, .. } => match vm_of(from) {
             Some(vm) => vm,
             None => return,
         },
@@ -243,8 +273,11 @@ pub struct Sandbox {
     pub current: bool,
     /// (principal, the lwC AM's id) of each.
     members: Vec<(u32, nk_am::AmId)>,
-    /// The trapped call of a member that waits for its creator's answer.
-    trapped: Option<(u32, nk_abi::Call)>,
+    /// The trapped call of each member that waits for its creator's answer, by member: as
+    /// many as wait at once (a vCPU's root may leave one child's trap unanswered while it
+    /// runs another, and every vCPU of the VM may have its own; docs/multi-vcpu.md), at
+    /// most one per member.
+    trapped: Vec<(u32, nk_abi::Call)>,
 }
 
 impl Sandbox {
@@ -263,9 +296,7 @@ impl Sandbox {
     /// Forgets `principal` (destroyed).
     pub fn remove(&mut self, principal: u32) {
         self.members.retain(|&(p, _)| p != principal);
-        if self.trapped.as_ref().is_some_and(|(p, _)| *p == principal) {
-            self.trapped = None;
-        }
+        self.trapped.retain(|&(p, _)| p != principal);
     }
 
     /// Notes that `principal` runs now.
@@ -278,25 +309,26 @@ impl Sandbox {
         self.members.iter().find(|&&(p, _)| p == principal).map(|&(_, am)| am)
     }
 
-    /// Records the trapped call of `principal`.
+    /// Records the trapped call of member `principal` (in place of one it had: a member
+    /// traps only while it runs, so an older one was answered or abandoned).
     pub fn trap(&mut self, principal: u32, call: nk_abi::Call) {
-        self.trapped = Some((principal, call));
+        if let Some(entry) = self.trapped.iter_mut().find(|(p, _)| *p == principal) {
+            entry.1 = call;
+        } else if self.members.iter().any(|&(p, _)| p == principal) {
+            // At most one per member, and members are bounded: this stays bounded too.
+            self.trapped.push((principal, call));
+        }
     }
 
     /// Takes the trapped call of `principal`, if it waits.
     pub fn take_trapped(&mut self, principal: u32) -> Option<nk_abi::Call> {
-        match self.trapped {
-            Some((p, call)) if p == principal => {
-                self.trapped = None;
-                Some(call)
-            }
-            _ => None,
-        }
+        let at = self.trapped.iter().position(|(p, _)| *p == principal)?;
+        Some(self.trapped.swap_remove(at).1)
     }
 
     /// Returns the trapped call `principal` waits with.
     pub fn trapped_call(&self, principal: u32) -> Option<nk_abi::Call> {
-        self.trapped.filter(|(p, _)| *p == principal).map(|(_, call)| call)
+        self.trapped.iter().find(|(p, _)| *p == principal).map(|&(_, call)| call)
     }
 }
 
@@ -384,7 +416,7 @@ impl Views {
 
     /// Makes the view of new lwC `child` of `parent` as `spec` says (a child that shares all
     /// memory runs where its parent runs). Says why it cannot.
-    pub fn create(&mut self, vm: VmId, parent: u32, child: u32, spec: LwcMemory) -> Result<(), &'static str> {
+    pub fn create(&mut self, vm: VmId, parent: u32, child: u32, spec: &Spec<'_>) -> Result<(), &'static str> {
         if spec.all_shared() {
             if let Some(view) = self.views.iter_mut().find(|v| v.users.contains(&parent)) {
                 view.users.push(child);

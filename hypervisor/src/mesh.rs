@@ -38,6 +38,12 @@ pub struct Instance {
     /// Calls and VM removals of this CPU that waited for other kernels and finished (the
     /// vector keeps its allocation: `take_finished` drains it).
     finished: Mutex<Vec<Finished>>,
+    /// Roots of this instance whose retirement an AM hook on another instance asked for
+    /// (`forward_retire`): an lwC's, whose copy with the `destroy` right died there.
+    retires: Mutex<Vec<(nk_caps::AmId, nk_caps::CapName)>>,
+    /// `retires` may hold some (set after a push, cleared before a take), so `service`
+    /// pays one atomic load, not a lock, when it holds none.
+    retires_pending: AtomicBool,
     /// An empty outbox that keeps its allocation between the messages `service` answers,
     /// so answering one allocates nothing.
     spare_outbox: Mutex<Vec<(KernelId, Message)>>,
@@ -90,6 +96,8 @@ pub fn install(kernels: Vec<(NullKernel, u32)>) {
                 overflow: Mutex::new((0..n).map(|_| VecDeque::new()).collect()),
                 overflowing: AtomicBool::new(false),
                 finished: Mutex::new(Vec::new()),
+                retires: Mutex::new(Vec::new()),
+                retires_pending: AtomicBool::new(false),
                 spare_outbox: Mutex::new(Vec::new()),
                 apic_id,
             })
@@ -283,13 +291,47 @@ impl Mesh {
         self.ring_doorbells(cpu, bells);
     }
 
+    /// Asks the instance that holds root `root` of AM `am` to retire it (an
+    /// `Effect::Retire` emitted on another instance: `NullKernel::apply_effects` handed it
+    /// on), and rings that CPU's doorbell. It counts as a message in flight until done.
+    pub fn forward_retire(&self, am: nk_caps::AmId, root: nk_caps::CapName) {
+        let to = usize::from(root.kernel().raw());
+        let Some(instance) = self.instances.get(to) else { return };
+        IN_FLIGHT.fetch_add(1, Ordering::AcqRel);
+        instance.retires.lock().push((am, root));
+        instance.retires_pending.store(true, Ordering::Release);
+        self.ring_doorbells(crate::percpu::current_index() as usize, 1 << to);
+    }
+
+    /// Retires the roots other instances asked `cpu`'s to (`forward_retire`).
+    fn retire_forwarded(&self, cpu: usize) -> usize {
+        let instance = &self.instances[cpu];
+        if !instance.retires_pending.swap(false, Ordering::AcqRel) {
+            return 0;
+        }
+        let retires = core::mem::take(&mut *instance.retires.lock());
+        if retires.is_empty() {
+            return 0;
+        }
+        let mut out = Vec::new();
+        let mut kernel = instance.kernel.lock();
+        for &(am, root) in &retires {
+            kernel.retire_forwarded(am, root, &mut out);
+        }
+        settle_locally(instance, &mut kernel, &mut out);
+        drop(kernel);
+        self.send(cpu, &mut out);
+        IN_FLIGHT.fetch_sub(retires.len(), Ordering::AcqRel);
+        retires.len()
+    }
+
     /// Handles every message waiting for `cpu`; returns how many it handled.
     pub fn service(&self, cpu: usize) -> usize {
         // First the exo AM's EPT shootdowns another CPU waits for (hypervisor/src/exomem.rs).
         crate::exomem::service(cpu);
         self.retry_overflow(cpu);
         let instance = &self.instances[cpu];
-        let mut handled = 0;
+        let mut handled = self.retire_forwarded(cpu);
         for from in 0..self.instances.len() {
             let ring = self.ring(from, cpu);
             // The answers to everything drained from one ring leave together (one doorbell

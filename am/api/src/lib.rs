@@ -184,7 +184,16 @@ pub enum Effect {
     /// and gives it the view of the VM's memory `memory` describes.
     /// `systrap`: the child was created with `LWC_SYSTRAP`: a call of it refused for a
     /// capability it does not hold is handed to this AM's `lwTrap` (op 5) instead.
-    LwcCreate { parent: VmId, child: VmId, mask: u64, memory: LwcMemory, systrap: Option<AmId> },
+    /// `received` (bit i: the parent's `RECEIVED` capability i, its inbox at the call)
+    /// chooses more copies, appended after the `INITIAL` ones in index order
+    /// (`lwCreate` with `LWC_RECEIVED`).
+    LwcCreate { parent: VmId, child: VmId, mask: u64, received: u32, memory: LwcMemory, systrap: Option<AmId> },
+    /// One more exception range of the resource spec of lwC `child`, whose `LwcCreate`
+    /// came just before (`lwCreate` with `LWC_RANGES`; one effect per range after the
+    /// first, in the list's order): its `pages` 4 KiB pages from page `first_page` get
+    /// `mode`, over what the spec and the earlier ranges said. The hypervisor takes them
+    /// with that `LwcCreate`, so the child's view is made once, whole.
+    LwcRange { child: VmId, first_page: u32, pages: u32, mode: u8 },
     /// Switches the calling vCPU from the lwC of principal `from` (its registers saved) to
     /// the lwC of principal `to` (its registers loaded; the call's reply goes to it), whose
     /// capabilities every later hypercall of the vCPU is checked against (`lwSwitch`).

@@ -25,6 +25,10 @@
 //! creator: the AM hears of the death, and [`Effect::LwcDestroy`] makes the null-Kernel
 //! remove the principal, so every capability it holds dies on every kernel. A destroyed
 //! child names the lwC a vCPU that runs it goes back to: its creator, or the VM's root lwC.
+//! A capability to a child with the [`rights::DESTROY`] right (the creator's has it; a
+//! copy keeps it unless its mask drops it) destroys the lwC when it dies too, on whatever
+//! kernel it lived: the AM retires the lwC's root, which the null-Kernel forwards to the
+//! creator's kernel instance, and the creator's capability dies with it there.
 //!
 //! Which lwC a vCPU runs is the vCPU's state, kept by the hypervisor (its current
 //! principal, the caller of every call it makes), not the AM's: the AM checks what the
@@ -47,11 +51,20 @@
 //!   list, in index order); include your own lwC capability for the child to switch back.
 //!   The child starts as a snapshot of the caller's registers at the call: the first switch
 //!   into it returns there with `{new, caller, args}` = `{creator id, switcher id, a0, a1}`
-//!   (the creator sees `caller == NONE`). `options`: 0 or `LWC_SYSTRAP` (1); anything else
+//!   (the creator sees `caller == NONE`). With the option `LWC_RECEIVED` (4) the mask's
+//!   bits 0-31 name `INITIAL` capabilities 0-31 and bits 32-63 the caller's `RECEIVED`
+//!   capabilities 0-31 (its inbox at the call), copied after the `INITIAL` ones in index
+//!   order by the same rules. `options`: bits `LWC_SYSTRAP` (1), `LWC_RANGES` (2) and
+//!   `LWC_RECEIVED` (4); anything else
 //!   (signal sharing is not implemented): `BAD_ARGUMENT`. The spec's memory part: `mode` for the
 //!   VM's whole initial memory (0 `LWC_SHARED`, 1 `LWC_COW`, 2 `LWC_UNMAP`), and another
 //!   mode (the low two bits of `range`) for the `bytes` bytes from page-aligned `range`;
-//!   beyond the VM's memory, unaligned or an unknown mode: `BAD_ARGUMENT`. Only an lwC on
+//!   beyond the VM's memory, unaligned or an unknown mode: `BAD_ARGUMENT`. With the option
+//!   `LWC_RANGES` (2, besides `LWC_SYSTRAP`), `range` is the guest-physical address of a
+//!   list of `bytes` such ranges (1 to `MAX_RANGES`, two words each, applied in order),
+//!   read from the VM's memory through the hypervisor and all checked first
+//!   (`BAD_ARGUMENT`; from an lwC with a view of its own: `NOT_PERMITTED`); the first
+//!   rides in [`Effect::LwcCreate`], each other in an [`Effect::LwcRange`] after it. Only an lwC on
 //!   the VM's own EPT may create a child with a view of its own (`NOT_PERMITTED`).
 //! - 1 `lwSwitch(target: lwc/switch; a0, a1)`: the reply goes to the target, with results
 //!   `{new, caller, a0, a1}` = `{target's creator (NONE for a root), caller id, a0, a1}`.
@@ -128,6 +141,11 @@ pub mod rights {
     pub const SWITCH: u64 = 1;
     /// May create children of the lwC (only the lwC itself, with its own capability).
     pub const CREATE: u64 = 2;
+    /// Its death destroys the lwC, as the creator's capability's does: the creator may
+    /// hand a copy with this right to another principal (another VM, on another CPU), whose
+    /// revocation (or deletion, or end) then destroys the lwC. A child's creator gets it;
+    /// a VM's root lwC, which dies only with its VM, is granted without it.
+    pub const DESTROY: u64 = 4;
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -164,6 +182,9 @@ pub struct LwcAm {
     /// with at most [`MAX_MEMORY`]).
     vms: Option<BTreeMap<u32, u64>>,
 }
+
+/// An exception range of a resource spec: (first page, pages, mode).
+type Range = (u32, u32, u8);
 
 /// The memory bound of a VM whose size the AM was not told ([`LwcAm::new`]).
 pub const MAX_MEMORY: u64 = 1 << 30;
@@ -313,21 +334,69 @@ impl LwcAm {
     /// page-aligned range with its mode in the low two bits, the range's bytes) for a VM
     /// of `bytes` bytes of memory.
     fn memory_spec(args: &[u64; PLAIN_ARGS], bytes: u64) -> Result<LwcMemory, AmError> {
-        let mode = |m: u64| match m {
-            0..=2 => Ok(m as u8),
+        let (first_page, pages, range_mode) = Self::exception_range(args[3], args[4], bytes)?;
+        Ok(LwcMemory { mode: Self::mode(args[2])?, range_mode, first_page, pages })
+    }
+
+    /// Reads a resource-spec mode (`LWC_SHARED`, `LWC_COW`, `LWC_UNMAP`).
+    fn mode(mode: u64) -> Result<u8, AmError> {
+        match mode {
+            0..=2 => Ok(mode as u8),
             _ => Err(AmError::BadArgument),
-        };
-        let (range, len) = (args[3] & !(PAGE - 1), args[4]);
-        let spec = LwcMemory {
-            mode: mode(args[2])?,
-            range_mode: mode(args[3] & (PAGE - 1))?,
-            first_page: u32::try_from(range / PAGE).map_err(|_| AmError::BadArgument)?,
-            pages: u32::try_from(len / PAGE).map_err(|_| AmError::BadArgument)?,
-        };
+        }
+    }
+
+    /// Reads one exception range (a page-aligned address with its mode in the low two
+    /// bits, a length in bytes) of a VM of `bytes` bytes: (first page, pages, mode).
+    fn exception_range(at: u64, len: u64, bytes: u64) -> Result<Range, AmError> {
+        let range = at & !(PAGE - 1);
+        let mode = Self::mode(at & (PAGE - 1))?;
         if !len.is_multiple_of(PAGE) || range.checked_add(len).is_none_or(|end| end > bytes) {
             return Err(AmError::BadArgument);
         }
-        Ok(spec)
+        let first = u32::try_from(range / PAGE).map_err(|_| AmError::BadArgument)?;
+        let pages = u32::try_from(len / PAGE).map_err(|_| AmError::BadArgument)?;
+        Ok((first, pages, mode))
+    }
+
+    /// Reads `lwCreate`'s `LWC_RANGES` spec: `args[2]` the mode, `args[3]` the
+    /// guest-physical address of a list of `args[4]` exception ranges (two words each) in
+    /// the memory of `vm` (`bytes` bytes), read through the hypervisor's view of it. Returns
+    /// the spec with the first range, and the others in order. Every range is checked
+    /// before anything changes.
+    fn range_list(
+        args: &[u64; PLAIN_ARGS],
+        vm: VmId,
+        bytes: u64,
+        kernel: &dyn Kernel,
+    ) -> Result<(LwcMemory, Vec<Range>), AmError> {
+        let (at, count) = (args[3], args[4]);
+        let mode = Self::mode(args[2])?;
+        if count == 0 || count > nk_abi::lwc_op::MAX_RANGES || !at.is_multiple_of(8) {
+            return Err(AmError::BadArgument);
+        }
+        let len = count * 16;
+        if at.checked_add(len).is_none_or(|end| end > bytes) {
+            return Err(AmError::BadArgument);
+        }
+        let (base, size) = kernel.guest_memory(vm).ok_or(AmError::NotPermitted)?;
+        if at + len > size {
+            return Err(AmError::BadArgument);
+        }
+        let host = kernel.host_memory().ok_or(AmError::NotPermitted)?;
+        let mut raw = [0u8; 16 * nk_abi::lwc_op::MAX_RANGES as usize];
+        let raw = &mut raw[..len as usize];
+        if !host.read(base + at, raw) {
+            return Err(AmError::BadArgument);
+        }
+        let word = |i: usize| u64::from_le_bytes(raw[i * 8..i * 8 + 8].try_into().unwrap_or_default());
+        let mut ranges = Vec::new();
+        ranges.try_reserve_exact(count as usize).map_err(|_| AmError::NoMemory)?;
+        for i in 0..count as usize {
+            ranges.push(Self::exception_range(word(2 * i), word(2 * i + 1), bytes)?);
+        }
+        let (first_page, pages, range_mode) = ranges.remove(0);
+        Ok((LwcMemory { mode, range_mode, first_page, pages }, ranges))
     }
 
     /// Returns the principal number of `principal` when it is a VM-like principal.
@@ -356,13 +425,30 @@ impl LwcAm {
         if id != caller {
             return Err(AmError::NotPermitted);
         }
-        if args[1] & !nk_abi::lwc_op::LWC_SYSTRAP != 0 {
+        use nk_abi::lwc_op::{LWC_RANGES, LWC_RECEIVED, LWC_SYSTRAP};
+        if args[1] & !(LWC_SYSTRAP | LWC_RANGES | LWC_RECEIVED) != 0 {
             return Err(AmError::BadArgument);
         }
-        let systrap = args[1] & nk_abi::lwc_op::LWC_SYSTRAP != 0;
-        let memory = Self::memory_spec(args, self.memory_of(me.vm).ok_or(AmError::NotPermitted)?)?;
+        // The capability part: bits of INITIAL indices, or with LWC_RECEIVED 32 of each.
+        let (mask, received) = match args[1] & LWC_RECEIVED {
+            0 => (args[0], 0),
+            _ => (args[0] & u64::from(u32::MAX), (args[0] >> 32) as u32),
+        };
+        let systrap = args[1] & LWC_SYSTRAP != 0;
+        let bytes = self.memory_of(me.vm).ok_or(AmError::NotPermitted)?;
+        let (memory, more) = if args[1] & LWC_RANGES != 0 {
+            // The list is read from the VM's own memory, which only an lwC on the VM's
+            // own EPT sees as it is.
+            if !me.root_view {
+                return Err(AmError::NotPermitted);
+            }
+            Self::range_list(args, me.vm, bytes, &*kernel)?
+        } else {
+            (Self::memory_spec(args, bytes)?, Vec::new())
+        };
+        let all_shared = memory.all_shared() && more.iter().all(|&(_, pages, mode)| pages == 0 || mode == memory.mode);
         // A view of its own is made from the VM's own EPT only (docs/lwc.md).
-        if !memory.all_shared() && !me.root_view {
+        if !all_shared && !me.root_view {
             return Err(AmError::NotPermitted);
         }
         if self.lwcs.len() >= MAX_LWCS || self.next_child == u32::MAX {
@@ -373,10 +459,10 @@ impl LwcAm {
         }
         let child = self.next_child;
         let object = Object::new(am, kind, ObjId::new(u64::from(child)));
-        let all = Rights::from_bits(rights::SWITCH | rights::CREATE);
+        let all = Rights::from_bits(rights::SWITCH | rights::CREATE | rights::DESTROY);
         let (root, name) = kernel.grant_new_root(object, all, checked.caller(), Binding::Bound)?;
         self.next_child += 1;
-        let root_view = memory.all_shared() && me.root_view;
+        let root_view = all_shared && me.root_view;
         let access = (0, self.pages_of(me.vm));
         let lwc = Lwc {
             vm: me.vm,
@@ -392,10 +478,14 @@ impl LwcAm {
         kernel.emit(Effect::LwcCreate {
             parent: VmId::new(caller),
             child: VmId::new(child),
-            mask: args[0],
+            mask,
+            received,
             memory,
             systrap,
         });
+        for (first_page, pages, mode) in more {
+            kernel.emit(Effect::LwcRange { child: VmId::new(child), first_page, pages, mode });
+        }
         Ok(Outcome { name: Some(name), results: [u64::from(child), NONE, 0, 0] })
     }
 
@@ -423,7 +513,7 @@ impl AbstractMachine for LwcAm {
     }
 
     fn register(&mut self, r: &mut Registrar<'_>) -> Result<(), RegisterError> {
-        let kind = r.kind(KindSpec { name: "lwc", rights: &["switch", "create"] })?;
+        let kind = r.kind(KindSpec { name: "lwc", rights: &["switch", "create", "destroy"] })?;
         let switch = r.rights(kind, &["switch"]).ok_or(RegisterError::UnknownKind)?;
         let create = r.rights(kind, &["create"]).ok_or(RegisterError::UnknownKind)?;
         self.kind = Some(kind);
@@ -503,6 +593,17 @@ impl AbstractMachine for LwcAm {
             // A root lwC's capability dies with its VM.
             None if dead.holder == Principal::Vm(lwc.vm) => {
                 self.lwcs.remove(&id);
+            }
+            // A capability with the `destroy` right died (a copy the creator handed out,
+            // perhaps to another VM on another kernel): the lwC dies with it. Retiring the
+            // root deletes the creator's capability on the creator's kernel (the
+            // null-Kernel forwards a retirement there from another kernel), and that
+            // death, heard there, destroys the lwC as above.
+            Some((root, _)) if dead.rights.bits() & rights::DESTROY != 0 => {
+                effects.emit(Effect::LwcCapGone { lwc: VmId::new(id) });
+                if let Some(am) = self.am {
+                    effects.emit(Effect::Retire { am, root });
+                }
             }
             // Another capability to the lwC died: a switch the hypervisor remembers made
             // with it must take the full check again.

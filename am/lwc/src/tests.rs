@@ -61,7 +61,14 @@ fn create_switch_restrict_and_destroy() {
     let child = VmId::new(FIRST_CHILD);
     assert_eq!(
         w.seen.last(),
-        Some(&Effect::LwcCreate { parent: VM, child, mask: 0b10, memory: LwcMemory::default(), systrap: None })
+        Some(&Effect::LwcCreate {
+            parent: VM,
+            child,
+            mask: 0b10,
+            received: 0,
+            memory: LwcMemory::default(),
+            systrap: None
+        })
     );
     // The child's INITIAL list is the one copy; it cannot use the parent's counter or factory.
     let back = w.initial(child, 0);
@@ -115,7 +122,10 @@ fn memory_spec_is_checked_and_passed_on() {
     assert!(created.status().is_ok(), "{}", created.status());
     let memory = LwcMemory { mode: LwcMemory::COW, range_mode: LwcMemory::SHARED, first_page: 3, pages: 1 };
     let child = VmId::new(FIRST_CHILD);
-    assert_eq!(w.seen.last(), Some(&Effect::LwcCreate { parent: VM, child, mask: 0b10, memory, systrap: None }));
+    assert_eq!(
+        w.seen.last(),
+        Some(&Effect::LwcCreate { parent: VM, child, mask: 0b10, received: 0, memory, systrap: None })
+    );
     assert_eq!(memory.mode_of(2), LwcMemory::COW);
     assert_eq!(memory.mode_of(3), LwcMemory::SHARED);
     assert!(!memory.all_shared());
@@ -294,4 +304,285 @@ fn root_lwc_is_every_vcpus_home() {
     assert!(w.call(child_a, 2, op::LW_SWITCH.into(), &[root_in_a], &[]).status().is_ok());
     assert!(w.call(child_b, 2, op::LW_SWITCH.into(), &[root_in_b], &[]).status().is_ok());
     assert_eq!(w.seen.last(), Some(&Effect::LwcSwitch { from: child_b, to: VM }));
+}
+
+#[test]
+fn a_copy_with_the_destroy_right_destroys_the_lwc_when_it_dies() {
+    let mut w = world();
+    let other = VmId::new(2);
+    assert!(w.nk.add_vm(other, 256).unwrap().is_empty());
+    let me = w.initial(VM, 1).name;
+    let created = w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0b10, 0, 0, 0, 0]);
+    let child = VmId::new(FIRST_CHILD);
+    // A copy without the right: its death leaves the lwC alive.
+    let switch_only = w.call(VM, NULL_KERNEL_AM, nk_op::DELEGATE, &[created.name], &[rights::SWITCH, 2, 0]);
+    assert!(switch_only.status().is_ok(), "{}", switch_only.status());
+    assert!(w.call(other, NULL_KERNEL_AM, nk_op::REVOKE, &[switch_only.name], &[]).status().is_ok());
+    assert!(w.seen.contains(&Effect::LwcCapGone { lwc: child }), "{:?}", w.seen);
+    assert!(!w.seen.iter().any(|e| matches!(e, Effect::LwcDestroy { .. })), "{:?}", w.seen);
+    assert!(w.nk.table().usage(Principal::Vm(child)).is_some());
+    assert!(w.call(VM, 2, op::LW_SWITCH.into(), &[created.name], &[]).status().is_ok());
+    // A copy with it, handed to another VM: its revocation there destroys the lwC.
+    let lent = w.call(VM, NULL_KERNEL_AM, nk_op::DELEGATE, &[created.name], &[u64::MAX, 2, 0]);
+    assert!(lent.status().is_ok(), "{}", lent.status());
+    assert!(w.call(other, NULL_KERNEL_AM, nk_op::REVOKE, &[lent.name], &[]).status().is_ok());
+    assert!(w.seen.contains(&Effect::LwcDestroy { child, resume: Some(VM) }), "{:?}", w.seen);
+    assert!(w.nk.table().usage(Principal::Vm(child)).is_none(), "the principal is gone");
+    let refused = w.call(VM, 2, op::LW_SWITCH.into(), &[created.name], &[]).status();
+    assert!(matches!(refused.code(), Status::REVOKED | Status::UNKNOWN_NAME), "{refused}");
+    // The creator is unchanged: it creates and switches again.
+    let again = w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0b10, 0, 0, 0, 0]);
+    assert!(again.status().is_ok(), "{}", again.status());
+    assert!(w.call(VM, 2, op::LW_SWITCH.into(), &[again.name], &[]).status().is_ok());
+    w.nk.table().check_consistency().unwrap();
+}
+
+/// Two kernel instances sharing one lwC AM, with their messages carried in order.
+struct Two {
+    kernels: [NullKernel; 2],
+    wire: alloc::collections::VecDeque<(KernelId, KernelId, nk_core::Message)>,
+    /// Effects each kernel handed the hypervisor.
+    seen: [Vec<Effect>; 2],
+}
+
+struct Wire<'a>(KernelId, &'a mut alloc::collections::VecDeque<(KernelId, KernelId, nk_core::Message)>);
+
+impl nk_core::Outbox for Wire<'_> {
+    fn send(&mut self, to: KernelId, message: nk_core::Message) {
+        self.1.push_back((self.0, to, message));
+    }
+}
+
+impl Two {
+    fn new() -> Self {
+        let am = nk_core::shared_am(Box::new(LwcAm::for_vms([(VM, 4 << 20)])));
+        let kernels = [0u16, 1].map(|k| {
+            let mut nk = NullKernel::new(KernelId::new(k), 2, 4096, &mut FixedSeed::from_u64(k.into())).unwrap();
+            nk.add_shared_am(am.clone(), 1024).unwrap();
+            nk.set_caller_ring(|| 0);
+            nk
+        });
+        let mut two = Two { kernels, wire: Default::default(), seen: [Vec::new(), Vec::new()] };
+        assert_eq!(two.kernels[0].add_vm(VM, 256).unwrap().len(), 0);
+        two.kernels[0].place(VmId::new(2), KernelId::new(1), 256).unwrap();
+        assert_eq!(two.kernels[1].add_vm(VmId::new(2), 256).unwrap().len(), 0);
+        two.kernels[1].place(VM, KernelId::new(0), 256).unwrap();
+        two
+    }
+
+    /// Applies kernel `k`'s effects as the hypervisor does: a retirement handed on goes to
+    /// the kernel that holds the root (hypervisor/src/mesh.rs, `forward_retire`).
+    fn settle_kernel(&mut self, k: usize) {
+        let mut forwarded = Vec::new();
+        let seen = &mut self.seen[k];
+        self.kernels[k].apply_effects(&mut Wire(KernelId::new(k as u16), &mut self.wire), |e| {
+            if let Effect::Retire { am, root } = e {
+                forwarded.push((am, root));
+            }
+            seen.push(e);
+        });
+        for (am, root) in forwarded {
+            let to = usize::from(root.kernel().raw());
+            self.kernels[to].retire_forwarded(am, root, &mut Wire(KernelId::new(to as u16), &mut self.wire));
+            self.settle_kernel(to);
+        }
+    }
+
+    fn settle(&mut self) {
+        while let Some((from, to, message)) = self.wire.pop_front() {
+            let k = usize::from(to.raw());
+            self.kernels[k].handle(from, message, &mut Wire(to, &mut self.wire));
+            self.settle_kernel(k);
+        }
+    }
+
+    fn call(&mut self, k: usize, who: VmId, am: u16, op: u32, caps: &[NameWords], args: &[u64]) -> Dispatched {
+        let mut call = Call { selector: Selector::new(am, op).encode(), ..Call::default() };
+        call.caps[..caps.len()].copy_from_slice(caps);
+        call.args[..args.len()].copy_from_slice(args);
+        let dispatched = self.kernels[k].dispatch(who, &call, &mut Wire(KernelId::new(k as u16), &mut self.wire));
+        self.settle_kernel(k);
+        dispatched
+    }
+}
+
+#[test]
+fn a_copy_revoked_on_another_kernel_destroys_the_lwc_on_its_creators() {
+    let mut two = Two::new();
+    let other = VmId::new(2);
+    let me = nk_core::words_of(two.kernels[0].initial_caps(VM)[0].1);
+    let Dispatched::Reply(created) = two.call(0, VM, 1, op::LW_CREATE.into(), &[me], &[1, 0, 0, 0, 0]) else {
+        panic!("lwCreate replies at once");
+    };
+    assert!(created.status().is_ok(), "{}", created.status());
+    let child = VmId::new(FIRST_CHILD);
+    let Dispatched::Pending(_) = two.call(0, VM, NULL_KERNEL_AM, nk_op::DELEGATE, &[created.name], &[u64::MAX, 2, 0])
+    else {
+        panic!("a delegation to another kernel waits");
+    };
+    two.settle();
+    assert!(two.kernels[0].poll().is_some(), "the delegation finished");
+    let Dispatched::Reply(received) = two.call(1, other, NULL_KERNEL_AM, nk_op::RECEIVED, &[], &[0]) else {
+        panic!("received replies at once");
+    };
+    assert!(received.status().is_ok(), "{}", received.status());
+    let lent = received.name;
+    let Dispatched::Reply(switched) = two.call(0, VM, 1, op::LW_SWITCH.into(), &[created.name], &[]) else {
+        panic!("a switch replies at once");
+    };
+    assert!(switched.status().is_ok(), "{}", switched.status());
+    // The running child lends the other VM its copy of the root's lwC capability: its
+    // removal will wait for kernel 1.
+    let back = nk_core::words_of(two.kernels[0].initial_caps(child)[0].1);
+    let Dispatched::Pending(_) = two.call(0, child, NULL_KERNEL_AM, nk_op::DELEGATE, &[back], &[u64::MAX, 2, 0]) else {
+        panic!("a delegation to another kernel waits");
+    };
+    two.settle();
+    assert!(two.kernels[0].poll().is_some(), "the child's delegation finished");
+    // The other VM revokes its copy on its own kernel: kernel 1 hears the death, hands the
+    // retirement of the lwC's root on kernel 0 on, and kernel 0 destroys the lwC.
+    let revoked = two.call(1, other, NULL_KERNEL_AM, nk_op::REVOKE, &[lent], &[]);
+    assert!(matches!(revoked, Dispatched::Reply(r) if r.status().is_ok()), "{revoked:?}");
+    two.settle();
+    assert!(two.seen[0].contains(&Effect::LwcDestroy { child, resume: Some(VM) }), "{:?}", two.seen);
+    assert!(two.kernels[0].table().usage(Principal::Vm(child)).is_none(), "the principal is gone");
+    let Dispatched::Reply(refused) = two.call(0, VM, 1, op::LW_SWITCH.into(), &[created.name], &[]) else {
+        panic!("a switch replies at once");
+    };
+    assert!(matches!(refused.status().code(), Status::REVOKED | Status::UNKNOWN_NAME), "{}", refused.status());
+    for nk in &mut two.kernels {
+        assert_eq!(nk.poll(), None, "the lwC's removal and its root's retirement are nobody's reply");
+        assert!(nk.protocol().is_idle());
+        nk.table().check_consistency().unwrap();
+    }
+}
+
+/// Guest memory for `LWC_RANGES` lists: VM 1's 4 MiB at host-physical `GUEST_BASE`, of
+/// which the first 64 KiB are backed here (a read elsewhere fails, as the hypervisor's
+/// would outside memory it maps).
+const GUEST_BASE: u64 = 0x100_0000;
+
+struct FakeGuest(std::sync::Mutex<[u8; 65536]>);
+
+impl nk_am::HostMemory for FakeGuest {
+    fn read(&self, hpa: u64, buf: &mut [u8]) -> bool {
+        let Some(at) = hpa.checked_sub(GUEST_BASE).filter(|&at| at + buf.len() as u64 <= 65536) else {
+            return false;
+        };
+        buf.copy_from_slice(&self.0.lock().unwrap()[at as usize..at as usize + buf.len()]);
+        true
+    }
+
+    fn write(&self, _hpa: u64, _data: &[u8]) -> bool {
+        false
+    }
+}
+
+static GUEST: FakeGuest = FakeGuest(std::sync::Mutex::new([0; 65536]));
+
+/// Writes `ranges` (address | mode, bytes) as a list at guest-physical `at`.
+fn write_list(at: u64, ranges: &[(u64, u64)]) {
+    let mut memory = GUEST.0.lock().unwrap();
+    for (i, &(range, bytes)) in ranges.iter().enumerate() {
+        let p = at as usize + 16 * i;
+        memory[p..p + 8].copy_from_slice(&range.to_le_bytes());
+        memory[p + 8..p + 16].copy_from_slice(&bytes.to_le_bytes());
+    }
+}
+
+#[test]
+fn several_exception_ranges_are_read_from_guest_memory_and_checked_first() {
+    use nk_abi::lwc_op::{LWC_COW, LWC_RANGES, LWC_SHARED, LWC_UNMAP, MAX_RANGES};
+    let mut nk = NullKernel::new(KernelId::new(0), 1, 4096, &mut FixedSeed::from_u64(9)).unwrap();
+    nk.add_am(Box::new(LwcAm::for_vms([(VM, 4 << 20)])), 1024).unwrap();
+    nk.set_caller_ring(|| 0);
+    nk.set_guest_memory(|vm| (vm == VM).then_some((GUEST_BASE, 4 << 20)));
+    nk.set_host_memory(&GUEST);
+    assert!(nk.add_vm(VM, 256).unwrap().is_empty());
+    let mut w = World { nk, seen: Vec::new() };
+    let me = w.initial(VM, 0).name;
+    let create = |w: &mut World, at: u64, count: u64| {
+        w.call(VM, 1, op::LW_CREATE.into(), &[me], &[0, LWC_RANGES, LWC_COW, at, count])
+    };
+    let page = 4096u64;
+    // Malformed lists: refused before anything changes (no principal, no effect).
+    let list = 0x2000;
+    write_list(list, &[(0x10000 | LWC_SHARED, page), (0x20000 | 3, page), (0x30000, 100), (4 << 20, page)]);
+    let bad = [
+        (list, 0),              // no range
+        (list, MAX_RANGES + 1), // too many
+        (list + 4, 1),          // an unaligned list
+        ((4 << 20) - 8, 1),     // a list past the VM's memory
+        (u64::MAX - 8, 1),      // an absurd address
+        (list, 2),              // the second range's mode is 3
+        (list + 16, 1),         // the same range alone
+        (0x20000, 1),           // a list the hypervisor cannot read
+    ];
+    for (at, count) in bad {
+        assert_eq!(create(&mut w, at, count).status().code(), Status::BAD_ARGUMENT, "list at {at:#x}, {count}");
+    }
+    write_list(list, &[(0x10000, page), (0x30000, 100)]);
+    assert_eq!(create(&mut w, list, 2).status().code(), Status::BAD_ARGUMENT, "a length of 100 bytes");
+    write_list(list, &[(0x10000, page), ((4 << 20) - page, 2 * page)]);
+    assert_eq!(create(&mut w, list, 2).status().code(), Status::BAD_ARGUMENT, "a range past memory");
+    assert!(w.seen.is_empty(), "{:?}", w.seen);
+    // A good list of three: the first range rides with LwcCreate, the others follow in order.
+    write_list(list, &[(0x10000 | LWC_SHARED, 4 * page), (0x12000 | LWC_COW, page), (0x40000 | LWC_UNMAP, 2 * page)]);
+    let created = create(&mut w, list, 3);
+    assert!(created.status().is_ok(), "{}", created.status());
+    let child = VmId::new(FIRST_CHILD);
+    assert_eq!(created.results[0], u64::from(child.raw()), "the refused lists created nothing");
+    let memory = LwcMemory { mode: LwcMemory::COW, range_mode: LwcMemory::SHARED, first_page: 0x10, pages: 4 };
+    assert!(
+        matches!(w.seen[0], Effect::LwcCreate { child: c, memory: m, .. } if c == child && m == memory),
+        "{:?}",
+        w.seen
+    );
+    assert_eq!(
+        w.seen[1..],
+        [
+            Effect::LwcRange { child, first_page: 0x12, pages: 1, mode: LwcMemory::COW },
+            Effect::LwcRange { child, first_page: 0x40, pages: 2, mode: LwcMemory::UNMAP },
+        ]
+    );
+    // Every range shared (a child without a view of its own).
+    write_list(list, &[(0x10000, page), (0x20000, page)]);
+    let shared = w.call(VM, 1, op::LW_CREATE.into(), &[me], &[0, LWC_RANGES, LWC_SHARED, list, 2]);
+    assert!(shared.status().is_ok(), "{}", shared.status());
+}
+
+#[test]
+fn received_capabilities_are_named_by_the_mask_with_lwc_received() {
+    use nk_abi::lwc_op::LWC_RECEIVED;
+    let mut w = world();
+    let other = VmId::new(2);
+    assert!(w.nk.add_vm(other, 256).unwrap().is_empty());
+    assert!(core::mem::size_of::<Effect>() <= 40, "an effect stays as small");
+    // VM 2 lends VM 1 a counter: VM 1's RECEIVED 0.
+    let factory = w.initial(other, 0).name;
+    let counter = w.call(other, 1, counter_op::CREATE.into(), &[factory], &[]).name;
+    assert!(w.call(other, 1, counter_op::ADD.into(), &[counter], &[7]).status().is_ok());
+    assert!(w.call(other, NULL_KERNEL_AM, nk_op::DELEGATE, &[counter], &[u64::MAX, 1, 0]).status().is_ok());
+    let me = w.initial(VM, 1).name;
+    // Bits 0-31: INITIAL (1: the lwC capability); bits 32-63: RECEIVED (0: the counter,
+    // 5: nothing there, skipped as a missing INITIAL index is).
+    let mask = 0b10 | 1 << 32 | 1 << 37;
+    let created = w.call(VM, 2, op::LW_CREATE.into(), &[me], &[mask, LWC_RECEIVED, 0, 0, 0]);
+    assert!(created.status().is_ok(), "{}", created.status());
+    let child = VmId::new(FIRST_CHILD);
+    assert!(matches!(w.seen.last(), Some(Effect::LwcCreate { mask: 0b10, received: 0b10_0001, .. })), "{:?}", w.seen);
+    let list: Vec<u16> = w.nk.initial_caps(child).iter().map(|(am, _)| am.raw()).collect();
+    assert_eq!(list, [2, 1], "its lwC copy, then the received counter's");
+    let copy = w.initial(child, 1).name;
+    let read = w.call(child, 1, counter_op::READ.into(), &[copy], &[]);
+    assert!(read.status().is_ok() && read.results[0] == 7, "{} {:?}", read.status(), read.results);
+    // The same rules: a copy of a copy, so the lender's revocation takes it.
+    assert!(w.call(other, NULL_KERNEL_AM, nk_op::REVOKE, &[counter], &[]).status().is_ok());
+    assert!(!w.call(child, 1, counter_op::READ.into(), &[copy], &[]).status().is_ok());
+    // Without the option, bit 32 is INITIAL 32: nothing.
+    let plain = w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0b10 | 1 << 32, 0, 0, 0, 0]);
+    assert!(plain.status().is_ok(), "{}", plain.status());
+    assert_eq!(w.nk.initial_caps(VmId::new(FIRST_CHILD + 1)).len(), 1);
+    // An unknown option bit is still refused.
+    assert_eq!(w.call(VM, 2, op::LW_CREATE.into(), &[me], &[0b10, 8, 0, 0, 0]).status().code(), Status::BAD_ARGUMENT);
 }

@@ -247,7 +247,7 @@ pub mod lwc_op {
     /// caller, args}` like fork. `mode` is how the child sees the VM's memory
     /// ([`LWC_SHARED`], [`LWC_COW`] or [`LWC_UNMAP`]); `range` is a page-aligned
     /// guest-physical address with another mode in its low two bits, for `bytes` bytes
-    /// (0: no such range).
+    /// (0: no such range); with the option [`LWC_RANGES`], a list of such ranges.
     pub const LW_CREATE: u32 = 0;
     /// Resource-spec mode: the child shares the memory with its creator.
     pub const LWC_SHARED: u64 = 0;
@@ -275,6 +275,18 @@ pub mod lwc_op {
     pub const LW_TRAP: u32 = 5;
     /// `lwCreate` option: calls the child holds no capability for trap to its creator.
     pub const LWC_SYSTRAP: u64 = 1;
+    /// `lwCreate` option: `range` is the guest-physical address (8-byte aligned, in the
+    /// VM's initial memory) of a list of `bytes` exception ranges (1 to [`MAX_RANGES`]),
+    /// each two words: a page-aligned address with its mode in the low two bits, and a
+    /// length in bytes. They apply in order over `mode`, a later one over an earlier one
+    /// where they overlap.
+    pub const LWC_RANGES: u64 = 2;
+    /// The most exception ranges an `LWC_RANGES` list holds.
+    pub const MAX_RANGES: u64 = 8;
+    /// `lwCreate` option: the capability mask's bits 0-31 name the caller's `INITIAL`
+    /// capabilities 0-31 and bits 32-63 its `RECEIVED` capabilities 0-31 (its inbox at the
+    /// call), each handed to the child as a delegated copy after the `INITIAL` ones.
+    pub const LWC_RECEIVED: u64 = 4;
     /// The first result of a creator's `lwSwitch` that a trapped call ended.
     pub const TRAPPED: u64 = u64::MAX - 1;
     /// "No lwC" in results (the creator's `caller` after `lwCreate`; a root's creator).

@@ -84,6 +84,9 @@ pub fn child(entry: usize, a0: u64, caller: u64) -> ! {
         crate::lwc_bench::WRITER => crate::lwc_bench::writer(back),
         crate::lwc_cache::CHILD => crate::lwc_cache::child(back),
         crate::lwc_import::CHILD => crate::lwc_import::child(back),
+        crate::lwc_remote::CHILD => crate::lwc_remote::child(back),
+        crate::lwc_ranges::CHILD => crate::lwc_ranges::child(back),
+        crate::lwc_traps::CHILD => crate::lwc_traps::child(back),
         _ => quota_child(am, back),
     }
 }

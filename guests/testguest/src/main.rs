@@ -551,6 +551,9 @@ mod lwc_bench;
 mod lwc_cache;
 mod lwc_cow;
 mod lwc_import;
+mod lwc_ranges;
+mod lwc_remote;
+mod lwc_traps;
 mod new_am;
 mod null_fast;
 mod nvram;
@@ -629,6 +632,16 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
         Some("vmbench") => vm_switch::run(words.next()),
         Some("lwc-cache") => lwc_cache::run(),
         Some("lwc-import") => lwc_import::run(boot.memory),
+        Some("lwc-remote") => match words.next().and_then(|w| w.parse().ok()) {
+            Some(peer) => lwc_remote::holder(peer),
+            None => println!("GTEST FAILED args: lwc-remote PEER"),
+        },
+        Some("lwc-revoker") => match words.next().and_then(|w| w.parse().ok()) {
+            Some(holder) => lwc_remote::revoker(holder),
+            None => println!("GTEST FAILED args: lwc-revoker HOLDER"),
+        },
+        Some("lwc-ranges") => lwc_ranges::run(boot.memory),
+        Some("lwc-traps") => lwc_traps::run(),
         Some("nullfast") => {
             let rounds = words.next().and_then(|n| n.parse().ok()).unwrap_or(100_000);
             null_fast::run(rounds, words.next() == Some("shared"))
@@ -674,7 +687,7 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
             }
         }
         Some(other) => println!(
-            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..], xcr0 ROUNDS, xmmleak SEED ROUNDS, tpr PEER ROUNDS, leakprobe SEED ROUNDS, openloop, ring3caps, flood VICTIM, victim ATTACKER, exomem, exolend [free] [bench] BORROWERS.., exoborrow, exobench, control [orphan|busy|linux], vmcreate CPU, vmcreate-linux CPU MIB, vmcreate-caps CPU MIB, newam, exochurn ROUNDS PEER, exochurnafter CHURN, nvram, nvramseq COUNT [small], nvrambench, debuggee, lwc, lwcbench, nullfast ROUNDS [shared], bypasskeep [KEY] [BYTES], lwc-cow, lwc-key, lwc-monitor, lwc-demos, lwc-cow-quota, nvramexo, nvramshare, nvramborrow, smp-counter [ROUNDS], smp-lwc [ROUNDS], smp-fault [GPA], smp-revoke, lwc-cache, lwc-import, vmbench ping|pong)"
+            "GTEST FAILED args: unknown mode '{other}' (checks [PEER_VM], bench, ports [HEXPORT], msr, survivor N, misbehave MODE, xstate SEED ROUNDS, tree NEXT RELAYS.., relay NEXT, storm NEXT ROUNDS GUESTS [PEERS..], hold, pbench PEERS.., fuzz SEED CALLS [PEERS..], xcr0 ROUNDS, xmmleak SEED ROUNDS, tpr PEER ROUNDS, leakprobe SEED ROUNDS, openloop, ring3caps, flood VICTIM, victim ATTACKER, exomem, exolend [free] [bench] BORROWERS.., exoborrow, exobench, control [orphan|busy|linux], vmcreate CPU, vmcreate-linux CPU MIB, vmcreate-caps CPU MIB, newam, exochurn ROUNDS PEER, exochurnafter CHURN, nvram, nvramseq COUNT [small], nvrambench, debuggee, lwc, lwcbench, nullfast ROUNDS [shared], bypasskeep [KEY] [BYTES], lwc-cow, lwc-key, lwc-monitor, lwc-demos, lwc-cow-quota, nvramexo, nvramshare, nvramborrow, smp-counter [ROUNDS], smp-lwc [ROUNDS], smp-fault [GPA], smp-revoke, lwc-cache, lwc-import, lwc-remote PEER, lwc-revoker HOLDER, lwc-ranges, lwc-traps, vmbench ping|pong)"
         ),
     }
     println!("GTEST done");

@@ -177,8 +177,9 @@ pub struct NullKernel {
     effects: Vec<Effect>,
     /// The AMs, and what the hypervisor lends them about memory.
     shared: Shared,
-    /// Root deletions ([`Effect::Retire`]) that wait for other kernels: their completion
-    /// is no caller's reply.
+    /// Root deletions ([`Effect::Retire`]) and removals of destroyed lwCs
+    /// ([`Effect::LwcDestroy`]) that wait for other kernels: their completion is no
+    /// caller's reply.
     retiring: BTreeSet<PendingOp>,
     /// The checked arguments of the AM call being dispatched, filled in place by
     /// [`CapTable::check_into`] and reused by every call (no clearing or copying of the
@@ -856,7 +857,9 @@ impl NullKernel {
     /// [`take_effects`](Self::take_effects), but the list keeps its memory, so the next
     /// effect needs no allocation). `Effect::Retire` is the null-Kernel's own: it deletes
     /// the retired root here (what that deletion makes the AMs emit is handed to `apply`
-    /// after the rest of the list), and its messages to other kernels go to `out`.
+    /// after the rest of the list), and its messages to other kernels go to `out`; a root
+    /// held on another instance is handed to `apply`, to be forwarded there
+    /// ([`retire_forwarded`](Self::retire_forwarded)).
     ///
     /// Retirement lives here, not in [`dispatch`](Self::dispatch): the AM that retired is
     /// no longer busy with its call, and a call that retired nothing pays nothing.
@@ -869,9 +872,13 @@ impl NullKernel {
         while let Some(&effect) = self.effects.get(next) {
             next += 1;
             match effect {
+                // A root another kernel holds (an lwC's, whose copy with the `destroy`
+                // right died here): the hypervisor forwards it to that kernel, which
+                // retires it with `retire_forwarded`.
+                Effect::Retire { root, .. } if root.kernel() != self.id() => apply(effect),
                 Effect::Retire { am, root } => self.retire(am, root, out),
-                Effect::LwcCreate { parent, child, mask, .. } => {
-                    self.add_lwc(parent, child, mask, out);
+                Effect::LwcCreate { parent, child, mask, received, .. } => {
+                    self.add_lwc(parent, child, (mask, received), out);
                     apply(effect);
                 }
                 Effect::LwcImport { from, to, mask } => {
@@ -879,8 +886,12 @@ impl NullKernel {
                     apply(effect);
                 }
                 Effect::LwcDestroy { child, .. } => {
-                    // Ended already when the creator's principal went first.
-                    let _ = self.remove_vm(child, out);
+                    // Ended already when the creator's principal went first. The removal
+                    // waits for other kernels when the lwC delegated there; its completion
+                    // is nobody's reply, as a retirement's.
+                    if let Ok(Dispatched::Pending(op)) = self.remove_vm(child, out) {
+                        self.retiring.insert(op);
+                    }
                     self.placement.remove(&child);
                     apply(effect);
                 }
@@ -908,14 +919,30 @@ impl NullKernel {
         }
     }
 
+    /// Retires root capability `root` of AM `am`, held on this instance, for another
+    /// instance whose AM hook emitted the [`Effect::Retire`] (its `apply_effects` handed it
+    /// on, as the root is not there): as [`apply_effects`](Self::apply_effects) would have.
+    /// What the deletion makes the AMs emit waits for the next `apply_effects`.
+    #[cold]
+    #[inline(never)]
+    pub fn retire_forwarded<O>(&mut self, am: AmId, root: CapName, out: &mut O)
+    where
+        O: Outbox + ?Sized,
+    {
+        if root.kernel() == self.id() {
+            self.retire(am, root, out);
+        }
+    }
+
     /// Registers principal `child`, a new light-weight context of `parent`
     /// ([`Effect::LwcCreate`]), on this instance with `parent`'s quota, and hands it a
     /// delegated child (same rights, bound) of each of `parent`'s `INITIAL` capabilities
-    /// whose index is set in `mask`, as its own `INITIAL` list. A capability that fails to
+    /// whose index is set in `mask`, then of each of its `RECEIVED` ones whose index is set
+    /// in `received`, as its own `INITIAL` list. A capability that fails to
     /// delegate (gone since) is skipped; the child's list stays in index order.
     #[cold]
     #[inline(never)]
-    fn add_lwc<O>(&mut self, parent: VmId, child: VmId, mask: u64, out: &mut O)
+    fn add_lwc<O>(&mut self, parent: VmId, child: VmId, (mask, received): (u64, u32), out: &mut O)
     where
         O: Outbox + ?Sized,
     {
@@ -924,13 +951,25 @@ impl NullKernel {
             return;
         }
         self.placement.insert(child, self.id());
-        let chosen: Vec<(AmId, CapName)> = self
+        let mut chosen: Vec<(AmId, CapName)> = self
             .initial_caps(parent)
             .iter()
             .enumerate()
             .filter(|&(i, _)| i < 64 && mask & (1 << i) != 0)
             .map(|(_, &cap)| cap)
             .collect();
+        if received != 0 {
+            // The parent's inbox as `RECEIVED` lists it now (dead entries pruned first).
+            let names: Vec<CapName> = self.pruned_inbox(parent).map_or_else(Vec::new, |inbox| {
+                let listed = inbox.entries.iter().take(32).enumerate();
+                listed.filter(|&(i, _)| received & (1 << i) != 0).map(|(_, entry)| entry.name).collect()
+            });
+            for name in names {
+                if let Ok(info) = self.table().inspect(Principal::Vm(parent), name) {
+                    chosen.push((info.object.am, name));
+                }
+            }
+        }
         let mut granted = Vec::new();
         for (am, name) in chosen {
             let (caller, to, kernel) = (Principal::Vm(parent), Principal::Vm(child), self.id());
