@@ -138,7 +138,9 @@ pub struct Walk {
 /// Tells what a batched revoke ([`CapTable::revoke_below`]) did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BelowWalk {
-    /// The children that will report their finalization to the batch.
+    /// The children that will report their finalization to the batch (among the walk's
+    /// events or later): those left revoking. Children finalized during the call are
+    /// not reported and not counted here.
     pub members: usize,
     /// The live capabilities that died.
     pub killed: usize,
@@ -298,7 +300,7 @@ impl CapTable {
         if self.nodes[slot].state != State::Live {
             return None;
         }
-        let walk = self.mark_subtree(slot, hook, links);
+        let walk = self.mark_subtree(slot, hook, links, true);
         hook.finished();
         Some(walk)
     }
@@ -314,7 +316,7 @@ impl CapTable {
         };
         match self.nodes[slot].state {
             State::Live => {
-                let walk = self.mark_subtree(slot, hook, links);
+                let walk = self.mark_subtree(slot, hook, links, true);
                 hook.finished();
                 IncomingRevoke::Walked(walk)
             }
@@ -337,8 +339,10 @@ impl CapTable {
     /// revoking one is left to its revocation, and counted unless `individual` says its
     /// parent's kernel waits for its own `Gone` (a revoke of that child alone arrived
     /// first); a reservation is left to its obtain, which the revoked parent refuses.
-    /// Returns how many children will each report one [`LinkEvent::Finalized`] with
-    /// `remote_parent == Some(parent)` (now, among `links`, or later) and what the walks
+    /// A live child whose subtree dies here at once is finalized without a report; each of
+    /// the others will report one [`LinkEvent::Finalized`] with `remote_parent ==
+    /// Some(parent)` (now, among `links`, or later). Returns how many children will
+    /// report (so the batch is answered at once when none will) and what the walks
     /// killed.
     pub fn revoke_below<H, L, F>(
         &mut self,
@@ -366,8 +370,11 @@ impl CapTable {
             cursor = self.nodes[slot].next_sibling;
             match self.nodes[slot].state {
                 State::Live => {
-                    let walk = self.mark_subtree(slot, hook, links);
-                    below.members += 1;
+                    // A child whose subtree dies here at once is done: it is counted, not
+                    // reported (issue 14: no event per capability for the batch's
+                    // answer to count down). One with remote parts reports later.
+                    let walk = self.mark_subtree(slot, hook, links, false);
+                    below.members += usize::from(!walk.finished);
                     below.killed += walk.killed;
                 }
                 State::Revoking if !individual(self.nodes[slot].name) => below.members += 1,
@@ -506,7 +513,10 @@ impl CapTable {
     ///   walk first descends into the local children a zigzagging tree hangs below it);
     /// * a reservation below such a proxy is cancelled;
     /// * a subtree already revoking is left to the revocation that marked it.
-    fn mark_subtree<H, L>(&mut self, root: usize, hook: &mut H, links: &mut L) -> Walk
+    ///
+    /// The root, when finalized, is reported to `links` if `report_root` is set (every
+    /// finalized node whose parent is a proxy is reported otherwise).
+    fn mark_subtree<H, L>(&mut self, root: usize, hook: &mut H, links: &mut L, report_root: bool) -> Walk
     where
         H: RevocationHook + ?Sized,
         L: LinkSink + ?Sized,
@@ -540,7 +550,12 @@ impl CapTable {
                     });
                     killed += 1;
                     if node.first_child.get().is_none() {
-                        self.finalize(current, at_root, links);
+                        if at_root && !report_root {
+                            self.unlink_from_parent(current);
+                            self.nodes[current].state = State::Revoked;
+                        } else {
+                            self.finalize(current, at_root, links);
+                        }
                     } else {
                         self.nodes[current].state = State::Revoking;
                     }
@@ -831,7 +846,7 @@ impl CapTable {
         let mut cursor = self.principal(principal).ok_or(PrincipalError::UnknownPrincipal)?.held_head;
         while let Some(slot) = cursor.get() {
             if self.nodes[slot].state == State::Live {
-                killed += self.mark_subtree(slot, hook, links).killed;
+                killed += self.mark_subtree(slot, hook, links, true).killed;
             }
             cursor = self.nodes[slot].held_next;
         }
