@@ -412,28 +412,42 @@ impl CapTable {
         // order, and that list only loses members meanwhile: the node after the last one
         // dropped is usually the next one named, found without the index (a name is in
         // the index once, so a node of the list that bears it is the one the index holds).
+        let own = self.kernel();
         let mut guess = self.nodes[parent_slot].first_child;
         for at in 0..proxies.len() {
             let name = proxies[at];
             let slot = match guess.get() {
-                Some(slot) if self.nodes[slot].name == name && name.kernel() != self.kernel() => slot,
+                Some(slot) if self.nodes[slot].name == name && name.kernel() != own => slot,
                 _ => match self.lookup_foreign(name) {
                     Some(slot) => slot,
                     None => continue,
                 },
             };
-            let node = &self.nodes[slot];
-            guess = node.next_sibling;
-            if node.state != State::RemoteRevoking || node.parent.get() != Some(parent_slot) || individual(name) {
+            // One read of the node's links serves the checks and the unlinking.
+            let Node { state, parent, first_child, prev_sibling, next_sibling, .. } = self.nodes[slot];
+            guess = next_sibling;
+            if state != State::RemoteRevoking || parent.get() != Some(parent_slot) || individual(name) {
                 continue;
             }
             proxies[dropped] = name;
             dropped += 1;
-            self.unlink_from_parent(slot);
-            if self.nodes[slot].first_child.get().is_none() {
+            // Unlink from the parent's children (as unlink_from_parent does); a node that
+            // is released needs no links of its own cleared, as releasing blanks it.
+            match prev_sibling.get() {
+                Some(prev) => self.nodes[prev].next_sibling = next_sibling,
+                None => self.nodes[parent_slot].first_child = next_sibling,
+            }
+            if let Some(next) = next_sibling.get() {
+                self.nodes[next].prev_sibling = prev_sibling;
+            }
+            if first_child.get().is_none() {
                 self.release(slot);
             } else {
-                self.nodes[slot].state = State::Remote;
+                let node = &mut self.nodes[slot];
+                node.parent = Link::NIL;
+                node.prev_sibling = Link::NIL;
+                node.next_sibling = Link::NIL;
+                node.state = State::Remote;
             }
         }
         proxies.truncate(dropped);
@@ -537,7 +551,7 @@ impl CapTable {
                 }
             }
             // Leave `current`; where to go next is read first, as leaving may unlink it.
-            let Node { parent, next_sibling, .. } = self.nodes[current];
+            let Node { parent, mut next_sibling, .. } = self.nodes[current];
             let at_root = current == root;
             match self.nodes[current].state {
                 State::Live => {
@@ -561,9 +575,24 @@ impl CapTable {
                     }
                 }
                 State::Remote => {
-                    self.nodes[current].state = State::RemoteRevoking;
+                    let node = &mut self.nodes[current];
+                    node.state = State::RemoteRevoking;
+                    let child = node.name;
                     let parent = parent.get().map(|parent| self.nodes[parent].name);
-                    links.link_event(LinkEvent::RevokeRemote { child: self.nodes[current].name, parent });
+                    links.link_event(LinkEvent::RevokeRemote { child, parent });
+                    // The siblings that follow are mostly proxies without children too
+                    // (a parent's delegations to other kernels): each would be entered
+                    // and left at once, in this order. Leave them here in one run, with
+                    // the parent's name read once (issue 14).
+                    while let Some(sibling) = next_sibling.get() {
+                        let node = &mut self.nodes[sibling];
+                        if node.state != State::Remote || node.first_child.get().is_some() {
+                            break;
+                        }
+                        node.state = State::RemoteRevoking;
+                        next_sibling = node.next_sibling;
+                        links.link_event(LinkEvent::RevokeRemote { child: node.name, parent });
+                    }
                 }
                 State::Pending => self.cancel_slot(current),
                 State::Revoking | State::RemoteRevoking => {}
