@@ -70,6 +70,10 @@ impl<K: Ord + Copy, V> SortedMap<K, V> {
     #[inline]
     pub(crate) fn remove(&mut self, key: &K) -> Option<V> {
         let at = self.search(key).ok()?;
+        if at + 1 == self.entries.len() {
+            // The newest (or only) entry: nothing to shift.
+            return self.entries.pop().map(|(_, value)| value);
+        }
         Some(self.entries.remove(at).1)
     }
 }
