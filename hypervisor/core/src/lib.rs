@@ -220,6 +220,23 @@ impl Effects for EffectList<'_> {
     }
 }
 
+/// Passes messages on to `out` and notes whether one of them accepts the delegation of
+/// `child` (`DelegateAck` with `Ok`).
+struct AcceptWatch<'a, O: ?Sized> {
+    out: &'a mut O,
+    child: CapName,
+    accepted: bool,
+}
+
+impl<O: Outbox + ?Sized> Outbox for AcceptWatch<'_, O> {
+    fn send(&mut self, to: KernelId, message: Message) {
+        if let Message::DelegateAck { child, result: Ok(()) } = message {
+            self.accepted |= child == self.child;
+        }
+        self.out.send(to, message);
+    }
+}
+
 /// Routes each dead capability to the AM that implements its object, and marks the inbox
 /// of its holder stale.
 struct AmHook<'a> {
@@ -1132,16 +1149,22 @@ impl NullKernel {
     where
         O: Outbox + ?Sized,
     {
-        {
-            // The hook (and any AM lock it holds) goes before the inbox is touched.
-            let hook = &mut AmHook::new(&self.shared.ams, &mut self.effects, &mut self.inbox, self.listed);
-            self.proto.handle(from, message, hook, out);
-        }
-        if let Message::Delegate { grant, holder: holder @ Principal::Vm(vm), delegator, .. } = message {
-            if self.proto.table().inspect(holder, grant.child).is_ok() {
+        if let Message::Delegate { grant, holder: Principal::Vm(vm), delegator, .. } = message {
+            // The answer says whether the child was created (live, held by the VM): watch
+            // it leave instead of looking the child up again (issue 14).
+            let mut watch = AcceptWatch { out, child: grant.child, accepted: false };
+            {
+                // The hook (and any AM lock it holds) goes before the inbox is touched.
+                let hook = &mut AmHook::new(&self.shared.ams, &mut self.effects, &mut self.inbox, self.listed);
+                self.proto.handle(from, message, hook, &mut watch);
+            }
+            if watch.accepted {
                 self.deliver_to_inbox(vm, grant.child, delegator);
             }
+            return;
         }
+        let hook = &mut AmHook::new(&self.shared.ams, &mut self.effects, &mut self.inbox, self.listed);
+        self.proto.handle(from, message, hook, out);
     }
 
     /// Tells whether [`NullKernel::poll`] has something to return, so the hypercall path

@@ -11,6 +11,7 @@ use nk_caps::{
 };
 
 use crate::error::ProtoError;
+use crate::small_map::SortedMap;
 
 /// Up to this many waited-for names, a batched `GoneBelow` compares each of its names
 /// with them instead of looking each up in the waiters' map.
@@ -31,7 +32,7 @@ pub struct Kernel {
     kernels: u16,
     next_op: u64,
     /// The operations waiting for messages.
-    pub(crate) ops: BTreeMap<OpId, Op>,
+    pub(crate) ops: SortedMap<OpId, Op>,
     /// Completions not yet polled.
     done: VecDeque<Completion>,
     /// Revocations that a parent's kernel requested and that still wait for remote parts:
@@ -51,9 +52,9 @@ pub struct Kernel {
     /// Operations waiting for a capability to be finalized or a proxy to be gone.
     pub(crate) waiters: BTreeMap<CapName, Vec<OpId>>,
     /// Delegations waiting for their acknowledgement, by child.
-    pub(crate) delegations: BTreeMap<CapName, OpId>,
+    pub(crate) delegations: SortedMap<CapName, OpId>,
     /// Obtains waiting for their grant, by reserved child.
-    pub(crate) obtains: BTreeMap<CapName, OpId>,
+    pub(crate) obtains: SortedMap<CapName, OpId>,
     /// The crash operation under way for each VM.
     pub(crate) crashes: BTreeMap<VmId, OpId>,
     /// Link events of the last table call, reused to avoid allocating.
@@ -145,15 +146,15 @@ impl Kernel {
             table,
             kernels,
             next_op: 0,
-            ops: BTreeMap::new(),
+            ops: SortedMap::new(),
             done: VecDeque::new(),
             requests: BTreeMap::new(),
             sent_by: BTreeMap::new(),
             batches: BTreeMap::new(),
             below: BTreeMap::new(),
             waiters: BTreeMap::new(),
-            delegations: BTreeMap::new(),
-            obtains: BTreeMap::new(),
+            delegations: SortedMap::new(),
+            obtains: SortedMap::new(),
             crashes: BTreeMap::new(),
             events: Vec::new(),
             scratch: Vec::new(),

@@ -167,6 +167,7 @@ mod handle;
 mod kernel;
 mod message;
 mod op;
+mod small_map;
 
 pub use encode::{DecodeError, MESSAGE_WORDS};
 pub use error::ProtoError;

@@ -59,6 +59,10 @@ pub struct CapTable {
     /// search over `Principal`'s ordering was an eighth of a derive). Checked on every
     /// use, so a stale hint costs one comparison and is never wrong.
     principal_hint: Cell<u32>,
+    /// The same for the payer of a capability whose holder is another principal (a
+    /// delegation's delegator): a cross-kernel delegation looks up holder and delegator
+    /// one after the other, and one shared hint would miss both every time.
+    payer_hint: Cell<u32>,
     /// The principal of each account number (`Node::payer`); None for a free number.
     accounts: Vec<Option<Principal>>,
 }
@@ -225,6 +229,7 @@ impl CapTable {
             index,
             principals: Vec::new(),
             principal_hint: Cell::new(0),
+            payer_hint: Cell::new(0),
             accounts: Vec::new(),
         })
     }
@@ -586,7 +591,7 @@ impl CapTable {
         let payer_at = if payer == holder {
             holder_at
         } else {
-            match self.principal_position(payer) {
+            match self.payer_position(payer) {
                 Ok(position) => position,
                 Err(_) if holder_if_unknown => holder_at,
                 Err(_) => return Err(CapError::UnknownPrincipal),
@@ -708,6 +713,22 @@ impl CapTable {
             return Ok(hint);
         }
         self.principal_search(principal)
+    }
+
+    /// Finds where `payer`, the payer of a capability held by another principal, is in
+    /// the sorted list of principals, trying its own hint first.
+    #[inline]
+    fn payer_position(&self, payer: Principal) -> Result<usize, usize> {
+        let hint = self.payer_hint.get() as usize;
+        if self.principals.get(hint).is_some_and(|entry| entry.principal == payer) {
+            return Ok(hint);
+        }
+        let found = self.principals.binary_search_by_key(&payer, |entry| entry.principal);
+        if let Ok(position) = found {
+            // Fewer than u32::MAX principals (accounts are u16).
+            self.payer_hint.set(position as u32);
+        }
+        found
     }
 
     /// The binary search behind [`principal_position`](Self::principal_position), which

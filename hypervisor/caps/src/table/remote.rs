@@ -138,7 +138,9 @@ pub struct Walk {
 /// Tells what a batched revoke ([`CapTable::revoke_below`]) did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BelowWalk {
-    /// The children that will report their finalization to the batch.
+    /// The children that will report their finalization to the batch (among the walk's
+    /// events or later): those left revoking. Children finalized during the call are
+    /// not reported and not counted here.
     pub members: usize,
     /// The live capabilities that died.
     pub killed: usize,
@@ -298,7 +300,7 @@ impl CapTable {
         if self.nodes[slot].state != State::Live {
             return None;
         }
-        let walk = self.mark_subtree(slot, hook, links);
+        let walk = self.mark_subtree(slot, hook, links, true);
         hook.finished();
         Some(walk)
     }
@@ -314,7 +316,7 @@ impl CapTable {
         };
         match self.nodes[slot].state {
             State::Live => {
-                let walk = self.mark_subtree(slot, hook, links);
+                let walk = self.mark_subtree(slot, hook, links, true);
                 hook.finished();
                 IncomingRevoke::Walked(walk)
             }
@@ -337,8 +339,10 @@ impl CapTable {
     /// revoking one is left to its revocation, and counted unless `individual` says its
     /// parent's kernel waits for its own `Gone` (a revoke of that child alone arrived
     /// first); a reservation is left to its obtain, which the revoked parent refuses.
-    /// Returns how many children will each report one [`LinkEvent::Finalized`] with
-    /// `remote_parent == Some(parent)` (now, among `links`, or later) and what the walks
+    /// A live child whose subtree dies here at once is finalized without a report; each of
+    /// the others will report one [`LinkEvent::Finalized`] with `remote_parent ==
+    /// Some(parent)` (now, among `links`, or later). Returns how many children will
+    /// report (so the batch is answered at once when none will) and what the walks
     /// killed.
     pub fn revoke_below<H, L, F>(
         &mut self,
@@ -366,8 +370,11 @@ impl CapTable {
             cursor = self.nodes[slot].next_sibling;
             match self.nodes[slot].state {
                 State::Live => {
-                    let walk = self.mark_subtree(slot, hook, links);
-                    below.members += 1;
+                    // A child whose subtree dies here at once is done: it is counted, not
+                    // reported (issue 14: no event per capability for the batch's
+                    // answer to count down). One with remote parts reports later.
+                    let walk = self.mark_subtree(slot, hook, links, false);
+                    below.members += usize::from(!walk.finished);
                     below.killed += walk.killed;
                 }
                 State::Revoking if !individual(self.nodes[slot].name) => below.members += 1,
@@ -405,28 +412,42 @@ impl CapTable {
         // order, and that list only loses members meanwhile: the node after the last one
         // dropped is usually the next one named, found without the index (a name is in
         // the index once, so a node of the list that bears it is the one the index holds).
+        let own = self.kernel();
         let mut guess = self.nodes[parent_slot].first_child;
         for at in 0..proxies.len() {
             let name = proxies[at];
             let slot = match guess.get() {
-                Some(slot) if self.nodes[slot].name == name && name.kernel() != self.kernel() => slot,
+                Some(slot) if self.nodes[slot].name == name && name.kernel() != own => slot,
                 _ => match self.lookup_foreign(name) {
                     Some(slot) => slot,
                     None => continue,
                 },
             };
-            let node = &self.nodes[slot];
-            guess = node.next_sibling;
-            if node.state != State::RemoteRevoking || node.parent.get() != Some(parent_slot) || individual(name) {
+            // One read of the node's links serves the checks and the unlinking.
+            let Node { state, parent, first_child, prev_sibling, next_sibling, .. } = self.nodes[slot];
+            guess = next_sibling;
+            if state != State::RemoteRevoking || parent.get() != Some(parent_slot) || individual(name) {
                 continue;
             }
             proxies[dropped] = name;
             dropped += 1;
-            self.unlink_from_parent(slot);
-            if self.nodes[slot].first_child.get().is_none() {
+            // Unlink from the parent's children (as unlink_from_parent does); a node that
+            // is released needs no links of its own cleared, as releasing blanks it.
+            match prev_sibling.get() {
+                Some(prev) => self.nodes[prev].next_sibling = next_sibling,
+                None => self.nodes[parent_slot].first_child = next_sibling,
+            }
+            if let Some(next) = next_sibling.get() {
+                self.nodes[next].prev_sibling = prev_sibling;
+            }
+            if first_child.get().is_none() {
                 self.release(slot);
             } else {
-                self.nodes[slot].state = State::Remote;
+                let node = &mut self.nodes[slot];
+                node.parent = Link::NIL;
+                node.prev_sibling = Link::NIL;
+                node.next_sibling = Link::NIL;
+                node.state = State::Remote;
             }
         }
         proxies.truncate(dropped);
@@ -506,7 +527,10 @@ impl CapTable {
     ///   walk first descends into the local children a zigzagging tree hangs below it);
     /// * a reservation below such a proxy is cancelled;
     /// * a subtree already revoking is left to the revocation that marked it.
-    fn mark_subtree<H, L>(&mut self, root: usize, hook: &mut H, links: &mut L) -> Walk
+    ///
+    /// The root, when finalized, is reported to `links` if `report_root` is set (every
+    /// finalized node whose parent is a proxy is reported otherwise).
+    fn mark_subtree<H, L>(&mut self, root: usize, hook: &mut H, links: &mut L, report_root: bool) -> Walk
     where
         H: RevocationHook + ?Sized,
         L: LinkSink + ?Sized,
@@ -527,7 +551,7 @@ impl CapTable {
                 }
             }
             // Leave `current`; where to go next is read first, as leaving may unlink it.
-            let Node { parent, next_sibling, .. } = self.nodes[current];
+            let Node { parent, mut next_sibling, .. } = self.nodes[current];
             let at_root = current == root;
             match self.nodes[current].state {
                 State::Live => {
@@ -540,15 +564,35 @@ impl CapTable {
                     });
                     killed += 1;
                     if node.first_child.get().is_none() {
-                        self.finalize(current, at_root, links);
+                        if at_root && !report_root {
+                            self.unlink_from_parent(current);
+                            self.nodes[current].state = State::Revoked;
+                        } else {
+                            self.finalize(current, at_root, links);
+                        }
                     } else {
                         self.nodes[current].state = State::Revoking;
                     }
                 }
                 State::Remote => {
-                    self.nodes[current].state = State::RemoteRevoking;
+                    let node = &mut self.nodes[current];
+                    node.state = State::RemoteRevoking;
+                    let child = node.name;
                     let parent = parent.get().map(|parent| self.nodes[parent].name);
-                    links.link_event(LinkEvent::RevokeRemote { child: self.nodes[current].name, parent });
+                    links.link_event(LinkEvent::RevokeRemote { child, parent });
+                    // The siblings that follow are mostly proxies without children too
+                    // (a parent's delegations to other kernels): each would be entered
+                    // and left at once, in this order. Leave them here in one run, with
+                    // the parent's name read once (issue 14).
+                    while let Some(sibling) = next_sibling.get() {
+                        let node = &mut self.nodes[sibling];
+                        if node.state != State::Remote || node.first_child.get().is_some() {
+                            break;
+                        }
+                        node.state = State::RemoteRevoking;
+                        next_sibling = node.next_sibling;
+                        links.link_event(LinkEvent::RevokeRemote { child: node.name, parent });
+                    }
                 }
                 State::Pending => self.cancel_slot(current),
                 State::Revoking | State::RemoteRevoking => {}
@@ -832,7 +876,7 @@ impl CapTable {
         let mut cursor = self.principal(principal).ok_or(PrincipalError::UnknownPrincipal)?.held_head;
         while let Some(slot) = cursor.get() {
             if self.nodes[slot].state == State::Live {
-                killed += self.mark_subtree(slot, hook, links).killed;
+                killed += self.mark_subtree(slot, hook, links, true).killed;
             }
             cursor = self.nodes[slot].held_next;
         }
