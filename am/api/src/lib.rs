@@ -316,6 +316,12 @@ pub trait Media {
     /// Writes `data` at `offset`. It is durable only once a later `fence` returns; a power
     /// cut before that leaves each unit of it either old or new, in no particular order.
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), MediaError>;
+    /// Writes `data` at `offset` as [`write`](Self::write) does, from a buffer the device
+    /// may use as it goes (its contents afterwards are unspecified): a device behind an
+    /// AM-to-AM call (`call_am` lends a mutable buffer) then needs no copy of it.
+    fn write_buf(&mut self, offset: u64, data: &mut [u8]) -> Result<(), MediaError> {
+        self.write(offset, data)
+    }
     /// Returns once every earlier write is durable (CLWB and SFENCE on persistent memory,
     /// a completed write on a disk).
     fn fence(&mut self) -> Result<(), MediaError>;

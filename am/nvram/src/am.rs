@@ -143,23 +143,40 @@ pub struct NvramAm {
     orphans: Vec<CapName>,
     /// The block AM's range of the whole device, per kernel instance (granted at start-up):
     /// the durable device, through block capabilities (seed §5.2.2).
-    block: BTreeMap<u32, CapName>,
+    block: BTreeMap<u32, BlockRange>,
+    /// A commit's scratch, kept between commits: its write set and two pages to diff.
+    writes: Vec<u32>,
+    pages: Vec<u8>,
 }
 
 /// Runs `f` with the durable device: the block AM's range of this kernel instance when
 /// the AM holds one ([`nk_am_block::BlockMedia`]: every access an AM-to-AM call), else
 /// the device the hypervisor lends (`Kernel::with_media`). False when there is none.
-fn with_device(block: &BTreeMap<u32, CapName>, kernel: &mut dyn Kernel, f: &mut dyn FnMut(&mut dyn Media)) -> bool {
-    match block.get(&kernel.instance()) {
-        Some(&cap) => match nk_am_block::BlockMedia::open(kernel, cap) {
-            Ok(mut media) => {
-                f(&mut media);
-                true
-            }
-            Err(_) => false,
+fn with_device(
+    block: &mut BTreeMap<u32, BlockRange>,
+    kernel: &mut dyn Kernel,
+    f: &mut dyn FnMut(&mut dyn Media),
+) -> bool {
+    let Some(range) = block.get_mut(&kernel.instance()) else {
+        return kernel.with_media(f);
+    };
+    let info = match range.info {
+        Some(info) => info,
+        None => match nk_am_block::BlockMedia::probe(kernel, range.cap) {
+            Ok(info) => *range.info.insert(info),
+            Err(_) => return false,
         },
-        None => kernel.with_media(f),
-    }
+    };
+    f(&mut nk_am_block::BlockMedia::with_info(kernel, range.cap, info));
+    true
+}
+
+/// The block AM's range of the device on one kernel instance, and what opening it said
+/// (asked once: the operations and the range's size do not change).
+#[derive(Clone, Copy, Debug)]
+struct BlockRange {
+    cap: CapName,
+    info: Option<nk_am_block::RangeInfo>,
 }
 
 impl core::fmt::Debug for NvramAm {
@@ -200,7 +217,7 @@ impl NvramAm {
             return Ok(());
         }
         let mut result = None;
-        with_device(&self.block, kernel, &mut |media| result = Some(Directory::mount(media)));
+        with_device(&mut self.block, kernel, &mut |media| result = Some(Directory::mount(media)));
         let directory = result.ok_or(AmError::NotPermitted)?.map_err(|e| {
             log::error!(target: "nvram", "the device's region directory cannot be used: {e:?}");
             AmError::NotPermitted
@@ -258,7 +275,7 @@ impl NvramAm {
         // into both copies.
         let mut result = None;
         let mut corrupt = None;
-        with_device(&self.block, kernel, &mut |media: &mut dyn Media| {
+        with_device(&mut self.block, kernel, &mut |media: &mut dyn Media| {
             result = Some(
                 match existing {
                     Some(entry) => {
@@ -442,8 +459,11 @@ impl NvramAm {
         collect_dirty(region, self.dirty_read, kernel)?;
         // The write set: each dirty page diffed against the committed copy in 256-byte
         // blocks (seed §3.2.6).
-        let mut writes = Vec::new();
-        let (mut working_page, mut committed_page) = (vec![0u8; PAGE as usize], vec![0u8; PAGE as usize]);
+        let mut writes = core::mem::take(&mut self.writes);
+        writes.clear();
+        // Two pages of scratch, kept between commits (a commit allocates nothing for them).
+        self.pages.resize(2 * PAGE as usize, 0);
+        let (working_page, committed_page) = self.pages.split_at_mut(PAGE as usize);
         let mut dirty_pages = 0;
         if whole {
             let blocks = region.entry.bytes / BLOCK as u64;
@@ -456,8 +476,8 @@ impl NvramAm {
             }
             dirty_pages += 1;
             let offset = page * PAGE;
-            if !host.read(region.working + offset, &mut working_page)
-                || !host.read(region.committed() + offset, &mut committed_page)
+            if !host.read(region.working + offset, working_page)
+                || !host.read(region.committed() + offset, committed_page)
             {
                 return Err(AmError::NotPermitted);
             }
@@ -471,15 +491,27 @@ impl NvramAm {
         let (working, committed) = (region.working, region.committed());
         let mut result = None;
         let store = &mut region.store;
-        with_device(&self.block, kernel, &mut |media: &mut dyn Media| {
+        with_device(&mut self.block, kernel, &mut |media: &mut dyn Media| {
             // Each block is read once from the working copy, written to the device and to
             // the committed copy, so the two agree even if a guest writes meanwhile.
-            result = Some(store.commit(media, &writes, &mut |block, out| {
-                let at = u64::from(block) * BLOCK as u64;
-                host.read(working + at, out);
-                host.write(committed + at, out);
+            // Blocks with adjacent numbers are adjacent in both copies: one copy each way per
+            // run of them.
+            result = Some(store.commit(media, &writes, &mut |blocks, out| {
+                let mut i = 0;
+                while i < blocks.len() {
+                    let mut j = i + 1;
+                    while j < blocks.len() && blocks[j] == blocks[j - 1].wrapping_add(1) {
+                        j += 1;
+                    }
+                    let at = u64::from(blocks[i]) * BLOCK as u64;
+                    let Some(run) = out.get_mut(i * BLOCK..j * BLOCK) else { return };
+                    host.read(working + at, run);
+                    host.write(committed + at, run);
+                    i = j;
+                }
             }));
         });
+        self.writes = writes;
         match result {
             Some(Ok(stats)) => {
                 region.dirty.fill(0);
@@ -508,7 +540,7 @@ impl NvramAm {
             let geometry = region.entry.geometry;
             let (working, bytes) = (region.working, region.entry.bytes);
             let mut result = None;
-            with_device(&self.block, kernel, &mut |media: &mut dyn Media| {
+            with_device(&mut self.block, kernel, &mut |media: &mut dyn Media| {
                 result = Some(Store::open(media, geometry).map_err(media_error).and_then(|(store, _)| {
                     // Both copies may hold blocks of the failed commit: start from zeros.
                     let zeros = vec![0u8; PAGE as usize];
@@ -699,7 +731,7 @@ impl AbstractMachine for NvramAm {
             if instance == 0 {
                 log::info!(target: "nvram", "the durable device comes through the block AM (a range capability per kernel instance)");
             }
-            self.block.insert(instance, cap);
+            self.block.insert(instance, BlockRange { cap, info: None });
         }
     }
 

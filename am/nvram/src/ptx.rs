@@ -347,6 +347,9 @@ pub struct Store {
     /// Unit where the next log record starts.
     log_head: u32,
     poisoned: bool,
+    /// The buffer a commit fills each run of adjacent slots in (at most a blockset's data,
+    /// kept between commits so a commit allocates nothing for its data).
+    run: Vec<u8>,
 }
 
 impl Store {
@@ -376,6 +379,7 @@ impl Store {
             next_seq: 1,
             log_head: 0,
             poisoned: false,
+            run: Vec::new(),
         }
     }
 
@@ -552,14 +556,16 @@ impl Store {
 
     /// Commits new versions of `writes` (block numbers, strictly increasing) atomically:
     /// after a power cut at any point the store restores either all of them or none.
-    /// `fetch` gives each block's new data, once per block, as it is written (so a write
-    /// set needs no copy of its own). The steps and their order are in the crate docs
+    /// `fetch(blocks, out)` gives the new data of `blocks` (a slice of `writes`, in order)
+    /// in `out` (`BLOCK` bytes each), once per block, as they are written (so a write set
+    /// needs no copy of its own; a caller holding adjacent blocks together copies a run at
+    /// once). The steps and their order are in the crate docs
     /// ("Commit").
     pub fn commit(
         &mut self,
         media: &mut dyn Media,
         writes: &[u32],
-        fetch: &mut dyn FnMut(u32, &mut [u8; BLOCK]),
+        fetch: &mut dyn FnMut(&[u32], &mut [u8]),
     ) -> Result<CommitStats, StoreError> {
         if self.poisoned {
             return Err(StoreError::Poisoned);
@@ -663,7 +669,7 @@ impl Store {
         &mut self,
         media: &mut dyn Media,
         writes: &[u32],
-        fetch: &mut dyn FnMut(u32, &mut [u8; BLOCK]),
+        fetch: &mut dyn FnMut(&[u32], &mut [u8]),
         placement: &[(u32, u64)],
         logged: bool,
         stats: &mut CommitStats,
@@ -682,13 +688,15 @@ impl Store {
                 while slot < BLOCKS_PER_SET && slots & (1 << slot) != 0 {
                     slot += 1;
                 }
-                let mut run = vec![0u8; (slot - first) * BLOCK];
-                for chunk in run.chunks_exact_mut(BLOCK) {
-                    let block: &mut [u8; BLOCK] = chunk.try_into().map_err(|_| StoreError::BadArgument)?;
-                    fetch(writes[next], block);
-                    next += 1;
+                let count = slot - first;
+                if self.run.len() < count * BLOCK {
+                    self.run.resize(count * BLOCK, 0);
                 }
-                media.write(g.block_offset(set, first), &run)?;
+                let run = &mut self.run[..count * BLOCK];
+                fetch(&writes[next..next + count], run);
+                next += count;
+                // The device may use the buffer as it goes: it is filled again next time.
+                media.write_buf(g.block_offset(set, first), run)?;
                 stats.writes += 1;
                 stats.device_bytes += run.len() as u64;
                 stats.blocks += (slot - first) as u64;
