@@ -611,14 +611,19 @@ fn take_own_dirty_cap(vm: VmId, kernel: &mut dyn Kernel) -> Option<CapName> {
 /// one. A refused read (the capability revoked) marks every page dirty and returns the
 /// refusal.
 fn collect_dirty(region: &mut Region, op: Option<nk_am::OpId>, kernel: &mut dyn Kernel) -> Result<(), AmError> {
-    let mut bitmap = vec![0u8; region.dirty.len()];
+    // On the stack: a region has at most REGION_MAX / PAGE pages, a bit each.
+    let mut buffer = [0u8; (REGION_MAX / PAGE / 8) as usize];
+    let Some(bitmap) = buffer.get_mut(..region.dirty.len()) else {
+        region.mark_all_dirty();
+        return Err(AmError::NotPermitted);
+    };
     let pages = region.entry.bytes / PAGE;
     let mut refused = Ok(());
     for m in region.mappings.iter().filter(|m| m.access & frame_access::WRITE != 0) {
         bitmap.fill(0);
         let read = match (m.exo, op) {
             (Some(exo), Some(op)) => {
-                match kernel.call_am(op, &[exo], &[m.gpa, pages, 0, 0, 0], &mut bitmap) {
+                match kernel.call_am(op, &[exo], &[m.gpa, pages, 0, 0, 0], bitmap) {
                     // The capability lives on the kernel instance of the VM that mapped
                     // (capabilities are per instance); a call from another instance (a
                     // VM on another CPU the region was delegated to) cannot name it, and
@@ -640,7 +645,7 @@ fn collect_dirty(region: &mut Region, op: Option<nk_am::OpId>, kernel: &mut dyn 
             bitmap.fill(0xFF);
             refused = Err(error);
         }
-        for (d, b) in region.dirty.iter_mut().zip(&bitmap) {
+        for (d, b) in region.dirty.iter_mut().zip(bitmap.iter()) {
             *d |= b;
         }
     }

@@ -86,8 +86,8 @@
 //! and 63 region entries, one 256-byte unit each. Each region has its own extent holding a
 //! PTx store ([`ptx`]): a circular log, then blocksets of 41 data blocks of 256 bytes and
 //! a 256-byte header (magic, region id, sequence number, a `logged` flag, the 41 block
-//! numbers or ⊥, the fresh-slot bitmap, hash). Writes are non-destructive; the map (a `BTreeMap` from block to
-//! blockset and slot) and the free list live in memory and are rebuilt from the headers at
+//! numbers or ⊥, the fresh-slot bitmap, hash). Writes are non-destructive; the map (from
+//! block to blockset and slot, a word per block) and the free list live in memory and are rebuilt from the headers at
 //! restore by walking blocksets in decreasing sequence order (Invariant 1).
 //!
 //! Placement (§3.2.5 step 2): new versions go into free slots (⊥, or superseded by a

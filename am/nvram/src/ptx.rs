@@ -346,6 +346,50 @@ pub struct CommitStats {
     pub fences: u64,
 }
 
+/// PTx's map from a block to the blockset and slot of its committed version: one word per
+/// block of the region (4 bytes a block, a 64th of the region; a lookup or an update is an
+/// index, where a commit's updates in a tree cost a search each).
+#[derive(Debug)]
+struct BlockMap {
+    /// `set * 64 + slot`, or [`NO_BLOCK`] for a block never committed.
+    entries: Vec<u32>,
+    len: usize,
+}
+
+impl BlockMap {
+    fn new(blocks: u64) -> Self {
+        Self { entries: vec![NO_BLOCK; blocks as usize], len: 0 }
+    }
+
+    fn get(&self, block: u32) -> Option<(u32, u8)> {
+        match self.entries.get(block as usize) {
+            Some(&entry) if entry != NO_BLOCK => Some((entry / 64, (entry % 64) as u8)),
+            _ => None,
+        }
+    }
+
+    /// Maps `block` to `(set, slot)`; returns its previous place. A block outside the
+    /// region is never mapped (callers check block numbers first).
+    fn insert(&mut self, block: u32, (set, slot): (u32, u8)) -> Option<(u32, u8)> {
+        let previous = self.get(block);
+        let entry = self.entries.get_mut(block as usize)?;
+        *entry = set * 64 + u32::from(slot);
+        if previous.is_none() {
+            self.len += 1;
+        }
+        previous
+    }
+
+    fn clear(&mut self) {
+        self.entries.fill(NO_BLOCK);
+        self.len = 0;
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
 /// One region's PTx store: the durable layout's in-memory mirror (headers, map, free
 /// slots, log head) and the operations on it.
 #[derive(Debug)]
@@ -356,7 +400,7 @@ pub struct Store {
     /// list: ⊥ slots and slots whose block was superseded).
     live: Vec<u64>,
     /// PTx's map: block number -> (blockset, slot) of its committed version.
-    map: BTreeMap<u32, (u32, u8)>,
+    map: BlockMap,
     seq: u64,
     next_seq: u64,
     /// Unit where the next log record starts.
@@ -389,7 +433,7 @@ impl Store {
             geometry,
             headers: vec![Header::EMPTY; geometry.sets as usize],
             live: vec![0; geometry.sets as usize],
-            map: BTreeMap::new(),
+            map: BlockMap::new(geometry.blocks),
             seq: 0,
             next_seq: 1,
             log_head: 0,
@@ -504,7 +548,7 @@ impl Store {
                     let header = self.headers[set as usize];
                     for (slot, &field) in header.fields.iter().enumerate() {
                         let fresh = header.fresh & (1 << slot) != 0;
-                        if fresh == fresh_pass && field != NO_BLOCK && !self.map.contains_key(&field) {
+                        if fresh == fresh_pass && field != NO_BLOCK && self.map.get(field).is_none() {
                             self.map.insert(field, (set, slot as u8));
                             self.live[set as usize] |= 1 << slot;
                         }
@@ -535,8 +579,8 @@ impl Store {
         if u64::from(block) >= self.geometry.blocks {
             return Err(StoreError::BadArgument);
         }
-        match self.map.get(&block) {
-            Some(&(set, slot)) => media.read(self.geometry.block_offset(set, usize::from(slot)), out)?,
+        match self.map.get(block) {
+            Some((set, slot)) => media.read(self.geometry.block_offset(set, usize::from(slot)), out)?,
             None => out.fill(0),
         }
         Ok(())
@@ -739,7 +783,7 @@ impl Store {
                     LogUnit { seq: self.next_seq, part: part as u16, parts: units as u16, locations: chunk.to_vec() };
                 record.extend_from_slice(&unit.encode(g.uid));
             }
-            media.write(g.log_offset(start), &record)?;
+            media.write_buf(g.log_offset(start), &mut record)?;
             media.fence()?;
             stats.writes += 1;
             stats.fences += 1;
@@ -763,7 +807,8 @@ impl Store {
                     next += 1;
                 }
             }
-            media.write(g.set_offset(set), &header.encode(g.uid))?;
+            let mut unit = header.encode(g.uid);
+            media.write_buf(g.set_offset(set), &mut unit)?;
             stats.writes += 1;
             stats.device_bytes += BLOCK as u64;
             stats.sets += 1;
