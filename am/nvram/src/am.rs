@@ -144,9 +144,8 @@ pub struct NvramAm {
     /// The block AM's range of the whole device, per kernel instance (granted at start-up):
     /// the durable device, through block capabilities (seed §5.2.2).
     block: BTreeMap<u32, BlockRange>,
-    /// A commit's scratch, kept between commits: its write set and two pages to diff.
+    /// A commit's write set, kept between commits (a commit allocates nothing for it).
     writes: Vec<u32>,
-    pages: Vec<u8>,
 }
 
 /// Runs `f` with the durable device: the block AM's range of this kernel instance when
@@ -461,9 +460,6 @@ impl NvramAm {
         // blocks (seed §3.2.6).
         let mut writes = core::mem::take(&mut self.writes);
         writes.clear();
-        // Two pages of scratch, kept between commits (a commit allocates nothing for them).
-        self.pages.resize(2 * PAGE as usize, 0);
-        let (working_page, committed_page) = self.pages.split_at_mut(PAGE as usize);
         let mut dirty_pages = 0;
         if whole {
             let blocks = region.entry.bytes / BLOCK as u64;
@@ -476,15 +472,13 @@ impl NvramAm {
             }
             dirty_pages += 1;
             let offset = page * PAGE;
-            if !host.read(region.working + offset, working_page)
-                || !host.read(region.committed() + offset, committed_page)
-            {
-                return Err(AmError::NotPermitted);
-            }
-            for (i, (new, old)) in working_page.chunks_exact(BLOCK).zip(committed_page.chunks_exact(BLOCK)).enumerate()
-            {
-                if new != old {
-                    writes.push((offset / BLOCK as u64) as u32 + i as u32);
+            // Compared in place (`HostMemory::equal`), not copied out.
+            for i in 0..PAGE / BLOCK as u64 {
+                let at = offset + i * BLOCK as u64;
+                match host.equal(region.working + at, region.committed() + at, BLOCK) {
+                    Some(true) => {}
+                    Some(false) => writes.push((at / BLOCK as u64) as u32),
+                    None => return Err(AmError::NotPermitted),
                 }
             }
         }

@@ -25,6 +25,25 @@ pub const BLOCKS_PER_SET: usize = 41;
 pub const SET_UNITS: u64 = 1 + BLOCKS_PER_SET as u64;
 /// Blockset locations one log unit holds.
 pub const LOCATIONS_PER_UNIT: usize = 7;
+/// Every slot of a blockset, as a bitmap.
+const ALL_SLOTS: u64 = (1 << BLOCKS_PER_SET) - 1;
+
+/// The slots set in a bitmap, lowest first (a step per set bit, not per slot).
+struct SlotBits(u64);
+
+impl Iterator for SlotBits {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        if self.0 == 0 {
+            return None;
+        }
+        let slot = self.0.trailing_zeros() as usize;
+        self.0 &= self.0 - 1;
+        Some(slot)
+    }
+}
+
 /// A header address field that names no block (PTx's ⊥).
 const NO_BLOCK: u32 = u32::MAX;
 /// The largest region, in blocks (block numbers must fit below the header's ⊥, `u32::MAX`).
@@ -212,8 +231,8 @@ impl Header {
         unit[8..16].copy_from_slice(&uid.to_le_bytes());
         unit[16..24].copy_from_slice(&self.seq.to_le_bytes());
         unit[24] = if self.logged { FLAG_LOGGED } else { 0 };
-        for (i, field) in self.fields.iter().enumerate() {
-            unit[32 + 4 * i..36 + 4 * i].copy_from_slice(&field.to_le_bytes());
+        for (out, field) in unit[32..32 + 4 * BLOCKS_PER_SET].chunks_exact_mut(4).zip(&self.fields) {
+            out.copy_from_slice(&field.to_le_bytes());
         }
         unit[200..208].copy_from_slice(&self.fresh.to_le_bytes());
         seal(&mut unit);
@@ -653,21 +672,17 @@ impl Store {
             header.seq = seq;
             header.logged = logged;
             header.fresh = slots;
-            for slot in 0..BLOCKS_PER_SET {
-                if self.live[set as usize] & (1 << slot) == 0 {
-                    header.fields[slot] = NO_BLOCK;
-                }
+            for slot in SlotBits(!self.live[set as usize] & ALL_SLOTS) {
+                header.fields[slot] = NO_BLOCK;
             }
-            for slot in 0..BLOCKS_PER_SET {
-                if slots & (1 << slot) != 0 {
-                    let block = writes[next];
-                    next += 1;
-                    header.fields[slot] = block;
-                    if let Some((old_set, old_slot)) = self.map.insert(block, (set, slot as u8)) {
-                        self.live[old_set as usize] &= !(1 << old_slot);
-                    }
-                    self.live[set as usize] |= 1 << slot;
+            for slot in SlotBits(slots & ALL_SLOTS) {
+                let block = writes[next];
+                next += 1;
+                header.fields[slot] = block;
+                if let Some((old_set, old_slot)) = self.map.insert(block, (set, slot as u8)) {
+                    self.live[old_set as usize] &= !(1 << old_slot);
                 }
+                self.live[set as usize] |= 1 << slot;
             }
         }
         self.seq = seq;
@@ -686,8 +701,7 @@ impl Store {
     /// the fresh-slot bitmap orders them instead (see [`Store::rebuild`]), so a commit of
     /// every block always fits (a store has more than twice the blocks of its region).
     fn place(&self, writes: &[u32]) -> Result<Vec<(u32, u64)>, StoreError> {
-        const ALL: u64 = (1 << BLOCKS_PER_SET) - 1;
-        let free = |set: usize| (!self.live[set] & ALL).count_ones() as usize;
+        let free = |set: usize| (!self.live[set] & ALL_SLOTS).count_ones() as usize;
         let lowest = |set: usize, count: usize| {
             let mut slots = 0u64;
             let mut left = count;
@@ -798,14 +812,12 @@ impl Store {
             header.seq = self.next_seq;
             header.logged = logged;
             header.fresh = slots;
-            for slot in 0..BLOCKS_PER_SET {
-                if self.live[set as usize] & (1 << slot) == 0 {
-                    header.fields[slot] = NO_BLOCK;
-                }
-                if slots & (1 << slot) != 0 {
-                    header.fields[slot] = writes[next];
-                    next += 1;
-                }
+            for slot in SlotBits(!self.live[set as usize] & ALL_SLOTS) {
+                header.fields[slot] = NO_BLOCK;
+            }
+            for slot in SlotBits(slots & ALL_SLOTS) {
+                header.fields[slot] = writes[next];
+                next += 1;
             }
             let mut unit = header.encode(g.uid);
             media.write_buf(g.set_offset(set), &mut unit)?;
