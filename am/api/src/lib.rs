@@ -325,6 +325,12 @@ pub trait Media {
     /// Writes `data` at `offset`. It is durable only once a later `fence` returns; a power
     /// cut before that leaves each unit of it either old or new, in no particular order.
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), MediaError>;
+    /// Writes `data` at `offset` as [`write`](Self::write) does, from a buffer the device
+    /// may use as it goes (its contents afterwards are unspecified): a device behind an
+    /// AM-to-AM call (`call_am` lends a mutable buffer) then needs no copy of it.
+    fn write_buf(&mut self, offset: u64, data: &mut [u8]) -> Result<(), MediaError> {
+        self.write(offset, data)
+    }
     /// Returns once every earlier write is durable (CLWB and SFENCE on persistent memory,
     /// a completed write on a disk).
     fn fence(&mut self) -> Result<(), MediaError>;
@@ -340,6 +346,26 @@ pub trait HostMemory: Sync {
     /// Copies `data` to host-physical `hpa`; false if the range is not memory the
     /// hypervisor maps.
     fn write(&self, hpa: u64, data: &[u8]) -> bool;
+    /// Tells whether the `len` bytes at host-physical `a` and at `b` are equal, without
+    /// copying them out (an AM diffing two copies of its data); `None` if a range is not
+    /// memory the hypervisor maps. The default reads both through buffers.
+    fn equal(&self, a: u64, b: u64, len: usize) -> Option<bool> {
+        let (mut x, mut y) = ([0u8; 256], [0u8; 256]);
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(x.len());
+            if !self.read(a.checked_add(done as u64)?, &mut x[..n])
+                || !self.read(b.checked_add(done as u64)?, &mut y[..n])
+            {
+                return None;
+            }
+            if x[..n] != y[..n] {
+                return Some(false);
+            }
+            done += n;
+        }
+        Some(true)
+    }
 }
 
 /// The durable device the hypervisor chose at boot, lent to the NVRAM AM (one device,

@@ -354,15 +354,36 @@ impl core::fmt::Debug for BlockMedia<'_> {
     }
 }
 
+/// What [`BlockMedia::open`] learns about a range (the block AM's operations and the
+/// range's size, which never change), for an AM that opens the same range at every call:
+/// [`BlockMedia::with_info`] then costs no call.
+#[derive(Clone, Copy, Debug)]
+pub struct RangeInfo {
+    ops: [OpId; 3],
+    bytes: u64,
+}
+
 impl<'k> BlockMedia<'k> {
     /// Opens the range `cap` names (a capability the calling AM holds, with `read` and
     /// `write`): asks its size; refused as the block AM refuses.
     pub fn open(kernel: &'k mut dyn Kernel, cap: CapName) -> Result<Self, AmError> {
+        let info = Self::probe(kernel, cap)?;
+        Ok(Self::with_info(kernel, cap, info))
+    }
+
+    /// Finds the block AM's operations and asks the size of the range `cap` names.
+    pub fn probe(kernel: &mut dyn Kernel, cap: CapName) -> Result<RangeInfo, AmError> {
         let find = |kernel: &dyn Kernel, name| kernel.find_op("block", name).ok_or(AmError::NotPermitted);
         let ops = [find(kernel, "read")?, find(kernel, "write")?, find(kernel, "fence")?];
         let size = find(kernel, "size")?;
         let bytes = kernel.call_am(size, &[cap], &[0; PLAIN_ARGS], &mut [])?.results[0];
-        Ok(Self { kernel, cap, ops, bytes, scratch: Vec::new() })
+        Ok(RangeInfo { ops, bytes })
+    }
+
+    /// Opens the range `cap` names with what [`probe`](Self::probe) said of it; every
+    /// access is still checked by the block AM (a dead capability fails there).
+    pub fn with_info(kernel: &'k mut dyn Kernel, cap: CapName, info: RangeInfo) -> Self {
+        Self { kernel, cap, ops: info.ops, bytes: info.bytes, scratch: Vec::new() }
     }
 
     fn transfer(&mut self, op: OpId, offset: u64, buf: &mut [u8]) -> Result<(), MediaError> {
@@ -408,6 +429,14 @@ impl Media for BlockMedia<'_> {
         let result = self.transfer(self.ops[1], offset, &mut scratch);
         self.scratch = scratch;
         result
+    }
+
+    /// Lends `data` itself to the block AM's `write` (no copy).
+    fn write_buf(&mut self, offset: u64, data: &mut [u8]) -> Result<(), MediaError> {
+        if !offset.is_multiple_of(UNIT) || !(data.len() as u64).is_multiple_of(UNIT) {
+            return Err(MediaError::Misaligned);
+        }
+        self.transfer(self.ops[1], offset, data)
     }
 
     fn fence(&mut self) -> Result<(), MediaError> {

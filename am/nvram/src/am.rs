@@ -143,23 +143,39 @@ pub struct NvramAm {
     orphans: Vec<CapName>,
     /// The block AM's range of the whole device, per kernel instance (granted at start-up):
     /// the durable device, through block capabilities (seed §5.2.2).
-    block: BTreeMap<u32, CapName>,
+    block: BTreeMap<u32, BlockRange>,
+    /// A commit's write set, kept between commits (a commit allocates nothing for it).
+    writes: Vec<u32>,
 }
 
 /// Runs `f` with the durable device: the block AM's range of this kernel instance when
 /// the AM holds one ([`nk_am_block::BlockMedia`]: every access an AM-to-AM call), else
 /// the device the hypervisor lends (`Kernel::with_media`). False when there is none.
-fn with_device(block: &BTreeMap<u32, CapName>, kernel: &mut dyn Kernel, f: &mut dyn FnMut(&mut dyn Media)) -> bool {
-    match block.get(&kernel.instance()) {
-        Some(&cap) => match nk_am_block::BlockMedia::open(kernel, cap) {
-            Ok(mut media) => {
-                f(&mut media);
-                true
-            }
-            Err(_) => false,
+fn with_device(
+    block: &mut BTreeMap<u32, BlockRange>,
+    kernel: &mut dyn Kernel,
+    f: &mut dyn FnMut(&mut dyn Media),
+) -> bool {
+    let Some(range) = block.get_mut(&kernel.instance()) else {
+        return kernel.with_media(f);
+    };
+    let info = match range.info {
+        Some(info) => info,
+        None => match nk_am_block::BlockMedia::probe(kernel, range.cap) {
+            Ok(info) => *range.info.insert(info),
+            Err(_) => return false,
         },
-        None => kernel.with_media(f),
-    }
+    };
+    f(&mut nk_am_block::BlockMedia::with_info(kernel, range.cap, info));
+    true
+}
+
+/// The block AM's range of the device on one kernel instance, and what opening it said
+/// (asked once: the operations and the range's size do not change).
+#[derive(Clone, Copy, Debug)]
+struct BlockRange {
+    cap: CapName,
+    info: Option<nk_am_block::RangeInfo>,
 }
 
 impl core::fmt::Debug for NvramAm {
@@ -200,7 +216,7 @@ impl NvramAm {
             return Ok(());
         }
         let mut result = None;
-        with_device(&self.block, kernel, &mut |media| result = Some(Directory::mount(media)));
+        with_device(&mut self.block, kernel, &mut |media| result = Some(Directory::mount(media)));
         let directory = result.ok_or(AmError::NotPermitted)?.map_err(|e| {
             log::error!(target: "nvram", "the device's region directory cannot be used: {e:?}");
             AmError::NotPermitted
@@ -258,7 +274,7 @@ impl NvramAm {
         // into both copies.
         let mut result = None;
         let mut corrupt = None;
-        with_device(&self.block, kernel, &mut |media: &mut dyn Media| {
+        with_device(&mut self.block, kernel, &mut |media: &mut dyn Media| {
             result = Some(
                 match existing {
                     Some(entry) => {
@@ -442,8 +458,8 @@ impl NvramAm {
         collect_dirty(region, self.dirty_read, kernel)?;
         // The write set: each dirty page diffed against the committed copy in 256-byte
         // blocks (seed §3.2.6).
-        let mut writes = Vec::new();
-        let (mut working_page, mut committed_page) = (vec![0u8; PAGE as usize], vec![0u8; PAGE as usize]);
+        let mut writes = core::mem::take(&mut self.writes);
+        writes.clear();
         let mut dirty_pages = 0;
         if whole {
             let blocks = region.entry.bytes / BLOCK as u64;
@@ -456,30 +472,40 @@ impl NvramAm {
             }
             dirty_pages += 1;
             let offset = page * PAGE;
-            if !host.read(region.working + offset, &mut working_page)
-                || !host.read(region.committed() + offset, &mut committed_page)
-            {
-                return Err(AmError::NotPermitted);
-            }
-            for (i, (new, old)) in working_page.chunks_exact(BLOCK).zip(committed_page.chunks_exact(BLOCK)).enumerate()
-            {
-                if new != old {
-                    writes.push((offset / BLOCK as u64) as u32 + i as u32);
+            // Compared in place (`HostMemory::equal`), not copied out.
+            for i in 0..PAGE / BLOCK as u64 {
+                let at = offset + i * BLOCK as u64;
+                match host.equal(region.working + at, region.committed() + at, BLOCK) {
+                    Some(true) => {}
+                    Some(false) => writes.push((at / BLOCK as u64) as u32),
+                    None => return Err(AmError::NotPermitted),
                 }
             }
         }
         let (working, committed) = (region.working, region.committed());
         let mut result = None;
         let store = &mut region.store;
-        with_device(&self.block, kernel, &mut |media: &mut dyn Media| {
+        with_device(&mut self.block, kernel, &mut |media: &mut dyn Media| {
             // Each block is read once from the working copy, written to the device and to
             // the committed copy, so the two agree even if a guest writes meanwhile.
-            result = Some(store.commit(media, &writes, &mut |block, out| {
-                let at = u64::from(block) * BLOCK as u64;
-                host.read(working + at, out);
-                host.write(committed + at, out);
+            // Blocks with adjacent numbers are adjacent in both copies: one copy each way per
+            // run of them.
+            result = Some(store.commit(media, &writes, &mut |blocks, out| {
+                let mut i = 0;
+                while i < blocks.len() {
+                    let mut j = i + 1;
+                    while j < blocks.len() && blocks[j] == blocks[j - 1].wrapping_add(1) {
+                        j += 1;
+                    }
+                    let at = u64::from(blocks[i]) * BLOCK as u64;
+                    let Some(run) = out.get_mut(i * BLOCK..j * BLOCK) else { return };
+                    host.read(working + at, run);
+                    host.write(committed + at, run);
+                    i = j;
+                }
             }));
         });
+        self.writes = writes;
         match result {
             Some(Ok(stats)) => {
                 region.dirty.fill(0);
@@ -508,7 +534,7 @@ impl NvramAm {
             let geometry = region.entry.geometry;
             let (working, bytes) = (region.working, region.entry.bytes);
             let mut result = None;
-            with_device(&self.block, kernel, &mut |media: &mut dyn Media| {
+            with_device(&mut self.block, kernel, &mut |media: &mut dyn Media| {
                 result = Some(Store::open(media, geometry).map_err(media_error).and_then(|(store, _)| {
                     // Both copies may hold blocks of the failed commit: start from zeros.
                     let zeros = vec![0u8; PAGE as usize];
@@ -579,14 +605,19 @@ fn take_own_dirty_cap(vm: VmId, kernel: &mut dyn Kernel) -> Option<CapName> {
 /// one. A refused read (the capability revoked) marks every page dirty and returns the
 /// refusal.
 fn collect_dirty(region: &mut Region, op: Option<nk_am::OpId>, kernel: &mut dyn Kernel) -> Result<(), AmError> {
-    let mut bitmap = vec![0u8; region.dirty.len()];
+    // On the stack: a region has at most REGION_MAX / PAGE pages, a bit each.
+    let mut buffer = [0u8; (REGION_MAX / PAGE / 8) as usize];
+    let Some(bitmap) = buffer.get_mut(..region.dirty.len()) else {
+        region.mark_all_dirty();
+        return Err(AmError::NotPermitted);
+    };
     let pages = region.entry.bytes / PAGE;
     let mut refused = Ok(());
     for m in region.mappings.iter().filter(|m| m.access & frame_access::WRITE != 0) {
         bitmap.fill(0);
         let read = match (m.exo, op) {
             (Some(exo), Some(op)) => {
-                match kernel.call_am(op, &[exo], &[m.gpa, pages, 0, 0, 0], &mut bitmap) {
+                match kernel.call_am(op, &[exo], &[m.gpa, pages, 0, 0, 0], bitmap) {
                     // The capability lives on the kernel instance of the VM that mapped
                     // (capabilities are per instance); a call from another instance (a
                     // VM on another CPU the region was delegated to) cannot name it, and
@@ -608,7 +639,7 @@ fn collect_dirty(region: &mut Region, op: Option<nk_am::OpId>, kernel: &mut dyn 
             bitmap.fill(0xFF);
             refused = Err(error);
         }
-        for (d, b) in region.dirty.iter_mut().zip(&bitmap) {
+        for (d, b) in region.dirty.iter_mut().zip(bitmap.iter()) {
             *d |= b;
         }
     }
@@ -699,7 +730,7 @@ impl AbstractMachine for NvramAm {
             if instance == 0 {
                 log::info!(target: "nvram", "the durable device comes through the block AM (a range capability per kernel instance)");
             }
-            self.block.insert(instance, cap);
+            self.block.insert(instance, BlockRange { cap, info: None });
         }
     }
 

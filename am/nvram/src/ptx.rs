@@ -25,6 +25,25 @@ pub const BLOCKS_PER_SET: usize = 41;
 pub const SET_UNITS: u64 = 1 + BLOCKS_PER_SET as u64;
 /// Blockset locations one log unit holds.
 pub const LOCATIONS_PER_UNIT: usize = 7;
+/// Every slot of a blockset, as a bitmap.
+const ALL_SLOTS: u64 = (1 << BLOCKS_PER_SET) - 1;
+
+/// The slots set in a bitmap, lowest first (a step per set bit, not per slot).
+struct SlotBits(u64);
+
+impl Iterator for SlotBits {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        if self.0 == 0 {
+            return None;
+        }
+        let slot = self.0.trailing_zeros() as usize;
+        self.0 &= self.0 - 1;
+        Some(slot)
+    }
+}
+
 /// A header address field that names no block (PTx's ⊥).
 const NO_BLOCK: u32 = u32::MAX;
 /// The largest region, in blocks (block numbers must fit below the header's ⊥, `u32::MAX`).
@@ -130,7 +149,7 @@ fn record_units(sets: usize) -> usize {
     sets.div_ceil(LOCATIONS_PER_UNIT).max(1)
 }
 
-/// Seals `unit` with the FNV-1a 64 hash of its first 248 bytes (crate docs, "Hash").
+/// Seals `unit` with the hash of its first 248 bytes (crate docs, "Hash").
 fn seal(unit: &mut [u8; BLOCK]) {
     let hash = hash(&unit[..HASH_AT]);
     unit[HASH_AT..].copy_from_slice(&hash.to_le_bytes());
@@ -150,11 +169,26 @@ pub(crate) fn unit_sealed(unit: &[u8; BLOCK]) -> bool {
     sealed(unit)
 }
 
+/// FNV-1a 64 taken a little-endian 8-byte word at a time (a sealed prefix is 31 words)
+/// with a rotation after each multiply, so high bits reach the low ones: each step
+/// (xor a word, multiply by the odd FNV prime, rotate) is a bijection of the state for a
+/// given word, so two inputs that differ in one word, and so in any one byte, always
+/// hash differently. A trailing partial word (never, for units) is taken a byte at a time.
 fn hash(bytes: &[u8]) -> u64 {
-    use core::hash::Hasher;
-    let mut hasher = fnv::FnvHasher::default();
-    hasher.write(bytes);
-    hasher.finish()
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let step = |state: u64, word: u64| (state ^ word).wrapping_mul(PRIME).rotate_left(23);
+    let mut words = bytes.chunks_exact(8);
+    let mut state = OFFSET;
+    for word in &mut words {
+        let mut le = [0u8; 8];
+        le.copy_from_slice(word);
+        state = step(state, u64::from_le_bytes(le));
+    }
+    for &byte in words.remainder() {
+        state = step(state, u64::from(byte));
+    }
+    state
 }
 
 fn u64_at(bytes: &[u8], at: usize) -> u64 {
@@ -197,8 +231,8 @@ impl Header {
         unit[8..16].copy_from_slice(&uid.to_le_bytes());
         unit[16..24].copy_from_slice(&self.seq.to_le_bytes());
         unit[24] = if self.logged { FLAG_LOGGED } else { 0 };
-        for (i, field) in self.fields.iter().enumerate() {
-            unit[32 + 4 * i..36 + 4 * i].copy_from_slice(&field.to_le_bytes());
+        for (out, field) in unit[32..32 + 4 * BLOCKS_PER_SET].chunks_exact_mut(4).zip(&self.fields) {
+            out.copy_from_slice(&field.to_le_bytes());
         }
         unit[200..208].copy_from_slice(&self.fresh.to_le_bytes());
         seal(&mut unit);
@@ -331,6 +365,50 @@ pub struct CommitStats {
     pub fences: u64,
 }
 
+/// PTx's map from a block to the blockset and slot of its committed version: one word per
+/// block of the region (4 bytes a block, a 64th of the region; a lookup or an update is an
+/// index, where a commit's updates in a tree cost a search each).
+#[derive(Debug)]
+struct BlockMap {
+    /// `set * 64 + slot`, or [`NO_BLOCK`] for a block never committed.
+    entries: Vec<u32>,
+    len: usize,
+}
+
+impl BlockMap {
+    fn new(blocks: u64) -> Self {
+        Self { entries: vec![NO_BLOCK; blocks as usize], len: 0 }
+    }
+
+    fn get(&self, block: u32) -> Option<(u32, u8)> {
+        match self.entries.get(block as usize) {
+            Some(&entry) if entry != NO_BLOCK => Some((entry / 64, (entry % 64) as u8)),
+            _ => None,
+        }
+    }
+
+    /// Maps `block` to `(set, slot)`; returns its previous place. A block outside the
+    /// region is never mapped (callers check block numbers first).
+    fn insert(&mut self, block: u32, (set, slot): (u32, u8)) -> Option<(u32, u8)> {
+        let previous = self.get(block);
+        let entry = self.entries.get_mut(block as usize)?;
+        *entry = set * 64 + u32::from(slot);
+        if previous.is_none() {
+            self.len += 1;
+        }
+        previous
+    }
+
+    fn clear(&mut self) {
+        self.entries.fill(NO_BLOCK);
+        self.len = 0;
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
 /// One region's PTx store: the durable layout's in-memory mirror (headers, map, free
 /// slots, log head) and the operations on it.
 #[derive(Debug)]
@@ -341,12 +419,15 @@ pub struct Store {
     /// list: ⊥ slots and slots whose block was superseded).
     live: Vec<u64>,
     /// PTx's map: block number -> (blockset, slot) of its committed version.
-    map: BTreeMap<u32, (u32, u8)>,
+    map: BlockMap,
     seq: u64,
     next_seq: u64,
     /// Unit where the next log record starts.
     log_head: u32,
     poisoned: bool,
+    /// The buffer a commit fills each run of adjacent slots in (at most a blockset's data,
+    /// kept between commits so a commit allocates nothing for its data).
+    run: Vec<u8>,
 }
 
 impl Store {
@@ -371,11 +452,12 @@ impl Store {
             geometry,
             headers: vec![Header::EMPTY; geometry.sets as usize],
             live: vec![0; geometry.sets as usize],
-            map: BTreeMap::new(),
+            map: BlockMap::new(geometry.blocks),
             seq: 0,
             next_seq: 1,
             log_head: 0,
             poisoned: false,
+            run: Vec::new(),
         }
     }
 
@@ -485,7 +567,7 @@ impl Store {
                     let header = self.headers[set as usize];
                     for (slot, &field) in header.fields.iter().enumerate() {
                         let fresh = header.fresh & (1 << slot) != 0;
-                        if fresh == fresh_pass && field != NO_BLOCK && !self.map.contains_key(&field) {
+                        if fresh == fresh_pass && field != NO_BLOCK && self.map.get(field).is_none() {
                             self.map.insert(field, (set, slot as u8));
                             self.live[set as usize] |= 1 << slot;
                         }
@@ -516,8 +598,8 @@ impl Store {
         if u64::from(block) >= self.geometry.blocks {
             return Err(StoreError::BadArgument);
         }
-        match self.map.get(&block) {
-            Some(&(set, slot)) => media.read(self.geometry.block_offset(set, usize::from(slot)), out)?,
+        match self.map.get(block) {
+            Some((set, slot)) => media.read(self.geometry.block_offset(set, usize::from(slot)), out)?,
             None => out.fill(0),
         }
         Ok(())
@@ -552,14 +634,16 @@ impl Store {
 
     /// Commits new versions of `writes` (block numbers, strictly increasing) atomically:
     /// after a power cut at any point the store restores either all of them or none.
-    /// `fetch` gives each block's new data, once per block, as it is written (so a write
-    /// set needs no copy of its own). The steps and their order are in the crate docs
+    /// `fetch(blocks, out)` gives the new data of `blocks` (a slice of `writes`, in order)
+    /// in `out` (`BLOCK` bytes each), once per block, as they are written (so a write set
+    /// needs no copy of its own; a caller holding adjacent blocks together copies a run at
+    /// once). The steps and their order are in the crate docs
     /// ("Commit").
     pub fn commit(
         &mut self,
         media: &mut dyn Media,
         writes: &[u32],
-        fetch: &mut dyn FnMut(u32, &mut [u8; BLOCK]),
+        fetch: &mut dyn FnMut(&[u32], &mut [u8]),
     ) -> Result<CommitStats, StoreError> {
         if self.poisoned {
             return Err(StoreError::Poisoned);
@@ -588,21 +672,17 @@ impl Store {
             header.seq = seq;
             header.logged = logged;
             header.fresh = slots;
-            for slot in 0..BLOCKS_PER_SET {
-                if self.live[set as usize] & (1 << slot) == 0 {
-                    header.fields[slot] = NO_BLOCK;
-                }
+            for slot in SlotBits(!self.live[set as usize] & ALL_SLOTS) {
+                header.fields[slot] = NO_BLOCK;
             }
-            for slot in 0..BLOCKS_PER_SET {
-                if slots & (1 << slot) != 0 {
-                    let block = writes[next];
-                    next += 1;
-                    header.fields[slot] = block;
-                    if let Some((old_set, old_slot)) = self.map.insert(block, (set, slot as u8)) {
-                        self.live[old_set as usize] &= !(1 << old_slot);
-                    }
-                    self.live[set as usize] |= 1 << slot;
+            for slot in SlotBits(slots & ALL_SLOTS) {
+                let block = writes[next];
+                next += 1;
+                header.fields[slot] = block;
+                if let Some((old_set, old_slot)) = self.map.insert(block, (set, slot as u8)) {
+                    self.live[old_set as usize] &= !(1 << old_slot);
                 }
+                self.live[set as usize] |= 1 << slot;
             }
         }
         self.seq = seq;
@@ -621,8 +701,7 @@ impl Store {
     /// the fresh-slot bitmap orders them instead (see [`Store::rebuild`]), so a commit of
     /// every block always fits (a store has more than twice the blocks of its region).
     fn place(&self, writes: &[u32]) -> Result<Vec<(u32, u64)>, StoreError> {
-        const ALL: u64 = (1 << BLOCKS_PER_SET) - 1;
-        let free = |set: usize| (!self.live[set] & ALL).count_ones() as usize;
+        let free = |set: usize| (!self.live[set] & ALL_SLOTS).count_ones() as usize;
         let lowest = |set: usize, count: usize| {
             let mut slots = 0u64;
             let mut left = count;
@@ -663,7 +742,7 @@ impl Store {
         &mut self,
         media: &mut dyn Media,
         writes: &[u32],
-        fetch: &mut dyn FnMut(u32, &mut [u8; BLOCK]),
+        fetch: &mut dyn FnMut(&[u32], &mut [u8]),
         placement: &[(u32, u64)],
         logged: bool,
         stats: &mut CommitStats,
@@ -682,13 +761,15 @@ impl Store {
                 while slot < BLOCKS_PER_SET && slots & (1 << slot) != 0 {
                     slot += 1;
                 }
-                let mut run = vec![0u8; (slot - first) * BLOCK];
-                for chunk in run.chunks_exact_mut(BLOCK) {
-                    let block: &mut [u8; BLOCK] = chunk.try_into().map_err(|_| StoreError::BadArgument)?;
-                    fetch(writes[next], block);
-                    next += 1;
+                let count = slot - first;
+                if self.run.len() < count * BLOCK {
+                    self.run.resize(count * BLOCK, 0);
                 }
-                media.write(g.block_offset(set, first), &run)?;
+                let run = &mut self.run[..count * BLOCK];
+                fetch(&writes[next..next + count], run);
+                next += count;
+                // The device may use the buffer as it goes: it is filled again next time.
+                media.write_buf(g.block_offset(set, first), run)?;
                 stats.writes += 1;
                 stats.device_bytes += run.len() as u64;
                 stats.blocks += (slot - first) as u64;
@@ -716,7 +797,7 @@ impl Store {
                     LogUnit { seq: self.next_seq, part: part as u16, parts: units as u16, locations: chunk.to_vec() };
                 record.extend_from_slice(&unit.encode(g.uid));
             }
-            media.write(g.log_offset(start), &record)?;
+            media.write_buf(g.log_offset(start), &mut record)?;
             media.fence()?;
             stats.writes += 1;
             stats.fences += 1;
@@ -731,16 +812,15 @@ impl Store {
             header.seq = self.next_seq;
             header.logged = logged;
             header.fresh = slots;
-            for slot in 0..BLOCKS_PER_SET {
-                if self.live[set as usize] & (1 << slot) == 0 {
-                    header.fields[slot] = NO_BLOCK;
-                }
-                if slots & (1 << slot) != 0 {
-                    header.fields[slot] = writes[next];
-                    next += 1;
-                }
+            for slot in SlotBits(!self.live[set as usize] & ALL_SLOTS) {
+                header.fields[slot] = NO_BLOCK;
             }
-            media.write(g.set_offset(set), &header.encode(g.uid))?;
+            for slot in SlotBits(slots & ALL_SLOTS) {
+                header.fields[slot] = writes[next];
+                next += 1;
+            }
+            let mut unit = header.encode(g.uid);
+            media.write_buf(g.set_offset(set), &mut unit)?;
             stats.writes += 1;
             stats.device_bytes += BLOCK as u64;
             stats.sets += 1;

@@ -68,9 +68,12 @@ fn commit(
         }
     }
     let mut fetched = 0;
-    let stats = store.commit(media, &writes, &mut |block, out| {
-        out.copy_from_slice(&working[block as usize * BLOCK..(block as usize + 1) * BLOCK]);
-        fetched += 1;
+    let stats = store.commit(media, &writes, &mut |blocks, out| {
+        assert_eq!(out.len(), blocks.len() * BLOCK);
+        for (&block, out) in blocks.iter().zip(out.chunks_exact_mut(BLOCK)) {
+            out.copy_from_slice(&working[block as usize * BLOCK..(block as usize + 1) * BLOCK]);
+            fetched += 1;
+        }
     });
     if stats.is_ok() {
         assert_eq!(fetched, writes.len(), "each block fetched once");

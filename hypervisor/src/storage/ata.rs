@@ -10,7 +10,7 @@
 use nk_storage::ata::{self, command, control, register, DeviceState, Direction, Drive, Identity, Signature, Status};
 use nk_storage::{DiskError, SectorDisk, SECTOR_SIZE};
 
-use crate::arch::port::{inb, inw, outb, read_words, write_words};
+use crate::arch::port::{inb, inw, outb, read_dwords, read_words, write_dwords, write_words};
 
 /// A legacy IDE channel's ports.
 #[derive(Clone, Copy, Debug)]
@@ -184,6 +184,24 @@ impl AtaDisk {
         Ok(())
     }
 
+    /// Moves one sector from the data register (32-bit accesses where the device takes them).
+    fn read_data(&self, sector: &mut [u8]) {
+        if self.identity.dword_io {
+            read_dwords(self.channel.base + register::DATA, sector);
+        } else {
+            read_words(self.channel.base + register::DATA, sector);
+        }
+    }
+
+    /// Moves one sector to the data register (32-bit accesses where the device takes them).
+    fn write_data(&self, sector: &[u8]) {
+        if self.identity.dword_io {
+            write_dwords(self.channel.base + register::DATA, sector);
+        } else {
+            write_words(self.channel.base + register::DATA, sector);
+        }
+    }
+
     fn check_range(&self, lba: u64, count: u64) -> Result<(), DiskError> {
         match lba.checked_add(count) {
             Some(end) if end <= self.identity.sectors => Ok(()),
@@ -209,7 +227,7 @@ impl SectorDisk for AtaDisk {
             self.issue(&ata::transfer(self.drive, Direction::Read, first, count, self.identity.lba48)?)?;
             for sector in chunk.chunks_exact_mut(SECTOR_SIZE) {
                 self.channel.wait_data_request()?;
-                read_words(self.channel.base + register::DATA, sector);
+                self.read_data(sector);
             }
             self.channel.wait_complete()?;
         }
@@ -217,13 +235,35 @@ impl SectorDisk for AtaDisk {
     }
 
     fn write_sector(&mut self, lba: u64, data: &[u8; SECTOR_SIZE]) -> Result<(), DiskError> {
-        self.check_range(lba, 1)?;
-        self.issue(&ata::transfer(self.drive, Direction::Write, lba, 1, self.identity.lba48)?)?;
-        self.channel.wait_data_request()?;
-        write_words(self.channel.base + register::DATA, data);
-        self.channel.wait_complete()?;
-        self.writes += 1;
-        (self.after_write)(self.writes);
+        self.write_sectors(lba, data)
+    }
+
+    /// One WRITE SECTORS command per 256 sectors (PIO data-out, ATA8-APT §11.6: a DRQ
+    /// block of one sector at a time). The device takes each sector whole as its block
+    /// ends, so a power cut keeps every sector old or new, the earlier ones first, as
+    /// separate commands would; `after_write` still runs after each sector.
+    fn write_sectors(&mut self, lba: u64, data: &[u8]) -> Result<(), DiskError> {
+        if data.is_empty() || !data.len().is_multiple_of(SECTOR_SIZE) {
+            return Err(DiskError::BadLength);
+        }
+        self.check_range(lba, (data.len() / SECTOR_SIZE) as u64)?;
+        let per_command = ata::LBA28_MAX_SECTORS as usize * SECTOR_SIZE;
+        for (index, chunk) in data.chunks(per_command).enumerate() {
+            let first = lba + (index * ata::LBA28_MAX_SECTORS as usize) as u64;
+            let count = (chunk.len() / SECTOR_SIZE) as u32;
+            self.issue(&ata::transfer(self.drive, Direction::Write, first, count, self.identity.lba48)?)?;
+            let last = chunk.len() / SECTOR_SIZE - 1;
+            for (i, sector) in chunk.chunks_exact(SECTOR_SIZE).enumerate() {
+                self.channel.wait_data_request()?;
+                self.write_data(sector);
+                if i == last {
+                    // The last sector ends the command: wait for its completion.
+                    self.channel.wait_complete()?;
+                }
+                self.writes += 1;
+                (self.after_write)(self.writes);
+            }
+        }
         Ok(())
     }
 

@@ -94,8 +94,10 @@ fn commit(store: &mut Store, media: &mut dyn Media, old: &[u8], new: &[u8]) -> R
         .map(|b| b as u32)
         .collect();
     let stats = store
-        .commit(media, &writes, &mut |block, out| {
-            out.copy_from_slice(&new[block as usize * BLOCK..(block as usize + 1) * BLOCK]);
+        .commit(media, &writes, &mut |blocks, out| {
+            for (&block, out) in blocks.iter().zip(out.chunks_exact_mut(BLOCK)) {
+                out.copy_from_slice(&new[block as usize * BLOCK..(block as usize + 1) * BLOCK]);
+            }
         })
         .map_err(|why| format!("commit: {why:?}"))?;
     Ok((stats.seq, writes.len()))

@@ -263,6 +263,11 @@ pub struct Identity {
     pub flush_cache: bool,
     /// FLUSH CACHE EXT is supported (word 83 bit 13).
     pub flush_cache_ext: bool,
+    /// The data register takes 32-bit accesses (word 48 = 1, ATA-1's "can perform
+    /// doubleword I/O"; since ATA-8 word 48 holds the trusted-computing bits, valid only
+    /// with bit 14 set, so a 1 there still means the old flag): PIO then moves a sector in
+    /// 128 double-word accesses instead of 256 word accesses.
+    pub dword_io: bool,
     /// The model number, words 27-46 (two ASCII characters a word, the first in the high
     /// byte), trailing spaces kept out.
     model: [u8; 40],
@@ -324,6 +329,7 @@ impl Identity {
             lba48,
             flush_cache: features & (1 << 12) != 0,
             flush_cache_ext: features & (1 << 13) != 0,
+            dword_io: words[48] == 1,
             model,
         })
     }
@@ -365,6 +371,7 @@ mod tests {
         for i in 0..20 {
             words[27 + i] = u16::from(model[2 * i]) << 8 | u16::from(model[2 * i + 1]);
         }
+        words[48] = 1;
         words[49] = 1 << 9 | 1 << 8;
         words[60] = sectors as u16;
         words[61] = (sectors >> 16) as u16;
@@ -379,7 +386,7 @@ mod tests {
     fn identify_reads_size_features_and_model() {
         let identity = Identity::parse(&bochs_identify(32768)).expect("a disk");
         assert_eq!(identity.sectors, 32768);
-        assert!(identity.lba48 && identity.flush_cache && identity.flush_cache_ext);
+        assert!(identity.lba48 && identity.flush_cache && identity.flush_cache_ext && identity.dword_io);
         assert_eq!(identity.model(), "Generic 1234");
         assert_eq!(identity.flush_command(), Some(command::FLUSH_CACHE));
     }
@@ -403,8 +410,10 @@ mod tests {
         let mut words = bochs_identify(5000);
         words[83] = 0;
         words[100] = 0xFFFF;
+        words[48] = 0x4001; // the trusted-computing word (bit 14): not the old dword flag
         let identity = Identity::parse(&words).expect("a disk");
         assert_eq!((identity.sectors, identity.lba48, identity.flush_command()), (5000, false, None));
+        assert!(!identity.dword_io);
     }
 
     #[test]

@@ -59,6 +59,19 @@ pub trait SectorDisk {
     /// Writes one sector at `lba`; it returns once the device has taken the data (not
     /// necessarily on the medium: see `flush`).
     fn write_sector(&mut self, lba: u64, data: &[u8; SECTOR_SIZE]) -> Result<(), DiskError>;
+    /// Writes `data.len() / SECTOR_SIZE` consecutive sectors from `lba`, each as
+    /// [`write_sector`](Self::write_sector) would (each sector is all old or all new after
+    /// a power cut; they complete in order). A driver may move them with fewer commands.
+    fn write_sectors(&mut self, lba: u64, data: &[u8]) -> Result<(), DiskError> {
+        if !data.len().is_multiple_of(SECTOR_SIZE) {
+            return Err(DiskError::BadLength);
+        }
+        for (i, sector) in data.chunks_exact(SECTOR_SIZE).enumerate() {
+            let sector: &[u8; SECTOR_SIZE] = sector.try_into().map_err(|_| DiskError::BadLength)?;
+            self.write_sector(lba + i as u64, sector)?;
+        }
+        Ok(())
+    }
     /// Returns once every written sector is on the medium (ATA FLUSH CACHE).
     fn flush(&mut self) -> Result<(), DiskError>;
 }

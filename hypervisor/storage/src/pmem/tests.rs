@@ -338,8 +338,10 @@ fn ptx_commits_on_pmem_survive_a_cut_anywhere() {
             .map(|b| b as u32)
             .collect();
         store
-            .commit(media, &writes, &mut |block, out| {
-                out.copy_from_slice(&new[block as usize * BLOCK..(block as usize + 1) * BLOCK])
+            .commit(media, &writes, &mut |blocks, out| {
+                for (&block, out) in blocks.iter().zip(out.chunks_exact_mut(BLOCK)) {
+                    out.copy_from_slice(&new[block as usize * BLOCK..(block as usize + 1) * BLOCK])
+                }
             })
             .unwrap();
     };
