@@ -5,6 +5,7 @@ mod audit;
 mod check;
 mod index;
 mod node;
+mod pin;
 mod remote;
 mod revoke;
 
@@ -22,6 +23,7 @@ use crate::registry::{KindSpec, OpSpec, RegisterError, Registry};
 
 pub use self::audit::AuditFailure;
 pub use self::check::{ArgFault, CheckError, Checked, CheckedCap};
+pub use self::pin::NO_ROOT;
 pub use self::remote::{
     BelowWalk, IncomingRevoke, LinkEvent, LinkSink, NodeState, NodeView, RemoteGrant, RevokeStart, Walk,
 };
@@ -61,6 +63,10 @@ pub struct CapTable {
     principal_hint: Cell<u32>,
     /// The principal of each account number (`Node::payer`); None for a free number.
     accounts: Vec<Option<Principal>>,
+    /// The page-table root of each process-bound capability, by slot, sorted (`pin.rs`).
+    pins: Vec<(u32, u64)>,
+    /// Tells the page-table root of the call being dispatched (`pin.rs`).
+    root_reader: fn() -> u64,
 }
 
 /// Holds a principal's quota and the head of the list of capabilities it holds.
@@ -112,6 +118,10 @@ pub enum CapError {
     QuotaExceeded,
     /// The table holds as many capabilities as its capacity allows.
     TableFull,
+    /// The capability cannot be bound to a process: it is a bearer capability, the
+    /// caller's page-table root is unknown, or the binding could not be recorded
+    /// ([`CapTable::bind_process`]).
+    NotBindable,
 }
 
 /// Says why a principal could not be added, changed or removed.
@@ -226,6 +236,8 @@ impl CapTable {
             principals: Vec::new(),
             principal_hint: Cell::new(0),
             accounts: Vec::new(),
+            pins: Vec::new(),
+            root_reader: pin::no_root,
         })
     }
 
@@ -401,6 +413,9 @@ impl CapTable {
     pub fn derive(&mut self, caller: Principal, name: CapName, mask: Rights) -> Result<CapName, CapError> {
         let parent = self.resolve(caller, name)?;
         let binding = self.nodes[parent].binding;
+        if binding == Binding::Process {
+            return self.derive_pinned(caller, parent, mask);
+        }
         self.create_child(parent, caller, caller, mask, binding)
     }
 
@@ -504,21 +519,39 @@ impl CapTable {
 
     /// Finds the live capability `name` on behalf of `caller`. The holder is checked before
     /// the state, so a principal cannot learn that someone else's bound capability died.
+    ///
+    /// The test is `binding == Bound` where it could be `usable_by`: a capability bound to
+    /// its holder passes with the same comparisons as before process binding existed, and
+    /// a bearer one with one more; a process-bound one goes to
+    /// [`resolve_other`](Self::resolve_other), which reads the call's root (`pin.rs`).
     #[inline(always)]
     fn resolve(&self, caller: Principal, name: CapName) -> Result<usize, UseFault> {
         let slot = self.lookup(name).ok_or(UseFault::UnknownName)?;
         let node = &self.nodes[slot];
-        if node.state == State::Live && node.usable_by(caller) {
+        if node.state == State::Live
+            && ((node.binding == Binding::Bound && node.holder == caller) || node.binding == Binding::Bearer)
+        {
             return Ok(slot);
         }
-        Err(if node.state == State::Pending {
+        self.resolve_other(caller, slot)
+    }
+
+    /// [`resolve`](Self::resolve) for every capability but a live one bound to `caller`
+    /// or a live bearer one: a refusal, or a process-bound capability.
+    #[cold]
+    #[inline(never)]
+    fn resolve_other(&self, caller: Principal, slot: usize) -> Result<usize, UseFault> {
+        let state = self.nodes[slot].state;
+        if state == State::Pending {
             // Reserved for a cross-kernel obtain: not issued yet.
-            UseFault::UnknownName
-        } else if !node.usable_by(caller) {
-            UseFault::WrongHolder
+            Err(UseFault::UnknownName)
+        } else if !self.usable(slot, caller) {
+            Err(UseFault::WrongHolder)
+        } else if state == State::Live {
+            Ok(slot)
         } else {
-            UseFault::Revoked
-        })
+            Err(UseFault::Revoked)
+        }
     }
 
     /// Creates a child of the live capability in `parent`.
@@ -681,6 +714,9 @@ impl CapTable {
     /// leaving its holder's list and quota to the caller.
     fn release(&mut self, slot: usize) {
         debug_assert_ne!(self.nodes[slot].state, State::Live);
+        if self.nodes[slot].binding == Binding::Process {
+            self.unpin(slot);
+        }
         self.index.remove(self.names.hash(self.nodes[slot].name), slot);
         self.nodes[slot] = Node::free(self.free_head);
         self.free_head = Link::to(slot);
