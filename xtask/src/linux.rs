@@ -71,6 +71,9 @@ nkctl inspect 0x99
 nkctl revoke exo/frames#5
 nkctl frobnicate 2>&1 | head -1
 nkctl null
+echo "nkctl-demo: process binding"
+nkctl bind-check counter/factory
+nkctl bind counter/factory -- inspect counter/factory
 "#;
 
 /// `/bin/nkctl-bypass`: memory through the layer bypass (issue 13). A root process

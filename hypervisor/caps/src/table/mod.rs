@@ -180,13 +180,16 @@ enum UseFault {
     UnknownName,
     WrongHolder,
     Revoked,
+    /// Only from [`CapTable::resolve_fast`]: a process-bound capability, which the check
+    /// must resolve again with the call's root (`pin.rs`); never reported.
+    ProcessBound,
 }
 
 impl From<UseFault> for CapError {
     fn from(fault: UseFault) -> Self {
         match fault {
             UseFault::UnknownName => CapError::UnknownName,
-            UseFault::WrongHolder => CapError::WrongHolder,
+            UseFault::WrongHolder | UseFault::ProcessBound => CapError::WrongHolder,
             UseFault::Revoked => CapError::Revoked,
         }
     }
@@ -534,6 +537,31 @@ impl CapTable {
             return Ok(slot);
         }
         self.resolve_other(caller, slot)
+    }
+
+    /// Resolves as [`resolve`](Self::resolve) does, without a call: the check loops'
+    /// version. A process-bound capability is [`UseFault::ProcessBound`] (whatever its
+    /// holder and state), on which the check starts again with `resolve`, which reads the
+    /// call's root; every other capability costs what it cost before process binding.
+    #[inline(always)]
+    fn resolve_fast(&self, caller: Principal, name: CapName) -> Result<usize, UseFault> {
+        let slot = self.lookup(name).ok_or(UseFault::UnknownName)?;
+        let node = &self.nodes[slot];
+        if node.state == State::Live
+            && ((node.binding == Binding::Bound && node.holder == caller) || node.binding == Binding::Bearer)
+        {
+            return Ok(slot);
+        }
+        Err(if node.state == State::Pending {
+            // Reserved for a cross-kernel obtain: not issued yet.
+            UseFault::UnknownName
+        } else if node.binding == Binding::Process {
+            UseFault::ProcessBound
+        } else if node.binding != Binding::Bearer && node.holder != caller {
+            UseFault::WrongHolder
+        } else {
+            UseFault::Revoked
+        })
     }
 
     /// [`resolve`](Self::resolve) for every capability but a live one bound to `caller`

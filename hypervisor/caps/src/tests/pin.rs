@@ -140,3 +140,35 @@ fn an_unbound_check_never_reads_the_root() {
     assert_eq!(f.table.check(vm(VM2), f.map, &[cap]).unwrap_err(), arg0(ArgFault::WrongHolder));
     f.table.derive(vm(VM1), cap, READ).unwrap();
 }
+
+#[test]
+fn the_slot_check_starts_again_for_a_bound_argument() {
+    let (mut f, root, cap) = bound_fixture();
+    let plain = f.give(root, VM1, RWX);
+    let mut checked = Checked::blank();
+    // A: both arguments pass, in order.
+    f.table.check_slots_into(vm(VM1), f.copy, [plain, cap], &mut checked).unwrap();
+    assert_eq!(checked.args().iter().map(CheckedCap::name).collect::<Vec<_>>(), [plain, cap]);
+    f.table.check_slots_into(vm(VM1), f.copy, [cap, plain, cap], &mut checked).unwrap();
+    // Too few slots is still a wrong count, bound argument or not.
+    assert_eq!(
+        f.table.check_slots_into(vm(VM1), f.copy, [cap], &mut checked),
+        Err(CheckError::WrongArgCount { expected: 2, presented: 1 })
+    );
+    // B: refused at the bound argument's index, and `checked` is left blank.
+    on(B);
+    assert_eq!(
+        f.table.check_slots_into(vm(VM1), f.copy, [plain, cap], &mut checked),
+        Err(arg1(ArgFault::WrongHolder))
+    );
+    assert!(checked.args().is_empty());
+    assert_eq!(f.table.check(vm(VM1), f.copy, &[plain, cap]).unwrap_err(), arg1(ArgFault::WrongHolder));
+    // A revoked bound capability is "revoked" to A only.
+    on(A);
+    f.table.revoke(am(EXO), cap, &mut ignore).unwrap();
+    assert_eq!(f.table.check(vm(VM1), f.copy, &[plain, cap]).unwrap_err(), arg1(ArgFault::Revoked));
+}
+
+fn arg1(fault: ArgFault) -> CheckError {
+    CheckError::Arg { index: 1, fault }
+}
