@@ -552,7 +552,16 @@ impl CapTable {
         {
             return Ok(slot);
         }
-        Err(if node.state == State::Pending {
+        Err(self.use_fault(caller, slot))
+    }
+
+    /// Why [`resolve_fast`](Self::resolve_fast) did not pass the capability in `slot`;
+    /// out of line, so the check loops carry nothing for it.
+    #[cold]
+    #[inline(never)]
+    fn use_fault(&self, caller: Principal, slot: usize) -> UseFault {
+        let node = &self.nodes[slot];
+        if node.state == State::Pending {
             // Reserved for a cross-kernel obtain: not issued yet.
             UseFault::UnknownName
         } else if node.binding == Binding::Process {
@@ -561,7 +570,7 @@ impl CapTable {
             UseFault::WrongHolder
         } else {
             UseFault::Revoked
-        })
+        }
     }
 
     /// [`resolve`](Self::resolve) for every capability but a live one bound to `caller`

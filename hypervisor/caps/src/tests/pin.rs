@@ -157,10 +157,7 @@ fn the_slot_check_starts_again_for_a_bound_argument() {
     );
     // B: refused at the bound argument's index, and `checked` is left blank.
     on(B);
-    assert_eq!(
-        f.table.check_slots_into(vm(VM1), f.copy, [plain, cap], &mut checked),
-        Err(arg1(ArgFault::WrongHolder))
-    );
+    assert_eq!(f.table.check_slots_into(vm(VM1), f.copy, [plain, cap], &mut checked), Err(arg1(ArgFault::WrongHolder)));
     assert!(checked.args().is_empty());
     assert_eq!(f.table.check(vm(VM1), f.copy, &[plain, cap]).unwrap_err(), arg1(ArgFault::WrongHolder));
     // A revoked bound capability is "revoked" to A only.
