@@ -96,10 +96,19 @@ impl Inbox {
             return 0;
         }
         let before = self.entries.len();
-        self.entries.retain(|entry| table.inspect(Principal::Vm(vm), entry.name).is_ok());
+        self.entries.retain(|entry| alive(table, vm, entry.name));
         self.stale = false;
         before - self.entries.len()
     }
+}
+
+/// Tells whether `vm`'s capability `name` is live, whichever of its processes asks: not
+/// `inspect`, which refuses a process-bound capability to a call with another page-table
+/// root (nk-caps `pin.rs`), so an inbox pruned during such a call would drop it.
+fn alive(table: &CapTable, vm: VmId, name: CapName) -> bool {
+    table.node(name).is_some_and(|node| {
+        node.state == nk_caps::NodeState::Live && node.cap.is_some_and(|cap| cap.holder == Principal::Vm(vm))
+    })
 }
 
 /// One capability another principal delegated to a VM, as `RECEIVED` reports it.
@@ -1025,7 +1034,7 @@ impl NullKernel {
 
     /// Returns the live capabilities other principals delegated to `vm`, in arrival order.
     pub fn inbox(&self, vm: VmId) -> Vec<InboxEntry> {
-        let live = |entry: &&InboxEntry| self.table().inspect(Principal::Vm(vm), entry.name).is_ok();
+        let live = |entry: &&InboxEntry| alive(self.table(), vm, entry.name);
         self.inbox.get(&vm).map_or(Vec::new(), |inbox| inbox.entries.iter().filter(live).copied().collect())
     }
 

@@ -230,6 +230,17 @@ fn bind_ties_a_capability_to_the_calling_process() {
     // A bearer capability is not bindable.
     let bearer = w.nk_op(VM1, nk_op::DELEGATE, c, &[u64::MAX, 1, 1]).name;
     assert_eq!(w.nk_op(VM1, nk_op::BIND, bearer, &[]).status(), status(Status::NOT_PERMITTED, None));
+    // A received capability bound by one process stays in the inbox when another process
+    // lists it after a death pruned the inbox.
+    let d = w.create_counter(VM1);
+    let kept = w.nk_op(VM1, nk_op::DELEGATE, d, &[u64::MAX, 2, 0]).name;
+    let dropped = w.nk_op(VM1, nk_op::DELEGATE, d, &[u64::MAX, 2, 0]).name;
+    assert!(w.nk_op(VM2, nk_op::BIND, kept, &[]).status().is_ok());
+    assert!(w.nk_op(VM1, nk_op::REVOKE, dropped, &[]).status().is_ok());
+    w.nk.allow_all_rings(VM2);
+    on(0x0456_8000);
+    let listed = w.nk_op(VM2, nk_op::RECEIVED, NameWords::default(), &[0]);
+    assert_eq!((listed.name, listed.results[1]), (kept, 1), "{}", listed.status());
     w.nk.table().check_consistency().unwrap();
 }
 
