@@ -128,7 +128,8 @@ pub fn run_command(workspace: &Workspace, args: &RunArgs) -> Result<ExitCode> {
         megs,
         cpu_model: args.cpu_model.clone(),
         // Linux takes about 30 s to its /init in Bochs, the demo as long again.
-        timeout: Duration::from_secs(if args.linux { args.timeout.max(300) } else { args.timeout }),
+        // The Linux demo with its disk takes about 330 s of Bochs (2 CPUs) to power off.
+        timeout: Duration::from_secs(if args.linux { args.timeout.max(600) } else { args.timeout }),
         dir: workspace.runs().join(format!("run-{}", args.emu.name())),
         ips,
         disk,
