@@ -88,6 +88,15 @@ pub fn guest_ring() -> u8 {
     vmx::vmcs::read(vmx::vmcs::VmcsField::GUEST_SS_ACCESS_RIGHTS).map_or(3, |ar| ((ar >> 5) & 3) as u8)
 }
 
+/// Returns the page-table root of the guest whose VMCS is current (the one whose VMCALL
+/// is being dispatched): its CR3 as [`nk_abi::process_root`] reduces it, or
+/// [`nk_caps::NO_ROOT`] if the VMREAD fails, which matches no binding. The null-Kernel
+/// calls it only for `BIND` and when a process-bound capability is presented (nk-caps
+/// `pin.rs`), so no other call pays for the VMREAD.
+pub fn guest_root() -> u64 {
+    vmx::vmcs::read(vmx::vmcs::VmcsField::GUEST_CR3).map_or(nk_caps::NO_ROOT, nk_abi::process_root)
+}
+
 /// Where hypercalls go: the null-Kernel's dispatch for this guest's kernel instance.
 pub trait HypercallSink {
     /// Handles one call from `vm`: its reply, or the operation the vCPU waits for.

@@ -203,6 +203,7 @@ fn null_kernel(
         let mut kernel = nk_core::NullKernel::new(id, kernels as u16, capacity, &mut arch::HardwareEntropy)
             .map_err(|e| alloc::format!("kernel {cpu}: capability table: {e:?}"))?;
         kernel.set_caller_ring(guest::guest_ring);
+        kernel.set_caller_root(guest::guest_root);
         kernel.set_frame_source(&exomem::FRAMES);
         kernel.set_guest_memory(exomem::guest_memory);
         kernel.set_host_memory(&nvram::HOST);

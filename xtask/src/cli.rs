@@ -152,7 +152,8 @@ pub struct RunArgs {
     /// Boots the hypervisor without its default guests.
     #[arg(long)]
     pub no_guests: bool,
-    /// Also boots Debian's Linux (fetched by `cargo xtask setup`) in a VM on CPU 0.
+    /// Also boots Debian's Linux (fetched by `cargo xtask setup`) in a VM on CPU 0, with the
+    /// layer-bypass demo and a durable virtio disk (an NVRAM disk of at least 8 MiB).
     #[arg(long)]
     pub linux: bool,
     /// Adds a guest: any image the hypervisor boots (a 64-bit ELF guest, a Linux bzImage,

@@ -71,6 +71,9 @@ nkctl inspect 0x99
 nkctl revoke exo/frames#5
 nkctl frobnicate 2>&1 | head -1
 nkctl null
+echo "nkctl-demo: process binding"
+nkctl bind-check counter/factory
+nkctl bind counter/factory -- inspect counter/factory
 "#;
 
 /// `/bin/nkctl-bypass`: memory through the layer bypass (issue 13). A root process
@@ -172,11 +175,20 @@ pub struct LinuxFiles {
 /// no IO-APIC (the MADT has none), reboot on panic, one CPU, fewer boot-time costs.
 pub const KERNEL_CMDLINE: &str = "console=ttyS0 earlyprintk=serial nokaslr noapic tsc=reliable panic=-1 \
     mitigations=off init_on_alloc=0 maxcpus=1";
-/// The commands `cargo xtask run --linux` gives /init: a few words from Linux, then the
-/// layer-bypass demo (`nkctl demo`, with the keeper guest [`demo_modules`] adds) after the
+/// The commands `cargo xtask run --linux` gives /init: a few words from Linux, the record
+/// on its durable virtio disk (`nk-disk`: written on the disk's first run, read back on
+/// later ones), then the layer-bypass demo (`nkctl demo`, with the keeper guest [`demo_modules`] adds) after the
 /// isolation checks (`/bin/nkctl-isolation`, against the keeper's VM).
 pub const DEMO_COMMANDS: &str =
-    "echo hello-from-linux > /tmp/f ; cat /tmp/f ; grep -m1 model.name /proc/cpuinfo ; nkctl-isolation auto ; nkctl demo";
+    "echo hello-from-linux > /tmp/f ; cat /tmp/f ; nk-disk ; nkctl-isolation auto ; nkctl demo";
+/// The virtio disk of the demo's Linux VM (`disk=`, docs/linux-disk.md): a block-AM range
+/// at the end of the run's durable device, where /init keeps an ext2 file system from run
+/// to run and `nk-disk` its record.
+pub const DEMO_DISK: &str = "4M";
+/// The smallest durable device a run with the demo needs: the disk's range may take at
+/// most half of it, and the NVRAM AM's regions (the keeper's and the isolation checks')
+/// fit in the other half.
+pub const DEMO_NVRAM_MIB: u32 = 8;
 /// Bochs's instructions per second for runs with a Linux VM: Linux's timer tick (HZ=250)
 /// and RCU's stall detector assume a CPU that does far more than 4,000 instructions a tick,
 /// as the 1 MHz default would give; the hypervisor measures the rate and reports it in
@@ -205,7 +217,8 @@ pub fn modules(files: &LinuxFiles, commands: &str) -> Vec<crate::image::Module> 
 /// there is one. The NVRAM disk target/nvram/run.img keeps the region across runs.
 pub fn demo_modules(files: &LinuxFiles, testguest: &Path, cpus: u32) -> Vec<crate::image::Module> {
     let mut modules = modules(files, DEMO_COMMANDS);
-    modules[0].cmdline = modules[0].cmdline.replacen("modules=initramfs", "modules=initramfs nvram ring3-caps", 1);
+    let extra = format!("modules=initramfs nvram ring3-caps disk={DEMO_DISK}");
+    modules[0].cmdline = modules[0].cmdline.replacen("modules=initramfs", &extra, 1);
     let cpu = if cpus > 1 { " cpu=1" } else { "" };
     modules.push(crate::image::Module {
         path: testguest.to_path_buf(),

@@ -99,8 +99,10 @@ pub fn run_command(workspace: &Workspace, args: &RunArgs) -> Result<ExitCode> {
         None
     } else {
         let path = crate::nvram_disk::run_image(workspace);
-        let how = crate::nvram_disk::ensure(&path, args.nvram_mib, args.fresh_nvram)?;
-        println!("xtask: run: NVRAM disk {} ({} MiB) {how}", workspace.display(&path), args.nvram_mib);
+        // The Linux demo's virtio disk takes a range at the device's end (docs/linux-disk.md).
+        let mib = if args.linux { args.nvram_mib.max(crate::linux::DEMO_NVRAM_MIB) } else { args.nvram_mib };
+        let how = crate::nvram_disk::ensure(&path, mib, args.fresh_nvram)?;
+        println!("xtask: run: NVRAM disk {} ({mib} MiB) {how}", workspace.display(&path));
         Some(path)
     };
     let pmem = match args.pmem_mib {
@@ -126,7 +128,8 @@ pub fn run_command(workspace: &Workspace, args: &RunArgs) -> Result<ExitCode> {
         megs,
         cpu_model: args.cpu_model.clone(),
         // Linux takes about 30 s to its /init in Bochs, the demo as long again.
-        timeout: Duration::from_secs(if args.linux { args.timeout.max(300) } else { args.timeout }),
+        // The Linux demo with its disk takes about 330 s of Bochs (2 CPUs) to power off.
+        timeout: Duration::from_secs(if args.linux { args.timeout.max(600) } else { args.timeout }),
         dir: workspace.runs().join(format!("run-{}", args.emu.name())),
         ips,
         disk,

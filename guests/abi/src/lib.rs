@@ -28,6 +28,9 @@
 //!   `NOT_PERMITTED` outside ring 0 unless the VM's module line says `ring3-caps`; a
 //!   delegation is charged to the delegator's quota, and one to a VM whose inbox is full
 //!   fails with `QUOTA_EXCEEDED`.
+//! * Revision 3: `BIND` ([`nk_op::BIND`]) binds a capability to the calling guest
+//!   process (its page-table root, [`process_root`]); `INSPECT`'s result 3 has bit 62 set
+//!   for a process-bound capability.
 #![cfg_attr(not(test), no_std)]
 
 use core::fmt;
@@ -37,7 +40,7 @@ pub mod nkcp;
 /// The ABI version this crate speaks.
 pub const ABI_VERSION: u16 = 1;
 /// The revision of [`ABI_VERSION`] this crate documents (see "Revisions" above).
-pub const ABI_REVISION: u16 = 2;
+pub const ABI_REVISION: u16 = 3;
 /// Capability arguments a call can carry.
 pub const MAX_CAP_ARGS: usize = 4;
 /// Plain arguments a call can carry.
@@ -97,6 +100,31 @@ pub mod nk_op {
     /// last one; `NOT_PERMITTED` from a ring other than 0 unless the VM's module line says
     /// `ring3-caps`.
     pub const RECEIVED: u32 = 7;
+    /// `bind(c)`: binds c, which the caller's VM holds (bound to it, not a bearer
+    /// capability), to the guest process making the call: its page-table root
+    /// ([`process_root`](crate::process_root) of the guest CR3 at the call). From then on a
+    /// call with another root that presents c (to use, inspect, derive, delegate, revoke or
+    /// delete it) gets `WRONG_HOLDER`, as another VM would, and changes nothing; holding
+    /// c's parent still allows revoking it. One-way: there is no unbind, binding again
+    /// from the same root changes nothing, and a child derived from c is bound to the same
+    /// root (a delegation makes what the bound process asks for). Args: cap 0. Results:
+    /// 0 = the root. `NOT_PERMITTED` for a bearer capability (revision 3; docs/guest-os.md
+    /// "Binding a capability to one process" for what it costs and where it is weak).
+    pub const BIND: u32 = 8;
+}
+
+/// The page-table root a process-bound capability is bound to, from the guest's CR3 at
+/// the call ([`nk_op::BIND`]): CR3 without bits 12:0 (and without bit 63).
+///
+/// Bits 11:0 are the PCID (or the PWT/PCD flags), which change with the TLB tag, not
+/// with the process. Bit 12 is Linux's page-table isolation (PTI): a process has two
+/// roots, the kernel's PGD and the user PGD 4 KiB above it in one 8 KiB-aligned
+/// allocation (`PTI_USER_PGTABLE_MASK`), and a call from ring 3 comes with the user root
+/// while the process's kernel code runs on the kernel root; clearing bit 12 makes both
+/// the same process. The price: a kernel whose PGDs are single 4 KiB pages (no PTI built
+/// in) could give two processes the two halves of one 8 KiB block.
+pub const fn process_root(cr3: u64) -> u64 {
+    cr3 & !(0x1fff | (1 << 63))
 }
 
 /// Operations of the exo AM (`am/exo`; its AM id is found at run time, e.g. from an
@@ -485,6 +513,15 @@ mod tests {
         let s = Selector::new(7, 0xDEAD_BEEF);
         assert_eq!(Selector::decode(s.encode()), s);
         assert_eq!(s.encode() >> 48, u64::from(ABI_VERSION));
+    }
+
+    #[test]
+    fn process_roots_drop_the_pcid_and_the_pti_half() {
+        // Linux's PTI pair: the kernel PGD (8 KiB-aligned) and the user PGD 4 KiB above.
+        assert_eq!(process_root(0x0123_6000), 0x0123_6000);
+        assert_eq!(process_root(0x0123_7000 | 0x805), 0x0123_6000);
+        assert_eq!(process_root((1 << 63) | 0x0123_6001), 0x0123_6000);
+        assert_ne!(process_root(0x0123_8000), process_root(0x0123_6000));
     }
 
     #[test]

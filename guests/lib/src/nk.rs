@@ -106,6 +106,12 @@ pub fn delete(cap: Cap) -> Result<u64, Status> {
     counted(call(NULL_KERNEL_AM, nk_op::DELETE, &[cap], &[]))
 }
 
+/// Binds `cap` to the page-table root this call is made with (`nk_op::BIND`); returns
+/// the root.
+pub fn bind(cap: Cap) -> Result<u64, Status> {
+    counted(call(NULL_KERNEL_AM, nk_op::BIND, &[cap], &[]))
+}
+
 /// Returns (AM << 32 | kind, object id, rights, holder << 1 | bearer) of `cap`.
 pub fn inspect(cap: Cap) -> Result<[u64; 4], Status> {
     let reply = call(NULL_KERNEL_AM, nk_op::INSPECT, &[cap], &[]);

@@ -99,10 +99,13 @@ impl Error {
         match self {
             Error::NotUnderNullKernel => self.to_string(),
             Error::Refused { op, status } => {
-                let hint = if status.code() == Status::NOT_PERMITTED && matches!(*op, "initial" | "received") {
-                    " (outside ring 0 the VM's module line must say ring3-caps)"
-                } else {
-                    ""
+                let hint = match status.code() {
+                    Status::NOT_PERMITTED if matches!(*op, "initial" | "received") => {
+                        " (outside ring 0 the VM's module line must say ring3-caps)"
+                    }
+                    Status::NOT_PERMITTED if *op == "bind" => " (a bearer capability cannot be bound to a process)",
+                    Status::WRONG_HOLDER => " (another VM's, or bound to another process of this one)",
+                    _ => "",
                 };
                 format!("{status}{hint}")
             }
@@ -141,6 +144,8 @@ pub struct Info {
     pub holder_is_am: bool,
     /// Whether any holder may use it (bearer) rather than only `holder`.
     pub bearer: bool,
+    /// Whether it is bound to one process of its holder VM ([`bind`]).
+    pub process_bound: bool,
 }
 
 impl Info {
@@ -150,9 +155,10 @@ impl Info {
             kind: r[0] as u32,
             object: r[1],
             rights: r[2],
-            holder: (r[3] & !(1 << 63)) >> 1,
+            holder: (r[3] & !(3 << 62)) >> 1,
             holder_is_am: r[3] >> 63 == 1,
             bearer: r[3] & 1 == 1,
+            process_bound: (r[3] >> 62) & 1 == 1,
         }
     }
 }
@@ -291,6 +297,17 @@ pub fn delegate(cap: Cap, target: u32, mask: u64, bearer: bool) -> Result<Cap, E
 /// capabilities died.
 pub fn revoke(cap: Cap) -> Result<u64, Error> {
     nk("revoke", nk_op::REVOKE, &[cap], &[]).map(|reply| reply.results[0])
+}
+
+/// Binds `cap`, which this VM holds, to this process (its page-table root, which the
+/// null-Kernel reads at the call): from then on only this process may present it, and
+/// another process of this Linux that presents the name is refused as another VM would
+/// be (`WRONG_HOLDER`). One-way (no unbind); children [`derive`]d from it are bound to
+/// this process too. Returns the root it is bound to (`nk_abi::process_root`). The
+/// binding dies with nothing but the capability: a later process that gets the same root
+/// (after this one exits) could use it, so delete or revoke it before exiting.
+pub fn bind(cap: Cap) -> Result<u64, Error> {
+    nk("bind", nk_op::BIND, &[cap], &[]).map(|reply| reply.results[0])
 }
 
 /// Deletes `cap` (its children stay).
@@ -532,8 +549,20 @@ mod tests {
         let info = Info::decode([(2 << 32) | 1, 7, 0b1011, (3 << 1) | 1]);
         assert_eq!(
             info,
-            Info { am: 2, kind: 1, object: 7, rights: 0b1011, holder: 3, holder_is_am: false, bearer: true }
+            Info {
+                am: 2,
+                kind: 1,
+                object: 7,
+                rights: 0b1011,
+                holder: 3,
+                holder_is_am: false,
+                bearer: true,
+                process_bound: false
+            }
         );
+        let bound = Info::decode([0, 0, 0, (1 << 62) | (5 << 1)]);
+        assert!(bound.process_bound && !bound.bearer && !bound.holder_is_am);
+        assert_eq!(bound.holder, 5);
     }
 
     #[test]
@@ -542,6 +571,8 @@ mod tests {
         assert!(denied.to_string().contains("ring3-caps"), "{denied}");
         let rights = Error::Refused { op: "revoke", status: Status::new(Status::UNKNOWN_NAME, Some(0)) };
         assert_eq!(rights.to_string(), "revoke: unknown capability name (capability argument 0)");
+        let other = Error::Refused { op: "inspect", status: Status::new(Status::WRONG_HOLDER, Some(0)) };
+        assert!(other.to_string().contains("bound to another process"), "{other}");
     }
 
     #[test]

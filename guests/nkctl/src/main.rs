@@ -11,6 +11,7 @@
 use std::process::ExitCode;
 
 mod bench;
+mod bind;
 mod checks;
 mod demo;
 mod virtio_attack;
@@ -23,6 +24,10 @@ commands:
   null                   one empty hypercall round trip
   inspect CAP            what CAP names, its rights and holder
   derive CAP MASK        a child of CAP with the rights in MASK (e.g. 0x3)
+  bind CAP [-- COMMAND]  bind CAP to this process (only it may present the name from
+                         then on; one-way), then run nkctl COMMAND in the same process
+  bind-check FACTORY     process binding at work: a counter bound to this process is
+                         refused to a second process, unchanged, and still this one's
   revoke CAP             revoke CAP and everything derived from it
   delete CAP             delete CAP
   exo alloc ASPACE PAGES         allocate a frame set (prints its name)
@@ -98,7 +103,11 @@ fn run(command: &str, args: &[String]) -> Result<(), Failure> {
             let cap = resolve(&args[0])?;
             let info = nk::inspect(cap)?;
             let holder = if info.holder_is_am { format!("AM {}", info.holder) } else { format!("vm{}", info.holder) };
-            let binding = if info.bearer { "bearer" } else { "bound" };
+            let binding = match (info.bearer, info.process_bound) {
+                (true, _) => "bearer",
+                (false, true) => "bound to one process",
+                (false, false) => "bound",
+            };
             println!(
                 "{cap}: AM {} kind {} object {} rights {:#x} held by {holder} ({binding})",
                 info.am, info.kind, info.object, info.rights
@@ -112,6 +121,27 @@ fn run(command: &str, args: &[String]) -> Result<(), Failure> {
             println!("{}", nk::derive(cap, mask)?);
             Ok(())
         }
+        "bind" => {
+            let (cap, rest) = match args {
+                [cap] => (cap, &[][..]),
+                [cap, dashes, rest @ ..] if dashes == "--" && !rest.is_empty() => (cap, rest),
+                _ => return Err(Failure::Usage("bind CAP [-- COMMAND ARGS...]".into())),
+            };
+            bind::bind(resolve(cap)?)?;
+            match rest.split_first() {
+                Some((next, more)) if next != "bind" => run(next, more),
+                Some(_) => Err(Failure::Usage("bind -- bind: bind several with one bind each".into())),
+                None => Ok(()),
+            }
+        }
+        "bind-check" => match args {
+            [flag, name, am] if flag == "--intruder" => {
+                let am = u16::try_from(number(am)?).map_err(|_| Failure::Usage(format!("'{am}' is no AM id")))?;
+                bind::intrude(resolve(name)?, am).map_err(Failure::Call)
+            }
+            [factory] => bind::check(resolve_obj(factory)?).map_err(Failure::Call),
+            _ => Err(Failure::Usage("bind-check FACTORY".into())),
+        },
         "revoke" => {
             want(1)?;
             let count = nk::revoke(resolve(&args[0])?)?;

@@ -558,6 +558,7 @@ mod new_am;
 mod null_fast;
 mod nvram;
 mod nvram_layers;
+mod process_bind;
 mod protocol;
 mod smp;
 mod vm_create;
@@ -592,6 +593,11 @@ fn nk_guest_main(boot: &nk_guest::BootArgs) {
             }
             run_checks();
             check_cpuid();
+            // Two page-table roots, switched in ring 0 (ring 3 cannot load CR3).
+            match process_bind::check() {
+                Ok(()) => println!("GTEST ok ring0/process_bound_capability"),
+                Err(Why(line)) => println!("GTEST FAILED ring0/process_bound_capability: {}", line.as_str()),
+            }
             // Ring 3 runs the same checks with what ring 0 hands it, and must be refused
             // INITIAL and RECEIVED (the module line does not say ring3-caps).
             run_in_ring3(run_checks);

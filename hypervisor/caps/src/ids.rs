@@ -246,6 +246,13 @@ pub enum Binding {
     /// Usable by whoever presents the name (it may travel through guest memory, files and
     /// sockets, seed §5.5).
     Bearer,
+    /// Usable only by its holder principal, and within it only from one guest process:
+    /// the call must come with the page-table root the capability was bound to (the
+    /// seed's §5.5 "capability register" convention). Only
+    /// [`CapTable::bind_process`](crate::CapTable::bind_process) makes a capability
+    /// process-bound, once and for good; a child [`derive`](crate::CapTable::derive)d from
+    /// one is bound to the same root (table module `pin.rs`).
+    Process,
 }
 
 #[cfg(test)]

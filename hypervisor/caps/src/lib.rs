@@ -185,5 +185,5 @@ pub use registry::{ArgSpec, KindSpec, OpSpec, RegisterError, Registry, MAX_CAP_A
 pub use table::{
     ArgFault, AuditFailure, BelowWalk, CapError, CapInfo, CapTable, CheckError, Checked, CheckedCap, DeadCap,
     Footprint, IncomingRevoke, LinkEvent, LinkSink, NewTableError, NodeState, NodeView, PrincipalError, RemoteGrant,
-    RevocationHook, RevokeStart, Usage, Walk,
+    RevocationHook, RevokeStart, Usage, Walk, NO_ROOT,
 };

@@ -96,10 +96,19 @@ impl Inbox {
             return 0;
         }
         let before = self.entries.len();
-        self.entries.retain(|entry| table.inspect(Principal::Vm(vm), entry.name).is_ok());
+        self.entries.retain(|entry| alive(table, vm, entry.name));
         self.stale = false;
         before - self.entries.len()
     }
+}
+
+/// Tells whether `vm`'s capability `name` is live, whichever of its processes asks: not
+/// `inspect`, which refuses a process-bound capability to a call with another page-table
+/// root (nk-caps `pin.rs`), so an inbox pruned during such a call would drop it.
+fn alive(table: &CapTable, vm: VmId, name: CapName) -> bool {
+    table.node(name).is_some_and(|node| {
+        node.state == nk_caps::NodeState::Live && node.cap.is_some_and(|cap| cap.holder == Principal::Vm(vm))
+    })
 }
 
 /// One capability another principal delegated to a VM, as `RECEIVED` reports it.
@@ -564,7 +573,7 @@ fn cap_status(error: CapError) -> Status {
         CapError::Revoked => (Status::REVOKED, Some(0)),
         CapError::UnknownPrincipal => (Status::BAD_ARGUMENT, None),
         CapError::QuotaExceeded | CapError::TableFull => (Status::QUOTA_EXCEEDED, None),
-        CapError::NotImplementer => (Status::NOT_PERMITTED, None),
+        CapError::NotImplementer | CapError::NotBindable => (Status::NOT_PERMITTED, None),
         CapError::UndefinedRights | CapError::UnknownKind | CapError::UnknownAm => (Status::BAD_ARGUMENT, None),
     };
     Status::new(code, arg)
@@ -727,6 +736,13 @@ impl NullKernel {
     /// `INITIAL` and `RECEIVED` answer only VMs that allow every ring.
     pub fn set_caller_ring(&mut self, reader: fn() -> u8) {
         self.caller_ring = reader;
+    }
+
+    /// Installs the reader of the calling guest's page-table root (the hypervisor's reads
+    /// the VMCS guest CR3 and applies [`nk_abi::process_root`]): asked only by `BIND` and
+    /// when a process-bound capability is presented (nk-caps `pin.rs`).
+    pub fn set_caller_root(&mut self, reader: fn() -> u64) {
+        self.proto.table_mut().set_root_reader(reader);
     }
 
     /// Lends the AMs the hypervisor's frame allocator (the exo AM's `alloc`); until it is
@@ -1092,7 +1108,7 @@ impl NullKernel {
 
     /// Returns the live capabilities other principals delegated to `vm`, in arrival order.
     pub fn inbox(&self, vm: VmId) -> Vec<InboxEntry> {
-        let live = |entry: &&InboxEntry| self.table().inspect(Principal::Vm(vm), entry.name).is_ok();
+        let live = |entry: &&InboxEntry| alive(self.table(), vm, entry.name);
         self.inbox.get(&vm).map_or(Vec::new(), |inbox| inbox.entries.iter().filter(live).copied().collect())
     }
 
@@ -1348,9 +1364,13 @@ impl NullKernel {
             nk_op::INSPECT => reply(self.table().inspect(caller, c).map(|info| {
                 let holder = principal_word(info.holder);
                 let bearer = u64::from(info.binding == Binding::Bearer);
+                let process = u64::from(info.binding == Binding::Process) << 62;
                 let object = (u64::from(info.object.am.raw()) << 32) | u64::from(info.object.kind.raw());
-                success(None, [object, info.object.id.raw(), info.rights.bits(), holder | bearer])
+                success(None, [object, info.object.id.raw(), info.rights.bits(), holder | process | bearer])
             })),
+            nk_op::BIND => {
+                reply(self.proto.table_mut().bind_process(caller, c).map(|root| success(None, [root, 0, 0, 0])))
+            }
             nk_op::INITIAL | nk_op::RECEIVED if (self.caller_ring)() != 0 && !self.all_rings.contains(&vm) => {
                 let why = "INITIAL/RECEIVED from a ring other than 0 (the module line does not say ring3-caps)";
                 self.log_refusal(vm, Status::NOT_PERMITTED, why);

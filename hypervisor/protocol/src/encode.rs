@@ -135,6 +135,9 @@ fn binding_code(binding: Binding) -> u64 {
     match binding {
         Binding::Bound => 0,
         Binding::Bearer => 1,
+        // Never sent: a process binding does not leave its kernel instance (nk-caps
+        // `pin.rs`); were it sent, the receiver would hold a capability nobody can use.
+        Binding::Process => 2,
     }
 }
 
@@ -142,6 +145,7 @@ fn binding_from(code: u64) -> Result<Binding, DecodeError> {
     match code {
         0 => Ok(Binding::Bound),
         1 => Ok(Binding::Bearer),
+        2 => Ok(Binding::Process),
         _ => Err(DecodeError::BadField),
     }
 }
@@ -210,6 +214,7 @@ fn error_code(error: ProtoError) -> u16 {
                     CapError::UnknownPrincipal => 7,
                     CapError::QuotaExceeded => 8,
                     CapError::TableFull => 9,
+                    CapError::NotBindable => 10,
                 }
         }
     }
@@ -229,6 +234,7 @@ fn error_from(code: u16) -> Result<ProtoError, DecodeError> {
         0x107 => cap(CapError::UnknownPrincipal),
         0x108 => cap(CapError::QuotaExceeded),
         0x109 => cap(CapError::TableFull),
+        0x10A => cap(CapError::NotBindable),
         _ => Err(DecodeError::BadField),
     }
 }

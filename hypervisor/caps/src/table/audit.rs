@@ -94,6 +94,9 @@ impl CapTable {
         }
         ensure!(free + in_use == self.nodes.len(), "every free node is on the free list");
 
+        // Process bindings.
+        self.check_pins().map_err(AuditFailure)?;
+
         // Index.
         self.index.check().map_err(AuditFailure)?;
         ensure!(self.index.len() == in_use, "the index holds exactly the nodes in use");

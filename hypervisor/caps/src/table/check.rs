@@ -158,7 +158,7 @@ impl From<UseFault> for ArgFault {
     fn from(fault: UseFault) -> Self {
         match fault {
             UseFault::UnknownName => ArgFault::UnknownName,
-            UseFault::WrongHolder => ArgFault::WrongHolder,
+            UseFault::WrongHolder | UseFault::ProcessBound => ArgFault::WrongHolder,
             UseFault::Revoked => ArgFault::Revoked,
         }
     }
@@ -210,7 +210,11 @@ impl CapTable {
                 index: index as u8,
                 fault,
             };
-            let found = self.resolve(caller, name).map_err(|fault| fail(fault.into()))?;
+            let found = match self.resolve_fast(caller, name) {
+                Ok(found) => found,
+                Err(UseFault::ProcessBound) => return self.check_pinned(caller, op, names.iter().copied(), checked),
+                Err(fault) => return Err(fail(fault.into())),
+            };
             let node = &self.nodes[found];
             debug_assert_eq!(node.state, State::Live);
             if node.am != op.am() || node.kind != spec.kind {
@@ -232,23 +236,33 @@ impl CapTable {
     /// hypercall path's check: it reads each name where the call holds it (no copy of the
     /// slots first) and looks the operation up once. Fewer slots than the operation takes
     /// is a [`CheckError::WrongArgCount`].
+    ///
+    /// A process-bound argument ends the loop early, and the check starts again out of
+    /// line with the call's root (`pin.rs`), so no other argument pays for it.
     #[inline]
-    pub fn check_slots_into(
+    pub fn check_slots_into<S>(
         &self,
         caller: Principal,
         op: OpId,
-        slots: impl IntoIterator<Item = CapName>,
+        slots: S,
         checked: &mut Checked,
-    ) -> Result<(), CheckError> {
+    ) -> Result<(), CheckError>
+    where
+        S: IntoIterator<Item = CapName>,
+        S::IntoIter: Clone,
+    {
         let specs = self.registry.op(op).ok_or(CheckError::UnknownOperation)?.args();
         (checked.op, checked.arity) = (Checked::BLANK_OP, 0);
         let am = op.am();
         let mut presented = 0;
+        let slots = slots.into_iter();
+        let again = slots.clone();
         // The node of the argument before, if any: a call that presents one name in
         // several arguments resolves it once (the node there is live and usable by
-        // `caller`, and names are unique, so a repeated name resolves to it again).
+        // `caller` without a root, and names are unique, so a repeated name resolves to
+        // it again).
         let mut previous: Option<&Node> = None;
-        for ((name, spec), out) in slots.into_iter().zip(specs).zip(checked.args.iter_mut()) {
+        for ((name, spec), out) in slots.zip(specs).zip(checked.args.iter_mut()) {
             let fail = |fault: ArgFault| CheckError::Arg {
                 // At most MAX_CAP_ARGS.
                 index: presented as u8,
@@ -256,14 +270,57 @@ impl CapTable {
             };
             let node = match previous {
                 Some(node) if node.name == name => node,
-                _ => match self.resolve_live(caller, name) {
-                    Some(node) => node,
-                    None => return Err(fail(self.resolve(caller, name).err().map_or(ArgFault::Revoked, Into::into))),
+                _ => match self.resolve_fast(caller, name) {
+                    Ok(found) => &self.nodes[found],
+                    // Leaves `presented` short: the check below starts again.
+                    Err(UseFault::ProcessBound) => break,
+                    Err(fault) => return Err(fail(fault.into())),
                 },
             };
             previous = Some(node);
             debug_assert_eq!(node.state, State::Live);
             if node.am != am || node.kind != spec.kind {
+                return Err(fail(ArgFault::WrongKind));
+            }
+            if !node.rights.contains(spec.rights) {
+                return Err(fail(ArgFault::MissingRights));
+            }
+            *out = CheckedCap { name, object: node.object(), rights: node.rights };
+            presented += 1;
+        }
+        if presented != specs.len() {
+            // Too few slots, or a process-bound argument: the full check tells which.
+            return self.check_pinned(caller, op, again, checked);
+        }
+        // At most MAX_CAP_ARGS.
+        (checked.op, checked.caller, checked.arity) = (op, caller, specs.len() as u8);
+        Ok(())
+    }
+
+    /// The check of [`check_slots_into`](Self::check_slots_into) with
+    /// [`resolve`](Self::resolve), which reads the call's root for a process-bound
+    /// argument: where the fast loops go when they meet one.
+    #[cold]
+    #[inline(never)]
+    fn check_pinned(
+        &self,
+        caller: Principal,
+        op: OpId,
+        slots: impl Iterator<Item = CapName>,
+        checked: &mut Checked,
+    ) -> Result<(), CheckError> {
+        let specs = self.registry.op(op).ok_or(CheckError::UnknownOperation)?.args();
+        (checked.op, checked.arity) = (Checked::BLANK_OP, 0);
+        let mut presented = 0;
+        for ((name, spec), out) in slots.zip(specs).zip(checked.args.iter_mut()) {
+            let fail = |fault: ArgFault| CheckError::Arg {
+                // At most MAX_CAP_ARGS.
+                index: presented as u8,
+                fault,
+            };
+            let found = self.resolve(caller, name).map_err(|fault| fail(fault.into()))?;
+            let node = &self.nodes[found];
+            if node.am != op.am() || node.kind != spec.kind {
                 return Err(fail(ArgFault::WrongKind));
             }
             if !node.rights.contains(spec.rights) {

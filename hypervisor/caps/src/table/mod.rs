@@ -5,6 +5,7 @@ mod audit;
 mod check;
 mod index;
 mod node;
+mod pin;
 mod remote;
 mod revoke;
 
@@ -22,6 +23,7 @@ use crate::registry::{KindSpec, OpSpec, RegisterError, Registry};
 
 pub use self::audit::AuditFailure;
 pub use self::check::{ArgFault, CheckError, Checked, CheckedCap};
+pub use self::pin::NO_ROOT;
 pub use self::remote::{
     BelowWalk, IncomingRevoke, LinkEvent, LinkSink, NodeState, NodeView, RemoteGrant, RevokeStart, Walk,
 };
@@ -65,6 +67,10 @@ pub struct CapTable {
     payer_hint: Cell<u32>,
     /// The principal of each account number (`Node::payer`); None for a free number.
     accounts: Vec<Option<Principal>>,
+    /// The page-table root of each process-bound capability, by slot, sorted (`pin.rs`).
+    pins: Vec<(u32, u64)>,
+    /// Tells the page-table root of the call being dispatched (`pin.rs`).
+    root_reader: fn() -> u64,
 }
 
 /// Holds a principal's quota and the head of the list of capabilities it holds.
@@ -116,6 +122,10 @@ pub enum CapError {
     QuotaExceeded,
     /// The table holds as many capabilities as its capacity allows.
     TableFull,
+    /// The capability cannot be bound to a process: it is a bearer capability, the
+    /// caller's page-table root is unknown, or the binding could not be recorded
+    /// ([`CapTable::bind_process`]).
+    NotBindable,
 }
 
 /// Says why a principal could not be added, changed or removed.
@@ -174,13 +184,16 @@ enum UseFault {
     UnknownName,
     WrongHolder,
     Revoked,
+    /// Only from [`CapTable::resolve_fast`]: a process-bound capability, which the check
+    /// must resolve again with the call's root (`pin.rs`); never reported.
+    ProcessBound,
 }
 
 impl From<UseFault> for CapError {
     fn from(fault: UseFault) -> Self {
         match fault {
             UseFault::UnknownName => CapError::UnknownName,
-            UseFault::WrongHolder => CapError::WrongHolder,
+            UseFault::WrongHolder | UseFault::ProcessBound => CapError::WrongHolder,
             UseFault::Revoked => CapError::Revoked,
         }
     }
@@ -231,6 +244,8 @@ impl CapTable {
             principal_hint: Cell::new(0),
             payer_hint: Cell::new(0),
             accounts: Vec::new(),
+            pins: Vec::new(),
+            root_reader: pin::no_root,
         })
     }
 
@@ -406,6 +421,9 @@ impl CapTable {
     pub fn derive(&mut self, caller: Principal, name: CapName, mask: Rights) -> Result<CapName, CapError> {
         let parent = self.resolve(caller, name)?;
         let binding = self.nodes[parent].binding;
+        if binding == Binding::Process {
+            return self.derive_pinned(caller, parent, mask);
+        }
         self.create_child(parent, caller, caller, mask, binding)
     }
 
@@ -509,34 +527,81 @@ impl CapTable {
 
     /// Finds the live capability `name` on behalf of `caller`. The holder is checked before
     /// the state, so a principal cannot learn that someone else's bound capability died.
+    ///
+    /// The test is `binding == Bound` where it could be `usable_by`: a capability bound to
+    /// its holder passes with the same comparisons as before process binding existed, and
+    /// a bearer one with one more; a process-bound one goes to
+    /// [`resolve_other`](Self::resolve_other), which reads the call's root (`pin.rs`).
     #[inline(always)]
     fn resolve(&self, caller: Principal, name: CapName) -> Result<usize, UseFault> {
         let slot = self.lookup(name).ok_or(UseFault::UnknownName)?;
         let node = &self.nodes[slot];
-        if node.state == State::Live && node.usable_by(caller) {
+        if node.state == State::Live
+            && ((node.binding == Binding::Bound && node.holder == caller) || node.binding == Binding::Bearer)
+        {
             return Ok(slot);
         }
-        Err(if node.state == State::Pending {
+        self.resolve_other(caller, slot)
+    }
+
+    /// Resolves as [`resolve`](Self::resolve) does, without a call: the check loops'
+    /// version. A process-bound capability is [`UseFault::ProcessBound`] (whatever its
+    /// holder and state), on which the check starts again with `resolve`, which reads the
+    /// call's root; every other capability costs what it cost before process binding.
+    #[inline(always)]
+    fn resolve_fast(&self, caller: Principal, name: CapName) -> Result<usize, UseFault> {
+        // Skips the test of the name's kernel bits when the look-up passes: only proxies
+        // carry other kernels' names, and a proxy is never live, so a live node found
+        // under `name` is this kernel's.
+        if let Some(slot) = self.index.find(self.names.hash(name), |slot| self.nodes[slot].name == name) {
+            let node = &self.nodes[slot];
+            if node.state == State::Live
+                && ((node.binding == Binding::Bound && node.holder == caller) || node.binding == Binding::Bearer)
+            {
+                debug_assert_eq!(name.kernel(), self.names.kernel());
+                return Ok(slot);
+            }
+        }
+        Err(self.use_fault(caller, name))
+    }
+
+    /// Why [`resolve_fast`](Self::resolve_fast) did not pass the capability `name`; out
+    /// of line, so the check loops carry nothing for it.
+    #[cold]
+    #[inline(never)]
+    fn use_fault(&self, caller: Principal, name: CapName) -> UseFault {
+        let Some(slot) = self.lookup(name) else {
+            return UseFault::UnknownName;
+        };
+        let node = &self.nodes[slot];
+        if node.state == State::Pending {
             // Reserved for a cross-kernel obtain: not issued yet.
             UseFault::UnknownName
-        } else if !node.usable_by(caller) {
+        } else if node.binding == Binding::Process {
+            UseFault::ProcessBound
+        } else if node.binding != Binding::Bearer && node.holder != caller {
             UseFault::WrongHolder
         } else {
             UseFault::Revoked
-        })
+        }
     }
 
-    /// Finds the node of the live capability `name` that `caller` may use, where
-    /// [`resolve`](Self::resolve) succeeds, and `None` where `resolve` fails (ask it then why). Skips
-    /// the test of the name's kernel bits: only proxies carry other kernels' names, and a
-    /// proxy is never live, so a live node found under `name` is this kernel's.
-    #[inline(always)]
-    fn resolve_live(&self, caller: Principal, name: CapName) -> Option<&Node> {
-        let slot = self.index.find(self.names.hash(name), |slot| self.nodes[slot].name == name)?;
-        let node = &self.nodes[slot];
-        let live = node.state == State::Live && node.usable_by(caller);
-        debug_assert!(!live || name.kernel() == self.names.kernel());
-        live.then_some(node)
+    /// [`resolve`](Self::resolve) for every capability but a live one bound to `caller`
+    /// or a live bearer one: a refusal, or a process-bound capability.
+    #[cold]
+    #[inline(never)]
+    fn resolve_other(&self, caller: Principal, slot: usize) -> Result<usize, UseFault> {
+        let state = self.nodes[slot].state;
+        if state == State::Pending {
+            // Reserved for a cross-kernel obtain: not issued yet.
+            Err(UseFault::UnknownName)
+        } else if !self.usable(slot, caller) {
+            Err(UseFault::WrongHolder)
+        } else if state == State::Live {
+            Ok(slot)
+        } else {
+            Err(UseFault::Revoked)
+        }
     }
 
     /// Creates a child of the live capability in `parent`.
@@ -699,6 +764,9 @@ impl CapTable {
     /// leaving its holder's list and quota to the caller.
     fn release(&mut self, slot: usize) {
         debug_assert_ne!(self.nodes[slot].state, State::Live);
+        if self.nodes[slot].binding == Binding::Process {
+            self.unpin(slot);
+        }
         self.index.remove(self.names.hash(self.nodes[slot].name), slot);
         self.nodes[slot] = Node::free(self.free_head);
         self.free_head = Link::to(slot);

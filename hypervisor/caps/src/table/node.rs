@@ -145,13 +145,6 @@ impl Node {
     pub(super) fn object(&self) -> Object {
         Object::new(self.am, self.kind, self.object_id)
     }
-
-    /// Tells whether `caller` may use the capability: its holder always may, anyone may use
-    /// a bearer capability.
-    #[inline]
-    pub(super) fn usable_by(&self, caller: Principal) -> bool {
-        self.binding == Binding::Bearer || self.holder == caller
-    }
 }
 
 #[cfg(test)]

@@ -261,11 +261,9 @@ impl CapTable {
             return Err(CapError::UnknownName);
         }
         // A proxy parent has no holder: holding "the parent" means holding a local one.
-        let holds_parent = node.parent.get().is_some_and(|parent| {
-            let parent = &self.nodes[parent];
-            !parent.state.is_proxy() && parent.holder == caller
-        });
-        if !node.usable_by(caller) && !holds_parent {
+        let holds_parent =
+            node.parent.get().is_some_and(|parent| !self.nodes[parent].state.is_proxy() && self.holds(parent, caller));
+        if !self.usable(slot, caller) && !holds_parent {
             return Err(CapError::WrongHolder);
         }
         Ok(node.state)
@@ -276,7 +274,7 @@ impl CapTable {
         if node.state == State::Pending {
             return Err(CapError::UnknownName);
         }
-        if node.holder != caller {
+        if !self.holds(slot, caller) {
             return Err(CapError::WrongHolder);
         }
         Ok(node.state)
@@ -467,7 +465,7 @@ impl CapTable {
     {
         let slot = self.lookup_foreign(child)?;
         let parent = self.nodes[slot].parent.get()?;
-        if self.nodes[parent].holder != caller || self.nodes[parent].state.is_proxy() {
+        if self.nodes[parent].state.is_proxy() || !self.holds(parent, caller) {
             return None;
         }
         match self.nodes[slot].state {
@@ -716,6 +714,10 @@ impl CapTable {
         binding: Option<Binding>,
     ) -> Result<RemoteGrant, CapError> {
         let slot = self.resolve(presenter, parent)?;
+        if self.nodes[slot].binding == Binding::Process {
+            // The root is the call's on this kernel instance, not the presenter's.
+            return Err(CapError::NotBindable);
+        }
         if child.kernel() == self.kernel() || self.lookup_foreign(child).is_some() {
             return Err(CapError::UnknownName);
         }

@@ -3,6 +3,7 @@
 
 mod deep;
 mod model;
+mod pin;
 mod props;
 mod remote;
 mod unit;

@@ -200,6 +200,51 @@ fn the_inbox_names_the_sender_and_forgets_dead_capabilities() {
 }
 
 #[test]
+fn bind_ties_a_capability_to_the_calling_process() {
+    // The "current call's" root: process A's, B's, or unknown (the VMREAD failed).
+    static ROOT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+    let on = |root: u64| ROOT.store(nk_abi::process_root(root), core::sync::atomic::Ordering::Relaxed);
+    let mut w = world();
+    w.nk.set_caller_root(|| ROOT.load(core::sync::atomic::Ordering::Relaxed));
+    let c = w.create_counter(VM1);
+    assert_eq!(w.add(VM1, c, 5), Status(0));
+    // A binds from its user root (PTI: kernel root | 0x1000, with PCID bits).
+    on(0x0123_6000 | 0x1000 | 0x805);
+    let bound = w.nk_op(VM1, nk_op::BIND, c, &[]);
+    assert!(bound.status().is_ok(), "{}", bound.status());
+    assert_eq!(bound.results[0], 0x0123_6000);
+    let inspected = w.nk_op(VM1, nk_op::INSPECT, c, &[]);
+    assert_eq!(inspected.results[3], (1 << 1) | (1 << 62), "held by vm1, process-bound");
+    // A's kernel root is the same process.
+    on(0x0123_6000 | 0x003);
+    assert_eq!(w.read(VM1, c).map(|r| r.0), Ok(5));
+    // B (another root of the same VM) is refused everything, and nothing changes.
+    on(0x0456_8000 | 0x1000);
+    assert_eq!(w.add(VM1, c, 1), status(Status::WRONG_HOLDER, Some(0)));
+    for op in [nk_op::INSPECT, nk_op::DERIVE, nk_op::REVOKE, nk_op::DELETE, nk_op::BIND] {
+        let reply = w.nk_op(VM1, op, c, &[u64::MAX]);
+        assert_eq!(reply.status(), status(Status::WRONG_HOLDER, Some(0)), "op {op}");
+    }
+    on(0x0123_7000);
+    assert_eq!(w.read(VM1, c).map(|r| r.0), Ok(5));
+    // A bearer capability is not bindable.
+    let bearer = w.nk_op(VM1, nk_op::DELEGATE, c, &[u64::MAX, 1, 1]).name;
+    assert_eq!(w.nk_op(VM1, nk_op::BIND, bearer, &[]).status(), status(Status::NOT_PERMITTED, None));
+    // A received capability bound by one process stays in the inbox when another process
+    // lists it after a death pruned the inbox.
+    let d = w.create_counter(VM1);
+    let kept = w.nk_op(VM1, nk_op::DELEGATE, d, &[u64::MAX, 2, 0]).name;
+    let dropped = w.nk_op(VM1, nk_op::DELEGATE, d, &[u64::MAX, 2, 0]).name;
+    assert!(w.nk_op(VM2, nk_op::BIND, kept, &[]).status().is_ok());
+    assert!(w.nk_op(VM1, nk_op::REVOKE, dropped, &[]).status().is_ok());
+    w.nk.allow_all_rings(VM2);
+    on(0x0456_8000);
+    let listed = w.nk_op(VM2, nk_op::RECEIVED, NameWords::default(), &[0]);
+    assert_eq!((listed.name, listed.results[1]), (kept, 1), "{}", listed.status());
+    w.nk.table().check_consistency().unwrap();
+}
+
+#[test]
 fn only_ring_0_enumerates_unless_the_vm_allows_every_ring() {
     let mut w = world();
     let c = w.create_counter(VM1);
