@@ -436,7 +436,7 @@ impl Guest {
     /// Runs the guest for one time slice of `ticks` TSC ticks, sending its hypercalls to
     /// `sink`. Returns how the slice ended. A VM with several vCPUs runs one of them per
     /// slice (guest/vcpus.rs; [`Guest::takes_next_turn`] says whether another follows).
-    pub fn run_slice(&mut self, sink: &mut dyn HypercallSink, ticks: u64, timer_rate: u8) -> Slice {
+    pub fn run_slice(&mut self, sink: &mut impl HypercallSink, ticks: u64, timer_rate: u8) -> Slice {
         let slice = self.run_vcpu_slice(sink, ticks, timer_rate);
         match self.siblings.is_some() {
             false => slice,
@@ -448,7 +448,7 @@ impl Guest {
     /// line: its hypercall loop is compiled as it was before VMs had several vCPUs (the
     /// wrapper's code around it once cost the loop a register: one instruction per exit).
     #[inline(never)]
-    fn run_vcpu_slice(&mut self, sink: &mut dyn HypercallSink, ticks: u64, timer_rate: u8) -> Slice {
+    fn run_vcpu_slice(&mut self, sink: &mut impl HypercallSink, ticks: u64, timer_rate: u8) -> Slice {
         if self.os.is_some() {
             return self.run_os_slice(sink, ticks, timer_rate);
         }
@@ -488,7 +488,7 @@ impl Guest {
     /// (lwc.rs), and a sandboxed lwC's hypercalls take the sandboxed path; the other
     /// instance's hypercall path is the plain one.
     #[inline(always)]
-    fn bare_slice<const LWC: bool>(&mut self, sink: &mut dyn HypercallSink, ticks: u64, slice_start: u64) -> Slice {
+    fn bare_slice<const LWC: bool>(&mut self, sink: &mut impl HypercallSink, ticks: u64, slice_start: u64) -> Slice {
         let stopped = |why: String| Slice::Ended(GuestEnd::Stopped(why));
         loop {
             if crate::arch::rdtsc().wrapping_sub(slice_start) >= ticks {
@@ -580,7 +580,7 @@ impl Guest {
     /// ([`Guest::repeat_switch`]): it is dispatched, and an allowed `lwSwitch` remembered
     /// (lwc.rs, `SwitchCache`).
     #[inline(always)]
-    fn lwc_hypercall(&mut self, sink: &mut dyn HypercallSink) -> Result<Flow, VcpuError> {
+    fn lwc_hypercall(&mut self, sink: &mut impl HypercallSink) -> Result<Flow, VcpuError> {
         let from = self.principal;
         let vcpu = self.vcpu.as_mut().expect("checked by enter_slice");
         let call = vcpu.regs.call();
@@ -600,7 +600,7 @@ impl Guest {
     /// of line: the hypercall loop stays small.
     #[cold]
     #[inline(never)]
-    fn lwc_exit(&mut self, sink: &mut dyn HypercallSink) -> Option<Slice> {
+    fn lwc_exit(&mut self, sink: &mut impl HypercallSink) -> Option<Slice> {
         let ended = self.apply_lwc(sink);
         ended.err().map(|e| Slice::Ended(GuestEnd::Stopped(alloc::format!("cannot switch lwCs: {e}"))))
     }
@@ -611,7 +611,7 @@ impl Guest {
     /// is kept for `lwSyscall`. Without such a capability the refusal stands.
     #[cold]
     #[inline(never)]
-    fn sandboxed_hypercall(&mut self, sink: &mut dyn HypercallSink) -> Result<Flow, VcpuError> {
+    fn sandboxed_hypercall(&mut self, sink: &mut impl HypercallSink) -> Result<Flow, VcpuError> {
         let principal = self.principal;
         let vcpu = self.vcpu.as_mut().expect("checked by enter_slice");
         let call = *vcpu.regs.call();
@@ -686,7 +686,7 @@ impl Guest {
     /// pending interrupt (or asks for an interrupt window) and the preemption timer is
     /// armed for the earlier of the slice's end and the virtual APIC timer; a halted vCPU
     /// gives its slice back until an interrupt is pending.
-    fn run_os_slice(&mut self, sink: &mut dyn HypercallSink, ticks: u64, timer_rate: u8) -> Slice {
+    fn run_os_slice(&mut self, sink: &mut impl HypercallSink, ticks: u64, timer_rate: u8) -> Slice {
         let stopped = |why: String| Slice::Ended(GuestEnd::Stopped(why));
         if !self.os.as_mut().expect("checked by run_slice").poll() {
             return Slice::Expired;
@@ -762,7 +762,7 @@ impl Guest {
     /// target's principal the one every later hypercall is checked against.
     #[cold]
     #[inline(never)]
-    fn apply_lwc(&mut self, sink: &mut dyn HypercallSink) -> Result<(), String> {
+    fn apply_lwc(&mut self, sink: &mut impl HypercallSink) -> Result<(), String> {
         if self.vcpu.is_none() {
             return Ok(());
         }
@@ -936,7 +936,7 @@ impl Guest {
     /// Handles every exit but VMCALL's; says whether the guest goes on, waits, or ended.
     /// Kept out of line so the hypercall loop stays small.
     #[inline(never)]
-    fn handle_exit(&mut self, exit: &Exit, sink: &mut dyn HypercallSink) -> Result<Flow, VcpuError> {
+    fn handle_exit(&mut self, exit: &Exit, sink: &mut impl HypercallSink) -> Result<Flow, VcpuError> {
         let vm = self.vm;
         let vcpu = self.vcpu.as_mut().expect("run checked the vCPU");
         let stop = |why: String| Ok(Flow::End(GuestEnd::Stopped(why)));
@@ -1159,7 +1159,7 @@ fn enter_sandboxed(sandbox: &mut crate::lwc::Sandbox, regs: &mut GuestRegs, to: 
 /// Handles a VMCALL exit, the hot path: the call goes to `sink`, and its reply to the
 /// guest's registers; or the guest waits for it.
 #[inline(always)]
-fn handle_hypercall(vm: VmId, vcpu: &mut Vcpu, sink: &mut dyn HypercallSink) -> Result<Flow, VcpuError> {
+fn handle_hypercall(vm: VmId, vcpu: &mut Vcpu, sink: &mut impl HypercallSink) -> Result<Flow, VcpuError> {
     // The call is read in place from the saved registers (`GuestRegs::call`).
     match sink.hypercall(vm, vcpu.regs.call()) {
         Dispatched::Reply(reply) => {

@@ -151,7 +151,7 @@ impl Guest {
     /// with the last); a stopped one stops the VM, named in the line.
     #[cold]
     #[inline(never)]
-    pub(super) fn after_sibling_slice(&mut self, slice: Slice, sink: &mut dyn HypercallSink) -> Slice {
+    pub(super) fn after_sibling_slice(&mut self, slice: Slice, sink: &mut impl HypercallSink) -> Slice {
         let index = active_index(&self.siblings);
         let halted = match slice {
             Slice::Parked(op) => return Slice::Parked(op),
