@@ -102,6 +102,11 @@ pub trait HypercallSink {
     /// Handles one call from `vm`: its reply, or the operation the vCPU waits for.
     fn hypercall(&mut self, vm: VmId, call: &Call) -> Dispatched;
 
+    /// Handles the call in a guest's saved registers from `vm` as
+    /// [`hypercall`](Self::hypercall) does, writing a finished call's reply over them; or
+    /// returns the operation the vCPU waits for. The VMCALL exit's path.
+    fn hypercall_in_place(&mut self, vm: VmId, regs: &mut GuestRegs) -> Option<PendingOp>;
+
     /// Runs after the host took an interrupt that ended a guest's run (a doorbell, most
     /// likely): the place to receive the protocol's messages.
     fn interrupted(&mut self);
@@ -1156,19 +1161,17 @@ fn enter_sandboxed(sandbox: &mut crate::lwc::Sandbox, regs: &mut GuestRegs, to: 
     sandbox.entered(to);
 }
 
-/// Handles a VMCALL exit, the hot path: the call goes to `sink`, and its reply to the
-/// guest's registers; or the guest waits for it.
+/// Handles a VMCALL exit, the hot path: the call goes to `sink`, which reads it in place
+/// from the saved registers and writes its reply over them; or the guest waits for it.
 #[inline(always)]
 fn handle_hypercall(vm: VmId, vcpu: &mut Vcpu, sink: &mut impl HypercallSink) -> Result<Flow, VcpuError> {
-    // The call is read in place from the saved registers (`GuestRegs::call`).
-    match sink.hypercall(vm, vcpu.regs.call()) {
-        Dispatched::Reply(reply) => {
-            write_reply(&mut vcpu.regs, &reply);
+    match sink.hypercall_in_place(vm, &mut vcpu.regs) {
+        None => {
             vcpu.skip_bytes(VMCALL_LENGTH)?;
             Ok(Flow::Continue)
         }
         // The guest stays at its VMCALL until the reply comes.
-        Dispatched::Pending(op) => Ok(Flow::Park(op)),
+        Some(op) => Ok(Flow::Park(op)),
     }
 }
 

@@ -14,7 +14,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use nk_abi::Call;
 use nk_caps::{KernelId, VmId};
-use nk_core::{Dispatched, Finished, Message, NullKernel};
+use nk_core::{CallFrame, Dispatched, Finished, Message, NullKernel, PendingOp};
 use nk_protocol::MESSAGE_WORDS;
 use nk_ring::Ring;
 use spin::{Mutex, Once};
@@ -177,6 +177,31 @@ impl Mesh {
             self.send(cpu, &mut out);
         }
         dispatched
+    }
+
+    /// Handles a hypercall of `vm`, which runs on `cpu`, as [`hypercall`](Self::hypercall)
+    /// does, with the call read from `frame` and a finished call's reply written over it
+    /// (the guest's saved registers): the VMCALL exit's path. Returns the operation the
+    /// guest waits for, if any.
+    #[inline]
+    pub fn hypercall_in_place<F: CallFrame + ?Sized>(&self, cpu: usize, vm: VmId, frame: &mut F) -> Option<PendingOp> {
+        if let Some(reply) = nk_core::stateless_reply(frame.call()) {
+            *frame.reply_mut() = reply;
+            return None;
+        }
+        let instance = &self.instances[cpu];
+        let mut out = Vec::new();
+        let mut kernel = instance.kernel.lock();
+        let pending = kernel.dispatch_stateful_in_place(vm, frame, &mut out);
+        // As in `hypercall`: the fast path pays two tests.
+        if kernel.has_effects() || kernel.has_finished() {
+            settle_locally(instance, &mut kernel, &mut out);
+        }
+        drop(kernel);
+        if !out.is_empty() {
+            self.send(cpu, &mut out);
+        }
+        pending
     }
 
     /// Runs AM `am`'s operation `op` for `vm` (on `cpu`) on the VM's initial capability of

@@ -22,6 +22,7 @@ use crate::arch::{self, apic, pit};
 use crate::guest::{Guest, GuestEnd, GuestSpec, HypercallSink, Slice};
 use crate::mesh::{self, Mesh};
 use crate::percpu::{self, MAX_CPUS};
+use crate::vmx::vcpu::GuestRegs;
 
 /// TSC ticks of one time slice.
 const TIME_SLICE_TICKS: u64 = 1 << 18;
@@ -51,6 +52,10 @@ struct LocalKernel {
 impl HypercallSink for LocalKernel {
     fn hypercall(&mut self, vm: VmId, call: &Call) -> Dispatched {
         self.mesh.hypercall(self.cpu, vm, call)
+    }
+
+    fn hypercall_in_place(&mut self, vm: VmId, regs: &mut GuestRegs) -> Option<PendingOp> {
+        self.mesh.hypercall_in_place(self.cpu, vm, regs)
     }
 
     fn interrupted(&mut self) {

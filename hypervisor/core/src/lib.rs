@@ -120,6 +120,17 @@ pub struct InboxEntry {
     pub sender: Principal,
 }
 
+/// Holds one hypercall in place: its call, which the reply then overwrites (the
+/// hypervisor's saved guest registers, where the call's RAX..R8 are the reply's).
+/// [`NullKernel::dispatch_stateful_in_place`] reads [`call`](Self::call) and, once done with
+/// it, writes [`reply_mut`](Self::reply_mut).
+pub trait CallFrame {
+    /// Returns the call.
+    fn call(&self) -> &Call;
+    /// Returns where the reply goes (it may overlap the call).
+    fn reply_mut(&mut self) -> &mut Reply;
+}
+
 /// What a hypercall produced: its reply, or an operation that waits for other kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dispatched {
@@ -1214,6 +1225,37 @@ impl NullKernel {
         self.dispatch_stateful(caller, call, out)
     }
 
+    /// Handles one hypercall as [`dispatch_stateful`](Self::dispatch_stateful) does, reading
+    /// the call from `frame` and writing a finished call's reply back over it (the
+    /// hypervisor's saved guest registers): the hypercall path's entry, so an AM call's
+    /// reply goes from the handler's outcome straight to the registers the guest resumes
+    /// with, not through a [`Dispatched`] copied twice (issue 14). Returns the operation
+    /// the caller waits for, leaving `frame` as it was, or `None` once the reply is in
+    /// place.
+    #[inline]
+    pub fn dispatch_stateful_in_place<O, F>(&mut self, caller: VmId, frame: &mut F, out: &mut O) -> Option<PendingOp>
+    where
+        O: Outbox + ?Sized,
+        F: CallFrame + ?Sized,
+    {
+        let call = frame.call();
+        let selector = Selector::decode(call.selector);
+        let reply = if selector.am == NULL_KERNEL_AM {
+            if selector.op == nk_op::DERIVE && name_of(call.caps[0]).kernel() == self.id() {
+                self.local_derive(caller, name_of(call.caps[0]), call.args[0])
+            } else {
+                match self.null_kernel_op(caller, selector.op, call, out) {
+                    Dispatched::Reply(reply) => reply,
+                    Dispatched::Pending(op) => return Some(op),
+                }
+            }
+        } else {
+            self.am_op_inline(Principal::Vm(caller), selector, call)
+        };
+        *frame.reply_mut() = reply;
+        None
+    }
+
     /// Handles one hypercall as [`dispatch`](Self::dispatch) does, for a caller that asked
     /// [`stateless_reply`] already and got `None` (the hypervisor, which asks before it
     /// takes the instance's lock): the hypercall path decodes the selector once.
@@ -1249,6 +1291,14 @@ impl NullKernel {
 
     /// An operation of a registered AM: decode, check every capability, invoke.
     fn am_op(&mut self, caller: Principal, selector: Selector, call: &Call) -> Reply {
+        self.am_op_inline(caller, selector, call)
+    }
+
+    /// [`am_op`](Self::am_op) inlined into the hypercall path's
+    /// [`dispatch_stateful_in_place`](Self::dispatch_stateful_in_place), where the reply
+    /// it builds is stored in place.
+    #[inline(always)]
+    fn am_op_inline(&mut self, caller: Principal, selector: Selector, call: &Call) -> Reply {
         let am = AmId::new(selector.am);
         let table = self.proto.table_mut();
         let checked = &mut self.checked;

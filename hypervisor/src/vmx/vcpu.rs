@@ -76,6 +76,18 @@ impl GuestRegs {
     }
 }
 
+impl nk_core::CallFrame for GuestRegs {
+    #[inline(always)]
+    fn call(&self) -> &Call {
+        GuestRegs::call(self)
+    }
+
+    #[inline(always)]
+    fn reply_mut(&mut self) -> &mut Reply {
+        GuestRegs::reply_mut(self)
+    }
+}
+
 /// What the exit stub needs to answer a null hypercall itself (ABI selector version 1, AM
 /// 0, operation 0), without returning to Rust: until `deadline` (a TSC value; 0 turns it
 /// off) a VMCALL exit with that selector gets the null reply (RAX, RBX, RCX, RDX, RSI, RDI
