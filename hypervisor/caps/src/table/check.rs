@@ -255,8 +255,30 @@ impl CapTable {
         (checked.op, checked.arity) = (Checked::BLANK_OP, 0);
         let am = op.am();
         let mut presented = 0;
-        let slots = slots.into_iter();
+        let mut slots = slots.into_iter();
         let again = slots.clone();
+        // The common one-argument operation, without the loop's state (issue 14: the loop
+        // kept its iterators and the index's fields on the stack even for one argument).
+        if let [spec] = specs {
+            let fail = |fault: ArgFault| CheckError::Arg { index: 0, fault };
+            let found = match slots.next().map(|name| (name, self.resolve_fast(caller, name))) {
+                Some((name, Ok(found))) => (name, found),
+                // No slot, or a process-bound argument: the full check tells which.
+                None | Some((_, Err(UseFault::ProcessBound))) => return self.check_pinned(caller, op, again, checked),
+                Some((_, Err(fault))) => return Err(fail(fault.into())),
+            };
+            let (name, node) = (found.0, &self.nodes[found.1]);
+            debug_assert_eq!(node.state, State::Live);
+            if node.am != am || node.kind != spec.kind {
+                return Err(fail(ArgFault::WrongKind));
+            }
+            if !node.rights.contains(spec.rights) {
+                return Err(fail(ArgFault::MissingRights));
+            }
+            checked.args[0] = CheckedCap { name, object: node.object(), rights: node.rights };
+            (checked.op, checked.caller, checked.arity) = (op, caller, 1);
+            return Ok(());
+        }
         // The node of the argument before, if any: a call that presents one name in
         // several arguments resolves it once (the node there is live and usable by
         // `caller` without a root, and names are unique, so a repeated name resolves to
