@@ -150,6 +150,13 @@ fn the_slot_check_starts_again_for_a_bound_argument() {
     f.table.check_slots_into(vm(VM1), f.copy, [plain, cap], &mut checked).unwrap();
     assert_eq!(checked.args().iter().map(CheckedCap::name).collect::<Vec<_>>(), [plain, cap]);
     f.table.check_slots_into(vm(VM1), f.copy, [cap, plain, cap], &mut checked).unwrap();
+    // A one-argument operation's own path starts again the same way (issue 14).
+    f.table.check_slots_into(vm(VM1), f.map, [cap], &mut checked).unwrap();
+    assert_eq!(checked.args().iter().map(CheckedCap::name).collect::<Vec<_>>(), [cap]);
+    assert_eq!(
+        f.table.check_slots_into(vm(VM1), f.map, [], &mut checked),
+        Err(CheckError::WrongArgCount { expected: 1, presented: 0 })
+    );
     // Too few slots is still a wrong count, bound argument or not.
     assert_eq!(
         f.table.check_slots_into(vm(VM1), f.copy, [cap], &mut checked),
@@ -158,6 +165,8 @@ fn the_slot_check_starts_again_for_a_bound_argument() {
     // B: refused at the bound argument's index, and `checked` is left blank.
     on(B);
     assert_eq!(f.table.check_slots_into(vm(VM1), f.copy, [plain, cap], &mut checked), Err(arg1(ArgFault::WrongHolder)));
+    assert!(checked.args().is_empty());
+    assert_eq!(f.table.check_slots_into(vm(VM1), f.map, [cap], &mut checked), Err(arg0(ArgFault::WrongHolder)));
     assert!(checked.args().is_empty());
     assert_eq!(f.table.check(vm(VM1), f.copy, &[plain, cap]).unwrap_err(), arg1(ArgFault::WrongHolder));
     // A revoked bound capability is "revoked" to A only.

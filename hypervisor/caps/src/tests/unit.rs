@@ -692,7 +692,7 @@ fn check_slots_into_agrees_with_check() {
     let unknown = CapName::from_u128(0x7_0000_0000_0000_0000_0000_0000_1234);
     // A name presented in several arguments is resolved once (issue 14): each argument
     // still gets its own kind and rights check, and every refusal names its argument.
-    let cases: [(OpId, [CapName; MAX_CAP_ARGS]); 12] = [
+    let cases: [(OpId, [CapName; MAX_CAP_ARGS]); 16] = [
         (f.wire, [r, w, i, o]),
         (f.copy, [r, w, unknown, unknown]),
         (f.copy, [w, r, i, o]),
@@ -705,6 +705,12 @@ fn check_slots_into_agrees_with_check() {
         (f.wire, [r, w, r, o]),
         (f.copy, [r, w, w, w]),
         (f.wire, [frame, frame, i, o]),
+        // One-argument operations take their own path (issue 14): a pass, a missing
+        // right, a wrong kind, and a capability of another holder.
+        (f.map, [r, unknown, unknown, unknown]),
+        (f.map, [w, r, r, r]),
+        (f.map, [i, r, r, r]),
+        (f.map, [other, other, other, other]),
     ];
     for (op, slots) in cases {
         let arity = f.table.registry().op_args(op).unwrap().len();
