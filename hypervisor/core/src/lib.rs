@@ -1240,19 +1240,17 @@ impl NullKernel {
     {
         let call = frame.call();
         let selector = Selector::decode(call.selector);
-        let reply = if selector.am == NULL_KERNEL_AM {
-            if selector.op == nk_op::DERIVE && name_of(call.caps[0]).kernel() == self.id() {
-                self.local_derive(caller, name_of(call.caps[0]), call.args[0])
-            } else {
-                match self.null_kernel_op(caller, selector.op, call, out) {
-                    Dispatched::Reply(reply) => reply,
-                    Dispatched::Pending(op) => return Some(op),
-                }
-            }
+        // Each branch stores its reply itself: one copy, not two through a common local.
+        if selector.am != NULL_KERNEL_AM {
+            *frame.reply_mut() = self.am_op_inline(Principal::Vm(caller), selector, call);
+        } else if selector.op == nk_op::DERIVE && name_of(call.caps[0]).kernel() == self.id() {
+            *frame.reply_mut() = self.local_derive(caller, name_of(call.caps[0]), call.args[0]);
         } else {
-            self.am_op_inline(Principal::Vm(caller), selector, call)
-        };
-        *frame.reply_mut() = reply;
+            match self.null_kernel_op(caller, selector.op, call, out) {
+                Dispatched::Reply(reply) => *frame.reply_mut() = reply,
+                Dispatched::Pending(op) => return Some(op),
+            }
+        }
         None
     }
 
