@@ -445,11 +445,10 @@ impl Kernel {
                 }
             };
         }
-        let state = if delete { self.table.may_delete(caller, cap) } else { self.table.may_revoke(caller, cap) };
-        match state {
+        // One look-up for the check and the walk.
+        match self.table.check_and_walk(caller, cap, delete, hook, &mut self.events) {
             Err(error) => Started::Done(Err(error.into())),
-            Ok(NodeState::Live) => {
-                let walk = self.table.revoke_walk(cap, hook, &mut self.events).expect("may_revoke found it live");
+            Ok(Ok(walk)) => {
                 if walk.finished {
                     self.process_events(None, out);
                     if delete {
@@ -465,16 +464,16 @@ impl Kernel {
                 self.process_events(Some(Tally::Op(id)), out);
                 Started::Pending(id)
             }
-            Ok(NodeState::Revoking) => {
+            Ok(Err(NodeState::Revoking)) => {
                 let id = self.park(origin, revoke(true));
                 self.wait_for(cap, id);
                 Started::Pending(id)
             }
-            Ok(_) if delete => {
+            Ok(Err(_)) if delete => {
                 self.table.free_revoked(cap);
                 Started::Done(Ok(Outcome::Count(0)))
             }
-            Ok(_) => Started::Done(Err(CapError::Revoked.into())),
+            Ok(Err(_)) => Started::Done(Err(CapError::Revoked.into())),
         }
     }
 

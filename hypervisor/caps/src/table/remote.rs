@@ -303,6 +303,33 @@ impl CapTable {
         Some(walk)
     }
 
+    /// Checks as [`may_revoke`](Self::may_revoke) does (as
+    /// [`may_delete`](Self::may_delete) if `delete` is set) and, if the capability is
+    /// live, walks its subtree as [`revoke_walk`](Self::revoke_walk) does, with one
+    /// look-up of `name` for both (issue 14: a local revoke looked it up twice). Returns
+    /// the walk, or the state of a capability that is not live (nothing walked).
+    pub fn check_and_walk<H, L>(
+        &mut self,
+        caller: Principal,
+        name: CapName,
+        delete: bool,
+        hook: &mut H,
+        links: &mut L,
+    ) -> Result<Result<Walk, NodeState>, CapError>
+    where
+        H: RevocationHook + ?Sized,
+        L: LinkSink + ?Sized,
+    {
+        let slot = self.lookup(name).ok_or(CapError::UnknownName)?;
+        let state = if delete { self.may_delete_slot(caller, slot)? } else { self.may_revoke_slot(caller, slot)? };
+        if state != State::Live {
+            return Ok(Err(NodeState::from(state)));
+        }
+        let walk = self.mark_subtree(slot, hook, links, true);
+        hook.finished();
+        Ok(Ok(walk))
+    }
+
     /// Handles a revoke of the local capability `name` sent by the kernel of its parent.
     pub fn revoke_incoming<H, L>(&mut self, name: CapName, hook: &mut H, links: &mut L) -> IncomingRevoke
     where
