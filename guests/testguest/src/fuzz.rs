@@ -555,7 +555,9 @@ impl Fuzzer {
     fn shape(&self, selector: Selector) -> (usize, bool) {
         if selector.am == NULL_KERNEL_AM {
             return match selector.op {
-                nk_op::DERIVE | nk_op::DELEGATE | nk_op::REVOKE | nk_op::DELETE | nk_op::INSPECT => (1, true),
+                nk_op::DERIVE | nk_op::DELEGATE | nk_op::REVOKE | nk_op::DELETE | nk_op::INSPECT | nk_op::BIND => {
+                    (1, true)
+                }
                 nk_op::NULL | nk_op::INITIAL | nk_op::RECEIVED => (0, true),
                 _ => (0, false),
             };
@@ -671,8 +673,9 @@ impl Fuzzer {
             return self.violation(planned, reply, "a call that makes a capability returned the zero name");
         }
         // Inspect shows only what the caller may use: its own bound capabilities or
-        // bearer ones (results[3] = holder << 1 | bearer).
-        let holder = reply.results[3];
+        // bearer ones (results[3] = holder << 1 | bearer, bit 62 set for a process-bound
+        // one).
+        let holder = reply.results[3] & !(1 << 62);
         if nk_op == Some(nk_op::INSPECT) && holder & 1 == 0 && holder >> 1 != u64::from(self.vm) {
             return self.violation(planned, reply, "inspect answered for another principal's bound capability");
         }
