@@ -331,6 +331,14 @@ pub trait Media {
     fn write_buf(&mut self, offset: u64, data: &mut [u8]) -> Result<(), MediaError> {
         self.write(offset, data)
     }
+    /// [`write_buf`](Self::write_buf) then [`fence`](Self::fence), in this order on the
+    /// device (the data reaches it, then every write so far is made durable): one request
+    /// where the device is behind an AM-to-AM call. Returns after the fence; an error
+    /// from the write skips the fence.
+    fn write_buf_fenced(&mut self, offset: u64, data: &mut [u8]) -> Result<(), MediaError> {
+        self.write_buf(offset, data)?;
+        self.fence()
+    }
     /// Returns once every earlier write is durable (CLWB and SFENCE on persistent memory,
     /// a completed write on a disk).
     fn fence(&mut self) -> Result<(), MediaError>;

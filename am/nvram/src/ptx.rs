@@ -748,7 +748,11 @@ impl Store {
         stats: &mut CommitStats,
     ) -> Result<(), StoreError> {
         let g = self.geometry;
-        // 1. The data, into free slots (runs of adjacent slots in one write each).
+        // 1. The data, into free slots (runs of adjacent slots in one write each); the
+        // last run's write carries the fence (`Media::write_buf_fenced`: the same order
+        // on the device, one request fewer behind an AM-to-AM call).
+        let mut runs_left: u32 =
+            placement.iter().map(|&(_, slots)| (slots & ALL_SLOTS & !(slots << 1)).count_ones()).sum();
         let mut next = 0;
         for &(set, slots) in placement {
             let mut slot = 0;
@@ -769,14 +773,23 @@ impl Store {
                 fetch(&writes[next..next + count], run);
                 next += count;
                 // The device may use the buffer as it goes: it is filled again next time.
-                media.write_buf(g.block_offset(set, first), run)?;
+                runs_left = runs_left.saturating_sub(1);
+                if runs_left == 0 {
+                    media.write_buf_fenced(g.block_offset(set, first), run)?;
+                    stats.fences += 1;
+                } else {
+                    media.write_buf(g.block_offset(set, first), run)?;
+                }
                 stats.writes += 1;
                 stats.device_bytes += run.len() as u64;
                 stats.blocks += (slot - first) as u64;
             }
         }
-        media.fence()?;
-        stats.fences += 1;
+        if stats.fences == 0 {
+            // No run was written (never: a commit writes at least one block); fence anyway.
+            media.fence()?;
+            stats.fences += 1;
+        }
         // 2. A commit over several blocksets: its log record, sealed, before any header.
         if logged {
             let locations: Vec<Location> = placement
@@ -797,17 +810,17 @@ impl Store {
                     LogUnit { seq: self.next_seq, part: part as u16, parts: units as u16, locations: chunk.to_vec() };
                 record.extend_from_slice(&unit.encode(g.uid));
             }
-            media.write_buf(g.log_offset(start), &mut record)?;
-            media.fence()?;
+            media.write_buf_fenced(g.log_offset(start), &mut record)?;
             stats.writes += 1;
             stats.fences += 1;
             stats.device_bytes += record.len() as u64;
             stats.log_units = units as u64;
             self.log_head = start + units as u32;
         }
-        // 3. The headers: stamped with this commit, superseded slots cleared, new slots set.
+        // 3. The headers: stamped with this commit, superseded slots cleared, new slots set;
+        // the last one's write carries the fence.
         let mut next = 0;
-        for &(set, slots) in placement {
+        for (i, &(set, slots)) in placement.iter().enumerate() {
             let mut header = self.headers[set as usize];
             header.seq = self.next_seq;
             header.logged = logged;
@@ -820,13 +833,16 @@ impl Store {
                 next += 1;
             }
             let mut unit = header.encode(g.uid);
-            media.write_buf(g.set_offset(set), &mut unit)?;
+            if i + 1 == placement.len() {
+                media.write_buf_fenced(g.set_offset(set), &mut unit)?;
+                stats.fences += 1;
+            } else {
+                media.write_buf(g.set_offset(set), &mut unit)?;
+            }
             stats.writes += 1;
             stats.device_bytes += BLOCK as u64;
             stats.sets += 1;
         }
-        media.fence()?;
-        stats.fences += 1;
         Ok(())
     }
 }
