@@ -18,7 +18,12 @@
 //!   `nk_am::Media::write`); a VM cannot pass a buffer and is refused (`NOT_PERMITTED`).
 //!   `flags` [`WRITE_FENCED`] makes it a write followed by a `fence` in one call (the
 //!   data reaches the device, then every write so far is made durable:
-//!   `nk_am::Media::write_buf_fenced`); other bits are `BAD_ARGUMENT`.
+//!   `nk_am::Media::write_buf_fenced`). `flags` `WRITE_FENCED | WRITE_PAIR` with two
+//!   more arguments `(offset2, len2)`: the buffer holds `len + len2` bytes, and the call
+//!   writes the first `len` at `offset`, fences, writes the other `len2` at `offset2`
+//!   and fences, stopping at the first failure (`nk_am::Media::write_fenced_pair`: a
+//!   commit's data, then its header); both ranges are checked before anything is
+//!   written. Other flags are `BAD_ARGUMENT`.
 //! - 2 `fence(c: block-range[write])`: returns once every earlier write is durable.
 //! - 3 `split(c: block-range[split], offset, bytes)`: a new range, inside `c`'s, with
 //!   `c`'s rights; it dies when `c`'s range dies.
@@ -75,6 +80,9 @@ pub const TRANSFER_MAX: u64 = 32 << 20;
 
 /// `write`'s flag (argument 2): fence after the write, in the same call.
 pub const WRITE_FENCED: u64 = 1;
+/// `write`'s flag (argument 2, with [`WRITE_FENCED`]): a second write, of `len2`
+/// (argument 4) bytes at `offset2` (argument 3), then a second fence, in the same call.
+pub const WRITE_PAIR: u64 = 2;
 
 /// Operation numbers, in registration order.
 pub mod op {
@@ -219,6 +227,22 @@ impl BlockAm {
             op::WRITE => {
                 let buf = data.ok_or(AmError::NotPermitted)?;
                 let (offset, len, flags) = (args[0], args[1], args[2]);
+                if flags == WRITE_FENCED | WRITE_PAIR {
+                    let (offset2, len2) = (args[3], args[4]);
+                    let at = self.at(id, offset, len)?;
+                    let at2 = self.at(id, offset2, len2)?;
+                    let end = (len as usize).checked_add(len2 as usize).ok_or(AmError::BadArgument)?;
+                    let buf = buf.get(..end).ok_or(AmError::BadArgument)?;
+                    let (first, second) = buf.split_at(len as usize);
+                    // One visit to the device: the order of write, fence, write, fence calls.
+                    device(kernel, &mut |media| {
+                        media.write(at, first)?;
+                        media.fence()?;
+                        media.write(at2, second)?;
+                        media.fence()
+                    })?;
+                    return Ok(Outcome::value(end as u64));
+                }
                 if flags & !WRITE_FENCED != 0 {
                     return Err(AmError::BadArgument);
                 }
@@ -468,6 +492,29 @@ impl Media for BlockMedia<'_> {
             return self.fence();
         }
         self.transfer(self.ops[1], offset, data, WRITE_FENCED)
+    }
+
+    /// One `write` call carrying [`WRITE_FENCED`] | [`WRITE_PAIR`] (two calls when a part
+    /// is empty or larger than [`TRANSFER_MAX`]).
+    fn write_fenced_pair(&mut self, first: u64, second: u64, data: &mut [u8], split: usize) -> Result<(), MediaError> {
+        let aligned = |offset: u64, len: usize| offset.is_multiple_of(UNIT) && (len as u64).is_multiple_of(UNIT);
+        if split > data.len() {
+            return Err(MediaError::OutOfRange);
+        }
+        let rest = data.len() - split;
+        if !aligned(first, split) || !aligned(second, rest) {
+            return Err(MediaError::Misaligned);
+        }
+        if split == 0 || rest == 0 || split as u64 > TRANSFER_MAX || rest as u64 > TRANSFER_MAX {
+            let (a, b) = data.split_at_mut(split);
+            self.write_buf_fenced(first, a)?;
+            return self.write_buf_fenced(second, b);
+        }
+        let args = [first, split as u64, WRITE_FENCED | WRITE_PAIR, second, rest as u64];
+        self.kernel.call_am(self.ops[1], &[self.cap], &args, data).map(|_| ()).map_err(|error| match error {
+            AmError::BadArgument => MediaError::OutOfRange,
+            _ => MediaError::Device,
+        })
     }
 
     fn fence(&mut self) -> Result<(), MediaError> {

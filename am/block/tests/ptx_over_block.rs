@@ -128,6 +128,12 @@ impl AbstractMachine for PtxUser {
                     return Ok(Outcome::value(0));
                 }
                 let write = kernel.find_op("block", "write").ok_or(AmError::NotPermitted)?;
+                if args[0] & nk_am_block::WRITE_PAIR != 0 {
+                    // 512 bytes at 1024, then 256 bytes of 0xA5 at args[1].
+                    let mut pair = [0x5Au8; 768];
+                    pair[512..].fill(0xA5);
+                    return kernel.call_am(write, &[held], &[1024, 512, args[0], args[1], 256], &mut pair);
+                }
                 kernel.call_am(write, &[held], &[1024, 512, args[0], 0, 0], &mut data)
             }
             _ => Err(AmError::NotPermitted),
@@ -230,7 +236,16 @@ fn a_fenced_write_is_the_write_then_the_fence_in_one_call() {
     ok(s.call(user_am, 3, user, &[0]));
     assert_eq!(events(&s), [Event::Write(1024, 512)]);
     // An unknown flag: refused, nothing written.
-    assert_eq!(s.call(user_am, 3, user, &[2]).status().code(), Status::BAD_ARGUMENT);
+    assert_eq!(s.call(user_am, 3, user, &[4]).status().code(), Status::BAD_ARGUMENT);
+    assert_eq!(events(&s), []);
+    // A pair: write, fence, write, fence; a pair without the fence flag, or whose second
+    // range is outside the range, is refused with nothing written.
+    use nk_am_block::{WRITE_FENCED, WRITE_PAIR};
+    assert_eq!(ok(s.call(user_am, 3, user, &[WRITE_FENCED | WRITE_PAIR, 4096])).results[0], 768);
+    assert_eq!(events(&s), [Event::Write(1024, 512), Event::Fence, Event::Write(4096, 256), Event::Fence]);
+    assert_eq!(s.ram.0.lock().unwrap().0[4096..4352], [0xA5; 256]);
+    assert_eq!(s.call(user_am, 3, user, &[WRITE_PAIR, 4096]).status().code(), Status::BAD_ARGUMENT);
+    assert_eq!(s.call(user_am, 3, user, &[WRITE_FENCED | WRITE_PAIR, DEVICE]).status().code(), Status::BAD_ARGUMENT);
     assert_eq!(events(&s), []);
     // A commit: data then fence, header then fence, in that order (each write carrying
     // its fence).

@@ -748,6 +748,29 @@ impl Store {
         stats: &mut CommitStats,
     ) -> Result<(), StoreError> {
         let g = self.geometry;
+        // A commit of one run of slots in one blockset (no log record): the data and the
+        // header in one buffer and one request (`Media::write_fenced_pair`: data, fence,
+        // header, fence, the order of the steps below).
+        if let [(set, slots)] = *placement {
+            if !logged && (slots & ALL_SLOTS & !(slots << 1)).count_ones() == 1 && slots & !ALL_SLOTS == 0 {
+                let (first, count) = (slots.trailing_zeros() as usize, slots.count_ones() as usize);
+                let len = count * BLOCK;
+                if self.run.len() < len + BLOCK {
+                    self.run.resize(len + BLOCK, 0);
+                }
+                let header = self.stamped_header(set, slots, writes).encode(g.uid);
+                let buf = &mut self.run[..len + BLOCK];
+                fetch(writes, &mut buf[..len]);
+                buf[len..].copy_from_slice(&header);
+                media.write_fenced_pair(g.block_offset(set, first), g.set_offset(set), buf, len)?;
+                stats.writes += 2;
+                stats.fences += 2;
+                stats.device_bytes += (len + BLOCK) as u64;
+                stats.blocks += count as u64;
+                stats.sets += 1;
+                return Ok(());
+            }
+        }
         // 1. The data, into free slots (runs of adjacent slots in one write each); the
         // last run's write carries the fence (`Media::write_buf_fenced`: the same order
         // on the device, one request fewer behind an AM-to-AM call).
@@ -821,17 +844,10 @@ impl Store {
         // the last one's write carries the fence.
         let mut next = 0;
         for (i, &(set, slots)) in placement.iter().enumerate() {
-            let mut header = self.headers[set as usize];
-            header.seq = self.next_seq;
+            let count = (slots & ALL_SLOTS).count_ones() as usize;
+            let mut header = self.stamped_header(set, slots, &writes[next..next + count]);
             header.logged = logged;
-            header.fresh = slots;
-            for slot in SlotBits(!self.live[set as usize] & ALL_SLOTS) {
-                header.fields[slot] = NO_BLOCK;
-            }
-            for slot in SlotBits(slots & ALL_SLOTS) {
-                header.fields[slot] = writes[next];
-                next += 1;
-            }
+            next += count;
             let mut unit = header.encode(g.uid);
             if i + 1 == placement.len() {
                 media.write_buf_fenced(g.set_offset(set), &mut unit)?;
@@ -844,6 +860,24 @@ impl Store {
             stats.sets += 1;
         }
         Ok(())
+    }
+}
+
+impl Store {
+    /// Blockset `set`'s header for this commit (not logged): stamped with it, superseded
+    /// slots cleared, `slots` set to `writes` in order.
+    fn stamped_header(&self, set: u32, slots: u64, writes: &[u32]) -> Header {
+        let mut header = self.headers[set as usize];
+        header.seq = self.next_seq;
+        header.logged = false;
+        header.fresh = slots;
+        for slot in SlotBits(!self.live[set as usize] & ALL_SLOTS) {
+            header.fields[slot] = NO_BLOCK;
+        }
+        for (slot, &block) in SlotBits(slots & ALL_SLOTS).zip(writes) {
+            header.fields[slot] = block;
+        }
+        header
     }
 }
 
