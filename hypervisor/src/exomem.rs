@@ -193,19 +193,15 @@ pub fn take_dirty(vm: VmId, gpa: u64, pages: u64, bitmap: &mut [u8]) -> bool {
     }
     bitmap.fill(0);
     let mut found = false;
-    let mut page = 0;
-    while page < pages {
-        let (dirty, size) = r.ept.take_dirty(gpa + page * PAGE_SIZE);
-        // A large page's flag stands for each of its 4 KiB pages in the range.
-        let step = (size / PAGE_SIZE).min(pages - page).max(1);
-        if dirty {
-            found = true;
-            for p in page..page + step {
-                bitmap[(p / 8) as usize] |= 1 << (p % 8);
+    // A large page's flag stands for each of its 4 KiB pages in the range.
+    r.ept.take_dirty_pages(gpa, pages, &mut |first, count| {
+        found = true;
+        for p in first..first + count {
+            if let Some(byte) = bitmap.get_mut((p / 8) as usize) {
+                *byte |= 1 << (p % 8);
             }
         }
-        page += step;
-    }
+    });
     let (cpu, eptp) = (r.cpu, r.ept.eptp());
     drop(epts);
     if found {
@@ -391,7 +387,7 @@ pub fn apply(effect: Effect) {
 fn invalidate(vm: VmId, cpu: usize, eptp: u64) {
     let here = crate::percpu::current_index() as usize;
     let done = if cpu == here {
-        crate::vmx::tlb::flush_ept(&crate::vmx::capabilities(), eptp)
+        crate::vmx::tlb::flush_ept(crate::vmx::capabilities_cached(), eptp)
             .map_err(
                 |e| log::error!(target: "exo", "vm{}: INVEPT failed ({e}); unmapped frames are not reused", vm.raw()),
             )

@@ -331,6 +331,28 @@ pub trait Media {
     fn write_buf(&mut self, offset: u64, data: &mut [u8]) -> Result<(), MediaError> {
         self.write(offset, data)
     }
+    /// [`write_buf`](Self::write_buf) then [`fence`](Self::fence), in this order on the
+    /// device (the data reaches it, then every write so far is made durable): one request
+    /// where the device is behind an AM-to-AM call. Returns after the fence; an error
+    /// from the write skips the fence.
+    fn write_buf_fenced(&mut self, offset: u64, data: &mut [u8]) -> Result<(), MediaError> {
+        self.write_buf(offset, data)?;
+        self.fence()
+    }
+    /// Writes `data[..split]` at `first`, fences, writes `data[split..]` at `second` and
+    /// fences, in this order on the device, stopping at the first error (two
+    /// [`write_buf_fenced`](Self::write_buf_fenced)): a commit's data and then its header,
+    /// which reaches the device only once the data is durable. One request where the
+    /// device is behind an AM-to-AM call. `split` past `data` is `OutOfRange`, nothing
+    /// written.
+    fn write_fenced_pair(&mut self, first: u64, second: u64, data: &mut [u8], split: usize) -> Result<(), MediaError> {
+        if split > data.len() {
+            return Err(MediaError::OutOfRange);
+        }
+        let (a, b) = data.split_at_mut(split);
+        self.write_buf_fenced(first, a)?;
+        self.write_buf_fenced(second, b)
+    }
     /// Returns once every earlier write is durable (CLWB and SFENCE on persistent memory,
     /// a completed write on a disk).
     fn fence(&mut self) -> Result<(), MediaError>;

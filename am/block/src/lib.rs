@@ -13,9 +13,17 @@
 //!
 //! - 0 `read(c: block-range[read], offset, len)`: for an AM caller, reads `len` bytes into
 //!   its buffer; for a VM, at most 32 bytes, returned as the four results (little-endian).
-//! - 1 `write(c: block-range[write], offset, len)`: writes `len` bytes from an AM caller's
-//!   buffer (durable once a later `fence` returns, each unit atomically, as
+//! - 1 `write(c: block-range[write], offset, len, flags)`: writes `len` bytes from an AM
+//!   caller's buffer (durable once a later `fence` returns, each unit atomically, as
 //!   `nk_am::Media::write`); a VM cannot pass a buffer and is refused (`NOT_PERMITTED`).
+//!   `flags` [`WRITE_FENCED`] makes it a write followed by a `fence` in one call (the
+//!   data reaches the device, then every write so far is made durable:
+//!   `nk_am::Media::write_buf_fenced`). `flags` `WRITE_FENCED | WRITE_PAIR` with two
+//!   more arguments `(offset2, len2)`: the buffer holds `len + len2` bytes, and the call
+//!   writes the first `len` at `offset`, fences, writes the other `len2` at `offset2`
+//!   and fences, stopping at the first failure (`nk_am::Media::write_fenced_pair`: a
+//!   commit's data, then its header); both ranges are checked before anything is
+//!   written. Other flags are `BAD_ARGUMENT`.
 //! - 2 `fence(c: block-range[write])`: returns once every earlier write is durable.
 //! - 3 `split(c: block-range[split], offset, bytes)`: a new range, inside `c`'s, with
 //!   `c`'s rights; it dies when `c`'s range dies.
@@ -69,6 +77,12 @@ pub const RANGES_MAX: usize = 256;
 /// AM's largest write, a 16 MiB region's log cleared at format, so every `Media` write
 /// of the AM above stays one device write, as the crash sweeps count them).
 pub const TRANSFER_MAX: u64 = 32 << 20;
+
+/// `write`'s flag (argument 2): fence after the write, in the same call.
+pub const WRITE_FENCED: u64 = 1;
+/// `write`'s flag (argument 2, with [`WRITE_FENCED`]): a second write, of `len2`
+/// (argument 4) bytes at `offset2` (argument 3), then a second fence, in the same call.
+pub const WRITE_PAIR: u64 = 2;
 
 /// Operation numbers, in registration order.
 pub mod op {
@@ -212,10 +226,35 @@ impl BlockAm {
             }
             op::WRITE => {
                 let buf = data.ok_or(AmError::NotPermitted)?;
-                let (offset, len) = (args[0], args[1]);
+                let (offset, len, flags) = (args[0], args[1], args[2]);
+                if flags == WRITE_FENCED | WRITE_PAIR {
+                    let (offset2, len2) = (args[3], args[4]);
+                    let at = self.at(id, offset, len)?;
+                    let at2 = self.at(id, offset2, len2)?;
+                    let end = (len as usize).checked_add(len2 as usize).ok_or(AmError::BadArgument)?;
+                    let buf = buf.get(..end).ok_or(AmError::BadArgument)?;
+                    let (first, second) = buf.split_at(len as usize);
+                    // One visit to the device: the order of write, fence, write, fence calls.
+                    device(kernel, &mut |media| {
+                        media.write(at, first)?;
+                        media.fence()?;
+                        media.write(at2, second)?;
+                        media.fence()
+                    })?;
+                    return Ok(Outcome::value(end as u64));
+                }
+                if flags & !WRITE_FENCED != 0 {
+                    return Err(AmError::BadArgument);
+                }
                 let at = self.at(id, offset, len)?;
                 let buf = buf.get(..len as usize).ok_or(AmError::BadArgument)?;
-                device(kernel, &mut |media| media.write(at, buf))?;
+                if flags & WRITE_FENCED != 0 {
+                    // One visit to the device: the write, then the fence (the order of
+                    // a `write` call and a `fence` call).
+                    device(kernel, &mut |media| media.write(at, buf).and_then(|()| media.fence()))?;
+                } else {
+                    device(kernel, &mut |media| media.write(at, buf))?;
+                }
                 Ok(Outcome::value(len))
             }
             op::FENCE => {
@@ -386,12 +425,17 @@ impl<'k> BlockMedia<'k> {
         Self { kernel, cap, ops: info.ops, bytes: info.bytes, scratch: Vec::new() }
     }
 
-    fn transfer(&mut self, op: OpId, offset: u64, buf: &mut [u8]) -> Result<(), MediaError> {
+    /// Moves `buf` in calls of at most [`TRANSFER_MAX`] bytes; `flags` (a write's) go
+    /// with the last one.
+    fn transfer(&mut self, op: OpId, offset: u64, buf: &mut [u8], flags: u64) -> Result<(), MediaError> {
+        let total = buf.len() as u64;
         let mut done = 0u64;
-        while done < buf.len() as u64 {
-            let len = (buf.len() as u64 - done).min(TRANSFER_MAX);
+        while done < total {
+            let len = (total - done).min(TRANSFER_MAX);
             let chunk = &mut buf[done as usize..(done + len) as usize];
-            self.kernel.call_am(op, &[self.cap], &[offset + done, len, 0, 0, 0], chunk).map_err(
+            let last = done + len == total;
+            let flags = if last { flags } else { 0 };
+            self.kernel.call_am(op, &[self.cap], &[offset + done, len, flags, 0, 0], chunk).map_err(
                 |error| match error {
                     AmError::BadArgument => MediaError::OutOfRange,
                     _ => MediaError::Device,
@@ -416,7 +460,7 @@ impl Media for BlockMedia<'_> {
         if !offset.is_multiple_of(UNIT) || !(buf.len() as u64).is_multiple_of(UNIT) {
             return Err(MediaError::Misaligned);
         }
-        self.transfer(self.ops[0], offset, buf)
+        self.transfer(self.ops[0], offset, buf, 0)
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), MediaError> {
@@ -426,7 +470,7 @@ impl Media for BlockMedia<'_> {
         let mut scratch = core::mem::take(&mut self.scratch);
         scratch.clear();
         scratch.extend_from_slice(data);
-        let result = self.transfer(self.ops[1], offset, &mut scratch);
+        let result = self.transfer(self.ops[1], offset, &mut scratch, 0);
         self.scratch = scratch;
         result
     }
@@ -436,7 +480,41 @@ impl Media for BlockMedia<'_> {
         if !offset.is_multiple_of(UNIT) || !(data.len() as u64).is_multiple_of(UNIT) {
             return Err(MediaError::Misaligned);
         }
-        self.transfer(self.ops[1], offset, data)
+        self.transfer(self.ops[1], offset, data, 0)
+    }
+
+    /// One `write` call carrying [`WRITE_FENCED`] (an empty write is a `fence`).
+    fn write_buf_fenced(&mut self, offset: u64, data: &mut [u8]) -> Result<(), MediaError> {
+        if !offset.is_multiple_of(UNIT) || !(data.len() as u64).is_multiple_of(UNIT) {
+            return Err(MediaError::Misaligned);
+        }
+        if data.is_empty() {
+            return self.fence();
+        }
+        self.transfer(self.ops[1], offset, data, WRITE_FENCED)
+    }
+
+    /// One `write` call carrying [`WRITE_FENCED`] | [`WRITE_PAIR`] (two calls when a part
+    /// is empty or larger than [`TRANSFER_MAX`]).
+    fn write_fenced_pair(&mut self, first: u64, second: u64, data: &mut [u8], split: usize) -> Result<(), MediaError> {
+        let aligned = |offset: u64, len: usize| offset.is_multiple_of(UNIT) && (len as u64).is_multiple_of(UNIT);
+        if split > data.len() {
+            return Err(MediaError::OutOfRange);
+        }
+        let rest = data.len() - split;
+        if !aligned(first, split) || !aligned(second, rest) {
+            return Err(MediaError::Misaligned);
+        }
+        if split == 0 || rest == 0 || split as u64 > TRANSFER_MAX || rest as u64 > TRANSFER_MAX {
+            let (a, b) = data.split_at_mut(split);
+            self.write_buf_fenced(first, a)?;
+            return self.write_buf_fenced(second, b);
+        }
+        let args = [first, split as u64, WRITE_FENCED | WRITE_PAIR, second, rest as u64];
+        self.kernel.call_am(self.ops[1], &[self.cap], &args, data).map(|_| ()).map_err(|error| match error {
+            AmError::BadArgument => MediaError::OutOfRange,
+            _ => MediaError::Device,
+        })
     }
 
     fn fence(&mut self) -> Result<(), MediaError> {

@@ -21,7 +21,14 @@ const REGION: u64 = 64 * 1024;
 
 /// RAM as the device the hypervisor lends.
 struct Ram(Mutex<RamMedia>);
-struct RamMedia(Vec<u8>);
+struct RamMedia(Vec<u8>, Vec<Event>);
+
+/// What the device saw, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Event {
+    Write(u64, usize),
+    Fence,
+}
 
 impl Media for RamMedia {
     fn describe(&self) -> &str {
@@ -38,9 +45,11 @@ impl Media for RamMedia {
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), MediaError> {
         let at = offset as usize;
         self.0.get_mut(at..at + data.len()).ok_or(MediaError::OutOfRange)?.copy_from_slice(data);
+        self.1.push(Event::Write(offset, data.len()));
         Ok(())
     }
     fn fence(&mut self) -> Result<(), MediaError> {
+        self.1.push(Event::Fence);
         Ok(())
     }
 }
@@ -70,7 +79,7 @@ impl AbstractMachine for PtxUser {
     fn register(&mut self, r: &mut Registrar<'_>) -> Result<(), RegisterError> {
         let kind = r.kind(KindSpec { name: "user", rights: &["use"] })?;
         (self.kind, self.am) = (Some(kind), Some(r.am()));
-        for name in ["lend", "commit", "check"] {
+        for name in ["lend", "commit", "check", "write-fenced"] {
             r.operation(OpSpec { name, args: &[ArgSpec::new(kind, Rights::NONE)] })?;
         }
         Ok(())
@@ -108,6 +117,25 @@ impl AbstractMachine for PtxUser {
                 store.read_block(&mut media, 0, &mut first).map_err(|_| AmError::NotPermitted)?;
                 Ok(Outcome { name: None, results: [store.seq(), u64::from(first[0]), 0, 0] })
             }
+            // write-fenced(c, flags): 512 bytes of 0x5A at 1024 through the block AM's
+            // `write` with `flags`, by `Media::write_buf_fenced` when flags is 1.
+            3 => {
+                let held = self.held.ok_or(AmError::NotPermitted)?;
+                let mut data = [0x5Au8; 512];
+                if args[0] == nk_am_block::WRITE_FENCED {
+                    let mut media = BlockMedia::open(kernel, held)?;
+                    media.write_buf_fenced(1024, &mut data).map_err(|_| AmError::NotPermitted)?;
+                    return Ok(Outcome::value(0));
+                }
+                let write = kernel.find_op("block", "write").ok_or(AmError::NotPermitted)?;
+                if args[0] & nk_am_block::WRITE_PAIR != 0 {
+                    // 512 bytes at 1024, then 256 bytes of 0xA5 at args[1].
+                    let mut pair = [0x5Au8; 768];
+                    pair[512..].fill(0xA5);
+                    return kernel.call_am(write, &[held], &[1024, 512, args[0], args[1], 256], &mut pair);
+                }
+                kernel.call_am(write, &[held], &[1024, 512, args[0], 0, 0], &mut data)
+            }
             _ => Err(AmError::NotPermitted),
         }
     }
@@ -119,13 +147,14 @@ impl AbstractMachine for PtxUser {
 }
 
 struct Setup {
+    ram: &'static Ram,
     nk: NullKernel,
     block: u16,
     user: u16,
 }
 
 fn setup() -> Setup {
-    let ram: &'static Ram = Box::leak(Box::new(Ram(Mutex::new(RamMedia(vec![0; DEVICE as usize])))));
+    let ram: &'static Ram = Box::leak(Box::new(Ram(Mutex::new(RamMedia(vec![0; DEVICE as usize], Vec::new())))));
     let mut nk = NullKernel::new(KernelId::new(0), 1, 1024, &mut FixedSeed::from_u64(5)).unwrap();
     nk.set_media(ram);
     nk.set_caller_ring(|| 0);
@@ -133,7 +162,7 @@ fn setup() -> Setup {
     let block = nk.add_am(Box::new(BlockAm::new(grants)), 64).unwrap().raw();
     let user = nk.add_am(Box::new(PtxUser::default()), 64).unwrap().raw();
     assert!(nk.add_vm(VM, 64).unwrap().is_empty());
-    Setup { nk, block, user }
+    Setup { ram, nk, block, user }
 }
 
 impl Setup {
@@ -191,4 +220,39 @@ fn a_ptx_store_runs_on_block_capabilities_and_stops_when_they_die() {
     ok(s.call(0, nk_op::REVOKE as u16, range, &[]));
     let _ = derived;
     assert_ne!(s.call(block, op::SIZE, part.name, &[]).status().code(), Status::OK);
+}
+
+#[test]
+fn a_fenced_write_is_the_write_then_the_fence_in_one_call() {
+    let mut s = setup();
+    let (range, user) = (s.initial(0), s.initial(1));
+    let user_am = s.user;
+    ok(s.call(user_am, 0, user, &[range.high, range.low]));
+    let events = |s: &Setup| core::mem::take(&mut s.ram.0.lock().unwrap().1);
+    ok(s.call(user_am, 3, user, &[nk_am_block::WRITE_FENCED]));
+    assert_eq!(events(&s), [Event::Write(1024, 512), Event::Fence]);
+    assert_eq!(s.ram.0.lock().unwrap().0[1024..1536], [0x5A; 512]);
+    // Without the flag: the write alone.
+    ok(s.call(user_am, 3, user, &[0]));
+    assert_eq!(events(&s), [Event::Write(1024, 512)]);
+    // An unknown flag: refused, nothing written.
+    assert_eq!(s.call(user_am, 3, user, &[4]).status().code(), Status::BAD_ARGUMENT);
+    assert_eq!(events(&s), []);
+    // A pair: write, fence, write, fence; a pair without the fence flag, or whose second
+    // range is outside the range, is refused with nothing written.
+    use nk_am_block::{WRITE_FENCED, WRITE_PAIR};
+    assert_eq!(ok(s.call(user_am, 3, user, &[WRITE_FENCED | WRITE_PAIR, 4096])).results[0], 768);
+    assert_eq!(events(&s), [Event::Write(1024, 512), Event::Fence, Event::Write(4096, 256), Event::Fence]);
+    assert_eq!(s.ram.0.lock().unwrap().0[4096..4352], [0xA5; 256]);
+    assert_eq!(s.call(user_am, 3, user, &[WRITE_PAIR, 4096]).status().code(), Status::BAD_ARGUMENT);
+    assert_eq!(s.call(user_am, 3, user, &[WRITE_FENCED | WRITE_PAIR, DEVICE]).status().code(), Status::BAD_ARGUMENT);
+    assert_eq!(events(&s), []);
+    // A commit: data then fence, header then fence, in that order (each write carrying
+    // its fence).
+    ok(s.call(user_am, 1, user, &[1]));
+    events(&s);
+    ok(s.call(user_am, 1, user, &[2]));
+    let seen = events(&s);
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert!(matches!(seen[..], [Event::Write(_, 1024), Event::Fence, Event::Write(_, 256), Event::Fence]), "{seen:?}");
 }

@@ -365,6 +365,47 @@ impl EptBuilder {
         Ok(old & DIRTY != 0)
     }
 
+    /// Reads and clears, as [`take_dirty`](Self::take_dirty) does, the dirty flags of the
+    /// `pages` 4 KiB pages from `gpa`, calling `mark(first, count)` for each dirty run
+    /// (page numbers from `gpa`): a large page's flag stands for `count` pages (its size,
+    /// at most the pages left); unmapped pages are clean. The 4 KiB entries of one leaf
+    /// table are read in one pass after one walk (not a walk per page).
+    pub fn take_dirty_pages(
+        &mut self,
+        memory: &mut impl TableMemory,
+        gpa: u64,
+        pages: u64,
+        mark: &mut dyn FnMut(u64, u64),
+    ) {
+        let mut page = 0;
+        while page < pages {
+            let Some(at) = page.checked_mul(PAGE_4K).and_then(|offset| gpa.checked_add(offset)) else { return };
+            match self.find_leaf(memory, at) {
+                Ok((table, slot, PageSize::Size4K)) => {
+                    let count = ((512 - slot) as u64).min(pages - page);
+                    let entries = memory.table(table);
+                    for i in 0..count {
+                        let entry = &entries[slot + i as usize];
+                        if entry.load(Ordering::Acquire) & PERM_BITS != 0
+                            && entry.fetch_and(!DIRTY, Ordering::AcqRel) & DIRTY != 0
+                        {
+                            mark(page + i, 1);
+                        }
+                    }
+                    page += count;
+                }
+                Ok((table, slot, size)) => {
+                    let step = (size.bytes() / PAGE_4K).min(pages - page).max(1);
+                    if memory.table(table)[slot].fetch_and(!DIRTY, Ordering::AcqRel) & DIRTY != 0 {
+                        mark(page, step);
+                    }
+                    page += step;
+                }
+                Err(_) => page += 1,
+            }
+        }
+    }
+
     /// Reads the dirty flag of the page containing `gpa` without clearing it; returns it
     /// and the page's size.
     pub fn peek_dirty(&self, memory: &mut impl TableMemory, gpa: u64) -> Result<(bool, PageSize), EptError> {

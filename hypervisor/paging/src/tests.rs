@@ -136,6 +136,42 @@ fn unmap_protect_dirty_and_destroy() {
 }
 
 #[test]
+fn take_dirty_pages_reads_a_leaf_table_in_one_pass_and_clears_what_it_reports() {
+    let mut mem = FakeMemory::new();
+    let mut e = ept(&mut mem);
+    // Pages 1..4 mapped (page 3 not), near the end of the first leaf table a page at
+    // 511 and, in the next table, one at 512; a 2 MiB page at 4 MiB.
+    for gpa in [0x1000, 0x2000, 0x4000, 511 * PAGE_4K, 512 * PAGE_4K] {
+        e.map(&mut mem, gpa, gpa + 0x10_0000_0000, PageSize::Size4K, EptPerms::RW).unwrap();
+    }
+    e.map(&mut mem, 0x40_0000, 0x80_0000, PageSize::Size2M, EptPerms::RW).unwrap();
+    let pt = leaf_table(&mut mem, &e);
+    for slot in [2, 4, 511] {
+        pt[slot].fetch_or(DIRTY, Ordering::SeqCst);
+    }
+    // An unmapped entry's stray dirty bit is not a dirty page.
+    pt[3].fetch_or(DIRTY, Ordering::SeqCst);
+    let mut seen = Vec::new();
+    e.take_dirty_pages(&mut mem, 0x1000, 600, &mut |first, count| seen.push((first, count)));
+    assert_eq!(seen, [(1, 1), (3, 1), (510, 1)]);
+    assert_eq!(e.peek_dirty(&mut mem, 0x2000), Ok((false, PageSize::Size4K)), "cleared");
+    // The next table's page and the large page, which counts for the pages left.
+    e.take_dirty(&mut mem, 512 * PAGE_4K).unwrap();
+    let pml4 = mem.table(e.root())[0].load(Ordering::SeqCst) & ADDR_MASK;
+    let pdpt = mem.table(pml4)[0].load(Ordering::SeqCst) & ADDR_MASK;
+    let pd = mem.tables[&pdpt].clone();
+    pd[2].fetch_or(DIRTY, Ordering::SeqCst);
+    let pt = leaf_table(&mut mem, &e);
+    pt[1].fetch_or(DIRTY, Ordering::SeqCst);
+    seen.clear();
+    e.take_dirty_pages(&mut mem, 0x1000, 0x400 + 3, &mut |first, count| seen.push((first, count)));
+    assert_eq!(seen, [(0, 1), (0x3FF, 4)]);
+    seen.clear();
+    e.take_dirty_pages(&mut mem, 0x1000, 0x403, &mut |first, count| seen.push((first, count)));
+    assert!(seen.is_empty(), "{seen:?}");
+}
+
+#[test]
 fn eptp_encodes_memory_type_walk_length_and_ad() {
     let mut mem = FakeMemory::new();
     let e = ept(&mut mem);

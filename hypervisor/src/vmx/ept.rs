@@ -97,6 +97,14 @@ impl GuestEpt {
         (builder.take_dirty(&mut FrameTables, gpa).unwrap_or(false), size)
     }
 
+    /// Reads and clears the dirty flags of `pages` 4 KiB pages from `gpa`
+    /// (`EptBuilder::take_dirty_pages`: `mark(first, count)` per dirty run).
+    pub fn take_dirty_pages(&mut self, gpa: u64, pages: u64, mark: &mut dyn FnMut(u64, u64)) {
+        if let Some(builder) = self.builder.as_mut() {
+            builder.take_dirty_pages(&mut FrameTables, gpa, pages, mark);
+        }
+    }
+
     /// Reads the dirty flag of the page containing `gpa` without clearing it; returns it
     /// and the page's size (a 4 KiB step where nothing is mapped).
     pub fn peek_dirty(&mut self, gpa: u64) -> (bool, u64) {

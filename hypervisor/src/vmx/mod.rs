@@ -80,6 +80,14 @@ pub fn capabilities() -> VmxCaps {
     })
 }
 
+/// [`capabilities`], read once (on the first call) and kept: for hot paths that only ask
+/// which INVEPT/INVVPID kinds exist (the capability MSRs do not change, and every CPU the
+/// hypervisor runs on reports the same ones).
+pub fn capabilities_cached() -> &'static VmxCaps {
+    static CAPS: spin::Once<VmxCaps> = spin::Once::new();
+    CAPS.call_once(capabilities)
+}
+
 /// Applies the fixed-0/fixed-1 constraints to a CR0 or CR4 value (SDM Vol. 3 A.7, A.8).
 fn fixed(value: u64, fixed0: u64, fixed1: u64) -> u64 {
     (value | fixed0) & fixed1
