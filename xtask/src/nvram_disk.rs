@@ -100,7 +100,7 @@ pub fn ensure(path: &Path, mib: u32, fresh: bool) -> Result<&'static str> {
             }
             Err(_) => {
                 create(path, mib)?;
-                return Ok("made anew (the old one had no valid label)");
+                return Ok("made anew (the old one had no label of this format, e.g. an older version's)");
             }
         }
     }

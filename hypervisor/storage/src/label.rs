@@ -10,8 +10,10 @@ use crate::{SectorDisk, SECTOR_SIZE};
 
 /// The first 16 bytes of a labelled disk.
 pub const MAGIC: [u8; 16] = *b"null-Kernel NVRM";
-/// The label format this code writes and reads.
-pub const VERSION: u32 = 1;
+/// The on-disk format this code writes and reads: 2 since the NVRAM store seals its
+/// 256-byte units with the word-wise hash (issue 13); a disk of version 1 holds units
+/// sealed byte-wise, which would read as corrupt, so it is not used (xtask makes it anew).
+pub const VERSION: u32 = 2;
 /// The sector where the durable area begins (sector 0 is the label).
 pub const AREA_FIRST_SECTOR: u64 = 1;
 
@@ -32,7 +34,7 @@ impl core::fmt::Display for LabelError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match *self {
             LabelError::NotLabelled => f.write_str("sector 0 holds no null-Kernel NVRAM label (xtask writes one)"),
-            LabelError::Version(version) => write!(f, "the NVRAM label has version {version}, not {VERSION}"),
+            LabelError::Version(version) => write!(f, "the NVRAM label has version {version}, not {VERSION} (another on-disk format: `cargo xtask run --fresh-nvram` makes the disk anew)"),
             LabelError::BadSize(size) => {
                 write!(f, "the NVRAM label gives a size of {size} bytes, not a multiple of 512")
             }
