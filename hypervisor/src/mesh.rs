@@ -163,12 +163,24 @@ impl Mesh {
         if let Some(reply) = nk_core::stateless_reply(call) {
             return Dispatched::Reply(reply);
         }
-        let instance = &self.instances[cpu];
+        self.on_instance(&self.instances[cpu], cpu, |kernel, out| kernel.dispatch_stateful(vm, call, out))
+    }
+
+    /// Runs `work` on `instance` (of `cpu`) under its lock, settles what it left (effects,
+    /// finished operations) and sends the messages it caused: the frame of a hypercall or
+    /// a device's call. The fast path (an AM call, a local derive) has no effects, nothing
+    /// finished and no messages: it pays two tests and an empty check, not the calls
+    /// (issue 14).
+    #[inline(always)]
+    fn on_instance<R>(
+        &self,
+        instance: &Instance,
+        cpu: usize,
+        work: impl FnOnce(&mut NullKernel, &mut Vec<(KernelId, Message)>) -> R,
+    ) -> R {
         let mut out = Vec::new();
         let mut kernel = instance.kernel.lock();
-        let dispatched = kernel.dispatch_stateful(vm, call, &mut out);
-        // The fast path (an AM call, a local derive) has no effects, nothing finished and
-        // no messages: it pays two tests, not the calls (issue 14).
+        let result = work(&mut kernel, &mut out);
         if kernel.has_effects() || kernel.has_finished() {
             settle_locally(instance, &mut kernel, &mut out);
         }
@@ -176,7 +188,7 @@ impl Mesh {
         if !out.is_empty() {
             self.send(cpu, &mut out);
         }
-        dispatched
+        result
     }
 
     /// Handles a hypercall of `vm`, which runs on `cpu`, as [`hypercall`](Self::hypercall)
@@ -189,19 +201,7 @@ impl Mesh {
             *frame.reply_mut() = reply;
             return None;
         }
-        let instance = &self.instances[cpu];
-        let mut out = Vec::new();
-        let mut kernel = instance.kernel.lock();
-        let pending = kernel.dispatch_stateful_in_place(vm, frame, &mut out);
-        // As in `hypercall`: the fast path pays two tests.
-        if kernel.has_effects() || kernel.has_finished() {
-            settle_locally(instance, &mut kernel, &mut out);
-        }
-        drop(kernel);
-        if !out.is_empty() {
-            self.send(cpu, &mut out);
-        }
-        pending
+        self.on_instance(&self.instances[cpu], cpu, |kernel, out| kernel.dispatch_stateful_in_place(vm, frame, out))
     }
 
     /// Runs AM `am`'s operation `op` for `vm` (on `cpu`) on the VM's initial capability of
@@ -220,17 +220,7 @@ impl Mesh {
         data: &mut [u8],
     ) -> Result<nk_am::Outcome, nk_am::AmError> {
         let instance = self.instances.get(cpu).ok_or(nk_am::AmError::NotPermitted)?;
-        let mut out = Vec::new();
-        let mut kernel = instance.kernel.lock();
-        let result = kernel.call_for_vm(vm, am, op, args, data);
-        if kernel.has_effects() || kernel.has_finished() {
-            settle_locally(instance, &mut kernel, &mut out);
-        }
-        drop(kernel);
-        if !out.is_empty() {
-            self.send(cpu, &mut out);
-        }
-        result
+        self.on_instance(instance, cpu, |kernel, _| kernel.call_for_vm(vm, am, op, args, data))
     }
 
     /// Removes an ended VM of `cpu` from its instance: its capabilities die everywhere.
