@@ -23,6 +23,11 @@ pub struct ScenarioOutcome {
 }
 
 impl ScenarioOutcome {
+    /// A scenario that failed before its emulator ran, for `problem`.
+    pub fn not_run(scenario: Scenario, problem: String) -> Self {
+        ScenarioOutcome { scenario, run: None, verdict: Verdict { problems: vec![problem], cases: Vec::new() } }
+    }
+
     pub fn passed(&self) -> bool {
         self.verdict.problems.is_empty() && self.verdict.cases.iter().all(|case| case.failure.is_none())
     }

@@ -142,9 +142,8 @@ fn run_scenarios(workspace: &Workspace, scenarios: Vec<Scenario>, jobs: usize) -
     // counts, as a failure.
     for (index, scenario) in scenarios_by_index {
         if !outcomes.iter().any(|(done, _)| *done == index) {
-            let problems = vec!["xtask's worker thread panicked before this scenario finished".to_string()];
-            let verdict = Verdict { problems, cases: Vec::new() };
-            outcomes.push((index, ScenarioOutcome { scenario, run: None, verdict }));
+            let problem = "xtask's worker thread panicked before this scenario finished".to_string();
+            outcomes.push((index, ScenarioOutcome::not_run(scenario, problem)));
         }
     }
     outcomes.sort_by_key(|(index, _)| *index);
@@ -176,18 +175,14 @@ fn run_one(
 ) -> ScenarioOutcome {
     let isos = match isos {
         Ok(isos) => isos,
-        Err(why) => {
-            let verdict = Verdict { problems: vec![why], cases: Vec::new() };
-            return ScenarioOutcome { scenario, run: None, verdict };
-        }
+        Err(why) => return ScenarioOutcome::not_run(scenario, why),
     };
     let disk = match scenario.nvram_mib {
         None => None,
         Some(mib) => {
             let path = disks.join(format!("{}.img", scenario.name));
             if let Err(err) = crate::nvram_disk::create(&path, mib) {
-                let verdict = Verdict { problems: vec![format!("the NVRAM disk: {err:#}")], cases: Vec::new() };
-                return ScenarioOutcome { scenario, run: None, verdict };
+                return ScenarioOutcome::not_run(scenario, format!("the NVRAM disk: {err:#}"));
             }
             Some(path)
         }
@@ -197,8 +192,7 @@ fn run_one(
         Some(mib) => {
             let path = disks.join(format!("{}.pmem", scenario.name));
             if let Err(err) = crate::pmem_file::create(&path, mib) {
-                let verdict = Verdict { problems: vec![format!("the NVDIMM file: {err:#}")], cases: Vec::new() };
-                return ScenarioOutcome { scenario, run: None, verdict };
+                return ScenarioOutcome::not_run(scenario, format!("the NVDIMM file: {err:#}"));
             }
             Some(path)
         }
