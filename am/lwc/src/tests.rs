@@ -204,12 +204,12 @@ fn overlay_within_access_and_restrict() {
         Status::NOT_PERMITTED
     );
     assert_eq!(w.seen.len(), before);
-    assert!(w.call(VM, 2, op::LW_OVERLAY.into(), &[created.name], &[2 * 4096 | 1, 4096]).status().is_ok());
+    assert!(w.call(VM, 2, op::LW_OVERLAY.into(), &[created.name], &[(2 * 4096) | 1, 4096]).status().is_ok());
     // A wider restriction cannot widen it again.
     assert!(w.call(VM, 2, op::LW_RESTRICT.into(), &[created.name], &[0, 0]).status().is_ok());
     assert!(w.call(VM, 2, op::LW_RESTRICT.into(), &[created.name], &[0, 64 * 4096]).status().is_ok());
     assert_eq!(
-        w.call(VM, 2, op::LW_OVERLAY.into(), &[created.name], &[2 * 4096 | 1, 4096]).status().code(),
+        w.call(VM, 2, op::LW_OVERLAY.into(), &[created.name], &[(2 * 4096) | 1, 4096]).status().code(),
         Status::NOT_PERMITTED
     );
     // The child shares and unmaps a page of the root (the VM's frames) in its view.
