@@ -1273,6 +1273,25 @@ impl NullKernel {
         None
     }
 
+    /// Tells whether `frame` holds an AM call (an operation of a registered AM, not of the
+    /// null-Kernel): [`dispatch_stateful_in_place`](Self::dispatch_stateful_in_place) gives
+    /// such a call to [`am_call_in_place`](Self::am_call_in_place) and never an outbox.
+    #[inline(always)]
+    pub fn is_am_call(call: &Call) -> bool {
+        Selector::decode(call.selector).am != NULL_KERNEL_AM
+    }
+
+    /// Handles an AM call ([`is_am_call`](Self::is_am_call)) of `caller` as
+    /// [`dispatch_stateful_in_place`](Self::dispatch_stateful_in_place) does, for a caller
+    /// that asked [`stateless_reply`] already: it always finishes and sends no message, so
+    /// the hypervisor's path for it builds no outbox (issue 14).
+    #[inline(always)]
+    pub fn am_call_in_place<F: CallFrame + ?Sized>(&mut self, caller: VmId, frame: &mut F) {
+        let selector = Selector::decode(frame.call().selector);
+        debug_assert_ne!(selector.am, NULL_KERNEL_AM);
+        self.am_op_inline(Principal::Vm(caller), selector, frame);
+    }
+
     /// Handles one hypercall as [`dispatch`](Self::dispatch) does, for a caller that asked
     /// [`stateless_reply`] already and got `None` (the hypervisor, which asks before it
     /// takes the instance's lock): the hypercall path decodes the selector once.
