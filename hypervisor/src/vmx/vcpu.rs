@@ -815,6 +815,8 @@ impl Vcpu {
     pub fn run(&mut self) -> Result<Exit, VcpuError> {
         // SAFETY: this vCPU's VMCS is current on this CPU (made so in `new`, and vCPUs do
         // not migrate yet); the stub saves and restores every host register it changes.
+        // The handler it may call is set only by `run_serving`, with a `ctx` that lives
+        // and is borrowed by nothing else until this call returns (it clears both after).
         let status = unsafe { nk_vm_run(&mut self.regs, u64::from(self.launched), &mut self.null_fast_path) };
         if status >> 32 != 0 {
             return Err(entry_failure(status));
