@@ -500,7 +500,18 @@ impl Guest {
                 return Slice::Expired;
             }
             let vcpu = self.vcpu.as_mut().expect("checked by enter_slice");
-            let exit = vcpu.run();
+            // The plain loop lets the exit stub hand its VMCALLs to the sink and resume the
+            // guest at once (`StubHypercalls`); a call that parks comes back here.
+            let mut parked = None;
+            let exit = match LWC {
+                true => vcpu.run(),
+                false => {
+                    let mut calls = StubHypercalls { vm: self.principal, sink: &mut *sink, parked: None };
+                    let exit = vcpu.run_serving(&mut calls);
+                    parked = calls.parked;
+                    exit
+                }
+            };
             self.exits += vcpu.take_null_exits();
             let exit = match exit {
                 Ok(exit) => exit,
@@ -515,6 +526,8 @@ impl Guest {
                 return Slice::Expired;
             }
             let flow = match exit.reason {
+                // The stub's handler dispatched it and the guest waits at its VMCALL.
+                ExitReason::VMCALL if !LWC && parked.is_some() => Ok(Flow::Park(parked.take().expect("tested"))),
                 ExitReason::VMCALL if !LWC => handle_hypercall(self.principal, vcpu, sink),
                 // A repeated allowed lwSwitch goes straight back to the entry: it takes no
                 // lwC effect, and a queued one (a destruction from another CPU) bumped the
@@ -1159,6 +1172,29 @@ fn enter_sandboxed(sandbox: &mut crate::lwc::Sandbox, regs: &mut GuestRegs, to: 
         (regs.rbx, regs.rcx, regs.rsi, regs.rdi, regs.r8) = (0, 0, 0, 0, 0);
     }
     sandbox.entered(to);
+}
+
+/// The exit stub's hypercall handler of the plain slice loop ([`Vcpu::run_serving`]): the
+/// call goes to `sink` as [`handle_hypercall`] sends it; one that finished resumes the
+/// guest from the stub, and one that waits for other kernels is kept in `parked` for the
+/// loop, which parks the guest at its VMCALL.
+struct StubHypercalls<'a, S: HypercallSink> {
+    vm: VmId,
+    sink: &'a mut S,
+    parked: Option<PendingOp>,
+}
+
+impl<S: HypercallSink> vmx::vcpu::ExitHypercall for StubHypercalls<'_, S> {
+    #[inline(always)]
+    fn hypercall(&mut self, regs: &mut GuestRegs) -> bool {
+        match self.sink.hypercall_in_place(self.vm, regs) {
+            None => true,
+            Some(op) => {
+                self.parked = Some(op);
+                false
+            }
+        }
+    }
 }
 
 /// Handles a VMCALL exit, the hot path: the call goes to `sink`, which reads it in place

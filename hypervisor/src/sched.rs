@@ -54,6 +54,7 @@ impl HypercallSink for LocalKernel {
         self.mesh.hypercall(self.cpu, vm, call)
     }
 
+    #[inline(always)]
     fn hypercall_in_place(&mut self, vm: VmId, regs: &mut GuestRegs) -> Option<PendingOp> {
         self.mesh.hypercall_in_place(self.cpu, vm, regs)
     }

@@ -131,6 +131,25 @@ pub trait CallFrame {
     fn reply_mut(&mut self) -> &mut Reply;
 }
 
+/// A [`CallFrame`] whose call and reply are apart: [`NullKernel::am_op`]'s, for the
+/// callers that hand a call and take a reply.
+struct SplitFrame<'a> {
+    call: &'a Call,
+    reply: Reply,
+}
+
+impl CallFrame for SplitFrame<'_> {
+    #[inline(always)]
+    fn call(&self) -> &Call {
+        self.call
+    }
+
+    #[inline(always)]
+    fn reply_mut(&mut self) -> &mut Reply {
+        &mut self.reply
+    }
+}
+
 /// What a hypercall produced: its reply, or an operation that waits for other kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dispatched {
@@ -1242,7 +1261,7 @@ impl NullKernel {
         let selector = Selector::decode(call.selector);
         // Each branch stores its reply itself: one copy, not two through a common local.
         if selector.am != NULL_KERNEL_AM {
-            *frame.reply_mut() = self.am_op_inline(Principal::Vm(caller), selector, call);
+            self.am_op_inline(Principal::Vm(caller), selector, frame);
         } else if selector.op == nk_op::DERIVE && name_of(call.caps[0]).kernel() == self.id() {
             *frame.reply_mut() = self.local_derive(caller, name_of(call.caps[0]), call.args[0]);
         } else {
@@ -1252,6 +1271,25 @@ impl NullKernel {
             }
         }
         None
+    }
+
+    /// Tells whether `frame` holds an AM call (an operation of a registered AM, not of the
+    /// null-Kernel): [`dispatch_stateful_in_place`](Self::dispatch_stateful_in_place) gives
+    /// such a call to [`am_call_in_place`](Self::am_call_in_place) and never an outbox.
+    #[inline(always)]
+    pub fn is_am_call(call: &Call) -> bool {
+        Selector::decode(call.selector).am != NULL_KERNEL_AM
+    }
+
+    /// Handles an AM call ([`is_am_call`](Self::is_am_call)) of `caller` as
+    /// [`dispatch_stateful_in_place`](Self::dispatch_stateful_in_place) does, for a caller
+    /// that asked [`stateless_reply`] already: it always finishes and sends no message, so
+    /// the hypervisor's path for it builds no outbox (issue 14).
+    #[inline(always)]
+    pub fn am_call_in_place<F: CallFrame + ?Sized>(&mut self, caller: VmId, frame: &mut F) {
+        let selector = Selector::decode(frame.call().selector);
+        debug_assert_ne!(selector.am, NULL_KERNEL_AM);
+        self.am_op_inline(Principal::Vm(caller), selector, frame);
     }
 
     /// Handles one hypercall as [`dispatch`](Self::dispatch) does, for a caller that asked
@@ -1289,14 +1327,18 @@ impl NullKernel {
 
     /// An operation of a registered AM: decode, check every capability, invoke.
     fn am_op(&mut self, caller: Principal, selector: Selector, call: &Call) -> Reply {
-        self.am_op_inline(caller, selector, call)
+        let mut frame = SplitFrame { call, reply: Reply::default() };
+        self.am_op_inline(caller, selector, &mut frame);
+        frame.reply
     }
 
     /// [`am_op`](Self::am_op) inlined into the hypercall path's
-    /// [`dispatch_stateful_in_place`](Self::dispatch_stateful_in_place), where the reply
-    /// it builds is stored in place.
+    /// [`dispatch_stateful_in_place`](Self::dispatch_stateful_in_place): the call is read
+    /// from `frame` and the reply written over it, the handler's outcome copied once (issue
+    /// 14: through a returned `Reply` it was copied twice).
     #[inline(always)]
-    fn am_op_inline(&mut self, caller: Principal, selector: Selector, call: &Call) -> Reply {
+    fn am_op_inline<F: CallFrame + ?Sized>(&mut self, caller: Principal, selector: Selector, frame: &mut F) {
+        let call = frame.call();
         let am = AmId::new(selector.am);
         let table = self.proto.table_mut();
         let checked = &mut self.checked;
@@ -1311,24 +1353,34 @@ impl NullKernel {
             ),
             Err(_) => Err(CheckError::UnknownOperation),
         };
-        match check {
-            Ok(()) => {}
-            Err(CheckError::Arg { index, fault }) => return failure(arg_status(index, fault)),
+        let refused = match check {
+            Ok(()) => None,
+            Err(CheckError::Arg { index, fault }) => Some(arg_status(index, fault)),
             Err(CheckError::UnknownOperation) => {
                 let code = if table.registry().has_am(am) { Status::UNKNOWN_OPERATION } else { Status::UNKNOWN_AM };
-                return failure(Status::new(code, None));
+                Some(Status::new(code, None))
             }
-            Err(CheckError::WrongArgCount { .. }) => return failure(Status::new(Status::BAD_ARGUMENT, None)),
+            Err(CheckError::WrongArgCount { .. }) => Some(Status::new(Status::BAD_ARGUMENT, None)),
+        };
+        if let Some(status) = refused {
+            *frame.reply_mut() = failure(status);
+            return;
         }
         let slot = usize::from(am.raw() - FIRST_AM_ID);
         let Some(handler) = self.shared.ams.get(slot) else {
-            return failure(Status::new(Status::UNKNOWN_AM, None));
+            *frame.reply_mut() = failure(Status::new(Status::UNKNOWN_AM, None));
+            return;
         };
         let mut services = AmServices { am, table, effects: &mut self.effects, shared: &self.shared };
         let result = handler.lock().invoke(checked, &call.args, &mut services);
         match result {
-            Ok(outcome) => success(outcome.name, outcome.results),
-            Err(error) => self.refusal(caller, failure(am_status(error))),
+            Ok(outcome) => {
+                let reply = frame.reply_mut();
+                reply.status = 0;
+                reply.name = outcome.name.map(words_of).unwrap_or_default();
+                reply.results = outcome.results;
+            }
+            Err(error) => *frame.reply_mut() = self.refusal(caller, failure(am_status(error))),
         }
     }
 

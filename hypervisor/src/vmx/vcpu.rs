@@ -95,11 +95,48 @@ impl nk_core::CallFrame for GuestRegs {
 /// and the guest resumes at once; `served` counts those exits. Everything else, and a null
 /// call after the deadline, takes the full path. The stub reads this through the pointer
 /// `nk_vm_run` keeps on the host stack; the field order is its layout.
+///
+/// The same deadline bounds the stub's hypercall path: while `handler` is set (only for
+/// the length of one [`Vcpu::run_serving`]), a VMCALL exit with any other selector saves
+/// the register file and calls `handler(ctx, regs)` from the stub; a call it answered
+/// (it returned 0) moves RIP past the VMCALL, counts in `served` and resumes the guest at
+/// once, without returning through the slice loop (issue 14); anything else returns the
+/// exit to Rust as before.
 #[repr(C)]
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct NullFastPath {
     deadline: u64,
     served: u64,
+    handler: Option<unsafe extern "C" fn(*mut (), *mut GuestRegs) -> u64>,
+    ctx: *mut (),
+}
+
+impl Default for NullFastPath {
+    fn default() -> Self {
+        NullFastPath { deadline: 0, served: 0, handler: None, ctx: core::ptr::null_mut() }
+    }
+}
+
+/// What the exit stub's hypercall path calls at a VMCALL exit ([`Vcpu::run_serving`]).
+pub trait ExitHypercall {
+    /// Handles the hypercall in the guest's saved registers `regs`, writing its reply over
+    /// them, and returns true; or returns false, leaving the call to the exit's caller
+    /// (which then gets the VMCALL exit as usual), with nothing else done.
+    fn hypercall(&mut self, regs: &mut GuestRegs) -> bool;
+}
+
+/// The exit stub's call into an [`ExitHypercall`] of type `C`: 0 when the call was
+/// answered (the guest resumes past its VMCALL), 1 when the exit goes back to Rust.
+///
+/// # Safety
+/// `ctx` points at a live `C` and `regs` at the vCPU's saved registers, neither borrowed
+/// elsewhere for the call's length: `Vcpu::run_serving` passes them so.
+unsafe extern "C" fn exit_hypercall<C: ExitHypercall>(ctx: *mut (), regs: *mut GuestRegs) -> u64 {
+    // SAFETY: as the function's contract says: `run_serving` made `ctx` from a `&mut C`
+    // it holds for the run, and `regs` is its vCPU's register file, which the stub hands
+    // on from `nk_vm_run`'s argument and does not touch during the call.
+    let (ctx, regs) = unsafe { (&mut *ctx.cast::<C>(), &mut *regs) };
+    u64::from(!ctx.hypercall(regs))
 }
 
 /// The selector of the null hypercall, which the exit stub answers (`NullFastPath`).
@@ -116,8 +153,11 @@ const _: () = assert!(NULL_SELECTOR == nk_abi::Selector::new(nk_abi::NULL_KERNEL
 // At a VM exit with the null selector in RAX, the stub saves only RDI, RAX and RDX and
 // reads the exit reason: a VMCALL (basic reason 18, no other bit set) before
 // `fast.deadline` is answered right there (RIP += 3, the VMCALL's length, SDM Vol. 2; the
-// reply registers zeroed) and resumed. Every other exit saves the whole register file and
-// returns the exit reason to Rust.
+// reply registers zeroed) and resumed. Every other exit saves the whole register file.
+// Then a VMCALL before the deadline, while `fast.handler` is set, is offered to the
+// handler (`handler(fast.ctx, regs)`, SysV ABI, on a 16-byte aligned stack): if it
+// answered (0), RIP += 3, `served` counts it and the guest resumes with its registers
+// reloaded; otherwise, and for every other exit, the stub returns the exit reason to Rust.
 global_asm!(
     r#"
 .section .text.nk_vm, "ax"
@@ -214,10 +254,54 @@ nk_vm_exit:
     mov [rdi + 0x70], rbp
     pop rax
     mov [rdi + 0x28], rax
-    pop rdi
-    pop rdx
     mov eax, 0x4402
     vmread rax, rax
+    cmp rax, 18
+    jne 7f
+    mov rdx, [rsp + 8]
+    cmp qword ptr [rdx + 16], 0
+    je 7f
+    rdtsc
+    shl rdx, 32
+    or rax, rdx
+    mov rdx, [rsp + 8]
+    cmp rax, [rdx]
+    jae 8f
+    mov rdi, [rdx + 24]
+    mov rsi, [rsp]
+    sub rsp, 8
+    call qword ptr [rdx + 16]
+    add rsp, 8
+    test rax, rax
+    jnz 8f
+    mov rdx, [rsp + 8]
+    add qword ptr [rdx + 8], 1
+    mov edi, 0x681E
+    vmread rax, rdi
+    add rax, 3
+    vmwrite rdi, rax
+    mov rdi, [rsp]
+    mov rax, [rdi + 0x00]
+    mov rbx, [rdi + 0x08]
+    mov rcx, [rdi + 0x10]
+    mov rdx, [rdi + 0x18]
+    mov rsi, [rdi + 0x20]
+    mov r8,  [rdi + 0x30]
+    mov r9,  [rdi + 0x38]
+    mov r10, [rdi + 0x40]
+    mov r11, [rdi + 0x48]
+    mov r12, [rdi + 0x50]
+    mov r13, [rdi + 0x58]
+    mov r14, [rdi + 0x60]
+    mov r15, [rdi + 0x68]
+    mov rbp, [rdi + 0x70]
+    mov rdi, [rdi + 0x28]
+    vmresume
+    jmp 3b
+
+8:  mov eax, 18
+7:  pop rdi
+    pop rdx
 4:  pop r15
     pop r14
     pop r13
@@ -731,6 +815,8 @@ impl Vcpu {
     pub fn run(&mut self) -> Result<Exit, VcpuError> {
         // SAFETY: this vCPU's VMCS is current on this CPU (made so in `new`, and vCPUs do
         // not migrate yet); the stub saves and restores every host register it changes.
+        // The handler it may call is set only by `run_serving`, with a `ctx` that lives
+        // and is borrowed by nothing else until this call returns (it clears both after).
         let status = unsafe { nk_vm_run(&mut self.regs, u64::from(self.launched), &mut self.null_fast_path) };
         if status >> 32 != 0 {
             return Err(entry_failure(status));
@@ -738,6 +824,21 @@ impl Vcpu {
         self.launched = true;
         // The stub read the exit reason (its low 16 bits are the basic reason).
         Ok(Exit { reason: ExitReason(status as u16) })
+    }
+
+    /// Enters the guest as [`run`](Self::run) does, with the exit stub's hypercall path
+    /// on: until the slice's deadline ([`serve_null_until`](Self::serve_null_until)), a
+    /// VMCALL exit calls `calls` from the stub, and each call it answers resumes the guest
+    /// at once (counted as the null calls are, [`take_null_exits`](Self::take_null_exits));
+    /// the exit returned is one it left, or any other.
+    #[inline(always)]
+    pub fn run_serving<C: ExitHypercall>(&mut self, calls: &mut C) -> Result<Exit, VcpuError> {
+        self.null_fast_path.handler = Some(exit_hypercall::<C>);
+        self.null_fast_path.ctx = (calls as *mut C).cast();
+        let exit = self.run();
+        // No pointer to `calls` outlives the borrow.
+        (self.null_fast_path.handler, self.null_fast_path.ctx) = (None, core::ptr::null_mut());
+        exit
     }
 
     /// Lets the exit stub answer this vCPU's null hypercalls itself until the TSC reaches
