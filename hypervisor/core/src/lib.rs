@@ -224,6 +224,8 @@ pub struct NullKernel {
     /// [`CapTable::check_into`] and reused by every call (no clearing or copying of the
     /// argument array on the hypercall path, issue 14).
     checked: Checked,
+    /// The revocation hook's run of dead capabilities (keeps its allocation).
+    dead: Vec<DeadCap>,
 }
 
 /// The AMs and what the hypervisor lends them about memory (one reference in
@@ -276,6 +278,9 @@ impl<O: Outbox + ?Sized> Outbox for AcceptWatch<'_, O> {
     }
 }
 
+/// Dead capabilities an [`AmHook`] collects before it takes their AM's lock to tell it.
+const HOOK_RUN: usize = 32;
+
 /// Routes each dead capability to the AM that implements its object, and marks the inbox
 /// of its holder stale.
 struct AmHook<'a> {
@@ -287,12 +292,17 @@ struct AmHook<'a> {
     watch_inboxes: bool,
     /// The holder whose inbox was marked last (a subtree's capabilities often share one).
     marked: Option<VmId>,
-    /// The AM told last (its index) and its lock, still held: a subtree's capabilities
-    /// mostly belong to one AM, so a revocation takes its lock once per run of them, not
-    /// once per capability (issue 14). At most one AM lock is held at a time (it is let go
-    /// before another is taken, at `finished` and when the hook is dropped), and nothing
-    /// else takes an AM lock while a walk runs, so no lock order can form.
-    held: Option<(usize, spin::MutexGuard<'a, Box<dyn AbstractMachine + Send>>)>,
+    /// Dead capabilities of one AM (index `run_am`) not told to it yet, at most
+    /// [`HOOK_RUN`]: a subtree's capabilities mostly belong to one AM, so a revocation
+    /// takes its lock once per run of them, not once per capability, and holds it only
+    /// while the AM handles the run, never across the walk (issue 14). An AM is shared by
+    /// every kernel instance: a lock held across a walk made the kernels that revoke their
+    /// shares of one tree at once wait for each other's whole walks (bench protocol,
+    /// revoke_1000_4k). The run is told when it is full, before a capability of another
+    /// AM, at `finished` and when the hook is dropped, so always before the operation's
+    /// messages leave; one AM lock at a time, so no lock order can form.
+    run: &'a mut Vec<DeadCap>,
+    run_am: usize,
 }
 
 impl<'a> AmHook<'a> {
@@ -301,8 +311,23 @@ impl<'a> AmHook<'a> {
         effects: &'a mut Vec<Effect>,
         inboxes: &'a mut BTreeMap<VmId, Inbox>,
         listed: usize,
+        run: &'a mut Vec<DeadCap>,
     ) -> Self {
-        Self { ams, effects, inboxes, watch_inboxes: listed > 0, marked: None, held: None }
+        run.clear();
+        Self { ams, effects, inboxes, watch_inboxes: listed > 0, marked: None, run, run_am: 0 }
+    }
+
+    /// Tells the run's AM of the capabilities collected, under one take of its lock.
+    #[cold]
+    #[inline(never)]
+    fn tell(&mut self) {
+        if let Some(am) = self.ams.get(self.run_am) {
+            let mut am = am.lock();
+            for dead in self.run.iter() {
+                am.revoked(dead, &mut EffectList(self.effects));
+            }
+        }
+        self.run.clear();
     }
 }
 
@@ -310,17 +335,11 @@ impl nk_caps::RevocationHook for AmHook<'_> {
     #[inline]
     fn revoked(&mut self, dead: &DeadCap) {
         let index = usize::from(dead.object.am.raw()).wrapping_sub(usize::from(FIRST_AM_ID));
-        let held = match &mut self.held {
-            Some((am, guard)) if *am == index => Some(guard),
-            held => {
-                // The previous AM's lock goes before the next one is taken.
-                *held = None;
-                self.ams.get(index).map(|am| &mut held.insert((index, am.lock())).1)
-            }
-        };
-        if let Some(am) = held {
-            am.revoked(dead, &mut EffectList(self.effects));
+        if !self.run.is_empty() && (index != self.run_am || self.run.len() >= HOOK_RUN) {
+            self.tell();
         }
+        self.run_am = index;
+        self.run.push(*dead);
         if let (true, Principal::Vm(vm)) = (self.watch_inboxes, dead.holder) {
             if self.marked != Some(vm) {
                 self.marked = Some(vm);
@@ -332,7 +351,17 @@ impl nk_caps::RevocationHook for AmHook<'_> {
     }
 
     fn finished(&mut self) {
-        self.held = None;
+        if !self.run.is_empty() {
+            self.tell();
+        }
+    }
+}
+
+impl Drop for AmHook<'_> {
+    fn drop(&mut self) {
+        if !self.run.is_empty() {
+            self.tell();
+        }
     }
 }
 
@@ -707,6 +736,7 @@ impl NullKernel {
             },
             retiring: BTreeSet::new(),
             checked: Checked::blank(),
+            dead: Vec::with_capacity(HOOK_RUN),
         })
     }
 
@@ -976,7 +1006,7 @@ impl NullKernel {
         O: Outbox + ?Sized,
     {
         let am = Principal::Am(am);
-        let hook = &mut AmHook::new(&self.shared.ams, &mut self.effects, &mut self.inbox, self.listed);
+        let hook = &mut AmHook::new(&self.shared.ams, &mut self.effects, &mut self.inbox, self.listed, &mut self.dead);
         if let Started::Pending(op) = self.proto.delete(am, root, hook, out) {
             self.retiring.insert(op);
         }
@@ -1185,7 +1215,7 @@ impl NullKernel {
         if let Some(inbox) = self.inbox.remove(&vm) {
             self.listed -= inbox.entries.len();
         }
-        let hook = &mut AmHook::new(&self.shared.ams, &mut self.effects, &mut self.inbox, self.listed);
+        let hook = &mut AmHook::new(&self.shared.ams, &mut self.effects, &mut self.inbox, self.listed, &mut self.dead);
         Ok(started(self.proto.crash(vm, &[], hook, out)))
     }
 
@@ -1201,7 +1231,8 @@ impl NullKernel {
             let mut watch = AcceptWatch { out, child: grant.child, accepted: false };
             {
                 // The hook (and any AM lock it holds) goes before the inbox is touched.
-                let hook = &mut AmHook::new(&self.shared.ams, &mut self.effects, &mut self.inbox, self.listed);
+                let hook =
+                    &mut AmHook::new(&self.shared.ams, &mut self.effects, &mut self.inbox, self.listed, &mut self.dead);
                 self.proto.handle(from, message, hook, &mut watch);
             }
             if watch.accepted {
@@ -1209,7 +1240,7 @@ impl NullKernel {
             }
             return;
         }
-        let hook = &mut AmHook::new(&self.shared.ams, &mut self.effects, &mut self.inbox, self.listed);
+        let hook = &mut AmHook::new(&self.shared.ams, &mut self.effects, &mut self.inbox, self.listed, &mut self.dead);
         self.proto.handle(from, message, hook, out);
     }
 
@@ -1455,7 +1486,8 @@ impl NullKernel {
                 started(result)
             }
             nk_op::REVOKE | nk_op::DELETE => {
-                let hook = &mut AmHook::new(&self.shared.ams, &mut self.effects, &mut self.inbox, self.listed);
+                let hook =
+                    &mut AmHook::new(&self.shared.ams, &mut self.effects, &mut self.inbox, self.listed, &mut self.dead);
                 started(match op {
                     nk_op::REVOKE => self.proto.revoke(caller, c, hook, out),
                     _ => self.proto.delete(caller, c, hook, out),

@@ -582,6 +582,18 @@ fn main() {
         ("saturated_cost_remote_issue_instructions", costs.remote_issue.to_string()),
         ("saturated_cost_message_instructions", costs.handle.to_string()),
         ("saturated_cost_source", json_string(&costs.source)),
+        ("saturated_aim_0_90", json_string(&{
+            let (budget, spent, floor) = saturated::budget(&costs, 0.90);
+            let verdict = if floor as f64 > budget {
+                format!("out of reach while every message costs a doorbell VM exit: even messages whose handling cost nothing but the exit ({}) would spend {floor}", saturated::DOORBELL_EXIT)
+            } else {
+                format!("needs a message to cost at most {:.0} (doorbell exit {} included), now {}", (budget - costs.remote_issue as f64) / 2.0, saturated::DOORBELL_EXIT, costs.handle)
+            };
+            format!(
+                "0.90 needs remote_issue + 2 x message <= local_op x (1/0.9 - 0.9) / 0.1 = {budget:.0} instructions per cross-kernel operation (first order, waits for answers ignored, so the simulated figure is lower); the calibrated costs spend {} + 2 x {} = {spent}; {verdict}",
+                costs.remote_issue, costs.handle
+            )
+        })),
         ("series_kernels", format!("[{}]", sizes.join(", "))),
         ("series_mix_efficiency", series(&mixed, |r| r.efficiency)),
         ("series_mix_cap_ops_per_s", series(&mixed, |r| r.ops_per_s)),

@@ -91,7 +91,7 @@ impl SatCosts {
 /// A VM exit and re-entry through the hypervisor's Rust exit path, in emulated
 /// instructions: `vmcall_null_instructions` on main before the exit stub answered null
 /// calls itself (issue 14), which is what a doorbell's external-interrupt exit costs.
-const DOORBELL_EXIT: u64 = 255;
+pub const DOORBELL_EXIT: u64 = 255;
 
 struct Vm {
     kernel: usize,
@@ -105,6 +105,18 @@ enum Event {
     Issue(usize),
     /// A protocol message arrives.
     Arrive { from: usize, to: usize, message: Message },
+}
+
+/// What `saturated_efficiency` at least `aim` (0.90 in issue 14) needs, to first order:
+/// with no think time a kernel's CPU spends `0.9 local_op + 0.1 (remote_issue + 2 handle)`
+/// per operation (a cross-kernel one costs its issue here and one message at each end),
+/// so `aim` needs `remote_issue + 2 handle <= local_op (1/aim - 0.9) / 0.1`. Returns that
+/// budget, what the calibrated costs spend, and what they would spend if handling a
+/// message cost nothing but its doorbell's VM exit (waits for answers are ignored: the
+/// simulated figure is below this bound).
+pub fn budget(costs: &SatCosts, aim: f64) -> (f64, u64, u64) {
+    let budget = costs.local_op as f64 * (1.0 / aim - 0.9) / 0.1;
+    (budget, costs.remote_issue + 2 * costs.handle, costs.remote_issue + 2 * DOORBELL_EXIT)
 }
 
 /// Runs `kernels` kernels saturated; returns operations per kernel per million
