@@ -218,23 +218,38 @@ impl Mesh {
         self.on_instance(instance, cpu, |kernel, out| kernel.dispatch_stateful_in_place(vm, frame, out))
     }
 
-    /// Runs AM `am`'s operation `op` for `vm` (on `cpu`) on the VM's initial capability of
-    /// that AM with a data buffer (`NullKernel::call_for_vm`): an emulated device's request
-    /// (osvm.rs's virtio block device on the block AM). Effects it leaves are settled as a
-    /// hypercall's. Cold and out of line, so the hypercall path's code stays as it was.
+    /// Resolves AM `am`'s operations `ops` and `vm`'s initial capability of that AM on
+    /// `cpu`'s instance, once, for an emulated device (`NullKernel::device_route`).
     #[cold]
     #[inline(never)]
-    pub fn device_call(
+    pub fn device_route<const N: usize>(
         &self,
         cpu: usize,
         vm: VmId,
         am: &str,
-        op: &str,
+        ops: [&str; N],
+    ) -> Option<nk_core::DeviceRoute<N>> {
+        self.instances.get(cpu)?.kernel.lock().device_route(vm, am, ops)
+    }
+
+    /// Runs AM operation `op` for `vm` (on `cpu`) on capability `cap` with a data buffer,
+    /// on a route [`device_route`](Self::device_route) resolved (`NullKernel::call_routed`,
+    /// checked as the VM's own call would be): an emulated device's request (osvm.rs's
+    /// virtio block device on the block AM). Effects it leaves are settled as a
+    /// hypercall's. Cold and out of line, so the hypercall path's code stays as it was.
+    #[cold]
+    #[inline(never)]
+    pub fn device_call_routed(
+        &self,
+        cpu: usize,
+        vm: VmId,
+        op: nk_caps::OpId,
+        cap: nk_caps::CapName,
         args: &[u64; nk_am::PLAIN_ARGS],
         data: &mut [u8],
     ) -> Result<nk_am::Outcome, nk_am::AmError> {
         let instance = self.instances.get(cpu).ok_or(nk_am::AmError::NotPermitted)?;
-        self.on_instance(instance, cpu, |kernel, _| kernel.call_for_vm(vm, am, op, args, data))
+        self.on_instance(instance, cpu, |kernel, _| kernel.call_routed(vm, op, cap, args, data))
     }
 
     /// Removes an ended VM of `cpu` from its instance: its capabilities die everywhere.

@@ -158,6 +158,42 @@ impl HostMemory for HostFrames {
         }
         Some(true)
     }
+
+    /// Compares each unit a word at a time, stopping at its first difference (a unit
+    /// rewritten whole differs in its first word), with one range check for all of them.
+    fn differing_units(&self, a: u64, b: u64, unit: usize, units: usize) -> Option<u64> {
+        let len = unit.checked_mul(units)?;
+        if units > 64 || !in_identity_map(a, len) || !in_identity_map(b, len) {
+            return None;
+        }
+        if a % 8 != 0 || b % 8 != 0 || unit % 8 != 0 {
+            let mut differ = 0;
+            for i in 0..units {
+                let at = (i * unit) as u64;
+                if !self.equal(a + at, b + at, unit)? {
+                    differ |= 1 << i;
+                }
+            }
+            return Some(differ);
+        }
+        let (a, b) = (a as *const u64, b as *const u64);
+        let words = unit / 8;
+        let mut differ = 0u64;
+        for i in 0..units {
+            for w in i * words..(i + 1) * words {
+                // SAFETY: both ranges are identity-mapped (checked above: `len` bytes from
+                // each) and 8-byte aligned, and `w * 8 + 8 <= len`; volatile reads of
+                // frames the AM allocated, which a guest may write meanwhile (as for
+                // `read`), into no Rust reference.
+                let (x, y) = unsafe { (core::ptr::read_volatile(a.add(w)), core::ptr::read_volatile(b.add(w))) };
+                if x != y {
+                    differ |= 1 << i;
+                    break;
+                }
+            }
+        }
+        Some(differ)
+    }
 }
 
 /// EPT dirty flags read synchronously (`exomem::take_dirty`).

@@ -227,30 +227,50 @@ impl virtio_blk::GuestMemory for RamView {
 /// to, each access an operation on that capability (`NullKernel::call_for_vm`), checked
 /// as the VM's own hypercall would be. Offsets past the range, or a capability the VM no
 /// longer holds, fail the request.
-struct BlockAmBackend {
+///
+/// The block AM's operations and the capability are looked up by name once per kernel
+/// instance ([`BlockRoute`], kept by the device), not at every request; each request is
+/// still checked in full (a capability revoked since fails it).
+struct BlockAmBackend<'a> {
     vm: nk_caps::VmId,
     cpu: usize,
+    route: &'a mut Option<BlockRoute>,
 }
 
-impl BlockAmBackend {
-    fn call(&self, op: &str, offset: u64, data: &mut [u8]) -> bool {
-        crate::mesh::mesh()
-            .device_call(self.cpu, self.vm, "block", op, &[offset, data.len() as u64, 0, 0, 0], data)
-            .is_ok()
+/// The block AM's `read`, `write` and `fence` and the VM's range capability, as resolved
+/// on kernel instance `cpu`.
+#[derive(Clone, Copy)]
+struct BlockRoute {
+    cpu: usize,
+    route: nk_core::DeviceRoute<3>,
+}
+
+impl BlockAmBackend<'_> {
+    fn call(&mut self, which: usize, offset: u64, data: &mut [u8]) -> bool {
+        let mesh = crate::mesh::mesh();
+        let route = match *self.route {
+            Some(r) if r.cpu == self.cpu => r.route,
+            _ => match mesh.device_route(self.cpu, self.vm, "block", ["read", "write", "fence"]) {
+                Some(route) => self.route.insert(BlockRoute { cpu: self.cpu, route }).route,
+                None => return false,
+            },
+        };
+        let args = [offset, data.len() as u64, 0, 0, 0];
+        mesh.device_call_routed(self.cpu, self.vm, route.ops[which], route.cap, &args, data).is_ok()
     }
 }
 
-impl virtio_blk::Backend for BlockAmBackend {
+impl virtio_blk::Backend for BlockAmBackend<'_> {
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> bool {
-        self.call("read", offset, buf)
+        self.call(0, offset, buf)
     }
 
     fn write(&mut self, offset: u64, data: &mut [u8]) -> bool {
-        self.call("write", offset, data)
+        self.call(1, offset, data)
     }
 
     fn flush(&mut self) -> bool {
-        self.call("fence", 0, &mut [])
+        self.call(2, 0, &mut [])
     }
 }
 
@@ -259,6 +279,8 @@ struct Disk {
     dev: VirtioBlk,
     vm: nk_caps::VmId,
     broken_logged: bool,
+    /// The block AM's operations and the VM's capability, resolved at the first request.
+    route: Option<BlockRoute>,
 }
 
 /// What an exit of a guest OS leads to.
@@ -333,7 +355,8 @@ impl OsVm {
     /// Gives the VM its virtio block device of `bytes` (`disk=`), served from the block
     /// AM range `vm` holds (granted at creation, ams.rs); the ACPI tables list it.
     pub fn attach_disk(&mut self, vm: nk_caps::VmId, bytes: u64) {
-        self.disk = Some(alloc::boxed::Box::new(Disk { dev: VirtioBlk::new(bytes), vm, broken_logged: false }));
+        self.disk =
+            Some(alloc::boxed::Box::new(Disk { dev: VirtioBlk::new(bytes), vm, broken_logged: false, route: None }));
     }
 
     /// Emulates the `MOV` that touched the virtio device's registers at `gpa` (an EPT
@@ -879,7 +902,8 @@ impl OsVm {
 impl Disk {
     /// Writes a register of the device; logs the first time a malformed ring breaks it.
     fn write(&mut self, offset: u64, size: u8, value: u32, mut ram: RamView, prefix: &str) {
-        let mut backend = BlockAmBackend { vm: self.vm, cpu: crate::percpu::current_index() as usize };
+        let cpu = crate::percpu::current_index() as usize;
+        let mut backend = BlockAmBackend { vm: self.vm, cpu, route: &mut self.route };
         if let WriteEffect::Broke(why) = self.dev.write(offset, size, value, &mut ram, &mut backend) {
             if !self.broken_logged {
                 self.broken_logged = true;

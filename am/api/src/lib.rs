@@ -388,6 +388,25 @@ pub trait HostMemory: Sync {
         }
         Some(true)
     }
+
+    /// Compares `units` (at most 64) consecutive units of `unit` bytes at host-physical
+    /// `a` and at `b`, and returns a bitmap of those that differ (bit i for unit i), without
+    /// copying them out (an AM diffing a page of two copies of its data in one call);
+    /// `None` if a range is not memory the hypervisor maps or `units` exceeds 64. The
+    /// default asks [`equal`](Self::equal) of each unit.
+    fn differing_units(&self, a: u64, b: u64, unit: usize, units: usize) -> Option<u64> {
+        if units > 64 {
+            return None;
+        }
+        let mut differ = 0;
+        for i in 0..units {
+            let at = (i * unit) as u64;
+            if !self.equal(a.checked_add(at)?, b.checked_add(at)?, unit)? {
+                differ |= 1 << i;
+            }
+        }
+        Some(differ)
+    }
 }
 
 /// The durable device the hypervisor chose at boot, lent to the NVRAM AM (one device,

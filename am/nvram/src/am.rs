@@ -472,14 +472,17 @@ impl NvramAm {
             }
             dirty_pages += 1;
             let offset = page * PAGE;
-            // Compared in place (`HostMemory::equal`), not copied out.
-            for i in 0..PAGE / BLOCK as u64 {
-                let at = offset + i * BLOCK as u64;
-                match host.equal(region.working + at, region.committed() + at, BLOCK) {
-                    Some(true) => {}
-                    Some(false) => writes.push((at / BLOCK as u64) as u32),
-                    None => return Err(AmError::NotPermitted),
-                }
+            // Compared in place, the page's blocks in one call
+            // (`HostMemory::differing_units`), not copied out.
+            let blocks = (PAGE / BLOCK as u64) as usize;
+            let differ = host
+                .differing_units(region.working + offset, region.committed() + offset, BLOCK, blocks)
+                .ok_or(AmError::NotPermitted)?;
+            let first = (offset / BLOCK as u64) as u32;
+            let mut bits = differ;
+            while bits != 0 {
+                writes.push(first + bits.trailing_zeros());
+                bits &= bits - 1;
             }
         }
         let (working, committed) = (region.working, region.committed());

@@ -428,6 +428,8 @@ pub struct Store {
     /// The buffer a commit fills each run of adjacent slots in (at most a blockset's data,
     /// kept between commits so a commit allocates nothing for its data).
     run: Vec<u8>,
+    /// A commit's placement (blockset, slots), kept between commits likewise.
+    placement: Vec<(u32, u64)>,
 }
 
 impl Store {
@@ -458,6 +460,7 @@ impl Store {
             log_head: 0,
             poisoned: false,
             run: Vec::new(),
+            placement: Vec::new(),
         }
     }
 
@@ -658,33 +661,36 @@ impl Store {
         if writes.is_empty() {
             return Ok(stats);
         }
-        let placement = self.place(writes)?;
-        let logged = placement.len() > 1;
-        let result = self.write_commit(media, writes, fetch, &placement, logged, &mut stats);
+        let mut placement = core::mem::take(&mut self.placement);
+        let placed = self.place(writes, &mut placement);
+        let result = placed.and_then(|()| {
+            let logged = placement.len() > 1;
+            self.write_commit(media, writes, fetch, &placement, logged, &mut stats).inspect_err(|_| {
+                self.poisoned = true;
+            })
+        });
         if let Err(error) = result {
-            self.poisoned = true;
+            self.placement = placement;
             return Err(error);
         }
-        // The commit is durable: update the map and free list (seed §3.2.5 step 6).
+        // The commit is durable: update the map and free list (seed §3.2.5 step 6). The
+        // headers were stamped as they were written (`write_commit`).
         let mut next = 0;
         for &(set, slots) in &placement {
-            let header = &mut self.headers[set as usize];
-            header.seq = seq;
-            header.logged = logged;
-            header.fresh = slots;
-            for slot in SlotBits(!self.live[set as usize] & ALL_SLOTS) {
-                header.fields[slot] = NO_BLOCK;
-            }
-            for slot in SlotBits(slots & ALL_SLOTS) {
-                let block = writes[next];
-                next += 1;
-                header.fields[slot] = block;
+            let slots = slots & ALL_SLOTS;
+            for (slot, &block) in SlotBits(slots).zip(&writes[next..]) {
                 if let Some((old_set, old_slot)) = self.map.insert(block, (set, slot as u8)) {
-                    self.live[old_set as usize] &= !(1 << old_slot);
+                    if let Some(live) = self.live.get_mut(old_set as usize) {
+                        *live &= !(1 << old_slot);
+                    }
                 }
-                self.live[set as usize] |= 1 << slot;
+            }
+            next += slots.count_ones() as usize;
+            if let Some(live) = self.live.get_mut(set as usize) {
+                *live |= slots;
             }
         }
+        self.placement = placement;
         self.seq = seq;
         self.next_seq = seq + 1;
         Ok(stats)
@@ -700,42 +706,52 @@ impl Store {
     /// PTx also keeps a block's new version out of the blockset of its previous one; here
     /// the fresh-slot bitmap orders them instead (see [`Store::rebuild`]), so a commit of
     /// every block always fits (a store has more than twice the blocks of its region).
-    fn place(&self, writes: &[u32]) -> Result<Vec<(u32, u64)>, StoreError> {
-        let free = |set: usize| (!self.live[set] & ALL_SLOTS).count_ones() as usize;
-        let lowest = |set: usize, count: usize| {
+    /// The placement goes into `placement` (cleared first; a buffer kept between commits).
+    fn place(&self, writes: &[u32], placement: &mut Vec<(u32, u64)>) -> Result<(), StoreError> {
+        placement.clear();
+        let free = |live: u64| (!live & ALL_SLOTS).count_ones() as usize;
+        // The `count` lowest free slots of a blockset (a step per slot taken).
+        let lowest = |live: u64, count: usize| {
+            let mut free = !live & ALL_SLOTS;
             let mut slots = 0u64;
-            let mut left = count;
-            for slot in 0..BLOCKS_PER_SET {
-                if left > 0 && self.live[set] & (1 << slot) == 0 {
-                    slots |= 1 << slot;
-                    left -= 1;
-                }
+            for _ in 0..count {
+                let bit = free & free.wrapping_neg();
+                slots |= bit;
+                free ^= bit;
             }
             slots
         };
         let wanted = writes.len();
-        let eligible = (0..self.geometry.sets as usize).filter(|&s| free(s) > 0);
         if wanted <= BLOCKS_PER_SET {
-            if let Some(set) = eligible.clone().filter(|&s| free(s) >= wanted).min_by_key(|&s| (free(s), s)) {
-                return Ok(vec![(set as u32, lowest(set, wanted))]);
+            // The blockset with the fewest free slots that hold it (the lowest such).
+            let mut best: Option<(usize, usize, u64)> = None;
+            for (set, &live) in self.live.iter().enumerate() {
+                let n = free(live);
+                if n >= wanted && best.is_none_or(|(fewest, _, _)| n < fewest) {
+                    best = Some((n, set, live));
+                }
+            }
+            if let Some((_, set, live)) = best {
+                placement.push((set as u32, lowest(live, wanted)));
+                return Ok(());
             }
         }
-        let mut candidates: Vec<usize> = eligible.collect();
-        candidates.sort_by_key(|&s| (core::cmp::Reverse(free(s)), s));
-        let mut placement = Vec::new();
+        let mut candidates: Vec<usize> = (0..self.live.len()).filter(|&s| free(self.live[s]) > 0).collect();
+        candidates.sort_by_key(|&s| (core::cmp::Reverse(free(self.live[s])), s));
         let mut left = wanted;
         for set in candidates {
             if left == 0 {
                 break;
             }
-            let take = free(set).min(left);
-            placement.push((set as u32, lowest(set, take)));
+            let take = free(self.live[set]).min(left);
+            placement.push((set as u32, lowest(self.live[set], take)));
             left -= take;
         }
         if left > 0 {
+            placement.clear();
             return Err(StoreError::NoSpace);
         }
-        Ok(placement)
+        Ok(())
     }
 
     fn write_commit(
@@ -758,11 +774,13 @@ impl Store {
                 if self.run.len() < len + BLOCK {
                     self.run.resize(len + BLOCK, 0);
                 }
-                let header = self.stamped_header(set, slots, writes).encode(g.uid);
+                let stamped = self.stamped_header(set, slots, writes);
+                let header = stamped.encode(g.uid);
                 let buf = &mut self.run[..len + BLOCK];
                 fetch(writes, &mut buf[..len]);
                 buf[len..].copy_from_slice(&header);
                 media.write_fenced_pair(g.block_offset(set, first), g.set_offset(set), buf, len)?;
+                self.headers[set as usize] = stamped;
                 stats.writes += 2;
                 stats.fences += 2;
                 stats.device_bytes += (len + BLOCK) as u64;
@@ -855,6 +873,9 @@ impl Store {
             } else {
                 media.write_buf(g.set_offset(set), &mut unit)?;
             }
+            // Written: the in-memory header is the one on the device (a failure poisons
+            // the store, which is then opened again from the device).
+            self.headers[set as usize] = header;
             stats.writes += 1;
             stats.device_bytes += BLOCK as u64;
             stats.sets += 1;

@@ -120,6 +120,16 @@ pub struct InboxEntry {
     pub sender: Principal,
 }
 
+/// An emulated device's operations and capability, resolved once
+/// ([`NullKernel::device_route`]) instead of by name at every request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceRoute<const N: usize> {
+    /// The operations, in the order they were asked for.
+    pub ops: [OpId; N],
+    /// The VM's initial capability of their AM.
+    pub cap: CapName,
+}
+
 /// Holds one hypercall in place: its call, which the reply then overwrites (the
 /// hypervisor's saved guest registers, where the call's RAX..R8 are the reply's).
 /// [`NullKernel::dispatch_stateful_in_place`] reads [`call`](Self::call) and, once done with
@@ -1130,16 +1140,41 @@ impl NullKernel {
         args: &[u64; nk_am::PLAIN_ARGS],
         data: &mut [u8],
     ) -> Result<nk_am::Outcome, AmError> {
+        let route = self.device_route(vm, am, [op]).ok_or(AmError::NotPermitted)?;
+        self.call_routed(vm, route.ops[0], route.cap, args, data)
+    }
+
+    /// Resolves, once, what [`call_for_vm`](Self::call_for_vm) looks up by name at every
+    /// call: AM `am`'s operations `ops` and `vm`'s initial capability of that AM (an
+    /// emulated device keeps it and calls [`call_routed`](Self::call_routed)). None when
+    /// the AM, an operation or the capability is missing.
+    pub fn device_route<const N: usize>(&self, vm: VmId, am: &str, ops: [&str; N]) -> Option<DeviceRoute<N>> {
+        let table = self.proto.table();
+        let am_id = am_to_am::am_named(&self.shared, table, am)?;
+        let mut found = [OpId::new(am_id, 0); N];
+        for (slot, name) in found.iter_mut().zip(ops) {
+            *slot = table.registry().find_op(am_id, name)?;
+        }
+        let cap = self.initial.get(&vm)?.iter().find(|(a, _)| *a == am_id).map(|&(_, name)| name)?;
+        Some(DeviceRoute { ops: found, cap })
+    }
+
+    /// Runs operation `op` for `vm` on capability `cap` (a [`DeviceRoute`]'s) with a data
+    /// buffer, checked as [`call_for_vm`](Self::call_for_vm)'s call is: the capability
+    /// must still be the VM's and live, with the operation's rights.
+    pub fn call_routed(
+        &mut self,
+        vm: VmId,
+        op: OpId,
+        cap: CapName,
+        args: &[u64; nk_am::PLAIN_ARGS],
+        data: &mut [u8],
+    ) -> Result<nk_am::Outcome, AmError> {
+        if op.am().raw() < FIRST_AM_ID {
+            return Err(AmError::NotPermitted);
+        }
         let table = self.proto.table_mut();
-        let am_id = am_to_am::am_named(&self.shared, table, am).ok_or(AmError::NotPermitted)?;
-        let op = table.registry().find_op(am_id, op).ok_or(AmError::NotPermitted)?;
-        let cap = self
-            .initial
-            .get(&vm)
-            .and_then(|caps| caps.iter().find(|(a, _)| *a == am_id))
-            .map(|&(_, name)| name)
-            .ok_or(AmError::NotPermitted)?;
-        let mut services = AmServices { am: am_id, table, effects: &mut self.effects, shared: &self.shared };
+        let mut services = AmServices { am: op.am(), table, effects: &mut self.effects, shared: &self.shared };
         am_to_am::checked_invoke(&mut services, Principal::Vm(vm), op, &[cap], args, data)
     }
 
